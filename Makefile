@@ -1,0 +1,61 @@
+# forkbox — one entry point for every task. CI runs `.ci/run`, which runs `make test`.
+#
+#   make serve   install missing system packages (as root), build, prepare the default
+#                template, start the server on 127.0.0.1:7070
+#   make test    the same preparation, then lint and the whole test suite
+#   make bench   build release binaries and write docs/performance.md
+
+SHELL := /bin/bash
+CARGO ?= cargo
+# System packages forkbox needs at run time and for its tests.
+APT_PACKAGES := btrfs-progs mmdebstrap util-linux mount procps iproute2 python3 ca-certificates
+AGENT := $(CURDIR)/target/agent/forkbox-agent
+TEST_POOL ?= /var/lib/forkbox-test/pool
+export FORKBOX_AGENT_BIN := $(AGENT)
+
+.PHONY: all deps agent build build-release serve test lint unit e2e bench fmt clean
+
+all: build
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "forkbox needs:$$missing (run make as root to install them)"; exit 1; fi; \
+	  echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# The agent is PID 1 inside every sandbox: a static executable (glibc, crt-static).
+agent:
+	$(CARGO) rustc --release -p forkbox-agent --bin forkbox-agent -- -C target-feature=+crt-static -C strip=debuginfo
+	@mkdir -p target/agent && cp -f target/release/forkbox-agent $(AGENT).tmp && mv -f $(AGENT).tmp $(AGENT)
+
+build-release:
+	$(CARGO) build --release -p forkbox --bin forkbox
+
+build:
+	$(CARGO) build -p forkbox --bin forkbox
+
+serve: deps agent build-release
+	./target/release/forkbox serve
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Tests share one cached template pool; each test server gets its own data dir.
+test: deps agent build lint
+	./target/debug/forkbox template prepare --data-dir $(dir $(TEST_POOL)) --pool $(TEST_POOL)
+	FORKBOX_TEST_POOL=$(TEST_POOL) $(CARGO) test --workspace -- --test-threads=4
+
+bench: deps agent build-release
+	./target/release/forkbox bench --markdown docs/performance.md
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

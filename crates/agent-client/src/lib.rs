@@ -1,0 +1,184 @@
+//! Host side of the agent protocol (see `forkbox_types::agent`): one HTTP/2 connection
+//! per sandbox over any byte stream, every call a stream of its own on it.
+
+use bytes::{Bytes, BytesMut};
+use forkbox_types::agent::{AgentEvent, ExecRequest, Health, PROTOCOL_VERSION};
+use futures_util::Stream;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("connect to agent: {0}")]
+    Connect(std::io::Error),
+    #[error("agent handshake: {0}")]
+    Handshake(hyper::Error),
+    #[error("agent request: {0}")]
+    Request(hyper::Error),
+    #[error("agent speaks protocol {got}, expected {want}")]
+    Protocol { got: u32, want: u32 },
+    #[error("agent answered {status}: {message}")]
+    Status { status: StatusCode, message: String },
+    #[error("agent sent an undecodable message: {0}")]
+    Decode(serde_json::Error),
+    #[error("agent did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+impl AgentError {
+    /// True when the agent itself refused the request as invalid.
+    pub fn is_bad_request(&self) -> bool {
+        matches!(self, AgentError::Status { status, .. } if *status == StatusCode::BAD_REQUEST)
+    }
+}
+
+/// A cheap-to-clone handle on one agent connection.
+#[derive(Clone)]
+pub struct AgentClient {
+    tx: SendRequest<Full<Bytes>>,
+}
+
+impl AgentClient {
+    /// Performs the HTTP/2 handshake over `io` and drives the connection in the background.
+    pub async fn handshake<S>(io: S) -> Result<AgentClient, AgentError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(AgentError::Handshake)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(AgentClient { tx })
+    }
+
+    /// Connects to an agent listening on a Unix socket.
+    pub async fn connect_unix(path: &std::path::Path) -> Result<AgentClient, AgentError> {
+        let s = tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(AgentError::Connect)?;
+        Self::handshake(s).await
+    }
+
+    /// False once the connection has failed or closed.
+    pub fn is_open(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, AgentError> {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://agent{path}"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| AgentError::Status {
+                status: StatusCode::BAD_REQUEST,
+                message: e.to_string(),
+            })?;
+        let mut tx = self.tx.clone();
+        tx.ready().await.map_err(AgentError::Request)?;
+        let resp = tx.send_request(req).await.map_err(AgentError::Request)?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            return Err(AgentError::Status { status, message });
+        }
+        Ok(resp)
+    }
+
+    /// `GET /health`, checking the protocol version.
+    pub async fn health(&self) -> Result<Health, AgentError> {
+        let resp = self.call(Method::GET, "/health", Bytes::new()).await?;
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(AgentError::Request)?
+            .to_bytes();
+        let h: Health = serde_json::from_slice(&body).map_err(AgentError::Decode)?;
+        if h.protocol != PROTOCOL_VERSION {
+            return Err(AgentError::Protocol {
+                got: h.protocol,
+                want: PROTOCOL_VERSION,
+            });
+        }
+        Ok(h)
+    }
+
+    /// `POST /exec`: the command's events as they come. Dropping the stream cancels the
+    /// call, and the agent kills the command's process tree.
+    pub async fn exec(&self, req: &ExecRequest) -> Result<EventStream, AgentError> {
+        let body = serde_json::to_vec(req).map_err(AgentError::Decode)?;
+        let resp = self.call(Method::POST, "/exec", body.into()).await?;
+        Ok(EventStream {
+            body: resp.into_body(),
+            buf: BytesMut::new(),
+            done: false,
+        })
+    }
+}
+
+/// NDJSON [`AgentEvent`]s decoded from a response body.
+pub struct EventStream {
+    body: hyper::body::Incoming,
+    buf: BytesMut,
+    done: bool,
+}
+
+impl EventStream {
+    fn next_line(&mut self) -> Option<Result<AgentEvent, AgentError>> {
+        let pos = self.buf.iter().position(|b| *b == b'\n')?;
+        let line = self.buf.split_to(pos + 1);
+        Some(serde_json::from_slice(&line[..pos]).map_err(AgentError::Decode))
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Result<AgentEvent, AgentError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(ev) = self.next_line() {
+                return Poll::Ready(Some(ev));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => self.done = true,
+                Poll::Ready(Some(Err(e))) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(AgentError::Request(e))));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Running one command: spawn with every privilege dropped, stream its output as lines,
+//! enforce its timeout, kill its whole tree when asked or when the host goes away.
+
+use crate::lines::LineSplitter;
+use crate::reaper::{Exit, Reaper};
+use bytes::Bytes;
+use forkbox_sys::seccomp::Filters;
+use forkbox_types::agent::{AgentEvent, ExecRequest};
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+
+/// How long output is still collected after the command itself exited, for
+/// grandchildren that keep the pipes open (e.g. `sleep 100 &`).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(50);
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What every command needs from the agent.
+#[derive(Clone)]
+pub struct Context {
+    pub reaper: Reaper,
+    pub filters: Option<Arc<Filters>>,
+    pub env: Arc<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("working directory {0} does not exist")]
+    NoCwd(String),
+    #[error("spawn /bin/sh: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// A started command whose events can be streamed.
+pub struct Running {
+    pid: i32,
+    stdout: pipe::Receiver,
+    stderr: pipe::Receiver,
+    exit: tokio::sync::oneshot::Receiver<Exit>,
+    timeout: Option<Duration>,
+}
+
+pub fn spawn(ctx: &Context, req: &ExecRequest) -> Result<Running, SpawnError> {
+    let cwd = req.cwd.clone().unwrap_or_else(|| "/root".to_owned());
+    if !std::path::Path::new(&cwd).is_dir() {
+        return Err(SpawnError::NoCwd(cwd));
+    }
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(&req.cmd)
+        .current_dir(&cwd)
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8")
+        .envs(ctx.env.iter())
+        .envs(req.env.iter())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let filters = ctx.filters.clone();
+    // SAFETY: the hook only makes async-signal-safe syscalls (setsid, close_range,
+    // prctl, capset, seccomp) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            // Only fds 0-2 may survive into user code.
+            if libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            forkbox_sys::caps::drop_all()?;
+            forkbox_sys::caps::set_no_new_privs()?;
+            if let Some(f) = &filters {
+                forkbox_sys::seccomp::install(f)
+                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EPERM))?;
+            }
+            Ok(())
+        });
+    }
+    let (child, exit) = ctx
+        .reaper
+        .spawn(|| {
+            let c = cmd.spawn()?;
+            Ok((c.id() as i32, c))
+        })
+        .map_err(SpawnError::Spawn)?;
+    let mut child = child;
+    let to_pipe = |fd: Option<OwnedFd>| -> Result<pipe::Receiver, SpawnError> {
+        let fd =
+            fd.ok_or_else(|| SpawnError::Spawn(std::io::Error::other("child has no output pipe")))?;
+        pipe::Receiver::from_owned_fd(fd).map_err(SpawnError::Spawn)
+    };
+    let pid = child.id() as i32;
+    let stdout = to_pipe(child.stdout.take().map(OwnedFd::from));
+    let stderr = to_pipe(child.stderr.take().map(OwnedFd::from));
+    let (stdout, stderr) = match (stdout, stderr) {
+        (Ok(o), Ok(e)) => (o, e),
+        (Err(e), _) | (_, Err(e)) => {
+            kill_tree(pid);
+            return Err(e);
+        }
+    };
+    Ok(Running {
+        pid,
+        stdout,
+        stderr,
+        exit,
+        timeout: req.timeout_ms.map(Duration::from_millis),
+    })
+}
+
+fn line(ev: &AgentEvent) -> Bytes {
+    let mut v = serde_json::to_vec(ev).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+impl Running {
+    /// Streams events into `tx` until the command ends; kills the tree if `tx` closes.
+    pub async fn stream(mut self, tx: mpsc::Sender<Bytes>) {
+        let mut out_split = LineSplitter::default();
+        let mut err_split = LineSplitter::default();
+        let (mut out_open, mut err_open) = (true, true);
+        let mut out_buf = vec![0u8; 16 * 1024];
+        let mut err_buf = vec![0u8; 16 * 1024];
+        let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut exit: Option<Exit> = None;
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        let mut timed_out = false;
+        let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+        loop {
+            if !out_open && !err_open && exit.is_some() {
+                break;
+            }
+            let stop_at = match (drain_until, deadline) {
+                (Some(d), _) => d,
+                (None, Some(d)) if !timed_out => d,
+                _ => far,
+            };
+            tokio::select! {
+                r = self.stdout.read(&mut out_buf), if out_open => match r {
+                    Ok(0) | Err(_) => out_open = false,
+                    Ok(n) => for l in out_split.push(&out_buf[..n]) {
+                        if tx.send(line(&AgentEvent::Stdout { data: l })).await.is_err() {
+                            kill_tree(self.pid);
+                            return;
+                        }
+                    },
+                },
+                r = self.stderr.read(&mut err_buf), if err_open => match r {
+                    Ok(0) | Err(_) => err_open = false,
+                    Ok(n) => for l in err_split.push(&err_buf[..n]) {
+                        if tx.send(line(&AgentEvent::Stderr { data: l })).await.is_err() {
+                            kill_tree(self.pid);
+                            return;
+                        }
+                    },
+                },
+                e = &mut self.exit, if exit.is_none() => {
+                    exit = Some(e.unwrap_or(Exit { code: -1, signal: None }));
+                    drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+                },
+                _ = tokio::time::sleep_until(stop_at) => {
+                    if drain_until.is_some() {
+                        // The command is gone; stop waiting for whoever holds its pipes.
+                        break;
+                    }
+                    timed_out = true;
+                    kill_tree(self.pid);
+                },
+                _ = tx.closed() => {
+                    kill_tree(self.pid);
+                    return;
+                },
+            }
+        }
+        if exit.is_some() && (out_open || err_open) {
+            // Leftover holders of the pipes belong to this command: end them too.
+            kill_tree(self.pid);
+        }
+        for (rest, is_out) in [(out_split.finish(), true), (err_split.finish(), false)] {
+            if let Some(data) = rest {
+                let ev = if is_out {
+                    AgentEvent::Stdout { data }
+                } else {
+                    AgentEvent::Stderr { data }
+                };
+                let _ = tx.send(line(&ev)).await;
+            }
+        }
+        let exit = exit.unwrap_or(Exit {
+            code: -1,
+            signal: None,
+        });
+        let _ = tx
+            .send(line(&AgentEvent::Exit {
+                code: exit.code,
+                signal: exit.signal,
+                timed_out,
+            }))
+            .await;
+    }
+}
+
+/// SIGKILLs `pid`, its process group and every descendant found in /proc.
+pub fn kill_tree(pid: i32) {
+    use nix::sys::signal::{kill, killpg, Signal};
+    use nix::unistd::Pid;
+    let mut victims = descendants(pid);
+    victims.push(pid);
+    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    for v in victims {
+        let _ = kill(Pid::from_raw(v), Signal::SIGKILL);
+    }
+}
+
+/// Every process whose ancestry leads to `root`.
+fn descendants(root: i32) -> Vec<i32> {
+    let mut parent_of: Vec<(i32, i32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                // The command name may contain spaces and parentheses: parse after the last ')'.
+                if let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) {
+                    if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok())
+                    {
+                        parent_of.push((pid, ppid));
+                    }
+                }
+            }
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        for &(c, pp) in &parent_of {
+            if pp == p && !found.contains(&c) {
+                found.push(c);
+            }
+        }
+        i += 1;
+    }
+    found.remove(0);
+    found
+}

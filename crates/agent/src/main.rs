@@ -1,0 +1,48 @@
+//! `forkbox-agent`: the first process of every sandbox.
+//!
+//! Modes:
+//! - `forkbox-agent jail-init` — run by the host as root: reads a [`JailInit`] on stdin,
+//!   creates the sandbox's namespaces and its first process (which becomes the agent,
+//!   PID 1 inside), prints a [`JailInitReply`] and exits.
+//! - `forkbox-agent serve --listen-fd N` — serve the agent protocol on an inherited
+//!   listening socket (the vm runtime's guest init uses this).
+//!
+//! [`JailInit`]: forkbox_types::agent::JailInit
+//! [`JailInitReply`]: forkbox_types::agent::JailInitReply
+
+mod exec;
+mod jail_init;
+mod lines;
+mod reaper;
+mod server;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("jail-init") => jail_init::run(),
+        Some("serve") => {
+            let fd = match args.iter().position(|a| a == "--listen-fd") {
+                Some(i) => args.get(i + 1).and_then(|v| v.parse::<i32>().ok()),
+                None => Some(3),
+            };
+            let Some(fd) = fd else {
+                eprintln!("forkbox-agent: --listen-fd needs a number");
+                return ExitCode::from(2);
+            };
+            // SAFETY: the caller hands us this fd as our listening socket; we own it now.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            server::run(fd, Default::default())
+        }
+        Some("--version") => {
+            println!("forkbox-agent {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("usage: forkbox-agent jail-init | serve [--listen-fd N] | --version");
+            ExitCode::from(2)
+        }
+    }
+}

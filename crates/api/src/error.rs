@@ -1,0 +1,77 @@
+//! The one error type at the HTTP edge, with a stable machine-readable code.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use forkbox_core::{CoreError, RuntimeError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+    #[error("request body too large (limit {limit} bytes)")]
+    TooLarge { limit: usize },
+    #[error("no such route")]
+    NoRoute,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
+impl ApiError {
+    /// Status and stable code for this error.
+    pub fn parts(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            ApiError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Core(e) => match e {
+                CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+                CoreError::Gone { .. } => (StatusCode::GONE, "gone"),
+                CoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+                CoreError::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
+                CoreError::Runtime(r) => match r {
+                    RuntimeError::UnknownTemplate(_) => {
+                        (StatusCode::BAD_REQUEST, "unknown_template")
+                    }
+                    RuntimeError::Rejected(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+                    RuntimeError::Agent { .. } => (StatusCode::BAD_GATEWAY, "agent_unreachable"),
+                    RuntimeError::Unavailable(_) => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+                    }
+                    RuntimeError::Host { .. } => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, "executor_error")
+                    }
+                },
+                CoreError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.parts();
+        // 5xx bodies stay generic; the cause goes to the log.
+        let message = if status.is_server_error() && status != StatusCode::BAD_GATEWAY {
+            tracing::error!(error = %self, code, "request failed");
+            match status {
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    "runtime unavailable, try again later".to_owned()
+                }
+                _ => "executor error; see the server log".to_owned(),
+            }
+        } else {
+            if status == StatusCode::BAD_GATEWAY {
+                tracing::warn!(error = %self, "agent unreachable");
+            }
+            self.to_string()
+        };
+        (
+            status,
+            axum::Json(serde_json::json!({ "error": message, "code": code })),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,38 @@
+//! A JSON body extractor whose every rejection is an [`ApiError`].
+
+use crate::ApiError;
+use axum::extract::{FromRequest, Request};
+use serde::de::DeserializeOwned;
+
+/// Like `axum::Json`, but an empty body reads as `{}` and errors are `ApiError`s.
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge {
+                        limit: crate::MAX_BODY,
+                    }
+                } else {
+                    ApiError::BadRequest("could not read the request body".into())
+                }
+            })?;
+        let bytes: &[u8] = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON for this call: {e}")))
+    }
+}

@@ -1,0 +1,62 @@
+//! The HTTP edge of forkbox. Handlers only translate: request → typed core command →
+//! response. Every error leaves through [`ApiError`] as `{"error", "code"}` JSON.
+
+mod error;
+mod extract;
+mod sandboxes;
+
+pub use error::ApiError;
+
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use forkbox_core::Manager;
+use std::sync::Arc;
+
+/// Largest JSON request body.
+pub const MAX_BODY: usize = 10 * 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub manager: Arc<Manager>,
+}
+
+/// The whole API as a router, ready for `axum::serve` (HTTP/1.1 and h2c).
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/healthz", get(healthz))
+        .route("/health", get(health))
+        .route("/v1/sandboxes", post(sandboxes::create))
+        .route(
+            "/v1/sandboxes/{id}",
+            get(sandboxes::get).delete(sandboxes::delete),
+        )
+        .route("/v1/sandboxes/{id}/exec", post(sandboxes::exec))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn healthz(
+    axum::extract::State(s): axum::extract::State<AppState>,
+) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "runtime": s.manager.runtime_name(),
+        "sandboxes": s.manager.live_count(),
+    }))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "healthy", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NoRoute
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,187 @@
+//! `/v1/sandboxes` routes.
+
+use crate::extract::JsonBody;
+use crate::{ApiError, AppState};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use forkbox_core::{CreateRequest, ExecCommand, Sandbox};
+use forkbox_types::exec::EventKind;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    template: Option<String>,
+    cpu: Option<f64>,
+    memory_mb: Option<u64>,
+    timeout: Option<u64>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+/// A sandbox as the API shows it.
+#[derive(Serialize)]
+pub struct SandboxView {
+    id: String,
+    status: String,
+    runtime: String,
+    template: String,
+    cpu: f64,
+    memory_mb: u64,
+    timeout: u64,
+    metadata: BTreeMap<String, String>,
+    created_at: String,
+    expires_at: String,
+    boot_ms: f64,
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl From<Sandbox> for SandboxView {
+    fn from(s: Sandbox) -> Self {
+        SandboxView {
+            id: s.id,
+            status: s.status.to_string(),
+            runtime: s.runtime,
+            template: s.template,
+            cpu: s.cpu,
+            memory_mb: s.memory_mb,
+            timeout: s.timeout,
+            metadata: s.metadata,
+            created_at: rfc3339(s.created_at),
+            expires_at: rfc3339(s.expires_at),
+            boot_ms: s.boot_ms,
+        }
+    }
+}
+
+pub async fn create(
+    State(st): State<AppState>,
+    JsonBody(b): JsonBody<CreateBody>,
+) -> Result<(StatusCode, Json<SandboxView>), ApiError> {
+    let s = st
+        .manager
+        .create(CreateRequest {
+            template: b.template,
+            cpu: b.cpu,
+            memory_mb: b.memory_mb,
+            timeout: b.timeout,
+            env: b.env,
+            metadata: b.metadata,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(s.into())))
+}
+
+pub async fn get(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    Ok(Json(st.manager.get(&id).await?.into()))
+}
+
+pub async fn delete(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    st.manager.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    cmd: Option<String>,
+    /// `run_code` (the REPL); not served by this version.
+    code: Option<String>,
+    #[serde(default)]
+    language: Option<String>,
+    cwd: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    /// Seconds.
+    timeout: Option<f64>,
+    /// Answer with one JSON result instead of a stream.
+    #[serde(default)]
+    wait: bool,
+}
+
+#[derive(Serialize)]
+struct ExecResult {
+    stdout: String,
+    stderr: String,
+    exit_code: i32,
+}
+
+pub async fn exec(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<ExecBody>,
+) -> Result<Response, ApiError> {
+    let cmd = match (b.cmd, b.code) {
+        (Some(c), None) => c,
+        (None, Some(_)) => {
+            let _ = b.language;
+            return Err(ApiError::BadRequest(
+                "run_code (`code`) is not available in this version; send `cmd`".into(),
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "send either `cmd` or `code`, not both".into(),
+            ))
+        }
+        (None, None) => return Err(ApiError::BadRequest("missing `cmd`".into())),
+    };
+    let events = st
+        .manager
+        .exec(
+            &id,
+            ExecCommand {
+                cmd,
+                cwd: b.cwd,
+                env: b.env,
+                timeout: b.timeout,
+            },
+        )
+        .await?;
+    if b.wait {
+        let mut r = ExecResult {
+            stdout: String::new(),
+            stderr: String::new(),
+            exit_code: forkbox_core::manager::EXIT_UNKNOWN,
+        };
+        let mut events = events;
+        while let Some(ev) = events.next().await {
+            match ev.kind {
+                EventKind::Stdout(d) => r.stdout.push_str(&d),
+                EventKind::Stderr(d) => r.stderr.push_str(&d),
+                EventKind::Exit(c) => r.exit_code = c,
+            }
+        }
+        return Ok(Json(r).into_response());
+    }
+    let body = events.map(|ev| {
+        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}

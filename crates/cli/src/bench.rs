@@ -1,0 +1,232 @@
+//! `forkbox bench`: starts a real server in-process on a loopback port and measures,
+//! over real HTTP, create→ready (cold) and an `echo hi` exec round trip on a warm
+//! sandbox, next to the baseline `unshare` (same namespaces) + `chroot` + `echo`.
+
+use crate::config::HostArgs;
+use crate::serve::{self, ServeArgs};
+use anyhow::{bail, Context};
+use clap::Args;
+use forkbox_api::{app, AppState};
+use std::future::IntoFuture;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Samples per measurement.
+    #[arg(long, default_value_t = 50)]
+    pub iterations: usize,
+    /// Also write the table as markdown to this file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+}
+
+struct Row {
+    name: &'static str,
+    samples: Vec<f64>,
+    budget: Option<f64>,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+impl Row {
+    fn stats(&self) -> (f64, f64) {
+        let mut s = self.samples.clone();
+        s.sort_by(|a, b| a.total_cmp(b));
+        (pct(&s, 0.5), pct(&s, 0.95))
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    crate::config::init_tracing(false);
+    let sa = ServeArgs {
+        host: args.host.clone(),
+        listen: "127.0.0.1:0".parse()?,
+        default_template: "python".into(),
+        log_json: false,
+    };
+    let server = serve::build(&sa).await?;
+    let addr = server.listener.local_addr()?;
+    let manager = server.manager.clone();
+    let srv = tokio::spawn(
+        axum::serve(
+            server.listener,
+            app(AppState {
+                manager: manager.clone(),
+            }),
+        )
+        .into_future(),
+    );
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::builder().build()?;
+    let n = args.iterations.max(1);
+
+    // create → ready, cold (no pool): each sandbox deleted after it was measured.
+    let mut create = Vec::with_capacity(n);
+    for i in 0..n + 2 {
+        let t = Instant::now();
+        let r = http
+            .post(format!("{base}/v1/sandboxes"))
+            .json(&serde_json::json!({}))
+            .send()
+            .await?;
+        let took = t.elapsed();
+        if r.status() != 201 {
+            bail!(
+                "create answered {}: {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            );
+        }
+        let id = r.json::<serde_json::Value>().await?["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if i >= 2 {
+            create.push(ms(took));
+        }
+        http.delete(format!("{base}/v1/sandboxes/{id}"))
+            .send()
+            .await?;
+    }
+
+    // exec `echo hi` on one warm sandbox.
+    let r = http
+        .post(format!("{base}/v1/sandboxes"))
+        .json(&serde_json::json!({}))
+        .send()
+        .await?;
+    let id = r.json::<serde_json::Value>().await?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut exec = Vec::with_capacity(n);
+    for i in 0..n + 3 {
+        let t = Instant::now();
+        let body = http
+            .post(format!("{base}/v1/sandboxes/{id}/exec"))
+            .json(&serde_json::json!({"cmd": "echo hi"}))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let took = t.elapsed();
+        if !body.contains("\"data\":\"hi\\n\"") || !body.contains("\"type\":\"exit\",\"data\":0") {
+            bail!("unexpected exec output: {body}");
+        }
+        if i >= 3 {
+            exec.push(ms(took));
+        }
+    }
+    http.delete(format!("{base}/v1/sandboxes/{id}"))
+        .send()
+        .await?;
+
+    // Baseline: unshare with the same namespaces + chroot into the template + echo.
+    let cfg = args.host.jail_config()?;
+    let root = cfg.pool_dir.join("templates").join("python");
+    let mut baseline = Vec::with_capacity(n);
+    for i in 0..n + 2 {
+        let t = Instant::now();
+        let out = tokio::process::Command::new("unshare")
+            .args([
+                "--user",
+                "--map-root-user",
+                "--mount",
+                "--pid",
+                "--fork",
+                "--net",
+                "--ipc",
+                "--uts",
+                "--cgroup",
+                "chroot",
+            ])
+            .arg(&root)
+            .args(["/bin/echo", "hi"])
+            .output()
+            .await
+            .context("run unshare")?;
+        let took = t.elapsed();
+        if out.stdout != b"hi\n" {
+            bail!("baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        if i >= 2 {
+            baseline.push(ms(took));
+        }
+    }
+    manager.shutdown().await;
+    srv.abort();
+
+    let rows = [
+        Row {
+            name: "create → ready (cold, HTTP)",
+            samples: create,
+            budget: Some(15.0),
+        },
+        Row {
+            name: "exec `echo hi` round trip (warm sandbox, HTTP)",
+            samples: exec,
+            budget: Some(3.0),
+        },
+        Row {
+            name: "baseline: unshare (same namespaces) + chroot + echo",
+            samples: baseline,
+            budget: None,
+        },
+    ];
+    let mut md = String::new();
+    md.push_str(&format!(
+        "| operation | p50 ms | p95 ms | budget p50 | verdict |\n|---|---:|---:|---:|---|\n"
+    ));
+    let mut all_ok = true;
+    for r in &rows {
+        let (p50, p95) = r.stats();
+        let (budget, verdict) = match r.budget {
+            Some(b) if p50 <= b => (format!("≤ {b} ms"), "within budget"),
+            Some(b) => {
+                all_ok = false;
+                (format!("≤ {b} ms"), "OVER BUDGET")
+            }
+            None => ("—".into(), "reference"),
+        };
+        md.push_str(&format!(
+            "| {} | {p50:.2} | {p95:.2} | {budget} | {verdict} |\n",
+            r.name
+        ));
+    }
+    println!("forkbox bench: {n} samples each, jail runtime\n\n{md}");
+    if let Some(path) = args.markdown {
+        let host = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+            })
+            .unwrap_or_default();
+        let doc = format!(
+            "# Performance\n\nFigures from one run of `make bench` (`forkbox bench --iterations {n}`), \
+             {n} samples each, on {} cores ({host}), jail runtime, over real HTTP on loopback.\n\
+             Regenerate with `make bench`.\n\n{md}\n",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        );
+        std::fs::write(&path, doc).with_context(|| format!("write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if !all_ok {
+        eprintln!("forkbox bench: some figures are over budget");
+    }
+    Ok(())
+}

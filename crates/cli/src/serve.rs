@@ -1,0 +1,96 @@
+//! `forkbox serve`.
+
+use crate::config::{self, HostArgs};
+use anyhow::Context;
+use clap::Args;
+use forkbox_api::{app, AppState};
+use forkbox_core::store::Store;
+use forkbox_core::{Manager, ManagerConfig, Runtime};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Address to listen on (HTTP/1.1 and h2c).
+    #[arg(long, default_value = "127.0.0.1:7070", env = "FORKBOX_LISTEN")]
+    pub listen: SocketAddr,
+    /// Template used when a create request names none.
+    #[arg(long, default_value = "python")]
+    pub default_template: String,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// A server that is set up and bound, not yet serving.
+pub struct Server {
+    pub manager: Arc<Manager>,
+    pub listener: tokio::net::TcpListener,
+}
+
+/// Everything `serve` does before it accepts connections.
+pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
+    let runtime = args.host.jail_runtime()?;
+    runtime
+        .ensure_template(&args.default_template, &config::print_progress)
+        .await
+        .with_context(|| format!("prepare template {}", args.default_template))?;
+    let data = args.host.data_dir();
+    let store = Store::open(&data.join("forkbox.db")).await?;
+    let runtime: Arc<dyn Runtime> = Arc::new(runtime);
+    let manager = Manager::new(
+        store,
+        runtime,
+        ManagerConfig {
+            default_template: args.default_template.clone(),
+            ..ManagerConfig::default()
+        },
+    );
+    let lost = manager.recover().await?;
+    if lost > 0 {
+        tracing::warn!(
+            lost,
+            "sandboxes of an earlier server were cleaned up and marked failed"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    Ok(Server { manager, listener })
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    config::init_tracing(args.log_json);
+    let server = build(&args).await?;
+    let addr = server.listener.local_addr()?;
+    let manager = server.manager.clone();
+    manager.spawn_reaper(std::time::Duration::from_millis(500));
+    // The line tests and scripts wait for.
+    println!("forkbox listening on http://{addr}");
+    tracing::info!(%addr, "listening");
+    axum::serve(
+        server.listener,
+        app(AppState {
+            manager: manager.clone(),
+        }),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
+    tracing::info!("shutting down: destroying live sandboxes");
+    manager.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}

@@ -1,0 +1,197 @@
+//! Test harness: a real `forkbox serve` process on a loopback port, with its own data
+//! dir and the shared, cached template pool. Needs root, btrfs and the static agent
+//! (`make test` provides all three); fails loudly otherwise.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub data: tempfile::TempDir,
+    pub pool: PathBuf,
+    pub http: reqwest::Client,
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn pool() -> PathBuf {
+    std::env::var_os("FORKBOX_TEST_POOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/forkbox-test/pool"))
+}
+
+impl Server {
+    pub fn start() -> Server {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "end-to-end tests need root: run them with `make test` as root"
+        );
+        let agent = std::env::var_os("FORKBOX_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
+        assert!(
+            agent.exists(),
+            "static agent {} missing: run `make agent` (or `make test`)",
+            agent.display()
+        );
+        let data = tempfile::Builder::new()
+            .prefix("forkbox-e2e-")
+            .tempdir()
+            .expect("temp data dir");
+        let pool = pool();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_forkbox"))
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data.path())
+            .arg("--pool")
+            .arg(&pool)
+            .arg("--agent-bin")
+            .arg(&agent)
+            .env("FORKBOX_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start forkbox serve");
+        let stdout = child.stdout.take().expect("server stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let base = loop {
+            assert!(Instant::now() < deadline, "server did not start");
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Some(u) = l.strip_prefix("forkbox listening on ") {
+                        break u.trim().to_owned();
+                    }
+                }
+                _ => panic!("forkbox serve exited before listening"),
+            }
+        };
+        // Keep draining stdout so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            base,
+            data,
+            pool,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// POST /v1/sandboxes with `body`; panics unless 201.
+    pub async fn create(&self, body: Value) -> Value {
+        let r = self
+            .http
+            .post(self.url("/v1/sandboxes"))
+            .json(&body)
+            .send()
+            .await
+            .expect("create request");
+        let status = r.status();
+        let v: Value = r.json().await.expect("create body");
+        assert_eq!(status, 201, "create failed: {v}");
+        v
+    }
+
+    pub async fn create_id(&self) -> String {
+        self.create(serde_json::json!({})).await["id"]
+            .as_str()
+            .expect("id")
+            .to_owned()
+    }
+
+    /// Runs `cmd` and returns every NDJSON event.
+    pub async fn exec(&self, id: &str, body: Value) -> (u16, Vec<Value>) {
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/sandboxes/{id}/exec")))
+            .json(&body)
+            .send()
+            .await
+            .expect("exec request");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("exec body");
+        if status != 200 {
+            return (
+                status,
+                vec![serde_json::from_str(&text).unwrap_or(Value::Null)],
+            );
+        }
+        let events = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("NDJSON line"))
+            .collect();
+        (status, events)
+    }
+
+    /// Runs a shell command; returns (stdout, stderr, exit code).
+    pub async fn sh(&self, id: &str, cmd: &str) -> (String, String, i64) {
+        let (status, events) = self.exec(id, serde_json::json!({ "cmd": cmd })).await;
+        assert_eq!(status, 200, "exec failed: {events:?}");
+        collect(&events)
+    }
+
+    pub async fn delete(&self, id: &str) -> u16 {
+        self.http
+            .delete(self.url(&format!("/v1/sandboxes/{id}")))
+            .send()
+            .await
+            .expect("delete")
+            .status()
+            .as_u16()
+    }
+}
+
+/// Folds events into (stdout, stderr, exit code), checking the stream's invariants:
+/// seq strictly increasing, exactly one exit, and it is last.
+pub fn collect(events: &[Value]) -> (String, String, i64) {
+    let (mut out, mut err, mut code) = (String::new(), String::new(), None);
+    let mut last_seq = -1i64;
+    for (i, e) in events.iter().enumerate() {
+        let seq = e["seq"].as_i64().expect("seq");
+        assert!(seq > last_seq, "seq not increasing: {events:?}");
+        last_seq = seq;
+        assert!(e["ts"].as_u64().expect("ts") > 1_700_000_000_000);
+        match e["type"].as_str().expect("type") {
+            "stdout" => out.push_str(e["data"].as_str().expect("data")),
+            "stderr" => err.push_str(e["data"].as_str().expect("data")),
+            "exit" => {
+                assert_eq!(i, events.len() - 1, "exit is not last: {events:?}");
+                code = Some(e["data"].as_i64().expect("exit code"));
+            }
+            other => panic!("unknown event type {other}"),
+        }
+    }
+    (out, err, code.expect("no exit event"))
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

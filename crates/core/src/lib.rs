@@ -1,0 +1,32 @@
+//! The core of forkbox: what a sandbox is, the state it moves through, the interface
+//! every runtime implements, and where all of it is kept.
+//!
+//! Core never sees HTTP: the API layer turns requests into calls on [`Manager`], which
+//! returns typed results and [`CoreError`]s.
+
+pub mod ids;
+pub mod manager;
+pub mod model;
+pub mod runtime;
+pub mod store;
+
+pub use manager::{Manager, ManagerConfig};
+pub use model::{CreateRequest, ExecCommand, Sandbox, Status};
+pub use runtime::{Instance, Runtime, RuntimeError};
+
+/// Everything that can go wrong in a core operation, by what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("sandbox {0} not found")]
+    NotFound(String),
+    #[error("sandbox {id} is {status}")]
+    Gone { id: String, status: Status },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("sandbox {id} is {status}; this needs a running sandbox")]
+    WrongState { id: String, status: Status },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}

@@ -1,0 +1,454 @@
+//! The sandbox state machine: create, exec, delete and time-to-live, over one runtime
+//! and the store.
+
+use crate::model::{CreateRequest, ExecCommand, Sandbox, Status};
+use crate::runtime::{CreateSpec, Instance, Runtime};
+use crate::store::Store;
+use crate::{ids, CoreError};
+use forkbox_types::agent::{AgentEvent, ExecRequest};
+use forkbox_types::exec::{EventKind, ExecEvent};
+use futures_util::stream::{BoxStream, StreamExt};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use time::OffsetDateTime;
+
+/// Limits and defaults of one server.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub default_template: String,
+    pub default_cpu: f64,
+    pub max_cpu: f64,
+    pub default_memory_mb: u64,
+    pub min_memory_mb: u64,
+    pub max_memory_mb: u64,
+    pub default_timeout_s: u64,
+    pub max_timeout_s: u64,
+    pub pids_max: u64,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            default_template: "python".into(),
+            default_cpu: 1.0,
+            max_cpu: 8.0,
+            default_memory_mb: 512,
+            min_memory_mb: 16,
+            max_memory_mb: 16 * 1024,
+            default_timeout_s: 300,
+            max_timeout_s: 24 * 3600,
+            pids_max: 512,
+        }
+    }
+}
+
+struct Live {
+    record: Sandbox,
+    instance: Arc<dyn Instance>,
+}
+
+pub struct Manager {
+    store: Store,
+    runtime: Arc<dyn Runtime>,
+    config: ManagerConfig,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Exit code reported when the process's fate is unknown (its agent went away).
+pub const EXIT_UNKNOWN: i32 = -1;
+/// Exit code reported when an exec's timeout killed it (as coreutils `timeout` does).
+pub const EXIT_TIMEOUT: i32 = 124;
+
+fn valid_template_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl Manager {
+    pub fn new(store: Store, runtime: Arc<dyn Runtime>, config: ManagerConfig) -> Arc<Manager> {
+        Arc::new(Manager {
+            store,
+            runtime,
+            config,
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn runtime_name(&self) -> &'static str {
+        self.runtime.name()
+    }
+
+    fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Live>>> {
+        match self.live.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn live(&self, id: &str) -> Option<Arc<Live>> {
+        self.live_map().get(id).cloned()
+    }
+
+    /// Checks a create request against the server's limits and fills in defaults.
+    fn spec(
+        &self,
+        id: &str,
+        req: &CreateRequest,
+    ) -> Result<(CreateSpec, f64, u64, u64), CoreError> {
+        let c = &self.config;
+        let template = req
+            .template
+            .clone()
+            .unwrap_or_else(|| c.default_template.clone());
+        if !valid_template_name(&template) {
+            return Err(CoreError::Invalid(
+                "template must be 1-64 characters of a-z, 0-9, '-' and '_'".into(),
+            ));
+        }
+        let cpu = req.cpu.unwrap_or(c.default_cpu);
+        if !(cpu.is_finite() && cpu >= 0.1 && cpu <= c.max_cpu) {
+            return Err(CoreError::Invalid(format!(
+                "cpu must be between 0.1 and {}",
+                c.max_cpu
+            )));
+        }
+        let memory_mb = req.memory_mb.unwrap_or(c.default_memory_mb);
+        if memory_mb < c.min_memory_mb || memory_mb > c.max_memory_mb {
+            return Err(CoreError::Invalid(format!(
+                "memory_mb must be between {} and {}",
+                c.min_memory_mb, c.max_memory_mb
+            )));
+        }
+        let timeout = req.timeout.unwrap_or(c.default_timeout_s);
+        if timeout == 0 || timeout > c.max_timeout_s {
+            return Err(CoreError::Invalid(format!(
+                "timeout must be between 1 and {} seconds",
+                c.max_timeout_s
+            )));
+        }
+        for k in req.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(CoreError::Invalid(
+                    "env names must be non-empty and contain no '=' or NUL".into(),
+                ));
+            }
+        }
+        if req.env.values().any(|v| v.contains('\0')) {
+            return Err(CoreError::Invalid("env values must not contain NUL".into()));
+        }
+        Ok((
+            CreateSpec {
+                id: id.to_owned(),
+                template,
+                cpu_millis: (cpu * 1000.0).round() as u64,
+                memory_bytes: memory_mb * 1024 * 1024,
+                pids_max: c.pids_max,
+                env: req.env.clone(),
+            },
+            cpu,
+            memory_mb,
+            timeout,
+        ))
+    }
+
+    /// Creates a sandbox and waits until its agent answers.
+    pub async fn create(&self, req: CreateRequest) -> Result<Sandbox, CoreError> {
+        let started = Instant::now();
+        let id = ids::new("sbx");
+        let (spec, cpu, memory_mb, timeout) = self.spec(&id, &req)?;
+        let instance = self.runtime.create(&spec).await?;
+        let created_at = OffsetDateTime::now_utc();
+        let record = Sandbox {
+            id: id.clone(),
+            status: Status::Running,
+            runtime: self.runtime.name().to_owned(),
+            template: spec.template.clone(),
+            cpu,
+            memory_mb,
+            timeout,
+            metadata: req.metadata,
+            created_at,
+            expires_at: created_at + time::Duration::seconds(timeout as i64),
+            ended_at: None,
+            end_reason: None,
+            boot_ms: (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0,
+            host_pid: instance.host_pid(),
+        };
+        if let Err(e) = self.store.insert_sandbox(&record).await {
+            let _ = instance.destroy().await;
+            return Err(e.into());
+        }
+        self.live_map().insert(
+            id.clone(),
+            Arc::new(Live {
+                record: record.clone(),
+                instance,
+            }),
+        );
+        tracing::info!(sandbox = %id, boot_ms = record.boot_ms, "sandbox created");
+        Ok(record)
+    }
+
+    /// The record of a sandbox; ended sandboxes answer [`CoreError::Gone`].
+    pub async fn get(&self, id: &str) -> Result<Sandbox, CoreError> {
+        if let Some(l) = self.live(id) {
+            return Ok(l.record.clone());
+        }
+        match self.store.get_sandbox(id).await? {
+            Some(s) if s.status.is_live() => Ok(s),
+            Some(s) => Err(CoreError::Gone {
+                id: id.to_owned(),
+                status: s.status,
+            }),
+            None => Err(CoreError::NotFound(id.to_owned())),
+        }
+    }
+
+    async fn running(&self, id: &str) -> Result<Arc<Live>, CoreError> {
+        if let Some(l) = self.live(id) {
+            return Ok(l);
+        }
+        let s = self.get(id).await?;
+        // Known and marked running, but not held by this server (e.g. left by a crash).
+        Err(CoreError::WrongState {
+            id: id.to_owned(),
+            status: s.status,
+        })
+    }
+
+    /// Runs a command and streams its numbered events; the last one is always `exit`.
+    pub async fn exec(
+        &self,
+        id: &str,
+        cmd: ExecCommand,
+    ) -> Result<BoxStream<'static, ExecEvent>, CoreError> {
+        if cmd.cmd.is_empty() {
+            return Err(CoreError::Invalid("cmd must not be empty".into()));
+        }
+        if cmd.cmd.contains('\0') {
+            return Err(CoreError::Invalid("cmd must not contain NUL".into()));
+        }
+        let timeout_ms = match cmd.timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t <= 86400.0 => Some((t * 1000.0) as u64),
+            Some(_) => {
+                return Err(CoreError::Invalid(
+                    "timeout must be between 0 and 86400 seconds".into(),
+                ))
+            }
+        };
+        let live = self.running(id).await?;
+        let oom_before = live.instance.oom_kills();
+        let events = live
+            .instance
+            .exec(ExecRequest {
+                cmd: cmd.cmd,
+                cwd: cmd.cwd,
+                env: cmd.env,
+                timeout_ms,
+            })
+            .await?;
+        let memory_mb = live.record.memory_mb;
+        let timeout_s = cmd.timeout.unwrap_or(0.0);
+        let mut seq = 0u64;
+        let mut next = move |kind: EventKind| {
+            seq += 1;
+            ExecEvent {
+                kind,
+                seq,
+                ts: now_ms(),
+            }
+        };
+        let instance = live.instance.clone();
+        let stream = async_stream(events, move |ev, out| match ev {
+            Some(Ok(AgentEvent::Stdout { data })) => out.push(next(EventKind::Stdout(data))),
+            Some(Ok(AgentEvent::Stderr { data })) => out.push(next(EventKind::Stderr(data))),
+            Some(Ok(AgentEvent::Error { message })) => {
+                out.push(next(EventKind::Stderr(format!("forkbox: {message}\n"))))
+            }
+            Some(Ok(AgentEvent::Exit {
+                code,
+                signal,
+                timed_out,
+            })) => {
+                let code = if timed_out {
+                    out.push(next(EventKind::Stderr(format!(
+                        "forkbox: timed out after {timeout_s}s; process tree killed\n"
+                    ))));
+                    EXIT_TIMEOUT
+                } else {
+                    if signal == Some(9) && instance.oom_kills() > oom_before {
+                        out.push(next(EventKind::Stderr(format!(
+                            "forkbox: killed by the out-of-memory killer (memory limit {memory_mb} MiB)\n"
+                        ))));
+                    }
+                    code
+                };
+                out.push(next(EventKind::Exit(code)));
+            }
+            Some(Err(e)) => {
+                out.push(next(EventKind::Stderr(format!("forkbox: {e}\n"))));
+                out.push(next(EventKind::Exit(EXIT_UNKNOWN)));
+            }
+            None => {
+                out.push(next(EventKind::Stderr(
+                    "forkbox: the sandbox's agent ended the stream without an exit status\n".into(),
+                )));
+                out.push(next(EventKind::Exit(EXIT_UNKNOWN)));
+            }
+        });
+        Ok(stream)
+    }
+
+    /// Destroys a sandbox; its record stays, marked `deleted`.
+    pub async fn delete(&self, id: &str) -> Result<(), CoreError> {
+        self.end(id, Status::Deleted, "deleted by client").await
+    }
+
+    async fn end(&self, id: &str, status: Status, reason: &str) -> Result<(), CoreError> {
+        let live = self.live_map().remove(id);
+        let Some(live) = live else {
+            // Not ours: unknown, already ended, or left running by an earlier server.
+            return match self.get(id).await {
+                Ok(s) => Err(CoreError::WrongState {
+                    id: id.to_owned(),
+                    status: s.status,
+                }),
+                Err(e) => Err(e),
+            };
+        };
+        let destroyed = live.instance.destroy().await;
+        self.store
+            .end_sandbox(id, status, reason, OffsetDateTime::now_utc())
+            .await?;
+        tracing::info!(sandbox = %id, %status, reason, "sandbox ended");
+        destroyed.map_err(CoreError::from)
+    }
+
+    /// Ends sandboxes whose time is up or whose agent died. Runs until the manager is
+    /// dropped.
+    pub fn spawn_reaper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(me) = weak.upgrade() else { break };
+                me.reap_once().await;
+            }
+        })
+    }
+
+    /// One pass of the reaper.
+    pub async fn reap_once(&self) {
+        let now = OffsetDateTime::now_utc();
+        let due: Vec<(String, Status, &'static str)> = self
+            .live_map()
+            .values()
+            .filter_map(|l| {
+                if l.record.expires_at <= now {
+                    Some((l.record.id.clone(), Status::Killed, "timeout expired"))
+                } else if !l.instance.is_alive() {
+                    Some((l.record.id.clone(), Status::Failed, "agent exited"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, status, reason) in due {
+            if let Err(e) = self.end(&id, status, reason).await {
+                tracing::warn!(sandbox = %id, error = %e, "ending sandbox failed");
+            }
+        }
+    }
+
+    /// Handles sandboxes an earlier server left marked running: their leftovers are
+    /// freed and they are marked failed with a reason, never silently forgotten.
+    /// Returns how many there were.
+    pub async fn recover(&self) -> Result<usize, CoreError> {
+        let stale = self.store.sandboxes_with_status(Status::Running).await?;
+        for s in &stale {
+            if self.live(&s.id).is_some() {
+                continue;
+            }
+            if let Err(e) = self.runtime.cleanup(&s.id).await {
+                tracing::error!(sandbox = %s.id, error = %e, "cleaning up after an earlier server");
+            }
+            self.store
+                .end_sandbox(
+                    &s.id,
+                    Status::Failed,
+                    "lost: the server restarted",
+                    OffsetDateTime::now_utc(),
+                )
+                .await?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Destroys every live sandbox (server shutdown in tests and benchmarks).
+    pub async fn shutdown(&self) {
+        let ids: Vec<String> = self.live_map().keys().cloned().collect();
+        for id in ids {
+            let _ = self.end(&id, Status::Deleted, "server shut down").await;
+        }
+    }
+
+    /// Number of live sandboxes.
+    pub fn live_count(&self) -> usize {
+        self.live_map().len()
+    }
+}
+
+/// Maps each item of `input` (and its end, as `None`) to zero or more output events;
+/// the output ends after the first `exit`.
+fn async_stream<F>(input: crate::runtime::AgentEvents, f: F) -> BoxStream<'static, ExecEvent>
+where
+    F: FnMut(Option<Result<AgentEvent, crate::RuntimeError>>, &mut Vec<ExecEvent>) + Send + 'static,
+{
+    struct St<F> {
+        input: crate::runtime::AgentEvents,
+        f: F,
+        queue: std::collections::VecDeque<ExecEvent>,
+        finished: bool,
+    }
+    let st = St {
+        input,
+        f,
+        queue: Default::default(),
+        finished: false,
+    };
+    futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(ev) = st.queue.pop_front() {
+                if matches!(ev.kind, EventKind::Exit(_)) {
+                    st.finished = true;
+                    st.queue.clear();
+                }
+                return Some((ev, st));
+            }
+            if st.finished {
+                return None;
+            }
+            let item = st.input.next().await;
+            let end = item.is_none();
+            let mut out = Vec::new();
+            (st.f)(item, &mut out);
+            st.queue.extend(out);
+            if end && st.queue.is_empty() {
+                return None;
+            }
+        }
+    })
+    .boxed()
+}

@@ -1,0 +1,95 @@
+//! The sandbox as the rest of the system sees it.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+
+/// Lifecycle state of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Running,
+    /// Deleted by a client.
+    Deleted,
+    /// Ended by forkbox: its time to live ran out.
+    Killed,
+    /// Its agent died or could not be reached; resources were freed.
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Deleted => "deleted",
+            Status::Killed => "killed",
+            Status::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Some(match s {
+            "running" => Status::Running,
+            "deleted" => Status::Deleted,
+            "killed" => Status::Killed,
+            "failed" => Status::Failed,
+            _ => return None,
+        })
+    }
+
+    pub fn is_live(self) -> bool {
+        self == Status::Running
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A sandbox record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub status: Status,
+    pub runtime: String,
+    pub template: String,
+    pub cpu: f64,
+    pub memory_mb: u64,
+    /// Seconds of life from creation (or from the last timeout change).
+    pub timeout: u64,
+    pub metadata: BTreeMap<String, String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub ended_at: Option<OffsetDateTime>,
+    pub end_reason: Option<String>,
+    /// Milliseconds from request to a ready agent.
+    pub boot_ms: f64,
+    #[serde(skip)]
+    pub host_pid: Option<i32>,
+}
+
+/// A validated create request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CreateRequest {
+    pub template: Option<String>,
+    pub cpu: Option<f64>,
+    pub memory_mb: Option<u64>,
+    pub timeout: Option<u64>,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A command to run in a sandbox.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExecCommand {
+    pub cmd: String,
+    pub cwd: Option<String>,
+    pub env: BTreeMap<String, String>,
+    /// Seconds; fractional values allowed.
+    pub timeout: Option<f64>,
+}

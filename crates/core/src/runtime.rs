@@ -1,0 +1,93 @@
+//! The interface every runtime (jail, vm) implements. Runtimes never see HTTP; they get
+//! typed specs and return instances that speak the agent protocol's events.
+
+use async_trait::async_trait;
+use forkbox_types::agent::{AgentEvent, ExecRequest};
+use futures_util::stream::BoxStream;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Everything a runtime needs to make one sandbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateSpec {
+    pub id: String,
+    pub template: String,
+    /// CPU bandwidth in millicores.
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub pids_max: u64,
+    pub env: BTreeMap<String, String>,
+}
+
+type Source = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runtime failures, by what the API should answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("template {0} does not exist")]
+    UnknownTemplate(String),
+    /// The request was refused as invalid by the runtime or agent (e.g. a missing cwd).
+    #[error("{0}")]
+    Rejected(String),
+    /// The sandbox's agent does not answer.
+    #[error("agent of sandbox {id} does not answer: {source}")]
+    Agent { id: String, source: Source },
+    /// The host has no room or the runtime cannot work right now.
+    #[error("runtime unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else that went wrong on the host while doing `op`.
+    #[error("{op} failed for {id}: {source}")]
+    Host {
+        op: &'static str,
+        id: String,
+        source: Source,
+    },
+}
+
+impl RuntimeError {
+    pub fn host(op: &'static str, id: &str, source: impl Into<Source>) -> RuntimeError {
+        RuntimeError::Host {
+            op,
+            id: id.to_owned(),
+            source: source.into(),
+        }
+    }
+}
+
+/// The events of one exec, as the agent reports them.
+pub type AgentEvents = BoxStream<'static, Result<AgentEvent, RuntimeError>>;
+
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// Short name (`jail`, `vm`).
+    fn name(&self) -> &'static str;
+
+    /// Makes sure `template` exists, building it if this runtime can.
+    async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError>;
+
+    /// Creates a running sandbox whose agent answers.
+    async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError>;
+
+    /// Frees whatever host resources sandbox `id` may have left behind (processes,
+    /// cgroups, file systems) when no instance of it is held, e.g. after a crash.
+    async fn cleanup(&self, id: &str) -> Result<(), RuntimeError>;
+}
+
+/// One live sandbox of a runtime.
+#[async_trait]
+pub trait Instance: Send + Sync + 'static {
+    /// Host pid of the sandbox's first process, when it has one.
+    fn host_pid(&self) -> Option<i32>;
+
+    /// False once the sandbox's agent has died.
+    fn is_alive(&self) -> bool;
+
+    /// How many of the sandbox's processes the OOM killer has killed so far.
+    fn oom_kills(&self) -> u64;
+
+    /// Runs a command; the stream ends after its `exit` event.
+    async fn exec(&self, req: ExecRequest) -> Result<AgentEvents, RuntimeError>;
+
+    /// Kills everything and frees every host resource. Idempotent.
+    async fn destroy(&self) -> Result<(), RuntimeError>;
+}

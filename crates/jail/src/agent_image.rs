@@ -1,0 +1,91 @@
+//! The agent binary every sandbox starts from: a sealed, in-memory copy made once at
+//! server start. Sandboxes' `/proc/1/exe` points at it, so nothing inside a sandbox can
+//! ever write to an executable on the host (the class of CVE-2019-5736).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("read agent binary {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("agent binary {0} is not a static executable; build it with `make agent`")]
+    NotStatic(PathBuf),
+    #[error("memfd for the agent: {0}")]
+    Memfd(std::io::Error),
+}
+
+pub struct AgentImage {
+    fd: OwnedFd,
+}
+
+impl AgentImage {
+    pub fn load(path: &Path) -> Result<AgentImage, ImageError> {
+        let bytes = std::fs::read(path).map_err(|e| ImageError::Read(path.into(), e))?;
+        if !is_static_elf(&bytes) {
+            return Err(ImageError::NotStatic(path.into()));
+        }
+        // SAFETY: memfd_create with a static NUL-terminated name and flags.
+        let raw = unsafe {
+            libc::memfd_create(
+                c"forkbox-agent".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        if raw < 0 {
+            return Err(ImageError::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut f = File::from(fd);
+        f.write_all(&bytes).map_err(ImageError::Memfd)?;
+        let seals =
+            libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        // SAFETY: fcntl on our own fd with integer arguments.
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(ImageError::Memfd(std::io::Error::last_os_error()));
+        }
+        Ok(AgentImage { fd: f.into() })
+    }
+
+    /// A path that executes the sealed copy (valid in this process and its children
+    /// until exec).
+    pub fn exec_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// True for an ELF executable without a program interpreter (PT_INTERP).
+fn is_static_elf(b: &[u8]) -> bool {
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let u64_at = |o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(a) as usize
+    };
+    let (phoff, phentsize, phnum) = (u64_at(32), u16_at(54), u16_at(56));
+    (0..phnum).all(|i| {
+        let o = phoff + i * phentsize;
+        o + 4 <= b.len() && u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]) != 3
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_binaries_are_refused() {
+        // /bin/sh on Debian is dynamically linked.
+        assert!(matches!(
+            AgentImage::load(Path::new("/bin/sh")),
+            Err(ImageError::NotStatic(_))
+        ));
+        assert!(!is_static_elf(b"not an elf"));
+    }
+}

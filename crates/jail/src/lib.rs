@@ -1,0 +1,520 @@
+//! The `jail` runtime: each sandbox is a process tree in fresh user, mount, PID,
+//! network, IPC, UTS and cgroup namespaces, rooted in a btrfs snapshot of its template,
+//! limited by cgroups, with seccomp and no capabilities for user code.
+//!
+//! Host-side order of a create (each step undone if a later one fails):
+//! 1. snapshot the template's subvolume (O(1), copy-on-write);
+//! 2. create the cgroup with memory, pids and CPU limits;
+//! 3. bind the agent's listening socket in the sandbox's run directory;
+//! 4. run `forkbox-agent jail-init` from the sealed agent image, which clones the
+//!    sandbox's first process (see the agent's `jail_init` for the sandbox side);
+//! 5. open a pidfd on that process and connect to its agent over HTTP/2.
+
+pub mod agent_image;
+pub mod pool;
+pub mod template;
+
+use agent_image::AgentImage;
+use async_trait::async_trait;
+use forkbox_agent_client::AgentClient;
+use forkbox_core::runtime::{AgentEvents, CreateSpec, Instance, Runtime, RuntimeError};
+use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
+use forkbox_types::agent::{ExecRequest, JailInit, JailInitReply};
+use futures_util::StreamExt;
+use pool::Pool;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the jail runtime is set up on this host.
+#[derive(Debug, Clone)]
+pub struct JailConfig {
+    /// Where sockets and agent logs of running sandboxes live.
+    pub run_dir: PathBuf,
+    /// The btrfs pool (templates and sandboxes' root filesystems).
+    pub pool_dir: PathBuf,
+    /// Size of the sparse pool image when the pool dir is not on btrfs.
+    pub pool_size_gb: u64,
+    /// The static `forkbox-agent` binary.
+    pub agent_bin: PathBuf,
+    /// Host uid (and gid) that root inside sandboxes maps to.
+    pub uid_base: u32,
+    /// The cgroup filesystem's mount point.
+    pub cgroup_root: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error(transparent)]
+    Pool(#[from] pool::PoolError),
+    #[error(transparent)]
+    Image(#[from] agent_image::ImageError),
+    #[error(transparent)]
+    Cgroup(#[from] forkbox_sys::cgroup::CgroupError),
+    #[error("create {0}: {1}")]
+    RunDir(PathBuf, std::io::Error),
+    #[error("the jail runtime needs root (run forkbox serve as root)")]
+    NotRoot,
+}
+
+pub struct JailRuntime {
+    pool: Pool,
+    cgroups: Driver,
+    agent: AgentImage,
+    run_dir: PathBuf,
+    uid_base: u32,
+}
+
+impl JailRuntime {
+    pub fn new(cfg: &JailConfig) -> Result<JailRuntime, JailError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(JailError::NotRoot);
+        }
+        let pool = Pool::open(&cfg.pool_dir, cfg.pool_size_gb)?;
+        let cgroups = Driver::detect(&cfg.cgroup_root, "forkbox")?;
+        let agent = AgentImage::load(&cfg.agent_bin)?;
+        std::fs::create_dir_all(&cfg.run_dir)
+            .map_err(|e| JailError::RunDir(cfg.run_dir.clone(), e))?;
+        // Orphaned sandbox processes become our children, so we can reap them.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        tracing::info!(
+            pool = %pool.root().display(),
+            cgroup_version = cgroups.version(),
+            uid_base = cfg.uid_base,
+            "jail runtime ready"
+        );
+        Ok(JailRuntime {
+            pool,
+            cgroups,
+            agent,
+            run_dir: cfg.run_dir.clone(),
+            uid_base: cfg.uid_base,
+        })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn cgroups(&self) -> &Driver {
+        &self.cgroups
+    }
+
+    /// Builds `template` if missing, reporting progress through `progress`.
+    pub async fn ensure_template(
+        &self,
+        name: &str,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<template::TemplateMeta, template::TemplateError> {
+        template::ensure(&self.pool, name, self.uid_base, progress).await
+    }
+}
+
+/// Host resources of one sandbox, released in reverse order by [`Resources::release`].
+struct Resources {
+    id: String,
+    rootfs: Option<PathBuf>,
+    cgroup: Option<Cgroup>,
+    run_dir: Option<PathBuf>,
+    pidfd: Option<Arc<OwnedFd>>,
+    pid: Option<i32>,
+}
+
+impl Resources {
+    /// Kills every process, then frees the cgroup, the subvolume and the run dir.
+    async fn release(&mut self) -> Result<(), RuntimeError> {
+        let id = self.id.clone();
+        if let Some(fd) = &self.pidfd {
+            // The PID namespace dies with its PID 1.
+            // SAFETY: pidfd_send_signal on a pidfd we own, no siginfo.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    0usize,
+                    0u32,
+                )
+            };
+        }
+        if let Some(cg) = &self.cgroup {
+            let _ = cg.kill_all();
+        }
+        if let Some(fd) = self.pidfd.take() {
+            wait_exit(&fd, Duration::from_secs(5)).await;
+            reap(&fd);
+        }
+        if let Some(cg) = self.cgroup.take() {
+            let cg2 = cg.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                let _ = cg2.kill_all();
+                cg2.remove(Duration::from_secs(5))
+            })
+            .await;
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.cgroup = Some(cg);
+                    return Err(RuntimeError::host("remove cgroup", &id, e));
+                }
+                Err(e) => return Err(RuntimeError::host("remove cgroup", &id, e)),
+            }
+        }
+        if let Some(root) = self.rootfs.take() {
+            let r = root.clone();
+            let res = tokio::task::spawn_blocking(move || delete_subvolume_patiently(&r)).await;
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.rootfs = Some(root);
+                    return Err(RuntimeError::host("delete root filesystem", &id, e));
+                }
+                Err(e) => return Err(RuntimeError::host("delete root filesystem", &id, e)),
+            }
+        }
+        if let Some(d) = self.run_dir.take() {
+            let _ = std::fs::remove_dir_all(&d);
+        }
+        self.pid = None;
+        Ok(())
+    }
+}
+
+/// A mount namespace can outlive its last process by a moment; retry briefly on EBUSY.
+fn delete_subvolume_patiently(p: &Path) -> Result<(), forkbox_sys::btrfs::BtrfsError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match forkbox_sys::btrfs::delete_subvolume(p) {
+            Ok(()) => return Ok(()),
+            Err(forkbox_sys::btrfs::BtrfsError::Open(_, e))
+                if e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(())
+            }
+            Err(forkbox_sys::btrfs::BtrfsError::Delete(_, nix::errno::Errno::EBUSY))
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open with integer arguments; returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits until the process behind `fd` has exited (the pidfd turns readable).
+async fn wait_exit(fd: &OwnedFd, patience: Duration) {
+    let Ok(dup) = fd.try_clone() else { return };
+    // SAFETY: `dup` is an OwnedFd moved into the AsyncFd, open for its whole lifetime.
+    let Ok(afd) = (unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE)
+    }) else {
+        return;
+    };
+    let _ = tokio::time::timeout(patience, afd.readable()).await;
+}
+
+/// Reaps the process if it is our child (it is, once `jail-init` exited, because the
+/// server is a child subreaper).
+fn reap(fd: &OwnedFd) {
+    let mut info: libc::siginfo_t = {
+        // SAFETY: siginfo_t is plain data; zero is a valid value.
+        unsafe { std::mem::zeroed() }
+    };
+    // SAFETY: waitid on a pidfd with a valid siginfo buffer; P_PIDFD = 3.
+    unsafe {
+        libc::waitid(
+            3 as libc::idtype_t,
+            fd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+}
+
+#[async_trait]
+impl Runtime for JailRuntime {
+    fn name(&self) -> &'static str {
+        "jail"
+    }
+
+    async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError> {
+        let name = template.to_owned();
+        self.ensure_template(template, &move |line: &str| {
+            tracing::info!(template = %name, "{line}");
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| match e {
+            template::TemplateError::Unknown(n) => RuntimeError::UnknownTemplate(n),
+            other => RuntimeError::host("prepare template", template, other),
+        })
+    }
+
+    async fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
+        self.cleanup_in(id).await
+    }
+
+    async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let mut res = Resources {
+            id: spec.id.clone(),
+            rootfs: None,
+            cgroup: None,
+            run_dir: None,
+            pidfd: None,
+            pid: None,
+        };
+        match self.create_in(spec, &mut res).await {
+            Ok(i) => Ok(i),
+            Err(e) => {
+                if let Err(cleanup) = res.release().await {
+                    tracing::error!(sandbox = %spec.id, error = %cleanup, "cleanup after failed create");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl JailRuntime {
+    async fn cleanup_in(&self, id: &str) -> Result<(), RuntimeError> {
+        let cgroup = self
+            .cgroups
+            .open(id)
+            .map_err(|e| RuntimeError::host("open cgroup", id, e))?;
+        let rootfs = self.pool.sandbox(id);
+        let run_dir = self.run_dir.join(id);
+        let mut res = Resources {
+            id: id.to_owned(),
+            rootfs: rootfs.exists().then_some(rootfs),
+            cgroup: cgroup.exists().then_some(cgroup),
+            run_dir: run_dir.exists().then_some(run_dir),
+            pidfd: None,
+            pid: None,
+        };
+        res.release().await
+    }
+
+    async fn create_in(
+        &self,
+        spec: &CreateSpec,
+        res: &mut Resources,
+    ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let id = spec.id.as_str();
+        let template = self.pool.template(&spec.template);
+        if !self.pool.template_meta(&spec.template).exists() {
+            if template::builtin_packages(&spec.template).is_some() {
+                self.prepare_template(&spec.template).await?;
+            } else {
+                return Err(RuntimeError::UnknownTemplate(spec.template.clone()));
+            }
+        }
+        // 1. Root filesystem.
+        let rootfs = self.pool.sandbox(id);
+        forkbox_sys::btrfs::snapshot(&template, &rootfs, false)
+            .map_err(|e| RuntimeError::host("snapshot template", id, e))?;
+        res.rootfs = Some(rootfs.clone());
+        // 2. Cgroup.
+        let cg = self
+            .cgroups
+            .create(
+                id,
+                &Limits {
+                    memory_bytes: Some(spec.memory_bytes),
+                    pids_max: Some(spec.pids_max),
+                    cpu_millis: Some(spec.cpu_millis),
+                },
+            )
+            .map_err(|e| RuntimeError::host("create cgroup", id, e))?;
+        res.cgroup = Some(cg.clone());
+        // 3. The agent's socket.
+        let run = self.run_dir.join(id);
+        std::fs::create_dir_all(&run).map_err(|e| RuntimeError::host("create run dir", id, e))?;
+        res.run_dir = Some(run.clone());
+        let sock = run.join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock)
+            .map_err(|e| RuntimeError::host("bind agent socket", id, e))?;
+        let log = std::fs::File::create(run.join("agent.log"))
+            .map_err(|e| RuntimeError::host("create agent log", id, e))?;
+        // 4. jail-init.
+        let init = JailInit {
+            id: id.to_owned(),
+            rootfs: rootfs.to_string_lossy().into_owned(),
+            uid_base: self.uid_base,
+            cgroup_procs: cg
+                .procs_files()
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect(),
+            env: spec.env.clone(),
+        };
+        let pid = self
+            .run_jail_init(id, &init, listener.as_raw_fd(), log)
+            .await?;
+        drop(listener);
+        res.pid = Some(pid);
+        // 5. Watch and connect.
+        let pidfd = Arc::new(pidfd_open(pid).map_err(|e| RuntimeError::host("pidfd_open", id, e))?);
+        res.pidfd = Some(pidfd.clone());
+        let client = AgentClient::connect_unix(&sock)
+            .await
+            .map_err(|e| RuntimeError::Agent {
+                id: id.to_owned(),
+                source: e.into(),
+            })?;
+        client.health().await.map_err(|e| RuntimeError::Agent {
+            id: id.to_owned(),
+            source: e.into(),
+        })?;
+        let alive = Arc::new(AtomicBool::new(true));
+        {
+            let alive = alive.clone();
+            let fd = pidfd.clone();
+            tokio::spawn(async move {
+                wait_exit(&fd, Duration::from_secs(u64::MAX / 4)).await;
+                alive.store(false, Ordering::SeqCst);
+            });
+        }
+        let taken = std::mem::replace(
+            res,
+            Resources {
+                id: id.to_owned(),
+                rootfs: None,
+                cgroup: None,
+                run_dir: None,
+                pidfd: None,
+                pid: None,
+            },
+        );
+        Ok(Arc::new(JailInstance {
+            id: id.to_owned(),
+            pid,
+            cgroup: cg,
+            client,
+            alive,
+            resources: tokio::sync::Mutex::new(taken),
+        }))
+    }
+
+    async fn run_jail_init(
+        &self,
+        id: &str,
+        init: &JailInit,
+        listen_fd: i32,
+        log: std::fs::File,
+    ) -> Result<i32, RuntimeError> {
+        use std::os::unix::process::CommandExt as _;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut cmd = tokio::process::Command::new(self.agent.exec_path());
+        cmd.as_std_mut().arg0("forkbox-agent");
+        cmd.arg("jail-init")
+            .env_clear()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::from(log));
+        // SAFETY: the hook only calls dup2/fcntl on fds that stay open in the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if listen_fd == 3 {
+                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(listen_fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| RuntimeError::host("start jail-init", id, e))?;
+        let input =
+            serde_json::to_vec(init).map_err(|e| RuntimeError::host("encode jail-init", id, e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(&input)
+                .await
+                .map_err(|e| RuntimeError::host("write jail-init config", id, e))?;
+        }
+        let mut out = Vec::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            stdout
+                .read_to_end(&mut out)
+                .await
+                .map_err(|e| RuntimeError::host("read jail-init reply", id, e))?;
+        }
+        let _ = child.wait().await;
+        match serde_json::from_slice::<JailInitReply>(&out) {
+            Ok(JailInitReply::Ready { pid }) => Ok(pid),
+            Ok(JailInitReply::Failed { error }) => Err(RuntimeError::host(
+                "set up sandbox",
+                id,
+                std::io::Error::other(error),
+            )),
+            Err(e) => Err(RuntimeError::host("decode jail-init reply", id, e)),
+        }
+    }
+}
+
+pub struct JailInstance {
+    id: String,
+    pid: i32,
+    cgroup: Cgroup,
+    client: AgentClient,
+    alive: Arc<AtomicBool>,
+    resources: tokio::sync::Mutex<Resources>,
+}
+
+#[async_trait]
+impl Instance for JailInstance {
+    fn host_pid(&self) -> Option<i32> {
+        Some(self.pid)
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    fn oom_kills(&self) -> u64 {
+        self.cgroup.oom_kills().unwrap_or(0)
+    }
+
+    async fn exec(&self, req: ExecRequest) -> Result<AgentEvents, RuntimeError> {
+        let id = self.id.clone();
+        match self.client.exec(&req).await {
+            Ok(stream) => Ok(stream
+                .map(move |r| {
+                    r.map_err(|e| RuntimeError::Agent {
+                        id: id.clone(),
+                        source: e.into(),
+                    })
+                })
+                .boxed()),
+            Err(e) if e.is_bad_request() => Err(RuntimeError::Rejected(match e {
+                forkbox_agent_client::AgentError::Status { message, .. } => message,
+                other => other.to_string(),
+            })),
+            Err(e) => Err(RuntimeError::Agent {
+                id: self.id.clone(),
+                source: e.into(),
+            }),
+        }
+    }
+
+    async fn destroy(&self) -> Result<(), RuntimeError> {
+        self.alive.store(false, Ordering::SeqCst);
+        self.resources.lock().await.release().await
+    }
+}

@@ -1,0 +1,95 @@
+//! The btrfs pool holding templates and sandboxes' root filesystems.
+//!
+//! When the pool directory is not on btrfs, a sparse image file beside it is formatted
+//! as btrfs (once) and loop-mounted there.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("create {0}: {1}")]
+    Dir(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Btrfs(#[from] forkbox_sys::btrfs::BtrfsError),
+    #[error("create pool image {0}: {1}")]
+    Image(PathBuf, std::io::Error),
+    #[error("{cmd} failed: {detail} (is btrfs-progs installed? `make deps` installs it)")]
+    Tool { cmd: String, detail: String },
+    #[error("pool {0} is still not btrfs after mounting its image")]
+    NotBtrfs(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    root: PathBuf,
+}
+
+fn run(cmd: &mut Command) -> Result<(), PoolError> {
+    let name = format!("{cmd:?}");
+    match cmd.output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(PoolError::Tool {
+            cmd: name,
+            detail: String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+        }),
+        Err(e) => Err(PoolError::Tool {
+            cmd: name,
+            detail: e.to_string(),
+        }),
+    }
+}
+
+impl Pool {
+    /// Opens the pool at `root`, formatting and mounting `<root>.img` (sparse,
+    /// `size_gb`) when `root` is not on btrfs.
+    pub fn open(root: &Path, size_gb: u64) -> Result<Pool, PoolError> {
+        std::fs::create_dir_all(root).map_err(|e| PoolError::Dir(root.into(), e))?;
+        if !forkbox_sys::btrfs::is_btrfs(root)? {
+            let img = root.with_extension("img");
+            if !img.exists() {
+                tracing::info!(image = %img.display(), size_gb, "creating btrfs pool image");
+                let tmp = root.with_extension("img.tmp");
+                let f =
+                    std::fs::File::create(&tmp).map_err(|e| PoolError::Image(tmp.clone(), e))?;
+                f.set_len(size_gb << 30)
+                    .map_err(|e| PoolError::Image(tmp.clone(), e))?;
+                drop(f);
+                run(Command::new("mkfs.btrfs").arg("-q").arg(&tmp))?;
+                std::fs::rename(&tmp, &img).map_err(|e| PoolError::Image(img.clone(), e))?;
+            }
+            run(Command::new("mount")
+                .args(["-t", "btrfs", "-o", "loop,noatime"])
+                .arg(&img)
+                .arg(root))?;
+            if !forkbox_sys::btrfs::is_btrfs(root)? {
+                return Err(PoolError::NotBtrfs(root.into()));
+            }
+        }
+        for d in ["templates", "sandboxes"] {
+            let p = root.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| PoolError::Dir(p, e))?;
+        }
+        Ok(Pool { root: root.into() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn template(&self, name: &str) -> PathBuf {
+        self.root.join("templates").join(name)
+    }
+
+    pub fn template_meta(&self, name: &str) -> PathBuf {
+        self.root.join("templates").join(format!("{name}.json"))
+    }
+
+    pub fn sandbox(&self, id: &str) -> PathBuf {
+        self.root.join("sandboxes").join(id)
+    }
+
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join("templates").join(".lock")
+    }
+}

@@ -1,0 +1,231 @@
+//! Building templates: a Debian root filesystem made by mmdebstrap into a btrfs
+//! subvolume, its owners shifted into the sandboxes' uid range, then made read-only.
+//!
+//! A build happens under an exclusive lock, into a temporary subvolume that is renamed
+//! into place only when complete: a failed or interrupted build leaves nothing behind
+//! that could be mistaken for a template.
+
+use crate::pool::Pool;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tokio::io::AsyncBufReadExt;
+
+/// Templates forkbox knows how to build by name.
+pub fn builtin_packages(name: &str) -> Option<&'static [&'static str]> {
+    match name {
+        "python" => Some(&[
+            "python3",
+            "python3-pip",
+            "python3-venv",
+            "nodejs",
+            "bash",
+            "coreutils",
+            "procps",
+            "ca-certificates",
+            "mount",
+            "iproute2",
+        ]),
+        _ => None,
+    }
+}
+
+pub const SUITE: &str = "bookworm";
+
+/// What is recorded beside a finished template.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TemplateMeta {
+    pub name: String,
+    pub suite: String,
+    pub packages: Vec<String>,
+    pub uid_base: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub built_at: time::OffsetDateTime,
+    pub build_seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("template {0} does not exist and forkbox has no recipe for it")]
+    Unknown(String),
+    #[error("template {name} was built for uid base {found}, this server uses {want}; delete {path} to rebuild")]
+    UidBase {
+        name: String,
+        found: u32,
+        want: u32,
+        path: PathBuf,
+    },
+    #[error("lock {0}: {1}")]
+    Lock(PathBuf, std::io::Error),
+    #[error("run mmdebstrap: {0} (is mmdebstrap installed? `make deps` installs it)")]
+    Spawn(std::io::Error),
+    #[error("mmdebstrap failed building {name} (exit {code:?}); last output:\n{tail}")]
+    Build {
+        name: String,
+        code: Option<i32>,
+        tail: String,
+    },
+    #[error("template {0}: {1}")]
+    Io(String, std::io::Error),
+    #[error(transparent)]
+    Btrfs(#[from] forkbox_sys::btrfs::BtrfsError),
+    #[error(transparent)]
+    Shift(#[from] forkbox_sys::uidshift::ShiftError),
+}
+
+fn read_meta(path: &Path) -> Option<TemplateMeta> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Returns the template's metadata, building the template first if it is missing.
+/// `progress` receives one line per build step.
+pub async fn ensure(
+    pool: &Pool,
+    name: &str,
+    uid_base: u32,
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<TemplateMeta, TemplateError> {
+    if let Some(m) = ready(pool, name, uid_base)? {
+        return Ok(m);
+    }
+    let packages = builtin_packages(name).ok_or_else(|| TemplateError::Unknown(name.into()))?;
+    let lock_path = pool.lock_file();
+    let lock = {
+        let lock_path = lock_path.clone();
+        tokio::task::spawn_blocking(move || {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| TemplateError::Lock(lock_path.clone(), e))?;
+            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| TemplateError::Lock(lock_path, e.into()))
+        })
+        .await
+        .map_err(|e| TemplateError::Io(name.into(), std::io::Error::other(e)))??
+    };
+    // Someone else may have built it while we waited for the lock.
+    if let Some(m) = ready(pool, name, uid_base)? {
+        drop(lock);
+        return Ok(m);
+    }
+    let res = build(pool, name, packages, uid_base, progress).await;
+    drop(lock);
+    res
+}
+
+fn ready(pool: &Pool, name: &str, uid_base: u32) -> Result<Option<TemplateMeta>, TemplateError> {
+    let Some(m) = read_meta(&pool.template_meta(name)) else {
+        return Ok(None);
+    };
+    if !pool.template(name).is_dir() {
+        return Ok(None);
+    }
+    if m.uid_base != uid_base {
+        return Err(TemplateError::UidBase {
+            name: name.into(),
+            found: m.uid_base,
+            want: uid_base,
+            path: pool.template(name),
+        });
+    }
+    Ok(Some(m))
+}
+
+async fn build(
+    pool: &Pool,
+    name: &str,
+    packages: &[&str],
+    uid_base: u32,
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<TemplateMeta, TemplateError> {
+    let started = std::time::Instant::now();
+    let tmp = pool.root().join("templates").join(format!(".build-{name}"));
+    let final_path = pool.template(name);
+    // Leftovers of an interrupted build or an old template without metadata.
+    for p in [&tmp, &final_path] {
+        if p.exists() {
+            forkbox_sys::btrfs::delete_subvolume(p)?;
+        }
+    }
+    forkbox_sys::btrfs::create_subvolume(&tmp)?;
+    let result = async {
+        progress(&format!(
+            "building template {name}: debian {SUITE} + {} packages with mmdebstrap (about a minute, once)",
+            packages.len()
+        ));
+        let mut child = tokio::process::Command::new("mmdebstrap")
+            .arg("--mode=root")
+            .arg("--variant=minbase")
+            .arg(format!("--include={}", packages.join(",")))
+            .arg("--aptopt=Acquire::Check-Valid-Until \"false\"")
+            .arg("--dpkgopt=path-exclude=/usr/share/man/*")
+            .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
+            .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
+            .arg("--dpkgopt=path-exclude=/usr/share/locale/*")
+            .arg(SUITE)
+            .arg(&tmp)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(TemplateError::Spawn)?;
+        let mut tail: std::collections::VecDeque<String> = Default::default();
+        if let Some(err) = child.stderr.take() {
+            let mut lines = tokio::io::BufReader::new(err).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l.starts_with("I: ") {
+                    progress(&format!("template {name}: {}", &l[3..]));
+                }
+                tail.push_back(l);
+                if tail.len() > 30 {
+                    tail.pop_front();
+                }
+            }
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| TemplateError::Io(name.into(), e))?;
+        if !status.success() {
+            return Err(TemplateError::Build {
+                name: name.into(),
+                code: status.code(),
+                tail: Vec::from(tail).join("\n"),
+            });
+        }
+        progress(&format!("template {name}: shifting owners to uid base {uid_base}"));
+        let root = tmp.clone();
+        tokio::task::spawn_blocking(move || forkbox_sys::uidshift::shift_tree(&root, uid_base))
+            .await
+            .map_err(|e| TemplateError::Io(name.into(), std::io::Error::other(e)))??;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = forkbox_sys::btrfs::delete_subvolume(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &final_path).map_err(|e| TemplateError::Io(name.into(), e))?;
+    forkbox_sys::btrfs::set_readonly(&final_path, true)?;
+    let meta = TemplateMeta {
+        name: name.into(),
+        suite: SUITE.into(),
+        packages: packages.iter().map(|p| p.to_string()).collect(),
+        uid_base,
+        built_at: time::OffsetDateTime::now_utc(),
+        build_seconds: started.elapsed().as_secs_f64(),
+    };
+    let meta_path = pool.template_meta(name);
+    let tmp_meta = meta_path.with_extension("json.tmp");
+    let bytes =
+        serde_json::to_vec_pretty(&meta).map_err(|e| TemplateError::Io(name.into(), e.into()))?;
+    std::fs::write(&tmp_meta, bytes).map_err(|e| TemplateError::Io(name.into(), e))?;
+    std::fs::rename(&tmp_meta, &meta_path).map_err(|e| TemplateError::Io(name.into(), e))?;
+    progress(&format!(
+        "template {name}: ready in {:.0}s",
+        meta.build_seconds
+    ));
+    Ok(meta)
+}

@@ -1,0 +1,171 @@
+//! btrfs subvolumes through the kernel's ioctls: create, snapshot, destroy, read-only.
+//!
+//! A sandbox's root filesystem is a writable snapshot of its template's subvolume:
+//! O(1) and copy-on-write.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+const BTRFS_IOCTL_MAGIC: u8 = 0x94;
+const BTRFS_PATH_NAME_MAX: usize = 4087;
+const BTRFS_SUBVOL_NAME_MAX: usize = 4039;
+const BTRFS_SUBVOL_RDONLY: u64 = 1 << 1;
+const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+
+#[repr(C)]
+struct VolArgs {
+    fd: i64,
+    name: [u8; BTRFS_PATH_NAME_MAX + 1],
+}
+
+#[repr(C)]
+struct VolArgsV2 {
+    fd: i64,
+    transid: u64,
+    flags: u64,
+    unused: [u64; 4],
+    name: [u8; BTRFS_SUBVOL_NAME_MAX + 1],
+}
+
+nix::ioctl_write_ptr!(ioc_subvol_create, BTRFS_IOCTL_MAGIC, 14, VolArgs);
+nix::ioctl_write_ptr!(ioc_snap_destroy, BTRFS_IOCTL_MAGIC, 15, VolArgs);
+nix::ioctl_write_ptr!(ioc_snap_create_v2, BTRFS_IOCTL_MAGIC, 23, VolArgsV2);
+nix::ioctl_read!(ioc_subvol_getflags, BTRFS_IOCTL_MAGIC, 25, u64);
+nix::ioctl_write_ptr!(ioc_subvol_setflags, BTRFS_IOCTL_MAGIC, 26, u64);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtrfsError {
+    #[error("open {0}: {1}")]
+    Open(PathBuf, std::io::Error),
+    #[error("invalid subvolume path {0}")]
+    BadPath(PathBuf),
+    #[error("create subvolume {0}: {1}")]
+    Create(PathBuf, nix::Error),
+    #[error("snapshot {0} to {1}: {2}")]
+    Snapshot(PathBuf, PathBuf, nix::Error),
+    #[error("delete subvolume {0}: {1}")]
+    Delete(PathBuf, nix::Error),
+    #[error("set flags of subvolume {0}: {1}")]
+    Flags(PathBuf, nix::Error),
+    #[error("statfs {0}: {1}")]
+    Statfs(PathBuf, nix::Error),
+}
+
+/// Splits `path` into its opened parent directory and its final component.
+fn parent_and_name(path: &Path) -> Result<(File, &OsStr), BtrfsError> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| BtrfsError::BadPath(path.into()))?;
+    let parent = path
+        .parent()
+        .ok_or_else(|| BtrfsError::BadPath(path.into()))?;
+    let dir = File::open(parent).map_err(|e| BtrfsError::Open(parent.into(), e))?;
+    Ok((dir, name))
+}
+
+fn copy_name(dst: &mut [u8], name: &OsStr, path: &Path) -> Result<(), BtrfsError> {
+    let bytes = name.as_bytes();
+    if bytes.len() >= dst.len() || bytes.contains(&0) {
+        return Err(BtrfsError::BadPath(path.into()));
+    }
+    dst[..bytes.len()].copy_from_slice(bytes);
+    Ok(())
+}
+
+fn vol_args(name: &OsStr, path: &Path) -> Result<Box<VolArgs>, BtrfsError> {
+    let mut args = Box::new(VolArgs {
+        fd: 0,
+        name: [0; BTRFS_PATH_NAME_MAX + 1],
+    });
+    copy_name(&mut args.name, name, path)?;
+    Ok(args)
+}
+
+/// True when `path` lives on a btrfs filesystem.
+pub fn is_btrfs(path: &Path) -> Result<bool, BtrfsError> {
+    let st = nix::sys::statfs::statfs(path).map_err(|e| BtrfsError::Statfs(path.into(), e))?;
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.filesystem_type().0 as i64 == BTRFS_SUPER_MAGIC)
+}
+
+/// Creates an empty subvolume at `path` (its parent must exist on btrfs).
+pub fn create_subvolume(path: &Path) -> Result<(), BtrfsError> {
+    let (dir, name) = parent_and_name(path)?;
+    let args = vol_args(name, path)?;
+    // SAFETY: `args` is a valid, fully initialised btrfs_ioctl_vol_args that outlives the call.
+    unsafe { ioc_subvol_create(dir.as_raw_fd(), &*args) }
+        .map_err(|e| BtrfsError::Create(path.into(), e))?;
+    Ok(())
+}
+
+/// Snapshots subvolume `src` to the new path `dst` (writable unless `readonly`).
+pub fn snapshot(src: &Path, dst: &Path, readonly: bool) -> Result<(), BtrfsError> {
+    let source = File::open(src).map_err(|e| BtrfsError::Open(src.into(), e))?;
+    let (dir, name) = parent_and_name(dst)?;
+    let mut args = Box::new(VolArgsV2 {
+        fd: i64::from(source.as_raw_fd()),
+        transid: 0,
+        flags: if readonly { BTRFS_SUBVOL_RDONLY } else { 0 },
+        unused: [0; 4],
+        name: [0; BTRFS_SUBVOL_NAME_MAX + 1],
+    });
+    copy_name(&mut args.name, name, dst)?;
+    // SAFETY: `args` is a valid btrfs_ioctl_vol_args_v2; `source` stays open across the call.
+    unsafe { ioc_snap_create_v2(dir.as_raw_fd(), &*args) }
+        .map_err(|e| BtrfsError::Snapshot(src.into(), dst.into(), e))?;
+    Ok(())
+}
+
+/// Deletes the subvolume at `path` with everything in it.
+pub fn delete_subvolume(path: &Path) -> Result<(), BtrfsError> {
+    // A read-only subvolume must be made writable before it can be deleted by path.
+    let _ = set_readonly(path, false);
+    let (dir, name) = parent_and_name(path)?;
+    let args = vol_args(name, path)?;
+    // SAFETY: `args` is a valid, fully initialised btrfs_ioctl_vol_args.
+    unsafe { ioc_snap_destroy(dir.as_raw_fd(), &*args) }
+        .map_err(|e| BtrfsError::Delete(path.into(), e))?;
+    Ok(())
+}
+
+/// Marks a subvolume read-only (or writable again).
+pub fn set_readonly(path: &Path, readonly: bool) -> Result<(), BtrfsError> {
+    let f = File::open(path).map_err(|e| BtrfsError::Open(path.into(), e))?;
+    let mut flags: u64 = 0;
+    // SAFETY: the kernel writes one u64 into `flags`.
+    unsafe { ioc_subvol_getflags(f.as_raw_fd(), &mut flags) }
+        .map_err(|e| BtrfsError::Flags(path.into(), e))?;
+    let new = if readonly {
+        flags | BTRFS_SUBVOL_RDONLY
+    } else {
+        flags & !BTRFS_SUBVOL_RDONLY
+    };
+    if new != flags {
+        // SAFETY: the kernel reads one u64 from `new`.
+        unsafe { ioc_subvol_setflags(f.as_raw_fd(), &new) }
+            .map_err(|e| BtrfsError::Flags(path.into(), e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_structs_have_the_kernel_sizes() {
+        assert_eq!(std::mem::size_of::<VolArgs>(), 4096);
+        assert_eq!(std::mem::size_of::<VolArgsV2>(), 4096);
+    }
+
+    #[test]
+    fn rejects_paths_without_a_name() {
+        assert!(matches!(
+            create_subvolume(Path::new("/")),
+            Err(BtrfsError::BadPath(_))
+        ));
+    }
+}

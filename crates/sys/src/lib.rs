@@ -1,0 +1,12 @@
+//! Linux building blocks for forkbox, one module per isolation concern.
+//!
+//! Nothing here knows about HTTP, sandboxes' lifecycles or the database: these are the
+//! small, ordered steps the jail runtime (host side) and the agent (sandbox side) run.
+
+pub mod btrfs;
+pub mod caps;
+pub mod cgroup;
+pub mod mounts;
+pub mod net;
+pub mod seccomp;
+pub mod uidshift;

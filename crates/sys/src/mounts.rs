@@ -1,0 +1,143 @@
+//! The sandbox's filesystem view, built by the sandbox's first process inside its new
+//! mount namespace: private propagation, the root subvolume bind-mounted on itself, a
+//! fresh `/proc`, a minimal `/dev` (devices bind-mounted from the host, a private
+//! devpts instance, `/dev/shm`), a tmpfs `/tmp`, then `pivot_root` with the old root
+//! detached so nothing of the host stays reachable.
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mount {target}: {source}")]
+    Mount { target: PathBuf, source: nix::Error },
+    #[error("prepare {0}: {1}")]
+    Prepare(PathBuf, std::io::Error),
+    #[error("pivot_root into {0}: {1}")]
+    PivotRoot(PathBuf, nix::Error),
+    #[error("detach old root: {0}")]
+    DetachOldRoot(nix::Error),
+}
+
+/// Host device nodes bind-mounted into every sandbox's `/dev`.
+pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+fn mnt(
+    src: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), MountError> {
+    mount(src, target, fstype, flags, data).map_err(|source| MountError::Mount {
+        target: target.into(),
+        source,
+    })
+}
+
+fn mkdir_p(p: &Path) -> Result<(), MountError> {
+    fs::create_dir_all(p).map_err(|e| MountError::Prepare(p.into(), e))
+}
+
+/// Builds the sandbox's mounts under `root` and pivots into it. Runs inside the new
+/// user and mount namespaces, with the capabilities the user namespace grants.
+pub fn enter_rootfs(root: &Path) -> Result<(), MountError> {
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    // 1. Nothing we do may propagate back to the host.
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    // 2. pivot_root needs the new root to be a mount point.
+    mnt(
+        Some(path_str(root)?),
+        root,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    // 3. A /proc of the sandbox's own PID namespace.
+    let proc = root.join("proc");
+    mkdir_p(&proc)?;
+    mnt(
+        Some("proc"),
+        &proc,
+        Some("proc"),
+        nosuid_nodev | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    // 4. A minimal /dev.
+    let dev = root.join("dev");
+    mkdir_p(&dev)?;
+    mnt(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=64k"),
+    )?;
+    for d in DEVICES {
+        let target = dev.join(d);
+        fs::File::create(&target).map_err(|e| MountError::Prepare(target.clone(), e))?;
+        let host = format!("/dev/{d}");
+        mnt(Some(&host), &target, None, MsFlags::MS_BIND, None)?;
+    }
+    let pts = dev.join("pts");
+    mkdir_p(&pts)?;
+    mnt(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    let shm = dev.join("shm");
+    mkdir_p(&shm)?;
+    mnt(
+        Some("shm"),
+        &shm,
+        Some("tmpfs"),
+        nosuid_nodev,
+        Some("mode=1777,size=65536k"),
+    )?;
+    for (link, to) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let l = dev.join(link);
+        symlink(to, &l).map_err(|e| MountError::Prepare(l, e))?;
+    }
+    // 5. A private /tmp.
+    let tmp = root.join("tmp");
+    mkdir_p(&tmp)?;
+    mnt(
+        Some("tmpfs"),
+        &tmp,
+        Some("tmpfs"),
+        nosuid_nodev,
+        Some("mode=1777"),
+    )?;
+    // 6. Switch roots and let go of the host's tree.
+    nix::unistd::chdir(root).map_err(|e| MountError::PivotRoot(root.into(), e))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| MountError::PivotRoot(root.into(), e))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(MountError::DetachOldRoot)?;
+    nix::unistd::chdir("/").map_err(|e| MountError::PivotRoot(root.into(), e))?;
+    Ok(())
+}
+
+fn path_str(p: &Path) -> Result<&str, MountError> {
+    p.to_str().ok_or_else(|| {
+        MountError::Prepare(
+            p.into(),
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path is not utf-8"),
+        )
+    })
+}

@@ -1,0 +1,127 @@
+//! The host ↔ agent protocol.
+//!
+//! Transport: HTTP/2 (prior knowledge) over one stream socket per sandbox — a Unix
+//! socket in the jail runtime, a virtio-serial port in the vm runtime. The agent is
+//! the HTTP/2 server; the host opens one connection and multiplexes every call on it.
+//!
+//! Routes (all bodies JSON):
+//! - `GET  /health` → [`Health`]
+//! - `POST /exec` with [`ExecRequest`] → a streamed body of NDJSON [`AgentEvent`] lines,
+//!   ending with exactly one `exit` event. Dropping the response stream kills the
+//!   process tree.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Bumped on every behaviour change of the agent; the host refuses a mismatch.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Answer of `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Health {
+    pub protocol: u32,
+    pub version: String,
+    /// The agent's pid as seen inside the sandbox (1 in the jail runtime).
+    pub pid: u32,
+}
+
+/// Body of `POST /exec`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ExecRequest {
+    /// Shell command line, run with `/bin/sh -c`.
+    pub cmd: String,
+    /// Working directory inside the sandbox; `/root` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Extra environment, applied over the sandbox's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Wall-clock limit in milliseconds; the whole process tree is killed after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// One line of the `/exec` response stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum AgentEvent {
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
+    /// The process ended. `code` is the exit status, or 128 + signal number.
+    Exit {
+        code: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        timed_out: bool,
+    },
+    /// The agent could not run the command at all (bad cwd, spawn failure).
+    Error {
+        message: String,
+    },
+}
+
+/// What the host tells `forkbox-agent jail-init` (on its stdin, as JSON) about the
+/// sandbox to build. The listening socket is inherited as fd 3, the log as fd 2.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct JailInit {
+    /// Sandbox id; also its hostname.
+    pub id: String,
+    /// Host path of the sandbox's root filesystem (a btrfs subvolume).
+    pub rootfs: String,
+    /// First host uid/gid of the range that ids 0..65536 inside map to.
+    pub uid_base: u32,
+    /// `cgroup.procs` files the sandbox's first process must be written into.
+    pub cgroup_procs: Vec<String>,
+    /// Environment every command in the sandbox starts with.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// What `jail-init` prints on its stdout once the sandbox is up (or could not be made).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JailInitReply {
+    /// Host pid of the sandbox's PID 1 (the agent).
+    Ready {
+        pid: i32,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_with_a_type_tag() {
+        let ev = AgentEvent::Exit {
+            code: 3,
+            signal: None,
+            timed_out: false,
+        };
+        let line = serde_json::to_string(&ev).unwrap();
+        assert_eq!(line, r#"{"type":"exit","code":3}"#);
+        assert_eq!(serde_json::from_str::<AgentEvent>(&line).unwrap(), ev);
+        let out: AgentEvent = serde_json::from_str(r#"{"type":"stdout","data":"hi\n"}"#).unwrap();
+        assert_eq!(
+            out,
+            AgentEvent::Stdout {
+                data: "hi\n".into()
+            }
+        );
+    }
+
+    #[test]
+    fn exec_request_defaults() {
+        let r: ExecRequest = serde_json::from_str(r#"{"cmd":"echo hi"}"#).unwrap();
+        assert_eq!(r.cmd, "echo hi");
+        assert!(r.cwd.is_none() && r.env.is_empty() && r.timeout_ms.is_none());
+    }
+}

@@ -1,0 +1,8 @@
+//! Wire types shared by every forkbox crate: the agent protocol spoken between the
+//! host and `forkbox-agent`, and the exec event model the HTTP API streams.
+//!
+//! This crate has no behaviour; it only names things, so that the server, the
+//! runtimes and the in-sandbox agent agree on one definition.
+
+pub mod agent;
+pub mod exec;
