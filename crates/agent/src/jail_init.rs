@@ -162,5 +162,8 @@ fn sandbox_side(cfg: &JailInit, go: &mut File) -> Result<(), String> {
         nix::unistd::dup2(null.as_raw_fd(), fd).map_err(|e| format!("dup2: {e}"))?;
     }
     forkbox_sys::caps::set_undumpable().map_err(|e| format!("undumpable: {e}"))?;
+    // We were exec'd from /proc/self/fd/N; name ourselves for `ps`.
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"forkbox-agent".as_ptr(), 0, 0, 0) };
     Ok(())
 }

@@ -287,7 +287,8 @@ impl Manager {
                     ))));
                     EXIT_TIMEOUT
                 } else {
-                    if signal == Some(9) && instance.oom_kills() > oom_before {
+                    let _ = signal;
+                    if instance.oom_kills() > oom_before {
                         out.push(next(EventKind::Stderr(format!(
                             "forkbox: killed by the out-of-memory killer (memory limit {memory_mb} MiB)\n"
                         ))));
