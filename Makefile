@@ -30,7 +30,7 @@ deps:
 
 # The agent is PID 1 inside every sandbox: a static executable (glibc, crt-static).
 agent:
-	$(CARGO) rustc --release -p forkbox-agent --bin forkbox-agent -- -C target-feature=+crt-static -C strip=debuginfo
+	$(CARGO) rustc --release -p forkbox-agent --bin forkbox-agent -- -C target-feature=+crt-static -C relocation-model=static -C strip=debuginfo
 	@mkdir -p target/agent && cp -f target/release/forkbox-agent $(AGENT).tmp && mv -f $(AGENT).tmp $(AGENT)
 
 build-release:

@@ -2,14 +2,12 @@
 //! enforce its timeout, kill its whole tree when asked or when the host goes away.
 
 use crate::lines::LineSplitter;
-use crate::reaper::{Exit, Reaper};
+use crate::reaper::Exit;
+use crate::zygote::{self, Spawner, ZygoteError};
 use bytes::Bytes;
-use forkbox_sys::seccomp::Filters;
 use forkbox_types::agent::{AgentEvent, ExecRequest};
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -25,8 +23,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// What every command needs from the agent.
 #[derive(Clone)]
 pub struct Context {
-    pub reaper: Reaper,
-    pub filters: Option<Arc<Filters>>,
+    pub spawner: Spawner,
     pub env: Arc<BTreeMap<String, String>>,
 }
 
@@ -34,8 +31,10 @@ pub struct Context {
 pub enum SpawnError {
     #[error("working directory {0} does not exist")]
     NoCwd(String),
-    #[error("spawn /bin/sh: {0}")]
-    Spawn(std::io::Error),
+    #[error("create pipes: {0}")]
+    Pipes(std::io::Error),
+    #[error(transparent)]
+    Zygote(#[from] ZygoteError),
 }
 
 /// A started command whose events can be streamed.
@@ -47,72 +46,37 @@ pub struct Running {
     timeout: Option<Duration>,
 }
 
-pub fn spawn(ctx: &Context, req: &ExecRequest) -> Result<Running, SpawnError> {
+fn pipe_pair() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| SpawnError::Pipes(e.into()))
+}
+
+pub async fn spawn(ctx: &Context, req: &ExecRequest) -> Result<Running, SpawnError> {
     let cwd = req.cwd.clone().unwrap_or_else(|| "/root".to_owned());
     if !std::path::Path::new(&cwd).is_dir() {
         return Err(SpawnError::NoCwd(cwd));
     }
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(&req.cmd)
-        .current_dir(&cwd)
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", "/root")
-        .env("LANG", "C.UTF-8")
-        .envs(ctx.env.iter())
-        .envs(req.env.iter())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let filters = ctx.filters.clone();
-    // SAFETY: the hook only makes async-signal-safe syscalls (setsid, close_range,
-    // prctl, capset, seccomp) and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            // Only fds 0-2 may survive into user code.
-            if libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            ) < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            forkbox_sys::caps::drop_all()?;
-            forkbox_sys::caps::set_no_new_privs()?;
-            if let Some(f) = &filters {
-                forkbox_sys::seccomp::install(f)
-                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EPERM))?;
-            }
-            Ok(())
-        });
+    let mut env: BTreeMap<&str, &str> = BTreeMap::new();
+    env.insert("PATH", DEFAULT_PATH);
+    env.insert("HOME", "/root");
+    env.insert("LANG", "C.UTF-8");
+    for (k, v) in ctx.env.iter().chain(req.env.iter()) {
+        env.insert(k, v);
     }
-    let (child, exit) = ctx
-        .reaper
-        .spawn(|| {
-            let c = cmd.spawn()?;
-            Ok((c.id() as i32, c))
+    let (out_r, out_w) = pipe_pair()?;
+    let (err_r, err_w) = pipe_pair()?;
+    let null = std::fs::File::open("/dev/null").map_err(SpawnError::Pipes)?;
+    let to_rx = |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd).map_err(SpawnError::Pipes);
+    let (stdout, stderr) = (to_rx(out_r)?, to_rx(err_r)?);
+    let (pid, exit) = ctx
+        .spawner
+        .spawn(zygote::Command {
+            argv: vec!["/bin/sh".into(), "-c".into(), req.cmd.clone()],
+            env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd,
+            stdio: [OwnedFd::from(null), out_w, err_w],
         })
-        .map_err(SpawnError::Spawn)?;
-    let mut child = child;
-    let to_pipe = |fd: Option<OwnedFd>| -> Result<pipe::Receiver, SpawnError> {
-        let fd =
-            fd.ok_or_else(|| SpawnError::Spawn(std::io::Error::other("child has no output pipe")))?;
-        pipe::Receiver::from_owned_fd(fd).map_err(SpawnError::Spawn)
-    };
-    let pid = child.id() as i32;
-    let stdout = to_pipe(child.stdout.take().map(OwnedFd::from));
-    let stderr = to_pipe(child.stderr.take().map(OwnedFd::from));
-    let (stdout, stderr) = match (stdout, stderr) {
-        (Ok(o), Ok(e)) => (o, e),
-        (Err(e), _) | (_, Err(e)) => {
-            kill_tree(pid);
-            return Err(e);
-        }
-    };
+        .await?;
     Ok(Running {
         pid,
         stdout,

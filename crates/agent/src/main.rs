@@ -15,6 +15,7 @@ mod jail_init;
 mod lines;
 mod reaper;
 mod server;
+mod zygote;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;

@@ -2,7 +2,6 @@
 //! connection, one stream per call (see `forkbox_types::agent`).
 
 use crate::exec::{self, Context};
-use crate::reaper::Reaper;
 use bytes::Bytes;
 use forkbox_types::agent::{ExecRequest, Health, PROTOCOL_VERSION};
 use http::{Method, Request, Response, StatusCode};
@@ -22,8 +21,19 @@ type Body = BoxBody<Bytes, Infallible>;
 /// Largest request body the agent accepts.
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
-/// Runs the agent until the process is killed.
+/// Runs the agent until the process is killed. Must be called single-threaded: it
+/// forks the zygote before starting the async runtime.
 pub fn run(listener: OwnedFd, env: BTreeMap<String, String>) -> ExitCode {
+    let zygote = match forkbox_sys::seccomp::compile()
+        .map_err(|e| e.to_string())
+        .and_then(|f| crate::zygote::fork_zygote(&f).map_err(|e| e.to_string()))
+    {
+        Ok(z) => z,
+        Err(e) => {
+            eprintln!("forkbox-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -34,7 +44,7 @@ pub fn run(listener: OwnedFd, env: BTreeMap<String, String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(listener, env)) {
+    match rt.block_on(serve(listener, zygote, env)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("forkbox-agent: {e}");
@@ -43,14 +53,15 @@ pub fn run(listener: OwnedFd, env: BTreeMap<String, String>) -> ExitCode {
     }
 }
 
-async fn serve(listener: OwnedFd, env: BTreeMap<String, String>) -> std::io::Result<()> {
-    let filters = match forkbox_sys::seccomp::compile() {
-        Ok(f) => Some(Arc::new(f)),
-        Err(e) => return Err(std::io::Error::other(e.to_string())),
-    };
+async fn serve(
+    listener: OwnedFd,
+    zygote: OwnedFd,
+    env: BTreeMap<String, String>,
+) -> std::io::Result<()> {
+    // PID 1 reaps orphans; commands are the zygote's children and reaped there.
+    crate::reaper::start()?;
     let ctx = Context {
-        reaper: Reaper::start()?,
-        filters,
+        spawner: crate::zygote::Spawner::new(zygote)?,
         env: Arc::new(env),
     };
     let std_listener = std::os::unix::net::UnixListener::from(listener);
@@ -121,7 +132,7 @@ async fn handle(ctx: Context, req: Request<Incoming>) -> Response<Body> {
                     )
                 }
             };
-            let running = match exec::spawn(&ctx, &er) {
+            let running = match exec::spawn(&ctx, &er).await {
                 Ok(r) => r,
                 Err(e @ exec::SpawnError::NoCwd(_)) => {
                     return error(StatusCode::BAD_REQUEST, &e.to_string())

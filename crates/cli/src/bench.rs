@@ -6,7 +6,6 @@ use crate::config::HostArgs;
 use crate::serve::{self, ServeArgs};
 use anyhow::{bail, Context};
 use clap::Args;
-use forkbox_api::{app, AppState};
 use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -60,15 +59,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let server = serve::build(&sa).await?;
     let addr = server.listener.local_addr()?;
     let manager = server.manager.clone();
-    let srv = tokio::spawn(
-        axum::serve(
-            server.listener,
-            app(AppState {
-                manager: manager.clone(),
-            }),
-        )
-        .into_future(),
-    );
+    let srv = tokio::spawn(serve::http(server.listener, manager.clone()).into_future());
     let base = format!("http://{addr}");
     let http = reqwest::Client::builder().build()?;
     let n = args.iterations.max(1);

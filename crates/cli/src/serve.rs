@@ -83,6 +83,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The API on `listener`, HTTP/1.1 and h2c, with Nagle off so streamed events leave
+/// as soon as they are written.
+pub fn http(
+    listener: tokio::net::TcpListener,
+    manager: Arc<Manager>,
+) -> axum::serve::Serve<
+    axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)>,
+    axum::Router,
+    axum::Router,
+> {
+    use axum::serve::ListenerExt;
+    fn nodelay(s: &mut tokio::net::TcpStream) {
+        let _ = s.set_nodelay(true);
+    }
+    let listener = listener.tap_io(nodelay as fn(&mut tokio::net::TcpStream));
+    axum::serve(listener, app(AppState { manager }))
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {

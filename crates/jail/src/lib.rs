@@ -321,6 +321,7 @@ impl JailRuntime {
                 return Err(RuntimeError::UnknownTemplate(spec.template.clone()));
             }
         }
+        let t0 = std::time::Instant::now();
         // 1. Root filesystem.
         let rootfs = self.pool.sandbox(id);
         forkbox_sys::btrfs::snapshot(&template, &rootfs, false)
@@ -339,6 +340,7 @@ impl JailRuntime {
             )
             .map_err(|e| RuntimeError::host("create cgroup", id, e))?;
         res.cgroup = Some(cg.clone());
+        let t_fs_cg = t0.elapsed();
         // 3. The agent's socket.
         let run = self.run_dir.join(id);
         std::fs::create_dir_all(&run).map_err(|e| RuntimeError::host("create run dir", id, e))?;
@@ -365,6 +367,7 @@ impl JailRuntime {
             .await?;
         drop(listener);
         res.pid = Some(pid);
+        let t_init = t0.elapsed();
         // 5. Watch and connect.
         let pidfd = Arc::new(pidfd_open(pid).map_err(|e| RuntimeError::host("pidfd_open", id, e))?);
         res.pidfd = Some(pidfd.clone());
@@ -378,6 +381,13 @@ impl JailRuntime {
             id: id.to_owned(),
             source: e.into(),
         })?;
+        tracing::debug!(
+            sandbox = id,
+            snapshot_and_cgroup_ms = t_fs_cg.as_secs_f64() * 1e3,
+            jail_init_ms = (t_init - t_fs_cg).as_secs_f64() * 1e3,
+            agent_ready_ms = (t0.elapsed() - t_init).as_secs_f64() * 1e3,
+            "sandbox created"
+        );
         let alive = Arc::new(AtomicBool::new(true));
         {
             let alive = alive.clone();
