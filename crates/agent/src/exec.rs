@@ -47,8 +47,7 @@ pub struct Running {
 }
 
 fn pipe_pair() -> Result<(OwnedFd, OwnedFd), SpawnError> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| SpawnError::Pipes(e.into()))
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Pipes(e.into()))
 }
 
 pub async fn spawn(ctx: &Context, req: &ExecRequest) -> Result<Running, SpawnError> {

@@ -84,6 +84,7 @@ fn build() -> Result<i32, String> {
         drop(st_r);
         let code = match sandbox_side(&cfg, &mut go_r) {
             Ok(()) => {
+                drop(go_r);
                 drop(st_w);
                 // Never returns while the sandbox lives.
                 let listener = unsafe_listener();

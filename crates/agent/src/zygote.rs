@@ -41,9 +41,19 @@ enum Request {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Reply {
-    Spawned { id: u64, pid: i32 },
-    Failed { id: u64, error: String },
-    Exited { pid: i32, code: i32, signal: Option<i32> },
+    Spawned {
+        id: u64,
+        pid: i32,
+    },
+    Failed {
+        id: u64,
+        error: String,
+    },
+    Exited {
+        pid: i32,
+        code: i32,
+        signal: Option<i32>,
+    },
 }
 
 /// A command for the zygote to start.
@@ -97,8 +107,19 @@ pub fn fork_zygote(filters: &Filters) -> Result<OwnedFd, ZygoteError> {
     // arbitrary code.
     match unsafe { nix::unistd::fork() }.map_err(ZygoteError::Start)? {
         nix::unistd::ForkResult::Child => {
-            drop(agent_end);
-            let code = match zygote_main(zygote_end, filters) {
+            // Keep only stderr (the agent's log) and our socket, as fd 3.
+            // SAFETY: dup2/close_range on fds of this single-threaded child.
+            let sock = unsafe {
+                let z = zygote_end.as_raw_fd();
+                if z != 3 && libc::dup2(z, 3) < 0 {
+                    libc::_exit(1);
+                }
+                libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+                std::mem::forget(zygote_end);
+                std::mem::forget(agent_end);
+                OwnedFd::from_raw_fd(3)
+            };
+            let code = match zygote_main(sock, filters) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("forkbox-zygote: {e}");
@@ -236,7 +257,11 @@ fn spawn(argv: &[String], env: &[String], cwd: &str, stdio: Vec<OwnedFd>) -> Res
     env_p.push(std::ptr::null());
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let raw: [RawFd; 3] = [stdio[0].as_raw_fd(), stdio[1].as_raw_fd(), stdio[2].as_raw_fd()];
+    let raw: [RawFd; 3] = [
+        stdio[0].as_raw_fd(),
+        stdio[1].as_raw_fd(),
+        stdio[2].as_raw_fd(),
+    ];
     // SAFETY: the zygote is single-threaded; the child only makes syscalls on data
     // prepared above and ends in execve or _exit.
     let pid = unsafe { libc::fork() };
@@ -258,7 +283,12 @@ fn spawn(argv: &[String], env: &[String], cwd: &str, stdio: Vec<OwnedFd>) -> Res
             if libc::chdir(cwd_c.as_ptr()) < 0 {
                 child_fail(err_w.as_raw_fd());
             }
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             libc::execve(argv_p[0], argv_p.as_ptr(), env_p.as_ptr());
             child_fail(err_w.as_raw_fd());
         }

@@ -178,9 +178,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
     ];
     let mut md = String::new();
-    md.push_str(&format!(
-        "| operation | p50 ms | p95 ms | budget p50 | verdict |\n|---|---:|---:|---:|---|\n"
-    ));
+    md.push_str(
+        "| operation | p50 ms | p95 ms | budget p50 | verdict |\n|---|---:|---:|---:|---|\n",
+    );
     let mut all_ok = true;
     for r in &rows {
         let (p50, p95) = r.stats();

@@ -23,6 +23,10 @@ pub struct HostArgs {
     /// Host uid/gid that root inside sandboxes maps to (65536 ids from there).
     #[arg(long, default_value_t = 1_000_000)]
     pub uid_base: u32,
+    /// Leave the host's cgroup2 mount options alone (by default forkbox turns on
+    /// `favordynmods`, which makes moving a sandbox into its cgroup ~10 ms faster).
+    #[arg(long)]
+    pub no_favordynmods: bool,
 }
 
 impl HostArgs {
@@ -57,6 +61,7 @@ impl HostArgs {
             agent_bin,
             uid_base: self.uid_base,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            favordynmods: !self.no_favordynmods,
         })
     }
 

@@ -83,16 +83,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+type NoDelayListener = axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)>;
+
 /// The API on `listener`, HTTP/1.1 and h2c, with Nagle off so streamed events leave
 /// as soon as they are written.
 pub fn http(
     listener: tokio::net::TcpListener,
     manager: Arc<Manager>,
-) -> axum::serve::Serve<
-    axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)>,
-    axum::Router,
-    axum::Router,
-> {
+) -> axum::serve::Serve<NoDelayListener, axum::Router, axum::Router> {
     use axum::serve::ListenerExt;
     fn nodelay(s: &mut tokio::net::TcpStream) {
         let _ = s.set_nodelay(true);

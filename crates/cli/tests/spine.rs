@@ -1,6 +1,8 @@
 //! End-to-end: the spine (create / exec / delete) over real HTTP against a real server
 //! and real jail sandboxes.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::{collect, Server};
@@ -303,7 +305,11 @@ except OSError as e:
         if out.trim() == "0" {
             break;
         }
-        assert!(Instant::now() < deadline, "{} bomb processes remain", out.trim());
+        assert!(
+            Instant::now() < deadline,
+            "{} bomb processes remain",
+            out.trim()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(s.delete(&id).await, 204);

@@ -43,6 +43,9 @@ pub struct JailConfig {
     pub uid_base: u32,
     /// The cgroup filesystem's mount point.
     pub cgroup_root: PathBuf,
+    /// Remount the cgroup2 hierarchy with `favordynmods` (see
+    /// `forkbox_sys::cgroup::enable_favordynmods`).
+    pub favordynmods: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,18 @@ impl JailRuntime {
         }
         let pool = Pool::open(&cfg.pool_dir, cfg.pool_size_gb)?;
         let cgroups = Driver::detect(&cfg.cgroup_root, "forkbox")?;
+        if cfg.favordynmods {
+            let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            match forkbox_sys::cgroup::enable_favordynmods(&info) {
+                Ok(Some(p)) => {
+                    tracing::info!(mount = %p.display(), "enabled cgroup favordynmods (fast sandbox creation)")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not enable cgroup favordynmods; creates will be slower")
+                }
+            }
+        }
         let agent = AgentImage::load(&cfg.agent_bin)?;
         std::fs::create_dir_all(&cfg.run_dir)
             .map_err(|e| JailError::RunDir(cfg.run_dir.clone(), e))?;

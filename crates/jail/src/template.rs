@@ -175,8 +175,8 @@ async fn build(
         if let Some(err) = child.stderr.take() {
             let mut lines = tokio::io::BufReader::new(err).lines();
             while let Ok(Some(l)) = lines.next_line().await {
-                if l.starts_with("I: ") {
-                    progress(&format!("template {name}: {}", &l[3..]));
+                if let Some(step) = l.strip_prefix("I: ") {
+                    progress(&format!("template {name}: {step}"));
                 }
                 tail.push_back(l);
                 if tail.len() > 30 {

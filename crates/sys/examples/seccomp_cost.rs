@@ -3,7 +3,11 @@ use std::time::Instant;
 fn main() {
     let t = Instant::now();
     let f = forkbox_sys::seccomp::compile().expect("compile policy");
-    println!("compile: {:.3} ms, user filter {} insns", t.elapsed().as_secs_f64() * 1000.0, f.user.len());
+    println!(
+        "compile: {:.3} ms, user filter {} insns",
+        t.elapsed().as_secs_f64() * 1000.0,
+        f.user.len()
+    );
     for with in [false, true] {
         let t = Instant::now();
         for _ in 0..200 {
@@ -23,6 +27,9 @@ fn main() {
                 libc::waitpid(pid, &mut st, 0);
             }
         }
-        println!("fork+exit, seccomp={with}: {:.3} ms", t.elapsed().as_secs_f64() * 1000.0 / 200.0);
+        println!(
+            "fork+exit, seccomp={with}: {:.3} ms",
+            t.elapsed().as_secs_f64() * 1000.0 / 200.0
+        );
     }
 }

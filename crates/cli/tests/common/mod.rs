@@ -2,6 +2,7 @@
 //! dir and the shared, cached template pool. Needs root, btrfs and the static agent
 //! (`make test` provides all three); fails loudly otherwise.
 
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use serde_json::Value;

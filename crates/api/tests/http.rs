@@ -1,0 +1,223 @@
+//! The HTTP layer in isolation: a fake runtime behind the real router and the real
+//! manager/store, driven with `oneshot`. This proves translation and error mapping
+//! only; the real runtime is proven by the end-to-end suite.
+
+#![allow(clippy::unwrap_used)]
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use forkbox_api::{app, AppState};
+use forkbox_core::runtime::{AgentEvents, CreateSpec, Instance, Runtime, RuntimeError};
+use forkbox_core::store::Store;
+use forkbox_core::{Manager, ManagerConfig};
+use forkbox_types::agent::{AgentEvent, ExecRequest};
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+struct FakeRuntime;
+struct FakeInstance;
+
+#[async_trait]
+impl Runtime for FakeRuntime {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    async fn prepare_template(&self, _: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
+        if spec.template != "python" {
+            return Err(RuntimeError::UnknownTemplate(spec.template.clone()));
+        }
+        Ok(Arc::new(FakeInstance))
+    }
+    async fn cleanup(&self, _: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Instance for FakeInstance {
+    fn host_pid(&self) -> Option<i32> {
+        None
+    }
+    fn is_alive(&self) -> bool {
+        true
+    }
+    fn oom_kills(&self) -> u64 {
+        0
+    }
+    async fn exec(&self, req: ExecRequest) -> Result<AgentEvents, RuntimeError> {
+        if req.cmd == "die" {
+            // The agent vanishes mid-stream.
+            let s = futures_util::stream::iter(vec![
+                Ok(AgentEvent::Stdout {
+                    data: "partial\n".into(),
+                }),
+                Err(RuntimeError::Agent {
+                    id: "x".into(),
+                    source: "connection reset".into(),
+                }),
+            ]);
+            return Ok(s.boxed());
+        }
+        let s = futures_util::stream::iter(vec![
+            Ok(AgentEvent::Stdout {
+                data: format!("{}\n", req.cmd),
+            }),
+            Ok(AgentEvent::Exit {
+                code: 0,
+                signal: None,
+                timed_out: false,
+            }),
+        ]);
+        Ok(s.boxed())
+    }
+    async fn destroy(&self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+}
+
+async fn router() -> (axum::Router, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+    let m = Manager::new(store, Arc::new(FakeRuntime), ManagerConfig::default());
+    (app(AppState { manager: m }), dir)
+}
+
+async fn call(r: &axum::Router, method: &str, uri: &str, body: &str) -> (StatusCode, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap();
+    let resp = r.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap()
+}
+
+#[tokio::test]
+async fn errors_are_json_with_a_stable_code() {
+    let (r, _d) = router().await;
+    let (st, b) = call(&r, "GET", "/v1/nope", "").await;
+    assert_eq!(
+        (st, json(&b)["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("no_route"))
+    );
+    let (st, b) = call(&r, "PUT", "/v1/sandboxes", "{}").await;
+    assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(json(&b)["error"].is_string());
+    let (st, b) = call(&r, "POST", "/v1/sandboxes", "{\"cpu\": \"many\"}").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(json(&b)["code"], "invalid_request");
+    let (st, _) = call(&r, "POST", "/v1/sandboxes", "{\"unknown_field\": 1}").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, b) = call(&r, "POST", "/v1/sandboxes", "{\"template\": \"../../etc\"}").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{b}");
+    let (st, b) = call(&r, "POST", "/v1/sandboxes", "{\"template\": \"ruby\"}").await;
+    assert_eq!(
+        (st, json(&b)["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("unknown_template"))
+    );
+    for bad in [
+        "{\"timeout\": 0}",
+        "{\"cpu\": 0}",
+        "{\"cpu\": 1000}",
+        "{\"memory_mb\": 99999999}",
+        "{\"env\": {\"A=B\": \"x\"}}",
+    ] {
+        let (st, b) = call(&r, "POST", "/v1/sandboxes", bad).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{bad} → {b}");
+    }
+    let big = format!("{{\"metadata\": {{\"k\": \"{}\"}}}}", "x".repeat(11 << 20));
+    let (st, b) = call(&r, "POST", "/v1/sandboxes", &big).await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
+    assert_eq!(json(&b)["code"], "body_too_large");
+    let (st, b) = call(
+        &r,
+        "POST",
+        "/v1/sandboxes/sbx-0000000000000000/exec",
+        "{\"cmd\":\"x\"}",
+    )
+    .await;
+    assert_eq!(
+        (st, json(&b)["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+}
+
+#[tokio::test]
+async fn exec_streams_numbered_ndjson_and_always_ends_with_exit() {
+    let (r, _d) = router().await;
+    let (st, b) = call(&r, "POST", "/v1/sandboxes", "").await;
+    assert_eq!(st, StatusCode::CREATED, "{b}");
+    let id = json(&b)["id"].as_str().unwrap().to_owned();
+    let (st, b) = call(
+        &r,
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        "{\"cmd\":\"hello\"}",
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let lines: Vec<serde_json::Value> = b.lines().map(json).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["type"], "stdout");
+    assert_eq!(lines[0]["data"], "hello\n");
+    assert_eq!(lines[0]["seq"], 1);
+    assert_eq!(lines[1]["type"], "exit");
+    assert_eq!(lines[1]["data"], 0);
+    assert_eq!(lines[1]["seq"], 2);
+    // An agent that vanishes still produces an exit event.
+    let (_, b) = call(
+        &r,
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        "{\"cmd\":\"die\"}",
+    )
+    .await;
+    let lines: Vec<serde_json::Value> = b.lines().map(json).collect();
+    assert_eq!(lines.last().unwrap()["type"], "exit");
+    assert_eq!(lines.last().unwrap()["data"], -1);
+    assert!(lines.iter().any(|l| l["type"] == "stderr"));
+    // Empty and conflicting exec bodies.
+    for bad in [
+        "{}",
+        "{\"cmd\":\"\"}",
+        "{\"cmd\":\"a\",\"code\":\"b\"}",
+        "{\"cmd\":\"a\",\"timeout\":-1}",
+    ] {
+        let (st, _) = call(&r, "POST", &format!("/v1/sandboxes/{id}/exec"), bad).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let (st, _) = call(&r, "DELETE", &format!("/v1/sandboxes/{id}"), "").await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, b) = call(
+        &r,
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        "{\"cmd\":\"x\"}",
+    )
+    .await;
+    assert_eq!(
+        (st, json(&b)["code"].as_str()),
+        (StatusCode::GONE, Some("gone"))
+    );
+    let (st, b) = call(&r, "GET", "/v1/healthz", "").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(json(&b)["status"], "ok");
+    let (st, b) = call(&r, "GET", "/health", "").await;
+    assert_eq!(
+        (st, json(&b)["status"].as_str()),
+        (StatusCode::OK, Some("healthy"))
+    );
+}
