@@ -2,7 +2,7 @@
 //! per sandbox over any byte stream, every call a stream of its own on it.
 
 use bytes::{Bytes, BytesMut};
-use forkbox_types::agent::{AgentEvent, ExecRequest, Health, PROTOCOL_VERSION};
+use forkbox_types::agent::{AgentEvent, ExecRequest, Health, RunCodeRequest, PROTOCOL_VERSION};
 use futures_util::Stream;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -130,8 +130,25 @@ impl AgentClient {
     /// `POST /exec`: the command's events as they come. Dropping the stream cancels the
     /// call, and the agent kills the command's process tree.
     pub async fn exec(&self, req: &ExecRequest) -> Result<EventStream, AgentError> {
-        let body = serde_json::to_vec(req).map_err(AgentError::Decode)?;
-        let resp = self.call(Method::POST, "/exec", body.into()).await?;
+        self.stream(
+            "/exec",
+            serde_json::to_vec(req).map_err(AgentError::Decode)?,
+        )
+        .await
+    }
+
+    /// `POST /run_code`: a cell in the sandbox's persistent REPL kernel. Dropping the
+    /// stream interrupts the cell; the kernel keeps its state.
+    pub async fn run_code(&self, req: &RunCodeRequest) -> Result<EventStream, AgentError> {
+        self.stream(
+            "/run_code",
+            serde_json::to_vec(req).map_err(AgentError::Decode)?,
+        )
+        .await
+    }
+
+    async fn stream(&self, path: &str, body: Vec<u8>) -> Result<EventStream, AgentError> {
+        let resp = self.call(Method::POST, path, body.into()).await?;
         Ok(EventStream {
             body: resp.into_body(),
             buf: BytesMut::new(),

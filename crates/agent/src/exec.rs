@@ -25,6 +25,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub struct Context {
     pub spawner: Spawner,
     pub env: Arc<BTreeMap<String, String>>,
+    pub kernels: crate::kernels::Kernels,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +47,19 @@ pub struct Running {
     timeout: Option<Duration>,
 }
 
-fn pipe_pair() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+/// The environment of a user process: defaults, then the sandbox's, then `extra`.
+pub fn command_env(ctx: &Context, extra: &BTreeMap<String, String>) -> Vec<String> {
+    let mut env: BTreeMap<&str, &str> = BTreeMap::new();
+    env.insert("PATH", DEFAULT_PATH);
+    env.insert("HOME", "/root");
+    env.insert("LANG", "C.UTF-8");
+    for (k, v) in ctx.env.iter().chain(extra.iter()) {
+        env.insert(k, v);
+    }
+    env.iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+pub fn pipe_pair() -> Result<(OwnedFd, OwnedFd), SpawnError> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Pipes(e.into()))
 }
 
@@ -54,13 +67,6 @@ pub async fn spawn(ctx: &Context, req: &ExecRequest) -> Result<Running, SpawnErr
     let cwd = req.cwd.clone().unwrap_or_else(|| "/root".to_owned());
     if !std::path::Path::new(&cwd).is_dir() {
         return Err(SpawnError::NoCwd(cwd));
-    }
-    let mut env: BTreeMap<&str, &str> = BTreeMap::new();
-    env.insert("PATH", DEFAULT_PATH);
-    env.insert("HOME", "/root");
-    env.insert("LANG", "C.UTF-8");
-    for (k, v) in ctx.env.iter().chain(req.env.iter()) {
-        env.insert(k, v);
     }
     let (out_r, out_w) = pipe_pair()?;
     let (err_r, err_w) = pipe_pair()?;
@@ -71,9 +77,10 @@ pub async fn spawn(ctx: &Context, req: &ExecRequest) -> Result<Running, SpawnErr
         .spawner
         .spawn(zygote::Command {
             argv: vec!["/bin/sh".into(), "-c".into(), req.cmd.clone()],
-            env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            env: command_env(ctx, &req.env),
             cwd,
             stdio: [OwnedFd::from(null), out_w, err_w],
+            extra: None,
         })
         .await?;
     Ok(Running {
@@ -85,7 +92,8 @@ pub async fn spawn(ctx: &Context, req: &ExecRequest) -> Result<Running, SpawnErr
     })
 }
 
-fn line(ev: &AgentEvent) -> Bytes {
+/// One NDJSON line of the agent protocol.
+pub fn line(ev: &AgentEvent) -> Bytes {
     let mut v = serde_json::to_vec(ev).unwrap_or_default();
     v.push(b'\n');
     Bytes::from(v)

@@ -12,6 +12,7 @@
 
 mod exec;
 mod jail_init;
+mod kernels;
 mod lines;
 mod reaper;
 mod server;

@@ -3,7 +3,7 @@
 
 use crate::exec::{self, Context};
 use bytes::Bytes;
-use forkbox_types::agent::{ExecRequest, Health, PROTOCOL_VERSION};
+use forkbox_types::agent::{ExecRequest, Health, RunCodeRequest, PROTOCOL_VERSION};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -63,6 +63,7 @@ async fn serve(
     let ctx = Context {
         spawner: crate::zygote::Spawner::new(zygote)?,
         env: Arc::new(env),
+        kernels: Default::default(),
     };
     let std_listener = std::os::unix::net::UnixListener::from(listener);
     std_listener.set_nonblocking(true)?;
@@ -105,6 +106,27 @@ fn error(status: StatusCode, msg: &str) -> Response<Body> {
     )
 }
 
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+    match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(error(StatusCode::BAD_REQUEST, "unreadable request body")),
+    }
+}
+
+/// A streamed NDJSON response fed by `rx`.
+fn ndjson(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response<Body> {
+    let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
 async fn handle(ctx: Context, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/health") => {
@@ -115,13 +137,37 @@ async fn handle(ctx: Context, req: Request<Incoming>) -> Response<Body> {
             };
             full(StatusCode::OK, serde_json::to_vec(&h).unwrap_or_default())
         }
+        (&Method::POST, "/run_code") => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let rc: RunCodeRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("invalid run_code request: {e}"),
+                    )
+                }
+            };
+            if rc.code.contains('\0') {
+                return error(StatusCode::BAD_REQUEST, "code must not contain NUL");
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+            tokio::spawn(async move {
+                let timeout = rc.timeout_ms.map(std::time::Duration::from_millis);
+                ctx.kernels
+                    .clone()
+                    .run(&ctx, rc.language, rc.code, timeout, tx)
+                    .await;
+            });
+            ndjson(rx)
+        }
         (&Method::POST, "/exec") => {
-            let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(_) => return error(StatusCode::BAD_REQUEST, "unreadable request body"),
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
             };
             let er: ExecRequest = match serde_json::from_slice(&body) {
                 Ok(r) => r,
@@ -141,13 +187,7 @@ async fn handle(ctx: Context, req: Request<Incoming>) -> Response<Body> {
             };
             let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
             tokio::spawn(running.stream(tx));
-            let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
-            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-            r.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/x-ndjson"),
-            );
-            r
+            ndjson(rx)
         }
         _ => error(StatusCode::NOT_FOUND, "no such agent route"),
     }

@@ -36,6 +36,8 @@ enum Request {
         argv: Vec<String>,
         env: Vec<String>,
         cwd: String,
+        /// A fourth fd follows stdio and becomes fd 3 (a REPL kernel's control socket).
+        extra: bool,
     },
 }
 
@@ -64,6 +66,8 @@ pub struct Command {
     pub cwd: String,
     /// stdin, stdout, stderr.
     pub stdio: [OwnedFd; 3],
+    /// Becomes the command's fd 3 when given.
+    pub extra: Option<OwnedFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +182,7 @@ fn zygote_main(sock: OwnedFd, filters: &Filters) -> std::io::Result<()> {
         }
         if sock_ready {
             let mut iov = [IoSliceMut::new(&mut buf)];
-            let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+            let mut cmsg = nix::cmsg_space!([RawFd; 4]);
             let (n, fds) = {
                 let msg = match recvmsg::<()>(
                     sock.as_raw_fd(),
@@ -204,8 +208,14 @@ fn zygote_main(sock: OwnedFd, filters: &Filters) -> std::io::Result<()> {
                 return Ok(());
             }
             match serde_json::from_slice::<Request>(&buf[..n]) {
-                Ok(Request::Spawn { id, argv, env, cwd }) => {
-                    let reply = match spawn(&argv, &env, &cwd, fds) {
+                Ok(Request::Spawn {
+                    id,
+                    argv,
+                    env,
+                    cwd,
+                    extra,
+                }) => {
+                    let reply = match spawn(&argv, &env, &cwd, fds, extra) {
                         Ok(pid) => Reply::Spawned { id, pid },
                         Err(error) => Reply::Failed { id, error },
                     };
@@ -243,11 +253,21 @@ fn cstrings(v: &[String]) -> Result<Vec<CString>, String> {
         .collect()
 }
 
-/// Forks and execs one command with `stdio` as fds 0-2. Returns its pid.
-fn spawn(argv: &[String], env: &[String], cwd: &str, stdio: Vec<OwnedFd>) -> Result<i32, String> {
-    if stdio.len() != 3 || argv.is_empty() {
+/// Forks and execs one command with `stdio` as fds 0-2 (and a fourth fd as 3 when
+/// `extra`). Returns its pid.
+fn spawn(
+    argv: &[String],
+    env: &[String],
+    cwd: &str,
+    stdio: Vec<OwnedFd>,
+    extra: bool,
+) -> Result<i32, String> {
+    let want = if extra { 4 } else { 3 };
+    if stdio.len() != want || argv.is_empty() {
         return Err("malformed spawn request".into());
     }
+    let extra_fd: RawFd = if extra { stdio[3].as_raw_fd() } else { -1 };
+    let first_closed: u32 = if extra { 4 } else { 3 };
     let argv_c = cstrings(argv)?;
     let env_c = cstrings(env)?;
     let cwd_c = CString::new(cwd).map_err(|_| "cwd contains NUL".to_owned())?;
@@ -280,12 +300,15 @@ fn spawn(argv: &[String], env: &[String], cwd: &str, stdio: Vec<OwnedFd>) -> Res
                     child_fail(err_w.as_raw_fd());
                 }
             }
+            if extra_fd >= 0 && libc::dup2(extra_fd, 3) < 0 {
+                child_fail(err_w.as_raw_fd());
+            }
             if libc::chdir(cwd_c.as_ptr()) < 0 {
                 child_fail(err_w.as_raw_fd());
             }
             libc::syscall(
                 libc::SYS_close_range,
-                3u32,
+                first_closed,
                 u32::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             );
@@ -404,13 +427,13 @@ impl Spawner {
             argv: cmd.argv,
             env: cmd.env,
             cwd: cmd.cwd,
+            extra: cmd.extra.is_some(),
         })
         .map_err(|e| ZygoteError::Io(e.into()))?;
-        let raw = [
-            cmd.stdio[0].as_raw_fd(),
-            cmd.stdio[1].as_raw_fd(),
-            cmd.stdio[2].as_raw_fd(),
-        ];
+        let mut raw: Vec<RawFd> = cmd.stdio.iter().map(|f| f.as_raw_fd()).collect();
+        if let Some(x) = &cmd.extra {
+            raw.push(x.as_raw_fd());
+        }
         let sent = self
             .sock
             .async_io(tokio::io::Interest::WRITABLE, |fd| {
@@ -422,6 +445,7 @@ impl Spawner {
             .await;
         // Our copies of the command's stdio must close so that EOF can happen.
         drop(cmd.stdio);
+        drop(cmd.extra);
         if let Err(e) = sent {
             self.lock().spawns.remove(&id);
             return Err(ZygoteError::Io(e));

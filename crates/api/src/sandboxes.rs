@@ -7,7 +7,8 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use forkbox_core::{CreateRequest, ExecCommand, Sandbox};
+use forkbox_core::{CreateRequest, ExecCommand, Sandbox, Work};
+use forkbox_types::agent::Language;
 use forkbox_types::exec::EventKind;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -102,9 +103,9 @@ pub async fn delete(
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     cmd: Option<String>,
-    /// `run_code` (the REPL); not served by this version.
+    /// A cell for the persistent REPL (`run_code`).
     code: Option<String>,
-    #[serde(default)]
+    /// `python` (default), `javascript` or `bash`, with common aliases.
     language: Option<String>,
     cwd: Option<String>,
     #[serde(default)]
@@ -128,27 +129,35 @@ pub async fn exec(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
-    let cmd = match (b.cmd, b.code) {
-        (Some(c), None) => c,
-        (None, Some(_)) => {
-            let _ = b.language;
-            return Err(ApiError::BadRequest(
-                "run_code (`code`) is not available in this version; send `cmd`".into(),
-            ));
+    let work = match (b.cmd, b.code) {
+        (Some(c), None) => {
+            if b.language.is_some() {
+                return Err(ApiError::BadRequest(
+                    "`language` goes with `code`, not `cmd`".into(),
+                ));
+            }
+            Work::Command(c)
+        }
+        (None, Some(code)) => {
+            let name = b.language.as_deref().unwrap_or("python");
+            let language = Language::parse(name).ok_or_else(|| {
+                ApiError::BadRequest("unsupported language; use python, javascript or bash".into())
+            })?;
+            Work::Code { language, code }
         }
         (Some(_), Some(_)) => {
             return Err(ApiError::BadRequest(
                 "send either `cmd` or `code`, not both".into(),
             ))
         }
-        (None, None) => return Err(ApiError::BadRequest("missing `cmd`".into())),
+        (None, None) => return Err(ApiError::BadRequest("missing `cmd` or `code`".into())),
     };
     let events = st
         .manager
         .exec(
             &id,
             ExecCommand {
-                cmd,
+                work,
                 cwd: b.cwd,
                 env: b.env,
                 timeout: b.timeout,

@@ -11,7 +11,7 @@ use forkbox_api::{app, AppState};
 use forkbox_core::runtime::{AgentEvents, CreateSpec, Instance, Runtime, RuntimeError};
 use forkbox_core::store::Store;
 use forkbox_core::{Manager, ManagerConfig};
-use forkbox_types::agent::{AgentEvent, ExecRequest};
+use forkbox_types::agent::{AgentEvent, ExecRequest, RunCodeRequest};
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use std::sync::Arc;
@@ -75,6 +75,13 @@ impl Instance for FakeInstance {
             }),
         ]);
         Ok(s.boxed())
+    }
+    async fn run_code(&self, req: RunCodeRequest) -> Result<AgentEvents, RuntimeError> {
+        self.exec(ExecRequest {
+            cmd: req.code,
+            ..Default::default()
+        })
+        .await
     }
     async fn destroy(&self) -> Result<(), RuntimeError> {
         Ok(())

@@ -10,6 +10,19 @@ use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_spliced_between_markers() {
+        let doc = format!("# P\nintro\n{START}\nold\n{END}\nnotes\n");
+        let out = splice_table(&doc, "new\n");
+        assert_eq!(out, format!("# P\nintro\n{START}\nnew\n{END}\nnotes\n"));
+        assert!(splice_table("", "t\n").contains(&format!("{START}\nt\n{END}")));
+    }
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
@@ -41,6 +54,20 @@ impl Row {
         let mut s = self.samples.clone();
         s.sort_by(|a, b| a.total_cmp(b));
         (pct(&s, 0.5), pct(&s, 0.95))
+    }
+}
+
+const START: &str = "<!-- bench:start -->";
+const END: &str = "<!-- bench:end -->";
+
+/// Replaces the generated part of `doc` (between the markers) with `table`, keeping
+/// the hand-written rest; a document without markers gets a fresh skeleton.
+fn splice_table(doc: &str, table: &str) -> String {
+    match (doc.find(START), doc.find(END)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{START}\n{table}{}", &doc[..a], &doc[b..])
+        }
+        _ => format!("# Performance\n\nRegenerate with `make bench`.\n\n{START}\n{table}{END}\n"),
     }
 }
 
@@ -121,6 +148,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             exec.push(ms(took));
         }
     }
+    // run_code `print(1)` on a warm Python REPL (same sandbox).
+    let mut run_code = Vec::with_capacity(n);
+    for i in 0..n + 3 {
+        let t = Instant::now();
+        let body = http
+            .post(format!("{base}/v1/sandboxes/{id}/exec"))
+            .json(&serde_json::json!({"code": "print(1)"}))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let took = t.elapsed();
+        if !body.contains("\"data\":\"1\\n\"") || !body.contains("\"type\":\"exit\",\"data\":0") {
+            bail!("unexpected run_code output: {body}");
+        }
+        if i >= 3 {
+            run_code.push(ms(took));
+        }
+    }
     http.delete(format!("{base}/v1/sandboxes/{id}"))
         .send()
         .await?;
@@ -172,6 +218,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             budget: Some(3.0),
         },
         Row {
+            name: "run_code `print(1)` (warm Python REPL, HTTP)",
+            samples: run_code,
+            budget: Some(2.0),
+        },
+        Row {
             name: "baseline: unshare (same namespaces) + chroot + echo",
             samples: baseline,
             budget: None,
@@ -207,12 +258,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
             })
             .unwrap_or_default();
-        let doc = format!(
-            "# Performance\n\nFigures from one run of `make bench` (`forkbox bench --iterations {n}`), \
-             {n} samples each, on {} cores ({host}), jail runtime, over real HTTP on loopback.\n\
-             Regenerate with `make bench`.\n\n{md}\n",
+        let table = format!(
+            "Figures from one run of `forkbox bench --iterations {n}` ({n} samples each) on {} cores \
+             ({host}), jail runtime, over real HTTP on loopback.\n\n{md}",
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         );
+        let doc = splice_table(&std::fs::read_to_string(&path).unwrap_or_default(), &table);
         std::fs::write(&path, doc).with_context(|| format!("write {}", path.display()))?;
         println!("wrote {}", path.display());
     }

@@ -1,11 +1,11 @@
 //! The sandbox state machine: create, exec, delete and time-to-live, over one runtime
 //! and the store.
 
-use crate::model::{CreateRequest, ExecCommand, Sandbox, Status};
+use crate::model::{CreateRequest, ExecCommand, Sandbox, Status, Work};
 use crate::runtime::{CreateSpec, Instance, Runtime};
 use crate::store::Store;
 use crate::{ids, CoreError};
-use forkbox_types::agent::{AgentEvent, ExecRequest};
+use forkbox_types::agent::{AgentEvent, ExecRequest, RunCodeRequest};
 use forkbox_types::exec::{EventKind, ExecEvent};
 use futures_util::stream::{BoxStream, StreamExt};
 use std::collections::HashMap;
@@ -232,12 +232,6 @@ impl Manager {
         id: &str,
         cmd: ExecCommand,
     ) -> Result<BoxStream<'static, ExecEvent>, CoreError> {
-        if cmd.cmd.is_empty() {
-            return Err(CoreError::Invalid("cmd must not be empty".into()));
-        }
-        if cmd.cmd.contains('\0') {
-            return Err(CoreError::Invalid("cmd must not contain NUL".into()));
-        }
         let timeout_ms = match cmd.timeout {
             None => None,
             Some(t) if t.is_finite() && t > 0.0 && t <= 86400.0 => Some((t * 1000.0) as u64),
@@ -247,17 +241,44 @@ impl Manager {
                 ))
             }
         };
+        let text = match &cmd.work {
+            Work::Command(c) => c,
+            Work::Code { code, .. } => code,
+        };
+        if text.is_empty() {
+            return Err(CoreError::Invalid("cmd/code must not be empty".into()));
+        }
+        if text.contains('\0') {
+            return Err(CoreError::Invalid("cmd/code must not contain NUL".into()));
+        }
         let live = self.running(id).await?;
         let oom_before = live.instance.oom_kills();
-        let events = live
-            .instance
-            .exec(ExecRequest {
-                cmd: cmd.cmd,
-                cwd: cmd.cwd,
-                env: cmd.env,
-                timeout_ms,
-            })
-            .await?;
+        let events = match cmd.work {
+            Work::Command(c) => {
+                live.instance
+                    .exec(ExecRequest {
+                        cmd: c,
+                        cwd: cmd.cwd,
+                        env: cmd.env,
+                        timeout_ms,
+                    })
+                    .await?
+            }
+            Work::Code { language, code } => {
+                if cmd.cwd.is_some() || !cmd.env.is_empty() {
+                    return Err(CoreError::Invalid(
+                        "cwd and env apply to commands; a REPL keeps its own".into(),
+                    ));
+                }
+                live.instance
+                    .run_code(RunCodeRequest {
+                        language,
+                        code,
+                        timeout_ms,
+                    })
+                    .await?
+            }
+        };
         let memory_mb = live.record.memory_mb;
         let timeout_s = cmd.timeout.unwrap_or(0.0);
         let mut seq = 0u64;

@@ -84,10 +84,22 @@ pub struct CreateRequest {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// A command to run in a sandbox.
-#[derive(Debug, Clone, PartialEq, Default)]
+/// What an exec call runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    /// A shell command line (`/bin/sh -c`).
+    Command(String),
+    /// A cell for the sandbox's persistent REPL kernel.
+    Code {
+        language: forkbox_types::agent::Language,
+        code: String,
+    },
+}
+
+/// A command or cell to run in a sandbox.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExecCommand {
-    pub cmd: String,
+    pub work: Work,
     pub cwd: Option<String>,
     pub env: BTreeMap<String, String>,
     /// Seconds; fractional values allowed.

@@ -2,7 +2,7 @@
 //! typed specs and return instances that speak the agent protocol's events.
 
 use async_trait::async_trait;
-use forkbox_types::agent::{AgentEvent, ExecRequest};
+use forkbox_types::agent::{AgentEvent, ExecRequest, RunCodeRequest};
 use futures_util::stream::BoxStream;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -87,6 +87,9 @@ pub trait Instance: Send + Sync + 'static {
 
     /// Runs a command; the stream ends after its `exit` event.
     async fn exec(&self, req: ExecRequest) -> Result<AgentEvents, RuntimeError>;
+
+    /// Runs a cell in the sandbox's persistent REPL kernel for its language.
+    async fn run_code(&self, req: RunCodeRequest) -> Result<AgentEvents, RuntimeError>;
 
     /// Kills everything and frees every host resource. Idempotent.
     async fn destroy(&self) -> Result<(), RuntimeError>;

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use forkbox_agent_client::AgentClient;
 use forkbox_core::runtime::{AgentEvents, CreateSpec, Instance, Runtime, RuntimeError};
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
-use forkbox_types::agent::{ExecRequest, JailInit, JailInitReply};
+use forkbox_types::agent::{ExecRequest, JailInit, JailInitReply, RunCodeRequest};
 use futures_util::StreamExt;
 use pool::Pool;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -517,8 +517,27 @@ impl Instance for JailInstance {
     }
 
     async fn exec(&self, req: ExecRequest) -> Result<AgentEvents, RuntimeError> {
+        self.events(self.client.exec(&req).await)
+    }
+
+    async fn run_code(&self, req: RunCodeRequest) -> Result<AgentEvents, RuntimeError> {
+        self.events(self.client.run_code(&req).await)
+    }
+
+    async fn destroy(&self) -> Result<(), RuntimeError> {
+        self.alive.store(false, Ordering::SeqCst);
+        self.resources.lock().await.release().await
+    }
+}
+
+impl JailInstance {
+    /// Maps an agent call's outcome into the runtime's terms.
+    fn events(
+        &self,
+        res: Result<forkbox_agent_client::EventStream, forkbox_agent_client::AgentError>,
+    ) -> Result<AgentEvents, RuntimeError> {
         let id = self.id.clone();
-        match self.client.exec(&req).await {
+        match res {
             Ok(stream) => Ok(stream
                 .map(move |r| {
                     r.map_err(|e| RuntimeError::Agent {
@@ -536,10 +555,5 @@ impl Instance for JailInstance {
                 source: e.into(),
             }),
         }
-    }
-
-    async fn destroy(&self) -> Result<(), RuntimeError> {
-        self.alive.store(false, Ordering::SeqCst);
-        self.resources.lock().await.release().await
     }
 }

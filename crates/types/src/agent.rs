@@ -9,12 +9,15 @@
 //! - `POST /exec` with [`ExecRequest`] → a streamed body of NDJSON [`AgentEvent`] lines,
 //!   ending with exactly one `exit` event. Dropping the response stream kills the
 //!   process tree.
+//! - `POST /run_code` with [`RunCodeRequest`] → the same event stream, for a cell run in
+//!   the sandbox's persistent REPL kernel of that language. Dropping the stream
+//!   interrupts the cell (the kernel and its state stay).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bumped on every behaviour change of the agent; the host refuses a mismatch.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Answer of `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -37,6 +40,45 @@ pub struct ExecRequest {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Wall-clock limit in milliseconds; the whole process tree is killed after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// REPL languages, by canonical name.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    Python,
+    Javascript,
+    Bash,
+}
+
+impl Language {
+    /// Accepts the canonical names and common aliases.
+    pub fn parse(s: &str) -> Option<Language> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "python" | "python3" | "py" => Language::Python,
+            "javascript" | "js" | "node" | "nodejs" => Language::Javascript,
+            "bash" | "sh" | "shell" => Language::Bash,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::Javascript => "javascript",
+            Language::Bash => "bash",
+        }
+    }
+}
+
+/// Body of `POST /run_code`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunCodeRequest {
+    pub language: Language,
+    pub code: String,
+    /// The cell is interrupted (state kept) after this many milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
 }

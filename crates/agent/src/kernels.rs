@@ -1,0 +1,284 @@
+//! Persistent REPL kernels, one per language, started on first use through the zygote
+//! (so they run exactly as unprivileged as commands).
+//!
+//! A kernel is an interpreter running a small driver (`kernels/*`) that reads cells,
+//! NUL-terminated, from its fd 3 (a socketpair with the agent) and answers each with
+//! `"<status>\n"` once the cell is done and its output flushed. Output flows through the
+//! kernel's own stdout/stderr pipes; everything in them when the status arrives belongs
+//! to that cell. One cell runs at a time per kernel; other calls wait their turn.
+
+use crate::exec::{command_env, line, pipe_pair, Context};
+use crate::lines::LineSplitter;
+use crate::reaper::Exit;
+use crate::zygote;
+use bytes::Bytes;
+use forkbox_types::agent::{AgentEvent, Language};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+
+const PYTHON: &str = include_str!("../kernels/python.py");
+const JAVASCRIPT: &str = include_str!("../kernels/javascript.js");
+const BASH: &str = include_str!("../kernels/bash.sh");
+
+/// How long an interrupted cell may take to stop before its kernel is restarted.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+
+fn argv(lang: Language) -> Vec<String> {
+    let v: &[&str] = match lang {
+        Language::Python => &["/usr/bin/python3", "-u", "-c", PYTHON],
+        Language::Javascript => &["/usr/bin/node", "-e", JAVASCRIPT],
+        Language::Bash => &["/bin/bash", "--norc", "--noprofile", "-c", BASH],
+    };
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+struct Kernel {
+    pid: i32,
+    ctl: tokio::net::UnixStream,
+    out: pipe::Receiver,
+    err: pipe::Receiver,
+    exit: tokio::sync::oneshot::Receiver<Exit>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Kernel>>>;
+
+#[derive(Clone, Default)]
+pub struct Kernels {
+    slots: Arc<Mutex<HashMap<Language, Slot>>>,
+}
+
+async fn start(ctx: &Context, lang: Language) -> Result<Kernel, String> {
+    let (out_r, out_w) = pipe_pair().map_err(|e| e.to_string())?;
+    let (err_r, err_w) = pipe_pair().map_err(|e| e.to_string())?;
+    let (mine, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    mine.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+    let to_rx = |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd).map_err(|e| e.to_string());
+    let (out, err) = (to_rx(out_r)?, to_rx(err_r)?);
+    let mut extra = std::collections::BTreeMap::new();
+    extra.insert("PYTHONUNBUFFERED".to_owned(), "1".to_owned());
+    let (pid, exit) = ctx
+        .spawner
+        .spawn(zygote::Command {
+            argv: argv(lang),
+            env: command_env(ctx, &extra),
+            cwd: "/root".into(),
+            stdio: [OwnedFd::from(null), out_w, err_w],
+            extra: Some(OwnedFd::from(theirs)),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let ctl = tokio::net::UnixStream::from_std(mine).map_err(|e| e.to_string())?;
+    Ok(Kernel {
+        pid,
+        ctl,
+        out,
+        err,
+        exit,
+    })
+}
+
+fn signal_group(pid: i32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+}
+
+/// Reads whatever is already in a pipe without waiting.
+fn drain(rx: &pipe::Receiver, split: &mut LineSplitter) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match rx.try_read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => lines.extend(split.push(&buf[..n])),
+        }
+    }
+    lines
+}
+
+enum End {
+    Done(i32),
+    Died(Exit),
+    Stuck,
+}
+
+impl Kernels {
+    fn slot(&self, lang: Language) -> Slot {
+        let mut m = match self.slots.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        m.entry(lang).or_default().clone()
+    }
+
+    /// Runs one cell, streaming its events into `tx`; always ends with an `exit` event.
+    pub async fn run(
+        &self,
+        ctx: &Context,
+        lang: Language,
+        code: String,
+        timeout: Option<Duration>,
+        tx: mpsc::Sender<Bytes>,
+    ) {
+        let send = |ev: AgentEvent| {
+            let tx = tx.clone();
+            async move { tx.send(line(&ev)).await.is_ok() }
+        };
+        let slot = self.slot(lang);
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            match start(ctx, lang).await {
+                Ok(k) => *guard = Some(k),
+                Err(e) => {
+                    send(AgentEvent::Stderr {
+                        data: format!(
+                            "forkbox: could not start the {} kernel: {e}\n",
+                            lang.as_str()
+                        ),
+                    })
+                    .await;
+                    send(AgentEvent::Exit {
+                        code: 127,
+                        signal: None,
+                        timed_out: false,
+                    })
+                    .await;
+                    return;
+                }
+            }
+        }
+        let Some(k) = guard.as_mut() else { return };
+        let mut cell = code.into_bytes();
+        cell.push(0);
+        if k.ctl.write_all(&cell).await.is_err() {
+            // The kernel is gone; the next call starts a new one.
+            *guard = None;
+            send(AgentEvent::Stderr {
+                data: format!(
+                    "forkbox: the {} kernel had exited; its state is lost, run the cell again\n",
+                    lang.as_str()
+                ),
+            })
+            .await;
+            send(AgentEvent::Exit {
+                code: 1,
+                signal: None,
+                timed_out: false,
+            })
+            .await;
+            return;
+        }
+        let (mut out_split, mut err_split) = (LineSplitter::default(), LineSplitter::default());
+        let mut out_buf = vec![0u8; 16 * 1024];
+        let mut err_buf = vec![0u8; 16 * 1024];
+        let mut status = Vec::new();
+        let mut ctl_buf = [0u8; 64];
+        let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+        let mut deadline = timeout
+            .map(|t| tokio::time::Instant::now() + t)
+            .unwrap_or(far);
+        let mut interrupted = false;
+        let mut client_gone = false;
+        let end = loop {
+            tokio::select! {
+                r = k.out.read(&mut out_buf) => if let Ok(n @ 1..) = r {
+                    for l in out_split.push(&out_buf[..n]) {
+                        if !client_gone && !send(AgentEvent::Stdout { data: l }).await { client_gone = true; }
+                    }
+                },
+                r = k.err.read(&mut err_buf) => if let Ok(n @ 1..) = r {
+                    for l in err_split.push(&err_buf[..n]) {
+                        if !client_gone && !send(AgentEvent::Stderr { data: l }).await { client_gone = true; }
+                    }
+                },
+                r = k.ctl.read(&mut ctl_buf) => match r {
+                    Ok(0) | Err(_) => {
+                        // The driver closed its end: the kernel is exiting.
+                        let exit = tokio::time::timeout(INTERRUPT_GRACE, &mut k.exit).await;
+                        break End::Died(match exit { Ok(Ok(e)) => e, _ => Exit { code: 1, signal: None } });
+                    }
+                    Ok(n) => {
+                        status.extend_from_slice(&ctl_buf[..n]);
+                        if let Some(i) = status.iter().position(|b| *b == b'\n') {
+                            let code = std::str::from_utf8(&status[..i]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1);
+                            break End::Done(code);
+                        }
+                    }
+                },
+                e = &mut k.exit => break End::Died(e.unwrap_or(Exit { code: 1, signal: None })),
+                _ = tokio::time::sleep_until(deadline) => {
+                    if interrupted {
+                        break End::Stuck;
+                    }
+                    interrupted = true;
+                    signal_group(k.pid, nix::sys::signal::Signal::SIGINT);
+                    deadline = tokio::time::Instant::now() + INTERRUPT_GRACE;
+                },
+                _ = tx.closed(), if !client_gone => {
+                    client_gone = true;
+                    if !interrupted {
+                        interrupted = true;
+                        signal_group(k.pid, nix::sys::signal::Signal::SIGINT);
+                        deadline = tokio::time::Instant::now() + INTERRUPT_GRACE;
+                    }
+                },
+            }
+        };
+        // Everything the cell wrote before it finished is already in the pipes.
+        let mut tail: Vec<AgentEvent> = Vec::new();
+        tail.extend(
+            drain(&k.out, &mut out_split)
+                .into_iter()
+                .map(|data| AgentEvent::Stdout { data }),
+        );
+        tail.extend(out_split.finish().map(|data| AgentEvent::Stdout { data }));
+        tail.extend(
+            drain(&k.err, &mut err_split)
+                .into_iter()
+                .map(|data| AgentEvent::Stderr { data }),
+        );
+        tail.extend(err_split.finish().map(|data| AgentEvent::Stderr { data }));
+        let timed_out = interrupted && timeout.is_some() && !client_gone;
+        let code = match end {
+            End::Done(code) => code,
+            End::Died(exit) => {
+                *guard = None;
+                tail.push(AgentEvent::Stderr {
+                    data: format!(
+                        "forkbox: the {} kernel exited ({}); a new one starts on the next call, its state is lost\n",
+                        lang.as_str(),
+                        match exit.signal { Some(s) => format!("signal {s}"), None => format!("code {}", exit.code) }
+                    ),
+                });
+                exit.code
+            }
+            End::Stuck => {
+                signal_group(k.pid, nix::sys::signal::Signal::SIGKILL);
+                *guard = None;
+                tail.push(AgentEvent::Stderr {
+                    data: format!(
+                        "forkbox: the {} kernel did not stop when interrupted and was restarted; its state is lost\n",
+                        lang.as_str()
+                    ),
+                });
+                137
+            }
+        };
+        if client_gone {
+            return;
+        }
+        for ev in tail {
+            send(ev).await;
+        }
+        send(AgentEvent::Exit {
+            code,
+            signal: None,
+            timed_out,
+        })
+        .await;
+    }
+}

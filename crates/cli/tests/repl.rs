@@ -1,0 +1,168 @@
+//! End-to-end: `run_code` in persistent REPL kernels over real HTTP.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{collect, Server};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+async fn code(s: &Server, id: &str, body: Value) -> (String, String, i64) {
+    let (status, events) = s.exec(id, body).await;
+    assert_eq!(status, 200, "{events:?}");
+    collect(&events)
+}
+
+async fn py(s: &Server, id: &str, src: &str) -> (String, String, i64) {
+    code(s, id, json!({ "code": src })).await
+}
+
+#[tokio::test]
+async fn python_state_survives_between_calls_and_errors() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    assert_eq!(
+        py(&s, &id, "x = 41").await,
+        (String::new(), String::new(), 0)
+    );
+    assert_eq!(py(&s, &id, "x + 1").await.0, "42\n");
+    assert_eq!(
+        py(&s, &id, "def f(a):\n    return a * 2\nimport math")
+            .await
+            .2,
+        0
+    );
+    assert_eq!(py(&s, &id, "print(f(x), math.pi > 3)").await.0, "82 True\n");
+    // An uncaught exception: traceback on stderr, exit 1, state kept.
+    let (out, err, c) = py(&s, &id, "y = 5\n1 / 0").await;
+    assert_eq!((out.as_str(), c), ("", 1));
+    assert!(err.contains("ZeroDivisionError"), "{err}");
+    assert!(err.contains("Traceback"), "{err}");
+    assert_eq!(py(&s, &id, "x + y").await.0, "46\n");
+    // The final expression is shown like the interactive interpreter would; None is not.
+    assert_eq!(py(&s, &id, "'a' * 3").await.0, "'aaa'\n");
+    assert_eq!(py(&s, &id, "None").await.0, "");
+    // sys.exit sets the cell's exit code without ending the kernel.
+    assert_eq!(py(&s, &id, "import sys; sys.exit(3)").await.2, 3);
+    assert_eq!(py(&s, &id, "x").await.0, "41\n");
+    // Aliases and the default language.
+    assert_eq!(
+        code(&s, &id, json!({"code": "x", "language": "python3"}))
+            .await
+            .0,
+        "41\n"
+    );
+    let (st, body) = s.exec(&id, json!({"code": "x", "language": "cobol"})).await;
+    assert_eq!(st, 400, "{body:?}");
+    assert_eq!(s.delete(&id).await, 204);
+}
+
+#[tokio::test]
+async fn cells_stream_output_as_it_is_printed() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    py(&s, &id, "import time").await;
+    let t = Instant::now();
+    let mut r = s
+        .http
+        .post(s.url(&format!("/v1/sandboxes/{id}/exec")))
+        .json(&json!({"code": "print('first')\ntime.sleep(1.5)\nprint('second')"}))
+        .send()
+        .await
+        .unwrap();
+    let chunk = r.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&chunk).contains("first"));
+    assert!(
+        t.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        t.elapsed()
+    );
+    let mut rest = Vec::new();
+    while let Some(c) = r.chunk().await.unwrap() {
+        rest.extend_from_slice(&c);
+    }
+    assert!(String::from_utf8_lossy(&rest).contains("second"));
+    assert!(t.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(s.delete(&id).await, 204);
+}
+
+#[tokio::test]
+async fn timeout_interrupts_the_cell_and_keeps_state() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    py(&s, &id, "kept = 'yes'").await;
+    let t = Instant::now();
+    let (out, err, c) = code(
+        &s,
+        &id,
+        json!({"code": "import time\nprint('before')\ntime.sleep(60)", "timeout": 1}),
+    )
+    .await;
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(out, "before\n");
+    assert_eq!(c, 124);
+    assert!(err.contains("KeyboardInterrupt"), "{err}");
+    assert!(err.contains("timed out"), "{err}");
+    assert_eq!(py(&s, &id, "kept").await.0, "'yes'\n");
+    // A cell that ignores the interrupt gets its kernel restarted; the client is told.
+    let stubborn =
+        "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)";
+    let (_, err, c) = code(&s, &id, json!({"code": stubborn, "timeout": 1})).await;
+    assert_eq!(c, 124);
+    assert!(err.contains("restarted"), "{err}");
+    let (_, err, c) = py(&s, &id, "kept").await;
+    assert_eq!(c, 1);
+    assert!(err.contains("NameError"), "{err}");
+    assert_eq!(py(&s, &id, "1 + 1").await.0, "2\n");
+    assert_eq!(s.delete(&id).await, 204);
+}
+
+#[tokio::test]
+async fn javascript_and_bash_kernels_keep_state() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    let js = |c: &str| json!({"code": c, "language": "javascript"});
+    assert_eq!(
+        code(
+            &s,
+            &id,
+            js("let n = 20; function twice(v) { return v * 2 }")
+        )
+        .await
+        .2,
+        0
+    );
+    assert_eq!(code(&s, &id, js("twice(n) + 2")).await.0, "42\n");
+    assert_eq!(
+        code(&s, &id, js("console.log('hi'); Promise.resolve(7)"))
+            .await
+            .0,
+        "hi\n7\n"
+    );
+    let (_, err, c) = code(&s, &id, js("throw new Error('boom')")).await;
+    assert_eq!(c, 1);
+    assert!(err.contains("boom"), "{err}");
+    assert_eq!(code(&s, &id, js("n")).await.0, "20\n");
+
+    let sh = |c: &str| json!({"code": c, "language": "bash"});
+    assert_eq!(
+        code(&s, &id, sh("cd /tmp; V=hello; greet() { echo \"$1 $V\"; }"))
+            .await
+            .2,
+        0
+    );
+    assert_eq!(
+        code(&s, &id, sh("greet world; pwd")).await.0,
+        "world hello\n/tmp\n"
+    );
+    assert_eq!(code(&s, &id, sh("false")).await.2, 1);
+    // `exit` ends the kernel: reported, and the next call gets a fresh one.
+    let (_, err, c) = code(&s, &id, sh("exit 3")).await;
+    assert_eq!(c, 3);
+    assert!(err.contains("state is lost"), "{err}");
+    assert_eq!(code(&s, &id, sh("echo ${V:-unset}")).await.0, "unset\n");
+    // The Python kernel was not disturbed by the others.
+    assert_eq!(py(&s, &id, "2 ** 10").await.0, "1024\n");
+    assert_eq!(s.delete(&id).await, 204);
+}
