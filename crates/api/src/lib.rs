@@ -25,12 +25,21 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/healthz", get(healthz))
         .route("/health", get(health))
-        .route("/v1/sandboxes", post(sandboxes::create))
+        .route(
+            "/v1/sandboxes",
+            post(sandboxes::create).get(sandboxes::list),
+        )
         .route(
             "/v1/sandboxes/{id}",
             get(sandboxes::get).delete(sandboxes::delete),
         )
         .route("/v1/sandboxes/{id}/exec", post(sandboxes::exec))
+        .route(
+            "/v1/sandboxes/{id}/timeout",
+            post(sandboxes::set_timeout).patch(sandboxes::set_timeout),
+        )
+        .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause))
+        .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use forkbox_core::{CreateRequest, ExecCommand, Sandbox, Work};
+use forkbox_core::{CreateRequest, ExecCommand, ListFilter, Sandbox, Status, Work};
 use forkbox_types::agent::Language;
 use forkbox_types::exec::EventKind;
 use futures_util::StreamExt;
@@ -89,6 +89,93 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxView>, ApiError> {
     Ok(Json(st.manager.get(&id).await?.into()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    template: Option<String>,
+    /// `running`, `paused`, `deleted`, `killed`, `failed`, or `all`.
+    status: Option<String>,
+    limit: Option<u32>,
+    next_token: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct ListView {
+    sandboxes: Vec<SandboxView>,
+    next_token: Option<String>,
+}
+
+/// Largest page.
+const MAX_LIMIT: u32 = 1000;
+
+pub async fn list(
+    State(st): State<AppState>,
+    q: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ListView>, ApiError> {
+    let axum::extract::Query(q) =
+        q.map_err(|e| ApiError::BadRequest(format!("bad query string: {}", e.body_text())))?;
+    let mut filter = ListFilter {
+        template: q.template,
+        limit: q.limit.unwrap_or(100),
+        ..Default::default()
+    };
+    if filter.limit == 0 || filter.limit > MAX_LIMIT {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    match q.status.as_deref() {
+        None => {}
+        Some("all") => filter.all = true,
+        Some(s) => {
+            filter.status = Some(Status::parse(s).ok_or_else(|| {
+                ApiError::BadRequest(
+                    "status must be running, paused, deleted, killed, failed or all".into(),
+                )
+            })?)
+        }
+    }
+    if let Some(t) = q.next_token {
+        filter.after = Some(t.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+            ApiError::BadRequest("next_token is not one this server issued".into())
+        })?);
+    }
+    let (page, next) = st.manager.list(&filter).await?;
+    Ok(Json(ListView {
+        sandboxes: page.into_iter().map(SandboxView::from).collect(),
+        next_token: next.map(|n| n.to_string()),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutBody {
+    /// Seconds of life from now.
+    timeout: u64,
+}
+
+pub async fn set_timeout(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<TimeoutBody>,
+) -> Result<Json<SandboxView>, ApiError> {
+    Ok(Json(st.manager.set_timeout(&id, b.timeout).await?.into()))
+}
+
+pub async fn pause(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    Ok(Json(st.manager.pause(&id).await?.into()))
+}
+
+pub async fn resume(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    Ok(Json(st.manager.resume(&id).await?.into()))
 }
 
 pub async fn delete(

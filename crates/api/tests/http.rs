@@ -83,6 +83,12 @@ impl Instance for FakeInstance {
         })
         .await
     }
+    async fn pause(&self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    async fn resume(&self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
     async fn destroy(&self) -> Result<(), RuntimeError> {
         Ok(())
     }

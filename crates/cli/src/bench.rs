@@ -167,6 +167,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             run_code.push(ms(took));
         }
     }
+    // pause / resume of the same (idle) sandbox.
+    let (mut pause, mut resume) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n + 2 {
+        for (op, out) in [("pause", &mut pause), ("resume", &mut resume)] {
+            let t = Instant::now();
+            let r = http
+                .post(format!("{base}/v1/sandboxes/{id}/{op}"))
+                .send()
+                .await?;
+            let took = t.elapsed();
+            if r.status() != 200 {
+                bail!("{op} answered {}", r.status());
+            }
+            if i >= 2 {
+                out.push(ms(took));
+            }
+        }
+    }
     http.delete(format!("{base}/v1/sandboxes/{id}"))
         .send()
         .await?;
@@ -221,6 +239,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             name: "run_code `print(1)` (warm Python REPL, HTTP)",
             samples: run_code,
             budget: Some(2.0),
+        },
+        Row {
+            name: "pause (cgroup freezer, HTTP)",
+            samples: pause,
+            budget: Some(5.0),
+        },
+        Row {
+            name: "resume (HTTP)",
+            samples: resume,
+            budget: Some(5.0),
         },
         Row {
             name: "baseline: unshare (same namespaces) + chroot + echo",

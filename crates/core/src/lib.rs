@@ -11,7 +11,7 @@ pub mod runtime;
 pub mod store;
 
 pub use manager::{Manager, ManagerConfig};
-pub use model::{CreateRequest, ExecCommand, Sandbox, Status, Work};
+pub use model::{CreateRequest, ExecCommand, ListFilter, Sandbox, Status, Work};
 pub use runtime::{Instance, Runtime, RuntimeError};
 
 /// Everything that can go wrong in a core operation, by what the caller should do.

@@ -1,7 +1,7 @@
 //! The sandbox state machine: create, exec, delete and time-to-live, over one runtime
 //! and the store.
 
-use crate::model::{CreateRequest, ExecCommand, Sandbox, Status, Work};
+use crate::model::{CreateRequest, ExecCommand, ListFilter, Sandbox, Status, Work};
 use crate::runtime::{CreateSpec, Instance, Runtime};
 use crate::store::Store;
 use crate::{ids, CoreError};
@@ -44,8 +44,28 @@ impl Default for ManagerConfig {
 }
 
 struct Live {
-    record: Sandbox,
+    record: Mutex<Sandbox>,
     instance: Arc<dyn Instance>,
+    /// Serialises lifecycle operations (pause, resume, timeout, delete) on one sandbox.
+    op: tokio::sync::Mutex<()>,
+}
+
+impl Live {
+    fn record(&self) -> Sandbox {
+        match self.record.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Sandbox)) -> Sandbox {
+        let mut g = match self.record.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut g);
+        g.clone()
+    }
 }
 
 pub struct Manager {
@@ -191,8 +211,9 @@ impl Manager {
         self.live_map().insert(
             id.clone(),
             Arc::new(Live {
-                record: record.clone(),
+                record: Mutex::new(record.clone()),
                 instance,
+                op: tokio::sync::Mutex::new(()),
             }),
         );
         tracing::info!(sandbox = %id, boot_ms = record.boot_ms, "sandbox created");
@@ -202,7 +223,7 @@ impl Manager {
     /// The record of a sandbox; ended sandboxes answer [`CoreError::Gone`].
     pub async fn get(&self, id: &str) -> Result<Sandbox, CoreError> {
         if let Some(l) = self.live(id) {
-            return Ok(l.record.clone());
+            return Ok(l.record());
         }
         match self.store.get_sandbox(id).await? {
             Some(s) if s.status.is_live() => Ok(s),
@@ -252,6 +273,13 @@ impl Manager {
             return Err(CoreError::Invalid("cmd/code must not contain NUL".into()));
         }
         let live = self.running(id).await?;
+        let status = live.record().status;
+        if status != Status::Running {
+            return Err(CoreError::WrongState {
+                id: id.to_owned(),
+                status,
+            });
+        }
         let oom_before = live.instance.oom_kills();
         let events = match cmd.work {
             Work::Command(c) => {
@@ -279,7 +307,7 @@ impl Manager {
                     .await?
             }
         };
-        let memory_mb = live.record.memory_mb;
+        let memory_mb = live.record().memory_mb;
         let timeout_s = cmd.timeout.unwrap_or(0.0);
         let mut seq = 0u64;
         let mut next = move |kind: EventKind| {
@@ -332,6 +360,68 @@ impl Manager {
         Ok(stream)
     }
 
+    /// One page of sandboxes (see [`Store::list_sandboxes`]); live records come from
+    /// memory so they show their current state.
+    pub async fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<(Vec<Sandbox>, Option<i64>), CoreError> {
+        let (mut page, next) = self.store.list_sandboxes(filter).await?;
+        for s in &mut page {
+            if let Some(l) = self.live(&s.id) {
+                *s = l.record();
+            }
+        }
+        Ok((page, next))
+    }
+
+    /// Gives a sandbox `timeout_s` more seconds of life, counted from now.
+    pub async fn set_timeout(&self, id: &str, timeout_s: u64) -> Result<Sandbox, CoreError> {
+        if timeout_s == 0 || timeout_s > self.config.max_timeout_s {
+            return Err(CoreError::Invalid(format!(
+                "timeout must be between 1 and {} seconds",
+                self.config.max_timeout_s
+            )));
+        }
+        let live = self.running(id).await?;
+        let _op = live.op.lock().await;
+        let expires_at = OffsetDateTime::now_utc() + time::Duration::seconds(timeout_s as i64);
+        self.store.set_expiry(id, timeout_s, expires_at).await?;
+        Ok(live.update(|r| {
+            r.timeout = timeout_s;
+            r.expires_at = expires_at;
+        }))
+    }
+
+    /// Freezes a running sandbox (409 unless running).
+    pub async fn pause(&self, id: &str) -> Result<Sandbox, CoreError> {
+        self.transition(id, Status::Running, Status::Paused).await
+    }
+
+    /// Thaws a paused sandbox (409 unless paused).
+    pub async fn resume(&self, id: &str) -> Result<Sandbox, CoreError> {
+        self.transition(id, Status::Paused, Status::Running).await
+    }
+
+    async fn transition(&self, id: &str, from: Status, to: Status) -> Result<Sandbox, CoreError> {
+        let live = self.running(id).await?;
+        let _op = live.op.lock().await;
+        let status = live.record().status;
+        if status != from {
+            return Err(CoreError::WrongState {
+                id: id.to_owned(),
+                status,
+            });
+        }
+        match to {
+            Status::Paused => live.instance.pause().await?,
+            _ => live.instance.resume().await?,
+        }
+        self.store.set_status(id, to).await?;
+        tracing::info!(sandbox = %id, status = %to, "sandbox state changed");
+        Ok(live.update(|r| r.status = to))
+    }
+
     /// Destroys a sandbox; its record stays, marked `deleted`.
     pub async fn delete(&self, id: &str) -> Result<(), CoreError> {
         self.end(id, Status::Deleted, "deleted by client").await
@@ -349,6 +439,7 @@ impl Manager {
                 Err(e) => Err(e),
             };
         };
+        let _op = live.op.lock().await;
         let destroyed = live.instance.destroy().await;
         self.store
             .end_sandbox(id, status, reason, OffsetDateTime::now_utc())
@@ -378,10 +469,11 @@ impl Manager {
             .live_map()
             .values()
             .filter_map(|l| {
-                if l.record.expires_at <= now {
-                    Some((l.record.id.clone(), Status::Killed, "timeout expired"))
+                let r = l.record();
+                if r.expires_at <= now {
+                    Some((r.id, Status::Killed, "timeout expired"))
                 } else if !l.instance.is_alive() {
-                    Some((l.record.id.clone(), Status::Failed, "agent exited"))
+                    Some((r.id, Status::Failed, "agent exited"))
                 } else {
                     None
                 }
@@ -398,7 +490,8 @@ impl Manager {
     /// freed and they are marked failed with a reason, never silently forgotten.
     /// Returns how many there were.
     pub async fn recover(&self) -> Result<usize, CoreError> {
-        let stale = self.store.sandboxes_with_status(Status::Running).await?;
+        let mut stale = self.store.sandboxes_with_status(Status::Running).await?;
+        stale.extend(self.store.sandboxes_with_status(Status::Paused).await?);
         for s in &stale {
             if self.live(&s.id).is_some() {
                 continue;

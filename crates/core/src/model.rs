@@ -9,6 +9,8 @@ use time::OffsetDateTime;
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Running,
+    /// Frozen (cgroup freezer): memory kept, no CPU.
+    Paused,
     /// Deleted by a client.
     Deleted,
     /// Ended by forkbox: its time to live ran out.
@@ -21,6 +23,7 @@ impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Running => "running",
+            Status::Paused => "paused",
             Status::Deleted => "deleted",
             Status::Killed => "killed",
             Status::Failed => "failed",
@@ -30,6 +33,7 @@ impl Status {
     pub fn parse(s: &str) -> Option<Status> {
         Some(match s {
             "running" => Status::Running,
+            "paused" => Status::Paused,
             "deleted" => Status::Deleted,
             "killed" => Status::Killed,
             "failed" => Status::Failed,
@@ -37,8 +41,9 @@ impl Status {
         })
     }
 
+    /// True while the sandbox exists (running or paused).
     pub fn is_live(self) -> bool {
-        self == Status::Running
+        matches!(self, Status::Running | Status::Paused)
     }
 }
 
@@ -104,4 +109,17 @@ pub struct ExecCommand {
     pub env: BTreeMap<String, String>,
     /// Seconds; fractional values allowed.
     pub timeout: Option<f64>,
+}
+
+/// Which sandboxes a list call returns.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ListFilter {
+    pub template: Option<String>,
+    /// `None`: live ones (running and paused); `Some(s)`: exactly that status.
+    pub status: Option<Status>,
+    /// Every status, ended ones included (overrides `status`).
+    pub all: bool,
+    pub limit: u32,
+    /// Opaque cursor from the previous page.
+    pub after: Option<i64>,
 }

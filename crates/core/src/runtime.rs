@@ -91,6 +91,12 @@ pub trait Instance: Send + Sync + 'static {
     /// Runs a cell in the sandbox's persistent REPL kernel for its language.
     async fn run_code(&self, req: RunCodeRequest) -> Result<AgentEvents, RuntimeError>;
 
+    /// Freezes every process of the sandbox (memory kept).
+    async fn pause(&self) -> Result<(), RuntimeError>;
+
+    /// Thaws a paused sandbox.
+    async fn resume(&self) -> Result<(), RuntimeError>;
+
     /// Kills everything and frees every host resource. Idempotent.
     async fn destroy(&self) -> Result<(), RuntimeError>;
 }

@@ -1,6 +1,6 @@
 //! Persistent state in SQLite (sqlx, WAL, embedded migrations).
 
-use crate::model::{Sandbox, Status};
+use crate::model::{ListFilter, Sandbox, Status};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use std::path::{Path, PathBuf};
@@ -103,6 +103,76 @@ impl Store {
         Ok(())
     }
 
+    /// Sets a sandbox's status (live transitions such as pause/resume).
+    pub async fn set_status(&self, id: &str, status: Status) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET status = ? WHERE id = ?")
+            .bind(status.as_str())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("set status"))?;
+        Ok(())
+    }
+
+    /// Records a new time to live.
+    pub async fn set_expiry(
+        &self,
+        id: &str,
+        timeout_s: u64,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET timeout_s = ?, expires_at = ? WHERE id = ?")
+            .bind(timeout_s as i64)
+            .bind(ts(expires_at))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("set expiry"))?;
+        Ok(())
+    }
+
+    /// One page of sandboxes in creation order, and the cursor of the next page.
+    /// The cursor is the row's insertion number, so pages stay stable while new
+    /// sandboxes are created (they only ever append).
+    pub async fn list_sandboxes(
+        &self,
+        f: &ListFilter,
+    ) -> Result<(Vec<Sandbox>, Option<i64>), StoreError> {
+        let mut sql = String::from("SELECT rowid AS seq, * FROM sandboxes WHERE rowid > ?");
+        if f.template.is_some() {
+            sql.push_str(" AND template = ?");
+        }
+        if !f.all {
+            if f.status.is_some() {
+                sql.push_str(" AND status = ?");
+            } else {
+                sql.push_str(" AND status IN ('running', 'paused')");
+            }
+        }
+        sql.push_str(" ORDER BY rowid LIMIT ?");
+        let mut query = sqlx::query(&sql).bind(f.after.unwrap_or(0));
+        if let Some(t) = &f.template {
+            query = query.bind(t);
+        }
+        if let (false, Some(s)) = (f.all, f.status) {
+            query = query.bind(s.as_str());
+        }
+        let limit = f.limit.max(1);
+        let rows = query
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("list sandboxes"))?;
+        let more = rows.len() > limit as usize;
+        let mut out = Vec::with_capacity(rows.len().min(limit as usize));
+        let mut last = None;
+        for r in rows.iter().take(limit as usize) {
+            last = Some(r.get::<i64, _>("seq"));
+            out.push(from_row(r)?);
+        }
+        Ok((out, if more { last } else { None }))
+    }
+
     pub async fn get_sandbox(&self, id: &str) -> Result<Option<Sandbox>, StoreError> {
         let row = sqlx::query("SELECT * FROM sandboxes WHERE id = ?")
             .bind(id)
@@ -199,6 +269,63 @@ mod tests {
         assert_eq!(got.status, Status::Deleted);
         assert_eq!(got.end_reason.as_deref(), Some("deleted by client"));
         assert!(store.get_sandbox("sbx-nope").await.unwrap().is_none());
+        // Listing: live ones by default, pages with a cursor, filters.
+        for i in 0..5 {
+            let mut t = s.clone();
+            t.id = format!("sbx-{i:016}");
+            t.template = if i % 2 == 0 {
+                "python".into()
+            } else {
+                "other".into()
+            };
+            store.insert_sandbox(&t).await.unwrap();
+        }
+        let mut f = ListFilter {
+            limit: 2,
+            ..Default::default()
+        };
+        let (page, next) = store.list_sandboxes(&f).await.unwrap();
+        assert_eq!(
+            page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["sbx-0000000000000000", "sbx-0000000000000001"]
+        );
+        f.after = next;
+        let (page2, next2) = store.list_sandboxes(&f).await.unwrap();
+        assert_eq!(page2.len(), 2);
+        f.after = next2;
+        let (page3, next3) = store.list_sandboxes(&f).await.unwrap();
+        assert_eq!((page3.len(), next3), (1, None));
+        let only = ListFilter {
+            limit: 10,
+            template: Some("other".into()),
+            ..Default::default()
+        };
+        assert_eq!(store.list_sandboxes(&only).await.unwrap().0.len(), 2);
+        let deleted = ListFilter {
+            limit: 10,
+            status: Some(Status::Deleted),
+            ..Default::default()
+        };
+        assert_eq!(store.list_sandboxes(&deleted).await.unwrap().0.len(), 1);
+        let all = ListFilter {
+            limit: 10,
+            all: true,
+            ..Default::default()
+        };
+        assert_eq!(store.list_sandboxes(&all).await.unwrap().0.len(), 6);
+        store
+            .set_status("sbx-0000000000000000", Status::Paused)
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .get_sandbox("sbx-0000000000000000")
+                .await
+                .unwrap()
+                .unwrap()
+                .status,
+            Status::Paused
+        );
         // Reopening keeps everything (migrations are not re-applied).
         drop(store);
         let again = Store::open(&dir.path().join("db.sqlite")).await.unwrap();

@@ -157,6 +157,8 @@ impl Resources {
         }
         if let Some(cg) = &self.cgroup {
             let _ = cg.kill_all();
+            // Frozen processes (v1) only die once thawed.
+            let _ = cg.set_frozen(false);
         }
         if let Some(fd) = self.pidfd.take() {
             wait_exit(&fd, Duration::from_secs(5)).await;
@@ -524,6 +526,14 @@ impl Instance for JailInstance {
         self.events(self.client.run_code(&req).await)
     }
 
+    async fn pause(&self) -> Result<(), RuntimeError> {
+        self.freeze(true).await
+    }
+
+    async fn resume(&self) -> Result<(), RuntimeError> {
+        self.freeze(false).await
+    }
+
     async fn destroy(&self) -> Result<(), RuntimeError> {
         self.alive.store(false, Ordering::SeqCst);
         self.resources.lock().await.release().await
@@ -531,6 +541,15 @@ impl Instance for JailInstance {
 }
 
 impl JailInstance {
+    async fn freeze(&self, frozen: bool) -> Result<(), RuntimeError> {
+        let cg = self.cgroup.clone();
+        let op = if frozen { "freeze" } else { "thaw" };
+        tokio::task::spawn_blocking(move || cg.set_frozen(frozen))
+            .await
+            .map_err(|e| RuntimeError::host(op, &self.id, e))?
+            .map_err(|e| RuntimeError::host(op, &self.id, e))
+    }
+
     /// Maps an agent call's outcome into the runtime's terms.
     fn events(
         &self,

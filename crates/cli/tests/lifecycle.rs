@@ -1,0 +1,242 @@
+//! End-to-end: listing, time-to-live changes, pause and resume.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::Server;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = s.http.post(s.url(path)).json(&body).send().await.unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(s: &Server, path: &str) -> (u16, Value) {
+    let r = s.http.get(s.url(path)).send().await.unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn list_filters_and_paginates() {
+    let s = Server::start();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let v = s.create(json!({"metadata": {"n": i.to_string()}})).await;
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(s.delete(&ids[4]).await, 204);
+    // Pages of 2 in creation order; a create between pages does not disturb them.
+    let (st, p1) = get(&s, "/v1/sandboxes?limit=2").await;
+    assert_eq!(st, 200);
+    let got: Vec<&str> = p1["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, [ids[0].as_str(), ids[1].as_str()]);
+    let extra = s.create_id().await;
+    let token = p1["next_token"].as_str().unwrap().to_owned();
+    let (_, p2) = get(&s, &format!("/v1/sandboxes?limit=2&next_token={token}")).await;
+    let got: Vec<&str> = p2["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, [ids[2].as_str(), ids[3].as_str()]);
+    let token = p2["next_token"].as_str().unwrap().to_owned();
+    let (_, p3) = get(&s, &format!("/v1/sandboxes?limit=2&next_token={token}")).await;
+    let got: Vec<&str> = p3["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, [extra.as_str()]);
+    assert!(p3["next_token"].is_null());
+    // Filters.
+    let (_, del) = get(&s, "/v1/sandboxes?status=deleted").await;
+    assert_eq!(del["sandboxes"].as_array().unwrap().len(), 1);
+    assert_eq!(del["sandboxes"][0]["id"], ids[4]);
+    let (_, all) = get(&s, "/v1/sandboxes?status=all&template=python").await;
+    assert_eq!(all["sandboxes"].as_array().unwrap().len(), 6);
+    let (_, none) = get(&s, "/v1/sandboxes?template=other").await;
+    assert_eq!(none["sandboxes"].as_array().unwrap().len(), 0);
+    for bad in [
+        "?limit=0",
+        "?limit=5000",
+        "?status=sleeping",
+        "?next_token=xyz",
+        "?bogus=1",
+    ] {
+        let (st, body) = get(&s, &format!("/v1/sandboxes{bad}")).await;
+        assert_eq!(st, 400, "{bad}: {body}");
+    }
+    for id in ids.iter().take(4).chain([&extra]) {
+        assert_eq!(s.delete(id).await, 204);
+    }
+}
+
+#[tokio::test]
+async fn timeout_can_be_extended_and_shortened() {
+    let s = Server::start();
+    let id = s.create(json!({"timeout": 2})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (st, v) = post(
+        &s,
+        &format!("/v1/sandboxes/{id}/timeout"),
+        json!({"timeout": 600}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["timeout"], 600);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        get(&s, &format!("/v1/sandboxes/{id}")).await.0,
+        200,
+        "extended sandbox expired"
+    );
+    let r = s
+        .http
+        .patch(s.url(&format!("/v1/sandboxes/{id}/timeout")))
+        .json(&json!({"timeout": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&s, &format!("/v1/sandboxes/{id}")).await.0 != 410 {
+        assert!(
+            Instant::now() < deadline,
+            "shortened sandbox did not expire"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, all) = get(&s, "/v1/sandboxes?status=killed").await;
+    assert_eq!(all["sandboxes"][0]["id"], id);
+    assert_eq!(
+        post(
+            &s,
+            &format!("/v1/sandboxes/{id}/timeout"),
+            json!({"timeout": 5})
+        )
+        .await
+        .0,
+        410
+    );
+    let other = s.create_id().await;
+    assert_eq!(
+        post(
+            &s,
+            &format!("/v1/sandboxes/{other}/timeout"),
+            json!({"timeout": 0})
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        post(&s, &format!("/v1/sandboxes/{other}/timeout"), json!({}))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(s.delete(&other).await, 204);
+}
+
+/// Sum of user+system CPU ticks of every process in the sandbox's cgroup.
+fn cpu_ticks(id: &str) -> u64 {
+    let procs = ["pids", "memory"]
+        .iter()
+        .map(|c| format!("/sys/fs/cgroup/{c}/forkbox/{id}/cgroup.procs"))
+        .chain([format!("/sys/fs/cgroup/forkbox/{id}/cgroup.procs")])
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .expect("sandbox cgroup");
+    procs
+        .lines()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn pause_freezes_and_resume_thaws() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    s.sh(&id, "(while :; do :; done) >/dev/null 2>&1 &").await;
+    py_counter(&s, &id).await;
+    let (st, v) = post(&s, &format!("/v1/sandboxes/{id}/pause"), json!({})).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("paused")));
+    assert_eq!(
+        get(&s, &format!("/v1/sandboxes/{id}")).await.1["status"],
+        "paused"
+    );
+    // No CPU while paused, even with a busy loop inside.
+    let before = cpu_ticks(&id);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(cpu_ticks(&id), before, "a paused sandbox used CPU");
+    // Wrong-state calls.
+    let (st, body) = s.exec(&id, json!({"cmd": "echo hi"})).await;
+    assert_eq!(st, 409, "{body:?}");
+    assert_eq!(body[0]["code"], "wrong_state");
+    assert_eq!(
+        post(&s, &format!("/v1/sandboxes/{id}/pause"), json!({}))
+            .await
+            .0,
+        409
+    );
+    let (_, listed) = get(&s, "/v1/sandboxes?status=paused").await;
+    assert_eq!(listed["sandboxes"][0]["id"], id);
+    // Resume: memory was kept (the REPL still has its variable) and CPU flows again.
+    let (st, v) = post(&s, &format!("/v1/sandboxes/{id}/resume"), json!({})).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("running")));
+    assert_eq!(
+        post(&s, &format!("/v1/sandboxes/{id}/resume"), json!({}))
+            .await
+            .0,
+        409
+    );
+    let (st, events) = s.exec(&id, json!({"code": "counter"})).await;
+    assert_eq!(st, 200);
+    assert_eq!(common::collect(&events).0, "7\n");
+    let before = cpu_ticks(&id);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(cpu_ticks(&id) > before);
+    // A paused sandbox can be deleted.
+    assert_eq!(
+        post(&s, &format!("/v1/sandboxes/{id}/pause"), json!({}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(s.delete(&id).await, 204);
+    assert_eq!(
+        post(&s, &format!("/v1/sandboxes/{id}/resume"), json!({}))
+            .await
+            .0,
+        410
+    );
+    assert_eq!(
+        post(&s, "/v1/sandboxes/sbx-0000000000000000/pause", json!({}))
+            .await
+            .0,
+        404
+    );
+}
+
+async fn py_counter(s: &Server, id: &str) {
+    let (st, events) = s.exec(id, json!({"code": "counter = 7"})).await;
+    assert_eq!(st, 200);
+    assert_eq!(common::collect(&events).2, 0);
+}
