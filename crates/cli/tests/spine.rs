@@ -421,7 +421,7 @@ async fn an_output_flood_keeps_server_memory_bounded() {
     while let Some(c) = r.chunk().await.unwrap() {
         bytes += c.len();
         n += 1;
-        if n % 200 == 0 {
+        if n.is_multiple_of(200) {
             peak = peak.max(s.rss_kib());
             // The server keeps answering other requests meanwhile.
             let h = s.http.get(s.url("/v1/healthz")).send().await.unwrap();
