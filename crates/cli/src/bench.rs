@@ -57,6 +57,32 @@ impl Row {
     }
 }
 
+/// Times `n` exec calls with `body` (after 3 warm-up calls), checking each streamed
+/// the stdout line `want` (JSON-escaped) and exited 0.
+async fn time_exec(
+    http: &reqwest::Client,
+    url: &str,
+    body: serde_json::Value,
+    want: &str,
+    n: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + 3 {
+        let t = Instant::now();
+        let text = http.post(url).json(&body).send().await?.text().await?;
+        let took = t.elapsed();
+        if !text.contains(&format!("\"data\":\"{want}\""))
+            || !text.contains("\"type\":\"exit\",\"data\":0")
+        {
+            bail!("unexpected output for {body}: {text}");
+        }
+        if i >= 3 {
+            out.push(ms(took));
+        }
+    }
+    Ok(out)
+}
+
 const START: &str = "<!-- bench:start -->";
 const END: &str = "<!-- bench:end -->";
 
@@ -130,43 +156,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let mut exec = Vec::with_capacity(n);
-    for i in 0..n + 3 {
-        let t = Instant::now();
-        let body = http
-            .post(format!("{base}/v1/sandboxes/{id}/exec"))
-            .json(&serde_json::json!({"cmd": "echo hi"}))
-            .send()
-            .await?
-            .text()
-            .await?;
-        let took = t.elapsed();
-        if !body.contains("\"data\":\"hi\\n\"") || !body.contains("\"type\":\"exit\",\"data\":0") {
-            bail!("unexpected exec output: {body}");
-        }
-        if i >= 3 {
-            exec.push(ms(took));
-        }
-    }
+    let url = format!("{base}/v1/sandboxes/{id}/exec");
+    let exec = time_exec(
+        &http,
+        &url,
+        serde_json::json!({"cmd": "echo hi"}),
+        "hi\\n",
+        n,
+    )
+    .await?;
     // run_code `print(1)` on a warm Python REPL (same sandbox).
-    let mut run_code = Vec::with_capacity(n);
-    for i in 0..n + 3 {
-        let t = Instant::now();
-        let body = http
-            .post(format!("{base}/v1/sandboxes/{id}/exec"))
-            .json(&serde_json::json!({"code": "print(1)"}))
-            .send()
-            .await?
-            .text()
-            .await?;
-        let took = t.elapsed();
-        if !body.contains("\"data\":\"1\\n\"") || !body.contains("\"type\":\"exit\",\"data\":0") {
-            bail!("unexpected run_code output: {body}");
-        }
-        if i >= 3 {
-            run_code.push(ms(took));
-        }
-    }
+    let run_code = time_exec(
+        &http,
+        &url,
+        serde_json::json!({"code": "print(1)"}),
+        "1\\n",
+        n,
+    )
+    .await?;
     // pause / resume of the same (idle) sandbox.
     let (mut pause, mut resume) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n + 2 {
