@@ -2,7 +2,10 @@
 //! per sandbox over any byte stream, every call a stream of its own on it.
 
 use bytes::{Bytes, BytesMut};
-use forkbox_types::agent::{AgentEvent, ExecRequest, Health, RunCodeRequest, PROTOCOL_VERSION};
+use forkbox_types::agent::{
+    AdoptReply, AdoptRequest, AgentEvent, ExecRequest, ForkReply, ForkRequest, Health,
+    RunCodeRequest, PROTOCOL_VERSION,
+};
 use futures_util::Stream;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -125,6 +128,34 @@ impl AgentClient {
             });
         }
         Ok(h)
+    }
+
+    /// A JSON request answered by one JSON body.
+    async fn json<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+    ) -> Result<Resp, AgentError> {
+        let body = serde_json::to_vec(req).map_err(AgentError::Decode)?;
+        let resp = self.call(Method::POST, path, body.into()).await?;
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(AgentError::Request)?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(AgentError::Decode)
+    }
+
+    /// `POST /fork`: the parent's Python kernel (if any) forks into each child.
+    pub async fn fork(&self, req: &ForkRequest) -> Result<ForkReply, AgentError> {
+        self.json("/fork", req).await
+    }
+
+    /// `POST /adopt`: waits until a fork child has its Python kernel (or is told none is
+    /// coming, `expect: false`).
+    pub async fn adopt(&self, req: &AdoptRequest) -> Result<AdoptReply, AgentError> {
+        self.json("/adopt", req).await
     }
 
     /// `POST /exec`: the command's events as they come. Dropping the stream cancels the

@@ -1,17 +1,156 @@
-# forkbox python kernel driver: cells arrive NUL-terminated on fd 3; after each cell the
-# driver writes "<status>\n" to fd 3. Output goes to the real stdout/stderr (unbuffered).
-import ast, builtins, os, sys, traceback
+# forkbox python kernel driver. Messages arrive NUL-terminated on fd 3, each starting
+# with a kind byte: b"c" + a cell, or b"f" + a JSON list of fork children. After a cell
+# the driver writes "<status>\n" to fd 3; after a fork, a JSON list of per-child errors
+# ("" for success) and "\n". Output goes to the real stdout/stderr (unbuffered).
+import ast, builtins, json, os, socket, sys, traceback
+
+# setns(2) flags, in the order a fork copy joins a child's namespaces: the user
+# namespace first (it grants the capabilities the others need), the PID namespace last
+# (it only applies to the copy's own children).
+_FORKBOX_NS = (("user", 0x10000000), ("mnt", 0x00020000), ("uts", 0x04000000),
+               ("ipc", 0x08000000), ("net", 0x40000000), ("cgroup", 0x02000000),
+               ("pid", 0x20000000))
+
+
+def _forkbox_libc():
+    import ctypes
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def _forkbox_drop_caps(ctypes, libc):
+    # The same state the zygote gives every command: securebits locked so uid 0 means
+    # nothing, empty bounding, ambient, permitted and effective sets.
+    if libc.prctl(28, 0xEF, 0, 0, 0) != 0:  # PR_SET_SECUREBITS
+        raise OSError(ctypes.get_errno(), "set securebits")
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EINVAL past the last cap
+    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = (ctypes.c_uint32 * 6)()
+    if libc.syscall(126, header, data) != 0:  # capset
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def _forkbox_become_child(nsfds, token, report):
+    """Runs in a fork copy: join the child sandbox's namespaces (fds from our agent, in
+    _FORKBOX_NS order), then fork into its PID namespace and get adopted by its agent.
+    Returns in the grandchild only, as the child's kernel; the copy itself exits."""
+    ctypes, libc = _forkbox_libc()
+    cwd = os.getcwd()
+    for fd, (name, flag) in zip(nsfds, _FORKBOX_NS):
+        if libc.setns(fd, flag) != 0:
+            raise OSError(ctypes.get_errno(), "join the child's %s namespace" % name)
+        os.close(fd)
+    if os.fork() != 0:
+        os._exit(0)
+    # Now inside the child's PID namespace.
+    os.setsid()
+    _forkbox_drop_caps(ctypes, libc)
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.close(null)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(b"\0forkbox-adopt")
+    s.sendall(token.encode() + b"\n")
+    msg, fds, _, _ = socket.recv_fds(s, 16, 3)
+    if msg != b"ok\n" or len(fds) != 3:
+        raise OSError("the child's agent did not adopt this kernel")
+    s.close()
+    for i, fd in enumerate(fds):
+        os.dup2(fd, i + 1)
+        os.close(fd)
+    # Open files and sockets of the parent's REPL point into the parent: not carried.
+    os.closerange(4, report)
+    os.closerange(report + 1, 1 << 20)
+    try:
+        os.chdir(cwd)
+    except OSError:
+        os.chdir("/root")
+    os.close(report)
+
+
+def _forkbox_fork(children, fds):
+    """Returns ("child", None) in a copy that became a child's kernel, else
+    ("parent", per-child errors)."""
+    started = []
+    n = len(_FORKBOX_NS)
+    if len(fds) != n * len(children):
+        raise OSError("expected %d namespace fds, got %d" % (n * len(children), len(fds)))
+    for i, ch in enumerate(children):
+        mine = fds[i * n:(i + 1) * n]
+        r, w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(r)
+            os.close(w)
+            started.append((None, None, str(e)))
+            continue
+        if pid == 0:
+            os.close(r)
+            try:
+                _forkbox_become_child(mine, str(ch["token"]), w)
+            except BaseException as e:
+                try:
+                    os.write(w, (str(e) or type(e).__name__).encode())
+                finally:
+                    os._exit(1)
+            return "child", None
+        os.close(w)
+        started.append((pid, r, None))
+    errors = []
+    for pid, r, err in started:
+        if err is not None:
+            errors.append(err)
+            continue
+        msg = b""
+        while True:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            msg += chunk
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        if not msg and status != 0:
+            msg = b"fork helper exited with status %d" % status
+        errors.append(msg.decode("utf-8", "replace"))
+    return "parent", errors
+
 
 def _forkbox_main():
     ns = {"__name__": "__main__", "__builtins__": builtins}
+    ctl = socket.socket(fileno=3)
     pending = b""
+    fds = []
     while True:
         while b"\0" not in pending:
-            chunk = os.read(3, 65536)
+            chunk, got, _, _ = socket.recv_fds(ctl, 65536, 253)
+            fds.extend(got)
             if not chunk:
                 return
             pending += chunk
         raw, pending = pending.split(b"\0", 1)
+        kind, raw = raw[:1], raw[1:]
+        if kind == b"f":
+            try:
+                role, errors = _forkbox_fork(json.loads(raw), fds)
+            except BaseException as e:
+                role, errors = "parent", None
+                failure = str(e)
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            fds = []
+            if role == "child":
+                pending = b""
+                continue
+            if errors is None:
+                errors = [failure]
+            os.write(3, json.dumps(errors).encode() + b"\n")
+            continue
         status = 0
         try:
             tree = ast.parse(raw.decode("utf-8", "replace"), "<cell>", "exec")

@@ -17,6 +17,13 @@
 //!
 //! The cgroup namespace is unshared by the child after step 3, so that its root is the
 //! sandbox's own group.
+//!
+//! A fork child (`fork_of` set) differs in three places: before step 1 this process
+//! joins the child's cgroups itself, then enters the parent sandbox's user and PID
+//! namespaces and becomes uid 0 there, so the clone's user and PID namespaces are
+//! created inside the parent's (owned by the parent's root, which is what lets the
+//! parent's REPL join them); in step 2 the map is `0 0 65536` relative to the parent;
+//! and the sandbox side listens on the abstract socket `@forkbox-adopt` for the REPL copy.
 
 use forkbox_types::agent::{JailInit, JailInitReply};
 use nix::unistd::{Gid, Pid, Uid};
@@ -28,8 +35,9 @@ use std::process::ExitCode;
 /// The listening socket the host passes us.
 const LISTEN_FD: i32 = 3;
 
-pub fn run() -> ExitCode {
-    let reply = match build() {
+/// `jail-init`, or with `nested` its second stage for a fork child (`jail-init-nested`).
+pub fn run(nested: bool) -> ExitCode {
+    let reply = match build(nested) {
         Ok(pid) => JailInitReply::Ready { pid },
         Err(e) => JailInitReply::Failed { error: e },
     };
@@ -50,12 +58,45 @@ fn pipe() -> Result<(File, File), String> {
     Ok((File::from(r), File::from(w)))
 }
 
-fn build() -> Result<i32, String> {
+/// Where a fork child's jail-init receives the execute-only agent image.
+const NESTED_IMAGE_FD: i32 = 4;
+
+fn build(nested: bool) -> Result<i32, String> {
     let mut input = String::new();
     std::io::stdin()
         .read_to_string(&mut input)
         .map_err(|e| format!("read config: {e}"))?;
     let cfg: JailInit = serde_json::from_str(&input).map_err(|e| format!("parse config: {e}"))?;
+    if let (Some(parent), false) = (cfg.fork_of, nested) {
+        enter_parent(&cfg.cgroup_procs, parent)?;
+        // CLONE_NEWPID only works from a process born in the PID namespace it nests
+        // under, and the child's id maps may only be written by a process whose image
+        // was executed inside the parent's user namespace (it then owns the child's
+        // /proc files while staying undumpable). So: fork, and exec the second stage
+        // from the execute-only image; this process waits and passes on its status
+        // (the second stage prints the reply on the shared stdout).
+        // SAFETY: single-threaded, as above.
+        match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+            nix::unistd::ForkResult::Child => {
+                let e = exec_nested(&input);
+                let _ = serde_json::to_writer(
+                    std::io::stdout(),
+                    &JailInitReply::Failed {
+                        error: format!("start the nested jail-init: {e}"),
+                    },
+                );
+                // SAFETY: ending the forked copy without running destructors.
+                unsafe { libc::_exit(1) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let code = match nix::sys::wait::waitpid(child, None) {
+                    Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => c,
+                    _ => 1,
+                };
+                std::process::exit(code);
+            }
+        }
+    }
     let (mut go_r, mut go_w) = pipe()?;
     let (mut st_r, mut st_w) = pipe()?;
     let flags = libc::CLONE_NEWUSER
@@ -64,14 +105,16 @@ fn build() -> Result<i32, String> {
         | libc::CLONE_NEWNET
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS;
+    let mut pidfd: libc::c_int = -1;
     // SAFETY: this process is single-threaded (no runtime started yet), so a raw clone
     // without a new stack behaves like fork(2): the child continues on a copy of our stack.
+    // With CLONE_PIDFD the kernel stores a pidfd through the parent_tid pointer.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
-            (flags | libc::SIGCHLD) as libc::c_ulong,
+            (flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong,
             0usize,
-            0usize,
+            &mut pidfd as *mut libc::c_int,
             0usize,
             0usize,
         )
@@ -83,12 +126,12 @@ fn build() -> Result<i32, String> {
         drop(go_w);
         drop(st_r);
         let code = match sandbox_side(&cfg, &mut go_r) {
-            Ok(()) => {
+            Ok(adopt) => {
                 drop(go_r);
                 drop(st_w);
                 // Never returns while the sandbox lives.
                 let listener = unsafe_listener();
-                crate::server::run(listener, cfg.env.clone())
+                crate::server::run(listener, cfg.env.clone(), adopt)
             }
             Err(e) => {
                 let _ = st_w.write_all(e.as_bytes());
@@ -97,22 +140,74 @@ fn build() -> Result<i32, String> {
         };
         std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
     }
+    // `pid` is as our PID namespace sees it (a fork child's jail-init lives in the
+    // parent sandbox's); /proc here is the host's, so use the host's number for it.
     let pid = pid as i32;
     drop(go_r);
     drop(st_w);
-    let host = host_side(&cfg, pid, &mut go_w);
+    let host_pid = host_pid_of(pidfd);
+    let host = host_pid.and_then(|h| host_side(&cfg, h, &mut go_w).map(|()| h));
     drop(go_w);
-    if let Err(e) = host {
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        return Err(e);
-    }
+    let host_pid = match host {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            return Err(e);
+        }
+    };
     let mut status = String::new();
     let _ = st_r.read_to_string(&mut status);
     if !status.is_empty() {
         let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
         return Err(status);
     }
-    Ok(pid)
+    Ok(host_pid)
+}
+
+/// The host's pid of the process behind `pidfd`, from its fdinfo in the host's /proc.
+fn host_pid_of(pidfd: libc::c_int) -> Result<i32, String> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{pidfd}"))
+        .map_err(|e| format!("read pidfd info: {e}"))?;
+    // SAFETY: the pidfd is ours and used for nothing else.
+    unsafe { libc::close(pidfd) };
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "no Pid in pidfd info".to_owned())
+}
+
+/// Second stage of a fork child: `input` on stdin, then exec the nested image.
+fn exec_nested(input: &str) -> String {
+    let (r, mut w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    if let Err(e) = w.write_all(input.as_bytes()) {
+        return format!("pass config: {e}");
+    }
+    drop(w);
+    // SAFETY: dup2/fcntl on fds we own; execveat with NUL-terminated static strings.
+    unsafe {
+        if libc::dup2(r.as_raw_fd(), 0) < 0 {
+            return format!("dup2: {}", std::io::Error::last_os_error());
+        }
+        libc::fcntl(NESTED_IMAGE_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        let argv = [
+            c"forkbox-agent".as_ptr(),
+            c"jail-init-nested".as_ptr(),
+            std::ptr::null(),
+        ];
+        let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+        libc::syscall(
+            libc::SYS_execveat,
+            NESTED_IMAGE_FD,
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+    }
+    format!("execveat: {}", std::io::Error::last_os_error())
 }
 
 fn unsafe_listener() -> OwnedFd {
@@ -121,21 +216,52 @@ fn unsafe_listener() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(LISTEN_FD) }
 }
 
+/// Fork child, before the clone: join the child's cgroups (inherited by the clone), then
+/// the parent sandbox's user namespace as its uid 0, then its PID namespace (for
+/// children).
+fn enter_parent(cgroup_procs: &[String], parent: i32) -> Result<(), String> {
+    let me = std::process::id().to_string();
+    for procs in cgroup_procs {
+        std::fs::write(procs, &me).map_err(|e| format!("join cgroup {procs}: {e}"))?;
+    }
+    let open = |ns: &str| {
+        File::open(format!("/proc/{parent}/ns/{ns}"))
+            .map_err(|e| format!("open parent's {ns} namespace: {e}"))
+    };
+    let (user, pidns) = (open("user")?, open("pid")?);
+    nix::sched::setns(&user, nix::sched::CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| format!("enter parent's user namespace: {e}"))?;
+    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+        .map_err(|e| format!("setresgid in parent: {e}"))?;
+    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups in parent: {e}"))?;
+    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+        .map_err(|e| format!("setresuid in parent: {e}"))?;
+    nix::sched::setns(&pidns, nix::sched::CloneFlags::CLONE_NEWPID)
+        .map_err(|e| format!("enter parent's PID namespace: {e}"))
+}
+
 /// Steps 2-3: id maps and cgroups, then let the child go.
 fn host_side(cfg: &JailInit, pid: i32, go: &mut File) -> Result<(), String> {
-    let map = format!("0 {} {}\n", cfg.uid_base, forkbox_sys::uidshift::RANGE);
+    let map = match cfg.fork_of {
+        // Relative to the parent's user namespace, whose 0..RANGE are already ours.
+        Some(_) => format!("0 0 {}\n", forkbox_sys::uidshift::RANGE),
+        None => format!("0 {} {}\n", cfg.uid_base, forkbox_sys::uidshift::RANGE),
+    };
     for f in ["uid_map", "gid_map"] {
         std::fs::write(format!("/proc/{pid}/{f}"), &map).map_err(|e| format!("write {f}: {e}"))?;
     }
-    for procs in &cfg.cgroup_procs {
-        std::fs::write(procs, pid.to_string()).map_err(|e| format!("join cgroup {procs}: {e}"))?;
+    if cfg.fork_of.is_none() {
+        for procs in &cfg.cgroup_procs {
+            std::fs::write(procs, pid.to_string())
+                .map_err(|e| format!("join cgroup {procs}: {e}"))?;
+        }
     }
     go.write_all(b"g")
         .map_err(|e| format!("signal sandbox: {e}"))
 }
 
-/// Steps 4-7, inside the new namespaces.
-fn sandbox_side(cfg: &JailInit, go: &mut File) -> Result<(), String> {
+/// Steps 4-7, inside the new namespaces. Returns the adopt listener of a fork child.
+fn sandbox_side(cfg: &JailInit, go: &mut File) -> Result<Option<crate::server::Adopt>, String> {
     let mut b = [0u8; 1];
     match go.read(&mut b) {
         Ok(1) => {}
@@ -166,5 +292,13 @@ fn sandbox_side(cfg: &JailInit, go: &mut File) -> Result<(), String> {
     // We were exec'd from /proc/self/fd/N; name ourselves for `ps`.
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"forkbox-agent".as_ptr(), 0, 0, 0) };
-    Ok(())
+    let Some(token) = cfg.adopt_token.clone() else {
+        return Ok(None);
+    };
+    use std::os::linux::net::SocketAddrExt as _;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(crate::server::ADOPT_SOCKET)
+        .map_err(|e| format!("adopt socket address: {e}"))?;
+    let listener = std::os::unix::net::UnixListener::bind_addr(&addr)
+        .map_err(|e| format!("bind adopt socket: {e}"))?;
+    Ok(Some(crate::server::Adopt { listener, token }))
 }

@@ -6,15 +6,19 @@
 //! `"<status>\n"` once the cell is done and its output flushed. Output flows through the
 //! kernel's own stdout/stderr pipes; everything in them when the status arrives belongs
 //! to that cell. One cell runs at a time per kernel; other calls wait their turn.
+//!
+//! The Python driver also forks (see `fork`): its messages start with a kind byte, `c`
+//! for a cell and `f` for a fork, and a fork child's agent adopts the copy that arrives
+//! on its adopt socket (`adopt`).
 
 use crate::exec::{command_env, line, pipe_pair, Context};
 use crate::lines::LineSplitter;
 use crate::reaper::Exit;
 use crate::zygote;
 use bytes::Bytes;
-use forkbox_types::agent::{AgentEvent, Language};
+use forkbox_types::agent::{AgentEvent, ForkChild, ForkReply, Language};
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,7 +41,7 @@ fn argv(lang: Language) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-struct Kernel {
+pub struct Kernel {
     pid: i32,
     ctl: tokio::net::UnixStream,
     out: pipe::Receiver,
@@ -46,6 +50,16 @@ struct Kernel {
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Kernel>>>;
+
+/// Exclusive hold on one language's kernel slot.
+pub type SlotGuard = tokio::sync::OwnedMutexGuard<Option<Kernel>>;
+
+/// Namespaces a fork copy joins, in order (the user namespace grants the rights for
+/// the others; the PID namespace only applies to the copy's own children).
+const NAMESPACES: [&str; 7] = ["user", "mnt", "uts", "ipc", "net", "cgroup", "pid"];
+
+/// How long the parent's kernel may take to fork into every child.
+const FORK_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Default)]
 pub struct Kernels {
@@ -83,6 +97,83 @@ async fn start(ctx: &Context, lang: Language) -> Result<Kernel, String> {
     })
 }
 
+/// Accepts the REPL copy of a fork on the adopt socket: it must present `token`; it gets
+/// fresh stdout, stderr and control fds and becomes this sandbox's Python kernel.
+pub fn adopt(listener: &std::os::unix::net::UnixListener, token: &str) -> Result<Kernel, String> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    loop {
+        let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while got.len() <= token.len() {
+            match conn.read(&mut b) {
+                Ok(1) if b[0] != b'\n' => got.push(b[0]),
+                _ => break,
+            }
+        }
+        if got != token.as_bytes() {
+            // Not our REPL copy; whoever it was learns nothing.
+            continue;
+        }
+        let pid = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+            .map_err(|e| format!("peer credentials: {e}"))?
+            .pid();
+        let (out_r, out_w) = pipe_pair().map_err(|e| e.to_string())?;
+        let (err_r, err_w) = pipe_pair().map_err(|e| e.to_string())?;
+        let (mine, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+        let raw = [out_w.as_raw_fd(), err_w.as_raw_fd(), theirs.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(b"ok\n")];
+        sendmsg::<()>(
+            conn.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| format!("hand fds to the REPL copy: {e}"))?;
+        drop((out_w, err_w, theirs));
+        mine.set_nonblocking(true).map_err(|e| e.to_string())?;
+        return Ok(Kernel {
+            pid,
+            ctl: tokio::net::UnixStream::from_std(mine).map_err(|e| e.to_string())?,
+            out: pipe::Receiver::from_owned_fd(out_r).map_err(|e| e.to_string())?,
+            err: pipe::Receiver::from_owned_fd(err_r).map_err(|e| e.to_string())?,
+            exit: watch_exit(pid)?,
+        });
+    }
+}
+
+/// Exit notice for a process that is not our child (its code is unknown to us).
+fn watch_exit(pid: i32) -> Result<tokio::sync::oneshot::Receiver<Exit>, String> {
+    // SAFETY: pidfd_open with integer arguments; returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return Err(format!(
+            "pidfd_open {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd for its whole lifetime.
+    let afd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.to_string())?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = afd.readable().await;
+        let _ = tx.send(Exit {
+            code: 1,
+            signal: None,
+        });
+    });
+    Ok(rx)
+}
+
 fn signal_group(pid: i32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
 }
@@ -107,6 +198,88 @@ enum End {
 }
 
 impl Kernels {
+    /// Waits for and holds the slot of `lang` (a fork child holds Python's until its
+    /// kernel has been adopted).
+    pub async fn hold(&self, lang: Language) -> SlotGuard {
+        self.slot(lang).lock_owned().await
+    }
+
+    /// Forks the Python kernel, if one runs, once per child into that child's
+    /// namespaces. Waits for a running cell to end first.
+    pub async fn fork(&self, children: &[ForkChild]) -> Result<ForkReply, String> {
+        let mut guard = self.hold(Language::Python).await;
+        let Some(k) = guard.as_mut() else {
+            return Ok(ForkReply {
+                python: false,
+                errors: Vec::new(),
+            });
+        };
+        let mut msg = vec![b'f'];
+        serde_json::to_writer(&mut msg, children).map_err(|e| e.to_string())?;
+        msg.push(0);
+        // The kernel cannot open another sandbox's namespace files (its agent is
+        // undumpable); we can, and pass them along, in the order the driver joins them.
+        let mut ns_fds: Vec<std::fs::File> = Vec::with_capacity(children.len() * NAMESPACES.len());
+        for c in children {
+            for ns in NAMESPACES {
+                ns_fds.push(
+                    std::fs::File::open(format!("/proc/{}/ns/{ns}", c.pid))
+                        .map_err(|e| format!("open {ns} namespace of pid {}: {e}", c.pid))?,
+                );
+            }
+        }
+        let exchange = async {
+            let raw: Vec<i32> = ns_fds.iter().map(|f| f.as_raw_fd()).collect();
+            let first = k
+                .ctl
+                .async_io(tokio::io::Interest::WRITABLE, || {
+                    let iov = [std::io::IoSlice::new(&msg)];
+                    nix::sys::socket::sendmsg::<()>(
+                        k.ctl.as_raw_fd(),
+                        &iov,
+                        &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
+                        nix::sys::socket::MsgFlags::empty(),
+                        None,
+                    )
+                    .map_err(std::io::Error::from)
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            k.ctl
+                .write_all(&msg[first..])
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut reply = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = k.ctl.read(&mut buf).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("the Python kernel exited while forking".to_owned());
+                }
+                reply.extend_from_slice(&buf[..n]);
+                if let Some(i) = reply.iter().position(|b| *b == b'\n') {
+                    return serde_json::from_slice::<Vec<String>>(&reply[..i])
+                        .map_err(|e| format!("bad fork reply from the Python kernel: {e}"));
+                }
+            }
+        };
+        match tokio::time::timeout(FORK_DEADLINE, exchange).await {
+            Ok(Ok(errors)) => Ok(ForkReply {
+                python: true,
+                errors,
+            }),
+            Ok(Err(e)) => {
+                *guard = None;
+                Err(e)
+            }
+            Err(_) => {
+                signal_group(k.pid, nix::sys::signal::Signal::SIGKILL);
+                *guard = None;
+                Err("the Python kernel did not finish forking in time and was stopped".into())
+            }
+        }
+    }
+
     fn slot(&self, lang: Language) -> Slot {
         let mut m = match self.slots.lock() {
             Ok(g) => g,
@@ -152,7 +325,11 @@ impl Kernels {
             }
         }
         let Some(k) = guard.as_mut() else { return };
-        let mut cell = code.into_bytes();
+        let mut cell = Vec::with_capacity(code.len() + 2);
+        if lang == Language::Python {
+            cell.push(b'c');
+        }
+        cell.extend_from_slice(code.as_bytes());
         cell.push(0);
         if k.ctl.write_all(&cell).await.is_err() {
             // The kernel is gone; the next call starts a new one.
@@ -280,5 +457,12 @@ impl Kernels {
             timed_out,
         })
         .await;
+    }
+}
+
+impl Kernel {
+    /// The kernel's pid in this sandbox.
+    pub fn pid(&self) -> i32 {
+        self.pid
     }
 }

@@ -24,7 +24,8 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("jail-init") => jail_init::run(),
+        Some("jail-init") => jail_init::run(false),
+        Some("jail-init-nested") => jail_init::run(true),
         Some("serve") => {
             let fd = match args.iter().position(|a| a == "--listen-fd") {
                 Some(i) => args.get(i + 1).and_then(|v| v.parse::<i32>().ok()),
@@ -36,7 +37,7 @@ fn main() -> ExitCode {
             };
             // SAFETY: the caller hands us this fd as our listening socket; we own it now.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            server::run(fd, Default::default())
+            server::run(fd, Default::default(), None)
         }
         Some("--version") => {
             println!("forkbox-agent {}", env!("CARGO_PKG_VERSION"));

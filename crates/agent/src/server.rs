@@ -3,7 +3,10 @@
 
 use crate::exec::{self, Context};
 use bytes::Bytes;
-use forkbox_types::agent::{ExecRequest, Health, RunCodeRequest, PROTOCOL_VERSION};
+use forkbox_types::agent::{
+    AdoptReply, AdoptRequest, ExecRequest, ForkRequest, Health, Language, RunCodeRequest,
+    PROTOCOL_VERSION,
+};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -21,9 +24,32 @@ type Body = BoxBody<Bytes, Infallible>;
 /// Largest request body the agent accepts.
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
+/// Abstract socket name (in the sandbox's network namespace) a fork child's agent
+/// receives its Python kernel on.
+pub const ADOPT_SOCKET: &[u8] = b"forkbox-adopt";
+
+/// How long a fork child's agent waits for its REPL copy before giving up on it.
+const ADOPT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A fork child's adopt socket and the token its REPL copy must present.
+pub struct Adopt {
+    pub listener: std::os::unix::net::UnixListener,
+    pub token: String,
+}
+
+/// Where a fork child stands with its REPL copy: `None` while waiting, then the kernel's
+/// pid (or `None` inside when it never came).
+type AdoptState = tokio::sync::watch::Receiver<Option<Option<i32>>>;
+
+#[derive(Clone)]
+struct Shared {
+    ctx: Context,
+    adopt: Option<(AdoptState, Arc<tokio::sync::Notify>)>,
+}
+
 /// Runs the agent until the process is killed. Must be called single-threaded: it
 /// forks the zygote before starting the async runtime.
-pub fn run(listener: OwnedFd, env: BTreeMap<String, String>) -> ExitCode {
+pub fn run(listener: OwnedFd, env: BTreeMap<String, String>, adopt: Option<Adopt>) -> ExitCode {
     let zygote = match forkbox_sys::seccomp::compile()
         .map_err(|e| e.to_string())
         .and_then(|f| crate::zygote::fork_zygote(&f).map_err(|e| e.to_string()))
@@ -44,7 +70,7 @@ pub fn run(listener: OwnedFd, env: BTreeMap<String, String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(listener, zygote, env)) {
+    match rt.block_on(serve(listener, zygote, env, adopt)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("forkbox-agent: {e}");
@@ -57,6 +83,7 @@ async fn serve(
     listener: OwnedFd,
     zygote: OwnedFd,
     env: BTreeMap<String, String>,
+    adopt: Option<Adopt>,
 ) -> std::io::Result<()> {
     // PID 1 reaps orphans; commands are the zygote's children and reaped there.
     crate::reaper::start()?;
@@ -65,6 +92,11 @@ async fn serve(
         env: Arc::new(env),
         kernels: Default::default(),
     };
+    let adopt = match adopt {
+        Some(a) => Some(start_adopt(&ctx, a).await),
+        None => None,
+    };
+    let shared = Shared { ctx, adopt };
     let std_listener = std::os::unix::net::UnixListener::from(listener);
     std_listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(std_listener)?;
@@ -77,11 +109,11 @@ async fn serve(
                 continue;
             }
         };
-        let ctx = ctx.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(shared, req).await) }
             });
             if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
@@ -91,6 +123,38 @@ async fn serve(
             }
         });
     }
+}
+
+/// Holds the Python slot (so no fresh kernel starts) until the REPL copy is adopted,
+/// the host says none is coming, or patience runs out.
+async fn start_adopt(ctx: &Context, a: Adopt) -> (AdoptState, Arc<tokio::sync::Notify>) {
+    let mut guard = ctx.kernels.hold(Language::Python).await;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let cancel = Arc::new(tokio::sync::Notify::new());
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        let Adopt { listener, token } = a;
+        let accept = tokio::task::spawn_blocking(move || crate::kernels::adopt(&listener, &token));
+        let outcome = tokio::select! {
+            r = accept => match r {
+                Ok(Ok(k)) => {
+                    let pid = k.pid();
+                    *guard = Some(k);
+                    Some(pid)
+                }
+                Ok(Err(e)) => {
+                    eprintln!("forkbox-agent: adopting the REPL copy: {e}");
+                    None
+                }
+                Err(_) => None,
+            },
+            _ = stop.notified() => None,
+            _ = tokio::time::sleep(ADOPT_PATIENCE) => None,
+        };
+        drop(guard);
+        let _ = tx.send(Some(outcome));
+    });
+    (rx, cancel)
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -127,8 +191,58 @@ fn ndjson(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response<Body> {
     r
 }
 
-async fn handle(ctx: Context, req: Request<Incoming>) -> Response<Body> {
+fn json_reply<T: serde::Serialize>(v: &T) -> Response<Body> {
+    full(StatusCode::OK, serde_json::to_vec(v).unwrap_or_default())
+}
+
+async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
+    let ctx = shared.ctx.clone();
     match (req.method(), req.uri().path()) {
+        (&Method::POST, "/fork") => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let fr: ForkRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("invalid fork request: {e}"),
+                    )
+                }
+            };
+            match ctx.kernels.fork(&fr.children).await {
+                Ok(reply) => json_reply(&reply),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+            }
+        }
+        (&Method::POST, "/adopt") => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let ar: AdoptRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("invalid adopt request: {e}"),
+                    )
+                }
+            };
+            let Some((mut state, cancel)) = shared.adopt.clone() else {
+                return json_reply(&AdoptReply { pid: None });
+            };
+            if !ar.expect {
+                cancel.notify_one();
+            }
+            let pid = match state.wait_for(Option::is_some).await {
+                Ok(v) => v.flatten(),
+                Err(_) => None,
+            };
+            json_reply(&AdoptReply { pid })
+        }
         (&Method::GET, "/health") => {
             let h = Health {
                 protocol: PROTOCOL_VERSION,

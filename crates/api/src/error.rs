@@ -31,6 +31,7 @@ impl ApiError {
                 CoreError::Gone { .. } => (StatusCode::GONE, "gone"),
                 CoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
                 CoreError::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
+                CoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
                 CoreError::Runtime(r) => match r {
                     RuntimeError::UnknownTemplate(_) => {
                         (StatusCode::BAD_REQUEST, "unknown_template")

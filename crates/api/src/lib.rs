@@ -40,6 +40,11 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
+        .route("/v1/sandboxes/{id}/fork", post(sandboxes::fork))
+        .route(
+            "/v1/sandboxes/{child}/merge_into/{parent}",
+            post(sandboxes::merge_into),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -41,6 +41,8 @@ pub struct SandboxView {
     created_at: String,
     expires_at: String,
     boot_ms: f64,
+    /// The sandbox this one was forked from.
+    parent: Option<String>,
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
@@ -62,6 +64,7 @@ impl From<Sandbox> for SandboxView {
             created_at: rfc3339(s.created_at),
             expires_at: rfc3339(s.expires_at),
             boot_ms: s.boot_ms,
+            parent: s.parent,
         }
     }
 }
@@ -176,6 +179,53 @@ pub async fn resume(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxView>, ApiError> {
     Ok(Json(st.manager.resume(&id).await?.into()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkBody {
+    /// Number of children, 1 to 32 (default 1).
+    n: Option<i64>,
+}
+
+#[derive(Serialize)]
+pub struct ForkView {
+    parent: String,
+    /// The children's ids, in order.
+    children: Vec<String>,
+    sandboxes: Vec<SandboxView>,
+    /// What the children inherited from the parent.
+    carried: Vec<String>,
+    not_carried: &'static str,
+}
+
+pub async fn fork(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<ForkBody>,
+) -> Result<Json<ForkView>, ApiError> {
+    let n = b.n.unwrap_or(1);
+    let max = i64::from(forkbox_core::MAX_FORK);
+    if !(1..=max).contains(&n) {
+        return Err(ApiError::BadRequest(format!(
+            "n must be between 1 and {max} (got {n})"
+        )));
+    }
+    let out = st.manager.fork(&id, n as u32).await?;
+    Ok(Json(ForkView {
+        parent: id,
+        children: out.children.iter().map(|s| s.id.clone()).collect(),
+        sandboxes: out.children.into_iter().map(Into::into).collect(),
+        carried: out.carried,
+        not_carried: "running processes other than the Python REPL (commands, background jobs, javascript and bash kernels), open files and sockets of the REPL",
+    }))
+}
+
+pub async fn merge_into(
+    State(st): State<AppState>,
+    Path((child, parent)): Path<(String, String)>,
+) -> Result<Json<SandboxView>, ApiError> {
+    Ok(Json(st.manager.merge_into(&child, &parent).await?.into()))
 }
 
 pub async fn delete(

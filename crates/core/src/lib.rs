@@ -10,7 +10,7 @@ pub mod model;
 pub mod runtime;
 pub mod store;
 
-pub use manager::{Manager, ManagerConfig};
+pub use manager::{ForkOutcome, Manager, ManagerConfig, MAX_FORK};
 pub use model::{CreateRequest, ExecCommand, ListFilter, Sandbox, Status, Work};
 pub use runtime::{Instance, Runtime, RuntimeError};
 
@@ -25,6 +25,9 @@ pub enum CoreError {
     Invalid(String),
     #[error("sandbox {id} is {status}; this needs a running sandbox")]
     WrongState { id: String, status: Status },
+    /// The request contradicts the sandboxes' relations (e.g. merge into a non-ancestor).
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]

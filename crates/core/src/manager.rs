@@ -46,8 +46,11 @@ impl Default for ManagerConfig {
 struct Live {
     record: Mutex<Sandbox>,
     instance: Arc<dyn Instance>,
-    /// Serialises lifecycle operations (pause, resume, timeout, delete) on one sandbox.
-    op: tokio::sync::Mutex<()>,
+    /// What the sandbox was made with; fork children get the same.
+    spec: CreateSpec,
+    /// Serialises lifecycle operations (pause, resume, timeout, fork, merge, delete) on
+    /// one sandbox.
+    op: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Live {
@@ -80,6 +83,17 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Most children one fork may make.
+pub const MAX_FORK: u32 = 32;
+
+/// What a fork made.
+#[derive(Debug, Clone)]
+pub struct ForkOutcome {
+    pub children: Vec<Sandbox>,
+    /// What the children inherited, e.g. `filesystem`, `python`.
+    pub carried: Vec<String>,
 }
 
 /// Exit code reported when the process's fate is unknown (its agent went away).
@@ -202,7 +216,9 @@ impl Manager {
             ended_at: None,
             end_reason: None,
             boot_ms: (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0,
+            parent: None,
             host_pid: instance.host_pid(),
+            resource_id: id.clone(),
         };
         if let Err(e) = self.store.insert_sandbox(&record).await {
             let _ = instance.destroy().await;
@@ -213,11 +229,177 @@ impl Manager {
             Arc::new(Live {
                 record: Mutex::new(record.clone()),
                 instance,
-                op: tokio::sync::Mutex::new(()),
+                spec,
+                op: Arc::new(tokio::sync::Mutex::new(())),
             }),
         );
         tracing::info!(sandbox = %id, boot_ms = record.boot_ms, "sandbox created");
         Ok(record)
+    }
+
+    /// Forks a running sandbox into `n` children that start from its current state.
+    /// Waits for a running REPL cell and other lifecycle calls on the sandbox first.
+    pub async fn fork(&self, id: &str, n: u32) -> Result<ForkOutcome, CoreError> {
+        if !(1..=MAX_FORK).contains(&n) {
+            return Err(CoreError::Invalid(format!(
+                "n must be between 1 and {MAX_FORK}"
+            )));
+        }
+        let live = self.running(id).await?;
+        let _op = live.op.lock().await;
+        let parent = live.record();
+        if parent.status != Status::Running || self.live(id).is_none() {
+            return Err(CoreError::WrongState {
+                id: id.to_owned(),
+                status: parent.status,
+            });
+        }
+        let started = Instant::now();
+        let specs: Vec<CreateSpec> = (0..n)
+            .map(|_| CreateSpec {
+                id: ids::new("sbx"),
+                ..live.spec.clone()
+            })
+            .collect();
+        let forked = live.instance.fork(specs.clone()).await?;
+        let boot_ms = (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+        let created_at = OffsetDateTime::now_utc();
+        let mut children = Vec::with_capacity(specs.len());
+        let mut pending: Vec<(CreateSpec, Arc<dyn Instance>)> =
+            specs.into_iter().zip(forked.children).collect();
+        while !pending.is_empty() {
+            let (spec, instance) = pending.remove(0);
+            let record = Sandbox {
+                id: spec.id.clone(),
+                status: Status::Running,
+                created_at,
+                expires_at: created_at + time::Duration::seconds(parent.timeout as i64),
+                ended_at: None,
+                end_reason: None,
+                boot_ms,
+                parent: Some(id.to_owned()),
+                host_pid: instance.host_pid(),
+                resource_id: spec.id.clone(),
+                ..parent.clone()
+            };
+            if let Err(e) = self.store.insert_sandbox(&record).await {
+                let _ = instance.destroy().await;
+                for (_, i) in pending {
+                    let _ = i.destroy().await;
+                }
+                return Err(e.into());
+            }
+            self.live_map().insert(
+                record.id.clone(),
+                Arc::new(Live {
+                    record: Mutex::new(record.clone()),
+                    instance,
+                    spec,
+                    op: Arc::new(tokio::sync::Mutex::new(())),
+                }),
+            );
+            children.push(record);
+        }
+        tracing::info!(sandbox = %id, n, ms = boot_ms, carried = ?forked.carried, "sandbox forked");
+        Ok(ForkOutcome {
+            children,
+            carried: forked.carried,
+        })
+    }
+
+    /// A record, live or ended, or 404.
+    async fn any_record(&self, id: &str) -> Result<Sandbox, CoreError> {
+        if let Some(l) = self.live(id) {
+            return Ok(l.record());
+        }
+        self.store
+            .get_sandbox(id)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(id.to_owned()))
+    }
+
+    /// Makes `child`'s state (filesystem and REPL) `parent`'s: the parent id now refers
+    /// to the child's sandbox, the child id is consumed (410 afterwards), siblings are
+    /// untouched. Merges into one parent run one at a time.
+    pub async fn merge_into(&self, child: &str, parent: &str) -> Result<Sandbox, CoreError> {
+        if child == parent {
+            return Err(CoreError::Conflict(format!(
+                "{child} cannot be merged into itself"
+            )));
+        }
+        // Both must exist and be live (404 / 410 otherwise).
+        let c = self.get(child).await?;
+        self.get(parent).await?;
+        let mut up = c.parent.clone();
+        let mut steps = 0;
+        let descends = loop {
+            match up {
+                Some(p) if p == parent => break true,
+                Some(p) if steps < 64 => {
+                    steps += 1;
+                    up = self.any_record(&p).await.ok().and_then(|r| r.parent);
+                }
+                _ => break false,
+            }
+        };
+        if !descends {
+            return Err(CoreError::Conflict(format!(
+                "{child} does not descend from {parent}; only a fork descendant can be merged into it"
+            )));
+        }
+        // A merge swaps the parent's entry: whoever waited on the old one looks again.
+        let mut attempts = 0;
+        let (p_live, c_live, _p_op, _c_op) = loop {
+            attempts += 1;
+            let p_live = self.running(parent).await?;
+            let c_live = self.running(child).await?;
+            // Ancestor first, always: no lock-order cycles between merges.
+            let p_op = p_live.op.clone().lock_owned().await;
+            let c_op = c_live.op.clone().lock_owned().await;
+            let current =
+                |id: &str, l: &Arc<Live>| self.live(id).is_some_and(|now| Arc::ptr_eq(&now, l));
+            if current(parent, &p_live) && current(child, &c_live) {
+                break (p_live, c_live, p_op, c_op);
+            }
+            if attempts >= 8 {
+                return Err(CoreError::Conflict(
+                    "the sandboxes kept changing during the merge; retry".into(),
+                ));
+            }
+        };
+        let c_rec = c_live.record();
+        let now = OffsetDateTime::now_utc();
+        self.store.merge(&c_rec, parent, now).await?;
+        let merged = p_live.update(|r| {
+            r.resource_id = c_rec.resource_id.clone();
+            r.host_pid = c_rec.host_pid;
+            r.status = c_rec.status;
+        });
+        {
+            let mut map = self.live_map();
+            map.remove(child);
+            map.insert(
+                parent.to_owned(),
+                Arc::new(Live {
+                    record: Mutex::new(merged.clone()),
+                    instance: c_live.instance.clone(),
+                    spec: c_live.spec.clone(),
+                    op: Arc::new(tokio::sync::Mutex::new(())),
+                }),
+            );
+            for l in map.values() {
+                if l.record().parent.as_deref() == Some(child) {
+                    l.update(|r| r.parent = Some(parent.to_owned()));
+                }
+            }
+        }
+        // The old state of the parent goes (kept hollow by the runtime while fork
+        // descendants, like the merged child, still hang off it).
+        if let Err(e) = p_live.instance.destroy().await {
+            tracing::warn!(sandbox = %parent, error = %e, "releasing the state replaced by a merge");
+        }
+        tracing::info!(sandbox = %parent, child, "merged");
+        Ok(merged)
     }
 
     /// The record of a sandbox; ended sandboxes answer [`CoreError::Gone`].
@@ -496,7 +678,7 @@ impl Manager {
             if self.live(&s.id).is_some() {
                 continue;
             }
-            if let Err(e) = self.runtime.cleanup(&s.id).await {
+            if let Err(e) = self.runtime.cleanup(&s.resource_id).await {
                 tracing::error!(sandbox = %s.id, error = %e, "cleaning up after an earlier server");
             }
             self.store

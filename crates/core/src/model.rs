@@ -17,6 +17,8 @@ pub enum Status {
     Killed,
     /// Its agent died or could not be reached; resources were freed.
     Failed,
+    /// A fork child whose state became its ancestor's (`merge_into`); the id is consumed.
+    Merged,
 }
 
 impl Status {
@@ -27,6 +29,7 @@ impl Status {
             Status::Deleted => "deleted",
             Status::Killed => "killed",
             Status::Failed => "failed",
+            Status::Merged => "merged",
         }
     }
 
@@ -37,6 +40,7 @@ impl Status {
             "deleted" => Status::Deleted,
             "killed" => Status::Killed,
             "failed" => Status::Failed,
+            "merged" => Status::Merged,
             _ => return None,
         })
     }
@@ -74,8 +78,14 @@ pub struct Sandbox {
     pub end_reason: Option<String>,
     /// Milliseconds from request to a ready agent.
     pub boot_ms: f64,
+    /// The sandbox this one was forked from.
+    pub parent: Option<String>,
     #[serde(skip)]
     pub host_pid: Option<i32>,
+    /// The runtime's name for this sandbox's resources: its own id, or after a merge
+    /// the merged child's.
+    #[serde(skip)]
+    pub resource_id: String,
 }
 
 /// A validated create request.

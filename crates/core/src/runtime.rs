@@ -54,6 +54,14 @@ impl RuntimeError {
     }
 }
 
+/// What a fork made.
+pub struct Forked {
+    /// One running instance per requested child, in order.
+    pub children: Vec<Arc<dyn Instance>>,
+    /// What the children inherited from the parent, e.g. `filesystem`, `python`.
+    pub carried: Vec<String>,
+}
+
 /// The events of one exec, as the agent reports them.
 pub type AgentEvents = BoxStream<'static, Result<AgentEvent, RuntimeError>>;
 
@@ -96,6 +104,15 @@ pub trait Instance: Send + Sync + 'static {
 
     /// Thaws a paused sandbox.
     async fn resume(&self) -> Result<(), RuntimeError>;
+
+    /// Makes one running child per spec, each starting from this sandbox's current
+    /// state (see the runtime's docs for what is carried).
+    async fn fork(&self, children: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
+        let _ = children;
+        Err(RuntimeError::Unavailable(
+            "this runtime cannot fork sandboxes".into(),
+        ))
+    }
 
     /// Kills everything and frees every host resource. Idempotent.
     async fn destroy(&self) -> Result<(), RuntimeError>;

@@ -61,8 +61,8 @@ impl Store {
     pub async fn insert_sandbox(&self, s: &Sandbox) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO sandboxes (id, runtime, template, status, cpu, memory_mb, timeout_s, metadata, \
-             created_at, expires_at, ended_at, end_reason, boot_ms, host_pid) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&s.id)
         .bind(&s.runtime)
@@ -78,6 +78,8 @@ impl Store {
         .bind(&s.end_reason)
         .bind(s.boot_ms)
         .bind(s.host_pid)
+        .bind(&s.parent)
+        .bind(&s.resource_id)
         .execute(&self.pool)
         .await
         .map_err(q("insert sandbox"))?;
@@ -182,6 +184,43 @@ impl Store {
         row.map(|r| from_row(&r)).transpose()
     }
 
+    /// `merge_into`, in one transaction: `parent` takes over `child`'s resources and
+    /// status, `child` is marked merged, and `child`'s own fork children now count as
+    /// `parent`'s.
+    pub async fn merge(
+        &self,
+        child: &Sandbox,
+        parent: &str,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(q("begin merge"))?;
+        sqlx::query("UPDATE sandboxes SET resource_id = ?, host_pid = ?, status = ? WHERE id = ?")
+            .bind(&child.resource_id)
+            .bind(child.host_pid)
+            .bind(child.status.as_str())
+            .bind(parent)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("merge: take over"))?;
+        sqlx::query(
+            "UPDATE sandboxes SET status = 'merged', end_reason = ?, ended_at = ? WHERE id = ?",
+        )
+        .bind(format!("merged into {parent}"))
+        .bind(ts(at))
+        .bind(&child.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("merge: consume child"))?;
+        sqlx::query("UPDATE sandboxes SET parent = ? WHERE parent = ?")
+            .bind(parent)
+            .bind(&child.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("merge: reparent"))?;
+        tx.commit().await.map_err(q("commit merge"))?;
+        Ok(())
+    }
+
     /// Sandboxes in `status`.
     pub async fn sandboxes_with_status(&self, status: Status) -> Result<Vec<Sandbox>, StoreError> {
         let rows = sqlx::query("SELECT * FROM sandboxes WHERE status = ? ORDER BY created_at")
@@ -222,6 +261,10 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         end_reason: r.get("end_reason"),
         boot_ms: r.get("boot_ms"),
         host_pid: r.get("host_pid"),
+        parent: r.get("parent"),
+        resource_id: r
+            .get::<Option<String>, _>("resource_id")
+            .unwrap_or_else(|| id.clone()),
         id,
     })
 }
@@ -249,7 +292,9 @@ mod tests {
             ended_at: None,
             end_reason: None,
             boot_ms: 7.5,
+            parent: None,
             host_pid: Some(42),
+            resource_id: "sbx-0123456789abcdef".into(),
         };
         store.insert_sandbox(&s).await.unwrap();
         assert_eq!(store.get_sandbox(&s.id).await.unwrap().unwrap(), s);

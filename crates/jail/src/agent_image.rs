@@ -19,35 +19,39 @@ pub enum ImageError {
 
 pub struct AgentImage {
     fd: OwnedFd,
+    /// The same image owned by the sandboxes' root uid and execute-only, for the
+    /// second stage of a fork child's jail-init (see `nested_fd`).
+    nested: OwnedFd,
 }
 
 impl AgentImage {
-    pub fn load(path: &Path) -> Result<AgentImage, ImageError> {
+    /// Loads the agent at `path`; `nested_owner` is the host uid that root inside
+    /// sandboxes maps to.
+    pub fn load(path: &Path, nested_owner: u32) -> Result<AgentImage, ImageError> {
         let bytes = std::fs::read(path).map_err(|e| ImageError::Read(path.into(), e))?;
         if !is_static_elf(&bytes) {
             return Err(ImageError::NotStatic(path.into()));
         }
-        // SAFETY: memfd_create with a static NUL-terminated name and flags.
-        let raw = unsafe {
-            libc::memfd_create(
-                c"forkbox-agent".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        if raw < 0 {
-            return Err(ImageError::Memfd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut f = File::from(fd);
-        f.write_all(&bytes).map_err(ImageError::Memfd)?;
-        let seals =
-            libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
-        // SAFETY: fcntl on our own fd with integer arguments.
-        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-            return Err(ImageError::Memfd(std::io::Error::last_os_error()));
-        }
-        Ok(AgentImage { fd: f.into() })
+        let fd = sealed(c"forkbox-agent", &bytes)?;
+        let nested = sealed(c"forkbox-agent-nested", &bytes)?;
+        // Execute-only and owned by the sandboxes' root: a fork child's jail-init
+        // execs it inside the parent sandbox's user namespace, which makes that
+        // namespace the new image's (so it may write the child's id maps), and the
+        // unreadable file keeps the process undumpable from its first instruction.
+        nix::unistd::fchown(
+            nested.as_raw_fd(),
+            Some(nix::unistd::Uid::from_raw(nested_owner)),
+            Some(nix::unistd::Gid::from_raw(nested_owner)),
+        )
+        .map_err(|e| ImageError::Memfd(e.into()))?;
+        nix::sys::stat::fchmod(nested.as_raw_fd(), nix::sys::stat::Mode::S_IXUSR)
+            .map_err(|e| ImageError::Memfd(e.into()))?;
+        Ok(AgentImage { fd, nested })
+    }
+
+    /// The execute-only copy for a fork child's second jail-init stage.
+    pub fn nested_fd(&self) -> i32 {
+        self.nested.as_raw_fd()
     }
 
     /// A path that executes the sealed copy (valid in this process and its children
@@ -55,6 +59,26 @@ impl AgentImage {
     pub fn exec_path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
     }
+}
+
+/// A sealed memfd holding `bytes`.
+fn sealed(name: &std::ffi::CStr, bytes: &[u8]) -> Result<OwnedFd, ImageError> {
+    // SAFETY: memfd_create with a NUL-terminated name and flags.
+    let raw =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if raw < 0 {
+        return Err(ImageError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut f = File::from(fd);
+    f.write_all(bytes).map_err(ImageError::Memfd)?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: fcntl on our own fd with integer arguments.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(ImageError::Memfd(std::io::Error::last_os_error()));
+    }
+    Ok(f.into())
 }
 
 /// True for an ELF executable without a program interpreter (PT_INTERP).
@@ -83,7 +107,7 @@ mod tests {
     fn dynamic_binaries_are_refused() {
         // /bin/sh on Debian is dynamically linked.
         assert!(matches!(
-            AgentImage::load(Path::new("/bin/sh")),
+            AgentImage::load(Path::new("/bin/sh"), 1000000),
             Err(ImageError::NotStatic(_))
         ));
         assert!(!is_static_elf(b"not an elf"));

@@ -17,11 +17,14 @@ pub mod template;
 use agent_image::AgentImage;
 use async_trait::async_trait;
 use forkbox_agent_client::AgentClient;
-use forkbox_core::runtime::{AgentEvents, CreateSpec, Instance, Runtime, RuntimeError};
+use forkbox_core::runtime::{AgentEvents, CreateSpec, Forked, Instance, Runtime, RuntimeError};
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
-use forkbox_types::agent::{ExecRequest, JailInit, JailInitReply, RunCodeRequest};
+use forkbox_types::agent::{
+    AdoptRequest, ExecRequest, ForkChild, ForkRequest, JailInit, JailInitReply, RunCodeRequest,
+};
 use futures_util::StreamExt;
 use pool::Pool;
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,12 +66,92 @@ pub enum JailError {
 }
 
 pub struct JailRuntime {
+    inner: Arc<Inner>,
+}
+
+/// What the runtime and its instances share.
+struct Inner {
     pool: Pool,
     cgroups: Driver,
     agent: AgentImage,
     run_dir: PathBuf,
     uid_base: u32,
+    lineage: std::sync::Mutex<Lineage>,
 }
+
+/// Fork ancestry of live sandboxes, by runtime key (the id a sandbox was made with).
+///
+/// A fork child's PID namespace is nested in its parent's, so the parent's PID 1 must
+/// outlive every descendant: a parent destroyed while descendants live is made
+/// *hollow* (every process but its agent killed, its resources kept) and released with
+/// the last of them.
+#[derive(Default)]
+struct Lineage {
+    nodes: HashMap<String, Node>,
+}
+
+struct Node {
+    parent: Option<String>,
+    live: bool,
+    /// Resources of a hollow sandbox, released once no descendant lives.
+    hollow: Option<Resources>,
+}
+
+impl Lineage {
+    fn has_live_descendant(&self, key: &str) -> bool {
+        self.nodes.iter().any(|(k, n)| {
+            n.live && k != key && {
+                let mut up = n.parent.as_deref();
+                let mut found = false;
+                while let Some(p) = up {
+                    if p == key {
+                        found = true;
+                        break;
+                    }
+                    up = self.nodes.get(p).and_then(|n| n.parent.as_deref());
+                }
+                found
+            }
+        })
+    }
+
+    /// Removes `key` and every hollow ancestor left without live descendants; returns
+    /// the hollow ancestors' resources for release.
+    fn remove_and_collect(&mut self, key: &str) -> Vec<Resources> {
+        let mut freed = Vec::new();
+        let mut up = self.nodes.remove(key).and_then(|n| n.parent);
+        while let Some(p) = up {
+            let done = match self.nodes.get(&p) {
+                Some(n) => !n.live && !self.has_live_descendant(&p),
+                None => false,
+            };
+            if !done {
+                break;
+            }
+            let Some(node) = self.nodes.remove(&p) else {
+                break;
+            };
+            freed.extend(node.hollow);
+            up = node.parent;
+        }
+        freed
+    }
+
+    /// Depth of `key` in its fork tree (0 for a sandbox made from a template).
+    fn depth(&self, key: &str) -> usize {
+        let mut d = 0;
+        let mut up = self.nodes.get(key).and_then(|n| n.parent.as_deref());
+        while let Some(p) = up {
+            d += 1;
+            up = self.nodes.get(p).and_then(|n| n.parent.as_deref());
+        }
+        d
+    }
+}
+
+/// Nesting limit of user and PID namespaces is 32 levels; a sandbox uses one and the
+/// host's is level 0.
+const MAX_FORK_DEPTH: usize = 30;
 
 impl JailRuntime {
     pub fn new(cfg: &JailConfig) -> Result<JailRuntime, JailError> {
@@ -89,7 +172,7 @@ impl JailRuntime {
                 }
             }
         }
-        let agent = AgentImage::load(&cfg.agent_bin)?;
+        let agent = AgentImage::load(&cfg.agent_bin, cfg.uid_base)?;
         std::fs::create_dir_all(&cfg.run_dir)
             .map_err(|e| JailError::RunDir(cfg.run_dir.clone(), e))?;
         // Orphaned sandbox processes become our children, so we can reap them.
@@ -102,20 +185,23 @@ impl JailRuntime {
             "jail runtime ready"
         );
         Ok(JailRuntime {
-            pool,
-            cgroups,
-            agent,
-            run_dir: cfg.run_dir.clone(),
-            uid_base: cfg.uid_base,
+            inner: Arc::new(Inner {
+                pool,
+                cgroups,
+                agent,
+                run_dir: cfg.run_dir.clone(),
+                uid_base: cfg.uid_base,
+                lineage: Default::default(),
+            }),
         })
     }
 
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        &self.inner.pool
     }
 
     pub fn cgroups(&self) -> &Driver {
-        &self.cgroups
+        &self.inner.cgroups
     }
 
     /// Builds `template` if missing, reporting progress through `progress`.
@@ -124,11 +210,29 @@ impl JailRuntime {
         name: &str,
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<template::TemplateMeta, template::TemplateError> {
+        self.inner.ensure_template(name, progress).await
+    }
+}
+
+impl Inner {
+    async fn ensure_template(
+        &self,
+        name: &str,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<template::TemplateMeta, template::TemplateError> {
         template::ensure(&self.pool, name, self.uid_base, progress).await
+    }
+
+    fn lineage(&self) -> std::sync::MutexGuard<'_, Lineage> {
+        match self.lineage.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
     }
 }
 
 /// Host resources of one sandbox, released in reverse order by [`Resources::release`].
+#[derive(Default)]
 struct Resources {
     id: String,
     rootfs: Option<PathBuf>,
@@ -268,6 +372,38 @@ impl Runtime for JailRuntime {
     }
 
     async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError> {
+        self.inner.prepare_template(template).await
+    }
+
+    async fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
+        self.inner.cleanup_in(id).await
+    }
+
+    async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let inst = self.inner.start(spec, Origin::Template).await?;
+        self.inner.lineage().nodes.insert(
+            spec.id.clone(),
+            Node {
+                parent: None,
+                live: true,
+                hollow: None,
+            },
+        );
+        Ok(inst)
+    }
+}
+
+/// Where a new sandbox's root filesystem and REPL come from.
+enum Origin {
+    /// A fresh snapshot of the spec's template.
+    Template,
+    /// A fork child: its root filesystem is already in place; its namespaces nest in the
+    /// parent's (whose agent has this host pid) and it waits for a REPL copy.
+    Fork { parent_pid: i32, token: String },
+}
+
+impl Inner {
+    async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError> {
         let name = template.to_owned();
         self.ensure_template(template, &move |line: &str| {
             tracing::info!(template = %name, "{line}");
@@ -280,20 +416,20 @@ impl Runtime for JailRuntime {
         })
     }
 
-    async fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
-        self.cleanup_in(id).await
-    }
-
-    async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
+    /// Makes one running sandbox; everything made is undone if a step fails.
+    async fn start(
+        self: &Arc<Self>,
+        spec: &CreateSpec,
+        origin: Origin,
+    ) -> Result<Arc<JailInstance>, RuntimeError> {
         let mut res = Resources {
             id: spec.id.clone(),
-            rootfs: None,
-            cgroup: None,
-            run_dir: None,
-            pidfd: None,
-            pid: None,
+            ..Default::default()
         };
-        match self.create_in(spec, &mut res).await {
+        if matches!(origin, Origin::Fork { .. }) {
+            res.rootfs = Some(self.pool.sandbox(&spec.id));
+        }
+        match self.create_in(spec, &mut res, origin).await {
             Ok(i) => Ok(i),
             Err(e) => {
                 if let Err(cleanup) = res.release().await {
@@ -303,9 +439,7 @@ impl Runtime for JailRuntime {
             }
         }
     }
-}
 
-impl JailRuntime {
     async fn cleanup_in(&self, id: &str) -> Result<(), RuntimeError> {
         let cgroup = self
             .cgroups
@@ -325,25 +459,28 @@ impl JailRuntime {
     }
 
     async fn create_in(
-        &self,
+        self: &Arc<Self>,
         spec: &CreateSpec,
         res: &mut Resources,
-    ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        origin: Origin,
+    ) -> Result<Arc<JailInstance>, RuntimeError> {
         let id = spec.id.as_str();
-        let template = self.pool.template(&spec.template);
-        if !self.pool.template_meta(&spec.template).exists() {
-            if template::builtin_packages(&spec.template).is_some() {
-                self.prepare_template(&spec.template).await?;
-            } else {
-                return Err(RuntimeError::UnknownTemplate(spec.template.clone()));
-            }
-        }
         let t0 = std::time::Instant::now();
         // 1. Root filesystem.
         let rootfs = self.pool.sandbox(id);
-        forkbox_sys::btrfs::snapshot(&template, &rootfs, false)
-            .map_err(|e| RuntimeError::host("snapshot template", id, e))?;
-        res.rootfs = Some(rootfs.clone());
+        if let Origin::Template = origin {
+            let template = self.pool.template(&spec.template);
+            if !self.pool.template_meta(&spec.template).exists() {
+                if template::builtin_packages(&spec.template).is_some() {
+                    self.prepare_template(&spec.template).await?;
+                } else {
+                    return Err(RuntimeError::UnknownTemplate(spec.template.clone()));
+                }
+            }
+            forkbox_sys::btrfs::snapshot(&template, &rootfs, false)
+                .map_err(|e| RuntimeError::host("snapshot template", id, e))?;
+            res.rootfs = Some(rootfs.clone());
+        }
         // 2. Cgroup.
         let cg = self
             .cgroups
@@ -368,6 +505,10 @@ impl JailRuntime {
         let log = std::fs::File::create(run.join("agent.log"))
             .map_err(|e| RuntimeError::host("create agent log", id, e))?;
         // 4. jail-init.
+        let (fork_of, adopt_token) = match origin {
+            Origin::Template => (None, None),
+            Origin::Fork { parent_pid, token } => (Some(parent_pid), Some(token)),
+        };
         let init = JailInit {
             id: id.to_owned(),
             rootfs: rootfs.to_string_lossy().into_owned(),
@@ -378,6 +519,8 @@ impl JailRuntime {
                 .map(|p| p.to_string_lossy().into_owned())
                 .collect(),
             env: spec.env.clone(),
+            fork_of,
+            adopt_token,
         };
         let pid = self
             .run_jail_init(id, &init, listener.as_raw_fd(), log)
@@ -418,20 +561,18 @@ impl JailRuntime {
             res,
             Resources {
                 id: id.to_owned(),
-                rootfs: None,
-                cgroup: None,
-                run_dir: None,
-                pidfd: None,
-                pid: None,
+                ..Default::default()
             },
         );
         Ok(Arc::new(JailInstance {
             id: id.to_owned(),
             pid,
+            rootfs,
             cgroup: cg,
             client,
             alive,
             resources: tokio::sync::Mutex::new(taken),
+            rt: self.clone(),
         }))
     }
 
@@ -451,15 +592,26 @@ impl JailRuntime {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::from(log));
+        // A fork child's jail-init also gets the nested agent image as fd 4.
+        let nested_fd = init.fork_of.map(|_| self.agent.nested_fd());
         // SAFETY: the hook only calls dup2/fcntl on fds that stay open in the parent.
         unsafe {
             cmd.pre_exec(move || {
-                if listen_fd == 3 {
-                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                // Move both out of the way first: either may already sit on 3 or 4.
+                let mut moved = Vec::new();
+                for (from, to) in [(Some(listen_fd), 3), (nested_fd, 4)] {
+                    let Some(from) = from else { continue };
+                    let high = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 10);
+                    if high < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                } else if libc::dup2(listen_fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                    moved.push((high, to));
+                }
+                for (high, to) in moved {
+                    // dup2 leaves the new fd without close-on-exec.
+                    if libc::dup2(high, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -498,10 +650,12 @@ impl JailRuntime {
 pub struct JailInstance {
     id: String,
     pid: i32,
+    rootfs: PathBuf,
     cgroup: Cgroup,
     client: AgentClient,
     alive: Arc<AtomicBool>,
     resources: tokio::sync::Mutex<Resources>,
+    rt: Arc<Inner>,
 }
 
 #[async_trait]
@@ -534,13 +688,297 @@ impl Instance for JailInstance {
         self.freeze(false).await
     }
 
+    async fn fork(&self, children: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
+        self.fork_children(children).await
+    }
+
     async fn destroy(&self) -> Result<(), RuntimeError> {
         self.alive.store(false, Ordering::SeqCst);
-        self.resources.lock().await.release().await
+        let mut res = self.resources.lock().await;
+        let hollow = {
+            let mut lin = self.rt.lineage();
+            let hollow = lin.has_live_descendant(&self.id);
+            if let Some(n) = lin.nodes.get_mut(&self.id) {
+                n.live = false;
+            }
+            hollow
+        };
+        if hollow {
+            // Descendants' PID namespaces hang off our PID 1: keep it, end the rest.
+            self.kill_all_but_agent().await;
+            let kept = std::mem::take(&mut *res);
+            let unplaced = {
+                let mut lin = self.rt.lineage();
+                match lin.nodes.get_mut(&self.id) {
+                    Some(n) => {
+                        n.hollow = Some(kept);
+                        None
+                    }
+                    None => Some(kept),
+                }
+            };
+            if let Some(kept) = unplaced {
+                *res = kept;
+                return res.release().await;
+            }
+            tracing::info!(sandbox = %self.id, "kept hollow until its fork descendants end");
+            return Ok(());
+        }
+        let mine = res.release().await;
+        let freed = self.rt.lineage().remove_and_collect(&self.id);
+        for mut r in freed {
+            let id = r.id.clone();
+            if let Err(e) = r.release().await {
+                tracing::error!(sandbox = %id, error = %e, "releasing a hollow fork ancestor");
+            } else {
+                tracing::info!(sandbox = %id, "released a hollow fork ancestor");
+            }
+        }
+        mine
     }
 }
 
+/// The `NSpid` line of `/proc/<pid>/status`: the pid in each PID namespace from the
+/// host's down to the process's own.
+fn nspid(pid: i32) -> std::io::Result<Vec<i32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .ok_or_else(|| std::io::Error::other("no NSpid line"))?;
+    Ok(line
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect())
+}
+
+fn pidns_of(pid: i32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
+}
+
+fn token() -> String {
+    use rand::Rng as _;
+    let mut b = [0u8; 24];
+    rand::thread_rng().fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 impl JailInstance {
+    /// See `docs/fork-design.md`: snapshot the frozen parent once per child, start each
+    /// child nested in the parent's namespaces, fork the parent's Python kernel into
+    /// them, and move each copy into its child's cgroup.
+    async fn fork_children(&self, specs: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
+        let id = self.id.as_str();
+        if self.rt.lineage().depth(id) + 1 > MAX_FORK_DEPTH {
+            return Err(RuntimeError::Rejected(format!(
+                "sandbox {id} is already {MAX_FORK_DEPTH} forks deep (the kernel nests namespaces at most 32 levels); fork an earlier ancestor"
+            )));
+        }
+        // 1. Filesystems: one snapshot per child of the frozen parent.
+        self.freeze(true).await?;
+        let mut made: Vec<PathBuf> = Vec::new();
+        let mut snap_err = None;
+        for spec in &specs {
+            let dst = self.rt.pool.sandbox(&spec.id);
+            match forkbox_sys::btrfs::snapshot(&self.rootfs, &dst, false) {
+                Ok(()) => made.push(dst),
+                Err(e) => {
+                    snap_err = Some(RuntimeError::host("snapshot parent", &spec.id, e));
+                    break;
+                }
+            }
+        }
+        let thawed = self.freeze(false).await;
+        if let Some(e) = snap_err.or(thawed.err()) {
+            for p in made {
+                let _ = delete_subvolume_patiently(&p);
+            }
+            return Err(e);
+        }
+        // 2. Children, concurrently, nested in our namespaces.
+        let tokens: Vec<String> = specs.iter().map(|_| token()).collect();
+        let started =
+            futures_util::future::join_all(specs.iter().zip(&tokens).map(|(spec, token)| {
+                self.rt.start(
+                    spec,
+                    Origin::Fork {
+                        parent_pid: self.pid,
+                        token: token.clone(),
+                    },
+                )
+            }))
+            .await;
+        let mut children: Vec<Arc<JailInstance>> = Vec::new();
+        let mut failure = None;
+        for (r, spec) in started.into_iter().zip(&specs) {
+            match r {
+                Ok(c) => children.push(c),
+                Err(e) => {
+                    // `start` removed what it made, but not a snapshot it did not make.
+                    let _ = delete_subvolume_patiently(&self.rt.pool.sandbox(&spec.id));
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        let outcome = match failure {
+            Some(e) => Err(e),
+            None => self.carry_python(&children, &tokens).await,
+        };
+        match outcome {
+            Ok(python) => {
+                let mut lin = self.rt.lineage();
+                for c in &children {
+                    lin.nodes.insert(
+                        c.id.clone(),
+                        Node {
+                            parent: Some(self.id.clone()),
+                            live: true,
+                            hollow: None,
+                        },
+                    );
+                }
+                drop(lin);
+                let mut carried = vec!["filesystem".to_owned()];
+                if python {
+                    carried.push("python".to_owned());
+                }
+                Ok(Forked {
+                    children: children
+                        .into_iter()
+                        .map(|c| c as Arc<dyn Instance>)
+                        .collect(),
+                    carried,
+                })
+            }
+            Err(e) => {
+                for c in children {
+                    let mut res = c.resources.lock().await;
+                    let _ = res.release().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Forks our Python kernel (if one runs) into `children`; true when carried.
+    async fn carry_python(
+        &self,
+        children: &[Arc<JailInstance>],
+        tokens: &[String],
+    ) -> Result<bool, RuntimeError> {
+        let id = self.id.as_str();
+        let agent_err = |e: forkbox_agent_client::AgentError| RuntimeError::Agent {
+            id: id.to_owned(),
+            source: e.into(),
+        };
+        // Each child's agent pid as our PID namespace numbers it.
+        let depth = nspid(self.pid)
+            .map_err(|e| RuntimeError::host("read parent's NSpid", id, e))?
+            .len();
+        let mut fork_children = Vec::new();
+        for (c, token) in children.iter().zip(tokens) {
+            let ns =
+                nspid(c.pid).map_err(|e| RuntimeError::host("read child's NSpid", &c.id, e))?;
+            let pid = *ns.get(depth - 1).ok_or_else(|| {
+                RuntimeError::host(
+                    "locate fork child",
+                    &c.id,
+                    std::io::Error::other("not nested in its parent"),
+                )
+            })?;
+            fork_children.push(ForkChild {
+                pid,
+                token: token.clone(),
+            });
+        }
+        let reply = self
+            .client
+            .fork(&ForkRequest {
+                children: fork_children,
+            })
+            .await
+            .map_err(agent_err)?;
+        let mut adopted = Vec::new();
+        for (i, c) in children.iter().enumerate() {
+            let error = reply.errors.get(i).cloned().unwrap_or_else(|| {
+                if reply.python {
+                    "no answer for this child".into()
+                } else {
+                    String::new()
+                }
+            });
+            let r = c
+                .client
+                .adopt(&AdoptRequest {
+                    expect: reply.python && error.is_empty(),
+                })
+                .await
+                .map_err(|e| RuntimeError::Agent {
+                    id: c.id.clone(),
+                    source: e.into(),
+                })?;
+            if !reply.python {
+                continue;
+            }
+            if !error.is_empty() || r.pid.is_none() {
+                return Err(RuntimeError::host(
+                    "carry the Python REPL",
+                    &c.id,
+                    std::io::Error::other(if error.is_empty() {
+                        "the child's agent never received its copy".to_owned()
+                    } else {
+                        error
+                    }),
+                ));
+            }
+            adopted.push(c);
+        }
+        if !reply.python {
+            return Ok(false);
+        }
+        // The copies were born in our cgroup: move each into its child's.
+        let mine = self
+            .cgroup
+            .pids()
+            .map_err(|e| RuntimeError::host("list parent's processes", id, e))?;
+        for c in adopted {
+            let Some(target) = pidns_of(c.pid) else {
+                continue;
+            };
+            for p in &mine {
+                if pidns_of(*p).as_ref() == Some(&target) {
+                    c.cgroup.add(*p).map_err(|e| {
+                        RuntimeError::host("move REPL copy to its cgroup", &c.id, e)
+                    })?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Kills every process in the sandbox but its PID 1.
+    async fn kill_all_but_agent(&self) {
+        let cg = self.cgroup.clone();
+        let agent = self.pid;
+        let _ = tokio::task::spawn_blocking(move || {
+            for _ in 0..50 {
+                let pids = cg.pids().unwrap_or_default();
+                let others: Vec<i32> = pids.into_iter().filter(|p| *p != agent).collect();
+                if others.is_empty() {
+                    return;
+                }
+                for p in others {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+        .await;
+    }
+
     async fn freeze(&self, frozen: bool) -> Result<(), RuntimeError> {
         let cg = self.cgroup.clone();
         let op = if frozen { "freeze" } else { "thaw" };

@@ -12,12 +12,16 @@
 //! - `POST /run_code` with [`RunCodeRequest`] → the same event stream, for a cell run in
 //!   the sandbox's persistent REPL kernel of that language. Dropping the stream
 //!   interrupts the cell (the kernel and its state stay).
+//! - `POST /fork` with [`ForkRequest`] → [`ForkReply`]: the Python kernel (if one runs)
+//!   forks one copy per child into that child's namespaces (see `docs/fork-design.md`).
+//! - `POST /adopt` with [`AdoptRequest`] → [`AdoptReply`]: a fork child's agent reports
+//!   whether it received its Python kernel from the parent (or stops waiting for one).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bumped on every behaviour change of the agent; the host refuses a mismatch.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Answer of `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -122,6 +126,54 @@ pub struct JailInit {
     /// Environment every command in the sandbox starts with.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Fork child: host pid of the parent sandbox's agent. The child's user and PID
+    /// namespaces are then created inside the parent's, so that the parent's REPL
+    /// process may join them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork_of: Option<i32>,
+    /// Fork child: the secret the parent's REPL copy presents to be adopted as this
+    /// sandbox's Python kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopt_token: Option<String>,
+}
+
+/// One fork child, as the parent's agent sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForkChild {
+    /// Pid of the child's agent in the parent sandbox's PID namespace.
+    pub pid: i32,
+    /// The child's adopt token.
+    pub token: String,
+}
+
+/// Body of `POST /fork`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForkRequest {
+    pub children: Vec<ForkChild>,
+}
+
+/// Answer of `POST /fork`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForkReply {
+    /// True when a Python kernel was running and was forked into every child.
+    pub python: bool,
+    /// Per child (same order), why its copy failed; empty strings for success.
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// Body of `POST /adopt`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdoptRequest {
+    /// False: no kernel is coming, stop waiting.
+    pub expect: bool,
+}
+
+/// Answer of `POST /adopt`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdoptReply {
+    /// Pid (in the child's namespace) of the adopted Python kernel.
+    pub pid: Option<i32>,
 }
 
 /// What `jail-init` prints on its stdout once the sandbox is up (or could not be made).
