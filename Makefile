@@ -13,7 +13,7 @@ AGENT := $(CURDIR)/target/agent/forkbox-agent
 TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 
-.PHONY: all deps agent build build-release serve test lint unit e2e bench fmt clean
+.PHONY: all deps agent build build-release serve test lint unit e2e bench bench-deps fmt clean
 
 all: build
 
@@ -51,8 +51,18 @@ test: deps agent build lint
 	./target/debug/forkbox template prepare --data-dir $(dir $(TEST_POOL)) --pool $(TEST_POOL)
 	FORKBOX_TEST_POOL=$(TEST_POOL) $(CARGO) test --workspace -- --test-threads=4
 
-bench: deps agent build-release
-	./target/release/forkbox bench --markdown docs/performance.md
+# The Jupyter reference row needs ipykernel + jupyter_client (PyPI) in a venv.
+BENCH_VENV := $(CURDIR)/target/bench-venv
+bench-deps:
+	@dpkg-query -W -f='$${Status}' python3-venv 2>/dev/null | grep -q "install ok installed" || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "the bench needs python3-venv (run make as root to install it)"; exit 1; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv; }
+	@[ -x $(BENCH_VENV)/bin/python ] || python3 -m venv $(BENCH_VENV)
+	@$(BENCH_VENV)/bin/python -c "import ipykernel, jupyter_client" 2>/dev/null || \
+	  $(BENCH_VENV)/bin/pip install -q ipykernel jupyter_client
+
+bench: deps agent build-release bench-deps
+	./target/release/forkbox bench --markdown docs/performance.md --jupyter-python $(BENCH_VENV)/bin/python
 
 fmt:
 	$(CARGO) fmt --all

@@ -12,9 +12,17 @@ _FORKBOX_NS = (("user", 0x10000000), ("mnt", 0x00020000), ("uts", 0x04000000),
                ("pid", 0x20000000))
 
 
+_forkbox_ctypes = None
+
+
 def _forkbox_libc():
-    import ctypes
-    return ctypes, ctypes.CDLL(None, use_errno=True)
+    # Imported once, in the parent, before the first fork: importing ctypes in every
+    # fresh copy costs ~25 ms each (its pages are all copy-on-write faults there).
+    global _forkbox_ctypes
+    if _forkbox_ctypes is None:
+        import ctypes
+        _forkbox_ctypes = (ctypes, ctypes.CDLL(None, use_errno=True))
+    return _forkbox_ctypes
 
 
 def _forkbox_drop_caps(ctypes, libc):
@@ -73,6 +81,7 @@ def _forkbox_become_child(nsfds, token, report):
 def _forkbox_fork(children, fds):
     """Returns ("child", None) in a copy that became a child's kernel, else
     ("parent", per-child errors)."""
+    _forkbox_libc()
     started = []
     n = len(_FORKBOX_NS)
     if len(fds) != n * len(children):

@@ -76,6 +76,16 @@ async fn start(ctx: &Context, lang: Language) -> Result<Kernel, String> {
     let (out, err) = (to_rx(out_r)?, to_rx(err_r)?);
     let mut extra = std::collections::BTreeMap::new();
     extra.insert("PYTHONUNBUFFERED".to_owned(), "1".to_owned());
+    if lang == Language::Python {
+        // malloc'd memory on transparent huge pages where the host allows them: a
+        // fork (of the REPL, for fork children) then copies a few hundred page-table
+        // entries instead of one per 4 KiB page (~2.5 ms instead of ~18 ms for a
+        // 200 MB heap here); copy-on-write still copies only the 4 KiB pages written.
+        extra.insert(
+            "GLIBC_TUNABLES".to_owned(),
+            "glibc.malloc.hugetlb=1".to_owned(),
+        );
+    }
     let (pid, exit) = ctx
         .spawner
         .spawn(zygote::Command {

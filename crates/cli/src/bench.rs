@@ -33,6 +33,154 @@ pub struct BenchArgs {
     /// Also write the table as markdown to this file.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// A Python with ipykernel and jupyter_client (`make bench` makes one) for the
+    /// local Jupyter kernel reference row.
+    #[arg(long)]
+    pub jupyter_python: Option<PathBuf>,
+}
+
+/// A Python REPL state of about 200 MB (200 000 objects of 1000 bytes).
+const BIG_STATE: &str = "blob = [bytes(1000) for _ in range(200_000)]\nlen(blob)";
+
+async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let r = http.post(url).json(&body).send().await?;
+    let status = r.status();
+    let text = r.text().await?;
+    if !status.is_success() {
+        bail!("{url} answered {status}: {text}");
+    }
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Creates a sandbox whose Python REPL holds [`BIG_STATE`].
+async fn big_parent(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    let v = post_json(
+        http,
+        &format!("{base}/v1/sandboxes"),
+        serde_json::json!({"memory_mb": 2048}),
+    )
+    .await?;
+    let id = v["id"].as_str().unwrap_or_default().to_owned();
+    let text = http
+        .post(format!("{base}/v1/sandboxes/{id}/exec"))
+        .json(&serde_json::json!({ "code": BIG_STATE }))
+        .send()
+        .await?
+        .text()
+        .await?;
+    if !text.contains("200000") {
+        bail!("building the REPL state failed: {text}");
+    }
+    Ok(id)
+}
+
+fn children(v: &serde_json::Value) -> Vec<String> {
+    v["children"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Times `samples` forks into `k` children of `parent` (after one warm-up); the children
+/// are deleted between samples, untimed.
+async fn time_fork(
+    http: &reqwest::Client,
+    base: &str,
+    parent: &str,
+    k: usize,
+    samples: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples + 1 {
+        let t = Instant::now();
+        let v = post_json(
+            http,
+            &format!("{base}/v1/sandboxes/{parent}/fork"),
+            serde_json::json!({ "n": k }),
+        )
+        .await?;
+        let took = t.elapsed();
+        if v["carried"] != serde_json::json!(["filesystem", "python"]) || children(&v).len() != k {
+            bail!("fork did not carry the REPL: {v}");
+        }
+        if i >= 1 {
+            out.push(ms(took));
+        }
+        for c in children(&v) {
+            http.delete(format!("{base}/v1/sandboxes/{c}"))
+                .send()
+                .await?;
+        }
+    }
+    Ok(out)
+}
+
+/// Times `samples` merges of a fresh fork child into its parent (a new parent every
+/// ten, as each merge nests the lineage one level deeper).
+async fn time_merge(
+    http: &reqwest::Client,
+    base: &str,
+    samples: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(samples);
+    let mut parent = String::new();
+    for i in 0..samples + 1 {
+        if i % 10 == 0 {
+            if !parent.is_empty() {
+                http.delete(format!("{base}/v1/sandboxes/{parent}"))
+                    .send()
+                    .await?;
+            }
+            parent = big_parent(http, base).await?;
+        }
+        let v = post_json(
+            http,
+            &format!("{base}/v1/sandboxes/{parent}/fork"),
+            serde_json::json!({ "n": 1 }),
+        )
+        .await?;
+        let child = children(&v).pop().unwrap_or_default();
+        let t = Instant::now();
+        post_json(
+            http,
+            &format!("{base}/v1/sandboxes/{child}/merge_into/{parent}"),
+            serde_json::json!({}),
+        )
+        .await?;
+        if i >= 1 {
+            out.push(ms(t.elapsed()));
+        }
+    }
+    http.delete(format!("{base}/v1/sandboxes/{parent}"))
+        .send()
+        .await?;
+    Ok(out)
+}
+
+/// The Jupyter reference: `bench/jupyter_rtt.py` run by `python`.
+async fn jupyter(python: &std::path::Path, n: usize) -> anyhow::Result<Vec<f64>> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/jupyter_rtt.py");
+    let out = tokio::process::Command::new(python)
+        .arg(&script)
+        .arg(n.to_string())
+        .output()
+        .await
+        .with_context(|| format!("run {}", python.display()))?;
+    if !out.status.success() {
+        bail!(
+            "jupyter reference failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 struct Row {
@@ -196,6 +344,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .send()
         .await?;
 
+    // Fork and merge of a parent whose REPL holds ~200 MB.
+    let parent = big_parent(&http, &base).await?;
+    let fork5 = time_fork(&http, &base, &parent, 5, n.min(20)).await?;
+    let fork32 = time_fork(&http, &base, &parent, 32, n.min(10)).await?;
+    http.delete(format!("{base}/v1/sandboxes/{parent}"))
+        .send()
+        .await?;
+    let merge = time_merge(&http, &base, n.min(20)).await?;
+    let jupyter = match &args.jupyter_python {
+        Some(p) => jupyter(p, n).await?,
+        None => Vec::new(),
+    };
+
     // Baseline: unshare with the same namespaces + chroot into the template + echo.
     let cfg = args.host.jail_config()?;
     let root = cfg.pool_dir.join("templates").join("python");
@@ -258,6 +419,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             budget: Some(5.0),
         },
         Row {
+            name: "fork n=5, parent REPL holding ~200 MB (HTTP)",
+            samples: fork5,
+            budget: Some(30.0),
+        },
+        Row {
+            name: "fork n=32, parent REPL holding ~200 MB (HTTP)",
+            samples: fork32,
+            budget: Some(150.0),
+        },
+        Row {
+            name: "merge_into (HTTP)",
+            samples: merge,
+            budget: Some(10.0),
+        },
+        Row {
+            name: "reference: local Jupyter kernel `print(1)` execute round trip",
+            samples: jupyter,
+            budget: None,
+        },
+        Row {
             name: "baseline: unshare (same namespaces) + chroot + echo",
             samples: baseline,
             budget: None,
@@ -269,6 +450,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let mut all_ok = true;
     for r in &rows {
+        if r.samples.is_empty() {
+            md.push_str(&format!("| {} | — | — | — | not measured |\n", r.name));
+            continue;
+        }
         let (p50, p95) = r.stats();
         let (budget, verdict) = match r.budget {
             Some(b) if p50 <= b => (format!("≤ {b} ms"), "within budget"),

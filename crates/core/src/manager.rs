@@ -264,12 +264,11 @@ impl Manager {
         let forked = live.instance.fork(specs.clone()).await?;
         let boot_ms = (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
         let created_at = OffsetDateTime::now_utc();
-        let mut children = Vec::with_capacity(specs.len());
-        let mut pending: Vec<(CreateSpec, Arc<dyn Instance>)> =
+        let pairs: Vec<(CreateSpec, Arc<dyn Instance>)> =
             specs.into_iter().zip(forked.children).collect();
-        while !pending.is_empty() {
-            let (spec, instance) = pending.remove(0);
-            let record = Sandbox {
+        let children: Vec<Sandbox> = pairs
+            .iter()
+            .map(|(spec, instance)| Sandbox {
                 id: spec.id.clone(),
                 status: Status::Running,
                 created_at,
@@ -281,24 +280,27 @@ impl Manager {
                 host_pid: instance.host_pid(),
                 resource_id: spec.id.clone(),
                 ..parent.clone()
-            };
-            if let Err(e) = self.store.insert_sandbox(&record).await {
-                let _ = instance.destroy().await;
-                for (_, i) in pending {
-                    let _ = i.destroy().await;
-                }
-                return Err(e.into());
+            })
+            .collect();
+        if let Err(e) = self.store.insert_sandboxes(&children).await {
+            for (_, i) in pairs {
+                let _ = i.destroy().await;
             }
-            self.live_map().insert(
-                record.id.clone(),
-                Arc::new(Live {
-                    record: Mutex::new(record.clone()),
-                    instance,
-                    spec,
-                    op: Arc::new(tokio::sync::Mutex::new(())),
-                }),
-            );
-            children.push(record);
+            return Err(e.into());
+        }
+        {
+            let mut map = self.live_map();
+            for ((spec, instance), record) in pairs.into_iter().zip(&children) {
+                map.insert(
+                    record.id.clone(),
+                    Arc::new(Live {
+                        record: Mutex::new(record.clone()),
+                        instance,
+                        spec,
+                        op: Arc::new(tokio::sync::Mutex::new(())),
+                    }),
+                );
+            }
         }
         tracing::info!(sandbox = %id, n, ms = boot_ms, carried = ?forked.carried, "sandbox forked");
         Ok(ForkOutcome {
@@ -394,10 +396,14 @@ impl Manager {
             }
         }
         // The old state of the parent goes (kept hollow by the runtime while fork
-        // descendants, like the merged child, still hang off it).
-        if let Err(e) = p_live.instance.destroy().await {
-            tracing::warn!(sandbox = %parent, error = %e, "releasing the state replaced by a merge");
-        }
+        // descendants, like the merged child, still hang off it), off the request path.
+        let old = p_live.instance.clone();
+        let pid = parent.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = old.destroy().await {
+                tracing::warn!(sandbox = %pid, error = %e, "releasing the state replaced by a merge");
+            }
+        });
         tracing::info!(sandbox = %parent, child, "merged");
         Ok(merged)
     }

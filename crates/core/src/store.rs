@@ -59,30 +59,39 @@ impl Store {
     }
 
     pub async fn insert_sandbox(&self, s: &Sandbox) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO sandboxes (id, runtime, template, status, cpu, memory_mb, timeout_s, metadata, \
-             created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&s.id)
-        .bind(&s.runtime)
-        .bind(&s.template)
-        .bind(s.status.as_str())
-        .bind(s.cpu)
-        .bind(s.memory_mb as i64)
-        .bind(s.timeout as i64)
-        .bind(serde_json::to_string(&s.metadata).unwrap_or_else(|_| "{}".into()))
-        .bind(ts(s.created_at))
-        .bind(ts(s.expires_at))
-        .bind(s.ended_at.map(ts))
-        .bind(&s.end_reason)
-        .bind(s.boot_ms)
-        .bind(s.host_pid)
-        .bind(&s.parent)
-        .bind(&s.resource_id)
-        .execute(&self.pool)
-        .await
-        .map_err(q("insert sandbox"))?;
+        self.insert_sandboxes(std::slice::from_ref(s)).await
+    }
+
+    /// Inserts every record in one transaction (all or none).
+    pub async fn insert_sandboxes(&self, all: &[Sandbox]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(q("begin insert"))?;
+        for s in all {
+            sqlx::query(
+                "INSERT INTO sandboxes (id, runtime, template, status, cpu, memory_mb, timeout_s, metadata, \
+                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&s.id)
+            .bind(&s.runtime)
+            .bind(&s.template)
+            .bind(s.status.as_str())
+            .bind(s.cpu)
+            .bind(s.memory_mb as i64)
+            .bind(s.timeout as i64)
+            .bind(serde_json::to_string(&s.metadata).unwrap_or_else(|_| "{}".into()))
+            .bind(ts(s.created_at))
+            .bind(ts(s.expires_at))
+            .bind(s.ended_at.map(ts))
+            .bind(&s.end_reason)
+            .bind(s.boot_ms)
+            .bind(s.host_pid)
+            .bind(&s.parent)
+            .bind(&s.resource_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("insert sandbox"))?;
+        }
+        tx.commit().await.map_err(q("commit insert"))?;
         Ok(())
     }
 

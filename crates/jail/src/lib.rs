@@ -399,7 +399,12 @@ enum Origin {
     Template,
     /// A fork child: its root filesystem is already in place; its namespaces nest in the
     /// parent's (whose agent has this host pid) and it waits for a REPL copy.
-    Fork { parent_pid: i32, token: String },
+    Fork {
+        parent_pid: i32,
+        token: String,
+        /// Snapshot of the parent to take the root filesystem from.
+        from: PathBuf,
+    },
 }
 
 impl Inner {
@@ -426,9 +431,6 @@ impl Inner {
             id: spec.id.clone(),
             ..Default::default()
         };
-        if matches!(origin, Origin::Fork { .. }) {
-            res.rootfs = Some(self.pool.sandbox(&spec.id));
-        }
         match self.create_in(spec, &mut res, origin).await {
             Ok(i) => Ok(i),
             Err(e) => {
@@ -468,6 +470,11 @@ impl Inner {
         let t0 = std::time::Instant::now();
         // 1. Root filesystem.
         let rootfs = self.pool.sandbox(id);
+        if let Origin::Fork { from, .. } = &origin {
+            forkbox_sys::btrfs::snapshot(from, &rootfs, false)
+                .map_err(|e| RuntimeError::host("snapshot parent", id, e))?;
+            res.rootfs = Some(rootfs.clone());
+        }
         if let Origin::Template = origin {
             let template = self.pool.template(&spec.template);
             if !self.pool.template_meta(&spec.template).exists() {
@@ -507,7 +514,9 @@ impl Inner {
         // 4. jail-init.
         let (fork_of, adopt_token) = match origin {
             Origin::Template => (None, None),
-            Origin::Fork { parent_pid, token } => (Some(parent_pid), Some(token)),
+            Origin::Fork {
+                parent_pid, token, ..
+            } => (Some(parent_pid), Some(token)),
         };
         let init = JailInit {
             id: id.to_owned(),
@@ -774,27 +783,29 @@ impl JailInstance {
                 "sandbox {id} is already {MAX_FORK_DEPTH} forks deep (the kernel nests namespaces at most 32 levels); fork an earlier ancestor"
             )));
         }
-        // 1. Filesystems: one snapshot per child of the frozen parent.
+        // 1. Filesystem: one snapshot of the frozen parent, a staging copy each child's
+        //    root is then snapshotted from while the parent runs again.
+        let t0 = std::time::Instant::now();
+        let staging = self
+            .rt
+            .pool
+            .sandbox(&format!(".fork-{}-{}", self.id, &token()[..8]));
         self.freeze(true).await?;
-        let mut made: Vec<PathBuf> = Vec::new();
-        let mut snap_err = None;
-        for spec in &specs {
-            let dst = self.rt.pool.sandbox(&spec.id);
-            match forkbox_sys::btrfs::snapshot(&self.rootfs, &dst, false) {
-                Ok(()) => made.push(dst),
-                Err(e) => {
-                    snap_err = Some(RuntimeError::host("snapshot parent", &spec.id, e));
-                    break;
-                }
-            }
-        }
+        let (src, dst) = (self.rootfs.clone(), staging.clone());
+        let snap =
+            tokio::task::spawn_blocking(move || forkbox_sys::btrfs::snapshot(&src, &dst, false))
+                .await;
         let thawed = self.freeze(false).await;
-        if let Some(e) = snap_err.or(thawed.err()) {
-            for p in made {
-                let _ = delete_subvolume_patiently(&p);
-            }
+        let snap = match snap {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(RuntimeError::host("snapshot parent", id, e)),
+            Err(e) => Err(RuntimeError::host("snapshot parent", id, e)),
+        };
+        if let Some(e) = snap.err().or(thawed.err()) {
+            let _ = delete_subvolume_patiently(&staging);
             return Err(e);
         }
+        let t_snap = t0.elapsed();
         // 2. Children, concurrently, nested in our namespaces.
         let tokens: Vec<String> = specs.iter().map(|_| token()).collect();
         let started =
@@ -804,26 +815,40 @@ impl JailInstance {
                     Origin::Fork {
                         parent_pid: self.pid,
                         token: token.clone(),
+                        from: staging.clone(),
                     },
                 )
             }))
             .await;
         let mut children: Vec<Arc<JailInstance>> = Vec::new();
         let mut failure = None;
-        for (r, spec) in started.into_iter().zip(&specs) {
+        for r in started {
             match r {
                 Ok(c) => children.push(c),
                 Err(e) => {
-                    // `start` removed what it made, but not a snapshot it did not make.
-                    let _ = delete_subvolume_patiently(&self.rt.pool.sandbox(&spec.id));
                     failure.get_or_insert(e);
                 }
             }
         }
+        // The staging copy is not needed any more; drop it off the request path.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = delete_subvolume_patiently(&staging) {
+                tracing::warn!(path = %staging.display(), error = %e, "deleting a fork's staging snapshot");
+            }
+        });
+        let t_start = t0.elapsed();
         let outcome = match failure {
             Some(e) => Err(e),
             None => self.carry_python(&children, &tokens).await,
         };
+        tracing::debug!(
+            sandbox = id,
+            n = specs.len(),
+            snapshot_ms = t_snap.as_secs_f64() * 1e3,
+            start_children_ms = (t_start - t_snap).as_secs_f64() * 1e3,
+            carry_python_ms = (t0.elapsed() - t_start).as_secs_f64() * 1e3,
+            "fork phases"
+        );
         match outcome {
             Ok(python) => {
                 let mut lin = self.rt.lineage();
@@ -898,28 +923,33 @@ impl JailInstance {
             })
             .await
             .map_err(agent_err)?;
-        let mut adopted = Vec::new();
-        for (i, c) in children.iter().enumerate() {
-            let error = reply.errors.get(i).cloned().unwrap_or_else(|| {
-                if reply.python {
-                    "no answer for this child".into()
-                } else {
-                    String::new()
-                }
-            });
-            let r = c
-                .client
-                .adopt(&AdoptRequest {
-                    expect: reply.python && error.is_empty(),
+        let errors: Vec<String> = (0..children.len())
+            .map(|i| {
+                reply.errors.get(i).cloned().unwrap_or_else(|| {
+                    if reply.python {
+                        "no answer for this child".into()
+                    } else {
+                        String::new()
+                    }
                 })
-                .await
-                .map_err(|e| RuntimeError::Agent {
-                    id: c.id.clone(),
-                    source: e.into(),
-                })?;
-            if !reply.python {
-                continue;
-            }
+            })
+            .collect();
+        let adopts =
+            futures_util::future::join_all(children.iter().zip(&errors).map(|(c, error)| {
+                let req = AdoptRequest {
+                    expect: reply.python && error.is_empty(),
+                };
+                async move { c.client.adopt(&req).await }
+            }))
+            .await;
+        if !reply.python {
+            return Ok(false);
+        }
+        for ((c, error), r) in children.iter().zip(errors).zip(adopts) {
+            let r = r.map_err(|e| RuntimeError::Agent {
+                id: c.id.clone(),
+                source: e.into(),
+            })?;
             if !error.is_empty() || r.pid.is_none() {
                 return Err(RuntimeError::host(
                     "carry the Python REPL",
@@ -931,26 +961,28 @@ impl JailInstance {
                     }),
                 ));
             }
-            adopted.push(c);
         }
-        if !reply.python {
-            return Ok(false);
-        }
-        // The copies were born in our cgroup: move each into its child's.
+        // The copies were born in our cgroup: move each into its child's, found by
+        // the PID namespace it now lives in.
         let mine = self
             .cgroup
             .pids()
             .map_err(|e| RuntimeError::host("list parent's processes", id, e))?;
-        for c in adopted {
-            let Some(target) = pidns_of(c.pid) else {
+        let by_ns: HashMap<PathBuf, Vec<i32>> =
+            mine.into_iter().fold(HashMap::new(), |mut m, p| {
+                if let Some(ns) = pidns_of(p) {
+                    m.entry(ns).or_default().push(p);
+                }
+                m
+            });
+        for c in children {
+            let Some(pids) = pidns_of(c.pid).and_then(|ns| by_ns.get(&ns)) else {
                 continue;
             };
-            for p in &mine {
-                if pidns_of(*p).as_ref() == Some(&target) {
-                    c.cgroup.add(*p).map_err(|e| {
-                        RuntimeError::host("move REPL copy to its cgroup", &c.id, e)
-                    })?;
-                }
+            for p in pids {
+                c.cgroup
+                    .add(*p)
+                    .map_err(|e| RuntimeError::host("move REPL copy to its cgroup", &c.id, e))?;
             }
         }
         Ok(true)

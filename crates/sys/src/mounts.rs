@@ -125,7 +125,41 @@ pub fn enter_rootfs(root: &Path) -> Result<(), MountError> {
         nosuid_nodev,
         Some("mode=1777"),
     )?;
-    // 6. Switch roots and let go of the host's tree.
+    // 6. A read-only /sys holding only the host's transparent-huge-page mode, which
+    //    glibc's malloc reads (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, set for Python
+    //    kernels, makes forking a big REPL several times cheaper). Copies, not the
+    //    host's sysfs.
+    let thp = Path::new("/sys/kernel/mm/transparent_hugepage");
+    let files: Vec<(&str, String)> = ["enabled", "hpage_pmd_size"]
+        .into_iter()
+        .filter_map(|f| fs::read_to_string(thp.join(f)).ok().map(|v| (f, v)))
+        .collect();
+    if !files.is_empty() {
+        let sys = root.join("sys");
+        mkdir_p(&sys)?;
+        let flags = nosuid_nodev | MsFlags::MS_NOEXEC;
+        mnt(
+            Some("sysfs-thp"),
+            &sys,
+            Some("tmpfs"),
+            flags,
+            Some("mode=755,size=16k"),
+        )?;
+        let dir = sys.join("kernel/mm/transparent_hugepage");
+        mkdir_p(&dir)?;
+        for (f, v) in &files {
+            let p = dir.join(f);
+            fs::write(&p, v).map_err(|e| MountError::Prepare(p, e))?;
+        }
+        mnt(
+            None,
+            &sys,
+            None,
+            flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            Some("mode=755,size=16k"),
+        )?;
+    }
+    // 7. Switch roots and let go of the host's tree.
     nix::unistd::chdir(root).map_err(|e| MountError::PivotRoot(root.into(), e))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| MountError::PivotRoot(root.into(), e))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(MountError::DetachOldRoot)?;
