@@ -3,8 +3,8 @@
 
 use bytes::{Bytes, BytesMut};
 use forkbox_types::agent::{
-    AdoptReply, AdoptRequest, AgentEvent, ExecRequest, ForkReply, ForkRequest, Health,
-    RunCodeRequest, PROTOCOL_VERSION,
+    AdoptReply, AdoptRequest, AgentEvent, ExecRequest, FileOp, FileOpReply, ForkReply, ForkRequest,
+    Health, RunCodeRequest, WriteReply, PROTOCOL_VERSION,
 };
 use futures_util::Stream;
 use http::{Method, Request, StatusCode};
@@ -41,10 +41,19 @@ impl AgentError {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Request bodies: whole (JSON) or streamed (file uploads).
+type ReqBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+fn whole(b: Bytes) -> ReqBody {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
 /// A cheap-to-clone handle on one agent connection.
 #[derive(Clone)]
 pub struct AgentClient {
-    tx: SendRequest<Full<Bytes>>,
+    tx: SendRequest<ReqBody>,
 }
 
 impl AgentClient {
@@ -82,11 +91,20 @@ impl AgentClient {
         path: &str,
         body: Bytes,
     ) -> Result<hyper::Response<hyper::body::Incoming>, AgentError> {
+        self.call_with(method, path, whole(body)).await
+    }
+
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: ReqBody,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, AgentError> {
         let req = Request::builder()
             .method(method)
             .uri(format!("http://agent{path}"))
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
+            .body(body)
             .map_err(|e| AgentError::Status {
                 status: StatusCode::BAD_REQUEST,
                 message: e.to_string(),
@@ -147,6 +165,54 @@ impl AgentClient {
         serde_json::from_slice(&body).map_err(AgentError::Decode)
     }
 
+    /// `POST /files/op`.
+    pub async fn file_op(&self, op: &FileOp) -> Result<FileOpReply, AgentError> {
+        self.json("/files/op", op).await
+    }
+
+    /// `GET /files/read?path=`: the file's size and its bytes as they come.
+    pub async fn read_file(&self, path: &str) -> Result<(Option<u64>, ByteStream), AgentError> {
+        let resp = self
+            .call(
+                Method::GET,
+                &format!("/files/read?{}", query(path)),
+                Bytes::new(),
+            )
+            .await?;
+        let size = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok((
+            size,
+            ByteStream {
+                body: resp.into_body(),
+            },
+        ))
+    }
+
+    /// `PUT /files/write?path=` with `data` streamed as the body. If `data` yields an
+    /// error the agent discards the partial file.
+    pub async fn write_file<S>(&self, path: &str, data: S) -> Result<WriteReply, AgentError>
+    where
+        S: Stream<Item = Result<Bytes, BoxError>> + Send + 'static,
+    {
+        use futures_util::StreamExt;
+        let body = http_body_util::StreamBody::new(data.map(|r| r.map(hyper::body::Frame::data)))
+            .boxed_unsync();
+        let resp = self
+            .call_with(Method::PUT, &format!("/files/write?{}", query(path)), body)
+            .await?;
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(AgentError::Request)?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(AgentError::Decode)
+    }
+
     /// `POST /fork`: the parent's Python kernel (if any) forks into each child.
     pub async fn fork(&self, req: &ForkRequest) -> Result<ForkReply, AgentError> {
         self.json("/fork", req).await
@@ -185,6 +251,36 @@ impl AgentClient {
             buf: BytesMut::new(),
             done: false,
         })
+    }
+}
+
+fn query(path: &str) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("path", path)
+        .finish()
+}
+
+/// A response body's bytes.
+pub struct ByteStream {
+    body: hyper::body::Incoming,
+}
+
+impl Stream for ByteStream {
+    type Item = Result<Bytes, AgentError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(AgentError::Request(e)))),
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Poll::Ready(Some(Ok(data)));
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! [`JailInitReply`]: forkbox_types::agent::JailInitReply
 
 mod exec;
+mod files;
 mod jail_init;
 mod kernels;
 mod lines;

@@ -195,9 +195,137 @@ fn json_reply<T: serde::Serialize>(v: &T) -> Response<Body> {
     full(StatusCode::OK, serde_json::to_vec(v).unwrap_or_default())
 }
 
+/// The `path` query parameter.
+fn query_path(req: &Request<Incoming>) -> Option<String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "path")
+        .map(|(_, v)| v.into_owned())
+}
+
+fn file_error(e: &crate::files::FileError) -> Response<Body> {
+    error(
+        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+        &e.to_string(),
+    )
+}
+
+/// `GET /files/read?path=`: the file's bytes, streamed in 256 KiB chunks.
+async fn read_file(req: Request<Incoming>) -> Response<Body> {
+    let Some(path) = query_path(&req) else {
+        return error(StatusCode::BAD_REQUEST, "missing path");
+    };
+    let opened = tokio::task::spawn_blocking(move || crate::files::open_read(&path)).await;
+    let (file, size) = match opened {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return file_error(&e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut f = tokio::fs::File::from_std(file);
+        loop {
+            let mut buf = vec![0u8; 256 * 1024];
+            match f.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.send(Bytes::from(buf)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(size));
+    r
+}
+
+/// `PUT /files/write?path=`: the body, streamed into a temporary sibling that is
+/// renamed into place once the body ended cleanly.
+async fn write_file(req: Request<Incoming>) -> Response<Body> {
+    use tokio::io::AsyncWriteExt;
+    let Some(path) = query_path(&req) else {
+        return error(StatusCode::BAD_REQUEST, "missing path");
+    };
+    let begun = tokio::task::spawn_blocking(move || crate::files::begin_write(&path)).await;
+    let up = match begun {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => return file_error(&e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    let mut f = match up.file.try_clone() {
+        Ok(f) => tokio::fs::File::from_std(f),
+        Err(e) => {
+            up.abort();
+            return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+        }
+    };
+    let mut body = req.into_body();
+    let mut size = 0u64;
+    let failed = loop {
+        match body.frame().await {
+            None => break None,
+            Some(Err(e)) => {
+                break Some((StatusCode::BAD_REQUEST, format!("upload interrupted: {e}")))
+            }
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                size += data.len() as u64;
+                if let Err(e) = f.write_all(&data).await {
+                    let status = if e.raw_os_error() == Some(libc::ENOSPC) {
+                        StatusCode::INSUFFICIENT_STORAGE
+                    } else {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    };
+                    break Some((status, format!("write: {e}")));
+                }
+            }
+        }
+    };
+    if failed.is_none() {
+        if let Err(e) = f.flush().await {
+            up.abort();
+            return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("write: {e}"));
+        }
+    }
+    drop(f);
+    if let Some((status, msg)) = failed {
+        up.abort();
+        return error(status, &msg);
+    }
+    match tokio::task::spawn_blocking(move || up.commit(size)).await {
+        Ok(Ok(reply)) => json_reply(&reply),
+        Ok(Err(e)) => file_error(&e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
 async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
     let ctx = shared.ctx.clone();
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/files/read") => read_file(req).await,
+        (&Method::PUT, "/files/write") => write_file(req).await,
+        (&Method::POST, "/files/op") => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let op: forkbox_types::agent::FileOp = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid file op: {e}")),
+            };
+            match tokio::task::spawn_blocking(move || crate::files::op(op)).await {
+                Ok(Ok(reply)) => json_reply(&reply),
+                Ok(Err(e)) => file_error(&e),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
         (&Method::POST, "/fork") => {
             let body = match read_body(req).await {
                 Ok(b) => b,

@@ -2,7 +2,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use forkbox_core::{CoreError, RuntimeError};
+use forkbox_core::{CoreError, FileErrorKind, RuntimeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -14,6 +14,8 @@ pub enum ApiError {
     NoRoute,
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    #[error("{0}")]
+    Internal(String),
     #[error(transparent)]
     Core(#[from] CoreError),
 }
@@ -26,6 +28,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Core(e) => match e {
                 CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 CoreError::Gone { .. } => (StatusCode::GONE, "gone"),
@@ -37,6 +40,13 @@ impl ApiError {
                         (StatusCode::BAD_REQUEST, "unknown_template")
                     }
                     RuntimeError::Rejected(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+                    RuntimeError::File { kind, .. } => match kind {
+                        FileErrorKind::Invalid => (StatusCode::BAD_REQUEST, "invalid_path"),
+                        FileErrorKind::NotFound => (StatusCode::NOT_FOUND, "file_not_found"),
+                        FileErrorKind::Conflict => (StatusCode::CONFLICT, "file_conflict"),
+                        FileErrorKind::Denied => (StatusCode::FORBIDDEN, "forbidden"),
+                        FileErrorKind::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
+                    },
                     RuntimeError::Agent { .. } => (StatusCode::BAD_GATEWAY, "agent_unreachable"),
                     RuntimeError::Unavailable(_) => {
                         (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
@@ -60,6 +70,9 @@ impl IntoResponse for ApiError {
             match status {
                 StatusCode::SERVICE_UNAVAILABLE => {
                     "runtime unavailable, try again later".to_owned()
+                }
+                StatusCode::INSUFFICIENT_STORAGE => {
+                    "no space left in the sandbox's filesystem".to_owned()
                 }
                 _ => "executor error; see the server log".to_owned(),
             }

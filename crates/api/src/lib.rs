@@ -3,6 +3,7 @@
 
 mod error;
 mod extract;
+mod files;
 mod sandboxes;
 
 pub use error::ApiError;
@@ -41,6 +42,18 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
         .route("/v1/sandboxes/{id}/fork", post(sandboxes::fork))
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(files::read).put(files::write).delete(files::delete),
+        )
+        .route(
+            "/v1/sandboxes/{id}/files/raw",
+            get(files::read).put(files::write),
+        )
+        .route("/v1/sandboxes/{id}/files/ls", get(files::ls))
+        .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
+        .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
+        .route("/v1/sandboxes/{id}/files/rename", post(files::rename))
         .route(
             "/v1/sandboxes/{child}/merge_into/{parent}",
             post(sandboxes::merge_into),

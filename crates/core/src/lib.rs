@@ -12,7 +12,7 @@ pub mod store;
 
 pub use manager::{ForkOutcome, Manager, ManagerConfig, MAX_FORK};
 pub use model::{CreateRequest, ExecCommand, ListFilter, Sandbox, Status, Work};
-pub use runtime::{Instance, Runtime, RuntimeError};
+pub use runtime::{ByteStream, FileErrorKind, Instance, Runtime, RuntimeError, UploadStream};
 
 /// Everything that can go wrong in a core operation, by what the caller should do.
 #[derive(Debug, thiserror::Error)]

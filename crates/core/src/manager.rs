@@ -2,10 +2,12 @@
 //! and the store.
 
 use crate::model::{CreateRequest, ExecCommand, ListFilter, Sandbox, Status, Work};
-use crate::runtime::{CreateSpec, Instance, Runtime};
+use crate::runtime::{ByteStream, CreateSpec, Instance, Runtime, UploadStream};
 use crate::store::Store;
 use crate::{ids, CoreError};
-use forkbox_types::agent::{AgentEvent, ExecRequest, RunCodeRequest};
+use forkbox_types::agent::{
+    AgentEvent, ExecRequest, FileOp, FileOpReply, RunCodeRequest, WriteReply,
+};
 use forkbox_types::exec::{EventKind, ExecEvent};
 use futures_util::stream::{BoxStream, StreamExt};
 use std::collections::HashMap;
@@ -546,6 +548,47 @@ impl Manager {
             }
         });
         Ok(stream)
+    }
+
+    /// A running sandbox's instance (409 when paused: its agent is frozen).
+    async fn running_instance(&self, id: &str) -> Result<Arc<dyn Instance>, CoreError> {
+        let live = self.running(id).await?;
+        let status = live.record().status;
+        if status != Status::Running {
+            return Err(CoreError::WrongState {
+                id: id.to_owned(),
+                status,
+            });
+        }
+        Ok(live.instance.clone())
+    }
+
+    /// A metadata operation on a sandbox's files.
+    pub async fn file_op(&self, id: &str, op: FileOp) -> Result<FileOpReply, CoreError> {
+        Ok(self.running_instance(id).await?.file_op(op).await?)
+    }
+
+    /// Reads a file of a sandbox, streamed.
+    pub async fn read_file(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<(Option<u64>, ByteStream), CoreError> {
+        Ok(self.running_instance(id).await?.read_file(path).await?)
+    }
+
+    /// Writes a file of a sandbox from a stream, atomically.
+    pub async fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        data: UploadStream,
+    ) -> Result<WriteReply, CoreError> {
+        Ok(self
+            .running_instance(id)
+            .await?
+            .write_file(path, data)
+            .await?)
     }
 
     /// One page of sandboxes (see [`Store::list_sandboxes`]); live records come from

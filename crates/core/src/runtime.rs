@@ -2,7 +2,10 @@
 //! typed specs and return instances that speak the agent protocol's events.
 
 use async_trait::async_trait;
-use forkbox_types::agent::{AgentEvent, ExecRequest, RunCodeRequest};
+use bytes::Bytes;
+use forkbox_types::agent::{
+    AgentEvent, ExecRequest, FileOp, FileOpReply, RunCodeRequest, WriteReply,
+};
 use futures_util::stream::BoxStream;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +35,12 @@ pub enum RuntimeError {
     /// The sandbox's agent does not answer.
     #[error("agent of sandbox {id} does not answer: {source}")]
     Agent { id: String, source: Source },
+    /// A file operation inside the sandbox failed.
+    #[error("{message}")]
+    File {
+        kind: FileErrorKind,
+        message: String,
+    },
     /// The host has no room or the runtime cannot work right now.
     #[error("runtime unavailable: {0}")]
     Unavailable(String),
@@ -43,6 +52,24 @@ pub enum RuntimeError {
         source: Source,
     },
 }
+
+/// Why a file operation failed, by what the client should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileErrorKind {
+    /// Bad path or arguments.
+    Invalid,
+    NotFound,
+    /// Wrong kind of file (a directory where a file was wanted, a non-empty directory).
+    Conflict,
+    Denied,
+    NoSpace,
+}
+
+/// A file's bytes as they come.
+pub type ByteStream = BoxStream<'static, Result<Bytes, RuntimeError>>;
+
+/// Bytes to write; an error aborts the write and leaves no partial file.
+pub type UploadStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
 
 impl RuntimeError {
     pub fn host(op: &'static str, id: &str, source: impl Into<Source>) -> RuntimeError {
@@ -104,6 +131,30 @@ pub trait Instance: Send + Sync + 'static {
 
     /// Thaws a paused sandbox.
     async fn resume(&self) -> Result<(), RuntimeError>;
+
+    /// A metadata operation on the sandbox's files.
+    async fn file_op(&self, op: FileOp) -> Result<FileOpReply, RuntimeError> {
+        let _ = op;
+        Err(RuntimeError::Unavailable(
+            "this runtime has no file access".into(),
+        ))
+    }
+
+    /// Reads a file: its size when known and its bytes.
+    async fn read_file(&self, path: &str) -> Result<(Option<u64>, ByteStream), RuntimeError> {
+        let _ = path;
+        Err(RuntimeError::Unavailable(
+            "this runtime has no file access".into(),
+        ))
+    }
+
+    /// Writes a file atomically (parents created) from `data`.
+    async fn write_file(&self, path: &str, data: UploadStream) -> Result<WriteReply, RuntimeError> {
+        let _ = (path, data);
+        Err(RuntimeError::Unavailable(
+            "this runtime has no file access".into(),
+        ))
+    }
 
     /// Makes one running child per spec, each starting from this sandbox's current
     /// state (see the runtime's docs for what is carried).

@@ -17,10 +17,14 @@ pub mod template;
 use agent_image::AgentImage;
 use async_trait::async_trait;
 use forkbox_agent_client::AgentClient;
-use forkbox_core::runtime::{AgentEvents, CreateSpec, Forked, Instance, Runtime, RuntimeError};
+use forkbox_core::runtime::{
+    AgentEvents, ByteStream, CreateSpec, FileErrorKind, Forked, Instance, Runtime, RuntimeError,
+    UploadStream,
+};
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
 use forkbox_types::agent::{
-    AdoptRequest, ExecRequest, ForkChild, ForkRequest, JailInit, JailInitReply, RunCodeRequest,
+    AdoptRequest, ExecRequest, FileOp, FileOpReply, ForkChild, ForkRequest, JailInit,
+    JailInitReply, RunCodeRequest, WriteReply,
 };
 use futures_util::StreamExt;
 use pool::Pool;
@@ -701,6 +705,39 @@ impl Instance for JailInstance {
         self.fork_children(children).await
     }
 
+    async fn file_op(&self, op: FileOp) -> Result<FileOpReply, RuntimeError> {
+        self.client.file_op(&op).await.map_err(|e| self.file_err(e))
+    }
+
+    async fn read_file(&self, path: &str) -> Result<(Option<u64>, ByteStream), RuntimeError> {
+        let (size, stream) = self
+            .client
+            .read_file(path)
+            .await
+            .map_err(|e| self.file_err(e))?;
+        let id = self.id.clone();
+        Ok((
+            size,
+            stream
+                .map(move |r| {
+                    r.map_err(|e| RuntimeError::Agent {
+                        id: id.clone(),
+                        source: e.into(),
+                    })
+                })
+                .boxed(),
+        ))
+    }
+
+    async fn write_file(&self, path: &str, data: UploadStream) -> Result<WriteReply, RuntimeError> {
+        let data =
+            data.map(|r| r.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>));
+        self.client
+            .write_file(path, data)
+            .await
+            .map_err(|e| self.file_err(e))
+    }
+
     async fn destroy(&self) -> Result<(), RuntimeError> {
         self.alive.store(false, Ordering::SeqCst);
         let mut res = self.resources.lock().await;
@@ -1018,6 +1055,33 @@ impl JailInstance {
             .await
             .map_err(|e| RuntimeError::host(op, &self.id, e))?
             .map_err(|e| RuntimeError::host(op, &self.id, e))
+    }
+
+    /// Maps a file call's failure: the agent's status says what kind.
+    fn file_err(&self, e: forkbox_agent_client::AgentError) -> RuntimeError {
+        match e {
+            forkbox_agent_client::AgentError::Status { status, message } => {
+                let kind = match status.as_u16() {
+                    404 => FileErrorKind::NotFound,
+                    409 => FileErrorKind::Conflict,
+                    403 => FileErrorKind::Denied,
+                    507 => FileErrorKind::NoSpace,
+                    400 => FileErrorKind::Invalid,
+                    _ => {
+                        return RuntimeError::host(
+                            "file operation",
+                            &self.id,
+                            std::io::Error::other(message),
+                        )
+                    }
+                };
+                RuntimeError::File { kind, message }
+            }
+            other => RuntimeError::Agent {
+                id: self.id.clone(),
+                source: other.into(),
+            },
+        }
     }
 
     /// Maps an agent call's outcome into the runtime's terms.

@@ -14,6 +14,12 @@
 //!   interrupts the cell (the kernel and its state stay).
 //! - `POST /fork` with [`ForkRequest`] → [`ForkReply`]: the Python kernel (if one runs)
 //!   forks one copy per child into that child's namespaces (see `docs/fork-design.md`).
+//! - `GET /files/read?path=` → the file's bytes, streamed; `PUT /files/write?path=` with
+//!   the bytes streamed as the body → [`WriteReply`] (written to a temporary sibling,
+//!   renamed into place at the end; parents created); `POST /files/op` with a
+//!   [`FileOp`] → [`FileOpReply`]. Paths resolve inside the sandbox's root only
+//!   (relative ones from `/root`). Errors answer 400/403/404/409/507 with
+//!   `{"error": "…"}`.
 //! - `POST /adopt` with [`AdoptRequest`] → [`AdoptReply`]: a fork child's agent reports
 //!   whether it received its Python kernel from the parent (or stops waiting for one).
 
@@ -135,6 +141,77 @@ pub struct JailInit {
     /// sandbox's Python kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopt_token: Option<String>,
+}
+
+/// A filesystem operation other than reading or writing content.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum FileOp {
+    /// Entries of a directory, sorted by name.
+    Ls {
+        path: String,
+    },
+    Stat {
+        path: String,
+    },
+    /// Creates the directory and any missing parents (`mkdir -p`).
+    Mkdir {
+        path: String,
+    },
+    Rename {
+        from: String,
+        to: String,
+    },
+    /// Removes a file, symlink or empty directory; with `recursive`, a whole tree
+    /// (symlinks are removed, never followed).
+    Delete {
+        path: String,
+        #[serde(default)]
+        recursive: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// One file's metadata.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileInfo {
+    pub name: String,
+    /// Absolute path inside the sandbox.
+    pub path: String,
+    #[serde(rename = "type")]
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits (e.g. 0o644 = 420).
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// A symlink's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// Answer of `POST /files/op`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum FileOpReply {
+    Entries { entries: Vec<FileInfo> },
+    Info(FileInfo),
+    Done { ok: bool },
+}
+
+/// Answer of `PUT /files/write`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WriteReply {
+    pub path: String,
+    pub size: u64,
 }
 
 /// One fork child, as the parent's agent sees it.

@@ -1,0 +1,475 @@
+//! File operations inside the sandbox, done by the agent in the sandbox's own mount
+//! namespace. Every path is resolved with `openat2(RESOLVE_IN_ROOT |
+//! RESOLVE_NO_MAGICLINKS)` from the sandbox's root: `..` and absolute symlinks stay
+//! inside it, and `/proc/<pid>/{root,fd/*,cwd,exe}` links (which could lead to the
+//! agent's own host-side files) are refused. Once opened, work continues on the fd, so
+//! swapping a path component mid-transfer changes nothing.
+
+use forkbox_types::agent::{FileInfo, FileKind, FileOp, FileOpReply, WriteReply};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{fstatat, FileStat, Mode};
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("invalid path: {0}")]
+    BadPath(&'static str),
+    #[error("{path}: {errno}")]
+    Os { path: String, errno: Errno },
+}
+
+impl FileError {
+    /// The HTTP status the agent answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            FileError::BadPath(_) => 400,
+            FileError::Os { errno, .. } => match errno {
+                Errno::ENOENT => 404,
+                Errno::ENOTDIR | Errno::EISDIR | Errno::ENOTEMPTY | Errno::EEXIST => 409,
+                Errno::EACCES | Errno::EPERM | Errno::EROFS => 403,
+                Errno::ENOSPC | Errno::EDQUOT => 507,
+                _ => 400,
+            },
+        }
+    }
+}
+
+fn os(path: &str) -> impl Fn(Errno) -> FileError + '_ {
+    move |errno| FileError::Os {
+        path: path.to_owned(),
+        errno,
+    }
+}
+
+/// Makes `path` absolute (relative paths are relative to /root) and checks it.
+pub fn normalize(path: &str) -> Result<String, FileError> {
+    if path.is_empty() {
+        return Err(FileError::BadPath("empty"));
+    }
+    if path.contains('\0') {
+        return Err(FileError::BadPath("contains NUL"));
+    }
+    if path.len() > 4096 {
+        return Err(FileError::BadPath("longer than 4096 bytes"));
+    }
+    Ok(if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/root/{path}")
+    })
+}
+
+fn root() -> Result<OwnedFd, FileError> {
+    nix::fcntl::open(
+        "/",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(|fd| {
+        // SAFETY: a fresh fd we own.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    })
+    .map_err(os("/"))
+}
+
+/// `openat2` of `path` inside the sandbox's root.
+pub fn open_in_root(path: &str, flags: OFlag, mode: u32) -> Result<OwnedFd, FileError> {
+    let r = root()?;
+    let c = CString::new(path).map_err(|_| FileError::BadPath("contains NUL"))?;
+    // SAFETY: open_how is plain data; zero is valid for the fields we do not set.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | OFlag::O_CLOEXEC).bits() as u64;
+    how.mode = if flags.contains(OFlag::O_CREAT) {
+        u64::from(mode)
+    } else {
+        0
+    };
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 with a valid dirfd, NUL-terminated path and open_how of the right size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            r.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(os(path)(Errno::last()));
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The directory holding `path` (opened safely) and the last component's name.
+fn parent_of(path: &str) -> Result<(OwnedFd, String), FileError> {
+    let p = std::path::Path::new(path);
+    let name = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or(FileError::BadPath("names no file"))?;
+    if name == "." || name == ".." {
+        return Err(FileError::BadPath("names no file"));
+    }
+    let parent = p.parent().and_then(|p| p.to_str()).unwrap_or("/");
+    let dir = open_in_root(parent, OFlag::O_PATH | OFlag::O_DIRECTORY, 0)?;
+    Ok((dir, name.to_owned()))
+}
+
+fn kind(st: &FileStat) -> FileKind {
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => FileKind::File,
+        libc::S_IFDIR => FileKind::Dir,
+        libc::S_IFLNK => FileKind::Symlink,
+        _ => FileKind::Other,
+    }
+}
+
+fn info(dir: &OwnedFd, name: &str, path: &str) -> Result<FileInfo, FileError> {
+    let st =
+        fstatat(Some(dir.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(os(path))?;
+    let k = kind(&st);
+    let target = if k == FileKind::Symlink {
+        nix::fcntl::readlinkat(Some(dir.as_raw_fd()), name)
+            .ok()
+            .map(|t| t.to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    Ok(FileInfo {
+        name: name.to_owned(),
+        path: path.to_owned(),
+        kind: k,
+        size: st.st_size.max(0) as u64,
+        mode: st.st_mode & 0o7777,
+        mtime: st.st_mtime,
+        target,
+    })
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.ends_with('/') {
+        format!("{dir}{name}")
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// `mkdir -p` inside the root.
+pub fn mkdir_p(path: &str) -> Result<(), FileError> {
+    let comps: Vec<&str> = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    let mut cur = String::from("/");
+    for c in comps {
+        if c == ".." {
+            return Err(FileError::BadPath("contains .."));
+        }
+        let next = join(&cur, c);
+        match open_in_root(&next, OFlag::O_PATH | OFlag::O_DIRECTORY, 0) {
+            Ok(_) => {}
+            Err(FileError::Os {
+                errno: Errno::ENOENT,
+                ..
+            }) => {
+                let dir = open_in_root(&cur, OFlag::O_PATH | OFlag::O_DIRECTORY, 0)?;
+                match nix::sys::stat::mkdirat(
+                    Some(dir.as_raw_fd()),
+                    c,
+                    Mode::from_bits_truncate(0o755),
+                ) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(os(&next)(e)),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        cur = next;
+    }
+    Ok(())
+}
+
+/// Removes `name` in `dir`, descending into directories (never following symlinks).
+fn remove_tree(dir: &OwnedFd, name: &str, path: &str) -> Result<(), FileError> {
+    let st =
+        fstatat(Some(dir.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(os(path))?;
+    if kind(&st) == FileKind::Dir {
+        let sub = nix::fcntl::openat(
+            Some(dir.as_raw_fd()),
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(os(path))?;
+        // SAFETY: a fresh fd we own.
+        let sub = unsafe { OwnedFd::from_raw_fd(sub) };
+        let names: Vec<String> = {
+            let d = nix::dir::Dir::from_fd(nix::unistd::dup(sub.as_raw_fd()).map_err(os(path))?)
+                .map_err(os(path))?;
+            let mut d = d;
+            d.iter()
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().ok().map(str::to_owned))
+                .filter(|n| n != "." && n != "..")
+                .collect()
+        };
+        for n in names {
+            remove_tree(&sub, &n, &join(path, &n))?;
+        }
+        nix::unistd::unlinkat(
+            Some(dir.as_raw_fd()),
+            name,
+            nix::unistd::UnlinkatFlags::RemoveDir,
+        )
+        .map_err(os(path))
+    } else {
+        nix::unistd::unlinkat(
+            Some(dir.as_raw_fd()),
+            name,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        )
+        .map_err(os(path))
+    }
+}
+
+/// Runs one metadata operation.
+pub fn op(op: FileOp) -> Result<FileOpReply, FileError> {
+    match op {
+        FileOp::Ls { path } => {
+            let path = normalize(&path)?;
+            let dir = open_in_root(&path, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)?;
+            let mut d =
+                nix::dir::Dir::from_fd(nix::unistd::dup(dir.as_raw_fd()).map_err(os(&path))?)
+                    .map_err(os(&path))?;
+            let mut entries = Vec::new();
+            for e in d.iter().filter_map(|e| e.ok()) {
+                let Ok(name) = e.file_name().to_str() else {
+                    continue;
+                };
+                if name == "." || name == ".." {
+                    continue;
+                }
+                if let Ok(i) = info(&dir, name, &join(&path, name)) {
+                    entries.push(i);
+                }
+            }
+            entries.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(FileOpReply::Entries { entries })
+        }
+        FileOp::Stat { path } => {
+            let path = normalize(&path)?;
+            if path.trim_end_matches('/').is_empty() {
+                let r = root()?;
+                let st = nix::sys::stat::fstat(r.as_fd().as_raw_fd()).map_err(os(&path))?;
+                return Ok(FileOpReply::Info(FileInfo {
+                    name: "/".into(),
+                    path,
+                    kind: kind(&st),
+                    size: st.st_size.max(0) as u64,
+                    mode: st.st_mode & 0o7777,
+                    mtime: st.st_mtime,
+                    target: None,
+                }));
+            }
+            let (dir, name) = parent_of(&path)?;
+            Ok(FileOpReply::Info(info(&dir, &name, &path)?))
+        }
+        FileOp::Mkdir { path } => {
+            mkdir_p(&normalize(&path)?)?;
+            Ok(FileOpReply::Done { ok: true })
+        }
+        FileOp::Rename { from, to } => {
+            let (from, to) = (normalize(&from)?, normalize(&to)?);
+            let (fd, fname) = parent_of(&from)?;
+            let (td, tname) = parent_of(&to)?;
+            nix::fcntl::renameat(
+                Some(fd.as_raw_fd()),
+                fname.as_str(),
+                Some(td.as_raw_fd()),
+                tname.as_str(),
+            )
+            .map_err(os(&from))?;
+            Ok(FileOpReply::Done { ok: true })
+        }
+        FileOp::Delete { path, recursive } => {
+            let path = normalize(&path)?;
+            let (dir, name) = parent_of(&path)?;
+            if recursive {
+                remove_tree(&dir, &name, &path)?;
+            } else {
+                let st = fstatat(
+                    Some(dir.as_raw_fd()),
+                    name.as_str(),
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .map_err(os(&path))?;
+                let flag = if kind(&st) == FileKind::Dir {
+                    nix::unistd::UnlinkatFlags::RemoveDir
+                } else {
+                    nix::unistd::UnlinkatFlags::NoRemoveDir
+                };
+                nix::unistd::unlinkat(Some(dir.as_raw_fd()), name.as_str(), flag)
+                    .map_err(os(&path))?;
+            }
+            Ok(FileOpReply::Done { ok: true })
+        }
+    }
+}
+
+/// Opens a regular file for reading; returns it and its size.
+pub fn open_read(path: &str) -> Result<(std::fs::File, u64), FileError> {
+    let path = normalize(path)?;
+    let fd = open_in_root(&path, OFlag::O_RDONLY, 0)?;
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(os(&path))?;
+    if kind(&st) == FileKind::Dir {
+        return Err(os(&path)(Errno::EISDIR));
+    }
+    Ok((std::fs::File::from(fd), st.st_size.max(0) as u64))
+}
+
+/// A file being written: a temporary sibling renamed into place by [`Upload::commit`].
+/// Dropped without a commit (failed or cancelled upload), the temporary file goes.
+pub struct Upload {
+    pub file: std::fs::File,
+    dir: OwnedFd,
+    tmp: String,
+    name: String,
+    path: String,
+    committed: bool,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.abort();
+        }
+    }
+}
+
+pub fn begin_write(path: &str) -> Result<Upload, FileError> {
+    let path = normalize(path)?;
+    let parent = std::path::Path::new(&path)
+        .parent()
+        .and_then(|p| p.to_str())
+        .unwrap_or("/")
+        .to_owned();
+    mkdir_p(&parent)?;
+    let (dir, name) = parent_of(&path)?;
+    let tmp = format!(".forkbox-upload-{:016x}", rand::random::<u64>());
+    let fd = nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        tmp.as_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .map_err(os(&path))?;
+    // SAFETY: a fresh fd we own.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(Upload {
+        file,
+        dir,
+        tmp,
+        name,
+        path,
+        committed: false,
+    })
+}
+
+impl Upload {
+    pub fn commit(mut self, size: u64) -> Result<WriteReply, FileError> {
+        nix::fcntl::renameat(
+            Some(self.dir.as_raw_fd()),
+            self.tmp.as_str(),
+            Some(self.dir.as_raw_fd()),
+            self.name.as_str(),
+        )
+        .map_err(os("rename"))?;
+        self.committed = true;
+        Ok(WriteReply {
+            path: std::mem::take(&mut self.path),
+            size,
+        })
+    }
+
+    pub fn abort(&self) {
+        let _ = nix::unistd::unlinkat(
+            Some(self.dir.as_raw_fd()),
+            self.tmp.as_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_made_absolute_and_checked() {
+        assert_eq!(normalize("a/b").unwrap(), "/root/a/b");
+        assert_eq!(normalize("/etc/x").unwrap(), "/etc/x");
+        assert!(matches!(normalize(""), Err(FileError::BadPath(_))));
+        assert!(matches!(normalize("a\0b"), Err(FileError::BadPath(_))));
+        assert!(matches!(
+            normalize(&"x".repeat(5000)),
+            Err(FileError::BadPath(_))
+        ));
+    }
+
+    #[test]
+    fn errors_map_to_statuses() {
+        let e = |errno| FileError::Os {
+            path: "/p".into(),
+            errno,
+        };
+        assert_eq!(e(Errno::ENOENT).status(), 404);
+        assert_eq!(e(Errno::EISDIR).status(), 409);
+        assert_eq!(e(Errno::ENOTEMPTY).status(), 409);
+        assert_eq!(e(Errno::EACCES).status(), 403);
+        assert_eq!(e(Errno::ENOSPC).status(), 507);
+        assert_eq!(e(Errno::ELOOP).status(), 400);
+    }
+
+    #[test]
+    fn file_ops_stay_inside_the_root_and_clean_up() {
+        // Runs against this test process's own root, in a temporary directory.
+        let dir = tempfile_dir();
+        let base = dir.to_str().unwrap().to_owned();
+        mkdir_p(&format!("{base}/a/b/c")).unwrap();
+        let up = begin_write(&format!("{base}/a/b/c/f")).unwrap();
+        drop(up);
+        let entries = match op(FileOp::Ls {
+            path: format!("{base}/a/b/c"),
+        })
+        .unwrap()
+        {
+            FileOpReply::Entries { entries } => entries,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            entries.is_empty(),
+            "an uncommitted upload leaves nothing: {entries:?}"
+        );
+        let mut up = begin_write(&format!("{base}/a/f")).unwrap();
+        std::io::Write::write_all(&mut up.file, b"data").unwrap();
+        assert_eq!(up.commit(4).unwrap().size, 4);
+        let (_, size) = open_read(&format!("{base}/a/f")).unwrap();
+        assert_eq!(size, 4);
+        op(FileOp::Delete {
+            path: base.clone(),
+            recursive: true,
+        })
+        .unwrap();
+        assert!(!dir.exists());
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("forkbox-files-{}", rand::random::<u64>()));
+        std::fs::create_dir(&d).unwrap();
+        d
+    }
+}

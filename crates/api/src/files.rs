@@ -1,0 +1,199 @@
+//! `/v1/sandboxes/:id/files…` routes: content streamed both ways (never held whole in
+//! memory), metadata as JSON.
+
+use crate::extract::{JsonBody, QueryArgs};
+use crate::{ApiError, AppState};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use forkbox_types::agent::{FileInfo, FileOp, FileOpReply, WriteReply};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Largest upload (`PUT …/files`, `PUT …/files/raw`).
+pub const MAX_UPLOAD: u64 = 500 * 1024 * 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathArg {
+    path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteArgs {
+    path: String,
+    #[serde(default)]
+    recursive: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenameBody {
+    from: String,
+    to: String,
+}
+
+#[derive(Serialize)]
+pub struct Listing {
+    path: String,
+    entries: Vec<FileInfo>,
+}
+
+async fn op(st: &AppState, id: &str, op: FileOp) -> Result<FileOpReply, ApiError> {
+    Ok(st.manager.file_op(id, op).await?)
+}
+
+fn unexpected(what: &str) -> ApiError {
+    ApiError::Internal(format!(
+        "the agent answered a {what} call with the wrong shape"
+    ))
+}
+
+async fn stat_of(st: &AppState, id: &str, path: String) -> Result<FileInfo, ApiError> {
+    match op(st, id, FileOp::Stat { path }).await? {
+        FileOpReply::Info(i) => Ok(i),
+        _ => Err(unexpected("stat")),
+    }
+}
+
+/// `GET …/files?path=` and `GET …/files/raw?path=`: the bytes, streamed.
+pub async fn read(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    QueryArgs(q): QueryArgs<PathArg>,
+) -> Result<Response, ApiError> {
+    let (size, stream) = st.manager.read_file(&id, &q.path).await?;
+    let body = Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other)));
+    let mut resp = ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response();
+    if let Some(n) = size {
+        resp.headers_mut().insert(header::CONTENT_LENGTH, n.into());
+    }
+    Ok(resp)
+}
+
+/// `PUT …/files?path=` and `PUT …/files/raw?path=`: the body, streamed into the file
+/// (parents created; the file appears whole or not at all). Up to [`MAX_UPLOAD`] bytes.
+pub async fn write(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    QueryArgs(q): QueryArgs<PathArg>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<WriteReply>, ApiError> {
+    let too_large = ApiError::TooLarge {
+        limit: MAX_UPLOAD as usize,
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_UPLOAD) {
+        return Err(too_large);
+    }
+    let seen = Arc::new(AtomicU64::new(0));
+    let over = Arc::new(AtomicBool::new(false));
+    let (s, o) = (seen.clone(), over.clone());
+    let data = body.into_data_stream().map(move |r| {
+        let b = r.map_err(std::io::Error::other)?;
+        if s.fetch_add(b.len() as u64, Ordering::Relaxed) + b.len() as u64 > MAX_UPLOAD {
+            o.store(true, Ordering::Relaxed);
+            return Err(std::io::Error::other("upload larger than the limit"));
+        }
+        Ok(b)
+    });
+    match st.manager.write_file(&id, &q.path, data.boxed()).await {
+        Ok(r) => Ok(Json(r)),
+        Err(_) if over.load(Ordering::Relaxed) => Err(too_large),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `DELETE …/files?path=[&recursive=true]`.
+pub async fn delete(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    QueryArgs(q): QueryArgs<DeleteArgs>,
+) -> Result<StatusCode, ApiError> {
+    op(
+        &st,
+        &id,
+        FileOp::Delete {
+            path: q.path,
+            recursive: q.recursive,
+        },
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET …/files/ls?path=`.
+pub async fn ls(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    QueryArgs(q): QueryArgs<PathArg>,
+) -> Result<Json<Listing>, ApiError> {
+    match op(
+        &st,
+        &id,
+        FileOp::Ls {
+            path: q.path.clone(),
+        },
+    )
+    .await?
+    {
+        FileOpReply::Entries { entries } => Ok(Json(Listing {
+            path: q.path,
+            entries,
+        })),
+        _ => Err(unexpected("ls")),
+    }
+}
+
+/// `GET …/files/stat?path=`.
+pub async fn stat(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    QueryArgs(q): QueryArgs<PathArg>,
+) -> Result<Json<FileInfo>, ApiError> {
+    Ok(Json(stat_of(&st, &id, q.path).await?))
+}
+
+/// `POST …/files/mkdir {"path"}`: `mkdir -p`; answers the directory's metadata.
+pub async fn mkdir(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<PathArg>,
+) -> Result<Json<FileInfo>, ApiError> {
+    op(
+        &st,
+        &id,
+        FileOp::Mkdir {
+            path: b.path.clone(),
+        },
+    )
+    .await?;
+    Ok(Json(stat_of(&st, &id, b.path).await?))
+}
+
+/// `POST …/files/rename {"from", "to"}`: answers the moved file's metadata.
+pub async fn rename(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<RenameBody>,
+) -> Result<Json<FileInfo>, ApiError> {
+    op(
+        &st,
+        &id,
+        FileOp::Rename {
+            from: b.from,
+            to: b.to.clone(),
+        },
+    )
+    .await?;
+    Ok(Json(stat_of(&st, &id, b.to).await?))
+}
