@@ -54,6 +54,11 @@ pub fn normalize(path: &str) -> Result<String, FileError> {
     if path.len() > 4096 {
         return Err(FileError::BadPath("longer than 4096 bytes"));
     }
+    if path.split('/').any(|c| c == "..") {
+        // It could not leave the root anyway (RESOLVE_IN_ROOT), but a client that
+        // sends one is confused or probing: say so.
+        return Err(FileError::BadPath("contains a .. component"));
+    }
     Ok(if path.starts_with('/') {
         path.to_owned()
     } else {
@@ -414,6 +419,15 @@ mod tests {
         assert_eq!(normalize("/etc/x").unwrap(), "/etc/x");
         assert!(matches!(normalize(""), Err(FileError::BadPath(_))));
         assert!(matches!(normalize("a\0b"), Err(FileError::BadPath(_))));
+        assert!(matches!(
+            normalize("../etc/shadow"),
+            Err(FileError::BadPath(_))
+        ));
+        assert!(matches!(
+            normalize("/root/../etc"),
+            Err(FileError::BadPath(_))
+        ));
+        assert_eq!(normalize("/root/..x").unwrap(), "/root/..x");
         assert!(matches!(
             normalize(&"x".repeat(5000)),
             Err(FileError::BadPath(_))

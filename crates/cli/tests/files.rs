@@ -172,21 +172,24 @@ async fn paths_never_leave_the_sandbox() {
     let host_file = std::path::Path::new("/tmp").join(&marker);
     std::fs::write(&host_file, "HOST SECRET").unwrap();
     s.sh(&id, "echo sandbox-etc > /etc/forkbox-probe").await;
-    // `..` stops at the sandbox's root.
+    // `..` is refused outright, and so is a NUL byte.
+    for p in [
+        "/../../../../etc/forkbox-probe",
+        "../../etc/shadow",
+        "/root/../../../etc/shadow",
+        &format!("../../../../../tmp/{marker}"),
+        "/etc/sha\0dow",
+    ] {
+        let (st, body) = get(&s, &id, p).await;
+        assert_eq!(st, 400, "{p}: {}", String::from_utf8_lossy(&body));
+    }
+    assert_eq!(put(&s, &id, "../../tmp/planted", "x").await.0, 400);
+    // Absolute paths are the sandbox's own files.
     assert_eq!(
-        get(&s, &id, "/../../../../etc/forkbox-probe").await,
+        get(&s, &id, "/etc/forkbox-probe").await,
         (200, b"sandbox-etc\n".to_vec())
     );
-    assert_eq!(
-        get(&s, &id, &format!("/../../../tmp/{marker}")).await.0,
-        404
-    );
-    assert_eq!(
-        get(&s, &id, &format!("../../../../../tmp/{marker}"))
-            .await
-            .0,
-        404
-    );
+    assert_eq!(get(&s, &id, &format!("/tmp/{marker}")).await.0, 404);
     // Absolute symlinks resolve inside the sandbox.
     s.sh(&id, "ln -s / /root/up && ln -s /tmp /root/tmplink")
         .await;
