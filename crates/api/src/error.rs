@@ -31,6 +31,7 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Core(e) => match e {
                 CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+                CoreError::NoSnapshot(_) => (StatusCode::NOT_FOUND, "snapshot_not_found"),
                 CoreError::Gone { .. } => (StatusCode::GONE, "gone"),
                 CoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
                 CoreError::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
@@ -40,6 +41,7 @@ impl ApiError {
                         (StatusCode::BAD_REQUEST, "unknown_template")
                     }
                     RuntimeError::Rejected(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+                    RuntimeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
                     RuntimeError::File { kind, .. } => match kind {
                         FileErrorKind::Invalid => (StatusCode::BAD_REQUEST, "invalid_path"),
                         FileErrorKind::NotFound => (StatusCode::NOT_FOUND, "file_not_found"),

@@ -42,6 +42,14 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
         .route("/v1/sandboxes/{id}/fork", post(sandboxes::fork))
+        .route("/v1/sandboxes/{id}/hibernate", post(sandboxes::hibernate))
+        .route("/v1/sandboxes/{id}/wake", post(sandboxes::wake))
+        .route("/v1/sandboxes/{id}/snapshot", post(sandboxes::snapshot))
+        .route("/v1/snapshots", get(sandboxes::list_snapshots))
+        .route(
+            "/v1/snapshots/{id}",
+            get(sandboxes::get_snapshot).delete(sandboxes::delete_snapshot),
+        )
         .route(
             "/v1/sandboxes/{id}/files",
             get(files::read).put(files::write).delete(files::delete),

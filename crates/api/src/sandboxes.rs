@@ -7,7 +7,9 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use forkbox_core::{CreateRequest, ExecCommand, ListFilter, Sandbox, Status, Work};
+use forkbox_core::{
+    CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,
+};
 use forkbox_types::agent::Language;
 use forkbox_types::exec::EventKind;
 use futures_util::StreamExt;
@@ -25,6 +27,10 @@ pub struct CreateBody {
     env: BTreeMap<String, String>,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
+    /// `kill` (default) or `hibernate`.
+    on_timeout: Option<String>,
+    /// Start from this snapshot (`snap-…`).
+    snapshot: Option<String>,
 }
 
 /// A sandbox as the API shows it.
@@ -43,6 +49,7 @@ pub struct SandboxView {
     boot_ms: f64,
     /// The sandbox this one was forked from.
     parent: Option<String>,
+    on_timeout: &'static str,
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
@@ -65,6 +72,7 @@ impl From<Sandbox> for SandboxView {
             expires_at: rfc3339(s.expires_at),
             boot_ms: s.boot_ms,
             parent: s.parent,
+            on_timeout: s.on_timeout.as_str(),
         }
     }
 }
@@ -82,9 +90,110 @@ pub async fn create(
             timeout: b.timeout,
             env: b.env,
             metadata: b.metadata,
+            on_timeout: match b.on_timeout.as_deref() {
+                None => OnTimeout::Kill,
+                Some(v) => OnTimeout::parse(v).ok_or_else(|| {
+                    ApiError::BadRequest("on_timeout must be kill or hibernate".into())
+                })?,
+            },
+            snapshot: b.snapshot,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(s.into())))
+}
+
+pub async fn hibernate(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    Ok(Json(st.manager.hibernate(&id).await?.into()))
+}
+
+#[derive(Serialize)]
+pub struct WakeView {
+    #[serde(flatten)]
+    sandbox: SandboxView,
+    memory_restored: bool,
+    note: &'static str,
+}
+
+pub async fn wake(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<WakeView>, ApiError> {
+    Ok(Json(WakeView {
+        sandbox: st.manager.wake(&id).await?.into(),
+        memory_restored: false,
+        note: "the jail runtime keeps the filesystem across hibernation but not live memory: REPL state and running processes start fresh",
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotBody {
+    name: String,
+}
+
+#[derive(Serialize)]
+pub struct SnapshotView {
+    id: String,
+    name: String,
+    sandbox_id: String,
+    template: String,
+    created_at: String,
+}
+
+impl From<Snapshot> for SnapshotView {
+    fn from(s: Snapshot) -> Self {
+        SnapshotView {
+            id: s.id,
+            name: s.name,
+            sandbox_id: s.sandbox_id,
+            template: s.template,
+            created_at: rfc3339(s.created_at),
+        }
+    }
+}
+
+pub async fn snapshot(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<SnapshotBody>,
+) -> Result<(StatusCode, Json<SnapshotView>), ApiError> {
+    let s = st.manager.snapshot(&id, &b.name).await?;
+    Ok((StatusCode::CREATED, Json(s.into())))
+}
+
+#[derive(Serialize)]
+pub struct SnapshotList {
+    snapshots: Vec<SnapshotView>,
+}
+
+pub async fn list_snapshots(State(st): State<AppState>) -> Result<Json<SnapshotList>, ApiError> {
+    Ok(Json(SnapshotList {
+        snapshots: st
+            .manager
+            .snapshots()
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    }))
+}
+
+pub async fn get_snapshot(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SnapshotView>, ApiError> {
+    Ok(Json(st.manager.get_snapshot(&id).await?.into()))
+}
+
+pub async fn delete_snapshot(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    st.manager.delete_snapshot(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn get(
@@ -135,7 +244,7 @@ pub async fn list(
         Some(s) => {
             filter.status = Some(Status::parse(s).ok_or_else(|| {
                 ApiError::BadRequest(
-                    "status must be running, paused, deleted, killed, failed or all".into(),
+                    "status must be running, paused, hibernated, deleted, killed, failed, merged or all".into(),
                 )
             })?)
         }

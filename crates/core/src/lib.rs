@@ -11,7 +11,9 @@ pub mod runtime;
 pub mod store;
 
 pub use manager::{ForkOutcome, Manager, ManagerConfig, MAX_FORK};
-pub use model::{CreateRequest, ExecCommand, ListFilter, Sandbox, Status, Work};
+pub use model::{
+    CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,
+};
 pub use runtime::{ByteStream, FileErrorKind, Instance, Runtime, RuntimeError, UploadStream};
 
 /// Everything that can go wrong in a core operation, by what the caller should do.
@@ -25,6 +27,8 @@ pub enum CoreError {
     Invalid(String),
     #[error("sandbox {id} is {status}; this needs a running sandbox")]
     WrongState { id: String, status: Status },
+    #[error("snapshot {0} not found")]
+    NoSnapshot(String),
     /// The request contradicts the sandboxes' relations (e.g. merge into a non-ancestor).
     #[error("{0}")]
     Conflict(String),

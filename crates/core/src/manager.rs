@@ -1,7 +1,9 @@
 //! The sandbox state machine: create, exec, delete and time-to-live, over one runtime
 //! and the store.
 
-use crate::model::{CreateRequest, ExecCommand, ListFilter, Sandbox, Status, Work};
+use crate::model::{
+    CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,
+};
 use crate::runtime::{ByteStream, CreateSpec, Instance, Runtime, UploadStream};
 use crate::store::Store;
 use crate::{ids, CoreError};
@@ -78,6 +80,8 @@ pub struct Manager {
     runtime: Arc<dyn Runtime>,
     config: ManagerConfig,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Hibernated sandboxes being woken right now.
+    waking: Mutex<std::collections::HashSet<String>>,
 }
 
 fn now_ms() -> u64 {
@@ -117,6 +121,7 @@ impl Manager {
             runtime,
             config,
             live: Mutex::new(HashMap::new()),
+            waking: Mutex::new(Default::default()),
         })
     }
 
@@ -190,6 +195,7 @@ impl Manager {
                 memory_bytes: memory_mb * 1024 * 1024,
                 pids_max: c.pids_max,
                 env: req.env.clone(),
+                snapshot: None,
             },
             cpu,
             memory_mb,
@@ -201,7 +207,29 @@ impl Manager {
     pub async fn create(&self, req: CreateRequest) -> Result<Sandbox, CoreError> {
         let started = Instant::now();
         let id = ids::new("sbx");
-        let (spec, cpu, memory_mb, timeout) = self.spec(&id, &req)?;
+        let mut req = req;
+        let snap = match &req.snapshot {
+            Some(s) => Some(
+                self.store
+                    .get_snapshot(s)
+                    .await?
+                    .ok_or_else(|| CoreError::NoSnapshot(s.clone()))?,
+            ),
+            None => None,
+        };
+        if let Some(snap) = &snap {
+            match &req.template {
+                Some(t) if *t != snap.template => {
+                    return Err(CoreError::Invalid(format!(
+                        "snapshot {} was taken from template {}, not {t}",
+                        snap.id, snap.template
+                    )))
+                }
+                _ => req.template = Some(snap.template.clone()),
+            }
+        }
+        let (mut spec, cpu, memory_mb, timeout) = self.spec(&id, &req)?;
+        spec.snapshot = snap.map(|s| s.id);
         let instance = self.runtime.create(&spec).await?;
         let created_at = OffsetDateTime::now_utc();
         let record = Sandbox {
@@ -221,6 +249,8 @@ impl Manager {
             parent: None,
             host_pid: instance.host_pid(),
             resource_id: id.clone(),
+            env: spec.env.clone(),
+            on_timeout: req.on_timeout,
         };
         if let Err(e) = self.store.insert_sandbox(&record).await {
             let _ = instance.destroy().await;
@@ -260,6 +290,7 @@ impl Manager {
         let specs: Vec<CreateSpec> = (0..n)
             .map(|_| CreateSpec {
                 id: ids::new("sbx"),
+                snapshot: None,
                 ..live.spec.clone()
             })
             .collect();
@@ -653,6 +684,139 @@ impl Manager {
         Ok(live.update(|r| r.status = to))
     }
 
+    /// Stops a running or paused sandbox's processes and frees its memory, keeping its
+    /// filesystem; `wake` starts it again. Its time to live stops counting meanwhile.
+    pub async fn hibernate(&self, id: &str) -> Result<Sandbox, CoreError> {
+        let live = self.running(id).await?;
+        let _op = live.op.lock().await;
+        if self.live(id).is_none_or(|now| !Arc::ptr_eq(&now, &live)) {
+            return Err(CoreError::Conflict(format!(
+                "{id} changed meanwhile; retry"
+            )));
+        }
+        live.instance.hibernate().await?;
+        self.live_map().remove(id);
+        self.store.set_status(id, Status::Hibernated).await?;
+        tracing::info!(sandbox = %id, "sandbox hibernated");
+        Ok(live.update(|r| {
+            r.status = Status::Hibernated;
+            r.host_pid = None;
+        }))
+    }
+
+    /// Starts a hibernated sandbox again on its kept filesystem. In the jail runtime
+    /// its memory (REPL state, running processes) was not kept.
+    pub async fn wake(&self, id: &str) -> Result<Sandbox, CoreError> {
+        let rec = self.get(id).await?;
+        if rec.status != Status::Hibernated {
+            return Err(CoreError::WrongState {
+                id: id.to_owned(),
+                status: rec.status,
+            });
+        }
+        {
+            let mut w = match self.waking.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if !w.insert(id.to_owned()) {
+                return Err(CoreError::Conflict(format!("{id} is already waking")));
+            }
+        }
+        let out = self.wake_inner(rec).await;
+        match self.waking.lock() {
+            Ok(mut g) => g.remove(id),
+            Err(p) => p.into_inner().remove(id),
+        };
+        out
+    }
+
+    async fn wake_inner(&self, rec: Sandbox) -> Result<Sandbox, CoreError> {
+        let spec = CreateSpec {
+            id: rec.resource_id.clone(),
+            template: rec.template.clone(),
+            cpu_millis: (rec.cpu * 1000.0).round() as u64,
+            memory_bytes: rec.memory_mb * 1024 * 1024,
+            pids_max: self.config.pids_max,
+            env: rec.env.clone(),
+            snapshot: None,
+        };
+        let instance = self.runtime.wake(&spec).await?;
+        let expires_at = OffsetDateTime::now_utc() + time::Duration::seconds(rec.timeout as i64);
+        if let Err(e) = self
+            .store
+            .set_woken(&rec.id, instance.host_pid(), expires_at)
+            .await
+        {
+            let _ = instance.hibernate().await;
+            return Err(e.into());
+        }
+        let record = Sandbox {
+            status: Status::Running,
+            host_pid: instance.host_pid(),
+            expires_at,
+            ..rec
+        };
+        self.live_map().insert(
+            record.id.clone(),
+            Arc::new(Live {
+                record: Mutex::new(record.clone()),
+                instance,
+                spec,
+                op: Arc::new(tokio::sync::Mutex::new(())),
+            }),
+        );
+        tracing::info!(sandbox = %record.id, "sandbox woken");
+        Ok(record)
+    }
+
+    /// Takes a named, read-only snapshot of a running or paused sandbox's filesystem.
+    pub async fn snapshot(&self, id: &str, name: &str) -> Result<Snapshot, CoreError> {
+        if name.is_empty() || name.len() > 128 || name.contains('\0') {
+            return Err(CoreError::Invalid(
+                "name must be 1-128 characters without NUL".into(),
+            ));
+        }
+        let live = self.running(id).await?;
+        let _op = live.op.lock().await;
+        let rec = live.record();
+        let snap = Snapshot {
+            id: ids::new("snap"),
+            name: name.to_owned(),
+            sandbox_id: id.to_owned(),
+            template: rec.template.clone(),
+            created_at: OffsetDateTime::now_utc(),
+        };
+        live.instance
+            .snapshot(&snap.id, rec.status == Status::Running)
+            .await?;
+        if let Err(e) = self.store.insert_snapshot(&snap).await {
+            let _ = self.runtime.delete_snapshot(&snap.id).await;
+            return Err(e.into());
+        }
+        tracing::info!(sandbox = %id, snapshot = %snap.id, "snapshot taken");
+        Ok(snap)
+    }
+
+    pub async fn snapshots(&self) -> Result<Vec<Snapshot>, CoreError> {
+        Ok(self.store.list_snapshots().await?)
+    }
+
+    pub async fn get_snapshot(&self, id: &str) -> Result<Snapshot, CoreError> {
+        self.store
+            .get_snapshot(id)
+            .await?
+            .ok_or_else(|| CoreError::NoSnapshot(id.to_owned()))
+    }
+
+    /// Deletes a snapshot; sandboxes made from it keep their own copies.
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), CoreError> {
+        self.get_snapshot(id).await?;
+        self.runtime.delete_snapshot(id).await?;
+        self.store.delete_snapshot(id).await?;
+        Ok(())
+    }
+
     /// Destroys a sandbox; its record stays, marked `deleted`.
     pub async fn delete(&self, id: &str) -> Result<(), CoreError> {
         self.end(id, Status::Deleted, "deleted by client").await
@@ -661,14 +825,24 @@ impl Manager {
     async fn end(&self, id: &str, status: Status, reason: &str) -> Result<(), CoreError> {
         let live = self.live_map().remove(id);
         let Some(live) = live else {
-            // Not ours: unknown, already ended, or left running by an earlier server.
-            return match self.get(id).await {
-                Ok(s) => Err(CoreError::WrongState {
-                    id: id.to_owned(),
-                    status: s.status,
-                }),
-                Err(e) => Err(e),
-            };
+            // Not ours: unknown, already ended, hibernated, or left running by an
+            // earlier server.
+            let s = self.get(id).await?;
+            if s.status == Status::Hibernated && self.waking_now(id) {
+                return Err(CoreError::Conflict(format!("{id} is waking; retry")));
+            }
+            if s.status == Status::Hibernated {
+                self.runtime.cleanup(&s.resource_id).await?;
+                self.store
+                    .end_sandbox(id, status, reason, OffsetDateTime::now_utc())
+                    .await?;
+                tracing::info!(sandbox = %id, %status, reason, "hibernated sandbox ended");
+                return Ok(());
+            }
+            return Err(CoreError::WrongState {
+                id: id.to_owned(),
+                status: s.status,
+            });
         };
         let _op = live.op.lock().await;
         let destroyed = live.instance.destroy().await;
@@ -677,6 +851,13 @@ impl Manager {
             .await?;
         tracing::info!(sandbox = %id, %status, reason, "sandbox ended");
         destroyed.map_err(CoreError::from)
+    }
+
+    fn waking_now(&self, id: &str) -> bool {
+        match self.waking.lock() {
+            Ok(g) => g.contains(id),
+            Err(p) => p.into_inner().contains(id),
+        }
     }
 
     /// Ends sandboxes whose time is up or whose agent died. Runs until the manager is
@@ -701,7 +882,9 @@ impl Manager {
             .values()
             .filter_map(|l| {
                 let r = l.record();
-                if r.expires_at <= now {
+                if r.expires_at <= now && r.on_timeout == OnTimeout::Hibernate {
+                    Some((r.id, Status::Hibernated, "timeout expired"))
+                } else if r.expires_at <= now {
                     Some((r.id, Status::Killed, "timeout expired"))
                 } else if !l.instance.is_alive() {
                     Some((r.id, Status::Failed, "agent exited"))
@@ -711,6 +894,13 @@ impl Manager {
             })
             .collect();
         for (id, status, reason) in due {
+            if status == Status::Hibernated {
+                if let Err(e) = self.hibernate(&id).await {
+                    tracing::warn!(sandbox = %id, error = %e, "hibernating an expired sandbox failed; killing it");
+                    let _ = self.end(&id, Status::Killed, reason).await;
+                }
+                continue;
+            }
             if let Err(e) = self.end(&id, status, reason).await {
                 tracing::warn!(sandbox = %id, error = %e, "ending sandbox failed");
             }

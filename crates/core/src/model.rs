@@ -11,6 +11,8 @@ pub enum Status {
     Running,
     /// Frozen (cgroup freezer): memory kept, no CPU.
     Paused,
+    /// Processes stopped, memory freed, filesystem kept; `wake` starts it again.
+    Hibernated,
     /// Deleted by a client.
     Deleted,
     /// Ended by forkbox: its time to live ran out.
@@ -26,6 +28,7 @@ impl Status {
         match self {
             Status::Running => "running",
             Status::Paused => "paused",
+            Status::Hibernated => "hibernated",
             Status::Deleted => "deleted",
             Status::Killed => "killed",
             Status::Failed => "failed",
@@ -37,6 +40,7 @@ impl Status {
         Some(match s {
             "running" => Status::Running,
             "paused" => Status::Paused,
+            "hibernated" => Status::Hibernated,
             "deleted" => Status::Deleted,
             "killed" => Status::Killed,
             "failed" => Status::Failed,
@@ -45,9 +49,9 @@ impl Status {
         })
     }
 
-    /// True while the sandbox exists (running or paused).
+    /// True while the sandbox exists (running, paused or hibernated).
     pub fn is_live(self) -> bool {
-        matches!(self, Status::Running | Status::Paused)
+        matches!(self, Status::Running | Status::Paused | Status::Hibernated)
     }
 }
 
@@ -86,6 +90,48 @@ pub struct Sandbox {
     /// the merged child's.
     #[serde(skip)]
     pub resource_id: String,
+    /// Environment of every command (kept to start the sandbox again; never shown).
+    #[serde(skip)]
+    pub env: BTreeMap<String, String>,
+    /// What expiry does.
+    pub on_timeout: OnTimeout,
+}
+
+/// What happens when a sandbox's time to live runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    #[default]
+    Kill,
+    Hibernate,
+}
+
+impl OnTimeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnTimeout::Kill => "kill",
+            OnTimeout::Hibernate => "hibernate",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OnTimeout> {
+        match s {
+            "kill" => Some(OnTimeout::Kill),
+            "hibernate" => Some(OnTimeout::Hibernate),
+            _ => None,
+        }
+    }
+}
+
+/// A named, read-only copy of a sandbox's root filesystem.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub name: String,
+    pub sandbox_id: String,
+    pub template: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
 }
 
 /// A validated create request.
@@ -97,6 +143,9 @@ pub struct CreateRequest {
     pub timeout: Option<u64>,
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
+    pub on_timeout: OnTimeout,
+    /// Start from this snapshot (`snap-…`) instead of the template.
+    pub snapshot: Option<String>,
 }
 
 /// What an exec call runs.
@@ -125,7 +174,7 @@ pub struct ExecCommand {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ListFilter {
     pub template: Option<String>,
-    /// `None`: live ones (running and paused); `Some(s)`: exactly that status.
+    /// `None`: live ones (running, paused, hibernated); `Some(s)`: exactly that status.
     pub status: Option<Status>,
     /// Every status, ended ones included (overrides `status`).
     pub all: bool,

@@ -20,6 +20,8 @@ pub struct CreateSpec {
     pub memory_bytes: u64,
     pub pids_max: u64,
     pub env: BTreeMap<String, String>,
+    /// Start from this named snapshot's filesystem instead of the template's.
+    pub snapshot: Option<String>,
 }
 
 type Source = Box<dyn std::error::Error + Send + Sync>;
@@ -32,6 +34,9 @@ pub enum RuntimeError {
     /// The request was refused as invalid by the runtime or agent (e.g. a missing cwd).
     #[error("{0}")]
     Rejected(String),
+    /// The sandbox's current situation forbids it (e.g. hibernating a fork parent).
+    #[error("{0}")]
+    Conflict(String),
     /// The sandbox's agent does not answer.
     #[error("agent of sandbox {id} does not answer: {source}")]
     Agent { id: String, source: Source },
@@ -103,6 +108,23 @@ pub trait Runtime: Send + Sync + 'static {
     /// Creates a running sandbox whose agent answers.
     async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError>;
 
+    /// Starts a hibernated sandbox again on its kept filesystem (`spec.id` is its
+    /// runtime resource id). Memory is not restored in the jail runtime.
+    async fn wake(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let _ = spec;
+        Err(RuntimeError::Unavailable(
+            "this runtime cannot wake sandboxes".into(),
+        ))
+    }
+
+    /// Deletes a named snapshot's filesystem.
+    async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {
+        let _ = snapshot;
+        Err(RuntimeError::Unavailable(
+            "this runtime has no snapshots".into(),
+        ))
+    }
+
     /// Frees whatever host resources sandbox `id` may have left behind (processes,
     /// cgroups, file systems) when no instance of it is held, e.g. after a crash.
     async fn cleanup(&self, id: &str) -> Result<(), RuntimeError>;
@@ -162,6 +184,23 @@ pub trait Instance: Send + Sync + 'static {
         let _ = children;
         Err(RuntimeError::Unavailable(
             "this runtime cannot fork sandboxes".into(),
+        ))
+    }
+
+    /// Stops every process and frees every host resource except the filesystem, which
+    /// [`Runtime::wake`] starts from again.
+    async fn hibernate(&self) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unavailable(
+            "this runtime cannot hibernate".into(),
+        ))
+    }
+
+    /// Copies the root filesystem, read-only, as named snapshot `snapshot`; `freeze`:
+    /// stop the processes meanwhile so the copy is consistent.
+    async fn snapshot(&self, snapshot: &str, freeze: bool) -> Result<(), RuntimeError> {
+        let _ = (snapshot, freeze);
+        Err(RuntimeError::Unavailable(
+            "this runtime has no snapshots".into(),
         ))
     }
 

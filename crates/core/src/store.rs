@@ -1,6 +1,6 @@
 //! Persistent state in SQLite (sqlx, WAL, embedded migrations).
 
-use crate::model::{ListFilter, Sandbox, Status};
+use crate::model::{ListFilter, OnTimeout, Sandbox, Snapshot, Status};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use std::path::{Path, PathBuf};
@@ -68,8 +68,8 @@ impl Store {
         for s in all {
             sqlx::query(
                 "INSERT INTO sandboxes (id, runtime, template, status, cpu, memory_mb, timeout_s, metadata, \
-                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&s.id)
             .bind(&s.runtime)
@@ -87,6 +87,8 @@ impl Store {
             .bind(s.host_pid)
             .bind(&s.parent)
             .bind(&s.resource_id)
+            .bind(serde_json::to_string(&s.env).unwrap_or_else(|_| "{}".into()))
+            .bind(s.on_timeout.as_str())
             .execute(&mut *tx)
             .await
             .map_err(q("insert sandbox"))?;
@@ -157,7 +159,7 @@ impl Store {
             if f.status.is_some() {
                 sql.push_str(" AND status = ?");
             } else {
-                sql.push_str(" AND status IN ('running', 'paused')");
+                sql.push_str(" AND status IN ('running', 'paused', 'hibernated')");
             }
         }
         sql.push_str(" ORDER BY rowid LIMIT ?");
@@ -230,6 +232,67 @@ impl Store {
         Ok(())
     }
 
+    /// Records a hibernated sandbox woken again (new pid, new expiry).
+    pub async fn set_woken(
+        &self,
+        id: &str,
+        host_pid: Option<i32>,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sandboxes SET status = 'running', host_pid = ?, expires_at = ? WHERE id = ?",
+        )
+        .bind(host_pid)
+        .bind(ts(expires_at))
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("set woken"))?;
+        Ok(())
+    }
+
+    pub async fn insert_snapshot(&self, s: &Snapshot) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO snapshots (id, name, sandbox_id, template, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.name)
+        .bind(&s.sandbox_id)
+        .bind(&s.template)
+        .bind(ts(s.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(q("insert snapshot"))?;
+        Ok(())
+    }
+
+    pub async fn get_snapshot(&self, id: &str) -> Result<Option<Snapshot>, StoreError> {
+        let row = sqlx::query("SELECT * FROM snapshots WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get snapshot"))?;
+        row.map(|r| snapshot_from_row(&r)).transpose()
+    }
+
+    /// Every snapshot, oldest first.
+    pub async fn list_snapshots(&self) -> Result<Vec<Snapshot>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM snapshots ORDER BY rowid")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("list snapshots"))?;
+        rows.iter().map(snapshot_from_row).collect()
+    }
+
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM snapshots WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("delete snapshot"))?;
+        Ok(())
+    }
+
     /// Sandboxes in `status`.
     pub async fn sandboxes_with_status(&self, status: Status) -> Result<Vec<Sandbox>, StoreError> {
         let rows = sqlx::query("SELECT * FROM sandboxes WHERE status = ? ORDER BY created_at")
@@ -274,6 +337,24 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         resource_id: r
             .get::<Option<String>, _>("resource_id")
             .unwrap_or_else(|| id.clone()),
+        env: serde_json::from_str(&r.get::<String, _>("env")).map_err(|_| corrupt("env"))?,
+        on_timeout: OnTimeout::parse(&r.get::<String, _>("on_timeout"))
+            .ok_or_else(|| corrupt("on_timeout"))?,
+        id,
+    })
+}
+
+fn snapshot_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Snapshot, StoreError> {
+    let id: String = r.get("id");
+    let created: String = r.get("created_at");
+    Ok(Snapshot {
+        created_at: OffsetDateTime::parse(&created, &Rfc3339).map_err(|_| StoreError::Corrupt {
+            id: id.clone(),
+            what: "created_at".into(),
+        })?,
+        name: r.get("name"),
+        sandbox_id: r.get("sandbox_id"),
+        template: r.get("template"),
         id,
     })
 }
@@ -304,6 +385,8 @@ mod tests {
             parent: None,
             host_pid: Some(42),
             resource_id: "sbx-0123456789abcdef".into(),
+            env: [("A".to_owned(), "b".to_owned())].into(),
+            on_timeout: OnTimeout::Hibernate,
         };
         store.insert_sandbox(&s).await.unwrap();
         assert_eq!(store.get_sandbox(&s.id).await.unwrap().unwrap(), s);

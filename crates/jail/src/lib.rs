@@ -383,6 +383,27 @@ impl Runtime for JailRuntime {
         self.inner.cleanup_in(id).await
     }
 
+    async fn wake(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let inst = self.inner.start(spec, Origin::Existing).await?;
+        self.inner.lineage().nodes.insert(
+            spec.id.clone(),
+            Node {
+                parent: None,
+                live: true,
+                hollow: None,
+            },
+        );
+        Ok(inst)
+    }
+
+    async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {
+        let p = self.inner.pool.snapshot(snapshot);
+        tokio::task::spawn_blocking(move || delete_subvolume_patiently(&p))
+            .await
+            .map_err(|e| RuntimeError::host("delete snapshot", snapshot, e))?
+            .map_err(|e| RuntimeError::host("delete snapshot", snapshot, e))
+    }
+
     async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
         let inst = self.inner.start(spec, Origin::Template).await?;
         self.inner.lineage().nodes.insert(
@@ -399,8 +420,10 @@ impl Runtime for JailRuntime {
 
 /// Where a new sandbox's root filesystem and REPL come from.
 enum Origin {
-    /// A fresh snapshot of the spec's template.
+    /// A fresh snapshot of the spec's template (or of its named snapshot).
     Template,
+    /// The filesystem is already there: a hibernated sandbox woken up.
+    Existing,
     /// A fork child: its root filesystem is already in place; its namespaces nest in the
     /// parent's (whose agent has this host pid) and it waits for a REPL copy.
     Fork {
@@ -479,7 +502,20 @@ impl Inner {
                 .map_err(|e| RuntimeError::host("snapshot parent", id, e))?;
             res.rootfs = Some(rootfs.clone());
         }
-        if let Origin::Template = origin {
+        if let Origin::Existing = origin {
+            if !rootfs.exists() {
+                return Err(RuntimeError::Conflict(format!(
+                    "the filesystem of {id} is gone; it cannot be woken"
+                )));
+            }
+            res.rootfs = Some(rootfs.clone());
+        }
+        if let (Origin::Template, Some(snap)) = (&origin, &spec.snapshot) {
+            let from = self.pool.snapshot(snap);
+            forkbox_sys::btrfs::snapshot(&from, &rootfs, false)
+                .map_err(|e| RuntimeError::host("copy snapshot", id, e))?;
+            res.rootfs = Some(rootfs.clone());
+        } else if let Origin::Template = origin {
             let template = self.pool.template(&spec.template);
             if !self.pool.template_meta(&spec.template).exists() {
                 if template::builtin_packages(&spec.template).is_some() {
@@ -517,7 +553,7 @@ impl Inner {
             .map_err(|e| RuntimeError::host("create agent log", id, e))?;
         // 4. jail-init.
         let (fork_of, adopt_token) = match origin {
-            Origin::Template => (None, None),
+            Origin::Template | Origin::Existing => (None, None),
             Origin::Fork {
                 parent_pid, token, ..
             } => (Some(parent_pid), Some(token)),
@@ -703,6 +739,45 @@ impl Instance for JailInstance {
 
     async fn fork(&self, children: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
         self.fork_children(children).await
+    }
+
+    async fn hibernate(&self) -> Result<(), RuntimeError> {
+        if self.rt.lineage().has_live_descendant(&self.id) {
+            return Err(RuntimeError::Conflict(format!(
+                "{} has live fork descendants, whose namespaces hang off its processes; delete or merge them first",
+                self.id
+            )));
+        }
+        self.alive.store(false, Ordering::SeqCst);
+        let mut res = self.resources.lock().await;
+        // Everything goes but the filesystem.
+        let rootfs = res.rootfs.take();
+        let released = res.release().await;
+        res.rootfs = rootfs;
+        let freed = self.rt.lineage().remove_and_collect(&self.id);
+        for mut r in freed {
+            let _ = r.release().await;
+        }
+        released
+    }
+
+    async fn snapshot(&self, snapshot: &str, freeze: bool) -> Result<(), RuntimeError> {
+        let dst = self.rt.pool.snapshot(snapshot);
+        if freeze {
+            self.freeze(true).await?;
+        }
+        let src = self.rootfs.clone();
+        let made =
+            tokio::task::spawn_blocking(move || forkbox_sys::btrfs::snapshot(&src, &dst, true))
+                .await;
+        if freeze {
+            self.freeze(false).await?;
+        }
+        match made {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(RuntimeError::host("snapshot", &self.id, e)),
+            Err(e) => Err(RuntimeError::host("snapshot", &self.id, e)),
+        }
     }
 
     async fn file_op(&self, op: FileOp) -> Result<FileOpReply, RuntimeError> {

@@ -66,7 +66,7 @@ impl Pool {
                 return Err(PoolError::NotBtrfs(root.into()));
             }
         }
-        for d in ["templates", "sandboxes"] {
+        for d in ["templates", "sandboxes", "snapshots"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(|e| PoolError::Dir(p, e))?;
         }
@@ -83,6 +83,11 @@ impl Pool {
 
     pub fn template_meta(&self, name: &str) -> PathBuf {
         self.root.join("templates").join(format!("{name}.json"))
+    }
+
+    /// A named snapshot's (read-only) root filesystem.
+    pub fn snapshot(&self, id: &str) -> PathBuf {
+        self.root.join("snapshots").join(id)
     }
 
     pub fn sandbox(&self, id: &str) -> PathBuf {
