@@ -2,6 +2,7 @@
 //! response. Every error leaves through [`ApiError`] as `{"error", "code"}` JSON.
 
 mod error;
+mod events;
 mod extract;
 mod files;
 mod sandboxes;
@@ -35,6 +36,11 @@ pub fn app(state: AppState) -> Router {
             get(sandboxes::get).delete(sandboxes::delete),
         )
         .route("/v1/sandboxes/{id}/exec", post(sandboxes::exec))
+        .route(
+            "/v1/sandboxes/{id}/exec/stream",
+            post(sandboxes::exec_stream),
+        )
+        .route("/v1/sandboxes/{id}/events", get(events::events))
         .route(
             "/v1/sandboxes/{id}/timeout",
             post(sandboxes::set_timeout).patch(sandboxes::set_timeout),

@@ -370,11 +370,12 @@ struct ExecResult {
     exit_code: i32,
 }
 
-pub async fn exec(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-    JsonBody(b): JsonBody<ExecBody>,
-) -> Result<Response, ApiError> {
+/// Validates an exec body and starts the call.
+async fn start_exec(
+    st: &AppState,
+    id: &str,
+    b: ExecBody,
+) -> Result<futures_util::stream::BoxStream<'static, forkbox_types::exec::ExecEvent>, ApiError> {
     let work = match (b.cmd, b.code) {
         (Some(c), None) => {
             if b.language.is_some() {
@@ -398,10 +399,10 @@ pub async fn exec(
         }
         (None, None) => return Err(ApiError::BadRequest("missing `cmd` or `code`".into())),
     };
-    let events = st
+    Ok(st
         .manager
         .exec(
-            &id,
+            id,
             ExecCommand {
                 work,
                 cwd: b.cwd,
@@ -409,8 +410,47 @@ pub async fn exec(
                 timeout: b.timeout,
             },
         )
-        .await?;
+        .await?)
+}
+
+/// `POST …/exec/stream`: the same events as Server-Sent Events (`event:` the type,
+/// `id:` the sequence number, `data:` the event as JSON).
+pub async fn exec_stream(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<ExecBody>,
+) -> Result<Response, ApiError> {
     if b.wait {
+        return Err(ApiError::BadRequest(
+            "`wait` does not apply to a stream; use POST …/exec".into(),
+        ));
+    }
+    let events = start_exec(&st, &id, b).await?;
+    let sse = events.map(|ev| {
+        let kind = match ev.kind {
+            EventKind::Stdout(_) => "stdout",
+            EventKind::Stderr(_) => "stderr",
+            EventKind::Exit(_) => "exit",
+        };
+        let data = serde_json::to_string(&ev).unwrap_or_default();
+        Ok::<_, std::convert::Infallible>(
+            axum::response::sse::Event::default()
+                .event(kind)
+                .id(ev.seq.to_string())
+                .data(data),
+        )
+    });
+    Ok(axum::response::sse::Sse::new(sse).into_response())
+}
+
+pub async fn exec(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<ExecBody>,
+) -> Result<Response, ApiError> {
+    let wait = b.wait;
+    let events = start_exec(&st, &id, b).await?;
+    if wait {
         let mut r = ExecResult {
             stdout: String::new(),
             stderr: String::new(),

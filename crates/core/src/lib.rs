@@ -4,6 +4,7 @@
 //! Core never sees HTTP: the API layer turns requests into calls on [`Manager`], which
 //! returns typed results and [`CoreError`]s.
 
+pub mod events;
 pub mod ids;
 pub mod manager;
 pub mod model;

@@ -1,6 +1,7 @@
 //! The sandbox state machine: create, exec, delete and time-to-live, over one runtime
 //! and the store.
 
+use crate::events::EventLog;
 use crate::model::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,
 };
@@ -82,6 +83,7 @@ pub struct Manager {
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// Hibernated sandboxes being woken right now.
     waking: Mutex<std::collections::HashSet<String>>,
+    events: Arc<EventLog>,
 }
 
 fn now_ms() -> u64 {
@@ -122,7 +124,13 @@ impl Manager {
             config,
             live: Mutex::new(HashMap::new()),
             waking: Mutex::new(Default::default()),
+            events: Arc::default(),
         })
+    }
+
+    /// Lifecycle events of every sandbox.
+    pub fn events(&self) -> &EventLog {
+        &self.events
     }
 
     pub fn runtime_name(&self) -> &'static str {
@@ -231,6 +239,7 @@ impl Manager {
         let (mut spec, cpu, memory_mb, timeout) = self.spec(&id, &req)?;
         spec.snapshot = snap.map(|s| s.id);
         let instance = self.runtime.create(&spec).await?;
+        let from_snapshot = spec.snapshot.clone();
         let created_at = OffsetDateTime::now_utc();
         let record = Sandbox {
             id: id.clone(),
@@ -266,6 +275,11 @@ impl Manager {
             }),
         );
         tracing::info!(sandbox = %id, boot_ms = record.boot_ms, "sandbox created");
+        self.events.emit(
+            &id,
+            "created",
+            serde_json::json!({"template": record.template, "snapshot": from_snapshot, "boot_ms": record.boot_ms}),
+        );
         Ok(record)
     }
 
@@ -336,6 +350,19 @@ impl Manager {
             }
         }
         tracing::info!(sandbox = %id, n, ms = boot_ms, carried = ?forked.carried, "sandbox forked");
+        let ids: Vec<&str> = children.iter().map(|c| c.id.as_str()).collect();
+        self.events.emit(
+            id,
+            "forked",
+            serde_json::json!({"children": ids, "carried": forked.carried, "ms": boot_ms}),
+        );
+        for c in &children {
+            self.events.emit(
+                &c.id,
+                "created",
+                serde_json::json!({"parent": id, "carried": forked.carried}),
+            );
+        }
         Ok(ForkOutcome {
             children,
             carried: forked.carried,
@@ -343,7 +370,7 @@ impl Manager {
     }
 
     /// A record, live or ended, or 404.
-    async fn any_record(&self, id: &str) -> Result<Sandbox, CoreError> {
+    pub async fn any_record(&self, id: &str) -> Result<Sandbox, CoreError> {
         if let Some(l) = self.live(id) {
             return Ok(l.record());
         }
@@ -438,6 +465,10 @@ impl Manager {
             }
         });
         tracing::info!(sandbox = %parent, child, "merged");
+        self.events
+            .emit(parent, "merged", serde_json::json!({"from": child}));
+        self.events
+            .emit(child, "merged", serde_json::json!({"into": parent}));
         Ok(merged)
     }
 
@@ -540,6 +571,8 @@ impl Manager {
             }
         };
         let instance = live.instance.clone();
+        let log = self.events.clone();
+        let sandbox = id.to_owned();
         let stream = async_stream(events, move |ev, out| match ev {
             Some(Ok(AgentEvent::Stdout { data })) => out.push(next(EventKind::Stdout(data))),
             Some(Ok(AgentEvent::Stderr { data })) => out.push(next(EventKind::Stderr(data))),
@@ -559,6 +592,11 @@ impl Manager {
                 } else {
                     let _ = signal;
                     if instance.oom_kills() > oom_before {
+                        log.emit(
+                            &sandbox,
+                            "oom",
+                            serde_json::json!({ "memory_mb": memory_mb }),
+                        );
                         out.push(next(EventKind::Stderr(format!(
                             "forkbox: killed by the out-of-memory killer (memory limit {memory_mb} MiB)\n"
                         ))));
@@ -681,6 +719,15 @@ impl Manager {
         }
         self.store.set_status(id, to).await?;
         tracing::info!(sandbox = %id, status = %to, "sandbox state changed");
+        self.events.emit(
+            id,
+            if to == Status::Paused {
+                "paused"
+            } else {
+                "resumed"
+            },
+            serde_json::Value::Null,
+        );
         Ok(live.update(|r| r.status = to))
     }
 
@@ -698,6 +745,7 @@ impl Manager {
         self.live_map().remove(id);
         self.store.set_status(id, Status::Hibernated).await?;
         tracing::info!(sandbox = %id, "sandbox hibernated");
+        self.events.emit(id, "hibernated", serde_json::Value::Null);
         Ok(live.update(|r| {
             r.status = Status::Hibernated;
             r.host_pid = None;
@@ -767,6 +815,11 @@ impl Manager {
             }),
         );
         tracing::info!(sandbox = %record.id, "sandbox woken");
+        self.events.emit(
+            &record.id,
+            "woken",
+            serde_json::json!({"memory_restored": false}),
+        );
         Ok(record)
     }
 
@@ -795,6 +848,11 @@ impl Manager {
             return Err(e.into());
         }
         tracing::info!(sandbox = %id, snapshot = %snap.id, "snapshot taken");
+        self.events.emit(
+            id,
+            "snapshot",
+            serde_json::json!({"id": snap.id, "name": snap.name}),
+        );
         Ok(snap)
     }
 
@@ -837,6 +895,8 @@ impl Manager {
                     .end_sandbox(id, status, reason, OffsetDateTime::now_utc())
                     .await?;
                 tracing::info!(sandbox = %id, %status, reason, "hibernated sandbox ended");
+                self.events
+                    .emit(id, status.as_str(), serde_json::json!({ "reason": reason }));
                 return Ok(());
             }
             return Err(CoreError::WrongState {
@@ -850,6 +910,8 @@ impl Manager {
             .end_sandbox(id, status, reason, OffsetDateTime::now_utc())
             .await?;
         tracing::info!(sandbox = %id, %status, reason, "sandbox ended");
+        self.events
+            .emit(id, status.as_str(), serde_json::json!({ "reason": reason }));
         destroyed.map_err(CoreError::from)
     }
 
@@ -894,6 +956,9 @@ impl Manager {
             })
             .collect();
         for (id, status, reason) in due {
+            if reason == "timeout expired" {
+                self.events.emit(&id, "timeout", serde_json::Value::Null);
+            }
             if status == Status::Hibernated {
                 if let Err(e) = self.hibernate(&id).await {
                     tracing::warn!(sandbox = %id, error = %e, "hibernating an expired sandbox failed; killing it");

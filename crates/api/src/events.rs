@@ -1,0 +1,96 @@
+//! `GET /v1/sandboxes/:id/events?follow=1&tail=200`: lifecycle events as Server-Sent
+//! Events.
+
+use crate::extract::QueryArgs;
+use crate::{ApiError, AppState};
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use forkbox_core::events::{LifecycleEvent, HISTORY};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use std::convert::Infallible;
+use tokio::sync::broadcast::error::RecvError;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Keep the stream open for new events (`1`/`true`).
+    follow: Option<String>,
+    /// How many past events to send first (default 200, at most the kept history).
+    tail: Option<usize>,
+}
+
+/// Event types after which a sandbox has nothing more to say.
+const FINAL: [&str; 4] = ["deleted", "killed", "failed", "merged"];
+
+fn sse(ev: &LifecycleEvent) -> Event {
+    Event::default()
+        .event(ev.kind)
+        .id(ev.seq.to_string())
+        .data(serde_json::to_string(ev).unwrap_or_default())
+}
+
+fn is_final(ev: &LifecycleEvent, id: &str) -> bool {
+    // A merge ends the merged child only; its parent goes on.
+    FINAL.contains(&ev.kind)
+        && !(ev.kind == "merged" && ev.detail.get("from").is_some() && ev.sandbox == id)
+}
+
+pub async fn events(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    QueryArgs(q): QueryArgs<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let follow = match q.follow.as_deref() {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "follow must be 1/true or 0/false".into(),
+            ))
+        }
+    };
+    let n = q.tail.unwrap_or(200).min(HISTORY);
+    let rec = st.manager.any_record(&id).await?;
+    // Subscribe before reading the history, then skip what the history already had.
+    let rx = st.manager.events().subscribe();
+    let past = st.manager.events().tail(&id, n);
+    let last = past.last().map(|e| e.seq).unwrap_or(0);
+    let ended = !rec.status.is_live() || past.last().is_some_and(|e| is_final(e, &id));
+    let head = futures_util::stream::iter(
+        past.into_iter()
+            .map(|e| Ok::<_, Infallible>(sse(&e)))
+            .collect::<Vec<_>>(),
+    );
+    if !follow || ended {
+        return Ok(Sse::new(head).into_response());
+    }
+    let live = futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
+        let id = id.clone();
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if ev.sandbox == id && ev.seq > last => {
+                        let fin = is_final(&ev, &id);
+                        return Some((Ok::<_, Infallible>(sse(&ev)), (rx, fin)));
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(missed)) => {
+                        let ev = Event::default()
+                            .event("dropped")
+                            .data(serde_json::json!({ "missed": missed }).to_string());
+                        return Some((Ok(ev), (rx, false)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    Ok(Sse::new(head.chain(live))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
