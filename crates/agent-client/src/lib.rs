@@ -3,8 +3,8 @@
 
 use bytes::{Bytes, BytesMut};
 use forkbox_types::agent::{
-    AdoptReply, AdoptRequest, AgentEvent, ExecRequest, FileOp, FileOpReply, ForkReply, ForkRequest,
-    Health, RunCodeRequest, WriteReply, PROTOCOL_VERSION,
+    AdoptReply, AdoptRequest, AgentEvent, BgInfo, BgSignal, ExecRequest, FileOp, FileOpReply,
+    ForkReply, ForkRequest, Health, RunCodeRequest, WriteReply, PROTOCOL_VERSION,
 };
 use futures_util::Stream;
 use http::{Method, Request, StatusCode};
@@ -163,6 +163,65 @@ impl AgentClient {
             .map_err(AgentError::Request)?
             .to_bytes();
         serde_json::from_slice(&body).map_err(AgentError::Decode)
+    }
+
+    /// A GET answered by one JSON body.
+    async fn get_json<Resp: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<Resp, AgentError> {
+        let resp = self.call(Method::GET, path, Bytes::new()).await?;
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(AgentError::Request)?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(AgentError::Decode)
+    }
+
+    /// `POST /bg/start`: a command started without waiting for it.
+    pub async fn bg_start(&self, req: &ExecRequest) -> Result<BgInfo, AgentError> {
+        self.json("/bg/start", req).await
+    }
+
+    /// `GET /bg/list`.
+    pub async fn bg_list(&self) -> Result<Vec<BgInfo>, AgentError> {
+        self.get_json("/bg/list").await
+    }
+
+    /// `POST /bg/stdin?pid=&close=`.
+    pub async fn bg_stdin(&self, pid: i32, data: Bytes, close: bool) -> Result<(), AgentError> {
+        let path = format!("/bg/stdin?pid={pid}&close={}", u8::from(close));
+        self.call(Method::POST, &path, data).await.map(|_| ())
+    }
+
+    /// `POST /bg/signal`.
+    pub async fn bg_signal(&self, pid: i32, signal: i32) -> Result<(), AgentError> {
+        self.json::<_, serde_json::Value>("/bg/signal", &BgSignal { pid, signal })
+            .await
+            .map(|_| ())
+    }
+
+    /// `GET /bg/wait?pid=`: the exit code, once the command has exited.
+    pub async fn bg_wait(&self, pid: i32) -> Result<i32, AgentError> {
+        let v: serde_json::Value = self.get_json(&format!("/bg/wait?pid={pid}")).await?;
+        Ok(v.get("exit_code")
+            .and_then(|c| c.as_i64())
+            .map(|c| c as i32)
+            .unwrap_or(-1))
+    }
+
+    /// `GET /bg/output?pid=&follow=`: kept output, then (with `follow`) live output up
+    /// to the exit event.
+    pub async fn bg_output(&self, pid: i32, follow: bool) -> Result<EventStream, AgentError> {
+        let path = format!("/bg/output?pid={pid}&follow={}", u8::from(follow));
+        let resp = self.call(Method::GET, &path, Bytes::new()).await?;
+        Ok(EventStream {
+            body: resp.into_body(),
+            buf: BytesMut::new(),
+            done: false,
+        })
     }
 
     /// `POST /files/op`.

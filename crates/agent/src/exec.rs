@@ -26,6 +26,7 @@ pub struct Context {
     pub spawner: Spawner,
     pub env: Arc<BTreeMap<String, String>>,
     pub kernels: crate::kernels::Kernels,
+    pub bg: crate::bg::Table,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,13 +65,25 @@ pub fn pipe_pair() -> Result<(OwnedFd, OwnedFd), SpawnError> {
 }
 
 pub async fn spawn(ctx: &Context, req: &ExecRequest) -> Result<Running, SpawnError> {
+    spawn_with_stdin(ctx, req, None).await
+}
+
+/// Like [`spawn`], with `stdin` as the command's standard input (else /dev/null).
+pub async fn spawn_with_stdin(
+    ctx: &Context,
+    req: &ExecRequest,
+    stdin: Option<OwnedFd>,
+) -> Result<Running, SpawnError> {
     let cwd = req.cwd.clone().unwrap_or_else(|| "/root".to_owned());
     if !std::path::Path::new(&cwd).is_dir() {
         return Err(SpawnError::NoCwd(cwd));
     }
     let (out_r, out_w) = pipe_pair()?;
     let (err_r, err_w) = pipe_pair()?;
-    let null = std::fs::File::open("/dev/null").map_err(SpawnError::Pipes)?;
+    let stdin = match stdin {
+        Some(fd) => fd,
+        None => OwnedFd::from(std::fs::File::open("/dev/null").map_err(SpawnError::Pipes)?),
+    };
     let to_rx = |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd).map_err(SpawnError::Pipes);
     let (stdout, stderr) = (to_rx(out_r)?, to_rx(err_r)?);
     let (pid, exit) = ctx
@@ -79,7 +92,7 @@ pub async fn spawn(ctx: &Context, req: &ExecRequest) -> Result<Running, SpawnErr
             argv: vec!["/bin/sh".into(), "-c".into(), req.cmd.clone()],
             env: command_env(ctx, &req.env),
             cwd,
-            stdio: [OwnedFd::from(null), out_w, err_w],
+            stdio: [stdin, out_w, err_w],
             extra: None,
         })
         .await?;
@@ -100,6 +113,11 @@ pub fn line(ev: &AgentEvent) -> Bytes {
 }
 
 impl Running {
+    /// The command's pid inside the sandbox.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     /// Streams events into `tx` until the command ends; kills the tree if `tx` closes.
     pub async fn stream(mut self, tx: mpsc::Sender<Bytes>) {
         let mut out_split = LineSplitter::default();

@@ -10,6 +10,7 @@
 //! [`JailInit`]: forkbox_types::agent::JailInit
 //! [`JailInitReply`]: forkbox_types::agent::JailInitReply
 
+mod bg;
 mod exec;
 mod files;
 mod jail_init;

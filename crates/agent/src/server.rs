@@ -91,6 +91,7 @@ async fn serve(
         spawner: crate::zygote::Spawner::new(zygote)?,
         env: Arc::new(env),
         kernels: Default::default(),
+        bg: Default::default(),
     };
     let adopt = match adopt {
         Some(a) => Some(start_adopt(&ctx, a).await),
@@ -197,9 +198,7 @@ fn json_reply<T: serde::Serialize>(v: &T) -> Response<Body> {
 
 /// The `path` query parameter.
 fn query_path(req: &Request<Incoming>) -> Option<String> {
-    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-        .find(|(k, _)| k == "path")
-        .map(|(_, v)| v.into_owned())
+    query_arg(req, "path")
 }
 
 fn file_error(e: &crate::files::FileError) -> Response<Body> {
@@ -207,6 +206,96 @@ fn file_error(e: &crate::files::FileError) -> Response<Body> {
         StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
         &e.to_string(),
     )
+}
+
+/// A query parameter.
+fn query_arg(req: &Request<Incoming>, name: &str) -> Option<String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn bg_error(e: &crate::bg::BgError) -> Response<Body> {
+    use crate::bg::BgError;
+    let status = match e {
+        BgError::NoSuchPid(_) => StatusCode::NOT_FOUND,
+        BgError::Exited(_) | BgError::StdinClosed(_) | BgError::TooMany => StatusCode::CONFLICT,
+        BgError::Spawn(crate::exec::SpawnError::NoCwd(_)) => StatusCode::BAD_REQUEST,
+        BgError::Spawn(_) | BgError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, &e.to_string())
+}
+
+/// Background command routes (`/bg/...`).
+async fn background(ctx: Context, req: Request<Incoming>) -> Response<Body> {
+    let pid = query_arg(&req, "pid").and_then(|p| p.parse::<i32>().ok());
+    let path = req.uri().path().to_owned();
+    match (req.method().clone(), path.as_str()) {
+        (Method::POST, "/bg/start") => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let er: ExecRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("invalid exec request: {e}"),
+                    )
+                }
+            };
+            match ctx.bg.start(&ctx, &er).await {
+                Ok(info) => json_reply(&info),
+                Err(e) => bg_error(&e),
+            }
+        }
+        (Method::GET, "/bg/list") => json_reply(&ctx.bg.list()),
+        (Method::POST, "/bg/signal") => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            match serde_json::from_slice::<forkbox_types::agent::BgSignal>(&body) {
+                Ok(s) => match ctx.bg.signal(s.pid, s.signal) {
+                    Ok(()) => json_reply(&serde_json::json!({})),
+                    Err(e) => bg_error(&e),
+                },
+                Err(e) => error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("invalid signal request: {e}"),
+                ),
+            }
+        }
+        (_, _) if pid.is_none() => error(StatusCode::BAD_REQUEST, "missing or bad pid"),
+        (Method::POST, "/bg/stdin") => {
+            let close = query_arg(&req, "close").is_some_and(|v| v == "1" || v == "true");
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            match ctx.bg.stdin(pid.unwrap_or_default(), &body, close).await {
+                Ok(()) => json_reply(&serde_json::json!({})),
+                Err(e) => bg_error(&e),
+            }
+        }
+        (Method::GET, "/bg/wait") => {
+            let pid = pid.unwrap_or_default();
+            match ctx.bg.wait(pid).await {
+                Ok(code) => json_reply(&serde_json::json!({"pid": pid, "exit_code": code})),
+                Err(e) => bg_error(&e),
+            }
+        }
+        (Method::GET, "/bg/output") => {
+            let follow = query_arg(&req, "follow").is_some_and(|v| v == "1" || v == "true");
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+            match ctx.bg.output(pid.unwrap_or_default(), follow, tx).await {
+                Ok(()) => ndjson(rx),
+                Err(e) => bg_error(&e),
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such agent route"),
+    }
 }
 
 /// `GET /files/read?path=`: the file's bytes, streamed in 256 KiB chunks.
@@ -308,6 +397,9 @@ async fn write_file(req: Request<Incoming>) -> Response<Body> {
 
 async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
     let ctx = shared.ctx.clone();
+    if req.uri().path().starts_with("/bg/") {
+        return background(ctx, req).await;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/files/read") => read_file(req).await,
         (&Method::PUT, "/files/write") => write_file(req).await,

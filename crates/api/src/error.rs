@@ -42,6 +42,7 @@ impl ApiError {
                     }
                     RuntimeError::Rejected(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
                     RuntimeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+                    RuntimeError::NoProcess(_) => (StatusCode::NOT_FOUND, "process_not_found"),
                     RuntimeError::File { kind, .. } => match kind {
                         FileErrorKind::Invalid => (StatusCode::BAD_REQUEST, "invalid_path"),
                         FileErrorKind::NotFound => (StatusCode::NOT_FOUND, "file_not_found"),

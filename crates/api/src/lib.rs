@@ -1,6 +1,7 @@
 //! The HTTP edge of forkbox. Handlers only translate: request → typed core command →
 //! response. Every error leaves through [`ApiError`] as `{"error", "code"}` JSON.
 
+mod commands;
 mod error;
 mod events;
 mod extract;
@@ -9,7 +10,7 @@ mod sandboxes;
 
 pub use error::ApiError;
 
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use forkbox_core::Manager;
 use std::sync::Arc;
@@ -41,6 +42,24 @@ pub fn app(state: AppState) -> Router {
             post(sandboxes::exec_stream),
         )
         .route("/v1/sandboxes/{id}/events", get(events::events))
+        .route("/v1/sandboxes/{id}/commands", get(commands::list))
+        .route("/v1/sandboxes/{id}/commands/{pid}", delete(commands::kill))
+        .route(
+            "/v1/sandboxes/{id}/commands/{pid}/stdin",
+            post(commands::stdin),
+        )
+        .route(
+            "/v1/sandboxes/{id}/commands/{pid}/signal",
+            post(commands::signal),
+        )
+        .route(
+            "/v1/sandboxes/{id}/commands/{pid}/wait",
+            get(commands::wait),
+        )
+        .route(
+            "/v1/sandboxes/{id}/commands/{pid}/output",
+            get(commands::output),
+        )
         .route(
             "/v1/sandboxes/{id}/timeout",
             post(sandboxes::set_timeout).patch(sandboxes::set_timeout),

@@ -361,6 +361,9 @@ pub struct ExecBody {
     /// Answer with one JSON result instead of a stream.
     #[serde(default)]
     wait: bool,
+    /// Start the command and answer at once with its pid (see `…/commands`).
+    #[serde(default)]
+    background: bool,
 }
 
 #[derive(Serialize)]
@@ -420,9 +423,9 @@ pub async fn exec_stream(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
-    if b.wait {
+    if b.wait || b.background {
         return Err(ApiError::BadRequest(
-            "`wait` does not apply to a stream; use POST …/exec".into(),
+            "`wait` and `background` do not apply to a stream; use POST …/exec".into(),
         ));
     }
     let events = start_exec(&st, &id, b).await?;
@@ -449,6 +452,31 @@ pub async fn exec(
     JsonBody(b): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
     let wait = b.wait;
+    if b.background {
+        if wait {
+            return Err(ApiError::BadRequest(
+                "`background` and `wait` exclude each other".into(),
+            ));
+        }
+        if b.code.is_some() || b.language.is_some() || b.cmd.is_none() {
+            return Err(ApiError::BadRequest(
+                "background applies to `cmd` only".into(),
+            ));
+        }
+        let info = st
+            .manager
+            .exec_background(
+                &id,
+                ExecCommand {
+                    work: Work::Command(b.cmd.unwrap_or_default()),
+                    cwd: b.cwd,
+                    env: b.env,
+                    timeout: b.timeout,
+                },
+            )
+            .await?;
+        return Ok(crate::commands::started(info));
+    }
     let events = start_exec(&st, &id, b).await?;
     if wait {
         let mut r = ExecResult {

@@ -8,8 +8,9 @@ use crate::model::{
 use crate::runtime::{ByteStream, CreateSpec, Instance, Runtime, UploadStream};
 use crate::store::Store;
 use crate::{ids, CoreError};
+use bytes::Bytes;
 use forkbox_types::agent::{
-    AgentEvent, ExecRequest, FileOp, FileOpReply, RunCodeRequest, WriteReply,
+    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, RunCodeRequest, WriteReply,
 };
 use forkbox_types::exec::{EventKind, ExecEvent};
 use futures_util::stream::{BoxStream, StreamExt};
@@ -559,64 +560,106 @@ impl Manager {
                     .await?
             }
         };
-        let memory_mb = live.record().memory_mb;
-        let timeout_s = cmd.timeout.unwrap_or(0.0);
-        let mut seq = 0u64;
-        let mut next = move |kind: EventKind| {
-            seq += 1;
-            ExecEvent {
-                kind,
-                seq,
-                ts: now_ms(),
+        Ok(number_events(
+            events,
+            Numbering {
+                instance: live.instance.clone(),
+                oom_before,
+                memory_mb: live.record().memory_mb,
+                timeout_s: cmd.timeout.unwrap_or(0.0),
+                log: self.events.clone(),
+                sandbox: id.to_owned(),
+                expect_exit: true,
+            },
+        ))
+    }
+
+    /// Starts a command without waiting for it (`"background": true`).
+    pub async fn exec_background(&self, id: &str, cmd: ExecCommand) -> Result<BgInfo, CoreError> {
+        let Work::Command(c) = cmd.work else {
+            return Err(CoreError::Invalid(
+                "background applies to commands (`cmd`), not REPL cells".into(),
+            ));
+        };
+        if c.is_empty() || c.contains('\0') {
+            return Err(CoreError::Invalid(
+                "cmd must be non-empty and contain no NUL".into(),
+            ));
+        }
+        let timeout_ms = match cmd.timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t <= 86400.0 => Some((t * 1000.0) as u64),
+            Some(_) => {
+                return Err(CoreError::Invalid(
+                    "timeout must be between 0 and 86400 seconds".into(),
+                ))
             }
         };
-        let instance = live.instance.clone();
-        let log = self.events.clone();
-        let sandbox = id.to_owned();
-        let stream = async_stream(events, move |ev, out| match ev {
-            Some(Ok(AgentEvent::Stdout { data })) => out.push(next(EventKind::Stdout(data))),
-            Some(Ok(AgentEvent::Stderr { data })) => out.push(next(EventKind::Stderr(data))),
-            Some(Ok(AgentEvent::Error { message })) => {
-                out.push(next(EventKind::Stderr(format!("forkbox: {message}\n"))))
-            }
-            Some(Ok(AgentEvent::Exit {
-                code,
-                signal,
-                timed_out,
-            })) => {
-                let code = if timed_out {
-                    out.push(next(EventKind::Stderr(format!(
-                        "forkbox: timed out after {timeout_s}s; process tree killed\n"
-                    ))));
-                    EXIT_TIMEOUT
-                } else {
-                    let _ = signal;
-                    if instance.oom_kills() > oom_before {
-                        log.emit(
-                            &sandbox,
-                            "oom",
-                            serde_json::json!({ "memory_mb": memory_mb }),
-                        );
-                        out.push(next(EventKind::Stderr(format!(
-                            "forkbox: killed by the out-of-memory killer (memory limit {memory_mb} MiB)\n"
-                        ))));
-                    }
-                    code
-                };
-                out.push(next(EventKind::Exit(code)));
-            }
-            Some(Err(e)) => {
-                out.push(next(EventKind::Stderr(format!("forkbox: {e}\n"))));
-                out.push(next(EventKind::Exit(EXIT_UNKNOWN)));
-            }
-            None => {
-                out.push(next(EventKind::Stderr(
-                    "forkbox: the sandbox's agent ended the stream without an exit status\n".into(),
-                )));
-                out.push(next(EventKind::Exit(EXIT_UNKNOWN)));
-            }
-        });
-        Ok(stream)
+        let inst = self.running_instance(id).await?;
+        Ok(inst
+            .bg_start(ExecRequest {
+                cmd: c,
+                cwd: cmd.cwd,
+                env: cmd.env,
+                timeout_ms,
+            })
+            .await?)
+    }
+
+    /// Background commands of a sandbox.
+    pub async fn commands(&self, id: &str) -> Result<Vec<BgInfo>, CoreError> {
+        Ok(self.running(id).await?.instance.bg_list().await?)
+    }
+
+    pub async fn command_stdin(
+        &self,
+        id: &str,
+        pid: i32,
+        data: Bytes,
+        close: bool,
+    ) -> Result<(), CoreError> {
+        Ok(self
+            .running_instance(id)
+            .await?
+            .bg_stdin(pid, data, close)
+            .await?)
+    }
+
+    pub async fn command_signal(&self, id: &str, pid: i32, signal: i32) -> Result<(), CoreError> {
+        Ok(self
+            .running_instance(id)
+            .await?
+            .bg_signal(pid, signal)
+            .await?)
+    }
+
+    /// Waits for a background command to exit; its exit code.
+    pub async fn command_wait(&self, id: &str, pid: i32) -> Result<i32, CoreError> {
+        Ok(self.running(id).await?.instance.bg_wait(pid).await?)
+    }
+
+    /// A background command's kept output, then (with `follow`) its live output; the
+    /// same numbered events as exec.
+    pub async fn command_output(
+        &self,
+        id: &str,
+        pid: i32,
+        follow: bool,
+    ) -> Result<BoxStream<'static, ExecEvent>, CoreError> {
+        let live = self.running(id).await?;
+        let events = live.instance.bg_output(pid, follow).await?;
+        Ok(number_events(
+            events,
+            Numbering {
+                instance: live.instance.clone(),
+                oom_before: u64::MAX,
+                memory_mb: live.record().memory_mb,
+                timeout_s: 0.0,
+                log: self.events.clone(),
+                sandbox: id.to_owned(),
+                expect_exit: follow,
+            },
+        ))
     }
 
     /// A running sandbox's instance (409 when paused: its agent is frozen).
@@ -1009,6 +1052,86 @@ impl Manager {
     pub fn live_count(&self) -> usize {
         self.live_map().len()
     }
+}
+
+/// How agent events become numbered exec events.
+struct Numbering {
+    instance: Arc<dyn Instance>,
+    /// OOM kills counted before the call (`u64::MAX`: do not report OOM kills).
+    oom_before: u64,
+    memory_mb: u64,
+    timeout_s: f64,
+    log: Arc<EventLog>,
+    sandbox: String,
+    /// Whether the stream must end with an exit event (one is made up if missing).
+    expect_exit: bool,
+}
+
+/// Numbers agent events, turning timeouts, OOM kills and lost agents into stderr lines
+/// and exit codes; the last event is `exit` when `expect_exit`.
+fn number_events(
+    events: crate::runtime::AgentEvents,
+    n: Numbering,
+) -> BoxStream<'static, ExecEvent> {
+    let Numbering {
+        instance,
+        oom_before,
+        memory_mb,
+        timeout_s,
+        log,
+        sandbox,
+        expect_exit,
+    } = n;
+    let mut seq = 0u64;
+    let mut next = move |kind: EventKind| {
+        seq += 1;
+        ExecEvent {
+            kind,
+            seq,
+            ts: now_ms(),
+        }
+    };
+    async_stream(events, move |ev, out| match ev {
+        Some(Ok(AgentEvent::Stdout { data })) => out.push(next(EventKind::Stdout(data))),
+        Some(Ok(AgentEvent::Stderr { data })) => out.push(next(EventKind::Stderr(data))),
+        Some(Ok(AgentEvent::Error { message })) => {
+            out.push(next(EventKind::Stderr(format!("forkbox: {message}\n"))))
+        }
+        Some(Ok(AgentEvent::Exit {
+            code, timed_out, ..
+        })) => {
+            let code = if timed_out {
+                out.push(next(EventKind::Stderr(format!(
+                    "forkbox: timed out after {timeout_s}s; process tree killed\n"
+                ))));
+                EXIT_TIMEOUT
+            } else {
+                if oom_before != u64::MAX && instance.oom_kills() > oom_before {
+                    log.emit(
+                        &sandbox,
+                        "oom",
+                        serde_json::json!({ "memory_mb": memory_mb }),
+                    );
+                    out.push(next(EventKind::Stderr(format!(
+                        "forkbox: killed by the out-of-memory killer (memory limit {memory_mb} MiB)\n"
+                    ))));
+                }
+                code
+            };
+            out.push(next(EventKind::Exit(code)));
+        }
+        Some(Err(e)) => {
+            out.push(next(EventKind::Stderr(format!("forkbox: {e}\n"))));
+            out.push(next(EventKind::Exit(EXIT_UNKNOWN)));
+        }
+        None if expect_exit => {
+            out.push(next(EventKind::Stderr(
+                "forkbox: the sandbox's agent ended the stream without an exit status\n".into(),
+            )));
+            out.push(next(EventKind::Exit(EXIT_UNKNOWN)));
+        }
+        None => {}
+    })
 }
 
 /// Maps each item of `input` (and its end, as `None`) to zero or more output events;

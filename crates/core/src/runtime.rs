@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use forkbox_types::agent::{
-    AgentEvent, ExecRequest, FileOp, FileOpReply, RunCodeRequest, WriteReply,
+    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, RunCodeRequest, WriteReply,
 };
 use futures_util::stream::BoxStream;
 use std::collections::BTreeMap;
@@ -40,6 +40,9 @@ pub enum RuntimeError {
     /// The sandbox's agent does not answer.
     #[error("agent of sandbox {id} does not answer: {source}")]
     Agent { id: String, source: Source },
+    /// No background command with this pid.
+    #[error("no background command with pid {0}")]
+    NoProcess(i32),
     /// A file operation inside the sandbox failed.
     #[error("{message}")]
     File {
@@ -75,6 +78,10 @@ pub type ByteStream = BoxStream<'static, Result<Bytes, RuntimeError>>;
 
 /// Bytes to write; an error aborts the write and leaves no partial file.
 pub type UploadStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
+
+fn unsupported() -> RuntimeError {
+    RuntimeError::Unavailable("this runtime has no background commands".into())
+}
 
 impl RuntimeError {
     pub fn host(op: &'static str, id: &str, source: impl Into<Source>) -> RuntimeError {
@@ -153,6 +160,41 @@ pub trait Instance: Send + Sync + 'static {
 
     /// Thaws a paused sandbox.
     async fn resume(&self) -> Result<(), RuntimeError>;
+
+    /// Starts a command without waiting for it.
+    async fn bg_start(&self, req: ExecRequest) -> Result<BgInfo, RuntimeError> {
+        let _ = req;
+        Err(unsupported())
+    }
+
+    /// The sandbox's background commands.
+    async fn bg_list(&self) -> Result<Vec<BgInfo>, RuntimeError> {
+        Err(unsupported())
+    }
+
+    /// Writes to a background command's stdin (`close`: then end it).
+    async fn bg_stdin(&self, pid: i32, data: Bytes, close: bool) -> Result<(), RuntimeError> {
+        let _ = (pid, data, close);
+        Err(unsupported())
+    }
+
+    /// Signals a background command's process group.
+    async fn bg_signal(&self, pid: i32, signal: i32) -> Result<(), RuntimeError> {
+        let _ = (pid, signal);
+        Err(unsupported())
+    }
+
+    /// Waits for a background command; its exit code.
+    async fn bg_wait(&self, pid: i32) -> Result<i32, RuntimeError> {
+        let _ = pid;
+        Err(unsupported())
+    }
+
+    /// A background command's kept output, then (`follow`) its live output.
+    async fn bg_output(&self, pid: i32, follow: bool) -> Result<AgentEvents, RuntimeError> {
+        let _ = (pid, follow);
+        Err(unsupported())
+    }
 
     /// A metadata operation on the sandbox's files.
     async fn file_op(&self, op: FileOp) -> Result<FileOpReply, RuntimeError> {

@@ -16,6 +16,7 @@ pub mod template;
 
 use agent_image::AgentImage;
 use async_trait::async_trait;
+use bytes::Bytes;
 use forkbox_agent_client::AgentClient;
 use forkbox_core::runtime::{
     AgentEvents, ByteStream, CreateSpec, FileErrorKind, Forked, Instance, Runtime, RuntimeError,
@@ -23,7 +24,7 @@ use forkbox_core::runtime::{
 };
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
 use forkbox_types::agent::{
-    AdoptRequest, ExecRequest, FileOp, FileOpReply, ForkChild, ForkRequest, JailInit,
+    AdoptRequest, BgInfo, ExecRequest, FileOp, FileOpReply, ForkChild, ForkRequest, JailInit,
     JailInitReply, RunCodeRequest, WriteReply,
 };
 use futures_util::StreamExt;
@@ -780,6 +781,39 @@ impl Instance for JailInstance {
         }
     }
 
+    async fn bg_start(&self, req: ExecRequest) -> Result<BgInfo, RuntimeError> {
+        self.client.bg_start(&req).await.map_err(|e| self.bg_err(e))
+    }
+
+    async fn bg_list(&self) -> Result<Vec<BgInfo>, RuntimeError> {
+        self.client.bg_list().await.map_err(|e| self.bg_err(e))
+    }
+
+    async fn bg_stdin(&self, pid: i32, data: Bytes, close: bool) -> Result<(), RuntimeError> {
+        self.client
+            .bg_stdin(pid, data, close)
+            .await
+            .map_err(|e| self.bg_err(e))
+    }
+
+    async fn bg_signal(&self, pid: i32, signal: i32) -> Result<(), RuntimeError> {
+        self.client
+            .bg_signal(pid, signal)
+            .await
+            .map_err(|e| self.bg_err(e))
+    }
+
+    async fn bg_wait(&self, pid: i32) -> Result<i32, RuntimeError> {
+        self.client.bg_wait(pid).await.map_err(|e| self.bg_err(e))
+    }
+
+    async fn bg_output(&self, pid: i32, follow: bool) -> Result<AgentEvents, RuntimeError> {
+        match self.client.bg_output(pid, follow).await {
+            Err(e) => Err(self.bg_err(e)),
+            ok => self.events(ok),
+        }
+    }
+
     async fn file_op(&self, op: FileOp) -> Result<FileOpReply, RuntimeError> {
         self.client.file_op(&op).await.map_err(|e| self.file_err(e))
     }
@@ -1130,6 +1164,32 @@ impl JailInstance {
             .await
             .map_err(|e| RuntimeError::host(op, &self.id, e))?
             .map_err(|e| RuntimeError::host(op, &self.id, e))
+    }
+
+    /// Maps a background-command call's failure.
+    fn bg_err(&self, e: forkbox_agent_client::AgentError) -> RuntimeError {
+        match e {
+            forkbox_agent_client::AgentError::Status { status, message } => match status.as_u16() {
+                404 => RuntimeError::NoProcess(
+                    message
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(0),
+                ),
+                409 => RuntimeError::Conflict(message),
+                400 => RuntimeError::Rejected(message),
+                _ => RuntimeError::host(
+                    "background command",
+                    &self.id,
+                    std::io::Error::other(message),
+                ),
+            },
+            other => RuntimeError::Agent {
+                id: self.id.clone(),
+                source: other.into(),
+            },
+        }
     }
 
     /// Maps a file call's failure: the agent's status says what kind.

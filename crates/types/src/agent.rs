@@ -20,6 +20,11 @@
 //!   [`FileOp`] → [`FileOpReply`]. Paths resolve inside the sandbox's root only
 //!   (relative ones from `/root`). Errors answer 400/403/404/409/507 with
 //!   `{"error": "…"}`.
+//! - Background commands: `POST /bg/start` ([`ExecRequest`]) → [`BgInfo`];
+//!   `GET /bg/list` → `[BgInfo]`; `POST /bg/stdin?pid=&close=` (raw body);
+//!   `POST /bg/signal` ([`BgSignal`]); `GET /bg/wait?pid=` → `{"pid", "exit_code"}`;
+//!   `GET /bg/output?pid=&follow=` → the kept output then live output, NDJSON events.
+//!   404 unknown pid, 409 exited.
 //! - `POST /adopt` with [`AdoptRequest`] → [`AdoptReply`]: a fork child's agent reports
 //!   whether it received its Python kernel from the parent (or stops waiting for one).
 
@@ -212,6 +217,25 @@ pub enum FileOpReply {
 pub struct WriteReply {
     pub path: String,
     pub size: u64,
+}
+
+/// A background command (`POST /bg/start` and friends).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BgInfo {
+    /// Pid inside the sandbox.
+    pub pid: i32,
+    pub cmd: String,
+    /// Start time, milliseconds since the epoch.
+    pub started_ms: u64,
+    /// `None` while it runs.
+    pub exit_code: Option<i32>,
+}
+
+/// Body of `POST /bg/signal`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BgSignal {
+    pub pid: i32,
+    pub signal: i32,
 }
 
 /// One fork child, as the parent's agent sees it.

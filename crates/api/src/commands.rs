@@ -1,0 +1,218 @@
+//! Background commands: `/v1/sandboxes/:id/commands…` (start one with
+//! `POST …/exec {"cmd", "background": true}`).
+
+use crate::extract::{JsonBody, QueryArgs};
+use crate::{ApiError, AppState};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use forkbox_types::agent::BgInfo;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+fn parse_pid(s: &str) -> Result<i32, ApiError> {
+    s.parse::<i32>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| ApiError::BadRequest(format!("{s} is not a pid")))
+}
+
+/// A background command as the API shows it.
+#[derive(Serialize)]
+pub struct CommandView {
+    pid: i32,
+    cmd: String,
+    running: bool,
+    exit_code: Option<i32>,
+    started_at: String,
+}
+
+impl From<BgInfo> for CommandView {
+    fn from(b: BgInfo) -> Self {
+        let started =
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(b.started_ms) * 1_000_000)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_default();
+        CommandView {
+            pid: b.pid,
+            cmd: b.cmd,
+            running: b.exit_code.is_none(),
+            exit_code: b.exit_code,
+            started_at: started,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct CommandList {
+    commands: Vec<CommandView>,
+}
+
+pub async fn list(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<CommandList>, ApiError> {
+    Ok(Json(CommandList {
+        commands: st
+            .manager
+            .commands(&id)
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdinBody {
+    /// Text to write (UTF-8).
+    #[serde(default)]
+    data: String,
+    /// Close stdin afterwards (the command sees end of file).
+    #[serde(default)]
+    close: bool,
+}
+
+pub async fn stdin(
+    State(st): State<AppState>,
+    Path((id, pid)): Path<(String, String)>,
+    JsonBody(b): JsonBody<StdinBody>,
+) -> Result<StatusCode, ApiError> {
+    let pid = parse_pid(&pid)?;
+    st.manager
+        .command_stdin(&id, pid, b.data.into_bytes().into(), b.close)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum SignalArg {
+    Number(i32),
+    Name(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalBody {
+    /// A number or a name (`SIGTERM`, `TERM`, `KILL`, …); default SIGTERM.
+    signal: Option<SignalArg>,
+}
+
+fn signal_number(s: &SignalArg) -> Result<i32, ApiError> {
+    let n = match s {
+        SignalArg::Number(n) => *n,
+        SignalArg::Name(name) => {
+            let upper = name.to_ascii_uppercase();
+            let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+            match bare {
+                "HUP" => 1,
+                "INT" => 2,
+                "QUIT" => 3,
+                "KILL" => 9,
+                "USR1" => 10,
+                "USR2" => 12,
+                "TERM" => 15,
+                "CONT" => 18,
+                "STOP" => 19,
+                _ => return Err(ApiError::BadRequest(format!("unknown signal {name}"))),
+            }
+        }
+    };
+    if !(1..=64).contains(&n) {
+        return Err(ApiError::BadRequest(
+            "signal must be between 1 and 64".into(),
+        ));
+    }
+    Ok(n)
+}
+
+pub async fn signal(
+    State(st): State<AppState>,
+    Path((id, pid)): Path<(String, String)>,
+    JsonBody(b): JsonBody<SignalBody>,
+) -> Result<StatusCode, ApiError> {
+    let pid = parse_pid(&pid)?;
+    let n = match &b.signal {
+        Some(s) => signal_number(s)?,
+        None => 15,
+    };
+    st.manager.command_signal(&id, pid, n).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE …/commands/:pid`: SIGKILL to the command's process group.
+pub async fn kill(
+    State(st): State<AppState>,
+    Path((id, pid)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let pid = parse_pid(&pid)?;
+    st.manager.command_signal(&id, pid, 9).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+pub struct WaitView {
+    pid: i32,
+    exit_code: i32,
+}
+
+pub async fn wait(
+    State(st): State<AppState>,
+    Path((id, pid)): Path<(String, String)>,
+) -> Result<Json<WaitView>, ApiError> {
+    let pid = parse_pid(&pid)?;
+    let exit_code = st.manager.command_wait(&id, pid).await?;
+    Ok(Json(WaitView { pid, exit_code }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputQuery {
+    follow: Option<String>,
+}
+
+/// `GET …/commands/:pid/output[?follow=1]`: the kept output (the last MiB), then with
+/// `follow` the live output up to the exit event; NDJSON, as exec.
+pub async fn output(
+    State(st): State<AppState>,
+    Path((id, pid)): Path<(String, String)>,
+    QueryArgs(q): QueryArgs<OutputQuery>,
+) -> Result<Response, ApiError> {
+    let pid = parse_pid(&pid)?;
+    let follow = match q.follow.as_deref() {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "follow must be 1/true or 0/false".into(),
+            ))
+        }
+    };
+    let events = st.manager.command_output(&id, pid, follow).await?;
+    let body = events.map(|ev| {
+        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// The answer to `POST …/exec {"background": true}`.
+pub fn started(b: BgInfo) -> Response {
+    Json(CommandView::from(b)).into_response()
+}
