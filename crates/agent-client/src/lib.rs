@@ -4,7 +4,7 @@
 use bytes::{Bytes, BytesMut};
 use forkbox_types::agent::{
     AdoptReply, AdoptRequest, AgentEvent, BgInfo, BgSignal, ExecRequest, FileOp, FileOpReply,
-    ForkReply, ForkRequest, Health, RunCodeRequest, WriteReply, PROTOCOL_VERSION,
+    ForkReply, ForkRequest, Health, PtyRequest, RunCodeRequest, WriteReply, PROTOCOL_VERSION,
 };
 use futures_util::Stream;
 use http::{Method, Request, StatusCode};
@@ -221,6 +221,32 @@ impl AgentClient {
             body: resp.into_body(),
             buf: BytesMut::new(),
             done: false,
+        })
+    }
+
+    /// `POST /pty`: an interactive terminal; `input` and the answer are
+    /// `forkbox_types::pty` frames.
+    pub async fn pty<S>(&self, req: &PtyRequest, input: S) -> Result<ByteStream, AgentError>
+    where
+        S: Stream<Item = Result<Bytes, BoxError>> + Send + 'static,
+    {
+        use futures_util::StreamExt;
+        let query = {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            q.append_pair("rows", &req.rows.to_string());
+            q.append_pair("cols", &req.cols.to_string());
+            if let Some(c) = &req.cmd {
+                q.append_pair("cmd", c);
+            }
+            q.finish()
+        };
+        let body = http_body_util::StreamBody::new(input.map(|r| r.map(hyper::body::Frame::data)))
+            .boxed_unsync();
+        let resp = self
+            .call_with(Method::POST, &format!("/pty?{query}"), body)
+            .await?;
+        Ok(ByteStream {
+            body: resp.into_body(),
         })
     }
 

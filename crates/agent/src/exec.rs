@@ -94,6 +94,7 @@ pub async fn spawn_with_stdin(
             cwd,
             stdio: [stdin, out_w, err_w],
             extra: None,
+            tty: false,
         })
         .await?;
     Ok(Running {

@@ -94,6 +94,7 @@ async fn start(ctx: &Context, lang: Language) -> Result<Kernel, String> {
             cwd: "/root".into(),
             stdio: [OwnedFd::from(null), out_w, err_w],
             extra: Some(OwnedFd::from(theirs)),
+            tty: false,
         })
         .await
         .map_err(|e| e.to_string())?;

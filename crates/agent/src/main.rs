@@ -16,6 +16,7 @@ mod files;
 mod jail_init;
 mod kernels;
 mod lines;
+mod pty;
 mod reaper;
 mod server;
 mod zygote;

@@ -4,8 +4,8 @@
 use crate::exec::{self, Context};
 use bytes::Bytes;
 use forkbox_types::agent::{
-    AdoptReply, AdoptRequest, ExecRequest, ForkRequest, Health, Language, RunCodeRequest,
-    PROTOCOL_VERSION,
+    AdoptReply, AdoptRequest, ExecRequest, ForkRequest, Health, Language, PtyRequest,
+    RunCodeRequest, PROTOCOL_VERSION,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -401,6 +401,26 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
         return background(ctx, req).await;
     }
     match (req.method(), req.uri().path()) {
+        (&Method::POST, "/pty") => {
+            let q = |k| query_arg(&req, k);
+            let pr = PtyRequest {
+                cmd: q("cmd"),
+                rows: q("rows").and_then(|v| v.parse().ok()).unwrap_or(24),
+                cols: q("cols").and_then(|v| v.parse().ok()).unwrap_or(80),
+            };
+            if pr.cmd.as_deref().is_some_and(|c| c.contains('\0')) {
+                return error(StatusCode::BAD_REQUEST, "cmd must not contain NUL");
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+            match crate::pty::start(&ctx, &pr, req.into_body(), tx).await {
+                Ok(()) => {
+                    let stream =
+                        ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+                    Response::new(BodyExt::boxed(StreamBody::new(stream)))
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+            }
+        }
         (&Method::GET, "/files/read") => read_file(req).await,
         (&Method::PUT, "/files/write") => write_file(req).await,
         (&Method::POST, "/files/op") => {

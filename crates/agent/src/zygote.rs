@@ -38,6 +38,9 @@ enum Request {
         cwd: String,
         /// A fourth fd follows stdio and becomes fd 3 (a REPL kernel's control socket).
         extra: bool,
+        /// stdin is a terminal: make it the command's controlling terminal.
+        #[serde(default)]
+        tty: bool,
     },
 }
 
@@ -68,6 +71,8 @@ pub struct Command {
     pub stdio: [OwnedFd; 3],
     /// Becomes the command's fd 3 when given.
     pub extra: Option<OwnedFd>,
+    /// stdin is a pseudo-terminal that becomes the controlling terminal.
+    pub tty: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,8 +219,9 @@ fn zygote_main(sock: OwnedFd, filters: &Filters) -> std::io::Result<()> {
                     env,
                     cwd,
                     extra,
+                    tty,
                 }) => {
-                    let reply = match spawn(&argv, &env, &cwd, fds, extra) {
+                    let reply = match spawn(&argv, &env, &cwd, fds, extra, tty) {
                         Ok(pid) => Reply::Spawned { id, pid },
                         Err(error) => Reply::Failed { id, error },
                     };
@@ -261,6 +267,7 @@ fn spawn(
     cwd: &str,
     stdio: Vec<OwnedFd>,
     extra: bool,
+    tty: bool,
 ) -> Result<i32, String> {
     let want = if extra { 4 } else { 3 };
     if stdio.len() != want || argv.is_empty() {
@@ -301,6 +308,9 @@ fn spawn(
                 }
             }
             if extra_fd >= 0 && libc::dup2(extra_fd, 3) < 0 {
+                child_fail(err_w.as_raw_fd());
+            }
+            if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 child_fail(err_w.as_raw_fd());
             }
             if libc::chdir(cwd_c.as_ptr()) < 0 {
@@ -428,6 +438,7 @@ impl Spawner {
             env: cmd.env,
             cwd: cmd.cwd,
             extra: cmd.extra.is_some(),
+            tty: cmd.tty,
         })
         .map_err(|e| ZygoteError::Io(e.into()))?;
         let mut raw: Vec<RawFd> = cmd.stdio.iter().map(|f| f.as_raw_fd()).collect();

@@ -6,6 +6,7 @@ mod error;
 mod events;
 mod extract;
 mod files;
+mod pty;
 mod sandboxes;
 
 pub use error::ApiError;
@@ -41,6 +42,7 @@ pub fn app(state: AppState) -> Router {
             "/v1/sandboxes/{id}/exec/stream",
             post(sandboxes::exec_stream),
         )
+        .route("/v1/sandboxes/{id}/exec/pty", get(pty::pty))
         .route("/v1/sandboxes/{id}/events", get(events::events))
         .route("/v1/sandboxes/{id}/commands", get(commands::list))
         .route("/v1/sandboxes/{id}/commands/{pid}", delete(commands::kill))

@@ -183,3 +183,34 @@ async fn lifecycle_events_tail_and_follow() {
     assert_eq!(r.status(), 400);
     assert_eq!(s.delete(&child).await, 204);
 }
+
+#[tokio::test]
+async fn an_sse_flood_keeps_server_memory_bounded() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    let idle = s.rss_kib();
+    let mut r = s
+        .http
+        .post(s.url(&format!("/v1/sandboxes/{id}/exec/stream")))
+        .json(&json!({"cmd": "head -c 100M /dev/zero | tr '\\0' x"}))
+        .send()
+        .await
+        .unwrap();
+    let (mut bytes, mut peak, mut n) = (0usize, 0u64, 0u64);
+    while let Some(c) = r.chunk().await.unwrap() {
+        bytes += c.len();
+        n += 1;
+        if n.is_multiple_of(200) {
+            peak = peak.max(s.rss_kib());
+            let h = s.http.get(s.url("/v1/healthz")).send().await.unwrap();
+            assert_eq!(h.status(), 200);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert!(bytes > 100 << 20, "only {bytes} bytes streamed");
+    assert!(
+        peak < idle + 100 * 1024,
+        "server RSS grew from {idle} KiB to {peak} KiB"
+    );
+    assert_eq!(s.delete(&id).await, 204);
+}

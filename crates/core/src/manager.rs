@@ -10,7 +10,7 @@ use crate::store::Store;
 use crate::{ids, CoreError};
 use bytes::Bytes;
 use forkbox_types::agent::{
-    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, RunCodeRequest, WriteReply,
+    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, PtyRequest, RunCodeRequest, WriteReply,
 };
 use forkbox_types::exec::{EventKind, ExecEvent};
 use futures_util::stream::{BoxStream, StreamExt};
@@ -604,6 +604,31 @@ impl Manager {
                 timeout_ms,
             })
             .await?)
+    }
+
+    /// An interactive terminal in a running sandbox (frames both ways, see
+    /// `forkbox_types::pty`).
+    pub async fn pty(
+        &self,
+        id: &str,
+        req: PtyRequest,
+        input: UploadStream,
+    ) -> Result<ByteStream, CoreError> {
+        if req
+            .cmd
+            .as_deref()
+            .is_some_and(|c| c.is_empty() || c.contains('\0'))
+        {
+            return Err(CoreError::Invalid(
+                "cmd must be non-empty and contain no NUL".into(),
+            ));
+        }
+        Ok(self.running_instance(id).await?.pty(req, input).await?)
+    }
+
+    /// Checks that `id` is running (for calls that must fail before they start).
+    pub async fn check_running(&self, id: &str) -> Result<(), CoreError> {
+        self.running_instance(id).await.map(|_| ())
     }
 
     /// Background commands of a sandbox.

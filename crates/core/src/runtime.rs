@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use forkbox_types::agent::{
-    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, RunCodeRequest, WriteReply,
+    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, PtyRequest, RunCodeRequest, WriteReply,
 };
 use futures_util::stream::BoxStream;
 use std::collections::BTreeMap;
@@ -160,6 +160,14 @@ pub trait Instance: Send + Sync + 'static {
 
     /// Thaws a paused sandbox.
     async fn resume(&self) -> Result<(), RuntimeError>;
+
+    /// An interactive terminal: `input` and the answer are `forkbox_types::pty` frames.
+    async fn pty(&self, req: PtyRequest, input: UploadStream) -> Result<ByteStream, RuntimeError> {
+        let _ = (req, input);
+        Err(RuntimeError::Unavailable(
+            "this runtime has no terminals".into(),
+        ))
+    }
 
     /// Starts a command without waiting for it.
     async fn bg_start(&self, req: ExecRequest) -> Result<BgInfo, RuntimeError> {

@@ -25,7 +25,7 @@ use forkbox_core::runtime::{
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
 use forkbox_types::agent::{
     AdoptRequest, BgInfo, ExecRequest, FileOp, FileOpReply, ForkChild, ForkRequest, JailInit,
-    JailInitReply, RunCodeRequest, WriteReply,
+    JailInitReply, PtyRequest, RunCodeRequest, WriteReply,
 };
 use futures_util::StreamExt;
 use pool::Pool;
@@ -779,6 +779,28 @@ impl Instance for JailInstance {
             Ok(Err(e)) => Err(RuntimeError::host("snapshot", &self.id, e)),
             Err(e) => Err(RuntimeError::host("snapshot", &self.id, e)),
         }
+    }
+
+    async fn pty(&self, req: PtyRequest, input: UploadStream) -> Result<ByteStream, RuntimeError> {
+        let input =
+            input.map(|r| r.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>));
+        let stream = self
+            .client
+            .pty(&req, input)
+            .await
+            .map_err(|e| RuntimeError::Agent {
+                id: self.id.clone(),
+                source: e.into(),
+            })?;
+        let id = self.id.clone();
+        Ok(stream
+            .map(move |r| {
+                r.map_err(|e| RuntimeError::Agent {
+                    id: id.clone(),
+                    source: e.into(),
+                })
+            })
+            .boxed())
     }
 
     async fn bg_start(&self, req: ExecRequest) -> Result<BgInfo, RuntimeError> {

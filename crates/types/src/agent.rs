@@ -25,6 +25,8 @@
 //!   `POST /bg/signal` ([`BgSignal`]); `GET /bg/wait?pid=` → `{"pid", "exit_code"}`;
 //!   `GET /bg/output?pid=&follow=` → the kept output then live output, NDJSON events.
 //!   404 unknown pid, 409 exited.
+//! - `POST /pty?rows=&cols=[&cmd=]`: an interactive terminal; request and response
+//!   bodies are [`crate::pty`] frames (input and resizes in; output and the exit out).
 //! - `POST /adopt` with [`AdoptRequest`] → [`AdoptReply`]: a fork child's agent reports
 //!   whether it received its Python kernel from the parent (or stops waiting for one).
 
@@ -229,6 +231,16 @@ pub struct BgInfo {
     pub started_ms: u64,
     /// `None` while it runs.
     pub exit_code: Option<i32>,
+}
+
+/// Query of `POST /pty` (the body and the answer are [`crate::pty`] frames).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct PtyRequest {
+    /// Shell command line; an interactive login shell when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// Body of `POST /bg/signal`.

@@ -6,3 +6,4 @@
 
 pub mod agent;
 pub mod exec;
+pub mod pty;

@@ -1,0 +1,170 @@
+//! An interactive terminal session (`POST /pty`): a command on a fresh pseudo-terminal
+//! of the sandbox's own devpts, its output and exit status streamed back as frames, the
+//! request body's frames written to it (input, window sizes). The session ends, and the
+//! process tree is killed, when either side goes away.
+
+use crate::exec::{command_env, kill_tree, Context};
+use crate::zygote;
+use bytes::Bytes;
+use forkbox_types::agent::PtyRequest;
+use forkbox_types::pty::{encode, Decoder, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::os::fd::{AsRawFd, OwnedFd};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+
+fn winsize(rows: u16, cols: u16) -> libc::winsize {
+    libc::winsize {
+        ws_row: rows.max(1),
+        ws_col: cols.max(1),
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+fn set_size(fd: &OwnedFd, rows: u16, cols: u16) {
+    let ws = winsize(rows, cols);
+    // SAFETY: TIOCSWINSZ reads a winsize struct that lives on the stack.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+}
+
+/// Starts the session; output frames go to `out` (bounded: a slow reader slows the
+/// terminal down, it does not grow memory).
+pub async fn start(
+    ctx: &Context,
+    req: &PtyRequest,
+    input: Incoming,
+    out: mpsc::Sender<Bytes>,
+) -> Result<(), String> {
+    let pty = nix::pty::openpty(Some(&winsize(req.rows, req.cols)), None)
+        .map_err(|e| format!("open a pseudo-terminal: {e}"))?;
+    let (master, slave) = (pty.master, pty.slave);
+    // bash where there is one: it execs a lone command and, unlike dash, does not kill
+    // itself with SIGINT after a foreground program handled a Ctrl-C.
+    let shell = if std::path::Path::new("/bin/bash").exists() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    };
+    let argv: Vec<String> = match &req.cmd {
+        Some(c) => vec![shell.into(), "-c".into(), c.clone()],
+        None => vec![shell.into(), "-l".into()],
+    };
+    let mut extra = std::collections::BTreeMap::new();
+    extra.insert("TERM".to_owned(), "xterm-256color".to_owned());
+    let stdio = [
+        slave.try_clone().map_err(|e| e.to_string())?,
+        slave.try_clone().map_err(|e| e.to_string())?,
+        slave,
+    ];
+    let (pid, exit) = ctx
+        .spawner
+        .spawn(zygote::Command {
+            argv,
+            env: command_env(ctx, &extra),
+            cwd: "/root".into(),
+            stdio,
+            extra: None,
+            tty: true,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    nix::fcntl::fcntl(
+        master.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| e.to_string())?;
+    // SAFETY: `master` is an OwnedFd moved into the AsyncFd for its whole lifetime.
+    let master =
+        std::sync::Arc::new(unsafe { AsyncFd::register(master) }.map_err(|e| e.to_string())?);
+    // Input: frames from the host, until its side closes.
+    let writer = master.clone();
+    let input_task = tokio::spawn(async move {
+        let mut body = input;
+        let mut dec = Decoder::default();
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            dec.push(&data);
+            loop {
+                match dec.next_frame() {
+                    Ok(Some(Frame::Data(bytes))) => {
+                        let mut rest: &[u8] = &bytes;
+                        while !rest.is_empty() {
+                            let Ok(mut guard) = writer.writable().await else {
+                                return;
+                            };
+                            match guard.try_io(|fd| {
+                                nix::unistd::write(fd.get_ref(), rest).map_err(std::io::Error::from)
+                            }) {
+                                Ok(Ok(n)) => rest = &rest[n..],
+                                Ok(Err(_)) => return,
+                                Err(_would_block) => continue,
+                            }
+                        }
+                    }
+                    Ok(Some(Frame::Resize { rows, cols })) => {
+                        set_size(writer.get_ref(), rows, cols)
+                    }
+                    Ok(Some(Frame::Exit(_))) | Err(_) => return,
+                    Ok(None) => break,
+                }
+            }
+        }
+    });
+    // Output: terminal bytes until the terminal closes, then the exit status.
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut exit = exit;
+        let mut exited = None;
+        // After the process exits, output still buffered (or written by children that
+        // keep the terminal) is collected until the terminal is quiet for a moment.
+        let quiet = std::time::Duration::from_millis(100);
+        let mut deadline =
+            tokio::time::Instant::now() + std::time::Duration::from_secs(86400 * 365);
+        loop {
+            tokio::select! {
+                r = master.readable() => {
+                    let Ok(mut guard) = r else { break };
+                    match guard.try_io(|fd| {
+                        nix::unistd::read(fd.get_ref().as_raw_fd(), &mut buf)
+                            .map_err(std::io::Error::from)
+                    }) {
+                        Ok(Ok(0)) | Ok(Err(_)) => break, // EIO: every slave side closed
+                        Ok(Ok(n)) => {
+                            if out.send(Bytes::from(encode(&Frame::Data(buf[..n].to_vec())))).await.is_err() {
+                                kill_tree(pid);
+                                input_task.abort();
+                                return;
+                            }
+                            if exited.is_some() {
+                                deadline = tokio::time::Instant::now() + quiet;
+                            }
+                        }
+                        Err(_would_block) => continue,
+                    }
+                }
+                e = &mut exit, if exited.is_none() => {
+                    exited = Some(e.map(|e| e.code).unwrap_or(-1));
+                    deadline = tokio::time::Instant::now() + quiet;
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = out.closed() => {
+                    kill_tree(pid);
+                    input_task.abort();
+                    return;
+                }
+            }
+        }
+        kill_tree(pid);
+        let code = match exited {
+            Some(c) => c,
+            None => exit.await.map(|e| e.code).unwrap_or(-1),
+        };
+        input_task.abort();
+        let _ = out.send(Bytes::from(encode(&Frame::Exit(code)))).await;
+    });
+    Ok(())
+}
