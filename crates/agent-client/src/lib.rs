@@ -4,7 +4,8 @@
 use bytes::{Bytes, BytesMut};
 use forkbox_types::agent::{
     AdoptReply, AdoptRequest, AgentEvent, BgInfo, BgSignal, ExecRequest, FileOp, FileOpReply,
-    ForkReply, ForkRequest, Health, PtyRequest, RunCodeRequest, WriteReply, PROTOCOL_VERSION,
+    ForkReply, ForkRequest, Health, PtyRequest, RunCodeRequest, WatchEvent, WriteReply,
+    PROTOCOL_VERSION,
 };
 use futures_util::Stream;
 use http::{Method, Request, StatusCode};
@@ -250,6 +251,21 @@ impl AgentClient {
         })
     }
 
+    /// `GET /files/watch?path=&recursive=`: changes as they happen.
+    pub async fn watch(&self, path: &str, recursive: bool) -> Result<WatchStream, AgentError> {
+        let p = format!(
+            "/files/watch?{}&recursive={}",
+            query(path),
+            u8::from(recursive)
+        );
+        let resp = self.call(Method::GET, &p, Bytes::new()).await?;
+        Ok(WatchStream {
+            body: resp.into_body(),
+            buf: BytesMut::new(),
+            done: false,
+        })
+    }
+
     /// `POST /files/op`.
     pub async fn file_op(&self, op: &FileOp) -> Result<FileOpReply, AgentError> {
         self.json("/files/op", op).await
@@ -362,6 +378,44 @@ impl Stream for ByteStream {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         return Poll::Ready(Some(Ok(data)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// NDJSON [`WatchEvent`]s decoded from a response body.
+pub struct WatchStream {
+    body: hyper::body::Incoming,
+    buf: BytesMut,
+    done: bool,
+}
+
+impl Stream for WatchStream {
+    type Item = Result<WatchEvent, AgentError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line = self.buf.split_to(pos + 1);
+                return Poll::Ready(Some(
+                    serde_json::from_slice(&line[..pos]).map_err(AgentError::Decode),
+                ));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => self.done = true,
+                Poll::Ready(Some(Err(e))) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(AgentError::Request(e))));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
                     }
                 }
             }

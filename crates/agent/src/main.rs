@@ -19,6 +19,7 @@ mod lines;
 mod pty;
 mod reaper;
 mod server;
+mod watch;
 mod zygote;
 
 use std::os::fd::{FromRawFd, OwnedFd};

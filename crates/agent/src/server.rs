@@ -98,6 +98,11 @@ async fn serve(
         None => None,
     };
     let shared = Shared { ctx, adopt };
+    eprintln!(
+        "forkbox-agent {}: ready (pid {}, protocol {PROTOCOL_VERSION})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    );
     let std_listener = std::os::unix::net::UnixListener::from(listener);
     std_listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(std_listener)?;
@@ -156,6 +161,20 @@ async fn start_adopt(ctx: &Context, a: Adopt) -> (AdoptState, Arc<tokio::sync::N
         let _ = tx.send(Some(outcome));
     });
     (rx, cancel)
+}
+
+/// A command line as the log shows it: one line, at most 200 characters.
+fn loggable(cmd: &str) -> String {
+    let one: String = cmd
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    if cmd.chars().count() > 200 {
+        format!("{one}…")
+    } else {
+        one
+    }
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -422,6 +441,17 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::GET, "/files/read") => read_file(req).await,
+        (&Method::GET, "/files/watch") => {
+            let Some(path) = query_path(&req) else {
+                return error(StatusCode::BAD_REQUEST, "missing path");
+            };
+            let recursive = query_arg(&req, "recursive").is_some_and(|v| v == "1" || v == "true");
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+            match crate::watch::start(&path, recursive, tx) {
+                Ok(()) => ndjson(rx),
+                Err(e) => file_error(&e),
+            }
+        }
         (&Method::PUT, "/files/write") => write_file(req).await,
         (&Method::POST, "/files/op") => {
             let body = match read_body(req).await {
@@ -533,7 +563,10 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
                 }
             };
             let running = match exec::spawn(&ctx, &er).await {
-                Ok(r) => r,
+                Ok(r) => {
+                    eprintln!("forkbox-agent: exec pid {}: {}", r.pid(), loggable(&er.cmd));
+                    r
+                }
                 Err(e @ exec::SpawnError::NoCwd(_)) => {
                     return error(StatusCode::BAD_REQUEST, &e.to_string())
                 }

@@ -94,3 +94,33 @@ pub async fn events(
         .keep_alive(KeepAlive::default())
         .into_response())
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    follow: Option<String>,
+}
+
+/// `GET /v1/sandboxes/:id/logs?follow=1`: the sandbox's log (its agent's messages) as
+/// Server-Sent Events, one `data:` line per log line; with `follow`, new lines while
+/// the sandbox lives.
+pub async fn logs(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    QueryArgs(q): QueryArgs<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let follow = match q.follow.as_deref() {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "follow must be 1/true or 0/false".into(),
+            ))
+        }
+    };
+    let lines = st.manager.logs(&id, follow).await?;
+    let sse = lines.map(|l| Ok::<_, Infallible>(Event::default().event("log").data(l)));
+    Ok(Sse::new(sse)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}

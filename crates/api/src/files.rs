@@ -131,6 +131,45 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchArgs {
+    path: String,
+    recursive: Option<String>,
+}
+
+/// `GET …/files/watch?path=[&recursive=1]`: changes as Server-Sent Events (`event:`
+/// create, modify, delete, overflow, dropped; `data:` the change as JSON).
+pub async fn watch(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    QueryArgs(q): QueryArgs<WatchArgs>,
+) -> Result<Response, ApiError> {
+    let recursive = match q.recursive.as_deref() {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "recursive must be 1/true or 0/false".into(),
+            ))
+        }
+    };
+    let events = st.manager.watch(&id, &q.path, recursive).await?;
+    let sse = events
+        .take_while(|r| futures_util::future::ready(r.is_ok()))
+        .filter_map(|r| futures_util::future::ready(r.ok()))
+        .map(|ev| {
+            Ok::<_, std::convert::Infallible>(
+                axum::response::sse::Event::default()
+                    .event(ev.kind.clone())
+                    .data(serde_json::to_string(&ev).unwrap_or_default()),
+            )
+        });
+    Ok(axum::response::sse::Sse::new(sse)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response())
+}
+
 /// `GET …/files/ls?path=`.
 pub async fn ls(
     State(st): State<AppState>,

@@ -44,6 +44,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/sandboxes/{id}/exec/pty", get(pty::pty))
         .route("/v1/sandboxes/{id}/events", get(events::events))
+        .route("/v1/sandboxes/{id}/logs", get(events::logs))
         .route("/v1/sandboxes/{id}/commands", get(commands::list))
         .route("/v1/sandboxes/{id}/commands/{pid}", delete(commands::kill))
         .route(
@@ -86,6 +87,7 @@ pub fn app(state: AppState) -> Router {
             get(files::read).put(files::write),
         )
         .route("/v1/sandboxes/{id}/files/ls", get(files::ls))
+        .route("/v1/sandboxes/{id}/files/watch", get(files::watch))
         .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
         .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
         .route("/v1/sandboxes/{id}/files/rename", post(files::rename))

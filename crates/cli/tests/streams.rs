@@ -214,3 +214,107 @@ async fn an_sse_flood_keeps_server_memory_bounded() {
     );
     assert_eq!(s.delete(&id).await, 204);
 }
+
+#[tokio::test]
+async fn file_watch_streams_changes_as_they_happen() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    s.sh(&id, "mkdir -p /root/w").await;
+    let mut r = s
+        .http
+        .get(s.url(&format!(
+            "/v1/sandboxes/{id}/files/watch?path=/root/w&recursive=1"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    s.sh(
+        &id,
+        "echo 1 > /root/w/a && mkdir /root/w/sub && sleep 0.2 && echo 2 > /root/w/sub/b && rm /root/w/a",
+    )
+    .await;
+    let evs = read_sse(&mut r, |e, v| e == "delete" && v["path"] == "/root/w/a").await;
+    let seen: Vec<(String, String)> = evs
+        .iter()
+        .map(|(e, v, _)| (e.clone(), v["path"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    for want in [
+        ("create", "/root/w/a"),
+        ("modify", "/root/w/a"),
+        ("create", "/root/w/sub"),
+        ("create", "/root/w/sub/b"),
+        ("delete", "/root/w/a"),
+    ] {
+        assert!(
+            seen.iter().any(|(e, p)| e == want.0 && p == want.1),
+            "{want:?} not in {seen:?}"
+        );
+    }
+    assert!(evs
+        .iter()
+        .any(|(_, v, _)| v["path"] == "/root/w/sub" && v["is_dir"] == true));
+    drop(r);
+    // Errors.
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files/watch?path=/root/nope")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files/watch?path=../etc")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(s.delete(&id).await, 204);
+}
+
+#[tokio::test]
+async fn the_sandbox_log_is_readable_and_followable() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    s.sh(&id, "echo first").await;
+    let mut r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/logs")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut text = String::new();
+    while let Some(c) = r.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert!(text.contains("ready (pid 1"), "{text}");
+    assert!(text.contains(": echo first"), "{text}");
+    // Following shows new lines as they are written.
+    let mut r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/logs?follow=1")))
+        .send()
+        .await
+        .unwrap();
+    s.sh(&id, "echo second-marker").await;
+    let mut text = String::new();
+    while !text.contains("second-marker") {
+        let c = tokio::time::timeout(Duration::from_secs(10), r.chunk())
+            .await
+            .expect("log follow stalled")
+            .unwrap()
+            .expect("log stream ended");
+        text.push_str(&String::from_utf8_lossy(&c));
+    }
+    drop(r);
+    let r = s
+        .http
+        .get(s.url("/v1/sandboxes/sbx-nope/logs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(s.delete(&id).await, 204);
+}

@@ -626,6 +626,29 @@ impl Manager {
         Ok(self.running_instance(id).await?.pty(req, input).await?)
     }
 
+    /// A live sandbox's log lines (see [`Instance::logs`]).
+    pub async fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+    ) -> Result<BoxStream<'static, String>, CoreError> {
+        Ok(self.running(id).await?.instance.logs(follow).await?)
+    }
+
+    /// Changes under a directory of a running sandbox, as they happen.
+    pub async fn watch(
+        &self,
+        id: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<crate::runtime::WatchEvents, CoreError> {
+        Ok(self
+            .running_instance(id)
+            .await?
+            .watch(path, recursive)
+            .await?)
+    }
+
     /// Checks that `id` is running (for calls that must fail before they start).
     pub async fn check_running(&self, id: &str) -> Result<(), CoreError> {
         self.running_instance(id).await.map(|_| ())

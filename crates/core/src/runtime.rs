@@ -4,7 +4,8 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use forkbox_types::agent::{
-    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, PtyRequest, RunCodeRequest, WriteReply,
+    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, PtyRequest, RunCodeRequest, WatchEvent,
+    WriteReply,
 };
 use futures_util::stream::BoxStream;
 use std::collections::BTreeMap;
@@ -75,6 +76,9 @@ pub enum FileErrorKind {
 
 /// A file's bytes as they come.
 pub type ByteStream = BoxStream<'static, Result<Bytes, RuntimeError>>;
+
+/// File changes as they happen.
+pub type WatchEvents = BoxStream<'static, Result<WatchEvent, RuntimeError>>;
 
 /// Bytes to write; an error aborts the write and leaves no partial file.
 pub type UploadStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
@@ -160,6 +164,23 @@ pub trait Instance: Send + Sync + 'static {
 
     /// Thaws a paused sandbox.
     async fn resume(&self) -> Result<(), RuntimeError>;
+
+    /// The sandbox's own log (its agent's messages), as lines: the last 64 KiB, then
+    /// with `follow` new lines while the sandbox lives.
+    async fn logs(&self, follow: bool) -> Result<BoxStream<'static, String>, RuntimeError> {
+        let _ = follow;
+        Err(RuntimeError::Unavailable(
+            "this runtime keeps no logs".into(),
+        ))
+    }
+
+    /// Changes under a directory of the sandbox, as they happen.
+    async fn watch(&self, path: &str, recursive: bool) -> Result<WatchEvents, RuntimeError> {
+        let _ = (path, recursive);
+        Err(RuntimeError::Unavailable(
+            "this runtime cannot watch files".into(),
+        ))
+    }
 
     /// An interactive terminal: `input` and the answer are `forkbox_types::pty` frames.
     async fn pty(&self, req: PtyRequest, input: UploadStream) -> Result<ByteStream, RuntimeError> {

@@ -27,6 +27,7 @@
 //!   404 unknown pid, 409 exited.
 //! - `POST /pty?rows=&cols=[&cmd=]`: an interactive terminal; request and response
 //!   bodies are [`crate::pty`] frames (input and resizes in; output and the exit out).
+//! - `GET /files/watch?path=&recursive=` → NDJSON [`WatchEvent`] lines as changes happen.
 //! - `POST /adopt` with [`AdoptRequest`] → [`AdoptReply`]: a fork child's agent reports
 //!   whether it received its Python kernel from the parent (or stops waiting for one).
 
@@ -231,6 +232,21 @@ pub struct BgInfo {
     pub started_ms: u64,
     /// `None` while it runs.
     pub exit_code: Option<i32>,
+}
+
+/// One line of `GET /files/watch`: a change under the watched directory.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WatchEvent {
+    /// `create`, `modify`, `delete`; `overflow` (the kernel's queue overflowed, some
+    /// changes were lost) or `dropped` (`count` events dropped for a slow reader).
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_dir: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 /// Query of `POST /pty` (the body and the answer are [`crate::pty`] frames).
