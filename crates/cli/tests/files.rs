@@ -245,7 +245,16 @@ async fn large_files_stream_without_filling_server_memory() {
     let stream = futures_util::stream::iter(
         (0..size / chunk.len()).map(move |_| Ok::<_, std::io::Error>(c.clone())),
     );
-    let (st, body) = put(&s, &id, "/root/big.bin", reqwest::Body::wrap_stream(stream)).await;
+    // Through the raw endpoint both ways.
+    let r = s
+        .http
+        .put(files_url(&s, &id, "/raw", "/root/big.bin"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["size"], size);
     assert_eq!(

@@ -240,3 +240,107 @@ async fn py_counter(s: &Server, id: &str) {
     assert_eq!(st, 200);
     assert_eq!(common::collect(&events).2, 0);
 }
+
+#[tokio::test]
+async fn every_sandbox_route_answers_409_when_paused_and_410_when_gone() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    s.sh(&id, "echo x > /root/f").await;
+    let calls: Vec<(&str, String, Value)> = vec![
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/exec"),
+            json!({"cmd": "true"}),
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/exec/stream"),
+            json!({"cmd": "true"}),
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/exec"),
+            json!({"cmd": "true", "background": true}),
+        ),
+        ("POST", format!("/v1/sandboxes/{id}/fork"), json!({"n": 1})),
+        ("POST", format!("/v1/sandboxes/{id}/pause"), json!({})),
+        (
+            "GET",
+            format!("/v1/sandboxes/{id}/files?path=/root/f"),
+            Value::Null,
+        ),
+        (
+            "PUT",
+            format!("/v1/sandboxes/{id}/files?path=/root/g"),
+            Value::Null,
+        ),
+        (
+            "GET",
+            format!("/v1/sandboxes/{id}/files/ls?path=/root"),
+            Value::Null,
+        ),
+        (
+            "GET",
+            format!("/v1/sandboxes/{id}/files/watch?path=/root"),
+            Value::Null,
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/files/mkdir"),
+            json!({"path": "/root/d"}),
+        ),
+        ("GET", format!("/v1/sandboxes/{id}/exec/pty"), Value::Null),
+    ];
+    let call = |m: &'static str, url: String, body: Value| {
+        let http = s.http.clone();
+        let url = s.url(&url);
+        async move {
+            let req = match m {
+                "GET" => http.get(url),
+                "PUT" => http.put(url).body("data"),
+                _ => http.post(url).json(&body),
+            };
+            // The PTY route wants a WebSocket upgrade: make it look like one.
+            let req = req
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+            let r = req.send().await.unwrap();
+            let st = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (st, body)
+        }
+    };
+    assert_eq!(
+        post(&s, &format!("/v1/sandboxes/{id}/pause"), json!({}))
+            .await
+            .0,
+        200
+    );
+    for (m, url, body) in &calls {
+        let (st, b) = call(m, url.clone(), body.clone()).await;
+        assert_eq!(st, 409, "{m} {url} on a paused sandbox: {b}");
+        assert!(b["code"].is_string(), "{m} {url}: {b}");
+    }
+    assert_eq!(
+        post(&s, &format!("/v1/sandboxes/{id}/resume"), json!({}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(s.delete(&id).await, 204);
+    let mut gone = calls.clone();
+    gone.push((
+        "POST",
+        format!("/v1/sandboxes/{id}/snapshot"),
+        json!({"name": "x"}),
+    ));
+    gone.push(("POST", format!("/v1/sandboxes/{id}/hibernate"), json!({})));
+    gone.push(("GET", format!("/v1/sandboxes/{id}/commands"), Value::Null));
+    gone.push(("GET", format!("/v1/sandboxes/{id}/logs"), Value::Null));
+    for (m, url, body) in &gone {
+        let (st, b) = call(m, url.clone(), body.clone()).await;
+        assert_eq!(st, 410, "{m} {url} on a deleted sandbox: {b}");
+    }
+}
