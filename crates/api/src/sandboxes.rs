@@ -244,7 +244,7 @@ pub async fn list(
         Some(s) => {
             filter.status = Some(Status::parse(s).ok_or_else(|| {
                 ApiError::BadRequest(
-                    "status must be running, paused, hibernated, deleted, killed, failed, merged or all".into(),
+                    "status must be running, paused, hibernated, deleted, killed, failed, merged, lost or all".into(),
                 )
             })?)
         }

@@ -256,6 +256,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         listen: "127.0.0.1:0".parse()?,
         default_template: "python".into(),
         log_json: false,
+        on_exit: serve::OnExit::Destroy,
     };
     let server = serve::build(&sa).await?;
     let addr = server.listener.local_addr()?;

@@ -22,6 +22,16 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    /// What stopping the server (SIGTERM, Ctrl-C) does to running sandboxes: `keep`
+    /// them running, for the next server to adopt, or `destroy` them.
+    #[arg(long, value_enum, default_value_t = OnExit::Keep)]
+    pub on_exit: OnExit,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExit {
+    Keep,
+    Destroy,
 }
 
 /// A server that is set up and bound, not yet serving.
@@ -48,11 +58,12 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
             ..ManagerConfig::default()
         },
     );
-    let lost = manager.recover().await?;
-    if lost > 0 {
-        tracing::warn!(
+    let (adopted, lost) = manager.recover().await?;
+    if adopted + lost > 0 {
+        tracing::info!(
+            adopted,
             lost,
-            "sandboxes of an earlier server were cleaned up and marked failed"
+            "sandboxes of an earlier server: adopted the running ones, marked the others lost"
         );
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -70,16 +81,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The line tests and scripts wait for.
     println!("forkbox listening on http://{addr}");
     tracing::info!(%addr, "listening");
-    axum::serve(
-        server.listener,
-        app(AppState {
-            manager: manager.clone(),
-        }),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
-    tracing::info!("shutting down: destroying live sandboxes");
-    manager.shutdown().await;
+    http(server.listener, manager.clone())
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    match args.on_exit {
+        OnExit::Destroy => {
+            tracing::info!("shutting down: destroying live sandboxes");
+            manager.shutdown().await;
+        }
+        OnExit::Keep => {
+            tracing::info!(
+                sandboxes = manager.live_count(),
+                "shutting down: sandboxes keep running for the next server to adopt"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -1063,29 +1063,69 @@ impl Manager {
         }
     }
 
-    /// Handles sandboxes an earlier server left marked running: their leftovers are
-    /// freed and they are marked failed with a reason, never silently forgotten.
-    /// Returns how many there were.
-    pub async fn recover(&self) -> Result<usize, CoreError> {
+    /// Takes over the sandboxes an earlier server left running or paused: each one whose
+    /// agent still answers is adopted as it is (processes, REPL state, pause); the others
+    /// have their leftovers freed and are marked `lost` with the reason — never silently
+    /// forgotten. Returns (adopted, lost).
+    pub async fn recover(&self) -> Result<(usize, usize), CoreError> {
         let mut stale = self.store.sandboxes_with_status(Status::Running).await?;
         stale.extend(self.store.sandboxes_with_status(Status::Paused).await?);
-        for s in &stale {
+        let (mut adopted, mut lost) = (0, 0);
+        for s in stale {
             if self.live(&s.id).is_some() {
                 continue;
             }
-            if let Err(e) = self.runtime.cleanup(&s.resource_id).await {
-                tracing::error!(sandbox = %s.id, error = %e, "cleaning up after an earlier server");
+            let spec = CreateSpec {
+                id: s.resource_id.clone(),
+                template: s.template.clone(),
+                cpu_millis: (s.cpu * 1000.0).round() as u64,
+                memory_bytes: s.memory_mb * 1024 * 1024,
+                pids_max: self.config.pids_max,
+                env: s.env.clone(),
+                snapshot: None,
+            };
+            let outcome = match s.host_pid {
+                Some(pid) => {
+                    self.runtime
+                        .adopt(&spec, pid, s.status == Status::Paused)
+                        .await
+                }
+                None => Err(crate::RuntimeError::Unavailable(
+                    "no process recorded".into(),
+                )),
+            };
+            match outcome {
+                Ok(instance) => {
+                    tracing::info!(sandbox = %s.id, status = %s.status, "adopted a sandbox of an earlier server");
+                    self.events.emit(&s.id, "adopted", serde_json::Value::Null);
+                    self.live_map().insert(
+                        s.id.clone(),
+                        Arc::new(Live {
+                            record: Mutex::new(s),
+                            instance,
+                            spec,
+                            op: Arc::new(tokio::sync::Mutex::new(())),
+                        }),
+                    );
+                    adopted += 1;
+                }
+                Err(e) => {
+                    let reason =
+                        format!("lost: its processes did not survive the server restart ({e})");
+                    tracing::warn!(sandbox = %s.id, %reason, "marking a sandbox lost");
+                    if let Err(e) = self.runtime.cleanup(&s.resource_id).await {
+                        tracing::error!(sandbox = %s.id, error = %e, "cleaning up after an earlier server");
+                    }
+                    self.store
+                        .end_sandbox(&s.id, Status::Lost, &reason, OffsetDateTime::now_utc())
+                        .await?;
+                    self.events
+                        .emit(&s.id, "lost", serde_json::json!({ "reason": reason }));
+                    lost += 1;
+                }
             }
-            self.store
-                .end_sandbox(
-                    &s.id,
-                    Status::Failed,
-                    "lost: the server restarted",
-                    OffsetDateTime::now_utc(),
-                )
-                .await?;
         }
-        Ok(stale.len())
+        Ok((adopted, lost))
     }
 
     /// Destroys every live sandbox (server shutdown in tests and benchmarks).

@@ -21,6 +21,8 @@ pub enum Status {
     Failed,
     /// A fork child whose state became its ancestor's (`merge_into`); the id is consumed.
     Merged,
+    /// Found dead (or unreachable) by a server starting after a crash or restart.
+    Lost,
 }
 
 impl Status {
@@ -33,6 +35,7 @@ impl Status {
             Status::Killed => "killed",
             Status::Failed => "failed",
             Status::Merged => "merged",
+            Status::Lost => "lost",
         }
     }
 
@@ -45,6 +48,7 @@ impl Status {
             "killed" => Status::Killed,
             "failed" => Status::Failed,
             "merged" => Status::Merged,
+            "lost" => Status::Lost,
             _ => return None,
         })
     }

@@ -128,6 +128,21 @@ pub trait Runtime: Send + Sync + 'static {
         ))
     }
 
+    /// Takes over a sandbox an earlier server left running (`spec.id` is its runtime
+    /// resource id, `host_pid` its first process as recorded; `paused`: it is frozen,
+    /// so its agent cannot answer until resumed).
+    async fn adopt(
+        &self,
+        spec: &CreateSpec,
+        host_pid: i32,
+        paused: bool,
+    ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let _ = (spec, host_pid, paused);
+        Err(RuntimeError::Unavailable(
+            "this runtime cannot adopt sandboxes".into(),
+        ))
+    }
+
     /// Deletes a named snapshot's filesystem.
     async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {
         let _ = snapshot;

@@ -397,6 +397,24 @@ impl Runtime for JailRuntime {
         Ok(inst)
     }
 
+    async fn adopt(
+        &self,
+        spec: &CreateSpec,
+        host_pid: i32,
+        paused: bool,
+    ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let inst: Arc<dyn Instance> = self.inner.adopt(spec, host_pid, paused).await?;
+        self.inner.lineage().nodes.insert(
+            spec.id.clone(),
+            Node {
+                parent: None,
+                live: true,
+                hollow: None,
+            },
+        );
+        Ok(inst)
+    }
+
     async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {
         let p = self.inner.pool.snapshot(snapshot);
         tokio::task::spawn_blocking(move || delete_subvolume_patiently(&p))
@@ -468,6 +486,66 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+
+    /// Reconnects to a sandbox an earlier server started: its PID 1 must still be a
+    /// `forkbox-agent` in the sandbox's cgroup, and answer on its socket.
+    async fn adopt(
+        self: &Arc<Self>,
+        spec: &CreateSpec,
+        pid: i32,
+        paused: bool,
+    ) -> Result<Arc<JailInstance>, RuntimeError> {
+        let id = spec.id.as_str();
+        let gone = |why: String| RuntimeError::Unavailable(why);
+        let pidfd = Arc::new(pidfd_open(pid).map_err(|e| gone(format!("process {pid}: {e}")))?);
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if comm.trim() != "forkbox-agent" || !cgroups.contains(&format!("/{id}\n")) {
+            return Err(gone(format!("process {pid} is no longer its agent")));
+        }
+        let cgroup = self
+            .cgroups
+            .open(id)
+            .map_err(|e| RuntimeError::host("open cgroup", id, e))?;
+        let run = self.run_dir.join(id);
+        let client = AgentClient::connect_unix(&run.join("agent.sock"))
+            .await
+            .map_err(|e| gone(format!("its agent does not answer: {e}")))?;
+        if !paused {
+            match tokio::time::timeout(Duration::from_secs(5), client.health()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(gone(format!("its agent does not answer: {e}"))),
+                Err(_) => return Err(gone("its agent does not answer".into())),
+            }
+        }
+        let rootfs = self.pool.sandbox(id);
+        let alive = Arc::new(AtomicBool::new(true));
+        {
+            let alive = alive.clone();
+            let fd = pidfd.clone();
+            tokio::spawn(async move {
+                wait_exit(&fd, Duration::from_secs(u64::MAX / 4)).await;
+                alive.store(false, Ordering::SeqCst);
+            });
+        }
+        Ok(Arc::new(JailInstance {
+            id: id.to_owned(),
+            pid,
+            rootfs: rootfs.clone(),
+            cgroup: cgroup.clone(),
+            client,
+            alive,
+            resources: tokio::sync::Mutex::new(Resources {
+                id: id.to_owned(),
+                rootfs: Some(rootfs),
+                cgroup: Some(cgroup),
+                run_dir: Some(run),
+                pidfd: Some(pidfd),
+                pid: Some(pid),
+            }),
+            rt: self.clone(),
+        }))
     }
 
     async fn cleanup_in(&self, id: &str) -> Result<(), RuntimeError> {

@@ -29,6 +29,49 @@ pub fn pool() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/forkbox-test/pool"))
 }
 
+/// Starts `forkbox serve` on a free port; waits until it listens.
+fn spawn_server(
+    data: &std::path::Path,
+    pool: &std::path::Path,
+    agent: &std::path::Path,
+) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_forkbox"))
+        .arg("serve")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--pool")
+        .arg(pool)
+        .arg("--agent-bin")
+        .arg(agent)
+        // Test servers take their sandboxes with them when they stop.
+        .arg("--on-exit")
+        .arg("destroy")
+        .env("FORKBOX_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start forkbox serve");
+    let stdout = child.stdout.take().expect("server stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let base = loop {
+        assert!(Instant::now() < deadline, "server did not start");
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(u) = l.strip_prefix("forkbox listening on ") {
+                    break u.trim().to_owned();
+                }
+            }
+            _ => panic!("forkbox serve exited before listening"),
+        }
+    };
+    // Keep draining stdout so the server never blocks on it.
+    std::thread::spawn(move || for _ in lines {});
+    (child, base)
+}
+
 impl Server {
     pub fn start() -> Server {
         assert!(
@@ -48,37 +91,7 @@ impl Server {
             .tempdir()
             .expect("temp data dir");
         let pool = pool();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_forkbox"))
-            .arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data.path())
-            .arg("--pool")
-            .arg(&pool)
-            .arg("--agent-bin")
-            .arg(&agent)
-            .env("FORKBOX_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start forkbox serve");
-        let stdout = child.stdout.take().expect("server stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let base = loop {
-            assert!(Instant::now() < deadline, "server did not start");
-            match lines.next() {
-                Some(Ok(l)) => {
-                    if let Some(u) = l.strip_prefix("forkbox listening on ") {
-                        break u.trim().to_owned();
-                    }
-                }
-                _ => panic!("forkbox serve exited before listening"),
-            }
-        };
-        // Keep draining stdout so the server never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
+        let (child, base) = spawn_server(data.path(), &pool, &agent);
         Server {
             child,
             base,
@@ -86,6 +99,24 @@ impl Server {
             pool,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// SIGKILLs the server (its sandboxes keep running) and starts a new one on the
+    /// same data dir, which adopts them.
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let agent = std::env::var_os("FORKBOX_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
+        let (child, base) = spawn_server(self.data.path(), &self.pool, &agent);
+        self.child = child;
+        self.base = base;
+    }
+
+    /// Host pid of the server.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Resident memory of the server process, in KiB.

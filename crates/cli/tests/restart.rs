@@ -1,0 +1,161 @@
+//! End-to-end: a SIGKILLed server restarts without losing anything: running sandboxes
+//! (REPL state included) are adopted, dead ones are marked `lost` with a reason.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{collect, Server};
+use serde_json::{json, Value};
+
+async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = s.http.post(s.url(path)).json(&body).send().await.unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn py(s: &Server, id: &str, src: &str) -> (String, String, i64) {
+    let (status, events) = s.exec(id, json!({ "code": src })).await;
+    assert_eq!(status, 200, "{events:?}");
+    collect(&events)
+}
+
+/// Host pid of the agent of sandbox `id` (PID 1 inside it).
+fn agent_pid(id: &str) -> i32 {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let is_pid1 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .is_some_and(|v| v.split_whitespace().last() == Some("1"));
+        if comm.trim() == "forkbox-agent" && cg.contains(&format!("/{id}\n")) && is_pid1 {
+            return pid;
+        }
+    }
+    panic!("no agent for {id}");
+}
+
+#[tokio::test]
+async fn a_killed_server_restarts_and_adopts_its_sandboxes() {
+    let mut s = Server::start();
+    let repl = s.create_id().await;
+    py(&s, &repl, "x = 41").await;
+    let files = s.create_id().await;
+    s.sh(&files, "echo kept > /root/f").await;
+    let paused = s.create_id().await;
+    assert_eq!(
+        post(&s, &format!("/v1/sandboxes/{paused}/pause"), json!({}))
+            .await
+            .0,
+        200
+    );
+    let bg = s.create_id().await;
+    let (_, started) = post(
+        &s,
+        &format!("/v1/sandboxes/{bg}/exec"),
+        json!({"cmd": "sleep 1; echo from-before-the-restart; sleep 2", "background": true}),
+    )
+    .await;
+    let bg_pid = started["pid"].as_i64().unwrap();
+    let doomed = s.create_id().await;
+    // Streams in flight when the server dies.
+    let mut streams = Vec::new();
+    for id in [&repl, &files] {
+        let url = s.url(&format!("/v1/sandboxes/{id}/exec"));
+        let http = s.http.clone();
+        streams.push(tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({"cmd": "for i in $(seq 100); do echo $i; sleep 0.05; done"}))
+                .send()
+                .await;
+            if let Ok(r) = r {
+                let _ = r.text().await;
+            }
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // One sandbox dies while no server watches.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent_pid(&doomed)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    s.kill_and_restart();
+    for t in streams {
+        let _ = t.await;
+    }
+    // Every record is there; the live ones kept their state.
+    let (_, list) = {
+        let r = s
+            .http
+            .get(s.url("/v1/sandboxes?status=all"))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let status_of = |id: &str| {
+        list["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == json!(id))
+            .map(|x| x["status"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(status_of(&repl).as_deref(), Some("running"));
+    assert_eq!(status_of(&files).as_deref(), Some("running"));
+    assert_eq!(status_of(&paused).as_deref(), Some("paused"));
+    assert_eq!(status_of(&doomed).as_deref(), Some("lost"));
+    assert_eq!(
+        py(&s, &repl, "x + 1").await.0,
+        "42\n",
+        "REPL state survived"
+    );
+    assert_eq!(s.sh(&files, "cat /root/f").await.0, "kept\n");
+    let (st, _) = s.exec(&paused, json!({"cmd": "true"})).await;
+    assert_eq!(st, 409);
+    assert_eq!(
+        post(&s, &format!("/v1/sandboxes/{paused}/resume"), json!({}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(s.sh(&paused, "echo thawed").await.0, "thawed\n");
+    // A background command kept running and its output was kept.
+    let r = s
+        .http
+        .get(s.url(&format!(
+            "/v1/sandboxes/{bg}/commands/{bg_pid}/output?follow=1"
+        )))
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert!(text.contains("from-before-the-restart"), "{text}");
+    // The dead one: a clear reason, nothing left on the host.
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{doomed}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410);
+    let lost = list["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == json!(doomed))
+        .unwrap()
+        .clone();
+    assert!(lost.to_string().contains("lost"), "{lost}");
+    assert!(!s.pool.join("sandboxes").join(&doomed).exists());
+    for id in [&repl, &files, &paused, &bg] {
+        assert_eq!(s.delete(id).await, 204, "{id}");
+    }
+}
