@@ -63,6 +63,24 @@ async fn a_killed_server_restarts_and_adopts_its_sandboxes() {
     .await;
     let bg_pid = started["pid"].as_i64().unwrap();
     let doomed = s.create_id().await;
+    // A deleted fork parent stays hollow while its child lives.
+    let hp = s.create_id().await;
+    py(&s, &hp, "gen = 'parent'").await;
+    let (st, forked) = post(&s, &format!("/v1/sandboxes/{hp}/fork"), json!({"n": 1})).await;
+    assert_eq!(st, 200, "{forked}");
+    let hc = forked["children"][0].as_str().unwrap().to_owned();
+    assert_eq!(s.delete(&hp).await, 204);
+    assert!(s.pool.join("sandboxes").join(&hp).exists());
+    // Leftovers of a create a crash interrupted: a run dir and a root filesystem.
+    let orphan = "sbx-orphan0restart";
+    std::fs::create_dir_all(s.data.path().join("run").join(orphan)).unwrap();
+    let orphan_root = s.pool.join("sandboxes").join(orphan);
+    let ok = std::process::Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(&orphan_root)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
     // Streams in flight when the server dies.
     let mut streams = Vec::new();
     for id in [&repl, &files] {
@@ -155,7 +173,86 @@ async fn a_killed_server_restarts_and_adopts_its_sandboxes() {
         .clone();
     assert!(lost.to_string().contains("lost"), "{lost}");
     assert!(!s.pool.join("sandboxes").join(&doomed).exists());
+    // Garbage: the orphan is gone; the hollow parent was taken back, not freed, and
+    // goes with its last child.
+    assert!(!orphan_root.exists(), "orphan root filesystem left");
+    assert!(!s.data.path().join("run").join(orphan).exists());
+    assert!(
+        s.pool.join("sandboxes").join(&hp).exists(),
+        "hollow parent freed too early"
+    );
+    assert_eq!(py(&s, &hc, "gen").await.0, "'parent'\n");
+    assert_eq!(s.delete(&hc).await, 204);
+    let mut gone = false;
+    for _ in 0..50 {
+        if !s.pool.join("sandboxes").join(&hp).exists() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(gone, "hollow parent not released after its last child");
     for id in [&repl, &files, &paused, &bg] {
         assert_eq!(s.delete(id).await, 204, "{id}");
     }
+    // Nothing of these sandboxes is left on the host.
+    let ids = [&repl, &files, &paused, &bg, &doomed, &hp, &hc];
+    for id in ids {
+        assert!(
+            !s.pool.join("sandboxes").join(id).exists(),
+            "{id} root left"
+        );
+        assert!(
+            !s.data.path().join("run").join(id).exists(),
+            "{id} run dir left"
+        );
+    }
+    for root in ["/sys/fs/cgroup/memory/forkbox", "/sys/fs/cgroup/forkbox"] {
+        if let Ok(rd) = std::fs::read_dir(root) {
+            let names: Vec<String> = rd
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            for id in ids {
+                assert!(!names.contains(id), "cgroup {id} left in {root}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_killed_agent_answers_502_then_the_sandbox_is_marked_failed() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent_pid(&id)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (st, body) = s.exec(&id, json!({"cmd": "true"})).await;
+    // Either the agent's death was already noticed (410) or the call finds it (502).
+    assert!(st == 502 || st == 410, "{st} {body:?}");
+    let mut status = String::new();
+    for _ in 0..40 {
+        let r = s
+            .http
+            .get(s.url(&format!("/v1/sandboxes/{id}")))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 410 {
+            status = r.json::<Value>().await.unwrap()["error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(status.contains("failed"), "{status}");
+    assert!(!s.pool.join("sandboxes").join(&id).exists());
+    // The rest of the server is unaffected.
+    let other = s.create_id().await;
+    assert_eq!(s.sh(&other, "echo ok").await.0, "ok\n");
+    assert_eq!(s.delete(&other).await, 204);
 }

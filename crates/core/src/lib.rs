@@ -15,7 +15,9 @@ pub use manager::{ForkOutcome, Manager, ManagerConfig, MAX_FORK};
 pub use model::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,
 };
-pub use runtime::{ByteStream, FileErrorKind, Instance, Runtime, RuntimeError, UploadStream};
+pub use runtime::{
+    ByteStream, FileErrorKind, GcReport, Instance, Runtime, RuntimeError, UploadStream,
+};
 
 /// Everything that can go wrong in a core operation, by what the caller should do.
 #[derive(Debug, thiserror::Error)]

@@ -1125,6 +1125,27 @@ impl Manager {
                 }
             }
         }
+        // Then the leftovers: ended sandboxes' resources a crash kept, hollow fork
+        // ancestors (taken back while descendants live), interrupted forks' staging.
+        let mut keep = std::collections::HashSet::new();
+        for st in [Status::Running, Status::Paused, Status::Hibernated] {
+            for s in self.store.sandboxes_with_status(st).await? {
+                keep.insert(s.resource_id);
+            }
+        }
+        let candidates = self.store.ended_resource_ids().await?;
+        match self.runtime.collect_garbage(&keep, candidates).await {
+            Ok(r) if r != Default::default() => {
+                tracing::info!(
+                    freed = r.freed,
+                    kept_hollow = r.kept,
+                    staging = r.staging,
+                    "garbage collected"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "garbage collection failed"),
+        }
         Ok((adopted, lost))
     }
 

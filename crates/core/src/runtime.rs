@@ -97,6 +97,17 @@ impl RuntimeError {
     }
 }
 
+/// What a garbage collection found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Leftover sandboxes whose processes, cgroup, filesystem or run dir were freed.
+    pub freed: usize,
+    /// Leftovers kept because live sandboxes depend on them (hollow fork ancestors).
+    pub kept: usize,
+    /// Staging snapshots of interrupted forks deleted.
+    pub staging: usize,
+}
+
 /// What a fork made.
 pub struct Forked {
     /// One running instance per requested child, in order.
@@ -141,6 +152,19 @@ pub trait Runtime: Send + Sync + 'static {
         Err(RuntimeError::Unavailable(
             "this runtime cannot adopt sandboxes".into(),
         ))
+    }
+
+    /// Frees leftovers of `candidates` (runtime resource ids this server made, whose
+    /// sandboxes ended) and of anything else this runtime knows it made, except `keep`.
+    /// Leftovers that live sandboxes still depend on are taken back under management
+    /// instead. Call after every live sandbox was adopted.
+    async fn collect_garbage(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        candidates: Vec<String>,
+    ) -> Result<GcReport, RuntimeError> {
+        let _ = (keep, candidates);
+        Ok(GcReport::default())
     }
 
     /// Deletes a named snapshot's filesystem.

@@ -293,6 +293,20 @@ impl Store {
         Ok(())
     }
 
+    /// Runtime resource ids of every ended sandbox, and of every sandbox a merge
+    /// replaced (whose resources a crash may have left behind).
+    pub async fn ended_resource_ids(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT COALESCE(resource_id, id) AS r, id FROM sandboxes \
+             WHERE status NOT IN ('running', 'paused', 'hibernated') \
+             UNION SELECT id AS r, id FROM sandboxes WHERE resource_id IS NOT NULL AND resource_id != id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("ended resource ids"))?;
+        Ok(rows.iter().map(|r| r.get::<String, _>("r")).collect())
+    }
+
     /// Sandboxes in `status`.
     pub async fn sandboxes_with_status(&self, status: Status) -> Result<Vec<Sandbox>, StoreError> {
         let rows = sqlx::query("SELECT * FROM sandboxes WHERE status = ? ORDER BY created_at")

@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use forkbox_agent_client::AgentClient;
 use forkbox_core::runtime::{
-    AgentEvents, ByteStream, CreateSpec, FileErrorKind, Forked, Instance, Runtime, RuntimeError,
-    UploadStream,
+    AgentEvents, ByteStream, CreateSpec, FileErrorKind, Forked, GcReport, Instance, Runtime,
+    RuntimeError, UploadStream,
 };
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
 use forkbox_types::agent::{
@@ -97,6 +97,8 @@ struct Lineage {
 
 struct Node {
     parent: Option<String>,
+    /// Host pid of its PID 1.
+    agent: Option<i32>,
     live: bool,
     /// Resources of a hollow sandbox, released once no descendant lives.
     hollow: Option<Resources>,
@@ -226,6 +228,19 @@ impl Inner {
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<template::TemplateMeta, template::TemplateError> {
         template::ensure(&self.pool, name, self.uid_base, progress).await
+    }
+
+    /// Starts tracking a live sandbox in the fork lineage.
+    fn track(&self, id: &str, parent: Option<String>, agent: Option<i32>) {
+        self.lineage().nodes.insert(
+            id.to_owned(),
+            Node {
+                parent,
+                agent,
+                live: true,
+                hollow: None,
+            },
+        );
     }
 
     fn lineage(&self) -> std::sync::MutexGuard<'_, Lineage> {
@@ -386,14 +401,7 @@ impl Runtime for JailRuntime {
 
     async fn wake(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
         let inst = self.inner.start(spec, Origin::Existing).await?;
-        self.inner.lineage().nodes.insert(
-            spec.id.clone(),
-            Node {
-                parent: None,
-                live: true,
-                hollow: None,
-            },
-        );
+        self.inner.track(&spec.id, None, inst.host_pid());
         Ok(inst)
     }
 
@@ -404,15 +412,16 @@ impl Runtime for JailRuntime {
         paused: bool,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
         let inst: Arc<dyn Instance> = self.inner.adopt(spec, host_pid, paused).await?;
-        self.inner.lineage().nodes.insert(
-            spec.id.clone(),
-            Node {
-                parent: None,
-                live: true,
-                hollow: None,
-            },
-        );
+        self.inner.track(&spec.id, None, inst.host_pid());
         Ok(inst)
+    }
+
+    async fn collect_garbage(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        candidates: Vec<String>,
+    ) -> Result<GcReport, RuntimeError> {
+        self.inner.collect_garbage(keep, candidates).await
     }
 
     async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {
@@ -425,14 +434,7 @@ impl Runtime for JailRuntime {
 
     async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
         let inst = self.inner.start(spec, Origin::Template).await?;
-        self.inner.lineage().nodes.insert(
-            spec.id.clone(),
-            Node {
-                parent: None,
-                live: true,
-                hollow: None,
-            },
-        );
+        self.inner.track(&spec.id, None, inst.host_pid());
         Ok(inst)
     }
 }
@@ -486,6 +488,122 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+
+    async fn collect_garbage(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        candidates: Vec<String>,
+    ) -> Result<GcReport, RuntimeError> {
+        let mut report = GcReport::default();
+        let mut cands: std::collections::BTreeSet<String> = candidates.into_iter().collect();
+        if let Ok(rd) = std::fs::read_dir(&self.run_dir) {
+            cands.extend(
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_owned)),
+            );
+        }
+        // PID-namespace ancestry of every live sandbox, nearest first.
+        let live: Vec<(String, Vec<u64>)> = {
+            let lin = self.lineage();
+            lin.nodes
+                .iter()
+                .filter(|(_, n)| n.live)
+                .filter_map(|(id, n)| n.agent.map(|p| (id.clone(), pidns_chain(p))))
+                .collect()
+        };
+        let mut hollow: Vec<(String, u64)> = Vec::new();
+        for c in &cands {
+            if keep.contains(c) || c.contains('/') || c.starts_with('.') || c.is_empty() {
+                continue;
+            }
+            let Ok(cg) = self.cgroups.open(c) else {
+                continue;
+            };
+            let rootfs = self.pool.sandbox(c);
+            let run = self.run_dir.join(c);
+            let (has_cg, has_fs, has_run) = (cg.exists(), rootfs.exists(), run.exists());
+            if !(has_cg || has_fs || has_run) {
+                continue;
+            }
+            // A hollow fork ancestor whose PID 1 live sandboxes hang off: keep it.
+            let pid1 = cg
+                .pids()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|p| nspid(*p).ok().and_then(|v| v.last().copied()) == Some(1));
+            if let Some(p1) = pid1 {
+                let ino = pidns_chain(p1).first().copied();
+                if let Some(ino) = ino.filter(|i| live.iter().any(|(_, ch)| ch[1..].contains(i))) {
+                    let res = Resources {
+                        id: c.clone(),
+                        rootfs: has_fs.then_some(rootfs),
+                        cgroup: Some(cg),
+                        run_dir: has_run.then_some(run),
+                        pidfd: pidfd_open(p1).ok().map(Arc::new),
+                        pid: Some(p1),
+                    };
+                    self.lineage().nodes.insert(
+                        c.clone(),
+                        Node {
+                            parent: None,
+                            agent: Some(p1),
+                            live: false,
+                            hollow: Some(res),
+                        },
+                    );
+                    hollow.push((c.clone(), ino));
+                    report.kept += 1;
+                    continue;
+                }
+            }
+            match self.cleanup_in(c).await {
+                Ok(()) => report.freed += 1,
+                Err(e) => tracing::warn!(sandbox = %c, error = %e, "garbage collection"),
+            }
+        }
+        // Re-link the lineage: each sandbox's parent is its nearest hollow ancestor.
+        {
+            let mut lin = self.lineage();
+            let chains: Vec<(String, Vec<u64>)> = live
+                .into_iter()
+                .chain(hollow.iter().filter_map(|(h, _)| {
+                    lin.nodes
+                        .get(h)
+                        .and_then(|n| n.agent)
+                        .map(|p| (h.clone(), pidns_chain(p)))
+                }))
+                .collect();
+            for (id, chain) in chains {
+                let nearest = chain.iter().skip(1).find_map(|ino| {
+                    hollow
+                        .iter()
+                        .find(|(_, i)| i == ino)
+                        .map(|(h, _)| h.clone())
+                });
+                if let (Some(h), Some(n)) = (nearest, lin.nodes.get_mut(&id)) {
+                    if n.parent.is_none() {
+                        n.parent = Some(h);
+                    }
+                }
+            }
+        }
+        // Staging snapshots of forks this server's sandboxes were making.
+        if let Ok(rd) = std::fs::read_dir(self.pool.root().join("sandboxes")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(rest) = name.strip_prefix(".fork-") else {
+                    continue;
+                };
+                let owner = rest.rsplit_once('-').map(|(o, _)| o).unwrap_or("");
+                if (cands.contains(owner) || keep.contains(owner))
+                    && delete_subvolume_patiently(&e.path()).is_ok()
+                {
+                    report.staging += 1;
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// Reconnects to a sandbox an earlier server started: its PID 1 must still be a
@@ -1068,6 +1186,31 @@ impl Instance for JailInstance {
     }
 }
 
+/// Inode numbers of the PID namespace of `pid` and of each of its ancestors (as far as
+/// this process may see), nearest first.
+fn pidns_chain(pid: i32) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    const NS_GET_PARENT: libc::c_ulong = 0xb702;
+    let mut out = Vec::new();
+    let Ok(mut cur) = std::fs::File::open(format!("/proc/{pid}/ns/pid")) else {
+        return out;
+    };
+    while out.len() < 40 {
+        match cur.metadata() {
+            Ok(m) => out.push(m.ino()),
+            Err(_) => break,
+        }
+        // SAFETY: NS_GET_PARENT on a namespace fd we own; returns a new fd or -1.
+        let fd = unsafe { libc::ioctl(cur.as_raw_fd(), NS_GET_PARENT) };
+        if fd < 0 {
+            break;
+        }
+        // SAFETY: a fresh fd we own.
+        cur = unsafe { std::fs::File::from_raw_fd(fd) };
+    }
+    out
+}
+
 /// The `NSpid` line of `/proc/<pid>/status`: the pid in each PID namespace from the
 /// host's down to the process's own.
 fn nspid(pid: i32) -> std::io::Result<Vec<i32>> {
@@ -1172,18 +1315,9 @@ impl JailInstance {
         );
         match outcome {
             Ok(python) => {
-                let mut lin = self.rt.lineage();
                 for c in &children {
-                    lin.nodes.insert(
-                        c.id.clone(),
-                        Node {
-                            parent: Some(self.id.clone()),
-                            live: true,
-                            hollow: None,
-                        },
-                    );
+                    self.rt.track(&c.id, Some(self.id.clone()), Some(c.pid));
                 }
-                drop(lin);
                 let mut carried = vec!["filesystem".to_owned()];
                 if python {
                     carried.push("python".to_owned());
