@@ -8,12 +8,12 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 # System packages forkbox needs at run time and for its tests.
-APT_PACKAGES := btrfs-progs mmdebstrap util-linux mount procps iproute2 python3 ca-certificates
+APT_PACKAGES := btrfs-progs mmdebstrap util-linux mount procps iproute2 python3 python3-venv ca-certificates
 AGENT := $(CURDIR)/target/agent/forkbox-agent
 TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 
-.PHONY: all deps agent build build-release serve test lint unit e2e bench bench-deps fmt clean
+.PHONY: all deps agent build build-release serve test lint unit e2e bench bench-deps sdk-deps fmt clean
 
 all: build
 
@@ -46,17 +46,22 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# The Python SDK's tests run in a venv with the SDK installed from sdk/python (PyPI:
+# httpx, pytest).
+SDK_VENV := $(CURDIR)/target/sdk-venv
+sdk-deps: deps
+	@[ -x $(SDK_VENV)/bin/python ] || python3 -m venv $(SDK_VENV)
+	@$(SDK_VENV)/bin/pip install -q -e 'sdk/python[test]'
+
 # Tests share one cached template pool; each test server gets its own data dir.
-test: deps agent build lint
+test: deps agent build lint sdk-deps
 	./target/debug/forkbox template prepare --data-dir $(dir $(TEST_POOL)) --pool $(TEST_POOL)
 	FORKBOX_TEST_POOL=$(TEST_POOL) $(CARGO) test --workspace -- --test-threads=4
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(SDK_VENV)/bin/python -m pytest -q sdk/python/tests
 
 # The Jupyter reference row needs ipykernel + jupyter_client (PyPI) in a venv.
 BENCH_VENV := $(CURDIR)/target/bench-venv
-bench-deps:
-	@dpkg-query -W -f='$${Status}' python3-venv 2>/dev/null | grep -q "install ok installed" || { \
-	  if [ "$$(id -u)" != 0 ]; then echo "the bench needs python3-venv (run make as root to install it)"; exit 1; fi; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv; }
+bench-deps: deps
 	@[ -x $(BENCH_VENV)/bin/python ] || python3 -m venv $(BENCH_VENV)
 	@$(BENCH_VENV)/bin/python -c "import ipykernel, jupyter_client" 2>/dev/null || \
 	  $(BENCH_VENV)/bin/pip install -q ipykernel jupyter_client

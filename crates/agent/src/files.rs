@@ -27,7 +27,11 @@ impl FileError {
             FileError::BadPath(_) => 400,
             FileError::Os { errno, .. } => match errno {
                 Errno::ENOENT => 404,
-                Errno::ENOTDIR | Errno::EISDIR | Errno::ENOTEMPTY | Errno::EEXIST => 409,
+                Errno::ENOTDIR
+                | Errno::EISDIR
+                | Errno::ENOTEMPTY
+                | Errno::EEXIST
+                | Errno::EXDEV => 409,
                 Errno::EACCES | Errno::EPERM | Errno::EROFS => 403,
                 Errno::ENOSPC | Errno::EDQUOT => 507,
                 _ => 400,
@@ -291,13 +295,17 @@ pub fn op(op: FileOp) -> Result<FileOpReply, FileError> {
             let (from, to) = (normalize(&from)?, normalize(&to)?);
             let (fd, fname) = parent_of(&from)?;
             let (td, tname) = parent_of(&to)?;
-            nix::fcntl::renameat(
+            match nix::fcntl::renameat(
                 Some(fd.as_raw_fd()),
                 fname.as_str(),
                 Some(td.as_raw_fd()),
                 tname.as_str(),
-            )
-            .map_err(os(&from))?;
+            ) {
+                Ok(()) => {}
+                // Across filesystems (e.g. /root to the /tmp tmpfs): copy, then remove.
+                Err(Errno::EXDEV) => move_across(&from, &to, &fd, &fname)?,
+                Err(e) => return Err(os(&from)(e)),
+            }
             Ok(FileOpReply::Done { ok: true })
         }
         FileOp::Delete { path, recursive } => {
@@ -323,6 +331,36 @@ pub fn op(op: FileOp) -> Result<FileOpReply, FileError> {
             Ok(FileOpReply::Done { ok: true })
         }
     }
+}
+
+/// `rename` of a regular file between filesystems: a copy written atomically at `to`,
+/// then `from` removed. Directories are refused.
+fn move_across(from: &str, to: &str, from_dir: &OwnedFd, from_name: &str) -> Result<(), FileError> {
+    let src = open_in_root(from, OFlag::O_RDONLY | OFlag::O_NOFOLLOW, 0)?;
+    let st = nix::sys::stat::fstat(src.as_raw_fd()).map_err(os(from))?;
+    if kind(&st) != FileKind::File {
+        return Err(FileError::Os {
+            path: from.to_owned(),
+            errno: Errno::EXDEV,
+        });
+    }
+    let mut up = begin_write(to)?;
+    let mut src = std::fs::File::from(src);
+    std::io::copy(&mut src, &mut up.file).map_err(|e| FileError::Os {
+        path: to.to_owned(),
+        errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    })?;
+    let _ = nix::sys::stat::fchmod(
+        up.file.as_raw_fd(),
+        Mode::from_bits_truncate(st.st_mode & 0o7777),
+    );
+    up.commit(st.st_size.max(0) as u64)?;
+    nix::unistd::unlinkat(
+        Some(from_dir.as_raw_fd()),
+        from_name,
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    )
+    .map_err(os(from))
 }
 
 /// Opens a regular file for reading; returns it and its size.

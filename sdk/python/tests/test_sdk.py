@@ -1,0 +1,177 @@
+"""The SDK against a real server: every method, streaming order, error mapping,
+context-manager cleanup, and the seed 001 examples."""
+import asyncio
+import io
+import os
+
+import pytest
+
+import forkbox
+import podflare
+from forkbox import AsyncSandbox, Client, Sandbox
+
+
+def test_context_manager_creates_and_deletes_even_on_exception():
+    holder = {}
+    with pytest.raises(RuntimeError):
+        with Sandbox() as s:
+            holder["id"] = s.id
+            assert s.status == "running"
+            raise RuntimeError("boom")
+    with pytest.raises(forkbox.Gone) as e:
+        Sandbox(id=holder["id"]).refresh()
+    assert e.value.status == 410 and e.value.code == "gone"
+
+
+def test_run_code_keeps_state_and_streams_in_order():
+    with Sandbox() as s:
+        assert s.run_code("x = 41").exit_code == 0
+        r = s.run_code("x + 1")
+        assert (r.stdout, r.exit_code) == ("42\n", 0)
+        err = s.run_code("1/0")
+        assert err.exit_code == 1 and "ZeroDivisionError" in err.stderr
+        evs = list(s.run_code_stream("for i in range(3): print(i)"))
+        assert [e.type for e in evs] == ["stdout", "stdout", "stdout", "exit"]
+        assert [e.data for e in evs[:3]] == ["0\n", "1\n", "2\n"]
+        assert [e.seq for e in evs] == [1, 2, 3, 4]
+        assert evs[-1].code == 0 and all(e.ts > 0 for e in evs)
+        assert s.run_code("echo $((2+3))", language="bash").stdout == "5\n"
+
+
+def test_exec_and_errors_map_to_typed_exceptions():
+    with Sandbox(env={"GREETING": "hi"}) as s:
+        r = s.exec("echo $GREETING; echo oops >&2; exit 3")
+        assert (r.stdout, r.stderr, r.exit_code) == ("hi\n", "oops\n", 3)
+        assert s.exec("pwd", cwd="/tmp").stdout == "/tmp\n"
+        with pytest.raises(forkbox.BadRequest):
+            s.fork(33)
+        s.pause()
+        with pytest.raises(forkbox.Conflict) as e:
+            s.pause()
+        assert e.value.status == 409
+        s.resume()
+    with pytest.raises(forkbox.NotFound):
+        Sandbox(id="sbx-doesnotexist").refresh()
+
+
+def test_fork_and_merge_into():
+    with Sandbox() as s:
+        s.run_code("data = list(range(1000)); tag = 'parent'")
+        s.files.write("/root/f.txt", "parent")
+        kids = s.fork(3)
+        try:
+            assert [k.run_code("len(data), tag").stdout for k in kids] == ["(1000, 'parent')\n"] * 3
+            kids[1].run_code("tag = 'child1'")
+            kids[1].files.write("/root/f.txt", "child1")
+            kids[1].merge_into(s)
+            assert s.run_code("tag").stdout == "'child1'\n"
+            assert s.files.read_text("/root/f.txt") == "child1"
+            with pytest.raises(forkbox.Gone):
+                kids[1].run_code("1")
+            assert kids[0].run_code("tag").stdout == "'parent'\n"
+        finally:
+            for k in kids:
+                k.kill()
+
+
+def test_files_api(tmp_path):
+    with Sandbox() as s:
+        assert s.files.write("notes/a.txt", "hello")["path"] == "/root/notes/a.txt"
+        assert s.files.read("/root/notes/a.txt") == b"hello"
+        assert [e["name"] for e in s.files.list("/root/notes")] == ["a.txt"]
+        assert s.files.stat("/root/notes")["type"] == "dir"
+        s.files.mkdir("/tmp/x/y")
+        s.files.rename("/root/notes/a.txt", "/tmp/x/y/b.txt")
+        assert s.files.exists("/tmp/x/y/b.txt") and not s.files.exists("/root/notes/a.txt")
+        s.files.remove("/tmp/x", recursive=True)
+        assert not s.files.exists("/tmp/x")
+        big = os.urandom(3 << 20)
+        src, dst = tmp_path / "big.bin", tmp_path / "back.bin"
+        src.write_bytes(big)
+        assert s.files.upload(src, "/root/big.bin")["size"] == len(big)
+        assert s.files.download("/root/big.bin", dst) == len(big)
+        assert dst.read_bytes() == big
+        assert s.files.upload(io.BytesIO(b"xyz"), "/root/small")["size"] == 3
+        with pytest.raises(forkbox.NotFound):
+            s.files.read("/nope")
+        with pytest.raises(forkbox.BadRequest):
+            s.files.read("../etc/shadow")
+
+
+def test_background_commands():
+    with Sandbox() as s:
+        cmd = s.commands.start("cat; echo done")
+        assert any(c["pid"] == cmd.pid for c in s.commands.list())
+        cmd.send_stdin("typed\n", close=True)
+        assert cmd.wait() == 0
+        out = "".join(e.data for e in cmd.output() if e.type == "stdout")
+        assert out == "typed\ndone\n"
+        sleeper = s.commands.start("sleep 100")
+        sleeper.kill()
+        assert sleeper.wait() == 137
+
+
+def test_lifecycle_snapshot_hibernate_and_events():
+    client = Client()
+    with Sandbox(client=client) as s:
+        s.files.write("/root/keep", "1")
+        snap = s.snapshot("base")
+        assert snap["id"].startswith("snap-")
+        with Sandbox(client=client, snapshot=snap["id"]) as t:
+            assert t.files.read_text("/root/keep") == "1"
+        client.delete_snapshot(snap["id"])
+        assert s.hibernate()["status"] == "hibernated"
+        assert s.wake()["memory_restored"] is False
+        assert s.files.read_text("/root/keep") == "1"
+        kinds = [e["type"] for e in s.events()]
+        assert kinds[:1] == ["created"] and "hibernated" in kinds and "woken" in kinds
+        assert any(x["id"] == s.id for x in client.sandboxes())
+    client.close()
+
+
+def test_async_sandbox():
+    async def main():
+        async with AsyncSandbox() as s:
+            await s.run_code("y = 20")
+            assert (await s.run_code("y * 2")).stdout == "40\n"
+            evs = [e async for e in s.run_code_stream("print('a'); print('b')")]
+            assert [e.type for e in evs] == ["stdout", "stdout", "exit"]
+            assert (await s.exec("echo hi")).stdout == "hi\n"
+            await s.write_file("/root/a", "x")
+            assert await s.read_file("/root/a") == b"x"
+            kids = await s.fork(2)
+            assert (await kids[0].run_code("y")).stdout == "20\n"
+            await kids[0].merge_into(s)
+            for k in kids[1:]:
+                await k.kill()
+            with pytest.raises(forkbox.Gone):
+                await kids[0].run_code("1")
+
+    asyncio.run(main())
+
+
+def test_seed_001_examples_run_unchanged(capsys):
+    from podflare import Sandbox, Client  # noqa: F811 - exactly as in the seed
+
+    with Sandbox() as s:
+        for event in s.run_code_stream("for i in range(3): print(i)"):
+            if event.type == "stdout":
+                print(f"[{event.seq}] out: {event.data}", end="")
+            elif event.type == "stderr":
+                print(f"[{event.seq}] err: {event.data}", end="")
+            elif event.type == "exit":
+                print(f"exit code: {event.code}")
+    assert capsys.readouterr().out == "[1] out: 0\n[2] out: 1\n[3] out: 2\nexit code: 0\n"
+
+    with Sandbox(traceparent="00-4bf92f3564d486ad-00f067aa0ba902b7-01") as s:
+        s.run_code("print('traced')")
+    client = Client(traceparent="00-4bf92f3564d486ad-00f067aa0ba902b7-01")
+    with Sandbox(client=client) as s:
+        s.run_code("print('also traced')")
+    os.environ["PODFLARE_TRACEPARENT"] = "00-4bf92f3564d486ad-00f067aa0ba902b7-01"
+    try:
+        with Sandbox() as s:
+            assert s.run_code("print('env traced')").stdout == "env traced\n"
+    finally:
+        del os.environ["PODFLARE_TRACEPARENT"]
+    assert podflare.Sandbox is forkbox.Sandbox
