@@ -2,6 +2,7 @@
 //! `bench` measures the spine's budgets.
 
 mod bench;
+mod client;
 mod config;
 mod serve;
 
@@ -30,6 +31,15 @@ enum Cmd {
     },
     /// Measure create and exec latency against the unshare+chroot baseline.
     Bench(bench::BenchArgs),
+    /// Run code once in a throw-away sandbox; exits with its exit code.
+    Run(client::RunArgs),
+    /// Manage sandboxes of a running server.
+    Sandbox {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(subcommand)]
+        cmd: client::SandboxCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -55,6 +65,8 @@ fn main() -> ExitCode {
     };
     let res = rt.block_on(async move {
         match cli.cmd {
+            Cmd::Run(a) => return client::run(a).await,
+            Cmd::Sandbox { conn, cmd } => return client::sandbox(conn, cmd).await,
             Cmd::Serve(a) => serve::run(a).await,
             Cmd::Template {
                 cmd: TemplateCmd::Prepare { host, name },
@@ -67,9 +79,10 @@ fn main() -> ExitCode {
             }
             Cmd::Bench(a) => bench::run(a).await,
         }
+        .map(|()| ExitCode::SUCCESS)
     });
     match res {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("forkbox: {e:#}");
             ExitCode::FAILURE

@@ -1,0 +1,331 @@
+//! Client commands: `forkbox run` (one-shot code) and `forkbox sandbox …`, talking to a
+//! server over HTTP (`--url`, or `FORKBOX_URL`, default http://127.0.0.1:7070).
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::process::ExitCode;
+
+#[derive(Args, Clone, Debug)]
+pub struct Conn {
+    /// Server URL.
+    #[arg(
+        long,
+        env = "FORKBOX_URL",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    pub url: String,
+    /// API key (sent as a bearer token).
+    #[arg(long, env = "FORKBOX_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Machine-readable output (JSON).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// python, javascript (node), or bash.
+    language: String,
+    /// A file with the code (`-` for standard input).
+    file: Option<String>,
+    /// The code itself.
+    #[arg(short = 'c', long = "code", conflicts_with = "file")]
+    code: Option<String>,
+    /// Template to run in.
+    #[arg(long)]
+    template: Option<String>,
+    /// Seconds before the run is killed.
+    #[arg(long, default_value_t = 300.0)]
+    timeout: f64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SandboxCmd {
+    /// Create a sandbox; prints its id.
+    Create {
+        #[arg(long)]
+        template: Option<String>,
+        #[arg(long)]
+        memory_mb: Option<u64>,
+        #[arg(long)]
+        cpu: Option<f64>,
+        /// Seconds of life.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// List live sandboxes (`--all` for every one).
+    Ls {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Run a command in a sandbox, streaming its output; exits with its code.
+    Exec {
+        id: String,
+        /// The command line (after `--`).
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Fork a sandbox into N children; prints their ids.
+    Fork {
+        id: String,
+        #[arg(short = 'n', long, default_value_t = 1)]
+        n: u32,
+    },
+    /// Make CHILD's state PARENT's.
+    Merge { child: String, parent: String },
+    /// Delete sandboxes.
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn new(c: &Conn) -> anyhow::Result<Api> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(k) = &c.api_key {
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {k}").parse().context("api key")?,
+            );
+        }
+        Ok(Api {
+            http: reqwest::Client::builder()
+                .default_headers(headers)
+                .build()?,
+            base: c.url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let r = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the forkbox server at {}", self.base))?;
+        if !r.status().is_success() {
+            let status = r.status();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            bail!(
+                "{} ({status})",
+                body["error"].as_str().unwrap_or("request failed")
+            );
+        }
+        Ok(r)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let r = self
+            .send(self.http.post(format!("{}{path}", self.base)).json(&body))
+            .await?;
+        Ok(r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Runs an exec call, copying its output to ours; its exit code.
+    async fn stream_exec(&self, id: &str, body: Value) -> anyhow::Result<i32> {
+        let r = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/sandboxes/{id}/exec", self.base))
+                    .json(&body),
+            )
+            .await?;
+        let mut stream = r.bytes_stream();
+        let mut buf = Vec::new();
+        let mut code = -1;
+        let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk?);
+            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                let ev: Value = serde_json::from_slice(&line)?;
+                match ev["type"].as_str() {
+                    Some("stdout") => {
+                        out.write_all(ev["data"].as_str().unwrap_or("").as_bytes())?;
+                        out.flush()?;
+                    }
+                    Some("stderr") => {
+                        err.write_all(ev["data"].as_str().unwrap_or("").as_bytes())?;
+                    }
+                    Some("exit") => code = ev["data"].as_i64().unwrap_or(-1) as i32,
+                    _ => {}
+                }
+            }
+        }
+        Ok(code)
+    }
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// `forkbox run <language> <file|-c code>`: a throw-away sandbox runs the code.
+pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&a.conn)?;
+    let code = match (&a.code, a.file.as_deref()) {
+        (Some(c), _) => c.clone(),
+        (None, Some("-")) => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+            s
+        }
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("read {f}"))?,
+        (None, None) => bail!("give a file or -c CODE"),
+    };
+    let (file, cmd) = match a.language.to_ascii_lowercase().as_str() {
+        "python" | "python3" | "py" => ("/root/main.py", "python3 /root/main.py"),
+        "javascript" | "js" | "node" | "nodejs" => ("/root/main.js", "node /root/main.js"),
+        "bash" | "sh" | "shell" => ("/root/main.sh", "bash /root/main.sh"),
+        other => bail!("unsupported language {other}; use python, javascript or bash"),
+    };
+    let mut body = json!({ "timeout": (a.timeout.ceil() as u64).max(1) + 30 });
+    if let Some(t) = &a.template {
+        body["template"] = json!(t);
+    }
+    let sb = api.post("/v1/sandboxes", body).await?;
+    let id = sb["id"].as_str().unwrap_or_default().to_owned();
+    let result = async {
+        api.send(
+            api.http
+                .put(format!("{}/v1/sandboxes/{id}/files", api.base))
+                .query(&[("path", file)])
+                .body(code),
+        )
+        .await?;
+        api.stream_exec(&id, json!({ "cmd": cmd, "timeout": a.timeout }))
+            .await
+    }
+    .await;
+    let _ = api
+        .send(api.http.delete(format!("{}/v1/sandboxes/{id}", api.base)))
+        .await;
+    Ok(exit_code(result?))
+}
+
+fn print_table(rows: &[Value]) {
+    println!(
+        "{:<22} {:<10} {:<10} {:>6} {:>8}  {}",
+        "ID", "STATUS", "TEMPLATE", "CPU", "MEM_MB", "PARENT"
+    );
+    for s in rows {
+        println!(
+            "{:<22} {:<10} {:<10} {:>6} {:>8}  {}",
+            s["id"].as_str().unwrap_or(""),
+            s["status"].as_str().unwrap_or(""),
+            s["template"].as_str().unwrap_or(""),
+            s["cpu"],
+            s["memory_mb"],
+            s["parent"].as_str().unwrap_or("-"),
+        );
+    }
+}
+
+/// `forkbox sandbox …`.
+pub async fn sandbox(conn: Conn, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&conn)?;
+    match cmd {
+        SandboxCmd::Create {
+            template,
+            memory_mb,
+            cpu,
+            timeout,
+        } => {
+            let mut body = json!({});
+            for (k, v) in [
+                ("template", template.map(Value::from)),
+                ("memory_mb", memory_mb.map(Value::from)),
+                ("cpu", cpu.map(Value::from)),
+                ("timeout", timeout.map(Value::from)),
+            ] {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            }
+            let v = api.post("/v1/sandboxes", body).await?;
+            if conn.json {
+                println!("{v}");
+            } else {
+                println!("{}", v["id"].as_str().unwrap_or_default());
+            }
+        }
+        SandboxCmd::Ls { all } => {
+            let mut rows = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let mut q = vec![("limit", "1000".to_owned())];
+                if all {
+                    q.push(("status", "all".into()));
+                }
+                if let Some(t) = &token {
+                    q.push(("next_token", t.clone()));
+                }
+                let r = api
+                    .send(api.http.get(format!("{}/v1/sandboxes", api.base)).query(&q))
+                    .await?;
+                let page: Value = r.json().await?;
+                rows.extend(page["sandboxes"].as_array().cloned().unwrap_or_default());
+                match page["next_token"].as_str() {
+                    Some(t) => token = Some(t.to_owned()),
+                    None => break,
+                }
+            }
+            if conn.json {
+                println!("{}", Value::from(rows));
+            } else {
+                print_table(&rows);
+            }
+        }
+        SandboxCmd::Exec { id, cmd } => {
+            let code = api
+                .stream_exec(&id, json!({ "cmd": cmd.join(" ") }))
+                .await?;
+            return Ok(exit_code(code));
+        }
+        SandboxCmd::Fork { id, n } => {
+            let v = api
+                .post(&format!("/v1/sandboxes/{id}/fork"), json!({ "n": n }))
+                .await?;
+            if conn.json {
+                println!("{v}");
+            } else {
+                for c in v["children"].as_array().cloned().unwrap_or_default() {
+                    println!("{}", c.as_str().unwrap_or_default());
+                }
+            }
+        }
+        SandboxCmd::Merge { child, parent } => {
+            let v = api
+                .post(
+                    &format!("/v1/sandboxes/{child}/merge_into/{parent}"),
+                    json!({}),
+                )
+                .await?;
+            if conn.json {
+                println!("{v}");
+            } else {
+                println!("{parent} now has the state of {child}");
+            }
+        }
+        SandboxCmd::Rm { ids } => {
+            for id in ids {
+                api.send(api.http.delete(format!("{}/v1/sandboxes/{id}", api.base)))
+                    .await?;
+                if !conn.json {
+                    println!("deleted {id}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
