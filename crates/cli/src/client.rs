@@ -215,8 +215,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
 
 fn print_table(rows: &[Value]) {
     println!(
-        "{:<22} {:<10} {:<10} {:>6} {:>8}  {}",
-        "ID", "STATUS", "TEMPLATE", "CPU", "MEM_MB", "PARENT"
+        "{:<22} {:<10} {:<10} {:>6} {:>8}  PARENT",
+        "ID", "STATUS", "TEMPLATE", "CPU", "MEM_MB"
     );
     for s in rows {
         println!(
