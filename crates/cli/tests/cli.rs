@@ -57,7 +57,7 @@ async fn run_and_sandbox_commands() {
         .as_array()
         .unwrap()
         .iter()
-        .any(|x| x["id"] == Value::from(id.clone())));
+        .any(|x| x["id"] == id.as_str()));
     let o = forkbox(&s, &["sandbox", "ls"]);
     assert!(text(&o.stdout).starts_with("ID"), "{}", text(&o.stdout));
     assert!(text(&o.stdout).contains(&id));
