@@ -20,7 +20,7 @@ fn parse_pid(s: &str) -> Result<i32, ApiError> {
 }
 
 /// A background command as the API shows it.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct CommandView {
     pid: i32,
     cmd: String,
@@ -49,11 +49,12 @@ impl From<BgInfo> for CommandView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct CommandList {
     commands: Vec<CommandView>,
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/commands", tag = "commands", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = CommandList), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn list(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -69,7 +70,7 @@ pub async fn list(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StdinBody {
     /// Text to write (UTF-8).
@@ -80,6 +81,7 @@ pub struct StdinBody {
     close: bool,
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/commands/{pid}/stdin", tag = "commands", params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Pid of the background command inside the sandbox")), request_body = StdinBody, responses((status = 204, description = "Written"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn stdin(
     State(st): State<AppState>,
     Path((id, pid)): Path<(String, String)>,
@@ -92,14 +94,14 @@ pub async fn stdin(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum SignalArg {
     Number(i32),
     Name(String),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignalBody {
     /// A number or a name (`SIGTERM`, `TERM`, `KILL`, …); default SIGTERM.
@@ -134,6 +136,7 @@ fn signal_number(s: &SignalArg) -> Result<i32, ApiError> {
     Ok(n)
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/commands/{pid}/signal", tag = "commands", params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Pid of the background command inside the sandbox")), request_body = SignalBody, responses((status = 204, description = "Sent"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn signal(
     State(st): State<AppState>,
     Path((id, pid)): Path<(String, String)>,
@@ -149,6 +152,7 @@ pub async fn signal(
 }
 
 /// `DELETE …/commands/:pid`: SIGKILL to the command's process group.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/commands/{pid}", tag = "commands", params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Pid of the background command inside the sandbox")), responses((status = 204, description = "Killed"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn kill(
     State(st): State<AppState>,
     Path((id, pid)): Path<(String, String)>,
@@ -158,12 +162,13 @@ pub async fn kill(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct WaitView {
     pid: i32,
     exit_code: i32,
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/commands/{pid}/wait", tag = "commands", params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Pid of the background command inside the sandbox")), responses((status = 200, body = WaitView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn wait(
     State(st): State<AppState>,
     Path((id, pid)): Path<(String, String)>,
@@ -173,7 +178,7 @@ pub async fn wait(
     Ok(Json(WaitView { pid, exit_code }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutputQuery {
     follow: Option<String>,
@@ -181,6 +186,7 @@ pub struct OutputQuery {
 
 /// `GET …/commands/:pid/output[?follow=1]`: the kept output (the last MiB), then with
 /// `follow` the live output up to the exit event; NDJSON, as exec.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/commands/{pid}/output", tag = "commands", params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Pid of the background command inside the sandbox"), ("follow" = Option<String>, Query)), responses((status = 200, description = "NDJSON events", content_type = "application/x-ndjson", body = String), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn output(
     State(st): State<AppState>,
     Path((id, pid)): Path<(String, String)>,

@@ -64,6 +64,13 @@ impl ApiError {
     }
 }
 
+/// Every error answer: a human-readable message and a stable code.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();

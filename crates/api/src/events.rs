@@ -12,7 +12,7 @@ use serde::Deserialize;
 use std::convert::Infallible;
 use tokio::sync::broadcast::error::RecvError;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Keep the stream open for new events (`1`/`true`).
@@ -37,6 +37,7 @@ fn is_final(ev: &LifecycleEvent, id: &str) -> bool {
         && !(ev.kind == "merged" && ev.detail.get("from").is_some() && ev.sandbox == id)
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/events", tag = "streams", params(("id" = String, Path, description = "Sandbox id"), ("follow" = Option<String>, Query), ("tail" = Option<usize>, Query)), responses((status = 200, description = "Server-Sent Events of lifecycle changes", content_type = "text/event-stream", body = String), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn events(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -95,7 +96,7 @@ pub async fn events(
         .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     follow: Option<String>,
@@ -104,6 +105,7 @@ pub struct LogsQuery {
 /// `GET /v1/sandboxes/:id/logs?follow=1`: the sandbox's log (its agent's messages) as
 /// Server-Sent Events, one `data:` line per log line; with `follow`, new lines while
 /// the sandbox lives.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "streams", params(("id" = String, Path, description = "Sandbox id"), ("follow" = Option<String>, Query)), responses((status = 200, description = "Server-Sent Events, one log line each", content_type = "text/event-stream", body = String), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn logs(
     State(st): State<AppState>,
     Path(id): Path<String>,

@@ -17,13 +17,13 @@ use std::sync::Arc;
 /// Largest upload (`PUT …/files`, `PUT …/files/raw`).
 pub const MAX_UPLOAD: u64 = 500 * 1024 * 1024;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PathArg {
     path: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteArgs {
     path: String,
@@ -31,14 +31,14 @@ pub struct DeleteArgs {
     recursive: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenameBody {
     from: String,
     to: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Listing {
     path: String,
     entries: Vec<FileInfo>,
@@ -62,6 +62,7 @@ async fn stat_of(st: &AppState, id: &str, path: String) -> Result<FileInfo, ApiE
 }
 
 /// `GET …/files?path=` and `GET …/files/raw?path=`: the bytes, streamed.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), responses((status = 200, description = "The bytes", content_type = "application/octet-stream", body = Vec<u8>), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn read(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -78,6 +79,7 @@ pub async fn read(
 
 /// `PUT …/files?path=` and `PUT …/files/raw?path=`: the body, streamed into the file
 /// (parents created; the file appears whole or not at all). Up to [`MAX_UPLOAD`] bytes.
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 200, body = forkbox_types::agent::WriteReply), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn write(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -113,7 +115,30 @@ pub async fn write(
     }
 }
 
+/// `GET …/files/raw?path=`: the same as `GET …/files` (the binary endpoint).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/raw", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), responses((status = 200, description = "The bytes", content_type = "application/octet-stream", body = Vec<u8>), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
+pub async fn read_raw(
+    st: State<AppState>,
+    id: Path<String>,
+    q: QueryArgs<PathArg>,
+) -> Result<Response, ApiError> {
+    read(st, id, q).await
+}
+
+/// `PUT …/files/raw?path=`: the same as `PUT …/files` (up to 500 MiB, streamed).
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files/raw", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 200, body = forkbox_types::agent::WriteReply), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
+pub async fn write_raw(
+    st: State<AppState>,
+    id: Path<String>,
+    q: QueryArgs<PathArg>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<WriteReply>, ApiError> {
+    write(st, id, q, headers, body).await
+}
+
 /// `DELETE …/files?path=[&recursive=true]`.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)"), ("recursive" = Option<bool>, Query)), responses((status = 204, description = "Removed"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn delete(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -131,7 +156,7 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WatchArgs {
     path: String,
@@ -140,6 +165,7 @@ pub struct WatchArgs {
 
 /// `GET …/files/watch?path=[&recursive=1]`: changes as Server-Sent Events (`event:`
 /// create, modify, delete, overflow, dropped; `data:` the change as JSON).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/watch", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)"), ("recursive" = Option<String>, Query)), responses((status = 200, description = "Server-Sent Events of changes", content_type = "text/event-stream", body = String), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn watch(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -171,6 +197,7 @@ pub async fn watch(
 }
 
 /// `GET …/files/ls?path=`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/ls", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), responses((status = 200, body = Listing), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn ls(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -194,6 +221,7 @@ pub async fn ls(
 }
 
 /// `GET …/files/stat?path=`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), responses((status = 200, body = forkbox_types::agent::FileInfo), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn stat(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -203,6 +231,7 @@ pub async fn stat(
 }
 
 /// `POST …/files/mkdir {"path"}`: `mkdir -p`; answers the directory's metadata.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files", params(("id" = String, Path, description = "Sandbox id")), request_body = PathArg, responses((status = 200, body = forkbox_types::agent::FileInfo), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn mkdir(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -220,6 +249,7 @@ pub async fn mkdir(
 }
 
 /// `POST …/files/rename {"from", "to"}`: answers the moved file's metadata.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/rename", tag = "files", params(("id" = String, Path, description = "Sandbox id")), request_body = RenameBody, responses((status = 200, body = forkbox_types::agent::FileInfo), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn rename(
     State(st): State<AppState>,
     Path(id): Path<String>,

@@ -11,7 +11,6 @@ mod sandboxes;
 
 pub use error::ApiError;
 
-use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use forkbox_core::Manager;
 use std::sync::Arc;
@@ -24,77 +23,69 @@ pub struct AppState {
     pub manager: Arc<Manager>,
 }
 
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "forkbox",
+        description = "Self-hosted sandboxes for AI agents: run code, stream output, keep a live REPL, fork and merge. Every error is {\"error\", \"code\"} JSON."
+    ),
+    components(schemas(error::ErrorBody))
+)]
+struct ApiDoc;
+
+/// The router and the OpenAPI document, built from the same annotated handlers, so
+/// every route is in the document.
+fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi as _;
+    use utoipa_axum::{router::OpenApiRouter, routes};
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(health))
+        .routes(routes!(sandboxes::create, sandboxes::list))
+        .routes(routes!(sandboxes::get, sandboxes::delete))
+        .routes(routes!(sandboxes::exec))
+        .routes(routes!(sandboxes::exec_stream))
+        .routes(routes!(pty::pty))
+        .routes(routes!(events::events))
+        .routes(routes!(events::logs))
+        .routes(routes!(commands::list))
+        .routes(routes!(commands::kill))
+        .routes(routes!(commands::stdin))
+        .routes(routes!(commands::signal))
+        .routes(routes!(commands::wait))
+        .routes(routes!(commands::output))
+        .routes(routes!(sandboxes::set_timeout))
+        .routes(routes!(sandboxes::pause))
+        .routes(routes!(sandboxes::resume))
+        .routes(routes!(sandboxes::fork))
+        .routes(routes!(sandboxes::hibernate))
+        .routes(routes!(sandboxes::wake))
+        .routes(routes!(sandboxes::snapshot))
+        .routes(routes!(sandboxes::list_snapshots))
+        .routes(routes!(sandboxes::get_snapshot, sandboxes::delete_snapshot))
+        .routes(routes!(files::read, files::write, files::delete))
+        .routes(routes!(files::read_raw, files::write_raw))
+        .routes(routes!(files::ls))
+        .routes(routes!(files::watch))
+        .routes(routes!(files::stat))
+        .routes(routes!(files::mkdir))
+        .routes(routes!(files::rename))
+        .routes(routes!(sandboxes::merge_into))
+        .routes(routes!(openapi))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of this API.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    routes().1
+}
+
 /// The whole API as a router, ready for `axum::serve` (HTTP/1.1 and h2c).
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/healthz", get(healthz))
-        .route("/health", get(health))
-        .route(
-            "/v1/sandboxes",
-            post(sandboxes::create).get(sandboxes::list),
-        )
-        .route(
-            "/v1/sandboxes/{id}",
-            get(sandboxes::get).delete(sandboxes::delete),
-        )
-        .route("/v1/sandboxes/{id}/exec", post(sandboxes::exec))
-        .route(
-            "/v1/sandboxes/{id}/exec/stream",
-            post(sandboxes::exec_stream),
-        )
-        .route("/v1/sandboxes/{id}/exec/pty", get(pty::pty))
-        .route("/v1/sandboxes/{id}/events", get(events::events))
-        .route("/v1/sandboxes/{id}/logs", get(events::logs))
-        .route("/v1/sandboxes/{id}/commands", get(commands::list))
-        .route("/v1/sandboxes/{id}/commands/{pid}", delete(commands::kill))
-        .route(
-            "/v1/sandboxes/{id}/commands/{pid}/stdin",
-            post(commands::stdin),
-        )
-        .route(
-            "/v1/sandboxes/{id}/commands/{pid}/signal",
-            post(commands::signal),
-        )
-        .route(
-            "/v1/sandboxes/{id}/commands/{pid}/wait",
-            get(commands::wait),
-        )
-        .route(
-            "/v1/sandboxes/{id}/commands/{pid}/output",
-            get(commands::output),
-        )
-        .route(
-            "/v1/sandboxes/{id}/timeout",
-            post(sandboxes::set_timeout).patch(sandboxes::set_timeout),
-        )
-        .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause))
-        .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
-        .route("/v1/sandboxes/{id}/fork", post(sandboxes::fork))
-        .route("/v1/sandboxes/{id}/hibernate", post(sandboxes::hibernate))
-        .route("/v1/sandboxes/{id}/wake", post(sandboxes::wake))
-        .route("/v1/sandboxes/{id}/snapshot", post(sandboxes::snapshot))
-        .route("/v1/snapshots", get(sandboxes::list_snapshots))
-        .route(
-            "/v1/snapshots/{id}",
-            get(sandboxes::get_snapshot).delete(sandboxes::delete_snapshot),
-        )
-        .route(
-            "/v1/sandboxes/{id}/files",
-            get(files::read).put(files::write).delete(files::delete),
-        )
-        .route(
-            "/v1/sandboxes/{id}/files/raw",
-            get(files::read).put(files::write),
-        )
-        .route("/v1/sandboxes/{id}/files/ls", get(files::ls))
-        .route("/v1/sandboxes/{id}/files/watch", get(files::watch))
-        .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
-        .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
-        .route("/v1/sandboxes/{id}/files/rename", post(files::rename))
-        .route(
-            "/v1/sandboxes/{child}/merge_into/{parent}",
-            post(sandboxes::merge_into),
-        )
+    let (router, doc) = routes();
+    let doc = Arc::new(doc);
+    router
+        .layer(axum::Extension(doc))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -102,6 +93,14 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+#[utoipa::path(get, path = "/openapi.json", tag = "health", responses((status = 200, description = "This document", body = Object)))]
+async fn openapi(
+    axum::Extension(doc): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
+) -> Json<utoipa::openapi::OpenApi> {
+    Json((*doc).clone())
+}
+
+#[utoipa::path(get, path = "/v1/healthz", tag = "health", responses((status = 200, description = "Server health", body = Object)))]
 async fn healthz(
     axum::extract::State(s): axum::extract::State<AppState>,
 ) -> Json<serde_json::Value> {
@@ -113,6 +112,7 @@ async fn healthz(
     }))
 }
 
+#[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, description = "Health (code-runner contract)", body = Object)))]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "healthy", "version": env!("CARGO_PKG_VERSION") }))
 }

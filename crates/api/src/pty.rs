@@ -15,7 +15,7 @@ use forkbox_types::pty::{encode, Decoder, Frame};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PtyQuery {
     rows: Option<u16>,
@@ -27,13 +27,14 @@ pub struct PtyQuery {
     _access_token: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum Control {
     Resize { rows: u16, cols: u16 },
     Input { data: String },
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/pty", tag = "exec", params(("id" = String, Path, description = "Sandbox id"), ("rows" = Option<u16>, Query), ("cols" = Option<u16>, Query), ("cmd" = Option<String>, Query)), responses((status = 101, description = "WebSocket: binary = terminal bytes; text = JSON controls and the exit"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn pty(
     State(st): State<AppState>,
     Path(id): Path<String>,

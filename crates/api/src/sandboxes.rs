@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     template: Option<String>,
@@ -34,7 +34,7 @@ pub struct CreateBody {
 }
 
 /// A sandbox as the API shows it.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct SandboxView {
     id: String,
     status: String,
@@ -77,6 +77,7 @@ impl From<Sandbox> for SandboxView {
     }
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateBody, responses((status = 201, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn create(
     State(st): State<AppState>,
     JsonBody(b): JsonBody<CreateBody>,
@@ -102,6 +103,7 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(s.into())))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/hibernate", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn hibernate(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -109,7 +111,7 @@ pub async fn hibernate(
     Ok(Json(st.manager.hibernate(&id).await?.into()))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct WakeView {
     #[serde(flatten)]
     sandbox: SandboxView,
@@ -117,6 +119,7 @@ pub struct WakeView {
     note: &'static str,
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/wake", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = WakeView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn wake(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -128,13 +131,13 @@ pub async fn wake(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotBody {
     name: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct SnapshotView {
     id: String,
     name: String,
@@ -155,6 +158,7 @@ impl From<Snapshot> for SnapshotView {
     }
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshot", tag = "snapshots", params(("id" = String, Path, description = "Sandbox id")), request_body = SnapshotBody, responses((status = 201, body = SnapshotView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn snapshot(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -164,11 +168,12 @@ pub async fn snapshot(
     Ok((StatusCode::CREATED, Json(s.into())))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct SnapshotList {
     snapshots: Vec<SnapshotView>,
 }
 
+#[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots", responses((status = 200, body = SnapshotList), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn list_snapshots(State(st): State<AppState>) -> Result<Json<SnapshotList>, ApiError> {
     Ok(Json(SnapshotList {
         snapshots: st
@@ -181,6 +186,7 @@ pub async fn list_snapshots(State(st): State<AppState>) -> Result<Json<SnapshotL
     }))
 }
 
+#[utoipa::path(get, path = "/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id")), responses((status = 200, body = SnapshotView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn get_snapshot(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -188,6 +194,7 @@ pub async fn get_snapshot(
     Ok(Json(st.manager.get_snapshot(&id).await?.into()))
 }
 
+#[utoipa::path(delete, path = "/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id")), responses((status = 204, description = "Deleted"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn delete_snapshot(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -196,6 +203,7 @@ pub async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn get(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -203,7 +211,7 @@ pub async fn get(
     Ok(Json(st.manager.get(&id).await?.into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     template: Option<String>,
@@ -213,7 +221,7 @@ pub struct ListQuery {
     next_token: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ListView {
     sandboxes: Vec<SandboxView>,
     next_token: Option<String>,
@@ -222,6 +230,7 @@ pub struct ListView {
 /// Largest page.
 const MAX_LIMIT: u32 = 1000;
 
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", params(("template" = Option<String>, Query), ("status" = Option<String>, Query, description = "running, paused, hibernated, deleted, killed, failed, merged, lost or all"), ("limit" = Option<u32>, Query), ("next_token" = Option<String>, Query)), responses((status = 200, body = ListView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn list(
     State(st): State<AppState>,
     q: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -261,13 +270,14 @@ pub async fn list(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutBody {
     /// Seconds of life from now.
     timeout: u64,
 }
 
+#[utoipa::path(method(post, patch), path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), request_body = TimeoutBody, responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn set_timeout(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -276,6 +286,7 @@ pub async fn set_timeout(
     Ok(Json(st.manager.set_timeout(&id, b.timeout).await?.into()))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn pause(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -283,6 +294,7 @@ pub async fn pause(
     Ok(Json(st.manager.pause(&id).await?.into()))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn resume(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -290,14 +302,14 @@ pub async fn resume(
     Ok(Json(st.manager.resume(&id).await?.into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForkBody {
     /// Number of children, 1 to 32 (default 1).
     n: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ForkView {
     parent: String,
     /// The children's ids, in order.
@@ -308,6 +320,7 @@ pub struct ForkView {
     not_carried: &'static str,
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "fork", params(("id" = String, Path, description = "Sandbox id")), request_body = ForkBody, responses((status = 200, body = ForkView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn fork(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -330,6 +343,7 @@ pub async fn fork(
     }))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{child}/merge_into/{parent}", tag = "fork", params(("child" = String, Path), ("parent" = String, Path)), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn merge_into(
     State(st): State<AppState>,
     Path((child, parent)): Path<(String, String)>,
@@ -337,6 +351,7 @@ pub async fn merge_into(
     Ok(Json(st.manager.merge_into(&child, &parent).await?.into()))
 }
 
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 204, description = "Deleted"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn delete(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -345,7 +360,7 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     cmd: Option<String>,
@@ -366,7 +381,7 @@ pub struct ExecBody {
     background: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct ExecResult {
     stdout: String,
     stderr: String,
@@ -418,6 +433,7 @@ async fn start_exec(
 
 /// `POST …/exec/stream`: the same events as Server-Sent Events (`event:` the type,
 /// `id:` the sequence number, `data:` the event as JSON).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "exec", params(("id" = String, Path, description = "Sandbox id")), request_body = ExecBody, responses((status = 200, description = "Server-Sent Events: stdout, stderr, exit", content_type = "text/event-stream", body = String), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn exec_stream(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -446,6 +462,7 @@ pub async fn exec_stream(
     Ok(axum::response::sse::Sse::new(sse).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", params(("id" = String, Path, description = "Sandbox id")), request_body = ExecBody, responses((status = 200, description = "NDJSON events (application/x-ndjson); with wait, one ExecResult; with background, a CommandView", body = ExecResult), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn exec(
     State(st): State<AppState>,
     Path(id): Path<String>,

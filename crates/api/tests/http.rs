@@ -234,3 +234,87 @@ async fn exec_streams_numbered_ndjson_and_always_ends_with_exit() {
         (StatusCode::OK, Some("healthy"))
     );
 }
+
+#[tokio::test]
+async fn every_route_is_in_the_openapi_document_and_served() {
+    let (r, _d) = router().await;
+    let (st, b) = call(&r, "GET", "/openapi.json", "").await;
+    assert_eq!(st, StatusCode::OK);
+    let doc = json(&b);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    // Every route the API serves (kept by hand; a route missing here or in the
+    // document fails the test).
+    let expected = [
+        ("GET", "/v1/healthz"),
+        ("GET", "/health"),
+        ("GET", "/openapi.json"),
+        ("POST", "/v1/sandboxes"),
+        ("GET", "/v1/sandboxes"),
+        ("GET", "/v1/sandboxes/{id}"),
+        ("DELETE", "/v1/sandboxes/{id}"),
+        ("POST", "/v1/sandboxes/{id}/exec"),
+        ("POST", "/v1/sandboxes/{id}/exec/stream"),
+        ("GET", "/v1/sandboxes/{id}/exec/pty"),
+        ("GET", "/v1/sandboxes/{id}/events"),
+        ("GET", "/v1/sandboxes/{id}/logs"),
+        ("GET", "/v1/sandboxes/{id}/commands"),
+        ("DELETE", "/v1/sandboxes/{id}/commands/{pid}"),
+        ("POST", "/v1/sandboxes/{id}/commands/{pid}/stdin"),
+        ("POST", "/v1/sandboxes/{id}/commands/{pid}/signal"),
+        ("GET", "/v1/sandboxes/{id}/commands/{pid}/wait"),
+        ("GET", "/v1/sandboxes/{id}/commands/{pid}/output"),
+        ("POST", "/v1/sandboxes/{id}/timeout"),
+        ("PATCH", "/v1/sandboxes/{id}/timeout"),
+        ("POST", "/v1/sandboxes/{id}/pause"),
+        ("POST", "/v1/sandboxes/{id}/resume"),
+        ("POST", "/v1/sandboxes/{id}/hibernate"),
+        ("POST", "/v1/sandboxes/{id}/wake"),
+        ("POST", "/v1/sandboxes/{id}/fork"),
+        ("POST", "/v1/sandboxes/{child}/merge_into/{parent}"),
+        ("POST", "/v1/sandboxes/{id}/snapshot"),
+        ("GET", "/v1/snapshots"),
+        ("GET", "/v1/snapshots/{id}"),
+        ("DELETE", "/v1/snapshots/{id}"),
+        ("GET", "/v1/sandboxes/{id}/files"),
+        ("PUT", "/v1/sandboxes/{id}/files"),
+        ("DELETE", "/v1/sandboxes/{id}/files"),
+        ("GET", "/v1/sandboxes/{id}/files/raw"),
+        ("PUT", "/v1/sandboxes/{id}/files/raw"),
+        ("GET", "/v1/sandboxes/{id}/files/ls"),
+        ("GET", "/v1/sandboxes/{id}/files/stat"),
+        ("GET", "/v1/sandboxes/{id}/files/watch"),
+        ("POST", "/v1/sandboxes/{id}/files/mkdir"),
+        ("POST", "/v1/sandboxes/{id}/files/rename"),
+    ];
+    let mut documented = 0;
+    for (path, ops) in paths {
+        for m in ops.as_object().unwrap().keys() {
+            documented += 1;
+            assert!(
+                expected.contains(&(m.to_uppercase().as_str(), path.as_str())),
+                "{m} {path} is documented but not expected"
+            );
+        }
+    }
+    assert_eq!(documented, expected.len(), "documented operations");
+    // And the router serves each of them (no `no_route` / `method_not_allowed`).
+    for (m, p) in expected {
+        let uri = p
+            .replace("{id}", "sbx-nope")
+            .replace("{child}", "sbx-nope")
+            .replace("{parent}", "sbx-nope2")
+            .replace("{pid}", "7");
+        let (st, b) = call(&r, m, &uri, "").await;
+        let code = serde_json::from_str::<serde_json::Value>(&b)
+            .ok()
+            .and_then(|v| v["code"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        assert!(
+            code != "no_route"
+                && code != "method_not_allowed"
+                && st != StatusCode::METHOD_NOT_ALLOWED,
+            "{m} {p} is not served: {st} {b}"
+        );
+    }
+}

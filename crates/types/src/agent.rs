@@ -179,6 +179,7 @@ pub enum FileOp {
     },
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum FileKind {
@@ -189,6 +190,7 @@ pub enum FileKind {
 }
 
 /// One file's metadata.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileInfo {
     pub name: String,
@@ -216,6 +218,7 @@ pub enum FileOpReply {
 }
 
 /// Answer of `PUT /files/write`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WriteReply {
     pub path: String,
