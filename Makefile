@@ -46,18 +46,19 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# The Python SDK's tests run in a venv with the SDK installed from sdk/python (PyPI:
-# httpx, pytest).
+# The Python SDK's tests and the API fuzzing run in a venv with the SDK installed from
+# sdk/python (PyPI: httpx, pytest, schemathesis).
 SDK_VENV := $(CURDIR)/target/sdk-venv
 sdk-deps: deps
 	@[ -x $(SDK_VENV)/bin/python ] || python3 -m venv $(SDK_VENV)
-	@$(SDK_VENV)/bin/pip install -q -e 'sdk/python[test]'
+	@$(SDK_VENV)/bin/pip install -q -e 'sdk/python[test]' schemathesis
 
 # Tests share one cached template pool; each test server gets its own data dir.
 test: deps agent build lint sdk-deps
 	./target/debug/forkbox template prepare --data-dir $(dir $(TEST_POOL)) --pool $(TEST_POOL)
 	FORKBOX_TEST_POOL=$(TEST_POOL) $(CARGO) test --workspace -- --test-threads=4
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(SDK_VENV)/bin/python -m pytest -q sdk/python/tests
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox SDK_VENV=$(SDK_VENV) $(SDK_VENV)/bin/python tests/fuzz/schemathesis_run.py
 
 # The Jupyter reference row needs ipykernel + jupyter_client (PyPI) in a venv.
 BENCH_VENV := $(CURDIR)/target/bench-venv

@@ -290,6 +290,17 @@ async fn every_sandbox_route_answers_409_when_paused_and_410_when_gone() {
             json!({"path": "/root/d"}),
         ),
         ("GET", format!("/v1/sandboxes/{id}/exec/pty"), Value::Null),
+        ("GET", format!("/v1/sandboxes/{id}/commands"), Value::Null),
+        (
+            "GET",
+            format!("/v1/sandboxes/{id}/commands/1/wait"),
+            Value::Null,
+        ),
+        (
+            "GET",
+            format!("/v1/sandboxes/{id}/commands/1/output"),
+            Value::Null,
+        ),
     ];
     let call = |m: &'static str, url: String, body: Value| {
         let http = s.http.clone();
@@ -337,7 +348,6 @@ async fn every_sandbox_route_answers_409_when_paused_and_410_when_gone() {
         json!({"name": "x"}),
     ));
     gone.push(("POST", format!("/v1/sandboxes/{id}/hibernate"), json!({})));
-    gone.push(("GET", format!("/v1/sandboxes/{id}/commands"), Value::Null));
     gone.push(("GET", format!("/v1/sandboxes/{id}/logs"), Value::Null));
     for (m, url, body) in &gone {
         let (st, b) = call(m, url.clone(), body.clone()).await;

@@ -656,7 +656,8 @@ impl Manager {
 
     /// Background commands of a sandbox.
     pub async fn commands(&self, id: &str) -> Result<Vec<BgInfo>, CoreError> {
-        Ok(self.running(id).await?.instance.bg_list().await?)
+        // A paused sandbox's agent is frozen: answer 409 rather than hang.
+        Ok(self.running_instance(id).await?.bg_list().await?)
     }
 
     pub async fn command_stdin(
@@ -683,7 +684,7 @@ impl Manager {
 
     /// Waits for a background command to exit; its exit code.
     pub async fn command_wait(&self, id: &str, pid: i32) -> Result<i32, CoreError> {
-        Ok(self.running(id).await?.instance.bg_wait(pid).await?)
+        Ok(self.running_instance(id).await?.bg_wait(pid).await?)
     }
 
     /// A background command's kept output, then (with `follow`) its live output; the
@@ -695,6 +696,12 @@ impl Manager {
         follow: bool,
     ) -> Result<BoxStream<'static, ExecEvent>, CoreError> {
         let live = self.running(id).await?;
+        if live.record().status != Status::Running {
+            return Err(CoreError::WrongState {
+                id: id.to_owned(),
+                status: live.record().status,
+            });
+        }
         let events = live.instance.bg_output(pid, follow).await?;
         Ok(number_events(
             events,
