@@ -218,11 +218,7 @@ impl AgentClient {
     pub async fn bg_output(&self, pid: i32, follow: bool) -> Result<EventStream, AgentError> {
         let path = format!("/bg/output?pid={pid}&follow={}", u8::from(follow));
         let resp = self.call(Method::GET, &path, Bytes::new()).await?;
-        Ok(EventStream {
-            body: resp.into_body(),
-            buf: BytesMut::new(),
-            done: false,
-        })
+        Ok(EventStream::new(resp.into_body()))
     }
 
     /// `POST /pty`: an interactive terminal; `input` and the answer are
@@ -259,11 +255,7 @@ impl AgentClient {
             u8::from(recursive)
         );
         let resp = self.call(Method::GET, &p, Bytes::new()).await?;
-        Ok(WatchStream {
-            body: resp.into_body(),
-            buf: BytesMut::new(),
-            done: false,
-        })
+        Ok(WatchStream::new(resp.into_body()))
     }
 
     /// `POST /files/op`.
@@ -347,11 +339,7 @@ impl AgentClient {
 
     async fn stream(&self, path: &str, body: Vec<u8>) -> Result<EventStream, AgentError> {
         let resp = self.call(Method::POST, path, body.into()).await?;
-        Ok(EventStream {
-            body: resp.into_body(),
-            buf: BytesMut::new(),
-            done: false,
-        })
+        Ok(EventStream::new(resp.into_body()))
     }
 }
 
@@ -385,15 +373,32 @@ impl Stream for ByteStream {
     }
 }
 
-/// NDJSON [`WatchEvent`]s decoded from a response body.
-pub struct WatchStream {
+/// NDJSON lines decoded as `T` from a response body.
+pub struct NdjsonStream<T> {
     body: hyper::body::Incoming,
     buf: BytesMut,
     done: bool,
+    _t: std::marker::PhantomData<fn() -> T>,
 }
 
-impl Stream for WatchStream {
-    type Item = Result<WatchEvent, AgentError>;
+/// [`AgentEvent`]s of an exec or cell.
+pub type EventStream = NdjsonStream<AgentEvent>;
+/// [`WatchEvent`]s of a file watch.
+pub type WatchStream = NdjsonStream<WatchEvent>;
+
+impl<T> NdjsonStream<T> {
+    fn new(body: hyper::body::Incoming) -> Self {
+        NdjsonStream {
+            body,
+            buf: BytesMut::new(),
+            done: false,
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> Stream for NdjsonStream<T> {
+    type Item = Result<T, AgentError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
@@ -402,49 +407,6 @@ impl Stream for WatchStream {
                 return Poll::Ready(Some(
                     serde_json::from_slice(&line[..pos]).map_err(AgentError::Decode),
                 ));
-            }
-            if self.done {
-                return Poll::Ready(None);
-            }
-            match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => self.done = true,
-                Poll::Ready(Some(Err(e))) => {
-                    self.done = true;
-                    return Poll::Ready(Some(Err(AgentError::Request(e))));
-                }
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// NDJSON [`AgentEvent`]s decoded from a response body.
-pub struct EventStream {
-    body: hyper::body::Incoming,
-    buf: BytesMut,
-    done: bool,
-}
-
-impl EventStream {
-    fn next_line(&mut self) -> Option<Result<AgentEvent, AgentError>> {
-        let pos = self.buf.iter().position(|b| *b == b'\n')?;
-        let line = self.buf.split_to(pos + 1);
-        Some(serde_json::from_slice(&line[..pos]).map_err(AgentError::Decode))
-    }
-}
-
-impl Stream for EventStream {
-    type Item = Result<AgentEvent, AgentError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            if let Some(ev) = self.next_line() {
-                return Poll::Ready(Some(ev));
             }
             if self.done {
                 return Poll::Ready(None);

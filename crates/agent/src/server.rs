@@ -200,6 +200,16 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
     }
 }
 
+/// The request body as JSON of type `T`, or the 400 answer saying why not.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    what: &str,
+) -> Result<T, Response<Body>> {
+    let body = read_body(req).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("{what}: {e}")))
+}
+
 /// A streamed NDJSON response fed by `rx`.
 fn ndjson(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response<Body> {
     let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
@@ -251,18 +261,9 @@ async fn background(ctx: Context, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     match (req.method().clone(), path.as_str()) {
         (Method::POST, "/bg/start") => {
-            let body = match read_body(req).await {
-                Ok(b) => b,
+            let er: ExecRequest = match json_body(req, "invalid exec request").await {
+                Ok(v) => v,
                 Err(r) => return r,
-            };
-            let er: ExecRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("invalid exec request: {e}"),
-                    )
-                }
             };
             match ctx.bg.start(&ctx, &er).await {
                 Ok(info) => json_reply(&info),
@@ -469,18 +470,9 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::POST, "/fork") => {
-            let body = match read_body(req).await {
-                Ok(b) => b,
+            let fr: ForkRequest = match json_body(req, "invalid fork request").await {
+                Ok(v) => v,
                 Err(r) => return r,
-            };
-            let fr: ForkRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("invalid fork request: {e}"),
-                    )
-                }
             };
             match ctx.kernels.fork(&fr.children).await {
                 Ok(reply) => json_reply(&reply),
@@ -488,18 +480,9 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::POST, "/adopt") => {
-            let body = match read_body(req).await {
-                Ok(b) => b,
+            let ar: AdoptRequest = match json_body(req, "invalid adopt request").await {
+                Ok(v) => v,
                 Err(r) => return r,
-            };
-            let ar: AdoptRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("invalid adopt request: {e}"),
-                    )
-                }
             };
             let Some((mut state, cancel)) = shared.adopt.clone() else {
                 return json_reply(&AdoptReply { pid: None });
@@ -522,18 +505,9 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             full(StatusCode::OK, serde_json::to_vec(&h).unwrap_or_default())
         }
         (&Method::POST, "/run_code") => {
-            let body = match read_body(req).await {
-                Ok(b) => b,
+            let rc: RunCodeRequest = match json_body(req, "invalid run_code request").await {
+                Ok(v) => v,
                 Err(r) => return r,
-            };
-            let rc: RunCodeRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("invalid run_code request: {e}"),
-                    )
-                }
             };
             if rc.code.contains('\0') {
                 return error(StatusCode::BAD_REQUEST, "code must not contain NUL");
@@ -549,18 +523,9 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             ndjson(rx)
         }
         (&Method::POST, "/exec") => {
-            let body = match read_body(req).await {
-                Ok(b) => b,
+            let er: ExecRequest = match json_body(req, "invalid exec request").await {
+                Ok(v) => v,
                 Err(r) => return r,
-            };
-            let er: ExecRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("invalid exec request: {e}"),
-                    )
-                }
             };
             let running = match exec::spawn(&ctx, &er).await {
                 Ok(r) => {

@@ -3,13 +3,11 @@
 
 use crate::extract::{JsonBody, QueryArgs};
 use crate::{ApiError, AppState};
-use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use forkbox_types::agent::BgInfo;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 fn parse_pid(s: &str) -> Result<i32, ApiError> {
@@ -193,29 +191,9 @@ pub async fn output(
     QueryArgs(q): QueryArgs<OutputQuery>,
 ) -> Result<Response, ApiError> {
     let pid = parse_pid(&pid)?;
-    let follow = match q.follow.as_deref() {
-        None | Some("0") | Some("false") => false,
-        Some("1") | Some("true") => true,
-        Some(_) => {
-            return Err(ApiError::BadRequest(
-                "follow must be 1/true or 0/false".into(),
-            ))
-        }
-    };
+    let follow = crate::extract::flag(q.follow.as_deref(), "follow")?;
     let events = st.manager.command_output(&id, pid, follow).await?;
-    let body = events.map(|ev| {
-        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
-        line.push(b'\n');
-        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
-    });
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/x-ndjson"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response())
+    Ok(crate::extract::ndjson(events))
 }
 
 /// The answer to `POST …/exec {"background": true}`.

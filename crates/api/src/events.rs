@@ -43,15 +43,7 @@ pub async fn events(
     Path(id): Path<String>,
     QueryArgs(q): QueryArgs<EventsQuery>,
 ) -> Result<Response, ApiError> {
-    let follow = match q.follow.as_deref() {
-        None | Some("0") | Some("false") => false,
-        Some("1") | Some("true") => true,
-        Some(_) => {
-            return Err(ApiError::BadRequest(
-                "follow must be 1/true or 0/false".into(),
-            ))
-        }
-    };
+    let follow = crate::extract::flag(q.follow.as_deref(), "follow")?;
     let n = q.tail.unwrap_or(200).min(HISTORY);
     let rec = st.manager.any_record(&id).await?;
     // Subscribe before reading the history, then skip what the history already had.
@@ -111,15 +103,7 @@ pub async fn logs(
     Path(id): Path<String>,
     QueryArgs(q): QueryArgs<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let follow = match q.follow.as_deref() {
-        None | Some("0") | Some("false") => false,
-        Some("1") | Some("true") => true,
-        Some(_) => {
-            return Err(ApiError::BadRequest(
-                "follow must be 1/true or 0/false".into(),
-            ))
-        }
-    };
+    let follow = crate::extract::flag(q.follow.as_deref(), "follow")?;
     let lines = st.manager.logs(&id, follow).await?;
     let sse = lines.map(|l| Ok::<_, Infallible>(Event::default().event("log").data(l)));
     Ok(Sse::new(sse)

@@ -57,3 +57,35 @@ where
             .map_err(|e| ApiError::BadRequest(format!("bad query string: {}", e.body_text())))
     }
 }
+
+/// A boolean query flag: absent, `0`/`false` or `1`/`true`.
+pub fn flag(v: Option<&str>, name: &str) -> Result<bool, ApiError> {
+    match v {
+        None | Some("0") | Some("false") => Ok(false),
+        Some("1") | Some("true") => Ok(true),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "{name} must be 1/true or 0/false"
+        ))),
+    }
+}
+
+/// A streamed NDJSON answer of exec events, one per line.
+pub fn ndjson(
+    events: futures_util::stream::BoxStream<'static, forkbox_types::exec::ExecEvent>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    use futures_util::StreamExt as _;
+    let body = events.map(|ev| {
+        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
+    });
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "application/x-ndjson"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}

@@ -171,15 +171,7 @@ pub async fn watch(
     Path(id): Path<String>,
     QueryArgs(q): QueryArgs<WatchArgs>,
 ) -> Result<Response, ApiError> {
-    let recursive = match q.recursive.as_deref() {
-        None | Some("0") | Some("false") => false,
-        Some("1") | Some("true") => true,
-        Some(_) => {
-            return Err(ApiError::BadRequest(
-                "recursive must be 1/true or 0/false".into(),
-            ))
-        }
-    };
+    let recursive = crate::extract::flag(q.recursive.as_deref(), "recursive")?;
     let events = st.manager.watch(&id, &q.path, recursive).await?;
     let sse = events
         .take_while(|r| futures_util::future::ready(r.is_ok()))

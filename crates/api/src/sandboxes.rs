@@ -2,9 +2,8 @@
 
 use crate::extract::JsonBody;
 use crate::{ApiError, AppState};
-use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use forkbox_core::{
@@ -511,17 +510,5 @@ pub async fn exec(
         }
         return Ok(Json(r).into_response());
     }
-    let body = events.map(|ev| {
-        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
-        line.push(b'\n');
-        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
-    });
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/x-ndjson"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response())
+    Ok(crate::extract::ndjson(events))
 }

@@ -4,20 +4,8 @@
 
 mod common;
 
-use common::{collect, Server};
+use common::{collect, get, post, Server};
 use serde_json::{json, Value};
-
-async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
-    let r = s.http.post(s.url(path)).json(&body).send().await.unwrap();
-    let st = r.status().as_u16();
-    (st, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn get(s: &Server, path: &str) -> (u16, Value) {
-    let r = s.http.get(s.url(path)).send().await.unwrap();
-    let st = r.status().as_u16();
-    (st, r.json().await.unwrap_or(Value::Null))
-}
 
 async fn output(s: &Server, id: &str, pid: i64, follow: bool) -> Vec<Value> {
     let text = s

@@ -4,20 +4,8 @@
 
 mod common;
 
-use common::{collect, Server};
-use serde_json::{json, Value};
-
-async fn py(s: &Server, id: &str, src: &str) -> (String, String, i64) {
-    let (status, events) = s.exec(id, json!({ "code": src })).await;
-    assert_eq!(status, 200, "{id}: {events:?}");
-    collect(&events)
-}
-
-async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
-    let r = s.http.post(s.url(path)).json(&body).send().await.unwrap();
-    let st = r.status().as_u16();
-    (st, r.json().await.unwrap_or(Value::Null))
-}
+use common::{post, py, Server};
+use serde_json::json;
 
 async fn fork(s: &Server, id: &str, n: u32) -> Vec<String> {
     let (st, body) = post(s, &format!("/v1/sandboxes/{id}/fork"), json!({ "n": n })).await;

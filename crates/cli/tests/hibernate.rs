@@ -4,26 +4,8 @@
 
 mod common;
 
-use common::{collect, Server};
-use serde_json::{json, Value};
-
-async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
-    let r = s.http.post(s.url(path)).json(&body).send().await.unwrap();
-    let st = r.status().as_u16();
-    (st, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn get(s: &Server, path: &str) -> (u16, Value) {
-    let r = s.http.get(s.url(path)).send().await.unwrap();
-    let st = r.status().as_u16();
-    (st, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn py(s: &Server, id: &str, src: &str) -> (String, String, i64) {
-    let (status, events) = s.exec(id, json!({ "code": src })).await;
-    assert_eq!(status, 200, "{events:?}");
-    collect(&events)
-}
+use common::{get, post, py, Server};
+use serde_json::json;
 
 #[tokio::test]
 async fn hibernate_keeps_files_frees_processes_and_wake_starts_again() {

@@ -4,21 +4,9 @@
 
 mod common;
 
-use common::Server;
+use common::{get, post, Server};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-
-async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
-    let r = s.http.post(s.url(path)).json(&body).send().await.unwrap();
-    let st = r.status().as_u16();
-    (st, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn get(s: &Server, path: &str) -> (u16, Value) {
-    let r = s.http.get(s.url(path)).send().await.unwrap();
-    let st = r.status().as_u16();
-    (st, r.json().await.unwrap_or(Value::Null))
-}
 
 #[tokio::test]
 async fn list_filters_and_paginates() {

@@ -212,6 +212,19 @@ impl Manager {
         ))
     }
 
+    /// What it takes to start the sandboxes of `rec` again (wake, adoption).
+    fn spec_of(&self, rec: &Sandbox) -> CreateSpec {
+        CreateSpec {
+            id: rec.resource_id.clone(),
+            template: rec.template.clone(),
+            cpu_millis: (rec.cpu * 1000.0).round() as u64,
+            memory_bytes: rec.memory_mb * 1024 * 1024,
+            pids_max: self.config.pids_max,
+            env: rec.env.clone(),
+            snapshot: None,
+        }
+    }
+
     /// Creates a sandbox and waits until its agent answers.
     pub async fn create(&self, req: CreateRequest) -> Result<Sandbox, CoreError> {
         let started = Instant::now();
@@ -878,15 +891,7 @@ impl Manager {
     }
 
     async fn wake_inner(&self, rec: Sandbox) -> Result<Sandbox, CoreError> {
-        let spec = CreateSpec {
-            id: rec.resource_id.clone(),
-            template: rec.template.clone(),
-            cpu_millis: (rec.cpu * 1000.0).round() as u64,
-            memory_bytes: rec.memory_mb * 1024 * 1024,
-            pids_max: self.config.pids_max,
-            env: rec.env.clone(),
-            snapshot: None,
-        };
+        let spec = self.spec_of(&rec);
         let instance = self.runtime.wake(&spec).await?;
         let expires_at = OffsetDateTime::now_utc() + time::Duration::seconds(rec.timeout as i64);
         if let Err(e) = self
@@ -1082,15 +1087,7 @@ impl Manager {
             if self.live(&s.id).is_some() {
                 continue;
             }
-            let spec = CreateSpec {
-                id: s.resource_id.clone(),
-                template: s.template.clone(),
-                cpu_millis: (s.cpu * 1000.0).round() as u64,
-                memory_bytes: s.memory_mb * 1024 * 1024,
-                pids_max: self.config.pids_max,
-                env: s.env.clone(),
-                snapshot: None,
-            };
+            let spec = self.spec_of(&s);
             let outcome = match s.host_pid {
                 Some(pid) => {
                     self.runtime

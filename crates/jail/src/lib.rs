@@ -1041,15 +1041,7 @@ impl Instance for JailInstance {
             .watch(path, recursive)
             .await
             .map_err(|e| self.file_err(e))?;
-        let id = self.id.clone();
-        Ok(stream
-            .map(move |r| {
-                r.map_err(|e| RuntimeError::Agent {
-                    id: id.clone(),
-                    source: e.into(),
-                })
-            })
-            .boxed())
+        Ok(self.agent_stream(stream))
     }
 
     async fn pty(&self, req: PtyRequest, input: UploadStream) -> Result<ByteStream, RuntimeError> {
@@ -1063,15 +1055,7 @@ impl Instance for JailInstance {
                 id: self.id.clone(),
                 source: e.into(),
             })?;
-        let id = self.id.clone();
-        Ok(stream
-            .map(move |r| {
-                r.map_err(|e| RuntimeError::Agent {
-                    id: id.clone(),
-                    source: e.into(),
-                })
-            })
-            .boxed())
+        Ok(self.agent_stream(stream))
     }
 
     async fn bg_start(&self, req: ExecRequest) -> Result<BgInfo, RuntimeError> {
@@ -1473,6 +1457,24 @@ impl JailInstance {
             .await
             .map_err(|e| RuntimeError::host(op, &self.id, e))?
             .map_err(|e| RuntimeError::host(op, &self.id, e))
+    }
+
+    /// A stream from the agent, its errors in the runtime's terms.
+    fn agent_stream<T: Send + 'static>(
+        &self,
+        stream: impl futures_util::Stream<Item = Result<T, forkbox_agent_client::AgentError>>
+            + Send
+            + 'static,
+    ) -> futures_util::stream::BoxStream<'static, Result<T, RuntimeError>> {
+        let id = self.id.clone();
+        stream
+            .map(move |r| {
+                r.map_err(|e| RuntimeError::Agent {
+                    id: id.clone(),
+                    source: e.into(),
+                })
+            })
+            .boxed()
     }
 
     /// Maps a background-command call's failure.

@@ -237,3 +237,24 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// POST `body` as JSON to `path`: the status and the JSON answer (null if none).
+pub async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = s.http.post(s.url(path)).json(&body).send().await.unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+/// GET `path`: the status and the JSON answer (null if none).
+pub async fn get(s: &Server, path: &str) -> (u16, Value) {
+    let r = s.http.get(s.url(path)).send().await.unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Runs a Python cell; panics unless the call itself succeeds.
+pub async fn py(s: &Server, id: &str, src: &str) -> (String, String, i64) {
+    let (status, events) = s.exec(id, serde_json::json!({ "code": src })).await;
+    assert_eq!(status, 200, "{id}: {events:?}");
+    collect(&events)
+}
