@@ -71,9 +71,27 @@ pub struct ErrorBody {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+/// Error answers by stable code, for `/metrics`.
+pub static ERRORS: std::sync::LazyLock<
+    prometheus_client::metrics::family::Family<
+        CodeLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+> = std::sync::LazyLock::new(Default::default);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
+        ERRORS
+            .get_or_create(&CodeLabel {
+                code: code.to_owned(),
+            })
+            .inc();
         // 5xx bodies stay generic; the cause goes to the log.
         let message = if status.is_server_error() && status != StatusCode::BAD_GATEWAY {
             tracing::error!(error = %self, code, "request failed");

@@ -72,6 +72,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(files::rename))
         .routes(routes!(sandboxes::merge_into))
         .routes(routes!(openapi))
+        .routes(routes!(metrics))
         .split_for_parts()
 }
 
@@ -91,6 +92,35 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Prometheus metrics: sandboxes created/ended/live, execs, forks (count and
+/// latency), merges, OOM kills, adoption and garbage collection, and error answers by
+/// code.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+async fn metrics(
+    axum::extract::State(s): axum::extract::State<AppState>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let mut reg = prometheus_client::registry::Registry::default();
+    s.manager.metrics().register(&mut reg);
+    reg.register(
+        "forkbox_http_errors",
+        "Error answers, by stable code",
+        error::ERRORS.clone(),
+    );
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &reg) {
+        return ApiError::Internal(format!("encode metrics: {e}")).into_response();
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 #[utoipa::path(get, path = "/openapi.json", tag = "health", responses((status = 200, description = "This document", body = Object)))]

@@ -249,6 +249,7 @@ async fn every_route_is_in_the_openapi_document_and_served() {
         ("GET", "/v1/healthz"),
         ("GET", "/health"),
         ("GET", "/openapi.json"),
+        ("GET", "/metrics"),
         ("POST", "/v1/sandboxes"),
         ("GET", "/v1/sandboxes"),
         ("GET", "/v1/sandboxes/{id}"),

@@ -7,6 +7,7 @@
 pub mod events;
 pub mod ids;
 pub mod manager;
+pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod store;

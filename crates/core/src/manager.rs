@@ -2,6 +2,7 @@
 //! and the store.
 
 use crate::events::EventLog;
+use crate::metrics::{KindLabel, Metrics, StatusLabel};
 use crate::model::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,
 };
@@ -85,6 +86,7 @@ pub struct Manager {
     /// Hibernated sandboxes being woken right now.
     waking: Mutex<std::collections::HashSet<String>>,
     events: Arc<EventLog>,
+    metrics: Arc<Metrics>,
 }
 
 fn now_ms() -> u64 {
@@ -126,7 +128,14 @@ impl Manager {
             live: Mutex::new(HashMap::new()),
             waking: Mutex::new(Default::default()),
             events: Arc::default(),
+            metrics: Arc::default(),
         })
+    }
+
+    /// The manager's metrics, with the live-sandbox gauge brought up to date.
+    pub fn metrics(&self) -> &Metrics {
+        self.metrics.live.set(self.live_count() as i64);
+        &self.metrics
     }
 
     /// Lifecycle events of every sandbox.
@@ -289,6 +298,10 @@ impl Manager {
             }),
         );
         tracing::info!(sandbox = %id, boot_ms = record.boot_ms, "sandbox created");
+        self.metrics.created.inc();
+        self.metrics
+            .create_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.events.emit(
             &id,
             "created",
@@ -364,6 +377,12 @@ impl Manager {
             }
         }
         tracing::info!(sandbox = %id, n, ms = boot_ms, carried = ?forked.carried, "sandbox forked");
+        self.metrics.forks.inc();
+        self.metrics.fork_children.inc_by(u64::from(n));
+        self.metrics.created.inc_by(u64::from(n));
+        self.metrics
+            .fork_seconds
+            .observe(started.elapsed().as_secs_f64());
         let ids: Vec<&str> = children.iter().map(|c| c.id.as_str()).collect();
         self.events.emit(
             id,
@@ -479,6 +498,7 @@ impl Manager {
             }
         });
         tracing::info!(sandbox = %parent, child, "merged");
+        self.metrics.merges.inc();
         self.events
             .emit(parent, "merged", serde_json::json!({"from": child}));
         self.events
@@ -547,6 +567,16 @@ impl Manager {
             });
         }
         let oom_before = live.instance.oom_kills();
+        self.metrics
+            .execs
+            .get_or_create(&KindLabel {
+                kind: match &cmd.work {
+                    Work::Command(_) => "command",
+                    Work::Code { .. } => "code",
+                }
+                .to_owned(),
+            })
+            .inc();
         let events = match cmd.work {
             Work::Command(c) => {
                 live.instance
@@ -581,6 +611,7 @@ impl Manager {
                 memory_mb: live.record().memory_mb,
                 timeout_s: cmd.timeout.unwrap_or(0.0),
                 log: self.events.clone(),
+                metrics: self.metrics.clone(),
                 sandbox: id.to_owned(),
                 expect_exit: true,
             },
@@ -724,6 +755,7 @@ impl Manager {
                 memory_mb: live.record().memory_mb,
                 timeout_s: 0.0,
                 log: self.events.clone(),
+                metrics: self.metrics.clone(),
                 sandbox: id.to_owned(),
                 expect_exit: follow,
             },
@@ -998,6 +1030,7 @@ impl Manager {
                     .end_sandbox(id, status, reason, OffsetDateTime::now_utc())
                     .await?;
                 tracing::info!(sandbox = %id, %status, reason, "hibernated sandbox ended");
+                self.count_end(status);
                 self.events
                     .emit(id, status.as_str(), serde_json::json!({ "reason": reason }));
                 return Ok(());
@@ -1013,9 +1046,19 @@ impl Manager {
             .end_sandbox(id, status, reason, OffsetDateTime::now_utc())
             .await?;
         tracing::info!(sandbox = %id, %status, reason, "sandbox ended");
+        self.count_end(status);
         self.events
             .emit(id, status.as_str(), serde_json::json!({ "reason": reason }));
         destroyed.map_err(CoreError::from)
+    }
+
+    fn count_end(&self, status: Status) {
+        self.metrics
+            .ended
+            .get_or_create(&StatusLabel {
+                status: status.as_str().to_owned(),
+            })
+            .inc();
     }
 
     fn waking_now(&self, id: &str) -> bool {
@@ -1112,6 +1155,7 @@ impl Manager {
                         }),
                     );
                     adopted += 1;
+                    self.metrics.adopted.inc();
                 }
                 Err(e) => {
                     let reason =
@@ -1126,6 +1170,7 @@ impl Manager {
                     self.events
                         .emit(&s.id, "lost", serde_json::json!({ "reason": reason }));
                     lost += 1;
+                    self.metrics.lost.inc();
                 }
             }
         }
@@ -1140,6 +1185,8 @@ impl Manager {
         let candidates = self.store.ended_resource_ids().await?;
         match self.runtime.collect_garbage(&keep, candidates).await {
             Ok(r) if r != Default::default() => {
+                self.metrics.gc_freed.inc_by((r.freed + r.staging) as u64);
+                self.metrics.gc_kept.inc_by(r.kept as u64);
                 tracing::info!(
                     freed = r.freed,
                     kept_hollow = r.kept,
@@ -1175,6 +1222,7 @@ struct Numbering {
     memory_mb: u64,
     timeout_s: f64,
     log: Arc<EventLog>,
+    metrics: Arc<Metrics>,
     sandbox: String,
     /// Whether the stream must end with an exit event (one is made up if missing).
     expect_exit: bool,
@@ -1192,6 +1240,7 @@ fn number_events(
         memory_mb,
         timeout_s,
         log,
+        metrics,
         sandbox,
         expect_exit,
     } = n;
@@ -1220,6 +1269,7 @@ fn number_events(
                 EXIT_TIMEOUT
             } else {
                 if oom_before != u64::MAX && instance.oom_kills() > oom_before {
+                    metrics.oom_kills.inc();
                     log.emit(
                         &sandbox,
                         "oom",

@@ -175,3 +175,36 @@ def test_seed_001_examples_run_unchanged(capsys):
     finally:
         del os.environ["PODFLARE_TRACEPARENT"]
     assert podflare.Sandbox is forkbox.Sandbox
+
+
+def test_metrics_parse_and_move():
+    import httpx
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    url = os.environ["FORKBOX_URL"]
+
+    def sample(name, labels=None):
+        text = httpx.get(f"{url}/metrics").text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                    return s.value
+        return 0.0
+
+    created = sample("forkbox_sandboxes_created_total")
+    forks = sample("forkbox_forks_total")
+    cmds = sample("forkbox_execs_total", {"kind": "command"})
+    gone = sample("forkbox_http_errors_total", {"code": "gone"})
+    with Sandbox() as s:
+        s.exec("true")
+        kids = s.fork(2)
+        assert sample("forkbox_sandboxes_live") >= 3
+        for k in kids:
+            k.kill()
+    with pytest.raises(forkbox.Gone):
+        Sandbox(id=s.id).refresh()
+    assert sample("forkbox_sandboxes_created_total") == created + 3
+    assert sample("forkbox_forks_total") == forks + 1
+    assert sample("forkbox_execs_total", {"kind": "command"}) == cmds + 1
+    assert sample("forkbox_http_errors_total", {"code": "gone"}) >= gone + 1
+    assert sample("forkbox_fork_seconds_count") >= 1
