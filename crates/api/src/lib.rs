@@ -87,6 +87,7 @@ pub fn app(state: AppState) -> Router {
     let doc = Arc::new(doc);
     router
         .layer(axum::Extension(doc))
+        .layer(axum::middleware::from_fn(traced))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -145,6 +146,33 @@ async fn healthz(
 #[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, description = "Health (code-runner contract)", body = Object)))]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "healthy", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+/// Runs a request under its W3C `traceparent` (when it sends a valid one), so every log
+/// line of its work carries the caller's trace id and parent span id.
+async fn traced(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument as _;
+    let tp = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(forkbox_core::trace::TraceParent::parse);
+    match tp {
+        Some(t) => {
+            let span = tracing::info_span!(
+                "request",
+                method = %req.method(),
+                path = %req.uri().path(),
+                trace_id = %t.trace_id,
+                parent_span_id = %t.parent_span_id
+            );
+            next.run(req).instrument(span).await
+        }
+        None => next.run(req).await,
+    }
 }
 
 async fn not_found() -> ApiError {

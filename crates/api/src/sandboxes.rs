@@ -30,6 +30,9 @@ pub struct CreateBody {
     on_timeout: Option<String>,
     /// Start from this snapshot (`snap-…`).
     snapshot: Option<String>,
+    /// W3C trace context for the sandbox's work (else the request's `traceparent`
+    /// header, if any).
+    traceparent: Option<String>,
 }
 
 /// A sandbox as the API shows it.
@@ -79,8 +82,15 @@ impl From<Sandbox> for SandboxView {
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateBody, responses((status = 201, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn create(
     State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
     JsonBody(b): JsonBody<CreateBody>,
 ) -> Result<(StatusCode, Json<SandboxView>), ApiError> {
+    let traceparent = b.traceparent.or_else(|| {
+        headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
     let s = st
         .manager
         .create(CreateRequest {
@@ -97,6 +107,7 @@ pub async fn create(
                 })?,
             },
             snapshot: b.snapshot,
+            traceparent,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(s.into())))

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod store;
+pub mod trace;
 
 pub use manager::{ForkOutcome, Manager, ManagerConfig, MAX_FORK};
 pub use model::{

@@ -8,6 +8,7 @@ use crate::model::{
 };
 use crate::runtime::{ByteStream, CreateSpec, Instance, Runtime, UploadStream};
 use crate::store::Store;
+use crate::trace::{op_span, TraceParent};
 use crate::{ids, CoreError};
 use bytes::Bytes;
 use forkbox_types::agent::{
@@ -19,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use time::OffsetDateTime;
+use tracing::Instrument as _;
 
 /// Limits and defaults of one server.
 #[derive(Debug, Clone)]
@@ -236,8 +238,19 @@ impl Manager {
 
     /// Creates a sandbox and waits until its agent answers.
     pub async fn create(&self, req: CreateRequest) -> Result<Sandbox, CoreError> {
-        let started = Instant::now();
         let id = ids::new("sbx");
+        let trace = req.traceparent.as_deref().and_then(TraceParent::parse);
+        let span = op_span(trace.as_ref(), "create", &id);
+        self.create_in(id, req, trace).instrument(span).await
+    }
+
+    async fn create_in(
+        &self,
+        id: String,
+        req: CreateRequest,
+        trace: Option<TraceParent>,
+    ) -> Result<Sandbox, CoreError> {
+        let started = Instant::now();
         let mut req = req;
         let snap = match &req.snapshot {
             Some(s) => Some(
@@ -283,6 +296,7 @@ impl Manager {
             resource_id: id.clone(),
             env: spec.env.clone(),
             on_timeout: req.on_timeout,
+            traceparent: trace.as_ref().map(TraceParent::header),
         };
         if let Err(e) = self.store.insert_sandbox(&record).await {
             let _ = instance.destroy().await;
@@ -376,7 +390,9 @@ impl Manager {
                 );
             }
         }
-        tracing::info!(sandbox = %id, n, ms = boot_ms, carried = ?forked.carried, "sandbox forked");
+        self.span_of(id, "fork").in_scope(
+            || tracing::info!(n, ms = boot_ms, carried = ?forked.carried, "sandbox forked"),
+        );
         self.metrics.forks.inc();
         self.metrics.fork_children.inc_by(u64::from(n));
         self.metrics.created.inc_by(u64::from(n));
@@ -400,6 +416,15 @@ impl Manager {
             children,
             carried: forked.carried,
         })
+    }
+
+    /// The span of an operation on a sandbox, under its trace context if it has one.
+    fn span_of(&self, id: &str, op: &'static str) -> tracing::Span {
+        let tp = self
+            .live(id)
+            .and_then(|l| l.record().traceparent)
+            .and_then(|t| TraceParent::parse(&t));
+        op_span(tp.as_ref(), op, id)
     }
 
     /// A record, live or ended, or 404.
@@ -497,7 +522,8 @@ impl Manager {
                 tracing::warn!(sandbox = %pid, error = %e, "releasing the state replaced by a merge");
             }
         });
-        tracing::info!(sandbox = %parent, child, "merged");
+        self.span_of(parent, "merge")
+            .in_scope(|| tracing::info!(child, "merged"));
         self.metrics.merges.inc();
         self.events
             .emit(parent, "merged", serde_json::json!({"from": child}));
@@ -566,6 +592,15 @@ impl Manager {
                 status,
             });
         }
+        self.span_of(id, "exec").in_scope(|| {
+            tracing::info!(
+                kind = match &cmd.work {
+                    Work::Command(_) => "command",
+                    Work::Code { .. } => "code",
+                },
+                "exec started"
+            )
+        });
         let oom_before = live.instance.oom_kills();
         self.metrics
             .execs

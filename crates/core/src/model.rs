@@ -99,6 +99,9 @@ pub struct Sandbox {
     pub env: BTreeMap<String, String>,
     /// What expiry does.
     pub on_timeout: OnTimeout,
+    /// W3C trace context given at creation (work on the sandbox is logged under it).
+    #[serde(skip)]
+    pub traceparent: Option<String>,
 }
 
 /// What happens when a sandbox's time to live runs out.
@@ -150,6 +153,8 @@ pub struct CreateRequest {
     pub on_timeout: OnTimeout,
     /// Start from this snapshot (`snap-…`) instead of the template.
     pub snapshot: Option<String>,
+    /// W3C trace context for the sandbox's work (invalid values are ignored).
+    pub traceparent: Option<String>,
 }
 
 /// What an exec call runs.

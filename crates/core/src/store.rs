@@ -68,8 +68,8 @@ impl Store {
         for s in all {
             sqlx::query(
                 "INSERT INTO sandboxes (id, runtime, template, status, cpu, memory_mb, timeout_s, metadata, \
-                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&s.id)
             .bind(&s.runtime)
@@ -89,6 +89,7 @@ impl Store {
             .bind(&s.resource_id)
             .bind(serde_json::to_string(&s.env).unwrap_or_else(|_| "{}".into()))
             .bind(s.on_timeout.as_str())
+            .bind(&s.traceparent)
             .execute(&mut *tx)
             .await
             .map_err(q("insert sandbox"))?;
@@ -354,6 +355,7 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         env: serde_json::from_str(&r.get::<String, _>("env")).map_err(|_| corrupt("env"))?,
         on_timeout: OnTimeout::parse(&r.get::<String, _>("on_timeout"))
             .ok_or_else(|| corrupt("on_timeout"))?,
+        traceparent: r.get("traceparent"),
         id,
     })
 }
@@ -401,6 +403,7 @@ mod tests {
             resource_id: "sbx-0123456789abcdef".into(),
             env: [("A".to_owned(), "b".to_owned())].into(),
             on_timeout: OnTimeout::Hibernate,
+            traceparent: Some("00-4bf92f3564d486ad4bf92f3564d486ad-00f067aa0ba902b7-01".into()),
         };
         store.insert_sandbox(&s).await.unwrap();
         assert_eq!(store.get_sandbox(&s.id).await.unwrap().unwrap(), s);

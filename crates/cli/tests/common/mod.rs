@@ -35,6 +35,23 @@ fn spawn_server(
     pool: &std::path::Path,
     agent: &std::path::Path,
 ) -> (std::process::Child, String) {
+    spawn_server_logging(data, pool, agent, None)
+}
+
+/// Like [`spawn_server`], logging at level info into `log` when given.
+fn spawn_server_logging(
+    data: &std::path::Path,
+    pool: &std::path::Path,
+    agent: &std::path::Path,
+    log: Option<&std::path::Path>,
+) -> (std::process::Child, String) {
+    let (level, stderr) = match log {
+        Some(p) => (
+            "info",
+            Stdio::from(std::fs::File::create(p).expect("log file")),
+        ),
+        None => ("warn", Stdio::inherit()),
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_forkbox"))
         .arg("serve")
         .arg("--listen")
@@ -48,9 +65,10 @@ fn spawn_server(
         // Test servers take their sandboxes with them when they stop.
         .arg("--on-exit")
         .arg("destroy")
-        .env("FORKBOX_LOG", "warn")
+        .env("FORKBOX_LOG", level)
+        .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("start forkbox serve");
     let stdout = child.stdout.take().expect("server stdout");
@@ -99,6 +117,22 @@ impl Server {
             pool,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// Like [`Server::start`], with the server's log (level info) written to the file
+    /// returned.
+    pub fn start_logged() -> (Server, PathBuf) {
+        let mut s = Server::start();
+        let log = s.data.path().join("server.log");
+        let _ = s.child.kill();
+        let _ = s.child.wait();
+        let agent = std::env::var_os("FORKBOX_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
+        let (child, base) = spawn_server_logging(s.data.path(), &s.pool, &agent, Some(&log));
+        s.child = child;
+        s.base = base;
+        (s, log)
     }
 
     /// SIGKILLs the server (its sandboxes keep running) and starts a new one on the
