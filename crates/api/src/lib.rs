@@ -169,6 +169,7 @@ async fn traced(
                 trace_id = %t.trace_id,
                 parent_span_id = %t.parent_span_id
             );
+            t.adopt(&span);
             next.run(req).instrument(span).await
         }
         None => next.run(req).await,

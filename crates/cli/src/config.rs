@@ -75,15 +75,63 @@ pub fn print_progress(line: &str) {
     eprintln!("forkbox: {line}");
 }
 
+/// The OTLP exporter, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; flushed at exit.
+static OTLP: std::sync::OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> =
+    std::sync::OnceLock::new();
+
+/// Logs (JSON lines with `json`) to stderr, filtered by `FORKBOX_LOG`; spans also go to
+/// an OTLP/HTTP collector when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 pub fn init_tracing(json: bool) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FORKBOX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        b.json().try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().boxed()
     } else {
-        b.try_init()
+        fmt.boxed()
     };
+    let otel = otlp_tracer().map(|t| tracing_opentelemetry::layer().with_tracer(t));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+}
+
+fn otlp_tracer() -> Option<opentelemetry_sdk::trace::Tracer> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok()?;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpJson)
+        .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+        .build();
+    let exporter = match exporter {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("forkbox: OTLP export disabled: {e}");
+            return None;
+        }
+    };
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("forkbox")
+        .build();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build();
+    let tracer = provider.tracer("forkbox");
+    let _ = OTLP.set(provider);
+    Some(tracer)
+}
+
+/// Sends the spans still buffered (call before exiting).
+pub fn flush_tracing() {
+    if let Some(p) = OTLP.get() {
+        let _ = p.force_flush();
+    }
 }

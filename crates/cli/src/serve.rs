@@ -84,6 +84,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     http(server.listener, manager.clone())
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    crate::config::flush_tracing();
     match args.on_exit {
         OnExit::Destroy => {
             tracing::info!("shutting down: destroying live sandboxes");

@@ -49,3 +49,54 @@ async fn log_lines_carry_the_callers_trace_ids() {
     assert!(paused.contains(other), "{paused}");
     assert_eq!(s.delete(&id).await, 204);
 }
+
+#[tokio::test]
+async fn spans_are_exported_over_otlp_under_the_callers_trace() {
+    use std::sync::{Arc, Mutex};
+    // A tiny OTLP/HTTP collector: keeps every body posted to /v1/traces.
+    let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
+    let kept = bodies.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: String| {
+            let kept = kept.clone();
+            async move {
+                kept.lock().unwrap().push(body);
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (s, _log) = Server::start_logged_with(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+    ]);
+    let trace = "5bf92f3564d486ad4bf92f3564d486ae";
+    let span = "10f067aa0ba902b8";
+    let (st, b) = post(
+        &s,
+        "/v1/sandboxes",
+        json!({ "traceparent": format!("00-{trace}-{span}-01") }),
+    )
+    .await;
+    assert_eq!(st, 201, "{b}");
+    let id = b["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.sh(&id, "true").await.2, 0);
+    let mut found = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let all = bodies.lock().unwrap().join("\n");
+        if all.contains(trace) && all.contains(span) {
+            found = true;
+            break;
+        }
+    }
+    assert!(
+        found,
+        "no exported span with the caller's trace and parent span ids: {:?}",
+        bodies.lock().unwrap()
+    );
+    assert_eq!(s.delete(&id).await, 204);
+}

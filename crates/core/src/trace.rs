@@ -35,15 +35,35 @@ impl TraceParent {
         }
     }
 
-    /// A span carrying the trace ids, for the work of one operation.
+    /// A span carrying the trace ids, for the work of one operation; exported spans
+    /// (OTLP, when configured) are children of the caller's span.
     pub fn span(&self, op: &'static str, sandbox: &str) -> tracing::Span {
-        tracing::info_span!(
+        let span = tracing::info_span!(
             "op",
             op,
             sandbox,
             trace_id = %self.trace_id,
             parent_span_id = %self.parent_span_id
-        )
+        );
+        self.adopt(&span);
+        span
+    }
+
+    /// Makes the caller's span the OpenTelemetry parent of `span`.
+    pub fn adopt(&self, span: &tracing::Span) {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+        };
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let (Ok(t), Ok(p)) = (
+            TraceId::from_hex(&self.trace_id),
+            SpanId::from_hex(&self.parent_span_id),
+        ) else {
+            return;
+        };
+        let flags = u8::from_str_radix(&self.flags, 16).unwrap_or(1);
+        let sc = SpanContext::new(t, p, TraceFlags::new(flags), true, TraceState::default());
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
     }
 
     pub fn header(&self) -> String {

@@ -35,7 +35,7 @@ fn spawn_server(
     pool: &std::path::Path,
     agent: &std::path::Path,
 ) -> (std::process::Child, String) {
-    spawn_server_logging(data, pool, agent, None)
+    spawn_server_logging(data, pool, agent, None, &[])
 }
 
 /// Like [`spawn_server`], logging at level info into `log` when given.
@@ -44,6 +44,7 @@ fn spawn_server_logging(
     pool: &std::path::Path,
     agent: &std::path::Path,
     log: Option<&std::path::Path>,
+    env: &[(&str, String)],
 ) -> (std::process::Child, String) {
     let (level, stderr) = match log {
         Some(p) => (
@@ -67,6 +68,7 @@ fn spawn_server_logging(
         .arg("destroy")
         .env("FORKBOX_LOG", level)
         .env("NO_COLOR", "1")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
@@ -122,6 +124,11 @@ impl Server {
     /// Like [`Server::start`], with the server's log (level info) written to the file
     /// returned.
     pub fn start_logged() -> (Server, PathBuf) {
+        Server::start_logged_with(&[])
+    }
+
+    /// Like [`Server::start_logged`], with extra environment for the server.
+    pub fn start_logged_with(env: &[(&str, String)]) -> (Server, PathBuf) {
         let mut s = Server::start();
         let log = s.data.path().join("server.log");
         let _ = s.child.kill();
@@ -129,7 +136,7 @@ impl Server {
         let agent = std::env::var_os("FORKBOX_AGENT_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
-        let (child, base) = spawn_server_logging(s.data.path(), &s.pool, &agent, Some(&log));
+        let (child, base) = spawn_server_logging(s.data.path(), &s.pool, &agent, Some(&log), env);
         s.child = child;
         s.base = base;
         (s, log)
