@@ -208,3 +208,26 @@ def test_metrics_parse_and_move():
     assert sample("forkbox_execs_total", {"kind": "command"}) == cmds + 1
     assert sample("forkbox_http_errors_total", {"code": "gone"}) >= gone + 1
     assert sample("forkbox_fork_seconds_count") >= 1
+
+
+def test_files_watch():
+    import threading
+
+    with Sandbox() as s:
+        s.files.mkdir("/root/w")
+        seen = []
+
+        def watch():
+            for ev in s.files.watch("/root/w", recursive=True):
+                seen.append((ev["type"], ev.get("path")))
+                if ev["type"] == "delete":
+                    return
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        import time
+
+        time.sleep(0.5)
+        s.exec("echo 1 > /root/w/a && rm /root/w/a")
+        t.join(timeout=20)
+        assert ("create", "/root/w/a") in seen and ("delete", "/root/w/a") in seen, seen
