@@ -69,9 +69,14 @@ async fn a_killed_server_restarts_and_adopts_its_sandboxes() {
         .output()
         .unwrap();
     assert!(ok.status.success());
+    // More sandboxes, for 20 in all (with the fork child below).
+    let mut extra = Vec::new();
+    for _ in 0..14 {
+        extra.push(s.create_id().await);
+    }
     // Streams in flight when the server dies.
     let mut streams = Vec::new();
-    for id in [&repl, &files] {
+    for id in [&repl, &files, &extra[0], &extra[1], &extra[2]] {
         let url = s.url(&format!("/v1/sandboxes/{id}/exec"));
         let http = s.http.clone();
         streams.push(tokio::spawn(async move {
@@ -133,6 +138,10 @@ async fn a_killed_server_restarts_and_adopts_its_sandboxes() {
         200
     );
     assert_eq!(s.sh(&paused, "echo thawed").await.0, "thawed\n");
+    for id in &extra {
+        assert_eq!(status_of(id).as_deref(), Some("running"), "{id}");
+        assert_eq!(s.sh(id, "echo alive").await.0, "alive\n", "{id}");
+    }
     // A background command kept running and its output was kept.
     let r = s
         .http
@@ -180,12 +189,16 @@ async fn a_killed_server_restarts_and_adopts_its_sandboxes() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(gone, "hollow parent not released after its last child");
-    for id in [&repl, &files, &paused, &bg] {
+    for id in [&repl, &files, &paused, &bg]
+        .into_iter()
+        .chain(extra.iter())
+    {
         assert_eq!(s.delete(id).await, 204, "{id}");
     }
     // Nothing of these sandboxes is left on the host.
-    let ids = [&repl, &files, &paused, &bg, &doomed, &hp, &hc];
-    for id in ids {
+    let mut ids = vec![&repl, &files, &paused, &bg, &doomed, &hp, &hc];
+    ids.extend(extra.iter());
+    for id in &ids {
         assert!(
             !s.pool.join("sandboxes").join(id).exists(),
             "{id} root left"
@@ -201,8 +214,8 @@ async fn a_killed_server_restarts_and_adopts_its_sandboxes() {
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
-            for id in ids {
-                assert!(!names.contains(id), "cgroup {id} left in {root}");
+            for id in &ids {
+                assert!(!names.contains(*id), "cgroup {id} left in {root}");
             }
         }
     }
