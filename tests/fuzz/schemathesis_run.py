@@ -1,5 +1,6 @@
 """Bounded API fuzzing, run by `make test`: starts a real `forkbox serve`, points
-schemathesis (PyPI) at its generated /openapi.json and fails on any 5xx answer.
+schemathesis (PyPI) at its generated /openapi.json and fails on any 5xx answer and on
+any answer whose status, content type, headers or body the document does not describe.
 Streams that stay open by design (follow, watch, pty) are left out of this run."""
 import os
 import subprocess
@@ -34,7 +35,9 @@ def main() -> int:
         threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
         return subprocess.call([
             str(VENV / "bin/schemathesis"), "run", f"{url}/openapi.json",
-            "--checks", "not_a_server_error",
+            "--checks",
+            "not_a_server_error,response_schema_conformance,status_code_conformance,"
+            "content_type_conformance,response_headers_conformance",
             "--max-examples", os.environ.get("FUZZ_EXAMPLES", "10"),
             "--seed", os.environ.get("FUZZ_SEED", "1"),
             "--exclude-path-regex", "/pty|/watch|/events|/logs|/output|/wait|/exec/stream",

@@ -98,7 +98,7 @@ pub fn app(state: AppState) -> Router {
 /// Prometheus metrics: sandboxes created/ended/live, execs, forks (count and
 /// latency), merges, OOM kills, adoption and garbage collection, and error answers by
 /// code.
-#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "OpenMetrics text format", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String)))]
 async fn metrics(
     axum::extract::State(s): axum::extract::State<AppState>,
 ) -> axum::response::Response {

@@ -472,7 +472,7 @@ pub async fn exec_stream(
     Ok(axum::response::sse::Sse::new(sse).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", params(("id" = String, Path, description = "Sandbox id")), request_body = ExecBody, responses((status = 200, description = "NDJSON events (application/x-ndjson); with wait, one ExecResult; with background, a CommandView", body = ExecResult), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", params(("id" = String, Path, description = "Sandbox id")), request_body = ExecBody, responses((status = 200, description = "The events as NDJSON (application/x-ndjson); with `wait`, one ExecResult; with `background`, the started command", content((String = "application/x-ndjson"), (ExecResult = "application/json"))), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn exec(
     State(st): State<AppState>,
     Path(id): Path<String>,
