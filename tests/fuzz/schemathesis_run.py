@@ -5,34 +5,18 @@ Streams that stay open by design (follow, watch, pty) are left out of this run."
 import os
 import subprocess
 import sys
-import tempfile
-import threading
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import forkbox_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("SDK_VENV", ROOT / "target/sdk-venv"))
 
 
 def main() -> int:
-    binary = os.environ.get("FORKBOX_BIN", str(ROOT / "target/debug/forkbox"))
-    agent = os.environ.get("FORKBOX_AGENT_BIN", str(ROOT / "target/agent/forkbox-agent"))
-    pool = os.environ.get("FORKBOX_TEST_POOL", "/var/lib/forkbox-test/pool")
-    data = tempfile.mkdtemp(prefix="forkbox-fuzz-")
-    proc = subprocess.Popen(
-        [binary, "serve", "--listen", "127.0.0.1:0", "--data-dir", data, "--pool", pool,
-         "--agent-bin", agent, "--on-exit", "destroy"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "FORKBOX_LOG": "error"},
-    )
+    proc, url = forkbox_server.start(log_level="error")
     try:
-        url = None
-        for line in proc.stdout:
-            if line.startswith("forkbox listening on "):
-                url = line.split()[-1]
-                break
-        if not url:
-            print("forkbox serve did not start", file=sys.stderr)
-            return 1
-        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
         return subprocess.call([
             str(VENV / "bin/schemathesis"), "run", f"{url}/openapi.json",
             "--checks",
@@ -43,11 +27,7 @@ def main() -> int:
             "--exclude-path-regex", "/pty|/watch|/events|/logs|/output|/wait|/exec/stream",
         ])
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        forkbox_server.stop(proc)
 
 
 if __name__ == "__main__":

@@ -132,14 +132,7 @@ impl AgentClient {
 
     /// `GET /health`, checking the protocol version.
     pub async fn health(&self) -> Result<Health, AgentError> {
-        let resp = self.call(Method::GET, "/health", Bytes::new()).await?;
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(AgentError::Request)?
-            .to_bytes();
-        let h: Health = serde_json::from_slice(&body).map_err(AgentError::Decode)?;
+        let h: Health = self.get_json("/health").await?;
         if h.protocol != PROTOCOL_VERSION {
             return Err(AgentError::Protocol {
                 got: h.protocol,
@@ -157,13 +150,7 @@ impl AgentClient {
     ) -> Result<Resp, AgentError> {
         let body = serde_json::to_vec(req).map_err(AgentError::Decode)?;
         let resp = self.call(Method::POST, path, body.into()).await?;
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(AgentError::Request)?
-            .to_bytes();
-        serde_json::from_slice(&body).map_err(AgentError::Decode)
+        decode(resp).await
     }
 
     /// A GET answered by one JSON body.
@@ -172,13 +159,7 @@ impl AgentClient {
         path: &str,
     ) -> Result<Resp, AgentError> {
         let resp = self.call(Method::GET, path, Bytes::new()).await?;
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(AgentError::Request)?
-            .to_bytes();
-        serde_json::from_slice(&body).map_err(AgentError::Decode)
+        decode(resp).await
     }
 
     /// `POST /bg/start`: a command started without waiting for it.
@@ -297,13 +278,7 @@ impl AgentClient {
         let resp = self
             .call_with(Method::PUT, &format!("/files/write?{}", query(path)), body)
             .await?;
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(AgentError::Request)?
-            .to_bytes();
-        serde_json::from_slice(&body).map_err(AgentError::Decode)
+        decode(resp).await
     }
 
     /// `POST /fork`: the parent's Python kernel (if any) forks into each child.
@@ -341,6 +316,19 @@ impl AgentClient {
         let resp = self.call(Method::POST, path, body.into()).await?;
         Ok(EventStream::new(resp.into_body()))
     }
+}
+
+/// A whole response body decoded as JSON.
+async fn decode<T: serde::de::DeserializeOwned>(
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> Result<T, AgentError> {
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(AgentError::Request)?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(AgentError::Decode)
 }
 
 fn query(path: &str) -> String {

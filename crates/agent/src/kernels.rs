@@ -159,16 +159,7 @@ pub fn adopt(listener: &std::os::unix::net::UnixListener, token: &str) -> Result
 
 /// Exit notice for a process that is not our child (its code is unknown to us).
 fn watch_exit(pid: i32) -> Result<tokio::sync::oneshot::Receiver<Exit>, String> {
-    // SAFETY: pidfd_open with integer arguments; returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if fd < 0 {
-        return Err(format!(
-            "pidfd_open {pid}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: a fresh fd we own.
-    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let fd = forkbox_sys::pidfd::open(pid).map_err(|e| format!("pidfd_open {pid}: {e}"))?;
     // SAFETY: `fd` is an OwnedFd moved into the AsyncFd for its whole lifetime.
     let afd = unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)

@@ -409,27 +409,16 @@ async fn an_output_flood_keeps_server_memory_bounded() {
     let s = Server::start();
     let id = s.create_id().await;
     let idle = s.rss_kib();
-    let mut r = s
+    let r = s
         .http
         .post(s.url(&format!("/v1/sandboxes/{id}/exec")))
         .json(&json!({"cmd": "head -c 150M /dev/zero | tr '\\0' x"}))
         .send()
         .await
         .unwrap();
-    let (mut bytes, mut peak) = (0usize, 0u64);
-    let mut n = 0u64;
-    while let Some(c) = r.chunk().await.unwrap() {
-        bytes += c.len();
-        n += 1;
-        if n.is_multiple_of(200) {
-            peak = peak.max(s.rss_kib());
-            // The server keeps answering other requests meanwhile.
-            let h = s.http.get(s.url("/v1/healthz")).send().await.unwrap();
-            assert_eq!(h.status(), 200);
-            // A slow reader: the producer must wait, not the server's memory grow.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+    // A slow reader: the producer must wait, not the server's memory grow, and the
+    // server keeps answering other requests meanwhile.
+    let (bytes, peak) = s.read_slowly(r).await;
     assert!(bytes > 150 << 20, "only {bytes} bytes streamed");
     assert!(
         peak < idle + 100 * 1024,

@@ -189,24 +189,14 @@ async fn an_sse_flood_keeps_server_memory_bounded() {
     let s = Server::start();
     let id = s.create_id().await;
     let idle = s.rss_kib();
-    let mut r = s
+    let r = s
         .http
         .post(s.url(&format!("/v1/sandboxes/{id}/exec/stream")))
         .json(&json!({"cmd": "head -c 100M /dev/zero | tr '\\0' x"}))
         .send()
         .await
         .unwrap();
-    let (mut bytes, mut peak, mut n) = (0usize, 0u64, 0u64);
-    while let Some(c) = r.chunk().await.unwrap() {
-        bytes += c.len();
-        n += 1;
-        if n.is_multiple_of(200) {
-            peak = peak.max(s.rss_kib());
-            let h = s.http.get(s.url("/v1/healthz")).send().await.unwrap();
-            assert_eq!(h.status(), 200);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+    let (bytes, peak) = s.read_slowly(r).await;
     assert!(bytes > 100 << 20, "only {bytes} bytes streamed");
     assert!(
         peak < idle + 100 * 1024,

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use tokio::sync::broadcast;
 
+use crate::manager::now_ms;
+
 /// Events kept per sandbox for `tail`.
 pub const HISTORY: usize = 256;
 /// Sandboxes whose history is kept (oldest forgotten first).
@@ -49,13 +51,6 @@ impl Default for EventLog {
             tx: broadcast::channel(FOLLOW_BUFFER).0,
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl EventLog {

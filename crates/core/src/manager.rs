@@ -91,7 +91,8 @@ pub struct Manager {
     metrics: Arc<Metrics>,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the epoch (event timestamps).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -1061,14 +1062,7 @@ impl Manager {
             }
             if s.status == Status::Hibernated {
                 self.runtime.cleanup(&s.resource_id).await?;
-                self.store
-                    .end_sandbox(id, status, reason, OffsetDateTime::now_utc())
-                    .await?;
-                tracing::info!(sandbox = %id, %status, reason, "hibernated sandbox ended");
-                self.count_end(status);
-                self.events
-                    .emit(id, status.as_str(), serde_json::json!({ "reason": reason }));
-                return Ok(());
+                return self.record_end(id, status, reason).await;
             }
             return Err(CoreError::WrongState {
                 id: id.to_owned(),
@@ -1077,6 +1071,12 @@ impl Manager {
         };
         let _op = live.op.lock().await;
         let destroyed = live.instance.destroy().await;
+        self.record_end(id, status, reason).await?;
+        destroyed.map_err(CoreError::from)
+    }
+
+    /// Records that a sandbox ended: store, log, metrics, lifecycle event.
+    async fn record_end(&self, id: &str, status: Status, reason: &str) -> Result<(), CoreError> {
         self.store
             .end_sandbox(id, status, reason, OffsetDateTime::now_utc())
             .await?;
@@ -1084,7 +1084,7 @@ impl Manager {
         self.count_end(status);
         self.events
             .emit(id, status.as_str(), serde_json::json!({ "reason": reason }));
-        destroyed.map_err(CoreError::from)
+        Ok(())
     }
 
     fn count_end(&self, status: Status) {

@@ -345,16 +345,6 @@ fn delete_subvolume_patiently(p: &Path) -> Result<(), forkbox_sys::btrfs::BtrfsE
     }
 }
 
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open with integer arguments; returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Waits until the process behind `fd` has exited (the pidfd turns readable).
 async fn wait_exit(fd: &OwnedFd, patience: Duration) {
     let Ok(dup) = fd.try_clone() else { return };
@@ -540,7 +530,7 @@ impl Inner {
                         rootfs: has_fs.then_some(rootfs),
                         cgroup: Some(cg),
                         run_dir: has_run.then_some(run),
-                        pidfd: pidfd_open(p1).ok().map(Arc::new),
+                        pidfd: forkbox_sys::pidfd::open(p1).ok().map(Arc::new),
                         pid: Some(p1),
                     };
                     self.lineage().nodes.insert(
@@ -616,7 +606,9 @@ impl Inner {
     ) -> Result<Arc<JailInstance>, RuntimeError> {
         let id = spec.id.as_str();
         let gone = |why: String| RuntimeError::Unavailable(why);
-        let pidfd = Arc::new(pidfd_open(pid).map_err(|e| gone(format!("process {pid}: {e}")))?);
+        let pidfd = Arc::new(
+            forkbox_sys::pidfd::open(pid).map_err(|e| gone(format!("process {pid}: {e}")))?,
+        );
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         if comm.trim() != "forkbox-agent" || !cgroups.contains(&format!("/{id}\n")) {
@@ -775,7 +767,9 @@ impl Inner {
         res.pid = Some(pid);
         let t_init = t0.elapsed();
         // 5. Watch and connect.
-        let pidfd = Arc::new(pidfd_open(pid).map_err(|e| RuntimeError::host("pidfd_open", id, e))?);
+        let pidfd = Arc::new(
+            forkbox_sys::pidfd::open(pid).map_err(|e| RuntimeError::host("pidfd_open", id, e))?,
+        );
         res.pidfd = Some(pidfd.clone());
         let client = AgentClient::connect_unix(&sock)
             .await

@@ -8,5 +8,6 @@ pub mod caps;
 pub mod cgroup;
 pub mod mounts;
 pub mod net;
+pub mod pidfd;
 pub mod seccomp;
 pub mod uidshift;

@@ -160,6 +160,29 @@ impl Server {
         self.child.id()
     }
 
+    /// During a flood: records the server's RSS into `peak`, checks that it still answers
+    /// other requests, then waits `pause` (a slow reader).
+    pub async fn breathe(&self, peak: &mut u64, pause: Duration) {
+        *peak = (*peak).max(self.rss_kib());
+        let h = self.http.get(self.url("/v1/healthz")).send().await.unwrap();
+        assert_eq!(h.status(), 200);
+        tokio::time::sleep(pause).await;
+    }
+
+    /// Reads a flooding response slowly (a pause every 200 chunks); returns the bytes
+    /// read and the server's peak RSS in KiB meanwhile.
+    pub async fn read_slowly(&self, mut r: reqwest::Response) -> (usize, u64) {
+        let (mut bytes, mut peak, mut n) = (0usize, 0u64, 0u64);
+        while let Some(c) = r.chunk().await.unwrap() {
+            bytes += c.len();
+            n += 1;
+            if n.is_multiple_of(200) {
+                self.breathe(&mut peak, Duration::from_millis(5)).await;
+            }
+        }
+        (bytes, peak)
+    }
+
     /// Resident memory of the server process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))

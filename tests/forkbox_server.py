@@ -1,0 +1,37 @@
+"""Starts and stops a real `forkbox serve` (the one `make test` built) for the Python
+test suites: the SDK's tests and the API fuzzing."""
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start(log_level: str = "warn"):
+    """Returns the process and its base URL once it listens."""
+    binary = os.environ.get("FORKBOX_BIN", str(ROOT / "target/debug/forkbox"))
+    agent = os.environ.get("FORKBOX_AGENT_BIN", str(ROOT / "target/agent/forkbox-agent"))
+    pool = os.environ.get("FORKBOX_TEST_POOL", "/var/lib/forkbox-test/pool")
+    data = tempfile.mkdtemp(prefix="forkbox-py-")
+    proc = subprocess.Popen(
+        [binary, "serve", "--listen", "127.0.0.1:0", "--data-dir", data, "--pool", pool,
+         "--agent-bin", agent, "--on-exit", "destroy"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "FORKBOX_LOG": log_level},
+    )
+    for line in proc.stdout:
+        if line.startswith("forkbox listening on "):
+            # Keep draining stdout so the server never blocks on it.
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return proc, line.split()[-1]
+    stop(proc)
+    raise RuntimeError("forkbox serve did not start")
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
