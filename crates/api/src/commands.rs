@@ -5,7 +5,7 @@ use crate::extract::{JsonBody, QueryArgs};
 use crate::{ApiError, AppState};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Json;
 use forkbox_types::agent::BgInfo;
 use serde::{Deserialize, Serialize};
@@ -194,9 +194,4 @@ pub async fn output(
     let follow = crate::extract::flag(q.follow.as_deref(), "follow")?;
     let events = st.manager.command_output(&id, pid, follow).await?;
     Ok(crate::extract::ndjson(events))
-}
-
-/// The answer to `POST …/exec {"background": true}`.
-pub fn started(b: BgInfo) -> Response {
-    Json(CommandView::from(b)).into_response()
 }

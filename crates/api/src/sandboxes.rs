@@ -398,6 +398,14 @@ struct ExecResult {
     exit_code: i32,
 }
 
+/// The JSON answers of exec: a result (`wait`) or a started command (`background`).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+enum ExecJson {
+    Result(ExecResult),
+    Started(crate::commands::CommandView),
+}
+
 /// Validates an exec body and starts the call.
 async fn start_exec(
     st: &AppState,
@@ -472,7 +480,7 @@ pub async fn exec_stream(
     Ok(axum::response::sse::Sse::new(sse).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", params(("id" = String, Path, description = "Sandbox id")), request_body = ExecBody, responses((status = 200, description = "The events as NDJSON (application/x-ndjson); with `wait`, one ExecResult; with `background`, the started command", content((String = "application/x-ndjson"), (ExecResult = "application/json"))), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", params(("id" = String, Path, description = "Sandbox id")), request_body = ExecBody, responses((status = 200, description = "The events as NDJSON (application/x-ndjson); with `wait`, one ExecResult; with `background`, the started command", content((String = "application/x-ndjson"), (ExecJson = "application/json"))), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn exec(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -502,7 +510,7 @@ pub async fn exec(
                 },
             )
             .await?;
-        return Ok(crate::commands::started(info));
+        return Ok(Json(ExecJson::Started(info.into())).into_response());
     }
     let events = start_exec(&st, &id, b).await?;
     if wait {
@@ -519,7 +527,7 @@ pub async fn exec(
                 EventKind::Exit(c) => r.exit_code = c,
             }
         }
-        return Ok(Json(r).into_response());
+        return Ok(Json(ExecJson::Result(r)).into_response());
     }
     Ok(crate::extract::ndjson(events))
 }
