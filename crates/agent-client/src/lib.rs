@@ -392,6 +392,10 @@ impl<T: serde::de::DeserializeOwned> Stream for NdjsonStream<T> {
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
                 let line = self.buf.split_to(pos + 1);
+                if pos == 0 {
+                    // Padding the agent adds to keep its frames large (see its server).
+                    continue;
+                }
                 return Poll::Ready(Some(
                     serde_json::from_slice(&line[..pos]).map_err(AgentError::Decode),
                 ));

@@ -210,15 +210,80 @@ async fn json_body<T: serde::de::DeserializeOwned>(
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("{what}: {e}")))
 }
 
-/// A streamed NDJSON response fed by `rx`.
+/// A streamed NDJSON response fed by `rx`, coalesced (see [`Coalesce`]).
 fn ndjson(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response<Body> {
-    let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let stream = Coalesce { rx, done: false }.map(|b| Ok::<_, Infallible>(Frame::data(b)));
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/x-ndjson"),
     );
     r
+}
+
+/// Largest body chunk [`Coalesce`] builds from several ready event lines.
+const COALESCE_MAX: usize = 64 * 1024;
+/// Smallest body chunk: HTTP/2 peers (the host's h2 among them) treat a flood of DATA
+/// frames under 256 bytes as abuse and close the connection, so shorter chunks are padded
+/// with blank lines, which NDJSON readers skip.
+const MIN_CHUNK: usize = 256;
+
+/// Turns a channel of NDJSON lines into body chunks: every line already waiting is joined
+/// into one chunk (up to [`COALESCE_MAX`]), and a chunk is never shorter than
+/// [`MIN_CHUNK`]. A fast producer behind a slow reader thus sends few large frames
+/// instead of one tiny frame per output line; a lone line still goes out at once.
+struct Coalesce {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    done: bool,
+}
+
+impl tokio_stream::Stream for Coalesce {
+    type Item = Bytes;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Bytes>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let first = match self.rx.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(b)) => b,
+        };
+        let mut chunk: Option<bytes::BytesMut> = None;
+        let mut len = first.len();
+        while len < COALESCE_MAX {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(b)) => {
+                    let c = chunk.get_or_insert_with(|| bytes::BytesMut::from(&first[..]));
+                    c.extend_from_slice(&b);
+                    len = c.len();
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        let out = match chunk {
+            Some(c) => c,
+            None if first.len() >= MIN_CHUNK => return Poll::Ready(Some(first)),
+            None => bytes::BytesMut::from(&first[..]),
+        };
+        Poll::Ready(Some(pad(out)))
+    }
+}
+
+/// `chunk`, padded with newlines up to [`MIN_CHUNK`] bytes.
+fn pad(mut chunk: bytes::BytesMut) -> Bytes {
+    if chunk.len() < MIN_CHUNK {
+        chunk.resize(MIN_CHUNK, b'\n');
+    }
+    chunk.freeze()
 }
 
 fn json_reply<T: serde::Serialize>(v: &T) -> Response<Body> {
@@ -542,5 +607,45 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             ndjson(rx)
         }
         _ => error(StatusCode::NOT_FOUND, "no such agent route"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn coalesce_joins_waiting_lines_and_pads_short_chunks() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let mut c = Coalesce { rx, done: false };
+        for l in ["{\"a\":1}\n", "{\"a\":2}\n"] {
+            tx.send(Bytes::from_static(l.as_bytes())).await.unwrap();
+        }
+        let chunk = c.next().await.unwrap();
+        assert_eq!(chunk.len(), MIN_CHUNK);
+        let text = std::str::from_utf8(&chunk).unwrap();
+        assert!(text.starts_with("{\"a\":1}\n{\"a\":2}\n\n"));
+        assert!(text.trim_end_matches('\n').ends_with('}'));
+
+        let big = Bytes::from(vec![b'x'; MIN_CHUNK + 1]);
+        tx.send(big.clone()).await.unwrap();
+        assert_eq!(c.next().await.unwrap(), big);
+        drop(tx);
+        assert!(c.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn coalesce_caps_a_chunk() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        let mut c = Coalesce { rx, done: false };
+        for _ in 0..40 {
+            tx.send(Bytes::from(vec![b'y'; 4096])).await.unwrap();
+        }
+        drop(tx);
+        let mut sizes = Vec::new();
+        while let Some(chunk) = c.next().await {
+            sizes.push(chunk.len());
+        }
+        assert_eq!(sizes, [COALESCE_MAX, COALESCE_MAX, 8 * 4096]);
     }
 }

@@ -182,3 +182,33 @@ async fn a_terminal_flood_keeps_server_memory_bounded() {
     );
     assert_eq!(s.delete(&id).await, 204);
 }
+
+#[tokio::test]
+async fn a_terminal_flood_of_tiny_lines_stays_bounded_and_ends_on_hangup() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    let idle = s.rss_kib();
+    let mut ws = connect(&s, &id, "cmd=yes%20%7C%20head%20-c%202G").await;
+    let (mut bytes, mut peak, mut n) = (0usize, 0u64, 0u64);
+    while bytes < 40 << 20 {
+        let msg = tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .expect("stalled")
+            .expect("socket ended")
+            .unwrap();
+        if let Message::Binary(b) = msg {
+            bytes += b.len();
+            n += 1;
+            if n.is_multiple_of(500) {
+                s.breathe(&mut peak, Duration::from_millis(2)).await;
+            }
+        }
+    }
+    assert!(
+        peak < idle + 100 * 1024,
+        "server RSS grew from {idle} KiB to {peak} KiB"
+    );
+    drop(ws);
+    s.assert_gone(&id, "yes").await;
+    assert_eq!(s.delete(&id).await, 204);
+}

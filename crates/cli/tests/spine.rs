@@ -426,3 +426,31 @@ async fn an_output_flood_keeps_server_memory_bounded() {
     );
     assert_eq!(s.delete(&id).await, 204);
 }
+
+#[tokio::test]
+async fn a_flood_of_tiny_lines_keeps_the_agent_connection_and_memory() {
+    // One event per two-byte line: the agent must not answer with one tiny HTTP/2 frame
+    // per line (the host's h2 closes a connection flooded with small frames).
+    let s = Server::start();
+    let id = s.create_id().await;
+    let idle = s.rss_kib();
+    let r = s
+        .http
+        .post(s.url(&format!("/v1/sandboxes/{id}/exec")))
+        .json(&json!({"cmd": "yes | head -c 2G"}))
+        .send()
+        .await
+        .unwrap();
+    let (bytes, peak) = s.read_slowly_upto(r, 40 << 20).await;
+    assert!(bytes >= 40 << 20, "only {bytes} bytes streamed");
+    assert!(
+        peak < idle + 100 * 1024,
+        "server RSS grew from {idle} KiB to {peak} KiB"
+    );
+    // Hanging up killed the flood; the sandbox still answers.
+    s.assert_gone(&id, "yes").await;
+    let (st, ev) = s.exec(&id, json!({"cmd": "echo ok"})).await;
+    assert_eq!(st, 200);
+    assert_eq!(ev[0]["data"], "ok\n");
+    assert_eq!(s.delete(&id).await, 204);
+}

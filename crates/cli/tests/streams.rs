@@ -206,6 +206,28 @@ async fn an_sse_flood_keeps_server_memory_bounded() {
 }
 
 #[tokio::test]
+async fn an_sse_flood_of_tiny_lines_stays_bounded() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    let idle = s.rss_kib();
+    let r = s
+        .http
+        .post(s.url(&format!("/v1/sandboxes/{id}/exec/stream")))
+        .json(&json!({"cmd": "yes | head -c 2G"}))
+        .send()
+        .await
+        .unwrap();
+    let (bytes, peak) = s.read_slowly_upto(r, 40 << 20).await;
+    assert!(bytes >= 40 << 20, "only {bytes} bytes streamed");
+    assert!(
+        peak < idle + 100 * 1024,
+        "server RSS grew from {idle} KiB to {peak} KiB"
+    );
+    s.assert_gone(&id, "yes").await;
+    assert_eq!(s.delete(&id).await, 204);
+}
+
+#[tokio::test]
 async fn file_watch_streams_changes_as_they_happen() {
     let s = Server::start();
     let id = s.create_id().await;

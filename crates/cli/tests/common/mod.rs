@@ -183,6 +183,51 @@ impl Server {
         (bytes, peak)
     }
 
+    /// Reads a flooding response slowly until `limit` bytes came, then hangs up; returns
+    /// the bytes read and the server's peak RSS in KiB meanwhile.
+    pub async fn read_slowly_upto(&self, mut r: reqwest::Response, limit: usize) -> (usize, u64) {
+        let (mut bytes, mut peak, mut n) = (0usize, 0u64, 0u64);
+        while let Some(c) = r.chunk().await.unwrap() {
+            bytes += c.len();
+            n += 1;
+            if n.is_multiple_of(200) {
+                self.breathe(&mut peak, Duration::from_millis(5)).await;
+            }
+            if bytes >= limit {
+                break;
+            }
+        }
+        (bytes, peak)
+    }
+
+    /// Asserts that no process of the sandbox runs `needle` any more (waits up to 10 s:
+    /// a hung-up stream's process tree is killed, not waited for).
+    pub async fn assert_gone(&self, id: &str, needle: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (st, ev) = self
+                .exec(
+                    id,
+                    serde_json::json!({"cmd": "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"}),
+                )
+                .await;
+            assert_eq!(st, 200);
+            let out: String = ev
+                .iter()
+                .filter(|e| e["type"] == "stdout")
+                .filter_map(|e| e["data"].as_str())
+                .collect();
+            if !out.contains(needle) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{needle} still runs: {out}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Resident memory of the server process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
