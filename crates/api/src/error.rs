@@ -15,6 +15,8 @@ pub enum ApiError {
     #[error("method not allowed on this route")]
     MethodNotAllowed,
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
     Internal(String),
     #[error(transparent)]
     Core(#[from] CoreError),
@@ -28,6 +30,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Core(e) => match e {
                 CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -36,6 +39,9 @@ impl ApiError {
                 CoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
                 CoreError::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
                 CoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+                CoreError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+                CoreError::Quota(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+                CoreError::NoToken(_) => (StatusCode::NOT_FOUND, "token_not_found"),
                 CoreError::Runtime(r) => match r {
                     RuntimeError::UnknownTemplate(_) => {
                         (StatusCode::BAD_REQUEST, "unknown_template")

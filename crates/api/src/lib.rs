@@ -1,6 +1,7 @@
 //! The HTTP edge of forkbox. Handlers only translate: request → typed core command →
 //! response. Every error leaves through [`ApiError`] as `{"error", "code"}` JSON.
 
+mod auth;
 mod commands;
 mod error;
 mod events;
@@ -21,6 +22,8 @@ pub const MAX_BODY: usize = 10 * 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub manager: Arc<Manager>,
+    /// Whether every request (but health and the document) needs an API key.
+    pub auth_required: bool,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -29,9 +32,36 @@ pub struct AppState {
         title = "forkbox",
         description = "Self-hosted sandboxes for AI agents: run code, stream output, keep a live REPL, fork and merge. Every error is {\"error\", \"code\"} JSON."
     ),
-    components(schemas(error::ErrorBody))
+    components(schemas(error::ErrorBody)),
+    modifiers(&Security),
+    security((), ("bearer" = []), ("api_key" = []), ("access_token" = []))
 )]
 struct ApiDoc;
+
+/// The key schemes: `Authorization: Bearer`, `X-API-Key`, `?access_token=` (needed
+/// unless the server runs without keys on loopback).
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let c = doc.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        c.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+        c.add_security_scheme(
+            "access_token",
+            SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::new("access_token"))),
+        );
+    }
+}
 
 /// The router and the OpenAPI document, built from the same annotated handlers, so
 /// every route is in the document.
@@ -71,6 +101,10 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(files::mkdir))
         .routes(routes!(files::rename))
         .routes(routes!(sandboxes::merge_into))
+        .routes(routes!(auth::whoami))
+        .routes(routes!(auth::list_tokens, auth::create_token))
+        .routes(routes!(auth::revoke_token))
+        .routes(routes!(auth::get_workspace, auth::set_workspace))
         .routes(routes!(openapi))
         .routes(routes!(metrics))
         .split_for_parts()
@@ -87,9 +121,13 @@ pub fn app(state: AppState) -> Router {
     let doc = Arc::new(doc);
     router
         .layer(axum::Extension(doc))
-        .layer(axum::middleware::from_fn(traced))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
+        .layer(axum::middleware::from_fn(traced))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

@@ -82,6 +82,7 @@ impl From<Sandbox> for SandboxView {
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateBody, responses((status = 201, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn create(
     State(st): State<AppState>,
+    axum::Extension(p): axum::Extension<forkbox_core::auth::Principal>,
     headers: axum::http::HeaderMap,
     JsonBody(b): JsonBody<CreateBody>,
 ) -> Result<(StatusCode, Json<SandboxView>), ApiError> {
@@ -108,6 +109,7 @@ pub async fn create(
             },
             snapshot: b.snapshot,
             traceparent,
+            workspace: p.workspace,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(s.into())))
@@ -184,11 +186,14 @@ pub struct SnapshotList {
 }
 
 #[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots", responses((status = 200, body = SnapshotList), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
-pub async fn list_snapshots(State(st): State<AppState>) -> Result<Json<SnapshotList>, ApiError> {
+pub async fn list_snapshots(
+    State(st): State<AppState>,
+    axum::Extension(p): axum::Extension<forkbox_core::auth::Principal>,
+) -> Result<Json<SnapshotList>, ApiError> {
     Ok(Json(SnapshotList {
         snapshots: st
             .manager
-            .snapshots()
+            .snapshots(Some(&p.workspace))
             .await?
             .into_iter()
             .map(Into::into)
@@ -243,6 +248,7 @@ const MAX_LIMIT: u32 = 1000;
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", params(("template" = Option<String>, Query), ("status" = Option<String>, Query, description = "running, paused, hibernated, deleted, killed, failed, merged, lost or all"), ("limit" = Option<u32>, Query), ("next_token" = Option<String>, Query)), responses((status = 200, body = ListView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn list(
     State(st): State<AppState>,
+    axum::Extension(p): axum::Extension<forkbox_core::auth::Principal>,
     q: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ListView>, ApiError> {
     let axum::extract::Query(q) =
@@ -250,6 +256,7 @@ pub async fn list(
     let mut filter = ListFilter {
         template: q.template,
         limit: q.limit.unwrap_or(100),
+        workspace: Some(p.workspace),
         ..Default::default()
     };
     if filter.limit == 0 || filter.limit > MAX_LIMIT {

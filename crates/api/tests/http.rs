@@ -98,7 +98,13 @@ async fn router() -> (axum::Router, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
     let m = Manager::new(store, Arc::new(FakeRuntime), ManagerConfig::default());
-    (app(AppState { manager: m }), dir)
+    (
+        app(AppState {
+            manager: m,
+            auth_required: false,
+        }),
+        dir,
+    )
 }
 
 async fn call(r: &axum::Router, method: &str, uri: &str, body: &str) -> (StatusCode, String) {
@@ -287,6 +293,12 @@ async fn every_route_is_in_the_openapi_document_and_served() {
         ("GET", "/v1/sandboxes/{id}/files/watch"),
         ("POST", "/v1/sandboxes/{id}/files/mkdir"),
         ("POST", "/v1/sandboxes/{id}/files/rename"),
+        ("GET", "/v1/auth/whoami"),
+        ("GET", "/v1/auth/tokens"),
+        ("POST", "/v1/auth/tokens"),
+        ("DELETE", "/v1/auth/tokens/{id}"),
+        ("GET", "/v1/auth/workspaces/{name}"),
+        ("PUT", "/v1/auth/workspaces/{name}"),
     ];
     let mut documented = 0;
     for (path, ops) in paths {

@@ -257,11 +257,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         default_template: "python".into(),
         log_json: false,
         on_exit: serve::OnExit::Destroy,
+        auth: false,
+        insecure_no_auth: false,
+        admin_key: None,
     };
     let server = serve::build(&sa).await?;
     let addr = server.listener.local_addr()?;
     let manager = server.manager.clone();
-    let srv = tokio::spawn(serve::http(server.listener, manager.clone()).into_future());
+    let srv = tokio::spawn(serve::http(server.listener, manager.clone(), false).into_future());
     let base = format!("http://{addr}");
     let http = reqwest::Client::builder().build()?;
     let n = args.iterations.max(1);

@@ -86,13 +86,13 @@ pub enum SandboxCmd {
     },
 }
 
-struct Api {
-    http: reqwest::Client,
-    base: String,
+pub(crate) struct Api {
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: String,
 }
 
 impl Api {
-    fn new(c: &Conn) -> anyhow::Result<Api> {
+    pub(crate) fn new(c: &Conn) -> anyhow::Result<Api> {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(k) = &c.api_key {
             headers.insert(
@@ -108,7 +108,10 @@ impl Api {
         })
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+    pub(crate) async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
         let r = req
             .send()
             .await
@@ -124,7 +127,7 @@ impl Api {
         Ok(r)
     }
 
-    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         let r = self
             .send(self.http.post(format!("{}{path}", self.base)).json(&body))
             .await?;

@@ -31,8 +31,13 @@ pub struct HostArgs {
 
 impl HostArgs {
     pub fn data_dir(&self) -> PathBuf {
-        if let Some(d) = &self.data_dir {
-            return d.clone();
+        Self::default_data_dir(self.data_dir.as_deref())
+    }
+
+    /// `given`, else /var/lib/forkbox as root, else $XDG_DATA_HOME/forkbox.
+    pub fn default_data_dir(given: Option<&std::path::Path>) -> PathBuf {
+        if let Some(d) = given {
+            return d.to_path_buf();
         }
         if nix::unistd::geteuid().is_root() {
             return PathBuf::from("/var/lib/forkbox");

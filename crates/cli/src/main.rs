@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod config;
 mod serve;
+mod token;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -40,6 +41,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: client::SandboxCmd,
     },
+    /// Manage API keys.
+    Token(token::TokenArgs),
 }
 
 #[derive(Subcommand)]
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Cmd::Bench(a) => bench::run(a).await,
+            Cmd::Token(a) => token::run(a).await,
         }
         .map(|()| ExitCode::SUCCESS)
     });

@@ -26,6 +26,18 @@ pub struct ServeArgs {
     /// them running, for the next server to adopt, or `destroy` them.
     #[arg(long, value_enum, default_value_t = OnExit::Keep)]
     pub on_exit: OnExit,
+    /// Require an API key on every request but health checks and /openapi.json. Needed
+    /// to listen on a non-loopback address.
+    #[arg(long, env = "FORKBOX_AUTH")]
+    pub auth: bool,
+    /// Listen on a non-loopback address without API keys (anyone who reaches the port
+    /// can run code).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// An admin key of the default workspace to accept (made if it is new); starts
+    /// with `fbk_`.
+    #[arg(long, env = "FORKBOX_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,10 +50,30 @@ pub enum OnExit {
 pub struct Server {
     pub manager: Arc<Manager>,
     pub listener: tokio::net::TcpListener,
+    pub auth_required: bool,
+}
+
+/// Whether a server on `listen` requires keys; refuses an open non-loopback server.
+fn auth_required(args: &ServeArgs) -> anyhow::Result<bool> {
+    if args.auth {
+        return Ok(true);
+    }
+    if !args.listen.ip().is_loopback() {
+        anyhow::ensure!(
+            args.insecure_no_auth,
+            "refusing to listen on {} without API keys: pass --auth (and make a key with \
+             `forkbox token create --local --admin` or FORKBOX_ADMIN_KEY), or \
+             --insecure-no-auth to let anyone who reaches the port run code",
+            args.listen
+        );
+        tracing::warn!(listen = %args.listen, "listening on a non-loopback address WITHOUT API keys");
+    }
+    Ok(false)
 }
 
 /// Everything `serve` does before it accepts connections.
 pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
+    let auth_required = auth_required(args)?;
     let runtime = args.host.jail_runtime()?;
     runtime
         .ensure_template(&args.default_template, &config::print_progress)
@@ -66,10 +98,30 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
             "sandboxes of an earlier server: adopted the running ones, marked the others lost"
         );
     }
+    if let Some(key) = &args.admin_key {
+        manager
+            .ensure_admin_key(key, "admin (FORKBOX_ADMIN_KEY)")
+            .await?;
+    }
+    if auth_required
+        && manager
+            .tokens(&forkbox_core::auth::Principal::local())
+            .await?
+            .is_empty()
+    {
+        tracing::warn!(
+            "API keys are required and none exists yet: make one with \
+             `forkbox token create --local --admin` or set FORKBOX_ADMIN_KEY"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
-    Ok(Server { manager, listener })
+    Ok(Server {
+        manager,
+        listener,
+        auth_required,
+    })
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -81,7 +133,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The line tests and scripts wait for.
     println!("forkbox listening on http://{addr}");
     tracing::info!(%addr, "listening");
-    http(server.listener, manager.clone())
+    http(server.listener, manager.clone(), server.auth_required)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     crate::config::flush_tracing();
@@ -107,13 +159,20 @@ type NoDelayListener = axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio
 pub fn http(
     listener: tokio::net::TcpListener,
     manager: Arc<Manager>,
+    auth_required: bool,
 ) -> axum::serve::Serve<NoDelayListener, axum::Router, axum::Router> {
     use axum::serve::ListenerExt;
     fn nodelay(s: &mut tokio::net::TcpStream) {
         let _ = s.set_nodelay(true);
     }
     let listener = listener.tap_io(nodelay as fn(&mut tokio::net::TcpStream));
-    axum::serve(listener, app(AppState { manager }))
+    axum::serve(
+        listener,
+        app(AppState {
+            manager,
+            auth_required,
+        }),
+    )
 }
 
 async fn shutdown_signal() {

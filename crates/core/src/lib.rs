@@ -4,6 +4,7 @@
 //! Core never sees HTTP: the API layer turns requests into calls on [`Manager`], which
 //! returns typed results and [`CoreError`]s.
 
+pub mod auth;
 pub mod events;
 pub mod ids;
 pub mod manager;
@@ -37,6 +38,14 @@ pub enum CoreError {
     /// The request contradicts the sandboxes' relations (e.g. merge into a non-ancestor).
     #[error("{0}")]
     Conflict(String),
+    /// The caller's key may not do this (e.g. a non-admin key managing another workspace).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The workspace's quota does not allow it.
+    #[error("{0}")]
+    Quota(String),
+    #[error("API key {0} not found")]
+    NoToken(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]

@@ -1,6 +1,7 @@
 //! The sandbox state machine: create, exec, delete and time-to-live, over one runtime
 //! and the store.
 
+use crate::auth::{self, NewToken, Principal, Quota, Token, Usage, DEFAULT_WORKSPACE};
 use crate::events::EventLog;
 use crate::metrics::{KindLabel, Metrics, StatusLabel};
 use crate::model::{
@@ -89,6 +90,19 @@ pub struct Manager {
     waking: Mutex<std::collections::HashSet<String>>,
     events: Arc<EventLog>,
     metrics: Arc<Metrics>,
+    /// Workspace quotas, read once from the store and kept up to date by `set_quota`.
+    quotas: Mutex<HashMap<String, Quota>>,
+    /// Held from a quota check until the sandboxes it admitted are recorded, so two
+    /// concurrent creates cannot both take the last place.
+    admitting: tokio::sync::Mutex<()>,
+}
+
+/// Locks `m`, shrugging off poisoning (the data are plain maps).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 /// Milliseconds since the epoch (event timestamps).
@@ -132,6 +146,8 @@ impl Manager {
             waking: Mutex::new(Default::default()),
             events: Arc::default(),
             metrics: Arc::default(),
+            quotas: Mutex::new(HashMap::new()),
+            admitting: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -273,8 +289,19 @@ impl Manager {
                 _ => req.template = Some(snap.template.clone()),
             }
         }
+        let workspace = if req.workspace.is_empty() {
+            DEFAULT_WORKSPACE.to_owned()
+        } else {
+            req.workspace.clone()
+        };
+        if let Some(snap) = &snap {
+            if snap.workspace != workspace {
+                return Err(CoreError::NoSnapshot(snap.id.clone()));
+            }
+        }
         let (mut spec, cpu, memory_mb, timeout) = self.spec(&id, &req)?;
         spec.snapshot = snap.map(|s| s.id);
+        let _admitted = self.admit(&workspace, 1, memory_mb).await?;
         let instance = self.runtime.create(&spec).await?;
         let from_snapshot = spec.snapshot.clone();
         let created_at = OffsetDateTime::now_utc();
@@ -298,6 +325,7 @@ impl Manager {
             env: spec.env.clone(),
             on_timeout: req.on_timeout,
             traceparent: trace.as_ref().map(TraceParent::header),
+            workspace,
         };
         if let Err(e) = self.store.insert_sandbox(&record).await {
             let _ = instance.destroy().await;
@@ -342,6 +370,9 @@ impl Manager {
                 status: parent.status,
             });
         }
+        let _admitted = self
+            .admit(&parent.workspace, u64::from(n), parent.memory_mb)
+            .await?;
         let started = Instant::now();
         let specs: Vec<CreateSpec> = (0..n)
             .map(|_| CreateSpec {
@@ -959,6 +990,8 @@ impl Manager {
     }
 
     async fn wake_inner(&self, rec: Sandbox) -> Result<Sandbox, CoreError> {
+        // A hibernated sandbox already counts as one; waking it adds only its memory.
+        let _admitted = self.admit_memory(&rec.workspace, rec.memory_mb).await?;
         let spec = self.spec_of(&rec);
         let instance = self.runtime.wake(&spec).await?;
         let expires_at = OffsetDateTime::now_utc() + time::Duration::seconds(rec.timeout as i64);
@@ -1010,6 +1043,7 @@ impl Manager {
             sandbox_id: id.to_owned(),
             template: rec.template.clone(),
             created_at: OffsetDateTime::now_utc(),
+            workspace: rec.workspace.clone(),
         };
         live.instance
             .snapshot(&snap.id, rec.status == Status::Running)
@@ -1027,8 +1061,9 @@ impl Manager {
         Ok(snap)
     }
 
-    pub async fn snapshots(&self) -> Result<Vec<Snapshot>, CoreError> {
-        Ok(self.store.list_snapshots().await?)
+    /// Snapshots of `workspace` (or of every workspace), oldest first.
+    pub async fn snapshots(&self, workspace: Option<&str>) -> Result<Vec<Snapshot>, CoreError> {
+        Ok(self.store.list_snapshots(workspace).await?)
     }
 
     pub async fn get_snapshot(&self, id: &str) -> Result<Snapshot, CoreError> {
@@ -1105,6 +1140,187 @@ impl Manager {
 
     /// Ends sandboxes whose time is up or whose agent died. Runs until the manager is
     /// dropped.
+    /// The quota of `workspace`.
+    pub async fn quota(&self, workspace: &str) -> Result<Quota, CoreError> {
+        if let Some(q) = lock(&self.quotas).get(workspace) {
+            return Ok(*q);
+        }
+        let q = self.store.quota(workspace).await?;
+        lock(&self.quotas).insert(workspace.to_owned(), q);
+        Ok(q)
+    }
+
+    /// What `workspace` holds now.
+    pub async fn usage(&self, workspace: &str) -> Result<Usage, CoreError> {
+        Ok(self.store.usage(workspace).await?)
+    }
+
+    /// Checks that `workspace` may add `n` sandboxes of `memory_mb` each; the guard
+    /// must be held until they are recorded. `None` when the workspace is unlimited.
+    async fn admit(
+        &self,
+        workspace: &str,
+        n: u64,
+        memory_mb: u64,
+    ) -> Result<Option<tokio::sync::MutexGuard<'_, ()>>, CoreError> {
+        let quota = self.quota(workspace).await?;
+        if quota.is_unlimited() {
+            return Ok(None);
+        }
+        let guard = self.admitting.lock().await;
+        let usage = self.store.usage(workspace).await?;
+        match quota.refuse(workspace, usage, n, memory_mb) {
+            Some(why) => Err(CoreError::Quota(why)),
+            None => Ok(Some(guard)),
+        }
+    }
+
+    /// Like [`Manager::admit`] for memory only (waking a sandbox that already counts).
+    async fn admit_memory(
+        &self,
+        workspace: &str,
+        memory_mb: u64,
+    ) -> Result<Option<tokio::sync::MutexGuard<'_, ()>>, CoreError> {
+        let quota = Quota {
+            max_sandboxes: None,
+            ..self.quota(workspace).await?
+        };
+        if quota.is_unlimited() {
+            return Ok(None);
+        }
+        let guard = self.admitting.lock().await;
+        let usage = self.store.usage(workspace).await?;
+        match quota.refuse(workspace, usage, 1, memory_mb) {
+            Some(why) => Err(CoreError::Quota(why)),
+            None => Ok(Some(guard)),
+        }
+    }
+
+    /// Sets the quota of `workspace` (admins only).
+    pub async fn set_quota(
+        &self,
+        by: &Principal,
+        workspace: &str,
+        quota: Quota,
+    ) -> Result<(), CoreError> {
+        if !by.admin {
+            return Err(CoreError::Forbidden(
+                "only an admin key may set quotas".into(),
+            ));
+        }
+        if !auth::valid_workspace(workspace) {
+            return Err(CoreError::Invalid(
+                "workspace must be 1-64 characters of a-z, 0-9, '-' and '_'".into(),
+            ));
+        }
+        self.store.set_quota(workspace, quota).await?;
+        lock(&self.quotas).insert(workspace.to_owned(), quota);
+        Ok(())
+    }
+
+    /// The caller a key stands for, or `None` for an unknown or revoked key.
+    pub async fn authenticate(&self, key: &str) -> Result<Option<Principal>, CoreError> {
+        if !key.starts_with(auth::KEY_PREFIX) || key.len() > 256 {
+            return Ok(None);
+        }
+        Ok(self
+            .store
+            .token_by_hash(&auth::hash_key(key))
+            .await?
+            .map(|t| Principal {
+                workspace: t.workspace,
+                token_id: Some(t.id),
+                token_name: Some(t.name),
+                admin: t.admin,
+            }))
+    }
+
+    /// Makes a key. Non-admin callers may only make non-admin keys of their own
+    /// workspace; `workspace` defaults to the caller's.
+    pub async fn create_token(
+        &self,
+        by: &Principal,
+        name: &str,
+        workspace: Option<&str>,
+        admin: bool,
+    ) -> Result<NewToken, CoreError> {
+        let workspace = workspace.unwrap_or(&by.workspace);
+        if !by.admin && (admin || workspace != by.workspace) {
+            return Err(CoreError::Forbidden(
+                "only an admin key may make admin keys or keys of another workspace".into(),
+            ));
+        }
+        if !auth::valid_workspace(workspace) {
+            return Err(CoreError::Invalid(
+                "workspace must be 1-64 characters of a-z, 0-9, '-' and '_'".into(),
+            ));
+        }
+        if name.is_empty() || name.len() > 128 || name.contains('\0') {
+            return Err(CoreError::Invalid(
+                "name must be 1-128 characters without NUL".into(),
+            ));
+        }
+        Ok(self
+            .insert_key(&auth::new_key(), name, workspace, admin)
+            .await?)
+    }
+
+    async fn insert_key(
+        &self,
+        key: &str,
+        name: &str,
+        workspace: &str,
+        admin: bool,
+    ) -> Result<NewToken, crate::store::StoreError> {
+        auth::issue(&self.store, key, name, workspace, admin).await
+    }
+
+    /// Makes sure `key` (chosen by the operator, e.g. from the environment) is an admin
+    /// key of the default workspace.
+    pub async fn ensure_admin_key(&self, key: &str, name: &str) -> Result<(), CoreError> {
+        if !key.starts_with(auth::KEY_PREFIX) || key.len() < auth::KEY_PREFIX.len() + 20 {
+            return Err(CoreError::Invalid(format!(
+                "an admin key must start with {} and have at least 20 more characters",
+                auth::KEY_PREFIX
+            )));
+        }
+        if self.authenticate(key).await?.is_none() {
+            self.insert_key(key, name, DEFAULT_WORKSPACE, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Keys the caller may see: its workspace's, or every key for an admin.
+    pub async fn tokens(&self, by: &Principal) -> Result<Vec<Token>, CoreError> {
+        let ws = (!by.admin).then_some(by.workspace.as_str());
+        Ok(self.store.list_tokens(ws).await?)
+    }
+
+    /// Revokes a key the caller may see; it fails from the next request on.
+    pub async fn revoke_token(&self, by: &Principal, id: &str) -> Result<Token, CoreError> {
+        let t = self
+            .store
+            .get_token(id)
+            .await?
+            .filter(|t| by.admin || t.workspace == by.workspace)
+            .ok_or_else(|| CoreError::NoToken(id.to_owned()))?;
+        self.store.revoke_token(id).await?;
+        Ok(self.store.get_token(id).await?.unwrap_or(t))
+    }
+
+    /// The workspace owning sandbox `id`, if it exists.
+    pub async fn sandbox_workspace(&self, id: &str) -> Result<Option<String>, CoreError> {
+        if let Some(l) = self.live(id) {
+            return Ok(Some(l.record().workspace));
+        }
+        Ok(self.store.get_sandbox(id).await?.map(|s| s.workspace))
+    }
+
+    /// The workspace owning snapshot `id`, if it exists.
+    pub async fn snapshot_workspace(&self, id: &str) -> Result<Option<String>, CoreError> {
+        Ok(self.store.get_snapshot(id).await?.map(|s| s.workspace))
+    }
+
     pub fn spawn_reaper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {

@@ -102,6 +102,8 @@ pub struct Sandbox {
     /// W3C trace context given at creation (work on the sandbox is logged under it).
     #[serde(skip)]
     pub traceparent: Option<String>,
+    /// The workspace that owns it (fork children inherit it).
+    pub workspace: String,
 }
 
 /// What happens when a sandbox's time to live runs out.
@@ -139,6 +141,9 @@ pub struct Snapshot {
     pub template: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The workspace that owns it (the sandbox's).
+    #[serde(skip)]
+    pub workspace: String,
 }
 
 /// A validated create request.
@@ -155,6 +160,8 @@ pub struct CreateRequest {
     pub snapshot: Option<String>,
     /// W3C trace context for the sandbox's work (invalid values are ignored).
     pub traceparent: Option<String>,
+    /// The owning workspace; empty means [`crate::auth::DEFAULT_WORKSPACE`].
+    pub workspace: String,
 }
 
 /// What an exec call runs.
@@ -190,4 +197,6 @@ pub struct ListFilter {
     pub limit: u32,
     /// Opaque cursor from the previous page.
     pub after: Option<i64>,
+    /// Only this workspace's sandboxes (`None`: every workspace).
+    pub workspace: Option<String>,
 }

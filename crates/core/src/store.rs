@@ -1,5 +1,6 @@
 //! Persistent state in SQLite (sqlx, WAL, embedded migrations).
 
+use crate::auth::{Quota, Token, Usage};
 use crate::model::{ListFilter, OnTimeout, Sandbox, Snapshot, Status};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
@@ -68,8 +69,8 @@ impl Store {
         for s in all {
             sqlx::query(
                 "INSERT INTO sandboxes (id, runtime, template, status, cpu, memory_mb, timeout_s, metadata, \
-                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent, workspace) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&s.id)
             .bind(&s.runtime)
@@ -90,6 +91,7 @@ impl Store {
             .bind(serde_json::to_string(&s.env).unwrap_or_else(|_| "{}".into()))
             .bind(s.on_timeout.as_str())
             .bind(&s.traceparent)
+            .bind(&s.workspace)
             .execute(&mut *tx)
             .await
             .map_err(q("insert sandbox"))?;
@@ -156,6 +158,9 @@ impl Store {
         if f.template.is_some() {
             sql.push_str(" AND template = ?");
         }
+        if f.workspace.is_some() {
+            sql.push_str(" AND workspace = ?");
+        }
         if !f.all {
             if f.status.is_some() {
                 sql.push_str(" AND status = ?");
@@ -167,6 +172,9 @@ impl Store {
         let mut query = sqlx::query(&sql).bind(f.after.unwrap_or(0));
         if let Some(t) = &f.template {
             query = query.bind(t);
+        }
+        if let Some(w) = &f.workspace {
+            query = query.bind(w);
         }
         if let (false, Some(s)) = (f.all, f.status) {
             query = query.bind(s.as_str());
@@ -254,13 +262,14 @@ impl Store {
 
     pub async fn insert_snapshot(&self, s: &Snapshot) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO snapshots (id, name, sandbox_id, template, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO snapshots (id, name, sandbox_id, template, created_at, workspace) VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(&s.id)
         .bind(&s.name)
         .bind(&s.sandbox_id)
         .bind(&s.template)
         .bind(ts(s.created_at))
+        .bind(&s.workspace)
         .execute(&self.pool)
         .await
         .map_err(q("insert snapshot"))?;
@@ -276,12 +285,18 @@ impl Store {
         row.map(|r| snapshot_from_row(&r)).transpose()
     }
 
-    /// Every snapshot, oldest first.
-    pub async fn list_snapshots(&self) -> Result<Vec<Snapshot>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM snapshots ORDER BY rowid")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(q("list snapshots"))?;
+    /// Every snapshot of `workspace` (or of all), oldest first.
+    pub async fn list_snapshots(
+        &self,
+        workspace: Option<&str>,
+    ) -> Result<Vec<Snapshot>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM snapshots WHERE ?1 IS NULL OR workspace = ?1 ORDER BY rowid",
+        )
+        .bind(workspace)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("list snapshots"))?;
         rows.iter().map(snapshot_from_row).collect()
     }
 
@@ -306,6 +321,124 @@ impl Store {
         .await
         .map_err(q("ended resource ids"))?;
         Ok(rows.iter().map(|r| r.get::<String, _>("r")).collect())
+    }
+
+    /// Creates workspace `name` if it does not exist.
+    pub async fn ensure_workspace(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT OR IGNORE INTO workspaces (name, created_at) VALUES (?, ?)")
+            .bind(name)
+            .bind(ts(OffsetDateTime::now_utc()))
+            .execute(&self.pool)
+            .await
+            .map_err(q("ensure workspace"))?;
+        Ok(())
+    }
+
+    /// The quota of `workspace` (unlimited when it has none or does not exist).
+    pub async fn quota(&self, workspace: &str) -> Result<Quota, StoreError> {
+        let row = sqlx::query("SELECT max_sandboxes, max_memory_mb FROM workspaces WHERE name = ?")
+            .bind(workspace)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get quota"))?;
+        let to_u64 = |v: Option<i64>| v.map(|n| n.max(0) as u64);
+        Ok(row
+            .map(|r| Quota {
+                max_sandboxes: to_u64(r.get("max_sandboxes")),
+                max_memory_mb: to_u64(r.get("max_memory_mb")),
+            })
+            .unwrap_or_default())
+    }
+
+    /// Sets the quota of `workspace`, creating it if needed.
+    pub async fn set_quota(&self, workspace: &str, quota: Quota) -> Result<(), StoreError> {
+        self.ensure_workspace(workspace).await?;
+        sqlx::query("UPDATE workspaces SET max_sandboxes = ?, max_memory_mb = ? WHERE name = ?")
+            .bind(quota.max_sandboxes.map(|n| n as i64))
+            .bind(quota.max_memory_mb.map(|n| n as i64))
+            .bind(workspace)
+            .execute(&self.pool)
+            .await
+            .map_err(q("set quota"))?;
+        Ok(())
+    }
+
+    /// Sandboxes of `workspace` not ended, and the memory of those running or paused.
+    pub async fn usage(&self, workspace: &str) -> Result<Usage, StoreError> {
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(CASE WHEN status IN ('running', 'paused') \
+             THEN memory_mb ELSE 0 END), 0) AS mem FROM sandboxes \
+             WHERE workspace = ? AND status IN ('running', 'paused', 'hibernated')",
+        )
+        .bind(workspace)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("workspace usage"))?;
+        Ok(Usage {
+            sandboxes: r.get::<i64, _>("n").max(0) as u64,
+            memory_mb: r.get::<i64, _>("mem").max(0) as u64,
+        })
+    }
+
+    /// Stores a key's record under `hash`.
+    pub async fn insert_token(&self, t: &Token, hash: &str) -> Result<(), StoreError> {
+        self.ensure_workspace(&t.workspace).await?;
+        sqlx::query(
+            "INSERT INTO tokens (id, workspace, name, hash, prefix, admin, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.id)
+        .bind(&t.workspace)
+        .bind(&t.name)
+        .bind(hash)
+        .bind(&t.prefix)
+        .bind(t.admin)
+        .bind(ts(t.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(q("insert token"))?;
+        Ok(())
+    }
+
+    /// The live (not revoked) key whose hash is `hash`.
+    pub async fn token_by_hash(&self, hash: &str) -> Result<Option<Token>, StoreError> {
+        let row = sqlx::query("SELECT * FROM tokens WHERE hash = ? AND revoked_at IS NULL")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("find token"))?;
+        row.map(|r| token_from_row(&r)).transpose()
+    }
+
+    /// Keys of `workspace` (or of all), oldest first, revoked ones included.
+    pub async fn list_tokens(&self, workspace: Option<&str>) -> Result<Vec<Token>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM tokens WHERE ?1 IS NULL OR workspace = ?1 ORDER BY rowid")
+                .bind(workspace)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("list tokens"))?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    pub async fn get_token(&self, id: &str) -> Result<Option<Token>, StoreError> {
+        let row = sqlx::query("SELECT * FROM tokens WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get token"))?;
+        row.map(|r| token_from_row(&r)).transpose()
+    }
+
+    /// Revokes key `id` (no-op when already revoked).
+    pub async fn revoke_token(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+            .bind(ts(OffsetDateTime::now_utc()))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("revoke token"))?;
+        Ok(())
     }
 
     /// Sandboxes in `status`.
@@ -356,6 +489,29 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         on_timeout: OnTimeout::parse(&r.get::<String, _>("on_timeout"))
             .ok_or_else(|| corrupt("on_timeout"))?,
         traceparent: r.get("traceparent"),
+        workspace: r.get("workspace"),
+        id,
+    })
+}
+
+fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Token, StoreError> {
+    let id: String = r.get("id");
+    let parse = |col: &str, v: String| {
+        OffsetDateTime::parse(&v, &Rfc3339).map_err(|_| StoreError::Corrupt {
+            id: id.clone(),
+            what: col.to_owned(),
+        })
+    };
+    Ok(Token {
+        created_at: parse("created_at", r.get("created_at"))?,
+        revoked_at: r
+            .get::<Option<String>, _>("revoked_at")
+            .map(|v| parse("revoked_at", v))
+            .transpose()?,
+        workspace: r.get("workspace"),
+        name: r.get("name"),
+        prefix: r.get("prefix"),
+        admin: r.get("admin"),
         id,
     })
 }
@@ -371,6 +527,7 @@ fn snapshot_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Snapshot, StoreError
         name: r.get("name"),
         sandbox_id: r.get("sandbox_id"),
         template: r.get("template"),
+        workspace: r.get("workspace"),
         id,
     })
 }
@@ -404,6 +561,7 @@ mod tests {
             env: [("A".to_owned(), "b".to_owned())].into(),
             on_timeout: OnTimeout::Hibernate,
             traceparent: Some("00-4bf92f3564d486ad4bf92f3564d486ad-00f067aa0ba902b7-01".into()),
+            workspace: "team-a".into(),
         };
         store.insert_sandbox(&s).await.unwrap();
         assert_eq!(store.get_sandbox(&s.id).await.unwrap().unwrap(), s);

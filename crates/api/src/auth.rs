@@ -1,0 +1,347 @@
+//! API keys at the edge: who is calling (a key, or the local user when auth is off),
+//! which workspace's resources a request may name, and the `/v1/auth/*` routes.
+
+use crate::extract::JsonBody;
+use crate::{ApiError, AppState};
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use forkbox_core::auth::{Principal, Quota, Token, Usage};
+use forkbox_core::CoreError;
+use serde::{Deserialize, Serialize};
+
+/// Paths answered without a key.
+const OPEN: &[&str] = &["/v1/healthz", "/health", "/openapi.json"];
+
+/// The key a request carries: `Authorization: Bearer`, `X-API-Key` or `?access_token=`.
+fn key_of(req: &Request) -> Option<String> {
+    let h = req.headers();
+    if let Some(v) = h.get(axum::http::header::AUTHORIZATION) {
+        let v = v.to_str().unwrap_or_default();
+        let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Some(rest.trim().to_owned());
+        }
+    }
+    if let Some(v) = h.get("x-api-key") {
+        return Some(v.to_str().unwrap_or_default().trim().to_owned());
+    }
+    req.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "access_token")
+            .map(|(_, v)| v.into_owned())
+    })
+}
+
+/// Resolves the caller and refuses requests that name another workspace's resources
+/// (answered exactly like a missing resource, so existence does not leak).
+pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    if OPEN.contains(&path.as_str()) {
+        return next.run(req).await;
+    }
+    let principal = match key_of(&req) {
+        Some(key) => match st.manager.authenticate(&key).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return unauthorized("invalid or revoked API key"),
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+        None if st.auth_required => {
+            return unauthorized(
+                "an API key is required: Authorization: Bearer <key>, X-API-Key: <key> or ?access_token=<key>",
+            )
+        }
+        None => Principal::local(),
+    };
+    if path == "/metrics" && st.auth_required && !principal.admin {
+        return ApiError::from(CoreError::Forbidden("/metrics needs an admin key".into()))
+            .into_response();
+    }
+    if let Err(e) = check_owner(&st, &principal, &path).await {
+        return e.into_response();
+    }
+    strip_access_token(&mut req);
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// Removes `access_token` from the query, so handlers (and their strict query
+/// parsers) never see the key.
+fn strip_access_token(req: &mut Request) {
+    let Some(q) = req.uri().query() else { return };
+    if !q
+        .split('&')
+        .any(|kv| kv.split('=').next() == Some("access_token"))
+    {
+        return;
+    }
+    let rest: Vec<&str> = q
+        .split('&')
+        .filter(|kv| kv.split('=').next() != Some("access_token"))
+        .collect();
+    let pq = if rest.is_empty() {
+        req.uri().path().to_owned()
+    } else {
+        format!("{}?{}", req.uri().path(), rest.join("&"))
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(v) = pq.parse() {
+        parts.path_and_query = Some(v);
+        if let Ok(u) = axum::http::Uri::from_parts(parts) {
+            *req.uri_mut() = u;
+        }
+    }
+}
+
+fn unauthorized(msg: &str) -> Response {
+    let mut r = ApiError::Unauthorized(msg.to_owned()).into_response();
+    r.headers_mut().insert(
+        axum::http::header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+/// 404 unless every sandbox and snapshot the path names belongs to the caller's
+/// workspace (names of nothing are left to the handler, which answers 404 itself).
+async fn check_owner(st: &AppState, p: &Principal, path: &str) -> Result<(), ApiError> {
+    let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let mut sandboxes = Vec::new();
+    let mut snapshots = Vec::new();
+    match seg.as_slice() {
+        ["v1", "sandboxes", id, "merge_into", parent, ..] => {
+            sandboxes.push(*id);
+            sandboxes.push(*parent);
+        }
+        ["v1", "sandboxes", id, ..] => sandboxes.push(*id),
+        ["v1", "snapshots", id, ..] => snapshots.push(*id),
+        _ => {}
+    }
+    for id in sandboxes {
+        if let Some(ws) = st.manager.sandbox_workspace(id).await? {
+            if ws != p.workspace {
+                return Err(CoreError::NotFound(id.to_owned()).into());
+            }
+        }
+    }
+    for id in snapshots {
+        if let Some(ws) = st.manager.snapshot_workspace(id).await? {
+            if ws != p.workspace {
+                return Err(CoreError::NoSnapshot(id.to_owned()).into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Who the caller is.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct WhoAmI {
+    workspace: String,
+    /// The key used (`null` without one, when auth is off).
+    token_id: Option<String>,
+    token_name: Option<String>,
+    admin: bool,
+    /// Whether this server requires a key.
+    auth_required: bool,
+    quota: QuotaView,
+    usage: UsageView,
+}
+
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaView {
+    /// Most sandboxes not ended (running, paused, hibernated); `null` = unlimited.
+    max_sandboxes: Option<u64>,
+    /// Most memory of running and paused sandboxes, in MiB; `null` = unlimited.
+    max_memory_mb: Option<u64>,
+}
+
+impl From<Quota> for QuotaView {
+    fn from(q: Quota) -> Self {
+        QuotaView {
+            max_sandboxes: q.max_sandboxes,
+            max_memory_mb: q.max_memory_mb,
+        }
+    }
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct UsageView {
+    sandboxes: u64,
+    memory_mb: u64,
+}
+
+impl From<Usage> for UsageView {
+    fn from(u: Usage) -> Self {
+        UsageView {
+            sandboxes: u.sandboxes,
+            memory_mb: u.memory_mb,
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/auth/whoami", tag = "auth", responses((status = 200, body = WhoAmI), (status = 401, description = "Missing, invalid or revoked key", body = crate::error::ErrorBody)))]
+pub async fn whoami(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<WhoAmI>, ApiError> {
+    Ok(Json(WhoAmI {
+        quota: st.manager.quota(&p.workspace).await?.into(),
+        usage: st.manager.usage(&p.workspace).await?.into(),
+        workspace: p.workspace,
+        token_id: p.token_id,
+        token_name: p.token_name,
+        admin: p.admin,
+        auth_required: st.auth_required,
+    }))
+}
+
+/// An API key's record; `key` only in the answer that created it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TokenView {
+    id: String,
+    name: String,
+    workspace: String,
+    /// The key's first characters.
+    prefix: String,
+    admin: bool,
+    created_at: String,
+    revoked_at: Option<String>,
+    /// The key itself: shown once, at creation; store it now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+}
+
+impl From<Token> for TokenView {
+    fn from(t: Token) -> Self {
+        let ts = |t: time::OffsetDateTime| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        };
+        TokenView {
+            id: t.id,
+            name: t.name,
+            workspace: t.workspace,
+            prefix: t.prefix,
+            admin: t.admin,
+            created_at: ts(t.created_at),
+            revoked_at: t.revoked_at.map(ts),
+            key: None,
+        }
+    }
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TokenList {
+    tokens: Vec<TokenView>,
+}
+
+#[utoipa::path(get, path = "/v1/auth/tokens", tag = "auth", responses((status = 200, description = "The workspace's keys (every key for an admin key), revoked ones included", body = TokenList), (status = 401, description = "Missing, invalid or revoked key", body = crate::error::ErrorBody)))]
+pub async fn list_tokens(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<TokenList>, ApiError> {
+    Ok(Json(TokenList {
+        tokens: st
+            .manager
+            .tokens(&p)
+            .await?
+            .into_iter()
+            .map(TokenView::from)
+            .collect(),
+    }))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenBody {
+    /// A label for the key.
+    name: Option<String>,
+    /// The key's workspace (default: the caller's; another one needs an admin key and
+    /// is created if new).
+    workspace: Option<String>,
+    /// Whether the key may manage every workspace's keys and quotas (admin keys only).
+    #[serde(default)]
+    admin: bool,
+}
+
+#[utoipa::path(post, path = "/v1/auth/tokens", tag = "auth", request_body = CreateTokenBody, responses((status = 201, description = "The new key, shown once", body = TokenView), (status = "4XX", description = "Invalid request, or not allowed for this key", body = crate::error::ErrorBody)))]
+pub async fn create_token(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+    JsonBody(b): JsonBody<CreateTokenBody>,
+) -> Result<(StatusCode, Json<TokenView>), ApiError> {
+    let made = st
+        .manager
+        .create_token(
+            &p,
+            b.name.as_deref().unwrap_or("api"),
+            b.workspace.as_deref(),
+            b.admin,
+        )
+        .await?;
+    let mut v = TokenView::from(made.token);
+    v.key = Some(made.key);
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+#[utoipa::path(delete, path = "/v1/auth/tokens/{id}", tag = "auth", params(("id" = String, Path, description = "Key id (`tok-…`)")), responses((status = 200, description = "The revoked key; it fails from now on", body = TokenView), (status = "4XX", description = "No such key in this workspace", body = crate::error::ErrorBody)))]
+pub async fn revoke_token(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<TokenView>, ApiError> {
+    Ok(Json(st.manager.revoke_token(&p, &id).await?.into()))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct WorkspaceView {
+    name: String,
+    quota: QuotaView,
+    usage: UsageView,
+}
+
+/// The caller's own workspace, or any for an admin key.
+fn visible(p: &Principal, name: &str) -> Result<(), ApiError> {
+    if p.admin || p.workspace == name {
+        Ok(())
+    } else {
+        Err(CoreError::Forbidden(format!("workspace {name} is not this key's")).into())
+    }
+}
+
+#[utoipa::path(get, path = "/v1/auth/workspaces/{name}", tag = "auth", params(("name" = String, Path, description = "Workspace name")), responses((status = 200, body = WorkspaceView), (status = "4XX", description = "Not this key's workspace", body = crate::error::ErrorBody)))]
+pub async fn get_workspace(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<WorkspaceView>, ApiError> {
+    visible(&p, &name)?;
+    Ok(Json(WorkspaceView {
+        quota: st.manager.quota(&name).await?.into(),
+        usage: st.manager.usage(&name).await?.into(),
+        name,
+    }))
+}
+
+#[utoipa::path(put, path = "/v1/auth/workspaces/{name}", tag = "auth", params(("name" = String, Path, description = "Workspace name")), request_body = QuotaView, responses((status = 200, body = WorkspaceView), (status = "4XX", description = "Invalid quota, or not an admin key", body = crate::error::ErrorBody)))]
+pub async fn set_workspace(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    JsonBody(q): JsonBody<QuotaView>,
+) -> Result<Json<WorkspaceView>, ApiError> {
+    let quota = Quota {
+        max_sandboxes: q.max_sandboxes,
+        max_memory_mb: q.max_memory_mb,
+    };
+    st.manager.set_quota(&p, &name, quota).await?;
+    Ok(Json(WorkspaceView {
+        quota: quota.into(),
+        usage: st.manager.usage(&name).await?.into(),
+        name,
+    }))
+}

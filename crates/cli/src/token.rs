@@ -1,0 +1,152 @@
+//! `forkbox token create|ls|revoke`: API keys, through a running server or, with
+//! `--local`, straight in the data dir's database (how the first admin key is made).
+
+use crate::client::{Api, Conn};
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use forkbox_core::auth::{self, Token};
+use forkbox_core::store::Store;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Work on the database of the data dir instead of a server (no key needed; for
+    /// the first admin key).
+    #[arg(long, global = true)]
+    local: bool,
+    /// Data dir for `--local` (default as for `serve`).
+    #[arg(long, env = "FORKBOX_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: TokenCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Make a key; prints it once.
+    Create {
+        /// A label for the key.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// Its workspace (default: the caller's; `default` with `--local`).
+        #[arg(long)]
+        workspace: Option<String>,
+        /// May manage every workspace's keys and quotas.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List keys (never the keys themselves).
+    Ls,
+    /// Revoke a key by id (`tok-…`); it fails from the next request on.
+    Revoke { id: String },
+}
+
+pub async fn run(a: TokenArgs) -> anyhow::Result<()> {
+    let tokens: Vec<Value> = if a.local {
+        local(&a).await?
+    } else {
+        remote(&a).await?
+    };
+    if a.conn.json {
+        let out = match a.cmd {
+            TokenCmd::Ls => json!({ "tokens": tokens }),
+            _ => tokens.into_iter().next().unwrap_or(Value::Null),
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if let (TokenCmd::Create { .. }, Some(t)) = (&a.cmd, tokens.first()) {
+        println!("{}", t["key"].as_str().unwrap_or_default());
+        eprintln!(
+            "key {} of workspace {} made; it is shown only now",
+            t["id"].as_str().unwrap_or_default(),
+            t["workspace"].as_str().unwrap_or_default()
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<22} {:<16} {:<16} {:<12} {:<6} {:<21} REVOKED",
+        "ID", "NAME", "WORKSPACE", "PREFIX", "ADMIN", "CREATED"
+    );
+    for t in tokens {
+        let s = |k: &str| t[k].as_str().unwrap_or("-").to_owned();
+        println!(
+            "{:<22} {:<16} {:<16} {:<12} {:<6} {:<21} {}",
+            s("id"),
+            s("name"),
+            s("workspace"),
+            s("prefix"),
+            t["admin"].as_bool().unwrap_or(false),
+            s("created_at"),
+            s("revoked_at")
+        );
+    }
+    Ok(())
+}
+
+async fn remote(a: &TokenArgs) -> anyhow::Result<Vec<Value>> {
+    let api = Api::new(&a.conn)?;
+    Ok(match &a.cmd {
+        TokenCmd::Create {
+            name,
+            workspace,
+            admin,
+        } => {
+            let mut body = json!({ "name": name, "admin": admin });
+            if let Some(w) = workspace {
+                body["workspace"] = json!(w);
+            }
+            vec![api.post("/v1/auth/tokens", body).await?]
+        }
+        TokenCmd::Ls => {
+            let r = api
+                .send(api.http.get(format!("{}/v1/auth/tokens", api.base)))
+                .await?;
+            let v: Value = r.json().await?;
+            v["tokens"].as_array().cloned().unwrap_or_default()
+        }
+        TokenCmd::Revoke { id } => {
+            let r = api
+                .send(api.http.delete(format!("{}/v1/auth/tokens/{id}", api.base)))
+                .await?;
+            vec![r.json().await?]
+        }
+    })
+}
+
+async fn local(a: &TokenArgs) -> anyhow::Result<Vec<Value>> {
+    let data = crate::config::HostArgs::default_data_dir(a.data_dir.as_deref());
+    let db = data.join("forkbox.db");
+    std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
+    let store = Store::open(&db).await?;
+    let view = |t: &Token| serde_json::to_value(t).unwrap_or(Value::Null);
+    Ok(match &a.cmd {
+        TokenCmd::Create {
+            name,
+            workspace,
+            admin,
+        } => {
+            let ws = workspace.as_deref().unwrap_or(auth::DEFAULT_WORKSPACE);
+            anyhow::ensure!(
+                auth::valid_workspace(ws),
+                "workspace must be 1-64 characters of a-z, 0-9, '-' and '_'"
+            );
+            let made = auth::issue(&store, &auth::new_key(), name, ws, *admin).await?;
+            let mut v = view(&made.token);
+            v["key"] = json!(made.key);
+            vec![v]
+        }
+        TokenCmd::Ls => store.list_tokens(None).await?.iter().map(view).collect(),
+        TokenCmd::Revoke { id } => {
+            store.revoke_token(id).await?;
+            let t = store
+                .get_token(id)
+                .await?
+                .with_context(|| format!("no key {id} in {}", db.display()))?;
+            vec![view(&t)]
+        }
+    })
+}
