@@ -33,6 +33,13 @@ pub struct CreateBody {
     /// W3C trace context for the sandbox's work (else the request's `traceparent`
     /// header, if any).
     traceparent: Option<String>,
+    /// Host names (`pypi.org`, `*.example.com`) the sandbox may reach through its
+    /// egress proxy (`HTTP_PROXY`/`HTTPS_PROXY` are set inside). Absent or empty: no
+    /// network beyond loopback.
+    egress_allowlist: Option<Vec<String>>,
+    /// `none` (default; loopback only, or the proxy when `egress_allowlist` is given).
+    /// `full` (NAT to anywhere) is not offered by this server.
+    network: Option<String>,
 }
 
 /// A sandbox as the API shows it.
@@ -52,6 +59,8 @@ pub struct SandboxView {
     /// The sandbox this one was forked from.
     parent: Option<String>,
     on_timeout: &'static str,
+    /// Host names its egress proxy admits; `null`: no network beyond loopback.
+    egress_allowlist: Option<Vec<String>>,
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
@@ -75,6 +84,7 @@ impl From<Sandbox> for SandboxView {
             boot_ms: s.boot_ms,
             parent: s.parent,
             on_timeout: s.on_timeout.as_str(),
+            egress_allowlist: s.egress,
         }
     }
 }
@@ -92,6 +102,16 @@ pub async fn create(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     });
+    match b.network.as_deref() {
+        None | Some("none") => {}
+        Some("full") => {
+            return Err(ApiError::BadRequest(
+                "network \"full\" (NAT egress) is not offered by this server; use egress_allowlist"
+                    .into(),
+            ))
+        }
+        Some(_) => return Err(ApiError::BadRequest("network must be none or full".into())),
+    }
     let s = st
         .manager
         .create(CreateRequest {
@@ -110,6 +130,7 @@ pub async fn create(
             snapshot: b.snapshot,
             traceparent,
             workspace: p.workspace,
+            egress: b.egress_allowlist,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(s.into())))

@@ -27,6 +27,30 @@ pub struct HostArgs {
     /// `favordynmods`, which makes moving a sandbox into its cgroup ~10 ms faster).
     #[arg(long)]
     pub no_favordynmods: bool,
+    /// Fixed answers for the egress proxy's name lookups, `name=ip` (like curl's
+    /// `--resolve`; private mirrors, tests). Repeatable, or comma-separated in the env.
+    #[arg(long, env = "FORKBOX_EGRESS_RESOLVE", value_delimiter = ',', value_parser = parse_resolve)]
+    pub egress_resolve: Vec<(String, std::net::IpAddr)>,
+}
+
+fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
+    let (name, ip) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not name=ip"))?;
+    let ip = ip
+        .trim()
+        .parse()
+        .map_err(|_| format!("{ip:?} is not an IP address"))?;
+    Ok((name.trim().trim_end_matches('.').to_ascii_lowercase(), ip))
+}
+
+/// The egress network namespace of the server using `data` (one per data dir, so test
+/// servers and production never share one).
+fn egress_netns(data: &std::path::Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data.hash(&mut h);
+    format!("forkbox-egress-{:08x}", h.finish() as u32)
 }
 
 impl HostArgs {
@@ -67,6 +91,10 @@ impl HostArgs {
             uid_base: self.uid_base,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             favordynmods: !self.no_favordynmods,
+            egress: forkbox_net::EgressConfig {
+                netns: egress_netns(&data),
+                resolve: self.egress_resolve.iter().cloned().collect(),
+            },
         })
     }
 

@@ -49,6 +49,7 @@ pub enum OnExit {
 /// A server that is set up and bound, not yet serving.
 pub struct Server {
     pub manager: Arc<Manager>,
+    pub jail: Arc<forkbox_jail::JailRuntime>,
     pub listener: tokio::net::TcpListener,
     pub auth_required: bool,
 }
@@ -81,7 +82,8 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
         .with_context(|| format!("prepare template {}", args.default_template))?;
     let data = args.host.data_dir();
     let store = Store::open(&data.join("forkbox.db")).await?;
-    let runtime: Arc<dyn Runtime> = Arc::new(runtime);
+    let jail = Arc::new(runtime);
+    let runtime: Arc<dyn Runtime> = jail.clone();
     let manager = Manager::new(
         store,
         runtime,
@@ -119,6 +121,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
         .with_context(|| format!("listen on {}", args.listen))?;
     Ok(Server {
         manager,
+        jail,
         listener,
         auth_required,
     })
@@ -129,6 +132,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let server = build(&args).await?;
     let addr = server.listener.local_addr()?;
     let manager = server.manager.clone();
+    let jail = server.jail.clone();
     manager.spawn_reaper(std::time::Duration::from_millis(500));
     // The line tests and scripts wait for.
     println!("forkbox listening on http://{addr}");
@@ -141,6 +145,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         OnExit::Destroy => {
             tracing::info!("shutting down: destroying live sandboxes");
             manager.shutdown().await;
+            jail.remove_egress().await;
         }
         OnExit::Keep => {
             tracing::info!(

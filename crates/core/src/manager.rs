@@ -224,6 +224,24 @@ impl Manager {
         if req.env.values().any(|v| v.contains('\0')) {
             return Err(CoreError::Invalid("env values must not contain NUL".into()));
         }
+        let egress = match &req.egress {
+            Some(list) if !list.is_empty() => {
+                forkbox_types::egress::Allowlist::parse(list).map_err(CoreError::Invalid)?;
+                Some(list.clone())
+            }
+            _ => None,
+        };
+        let mut env = req.env.clone();
+        if egress.is_some() {
+            let proxy = format!("http://{}", forkbox_types::egress::PROXY_ADDR);
+            for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                env.entry(k.to_owned()).or_insert_with(|| proxy.clone());
+            }
+            for k in ["NO_PROXY", "no_proxy"] {
+                env.entry(k.to_owned())
+                    .or_insert_with(|| "localhost,127.0.0.1,::1".to_owned());
+            }
+        }
         Ok((
             CreateSpec {
                 id: id.to_owned(),
@@ -231,8 +249,9 @@ impl Manager {
                 cpu_millis: (cpu * 1000.0).round() as u64,
                 memory_bytes: memory_mb * 1024 * 1024,
                 pids_max: c.pids_max,
-                env: req.env.clone(),
+                env,
                 snapshot: None,
+                egress,
             },
             cpu,
             memory_mb,
@@ -250,6 +269,7 @@ impl Manager {
             pids_max: self.config.pids_max,
             env: rec.env.clone(),
             snapshot: None,
+            egress: rec.egress.clone(),
         }
     }
 
@@ -326,6 +346,7 @@ impl Manager {
             on_timeout: req.on_timeout,
             traceparent: trace.as_ref().map(TraceParent::header),
             workspace,
+            egress: spec.egress.clone(),
         };
         if let Err(e) = self.store.insert_sandbox(&record).await {
             let _ = instance.destroy().await;

@@ -104,6 +104,8 @@ pub struct Sandbox {
     pub traceparent: Option<String>,
     /// The workspace that owns it (fork children inherit it).
     pub workspace: String,
+    /// Host names its egress proxy admits; `None`: no network beyond loopback.
+    pub egress: Option<Vec<String>>,
 }
 
 /// What happens when a sandbox's time to live runs out.
@@ -162,6 +164,9 @@ pub struct CreateRequest {
     pub traceparent: Option<String>,
     /// The owning workspace; empty means [`crate::auth::DEFAULT_WORKSPACE`].
     pub workspace: String,
+    /// Host names the sandbox may reach through its egress proxy (`None` or empty: no
+    /// network beyond loopback).
+    pub egress: Option<Vec<String>>,
 }
 
 /// What an exec call runs.

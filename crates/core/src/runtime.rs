@@ -23,6 +23,9 @@ pub struct CreateSpec {
     pub env: BTreeMap<String, String>,
     /// Start from this named snapshot's filesystem instead of the template's.
     pub snapshot: Option<String>,
+    /// Give the sandbox a link to an egress proxy admitting these host names
+    /// (`forkbox_types::egress`); `None`: loopback only.
+    pub egress: Option<Vec<String>>,
 }
 
 type Source = Box<dyn std::error::Error + Send + Sync>;

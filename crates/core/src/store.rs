@@ -69,8 +69,8 @@ impl Store {
         for s in all {
             sqlx::query(
                 "INSERT INTO sandboxes (id, runtime, template, status, cpu, memory_mb, timeout_s, metadata, \
-                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent, workspace) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent, workspace, egress) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&s.id)
             .bind(&s.runtime)
@@ -92,6 +92,7 @@ impl Store {
             .bind(s.on_timeout.as_str())
             .bind(&s.traceparent)
             .bind(&s.workspace)
+            .bind(s.egress.as_ref().and_then(|e| serde_json::to_string(e).ok()))
             .execute(&mut *tx)
             .await
             .map_err(q("insert sandbox"))?;
@@ -490,6 +491,10 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
             .ok_or_else(|| corrupt("on_timeout"))?,
         traceparent: r.get("traceparent"),
         workspace: r.get("workspace"),
+        egress: r
+            .get::<Option<String>, _>("egress")
+            .map(|e| serde_json::from_str(&e).map_err(|_| corrupt("egress")))
+            .transpose()?,
         id,
     })
 }
@@ -562,6 +567,7 @@ mod tests {
             on_timeout: OnTimeout::Hibernate,
             traceparent: Some("00-4bf92f3564d486ad4bf92f3564d486ad-00f067aa0ba902b7-01".into()),
             workspace: "team-a".into(),
+            egress: Some(vec!["pypi.org".into()]),
         };
         store.insert_sandbox(&s).await.unwrap();
         assert_eq!(store.get_sandbox(&s.id).await.unwrap().unwrap(), s);

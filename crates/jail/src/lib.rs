@@ -54,6 +54,8 @@ pub struct JailConfig {
     /// Remount the cgroup2 hierarchy with `favordynmods` (see
     /// `forkbox_sys::cgroup::enable_favordynmods`).
     pub favordynmods: bool,
+    /// Where egress sandboxes' links and proxies live (made on first use).
+    pub egress: forkbox_net::EgressConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +84,8 @@ struct Inner {
     run_dir: PathBuf,
     uid_base: u32,
     lineage: std::sync::Mutex<Lineage>,
+    egress_cfg: forkbox_net::EgressConfig,
+    egress: tokio::sync::OnceCell<Arc<forkbox_net::Egress>>,
 }
 
 /// Fork ancestry of live sandboxes, by runtime key (the id a sandbox was made with).
@@ -199,12 +203,22 @@ impl JailRuntime {
                 run_dir: cfg.run_dir.clone(),
                 uid_base: cfg.uid_base,
                 lineage: Default::default(),
+                egress_cfg: cfg.egress.clone(),
+                egress: tokio::sync::OnceCell::new(),
             }),
         })
     }
 
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    /// Removes the egress namespace if one was made (at shutdown, once every sandbox is
+    /// gone).
+    pub async fn remove_egress(&self) {
+        if let Some(e) = self.inner.egress.get() {
+            e.remove().await;
+        }
     }
 
     pub fn cgroups(&self) -> &Driver {
@@ -260,6 +274,8 @@ struct Resources {
     run_dir: Option<PathBuf>,
     pidfd: Option<Arc<OwnedFd>>,
     pid: Option<i32>,
+    /// The egress link's proxy (stopped when dropped; the link dies with the netns).
+    egress: Option<forkbox_net::Attachment>,
 }
 
 impl Resources {
@@ -320,6 +336,7 @@ impl Resources {
             let _ = std::fs::remove_dir_all(&d);
         }
         self.pid = None;
+        self.egress = None;
         Ok(())
     }
 }
@@ -532,6 +549,7 @@ impl Inner {
                         run_dir: has_run.then_some(run),
                         pidfd: forkbox_sys::pidfd::open(p1).ok().map(Arc::new),
                         pid: Some(p1),
+                        egress: None,
                     };
                     self.lineage().nodes.insert(
                         c.clone(),
@@ -630,6 +648,8 @@ impl Inner {
             }
         }
         let rootfs = self.pool.sandbox(id);
+        // The link survived with the sandbox; its proxy did not: link it afresh.
+        let egress = self.attach_egress(spec, pid).await?;
         let alive = Arc::new(AtomicBool::new(true));
         {
             let alive = alive.clone();
@@ -653,9 +673,33 @@ impl Inner {
                 run_dir: Some(run),
                 pidfd: Some(pidfd),
                 pid: Some(pid),
+                egress,
             }),
             rt: self.clone(),
         }))
+    }
+
+    /// Links a sandbox with an allowlist to its egress proxy; `None` without one.
+    async fn attach_egress(
+        &self,
+        spec: &CreateSpec,
+        pid: i32,
+    ) -> Result<Option<forkbox_net::Attachment>, RuntimeError> {
+        let Some(list) = &spec.egress else {
+            return Ok(None);
+        };
+        let allow =
+            forkbox_types::egress::Allowlist::parse(list).map_err(RuntimeError::Rejected)?;
+        let egress = self
+            .egress
+            .get_or_try_init(|| forkbox_net::Egress::open(self.egress_cfg.clone()))
+            .await
+            .map_err(|e| RuntimeError::host("open the egress namespace", &spec.id, e))?;
+        egress
+            .attach(&spec.id, pid, allow)
+            .await
+            .map(Some)
+            .map_err(|e| RuntimeError::host("link the sandbox to its egress proxy", &spec.id, e))
     }
 
     async fn cleanup_in(&self, id: &str) -> Result<(), RuntimeError> {
@@ -672,6 +716,7 @@ impl Inner {
             run_dir: run_dir.exists().then_some(run_dir),
             pidfd: None,
             pid: None,
+            egress: None,
         };
         res.release().await
     }
@@ -781,6 +826,8 @@ impl Inner {
             id: id.to_owned(),
             source: e.into(),
         })?;
+        // 6. The egress link, before any user code can run.
+        res.egress = self.attach_egress(spec, pid).await?;
         tracing::debug!(
             sandbox = id,
             snapshot_and_cgroup_ms = t_fs_cg.as_secs_f64() * 1e3,

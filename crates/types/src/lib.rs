@@ -5,5 +5,6 @@
 //! runtimes and the in-sandbox agent agree on one definition.
 
 pub mod agent;
+pub mod egress;
 pub mod exec;
 pub mod pty;
