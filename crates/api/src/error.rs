@@ -42,6 +42,7 @@ impl ApiError {
                 CoreError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
                 CoreError::Quota(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
                 CoreError::NoToken(_) => (StatusCode::NOT_FOUND, "token_not_found"),
+                CoreError::NoLanguage(_) => (StatusCode::NOT_FOUND, "language_not_found"),
                 CoreError::Runtime(r) => match r {
                     RuntimeError::UnknownTemplate(_) => {
                         (StatusCode::BAD_REQUEST, "unknown_template")

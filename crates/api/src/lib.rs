@@ -8,6 +8,7 @@ mod events;
 mod extract;
 mod files;
 mod pty;
+mod runner;
 mod sandboxes;
 
 pub use error::ApiError;
@@ -101,6 +102,11 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(files::mkdir))
         .routes(routes!(files::rename))
         .routes(routes!(sandboxes::merge_into))
+        .routes(routes!(runner::languages))
+        .routes(routes!(runner::language))
+        .routes(routes!(runner::execute))
+        .routes(routes!(runner::list_rootfs, runner::build_rootfs))
+        .routes(routes!(runner::list_warm, runner::warm))
         .routes(routes!(auth::whoami))
         .routes(routes!(auth::list_tokens, auth::create_token))
         .routes(routes!(auth::revoke_token))

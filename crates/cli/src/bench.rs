@@ -361,6 +361,58 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
 
+    // One-shot execute `print(1)` with a warm pool of python sandboxes, against
+    // `python3 -c 'print(1)'` on the host.
+    http.post(format!("{base}/api/v1/snapshots"))
+        .json(&serde_json::json!({"language": "python", "size": 4}))
+        .send()
+        .await?;
+    let mut execute = Vec::with_capacity(n);
+    let mut python_c = Vec::with_capacity(n);
+    for i in 0..n + 2 {
+        // Let the pool refill between runs: this measures a hand-over, as with a pool
+        // sized for the load.
+        let filled = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < filled {
+            let v: serde_json::Value = http
+                .get(format!("{base}/api/v1/snapshots"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if v["snapshots"][0]["ready"].as_u64().unwrap_or(0) >= 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t = Instant::now();
+        let v: serde_json::Value = http
+            .post(format!("{base}/api/v1/execute"))
+            .json(&serde_json::json!({"language": "python", "code": "print(1)"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let took = t.elapsed();
+        if v["stdout"] != "1\n" {
+            bail!("execute answered {v}");
+        }
+        let t = Instant::now();
+        let out = tokio::process::Command::new("python3")
+            .args(["-c", "print(1)"])
+            .output()
+            .await
+            .context("run python3")?;
+        let took_c = t.elapsed();
+        if out.stdout != b"1\n" {
+            bail!("python3 -c failed");
+        }
+        if i >= 2 {
+            execute.push(ms(took));
+            python_c.push(ms(took_c));
+        }
+    }
+
     // Baseline: unshare with the same namespaces + chroot into the template + echo.
     let cfg = args.host.jail_config()?;
     let root = cfg.pool_dir.join("templates").join("python");
@@ -436,6 +488,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             name: "merge_into (HTTP)",
             samples: merge,
             budget: Some(10.0),
+        },
+        Row {
+            name: "execute `print(1)` one-shot, warm pool (POST /api/v1/execute)",
+            samples: execute,
+            budget: Some(30.0),
+        },
+        Row {
+            name: "baseline: `python3 -c 'print(1)'` on the host",
+            samples: python_c,
+            budget: None,
         },
         Row {
             name: "reference: local Jupyter kernel `print(1)` execute round trip",

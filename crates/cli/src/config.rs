@@ -31,6 +31,9 @@ pub struct HostArgs {
     /// `--resolve`; private mirrors, tests). Repeatable, or comma-separated in the env.
     #[arg(long, env = "FORKBOX_EGRESS_RESOLVE", value_delimiter = ',', value_parser = parse_resolve)]
     pub egress_resolve: Vec<(String, std::net::IpAddr)>,
+    /// Languages and template recipes (TOML; default: the list built into forkbox).
+    #[arg(long, env = "FORKBOX_LANGUAGES")]
+    pub languages: Option<PathBuf>,
 }
 
 fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
@@ -91,10 +94,19 @@ impl HostArgs {
             uid_base: self.uid_base,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             favordynmods: !self.no_favordynmods,
+            recipes: self.languages()?.recipes(),
             egress: forkbox_net::EgressConfig {
                 netns: egress_netns(&data),
                 resolve: self.egress_resolve.iter().cloned().collect(),
             },
+        })
+    }
+
+    /// The languages list in effect.
+    pub fn languages(&self) -> anyhow::Result<forkbox_core::languages::Languages> {
+        Ok(match &self.languages {
+            Some(p) => forkbox_core::languages::Languages::load(p)?,
+            None => forkbox_core::languages::Languages::builtin()?,
         })
     }
 

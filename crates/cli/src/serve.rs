@@ -89,6 +89,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
         runtime,
         ManagerConfig {
             default_template: args.default_template.clone(),
+            languages: Arc::new(args.host.languages()?),
             ..ManagerConfig::default()
         },
     );

@@ -7,9 +7,11 @@
 pub mod auth;
 pub mod events;
 pub mod ids;
+pub mod languages;
 pub mod manager;
 pub mod metrics;
 pub mod model;
+pub mod runner;
 pub mod runtime;
 pub mod store;
 pub mod trace;
@@ -46,6 +48,8 @@ pub enum CoreError {
     Quota(String),
     #[error("API key {0} not found")]
     NoToken(String),
+    #[error("language not found: {0}")]
+    NoLanguage(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]

@@ -35,6 +35,8 @@ pub struct ManagerConfig {
     pub default_timeout_s: u64,
     pub max_timeout_s: u64,
     pub pids_max: u64,
+    /// Languages of the one-shot runner.
+    pub languages: Arc<crate::languages::Languages>,
 }
 
 impl Default for ManagerConfig {
@@ -49,6 +51,7 @@ impl Default for ManagerConfig {
             default_timeout_s: 300,
             max_timeout_s: 24 * 3600,
             pids_max: 512,
+            languages: Arc::new(crate::languages::Languages::builtin().unwrap_or_default()),
         }
     }
 }
@@ -95,6 +98,8 @@ pub struct Manager {
     /// Held from a quota check until the sandboxes it admitted are recorded, so two
     /// concurrent creates cannot both take the last place.
     admitting: tokio::sync::Mutex<()>,
+    /// The runner's warm pools and template builds.
+    warm: Mutex<crate::runner::Warm>,
 }
 
 /// Locks `m`, shrugging off poisoning (the data are plain maps).
@@ -148,7 +153,20 @@ impl Manager {
             metrics: Arc::default(),
             quotas: Mutex::new(HashMap::new()),
             admitting: tokio::sync::Mutex::new(()),
+            warm: Mutex::new(Default::default()),
         })
+    }
+
+    pub(crate) fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    pub(crate) fn runtime(&self) -> &Arc<dyn Runtime> {
+        &self.runtime
+    }
+
+    pub(crate) fn warm(&self) -> &Mutex<crate::runner::Warm> {
+        &self.warm
     }
 
     /// The manager's metrics, with the live-sandbox gauge brought up to date.

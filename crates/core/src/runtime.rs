@@ -28,6 +28,18 @@ pub struct CreateSpec {
     pub egress: Option<Vec<String>>,
 }
 
+/// A built template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateInfo {
+    pub name: String,
+    /// Bytes of its files, when measured at build time.
+    pub size_bytes: Option<u64>,
+    pub packages: Vec<String>,
+    pub built_at: time::OffsetDateTime,
+    /// Where it lives on the host.
+    pub path: String,
+}
+
 type Source = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runtime failures, by what the API should answer.
@@ -129,6 +141,12 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Makes sure `template` exists, building it if this runtime can.
     async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError>;
+
+    /// What is known of a built template; `None` when it is not built.
+    async fn template_info(&self, template: &str) -> Option<TemplateInfo> {
+        let _ = template;
+        None
+    }
 
     /// Creates a running sandbox whose agent answers.
     async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError>;

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use forkbox_agent_client::AgentClient;
 use forkbox_core::runtime::{
     AgentEvents, ByteStream, CreateSpec, FileErrorKind, Forked, GcReport, Instance, Runtime,
-    RuntimeError, UploadStream,
+    RuntimeError, TemplateInfo, UploadStream,
 };
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
 use forkbox_types::agent::{
@@ -56,6 +56,8 @@ pub struct JailConfig {
     pub favordynmods: bool,
     /// Where egress sandboxes' links and proxies live (made on first use).
     pub egress: forkbox_net::EgressConfig,
+    /// Debian packages of each template forkbox may build, by name.
+    pub recipes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,7 @@ struct Inner {
     lineage: std::sync::Mutex<Lineage>,
     egress_cfg: forkbox_net::EgressConfig,
     egress: tokio::sync::OnceCell<Arc<forkbox_net::Egress>>,
+    recipes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Fork ancestry of live sandboxes, by runtime key (the id a sandbox was made with).
@@ -205,6 +208,7 @@ impl JailRuntime {
                 lineage: Default::default(),
                 egress_cfg: cfg.egress.clone(),
                 egress: tokio::sync::OnceCell::new(),
+                recipes: cfg.recipes.clone(),
             }),
         })
     }
@@ -241,7 +245,8 @@ impl Inner {
         name: &str,
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<template::TemplateMeta, template::TemplateError> {
-        template::ensure(&self.pool, name, self.uid_base, progress).await
+        let recipe = self.recipes.get(name).map(Vec::as_slice);
+        template::ensure(&self.pool, name, recipe, self.uid_base, progress).await
     }
 
     /// Starts tracking a live sandbox in the fork lineage.
@@ -437,6 +442,17 @@ impl Runtime for JailRuntime {
             .await
             .map_err(|e| RuntimeError::host("delete snapshot", snapshot, e))?
             .map_err(|e| RuntimeError::host("delete snapshot", snapshot, e))
+    }
+
+    async fn template_info(&self, template: &str) -> Option<TemplateInfo> {
+        let m = template::built(&self.inner.pool, template, self.inner.uid_base)?;
+        Some(TemplateInfo {
+            name: m.name,
+            size_bytes: m.size_bytes,
+            packages: m.packages,
+            built_at: m.built_at,
+            path: self.inner.pool.template(template).display().to_string(),
+        })
     }
 
     async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
@@ -752,7 +768,7 @@ impl Inner {
         } else if let Origin::Template = origin {
             let template = self.pool.template(&spec.template);
             if !self.pool.template_meta(&spec.template).exists() {
-                if template::builtin_packages(&spec.template).is_some() {
+                if self.recipes.contains_key(&spec.template) {
                     self.prepare_template(&spec.template).await?;
                 } else {
                     return Err(RuntimeError::UnknownTemplate(spec.template.clone()));

@@ -10,25 +10,6 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncBufReadExt;
 
-/// Templates forkbox knows how to build by name.
-pub fn builtin_packages(name: &str) -> Option<&'static [&'static str]> {
-    match name {
-        "python" => Some(&[
-            "python3",
-            "python3-pip",
-            "python3-venv",
-            "nodejs",
-            "bash",
-            "coreutils",
-            "procps",
-            "ca-certificates",
-            "mount",
-            "iproute2",
-        ]),
-        _ => None,
-    }
-}
-
 pub const SUITE: &str = "bookworm";
 
 /// What is recorded beside a finished template.
@@ -41,6 +22,35 @@ pub struct TemplateMeta {
     #[serde(with = "time::serde::rfc3339")]
     pub built_at: time::OffsetDateTime,
     pub build_seconds: f64,
+    /// Bytes of its files (templates built before this was recorded have none).
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+}
+
+/// The metadata of a built template, if it is built for `uid_base`.
+pub fn built(pool: &Pool, name: &str, uid_base: u32) -> Option<TemplateMeta> {
+    ready(pool, name, uid_base).ok().flatten()
+}
+
+/// Bytes of the regular files under `root` (each file once, hard links counted once).
+fn tree_size(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+        } else if md.is_file() && seen.insert((md.dev(), md.ino())) {
+            total += md.len();
+        }
+    }
+    total
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,16 +88,18 @@ fn read_meta(path: &Path) -> Option<TemplateMeta> {
 
 /// Returns the template's metadata, building the template first if it is missing.
 /// `progress` receives one line per build step.
+/// `recipe` is the template's package list (`None`: forkbox has no recipe for it).
 pub async fn ensure(
     pool: &Pool,
     name: &str,
+    recipe: Option<&[String]>,
     uid_base: u32,
     progress: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<TemplateMeta, TemplateError> {
     if let Some(m) = ready(pool, name, uid_base)? {
         return Ok(m);
     }
-    let packages = builtin_packages(name).ok_or_else(|| TemplateError::Unknown(name.into()))?;
+    let packages = recipe.ok_or_else(|| TemplateError::Unknown(name.into()))?;
     let lock_path = pool.lock_file();
     let lock = {
         let lock_path = lock_path.clone();
@@ -135,7 +147,7 @@ fn ready(pool: &Pool, name: &str, uid_base: u32) -> Result<Option<TemplateMeta>,
 async fn build(
     pool: &Pool,
     name: &str,
-    packages: &[&str],
+    packages: &[String],
     uid_base: u32,
     progress: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<TemplateMeta, TemplateError> {
@@ -207,15 +219,20 @@ async fn build(
         let _ = forkbox_sys::btrfs::delete_subvolume(&tmp);
         return Err(e);
     }
+    let measured = tmp.clone();
+    let size_bytes = tokio::task::spawn_blocking(move || tree_size(&measured))
+        .await
+        .ok();
     std::fs::rename(&tmp, &final_path).map_err(|e| TemplateError::Io(name.into(), e))?;
     forkbox_sys::btrfs::set_readonly(&final_path, true)?;
     let meta = TemplateMeta {
         name: name.into(),
         suite: SUITE.into(),
-        packages: packages.iter().map(|p| p.to_string()).collect(),
+        packages: packages.to_vec(),
         uid_base,
         built_at: time::OffsetDateTime::now_utc(),
         build_seconds: started.elapsed().as_secs_f64(),
+        size_bytes,
     };
     let meta_path = pool.template_meta(name);
     let tmp_meta = meta_path.with_extension("json.tmp");

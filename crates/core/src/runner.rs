@@ -1,0 +1,400 @@
+//! The one-shot runner (`/api/v1/execute`): code in a language of `languages.toml`
+//! runs in a fresh throw-away sandbox of the language's template, taken from a warm
+//! pool when one is kept, and destroyed afterwards.
+
+use crate::languages::Language;
+use crate::manager::{Manager, EXIT_UNKNOWN};
+use crate::model::{CreateRequest, ExecCommand, Work};
+use crate::CoreError;
+use forkbox_types::exec::{EventKind, ExecEvent};
+use futures_util::stream::{BoxStream, StreamExt};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Workspace of the runner's own sandboxes: no key can name it (`@` is not allowed in
+/// workspace names), so they are never listed or touched through the API.
+pub const RUNNER_WORKSPACE: &str = "@runner";
+/// Where the code is written and commands run, inside the sandbox.
+pub const RUN_DIR: &str = "/tmp";
+/// Most bytes of stdout (and of stderr) kept in one answer.
+pub const MAX_OUTPUT: usize = 1 << 20;
+/// Longest run.
+pub const MAX_TIMEOUT_S: u64 = 600;
+/// Ready sandboxes kept per warmed template unless asked otherwise.
+pub const DEFAULT_WARM: usize = 2;
+
+/// Output of a command, collected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: i32,
+}
+
+/// Collects an exec's events, keeping at most [`MAX_OUTPUT`] bytes of each stream (a
+/// note on stderr says when output was cut).
+pub async fn collect(mut events: BoxStream<'static, ExecEvent>) -> Collected {
+    let mut c = Collected {
+        exit_code: EXIT_UNKNOWN,
+        ..Default::default()
+    };
+    let (mut cut_out, mut cut_err) = (false, false);
+    while let Some(ev) = events.next().await {
+        match ev.kind {
+            EventKind::Stdout(d) => push_capped(&mut c.stdout, &d, &mut cut_out),
+            EventKind::Stderr(d) => push_capped(&mut c.stderr, &d, &mut cut_err),
+            EventKind::Exit(code) => c.exit_code = code,
+        }
+    }
+    for (cut, name) in [(cut_out, "stdout"), (cut_err, "stderr")] {
+        if cut {
+            c.stderr
+                .push_str(&format!("forkbox: {name} was cut at {MAX_OUTPUT} bytes\n"));
+        }
+    }
+    c
+}
+
+fn push_capped(buf: &mut String, s: &str, cut: &mut bool) {
+    if buf.len() + s.len() <= MAX_OUTPUT {
+        buf.push_str(s);
+        return;
+    }
+    let mut room = MAX_OUTPUT.saturating_sub(buf.len());
+    while room > 0 && !s.is_char_boundary(room) {
+        room -= 1;
+    }
+    buf.push_str(&s[..room]);
+    *cut = true;
+}
+
+/// One execute call.
+#[derive(Debug, Clone)]
+pub struct Execute {
+    pub language: String,
+    pub code: String,
+    /// Seconds for compile and run together.
+    pub timeout_s: u64,
+}
+
+/// Its answer.
+#[derive(Debug, Clone)]
+pub struct Executed {
+    pub language: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: i32,
+    /// Time to a ready sandbox.
+    pub load: Duration,
+    /// Time writing, compiling and running the code.
+    pub exec: Duration,
+}
+
+/// Sandboxes kept ready per template, and how many to keep.
+#[derive(Default)]
+pub(crate) struct Warm {
+    ready: HashMap<String, VecDeque<String>>,
+    target: HashMap<String, usize>,
+    /// Commands run in a new pool sandbox before it counts as ready.
+    warmups: HashMap<String, Vec<String>>,
+    /// Pool sandboxes being made right now.
+    pending: HashMap<String, usize>,
+    /// Templates being built in the background, with the last failure if any.
+    pub(crate) building: HashMap<String, Option<String>>,
+}
+
+fn lock(m: &Mutex<Warm>) -> std::sync::MutexGuard<'_, Warm> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// The state of a language's template.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RootfsState {
+    Ready(crate::runtime::TemplateInfo),
+    Building,
+    Failed(String),
+    Missing,
+}
+
+/// A warm pool's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmPool {
+    pub template: String,
+    pub ready: usize,
+    pub target: usize,
+}
+
+impl Manager {
+    /// A language by name or alias, or `NoLanguage`.
+    pub fn language(&self, name: &str) -> Result<Language, CoreError> {
+        self.config()
+            .languages
+            .find(name)
+            .cloned()
+            .ok_or_else(|| CoreError::NoLanguage(name.to_owned()))
+    }
+
+    /// Every language, in file order.
+    pub fn languages(&self) -> Vec<Language> {
+        self.config().languages.all().to_vec()
+    }
+
+    /// Whether `lang`'s template is built, being built, or neither.
+    pub async fn rootfs_state(&self, lang: &Language) -> RootfsState {
+        if let Some(info) = self.runtime().template_info(&lang.template).await {
+            return RootfsState::Ready(info);
+        }
+        match lock(self.warm()).building.get(&lang.template) {
+            Some(None) => RootfsState::Building,
+            Some(Some(e)) => RootfsState::Failed(e.clone()),
+            None => RootfsState::Missing,
+        }
+    }
+
+    /// Starts building `lang`'s template in the background unless it is built or being
+    /// built; true when a build was started.
+    pub fn build_rootfs(self: &Arc<Self>, lang: &Language) -> bool {
+        let t = lang.template.clone();
+        {
+            let mut w = lock(self.warm());
+            if matches!(w.building.get(&t), Some(None)) {
+                return false;
+            }
+            w.building.insert(t.clone(), None);
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let res = me.runtime().prepare_template(&t).await;
+            let mut w = lock(me.warm());
+            match res {
+                Ok(()) => {
+                    w.building.remove(&t);
+                }
+                Err(e) => {
+                    tracing::error!(template = %t, error = %e, "template build failed");
+                    w.building.insert(t, Some(e.to_string()));
+                }
+            }
+        });
+        true
+    }
+
+    /// Keeps `n` ready sandboxes of `lang`'s template for execute (0 stops).
+    pub fn warm_up(self: &Arc<Self>, lang: &Language, n: usize) {
+        {
+            let mut w = lock(self.warm());
+            w.target.insert(lang.template.clone(), n);
+            let cmds = w.warmups.entry(lang.template.clone()).or_default();
+            let cmd = lang.warmup_command().to_owned();
+            if !cmds.contains(&cmd) {
+                cmds.push(cmd);
+            }
+        }
+        self.refill(&lang.template);
+    }
+
+    /// Warm pools and their fill.
+    pub fn warm_pools(&self) -> Vec<WarmPool> {
+        let w = lock(self.warm());
+        let mut v: Vec<WarmPool> = w
+            .target
+            .iter()
+            .map(|(t, n)| WarmPool {
+                template: t.clone(),
+                ready: w.ready.get(t).map_or(0, VecDeque::len),
+                target: *n,
+            })
+            .collect();
+        v.sort_by(|a, b| a.template.cmp(&b.template));
+        v
+    }
+
+    /// Tops up `template`'s pool in the background, never blocking a request.
+    fn refill(self: &Arc<Self>, template: &str) {
+        let me = self.clone();
+        let t = template.to_owned();
+        tokio::spawn(async move {
+            loop {
+                {
+                    let mut w = lock(me.warm());
+                    let have = w.ready.get(&t).map_or(0, VecDeque::len)
+                        + w.pending.get(&t).copied().unwrap_or(0);
+                    if w.target.get(&t).copied().unwrap_or(0) <= have {
+                        return;
+                    }
+                    *w.pending.entry(t.clone()).or_default() += 1;
+                }
+                let done = |w: &mut Warm| {
+                    if let Some(p) = w.pending.get_mut(&t) {
+                        *p = p.saturating_sub(1);
+                    }
+                };
+                let s = match me
+                    .create(me.runner_request(&t, me.config().max_timeout_s))
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(template = %t, error = %e, "warm pool refill");
+                        done(&mut lock(me.warm()));
+                        return;
+                    }
+                };
+                let warmups = lock(me.warm()).warmups.get(&t).cloned().unwrap_or_default();
+                for cmd in warmups {
+                    let run = ExecCommand {
+                        work: Work::Command(cmd),
+                        cwd: Some(RUN_DIR.to_owned()),
+                        env: Default::default(),
+                        timeout: Some(30.0),
+                    };
+                    if let Ok(events) = me.exec(&s.id, run).await {
+                        collect(events).await;
+                    }
+                }
+                let mut w = lock(me.warm());
+                done(&mut w);
+                w.ready.entry(t.clone()).or_default().push_back(s.id);
+            }
+        });
+    }
+
+    fn runner_request(&self, template: &str, timeout_s: u64) -> CreateRequest {
+        CreateRequest {
+            template: Some(template.to_owned()),
+            timeout: Some(timeout_s),
+            workspace: RUNNER_WORKSPACE.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// A ready sandbox of `template` from its warm pool, if one is there and alive.
+    async fn take_warm(self: &Arc<Self>, template: &str, timeout_s: u64) -> Option<String> {
+        loop {
+            let id = lock(self.warm()).ready.get_mut(template)?.pop_front()?;
+            self.refill(template);
+            if self.set_timeout(&id, timeout_s).await.is_ok() {
+                return Some(id);
+            }
+        }
+    }
+
+    /// Runs `req` in a throw-away sandbox. Unknown language: `NoLanguage`; template not
+    /// built: a build starts and the call answers `Conflict` (try again when built).
+    pub async fn execute(self: &Arc<Self>, req: Execute) -> Result<Executed, CoreError> {
+        let lang = self.language(&req.language)?;
+        if req.timeout_s == 0 || req.timeout_s > MAX_TIMEOUT_S {
+            return Err(CoreError::Invalid(format!(
+                "timeout must be between 1 and {MAX_TIMEOUT_S} seconds"
+            )));
+        }
+        if req.code.contains('\0') {
+            return Err(CoreError::Invalid("code must not contain NUL".into()));
+        }
+        if self.runtime().template_info(&lang.template).await.is_none() {
+            let started = self.build_rootfs(&lang);
+            return Err(CoreError::Conflict(format!(
+                "the rootfs of {} (template {}) is not built yet; {} — see GET /api/v1/rootfs",
+                lang.name,
+                lang.template,
+                if started {
+                    "its build started now"
+                } else {
+                    "it is being built"
+                }
+            )));
+        }
+        let t0 = Instant::now();
+        let life = req.timeout_s + 60;
+        let id = match self.take_warm(&lang.template, life).await {
+            Some(id) => id,
+            None => {
+                self.create(self.runner_request(&lang.template, life))
+                    .await?
+                    .id
+            }
+        };
+        let load = t0.elapsed();
+        let out = self.run_in(&id, &lang, &req).await;
+        let exec = t0.elapsed() - load;
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.delete(&id).await {
+                tracing::warn!(sandbox = %id, error = %e, "delete after execute");
+            }
+        });
+        let out = out?;
+        Ok(Executed {
+            language: lang.name,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+            load,
+            exec,
+        })
+    }
+
+    async fn run_in(
+        &self,
+        id: &str,
+        lang: &Language,
+        req: &Execute,
+    ) -> Result<Collected, CoreError> {
+        let path = format!("{RUN_DIR}/{}", lang.file_name());
+        let code = bytes::Bytes::from(req.code.clone().into_bytes());
+        self.write_file(
+            id,
+            &path,
+            futures_util::stream::once(async move { Ok(code) }).boxed(),
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(req.timeout_s);
+        let sh = |cmd: &str| ExecCommand {
+            work: Work::Command(cmd.to_owned()),
+            cwd: Some(RUN_DIR.to_owned()),
+            env: Default::default(),
+            timeout: Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64()
+                    .max(0.001),
+            ),
+        };
+        let mut built = Collected::default();
+        if let Some(compile) = &lang.compile {
+            built = collect(self.exec(id, sh(compile)).await?).await;
+            if built.exit_code != 0 {
+                return Ok(built);
+            }
+        }
+        let mut ran = collect(self.exec(id, sh(&lang.run)).await?).await;
+        // Compiler warnings come first, as a terminal would show them.
+        built.stdout.push_str(&ran.stdout);
+        built.stderr.push_str(&ran.stderr);
+        ran.stdout = built.stdout;
+        ran.stderr = built.stderr;
+        Ok(ran)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_capped_on_a_char_boundary() {
+        let mut buf = "x".repeat(MAX_OUTPUT - 1);
+        let mut cut = false;
+        push_capped(&mut buf, "é", &mut cut);
+        assert!(cut);
+        assert_eq!(buf.len(), MAX_OUTPUT - 1);
+        let mut small = String::new();
+        let mut cut2 = false;
+        push_capped(&mut small, "hi", &mut cut2);
+        assert_eq!((small.as_str(), cut2), ("hi", false));
+    }
+}
