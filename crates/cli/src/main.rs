@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod config;
 mod serve;
+mod shell;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
