@@ -4,6 +4,8 @@
 #                template, start the server on 127.0.0.1:7070
 #   make test    the same preparation, then lint and the whole test suite
 #   make bench   build release binaries and write docs/performance.md
+#   make fuzz    run every fuzz target for FUZZ_SECONDS (default 300) each; `make test`
+#                runs them for FUZZ_SMOKE_SECONDS (default 6) each (`make fuzz-smoke`)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -13,7 +15,7 @@ AGENT := $(CURDIR)/target/agent/forkbox-agent
 TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 
-.PHONY: all deps agent build build-release serve test lint unit e2e bench bench-deps sdk-deps fmt clean
+.PHONY: all deps agent build build-release serve test lint unit e2e bench bench-deps sdk-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -42,7 +44,7 @@ build:
 serve: deps agent build-release
 	./target/release/forkbox serve
 
-lint:
+lint: fuzz-lint
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
@@ -53,8 +55,59 @@ sdk-deps: deps
 	@[ -x $(SDK_VENV)/bin/python ] || python3 -m venv $(SDK_VENV)
 	@$(SDK_VENV)/bin/pip install -q -e 'sdk/python[test]' schemathesis
 
+# Fuzzing: cargo-fuzz (libFuzzer) on stable Rust with `--sanitizer none`; the crate in
+# fuzz/ is its own workspace. Why and what the targets check: docs/reliability.md.
+TOOLS := $(CURDIR)/target/tools
+CARGO_FUZZ := $(TOOLS)/bin/cargo-fuzz
+CARGO_FUZZ_VERSION := 0.13.2
+FUZZ_TARGETS := pty_decode pty_roundtrip agent_json ndjson_roundtrip path_normalize path_resolve
+FUZZ_SMOKE_SECONDS ?= 6
+FUZZ_SECONDS ?= 300
+FUZZ_TARGET_DIR := $(CURDIR)/target/fuzz
+FUZZ_CORPUS := $(CURDIR)/target/fuzz-corpus
+# The path_resolve target builds its escape-attempt tree under TMPDIR.
+FUZZ_TMP := $(CURDIR)/target/fuzz-tmp
+FUZZ := TMPDIR=$(FUZZ_TMP) $(CARGO_FUZZ) fuzz
+
+fuzz-deps:
+	@$(CARGO_FUZZ) --version 2>/dev/null | grep -qx 'cargo-fuzz $(CARGO_FUZZ_VERSION)' || \
+	  $(CARGO) install --locked --root $(TOOLS) --version $(CARGO_FUZZ_VERSION) cargo-fuzz
+
+fuzz-lint:
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
+	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --target-dir $(CURDIR)/target/fuzz-clippy -- -D warnings
+
+fuzz-build: fuzz-deps
+	$(FUZZ) build -s none --target-dir $(FUZZ_TARGET_DIR)
+
+# Runs each target for $(1) seconds on its kept corpus (target/fuzz-corpus/<target>, grown
+# by every run) plus the committed seeds; a crash stops with the input saved under
+# fuzz/artifacts/<target>/ and the fuzzer's report on stderr.
+define fuzz_all
+	@rm -rf $(FUZZ_TMP) && mkdir -p $(FUZZ_TMP)
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_CORPUS)/$$t; \
+	  seeds=""; [ -d fuzz/seeds/$$t ] && seeds=fuzz/seeds/$$t; \
+	  dict=""; case $$t in path_*) dict=-dict=fuzz/dicts/path.dict;; esac; \
+	  log=$(FUZZ_TMP)/$$t.log; \
+	  if $(FUZZ) run -s none --target-dir $(FUZZ_TARGET_DIR) $$t $(FUZZ_CORPUS)/$$t $$seeds -- \
+	       -max_total_time=$(1) -timeout=10 $$dict >$$log 2>&1; then \
+	    echo "fuzz $$t: ok, $$(grep -o 'Done [0-9]* runs in [0-9]* second(s)' $$log)"; \
+	  else \
+	    tail -n 60 $$log >&2; echo "fuzz $$t: FAILED (log: $$log)" >&2; exit 1; \
+	  fi; \
+	done
+	@rm -rf $(FUZZ_TMP)/forkbox-fuzz-root-*
+endef
+
+fuzz-smoke: fuzz-build
+	$(call fuzz_all,$(FUZZ_SMOKE_SECONDS))
+
+fuzz: fuzz-build
+	$(call fuzz_all,$(FUZZ_SECONDS))
+
 # Tests share one cached template pool; each test server gets its own data dir.
-test: deps agent build lint sdk-deps
+test: deps agent build lint sdk-deps fuzz-smoke
 	./target/debug/forkbox template prepare --data-dir $(dir $(TEST_POOL)) --pool $(TEST_POOL)
 	FORKBOX_TEST_POOL=$(TEST_POOL) $(CARGO) test --workspace -- --test-threads=4
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(SDK_VENV)/bin/python -m pytest -q sdk/python/tests

@@ -361,12 +361,52 @@ impl Stream for ByteStream {
     }
 }
 
+/// Splits NDJSON bytes, pushed in chunks of any size, into lines and decodes each as
+/// `T`. Empty lines (the padding the agent adds to keep its frames large, see its
+/// server) are skipped; an unterminated last line is never yielded.
+pub struct NdjsonDecoder<T> {
+    buf: BytesMut,
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> Default for NdjsonDecoder<T> {
+    fn default() -> Self {
+        NdjsonDecoder {
+            buf: BytesMut::new(),
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> NdjsonDecoder<T> {
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole line, decoded; `None` until a whole non-empty line is buffered.
+    pub fn next_item(&mut self) -> Option<Result<T, serde_json::Error>> {
+        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+            let line = self.buf.split_to(pos + 1);
+            if pos == 0 {
+                continue;
+            }
+            return Some(serde_json::from_slice(&line[..pos]));
+        }
+        None
+    }
+
+    /// Bytes buffered that are not yet a whole line.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
 /// NDJSON lines decoded as `T` from a response body.
 pub struct NdjsonStream<T> {
     body: hyper::body::Incoming,
-    buf: BytesMut,
+    dec: NdjsonDecoder<T>,
     done: bool,
-    _t: std::marker::PhantomData<fn() -> T>,
 }
 
 /// [`AgentEvent`]s of an exec or cell.
@@ -378,9 +418,8 @@ impl<T> NdjsonStream<T> {
     fn new(body: hyper::body::Incoming) -> Self {
         NdjsonStream {
             body,
-            buf: BytesMut::new(),
+            dec: NdjsonDecoder::default(),
             done: false,
-            _t: std::marker::PhantomData,
         }
     }
 }
@@ -390,15 +429,8 @@ impl<T: serde::de::DeserializeOwned> Stream for NdjsonStream<T> {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-                let line = self.buf.split_to(pos + 1);
-                if pos == 0 {
-                    // Padding the agent adds to keep its frames large (see its server).
-                    continue;
-                }
-                return Poll::Ready(Some(
-                    serde_json::from_slice(&line[..pos]).map_err(AgentError::Decode),
-                ));
+            if let Some(item) = self.dec.next_item() {
+                return Poll::Ready(Some(item.map_err(AgentError::Decode)));
             }
             if self.done {
                 return Poll::Ready(None);
@@ -412,10 +444,50 @@ impl<T: serde::de::DeserializeOwned> Stream for NdjsonStream<T> {
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
+                        self.dec.push(&data);
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ndjson_lines_decode_across_splits_and_skip_padding() {
+        let events = [
+            AgentEvent::Stdout { data: "a\n".into() },
+            AgentEvent::Exit {
+                code: 3,
+                signal: None,
+                timed_out: false,
+            },
+        ];
+        let mut bytes = Vec::new();
+        for e in &events {
+            bytes.extend_from_slice(serde_json::to_string(e).unwrap_or_default().as_bytes());
+            bytes.extend_from_slice(b"\n\n\n");
+        }
+        for split in 1..bytes.len() {
+            let mut d = NdjsonDecoder::<AgentEvent>::default();
+            let mut got = Vec::new();
+            for c in bytes.chunks(split) {
+                d.push(c);
+                while let Some(e) = d.next_item() {
+                    got.push(e.ok());
+                }
+            }
+            assert_eq!(got, events.iter().cloned().map(Some).collect::<Vec<_>>());
+            assert_eq!(d.pending(), 0);
+        }
+        let mut d = NdjsonDecoder::<AgentEvent>::default();
+        d.push(b"{\"type\":\"nope\"}\n{\"type\":\"stderr\",\"data\":\"x\"}\n{\"type\"");
+        assert!(matches!(d.next_item(), Some(Err(_))));
+        assert!(matches!(d.next_item(), Some(Ok(AgentEvent::Stderr { .. }))));
+        assert!(d.next_item().is_none());
+        assert_eq!(d.pending(), 7);
     }
 }

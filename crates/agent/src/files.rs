@@ -10,7 +10,7 @@ use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstatat, FileStat, Mode};
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -85,7 +85,19 @@ fn root() -> Result<OwnedFd, FileError> {
 
 /// `openat2` of `path` inside the sandbox's root.
 pub fn open_in_root(path: &str, flags: OFlag, mode: u32) -> Result<OwnedFd, FileError> {
-    let r = root()?;
+    open_beneath(root()?.as_fd(), path, flags, mode)
+}
+
+/// `openat2` of `path` with `root` as its root directory (`RESOLVE_IN_ROOT |
+/// RESOLVE_NO_MAGICLINKS`): `..`, absolute paths and symlinks resolve as if `root`
+/// were `/`, so the result is always `root` or beneath it. [`open_in_root`] uses the
+/// process's root; the fuzz targets use a temporary directory.
+pub fn open_beneath(
+    root: BorrowedFd<'_>,
+    path: &str,
+    flags: OFlag,
+    mode: u32,
+) -> Result<OwnedFd, FileError> {
     let c = CString::new(path).map_err(|_| FileError::BadPath("contains NUL"))?;
     // SAFETY: open_how is plain data; zero is valid for the fields we do not set.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
@@ -100,7 +112,7 @@ pub fn open_in_root(path: &str, flags: OFlag, mode: u32) -> Result<OwnedFd, File
     let fd = unsafe {
         libc::syscall(
             libc::SYS_openat2,
-            r.as_raw_fd(),
+            root.as_raw_fd(),
             c.as_ptr(),
             &how as *const libc::open_how,
             std::mem::size_of::<libc::open_how>(),

@@ -12,7 +12,6 @@
 
 mod bg;
 mod exec;
-mod files;
 mod jail_init;
 mod kernels;
 mod lines;
@@ -21,6 +20,9 @@ mod reaper;
 mod server;
 mod watch;
 mod zygote;
+
+// The file resolver lives in the library target (`lib.rs`) so the fuzz targets can link it.
+use forkbox_agent::files;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;

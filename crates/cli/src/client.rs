@@ -71,6 +71,15 @@ pub enum SandboxCmd {
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
     },
+    /// An interactive terminal in a sandbox (a login shell unless --cmd); exits with
+    /// its exit code. With a pipe on stdin, the terminal settings are left alone and
+    /// Ctrl-D is sent at the end of the input.
+    Shell {
+        id: String,
+        /// Run this command line instead of the login shell.
+        #[arg(long)]
+        cmd: Option<String>,
+    },
     /// Fork a sandbox into N children; prints their ids.
     Fork {
         id: String,
@@ -292,6 +301,11 @@ pub async fn sandbox(conn: Conn, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
         SandboxCmd::Exec { id, cmd } => {
             let code = api
                 .stream_exec(&id, json!({ "cmd": cmd.join(" ") }))
+                .await?;
+            return Ok(exit_code(code));
+        }
+        SandboxCmd::Shell { id, cmd } => {
+            let code = crate::shell::shell(&api.base, conn.api_key.as_deref(), &id, cmd.as_deref())
                 .await?;
             return Ok(exit_code(code));
         }

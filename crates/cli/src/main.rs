@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod config;
 mod serve;
+mod shell;
 mod token;
 
 use clap::{Parser, Subcommand};

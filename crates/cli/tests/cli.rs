@@ -95,3 +95,74 @@ async fn run_and_sandbox_commands() {
         text(&o.stderr)
     );
 }
+
+/// Runs `forkbox` with `input` piped to its stdin; kills it after 60 s.
+fn forkbox_piped(s: &Server, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_forkbox"))
+        .args(args)
+        .env("FORKBOX_URL", &s.base)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .is_err()
+        {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = done_tx.send(());
+    watchdog.join().unwrap();
+    out
+}
+
+#[tokio::test]
+async fn shell_through_a_pipe() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    // A login shell on a terminal; the output is the terminal's (echo included), so look
+    // for what only running the line prints.
+    let o = forkbox_piped(
+        &s,
+        &["sandbox", "shell", &id],
+        "echo hel''lo $((6 * 7)) $(tty); exit 3\n",
+    );
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("hello 42 /dev/pts/"),
+        "{out:?} {}",
+        text(&o.stderr)
+    );
+    assert_eq!(o.status.code(), Some(3), "{out:?} {}", text(&o.stderr));
+    // --cmd, and the end of the input arrives as an end of file.
+    let o = forkbox_piped(
+        &s,
+        &["sandbox", "shell", &id, "--cmd", "cat > /tmp/got; exit 4"],
+        "line one\nline two\n",
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o.stderr));
+    let (got, _, code) = s.sh(&id, "cat /tmp/got").await;
+    assert_eq!((got.as_str(), code), ("line one\nline two\n", 0));
+    // Errors: the server's message and a failing exit code.
+    let o = forkbox_piped(&s, &["sandbox", "shell", "sbx-nope"], "");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("404"), "{}", text(&o.stderr));
+    assert_eq!(s.delete(&id).await, 204);
+    let o = forkbox_piped(&s, &["sandbox", "shell", &id], "");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("410"), "{}", text(&o.stderr));
+}
