@@ -10,7 +10,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 # System packages forkbox needs at run time and for its tests.
-APT_PACKAGES := btrfs-progs mmdebstrap util-linux mount procps iproute2 python3 python3-venv ca-certificates
+APT_PACKAGES := btrfs-progs mmdebstrap util-linux mount procps iproute2 e2fsprogs python3 python3-venv ca-certificates
 AGENT := $(CURDIR)/target/agent/forkbox-agent
 TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)

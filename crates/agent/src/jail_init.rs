@@ -275,7 +275,17 @@ fn sandbox_side(cfg: &JailInit, go: &mut File) -> Result<Option<crate::server::A
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
         .map_err(|e| format!("unshare cgroup namespace: {e}"))?;
     nix::unistd::sethostname(&cfg.id).map_err(|e| format!("sethostname: {e}"))?;
-    forkbox_sys::mounts::enter_rootfs(std::path::Path::new(&cfg.rootfs))
+    let binds: Vec<(&std::path::Path, &std::path::Path)> = cfg
+        .binds
+        .iter()
+        .map(|b| {
+            (
+                std::path::Path::new(b.source.as_str()),
+                std::path::Path::new(b.target.as_str()),
+            )
+        })
+        .collect();
+    forkbox_sys::mounts::enter_rootfs(std::path::Path::new(&cfg.rootfs), &binds)
         .map_err(|e| e.to_string())?;
     forkbox_sys::net::loopback_up().map_err(|e| format!("loopback up: {e}"))?;
     let null = std::fs::OpenOptions::new()

@@ -117,6 +117,13 @@ async fn check_owner(st: &AppState, p: &Principal, path: &str) -> Result<(), Api
         }
         ["v1", "sandboxes", id, ..] => sandboxes.push(*id),
         ["v1", "snapshots", id, ..] => snapshots.push(*id),
+        ["v1", "volumes", id, ..] => {
+            if let Some(ws) = st.manager.volume_workspace(id).await? {
+                if ws != p.workspace {
+                    return Err(CoreError::NoVolume((*id).to_owned()).into());
+                }
+            }
+        }
         _ => {}
     }
     for id in sandboxes {

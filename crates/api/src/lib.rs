@@ -10,6 +10,7 @@ mod files;
 mod pty;
 mod runner;
 mod sandboxes;
+mod volumes;
 
 pub use error::ApiError;
 
@@ -102,6 +103,8 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(files::mkdir))
         .routes(routes!(files::rename))
         .routes(routes!(sandboxes::merge_into))
+        .routes(routes!(volumes::create, volumes::list))
+        .routes(routes!(volumes::get, volumes::delete))
         .routes(routes!(runner::languages))
         .routes(routes!(runner::language))
         .routes(routes!(runner::execute))

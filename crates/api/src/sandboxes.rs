@@ -37,9 +37,21 @@ pub struct CreateBody {
     /// egress proxy (`HTTP_PROXY`/`HTTPS_PROXY` are set inside). Absent or empty: no
     /// network beyond loopback.
     egress_allowlist: Option<Vec<String>>,
+    /// Volumes of the caller's workspace to mount: `[{"id": "vol-…", "mount": "/data"}]`.
+    #[serde(default)]
+    volumes: Vec<VolumeMountBody>,
     /// `none` (default; loopback only, or the proxy when `egress_allowlist` is given).
     /// `full` (NAT to anywhere) is not offered by this server.
     network: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, utoipa::ToSchema, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMountBody {
+    /// `vol-…`
+    id: String,
+    /// Absolute path inside the sandbox.
+    mount: String,
 }
 
 /// A sandbox as the API shows it.
@@ -61,6 +73,8 @@ pub struct SandboxView {
     on_timeout: &'static str,
     /// Host names its egress proxy admits; `null`: no network beyond loopback.
     egress_allowlist: Option<Vec<String>>,
+    /// Volumes it mounts.
+    volumes: Vec<VolumeMountBody>,
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
@@ -85,6 +99,14 @@ impl From<Sandbox> for SandboxView {
             parent: s.parent,
             on_timeout: s.on_timeout.as_str(),
             egress_allowlist: s.egress,
+            volumes: s
+                .volumes
+                .into_iter()
+                .map(|v| VolumeMountBody {
+                    id: v.id,
+                    mount: v.mount,
+                })
+                .collect(),
         }
     }
 }
@@ -131,6 +153,14 @@ pub async fn create(
             traceparent,
             workspace: p.workspace,
             egress: b.egress_allowlist,
+            volumes: b
+                .volumes
+                .into_iter()
+                .map(|v| forkbox_core::VolumeMount {
+                    id: v.id,
+                    mount: v.mount,
+                })
+                .collect(),
         })
         .await?;
     Ok((StatusCode::CREATED, Json(s.into())))

@@ -95,6 +95,7 @@ impl HostArgs {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             favordynmods: !self.no_favordynmods,
             recipes: self.languages()?.recipes(),
+            volumes_dir: data.join("volumes"),
             egress: forkbox_net::EgressConfig {
                 netns: egress_netns(&data),
                 resolve: self.egress_resolve.iter().cloned().collect(),

@@ -146,7 +146,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         OnExit::Destroy => {
             tracing::info!("shutting down: destroying live sandboxes");
             manager.shutdown().await;
-            jail.remove_egress().await;
+            jail.release_host_resources().await;
         }
         OnExit::Keep => {
             tracing::info!(

@@ -15,10 +15,12 @@ pub mod runner;
 pub mod runtime;
 pub mod store;
 pub mod trace;
+pub mod volumes;
 
 pub use manager::{ForkOutcome, Manager, ManagerConfig, MAX_FORK};
 pub use model::{
-    CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,
+    CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Volume,
+    VolumeMount, Work,
 };
 pub use runtime::{
     ByteStream, FileErrorKind, GcReport, Instance, Runtime, RuntimeError, UploadStream,
@@ -50,6 +52,8 @@ pub enum CoreError {
     NoToken(String),
     #[error("language not found: {0}")]
     NoLanguage(String),
+    #[error("volume {0} not found")]
+    NoVolume(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]

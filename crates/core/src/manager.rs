@@ -161,6 +161,10 @@ impl Manager {
         &self.config
     }
 
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub(crate) fn runtime(&self) -> &Arc<dyn Runtime> {
         &self.runtime
     }
@@ -249,6 +253,7 @@ impl Manager {
             }
             _ => None,
         };
+        crate::volumes::check_mounts(&req.volumes)?;
         let mut env = req.env.clone();
         if egress.is_some() {
             let proxy = format!("http://{}", forkbox_types::egress::PROXY_ADDR);
@@ -270,6 +275,7 @@ impl Manager {
                 env,
                 snapshot: None,
                 egress,
+                volumes: req.volumes.clone(),
             },
             cpu,
             memory_mb,
@@ -288,6 +294,7 @@ impl Manager {
             env: rec.env.clone(),
             snapshot: None,
             egress: rec.egress.clone(),
+            volumes: rec.volumes.clone(),
         }
     }
 
@@ -337,6 +344,9 @@ impl Manager {
                 return Err(CoreError::NoSnapshot(snap.id.clone()));
             }
         }
+        for v in &req.volumes {
+            self.volume_of(&workspace, &v.id).await?;
+        }
         let (mut spec, cpu, memory_mb, timeout) = self.spec(&id, &req)?;
         spec.snapshot = snap.map(|s| s.id);
         let _admitted = self.admit(&workspace, 1, memory_mb).await?;
@@ -365,6 +375,7 @@ impl Manager {
             traceparent: trace.as_ref().map(TraceParent::header),
             workspace,
             egress: spec.egress.clone(),
+            volumes: spec.volumes.clone(),
         };
         if let Err(e) = self.store.insert_sandbox(&record).await {
             let _ = instance.destroy().await;

@@ -106,6 +106,28 @@ pub struct Sandbox {
     pub workspace: String,
     /// Host names its egress proxy admits; `None`: no network beyond loopback.
     pub egress: Option<Vec<String>>,
+    /// Volumes it mounts.
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// A volume mounted into a sandbox at `mount` (an absolute path).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    pub id: String,
+    pub mount: String,
+}
+
+/// A persistent directory with a size limit that outlives sandboxes and can be
+/// mounted into several at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: String,
+    pub name: String,
+    pub size_mb: u64,
+    #[serde(skip)]
+    pub workspace: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
 }
 
 /// What happens when a sandbox's time to live runs out.
@@ -167,6 +189,8 @@ pub struct CreateRequest {
     /// Host names the sandbox may reach through its egress proxy (`None` or empty: no
     /// network beyond loopback).
     pub egress: Option<Vec<String>>,
+    /// Volumes to mount (of the same workspace).
+    pub volumes: Vec<VolumeMount>,
 }
 
 /// What an exec call runs.

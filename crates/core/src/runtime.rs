@@ -26,6 +26,8 @@ pub struct CreateSpec {
     /// Give the sandbox a link to an egress proxy admitting these host names
     /// (`forkbox_types::egress`); `None`: loopback only.
     pub egress: Option<Vec<String>>,
+    /// Volumes to mount.
+    pub volumes: Vec<crate::model::VolumeMount>,
 }
 
 /// A built template.
@@ -186,6 +188,28 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> Result<GcReport, RuntimeError> {
         let _ = (keep, candidates);
         Ok(GcReport::default())
+    }
+
+    /// Makes the storage of volume `id` with room for `size_mb` MiB.
+    async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), RuntimeError> {
+        let _ = (id, size_mb);
+        Err(RuntimeError::Unavailable(
+            "this runtime has no volumes".into(),
+        ))
+    }
+
+    /// Frees the storage of volume `id` (no sandbox mounts it any more).
+    async fn delete_volume(&self, id: &str) -> Result<(), RuntimeError> {
+        let _ = id;
+        Err(RuntimeError::Unavailable(
+            "this runtime has no volumes".into(),
+        ))
+    }
+
+    /// Bytes used in volume `id`, when known.
+    async fn volume_used(&self, id: &str) -> Option<u64> {
+        let _ = id;
+        None
     }
 
     /// Deletes a named snapshot's filesystem.

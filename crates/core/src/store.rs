@@ -1,7 +1,7 @@
 //! Persistent state in SQLite (sqlx, WAL, embedded migrations).
 
 use crate::auth::{Quota, Token, Usage};
-use crate::model::{ListFilter, OnTimeout, Sandbox, Snapshot, Status};
+use crate::model::{ListFilter, OnTimeout, Sandbox, Snapshot, Status, Volume};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use std::path::{Path, PathBuf};
@@ -69,8 +69,8 @@ impl Store {
         for s in all {
             sqlx::query(
                 "INSERT INTO sandboxes (id, runtime, template, status, cpu, memory_mb, timeout_s, metadata, \
-                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent, workspace, egress) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent, workspace, egress, volumes) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&s.id)
             .bind(&s.runtime)
@@ -93,6 +93,7 @@ impl Store {
             .bind(&s.traceparent)
             .bind(&s.workspace)
             .bind(s.egress.as_ref().and_then(|e| serde_json::to_string(e).ok()))
+            .bind(serde_json::to_string(&s.volumes).unwrap_or_else(|_| "[]".into()))
             .execute(&mut *tx)
             .await
             .map_err(q("insert sandbox"))?;
@@ -442,6 +443,63 @@ impl Store {
         Ok(())
     }
 
+    pub async fn insert_volume(&self, v: &Volume) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO volumes (id, name, size_mb, workspace, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&v.id)
+        .bind(&v.name)
+        .bind(v.size_mb as i64)
+        .bind(&v.workspace)
+        .bind(ts(v.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(q("insert volume"))?;
+        Ok(())
+    }
+
+    /// Volumes of `workspace` (or of all), oldest first.
+    pub async fn list_volumes(&self, workspace: Option<&str>) -> Result<Vec<Volume>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM volumes WHERE ?1 IS NULL OR workspace = ?1 ORDER BY rowid")
+                .bind(workspace)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("list volumes"))?;
+        rows.iter().map(volume_from_row).collect()
+    }
+
+    pub async fn get_volume(&self, id: &str) -> Result<Option<Volume>, StoreError> {
+        let row = sqlx::query("SELECT * FROM volumes WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get volume"))?;
+        row.map(|r| volume_from_row(&r)).transpose()
+    }
+
+    pub async fn delete_volume(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM volumes WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("delete volume"))?;
+        Ok(())
+    }
+
+    /// Sandboxes not ended (running, paused, hibernated) that mount volume `id`.
+    pub async fn sandboxes_mounting(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.id AS id FROM sandboxes s, json_each(s.volumes) v \
+             WHERE json_extract(v.value, '$.id') = ? AND s.status IN ('running', 'paused', 'hibernated')",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("sandboxes mounting a volume"))?;
+        Ok(rows.iter().map(|r| r.get::<String, _>("id")).collect())
+    }
+
     /// Sandboxes in `status`.
     pub async fn sandboxes_with_status(&self, status: Status) -> Result<Vec<Sandbox>, StoreError> {
         let rows = sqlx::query("SELECT * FROM sandboxes WHERE status = ? ORDER BY created_at")
@@ -495,6 +553,8 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
             .get::<Option<String>, _>("egress")
             .map(|e| serde_json::from_str(&e).map_err(|_| corrupt("egress")))
             .transpose()?,
+        volumes: serde_json::from_str(&r.get::<String, _>("volumes"))
+            .map_err(|_| corrupt("volumes"))?,
         id,
     })
 }
@@ -517,6 +577,21 @@ fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Token, StoreError> {
         name: r.get("name"),
         prefix: r.get("prefix"),
         admin: r.get("admin"),
+        id,
+    })
+}
+
+fn volume_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Volume, StoreError> {
+    let id: String = r.get("id");
+    let created: String = r.get("created_at");
+    Ok(Volume {
+        created_at: OffsetDateTime::parse(&created, &Rfc3339).map_err(|_| StoreError::Corrupt {
+            id: id.clone(),
+            what: "created_at".into(),
+        })?,
+        name: r.get("name"),
+        size_mb: r.get::<i64, _>("size_mb").max(0) as u64,
+        workspace: r.get("workspace"),
         id,
     })
 }
@@ -568,6 +643,10 @@ mod tests {
             traceparent: Some("00-4bf92f3564d486ad4bf92f3564d486ad-00f067aa0ba902b7-01".into()),
             workspace: "team-a".into(),
             egress: Some(vec!["pypi.org".into()]),
+            volumes: vec![crate::model::VolumeMount {
+                id: "vol-0123456789abcdef".into(),
+                mount: "/data".into(),
+            }],
         };
         store.insert_sandbox(&s).await.unwrap();
         assert_eq!(store.get_sandbox(&s.id).await.unwrap().unwrap(), s);

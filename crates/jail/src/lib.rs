@@ -13,6 +13,7 @@
 pub mod agent_image;
 pub mod pool;
 pub mod template;
+pub mod volumes;
 
 use agent_image::AgentImage;
 use async_trait::async_trait;
@@ -58,6 +59,8 @@ pub struct JailConfig {
     pub egress: forkbox_net::EgressConfig,
     /// Debian packages of each template forkbox may build, by name.
     pub recipes: std::collections::BTreeMap<String, Vec<String>>,
+    /// Where volumes' images and mount points live.
+    pub volumes_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +92,7 @@ struct Inner {
     egress_cfg: forkbox_net::EgressConfig,
     egress: tokio::sync::OnceCell<Arc<forkbox_net::Egress>>,
     recipes: std::collections::BTreeMap<String, Vec<String>>,
+    volumes: volumes::Volumes,
 }
 
 /// Fork ancestry of live sandboxes, by runtime key (the id a sandbox was made with).
@@ -209,6 +213,7 @@ impl JailRuntime {
                 egress_cfg: cfg.egress.clone(),
                 egress: tokio::sync::OnceCell::new(),
                 recipes: cfg.recipes.clone(),
+                volumes: volumes::Volumes::new(&cfg.volumes_dir, cfg.uid_base),
             }),
         })
     }
@@ -217,12 +222,13 @@ impl JailRuntime {
         &self.inner.pool
     }
 
-    /// Removes the egress namespace if one was made (at shutdown, once every sandbox is
-    /// gone).
-    pub async fn remove_egress(&self) {
+    /// Host-side leftovers of a server that destroyed its sandboxes at exit: the egress
+    /// namespace and the volumes' mounts (their data stays).
+    pub async fn release_host_resources(&self) {
         if let Some(e) = self.inner.egress.get() {
             e.remove().await;
         }
+        self.inner.volumes.unmount_all().await;
     }
 
     pub fn cgroups(&self) -> &Driver {
@@ -434,6 +440,25 @@ impl Runtime for JailRuntime {
         candidates: Vec<String>,
     ) -> Result<GcReport, RuntimeError> {
         self.inner.collect_garbage(keep, candidates).await
+    }
+
+    async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), RuntimeError> {
+        self.inner
+            .volumes
+            .create(id, size_mb)
+            .await
+            .map_err(|e| RuntimeError::host("create volume", id, e))
+    }
+
+    async fn delete_volume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.inner.volumes.delete(id).await.map_err(|e| match e {
+            volumes::VolumeError::Busy(_) => RuntimeError::Conflict(e.to_string()),
+            other => RuntimeError::host("delete volume", id, other),
+        })
+    }
+
+    async fn volume_used(&self, id: &str) -> Option<u64> {
+        self.inner.volumes.used(id)
     }
 
     async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {
@@ -808,6 +833,18 @@ impl Inner {
                 parent_pid, token, ..
             } => (Some(parent_pid), Some(token)),
         };
+        let mut binds = Vec::with_capacity(spec.volumes.len());
+        for v in &spec.volumes {
+            let source = self
+                .volumes
+                .mounted(&v.id)
+                .await
+                .map_err(|e| RuntimeError::host("mount volume", &v.id, e))?;
+            binds.push(forkbox_types::agent::BindMount {
+                source: source.to_string_lossy().into_owned(),
+                target: v.mount.clone(),
+            });
+        }
         let init = JailInit {
             id: id.to_owned(),
             rootfs: rootfs.to_string_lossy().into_owned(),
@@ -820,6 +857,7 @@ impl Inner {
             env: spec.env.clone(),
             fork_of,
             adopt_token,
+            binds,
         };
         let pid = self
             .run_jail_init(id, &init, listener.as_raw_fd(), log)

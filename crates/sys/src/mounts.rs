@@ -43,7 +43,13 @@ fn mkdir_p(p: &Path) -> Result<(), MountError> {
 
 /// Builds the sandbox's mounts under `root` and pivots into it. Runs inside the new
 /// user and mount namespaces, with the capabilities the user namespace grants.
-pub fn enter_rootfs(root: &Path) -> Result<(), MountError> {
+///
+/// `binds` are host directories (source, absolute target inside the sandbox) mounted
+/// before the sandbox's own /proc and /dev; targets are made if missing. Everything
+/// happens in the sandbox's private mount namespace, so a target that resolves outside
+/// the root (through a symlink in the root filesystem) only lands in the part of the
+/// namespace that `pivot_root` detaches.
+pub fn enter_rootfs(root: &Path, binds: &[(&Path, &Path)]) -> Result<(), MountError> {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // 1. Nothing we do may propagate back to the host.
     mnt(
@@ -61,6 +67,19 @@ pub fn enter_rootfs(root: &Path) -> Result<(), MountError> {
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None,
     )?;
+    // 2b. Volumes.
+    for (source, target) in binds {
+        let rel = target.strip_prefix("/").unwrap_or(target);
+        let at = root.join(rel);
+        mkdir_p(&at)?;
+        mnt(
+            Some(path_str(source)?),
+            &at,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+    }
     // 3. A /proc of the sandbox's own PID namespace.
     let proc = root.join("proc");
     mkdir_p(&proc)?;

@@ -149,6 +149,16 @@ pub struct JailInit {
     /// sandbox's Python kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopt_token: Option<String>,
+    /// Host directories bind-mounted into the sandbox (volumes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<BindMount>,
+}
+
+/// A host directory mounted at `target` (absolute, inside the sandbox).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: String,
+    pub target: String,
 }
 
 /// A filesystem operation other than reading or writing content.
