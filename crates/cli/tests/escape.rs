@@ -268,7 +268,13 @@ async fn resource_probes_stay_within_limits() {
     upload(&s, &id).await;
     let mut results = BTreeMap::new();
     for n in RESOURCE {
-        let r = run_in(&s, &id, n, "--mem-cap-mb 1024 --disk-cap-mb 2048").await;
+        let r = run_in(
+            &s,
+            &id,
+            n,
+            "--mem-cap-mb 1024 --mem-limit-mb 256 --disk-cap-mb 2048",
+        )
+        .await;
         results.insert(n.to_string(), r);
     }
     judge(&results);

@@ -21,7 +21,7 @@
 //! server's port, for `host_loopback`), `--abstract NAME` / `--unix PATH` (Unix sockets
 //! to try), `--tcp HOST:PORT` (other TCP services to try), `--scratch DIR` (where
 //! setuid copies and the disk fill go; default: the probe's directory), `--tmp DIR`
-//! (default /tmp), `--mem-cap-mb N` (2048), `--disk-cap-mb N` (2048), `--fork-cap N`
+//! (default /tmp), `--mem-cap-mb N` (2048), `--mem-limit-mb N` (the sandbox's limit, if known), `--disk-cap-mb N` (2048), `--fork-cap N`
 //! (5000), `--max-pids N` (512), `--flood-mb N` (100), `--exe-wait-ms N` (2000).
 
 mod creds;
@@ -47,6 +47,8 @@ pub struct Ctx {
     pub scratch: PathBuf,
     pub tmp: PathBuf,
     pub mem_cap_mb: u64,
+    /// The sandbox's memory limit, if known: allocating past it is an escape.
+    pub mem_limit_mb: Option<u64>,
     pub disk_cap_mb: u64,
     pub fork_cap: u32,
     pub max_pids: u32,
@@ -171,7 +173,7 @@ const PROBES: &[Probe] = &[
 ];
 
 fn usage(msg: &str) -> ExitCode {
-    eprintln!("forkbox-probe: {msg}\nusage: forkbox-probe [--host] [--pid N] [--port N] [--abstract NAME] [--unix PATH] [--tcp HOST:PORT] [--scratch DIR] [--tmp DIR] [--mem-cap-mb N] [--disk-cap-mb N] [--fork-cap N] [--max-pids N] [--flood-mb N] [--exe-wait-ms N] [probe...] | --list | --list-all | --describe");
+    eprintln!("forkbox-probe: {msg}\nusage: forkbox-probe [--host] [--pid N] [--port N] [--abstract NAME] [--unix PATH] [--tcp HOST:PORT] [--scratch DIR] [--tmp DIR] [--mem-cap-mb N] [--mem-limit-mb N] [--disk-cap-mb N] [--fork-cap N] [--max-pids N] [--flood-mb N] [--exe-wait-ms N] [probe...] | --list | --list-all | --describe");
     ExitCode::from(2)
 }
 
@@ -202,6 +204,7 @@ fn main() -> ExitCode {
         scratch: exe_dir,
         tmp: PathBuf::from("/tmp"),
         mem_cap_mb: 2048,
+        mem_limit_mb: None,
         disk_cap_mb: 2048,
         fork_cap: 5000,
         max_pids: 512,
@@ -263,6 +266,7 @@ fn main() -> ExitCode {
                 .map(|v| ctx.tmp = PathBuf::from(v))
                 .ok_or_else(|| "--tmp needs a directory".into()),
             "--mem-cap-mb" => num(args.next(), &a).map(|v| ctx.mem_cap_mb = v),
+            "--mem-limit-mb" => num(args.next(), &a).map(|v| ctx.mem_limit_mb = Some(v)),
             "--disk-cap-mb" => num(args.next(), &a).map(|v| ctx.disk_cap_mb = v),
             "--fork-cap" => num(args.next(), &a).map(|v| ctx.fork_cap = v),
             "--max-pids" => num(args.next(), &a).map(|v| ctx.max_pids = v),

@@ -102,10 +102,25 @@ pub fn memory_bomb(ctx: &Ctx) -> Outcome {
         Outcome::escaped(format!("allocated and touched {total} MiB, no limit hit"))
     });
     match end {
-        End::Signal(s, p) => Outcome::blocked(format!(
-            "killed by {} (the OOM killer) after {p} of a {cap} MiB try",
-            signame(s)
-        )),
+        End::Signal(s, p) => {
+            // Killed: escaped only if it got past the sandbox's limit first.
+            let got: u64 = p
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let over = ctx.mem_limit_mb.is_some_and(|l| got > l);
+            Outcome::from(
+                over,
+                format!(
+                    "killed by {} (the OOM killer) after {p} of a {cap} MiB try{}",
+                    signame(s),
+                    ctx.mem_limit_mb
+                        .map(|l| format!(" (limit {l} MiB)"))
+                        .unwrap_or_default()
+                ),
+            )
+        }
         other => other.outcome("memory bomb"),
     }
 }
