@@ -12,10 +12,12 @@ CARGO ?= cargo
 # System packages forkbox needs at run time and for its tests.
 APT_PACKAGES := btrfs-progs mmdebstrap util-linux mount procps iproute2 e2fsprogs python3 python3-venv ca-certificates
 AGENT := $(CURDIR)/target/agent/forkbox-agent
+PROBE := $(CURDIR)/target/probe/forkbox-probe
 TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
+export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: all deps agent build build-release serve test lint unit e2e bench bench-deps sdk-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: all deps agent probe build build-release serve test lint unit e2e bench bench-deps sdk-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -34,6 +36,12 @@ deps:
 agent:
 	$(CARGO) rustc --release -p forkbox-agent --bin forkbox-agent -- -C target-feature=+crt-static -C relocation-model=static -C strip=debuginfo
 	@mkdir -p target/agent && cp -f target/release/forkbox-agent $(AGENT).tmp && mv -f $(AGENT).tmp $(AGENT)
+
+# The escape probes (crates/probe) run inside sandboxes: static like the agent, so they
+# need nothing from the sandbox's filesystem. crates/cli/tests/escape.rs uploads them.
+probe:
+	$(CARGO) rustc --release -p forkbox-probe --bin forkbox-probe -- -C target-feature=+crt-static -C relocation-model=static -C strip=debuginfo
+	@mkdir -p target/probe && cp -f target/release/forkbox-probe $(PROBE).tmp && mv -f $(PROBE).tmp $(PROBE)
 
 build-release:
 	$(CARGO) build --release -p forkbox --bin forkbox
@@ -107,7 +115,7 @@ fuzz: fuzz-build
 	$(call fuzz_all,$(FUZZ_SECONDS))
 
 # Tests share one cached template pool; each test server gets its own data dir.
-test: deps agent build lint sdk-deps fuzz-smoke
+test: deps agent probe build lint sdk-deps fuzz-smoke
 	./target/debug/forkbox template prepare --data-dir $(dir $(TEST_POOL)) --pool $(TEST_POOL)
 	FORKBOX_TEST_POOL=$(TEST_POOL) $(CARGO) test --workspace -- --test-threads=4
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(SDK_VENV)/bin/python -m pytest -q sdk/python/tests
