@@ -285,7 +285,7 @@ fn sandbox_side(cfg: &JailInit, go: &mut File) -> Result<Option<crate::server::A
             )
         })
         .collect();
-    forkbox_sys::mounts::enter_rootfs(std::path::Path::new(&cfg.rootfs), &binds)
+    forkbox_sys::mounts::enter_rootfs(std::path::Path::new(&cfg.rootfs), &binds, cfg.tmp_size)
         .map_err(|e| e.to_string())?;
     forkbox_sys::net::loopback_up().map_err(|e| format!("loopback up: {e}"))?;
     let null = std::fs::OpenOptions::new()

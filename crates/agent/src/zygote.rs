@@ -151,12 +151,28 @@ fn send_reply(sock: &OwnedFd, r: &Reply) {
     let _ = sendmsg::<()>(sock.as_raw_fd(), &iov, &[], MsgFlags::empty(), None);
 }
 
+/// Real and saved uid of the zygote (its effective uid stays 0). The kernel lets a
+/// process signal another only when its real or effective uid is the target's real or
+/// saved uid, so user code (uid 0, no capabilities) cannot kill the zygote, not even
+/// with `kill(-1, SIGKILL)`; the zygote's children go back to 0 for all three, which an
+/// unprivileged process may do because 0 is its effective uid.
+pub const ZYGOTE_UID: u32 = 65534;
+
 fn zygote_main(sock: OwnedFd, filters: &Filters) -> std::io::Result<()> {
+    nix::unistd::setresuid(
+        nix::unistd::Uid::from_raw(ZYGOTE_UID),
+        nix::unistd::Uid::from_raw(0),
+        nix::unistd::Uid::from_raw(ZYGOTE_UID),
+    )
+    .map_err(std::io::Error::from)?;
     // SAFETY: prctl with integer/static-string arguments.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
         libc::prctl(libc::PR_SET_NAME, c"forkbox-zygote".as_ptr(), 0, 0, 0);
     }
+    // The host shields the agent from the OOM killer (-1000); user commands must stay
+    // killable, so the zygote and everything it forks take the default back.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "0");
     forkbox_sys::caps::drop_all()?;
     forkbox_sys::caps::set_no_new_privs()?;
     forkbox_sys::seccomp::install(filters).map_err(std::io::Error::other)?;
@@ -302,6 +318,9 @@ fn spawn(
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::setsid();
+            if libc::setresuid(0, 0, 0) < 0 {
+                child_fail(err_w.as_raw_fd());
+            }
             for (i, fd) in raw.iter().enumerate() {
                 if libc::dup2(*fd, i as i32) < 0 {
                     child_fail(err_w.as_raw_fd());

@@ -21,6 +21,9 @@ pub struct CreateBody {
     template: Option<String>,
     cpu: Option<f64>,
     memory_mb: Option<u64>,
+    /// Disk limit of the sandbox's own writes in MiB (default 8192); writes past it fail
+    /// with EDQUOT.
+    disk_mb: Option<u64>,
     timeout: Option<u64>,
     #[serde(default)]
     env: BTreeMap<String, String>,
@@ -63,6 +66,7 @@ pub struct SandboxView {
     template: String,
     cpu: f64,
     memory_mb: u64,
+    disk_mb: u64,
     timeout: u64,
     metadata: BTreeMap<String, String>,
     created_at: String,
@@ -91,6 +95,7 @@ impl From<Sandbox> for SandboxView {
             template: s.template,
             cpu: s.cpu,
             memory_mb: s.memory_mb,
+            disk_mb: s.disk_mb,
             timeout: s.timeout,
             metadata: s.metadata,
             created_at: rfc3339(s.created_at),
@@ -140,6 +145,7 @@ pub async fn create(
             template: b.template,
             cpu: b.cpu,
             memory_mb: b.memory_mb,
+            disk_mb: b.disk_mb,
             timeout: b.timeout,
             env: b.env,
             metadata: b.metadata,

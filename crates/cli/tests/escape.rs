@@ -21,24 +21,14 @@ use std::time::{Duration, Instant};
 /// Probes that escape today. Each entry is a real hole, described in
 /// docs/threat-model.md ("Escape probes"); the sandbox test still runs the probe and
 /// fails if it stops escaping (so the entry gets removed once the hole is closed).
-const KNOWN_ESCAPES: &[(&str, &str)] = &[(
-    "disk_fill",
-    "no per-sandbox disk quota yet (btrfs qgroups planned): a sandbox can write until \
-     the pool is full",
-)];
+/// Empty since disk quotas (btrfs qgroups) closed `disk_fill`.
+const KNOWN_ESCAPES: &[(&str, &str)] = &[];
 
 /// Probes that do not escape but break the attacker's own sandbox, which should keep
-/// working. `kill_all`: kill(-1, SIGKILL) from user code also kills the sandbox's
-/// zygote (same uid, nothing protects it), after which the sandbox can no longer run
-/// commands (`502 agent_unreachable`: "talk to zygote: Broken pipe") until it is
-/// deleted; the host and other sandboxes are unaffected. The test fails once this is
-/// fixed, so the entry gets removed.
-///
-/// `tmpfs_fill`: /tmp is a tmpfs without a size limit, charged to the sandbox's memory
-/// cgroup. Filling it cannot be undone by killing processes, so the OOM killer ends up
-/// killing the agent (PID 1) and the sandbox dies (status `failed`). Memory stays
-/// bounded by the sandbox's limit; the host and other sandboxes are unaffected.
-const KNOWN_SELF_DOS: &[&str] = &["kill_all", "tmpfs_fill"];
+/// working. Empty since the zygote cannot be signalled by user code (`kill_all`) and
+/// /tmp is capped below the memory limit with the agent shielded from the OOM killer
+/// (`tmpfs_fill`).
+const KNOWN_SELF_DOS: &[&str] = &[];
 
 /// Run in their own sandbox by `resource_probes_stay_within_limits`.
 const RESOURCE: &[&str] = &["fork_bomb", "memory_bomb", "disk_fill", "fd_exhaustion"];
@@ -261,7 +251,8 @@ async fn every_probe_fails_inside_a_sandbox() {
 #[tokio::test]
 async fn resource_probes_stay_within_limits() {
     let s = Server::start();
-    let id = s.create(json!({"memory_mb": 256})).await["id"]
+    // A disk limit below the probe's 2 GiB cap: the fill must end in EDQUOT.
+    let id = s.create(json!({"memory_mb": 256, "disk_mb": 512})).await["id"]
         .as_str()
         .unwrap()
         .to_owned();

@@ -34,6 +34,8 @@ pub struct ManagerConfig {
     pub max_memory_mb: u64,
     pub default_timeout_s: u64,
     pub max_timeout_s: u64,
+    pub default_disk_mb: u64,
+    pub max_disk_mb: u64,
     pub pids_max: u64,
     /// Languages of the one-shot runner.
     pub languages: Arc<crate::languages::Languages>,
@@ -50,6 +52,8 @@ impl Default for ManagerConfig {
             max_memory_mb: 16 * 1024,
             default_timeout_s: 300,
             max_timeout_s: 24 * 3600,
+            default_disk_mb: 8 * 1024,
+            max_disk_mb: 1024 * 1024,
             pids_max: 512,
             languages: Arc::new(crate::languages::Languages::builtin().unwrap_or_default()),
         }
@@ -229,6 +233,13 @@ impl Manager {
                 c.min_memory_mb, c.max_memory_mb
             )));
         }
+        let disk_mb = req.disk_mb.unwrap_or(c.default_disk_mb);
+        if disk_mb < 16 || disk_mb > c.max_disk_mb {
+            return Err(CoreError::Invalid(format!(
+                "disk_mb must be between 16 and {}",
+                c.max_disk_mb
+            )));
+        }
         let timeout = req.timeout.unwrap_or(c.default_timeout_s);
         if timeout == 0 || timeout > c.max_timeout_s {
             return Err(CoreError::Invalid(format!(
@@ -271,6 +282,7 @@ impl Manager {
                 template,
                 cpu_millis: (cpu * 1000.0).round() as u64,
                 memory_bytes: memory_mb * 1024 * 1024,
+                disk_bytes: disk_mb << 20,
                 pids_max: c.pids_max,
                 env,
                 snapshot: None,
@@ -290,6 +302,7 @@ impl Manager {
             template: rec.template.clone(),
             cpu_millis: (rec.cpu * 1000.0).round() as u64,
             memory_bytes: rec.memory_mb * 1024 * 1024,
+            disk_bytes: rec.disk_mb << 20,
             pids_max: self.config.pids_max,
             env: rec.env.clone(),
             snapshot: None,
@@ -376,6 +389,7 @@ impl Manager {
             workspace,
             egress: spec.egress.clone(),
             volumes: spec.volumes.clone(),
+            disk_mb: spec.disk_bytes >> 20,
         };
         if let Err(e) = self.store.insert_sandbox(&record).await {
             let _ = instance.destroy().await;

@@ -108,6 +108,8 @@ pub struct Sandbox {
     pub egress: Option<Vec<String>>,
     /// Volumes it mounts.
     pub volumes: Vec<VolumeMount>,
+    /// Disk limit of its own writes, MiB.
+    pub disk_mb: u64,
 }
 
 /// A volume mounted into a sandbox at `mount` (an absolute path).
@@ -176,6 +178,8 @@ pub struct CreateRequest {
     pub template: Option<String>,
     pub cpu: Option<f64>,
     pub memory_mb: Option<u64>,
+    /// Disk limit of the sandbox's own writes, MiB.
+    pub disk_mb: Option<u64>,
     pub timeout: Option<u64>,
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,

@@ -19,6 +19,8 @@ pub struct CreateSpec {
     /// CPU bandwidth in millicores.
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// Most bytes of its own the sandbox's filesystem may hold (beyond its template's).
+    pub disk_bytes: u64,
     pub pids_max: u64,
     pub env: BTreeMap<String, String>,
     /// Start from this named snapshot's filesystem instead of the template's.

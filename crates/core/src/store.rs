@@ -69,8 +69,8 @@ impl Store {
         for s in all {
             sqlx::query(
                 "INSERT INTO sandboxes (id, runtime, template, status, cpu, memory_mb, timeout_s, metadata, \
-                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent, workspace, egress, volumes) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent, workspace, egress, volumes, disk_mb) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&s.id)
             .bind(&s.runtime)
@@ -94,6 +94,7 @@ impl Store {
             .bind(&s.workspace)
             .bind(s.egress.as_ref().and_then(|e| serde_json::to_string(e).ok()))
             .bind(serde_json::to_string(&s.volumes).unwrap_or_else(|_| "[]".into()))
+            .bind(s.disk_mb as i64)
             .execute(&mut *tx)
             .await
             .map_err(q("insert sandbox"))?;
@@ -555,6 +556,7 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
             .transpose()?,
         volumes: serde_json::from_str(&r.get::<String, _>("volumes"))
             .map_err(|_| corrupt("volumes"))?,
+        disk_mb: r.get::<i64, _>("disk_mb").max(0) as u64,
         id,
     })
 }
@@ -647,6 +649,7 @@ mod tests {
                 id: "vol-0123456789abcdef".into(),
                 mount: "/data".into(),
             }],
+            disk_mb: 2048,
         };
         store.insert_sandbox(&s).await.unwrap();
         assert_eq!(store.get_sandbox(&s.id).await.unwrap().unwrap(), s);

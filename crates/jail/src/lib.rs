@@ -803,6 +803,12 @@ impl Inner {
                 .map_err(|e| RuntimeError::host("snapshot template", id, e))?;
             res.rootfs = Some(rootfs.clone());
         }
+        // 1b. Disk limit of the sandbox's own writes (a woken sandbox keeps its own).
+        if !matches!(origin, Origin::Existing) {
+            self.pool
+                .limit(&rootfs, spec.disk_bytes)
+                .map_err(|e| RuntimeError::host("limit disk", id, e))?;
+        }
         // 2. Cgroup.
         let cg = self
             .cgroups
@@ -858,12 +864,17 @@ impl Inner {
             fork_of,
             adopt_token,
             binds,
+            // Half the memory limit: a full /tmp leaves room to run.
+            tmp_size: Some((spec.memory_bytes / 2).max(8 << 20)),
         };
         let pid = self
             .run_jail_init(id, &init, listener.as_raw_fd(), log)
             .await?;
         drop(listener);
         res.pid = Some(pid);
+        // The agent is the last process the OOM killer may take (its children set
+        // their own score back to 0): a memory bomb kills the bomb, not the sandbox.
+        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");
         let t_init = t0.elapsed();
         // 5. Watch and connect.
         let pidfd = Arc::new(

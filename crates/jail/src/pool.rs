@@ -23,6 +23,8 @@ pub enum PoolError {
 #[derive(Debug, Clone)]
 pub struct Pool {
     root: PathBuf,
+    /// Whether quota groups are on (sandboxes get disk limits).
+    quota: bool,
 }
 
 fn run(cmd: &mut Command) -> Result<(), PoolError> {
@@ -70,7 +72,26 @@ impl Pool {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(|e| PoolError::Dir(p, e))?;
         }
-        Ok(Pool { root: root.into() })
+        // Quota groups give each sandbox's subvolume a disk limit.
+        let quota = match forkbox_sys::btrfs::enable_quota(root) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(pool = %root.display(), error = %e, "btrfs quotas unavailable: sandboxes get no disk limit");
+                false
+            }
+        };
+        Ok(Pool {
+            root: root.into(),
+            quota,
+        })
+    }
+
+    /// Limits sandbox subvolume `path` to `bytes` of its own data, when quotas are on.
+    pub fn limit(&self, path: &Path, bytes: u64) -> Result<(), forkbox_sys::btrfs::BtrfsError> {
+        if self.quota {
+            forkbox_sys::btrfs::limit_exclusive(path, bytes)?;
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {

@@ -36,6 +36,31 @@ nix::ioctl_write_ptr!(ioc_snap_create_v2, BTRFS_IOCTL_MAGIC, 23, VolArgsV2);
 nix::ioctl_read!(ioc_subvol_getflags, BTRFS_IOCTL_MAGIC, 25, u64);
 nix::ioctl_write_ptr!(ioc_subvol_setflags, BTRFS_IOCTL_MAGIC, 26, u64);
 
+/// `struct btrfs_ioctl_quota_ctl_args`.
+#[repr(C)]
+struct QuotaCtlArgs {
+    cmd: u64,
+    status: u64,
+}
+
+/// `struct btrfs_ioctl_qgroup_limit_args` (with its `struct btrfs_qgroup_limit`).
+#[repr(C)]
+struct QgroupLimitArgs {
+    qgroupid: u64,
+    flags: u64,
+    max_rfer: u64,
+    max_excl: u64,
+    rsv_rfer: u64,
+    rsv_excl: u64,
+}
+
+const BTRFS_QUOTA_CTL_ENABLE: u64 = 1;
+const BTRFS_QGROUP_LIMIT_MAX_EXCL: u64 = 1 << 1;
+
+nix::ioctl_readwrite!(ioc_quota_ctl, BTRFS_IOCTL_MAGIC, 40, QuotaCtlArgs);
+// The kernel declares this one _IOR although it only reads the argument.
+nix::ioctl_read!(ioc_qgroup_limit, BTRFS_IOCTL_MAGIC, 43, QgroupLimitArgs);
+
 #[derive(Debug, thiserror::Error)]
 pub enum BtrfsError {
     #[error("open {0}: {1}")]
@@ -52,6 +77,10 @@ pub enum BtrfsError {
     Flags(PathBuf, nix::Error),
     #[error("statfs {0}: {1}")]
     Statfs(PathBuf, nix::Error),
+    #[error("enable quotas on {0}: {1}")]
+    Quota(PathBuf, nix::Error),
+    #[error("limit subvolume {0}: {1}")]
+    Limit(PathBuf, nix::Error),
 }
 
 /// Splits `path` into its opened parent directory and its final component.
@@ -131,6 +160,40 @@ pub fn delete_subvolume(path: &Path) -> Result<(), BtrfsError> {
     Ok(())
 }
 
+/// Turns on quota groups for the filesystem holding `path` (a no-op when on), so that
+/// subvolumes can be given size limits.
+pub fn enable_quota(path: &Path) -> Result<(), BtrfsError> {
+    let f = File::open(path).map_err(|e| BtrfsError::Open(path.into(), e))?;
+    let mut args = QuotaCtlArgs {
+        cmd: BTRFS_QUOTA_CTL_ENABLE,
+        status: 0,
+    };
+    // SAFETY: `args` is a valid btrfs_ioctl_quota_ctl_args for the whole call.
+    unsafe { ioc_quota_ctl(f.as_raw_fd(), &mut args) }
+        .map_err(|e| BtrfsError::Quota(path.into(), e))?;
+    Ok(())
+}
+
+/// Limits the bytes the subvolume at `path` may hold exclusively (data it shares with
+/// its template does not count); writes past it fail with EDQUOT. Needs
+/// [`enable_quota`] first.
+pub fn limit_exclusive(path: &Path, bytes: u64) -> Result<(), BtrfsError> {
+    let f = File::open(path).map_err(|e| BtrfsError::Open(path.into(), e))?;
+    // qgroupid 0: the qgroup of the subvolume the fd is in.
+    let mut args = QgroupLimitArgs {
+        qgroupid: 0,
+        flags: BTRFS_QGROUP_LIMIT_MAX_EXCL,
+        max_rfer: 0,
+        max_excl: bytes,
+        rsv_rfer: 0,
+        rsv_excl: 0,
+    };
+    // SAFETY: `args` is a valid btrfs_ioctl_qgroup_limit_args for the whole call.
+    unsafe { ioc_qgroup_limit(f.as_raw_fd(), &mut args) }
+        .map_err(|e| BtrfsError::Limit(path.into(), e))?;
+    Ok(())
+}
+
 /// Marks a subvolume read-only (or writable again).
 pub fn set_readonly(path: &Path, readonly: bool) -> Result<(), BtrfsError> {
     let f = File::open(path).map_err(|e| BtrfsError::Open(path.into(), e))?;
@@ -157,6 +220,8 @@ mod tests {
 
     #[test]
     fn ioctl_structs_have_the_kernel_sizes() {
+        assert_eq!(std::mem::size_of::<QuotaCtlArgs>(), 16);
+        assert_eq!(std::mem::size_of::<QgroupLimitArgs>(), 48);
         assert_eq!(std::mem::size_of::<VolArgs>(), 4096);
         assert_eq!(std::mem::size_of::<VolArgsV2>(), 4096);
     }

@@ -49,7 +49,15 @@ fn mkdir_p(p: &Path) -> Result<(), MountError> {
 /// happens in the sandbox's private mount namespace, so a target that resolves outside
 /// the root (through a symlink in the root filesystem) only lands in the part of the
 /// namespace that `pivot_root` detaches.
-pub fn enter_rootfs(root: &Path, binds: &[(&Path, &Path)]) -> Result<(), MountError> {
+///
+/// `tmp_size` caps the private /tmp (tmpfs pages count against the sandbox's memory
+/// limit, so an uncapped /tmp filled to the limit would leave no memory for anything,
+/// the agent included).
+pub fn enter_rootfs(
+    root: &Path,
+    binds: &[(&Path, &Path)],
+    tmp_size: Option<u64>,
+) -> Result<(), MountError> {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // 1. Nothing we do may propagate back to the host.
     mnt(
@@ -142,7 +150,10 @@ pub fn enter_rootfs(root: &Path, binds: &[(&Path, &Path)]) -> Result<(), MountEr
         &tmp,
         Some("tmpfs"),
         nosuid_nodev,
-        Some("mode=1777"),
+        Some(&match tmp_size {
+            Some(b) => format!("mode=1777,size={b}"),
+            None => "mode=1777".to_owned(),
+        }),
     )?;
     // 6. A read-only /sys holding only the host's transparent-huge-page mode, which
     //    glibc's malloc reads (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, set for Python

@@ -152,6 +152,9 @@ pub struct JailInit {
     /// Host directories bind-mounted into the sandbox (volumes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub binds: Vec<BindMount>,
+    /// Size limit of the sandbox's /tmp, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmp_size: Option<u64>,
 }
 
 /// A host directory mounted at `target` (absolute, inside the sandbox).
