@@ -14,6 +14,7 @@ pub mod model;
 pub mod runner;
 pub mod runtime;
 pub mod store;
+pub mod templates;
 pub mod trace;
 
 pub use manager::{ForkOutcome, Manager, ManagerConfig, MAX_FORK};
@@ -21,7 +22,8 @@ pub use model::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,
 };
 pub use runtime::{
-    ByteStream, FileErrorKind, GcReport, Instance, Runtime, RuntimeError, UploadStream,
+    ByteStream, FileErrorKind, GcReport, Instance, Runtime, RuntimeError, TemplateInfo,
+    TemplateSpec, UploadStream,
 };
 
 /// Everything that can go wrong in a core operation, by what the caller should do.
@@ -50,6 +52,8 @@ pub enum CoreError {
     NoToken(String),
     #[error("language not found: {0}")]
     NoLanguage(String),
+    #[error("template {0} not found")]
+    NoTemplate(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]

@@ -100,6 +100,8 @@ pub struct Manager {
     admitting: tokio::sync::Mutex<()>,
     /// The runner's warm pools and template builds.
     warm: Mutex<crate::runner::Warm>,
+    /// Template builds (`templates.rs`).
+    template_builds: Mutex<crate::templates::Builds>,
 }
 
 /// Locks `m`, shrugging off poisoning (the data are plain maps).
@@ -134,7 +136,7 @@ pub const EXIT_UNKNOWN: i32 = -1;
 /// Exit code reported when an exec's timeout killed it (as coreutils `timeout` does).
 pub const EXIT_TIMEOUT: i32 = 124;
 
-fn valid_template_name(s: &str) -> bool {
+pub(crate) fn valid_template_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
@@ -154,6 +156,7 @@ impl Manager {
             quotas: Mutex::new(HashMap::new()),
             admitting: tokio::sync::Mutex::new(()),
             warm: Mutex::new(Default::default()),
+            template_builds: Mutex::new(Default::default()),
         })
     }
 
@@ -167,6 +170,14 @@ impl Manager {
 
     pub(crate) fn warm(&self) -> &Mutex<crate::runner::Warm> {
         &self.warm
+    }
+
+    pub(crate) fn template_builds(&self) -> &Mutex<crate::templates::Builds> {
+        &self.template_builds
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The manager's metrics, with the live-sandbox gauge brought up to date.
@@ -339,6 +350,12 @@ impl Manager {
         }
         let (mut spec, cpu, memory_mb, timeout) = self.spec(&id, &req)?;
         spec.snapshot = snap.map(|s| s.id);
+        // A template's own environment comes under the sandbox's.
+        if let Some(info) = self.runtime.template_info(&spec.template).await {
+            for (k, v) in info.env {
+                spec.env.entry(k).or_insert(v);
+            }
+        }
         let _admitted = self.admit(&workspace, 1, memory_mb).await?;
         let instance = self.runtime.create(&spec).await?;
         let from_snapshot = spec.snapshot.clone();
