@@ -168,7 +168,7 @@ impl Inner {
             }
         }
         log.line(&format!(
-            "template {name}: starting the build sandbox{}",
+            "template {name}: starting build sandbox {id}{}",
             if allow.is_empty() {
                 " (no network)".to_owned()
             } else {
