@@ -33,8 +33,7 @@ struct TemplateFile {
 
 /// `forkbox template build`.
 pub async fn build(conn: &Conn, file: &PathBuf, name: Option<String>) -> anyhow::Result<ExitCode> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
     let mut t: TemplateFile =
         toml::from_str(&text).with_context(|| format!("parse {}", file.display()))?;
     if let Some(n) = name {

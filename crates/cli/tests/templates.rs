@@ -52,7 +52,9 @@ fn progress(events: &[Value]) -> String {
 /// The build sandbox's id, from its progress line.
 fn build_sandbox(events: &[Value]) -> String {
     let log = progress(events);
-    let at = log.find("starting build sandbox ").expect("build sandbox line");
+    let at = log
+        .find("starting build sandbox ")
+        .expect("build sandbox line");
     log[at + "starting build sandbox ".len()..]
         .split_whitespace()
         .next()
@@ -74,7 +76,10 @@ async fn delete_template(s: &Server, name: &str) -> (u16, Value) {
 fn assert_no_leftovers(s: &Server, name: &str, bld: &str) {
     let t = s.pool.join("templates");
     assert!(!t.join(name).exists(), "subvolume of {name} left");
-    assert!(!t.join(format!("{name}.json")).exists(), "record of {name} left");
+    assert!(
+        !t.join(format!("{name}.json")).exists(),
+        "record of {name} left"
+    );
     assert!(!s.pool.join("sandboxes").join(bld).exists(), "{bld} left");
     for root in ["/sys/fs/cgroup/memory/forkbox", "/sys/fs/cgroup/forkbox"] {
         assert!(
@@ -156,15 +161,22 @@ async fn layered_template_with_a_package_and_commands() {
     // A sandbox made from it sees the package, the commands' files and the env.
     let sb = s.create(json!({"template": name})).await;
     let id = sb["id"].as_str().unwrap().to_owned();
-    let (out, err, code) = s.sh(&id, "jq --version && echo '{\"a\":[1,2]}' | jq -c .a").await;
+    let (out, err, code) = s
+        .sh(&id, "jq --version && echo '{\"a\":[1,2]}' | jq -c .a")
+        .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("jq-1.6"), "{out}");
     assert!(out.ends_with("[1,2]\n"), "{out}");
     let (out, _, _) = s
-        .sh(&id, "cat /etc/built-by /etc/build-pwd /etc/build-env; cat /root/pip.txt")
+        .sh(
+            &id,
+            "cat /etc/built-by /etc/build-pwd /etc/build-env; cat /root/pip.txt",
+        )
         .await;
     assert!(out.starts_with("built\n/srv/app\nhello\npip "), "{out}");
-    let (out, _, _) = s.sh(&id, "echo $GREETING; stat -c %U /etc/built-by /usr/bin/jq").await;
+    let (out, _, _) = s
+        .sh(&id, "echo $GREETING; stat -c %U /etc/built-by /usr/bin/jq")
+        .await;
     assert_eq!(out, "hello\nroot\nroot\n");
 
     // In use: 409; then deleted: 204, gone from the list and the pool.
@@ -183,7 +195,11 @@ async fn layered_template_with_a_package_and_commands() {
         .iter()
         .any(|x| x["name"] == name.as_str()));
     assert!(!s.pool.join("templates").join(&name).exists());
-    assert!(!s.pool.join("templates").join(format!("{name}.json")).exists());
+    assert!(!s
+        .pool
+        .join("templates")
+        .join(format!("{name}.json"))
+        .exists());
     let (st, _) = delete_template(&s, &name).await;
     assert_eq!(st, 404);
 }
@@ -205,7 +221,10 @@ async fn a_failing_command_fails_the_build_and_leaves_nothing() {
     let last = events.last().unwrap();
     assert_eq!(last["type"], "failed", "{events:?}");
     let err = last["error"].as_str().unwrap();
-    assert!(err.contains("exit 3") && err.contains("exit code 3"), "{err}");
+    assert!(
+        err.contains("exit 3") && err.contains("exit code 3"),
+        "{err}"
+    );
     let log = progress(&events);
     assert!(log.contains("about to fail"), "{log}");
     assert!(!log.contains("never"), "{log}");
@@ -253,9 +272,18 @@ async fn bad_requests_are_refused_before_building() {
     for (body, want) in [
         (json!({"name": "Bad Name", "base": "python"}), 400),
         (json!({"name": "x".repeat(65), "base": "python"}), 400),
-        (json!({"name": "ok1", "base": "python", "packages": ["-oAPT::x=1"]}), 400),
-        (json!({"name": "ok1", "base": "python", "workdir": "relative"}), 400),
-        (json!({"name": "ok1", "base": "python", "unknown_field": 1}), 400),
+        (
+            json!({"name": "ok1", "base": "python", "packages": ["-oAPT::x=1"]}),
+            400,
+        ),
+        (
+            json!({"name": "ok1", "base": "python", "workdir": "relative"}),
+            400,
+        ),
+        (
+            json!({"name": "ok1", "base": "python", "unknown_field": 1}),
+            400,
+        ),
         (json!({"name": "ok1", "base": "no-such-base-xyz"}), 404),
         (json!({"name": "ok1", "base": "Not Valid"}), 400),
         (json!({"name": "python", "base": "debian-bookworm"}), 409),
@@ -319,7 +347,12 @@ async fn cli_template_build_ls_rm() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("409"));
     assert_eq!(s.delete(&id).await, 204);
     let o = forkbox(&s, &["template", "rm", &name]);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // A failing build exits non-zero; --json gives the events.
     let failing = dir.path().join("fail.toml");
     std::fs::write(
@@ -329,7 +362,13 @@ async fn cli_template_build_ls_rm() {
     .unwrap();
     let o = forkbox(
         &s,
-        &["template", "build", "-f", failing.to_str().unwrap(), "--json"],
+        &[
+            "template",
+            "build",
+            "-f",
+            failing.to_str().unwrap(),
+            "--json",
+        ],
     );
     assert_ne!(o.status.code(), Some(0));
     let last: Value = String::from_utf8_lossy(&o.stdout)

@@ -247,10 +247,11 @@ fn validate(t: &NewTemplate) -> Result<(), CoreError> {
     if let Some(p) = t.packages.iter().find(|p| !valid_package(p)) {
         return Err(invalid(format!("{p:?} is not a Debian package name")));
     }
-    if t.run.iter().any(|c| c.trim().is_empty() || c.contains('\0')) {
-        return Err(invalid(
-            "run commands must be non-empty and contain no NUL",
-        ));
+    if t.run
+        .iter()
+        .any(|c| c.trim().is_empty() || c.contains('\0'))
+    {
+        return Err(invalid("run commands must be non-empty and contain no NUL"));
     }
     for (k, v) in &t.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
@@ -530,7 +531,10 @@ mod tests {
                 ..ok.clone()
             },
         ] {
-            assert!(matches!(validate(&bad), Err(CoreError::Invalid(_))), "{bad:?}");
+            assert!(
+                matches!(validate(&bad), Err(CoreError::Invalid(_))),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -117,10 +117,11 @@ impl Inner {
         match &spec.base {
             None => {
                 forkbox_sys::btrfs::create_subvolume(&rootfs)?;
-                let made = template::debootstrap(&rootfs, name, &spec.packages, self.uid_base, &|l| {
-                    log.line(l)
-                })
-                .await;
+                let made =
+                    template::debootstrap(&rootfs, name, &spec.packages, self.uid_base, &|l| {
+                        log.line(l)
+                    })
+                    .await;
                 if let Err(e) = made {
                     let _ = crate::delete_subvolume_patiently(&rootfs);
                     return Err(e.into());
@@ -137,7 +138,10 @@ impl Inner {
         // 2. Packages and commands in a build sandbox.
         let layered_packages = spec.base.is_some() && !spec.packages.is_empty();
         if layered_packages || !spec.run.is_empty() {
-            if let Err(e) = self.in_build_sandbox(&id, spec, layered_packages, &log).await {
+            if let Err(e) = self
+                .in_build_sandbox(&id, spec, layered_packages, &log)
+                .await
+            {
                 // The failed sandbox took its filesystem with it; make sure.
                 let _ = crate::delete_subvolume_patiently(&rootfs);
                 return Err(e);
@@ -239,8 +243,18 @@ impl Inner {
         let mut cmd = tokio::process::Command::new("nsenter");
         cmd.arg(format!("--target={}", inst.pid))
             .args([
-                "--user", "--mount", "--pid", "--net", "--uts", "--ipc", "--cgroup", "--root",
-                "--wd", "--", "/usr/bin/env", "-i",
+                "--user",
+                "--mount",
+                "--pid",
+                "--net",
+                "--uts",
+                "--ipc",
+                "--cgroup",
+                "--root",
+                "--wd",
+                "--",
+                "/usr/bin/env",
+                "-i",
             ])
             .arg("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             .args([
@@ -400,8 +414,7 @@ impl Inner {
         if final_path.exists() || self.pool.template_meta(name).exists() {
             return Err(BuildError::Exists(name.into()));
         }
-        std::fs::rename(&rootfs, &final_path)
-            .map_err(|e| TemplateError::Io(name.into(), e))?;
+        std::fs::rename(&rootfs, &final_path).map_err(|e| TemplateError::Io(name.into(), e))?;
         let meta = TemplateMeta {
             name: name.into(),
             suite: SUITE.into(),

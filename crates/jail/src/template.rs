@@ -261,9 +261,7 @@ pub(crate) async fn debootstrap(
         let mut child = tokio::process::Command::new("mmdebstrap")
             .arg("--mode=root")
             .arg("--variant=minbase")
-            .args(
-                (!packages.is_empty()).then(|| format!("--include={}", packages.join(","))),
-            )
+            .args((!packages.is_empty()).then(|| format!("--include={}", packages.join(","))))
             .arg("--aptopt=Acquire::Check-Valid-Until \"false\"")
             .arg("--dpkgopt=path-exclude=/usr/share/man/*")
             .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
@@ -301,7 +299,9 @@ pub(crate) async fn debootstrap(
                 tail: Vec::from(tail).join("\n"),
             });
         }
-        progress(&format!("template {name}: shifting owners to uid base {uid_base}"));
+        progress(&format!(
+            "template {name}: shifting owners to uid base {uid_base}"
+        ));
         let root = tmp.clone();
         tokio::task::spawn_blocking(move || forkbox_sys::uidshift::shift_tree(&root, uid_base))
             .await
