@@ -297,6 +297,14 @@ async fn bad_requests_are_refused_before_building() {
     assert_eq!((st, v["code"].as_str()), (404, Some("template_not_found")));
     let (st, _) = delete_template(&s, "no-such-template").await;
     assert_eq!(st, 404);
+    // Names that cannot be templates are never looked up as paths.
+    for bad in ["..", "...", "python.json", "%2e%2e"] {
+        let (st, _) = delete_template(&s, bad).await;
+        assert_eq!(st, 404, "{bad}");
+        let (st, _) = get(&s, &format!("/v1/templates/{bad}/log")).await;
+        assert_eq!(st, 404, "{bad}");
+    }
+    assert!(s.pool.join("templates").join("python").exists());
 }
 
 fn forkbox(s: &Server, args: &[&str]) -> Output {

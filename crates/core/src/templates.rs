@@ -197,6 +197,15 @@ impl Build {
     }
 }
 
+/// Names that cannot be templates are not found (never turned into paths).
+fn known_name(name: &str) -> Result<(), CoreError> {
+    if valid_template_name(name) {
+        Ok(())
+    } else {
+        Err(CoreError::NoTemplate(name.to_owned()))
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> CoreError {
     CoreError::Invalid(msg.into())
 }
@@ -401,6 +410,7 @@ impl Manager {
 
     /// One template; `NoTemplate` when it is neither built nor being built.
     pub async fn template(&self, name: &str) -> Result<Template, CoreError> {
+        known_name(name)?;
         let b = self.builds().map.get(name).cloned();
         if let Some(b) = b {
             let v = b.view();
@@ -417,6 +427,7 @@ impl Manager {
 
     /// The build log of a template (empty when it was built without one kept).
     pub async fn template_log(&self, name: &str) -> Result<String, CoreError> {
+        known_name(name)?;
         let b = self.builds().map.get(name).cloned();
         if let Some(b) = b {
             let st = lock(&b.state);
@@ -439,6 +450,7 @@ impl Manager {
     /// (running, paused, hibernated) were made from it; a failed build's record just
     /// goes. Recipe templates may be deleted too: they are rebuilt on next use.
     pub async fn delete_template(&self, name: &str) -> Result<(), CoreError> {
+        known_name(name)?;
         {
             let mut b = self.builds();
             let state = b.map.get(name).map(|x| match &lock(&x.state).outcome {
