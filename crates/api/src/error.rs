@@ -44,6 +44,7 @@ impl ApiError {
                 CoreError::NoToken(_) => (StatusCode::NOT_FOUND, "token_not_found"),
                 CoreError::NoLanguage(_) => (StatusCode::NOT_FOUND, "language_not_found"),
                 CoreError::NoVolume(_) => (StatusCode::NOT_FOUND, "volume_not_found"),
+                CoreError::NoTemplate(_) => (StatusCode::NOT_FOUND, "template_not_found"),
                 CoreError::Runtime(r) => match r {
                     RuntimeError::UnknownTemplate(_) => {
                         (StatusCode::BAD_REQUEST, "unknown_template")

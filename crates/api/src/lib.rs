@@ -10,6 +10,7 @@ mod files;
 mod pty;
 mod runner;
 mod sandboxes;
+mod templates;
 mod volumes;
 
 pub use error::ApiError;
@@ -110,6 +111,10 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(runner::execute))
         .routes(routes!(runner::list_rootfs, runner::build_rootfs))
         .routes(routes!(runner::list_warm, runner::warm))
+        .routes(routes!(templates::build, templates::list))
+        .routes(routes!(templates::get, templates::delete))
+        .routes(routes!(templates::log))
+        .routes(routes!(templates::follow))
         .routes(routes!(auth::whoami))
         .routes(routes!(auth::list_tokens, auth::create_token))
         .routes(routes!(auth::revoke_token))

@@ -1,4 +1,5 @@
-//! The `forkbox` command: `serve` runs the server; `template` prepares templates;
+//! The `forkbox` command: `serve` runs the server; `template` prepares (locally) or
+//! builds, lists and deletes (through a server) templates;
 //! `bench` measures the spine's budgets.
 
 mod bench;
@@ -6,6 +7,7 @@ mod client;
 mod config;
 mod serve;
 mod shell;
+mod templates;
 mod token;
 
 use clap::{Parser, Subcommand};
@@ -56,6 +58,31 @@ enum TemplateCmd {
         #[arg(default_value = "python")]
         name: String,
     },
+    /// Build a template on a server from a TOML file (the fields of POST
+    /// /v1/templates: name, base, packages, run, env, workdir, egress_allowlist),
+    /// showing its progress; exits non-zero when the build fails.
+    Build {
+        #[command(flatten)]
+        conn: client::Conn,
+        /// The template file.
+        #[arg(short = 'f', long = "file")]
+        file: std::path::PathBuf,
+        /// Build under this name instead of the file's.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List a server's templates.
+    Ls {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Delete templates (refused while live sandboxes use them).
+    Rm {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +108,15 @@ fn main() -> ExitCode {
                 println!("template {name} ready");
                 Ok(())
             }
+            Cmd::Template {
+                cmd: TemplateCmd::Build { conn, file, name },
+            } => return templates::build(&conn, &file, name).await,
+            Cmd::Template {
+                cmd: TemplateCmd::Ls { conn },
+            } => return templates::ls(&conn).await,
+            Cmd::Template {
+                cmd: TemplateCmd::Rm { conn, names },
+            } => return templates::rm(&conn, &names).await,
             Cmd::Bench(a) => bench::run(a).await,
             Cmd::Token(a) => token::run(a).await,
         }

@@ -14,6 +14,7 @@ pub mod model;
 pub mod runner;
 pub mod runtime;
 pub mod store;
+pub mod templates;
 pub mod trace;
 pub mod volumes;
 
@@ -23,7 +24,8 @@ pub use model::{
     VolumeMount, Work,
 };
 pub use runtime::{
-    ByteStream, FileErrorKind, GcReport, Instance, Runtime, RuntimeError, UploadStream,
+    ByteStream, FileErrorKind, GcReport, Instance, Runtime, RuntimeError, TemplateInfo,
+    TemplateSpec, UploadStream,
 };
 
 /// Everything that can go wrong in a core operation, by what the caller should do.
@@ -54,6 +56,8 @@ pub enum CoreError {
     NoLanguage(String),
     #[error("volume {0} not found")]
     NoVolume(String),
+    #[error("template {0} not found")]
+    NoTemplate(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]

@@ -104,6 +104,8 @@ pub struct Manager {
     admitting: tokio::sync::Mutex<()>,
     /// The runner's warm pools and template builds.
     warm: Mutex<crate::runner::Warm>,
+    /// Template builds (`templates.rs`).
+    template_builds: Mutex<crate::templates::Builds>,
 }
 
 /// Locks `m`, shrugging off poisoning (the data are plain maps).
@@ -138,7 +140,7 @@ pub const EXIT_UNKNOWN: i32 = -1;
 /// Exit code reported when an exec's timeout killed it (as coreutils `timeout` does).
 pub const EXIT_TIMEOUT: i32 = 124;
 
-fn valid_template_name(s: &str) -> bool {
+pub(crate) fn valid_template_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
@@ -158,6 +160,7 @@ impl Manager {
             quotas: Mutex::new(HashMap::new()),
             admitting: tokio::sync::Mutex::new(()),
             warm: Mutex::new(Default::default()),
+            template_builds: Mutex::new(Default::default()),
         })
     }
 
@@ -175,6 +178,10 @@ impl Manager {
 
     pub(crate) fn warm(&self) -> &Mutex<crate::runner::Warm> {
         &self.warm
+    }
+
+    pub(crate) fn template_builds(&self) -> &Mutex<crate::templates::Builds> {
+        &self.template_builds
     }
 
     /// The manager's metrics, with the live-sandbox gauge brought up to date.
@@ -362,6 +369,12 @@ impl Manager {
         }
         let (mut spec, cpu, memory_mb, timeout) = self.spec(&id, &req)?;
         spec.snapshot = snap.map(|s| s.id);
+        // A template's own environment comes under the sandbox's.
+        if let Some(info) = self.runtime.template_info(&spec.template).await {
+            for (k, v) in info.env {
+                spec.env.entry(k).or_insert(v);
+            }
+        }
         let _admitted = self.admit(&workspace, 1, memory_mb).await?;
         let instance = self.runtime.create(&spec).await?;
         let from_snapshot = spec.snapshot.clone();

@@ -42,7 +42,39 @@ pub struct TemplateInfo {
     pub built_at: time::OffsetDateTime,
     /// Where it lives on the host.
     pub path: String,
+    /// The template it was layered on (`None`: built from Debian packages).
+    pub base: Option<String>,
+    /// Commands run in its build sandbox, in order.
+    pub run: Vec<String>,
+    /// Environment its sandboxes start with (under their own `env`).
+    pub env: BTreeMap<String, String>,
+    /// Working directory its build commands ran in.
+    pub workdir: Option<String>,
+    /// Seconds the build took.
+    pub build_seconds: f64,
 }
+
+/// What to build as a template (see [`Runtime::build_template`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TemplateSpec {
+    pub name: String,
+    /// Template to layer on (a copy of its filesystem); `None`: Debian from scratch.
+    pub base: Option<String>,
+    /// Debian packages to install.
+    pub packages: Vec<String>,
+    /// Shell commands run in order inside a build sandbox; the first failure fails it.
+    pub run: Vec<String>,
+    /// Environment of the commands, recorded for the template's sandboxes.
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the commands (default `/root`).
+    pub workdir: Option<String>,
+    /// Host names the build sandbox may reach through its egress proxy; `None`: no
+    /// network for the commands.
+    pub egress: Option<Vec<String>>,
+}
+
+/// Receives one line per build step or line of build output.
+pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
 
 type Source = Box<dyn std::error::Error + Send + Sync>;
 
@@ -150,6 +182,37 @@ pub trait Runtime: Send + Sync + 'static {
     async fn template_info(&self, template: &str) -> Option<TemplateInfo> {
         let _ = template;
         None
+    }
+
+    /// Every built template.
+    async fn templates(&self) -> Vec<TemplateInfo> {
+        Vec::new()
+    }
+
+    /// Builds a template; on failure nothing of it is left behind.
+    async fn build_template(
+        &self,
+        spec: &TemplateSpec,
+        progress: Progress,
+    ) -> Result<TemplateInfo, RuntimeError> {
+        let _ = (spec, progress);
+        Err(RuntimeError::Unavailable(
+            "this runtime cannot build templates".into(),
+        ))
+    }
+
+    /// The kept build log of a built template.
+    async fn template_log(&self, template: &str) -> Option<String> {
+        let _ = template;
+        None
+    }
+
+    /// Deletes a built template (sandboxes made from it keep their own copy).
+    async fn delete_template(&self, template: &str) -> Result<(), RuntimeError> {
+        let _ = template;
+        Err(RuntimeError::Unavailable(
+            "this runtime cannot delete templates".into(),
+        ))
     }
 
     /// Creates a running sandbox whose agent answers.

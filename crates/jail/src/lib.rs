@@ -11,6 +11,7 @@
 //! 5. open a pidfd on that process and connect to its agent over HTTP/2.
 
 pub mod agent_image;
+pub mod build;
 pub mod pool;
 pub mod template;
 pub mod volumes;
@@ -21,7 +22,7 @@ use bytes::Bytes;
 use forkbox_agent_client::AgentClient;
 use forkbox_core::runtime::{
     AgentEvents, ByteStream, CreateSpec, FileErrorKind, Forked, GcReport, Instance, Runtime,
-    RuntimeError, TemplateInfo, UploadStream,
+    RuntimeError, TemplateInfo, TemplateSpec, UploadStream,
 };
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
 use forkbox_types::agent::{
@@ -471,13 +472,37 @@ impl Runtime for JailRuntime {
 
     async fn template_info(&self, template: &str) -> Option<TemplateInfo> {
         let m = template::built(&self.inner.pool, template, self.inner.uid_base)?;
-        Some(TemplateInfo {
-            name: m.name,
-            size_bytes: m.size_bytes,
-            packages: m.packages,
-            built_at: m.built_at,
-            path: self.inner.pool.template(template).display().to_string(),
-        })
+        Some(self.inner.info(m))
+    }
+
+    async fn templates(&self) -> Vec<TemplateInfo> {
+        template::list(&self.inner.pool, self.inner.uid_base)
+            .into_iter()
+            .map(|m| self.inner.info(m))
+            .collect()
+    }
+
+    async fn build_template(
+        &self,
+        spec: &TemplateSpec,
+        progress: forkbox_core::runtime::Progress,
+    ) -> Result<TemplateInfo, RuntimeError> {
+        self.inner
+            .build_template(spec, progress)
+            .await
+            .map(|m| self.inner.info(m))
+            .map_err(|e| e.into_runtime(&spec.name))
+    }
+
+    async fn template_log(&self, template: &str) -> Option<String> {
+        std::fs::read_to_string(self.inner.pool.template_log(template)).ok()
+    }
+
+    async fn delete_template(&self, template: &str) -> Result<(), RuntimeError> {
+        self.inner
+            .delete_template(template)
+            .await
+            .map_err(|e| e.into_runtime(template))
     }
 
     async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
@@ -504,6 +529,21 @@ enum Origin {
 }
 
 impl Inner {
+    fn info(&self, m: template::TemplateMeta) -> TemplateInfo {
+        TemplateInfo {
+            path: self.pool.template(&m.name).display().to_string(),
+            name: m.name,
+            size_bytes: m.size_bytes,
+            packages: m.packages,
+            built_at: m.built_at,
+            base: m.base,
+            run: m.run,
+            env: m.env,
+            workdir: m.workdir,
+            build_seconds: m.build_seconds,
+        }
+    }
+
     async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError> {
         let name = template.to_owned();
         self.ensure_template(template, &move |line: &str| {

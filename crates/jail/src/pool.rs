@@ -106,6 +106,11 @@ impl Pool {
         self.root.join("templates").join(format!("{name}.json"))
     }
 
+    /// The build log kept beside a template built through the API.
+    pub fn template_log(&self, name: &str) -> PathBuf {
+        self.root.join("templates").join(format!("{name}.log"))
+    }
+
     /// A named snapshot's (read-only) root filesystem.
     pub fn snapshot(&self, id: &str) -> PathBuf {
         self.root.join("snapshots").join(id)

@@ -25,6 +25,71 @@ pub struct TemplateMeta {
     /// Bytes of its files (templates built before this was recorded have none).
     #[serde(default)]
     pub size_bytes: Option<u64>,
+    /// The template it was layered on (`None`: Debian from scratch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// Commands run in its build sandbox.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub run: Vec<String>,
+    /// Environment of its sandboxes (and of its build commands).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory of its build commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+}
+
+/// Every template built for `uid_base` in the pool, by name.
+pub fn list(pool: &Pool, uid_base: u32) -> Vec<TemplateMeta> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(pool.root().join("templates")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let f = e.file_name();
+        let Some(name) = f.to_str().and_then(|n| n.strip_suffix(".json")) else {
+            continue;
+        };
+        if name.starts_with('.') || name.contains('.') {
+            continue;
+        }
+        if let Some(m) = built(pool, name, uid_base) {
+            out.push(m);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Takes the pool's exclusive template lock (held until dropped).
+pub(crate) async fn lock_pool(
+    pool: &Pool,
+    name: &str,
+) -> Result<nix::fcntl::Flock<std::fs::File>, TemplateError> {
+    let lock_path = pool.lock_file();
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| TemplateError::Lock(lock_path.clone(), e))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| TemplateError::Lock(lock_path, e.into()))
+    })
+    .await
+    .map_err(|e| TemplateError::Io(name.into(), std::io::Error::other(e)))?
+}
+
+/// Writes a template's record atomically (the last step of a build).
+pub(crate) fn write_meta(pool: &Pool, meta: &TemplateMeta) -> Result<(), TemplateError> {
+    let name = meta.name.as_str();
+    let meta_path = pool.template_meta(name);
+    let tmp_meta = meta_path.with_extension("json.tmp");
+    let bytes =
+        serde_json::to_vec_pretty(meta).map_err(|e| TemplateError::Io(name.into(), e.into()))?;
+    std::fs::write(&tmp_meta, bytes).map_err(|e| TemplateError::Io(name.into(), e))?;
+    std::fs::rename(&tmp_meta, &meta_path).map_err(|e| TemplateError::Io(name.into(), e))
 }
 
 /// The metadata of a built template, if it is built for `uid_base`.
@@ -33,7 +98,7 @@ pub fn built(pool: &Pool, name: &str, uid_base: u32) -> Option<TemplateMeta> {
 }
 
 /// Bytes of the regular files under `root` (each file once, hard links counted once).
-fn tree_size(root: &Path) -> u64 {
+pub(crate) fn tree_size(root: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
     let mut seen = std::collections::HashSet::new();
     let mut total = 0;
@@ -100,22 +165,7 @@ pub async fn ensure(
         return Ok(m);
     }
     let packages = recipe.ok_or_else(|| TemplateError::Unknown(name.into()))?;
-    let lock_path = pool.lock_file();
-    let lock = {
-        let lock_path = lock_path.clone();
-        tokio::task::spawn_blocking(move || {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lock_path)
-                .map_err(|e| TemplateError::Lock(lock_path.clone(), e))?;
-            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-                .map_err(|(_, e)| TemplateError::Lock(lock_path, e.into()))
-        })
-        .await
-        .map_err(|e| TemplateError::Io(name.into(), std::io::Error::other(e)))??
-    };
+    let lock = lock_pool(pool, name).await?;
     // Someone else may have built it while we waited for the lock.
     if let Some(m) = ready(pool, name, uid_base)? {
         drop(lock);
@@ -161,15 +211,57 @@ async fn build(
         }
     }
     forkbox_sys::btrfs::create_subvolume(&tmp)?;
-    let result = async {
+    let result = debootstrap(&tmp, name, packages, uid_base, progress).await;
+    if let Err(e) = result {
+        let _ = forkbox_sys::btrfs::delete_subvolume(&tmp);
+        return Err(e);
+    }
+    let measured = tmp.clone();
+    let size_bytes = tokio::task::spawn_blocking(move || tree_size(&measured))
+        .await
+        .ok();
+    std::fs::rename(&tmp, &final_path).map_err(|e| TemplateError::Io(name.into(), e))?;
+    forkbox_sys::btrfs::set_readonly(&final_path, true)?;
+    let meta = TemplateMeta {
+        name: name.into(),
+        suite: SUITE.into(),
+        packages: packages.to_vec(),
+        uid_base,
+        built_at: time::OffsetDateTime::now_utc(),
+        build_seconds: started.elapsed().as_secs_f64(),
+        size_bytes,
+        base: None,
+        run: Vec::new(),
+        env: Default::default(),
+        workdir: None,
+    };
+    write_meta(pool, &meta)?;
+    progress(&format!(
+        "template {name}: ready in {:.0}s",
+        meta.build_seconds
+    ));
+    Ok(meta)
+}
+
+/// Installs Debian `packages` (minbase) with mmdebstrap into the empty directory
+/// `root`, then shifts its owners into the sandboxes' uid range.
+pub(crate) async fn debootstrap(
+    root: &Path,
+    name: &str,
+    packages: &[String],
+    uid_base: u32,
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<(), TemplateError> {
+    let tmp = root.to_path_buf();
+    {
         progress(&format!(
-            "building template {name}: debian {SUITE} + {} packages with mmdebstrap (about a minute, once)",
+            "building template {name}: debian {SUITE} + {} packages with mmdebstrap (about a minute)",
             packages.len()
         ));
         let mut child = tokio::process::Command::new("mmdebstrap")
             .arg("--mode=root")
             .arg("--variant=minbase")
-            .arg(format!("--include={}", packages.join(",")))
+            .args((!packages.is_empty()).then(|| format!("--include={}", packages.join(","))))
             .arg("--aptopt=Acquire::Check-Valid-Until \"false\"")
             .arg("--dpkgopt=path-exclude=/usr/share/man/*")
             .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
@@ -207,42 +299,13 @@ async fn build(
                 tail: Vec::from(tail).join("\n"),
             });
         }
-        progress(&format!("template {name}: shifting owners to uid base {uid_base}"));
+        progress(&format!(
+            "template {name}: shifting owners to uid base {uid_base}"
+        ));
         let root = tmp.clone();
         tokio::task::spawn_blocking(move || forkbox_sys::uidshift::shift_tree(&root, uid_base))
             .await
             .map_err(|e| TemplateError::Io(name.into(), std::io::Error::other(e)))??;
         Ok(())
     }
-    .await;
-    if let Err(e) = result {
-        let _ = forkbox_sys::btrfs::delete_subvolume(&tmp);
-        return Err(e);
-    }
-    let measured = tmp.clone();
-    let size_bytes = tokio::task::spawn_blocking(move || tree_size(&measured))
-        .await
-        .ok();
-    std::fs::rename(&tmp, &final_path).map_err(|e| TemplateError::Io(name.into(), e))?;
-    forkbox_sys::btrfs::set_readonly(&final_path, true)?;
-    let meta = TemplateMeta {
-        name: name.into(),
-        suite: SUITE.into(),
-        packages: packages.to_vec(),
-        uid_base,
-        built_at: time::OffsetDateTime::now_utc(),
-        build_seconds: started.elapsed().as_secs_f64(),
-        size_bytes,
-    };
-    let meta_path = pool.template_meta(name);
-    let tmp_meta = meta_path.with_extension("json.tmp");
-    let bytes =
-        serde_json::to_vec_pretty(&meta).map_err(|e| TemplateError::Io(name.into(), e.into()))?;
-    std::fs::write(&tmp_meta, bytes).map_err(|e| TemplateError::Io(name.into(), e))?;
-    std::fs::rename(&tmp_meta, &meta_path).map_err(|e| TemplateError::Io(name.into(), e))?;
-    progress(&format!(
-        "template {name}: ready in {:.0}s",
-        meta.build_seconds
-    ));
-    Ok(meta)
 }

@@ -1,0 +1,207 @@
+//! `/v1/templates`: build templates (streamed progress), list, describe, delete, and
+//! read their build logs. Templates are shared by every workspace, so building and
+//! deleting one needs an admin key when the server requires keys.
+
+use crate::extract::JsonBody;
+use crate::{ApiError, AppState};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use forkbox_core::auth::Principal;
+use forkbox_core::templates::{BuildEvent, NewTemplate, Template, DEBIAN_BASE};
+use forkbox_core::CoreError;
+use futures_util::stream::{BoxStream, StreamExt};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A template to build.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateBody {
+    /// 1-64 characters of a-z, 0-9, '-' and '_'.
+    name: String,
+    /// `debian-bookworm` (default: a fresh Debian root made by mmdebstrap) or an
+    /// existing template to layer on (a copy-on-write snapshot of it).
+    base: Option<String>,
+    /// Debian packages to install.
+    #[serde(default)]
+    packages: Vec<String>,
+    /// Shell commands run in order inside a build sandbox; the first failure fails the
+    /// build.
+    #[serde(default)]
+    run: Vec<String>,
+    /// Environment of the commands and of the template's sandboxes.
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    /// Working directory of the commands (made if missing; default `/root`).
+    workdir: Option<String>,
+    /// Host names the build commands may reach through an egress proxy (`HTTP_PROXY`
+    /// is set); absent: no network.
+    egress_allowlist: Option<Vec<String>>,
+}
+
+/// A template as the API shows it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TemplateView {
+    name: String,
+    /// `ready`, `building` or `failed`.
+    status: &'static str,
+    /// `debian-bookworm` or the template it was layered on.
+    base: String,
+    /// Packages it added to its base.
+    packages: Vec<String>,
+    run: Vec<String>,
+    env: BTreeMap<String, String>,
+    workdir: Option<String>,
+    /// Bytes of its files (when measured).
+    size: Option<u64>,
+    /// When it was built (or its build started).
+    created: String,
+    build_seconds: Option<f64>,
+    /// Why its build failed.
+    error: Option<String>,
+}
+
+impl From<Template> for TemplateView {
+    fn from(t: Template) -> Self {
+        TemplateView {
+            name: t.name,
+            status: t.status.as_str(),
+            base: t.base,
+            packages: t.packages,
+            run: t.run,
+            env: t.env,
+            workdir: t.workdir,
+            size: t.size_bytes,
+            created: t
+                .created
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            build_seconds: t.build_seconds,
+            error: t.error,
+        }
+    }
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TemplateList {
+    templates: Vec<TemplateView>,
+}
+
+fn admin_only(p: &Principal, st: &AppState, what: &str) -> Result<(), ApiError> {
+    if st.auth_required && !p.admin {
+        return Err(CoreError::Forbidden(format!(
+            "templates are shared by every workspace; {what} one needs an admin key"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Build events as NDJSON lines: `{"type":"progress","data":…}` …, then
+/// `{"type":"ready","template":{…}}` or `{"type":"failed","error":…}`.
+fn ndjson(events: BoxStream<'static, BuildEvent>) -> Response {
+    let body = events.map(|ev| {
+        let v = match ev {
+            BuildEvent::Progress(l) => serde_json::json!({"type": "progress", "data": l}),
+            BuildEvent::Ready(t) => {
+                serde_json::json!({"type": "ready", "template": TemplateView::from(*t)})
+            }
+            BuildEvent::Failed(e) => serde_json::json!({"type": "failed", "error": e}),
+        };
+        let mut line = serde_json::to_vec(&v).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
+    });
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "application/x-ndjson"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// Starts a build; the answer streams its progress as it goes. The build goes on if the
+/// client hangs up (follow it again with `GET /v1/templates/{name}/build`).
+#[utoipa::path(post, path = "/v1/templates", tag = "templates", request_body = TemplateBody, responses((status = 200, description = "NDJSON build events: progress lines, then `ready` (with the template) or `failed` (with the error)", content_type = "application/x-ndjson", body = String), (status = 400, description = "Invalid request", body = crate::error::ErrorBody), (status = 404, description = "Unknown base template", body = crate::error::ErrorBody), (status = 409, description = "A template of that name exists or is being built", body = crate::error::ErrorBody)))]
+pub async fn build(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+    JsonBody(b): JsonBody<TemplateBody>,
+) -> Result<Response, ApiError> {
+    admin_only(&p, &st, "building")?;
+    let events = st
+        .manager
+        .build_template(NewTemplate {
+            name: b.name,
+            base: b.base.unwrap_or_else(|| DEBIAN_BASE.to_owned()),
+            packages: b.packages,
+            run: b.run,
+            env: b.env,
+            workdir: b.workdir,
+            egress: b.egress_allowlist,
+        })
+        .await?;
+    Ok(ndjson(events))
+}
+
+#[utoipa::path(get, path = "/v1/templates", tag = "templates", responses((status = 200, description = "Built templates and builds this server runs or saw fail", body = TemplateList)))]
+pub async fn list(State(st): State<AppState>) -> Json<TemplateList> {
+    Json(TemplateList {
+        templates: st
+            .manager
+            .templates()
+            .await
+            .into_iter()
+            .map(TemplateView::from)
+            .collect(),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/templates/{name}", tag = "templates", params(("name" = String, Path, description = "Template name")), responses((status = 200, body = TemplateView), (status = 404, description = "No such template", body = crate::error::ErrorBody)))]
+pub async fn get(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<TemplateView>, ApiError> {
+    Ok(Json(st.manager.template(&name).await?.into()))
+}
+
+/// Deletes a template (or a failed build's record). Sandboxes made from it keep their
+/// own copy, but while live ones (running, paused, hibernated) exist it answers 409.
+#[utoipa::path(delete, path = "/v1/templates/{name}", tag = "templates", params(("name" = String, Path, description = "Template name")), responses((status = 204, description = "Deleted"), (status = 404, description = "No such template", body = crate::error::ErrorBody), (status = 409, description = "Live sandboxes use it, or it is being built", body = crate::error::ErrorBody)))]
+pub async fn delete(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    admin_only(&p, &st, "deleting")?;
+    st.manager.delete_template(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/templates/{name}/log", tag = "templates", params(("name" = String, Path, description = "Template name")), responses((status = 200, description = "The build log (kept for templates built through the API and for failed builds)", content_type = "text/plain", body = String), (status = 404, description = "No such template", body = crate::error::ErrorBody)))]
+pub async fn log(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let text = st.manager.template_log(&name).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/templates/{name}/build", tag = "templates", params(("name" = String, Path, description = "Template name")), responses((status = 200, description = "NDJSON build events from the start of a build this server runs or ran (as for POST /v1/templates)", content_type = "application/x-ndjson", body = String), (status = 404, description = "No build of that name (a built template's log is at …/log)", body = crate::error::ErrorBody)))]
+pub async fn follow(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(ndjson(st.manager.follow_build(&name)?))
+}

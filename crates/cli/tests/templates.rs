@@ -1,0 +1,390 @@
+//! End-to-end: templates built through the API on a real server: layered on the cached
+//! `python` template (a btrfs snapshot), an extra Debian package installed with apt in
+//! the build sandbox, setup commands run in it; sandboxes made from the result; 409
+//! while in use; failed builds leave nothing behind; the CLI's `template build|ls|rm`.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{get, Server};
+use serde_json::{json, Value};
+use std::process::{Command, Output};
+
+/// A template name no other test (or concurrent test server on the shared pool) uses.
+fn unique(prefix: &str) -> String {
+    let n: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    format!("{prefix}-{}-{:x}", std::process::id(), n & 0xffffff)
+}
+
+/// POSTs a build; (status, every NDJSON event, or the error body).
+async fn build(s: &Server, body: Value) -> (u16, Vec<Value>) {
+    let r = s
+        .http
+        .post(s.url("/v1/templates"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    if st != 200 {
+        return (st, vec![serde_json::from_str(&text).unwrap_or(Value::Null)]);
+    }
+    let events = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("NDJSON line"))
+        .collect();
+    (st, events)
+}
+
+fn progress(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter(|e| e["type"] == "progress")
+        .map(|e| format!("{}\n", e["data"].as_str().unwrap()))
+        .collect()
+}
+
+/// The build sandbox's id, from its progress line.
+fn build_sandbox(events: &[Value]) -> String {
+    let log = progress(events);
+    let at = log
+        .find("starting build sandbox ")
+        .expect("build sandbox line");
+    log[at + "starting build sandbox ".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+async fn delete_template(s: &Server, name: &str) -> (u16, Value) {
+    let r = s
+        .http
+        .delete(s.url(&format!("/v1/templates/{name}")))
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+fn assert_no_leftovers(s: &Server, name: &str, bld: &str) {
+    let t = s.pool.join("templates");
+    assert!(!t.join(name).exists(), "subvolume of {name} left");
+    assert!(
+        !t.join(format!("{name}.json")).exists(),
+        "record of {name} left"
+    );
+    assert!(!s.pool.join("sandboxes").join(bld).exists(), "{bld} left");
+    for root in ["/sys/fs/cgroup/memory/forkbox", "/sys/fs/cgroup/forkbox"] {
+        assert!(
+            !std::path::Path::new(root).join(bld).exists(),
+            "cgroup of {bld} left"
+        );
+    }
+}
+
+#[tokio::test]
+async fn layered_template_with_a_package_and_commands() {
+    let s = Server::start();
+    let name = unique("e2e-jq");
+    let t0 = std::time::Instant::now();
+    let (st, events) = build(
+        &s,
+        json!({
+            "name": name,
+            "base": "python",
+            "packages": ["jq"],
+            "run": [
+                "echo built > /etc/built-by",
+                "pip --version > /root/pip.txt",
+                "pwd > /etc/build-pwd; echo \"$GREETING\" > /etc/build-env"
+            ],
+            "env": {"GREETING": "hello"},
+            "workdir": "/srv/app"
+        }),
+    )
+    .await;
+    assert_eq!(st, 200, "{events:?}");
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "ready", "{}", progress(&events));
+    eprintln!("layered build took {:.1}s", t0.elapsed().as_secs_f64());
+    let t = &last["template"];
+    assert_eq!(
+        (t["name"].as_str(), t["status"].as_str(), t["base"].as_str()),
+        (Some(name.as_str()), Some("ready"), Some("python"))
+    );
+    assert_eq!(t["packages"], json!(["jq"]));
+    assert_eq!(t["workdir"], "/srv/app");
+    assert!(t["size"].as_u64().unwrap() > 10 << 20, "{t}");
+    let log = progress(&events);
+    assert!(log.contains("$ echo built > /etc/built-by"), "{log}");
+    assert!(log.contains("jq"), "{log}");
+    // The build sandbox is gone; only the template is left.
+    let bld = build_sandbox(&events);
+    assert!(!s.pool.join("sandboxes").join(&bld).exists());
+    // Listed, described, log kept.
+    let (st, v) = get(&s, "/v1/templates").await;
+    assert_eq!(st, 200);
+    let row = v["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name.as_str())
+        .cloned()
+        .expect("listed");
+    assert_eq!(row["status"], "ready");
+    assert!(v["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["name"] == "python" && x["base"] == "debian-bookworm"));
+    let (st, v) = get(&s, &format!("/v1/templates/{name}")).await;
+    assert_eq!((st, v["env"]["GREETING"].as_str()), (200, Some("hello")));
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/templates/{name}/log")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("$ pip --version"));
+    // Same name again: 409.
+    let (st, _) = build(&s, json!({"name": name, "base": "python"})).await;
+    assert_eq!(st, 409);
+
+    // A sandbox made from it sees the package, the commands' files and the env.
+    let sb = s.create(json!({"template": name})).await;
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let (out, err, code) = s
+        .sh(&id, "jq --version && echo '{\"a\":[1,2]}' | jq -c .a")
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("jq-1.6"), "{out}");
+    assert!(out.ends_with("[1,2]\n"), "{out}");
+    let (out, _, _) = s
+        .sh(
+            &id,
+            "cat /etc/built-by /etc/build-pwd /etc/build-env; cat /root/pip.txt",
+        )
+        .await;
+    assert!(out.starts_with("built\n/srv/app\nhello\npip "), "{out}");
+    let (out, _, _) = s
+        .sh(&id, "echo $GREETING; stat -c %U /etc/built-by /usr/bin/jq")
+        .await;
+    assert_eq!(out, "hello\nroot\nroot\n");
+
+    // In use: 409; then deleted: 204, gone from the list and the pool.
+    let (st, v) = delete_template(&s, &name).await;
+    assert_eq!(st, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains(&id), "{v}");
+    assert_eq!(s.delete(&id).await, 204);
+    let (st, v) = delete_template(&s, &name).await;
+    assert_eq!(st, 204, "{v}");
+    let (st, _) = get(&s, &format!("/v1/templates/{name}")).await;
+    assert_eq!(st, 404);
+    let (_, v) = get(&s, "/v1/templates").await;
+    assert!(!v["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["name"] == name.as_str()));
+    assert!(!s.pool.join("templates").join(&name).exists());
+    assert!(!s
+        .pool
+        .join("templates")
+        .join(format!("{name}.json"))
+        .exists());
+    let (st, _) = delete_template(&s, &name).await;
+    assert_eq!(st, 404);
+}
+
+#[tokio::test]
+async fn a_failing_command_fails_the_build_and_leaves_nothing() {
+    let s = Server::start();
+    let name = unique("e2e-fail");
+    let (st, events) = build(
+        &s,
+        json!({
+            "name": name,
+            "base": "python",
+            "run": ["echo about to fail", "touch /etc/half-made", "exit 3", "echo never"]
+        }),
+    )
+    .await;
+    assert_eq!(st, 200, "{events:?}");
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "failed", "{events:?}");
+    let err = last["error"].as_str().unwrap();
+    assert!(
+        err.contains("exit 3") && err.contains("exit code 3"),
+        "{err}"
+    );
+    let log = progress(&events);
+    assert!(log.contains("about to fail"), "{log}");
+    assert!(!log.contains("never"), "{log}");
+    assert_no_leftovers(&s, &name, &build_sandbox(&events));
+    // The failure stays visible until deleted.
+    let (st, v) = get(&s, &format!("/v1/templates/{name}")).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("failed")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("exit code 3"));
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/templates/{name}/log")))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.text().await.unwrap().contains("about to fail"));
+    // Nobody can make a sandbox of it.
+    let r = s
+        .http
+        .post(s.url("/v1/sandboxes"))
+        .json(&json!({"template": name}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let (st, _) = delete_template(&s, &name).await;
+    assert_eq!(st, 204);
+    let (st, _) = get(&s, &format!("/v1/templates/{name}")).await;
+    assert_eq!(st, 404);
+    // A package that does not exist fails too, without leftovers.
+    let (st, events) = build(
+        &s,
+        json!({"name": name, "base": "python", "packages": ["no-such-package-forkbox"]}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "failed", "{events:?}");
+    assert_no_leftovers(&s, &name, &build_sandbox(&events));
+    assert_eq!(delete_template(&s, &name).await.0, 204);
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_before_building() {
+    let s = Server::start();
+    for (body, want) in [
+        (json!({"name": "Bad Name", "base": "python"}), 400),
+        (json!({"name": "x".repeat(65), "base": "python"}), 400),
+        (
+            json!({"name": "ok1", "base": "python", "packages": ["-oAPT::x=1"]}),
+            400,
+        ),
+        (
+            json!({"name": "ok1", "base": "python", "workdir": "relative"}),
+            400,
+        ),
+        (
+            json!({"name": "ok1", "base": "python", "unknown_field": 1}),
+            400,
+        ),
+        (json!({"name": "ok1", "base": "no-such-base-xyz"}), 404),
+        (json!({"name": "ok1", "base": "Not Valid"}), 400),
+        (json!({"name": "python", "base": "debian-bookworm"}), 409),
+        (json!({"name": "compilers", "base": "python"}), 409),
+    ] {
+        let (st, v) = build(&s, body.clone()).await;
+        assert_eq!(st, want, "{body}: {v:?}");
+        assert!(v[0]["error"].is_string(), "{v:?}");
+    }
+    let (st, v) = get(&s, "/v1/templates/no-such-template").await;
+    assert_eq!((st, v["code"].as_str()), (404, Some("template_not_found")));
+    let (st, _) = delete_template(&s, "no-such-template").await;
+    assert_eq!(st, 404);
+    // Names that cannot be templates are never looked up as paths.
+    for bad in ["..", "...", "python.json", "%2e%2e"] {
+        let (st, _) = delete_template(&s, bad).await;
+        assert_eq!(st, 404, "{bad}");
+        let (st, _) = get(&s, &format!("/v1/templates/{bad}/log")).await;
+        assert_eq!(st, 404, "{bad}");
+    }
+    assert!(s.pool.join("templates").join("python").exists());
+}
+
+fn forkbox(s: &Server, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_forkbox"))
+        .args(args)
+        .env("FORKBOX_URL", &s.base)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cli_template_build_ls_rm() {
+    let s = Server::start();
+    let name = unique("e2e-cli");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("template.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"{name}\"\nbase = \"python\"\nrun = [\"echo from-cli > /etc/cli-built\"]\n\n[env]\nMODE = \"cli\"\n"
+        ),
+    )
+    .unwrap();
+    let o = forkbox(&s, &["template", "build", "-f", file.to_str().unwrap()]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.contains(&format!("template {name} ready")), "{out}");
+    assert!(err.contains("$ echo from-cli > /etc/cli-built"), "{err}");
+    let o = forkbox(&s, &["template", "ls", "--json"]);
+    let ls: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == name.as_str() && t["env"]["MODE"] == "cli"));
+    let o = forkbox(&s, &["template", "ls"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&name));
+    let sb = s.create(json!({"template": name})).await;
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let (out, _, _) = s.sh(&id, "cat /etc/cli-built; echo $MODE").await;
+    assert_eq!(out, "from-cli\ncli\n");
+    // In use: rm fails with the server's reason.
+    let o = forkbox(&s, &["template", "rm", &name]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("409"));
+    assert_eq!(s.delete(&id).await, 204);
+    let o = forkbox(&s, &["template", "rm", &name]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A failing build exits non-zero; --json gives the events.
+    let failing = dir.path().join("fail.toml");
+    std::fs::write(
+        &failing,
+        format!("name = \"{name}\"\nbase = \"python\"\nrun = [\"false\"]\n"),
+    )
+    .unwrap();
+    let o = forkbox(
+        &s,
+        &[
+            "template",
+            "build",
+            "-f",
+            failing.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_ne!(o.status.code(), Some(0));
+    let last: Value = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap();
+    assert_eq!(last["type"], "failed");
+    let o = forkbox(&s, &["template", "rm", &name]);
+    assert_eq!(o.status.code(), Some(0));
+}

@@ -1,0 +1,469 @@
+//! Templates built on request: a root filesystem made by mmdebstrap (base
+//! `debian-bookworm`) or a writable btrfs snapshot of the base template (layering),
+//! then, when there is anything to run, a *build sandbox* on that filesystem:
+//!
+//! - packages on a template base are installed with the template's own apt, by a
+//!   process that joins the build sandbox's namespaces and cgroup (root of the
+//!   sandbox's user namespace only, inside its pivoted root, network only through the
+//!   egress proxy admitting the Debian mirrors) — never by host root in a chroot, since
+//!   a template's binaries may have been written by earlier build commands;
+//! - the `run` commands run as ordinary sandbox commands (no capabilities, seccomp),
+//!   in order, with the build's env and workdir; the first failure fails the build.
+//!
+//! Then the sandbox is stopped, its filesystem is renamed into the templates
+//! directory, made read-only, and its record (and build log) written, last. On failure
+//! the sandbox and its filesystem are destroyed: nothing is left behind.
+
+use crate::template::{self, TemplateError, TemplateMeta, SUITE};
+use crate::{Inner, JailInstance, Origin};
+use forkbox_core::runtime::{CreateSpec, Instance as _, Progress, RuntimeError, TemplateSpec};
+use forkbox_types::agent::{AgentEvent, ExecRequest};
+use futures_util::StreamExt;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// Resources of a build sandbox.
+const BUILD_CPU_MILLIS: u64 = 2000;
+const BUILD_MEMORY: u64 = 2 << 30;
+const BUILD_PIDS: u64 = 1024;
+/// Longest a single build command may run.
+const COMMAND_TIMEOUT_MS: u64 = 3600 * 1000;
+/// Hosts apt reaches when installing packages on a template base.
+const DEBIAN_MIRRORS: &[&str] = &["deb.debian.org", "security.debian.org"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("template {0} already exists")]
+    Exists(String),
+    #[error("base template {0} does not exist")]
+    NoBase(String),
+    #[error("installing packages failed (exit {code:?}); last output:\n{tail}")]
+    Packages { code: Option<i32>, tail: String },
+    #[error("build command {index} ({cmd:?}) failed with exit code {code}")]
+    Command {
+        index: usize,
+        cmd: String,
+        code: i32,
+    },
+    #[error("build command {index} ({cmd:?}) could not run: {message}")]
+    CommandError {
+        index: usize,
+        cmd: String,
+        message: String,
+    },
+    #[error("run apt in the build sandbox: {0}")]
+    Spawn(std::io::Error),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Btrfs(#[from] forkbox_sys::btrfs::BtrfsError),
+}
+
+impl BuildError {
+    pub fn into_runtime(self, name: &str) -> RuntimeError {
+        match self {
+            BuildError::Exists(_) => RuntimeError::Conflict(self.to_string()),
+            BuildError::NoBase(b) => RuntimeError::UnknownTemplate(b),
+            BuildError::Runtime(r) => r,
+            other => RuntimeError::host("build template", name, other),
+        }
+    }
+}
+
+/// Collects what a build reports, for its kept log.
+struct Log {
+    lines: Mutex<Vec<String>>,
+    progress: Progress,
+}
+
+impl Log {
+    fn line(&self, l: &str) {
+        match self.lines.lock() {
+            Ok(mut g) => g.push(l.to_owned()),
+            Err(p) => p.into_inner().push(l.to_owned()),
+        }
+        (self.progress)(l);
+    }
+
+    fn text(&self) -> String {
+        let g = match self.lines.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.iter().map(|l| format!("{l}\n")).collect()
+    }
+}
+
+impl Inner {
+    pub(crate) async fn build_template(
+        self: &Arc<Self>,
+        spec: &TemplateSpec,
+        progress: Progress,
+    ) -> Result<TemplateMeta, BuildError> {
+        let started = std::time::Instant::now();
+        let name = spec.name.as_str();
+        let log = Log {
+            lines: Mutex::default(),
+            progress,
+        };
+        if self.pool.template(name).exists() || self.pool.template_meta(name).exists() {
+            return Err(BuildError::Exists(name.into()));
+        }
+        let id = forkbox_core::ids::new("bld");
+        let rootfs = self.pool.sandbox(&id);
+        // 1. The filesystem.
+        match &spec.base {
+            None => {
+                forkbox_sys::btrfs::create_subvolume(&rootfs)?;
+                let made =
+                    template::debootstrap(&rootfs, name, &spec.packages, self.uid_base, &|l| {
+                        log.line(l)
+                    })
+                    .await;
+                if let Err(e) = made {
+                    let _ = crate::delete_subvolume_patiently(&rootfs);
+                    return Err(e.into());
+                }
+            }
+            Some(base) => {
+                if template::built(&self.pool, base, self.uid_base).is_none() {
+                    return Err(BuildError::NoBase(base.clone()));
+                }
+                log.line(&format!("template {name}: copying {base} (btrfs snapshot)"));
+                forkbox_sys::btrfs::snapshot(&self.pool.template(base), &rootfs, false)?;
+            }
+        }
+        // 2. Packages and commands in a build sandbox.
+        let layered_packages = spec.base.is_some() && !spec.packages.is_empty();
+        if layered_packages || !spec.run.is_empty() {
+            if let Err(e) = self
+                .in_build_sandbox(&id, spec, layered_packages, &log)
+                .await
+            {
+                // The failed sandbox took its filesystem with it; make sure.
+                let _ = crate::delete_subvolume_patiently(&rootfs);
+                return Err(e);
+            }
+        }
+        // 3. Publish.
+        let published = self.publish(&id, spec, started, &log).await;
+        if published.is_err() {
+            let _ = crate::delete_subvolume_patiently(&rootfs);
+        }
+        published
+    }
+
+    async fn in_build_sandbox(
+        self: &Arc<Self>,
+        id: &str,
+        spec: &TemplateSpec,
+        packages: bool,
+        log: &Log,
+    ) -> Result<(), BuildError> {
+        let name = spec.name.as_str();
+        let mut allow: Vec<String> = spec.egress.clone().unwrap_or_default();
+        if packages {
+            for m in DEBIAN_MIRRORS {
+                if !allow.iter().any(|a| a == m) {
+                    allow.push((*m).to_owned());
+                }
+            }
+        }
+        log.line(&format!(
+            "template {name}: starting build sandbox {id}{}",
+            if allow.is_empty() {
+                " (no network)".to_owned()
+            } else {
+                format!(" (egress to {})", allow.join(", "))
+            }
+        ));
+        let cspec = CreateSpec {
+            id: id.to_owned(),
+            template: name.to_owned(),
+            cpu_millis: BUILD_CPU_MILLIS,
+            memory_bytes: BUILD_MEMORY,
+            // Not applied: a build sandbox runs on an existing subvolume.
+            disk_bytes: 0,
+            pids_max: BUILD_PIDS,
+            env: spec.env.clone(),
+            snapshot: None,
+            egress: (!allow.is_empty()).then_some(allow),
+            volumes: Vec::new(),
+        };
+        let inst = self.start(&cspec, Origin::Existing).await?;
+        let res = async {
+            if packages {
+                self.apt_install(&inst, &spec.packages, log).await?;
+            }
+            self.run_commands(&inst, spec, log).await
+        }
+        .await;
+        match res {
+            Ok(()) => {
+                log.line(&format!("template {name}: stopping the build sandbox"));
+                // Everything goes but the filesystem.
+                inst.hibernate().await?;
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(d) = inst.destroy().await {
+                    tracing::error!(sandbox = %id, error = %d, "destroying a failed build sandbox");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `apt-get install` in the build sandbox, by a process that joins its namespaces
+    /// and cgroup with the capabilities of its user namespace's root.
+    async fn apt_install(
+        &self,
+        inst: &JailInstance,
+        packages: &[String],
+        log: &Log,
+    ) -> Result<(), BuildError> {
+        use std::os::unix::process::CommandExt as _;
+        use tokio::io::AsyncBufReadExt as _;
+        log.line(&format!(
+            "installing {} with apt in the build sandbox",
+            packages.join(" ")
+        ));
+        let proxy = format!("http://{}", forkbox_types::egress::PROXY_ADDR);
+        let script = format!(
+            "cd / && apt-get -q -o Acquire::http::Proxy={proxy} -o APT::Sandbox::User=root update \
+             && apt-get -q -y --no-install-recommends -o Acquire::http::Proxy={proxy} \
+             -o APT::Sandbox::User=root -o Dpkg::Use-Pty=0 install -- \"$@\" \
+             && apt-get clean && rm -rf /var/lib/apt/lists/*"
+        );
+        let procs: Vec<std::ffi::CString> = inst
+            .cgroup
+            .procs_files()
+            .iter()
+            .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
+            .collect();
+        let mut cmd = tokio::process::Command::new("nsenter");
+        cmd.arg(format!("--target={}", inst.pid))
+            .args([
+                "--user",
+                "--mount",
+                "--pid",
+                "--net",
+                "--uts",
+                "--ipc",
+                "--cgroup",
+                "--root",
+                "--wd",
+                "--",
+                "/usr/bin/env",
+                "-i",
+            ])
+            .arg("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .args([
+                "DEBIAN_FRONTEND=noninteractive",
+                "HOME=/root",
+                "LANG=C.UTF-8",
+                "/bin/sh",
+                "-c",
+                &script,
+                "sh",
+            ])
+            .args(packages)
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: only open/write/close on paths prepared before the fork.
+        unsafe {
+            cmd.as_std_mut().pre_exec(move || {
+                // Join the sandbox's cgroup (its limits) before entering it.
+                for p in &procs {
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if n != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(BuildError::Spawn)?;
+        let tail = Mutex::new(std::collections::VecDeque::<String>::new());
+        let pump = |r: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
+            let tail = &tail;
+            async move {
+                let Some(r) = r else { return };
+                let mut lines = tokio::io::BufReader::new(r).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    log.line(&l);
+                    let mut t = match tail.lock() {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                    t.push_back(l);
+                    if t.len() > 20 {
+                        t.pop_front();
+                    }
+                }
+            }
+        };
+        let out = child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+        let err = child
+            .stderr
+            .take()
+            .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+        tokio::join!(pump(out), pump(err));
+        let status = child.wait().await.map_err(BuildError::Spawn)?;
+        if !status.success() {
+            let t = match tail.into_inner() {
+                Ok(t) => t,
+                Err(p) => p.into_inner(),
+            };
+            return Err(BuildError::Packages {
+                code: status.code(),
+                tail: Vec::from(t).join("\n"),
+            });
+        }
+        Ok(())
+    }
+
+    async fn run_commands(
+        &self,
+        inst: &JailInstance,
+        spec: &TemplateSpec,
+        log: &Log,
+    ) -> Result<(), BuildError> {
+        let mut env: BTreeMap<String, String> = spec.env.clone();
+        if spec.egress.as_ref().is_some_and(|l| !l.is_empty()) {
+            let proxy = format!("http://{}", forkbox_types::egress::PROXY_ADDR);
+            for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                env.entry(k.to_owned()).or_insert_with(|| proxy.clone());
+            }
+            for k in ["NO_PROXY", "no_proxy"] {
+                env.entry(k.to_owned())
+                    .or_insert_with(|| "localhost,127.0.0.1,::1".to_owned());
+            }
+        }
+        let mut cmds: Vec<(usize, String, Option<String>)> = Vec::new();
+        if let Some(w) = &spec.workdir {
+            // Like a Dockerfile's WORKDIR: made if missing.
+            let quoted = format!("'{}'", w.replace('\'', r"'\''"));
+            cmds.push((0, format!("mkdir -p {quoted}"), Some("/".to_owned())));
+        }
+        for (i, c) in spec.run.iter().enumerate() {
+            cmds.push((i + 1, c.clone(), spec.workdir.clone()));
+        }
+        for (index, cmd, cwd) in cmds {
+            if index > 0 {
+                log.line(&format!("$ {cmd}"));
+            }
+            let mut events = inst
+                .exec(ExecRequest {
+                    cmd: cmd.clone(),
+                    cwd,
+                    env: env.clone(),
+                    timeout_ms: Some(COMMAND_TIMEOUT_MS),
+                })
+                .await?;
+            let mut code = None;
+            while let Some(ev) = events.next().await {
+                match ev? {
+                    AgentEvent::Stdout { data } | AgentEvent::Stderr { data } => {
+                        log.line(data.strip_suffix('\n').unwrap_or(&data))
+                    }
+                    AgentEvent::Exit { code: c, .. } => code = Some(c),
+                    AgentEvent::Error { message } => {
+                        return Err(BuildError::CommandError {
+                            index,
+                            cmd,
+                            message,
+                        })
+                    }
+                }
+            }
+            let code = code.unwrap_or(-1);
+            if code != 0 {
+                return Err(BuildError::Command { index, cmd, code });
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the finished filesystem into place and writes its record.
+    async fn publish(
+        &self,
+        id: &str,
+        spec: &TemplateSpec,
+        started: std::time::Instant,
+        log: &Log,
+    ) -> Result<TemplateMeta, BuildError> {
+        let name = spec.name.as_str();
+        let rootfs = self.pool.sandbox(id);
+        let measured = rootfs.clone();
+        let size_bytes = tokio::task::spawn_blocking(move || template::tree_size(&measured))
+            .await
+            .ok();
+        let lock = template::lock_pool(&self.pool, name).await?;
+        let final_path = self.pool.template(name);
+        if final_path.exists() || self.pool.template_meta(name).exists() {
+            return Err(BuildError::Exists(name.into()));
+        }
+        std::fs::rename(&rootfs, &final_path).map_err(|e| TemplateError::Io(name.into(), e))?;
+        let meta = TemplateMeta {
+            name: name.into(),
+            suite: SUITE.into(),
+            packages: spec.packages.clone(),
+            uid_base: self.uid_base,
+            built_at: time::OffsetDateTime::now_utc(),
+            build_seconds: started.elapsed().as_secs_f64(),
+            size_bytes,
+            base: spec.base.clone(),
+            run: spec.run.clone(),
+            env: spec.env.clone(),
+            workdir: spec.workdir.clone(),
+        };
+        let finish = || -> Result<(), BuildError> {
+            forkbox_sys::btrfs::set_readonly(&final_path, true)?;
+            log.line(&format!(
+                "template {name}: ready in {:.0}s",
+                meta.build_seconds
+            ));
+            std::fs::write(self.pool.template_log(name), log.text())
+                .map_err(|e| TemplateError::Io(name.into(), e))?;
+            template::write_meta(&self.pool, &meta)?;
+            Ok(())
+        };
+        if let Err(e) = finish() {
+            let _ = std::fs::remove_file(self.pool.template_log(name));
+            let _ = crate::delete_subvolume_patiently(&final_path);
+            return Err(e);
+        }
+        drop(lock);
+        Ok(meta)
+    }
+
+    /// Deletes a template's record, log and filesystem (record first, so a half-deleted
+    /// template never looks built).
+    pub(crate) async fn delete_template(&self, name: &str) -> Result<(), BuildError> {
+        let _lock = template::lock_pool(&self.pool, name).await?;
+        let meta = self.pool.template_meta(name);
+        if meta.exists() {
+            std::fs::remove_file(&meta).map_err(|e| TemplateError::Io(name.into(), e))?;
+        }
+        let _ = std::fs::remove_file(self.pool.template_log(name));
+        let path = self.pool.template(name);
+        tokio::task::spawn_blocking(move || crate::delete_subvolume_patiently(&path))
+            .await
+            .map_err(|e| TemplateError::Io(name.into(), std::io::Error::other(e)))??;
+        Ok(())
+    }
+}
