@@ -62,6 +62,8 @@ pub struct JailConfig {
     pub recipes: std::collections::BTreeMap<String, Vec<String>>,
     /// Where volumes' images and mount points live.
     pub volumes_dir: PathBuf,
+    /// Give each sandbox a disk limit (btrfs quota groups on the pool).
+    pub disk_limits: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +179,7 @@ impl JailRuntime {
         if !nix::unistd::geteuid().is_root() {
             return Err(JailError::NotRoot);
         }
-        let pool = Pool::open(&cfg.pool_dir, cfg.pool_size_gb)?;
+        let pool = Pool::open(&cfg.pool_dir, cfg.pool_size_gb, cfg.disk_limits)?;
         let cgroups = Driver::detect(&cfg.cgroup_root, "forkbox")?;
         if cfg.favordynmods {
             let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
