@@ -69,9 +69,9 @@ pub fn flag(v: Option<&str>, name: &str) -> Result<bool, ApiError> {
     }
 }
 
-/// A streamed NDJSON answer of exec events, one per line.
-pub fn ndjson(
-    events: futures_util::stream::BoxStream<'static, forkbox_types::exec::ExecEvent>,
+/// A streamed NDJSON answer: each item as one JSON line, flushed as it comes.
+pub fn ndjson<T: serde::Serialize + Send + 'static>(
+    events: futures_util::stream::BoxStream<'static, T>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
     use futures_util::StreamExt as _;

@@ -102,26 +102,14 @@ fn admin_only(p: &Principal, st: &AppState, what: &str) -> Result<(), ApiError> 
 /// Build events as NDJSON lines: `{"type":"progress","data":…}` …, then
 /// `{"type":"ready","template":{…}}` or `{"type":"failed","error":…}`.
 fn ndjson(events: BoxStream<'static, BuildEvent>) -> Response {
-    let body = events.map(|ev| {
-        let v = match ev {
-            BuildEvent::Progress(l) => serde_json::json!({"type": "progress", "data": l}),
-            BuildEvent::Ready(t) => {
-                serde_json::json!({"type": "ready", "template": TemplateView::from(*t)})
-            }
-            BuildEvent::Failed(e) => serde_json::json!({"type": "failed", "error": e}),
-        };
-        let mut line = serde_json::to_vec(&v).unwrap_or_default();
-        line.push(b'\n');
-        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
+    let lines = events.map(|ev| match ev {
+        BuildEvent::Progress(l) => serde_json::json!({"type": "progress", "data": l}),
+        BuildEvent::Ready(t) => {
+            serde_json::json!({"type": "ready", "template": TemplateView::from(*t)})
+        }
+        BuildEvent::Failed(e) => serde_json::json!({"type": "failed", "error": e}),
     });
-    (
-        [
-            (axum::http::header::CONTENT_TYPE, "application/x-ndjson"),
-            (axum::http::header::CACHE_CONTROL, "no-cache"),
-        ],
-        axum::body::Body::from_stream(body),
-    )
-        .into_response()
+    crate::extract::ndjson(lines.boxed())
 }
 
 /// Starts a build; the answer streams its progress as it goes. The build goes on if the

@@ -187,42 +187,23 @@ async fn lifecycle_events_tail_and_follow() {
 #[tokio::test]
 async fn an_sse_flood_keeps_server_memory_bounded() {
     let s = Server::start();
-    let id = s.create_id().await;
-    let idle = s.rss_kib();
-    let r = s
-        .http
-        .post(s.url(&format!("/v1/sandboxes/{id}/exec/stream")))
-        .json(&json!({"cmd": "head -c 100M /dev/zero | tr '\\0' x"}))
-        .send()
-        .await
-        .unwrap();
-    let (bytes, peak) = s.read_slowly(r).await;
-    assert!(bytes > 100 << 20, "only {bytes} bytes streamed");
-    assert!(
-        peak < idle + 100 * 1024,
-        "server RSS grew from {idle} KiB to {peak} KiB"
-    );
+    let id = s
+        .flood(
+            "exec/stream",
+            "head -c 100M /dev/zero | tr '\\0' x",
+            None,
+            100 << 20,
+        )
+        .await;
     assert_eq!(s.delete(&id).await, 204);
 }
 
 #[tokio::test]
 async fn an_sse_flood_of_tiny_lines_stays_bounded() {
     let s = Server::start();
-    let id = s.create_id().await;
-    let idle = s.rss_kib();
-    let r = s
-        .http
-        .post(s.url(&format!("/v1/sandboxes/{id}/exec/stream")))
-        .json(&json!({"cmd": "yes | head -c 2G"}))
-        .send()
-        .await
-        .unwrap();
-    let (bytes, peak) = s.read_slowly_upto(r, 40 << 20).await;
-    assert!(bytes >= 40 << 20, "only {bytes} bytes streamed");
-    assert!(
-        peak < idle + 100 * 1024,
-        "server RSS grew from {idle} KiB to {peak} KiB"
-    );
+    let id = s
+        .flood("exec/stream", "yes | head -c 2G", Some(40 << 20), 40 << 20)
+        .await;
     s.assert_gone(&id, "yes").await;
     assert_eq!(s.delete(&id).await, 204);
 }

@@ -169,22 +169,9 @@ impl Server {
         tokio::time::sleep(pause).await;
     }
 
-    /// Reads a flooding response slowly (a pause every 200 chunks); returns the bytes
-    /// read and the server's peak RSS in KiB meanwhile.
-    pub async fn read_slowly(&self, mut r: reqwest::Response) -> (usize, u64) {
-        let (mut bytes, mut peak, mut n) = (0usize, 0u64, 0u64);
-        while let Some(c) = r.chunk().await.unwrap() {
-            bytes += c.len();
-            n += 1;
-            if n.is_multiple_of(200) {
-                self.breathe(&mut peak, Duration::from_millis(5)).await;
-            }
-        }
-        (bytes, peak)
-    }
-
-    /// Reads a flooding response slowly until `limit` bytes came, then hangs up; returns
-    /// the bytes read and the server's peak RSS in KiB meanwhile.
+    /// Reads a flooding response slowly (a pause every 200 chunks) until `limit` bytes
+    /// came or it ended, then hangs up; returns the bytes read and the server's peak RSS
+    /// in KiB meanwhile.
     pub async fn read_slowly_upto(&self, mut r: reqwest::Response, limit: usize) -> (usize, u64) {
         let (mut bytes, mut peak, mut n) = (0usize, 0u64, 0u64);
         while let Some(c) = r.chunk().await.unwrap() {
@@ -198,6 +185,28 @@ impl Server {
             }
         }
         (bytes, peak)
+    }
+
+    /// Floods a new sandbox's `route` (`exec` or `exec/stream`) with `cmd`'s output,
+    /// read slowly up to `limit` bytes (`None`: to the end); asserts at least `min`
+    /// bytes came and the server's RSS stayed within 100 MiB of idle. The sandbox's id.
+    pub async fn flood(&self, route: &str, cmd: &str, limit: Option<usize>, min: usize) -> String {
+        let id = self.create_id().await;
+        let idle = self.rss_kib();
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/sandboxes/{id}/{route}")))
+            .json(&serde_json::json!({ "cmd": cmd }))
+            .send()
+            .await
+            .unwrap();
+        let (bytes, peak) = self.read_slowly_upto(r, limit.unwrap_or(usize::MAX)).await;
+        assert!(bytes >= min, "only {bytes} bytes streamed");
+        assert!(
+            peak < idle + 100 * 1024,
+            "server RSS grew from {idle} KiB to {peak} KiB"
+        );
+        id
     }
 
     /// Asserts that no process of the sandbox runs `needle` any more (waits up to 10 s:
