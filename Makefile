@@ -17,7 +17,7 @@ TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: all deps agent probe build build-release serve test lint unit e2e bench bench-deps sdk-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: soak all deps agent probe build build-release serve test lint unit e2e bench bench-deps sdk-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -130,6 +130,13 @@ bench-deps: deps
 
 bench: deps agent build-release bench-deps
 	./target/release/forkbox bench --markdown docs/performance.md --jupyter-python $(BENCH_VENV)/bin/python
+
+# Bounded soak (SOAK_MINUTES, default 30): random operations with server restarts and
+# agent kills against a release server; invariants in tests/soak/soak.py.
+SOAK_MINUTES ?= 30
+soak: deps agent build-release sdk-deps
+	./target/release/forkbox template prepare --data-dir $(dir $(TEST_POOL)) --pool $(TEST_POOL)
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/release/forkbox SOAK_MINUTES=$(SOAK_MINUTES) $(SDK_VENV)/bin/python tests/soak/soak.py
 
 fmt:
 	$(CARGO) fmt --all

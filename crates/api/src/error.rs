@@ -35,7 +35,7 @@ impl ApiError {
             ApiError::Core(e) => match e {
                 CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 CoreError::NoSnapshot(_) => (StatusCode::NOT_FOUND, "snapshot_not_found"),
-                CoreError::Gone { .. } => (StatusCode::GONE, "gone"),
+                CoreError::Gone { .. } | CoreError::Ending(_) => (StatusCode::GONE, "gone"),
                 CoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
                 CoreError::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
                 CoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),

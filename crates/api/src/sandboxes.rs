@@ -71,6 +71,10 @@ pub struct SandboxView {
     metadata: BTreeMap<String, String>,
     created_at: String,
     expires_at: String,
+    /// When it ended (deleted, killed, failed, merged, lost); `null` while alive.
+    ended_at: Option<String>,
+    /// Why it ended, e.g. `deleted by client`, `agent exited`, `timeout expired`.
+    end_reason: Option<String>,
     boot_ms: f64,
     /// The sandbox this one was forked from.
     parent: Option<String>,
@@ -100,6 +104,8 @@ impl From<Sandbox> for SandboxView {
             metadata: s.metadata,
             created_at: rfc3339(s.created_at),
             expires_at: rfc3339(s.expires_at),
+            ended_at: s.ended_at.map(rfc3339),
+            end_reason: s.end_reason,
             boot_ms: s.boot_ms,
             parent: s.parent,
             on_timeout: s.on_timeout.as_str(),

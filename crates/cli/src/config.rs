@@ -31,10 +31,11 @@ pub struct HostArgs {
     /// `--resolve`; private mirrors, tests). Repeatable, or comma-separated in the env.
     #[arg(long, env = "FORKBOX_EGRESS_RESOLVE", value_delimiter = ',', value_parser = parse_resolve)]
     pub egress_resolve: Vec<(String, std::net::IpAddr)>,
-    /// No per-sandbox disk limits: leaves btrfs quota groups off, which makes creates
-    /// and forks faster (~4 ms per snapshot) but lets one sandbox fill the pool.
-    #[arg(long)]
-    pub no_disk_limits: bool,
+    /// Per-sandbox disk limits (`disk_mb`) through btrfs quota groups. Off by default:
+    /// with quota groups on, every snapshot is accounted and forks take seconds on this
+    /// kind of machine; without them one sandbox can fill the pool.
+    #[arg(long, env = "FORKBOX_DISK_LIMITS")]
+    pub disk_limits: bool,
     /// Languages and template recipes (TOML; default: the list built into forkbox).
     #[arg(long, env = "FORKBOX_LANGUAGES")]
     pub languages: Option<PathBuf>,
@@ -100,7 +101,7 @@ impl HostArgs {
             favordynmods: !self.no_favordynmods,
             recipes: self.languages()?.recipes(),
             volumes_dir: data.join("volumes"),
-            disk_limits: !self.no_disk_limits,
+            disk_limits: self.disk_limits,
             egress: forkbox_net::EgressConfig {
                 netns: egress_netns(&data),
                 resolve: self.egress_resolve.iter().cloned().collect(),

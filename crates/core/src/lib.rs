@@ -35,6 +35,9 @@ pub enum CoreError {
     NotFound(String),
     #[error("sandbox {id} is {status}")]
     Gone { id: String, status: Status },
+    /// Being destroyed right now (deleted, expired, or its agent died).
+    #[error("sandbox {0} is ending")]
+    Ending(String),
     #[error("{0}")]
     Invalid(String),
     #[error("sandbox {id} is {status}; this needs a running sandbox")]

@@ -661,7 +661,12 @@ impl Manager {
             return Ok(l);
         }
         let s = self.get(id).await?;
-        // Known and marked running, but not held by this server (e.g. left by a crash).
+        // Recorded running or paused but no longer held: it is being ended right now
+        // (its record changes once its processes are gone); earlier servers' leftovers
+        // were settled by `recover` before serving.
+        if matches!(s.status, Status::Running | Status::Paused) {
+            return Err(CoreError::Ending(id.to_owned()));
+        }
         Err(CoreError::WrongState {
             id: id.to_owned(),
             status: s.status,
@@ -1164,7 +1169,27 @@ impl Manager {
     }
 
     async fn end(&self, id: &str, status: Status, reason: &str) -> Result<(), CoreError> {
-        let live = self.live_map().remove(id);
+        self.end_as(id, None, status, reason).await
+    }
+
+    /// [`Manager::end`]; with `seen`, only if the sandbox is still that live entry
+    /// (the reaper judged that one: if it was hibernated or merged meanwhile, the
+    /// verdict no longer applies and nothing happens).
+    async fn end_as(
+        &self,
+        id: &str,
+        seen: Option<&Arc<Live>>,
+        status: Status,
+        reason: &str,
+    ) -> Result<(), CoreError> {
+        let live = {
+            let mut map = self.live_map();
+            match (seen, map.get(id)) {
+                (Some(s), Some(now)) if !Arc::ptr_eq(s, now) => return Ok(()),
+                (Some(_), None) => return Ok(()),
+                _ => map.remove(id),
+            }
+        };
         let Some(live) = live else {
             // Not ours: unknown, already ended, hibernated, or left running by an
             // earlier server.
@@ -1175,6 +1200,10 @@ impl Manager {
             if s.status == Status::Hibernated {
                 self.runtime.cleanup(&s.resource_id).await?;
                 return self.record_end(id, status, reason).await;
+            }
+            if matches!(s.status, Status::Running | Status::Paused) {
+                // Someone else is ending it right now.
+                return Err(CoreError::Ending(id.to_owned()));
             }
             return Err(CoreError::WrongState {
                 id: id.to_owned(),
@@ -1413,23 +1442,23 @@ impl Manager {
     /// One pass of the reaper.
     pub async fn reap_once(&self) {
         let now = OffsetDateTime::now_utc();
-        let due: Vec<(String, Status, &'static str)> = self
+        let due: Vec<(String, Arc<Live>, Status, &'static str)> = self
             .live_map()
             .values()
             .filter_map(|l| {
                 let r = l.record();
                 if r.expires_at <= now && r.on_timeout == OnTimeout::Hibernate {
-                    Some((r.id, Status::Hibernated, "timeout expired"))
+                    Some((r.id, l.clone(), Status::Hibernated, "timeout expired"))
                 } else if r.expires_at <= now {
-                    Some((r.id, Status::Killed, "timeout expired"))
+                    Some((r.id, l.clone(), Status::Killed, "timeout expired"))
                 } else if !l.instance.is_alive() {
-                    Some((r.id, Status::Failed, "agent exited"))
+                    Some((r.id, l.clone(), Status::Failed, "agent exited"))
                 } else {
                     None
                 }
             })
             .collect();
-        for (id, status, reason) in due {
+        for (id, seen, status, reason) in due {
             if reason == "timeout expired" {
                 self.events.emit(&id, "timeout", serde_json::Value::Null);
             }
@@ -1440,7 +1469,7 @@ impl Manager {
                 }
                 continue;
             }
-            if let Err(e) = self.end(&id, status, reason).await {
+            if let Err(e) = self.end_as(&id, Some(&seen), status, reason).await {
                 tracing::warn!(sandbox = %id, error = %e, "ending sandbox failed");
             }
         }

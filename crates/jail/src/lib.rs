@@ -376,6 +376,15 @@ fn delete_subvolume_patiently(p: &Path) -> Result<(), forkbox_sys::btrfs::BtrfsE
     }
 }
 
+/// Whether process `pid` still exists (and is not a zombie).
+fn pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().chars().next()))
+        .flatten()
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
 /// Waits until the process behind `fd` has exited (the pidfd turns readable).
 async fn wait_exit(fd: &OwnedFd, patience: Duration) {
     let Ok(dup) = fd.try_clone() else { return };
@@ -1083,7 +1092,15 @@ impl Instance for JailInstance {
     }
 
     async fn fork(&self, children: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
-        self.fork_children(children).await
+        match self.fork_children(children).await {
+            // The parent died under the fork (its agent was killed): that is the
+            // parent's failure, not the host's.
+            Err(e) if !self.is_alive() || !pid_alive(self.pid) => Err(RuntimeError::Agent {
+                id: self.id.clone(),
+                source: format!("the sandbox's agent exited during the fork: {e}").into(),
+            }),
+            other => other,
+        }
     }
 
     async fn hibernate(&self) -> Result<(), RuntimeError> {

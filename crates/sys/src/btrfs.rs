@@ -55,9 +55,21 @@ struct QgroupLimitArgs {
 }
 
 const BTRFS_QUOTA_CTL_ENABLE: u64 = 1;
+const BTRFS_QUOTA_CTL_DISABLE: u64 = 2;
 const BTRFS_QGROUP_LIMIT_MAX_EXCL: u64 = 1 << 1;
 
 nix::ioctl_readwrite!(ioc_quota_ctl, BTRFS_IOCTL_MAGIC, 40, QuotaCtlArgs);
+/// `struct btrfs_ioctl_quota_rescan_args`.
+#[repr(C)]
+struct QuotaRescanArgs {
+    flags: u64,
+    progress: u64,
+    reserved: [u64; 6],
+}
+nix::ioctl_write_ptr!(ioc_quota_rescan, BTRFS_IOCTL_MAGIC, 44, QuotaRescanArgs);
+nix::ioctl_none!(ioc_quota_rescan_wait, BTRFS_IOCTL_MAGIC, 46);
+// `struct btrfs_ioctl_fs_info_args` is 1024 bytes; the fsid is at bytes 16..32.
+nix::ioctl_read!(ioc_fs_info, BTRFS_IOCTL_MAGIC, 31, [u8; 1024]);
 // The kernel declares this one _IOR although it only reads the argument.
 nix::ioctl_read!(ioc_qgroup_limit, BTRFS_IOCTL_MAGIC, 43, QgroupLimitArgs);
 
@@ -174,6 +186,60 @@ pub fn enable_quota(path: &Path) -> Result<(), BtrfsError> {
     Ok(())
 }
 
+/// Turns quota groups off for the filesystem holding `path` (a no-op when off).
+pub fn disable_quota(path: &Path) -> Result<(), BtrfsError> {
+    let f = File::open(path).map_err(|e| BtrfsError::Open(path.into(), e))?;
+    let mut args = QuotaCtlArgs {
+        cmd: BTRFS_QUOTA_CTL_DISABLE,
+        status: 0,
+    };
+    // SAFETY: `args` is a valid btrfs_ioctl_quota_ctl_args for the whole call.
+    match unsafe { ioc_quota_ctl(f.as_raw_fd(), &mut args) } {
+        Ok(_) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
+        Err(e) => Err(BtrfsError::Quota(path.into(), e)),
+    }
+}
+
+/// Makes quota-group accounting trustworthy: when the kernel says it is inconsistent
+/// (quotas just enabled on a filesystem with data, or an earlier accounting gap), limits
+/// are not enforced until a rescan ends, so this starts one and waits for it (seconds
+/// on a pool with many subvolumes, once).
+pub fn ensure_quota_consistent(path: &Path) -> Result<(), BtrfsError> {
+    let f = File::open(path).map_err(|e| BtrfsError::Open(path.into(), e))?;
+    let mut info = [0u8; 1024];
+    // SAFETY: the kernel writes a btrfs_ioctl_fs_info_args (1024 bytes) into `info`.
+    unsafe { ioc_fs_info(f.as_raw_fd(), &mut info) }
+        .map_err(|e| BtrfsError::Quota(path.into(), e))?;
+    let hex: String = info[16..32].iter().map(|b| format!("{b:02x}")).collect();
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    );
+    let flag = std::fs::read_to_string(format!("/sys/fs/btrfs/{uuid}/qgroups/inconsistent"))
+        .unwrap_or_else(|_| "1".into());
+    if flag.trim() == "0" {
+        return Ok(());
+    }
+    let args = QuotaRescanArgs {
+        flags: 0,
+        progress: 0,
+        reserved: [0; 6],
+    };
+    // SAFETY: `args` is a valid btrfs_ioctl_quota_rescan_args for the whole call.
+    match unsafe { ioc_quota_rescan(f.as_raw_fd(), &args) } {
+        Ok(_) | Err(nix::errno::Errno::EINPROGRESS) => {}
+        Err(e) => return Err(BtrfsError::Quota(path.into(), e)),
+    }
+    // SAFETY: no argument.
+    unsafe { ioc_quota_rescan_wait(f.as_raw_fd()) }
+        .map_err(|e| BtrfsError::Quota(path.into(), e))?;
+    Ok(())
+}
+
 /// Limits the bytes the subvolume at `path` may hold exclusively (data it shares with
 /// its template does not count); writes past it fail with EDQUOT. Needs
 /// [`enable_quota`] first.
@@ -222,6 +288,7 @@ mod tests {
     fn ioctl_structs_have_the_kernel_sizes() {
         assert_eq!(std::mem::size_of::<QuotaCtlArgs>(), 16);
         assert_eq!(std::mem::size_of::<QgroupLimitArgs>(), 48);
+        assert_eq!(std::mem::size_of::<QuotaRescanArgs>(), 64);
         assert_eq!(std::mem::size_of::<VolArgs>(), 4096);
         assert_eq!(std::mem::size_of::<VolArgsV2>(), 4096);
     }
