@@ -478,7 +478,10 @@ impl Manager {
             }),
         );
         tracing::info!(sandbox = %id, boot_ms = record.boot_ms, "sandbox created");
-        self.created(&record, from_snapshot, started);
+        // A warm-pool sandbox counts (and is announced) when it is handed over.
+        if record.workspace != crate::warm::POOL_WORKSPACE {
+            self.created(&record, from_snapshot, started);
+        }
         Ok(record)
     }
 

@@ -65,7 +65,7 @@ impl Metrics {
         let r = reg.sub_registry_with_prefix("forkbox");
         r.register(
             "sandboxes_created",
-            "Sandboxes created (forks included)",
+            "Sandboxes created (forks and warm-pool hand-overs included; pool sandboxes count when handed over)",
             self.created.clone(),
         );
         r.register(
