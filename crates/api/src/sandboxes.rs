@@ -46,6 +46,9 @@ pub struct CreateBody {
     /// `none` (default; loopback only, or the proxy when `egress_allowlist` is given).
     /// `full` (NAT to anywhere) is not offered by this server.
     network: Option<String>,
+    /// `jail` (namespaces) or `vm` (a QEMU microvm guest, when the server runs with
+    /// it); absent: the server's default (`serve --default-runtime`).
+    runtime: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, utoipa::ToSchema, Clone)]
@@ -173,6 +176,7 @@ pub async fn create(
                     mount: v.mount,
                 })
                 .collect(),
+            runtime: b.runtime,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(s.into())))

@@ -1,0 +1,711 @@
+//! The `vm` runtime: every sandbox is a QEMU `microvm` guest with its own kernel.
+//!
+//! - Guest: Debian's cloud kernel (uncompressed `vmlinux`, PVH entry), an initramfs made
+//!   here (busybox, virtio modules, the init script `init.sh`, the agent), the template's
+//!   root filesystem as an ext4 image in qcow2 with a copy-on-write overlay per VM. The
+//!   assets come from `make vm-assets` (`scripts/vm-assets.sh`).
+//! - The agent (the same static binary as the jail's PID 1) is the guest's PID 1 and
+//!   serves the agent protocol on a virtio-serial port; the host end is a Unix socket
+//!   chardev the runtime connects an [`AgentClient`] to.
+//! - QEMU is driven over QMP (`qmp.rs`): pause/resume are `stop`/`cont`.
+//! - KVM when a probe guest boots on it within a deadline, else TCG (`accel.rs`).
+//!
+//! Not yet: fork, hibernate/wake, snapshots, adoption after a server restart, egress,
+//! volumes, terminals, watch, QEMU inside its own jail. See docs/vm.md.
+
+pub mod accel;
+pub mod initrd;
+pub mod qmp;
+
+use accel::Accel;
+use async_trait::async_trait;
+use forkbox_agent_client::AgentClient;
+use forkbox_core::runtime::{
+    AgentEvents, ByteStream, CreateSpec, FileErrorKind, Instance, Runtime, RuntimeError,
+    UploadStream,
+};
+use forkbox_types::agent::{
+    BgInfo, ExecRequest, FileOp, FileOpReply, RunCodeRequest, VmInit, WriteReply,
+};
+use futures_util::StreamExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where the vm runtime finds its assets and keeps its VMs.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// `vmlinux`, `busybox`, `modules/`, `rootfs-<template>.qcow2` (`make vm-assets`).
+    pub assets_dir: PathBuf,
+    /// One directory per VM: overlay, sockets, console log.
+    pub run_dir: PathBuf,
+    /// Where guest RAM files live (a tmpfs).
+    pub ram_dir: PathBuf,
+    /// The static agent binary (the guest's PID 1).
+    pub agent_bin: PathBuf,
+    /// `qemu-system-x86_64`.
+    pub qemu_bin: PathBuf,
+    /// `qemu-img`.
+    pub qemu_img: PathBuf,
+    /// `None`: probe KVM, fall back to TCG.
+    pub accel: Option<Accel>,
+    /// How long a probe guest may take on KVM before KVM counts as unusable.
+    pub kvm_probe_deadline: Duration,
+    /// How long a guest may take from start to an answering agent.
+    pub boot_deadline: Duration,
+}
+
+impl VmConfig {
+    /// Defaults for a data dir; the assets default to `<data>/vm`.
+    pub fn new(data_dir: &Path, agent_bin: PathBuf) -> VmConfig {
+        VmConfig {
+            assets_dir: data_dir.join("vm"),
+            run_dir: data_dir.join("vm-run"),
+            ram_dir: PathBuf::from("/dev/shm"),
+            agent_bin,
+            qemu_bin: PathBuf::from("qemu-system-x86_64"),
+            qemu_img: PathBuf::from("qemu-img"),
+            accel: None,
+            kvm_probe_deadline: Duration::from_secs(5),
+            boot_deadline: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Failures of the vm runtime's own set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("vm assets missing in {dir}: {what} (run `make vm-assets`)")]
+    Assets { dir: String, what: String },
+    #[error("build the guest initramfs: {0}")]
+    Initrd(std::io::Error),
+    #[error("cannot tell the host's TSC frequency from /proc/cpuinfo")]
+    Tsc,
+}
+
+pub struct VmRuntime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: VmConfig,
+    /// The initramfs shared by every VM (without the per-VM config).
+    base_initrd: tokio::sync::OnceCell<Arc<Vec<u8>>>,
+    accel: tokio::sync::OnceCell<Accel>,
+    tsc_khz: u64,
+}
+
+/// The port name the agent serves on.
+const AGENT_PORT: &str = "agent";
+
+impl VmRuntime {
+    pub fn new(cfg: VmConfig) -> Result<VmRuntime, VmError> {
+        let tsc_khz = accel::host_tsc_khz().ok_or(VmError::Tsc)?;
+        let inner = Arc::new(Inner {
+            cfg,
+            base_initrd: Default::default(),
+            accel: Default::default(),
+            tsc_khz,
+        });
+        // Settle KVM or TCG in the background so the first create does not wait for it.
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            let me = inner.clone();
+            h.spawn(async move {
+                let _ = me.accel().await;
+            });
+        }
+        Ok(VmRuntime { inner })
+    }
+
+    /// KVM or TCG, once decided.
+    pub async fn accel(&self) -> Accel {
+        self.inner.accel().await
+    }
+}
+
+impl Inner {
+    async fn accel(&self) -> Accel {
+        *self
+            .accel
+            .get_or_init(|| async {
+                if let Some(a) = self.cfg.accel {
+                    return a;
+                }
+                let a = self.cfg.assets_dir.as_path();
+                let started = Instant::now();
+                let kvm = accel::kvm_usable(
+                    &self.cfg.qemu_bin,
+                    &a.join("vmlinux"),
+                    &a.join("busybox"),
+                    self.cfg.kvm_probe_deadline,
+                )
+                .await;
+                let accel = if kvm { Accel::Kvm } else { Accel::Tcg };
+                tracing::info!(
+                    accel = accel.as_str(),
+                    probe_ms = started.elapsed().as_millis() as u64,
+                    "vm runtime: accelerator chosen"
+                );
+                accel
+            })
+            .await
+    }
+
+    fn assets_missing(&self, what: String) -> RuntimeError {
+        RuntimeError::Unavailable(
+            VmError::Assets {
+                dir: self.cfg.assets_dir.display().to_string(),
+                what,
+            }
+            .to_string(),
+        )
+    }
+
+    async fn base_initrd(&self) -> Result<Arc<Vec<u8>>, RuntimeError> {
+        let assets = self.cfg.assets_dir.clone();
+        let agent = self.cfg.agent_bin.clone();
+        self.base_initrd
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || initrd::base(&assets, &agent))
+                    .await
+                    .map_err(|e| RuntimeError::Unavailable(e.to_string()))?
+                    .map(Arc::new)
+                    .map_err(|e| RuntimeError::Unavailable(VmError::Initrd(e).to_string()))
+            })
+            .await
+            .cloned()
+    }
+
+    fn image(&self, template: &str) -> PathBuf {
+        self.cfg.assets_dir.join(format!("rootfs-{template}.qcow2"))
+    }
+
+    fn ram_file(&self, id: &str) -> PathBuf {
+        self.cfg.ram_dir.join(format!("forkbox-vm-{id}.ram"))
+    }
+
+    async fn create(self: &Arc<Self>, spec: &CreateSpec) -> Result<Arc<VmInstance>, RuntimeError> {
+        if spec.snapshot.is_some() {
+            return Err(RuntimeError::Rejected(
+                "the vm runtime cannot start from snapshots yet".into(),
+            ));
+        }
+        if spec.egress.is_some() {
+            return Err(RuntimeError::Rejected(
+                "the vm runtime has no network yet (egress_allowlist)".into(),
+            ));
+        }
+        if !spec.volumes.is_empty() {
+            return Err(RuntimeError::Rejected(
+                "the vm runtime cannot mount volumes yet".into(),
+            ));
+        }
+        let memory_mb = spec.memory_bytes >> 20;
+        if memory_mb < 128 {
+            return Err(RuntimeError::Rejected(
+                "the vm runtime needs memory_mb of at least 128".into(),
+            ));
+        }
+        let vmlinux = self.cfg.assets_dir.join("vmlinux");
+        if !vmlinux.exists() {
+            return Err(self.assets_missing("vmlinux".into()));
+        }
+        let image = self.image(&spec.template);
+        if !image.exists() {
+            return Err(RuntimeError::UnknownTemplate(format!(
+                "{} (no vm image rootfs-{}.qcow2 in {}: make vm-assets)",
+                spec.template,
+                spec.template,
+                self.cfg.assets_dir.display()
+            )));
+        }
+        let base = self.base_initrd().await?;
+        let accel = self.accel().await;
+        let id = spec.id.clone();
+        let dir = self.cfg.run_dir.join(&id);
+        let vm = Vm::paths(&dir);
+        let ram = self.ram_file(&id);
+        let fail = |op: &'static str| {
+            let id = id.clone();
+            move |e: std::io::Error| RuntimeError::host(op, &id, e)
+        };
+        std::fs::create_dir_all(&dir).map_err(fail("make run dir"))?;
+        let guard = Cleanup {
+            dir: dir.clone(),
+            ram: ram.clone(),
+            armed: true,
+        };
+        // The disk: a copy-on-write overlay on the template's image (absolute backing path).
+        let out = tokio::process::Command::new(&self.cfg.qemu_img)
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&image)
+            .arg(&vm.disk)
+            .output()
+            .await
+            .map_err(fail("run qemu-img"))?;
+        if !out.status.success() {
+            return Err(RuntimeError::host(
+                "make disk overlay",
+                &id,
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            ));
+        }
+        let init = VmInit {
+            id: id.clone(),
+            env: spec.env.clone(),
+            port: AGENT_PORT.into(),
+        };
+        let init_json =
+            serde_json::to_vec(&init).map_err(|e| RuntimeError::host("encode", &id, e))?;
+        let mut initrd_bytes = Vec::with_capacity(base.len() + 1024);
+        initrd_bytes.extend_from_slice(&base);
+        initrd_bytes.extend_from_slice(&initrd::per_vm(&init_json));
+        std::fs::write(&vm.initrd, &initrd_bytes).map_err(fail("write initramfs"))?;
+        let _ = std::fs::remove_file(&ram);
+        let smp = spec.cpu_millis.div_ceil(1000).clamp(1, 64);
+        let log = std::fs::File::create(&vm.qemu_log).map_err(fail("make QEMU log"))?;
+        let log2 = log.try_clone().map_err(fail("make QEMU log"))?;
+        let mut cmd = tokio::process::Command::new(&self.cfg.qemu_bin);
+        cmd.args(["-M", "microvm"])
+            .args(accel.qemu_args())
+            .args(["-m", &format!("{memory_mb}M"), "-smp", &smp.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-no-reboot", "-serial"])
+            .arg(format!("file:{}", vm.console.display()))
+            .args([
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            ])
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-file,id=ram0,size={memory_mb}M,mem-path={},share=on",
+                ram.display()
+            ))
+            .args(["-machine", "memory-backend=ram0", "-kernel"])
+            .arg(&vmlinux)
+            .arg("-initrd")
+            .arg(&vm.initrd)
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 panic=-1 quiet tsc_early_khz={}",
+                self.tsc_khz
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "id=d0,file={},format=qcow2,if=none,cache=unsafe",
+                vm.disk.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=d0"])
+            .args(["-device", "virtio-serial-device", "-chardev"])
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=c0",
+                vm.agent_sock.display()
+            ))
+            .args([
+                "-device",
+                &format!("virtserialport,chardev=c0,name={AGENT_PORT}"),
+            ])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", vm.qmp_sock.display()))
+            .arg("-pidfile")
+            .arg(&vm.pidfile)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(false);
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(fail("start QEMU"))?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let alive = Arc::new(AtomicBool::new(true));
+        let (exited_tx, exited) = tokio::sync::watch::channel(false);
+        {
+            let alive = alive.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                let status = child.wait().await;
+                alive.store(false, Ordering::SeqCst);
+                tracing::debug!(sandbox = %id, ?status, "QEMU exited");
+                let _ = exited_tx.send(true);
+            });
+        }
+        let instance = Arc::new(VmInstance {
+            id: id.clone(),
+            pid,
+            vm,
+            ram,
+            client: tokio::sync::OnceCell::new(),
+            qmp: tokio::sync::Mutex::new(None),
+            alive,
+            exited,
+        });
+        match instance.connect(started, self.cfg.boot_deadline).await {
+            Ok(()) => {
+                std::mem::forget(guard);
+                tracing::info!(
+                    sandbox = %id,
+                    accel = accel.as_str(),
+                    boot_ms = started.elapsed().as_millis() as u64,
+                    "vm booted"
+                );
+                Ok(instance)
+            }
+            Err(e) => {
+                let console = instance.console_tail();
+                let _ = instance.destroy_in().await;
+                drop(guard);
+                Err(match e {
+                    RuntimeError::Agent { id, source } => RuntimeError::Agent {
+                        id,
+                        source: format!("{source}; guest console: {console}").into(),
+                    },
+                    other => other,
+                })
+            }
+        }
+    }
+}
+
+/// Removes a half-made VM's files unless defused.
+struct Cleanup {
+    dir: PathBuf,
+    ram: PathBuf,
+    armed: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = std::fs::remove_file(&self.ram);
+        }
+    }
+}
+
+/// The files of one VM.
+#[derive(Debug, Clone)]
+struct Vm {
+    dir: PathBuf,
+    disk: PathBuf,
+    initrd: PathBuf,
+    console: PathBuf,
+    qemu_log: PathBuf,
+    agent_sock: PathBuf,
+    qmp_sock: PathBuf,
+    pidfile: PathBuf,
+}
+
+impl Vm {
+    fn paths(dir: &Path) -> Vm {
+        Vm {
+            dir: dir.to_path_buf(),
+            disk: dir.join("disk.qcow2"),
+            initrd: dir.join("initrd.cpio"),
+            console: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+            agent_sock: dir.join("agent.sock"),
+            qmp_sock: dir.join("qmp.sock"),
+            pidfile: dir.join("qemu.pid"),
+        }
+    }
+}
+
+#[async_trait]
+impl Runtime for VmRuntime {
+    fn name(&self) -> &'static str {
+        "vm"
+    }
+
+    async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError> {
+        if self.inner.image(template).exists() {
+            Ok(())
+        } else {
+            Err(self
+                .inner
+                .assets_missing(format!("no image of template {template}")))
+        }
+    }
+
+    async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let i = self.inner.create(spec).await?;
+        Ok(i)
+    }
+
+    async fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
+        let dir = self.inner.cfg.run_dir.join(id);
+        let vm = Vm::paths(&dir);
+        if let Ok(pid) = std::fs::read_to_string(&vm.pidfile) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // Only a QEMU of this VM: its command line names the VM's directory.
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let needle = dir.to_string_lossy();
+                if String::from_utf8_lossy(&cmdline).contains(needle.as_ref()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        let _ = std::fs::remove_file(self.inner.ram_file(id));
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RuntimeError::host("remove vm run dir", id, e)),
+        }
+    }
+}
+
+pub struct VmInstance {
+    id: String,
+    pid: i32,
+    vm: Vm,
+    ram: PathBuf,
+    client: tokio::sync::OnceCell<AgentClient>,
+    qmp: tokio::sync::Mutex<Option<qmp::Qmp>>,
+    alive: Arc<AtomicBool>,
+    exited: tokio::sync::watch::Receiver<bool>,
+}
+
+impl VmInstance {
+    fn agent_err(
+        &self,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> RuntimeError {
+        RuntimeError::Agent {
+            id: self.id.clone(),
+            source: source.into(),
+        }
+    }
+
+    /// Waits for QEMU's sockets, connects QMP and the agent, and waits for the agent's
+    /// health answer.
+    async fn connect(&self, started: Instant, deadline: Duration) -> Result<(), RuntimeError> {
+        let left = || deadline.saturating_sub(started.elapsed());
+        // QEMU makes its sockets before the guest runs (bound a moment before listening).
+        let (q, stream) = loop {
+            if !self.alive.load(Ordering::SeqCst) {
+                return Err(self.agent_err(format!(
+                    "QEMU exited at start: {}",
+                    std::fs::read_to_string(&self.vm.qemu_log)
+                        .unwrap_or_default()
+                        .trim()
+                )));
+            }
+            if let Ok(q) = qmp::Qmp::connect(&self.vm.qmp_sock).await {
+                match tokio::net::UnixStream::connect(&self.vm.agent_sock).await {
+                    Ok(s) => break (q, s),
+                    Err(e) if left().is_zero() => return Err(self.agent_err(e)),
+                    Err(_) => {}
+                }
+            }
+            if left().is_zero() {
+                return Err(self.agent_err("QEMU's sockets did not open in time"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        *self.qmp.lock().await = Some(q);
+        // The preface waits in the socket until the guest's agent opens its port.
+        let client = AgentClient::handshake(stream)
+            .await
+            .map_err(|e| self.agent_err(e))?;
+        let mut exited = self.exited.clone();
+        tokio::select! {
+            r = tokio::time::timeout(left(), client.health()) => match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(self.agent_err(e)),
+                Err(_) => return Err(self.agent_err(format!(
+                    "the guest's agent did not answer within {deadline:?}"
+                ))),
+            },
+            _ = exited.wait_for(|e| *e) => {
+                return Err(self.agent_err("the VM stopped while booting"));
+            }
+        }
+        let _ = self.client.set(client);
+        Ok(())
+    }
+
+    fn client(&self) -> Result<&AgentClient, RuntimeError> {
+        self.client
+            .get()
+            .ok_or_else(|| self.agent_err("not connected"))
+    }
+
+    /// The last lines the guest printed on its console.
+    fn console_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.vm.console).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(8).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// Runs `stop` (`pause`) or `cont` on the VM.
+    async fn run_state(&self, pause: bool) -> Result<(), RuntimeError> {
+        let op = if pause { "pause" } else { "resume" };
+        let mut g = self.qmp.lock().await;
+        let q = g
+            .as_mut()
+            .ok_or_else(|| RuntimeError::host(op, &self.id, std::io::Error::other("no QMP")))?;
+        let r = if pause {
+            q.stop().await
+        } else {
+            q.cont().await
+        };
+        r.map_err(|e| RuntimeError::host(op, &self.id, e))
+    }
+
+    async fn destroy_in(&self) -> Result<(), RuntimeError> {
+        if self.pid > 0 && self.alive.load(Ordering::SeqCst) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let mut exited = self.exited.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
+        self.alive.store(false, Ordering::SeqCst);
+        *self.qmp.lock().await = None;
+        let _ = std::fs::remove_file(&self.ram);
+        match std::fs::remove_dir_all(&self.vm.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RuntimeError::host("remove vm run dir", &self.id, e)),
+        }
+    }
+
+    /// Maps an agent call's outcome into the runtime's terms.
+    fn events(
+        &self,
+        res: Result<forkbox_agent_client::EventStream, forkbox_agent_client::AgentError>,
+    ) -> Result<AgentEvents, RuntimeError> {
+        let id = self.id.clone();
+        match res {
+            Ok(stream) => Ok(stream
+                .map(move |r| {
+                    r.map_err(|e| RuntimeError::Agent {
+                        id: id.clone(),
+                        source: e.into(),
+                    })
+                })
+                .boxed()),
+            Err(forkbox_agent_client::AgentError::Status { status, message })
+                if status.as_u16() == 400 =>
+            {
+                Err(RuntimeError::Rejected(message))
+            }
+            Err(e) => Err(self.agent_err(e)),
+        }
+    }
+
+    /// Maps a file call's failure: the agent's status says what kind.
+    fn file_err(&self, e: forkbox_agent_client::AgentError) -> RuntimeError {
+        match e {
+            forkbox_agent_client::AgentError::Status { status, message } => {
+                let kind = match status.as_u16() {
+                    404 => FileErrorKind::NotFound,
+                    409 => FileErrorKind::Conflict,
+                    403 => FileErrorKind::Denied,
+                    507 => FileErrorKind::NoSpace,
+                    400 => FileErrorKind::Invalid,
+                    _ => {
+                        return RuntimeError::host(
+                            "file operation",
+                            &self.id,
+                            std::io::Error::other(message),
+                        )
+                    }
+                };
+                RuntimeError::File { kind, message }
+            }
+            other => self.agent_err(other),
+        }
+    }
+}
+
+#[async_trait]
+impl Instance for VmInstance {
+    fn host_pid(&self) -> Option<i32> {
+        (self.pid > 0).then_some(self.pid)
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst) && self.client.get().is_some_and(|c| c.is_open())
+    }
+
+    fn oom_kills(&self) -> u64 {
+        0
+    }
+
+    async fn exec(&self, req: ExecRequest) -> Result<AgentEvents, RuntimeError> {
+        let c = self.client()?;
+        self.events(c.exec(&req).await)
+    }
+
+    async fn run_code(&self, req: RunCodeRequest) -> Result<AgentEvents, RuntimeError> {
+        let c = self.client()?;
+        self.events(c.run_code(&req).await)
+    }
+
+    async fn pause(&self) -> Result<(), RuntimeError> {
+        self.run_state(true).await
+    }
+
+    async fn resume(&self) -> Result<(), RuntimeError> {
+        self.run_state(false).await
+    }
+
+    async fn bg_start(&self, req: ExecRequest) -> Result<BgInfo, RuntimeError> {
+        self.client()?
+            .bg_start(&req)
+            .await
+            .map_err(|e| self.agent_err(e))
+    }
+
+    async fn bg_list(&self) -> Result<Vec<BgInfo>, RuntimeError> {
+        self.client()?
+            .bg_list()
+            .await
+            .map_err(|e| self.agent_err(e))
+    }
+
+    async fn file_op(&self, op: FileOp) -> Result<FileOpReply, RuntimeError> {
+        self.client()?
+            .file_op(&op)
+            .await
+            .map_err(|e| self.file_err(e))
+    }
+
+    async fn read_file(&self, path: &str) -> Result<(Option<u64>, ByteStream), RuntimeError> {
+        let (size, stream) = self
+            .client()?
+            .read_file(path)
+            .await
+            .map_err(|e| self.file_err(e))?;
+        let id = self.id.clone();
+        Ok((
+            size,
+            stream
+                .map(move |r| {
+                    r.map_err(|e| RuntimeError::Agent {
+                        id: id.clone(),
+                        source: e.into(),
+                    })
+                })
+                .boxed(),
+        ))
+    }
+
+    async fn write_file(&self, path: &str, data: UploadStream) -> Result<WriteReply, RuntimeError> {
+        let data =
+            data.map(|r| r.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>));
+        self.client()?
+            .write_file(path, data)
+            .await
+            .map_err(|e| self.file_err(e))
+    }
+
+    async fn destroy(&self) -> Result<(), RuntimeError> {
+        self.destroy_in().await
+    }
+}

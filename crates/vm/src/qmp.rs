@@ -1,0 +1,147 @@
+//! A small typed client of QEMU's QMP (JSON lines over the VM's Unix socket): the
+//! greeting, `qmp_capabilities`, then one command at a time; asynchronous events are
+//! skipped.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("connect to QMP socket {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("QMP i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("QMP connection closed")]
+    Closed,
+    #[error("QMP sent an undecodable message: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP command {0} got no answer in time")]
+    Timeout(String),
+}
+
+/// What the VM is doing (`query-status`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub running: bool,
+    pub status: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    class: String,
+    desc: String,
+}
+
+pub struct Qmp {
+    rx: BufReader<OwnedReadHalf>,
+    tx: OwnedWriteHalf,
+}
+
+/// How long one command may take.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+impl Qmp {
+    /// Connects and negotiates capabilities.
+    pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        let s = UnixStream::connect(path)
+            .await
+            .map_err(|source| QmpError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let (r, w) = s.into_split();
+        let mut q = Qmp {
+            rx: BufReader::new(r),
+            tx: w,
+        };
+        let greeting = q.next_message().await?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Closed);
+        }
+        q.execute::<Value>("qmp_capabilities", Value::Null).await?;
+        Ok(q)
+    }
+
+    async fn next_message(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.rx.read_line(&mut line).await? == 0 {
+                return Err(QmpError::Closed);
+            }
+            let v: Value = serde_json::from_str(line.trim())?;
+            if v.get("event").is_some() {
+                tracing::debug!(event = %v, "QMP event");
+                continue;
+            }
+            return Ok(v);
+        }
+    }
+
+    /// Runs `command` with `arguments` (`Value::Null`: none) and decodes its return.
+    pub async fn execute<T: DeserializeOwned>(
+        &mut self,
+        command: &str,
+        arguments: Value,
+    ) -> Result<T, QmpError> {
+        let msg = if arguments.is_null() {
+            json!({ "execute": command })
+        } else {
+            json!({ "execute": command, "arguments": arguments })
+        };
+        let mut bytes = serde_json::to_vec(&msg)?;
+        bytes.push(b'\n');
+        self.tx.write_all(&bytes).await?;
+        let reply = tokio::time::timeout(PATIENCE, self.next_message())
+            .await
+            .map_err(|_| QmpError::Timeout(command.to_owned()))??;
+        if let Some(e) = reply.get("error") {
+            let e: ErrorBody = serde_json::from_value(e.clone())?;
+            return Err(QmpError::Command {
+                command: command.to_owned(),
+                class: e.class,
+                desc: e.desc,
+            });
+        }
+        Ok(serde_json::from_value(
+            reply.get("return").cloned().unwrap_or(Value::Null),
+        )?)
+    }
+
+    /// Pauses every vCPU (`stop`).
+    pub async fn stop(&mut self) -> Result<(), QmpError> {
+        self.execute::<Value>("stop", Value::Null).await.map(|_| ())
+    }
+
+    /// Resumes the vCPUs (`cont`).
+    pub async fn cont(&mut self) -> Result<(), QmpError> {
+        self.execute::<Value>("cont", Value::Null).await.map(|_| ())
+    }
+
+    pub async fn status(&mut self) -> Result<Status, QmpError> {
+        self.execute("query-status", Value::Null).await
+    }
+
+    /// Asks QEMU to exit (the answer may be lost as it goes).
+    pub async fn quit(&mut self) -> Result<(), QmpError> {
+        match self.execute::<Value>("quit", Value::Null).await {
+            Ok(_) | Err(QmpError::Closed) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
