@@ -1,0 +1,132 @@
+//! End-to-end: the vm runtime (QEMU microvm guests; TCG on these machines) over real
+//! HTTP against a real server. Needs qemu-system-x86 and the guest assets (`make
+//! vm-assets`), so these are ignored by `make test`; `make test-vm` runs them (the
+//! spine itself runs parameterised by runtime in `spine.rs`).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{collect, get, post, py, Server};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+async fn create_vm(s: &Server) -> (String, f64) {
+    let v = s.create(json!({"runtime": "vm"})).await;
+    assert_eq!(v["runtime"], "vm", "{v}");
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["boot_ms"].as_f64().unwrap(),
+    )
+}
+
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_files_repl_pause_resume_and_delete() {
+    let (s, log) = Server::start_logged_with(&common::vm_env());
+    let (id, boot_ms) = create_vm(&s).await;
+
+    // A real guest: its own kernel, the agent is its PID 1.
+    let (out, _, code) = s.sh(&id, "uname -r; cat /proc/1/comm; id -u").await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].contains("cloud-amd64"), "{out}");
+    assert_eq!(&lines[1..], ["forkbox-agent", "0"], "{out}");
+
+    // exec echo round trips (the first warms the guest's page cache).
+    let mut rtts = Vec::new();
+    for _ in 0..11 {
+        let t = Instant::now();
+        let (out, _, code) = s.sh(&id, "echo hi").await;
+        rtts.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!((out.as_str(), code), ("hi\n", 0));
+    }
+    let mut warm = rtts[1..].to_vec();
+    warm.sort_by(|a, b| a.total_cmp(b));
+    eprintln!(
+        "vm figures: boot_ms={boot_ms:.0} exec_echo_p50_ms={:.1} first_ms={:.1}",
+        warm[warm.len() / 2],
+        rtts[0]
+    );
+
+    // Files, through the agent in the guest.
+    let r = s
+        .http
+        .put(s.url(&format!("/v1/sandboxes/{id}/files?path=data/in.txt")))
+        .body("hello vm\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let (out, _, _) = s.sh(&id, "cat /root/data/in.txt").await;
+    assert_eq!(out, "hello vm\n");
+    s.sh(&id, "printf 'from the guest' > /tmp/out.txt").await;
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files?path=/tmp/out.txt")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "from the guest");
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files?path=/nope")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // The REPL keeps its state between calls.
+    assert_eq!(py(&s, &id, "x = 41").await.2, 0);
+    assert_eq!(py(&s, &id, "x + 1").await.0, "42\n");
+
+    // Pause stops the vCPUs (QMP stop): a command started before keeps no time going.
+    let (st, v) = post(&s, &format!("/v1/sandboxes/{id}/pause"), json!({})).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("paused")), "{v}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (st, v) = post(&s, &format!("/v1/sandboxes/{id}/resume"), json!({})).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("running")), "{v}");
+    assert_eq!(py(&s, &id, "x").await.0, "41\n");
+
+    // Delete: QEMU gone, its run dir and RAM file removed.
+    let pid: i32 = std::fs::read_to_string(s.data.path().join(format!("vm-run/{id}/qemu.pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(s.delete(&id).await, 204);
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!s.data.path().join(format!("vm-run/{id}")).exists());
+    assert!(!std::path::Path::new(&format!("/dev/shm/forkbox-vm-{id}.ram")).exists());
+    let (st, _) = get(&s, &format!("/v1/sandboxes/{id}")).await;
+    assert_eq!(st, 410);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("vm booted"), "{text}");
+}
+
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_and_jail_side_by_side_and_unknown_runtime() {
+    let (s, _log) = Server::start_logged_with(&common::vm_env());
+    let (vm, _) = create_vm(&s).await;
+    let jail = s.create(json!({})).await;
+    assert_eq!(jail["runtime"], "jail");
+    let jail = jail["id"].as_str().unwrap().to_owned();
+    let (_, ev) = s.exec(&vm, json!({"cmd": "uname -r"})).await;
+    let (vm_kernel, _, _) = collect(&ev);
+    let (jail_kernel, _, _) = s.sh(&jail, "uname -r").await;
+    assert_ne!(vm_kernel, jail_kernel, "the guest runs its own kernel");
+    let (st, v) = post(&s, "/v1/sandboxes", json!({"runtime": "firecracker"})).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("jail, vm"), "{v}");
+    let (st, v) = post(
+        &s,
+        "/v1/sandboxes",
+        json!({"runtime": "vm", "egress_allowlist": ["pypi.org"]}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(s.delete(&vm).await, 204);
+    assert_eq!(s.delete(&jail).await, 204);
+}
