@@ -17,7 +17,7 @@ const S_IFCHR: u32 = 0o020000;
 
 impl Cpio {
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -123,7 +123,7 @@ mod tests {
         c.dir("a");
         c.file("a/b", 0o644, b"hello");
         let out = c.finish();
-        assert_eq!(out.len() % 4, 0);
+        assert!(out.len().is_multiple_of(4));
         assert!(out.starts_with(b"070701"));
         // header (110) + "a\0" padded to 112
         assert_eq!(&out[112..118], b"070701");
