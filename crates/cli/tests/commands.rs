@@ -29,6 +29,22 @@ async fn output(s: &Server, id: &str, pid: i64, follow: bool) -> Vec<Value> {
 async fn background_commands_run_detached_and_can_be_driven() {
     let s = Server::start();
     let id = s.create_id().await;
+    drive_background_commands(&s, &id).await;
+}
+
+/// The same in a vm sandbox (see `vm.rs`; run by `make test-vm`).
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn background_commands_run_detached_and_can_be_driven_vm() {
+    let (s, _log) = Server::start_logged_with(&common::vm_env());
+    let id = s.create(json!({"runtime": "vm"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    drive_background_commands(&s, &id).await;
+}
+
+async fn drive_background_commands(s: &Server, id: &str) {
     // Start: the answer comes at once with the pid.
     let t = std::time::Instant::now();
     let (st, cat) = post(

@@ -20,12 +20,13 @@ pub mod qmp;
 use accel::Accel;
 use async_trait::async_trait;
 use forkbox_agent_client::AgentClient;
+use bytes::Bytes;
 use forkbox_core::runtime::{
     AgentEvents, ByteStream, CreateSpec, FileErrorKind, Instance, Runtime, RuntimeError,
-    UploadStream,
+    UploadStream, WatchEvents,
 };
 use forkbox_types::agent::{
-    BgInfo, ExecRequest, FileOp, FileOpReply, RunCodeRequest, VmInit, WriteReply,
+    BgInfo, ExecRequest, FileOp, FileOpReply, PtyRequest, RunCodeRequest, VmInit, WriteReply,
 };
 use futures_util::StreamExt as _;
 use std::path::{Path, PathBuf};
@@ -579,22 +580,55 @@ impl VmInstance {
         &self,
         res: Result<forkbox_agent_client::EventStream, forkbox_agent_client::AgentError>,
     ) -> Result<AgentEvents, RuntimeError> {
-        let id = self.id.clone();
         match res {
-            Ok(stream) => Ok(stream
-                .map(move |r| {
-                    r.map_err(|e| RuntimeError::Agent {
-                        id: id.clone(),
-                        source: e.into(),
-                    })
-                })
-                .boxed()),
+            Ok(stream) => Ok(self.agent_stream(stream)),
             Err(forkbox_agent_client::AgentError::Status { status, message })
                 if status.as_u16() == 400 =>
             {
                 Err(RuntimeError::Rejected(message))
             }
             Err(e) => Err(self.agent_err(e)),
+        }
+    }
+
+    /// A stream from the agent, its errors in the runtime's terms.
+    fn agent_stream<T: Send + 'static>(
+        &self,
+        stream: impl futures_util::Stream<Item = Result<T, forkbox_agent_client::AgentError>>
+            + Send
+            + 'static,
+    ) -> futures_util::stream::BoxStream<'static, Result<T, RuntimeError>> {
+        let id = self.id.clone();
+        stream
+            .map(move |r| {
+                r.map_err(|e| RuntimeError::Agent {
+                    id: id.clone(),
+                    source: e.into(),
+                })
+            })
+            .boxed()
+    }
+
+    /// Maps a background-command call's failure.
+    fn bg_err(&self, e: forkbox_agent_client::AgentError) -> RuntimeError {
+        match e {
+            forkbox_agent_client::AgentError::Status { status, message } => match status.as_u16() {
+                404 => RuntimeError::NoProcess(
+                    message
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(0),
+                ),
+                409 => RuntimeError::Conflict(message),
+                400 => RuntimeError::Rejected(message),
+                _ => RuntimeError::host(
+                    "background command",
+                    &self.id,
+                    std::io::Error::other(message),
+                ),
+            },
+            other => self.agent_err(other),
         }
     }
 
@@ -655,18 +689,60 @@ impl Instance for VmInstance {
         self.run_state(false).await
     }
 
+    async fn watch(&self, path: &str, recursive: bool) -> Result<WatchEvents, RuntimeError> {
+        let stream = self
+            .client()?
+            .watch(path, recursive)
+            .await
+            .map_err(|e| self.file_err(e))?;
+        Ok(self.agent_stream(stream))
+    }
+
+    async fn pty(&self, req: PtyRequest, input: UploadStream) -> Result<ByteStream, RuntimeError> {
+        let input =
+            input.map(|r| r.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>));
+        let stream = self
+            .client()?
+            .pty(&req, input)
+            .await
+            .map_err(|e| self.agent_err(e))?;
+        Ok(self.agent_stream(stream))
+    }
+
     async fn bg_start(&self, req: ExecRequest) -> Result<BgInfo, RuntimeError> {
         self.client()?
             .bg_start(&req)
             .await
-            .map_err(|e| self.agent_err(e))
+            .map_err(|e| self.bg_err(e))
     }
 
     async fn bg_list(&self) -> Result<Vec<BgInfo>, RuntimeError> {
+        self.client()?.bg_list().await.map_err(|e| self.bg_err(e))
+    }
+
+    async fn bg_stdin(&self, pid: i32, data: Bytes, close: bool) -> Result<(), RuntimeError> {
         self.client()?
-            .bg_list()
+            .bg_stdin(pid, data, close)
             .await
-            .map_err(|e| self.agent_err(e))
+            .map_err(|e| self.bg_err(e))
+    }
+
+    async fn bg_signal(&self, pid: i32, signal: i32) -> Result<(), RuntimeError> {
+        self.client()?
+            .bg_signal(pid, signal)
+            .await
+            .map_err(|e| self.bg_err(e))
+    }
+
+    async fn bg_wait(&self, pid: i32) -> Result<i32, RuntimeError> {
+        self.client()?.bg_wait(pid).await.map_err(|e| self.bg_err(e))
+    }
+
+    async fn bg_output(&self, pid: i32, follow: bool) -> Result<AgentEvents, RuntimeError> {
+        match self.client()?.bg_output(pid, follow).await {
+            Err(e) => Err(self.bg_err(e)),
+            ok => self.events(ok),
+        }
     }
 
     async fn file_op(&self, op: FileOp) -> Result<FileOpReply, RuntimeError> {
@@ -682,18 +758,7 @@ impl Instance for VmInstance {
             .read_file(path)
             .await
             .map_err(|e| self.file_err(e))?;
-        let id = self.id.clone();
-        Ok((
-            size,
-            stream
-                .map(move |r| {
-                    r.map_err(|e| RuntimeError::Agent {
-                        id: id.clone(),
-                        source: e.into(),
-                    })
-                })
-                .boxed(),
-        ))
+        Ok((size, self.agent_stream(stream)))
     }
 
     async fn write_file(&self, path: &str, data: UploadStream) -> Result<WriteReply, RuntimeError> {
