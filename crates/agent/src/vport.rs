@@ -6,7 +6,8 @@
 //! tracking treats as final), so the port is driven by two plain threads with `poll(2)`
 //! timeouts and bridged to hyper through an in-memory duplex pipe, one HTTP/2
 //! connection per host session. The port stays open across sessions: closing it would
-//! discard what the host already sent.
+//! discard what the host already sent. A read that starts with the HTTP/2 client
+//! preface also starts a new session (a restored guest may never see its old host go).
 
 use crate::server::Shared;
 use nix::errno::Errno;
@@ -21,6 +22,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// How long to wait before looking again at a port with no host behind it.
 const IDLE: Duration = Duration::from_millis(20);
+
+/// What every new HTTP/2 client sends first.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Bytes buffered between the port threads and hyper.
 const PIPE: usize = 256 * 1024;
@@ -119,7 +123,15 @@ fn read_port(fd: &OwnedFd, up: &tokio::sync::mpsc::Sender<Up>) {
                 std::thread::sleep(IDLE);
             }
             Ok(n) => {
-                session = true;
+                // A new host (e.g. the QEMU a hibernated or snapshotted guest was restored
+                // in) may arrive without the guest ever seeing the old one leave: its
+                // preface ends the old session rather than being read as garbage by it.
+                if std::mem::replace(&mut session, true)
+                    && buf[..n].starts_with(PREFACE)
+                    && up.blocking_send(Up::Hangup).is_err()
+                {
+                    return;
+                }
                 if up.blocking_send(Up::Data(buf[..n].to_vec())).is_err() {
                     return;
                 }

@@ -203,10 +203,17 @@ pub async fn wake(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<WakeView>, ApiError> {
+    let sandbox = st.manager.wake(&id).await?;
+    // The vm runtime saves the whole guest; the jail cannot save live memory.
+    let vm = sandbox.runtime == "vm";
     Ok(Json(WakeView {
-        sandbox: st.manager.wake(&id).await?.into(),
-        memory_restored: false,
-        note: "the jail runtime keeps the filesystem across hibernation but not live memory: REPL state and running processes start fresh",
+        sandbox: sandbox.into(),
+        memory_restored: vm,
+        note: if vm {
+            "the vm runtime restored the whole guest: memory, REPL state and running processes carry on"
+        } else {
+            "the jail runtime keeps the filesystem across hibernation but not live memory: REPL state and running processes start fresh"
+        },
     }))
 }
 

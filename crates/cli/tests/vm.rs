@@ -130,3 +130,82 @@ async fn vm_and_jail_side_by_side_and_unknown_runtime() {
     assert_eq!(s.delete(&vm).await, 204);
     assert_eq!(s.delete(&jail).await, 204);
 }
+
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_hibernate_frees_ram_and_wake_restores_memory_and_processes() {
+    let (s, _log) = Server::start_logged_with(&common::vm_env());
+    let (id, _) = create_vm(&s).await;
+    assert_eq!(py(&s, &id, "kept = [41, 'state']").await.2, 0);
+    let (st, bg) = post(
+        &s,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"cmd": "python3 -m http.server 8000 --bind 127.0.0.1", "background": true}),
+    )
+    .await;
+    assert_eq!(st, 200, "{bg}");
+    // Wait until the server answers inside the guest.
+    let mut up = false;
+    for _ in 0..100 {
+        let (_, _, code) = s
+            .sh(
+                &id,
+                "python3 -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:8000/')\"",
+            )
+            .await;
+        if code == 0 {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(up, "http.server did not come up in the guest");
+    let pid_file = s.data.path().join(format!("vm-run/{id}/qemu.pid"));
+    let qemu: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let ram = format!("/dev/shm/forkbox-vm-{id}.ram");
+    assert!(std::path::Path::new(&ram).exists());
+
+    let t = Instant::now();
+    let (st, v) = post(&s, &format!("/v1/sandboxes/{id}/hibernate"), json!({})).await;
+    let hibernate_ms = t.elapsed().as_millis();
+    assert_eq!((st, v["status"].as_str()), (200, Some("hibernated")), "{v}");
+    // QEMU is gone and the guest's RAM with it; the saved state is on disk.
+    assert!(!std::path::Path::new(&format!("/proc/{qemu}")).exists());
+    assert!(!std::path::Path::new(&ram).exists());
+    let saved = s.data.path().join(format!("vm-run/{id}/hibernated.state"));
+    let saved_bytes = std::fs::metadata(&saved).unwrap().len();
+    let (st, _) = post(
+        &s,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"cmd": "true"}),
+    )
+    .await;
+    assert_eq!(st, 409);
+
+    let t = Instant::now();
+    let (st, v) = post(&s, &format!("/v1/sandboxes/{id}/wake"), json!({})).await;
+    let wake_ms = t.elapsed().as_millis();
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["status"], "running");
+    assert_eq!(v["memory_restored"], true, "{v}");
+    eprintln!(
+        "vm figures: hibernate_ms={hibernate_ms} saved_mib={} wake_ms={wake_ms}",
+        saved_bytes >> 20
+    );
+    // The REPL's memory and the background server carried on.
+    assert_eq!(py(&s, &id, "kept").await.0, "[41, 'state']\n");
+    let (out, err, code) = s
+        .sh(&id, "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/').status)\"")
+        .await;
+    assert_eq!((out.as_str(), code), ("200\n", 0), "{err}");
+    assert!(
+        !saved.exists(),
+        "the saved state is dropped once running again"
+    );
+    assert_eq!(s.delete(&id).await, 204);
+    assert!(!s.data.path().join(format!("vm-run/{id}")).exists());
+}

@@ -19,8 +19,8 @@ pub mod qmp;
 
 use accel::Accel;
 use async_trait::async_trait;
-use forkbox_agent_client::AgentClient;
 use bytes::Bytes;
+use forkbox_agent_client::AgentClient;
 use forkbox_core::runtime::{
     AgentEvents, ByteStream, CreateSpec, FileErrorKind, Instance, Runtime, RuntimeError,
     UploadStream, WatchEvents,
@@ -203,14 +203,12 @@ impl Inner {
                 "the vm runtime cannot mount volumes yet".into(),
             ));
         }
-        let memory_mb = spec.memory_bytes >> 20;
-        if memory_mb < 128 {
+        if spec.memory_bytes >> 20 < 128 {
             return Err(RuntimeError::Rejected(
                 "the vm runtime needs memory_mb of at least 128".into(),
             ));
         }
-        let vmlinux = self.cfg.assets_dir.join("vmlinux");
-        if !vmlinux.exists() {
+        if !self.cfg.assets_dir.join("vmlinux").exists() {
             return Err(self.assets_missing("vmlinux".into()));
         }
         let image = self.image(&spec.template);
@@ -223,19 +221,17 @@ impl Inner {
             )));
         }
         let base = self.base_initrd().await?;
-        let accel = self.accel().await;
         let id = spec.id.clone();
         let dir = self.cfg.run_dir.join(&id);
         let vm = Vm::paths(&dir);
-        let ram = self.ram_file(&id);
         let fail = |op: &'static str| {
             let id = id.clone();
             move |e: std::io::Error| RuntimeError::host(op, &id, e)
         };
         std::fs::create_dir_all(&dir).map_err(fail("make run dir"))?;
-        let guard = Cleanup {
+        let mut guard = Cleanup {
             dir: dir.clone(),
-            ram: ram.clone(),
+            ram: self.ram_file(&id),
             armed: true,
         };
         // The disk: a copy-on-write overlay on the template's image (absolute backing path).
@@ -264,6 +260,29 @@ impl Inner {
         initrd_bytes.extend_from_slice(&base);
         initrd_bytes.extend_from_slice(&initrd::per_vm(&init_json));
         std::fs::write(&vm.initrd, &initrd_bytes).map_err(fail("write initramfs"))?;
+        let instance = self.boot(spec, None).await?;
+        guard.armed = false;
+        Ok(instance)
+    }
+
+    /// Starts QEMU for the VM whose files are in place and waits for its agent; with
+    /// `incoming`, restores the VM saved in that file instead of booting it. On failure
+    /// QEMU is gone and the VM's files are left as they were.
+    async fn boot(
+        self: &Arc<Self>,
+        spec: &CreateSpec,
+        incoming: Option<&Path>,
+    ) -> Result<Arc<VmInstance>, RuntimeError> {
+        let accel = self.accel().await;
+        let id = spec.id.clone();
+        let vm = Vm::paths(&self.cfg.run_dir.join(&id));
+        let ram = self.ram_file(&id);
+        let memory_mb = spec.memory_bytes >> 20;
+        let fail = |op: &'static str| {
+            let id = id.clone();
+            move |e: std::io::Error| RuntimeError::host(op, &id, e)
+        };
+        // A fresh RAM file every time (a stale one of another size stops QEMU).
         let _ = std::fs::remove_file(&ram);
         let smp = spec.cpu_millis.div_ceil(1000).clamp(1, 64);
         let log = std::fs::File::create(&vm.qemu_log).map_err(fail("make QEMU log"))?;
@@ -285,7 +304,7 @@ impl Inner {
                 ram.display()
             ))
             .args(["-machine", "memory-backend=ram0", "-kernel"])
-            .arg(&vmlinux)
+            .arg(self.cfg.assets_dir.join("vmlinux"))
             .arg("-initrd")
             .arg(&vm.initrd)
             .arg("-append")
@@ -316,6 +335,9 @@ impl Inner {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false);
+        if incoming.is_some() {
+            cmd.args(["-incoming", "defer"]);
+        }
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(fail("start QEMU"))?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
@@ -341,12 +363,15 @@ impl Inner {
             alive,
             exited,
         });
-        match instance.connect(started, self.cfg.boot_deadline).await {
+        match instance
+            .connect(started, self.cfg.boot_deadline, incoming)
+            .await
+        {
             Ok(()) => {
-                std::mem::forget(guard);
                 tracing::info!(
                     sandbox = %id,
                     accel = accel.as_str(),
+                    restored = incoming.is_some(),
                     boot_ms = started.elapsed().as_millis() as u64,
                     "vm booted"
                 );
@@ -354,8 +379,7 @@ impl Inner {
             }
             Err(e) => {
                 let console = instance.console_tail();
-                let _ = instance.destroy_in().await;
-                drop(guard);
+                instance.stop_qemu().await;
                 Err(match e {
                     RuntimeError::Agent { id, source } => RuntimeError::Agent {
                         id,
@@ -395,6 +419,8 @@ struct Vm {
     agent_sock: PathBuf,
     qmp_sock: PathBuf,
     pidfile: PathBuf,
+    /// The saved VM (device state and RAM) of a hibernated sandbox.
+    state: PathBuf,
 }
 
 impl Vm {
@@ -408,6 +434,7 @@ impl Vm {
             agent_sock: dir.join("agent.sock"),
             qmp_sock: dir.join("qmp.sock"),
             pidfile: dir.join("qemu.pid"),
+            state: dir.join("hibernated.state"),
         }
     }
 }
@@ -430,6 +457,20 @@ impl Runtime for VmRuntime {
 
     async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
         let i = self.inner.create(spec).await?;
+        Ok(i)
+    }
+
+    async fn wake(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let vm = Vm::paths(&self.inner.cfg.run_dir.join(&spec.id));
+        if !vm.state.exists() {
+            return Err(RuntimeError::Conflict(format!(
+                "{} has no saved vm state to wake from",
+                spec.id
+            )));
+        }
+        let i = self.inner.boot(spec, Some(&vm.state)).await?;
+        // Running again: the saved RAM is not needed any more.
+        let _ = std::fs::remove_file(&vm.state);
         Ok(i)
     }
 
@@ -482,7 +523,12 @@ impl VmInstance {
 
     /// Waits for QEMU's sockets, connects QMP and the agent, and waits for the agent's
     /// health answer.
-    async fn connect(&self, started: Instant, deadline: Duration) -> Result<(), RuntimeError> {
+    async fn connect(
+        &self,
+        started: Instant,
+        deadline: Duration,
+        incoming: Option<&Path>,
+    ) -> Result<(), RuntimeError> {
         let left = || deadline.saturating_sub(started.elapsed());
         // QEMU makes its sockets before the guest runs (bound a moment before listening).
         let (q, stream) = loop {
@@ -507,6 +553,9 @@ impl VmInstance {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         *self.qmp.lock().await = Some(q);
+        if let Some(state) = incoming {
+            self.restore(state, left()).await?;
+        }
         // The preface waits in the socket until the guest's agent opens its port.
         let client = AgentClient::handshake(stream)
             .await
@@ -556,7 +605,28 @@ impl VmInstance {
         r.map_err(|e| RuntimeError::host(op, &self.id, e))
     }
 
-    async fn destroy_in(&self) -> Result<(), RuntimeError> {
+    /// Loads the saved VM into this QEMU (started with `-incoming defer`) and runs it.
+    async fn restore(&self, state: &Path, patience: Duration) -> Result<(), RuntimeError> {
+        let host = |e: qmp::QmpError| RuntimeError::host("restore vm", &self.id, e);
+        let file = std::fs::File::open(state)
+            .map_err(|e| RuntimeError::host("open saved vm", &self.id, e))?;
+        let mut g = self.qmp.lock().await;
+        let q = g.as_mut().ok_or_else(|| {
+            RuntimeError::host("restore vm", &self.id, std::io::Error::other("no QMP"))
+        })?;
+        q.getfd("state", std::os::fd::AsFd::as_fd(&file))
+            .await
+            .map_err(host)?;
+        q.load_from_fd("state", patience).await.map_err(host)?;
+        // A restored VM comes up paused.
+        if !q.status().await.map_err(host)?.running {
+            q.cont().await.map_err(host)?;
+        }
+        Ok(())
+    }
+
+    /// Kills QEMU, waits for it and frees its RAM; the VM's files stay.
+    async fn stop_qemu(&self) {
         if self.pid > 0 && self.alive.load(Ordering::SeqCst) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(self.pid),
@@ -568,11 +638,48 @@ impl VmInstance {
         self.alive.store(false, Ordering::SeqCst);
         *self.qmp.lock().await = None;
         let _ = std::fs::remove_file(&self.ram);
+    }
+
+    async fn destroy_in(&self) -> Result<(), RuntimeError> {
+        self.stop_qemu().await;
         match std::fs::remove_dir_all(&self.vm.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(RuntimeError::host("remove vm run dir", &self.id, e)),
         }
+    }
+
+    /// Saves the whole VM (device state and RAM) into its run dir and stops QEMU.
+    async fn hibernate_in(&self) -> Result<(), RuntimeError> {
+        let host = |e: qmp::QmpError| RuntimeError::host("hibernate", &self.id, e);
+        let tmp = self.vm.state.with_extension("tmp");
+        let file = std::fs::File::create(&tmp)
+            .map_err(|e| RuntimeError::host("hibernate", &self.id, e))?;
+        let saved = {
+            let mut g = self.qmp.lock().await;
+            let q = g.as_mut().ok_or_else(|| {
+                RuntimeError::host("hibernate", &self.id, std::io::Error::other("no QMP"))
+            })?;
+            q.stop().await.map_err(host)?;
+            let r = async {
+                q.getfd("state", std::os::fd::AsFd::as_fd(&file)).await?;
+                q.save_to_fd("state", Duration::from_secs(300)).await
+            }
+            .await;
+            if r.is_err() {
+                let _ = q.cont().await;
+            }
+            r
+        };
+        drop(file);
+        if let Err(e) = saved {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(host(e));
+        }
+        std::fs::rename(&tmp, &self.vm.state)
+            .map_err(|e| RuntimeError::host("hibernate", &self.id, e))?;
+        self.stop_qemu().await;
+        Ok(())
     }
 
     /// Maps an agent call's outcome into the runtime's terms.
@@ -735,7 +842,10 @@ impl Instance for VmInstance {
     }
 
     async fn bg_wait(&self, pid: i32) -> Result<i32, RuntimeError> {
-        self.client()?.bg_wait(pid).await.map_err(|e| self.bg_err(e))
+        self.client()?
+            .bg_wait(pid)
+            .await
+            .map_err(|e| self.bg_err(e))
     }
 
     async fn bg_output(&self, pid: i32, follow: bool) -> Result<AgentEvents, RuntimeError> {
@@ -768,6 +878,10 @@ impl Instance for VmInstance {
             .write_file(path, data)
             .await
             .map_err(|e| self.file_err(e))
+    }
+
+    async fn hibernate(&self) -> Result<(), RuntimeError> {
+        self.hibernate_in().await
     }
 
     async fn destroy(&self) -> Result<(), RuntimeError> {

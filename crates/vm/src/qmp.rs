@@ -137,6 +137,124 @@ impl Qmp {
         self.execute("query-status", Value::Null).await
     }
 
+    /// Hands QEMU an open file as `name` (`getfd`, the fd travels as SCM_RIGHTS).
+    pub async fn getfd(
+        &mut self,
+        name: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), QmpError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+        use std::os::fd::AsRawFd as _;
+        let mut bytes =
+            serde_json::to_vec(&json!({"execute": "getfd", "arguments": {"fdname": name}}))?;
+        bytes.push(b'\n');
+        let sock: &UnixStream = self.tx.as_ref();
+        loop {
+            sock.writable().await?;
+            let fds = [fd.as_raw_fd()];
+            let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
+                sendmsg::<UnixAddr>(
+                    sock.as_raw_fd(),
+                    &[std::io::IoSlice::new(&bytes)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) if n == bytes.len() => break,
+                Ok(_) => return Err(QmpError::Io(std::io::Error::other("short getfd write"))),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let reply = tokio::time::timeout(PATIENCE, self.next_message())
+            .await
+            .map_err(|_| QmpError::Timeout("getfd".into()))??;
+        match reply.get("error") {
+            Some(e) => {
+                let e: ErrorBody = serde_json::from_value(e.clone())?;
+                Err(QmpError::Command {
+                    command: "getfd".into(),
+                    class: e.class,
+                    desc: e.desc,
+                })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Saves the VM (device state and RAM) into the file passed as `fdname`, waiting
+    /// until the migration completed.
+    pub async fn save_to_fd(&mut self, fdname: &str, patience: Duration) -> Result<(), QmpError> {
+        // The default cap is 128 MiB/s; a save to a local file needs none.
+        self.execute::<Value>(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 1u64 << 40}),
+        )
+        .await?;
+        self.execute::<Value>("migrate", json!({"uri": format!("fd:{fdname}")}))
+            .await?;
+        self.wait_migration("migrate", patience).await
+    }
+
+    /// Loads the VM from the file passed as `fdname` (QEMU started with `-incoming
+    /// defer`), waiting until the migration completed.
+    pub async fn load_from_fd(&mut self, fdname: &str, patience: Duration) -> Result<(), QmpError> {
+        self.execute::<Value>("migrate-incoming", json!({"uri": format!("fd:{fdname}")}))
+            .await?;
+        let started = std::time::Instant::now();
+        loop {
+            let st = self.status().await?;
+            if st.status != "inmigrate" {
+                let m: Value = self.execute("query-migrate", Value::Null).await?;
+                if m.get("status").and_then(Value::as_str) == Some("failed") {
+                    return Err(QmpError::Command {
+                        command: "migrate-incoming".into(),
+                        class: "MigrationFailed".into(),
+                        desc: m
+                            .get("error-desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("incoming migration failed")
+                            .to_owned(),
+                    });
+                }
+                return Ok(());
+            }
+            if started.elapsed() > patience {
+                return Err(QmpError::Timeout("migrate-incoming".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn wait_migration(&mut self, command: &str, patience: Duration) -> Result<(), QmpError> {
+        let started = std::time::Instant::now();
+        loop {
+            let m: Value = self.execute("query-migrate", Value::Null).await?;
+            match m.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    return Err(QmpError::Command {
+                        command: command.to_owned(),
+                        class: "MigrationFailed".into(),
+                        desc: m
+                            .get("error-desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("migration failed")
+                            .to_owned(),
+                    })
+                }
+                _ => {}
+            }
+            if started.elapsed() > patience {
+                return Err(QmpError::Timeout(command.to_owned()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Asks QEMU to exit (the answer may be lost as it goes).
     pub async fn quit(&mut self) -> Result<(), QmpError> {
         match self.execute::<Value>("quit", Value::Null).await {
