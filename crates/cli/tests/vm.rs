@@ -209,3 +209,78 @@ async fn vm_hibernate_frees_ram_and_wake_restores_memory_and_processes() {
     assert_eq!(s.delete(&id).await, 204);
     assert!(!s.data.path().join(format!("vm-run/{id}")).exists());
 }
+
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_fork_carries_memory_and_processes_and_merge_works() {
+    let (s, log) = Server::start_logged_with(&common::vm_env());
+    let (id, _) = create_vm(&s).await;
+    assert_eq!(py(&s, &id, "x = 41").await.2, 0);
+    s.sh(&id, "echo parent > /root/who").await;
+    let (st, bg) = post(
+        &s,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"cmd": "python3 -m http.server 8000 --bind 127.0.0.1", "background": true}),
+    )
+    .await;
+    assert_eq!(st, 200, "{bg}");
+    let probe = "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/').status)\"";
+    let mut up = false;
+    for _ in 0..100 {
+        if s.sh(&id, probe).await.2 == 0 {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(up, "http.server did not come up in the guest");
+
+    let t = Instant::now();
+    let (st, f) = post(&s, &format!("/v1/sandboxes/{id}/fork"), json!({"n": 2})).await;
+    let fork_ms = t.elapsed().as_millis();
+    assert_eq!(
+        st,
+        200,
+        "{f}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let kids: Vec<String> = f["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kids.len(), 2);
+    eprintln!("vm figures: fork_n2_ms={fork_ms}");
+    for (i, k) in kids.iter().enumerate() {
+        let (_, v) = get(&s, &format!("/v1/sandboxes/{k}")).await;
+        assert_eq!(v["runtime"], "vm", "{v}");
+        // The background server was carried over and answers inside the child.
+        let (out, err, code) = s.sh(k, probe).await;
+        assert_eq!((out.as_str(), code), ("200\n", 0), "{k}: {err}");
+        // So were the REPL's memory and the files; then they diverge.
+        assert_eq!(py(&s, k, "x").await.0, "41\n");
+        assert_eq!(py(&s, k, &format!("x = {}", 100 + i)).await.2, 0);
+        assert_eq!(s.sh(k, "cat /root/who").await.0, "parent\n");
+        s.sh(k, &format!("echo child{i} > /root/who")).await;
+    }
+    // The parent runs on untouched.
+    assert_eq!(py(&s, &id, "x").await.0, "41\n");
+    assert_eq!(s.sh(&id, "cat /root/who").await.0, "parent\n");
+    assert_eq!(s.sh(&id, probe).await.0, "200\n");
+    assert_eq!(py(&s, &kids[0], "x").await.0, "100\n");
+    assert_eq!(py(&s, &kids[1], "x").await.0, "101\n");
+
+    // Merge the second child back: the parent's id now answers with its state.
+    let (st, m) = post(
+        &s,
+        &format!("/v1/sandboxes/{}/merge_into/{id}", kids[1]),
+        json!({}),
+    )
+    .await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(py(&s, &id, "x").await.0, "101\n");
+    assert_eq!(s.sh(&id, "cat /root/who").await.0, "child1\n");
+    assert_eq!(s.delete(&kids[0]).await, 204);
+    assert_eq!(s.delete(&id).await, 204);
+}

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use forkbox_agent_client::AgentClient;
 use forkbox_core::runtime::{
-    AgentEvents, ByteStream, CreateSpec, FileErrorKind, Instance, Runtime, RuntimeError,
+    AgentEvents, ByteStream, CreateSpec, FileErrorKind, Forked, Instance, Runtime, RuntimeError,
     UploadStream, WatchEvents,
 };
 use forkbox_types::agent::{
@@ -260,18 +260,17 @@ impl Inner {
         initrd_bytes.extend_from_slice(&base);
         initrd_bytes.extend_from_slice(&initrd::per_vm(&init_json));
         std::fs::write(&vm.initrd, &initrd_bytes).map_err(fail("write initramfs"))?;
-        let instance = self.boot(spec, None).await?;
+        let instance = self.boot(spec, Source::Boot).await?;
         guard.armed = false;
         Ok(instance)
     }
 
-    /// Starts QEMU for the VM whose files are in place and waits for its agent; with
-    /// `incoming`, restores the VM saved in that file instead of booting it. On failure
-    /// QEMU is gone and the VM's files are left as they were.
+    /// Starts QEMU for the VM whose files are in place and waits for its agent (see
+    /// [`Source`]). On failure QEMU is gone and the VM's files are left as they were.
     async fn boot(
         self: &Arc<Self>,
         spec: &CreateSpec,
-        incoming: Option<&Path>,
+        source: Source<'_>,
     ) -> Result<Arc<VmInstance>, RuntimeError> {
         let accel = self.accel().await;
         let id = spec.id.clone();
@@ -299,10 +298,17 @@ impl Inner {
                 "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             ])
             .arg("-object")
-            .arg(format!(
-                "memory-backend-file,id=ram0,size={memory_mb}M,mem-path={},share=on",
-                ram.display()
-            ))
+            .arg(match source {
+                // A fork child maps its parent's RAM copy privately (copy-on-write).
+                Source::Fork { ram: layer, .. } => format!(
+                    "memory-backend-file,id=ram0,size={memory_mb}M,mem-path={},share=off",
+                    layer.display()
+                ),
+                _ => format!(
+                    "memory-backend-file,id=ram0,size={memory_mb}M,mem-path={},share=on",
+                    ram.display()
+                ),
+            })
             .args(["-machine", "memory-backend=ram0", "-kernel"])
             .arg(self.cfg.assets_dir.join("vmlinux"))
             .arg("-initrd")
@@ -315,7 +321,7 @@ impl Inner {
             .arg("-drive")
             .arg(format!(
                 "id=d0,file={},format=qcow2,if=none,cache=unsafe",
-                vm.disk.display()
+                vm.active_disk().1.display()
             ))
             .args(["-device", "virtio-blk-device,drive=d0"])
             .args(["-device", "virtio-serial-device", "-chardev"])
@@ -335,7 +341,7 @@ impl Inner {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false);
-        if incoming.is_some() {
+        if !matches!(source, Source::Boot) {
             cmd.args(["-incoming", "defer"]);
         }
         let started = Instant::now();
@@ -362,16 +368,17 @@ impl Inner {
             qmp: tokio::sync::Mutex::new(None),
             alive,
             exited,
+            rt: self.clone(),
         });
         match instance
-            .connect(started, self.cfg.boot_deadline, incoming)
+            .connect(started, self.cfg.boot_deadline, source)
             .await
         {
             Ok(()) => {
                 tracing::info!(
                     sandbox = %id,
                     accel = accel.as_str(),
-                    restored = incoming.is_some(),
+                    source = source.name(),
                     boot_ms = started.elapsed().as_millis() as u64,
                     "vm booted"
                 );
@@ -388,6 +395,27 @@ impl Inner {
                     other => other,
                 })
             }
+        }
+    }
+}
+
+/// What a VM starts from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// A cold boot of the kernel.
+    Boot,
+    /// A whole saved VM (hibernation).
+    Restore(&'a Path),
+    /// A fork child: the parent's device state and a copy of its RAM, mapped privately.
+    Fork { state: &'a Path, ram: &'a Path },
+}
+
+impl Source<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Source::Boot => "boot",
+            Source::Restore(_) => "restore",
+            Source::Fork { .. } => "fork",
         }
     }
 }
@@ -412,6 +440,8 @@ impl Drop for Cleanup {
 #[derive(Debug, Clone)]
 struct Vm {
     dir: PathBuf,
+    /// The first disk overlay (`disk-0.qcow2`); a fork adds `disk-<n+1>.qcow2` on the
+    /// frozen `disk-<n>` (see [`Vm::active_disk`]).
     disk: PathBuf,
     initrd: PathBuf,
     console: PathBuf,
@@ -424,10 +454,32 @@ struct Vm {
 }
 
 impl Vm {
+    /// The disk image QEMU writes to: the overlay of the highest generation. Older
+    /// generations stay under their names, since a running QEMU reopens its images by
+    /// name (e.g. read-only when a migration completes).
+    fn active_disk(&self) -> (u32, PathBuf) {
+        let mut best = (0, self.disk.clone());
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let n = name
+                    .strip_prefix("disk-")
+                    .and_then(|r| r.strip_suffix(".qcow2"))
+                    .and_then(|n| n.parse::<u32>().ok());
+                if let Some(n) = n {
+                    if n > best.0 {
+                        best = (n, e.path());
+                    }
+                }
+            }
+        }
+        best
+    }
+
     fn paths(dir: &Path) -> Vm {
         Vm {
             dir: dir.to_path_buf(),
-            disk: dir.join("disk.qcow2"),
+            disk: dir.join("disk-0.qcow2"),
             initrd: dir.join("initrd.cpio"),
             console: dir.join("console.log"),
             qemu_log: dir.join("qemu.log"),
@@ -468,7 +520,7 @@ impl Runtime for VmRuntime {
                 spec.id
             )));
         }
-        let i = self.inner.boot(spec, Some(&vm.state)).await?;
+        let i = self.inner.boot(spec, Source::Restore(&vm.state)).await?;
         // Running again: the saved RAM is not needed any more.
         let _ = std::fs::remove_file(&vm.state);
         Ok(i)
@@ -508,6 +560,7 @@ pub struct VmInstance {
     qmp: tokio::sync::Mutex<Option<qmp::Qmp>>,
     alive: Arc<AtomicBool>,
     exited: tokio::sync::watch::Receiver<bool>,
+    rt: Arc<Inner>,
 }
 
 impl VmInstance {
@@ -527,7 +580,7 @@ impl VmInstance {
         &self,
         started: Instant,
         deadline: Duration,
-        incoming: Option<&Path>,
+        source: Source<'_>,
     ) -> Result<(), RuntimeError> {
         let left = || deadline.saturating_sub(started.elapsed());
         // QEMU makes its sockets before the guest runs (bound a moment before listening).
@@ -553,8 +606,10 @@ impl VmInstance {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         *self.qmp.lock().await = Some(q);
-        if let Some(state) = incoming {
-            self.restore(state, left()).await?;
+        match source {
+            Source::Boot => {}
+            Source::Restore(state) => self.restore(state, false, left()).await?,
+            Source::Fork { state, .. } => self.restore(state, true, left()).await?,
         }
         // The preface waits in the socket until the guest's agent opens its port.
         let client = AgentClient::handshake(stream)
@@ -606,7 +661,13 @@ impl VmInstance {
     }
 
     /// Loads the saved VM into this QEMU (started with `-incoming defer`) and runs it.
-    async fn restore(&self, state: &Path, patience: Duration) -> Result<(), RuntimeError> {
+    /// `ignore_shared`: the stream has device state only (a fork child's).
+    async fn restore(
+        &self,
+        state: &Path,
+        ignore_shared: bool,
+        patience: Duration,
+    ) -> Result<(), RuntimeError> {
         let host = |e: qmp::QmpError| RuntimeError::host("restore vm", &self.id, e);
         let file = std::fs::File::open(state)
             .map_err(|e| RuntimeError::host("open saved vm", &self.id, e))?;
@@ -614,10 +675,14 @@ impl VmInstance {
         let q = g.as_mut().ok_or_else(|| {
             RuntimeError::host("restore vm", &self.id, std::io::Error::other("no QMP"))
         })?;
+        q.set_ignore_shared(ignore_shared).await.map_err(host)?;
         q.getfd("state", std::os::fd::AsFd::as_fd(&file))
             .await
             .map_err(host)?;
         q.load_from_fd("state", patience).await.map_err(host)?;
+        if ignore_shared {
+            q.set_ignore_shared(false).await.map_err(host)?;
+        }
         // A restored VM comes up paused.
         if !q.status().await.map_err(host)?.running {
             q.cont().await.map_err(host)?;
@@ -647,6 +712,149 @@ impl VmInstance {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(RuntimeError::host("remove vm run dir", &self.id, e)),
         }
+    }
+
+    /// One child per spec from this VM's current state, every process and all memory
+    /// included: the VM is stopped for the copy (disk snapshot, device state, sparse copy
+    /// of its RAM file), then runs on; each child is a new QEMU mapping the RAM copy
+    /// privately (copy-on-write) on its own qcow2 overlay of the frozen disk.
+    async fn fork_in(&self, specs: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
+        let rt = self.rt.clone();
+        let io = |op: &'static str| {
+            let id = self.id.clone();
+            move |e: std::io::Error| RuntimeError::host(op, &id, e)
+        };
+        let layers = rt.cfg.run_dir.join("layers");
+        std::fs::create_dir_all(&layers).map_err(io("fork"))?;
+        let tag = format!(
+            "{}-{}",
+            self.id,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        // The frozen disk is shared by the parent (as its new backing) and the children,
+        // so it lives outside every sandbox's run dir.
+        let layer_disk = layers.join(format!("{tag}.qcow2"));
+        let layer_state = layers.join(format!("{tag}.state"));
+        let layer_ram = rt.cfg.ram_dir.join(format!("forkbox-vm-layer-{tag}.ram"));
+        let (generation, current) = self.vm.active_disk();
+        let size = image_size(&rt.cfg.qemu_img, &current).await?;
+        let next = self.vm.dir.join(format!("disk-{}.qcow2", generation + 1));
+        let state_file = std::fs::File::create(&layer_state).map_err(io("fork"))?;
+        let started = Instant::now();
+        let copied = {
+            let mut g = self.qmp.lock().await;
+            let q = g.as_mut().ok_or_else(|| {
+                RuntimeError::host("fork", &self.id, std::io::Error::other("no QMP"))
+            })?;
+            let host = |e: qmp::QmpError| RuntimeError::host("fork", &self.id, e);
+            q.stop().await.map_err(host)?;
+            let r: Result<u64, RuntimeError> = async {
+                // Disk first (migration inactivates the images until `cont`).
+                std::fs::hard_link(&current, &layer_disk).map_err(io("fork"))?;
+                overlay(&rt.cfg.qemu_img, &layer_disk, &next, size)
+                    .await
+                    .map_err(io("fork"))?;
+                q.snapshot_disk("d0", &next).await.map_err(host)?;
+                q.getfd("state", std::os::fd::AsFd::as_fd(&state_file))
+                    .await
+                    .map_err(host)?;
+                q.save_devices_to_fd("state", Duration::from_secs(60))
+                    .await
+                    .map_err(host)?;
+                let (from, to) = (self.ram.clone(), layer_ram.clone());
+                tokio::task::spawn_blocking(move || sparse_copy(&from, &to))
+                    .await
+                    .map_err(|e| RuntimeError::host("fork", &self.id, e))?
+                    .map_err(io("copy RAM"))
+            }
+            .await;
+            let resumed = q.cont().await;
+            match (r, resumed) {
+                (Ok(n), Ok(())) => n,
+                (Err(e), _) => {
+                    let _ = std::fs::remove_file(&layer_ram);
+                    let _ = std::fs::remove_file(&layer_state);
+                    let _ = std::fs::remove_file(&next);
+                    return Err(e);
+                }
+                (Ok(_), Err(e)) => return Err(host(e)),
+            }
+        };
+        drop(state_file);
+        tracing::info!(
+            sandbox = %self.id,
+            paused_ms = started.elapsed().as_millis() as u64,
+            ram_copied_mib = copied >> 20,
+            "vm fork: parent state taken"
+        );
+        let boots = specs.iter().map(|spec| {
+            let rt = rt.clone();
+            let (layer_disk, layer_state, layer_ram) =
+                (layer_disk.clone(), layer_state.clone(), layer_ram.clone());
+            let initrd = self.vm.initrd.clone();
+            async move {
+                let dir = rt.cfg.run_dir.join(&spec.id);
+                let vm = Vm::paths(&dir);
+                let io = |e: std::io::Error| RuntimeError::host("fork child", &spec.id, e);
+                std::fs::create_dir_all(&dir).map_err(io)?;
+                let made = async {
+                    overlay(&rt.cfg.qemu_img, &layer_disk, &vm.disk, size)
+                        .await
+                        .map_err(io)?;
+                    // Only for QEMU's command line: the guest's memory is the parent's.
+                    std::fs::copy(&initrd, &vm.initrd).map_err(io)?;
+                    rt.boot(
+                        spec,
+                        Source::Fork {
+                            state: &layer_state,
+                            ram: &layer_ram,
+                        },
+                    )
+                    .await
+                }
+                .await;
+                if made.is_err() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                made
+            }
+        });
+        let results = futures_util::future::join_all(boots).await;
+        // Every child has its private mapping now; the copy's pages live on in them.
+        let _ = std::fs::remove_file(&layer_ram);
+        let _ = std::fs::remove_file(&layer_state);
+        let mut children: Vec<Arc<dyn Instance>> = Vec::new();
+        let mut failure = None;
+        for r in results {
+            match r {
+                Ok(i) => children.push(i),
+                Err(e) => failure = Some(e),
+            }
+        }
+        if let Some(e) = failure {
+            for c in children {
+                let _ = c.destroy().await;
+            }
+            return Err(e);
+        }
+        tracing::info!(
+            sandbox = %self.id,
+            children = specs.len(),
+            total_ms = started.elapsed().as_millis() as u64,
+            "vm fork done"
+        );
+        Ok(Forked {
+            children,
+            carried: vec![
+                "filesystem".into(),
+                "memory".into(),
+                "processes".into(),
+                "python".into(),
+            ],
+        })
     }
 
     /// Saves the whole VM (device state and RAM) into its run dir and stops QEMU.
@@ -884,7 +1092,87 @@ impl Instance for VmInstance {
         self.hibernate_in().await
     }
 
+    async fn fork(&self, children: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
+        self.fork_in(children).await
+    }
+
     async fn destroy(&self) -> Result<(), RuntimeError> {
         self.destroy_in().await
     }
+}
+
+/// Virtual size in bytes of a disk image (readable while QEMU holds it).
+async fn image_size(qemu_img: &Path, image: &Path) -> Result<u64, RuntimeError> {
+    let out = tokio::process::Command::new(qemu_img)
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .await
+        .map_err(|e| RuntimeError::host("qemu-img info", "-", e))?;
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.get("virtual-size").and_then(|s| s.as_u64()))
+        .ok_or_else(|| {
+            RuntimeError::host(
+                "qemu-img info",
+                "-",
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            )
+        })
+}
+
+/// Makes a qcow2 overlay on `backing` without opening it (QEMU may hold it).
+async fn overlay(qemu_img: &Path, backing: &Path, path: &Path, size: u64) -> std::io::Result<()> {
+    let out = tokio::process::Command::new(qemu_img)
+        .args(["create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(backing)
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .await?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
+    }
+}
+
+/// Copies `from` into a new file `to`, data extents only (a guest's RAM file is mostly
+/// holes); the bytes copied.
+fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<u64> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::FileExt as _;
+    let src = std::fs::File::open(from)?;
+    let len = src.metadata()?.len() as i64;
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    dst.set_len(len as u64)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut off, mut copied) = (0i64, 0u64);
+    while off < len {
+        let data = match lseek(src.as_raw_fd(), off, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(src.as_raw_fd(), data, Whence::SeekHole)?;
+        let mut pos = data;
+        while pos < hole {
+            let n = (buf.len() as i64).min(hole - pos) as usize;
+            src.read_exact_at(&mut buf[..n], pos as u64)?;
+            dst.write_all_at(&buf[..n], pos as u64)?;
+            pos += n as i64;
+            copied += n as u64;
+        }
+        off = hole;
+    }
+    let mut perms = dst.metadata()?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o400);
+    dst.set_permissions(perms)?;
+    Ok(copied)
 }

@@ -188,6 +188,7 @@ impl Qmp {
     /// Saves the VM (device state and RAM) into the file passed as `fdname`, waiting
     /// until the migration completed.
     pub async fn save_to_fd(&mut self, fdname: &str, patience: Duration) -> Result<(), QmpError> {
+        self.set_ignore_shared(false).await?;
         // The default cap is 128 MiB/s; a save to a local file needs none.
         self.execute::<Value>(
             "migrate-set-parameters",
@@ -197,6 +198,50 @@ impl Qmp {
         self.execute::<Value>("migrate", json!({"uri": format!("fd:{fdname}")}))
             .await?;
         self.wait_migration("migrate", patience).await
+    }
+
+    /// Saves the device state only (RAM lives in a shared file the stream skips:
+    /// `x-ignore-shared`) into the file passed as `fdname`.
+    pub async fn save_devices_to_fd(
+        &mut self,
+        fdname: &str,
+        patience: Duration,
+    ) -> Result<(), QmpError> {
+        self.set_ignore_shared(true).await?;
+        let r = async {
+            self.execute::<Value>("migrate", json!({"uri": format!("fd:{fdname}")}))
+                .await?;
+            self.wait_migration("migrate", patience).await
+        }
+        .await;
+        let reset = self.set_ignore_shared(false).await;
+        r.and(reset)
+    }
+
+    /// Whether migration streams skip RAM in shared memory backends.
+    pub async fn set_ignore_shared(&mut self, on: bool) -> Result<(), QmpError> {
+        self.execute::<Value>(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "x-ignore-shared", "state": on}]}),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Makes `overlay` (an existing qcow2 whose backing is the current image of
+    /// `device`) the device's active image; the current one becomes read-only.
+    pub async fn snapshot_disk(&mut self, device: &str, overlay: &Path) -> Result<(), QmpError> {
+        self.execute::<Value>(
+            "blockdev-snapshot-sync",
+            json!({
+                "device": device,
+                "snapshot-file": overlay.display().to_string(),
+                "format": "qcow2",
+                "mode": "existing",
+            }),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Loads the VM from the file passed as `fdname` (QEMU started with `-incoming
