@@ -283,4 +283,17 @@ async fn vm_fork_carries_memory_and_processes_and_merge_works() {
     assert_eq!(s.sh(&id, "cat /root/who").await.0, "child1\n");
     assert_eq!(s.delete(&kids[0]).await, 204);
     assert_eq!(s.delete(&id).await, 204);
+    // The frozen disk layer goes with its last user (the merge frees the parent's old
+    // VM in the background).
+    let layers = s.data.path().join("vm-run/layers");
+    let left = || {
+        std::fs::read_dir(&layers)
+            .map(|d| d.flatten().count())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while left() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left(), 0, "disk layers left in {}", layers.display());
 }

@@ -543,11 +543,13 @@ impl Runtime for VmRuntime {
             }
         }
         let _ = std::fs::remove_file(self.inner.ram_file(id));
-        match std::fs::remove_dir_all(&dir) {
+        let r = match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(RuntimeError::host("remove vm run dir", id, e)),
-        }
+        };
+        collect_layers(&self.inner.cfg.run_dir.join("layers"));
+        r
     }
 }
 
@@ -707,11 +709,13 @@ impl VmInstance {
 
     async fn destroy_in(&self) -> Result<(), RuntimeError> {
         self.stop_qemu().await;
-        match std::fs::remove_dir_all(&self.vm.dir) {
+        let r = match std::fs::remove_dir_all(&self.vm.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(RuntimeError::host("remove vm run dir", &self.id, e)),
-        }
+        };
+        collect_layers(&self.rt.cfg.run_dir.join("layers"));
+        r
     }
 
     /// One child per spec from this VM's current state, every process and all memory
@@ -795,12 +799,18 @@ impl VmInstance {
             let (layer_disk, layer_state, layer_ram) =
                 (layer_disk.clone(), layer_state.clone(), layer_ram.clone());
             let initrd = self.vm.initrd.clone();
+            let parent_dir = self.vm.dir.clone();
             async move {
                 let dir = rt.cfg.run_dir.join(&spec.id);
                 let vm = Vm::paths(&dir);
                 let io = |e: std::io::Error| RuntimeError::host("fork child", &spec.id, e);
                 std::fs::create_dir_all(&dir).map_err(io)?;
                 let made = async {
+                    // The child holds a name of every layer under its disk (see
+                    // `collect_layers`): the parent's frozen generations and its refs.
+                    for (src, name) in chain_refs(&parent_dir, generation) {
+                        std::fs::hard_link(&src, dir.join(name)).map_err(io)?;
+                    }
                     overlay(&rt.cfg.qemu_img, &layer_disk, &vm.disk, size)
                         .await
                         .map_err(io)?;
@@ -1175,4 +1185,46 @@ fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<u64> {
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o400);
     dst.set_permissions(perms)?;
     Ok(copied)
+}
+
+/// The layer files a VM's disk chain rests on, as (existing name, name for a child's
+/// dir): the frozen generations `disk-0..=disk-<upto>` of `dir` and its `ref-*` names.
+fn chain_refs(dir: &Path, upto: u32) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ino = e.metadata().map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
+            if name.starts_with("ref-") {
+                out.push((e.path(), name));
+            } else if let Some(n) = name
+                .strip_prefix("disk-")
+                .and_then(|r| r.strip_suffix(".qcow2"))
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                if n <= upto {
+                    out.push((e.path(), format!("ref-{ino}.qcow2")));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Deletes the shared disk layers (`<run>/layers/*.qcow2`) no VM needs any more. Every
+/// VM dir holds a hard link to each layer under its disk (its own frozen `disk-<n>`
+/// generations, `ref-*` for its ancestors'), so a layer whose only name is the one in
+/// `layers/` is unused.
+fn collect_layers(layers: &Path) {
+    let Ok(entries) = std::fs::read_dir(layers) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        if std::os::unix::fs::MetadataExt::nlink(&m) == 1
+            && e.path().extension().is_some_and(|x| x == "qcow2")
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
