@@ -297,3 +297,27 @@ async fn vm_fork_carries_memory_and_processes_and_merge_works() {
     }
     assert_eq!(left(), 0, "disk layers left in {}", layers.display());
 }
+
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_sandboxes_survive_a_server_restart() {
+    let env = common::vm_env();
+    let (mut s, _log) = Server::start_logged_with(&env);
+    let (id, _) = create_vm(&s).await;
+    let (paused, _) = create_vm(&s).await;
+    assert_eq!(py(&s, &id, "kept = 'across restarts'").await.2, 0);
+    assert_eq!(py(&s, &paused, "y = 7").await.2, 0);
+    let (st, _) = post(&s, &format!("/v1/sandboxes/{paused}/pause"), json!({})).await;
+    assert_eq!(st, 200);
+    s.kill_and_restart_with(&env);
+    let (_, v) = get(&s, &format!("/v1/sandboxes/{id}")).await;
+    assert_eq!(v["status"], "running", "{v}");
+    assert_eq!(py(&s, &id, "kept").await.0, "'across restarts'\n");
+    let (_, v) = get(&s, &format!("/v1/sandboxes/{paused}")).await;
+    assert_eq!(v["status"], "paused", "{v}");
+    let (st, _) = post(&s, &format!("/v1/sandboxes/{paused}/resume"), json!({})).await;
+    assert_eq!(st, 200);
+    assert_eq!(py(&s, &paused, "y").await.0, "7\n");
+    assert_eq!(s.delete(&id).await, 204);
+    assert_eq!(s.delete(&paused).await, 204);
+}

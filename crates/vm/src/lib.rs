@@ -408,6 +408,8 @@ enum Source<'a> {
     Restore(&'a Path),
     /// A fork child: the parent's device state and a copy of its RAM, mapped privately.
     Fork { state: &'a Path, ram: &'a Path },
+    /// A QEMU an earlier server started, found running (`paused`: its vCPUs are stopped).
+    Adopt { paused: bool },
 }
 
 impl Source<'_> {
@@ -416,6 +418,7 @@ impl Source<'_> {
             Source::Boot => "boot",
             Source::Restore(_) => "restore",
             Source::Fork { .. } => "fork",
+            Source::Adopt { .. } => "adopt",
         }
     }
 }
@@ -526,15 +529,65 @@ impl Runtime for VmRuntime {
         Ok(i)
     }
 
+    async fn adopt(
+        &self,
+        spec: &CreateSpec,
+        host_pid: i32,
+        paused: bool,
+    ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let rt = &self.inner;
+        let vm = Vm::paths(&rt.cfg.run_dir.join(&spec.id));
+        let pid = std::fs::read_to_string(&vm.pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        if pid != Some(host_pid) || !qemu_of(host_pid, &vm.dir) {
+            return Err(RuntimeError::Unavailable(format!(
+                "QEMU {host_pid} of {} is not running",
+                spec.id
+            )));
+        }
+        let alive = Arc::new(AtomicBool::new(true));
+        let (exited_tx, exited) = tokio::sync::watch::channel(false);
+        {
+            // Not our child: watch for it to go.
+            let (alive, dir) = (alive.clone(), vm.dir.clone());
+            tokio::spawn(async move {
+                while qemu_of(host_pid, &dir) {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                alive.store(false, Ordering::SeqCst);
+                let _ = exited_tx.send(true);
+            });
+        }
+        let instance = Arc::new(VmInstance {
+            id: spec.id.clone(),
+            pid: host_pid,
+            vm,
+            ram: rt.ram_file(&spec.id),
+            client: tokio::sync::OnceCell::new(),
+            qmp: tokio::sync::Mutex::new(None),
+            alive,
+            exited,
+            rt: rt.clone(),
+        });
+        instance
+            .connect(
+                Instant::now(),
+                Duration::from_secs(30),
+                Source::Adopt { paused },
+            )
+            .await?;
+        tracing::info!(sandbox = %spec.id, paused, "vm adopted");
+        Ok(instance)
+    }
+
     async fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
         let dir = self.inner.cfg.run_dir.join(id);
         let vm = Vm::paths(&dir);
         if let Ok(pid) = std::fs::read_to_string(&vm.pidfile) {
             if let Ok(pid) = pid.trim().parse::<i32>() {
                 // Only a QEMU of this VM: its command line names the VM's directory.
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let needle = dir.to_string_lossy();
-                if String::from_utf8_lossy(&cmdline).contains(needle.as_ref()) {
+                if qemu_of(pid, &dir) {
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid),
                         nix::sys::signal::Signal::SIGKILL,
@@ -609,7 +662,7 @@ impl VmInstance {
         };
         *self.qmp.lock().await = Some(q);
         match source {
-            Source::Boot => {}
+            Source::Boot | Source::Adopt { .. } => {}
             Source::Restore(state) => self.restore(state, false, left()).await?,
             Source::Fork { state, .. } => self.restore(state, true, left()).await?,
         }
@@ -617,6 +670,11 @@ impl VmInstance {
         let client = AgentClient::handshake(stream)
             .await
             .map_err(|e| self.agent_err(e))?;
+        if matches!(source, Source::Adopt { paused: true }) {
+            // Stopped vCPUs cannot answer; the request waits for `resume`.
+            let _ = self.client.set(client);
+            return Ok(());
+        }
         let mut exited = self.exited.clone();
         tokio::select! {
             r = tokio::time::timeout(left(), client.health()) => match r {
@@ -1194,7 +1252,10 @@ fn chain_refs(dir: &Path, upto: u32) -> Vec<(PathBuf, String)> {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let ino = e.metadata().map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
+            let ino = e
+                .metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                .unwrap_or(0);
             if name.starts_with("ref-") {
                 out.push((e.path(), name));
             } else if let Some(n) = name
@@ -1227,4 +1288,11 @@ fn collect_layers(layers: &Path) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// True while process `pid` is a QEMU of the VM in `dir` (its command line names it).
+fn qemu_of(pid: i32, dir: &Path) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = dir.to_string_lossy();
+    String::from_utf8_lossy(&cmdline).contains(needle.as_ref())
 }

@@ -170,6 +170,18 @@ impl Server {
         self.base = base;
     }
 
+    /// [`Server::kill_and_restart`] with extra environment for the new server.
+    pub fn kill_and_restart_with(&mut self, env: &[(&str, String)]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let agent = std::env::var_os("FORKBOX_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
+        let (child, base) = spawn_server_logging(self.data.path(), &self.pool, &agent, None, env);
+        self.child = child;
+        self.base = base;
+    }
+
     /// Host pid of the server.
     pub fn pid(&self) -> u32 {
         self.child.id()
