@@ -94,6 +94,9 @@ class Soak:
         self.http = httpx.Client(timeout=120)
         self.model = {}  # id -> "running" | "paused" | "hibernated" | "broken" | "gone"
         self.parents = {}  # fork child -> parent
+        # Sandbox id -> id its processes run under (cgroup name): after a merge the
+        # parent carries on in the merged child's processes.
+        self.resource = {}
         self.counts = {}
         self.execs = 0
         self.restarts = 0
@@ -212,6 +215,7 @@ class Soak:
         self.check(r.status_code in (200, 409, 410, 502), f"merge {c} into {p}: {r.status_code} {r.text}")
         if r.status_code == 200:
             self.model[c] = "gone"
+            self.resource[p] = self.resource.get(c, c)
 
     def op_pause_resume(self):
         paused = self.live(("paused",))
@@ -277,7 +281,7 @@ class Soak:
         if not ids:
             return
         sid = self.rng.choice(ids)
-        pid = agent_pid(sid)
+        pid = agent_pid(self.resource.get(sid, sid))
         if pid is None:
             return
         os.kill(pid, signal.SIGKILL)

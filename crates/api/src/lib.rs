@@ -192,6 +192,9 @@ async fn healthz(
         "version": env!("CARGO_PKG_VERSION"),
         "runtime": s.manager.runtime_name(),
         "sandboxes": s.manager.live_count(),
+        "warm_pool": s.manager.create_pools().iter().map(|p| serde_json::json!({
+            "template": p.template, "ready": p.ready, "target": p.target,
+        })).collect::<Vec<_>>(),
     }))
 }
 

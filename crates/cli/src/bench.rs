@@ -264,6 +264,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         default_runtime: "jail".into(),
         vm_assets: None,
         vm_accel: "auto".into(),
+        // Cold creates first; the pool row turns it on.
+        warm_pool: 0,
     };
     let server = serve::build(&sa).await?;
     let addr = server.listener.local_addr()?;
@@ -301,6 +303,45 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .send()
             .await?;
     }
+
+    // create from the warm pool: a hand-over; each sample waits until the pool is
+    // full again (refills run in the background, never in the request).
+    manager.keep_create_pool("python", 2);
+    let mut create_pool = Vec::with_capacity(n);
+    for _ in 0..n {
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        while manager
+            .create_pools()
+            .iter()
+            .map(|p| p.ready)
+            .sum::<usize>()
+            < 2
+        {
+            if Instant::now() > deadline {
+                bail!("the warm pool did not fill in 60 s");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let t = Instant::now();
+        let r = http
+            .post(format!("{base}/v1/sandboxes"))
+            .json(&serde_json::json!({}))
+            .send()
+            .await?;
+        let took = t.elapsed();
+        if r.status() != 201 {
+            bail!("create answered {}", r.status());
+        }
+        create_pool.push(ms(took));
+        let id = r.json::<serde_json::Value>().await?["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        http.delete(format!("{base}/v1/sandboxes/{id}"))
+            .send()
+            .await?;
+    }
+    manager.keep_create_pool("python", 0);
 
     // exec `echo hi` on one warm sandbox.
     let r = http
@@ -457,6 +498,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             name: "create → ready (cold, HTTP)",
             samples: create,
             budget: Some(15.0),
+        },
+        Row {
+            name: "create → ready (warm pool hand-over, HTTP)",
+            samples: create_pool,
+            budget: Some(3.0),
         },
         Row {
             name: "exec `echo hi` round trip (warm sandbox, HTTP)",

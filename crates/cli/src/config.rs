@@ -31,14 +31,23 @@ pub struct HostArgs {
     /// `--resolve`; private mirrors, tests). Repeatable, or comma-separated in the env.
     #[arg(long, env = "FORKBOX_EGRESS_RESOLVE", value_delimiter = ',', value_parser = parse_resolve)]
     pub egress_resolve: Vec<(String, std::net::IpAddr)>,
-    /// Per-sandbox disk limits (`disk_mb`) through btrfs quota groups. Off by default:
-    /// with quota groups on, every snapshot is accounted and forks take seconds on this
-    /// kind of machine; without them one sandbox can fill the pool.
-    #[arg(long, env = "FORKBOX_DISK_LIMITS")]
-    pub disk_limits: bool,
+    /// How sandboxes' disk limits (`disk_mb`) are enforced: `simple` (btrfs simple
+    /// quotas, Linux 6.7+; free for forks; on older kernels the server runs without
+    /// limits and logs it), `full` (btrfs quota groups: any kernel, but every snapshot
+    /// is accounted and a fork can take seconds), `off` (one sandbox can fill the pool).
+    #[arg(long, env = "FORKBOX_DISK_LIMITS", value_enum, default_value_t = DiskLimits::Simple)]
+    pub disk_limits: DiskLimits,
     /// Languages and template recipes (TOML; default: the list built into forkbox).
     #[arg(long, env = "FORKBOX_LANGUAGES")]
     pub languages: Option<PathBuf>,
+}
+
+/// `serve --disk-limits`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskLimits {
+    Simple,
+    Full,
+    Off,
 }
 
 fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
@@ -101,7 +110,11 @@ impl HostArgs {
             favordynmods: !self.no_favordynmods,
             recipes: self.languages()?.recipes(),
             volumes_dir: data.join("volumes"),
-            disk_limits: self.disk_limits,
+            disk_limits: match self.disk_limits {
+                DiskLimits::Simple => forkbox_jail::QuotaMode::Simple,
+                DiskLimits::Full => forkbox_jail::QuotaMode::Full,
+                DiskLimits::Off => forkbox_jail::QuotaMode::Off,
+            },
             egress: forkbox_net::EgressConfig {
                 netns: egress_netns(&data),
                 resolve: self.egress_resolve.iter().cloned().collect(),

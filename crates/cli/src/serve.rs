@@ -19,6 +19,11 @@ pub struct ServeArgs {
     /// Template used when a create request names none.
     #[arg(long, default_value = "python")]
     pub default_template: String,
+    /// Ready sandboxes of the default template kept for create (refilled in the
+    /// background): a create with default limits, no env, egress, volumes or snapshot
+    /// is then a hand-over. 0 turns the pool off.
+    #[arg(long, default_value_t = 2, env = "FORKBOX_WARM_POOL")]
+    pub warm_pool: usize,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -156,6 +161,14 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
             "sandboxes of an earlier server: adopted the running ones, marked the others lost"
         );
     }
+    let discarded = manager.discard_stale_pool_sandboxes().await;
+    if discarded > 0 {
+        tracing::info!(
+            discarded,
+            "deleted warm-pool sandboxes of an earlier server"
+        );
+    }
+    manager.keep_create_pool(&args.default_template, args.warm_pool);
     if let Some(key) = &args.admin_key {
         manager
             .ensure_admin_key(key, "admin (FORKBOX_ADMIN_KEY)")
@@ -204,6 +217,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             jail.release_host_resources().await;
         }
         OnExit::Keep => {
+            // Pool sandboxes are nobody's: the next server would only delete them.
+            manager.discard_stale_pool_sandboxes().await;
             tracing::info!(
                 sandboxes = manager.live_count(),
                 "shutting down: sandboxes keep running for the next server to adopt"

@@ -21,11 +21,8 @@ use std::time::{Duration, Instant};
 /// Probes that escape today. Each entry is a real hole, described in
 /// docs/threat-model.md ("Escape probes"); the sandbox test still runs the probe and
 /// fails if it stops escaping (so the entry gets removed once the hole is closed).
-const KNOWN_ESCAPES: &[(&str, &str)] = &[(
-    "disk_fill",
-    "per-sandbox disk limits are opt-in (`serve --disk-limits`, btrfs quota groups, which \
-     make forks seconds slow here); by default a sandbox can write until the pool is full",
-)];
+/// Empty since disk limits are on by default (btrfs simple quotas).
+const KNOWN_ESCAPES: &[(&str, &str)] = &[];
 
 /// Probes that do not escape but break the attacker's own sandbox, which should keep
 /// working. Empty since the zygote cannot be signalled by user code (`kill_all`) and
@@ -254,7 +251,7 @@ async fn every_probe_fails_inside_a_sandbox() {
 #[tokio::test]
 async fn resource_probes_stay_within_limits() {
     let s = Server::start();
-    // A disk limit below the probe's 2 GiB cap (enforced only with `--disk-limits`).
+    // A disk limit below the probe's 2 GiB cap (btrfs simple quotas, the default).
     let id = s.create(json!({"memory_mb": 256, "disk_mb": 512})).await["id"]
         .as_str()
         .unwrap()

@@ -342,3 +342,84 @@ async fn every_sandbox_route_answers_409_when_paused_and_410_when_gone() {
         assert_eq!(st, 410, "{m} {url} on a deleted sandbox: {b}");
     }
 }
+
+/// The warm pool's fill for the default template, from /v1/healthz.
+async fn pool_ready(s: &Server) -> u64 {
+    let (_, h) = get(s, "/v1/healthz").await;
+    h["warm_pool"][0]["ready"].as_u64().unwrap_or(0)
+}
+
+async fn handed_over(s: &Server) -> u64 {
+    let text = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("forkbox_sandboxes_handed_over_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap() as u64
+}
+
+async fn wait_pool_full(s: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pool_ready(s).await < 2 {
+        assert!(Instant::now() < deadline, "the warm pool did not fill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A plain create is a hand-over from the warm pool (default size 2): the sandbox is
+/// the caller's (listed, its metadata and timeout, usable), pool sandboxes are never
+/// listed, the pool refills, and requests the pool cannot serve are made cold.
+#[tokio::test]
+async fn plain_creates_come_from_the_warm_pool() {
+    let s = Server::start();
+    wait_pool_full(&s).await;
+    let before = handed_over(&s).await;
+    let (_, listed) = get(&s, "/v1/sandboxes").await;
+    assert_eq!(listed["sandboxes"].as_array().unwrap().len(), 0, "{listed}");
+
+    let v = s
+        .create(json!({"metadata": {"k": "v"}, "timeout": 77}))
+        .await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(handed_over(&s).await, before + 1);
+    assert_eq!(v["metadata"]["k"], "v");
+    assert_eq!(v["timeout"], 77);
+    let (_, got) = get(&s, &format!("/v1/sandboxes/{id}")).await;
+    assert_eq!(got["metadata"]["k"], "v");
+    assert_eq!(got["status"], "running");
+    assert_eq!(s.sh(&id, "echo hi").await.0, "hi\n");
+    let (_, listed) = get(&s, "/v1/sandboxes").await;
+    let ids: Vec<&str> = listed["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id.as_str()]);
+
+    // Refilled in the background.
+    wait_pool_full(&s).await;
+    // Asking for something else (here: environment, memory) makes one cold.
+    let cold = s
+        .create(json!({"env": {"FOO": "bar"}, "memory_mb": 300}))
+        .await;
+    let cold_id = cold["id"].as_str().unwrap().to_owned();
+    assert_eq!(handed_over(&s).await, before + 1);
+    assert_eq!(s.sh(&cold_id, "echo $FOO").await.0, "bar\n");
+    assert_eq!(pool_ready(&s).await, 2);
+
+    // Bad input is refused before the pool is touched.
+    let (st, _) = post(&s, "/v1/sandboxes", json!({"timeout": 0})).await;
+    assert_eq!(st, 400);
+    assert_eq!(pool_ready(&s).await, 2);
+    assert_eq!(s.delete(&id).await, 204);
+    assert_eq!(s.delete(&cold_id).await, 204);
+}

@@ -17,6 +17,7 @@ pub mod store;
 pub mod templates;
 pub mod trace;
 pub mod volumes;
+pub mod warm;
 
 pub use manager::{ForkOutcome, Manager, ManagerConfig, MAX_FORK};
 pub use model::{

@@ -264,7 +264,7 @@ impl Manager {
     }
 
     /// Checks a create request against the server's limits and fills in defaults.
-    fn spec(
+    pub(crate) fn spec(
         &self,
         id: &str,
         req: &CreateRequest,
@@ -371,12 +371,72 @@ impl Manager {
         }
     }
 
-    /// Creates a sandbox and waits until its agent answers.
-    pub async fn create(&self, req: CreateRequest) -> Result<Sandbox, CoreError> {
-        let id = ids::new("sbx");
+    /// Creates a sandbox and waits until its agent answers; a request the warm pool
+    /// can serve gets a pool sandbox handed over instead.
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<Sandbox, CoreError> {
         let trace = req.traceparent.as_deref().and_then(TraceParent::parse);
+        let workspace = if req.workspace.is_empty() {
+            DEFAULT_WORKSPACE
+        } else {
+            req.workspace.as_str()
+        };
+        if let Some(s) = self.from_pool(&req, workspace, trace.as_ref()).await? {
+            return Ok(s);
+        }
+        let id = ids::new("sbx");
         let span = op_span(trace.as_ref(), "create", &id);
         self.create_in(id, req, trace).instrument(span).await
+    }
+
+    /// Gives running pool sandbox `id` its new owner's settings (`set`), in the
+    /// database and in memory; `None` when it is no longer there to hand over.
+    pub(crate) async fn claim(
+        &self,
+        id: &str,
+        set: impl FnOnce(&mut Sandbox),
+    ) -> Result<Option<Sandbox>, CoreError> {
+        let Some(live) = self.live(id) else {
+            return Ok(None);
+        };
+        let _op = live.op.lock().await;
+        let mut r = live.record();
+        if !crate::warm::can_hand_over(&r) {
+            return Ok(None);
+        }
+        set(&mut r);
+        if !self.store.hand_over(&r).await? {
+            return Ok(None);
+        }
+        let r2 = r.clone();
+        live.update(move |x| *x = r2);
+        Ok(Some(r))
+    }
+
+    /// Ids of live sandboxes in any of `workspaces`.
+    pub(crate) fn live_ids_in(&self, workspaces: &[&str]) -> Vec<String> {
+        self.live_map()
+            .iter()
+            .filter(|(_, l)| workspaces.contains(&l.record().workspace.as_str()))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Logs, counts and announces a sandbox that is ready for its owner.
+    pub(crate) fn created(
+        &self,
+        record: &Sandbox,
+        from_snapshot: Option<String>,
+        started: Instant,
+    ) {
+        self.metrics.created.inc();
+        self.metrics
+            .create_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.events.emit(
+            &record.id,
+            "created",
+            serde_json::json!({"template": record.template, "snapshot": from_snapshot, "boot_ms": record.boot_ms}),
+        );
     }
 
     async fn create_in(
@@ -472,15 +532,7 @@ impl Manager {
             }),
         );
         tracing::info!(sandbox = %id, boot_ms = record.boot_ms, "sandbox created");
-        self.metrics.created.inc();
-        self.metrics
-            .create_seconds
-            .observe(started.elapsed().as_secs_f64());
-        self.events.emit(
-            &id,
-            "created",
-            serde_json::json!({"template": record.template, "snapshot": from_snapshot, "boot_ms": record.boot_ms}),
-        );
+        self.created(&record, from_snapshot, started);
         Ok(record)
     }
 
@@ -1317,7 +1369,7 @@ impl Manager {
 
     /// Checks that `workspace` may add `n` sandboxes of `memory_mb` each; the guard
     /// must be held until they are recorded. `None` when the workspace is unlimited.
-    async fn admit(
+    pub(crate) async fn admit(
         &self,
         workspace: &str,
         n: u64,

@@ -20,6 +20,7 @@ pub struct KindLabel {
 /// Every metric the manager moves.
 pub struct Metrics {
     pub created: Counter,
+    pub handed_over: Counter,
     pub ended: Family<StatusLabel, Counter>,
     pub live: Gauge,
     pub execs: Family<KindLabel, Counter>,
@@ -39,6 +40,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             created: Counter::default(),
+            handed_over: Counter::default(),
             ended: Family::default(),
             live: Gauge::default(),
             execs: Family::default(),
@@ -65,6 +67,11 @@ impl Metrics {
             "sandboxes_created",
             "Sandboxes created (forks included)",
             self.created.clone(),
+        );
+        r.register(
+            "sandboxes_handed_over",
+            "Creates served from the warm pool",
+            self.handed_over.clone(),
         );
         r.register(
             "sandboxes_ended",

@@ -91,15 +91,32 @@ pub struct Executed {
     pub exec: Duration,
 }
 
-/// Sandboxes kept ready per template, and how many to keep.
+/// Which warm pool: the runner's of a language's template, or create's of a template
+/// (crate::warm). Pool sandboxes live in a workspace no key can name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    pub(crate) workspace: &'static str,
+    pub(crate) template: String,
+}
+
+impl PoolKey {
+    pub(crate) fn runner(template: &str) -> PoolKey {
+        PoolKey {
+            workspace: RUNNER_WORKSPACE,
+            template: template.to_owned(),
+        }
+    }
+}
+
+/// Sandboxes kept ready per pool, and how many to keep.
 #[derive(Default)]
 pub(crate) struct Warm {
-    ready: HashMap<String, VecDeque<String>>,
-    target: HashMap<String, usize>,
+    ready: HashMap<PoolKey, VecDeque<String>>,
+    target: HashMap<PoolKey, usize>,
     /// Commands run in a new pool sandbox before it counts as ready.
-    warmups: HashMap<String, Vec<String>>,
+    warmups: HashMap<PoolKey, Vec<String>>,
     /// Pool sandboxes being made right now.
-    pending: HashMap<String, usize>,
+    pending: HashMap<PoolKey, usize>,
     /// Templates being built in the background, with the last failure if any.
     pub(crate) building: HashMap<String, Option<String>>,
 }
@@ -185,27 +202,39 @@ impl Manager {
 
     /// Keeps `n` ready sandboxes of `lang`'s template for execute (0 stops).
     pub fn warm_up(self: &Arc<Self>, lang: &Language, n: usize) {
+        let key = PoolKey::runner(&lang.template);
         {
             let mut w = lock(self.warm());
-            w.target.insert(lang.template.clone(), n);
-            let cmds = w.warmups.entry(lang.template.clone()).or_default();
+            w.target.insert(key.clone(), n);
+            let cmds = w.warmups.entry(key.clone()).or_default();
             let cmd = lang.warmup_command().to_owned();
             if !cmds.contains(&cmd) {
                 cmds.push(cmd);
             }
         }
-        self.refill(&lang.template);
+        self.refill(&key);
     }
 
-    /// Warm pools and their fill.
+    /// Keeps `n` ready sandboxes in pool `key` (0 stops), without warm-up commands.
+    pub(crate) fn keep_ready(self: &Arc<Self>, key: PoolKey, n: usize) {
+        lock(self.warm()).target.insert(key.clone(), n);
+        self.refill(&key);
+    }
+
+    /// The runner's warm pools and their fill.
     pub fn warm_pools(&self) -> Vec<WarmPool> {
+        self.pools_of(RUNNER_WORKSPACE)
+    }
+
+    pub(crate) fn pools_of(&self, workspace: &str) -> Vec<WarmPool> {
         let w = lock(self.warm());
         let mut v: Vec<WarmPool> = w
             .target
             .iter()
-            .map(|(t, n)| WarmPool {
-                template: t.clone(),
-                ready: w.ready.get(t).map_or(0, VecDeque::len),
+            .filter(|(k, _)| k.workspace == workspace)
+            .map(|(k, n)| WarmPool {
+                template: k.template.clone(),
+                ready: w.ready.get(k).map_or(0, VecDeque::len),
                 target: *n,
             })
             .collect();
@@ -213,38 +242,40 @@ impl Manager {
         v
     }
 
-    /// Tops up `template`'s pool in the background, never blocking a request.
-    fn refill(self: &Arc<Self>, template: &str) {
+    /// Tops up pool `key` in the background, never blocking a request.
+    pub(crate) fn refill(self: &Arc<Self>, key: &PoolKey) {
         let me = self.clone();
-        let t = template.to_owned();
+        let key = key.clone();
         tokio::spawn(async move {
             loop {
                 {
                     let mut w = lock(me.warm());
-                    let have = w.ready.get(&t).map_or(0, VecDeque::len)
-                        + w.pending.get(&t).copied().unwrap_or(0);
-                    if w.target.get(&t).copied().unwrap_or(0) <= have {
+                    let have = w.ready.get(&key).map_or(0, VecDeque::len)
+                        + w.pending.get(&key).copied().unwrap_or(0);
+                    if w.target.get(&key).copied().unwrap_or(0) <= have {
                         return;
                     }
-                    *w.pending.entry(t.clone()).or_default() += 1;
+                    *w.pending.entry(key.clone()).or_default() += 1;
                 }
                 let done = |w: &mut Warm| {
-                    if let Some(p) = w.pending.get_mut(&t) {
+                    if let Some(p) = w.pending.get_mut(&key) {
                         *p = p.saturating_sub(1);
                     }
                 };
-                let s = match me
-                    .create(me.runner_request(&t, me.config().max_timeout_s))
-                    .await
-                {
+                let req = me.pool_request(&key, me.config().max_timeout_s);
+                let s = match me.create(req).await {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!(template = %t, error = %e, "warm pool refill");
+                        tracing::warn!(template = %key.template, pool = key.workspace, error = %e, "warm pool refill");
                         done(&mut lock(me.warm()));
                         return;
                     }
                 };
-                let warmups = lock(me.warm()).warmups.get(&t).cloned().unwrap_or_default();
+                let warmups = lock(me.warm())
+                    .warmups
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_default();
                 for cmd in warmups {
                     let run = ExecCommand {
                         work: Work::Command(cmd),
@@ -258,25 +289,33 @@ impl Manager {
                 }
                 let mut w = lock(me.warm());
                 done(&mut w);
-                w.ready.entry(t.clone()).or_default().push_back(s.id);
+                w.ready.entry(key.clone()).or_default().push_back(s.id);
             }
         });
     }
 
-    fn runner_request(&self, template: &str, timeout_s: u64) -> CreateRequest {
+    fn pool_request(&self, key: &PoolKey, timeout_s: u64) -> CreateRequest {
         CreateRequest {
-            template: Some(template.to_owned()),
+            template: Some(key.template.clone()),
             timeout: Some(timeout_s),
-            workspace: RUNNER_WORKSPACE.to_owned(),
+            workspace: key.workspace.to_owned(),
             ..Default::default()
         }
     }
 
+    /// The id of a ready sandbox from pool `key`, if one is there (a refill starts).
+    /// It may have ended meanwhile: callers check.
+    pub(crate) fn take_ready(self: &Arc<Self>, key: &PoolKey) -> Option<String> {
+        let id = lock(self.warm()).ready.get_mut(key)?.pop_front()?;
+        self.refill(key);
+        Some(id)
+    }
+
     /// A ready sandbox of `template` from its warm pool, if one is there and alive.
     async fn take_warm(self: &Arc<Self>, template: &str, timeout_s: u64) -> Option<String> {
+        let key = PoolKey::runner(template);
         loop {
-            let id = lock(self.warm()).ready.get_mut(template)?.pop_front()?;
-            self.refill(template);
+            let id = self.take_ready(&key)?;
             if self.set_timeout(&id, timeout_s).await.is_ok() {
                 return Some(id);
             }
@@ -313,7 +352,7 @@ impl Manager {
         let id = match self.take_warm(&lang.template, life).await {
             Some(id) => id,
             None => {
-                self.create(self.runner_request(&lang.template, life))
+                self.create(self.pool_request(&PoolKey::runner(&lang.template), life))
                     .await?
                     .id
             }

@@ -103,6 +103,31 @@ impl Store {
         Ok(())
     }
 
+    /// Gives a running pool sandbox its new owner's settings; false when it is no
+    /// longer running.
+    pub async fn hand_over(&self, s: &Sandbox) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            // A new rowid: listings page in creation order, and this is its creation.
+            "UPDATE sandboxes SET workspace = ?, metadata = ?, on_timeout = ?, traceparent = ?, \
+             timeout_s = ?, created_at = ?, expires_at = ?, boot_ms = ?, \
+             rowid = (SELECT MAX(rowid) + 1 FROM sandboxes) \
+             WHERE id = ? AND status = 'running'",
+        )
+        .bind(&s.workspace)
+        .bind(serde_json::to_string(&s.metadata).unwrap_or_else(|_| "{}".into()))
+        .bind(s.on_timeout.as_str())
+        .bind(&s.traceparent)
+        .bind(s.timeout as i64)
+        .bind(ts(s.created_at))
+        .bind(ts(s.expires_at))
+        .bind(s.boot_ms)
+        .bind(&s.id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("hand over sandbox"))?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// Marks a sandbox ended with `status` and `reason`.
     pub async fn end_sandbox(
         &self,

@@ -24,6 +24,7 @@ use forkbox_core::runtime::{
     AgentEvents, ByteStream, CreateSpec, FileErrorKind, Forked, GcReport, Instance, Runtime,
     RuntimeError, TemplateInfo, TemplateSpec, UploadStream,
 };
+pub use forkbox_sys::btrfs::QuotaMode;
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
 use forkbox_types::agent::{
     AdoptRequest, BgInfo, ExecRequest, FileOp, FileOpReply, ForkChild, ForkRequest, JailInit,
@@ -62,8 +63,8 @@ pub struct JailConfig {
     pub recipes: std::collections::BTreeMap<String, Vec<String>>,
     /// Where volumes' images and mount points live.
     pub volumes_dir: PathBuf,
-    /// Give each sandbox a disk limit (btrfs quota groups on the pool).
-    pub disk_limits: bool,
+    /// How each sandbox gets a disk limit (btrfs quota mode of the pool).
+    pub disk_limits: QuotaMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -824,7 +825,12 @@ impl Inner {
         // 1. Root filesystem.
         let rootfs = self.pool.sandbox(id);
         if let Origin::Fork { from, .. } = &origin {
-            forkbox_sys::btrfs::snapshot(from, &rootfs, false)
+            // On a blocking thread: a fork's children snapshot at once, and snapshots
+            // taken together share btrfs transaction commits.
+            let (from, to) = (from.clone(), rootfs.clone());
+            tokio::task::spawn_blocking(move || forkbox_sys::btrfs::snapshot(&from, &to, false))
+                .await
+                .map_err(|e| RuntimeError::host("snapshot parent", id, e))?
                 .map_err(|e| RuntimeError::host("snapshot parent", id, e))?;
             res.rootfs = Some(rootfs.clone());
         }

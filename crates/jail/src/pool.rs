@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use forkbox_sys::btrfs::QuotaMode;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("create {0}: {1}")]
@@ -45,11 +47,12 @@ fn run(cmd: &mut Command) -> Result<(), PoolError> {
 impl Pool {
     /// Opens the pool at `root`, formatting and mounting `<root>.img` (sparse,
     /// `size_gb`) when `root` is not on btrfs.
-    /// `disk_limits`: turn on btrfs quota groups so each sandbox gets a disk limit. With
-    /// consistent accounting every snapshot is accounted, which made a fork take
-    /// seconds here; off (the default), quota groups are turned off if an earlier run
-    /// left them on.
-    pub fn open(root: &Path, size_gb: u64, disk_limits: bool) -> Result<Pool, PoolError> {
+    /// `disk_limits`: the btrfs quota mode that gives each sandbox a disk limit.
+    /// [`QuotaMode::Simple`] (the default) costs forks nothing; on kernels without
+    /// simple quotas (before 6.7) the pool runs without limits and says so.
+    /// [`QuotaMode::Full`] works everywhere but accounts every snapshot (a fork took
+    /// seconds here); [`QuotaMode::Off`] turns quotas off.
+    pub fn open(root: &Path, size_gb: u64, disk_limits: QuotaMode) -> Result<Pool, PoolError> {
         std::fs::create_dir_all(root).map_err(|e| PoolError::Dir(root.into(), e))?;
         if !forkbox_sys::btrfs::is_btrfs(root)? {
             let img = root.with_extension("img");
@@ -77,23 +80,16 @@ impl Pool {
             std::fs::create_dir_all(&p).map_err(|e| PoolError::Dir(p, e))?;
         }
         // Quota groups give each sandbox's subvolume a disk limit.
-        if !disk_limits {
-            if let Err(e) = forkbox_sys::btrfs::disable_quota(root) {
-                tracing::warn!(pool = %root.display(), error = %e, "could not turn btrfs quotas off");
-            }
-        }
-        let quota = match disk_limits.then(|| {
-            forkbox_sys::btrfs::enable_quota(root)
-                .and_then(|()| forkbox_sys::btrfs::ensure_quota_consistent(root))
-        }) {
-            None => false,
-            Some(r) => match r {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(pool = %root.display(), error = %e, "btrfs quotas unavailable: sandboxes get no disk limit");
-                    false
+        let quota = match forkbox_sys::btrfs::set_quota_mode(root, disk_limits) {
+            Ok(()) => disk_limits != QuotaMode::Off,
+            Err(e) => {
+                tracing::warn!(pool = %root.display(), mode = ?disk_limits, error = %e,
+                    "btrfs quotas unavailable: sandboxes get no disk limit");
+                if let Err(e) = forkbox_sys::btrfs::set_quota_mode(root, QuotaMode::Off) {
+                    tracing::warn!(pool = %root.display(), error = %e, "could not turn btrfs quotas off");
                 }
-            },
+                false
+            }
         };
         Ok(Pool {
             root: root.into(),
@@ -113,6 +109,11 @@ impl Pool {
             }
         }
         Ok(())
+    }
+
+    /// Whether sandboxes get disk limits.
+    pub fn disk_limits(&self) -> bool {
+        self.quota
     }
 
     pub fn root(&self) -> &Path {
@@ -143,5 +144,81 @@ impl Pool {
 
     pub fn lock_file(&self) -> PathBuf {
         self.root.join("templates").join(".lock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Writes `mib` MiB into `path`, returning how many got written before an error.
+    fn write_mib(path: &Path, mib: usize) -> (usize, Option<std::io::Error>) {
+        let mut f = match std::fs::File::create(path) {
+            Ok(f) => f,
+            Err(e) => return (0, Some(e)),
+        };
+        let block = vec![7u8; 1 << 20];
+        for i in 0..mib {
+            if let Err(e) = f.write_all(&block).and_then(|()| f.sync_data()) {
+                return (i, Some(e));
+            }
+        }
+        (mib, None)
+    }
+
+    /// A pool on its own loop image (root only: mounts): simple quotas limit what a
+    /// snapshot writes, not what it shares with its source; switching modes works.
+    #[test]
+    fn simple_quotas_limit_a_snapshot_own_writes() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("forkbox-pool-test-{}", std::process::id()));
+        let root = dir.join("pool");
+        std::fs::create_dir_all(&root).unwrap();
+        let pool = Pool::open(&root, 2, QuotaMode::Full).unwrap();
+        let result = std::panic::catch_unwind(|| {
+            assert!(pool.disk_limits());
+            assert_eq!(
+                forkbox_sys::btrfs::quota_mode(&root).unwrap(),
+                QuotaMode::Full
+            );
+            let pool = Pool::open(&root, 2, QuotaMode::Simple).unwrap();
+            if forkbox_sys::btrfs::quota_mode(&root).unwrap() != QuotaMode::Simple {
+                eprintln!("skipped: this kernel has no simple quotas");
+                return;
+            }
+            assert!(pool.disk_limits());
+            let base = root.join("templates/base");
+            forkbox_sys::btrfs::create_subvolume(&base).unwrap();
+            assert_eq!(write_mib(&base.join("big"), 64).0, 64);
+            let child = pool.sandbox("child");
+            forkbox_sys::btrfs::snapshot(&base, &child, false).unwrap();
+            pool.limit(&child, 32 << 20).unwrap();
+            // The 64 MiB shared with the template do not count; 16 MiB of its own fit.
+            assert_eq!(write_mib(&child.join("own"), 16).0, 16);
+            let (n, err) = write_mib(&child.join("more"), 64);
+            assert!(n < 32, "wrote {n} MiB past a 32 MiB limit");
+            let err = err.expect("a write past the limit fails");
+            assert_eq!(err.raw_os_error(), Some(libc::EDQUOT), "{err}");
+            // Deleting frees the charge: the same write fits again.
+            std::fs::remove_file(child.join("more")).unwrap();
+            std::fs::remove_file(child.join("own")).unwrap();
+            nix::unistd::sync();
+            assert_eq!(write_mib(&child.join("again"), 8).0, 8);
+            let off = Pool::open(&root, 2, QuotaMode::Off).unwrap();
+            assert!(!off.disk_limits());
+            assert_eq!(
+                forkbox_sys::btrfs::quota_mode(&root).unwrap(),
+                QuotaMode::Off
+            );
+        });
+        let _ = Command::new("umount").arg(&root).status();
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
     }
 }

@@ -56,6 +56,9 @@ struct QgroupLimitArgs {
 
 const BTRFS_QUOTA_CTL_ENABLE: u64 = 1;
 const BTRFS_QUOTA_CTL_DISABLE: u64 = 2;
+/// Simple quotas (Linux 6.7+): each extent is charged to the subvolume that wrote it,
+/// so snapshots and deletions cost no back-reference walks.
+const BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA: u64 = 4;
 const BTRFS_QGROUP_LIMIT_MAX_EXCL: u64 = 1 << 1;
 
 nix::ioctl_readwrite!(ioc_quota_ctl, BTRFS_IOCTL_MAGIC, 40, QuotaCtlArgs);
@@ -172,31 +175,80 @@ pub fn delete_subvolume(path: &Path) -> Result<(), BtrfsError> {
     Ok(())
 }
 
-/// Turns on quota groups for the filesystem holding `path` (a no-op when on), so that
-/// subvolumes can be given size limits.
-pub fn enable_quota(path: &Path) -> Result<(), BtrfsError> {
-    let f = File::open(path).map_err(|e| BtrfsError::Open(path.into(), e))?;
-    let mut args = QuotaCtlArgs {
-        cmd: BTRFS_QUOTA_CTL_ENABLE,
-        status: 0,
-    };
-    // SAFETY: `args` is a valid btrfs_ioctl_quota_ctl_args for the whole call.
-    unsafe { ioc_quota_ctl(f.as_raw_fd(), &mut args) }
-        .map_err(|e| BtrfsError::Quota(path.into(), e))?;
-    Ok(())
+/// How the filesystem accounts space to subvolumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaMode {
+    /// No quota groups: no limits.
+    Off,
+    /// Full quota groups: shared extents are tracked through back references, which
+    /// makes every snapshot and deletion walk them (seconds for a fork on a busy pool).
+    Full,
+    /// Simple quotas (Linux 6.7+): an extent is charged to the subvolume that wrote it
+    /// and stays there; snapshots cost nothing extra. A snapshot is only charged for
+    /// what it writes itself, which is what a per-sandbox disk limit needs.
+    Simple,
 }
 
-/// Turns quota groups off for the filesystem holding `path` (a no-op when off).
-pub fn disable_quota(path: &Path) -> Result<(), BtrfsError> {
+fn quota_ctl(path: &Path, cmd: u64) -> Result<(), BtrfsError> {
     let f = File::open(path).map_err(|e| BtrfsError::Open(path.into(), e))?;
-    let mut args = QuotaCtlArgs {
-        cmd: BTRFS_QUOTA_CTL_DISABLE,
-        status: 0,
-    };
+    let mut args = QuotaCtlArgs { cmd, status: 0 };
     // SAFETY: `args` is a valid btrfs_ioctl_quota_ctl_args for the whole call.
     match unsafe { ioc_quota_ctl(f.as_raw_fd(), &mut args) } {
-        Ok(_) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
+        Ok(_) => Ok(()),
+        // Disabling quotas that are off.
+        Err(nix::errno::Errno::ENOTCONN) if cmd == BTRFS_QUOTA_CTL_DISABLE => Ok(()),
         Err(e) => Err(BtrfsError::Quota(path.into(), e)),
+    }
+}
+
+/// The `/sys/fs/btrfs/<uuid>` directory of the filesystem holding `path`.
+fn sysfs_dir(path: &Path) -> Result<PathBuf, BtrfsError> {
+    let f = File::open(path).map_err(|e| BtrfsError::Open(path.into(), e))?;
+    let mut info = [0u8; 1024];
+    // SAFETY: the kernel writes a btrfs_ioctl_fs_info_args (1024 bytes) into `info`.
+    unsafe { ioc_fs_info(f.as_raw_fd(), &mut info) }
+        .map_err(|e| BtrfsError::Quota(path.into(), e))?;
+    let hex: String = info[16..32].iter().map(|b| format!("{b:02x}")).collect();
+    Ok(PathBuf::from(format!(
+        "/sys/fs/btrfs/{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )))
+}
+
+/// The quota mode the filesystem holding `path` is in now.
+pub fn quota_mode(path: &Path) -> Result<QuotaMode, BtrfsError> {
+    let dir = sysfs_dir(path)?.join("qgroups");
+    Ok(match std::fs::read_to_string(dir.join("mode")) {
+        Ok(m) if m.trim() == "squota" => QuotaMode::Simple,
+        Ok(_) => QuotaMode::Full,
+        // Kernels before 6.7 have no `mode` file: the directory exists iff quotas are on.
+        Err(_) if dir.is_dir() => QuotaMode::Full,
+        Err(_) => QuotaMode::Off,
+    })
+}
+
+/// Puts the filesystem holding `path` in quota mode `mode` (turning quotas off first
+/// when it is in the other mode; a no-op when it is already in `mode`). Fails with
+/// EINVAL for [`QuotaMode::Simple`] on kernels before 6.7.
+pub fn set_quota_mode(path: &Path, mode: QuotaMode) -> Result<(), BtrfsError> {
+    let now = quota_mode(path)?;
+    if now == mode {
+        return Ok(());
+    }
+    if now != QuotaMode::Off {
+        quota_ctl(path, BTRFS_QUOTA_CTL_DISABLE)?;
+    }
+    match mode {
+        QuotaMode::Off => Ok(()),
+        QuotaMode::Full => {
+            quota_ctl(path, BTRFS_QUOTA_CTL_ENABLE)?;
+            ensure_quota_consistent(path)
+        }
+        QuotaMode::Simple => quota_ctl(path, BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA),
     }
 }
 
@@ -205,25 +257,12 @@ pub fn disable_quota(path: &Path) -> Result<(), BtrfsError> {
 /// are not enforced until a rescan ends, so this starts one and waits for it (seconds
 /// on a pool with many subvolumes, once).
 pub fn ensure_quota_consistent(path: &Path) -> Result<(), BtrfsError> {
-    let f = File::open(path).map_err(|e| BtrfsError::Open(path.into(), e))?;
-    let mut info = [0u8; 1024];
-    // SAFETY: the kernel writes a btrfs_ioctl_fs_info_args (1024 bytes) into `info`.
-    unsafe { ioc_fs_info(f.as_raw_fd(), &mut info) }
-        .map_err(|e| BtrfsError::Quota(path.into(), e))?;
-    let hex: String = info[16..32].iter().map(|b| format!("{b:02x}")).collect();
-    let uuid = format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    );
-    let flag = std::fs::read_to_string(format!("/sys/fs/btrfs/{uuid}/qgroups/inconsistent"))
+    let flag = std::fs::read_to_string(sysfs_dir(path)?.join("qgroups/inconsistent"))
         .unwrap_or_else(|_| "1".into());
     if flag.trim() == "0" {
         return Ok(());
     }
+    let f = File::open(path).map_err(|e| BtrfsError::Open(path.into(), e))?;
     let args = QuotaRescanArgs {
         flags: 0,
         progress: 0,
