@@ -4,6 +4,7 @@
 #                template, start the server on 127.0.0.1:7070
 #   make test    the same preparation, then lint and the whole test suite
 #   make bench   build release binaries and write docs/performance.md
+#   make test-vm the vm runtime's end-to-end tests (QEMU, TCG here; see docs/vm.md)
 #   make fuzz    run every fuzz target for FUZZ_SECONDS (default 300) each; `make test`
 #                runs them for FUZZ_SMOKE_SECONDS (default 6) each (`make fuzz-smoke`)
 
@@ -17,12 +18,13 @@ TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: soak all deps agent probe build build-release serve test lint unit e2e bench bench-deps sdk-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench bench-deps sdk-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+# Installs the Debian packages in $(1) that are missing (as root).
+define apt_install
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -31,6 +33,10 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(APT_PACKAGES))
 
 # The agent is PID 1 inside every sandbox: a static executable (glibc, crt-static).
 agent:
@@ -137,6 +143,22 @@ SOAK_MINUTES ?= 30
 soak: deps agent build-release sdk-deps
 	./target/release/forkbox template prepare --data-dir $(dir $(TEST_POOL)) --pool $(TEST_POOL)
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/release/forkbox SOAK_MINUTES=$(SOAK_MINUTES) $(SDK_VENV)/bin/python tests/soak/soak.py
+
+# The vm runtime (crates/vm, docs/vm.md): QEMU, and guest assets made from Debian packages
+# (kernel, busybox) and the python template, cached in VM_ASSETS (reruns take seconds).
+# Not part of `make test` yet; `make test-vm` runs its end-to-end tests under TCG.
+VM_APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static e2fsprogs lz4 zstd xz-utils
+VM_ASSETS ?= $(dir $(TEST_POOL))vm
+VM_POOL ?= $(TEST_POOL)
+vm-deps: deps
+	$(call apt_install,$(VM_APT_PACKAGES))
+
+vm-assets: vm-deps build
+	./target/debug/forkbox template prepare --data-dir $(dir $(VM_POOL)) --pool $(VM_POOL)
+	scripts/vm-assets.sh $(VM_ASSETS) $(VM_POOL) python
+
+test-vm: agent vm-assets
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_TEST_VM_ASSETS=$(VM_ASSETS) $(CARGO) test -p forkbox --test vm --test spine --test commands -- --ignored --test-threads=2 vm
 
 fmt:
 	$(CARGO) fmt --all

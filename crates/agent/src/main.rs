@@ -5,7 +5,9 @@
 //!   creates the sandbox's namespaces and its first process (which becomes the agent,
 //!   PID 1 inside), prints a [`JailInitReply`] and exits.
 //! - `forkbox-agent serve --listen-fd N` — serve the agent protocol on an inherited
-//!   listening socket (the vm runtime's guest init uses this).
+//!   listening socket.
+//! - `forkbox-agent vm-init` — PID 1 of a vm sandbox's guest: serve the agent protocol
+//!   on a virtio-serial port (`vm_init.rs`).
 //!
 //! [`JailInit`]: forkbox_types::agent::JailInit
 //! [`JailInitReply`]: forkbox_types::agent::JailInitReply
@@ -18,6 +20,8 @@ mod lines;
 mod pty;
 mod reaper;
 mod server;
+mod vm_init;
+mod vport;
 mod watch;
 mod zygote;
 
@@ -45,12 +49,15 @@ fn main() -> ExitCode {
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             server::run(fd, Default::default(), None)
         }
+        Some("vm-init") => vm_init::run(),
         Some("--version") => {
             println!("forkbox-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("usage: forkbox-agent jail-init | serve [--listen-fd N] | --version");
+            eprintln!(
+                "usage: forkbox-agent jail-init | serve [--listen-fd N] | vm-init | --version"
+            );
             ExitCode::from(2)
         }
     }

@@ -42,14 +42,28 @@ pub struct Adopt {
 type AdoptState = tokio::sync::watch::Receiver<Option<Option<i32>>>;
 
 #[derive(Clone)]
-struct Shared {
+pub(crate) struct Shared {
     ctx: Context,
     adopt: Option<(AdoptState, Arc<tokio::sync::Notify>)>,
+}
+
+/// Where the agent serves the protocol.
+pub enum Endpoint {
+    /// An inherited listening Unix socket (jail): one connection per accept.
+    Unix(OwnedFd),
+    /// A virtio-serial port device (vm): one connection at a time over the port, a new
+    /// one whenever the host reconnects.
+    Port(std::path::PathBuf),
 }
 
 /// Runs the agent until the process is killed. Must be called single-threaded: it
 /// forks the zygote before starting the async runtime.
 pub fn run(listener: OwnedFd, env: BTreeMap<String, String>, adopt: Option<Adopt>) -> ExitCode {
+    run_on(Endpoint::Unix(listener), env, adopt)
+}
+
+/// [`run`] on any endpoint.
+pub fn run_on(endpoint: Endpoint, env: BTreeMap<String, String>, adopt: Option<Adopt>) -> ExitCode {
     let zygote = match forkbox_sys::seccomp::compile()
         .map_err(|e| e.to_string())
         .and_then(|f| crate::zygote::fork_zygote(&f).map_err(|e| e.to_string()))
@@ -70,7 +84,7 @@ pub fn run(listener: OwnedFd, env: BTreeMap<String, String>, adopt: Option<Adopt
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(listener, zygote, env, adopt)) {
+    match rt.block_on(serve(endpoint, zygote, env, adopt)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("forkbox-agent: {e}");
@@ -80,7 +94,7 @@ pub fn run(listener: OwnedFd, env: BTreeMap<String, String>, adopt: Option<Adopt
 }
 
 async fn serve(
-    listener: OwnedFd,
+    endpoint: Endpoint,
     zygote: OwnedFd,
     env: BTreeMap<String, String>,
     adopt: Option<Adopt>,
@@ -103,6 +117,10 @@ async fn serve(
         env!("CARGO_PKG_VERSION"),
         std::process::id()
     );
+    let listener = match endpoint {
+        Endpoint::Unix(fd) => fd,
+        Endpoint::Port(path) => return crate::vport::serve(&path, shared).await,
+    };
     let std_listener = std::os::unix::net::UnixListener::from(listener);
     std_listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(std_listener)?;
@@ -115,19 +133,24 @@ async fn serve(
                 continue;
             }
         };
+        tokio::spawn(serve_connection(shared.clone(), stream));
+    }
+}
+
+/// Serves the protocol on one connection until it ends.
+pub(crate) async fn serve_connection<S>(shared: Shared, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(shared, req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                eprintln!("forkbox-agent: connection: {e}");
-            }
-        });
+        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+    });
+    if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), svc)
+        .await
+    {
+        eprintln!("forkbox-agent: connection: {e}");
     }
 }
 

@@ -46,6 +46,9 @@ pub struct CreateBody {
     /// `none` (default; loopback only, or the proxy when `egress_allowlist` is given).
     /// `full` (NAT to anywhere) is not offered by this server.
     network: Option<String>,
+    /// `jail` (namespaces) or `vm` (a QEMU microvm guest, when the server runs with
+    /// it); absent: the server's default (`serve --default-runtime`).
+    runtime: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, utoipa::ToSchema, Clone)]
@@ -173,6 +176,7 @@ pub async fn create(
                     mount: v.mount,
                 })
                 .collect(),
+            runtime: b.runtime,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(s.into())))
@@ -199,10 +203,17 @@ pub async fn wake(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<WakeView>, ApiError> {
+    let sandbox = st.manager.wake(&id).await?;
+    // The vm runtime saves the whole guest; the jail cannot save live memory.
+    let vm = sandbox.runtime == "vm";
     Ok(Json(WakeView {
-        sandbox: st.manager.wake(&id).await?.into(),
-        memory_restored: false,
-        note: "the jail runtime keeps the filesystem across hibernation but not live memory: REPL state and running processes start fresh",
+        sandbox: sandbox.into(),
+        memory_restored: vm,
+        note: if vm {
+            "the vm runtime restored the whole guest: memory, REPL state and running processes carry on"
+        } else {
+            "the jail runtime keeps the filesystem across hibernation but not live memory: REPL state and running processes start fresh"
+        },
     }))
 }
 

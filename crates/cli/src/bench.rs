@@ -260,6 +260,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         auth: false,
         insecure_no_auth: false,
         admin_key: None,
+        runtimes: vec!["jail".into()],
+        default_runtime: "jail".into(),
+        vm_assets: None,
+        vm_accel: "auto".into(),
         // Cold creates first; the pool row turns it on.
         warm_pool: 0,
     };

@@ -43,6 +43,26 @@ pub struct ServeArgs {
     /// with `fbk_`.
     #[arg(long, env = "FORKBOX_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+    /// Runtimes sandboxes may be created with, comma-separated: `jail` (always on; it
+    /// also keeps templates, volumes and snapshots) and `vm` (QEMU microvm guests; needs
+    /// qemu-system-x86 and `make vm-assets`).
+    #[arg(
+        long,
+        env = "FORKBOX_RUNTIMES",
+        value_delimiter = ',',
+        default_value = "jail"
+    )]
+    pub runtimes: Vec<String>,
+    /// Runtime of sandboxes whose create request names none.
+    #[arg(long, env = "FORKBOX_DEFAULT_RUNTIME", default_value = "jail")]
+    pub default_runtime: String,
+    /// vm runtime: the guest assets made by `make vm-assets`. Default: <data-dir>/vm.
+    #[arg(long, env = "FORKBOX_VM_ASSETS")]
+    pub vm_assets: Option<std::path::PathBuf>,
+    /// vm runtime: `kvm`, `tcg`, or `auto` (KVM when a trial guest boots on it within a
+    /// few seconds, else TCG).
+    #[arg(long, env = "FORKBOX_VM_ACCEL", default_value = "auto")]
+    pub vm_accel: String,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,9 +97,42 @@ fn auth_required(args: &ServeArgs) -> anyhow::Result<bool> {
     Ok(false)
 }
 
+/// The runtimes besides the jail that `args` turns on.
+fn other_runtimes(args: &ServeArgs) -> anyhow::Result<Vec<Arc<dyn Runtime>>> {
+    let mut out: Vec<Arc<dyn Runtime>> = Vec::new();
+    for name in &args.runtimes {
+        match name.trim() {
+            "jail" => {}
+            "vm" => {
+                let data = args.host.data_dir();
+                let mut cfg = forkbox_vm::VmConfig::new(&data, args.host.jail_config()?.agent_bin);
+                if let Some(a) = &args.vm_assets {
+                    cfg.assets_dir = a.clone();
+                }
+                cfg.accel = match args.vm_accel.as_str() {
+                    "auto" => None,
+                    "kvm" => Some(forkbox_vm::accel::Accel::Kvm),
+                    "tcg" => Some(forkbox_vm::accel::Accel::Tcg),
+                    other => anyhow::bail!("--vm-accel must be auto, kvm or tcg, not {other:?}"),
+                };
+                out.push(Arc::new(forkbox_vm::VmRuntime::new(cfg)?));
+            }
+            other => anyhow::bail!("unknown runtime {other:?} (jail, vm)"),
+        }
+    }
+    let known = |n: &str| n == "jail" || out.iter().any(|r| r.name() == n);
+    anyhow::ensure!(
+        known(&args.default_runtime),
+        "--default-runtime {} is not among --runtimes",
+        args.default_runtime
+    );
+    Ok(out)
+}
+
 /// Everything `serve` does before it accepts connections.
 pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
     let auth_required = auth_required(args)?;
+    let others = other_runtimes(args)?;
     let runtime = args.host.jail_runtime()?;
     runtime
         .ensure_template(&args.default_template, &config::print_progress)
@@ -89,12 +142,14 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
     let store = Store::open(&data.join("forkbox.db")).await?;
     let jail = Arc::new(runtime);
     let runtime: Arc<dyn Runtime> = jail.clone();
-    let manager = Manager::new(
+    let manager = Manager::with_runtimes(
         store,
         runtime,
+        others,
         ManagerConfig {
             default_template: args.default_template.clone(),
             languages: Arc::new(args.host.languages()?),
+            default_runtime: Some(args.default_runtime.clone()),
             ..ManagerConfig::default()
         },
     );

@@ -39,6 +39,9 @@ pub struct ManagerConfig {
     pub pids_max: u64,
     /// Languages of the one-shot runner.
     pub languages: Arc<crate::languages::Languages>,
+    /// Runtime of sandboxes whose create request names none (`None`: the primary one,
+    /// the first given to [`Manager::with_runtimes`]).
+    pub default_runtime: Option<String>,
 }
 
 impl Default for ManagerConfig {
@@ -56,6 +59,7 @@ impl Default for ManagerConfig {
             max_disk_mb: 1024 * 1024,
             pids_max: 512,
             languages: Arc::new(crate::languages::Languages::builtin().unwrap_or_default()),
+            default_runtime: None,
         }
     }
 }
@@ -90,7 +94,10 @@ impl Live {
 
 pub struct Manager {
     store: Store,
+    /// The primary runtime: templates, volumes, snapshots and garbage collection.
     runtime: Arc<dyn Runtime>,
+    /// Every runtime sandboxes may be created with, the primary one first.
+    runtimes: Vec<Arc<dyn Runtime>>,
     config: ManagerConfig,
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// Hibernated sandboxes being woken right now.
@@ -149,9 +156,23 @@ pub(crate) fn valid_template_name(s: &str) -> bool {
 
 impl Manager {
     pub fn new(store: Store, runtime: Arc<dyn Runtime>, config: ManagerConfig) -> Arc<Manager> {
+        Self::with_runtimes(store, runtime, Vec::new(), config)
+    }
+
+    /// A manager choosing per sandbox among `primary` and `others` (by
+    /// [`Runtime::name`]); `primary` also keeps templates, volumes and snapshots.
+    pub fn with_runtimes(
+        store: Store,
+        primary: Arc<dyn Runtime>,
+        others: Vec<Arc<dyn Runtime>>,
+        config: ManagerConfig,
+    ) -> Arc<Manager> {
+        let mut runtimes = vec![primary.clone()];
+        runtimes.extend(others);
         Arc::new(Manager {
             store,
-            runtime,
+            runtime: primary,
+            runtimes,
             config,
             live: Mutex::new(HashMap::new()),
             waking: Mutex::new(Default::default()),
@@ -197,6 +218,38 @@ impl Manager {
 
     pub fn runtime_name(&self) -> &'static str {
         self.runtime.name()
+    }
+
+    /// Names of the runtimes sandboxes may be created with.
+    pub fn runtime_names(&self) -> Vec<&'static str> {
+        self.runtimes.iter().map(|r| r.name()).collect()
+    }
+
+    /// The runtime a create request asks for (`None`: the server's default).
+    fn pick_runtime(&self, name: Option<&str>) -> Result<Arc<dyn Runtime>, CoreError> {
+        let name = name.or(self.config.default_runtime.as_deref());
+        let Some(name) = name else {
+            return Ok(self.runtime.clone());
+        };
+        self.runtimes
+            .iter()
+            .find(|r| r.name() == name)
+            .cloned()
+            .ok_or_else(|| {
+                CoreError::Invalid(format!(
+                    "unknown runtime {name:?}; this server has: {}",
+                    self.runtime_names().join(", ")
+                ))
+            })
+    }
+
+    /// The runtime that made sandbox `rec` (the primary one if it is not loaded).
+    fn runtime_of(&self, rec: &Sandbox) -> Arc<dyn Runtime> {
+        self.runtimes
+            .iter()
+            .find(|r| r.name() == rec.runtime)
+            .cloned()
+            .unwrap_or_else(|| self.runtime.clone())
     }
 
     fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Live>>> {
@@ -435,14 +488,15 @@ impl Manager {
                 spec.env.entry(k).or_insert(v);
             }
         }
+        let runtime = self.pick_runtime(req.runtime.as_deref())?;
         let _admitted = self.admit(&workspace, 1, memory_mb).await?;
-        let instance = self.runtime.create(&spec).await?;
+        let instance = runtime.create(&spec).await?;
         let from_snapshot = spec.snapshot.clone();
         let created_at = OffsetDateTime::now_utc();
         let record = Sandbox {
             id: id.clone(),
             status: Status::Running,
-            runtime: self.runtime.name().to_owned(),
+            runtime: runtime.name().to_owned(),
             template: spec.template.clone(),
             cpu,
             memory_mb,
@@ -1130,7 +1184,7 @@ impl Manager {
         // A hibernated sandbox already counts as one; waking it adds only its memory.
         let _admitted = self.admit_memory(&rec.workspace, rec.memory_mb).await?;
         let spec = self.spec_of(&rec);
-        let instance = self.runtime.wake(&spec).await?;
+        let instance = self.runtime_of(&rec).wake(&spec).await?;
         let expires_at = OffsetDateTime::now_utc() + time::Duration::seconds(rec.timeout as i64);
         if let Err(e) = self
             .store
@@ -1253,7 +1307,7 @@ impl Manager {
                 return Err(CoreError::Conflict(format!("{id} is waking; retry")));
             }
             if s.status == Status::Hibernated {
-                self.runtime.cleanup(&s.resource_id).await?;
+                self.runtime_of(&s).cleanup(&s.resource_id).await?;
                 return self.record_end(id, status, reason).await;
             }
             if matches!(s.status, Status::Running | Status::Paused) {
@@ -1545,7 +1599,7 @@ impl Manager {
             let spec = self.spec_of(&s);
             let outcome = match s.host_pid {
                 Some(pid) => {
-                    self.runtime
+                    self.runtime_of(&s)
                         .adopt(&spec, pid, s.status == Status::Paused)
                         .await
                 }
@@ -1573,7 +1627,7 @@ impl Manager {
                     let reason =
                         format!("lost: its processes did not survive the server restart ({e})");
                     tracing::warn!(sandbox = %s.id, %reason, "marking a sandbox lost");
-                    if let Err(e) = self.runtime.cleanup(&s.resource_id).await {
+                    if let Err(e) = self.runtime_of(&s).cleanup(&s.resource_id).await {
                         tracing::error!(sandbox = %s.id, error = %e, "cleaning up after an earlier server");
                     }
                     self.store

@@ -195,6 +195,8 @@ pub struct CreateRequest {
     pub egress: Option<Vec<String>>,
     /// Volumes to mount (of the same workspace).
     pub volumes: Vec<VolumeMount>,
+    /// Runtime to create it with (`jail`, `vm`); `None`: the server's default.
+    pub runtime: Option<String>,
 }
 
 /// What an exec call runs.

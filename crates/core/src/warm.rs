@@ -35,7 +35,8 @@ impl Manager {
     }
 
     /// Whether a pool sandbox is what `req` asks for: everything left to the server's
-    /// defaults except template, timeout, metadata and the timeout action.
+    /// defaults (the runtime too) except template, timeout, metadata and the timeout
+    /// action.
     fn poolable(&self, req: &CreateRequest) -> Option<String> {
         let c = self.config();
         let fits = req.snapshot.is_none()
@@ -45,7 +46,11 @@ impl Manager {
             && req.cpu.is_none_or(|v| v == c.default_cpu)
             && req.memory_mb.is_none_or(|v| v == c.default_memory_mb)
             && req.disk_mb.is_none_or(|v| v == c.default_disk_mb)
-            && !req.workspace.starts_with('@');
+            && !req.workspace.starts_with('@')
+            // Pool sandboxes are made in the default runtime.
+            && req.runtime.as_deref().is_none_or(|r| {
+                r == c.default_runtime.as_deref().unwrap_or(self.runtime_name())
+            });
         fits.then(|| {
             req.template
                 .clone()

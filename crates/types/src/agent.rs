@@ -157,6 +157,19 @@ pub struct JailInit {
     pub tmp_size: Option<u64>,
 }
 
+/// What the vm runtime's guest agent starts with: the host writes it into the guest's
+/// initramfs (`/forkbox/init.json`), the guest init copies it beside the agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmInit {
+    /// Sandbox id; also the guest's hostname.
+    pub id: String,
+    /// Environment every command in the sandbox starts with.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Name of the virtio-serial port the agent serves the protocol on.
+    pub port: String,
+}
+
 /// A host directory mounted at `target` (absolute, inside the sandbox).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BindMount {

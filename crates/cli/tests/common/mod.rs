@@ -23,6 +23,21 @@ fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// Server environment turning on the vm runtime with the test assets
+/// (`FORKBOX_TEST_VM_ASSETS`, default /var/lib/forkbox-test/vm, made by `make vm-assets`).
+pub fn vm_env() -> Vec<(&'static str, String)> {
+    let assets = std::env::var("FORKBOX_TEST_VM_ASSETS")
+        .unwrap_or_else(|_| "/var/lib/forkbox-test/vm".to_owned());
+    assert!(
+        std::path::Path::new(&assets).join("vmlinux").exists(),
+        "vm assets missing in {assets}: run `make vm-assets`"
+    );
+    vec![
+        ("FORKBOX_RUNTIMES", "jail,vm".to_owned()),
+        ("FORKBOX_VM_ASSETS", assets),
+    ]
+}
+
 pub fn pool() -> PathBuf {
     std::env::var_os("FORKBOX_TEST_POOL")
         .map(PathBuf::from)
@@ -151,6 +166,18 @@ impl Server {
             .map(PathBuf::from)
             .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
         let (child, base) = spawn_server(self.data.path(), &self.pool, &agent);
+        self.child = child;
+        self.base = base;
+    }
+
+    /// [`Server::kill_and_restart`] with extra environment for the new server.
+    pub fn kill_and_restart_with(&mut self, env: &[(&str, String)]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let agent = std::env::var_os("FORKBOX_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
+        let (child, base) = spawn_server_logging(self.data.path(), &self.pool, &agent, None, env);
         self.child = child;
         self.base = base;
     }

@@ -1,0 +1,323 @@
+//! End-to-end: the vm runtime (QEMU microvm guests; TCG on these machines) over real
+//! HTTP against a real server. Needs qemu-system-x86 and the guest assets (`make
+//! vm-assets`), so these are ignored by `make test`; `make test-vm` runs them (the
+//! spine itself runs parameterised by runtime in `spine.rs`).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{collect, get, post, py, Server};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+async fn create_vm(s: &Server) -> (String, f64) {
+    let v = s.create(json!({"runtime": "vm"})).await;
+    assert_eq!(v["runtime"], "vm", "{v}");
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["boot_ms"].as_f64().unwrap(),
+    )
+}
+
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_files_repl_pause_resume_and_delete() {
+    let (s, log) = Server::start_logged_with(&common::vm_env());
+    let (id, boot_ms) = create_vm(&s).await;
+
+    // A real guest: its own kernel, the agent is its PID 1.
+    let (out, _, code) = s.sh(&id, "uname -r; cat /proc/1/comm; id -u").await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].contains("cloud-amd64"), "{out}");
+    assert_eq!(&lines[1..], ["forkbox-agent", "0"], "{out}");
+
+    // exec echo round trips (the first warms the guest's page cache).
+    let mut rtts = Vec::new();
+    for _ in 0..11 {
+        let t = Instant::now();
+        let (out, _, code) = s.sh(&id, "echo hi").await;
+        rtts.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!((out.as_str(), code), ("hi\n", 0));
+    }
+    let mut warm = rtts[1..].to_vec();
+    warm.sort_by(|a, b| a.total_cmp(b));
+    eprintln!(
+        "vm figures: boot_ms={boot_ms:.0} exec_echo_p50_ms={:.1} first_ms={:.1}",
+        warm[warm.len() / 2],
+        rtts[0]
+    );
+
+    // Files, through the agent in the guest.
+    let r = s
+        .http
+        .put(s.url(&format!("/v1/sandboxes/{id}/files?path=data/in.txt")))
+        .body("hello vm\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let (out, _, _) = s.sh(&id, "cat /root/data/in.txt").await;
+    assert_eq!(out, "hello vm\n");
+    s.sh(&id, "printf 'from the guest' > /tmp/out.txt").await;
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files?path=/tmp/out.txt")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "from the guest");
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files?path=/nope")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // The REPL keeps its state between calls.
+    assert_eq!(py(&s, &id, "x = 41").await.2, 0);
+    assert_eq!(py(&s, &id, "x + 1").await.0, "42\n");
+
+    // Pause stops the vCPUs (QMP stop): a command started before keeps no time going.
+    let (st, v) = post(&s, &format!("/v1/sandboxes/{id}/pause"), json!({})).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("paused")), "{v}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (st, v) = post(&s, &format!("/v1/sandboxes/{id}/resume"), json!({})).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("running")), "{v}");
+    assert_eq!(py(&s, &id, "x").await.0, "41\n");
+
+    // Delete: QEMU gone, its run dir and RAM file removed.
+    let pid: i32 = std::fs::read_to_string(s.data.path().join(format!("vm-run/{id}/qemu.pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(s.delete(&id).await, 204);
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!s.data.path().join(format!("vm-run/{id}")).exists());
+    assert!(!std::path::Path::new(&format!("/dev/shm/forkbox-vm-{id}.ram")).exists());
+    let (st, _) = get(&s, &format!("/v1/sandboxes/{id}")).await;
+    assert_eq!(st, 410);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("vm booted"), "{text}");
+}
+
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_and_jail_side_by_side_and_unknown_runtime() {
+    let (s, _log) = Server::start_logged_with(&common::vm_env());
+    let (vm, _) = create_vm(&s).await;
+    let jail = s.create(json!({})).await;
+    assert_eq!(jail["runtime"], "jail");
+    let jail = jail["id"].as_str().unwrap().to_owned();
+    let (_, ev) = s.exec(&vm, json!({"cmd": "uname -r"})).await;
+    let (vm_kernel, _, _) = collect(&ev);
+    let (jail_kernel, _, _) = s.sh(&jail, "uname -r").await;
+    assert_ne!(vm_kernel, jail_kernel, "the guest runs its own kernel");
+    let (st, v) = post(&s, "/v1/sandboxes", json!({"runtime": "firecracker"})).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("jail, vm"), "{v}");
+    let (st, v) = post(
+        &s,
+        "/v1/sandboxes",
+        json!({"runtime": "vm", "egress_allowlist": ["pypi.org"]}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(s.delete(&vm).await, 204);
+    assert_eq!(s.delete(&jail).await, 204);
+}
+
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_hibernate_frees_ram_and_wake_restores_memory_and_processes() {
+    let (s, _log) = Server::start_logged_with(&common::vm_env());
+    let (id, _) = create_vm(&s).await;
+    assert_eq!(py(&s, &id, "kept = [41, 'state']").await.2, 0);
+    let (st, bg) = post(
+        &s,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"cmd": "python3 -m http.server 8000 --bind 127.0.0.1", "background": true}),
+    )
+    .await;
+    assert_eq!(st, 200, "{bg}");
+    // Wait until the server answers inside the guest.
+    let mut up = false;
+    for _ in 0..100 {
+        let (_, _, code) = s
+            .sh(
+                &id,
+                "python3 -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:8000/')\"",
+            )
+            .await;
+        if code == 0 {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(up, "http.server did not come up in the guest");
+    let pid_file = s.data.path().join(format!("vm-run/{id}/qemu.pid"));
+    let qemu: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let ram = format!("/dev/shm/forkbox-vm-{id}.ram");
+    assert!(std::path::Path::new(&ram).exists());
+
+    let t = Instant::now();
+    let (st, v) = post(&s, &format!("/v1/sandboxes/{id}/hibernate"), json!({})).await;
+    let hibernate_ms = t.elapsed().as_millis();
+    assert_eq!((st, v["status"].as_str()), (200, Some("hibernated")), "{v}");
+    // QEMU is gone and the guest's RAM with it; the saved state is on disk.
+    assert!(!std::path::Path::new(&format!("/proc/{qemu}")).exists());
+    assert!(!std::path::Path::new(&ram).exists());
+    let saved = s.data.path().join(format!("vm-run/{id}/hibernated.state"));
+    let saved_bytes = std::fs::metadata(&saved).unwrap().len();
+    let (st, _) = post(
+        &s,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"cmd": "true"}),
+    )
+    .await;
+    assert_eq!(st, 409);
+
+    let t = Instant::now();
+    let (st, v) = post(&s, &format!("/v1/sandboxes/{id}/wake"), json!({})).await;
+    let wake_ms = t.elapsed().as_millis();
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["status"], "running");
+    assert_eq!(v["memory_restored"], true, "{v}");
+    eprintln!(
+        "vm figures: hibernate_ms={hibernate_ms} saved_mib={} wake_ms={wake_ms}",
+        saved_bytes >> 20
+    );
+    // The REPL's memory and the background server carried on.
+    assert_eq!(py(&s, &id, "kept").await.0, "[41, 'state']\n");
+    let (out, err, code) = s
+        .sh(&id, "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/').status)\"")
+        .await;
+    assert_eq!((out.as_str(), code), ("200\n", 0), "{err}");
+    assert!(
+        !saved.exists(),
+        "the saved state is dropped once running again"
+    );
+    assert_eq!(s.delete(&id).await, 204);
+    assert!(!s.data.path().join(format!("vm-run/{id}")).exists());
+}
+
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_fork_carries_memory_and_processes_and_merge_works() {
+    let (s, log) = Server::start_logged_with(&common::vm_env());
+    let (id, _) = create_vm(&s).await;
+    assert_eq!(py(&s, &id, "x = 41").await.2, 0);
+    s.sh(&id, "echo parent > /root/who").await;
+    let (st, bg) = post(
+        &s,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"cmd": "python3 -m http.server 8000 --bind 127.0.0.1", "background": true}),
+    )
+    .await;
+    assert_eq!(st, 200, "{bg}");
+    let probe = "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/').status)\"";
+    let mut up = false;
+    for _ in 0..100 {
+        if s.sh(&id, probe).await.2 == 0 {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(up, "http.server did not come up in the guest");
+
+    let t = Instant::now();
+    let (st, f) = post(&s, &format!("/v1/sandboxes/{id}/fork"), json!({"n": 2})).await;
+    let fork_ms = t.elapsed().as_millis();
+    assert_eq!(
+        st,
+        200,
+        "{f}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let kids: Vec<String> = f["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kids.len(), 2);
+    eprintln!("vm figures: fork_n2_ms={fork_ms}");
+    for (i, k) in kids.iter().enumerate() {
+        let (_, v) = get(&s, &format!("/v1/sandboxes/{k}")).await;
+        assert_eq!(v["runtime"], "vm", "{v}");
+        // The background server was carried over and answers inside the child.
+        let (out, err, code) = s.sh(k, probe).await;
+        assert_eq!((out.as_str(), code), ("200\n", 0), "{k}: {err}");
+        // So were the REPL's memory and the files; then they diverge.
+        assert_eq!(py(&s, k, "x").await.0, "41\n");
+        assert_eq!(py(&s, k, &format!("x = {}", 100 + i)).await.2, 0);
+        assert_eq!(s.sh(k, "cat /root/who").await.0, "parent\n");
+        s.sh(k, &format!("echo child{i} > /root/who")).await;
+    }
+    // The parent runs on untouched.
+    assert_eq!(py(&s, &id, "x").await.0, "41\n");
+    assert_eq!(s.sh(&id, "cat /root/who").await.0, "parent\n");
+    assert_eq!(s.sh(&id, probe).await.0, "200\n");
+    assert_eq!(py(&s, &kids[0], "x").await.0, "100\n");
+    assert_eq!(py(&s, &kids[1], "x").await.0, "101\n");
+
+    // Merge the second child back: the parent's id now answers with its state.
+    let (st, m) = post(
+        &s,
+        &format!("/v1/sandboxes/{}/merge_into/{id}", kids[1]),
+        json!({}),
+    )
+    .await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(py(&s, &id, "x").await.0, "101\n");
+    assert_eq!(s.sh(&id, "cat /root/who").await.0, "child1\n");
+    assert_eq!(s.delete(&kids[0]).await, 204);
+    assert_eq!(s.delete(&id).await, 204);
+    // The frozen disk layer goes with its last user (the merge frees the parent's old
+    // VM in the background).
+    let layers = s.data.path().join("vm-run/layers");
+    let left = || {
+        std::fs::read_dir(&layers)
+            .map(|d| d.flatten().count())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while left() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left(), 0, "disk layers left in {}", layers.display());
+}
+
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_sandboxes_survive_a_server_restart() {
+    let env = common::vm_env();
+    let (mut s, _log) = Server::start_logged_with(&env);
+    let (id, _) = create_vm(&s).await;
+    let (paused, _) = create_vm(&s).await;
+    assert_eq!(py(&s, &id, "kept = 'across restarts'").await.2, 0);
+    assert_eq!(py(&s, &paused, "y = 7").await.2, 0);
+    let (st, _) = post(&s, &format!("/v1/sandboxes/{paused}/pause"), json!({})).await;
+    assert_eq!(st, 200);
+    s.kill_and_restart_with(&env);
+    let (_, v) = get(&s, &format!("/v1/sandboxes/{id}")).await;
+    assert_eq!(v["status"], "running", "{v}");
+    assert_eq!(py(&s, &id, "kept").await.0, "'across restarts'\n");
+    let (_, v) = get(&s, &format!("/v1/sandboxes/{paused}")).await;
+    assert_eq!(v["status"], "paused", "{v}");
+    let (st, _) = post(&s, &format!("/v1/sandboxes/{paused}/resume"), json!({})).await;
+    assert_eq!(st, 200);
+    assert_eq!(py(&s, &paused, "y").await.0, "7\n");
+    assert_eq!(s.delete(&id).await, 204);
+    assert_eq!(s.delete(&paused).await, 204);
+}
