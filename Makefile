@@ -4,7 +4,8 @@
 #                template, start the server on 127.0.0.1:7070
 #   make test    the same preparation, then lint and the whole test suite
 #   make bench   build release binaries and write docs/performance.md
-#   make test-vm the vm runtime's end-to-end tests (QEMU, TCG here; see docs/vm.md)
+#   make test-vm the vm runtime's end-to-end tests (QEMU, TCG here; see docs/vm.md;
+#                also the last step of `make test`)
 #   make fuzz    run every fuzz target for FUZZ_SECONDS (default 300) each; `make test`
 #                runs them for FUZZ_SMOKE_SECONDS (default 6) each (`make fuzz-smoke`)
 
@@ -126,6 +127,7 @@ test: deps agent probe build lint sdk-deps fuzz-smoke
 	FORKBOX_TEST_POOL=$(TEST_POOL) $(CARGO) test --workspace -- --test-threads=4
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(SDK_VENV)/bin/python -m pytest -q sdk/python/tests
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox SDK_VENV=$(SDK_VENV) $(SDK_VENV)/bin/python tests/fuzz/schemathesis_run.py
+	$(MAKE) test-vm
 
 # The Jupyter reference row needs ipykernel + jupyter_client (PyPI) in a venv.
 BENCH_VENV := $(CURDIR)/target/bench-venv
@@ -146,7 +148,7 @@ soak: deps agent build-release sdk-deps
 
 # The vm runtime (crates/vm, docs/vm.md): QEMU, and guest assets made from Debian packages
 # (kernel, busybox) and the python template, cached in VM_ASSETS (reruns take seconds).
-# Not part of `make test` yet; `make test-vm` runs its end-to-end tests under TCG.
+# `make test-vm` (the last step of `make test`) runs its end-to-end tests, TCG here.
 VM_APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static e2fsprogs lz4 zstd xz-utils
 VM_ASSETS ?= $(dir $(TEST_POOL))vm
 VM_POOL ?= $(TEST_POOL)
