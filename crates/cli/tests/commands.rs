@@ -4,23 +4,17 @@
 
 mod common;
 
-use common::{collect, get, post, Server};
+use common::{collect, get, get_text, post, Server};
 use serde_json::{json, Value};
 
 async fn output(s: &Server, id: &str, pid: i64, follow: bool) -> Vec<Value> {
-    let text = s
-        .http
-        .get(s.url(&format!(
-            "/v1/sandboxes/{id}/commands/{pid}/output?follow={}",
-            u8::from(follow)
-        )))
-        .send()
+    let path = format!(
+        "/v1/sandboxes/{id}/commands/{pid}/output?follow={}",
+        u8::from(follow)
+    );
+    get_text(s, &path)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }

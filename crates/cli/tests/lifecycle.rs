@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{get, post, Server};
+use common::{get, get_text, post, Server};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -350,16 +350,9 @@ async fn pool_ready(s: &Server) -> u64 {
 }
 
 async fn handed_over(s: &Server) -> u64 {
-    let text = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
+    get_text(s, "/metrics")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find(|l| l.starts_with("forkbox_sandboxes_handed_over_total "))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())

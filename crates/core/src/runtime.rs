@@ -76,7 +76,8 @@ pub struct TemplateSpec {
 /// Receives one line per build step or line of build output.
 pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
 
-type Source = Box<dyn std::error::Error + Send + Sync>;
+/// The cause of an agent or host failure.
+pub type Source = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runtime failures, by what the API should answer.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +112,55 @@ pub enum RuntimeError {
         id: String,
         source: Source,
     },
+}
+
+impl RuntimeError {
+    /// An agent's refusal (HTTP `status`, `message`) of a background-command call.
+    pub fn background_refused(id: &str, status: u16, message: String) -> RuntimeError {
+        match status {
+            404 => RuntimeError::NoProcess(
+                message
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0),
+            ),
+            409 => RuntimeError::Conflict(message),
+            400 => RuntimeError::Rejected(message),
+            _ => RuntimeError::host("background command", id, std::io::Error::other(message)),
+        }
+    }
+
+    /// An agent's refusal (HTTP `status`, `message`) of a file call: the status says
+    /// what kind.
+    pub fn file_refused(id: &str, status: u16, message: String) -> RuntimeError {
+        let kind = match status {
+            404 => FileErrorKind::NotFound,
+            409 => FileErrorKind::Conflict,
+            403 => FileErrorKind::Denied,
+            507 => FileErrorKind::NoSpace,
+            400 => FileErrorKind::Invalid,
+            _ => return RuntimeError::host("file operation", id, std::io::Error::other(message)),
+        };
+        RuntimeError::File { kind, message }
+    }
+}
+
+/// A stream from sandbox `id`'s agent, its errors as [`RuntimeError::Agent`].
+pub fn agent_stream<T: Send + 'static, E: Into<Source> + 'static>(
+    id: &str,
+    stream: impl futures_util::Stream<Item = Result<T, E>> + Send + 'static,
+) -> BoxStream<'static, Result<T, RuntimeError>> {
+    use futures_util::StreamExt as _;
+    let id = id.to_owned();
+    stream
+        .map(move |r| {
+            r.map_err(|e| RuntimeError::Agent {
+                id: id.clone(),
+                source: e.into(),
+            })
+        })
+        .boxed()
 }
 
 /// Why a file operation failed, by what the client should do.

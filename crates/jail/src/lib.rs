@@ -21,8 +21,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use forkbox_agent_client::AgentClient;
 use forkbox_core::runtime::{
-    AgentEvents, ByteStream, CreateSpec, FileErrorKind, Forked, GcReport, Instance, Runtime,
-    RuntimeError, TemplateInfo, TemplateSpec, UploadStream,
+    AgentEvents, ByteStream, CreateSpec, Forked, GcReport, Instance, Runtime, RuntimeError,
+    TemplateInfo, TemplateSpec, UploadStream,
 };
 pub use forkbox_sys::btrfs::QuotaMode;
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
@@ -1629,7 +1629,6 @@ impl JailInstance {
             .map_err(|e| RuntimeError::host(op, &self.id, e))?
             .map_err(|e| RuntimeError::host(op, &self.id, e))
     }
-
     /// A stream from the agent, its errors in the runtime's terms.
     fn agent_stream<T: Send + 'static>(
         &self,
@@ -1637,62 +1636,25 @@ impl JailInstance {
             + Send
             + 'static,
     ) -> futures_util::stream::BoxStream<'static, Result<T, RuntimeError>> {
-        let id = self.id.clone();
-        stream
-            .map(move |r| {
-                r.map_err(|e| RuntimeError::Agent {
-                    id: id.clone(),
-                    source: e.into(),
-                })
-            })
-            .boxed()
+        forkbox_core::runtime::agent_stream(&self.id, stream)
     }
-
     /// Maps a background-command call's failure.
     fn bg_err(&self, e: forkbox_agent_client::AgentError) -> RuntimeError {
         match e {
-            forkbox_agent_client::AgentError::Status { status, message } => match status.as_u16() {
-                404 => RuntimeError::NoProcess(
-                    message
-                        .rsplit(' ')
-                        .next()
-                        .and_then(|p| p.parse().ok())
-                        .unwrap_or(0),
-                ),
-                409 => RuntimeError::Conflict(message),
-                400 => RuntimeError::Rejected(message),
-                _ => RuntimeError::host(
-                    "background command",
-                    &self.id,
-                    std::io::Error::other(message),
-                ),
-            },
+            forkbox_agent_client::AgentError::Status { status, message } => {
+                RuntimeError::background_refused(&self.id, status.as_u16(), message)
+            }
             other => RuntimeError::Agent {
                 id: self.id.clone(),
                 source: other.into(),
             },
         }
     }
-
     /// Maps a file call's failure: the agent's status says what kind.
     fn file_err(&self, e: forkbox_agent_client::AgentError) -> RuntimeError {
         match e {
             forkbox_agent_client::AgentError::Status { status, message } => {
-                let kind = match status.as_u16() {
-                    404 => FileErrorKind::NotFound,
-                    409 => FileErrorKind::Conflict,
-                    403 => FileErrorKind::Denied,
-                    507 => FileErrorKind::NoSpace,
-                    400 => FileErrorKind::Invalid,
-                    _ => {
-                        return RuntimeError::host(
-                            "file operation",
-                            &self.id,
-                            std::io::Error::other(message),
-                        )
-                    }
-                };
-                RuntimeError::File { kind, message }
+                RuntimeError::file_refused(&self.id, status.as_u16(), message)
             }
             other => RuntimeError::Agent {
                 id: self.id.clone(),

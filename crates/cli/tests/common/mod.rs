@@ -391,6 +391,19 @@ pub async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
 }
 
 /// GET `path`: the status and the JSON answer (null if none).
+/// The body of `GET path` as text.
+#[allow(dead_code)]
+pub async fn get_text(s: &Server, path: &str) -> String {
+    s.http
+        .get(s.url(path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub async fn get(s: &Server, path: &str) -> (u16, Value) {
     let r = s.http.get(s.url(path)).send().await.unwrap();
     let st = r.status().as_u16();
