@@ -3,7 +3,9 @@
 #   make serve   install missing system packages (as root), build, prepare the default
 #                template, start the server on 127.0.0.1:7070
 #   make test    the same preparation, then lint and the whole test suite
-#   make bench   build release binaries and write docs/performance.md
+#   make bench   build release binaries and write docs/performance.md and .png
+#   make density 1000 idle sandboxes, then 200 with a warm REPL: memory per sandbox
+#   make load    LOAD_SECONDS (default 600) of load on execute and exec: throughput, p99, RSS
 #   make test-vm the vm runtime's end-to-end tests (QEMU, TCG here; see docs/vm.md;
 #                also the last step of `make test`)
 #   make fuzz    run every fuzz target for FUZZ_SECONDS (default 300) each; `make test`
@@ -12,14 +14,14 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 # System packages forkbox needs at run time and for its tests.
-APT_PACKAGES := btrfs-progs mmdebstrap util-linux mount procps iproute2 e2fsprogs python3 python3-venv ca-certificates
+APT_PACKAGES := btrfs-progs mmdebstrap util-linux mount procps iproute2 e2fsprogs python3 python3-venv ca-certificates crun bubblewrap
 AGENT := $(CURDIR)/target/agent/forkbox-agent
 PROBE := $(CURDIR)/target/probe/forkbox-probe
 TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench bench-deps sdk-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -129,15 +131,33 @@ test: deps agent probe build lint sdk-deps fuzz-smoke
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox SDK_VENV=$(SDK_VENV) $(SDK_VENV)/bin/python tests/fuzz/schemathesis_run.py
 	$(MAKE) test-vm
 
-# The Jupyter reference row needs ipykernel + jupyter_client (PyPI) in a venv.
+# The Jupyter reference row needs ipykernel + jupyter_client, the chart matplotlib
+# (PyPI), in a venv. The crun and bwrap rows need the Debian packages (`deps`).
 BENCH_VENV := $(CURDIR)/target/bench-venv
 bench-deps: deps
 	@[ -x $(BENCH_VENV)/bin/python ] || python3 -m venv $(BENCH_VENV)
-	@$(BENCH_VENV)/bin/python -c "import ipykernel, jupyter_client" 2>/dev/null || \
-	  $(BENCH_VENV)/bin/pip install -q ipykernel jupyter_client
+	@$(BENCH_VENV)/bin/python -c "import ipykernel, jupyter_client, matplotlib" 2>/dev/null || \
+	  $(BENCH_VENV)/bin/pip install -q ipykernel jupyter_client matplotlib
 
 bench: deps agent build-release bench-deps
-	./target/release/forkbox bench --markdown docs/performance.md --jupyter-python $(BENCH_VENV)/bin/python
+	./target/release/forkbox bench --markdown docs/performance.md --json target/bench.json --jupyter-python $(BENCH_VENV)/bin/python
+	$(BENCH_VENV)/bin/python bench/chart.py target/bench.json docs/performance.png
+
+# Density and load run against a `forkbox serve` child process with a data dir (and so
+# a pool) of their own, BENCH_DATA_DIR; both write their section of
+# docs/performance.md. Neither is part of `make test` (minutes each).
+BENCH_DATA_DIR ?= /var/lib/forkbox-bench
+DENSITY_N ?= 1000
+DENSITY_REPL ?= 200
+density: deps agent build-release
+	./target/release/forkbox template prepare --data-dir $(BENCH_DATA_DIR)
+	./target/release/forkbox bench --data-dir $(BENCH_DATA_DIR) --density $(DENSITY_N) --density-repl $(DENSITY_REPL) --markdown docs/performance.md
+
+LOAD_SECONDS ?= 600
+LOAD_SANDBOXES ?= 50
+load: deps agent build-release
+	./target/release/forkbox template prepare --data-dir $(BENCH_DATA_DIR)
+	./target/release/forkbox bench --data-dir $(BENCH_DATA_DIR) --load $(LOAD_SECONDS) --load-sandboxes $(LOAD_SANDBOXES) --markdown docs/performance.md
 
 # Bounded soak (SOAK_MINUTES, default 30): random operations with server restarts and
 # agent kills against a release server; invariants in tests/soak/soak.py.

@@ -1,6 +1,14 @@
 //! `forkbox bench`: starts a real server in-process on a loopback port and measures,
-//! over real HTTP, create→ready (cold) and an `echo hi` exec round trip on a warm
-//! sandbox, next to the baseline `unshare` (same namespaces) + `chroot` + `echo`.
+//! over real HTTP, create→ready (cold), exec, run_code, pause/resume, fork, merge and
+//! the one-shot runner, next to baselines measured in the same run (`baselines`):
+//! plain processes, `unshare` + `chroot`, `crun`, `bwrap`, `cp -a`, a Jupyter kernel.
+//! `--density` and `--load` are the other two modes (`density`, `load`), run against
+//! a `forkbox serve` child process.
+
+mod baselines;
+mod density;
+mod load;
+mod server;
 
 use crate::config::HostArgs;
 use crate::serve::{self, ServeArgs};
@@ -21,6 +29,24 @@ mod tests {
         assert_eq!(out, format!("# P\nintro\n{START}\nnew\n{END}\nnotes\n"));
         assert!(splice_table("", "t\n").contains(&format!("{START}\nt\n{END}")));
     }
+
+    #[test]
+    fn comparison_rows_carry_ratio_and_missing_baselines() {
+        let c = Cmp::new(
+            "create",
+            &[10.0, 12.0, 11.0],
+            vec![("crun", vec![20.0, 22.0, 21.0]), ("bwrap", vec![])],
+        );
+        let md = cmp_table(&[c]);
+        assert!(
+            md.contains("| create | 11.00 | crun (3) | 21.00 | 0.52 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("|  |  | bwrap (0) | not measured | — |"),
+            "{md}"
+        );
+    }
 }
 
 #[derive(Args, Clone, Debug)]
@@ -37,6 +63,33 @@ pub struct BenchArgs {
     /// local Jupyter kernel reference row.
     #[arg(long)]
     pub jupyter_python: Option<PathBuf>,
+    /// Also write the figures as JSON here (`bench/chart.py` draws the chart from it).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Density mode instead of the table: create this many idle sandboxes through a
+    /// `forkbox serve` child process and report memory per sandbox and throughput.
+    #[arg(long, conflicts_with = "load")]
+    pub density: Option<usize>,
+    /// Density mode: then this many sandboxes with a warm Python REPL.
+    #[arg(long, default_value_t = 200)]
+    pub density_repl: usize,
+    /// Density mode: concurrent create (and delete) requests.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Load mode instead of the table: this many seconds of load on
+    /// `/api/v1/execute` and on exec in warm sandboxes, against a `forkbox serve`
+    /// child process whose RSS is sampled every second.
+    #[arg(long)]
+    pub load: Option<u64>,
+    /// Load mode: warm sandboxes, one exec client each.
+    #[arg(long, default_value_t = 50)]
+    pub load_sandboxes: usize,
+    /// Load mode: concurrent `/api/v1/execute` clients.
+    #[arg(long, default_value_t = 4)]
+    pub load_execute_clients: usize,
+    /// Load mode: the runner's warm pool size for python (≤ 16).
+    #[arg(long, default_value_t = 16)]
+    pub load_pool: u64,
 }
 
 /// A Python REPL state of about 200 MB (200 000 objects of 1000 bytes).
@@ -251,6 +304,12 @@ fn ms(d: Duration) -> f64 {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     crate::config::init_tracing(false);
+    if let Some(n) = args.density {
+        return density::run(&args, n).await;
+    }
+    if let Some(secs) = args.load {
+        return load::run(&args, secs).await;
+    }
     let sa = ServeArgs {
         host: args.host.clone(),
         listen: "127.0.0.1:0".parse()?,
@@ -395,6 +454,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // Fork and merge of a parent whose REPL holds ~200 MB.
     let parent = big_parent(&http, &base).await?;
+    let fork1 = time_fork(&http, &base, &parent, 1, n.min(20)).await?;
     let fork5 = time_fork(&http, &base, &parent, 5, n.min(20)).await?;
     let fork32 = time_fork(&http, &base, &parent, 32, n.min(10)).await?;
     http.delete(format!("{base}/v1/sandboxes/{parent}"))
@@ -406,14 +466,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
 
-    // One-shot execute `print(1)` with a warm pool of python sandboxes, against
-    // `python3 -c 'print(1)'` on the host.
+    // One-shot execute `print(1)` with a warm pool of python sandboxes.
     http.post(format!("{base}/api/v1/snapshots"))
         .json(&serde_json::json!({"language": "python", "size": 4}))
         .send()
         .await?;
     let mut execute = Vec::with_capacity(n);
-    let mut python_c = Vec::with_capacity(n);
     for i in 0..n + 2 {
         // Let the pool refill between runs: this measures a hand-over, as with a pool
         // sized for the load.
@@ -442,61 +500,76 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         if v["stdout"] != "1\n" {
             bail!("execute answered {v}");
         }
-        let t = Instant::now();
-        let out = tokio::process::Command::new("python3")
-            .args(["-c", "print(1)"])
-            .output()
-            .await
-            .context("run python3")?;
-        let took_c = t.elapsed();
-        if out.stdout != b"1\n" {
-            bail!("python3 -c failed");
-        }
         if i >= 2 {
             execute.push(ms(took));
-            python_c.push(ms(took_c));
         }
     }
+    // The runner's pool is emptied before the baselines run beside an idle server.
+    http.post(format!("{base}/api/v1/snapshots"))
+        .json(&serde_json::json!({"language": "python", "size": 0}))
+        .send()
+        .await?;
 
-    // Baseline: unshare with the same namespaces + chroot into the template + echo.
     let cfg = args.host.jail_config()?;
     let root = cfg.pool_dir.join("templates").join("python");
-    let mut baseline = Vec::with_capacity(n);
-    for i in 0..n + 2 {
-        let t = Instant::now();
-        let out = tokio::process::Command::new("unshare")
-            .args([
-                "--user",
-                "--map-root-user",
-                "--mount",
-                "--pid",
-                "--fork",
-                "--net",
-                "--ipc",
-                "--uts",
-                "--cgroup",
-                "chroot",
-            ])
-            .arg(&root)
-            .args(["/bin/echo", "hi"])
-            .output()
-            .await
-            .context("run unshare")?;
-        let took = t.elapsed();
-        if out.stdout != b"hi\n" {
-            bail!("baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+    let scratch = cfg
+        .pool_dir
+        .join(format!("bench-scratch-{}", std::process::id()));
+    let base_n = n;
+    let uid_base = args.host.uid_base;
+    let crun_dir = args.host.data_dir().join("bench-crun");
+    let b = tokio::task::spawn_blocking(move || -> anyhow::Result<Baselines> {
+        let have_crun = baselines::have("crun");
+        let have_bwrap = baselines::have("bwrap");
+        if !have_crun || !have_bwrap {
+            eprintln!(
+                "forkbox bench: {} missing (make deps installs it); its rows stay empty",
+                [
+                    (!have_crun).then_some("crun"),
+                    (!have_bwrap).then_some("bwrap")
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" and ")
+            );
         }
-        if i >= 2 {
-            baseline.push(ms(took));
-        }
-    }
+        let bw = |args: &[&str], want: &[u8]| -> anyhow::Result<Vec<f64>> {
+            if have_bwrap {
+                baselines::bwrap(&root, args, want, base_n)
+            } else {
+                Ok(Vec::new())
+            }
+        };
+        let forks = baselines::process_fork(&[1, 5, 32], base_n.min(20))?;
+        let cp = |k: usize, samples: usize| baselines::cp_a(&root, &scratch, k, samples);
+        Ok(Baselines {
+            echo: baselines::fork_exec_echo(base_n)?,
+            python_c: baselines::host_python(base_n)?,
+            unshare: baselines::unshare_chroot(&root, base_n)?,
+            bwrap_true: bw(&["/bin/true"], b"")?,
+            bwrap_python: bw(&["python3", "-c", "print(1)"], b"1\n")?,
+            crun: if have_crun {
+                baselines::crun(root.clone(), crun_dir, uid_base, base_n)?
+            } else {
+                baselines::CrunTimes::default()
+            },
+            fork: forks,
+            cp: vec![
+                cp(1, base_n.clamp(1, 5))?,
+                cp(5, base_n.clamp(1, 3))?,
+                cp(32, 1)?,
+            ],
+        })
+    })
+    .await??;
     manager.shutdown().await;
     srv.abort();
 
     let rows = [
         Row {
             name: "create → ready (cold, HTTP)",
-            samples: create,
+            samples: create.clone(),
             budget: Some(15.0),
         },
         Row {
@@ -506,32 +579,37 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
         Row {
             name: "exec `echo hi` round trip (warm sandbox, HTTP)",
-            samples: exec,
+            samples: exec.clone(),
             budget: Some(3.0),
         },
         Row {
             name: "run_code `print(1)` (warm Python REPL, HTTP)",
-            samples: run_code,
+            samples: run_code.clone(),
             budget: Some(2.0),
         },
         Row {
             name: "pause (cgroup freezer, HTTP)",
-            samples: pause,
+            samples: pause.clone(),
             budget: Some(5.0),
         },
         Row {
             name: "resume (HTTP)",
-            samples: resume,
+            samples: resume.clone(),
             budget: Some(5.0),
         },
         Row {
+            name: "fork n=1, parent REPL holding ~200 MB (HTTP)",
+            samples: fork1.clone(),
+            budget: None,
+        },
+        Row {
             name: "fork n=5, parent REPL holding ~200 MB (HTTP)",
-            samples: fork5,
+            samples: fork5.clone(),
             budget: Some(30.0),
         },
         Row {
             name: "fork n=32, parent REPL holding ~200 MB (HTTP)",
-            samples: fork32,
+            samples: fork32.clone(),
             budget: Some(150.0),
         },
         Row {
@@ -541,25 +619,85 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
         Row {
             name: "execute `print(1)` one-shot, warm pool (POST /api/v1/execute)",
-            samples: execute,
+            samples: execute.clone(),
             budget: Some(30.0),
         },
-        Row {
-            name: "baseline: `python3 -c 'print(1)'` on the host",
-            samples: python_c,
-            budget: None,
-        },
-        Row {
-            name: "reference: local Jupyter kernel `print(1)` execute round trip",
-            samples: jupyter,
-            budget: None,
-        },
-        Row {
-            name: "baseline: unshare (same namespaces) + chroot + echo",
-            samples: baseline,
-            budget: None,
-        },
     ];
+    let [f1, f5, f32] = [0, 1, 2].map(|i| b.fork.get(i).cloned().unwrap_or_default());
+    let [c1, c5, c32] = [0, 1, 2].map(|i| b.cp.get(i).cloned().unwrap_or_default());
+    let cmps = vec![
+        Cmp::new(
+            "create → ready (cold)",
+            &create,
+            vec![
+                ("unshare (same namespaces) + chroot + `echo hi`", b.unshare),
+                (
+                    "`crun run` of `true` (OCI bundle of the template)",
+                    b.crun.run_true,
+                ),
+                ("`bwrap --unshare-all` … `true`", b.bwrap_true),
+            ],
+        ),
+        Cmp::new(
+            "exec `echo hi`",
+            &exec,
+            vec![
+                ("fork+exec `/bin/echo hi` on the host", b.echo),
+                (
+                    "`crun exec` … `echo hi` (running container)",
+                    b.crun.exec_echo,
+                ),
+            ],
+        ),
+        Cmp::new(
+            "run_code `print(1)`",
+            &run_code,
+            vec![("local Jupyter kernel execute round trip", jupyter)],
+        ),
+        Cmp::new(
+            "fork n=1 (REPL ~200 MB)",
+            &fork1,
+            vec![
+                ("fork() of a host python3 holding ~200 MB, ×1", f1),
+                ("`cp -a` of the template root, ×1", c1),
+            ],
+        ),
+        Cmp::new(
+            "fork n=5 (REPL ~200 MB)",
+            &fork5,
+            vec![
+                ("fork() of a host python3 holding ~200 MB, ×5", f5),
+                ("`cp -a` of the template root, ×5 concurrent", c5),
+            ],
+        ),
+        Cmp::new(
+            "fork n=32 (REPL ~200 MB)",
+            &fork32,
+            vec![
+                ("fork() of a host python3 holding ~200 MB, ×32", f32),
+                ("`cp -a` of the template root, ×32 concurrent", c32),
+            ],
+        ),
+        Cmp::new(
+            "pause",
+            &pause,
+            vec![("`crun pause` (cgroup v1 freezer)", b.crun.pause)],
+        ),
+        Cmp::new("resume", &resume, vec![("`crun resume`", b.crun.resume)]),
+        Cmp::new(
+            "execute `print(1)` one-shot",
+            &execute,
+            vec![
+                ("`python3 -c 'print(1)'` on the host", b.python_c),
+                ("`crun run` of `python3 -c 'print(1)'`", b.crun.run_python),
+                (
+                    "`bwrap --unshare-all` … `python3 -c 'print(1)'`",
+                    b.bwrap_python,
+                ),
+            ],
+        ),
+    ];
+
     let mut md = String::new();
     md.push_str(
         "| operation | p50 ms | p95 ms | budget p50 | verdict |\n|---|---:|---:|---:|---|\n",
@@ -577,27 +715,47 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 all_ok = false;
                 (format!("≤ {b} ms"), "OVER BUDGET")
             }
-            None => ("—".into(), "reference"),
+            None => ("—".into(), "no budget"),
         };
         md.push_str(&format!(
             "| {} | {p50:.2} | {p95:.2} | {budget} | {verdict} |\n",
             r.name
         ));
     }
+    md.push_str(&format!(
+        "\nSide by side, same run: forkbox's p50 against each baseline's p50 \
+         (ratio = forkbox ÷ baseline; below 1 forkbox is faster).\n\n{}",
+        cmp_table(&cmps)
+    ));
     println!("forkbox bench: {n} samples each, jail runtime\n\n{md}");
+    let host = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    if let Some(path) = &args.json {
+        let v = serde_json::json!({
+            "title": format!("forkbox bench: p50 against baselines, same run ({cores} cores, {host})"),
+            "rows": rows.iter().map(|r| {
+                let (p50, p95) = r.stats();
+                serde_json::json!({"name": r.name, "p50": finite(p50), "p95": finite(p95), "budget": r.budget})
+            }).collect::<Vec<_>>(),
+            "comparisons": cmps.iter().map(Cmp::to_json).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
     if let Some(path) = args.markdown {
-        let host = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|c| {
-                c.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-            })
-            .unwrap_or_default();
         let table = format!(
-            "Figures from one run of `forkbox bench --iterations {n}` ({n} samples each) on {} cores \
+            "Figures from one run of `forkbox bench --iterations {n}` ({n} samples each) on {cores} cores \
              ({host}), jail runtime, over real HTTP on loopback.\n\n{md}",
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         );
         let doc = splice_table(&std::fs::read_to_string(&path).unwrap_or_default(), &table);
         std::fs::write(&path, doc).with_context(|| format!("write {}", path.display()))?;
@@ -607,4 +765,98 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("forkbox bench: some figures are over budget");
     }
     Ok(())
+}
+
+/// The baselines' samples.
+struct Baselines {
+    echo: Vec<f64>,
+    python_c: Vec<f64>,
+    unshare: Vec<f64>,
+    bwrap_true: Vec<f64>,
+    bwrap_python: Vec<f64>,
+    crun: baselines::CrunTimes,
+    /// Bare process fork ×1, ×5, ×32.
+    fork: Vec<Vec<f64>>,
+    /// `cp -a` ×1, ×5, ×32.
+    cp: Vec<Vec<f64>>,
+}
+
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+fn p50(samples: &[f64]) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    pct(&s, 0.5)
+}
+
+/// One operation of forkbox against the baselines measured for it.
+struct Cmp {
+    op: &'static str,
+    ours: f64,
+    baselines: Vec<(&'static str, f64, usize)>,
+}
+
+impl Cmp {
+    fn new(op: &'static str, ours: &[f64], baselines: Vec<(&'static str, Vec<f64>)>) -> Cmp {
+        Cmp {
+            op,
+            ours: p50(ours),
+            baselines: baselines
+                .into_iter()
+                .map(|(n, s)| (n, p50(&s), s.len()))
+                .collect(),
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "op": self.op,
+            "ours_p50": finite(self.ours),
+            "baselines": self.baselines.iter().map(|(n, p, k)| {
+                serde_json::json!({"name": n, "p50": finite(*p), "samples": k})
+            }).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn cmp_table(cmps: &[Cmp]) -> String {
+    let mut md = String::from(
+        "| operation | forkbox p50 ms | baseline (samples) | baseline p50 ms | ratio |\n\
+         |---|---:|---|---:|---:|\n",
+    );
+    for c in cmps {
+        for (i, (name, p, k)) in c.baselines.iter().enumerate() {
+            let (op, ours) = if i == 0 {
+                (c.op, fmt_ms(c.ours))
+            } else {
+                ("", String::new())
+            };
+            let ratio = if p.is_finite() && c.ours.is_finite() && *p > 0.0 {
+                format!("{:.2}", c.ours / p)
+            } else {
+                "—".into()
+            };
+            let p = if *k == 0 {
+                "not measured".into()
+            } else {
+                fmt_ms(*p)
+            };
+            md.push_str(&format!(
+                "| {op} | {ours} | {name} ({k}) | {p} | {ratio} |\n"
+            ));
+        }
+    }
+    md
+}
+
+fn fmt_ms(v: f64) -> String {
+    if !v.is_finite() {
+        "—".into()
+    } else if v >= 1000.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
 }

@@ -133,6 +133,41 @@ impl HostArgs {
     pub fn jail_runtime(&self) -> anyhow::Result<JailRuntime> {
         Ok(JailRuntime::new(&self.jail_config()?)?)
     }
+
+    /// These settings as command-line arguments, for a `forkbox serve` started as a
+    /// child process (the benchmarks' density and load modes).
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        let mut opt = |name: &str, v: &std::path::Path| {
+            a.push(name.into());
+            a.push(v.as_os_str().to_owned());
+        };
+        opt("--data-dir", &self.data_dir());
+        if let Some(p) = &self.pool {
+            opt("--pool", p);
+        }
+        if let Some(p) = &self.agent_bin {
+            opt("--agent-bin", p);
+        }
+        if let Some(p) = &self.languages {
+            opt("--languages", p);
+        }
+        a.push(format!("--pool-size-gb={}", self.pool_size_gb).into());
+        a.push(format!("--uid-base={}", self.uid_base).into());
+        if self.no_favordynmods {
+            a.push("--no-favordynmods".into());
+        }
+        let limits = match self.disk_limits {
+            DiskLimits::Simple => "simple",
+            DiskLimits::Full => "full",
+            DiskLimits::Off => "off",
+        };
+        a.push(format!("--disk-limits={limits}").into());
+        for (name, ip) in &self.egress_resolve {
+            a.push(format!("--egress-resolve={name}={ip}").into());
+        }
+        a
+    }
 }
 
 /// Template build progress, one line each, on stderr.

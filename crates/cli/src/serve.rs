@@ -198,6 +198,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config::init_tracing(args.log_json);
+    raise_nofile();
     let server = build(&args).await?;
     let addr = server.listener.local_addr()?;
     let manager = server.manager.clone();
@@ -226,6 +227,30 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The most the server raises its soft limit on open files to.
+const NOFILE_SOFT: u64 = 65536;
+
+/// Raises the soft limit on open files towards the hard one, to at most
+/// [`NOFILE_SOFT`]. The server holds a few file descriptors per sandbox (its agent
+/// connection, pidfd, log), so the usual soft limit of 1024 (systemd's default) would
+/// stop it at a few hundred sandboxes. Sandboxes inherit the raised soft limit, which
+/// gives them nothing new: the hard limit, which they could always raise their soft
+/// limit to, is unchanged. The cap keeps programs that loop over every possible
+/// descriptor quick.
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard.min(NOFILE_SOFT) => {
+            let want = hard.min(NOFILE_SOFT);
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                tracing::warn!(soft, hard, "cannot raise the open files limit: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open files limit: {e}"),
+    }
 }
 
 type NoDelayListener = axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)>;
