@@ -87,6 +87,19 @@ impl EventLog {
         let _ = self.tx.send(ev);
     }
 
+    /// Drops `sandbox`'s history (a sandbox nobody can ask about any more, such as a
+    /// one-shot runner's).
+    pub fn forget(&self, sandbox: &str) {
+        let mut g = match self.history.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let (map, order) = &mut *g;
+        if map.remove(sandbox).is_some() {
+            order.retain(|s| s != sandbox);
+        }
+    }
+
     /// The last `n` events of `sandbox`, oldest first.
     pub fn tail(&self, sandbox: &str, n: usize) -> Vec<LifecycleEvent> {
         let g = match self.history.lock() {
@@ -121,6 +134,10 @@ mod tests {
         assert_eq!(log.tail("a", 3).len(), 3);
         assert_eq!(log.tail("b", 10)[0].detail["x"], 1);
         assert!(log.tail("nope", 10).is_empty());
+        log.forget("a");
+        assert!(log.tail("a", 10).is_empty());
+        assert_eq!(log.tail("b", 10).len(), 1);
+        assert_eq!(log.history.lock().unwrap().1, ["b"]);
     }
 
     #[tokio::test]

@@ -365,6 +365,8 @@ impl Manager {
             if let Err(e) = me.delete(&id).await {
                 tracing::warn!(sandbox = %id, error = %e, "delete after execute");
             }
+            // No client can name a runner sandbox: its events would only take memory.
+            me.events().forget(&id);
         });
         let out = out?;
         Ok(Executed {

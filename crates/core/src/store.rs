@@ -46,7 +46,11 @@ impl Store {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(5));
+            .busy_timeout(std::time::Duration::from_secs(5))
+            // 512 KiB of page cache per connection (SQLite's default is 2 MiB): the
+            // hot rows are few, and four full caches were most of the server's
+            // growth under sandbox churn (docs/performance.md, Load).
+            .pragma("cache_size", "-512");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts)
