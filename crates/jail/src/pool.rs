@@ -97,6 +97,15 @@ impl Pool {
         })
     }
 
+    /// The pool at `root` as it is, for clean-up: nothing is made, mounted or
+    /// switched (paths under an unmounted pool simply do not exist).
+    pub fn attach(root: &Path) -> Pool {
+        Pool {
+            root: root.into(),
+            quota: false,
+        }
+    }
+
     /// Limits sandbox subvolume `path` to `bytes` of its own data, when quotas are on.
     pub fn limit(&self, path: &Path, bytes: u64) -> Result<(), forkbox_sys::btrfs::BtrfsError> {
         if self.quota {
@@ -151,6 +160,7 @@ impl Pool {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::time::Duration;
 
     /// Writes `mib` MiB into `path`, returning how many got written before an error.
     fn write_mib(path: &Path, mib: usize) -> (usize, Option<std::io::Error>) {
@@ -165,6 +175,82 @@ mod tests {
             }
         }
         (mib, None)
+    }
+
+    /// Snapshots go through a private directory and are renamed into place: many at
+    /// once into one directory all land, none overwrites an existing path, no staging
+    /// directory stays behind, and a crash's leftovers are removed by age.
+    #[test]
+    fn snapshots_land_through_a_private_directory() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("forkbox-snap-test-{}", std::process::id()));
+        let root = dir.join("pool");
+        std::fs::create_dir_all(&root).unwrap();
+        let pool = Pool::open(&root, 1, QuotaMode::Off).unwrap();
+        let result = std::panic::catch_unwind(|| {
+            let base = root.join("templates/base");
+            forkbox_sys::btrfs::create_subvolume(&base).unwrap();
+            std::fs::write(base.join("f"), "x").unwrap();
+            let ids: Vec<String> = (0..16).map(|i| format!("c{i}")).collect();
+            std::thread::scope(|s| {
+                for id in &ids {
+                    let (base, dst) = (&base, pool.sandbox(id));
+                    s.spawn(move || forkbox_sys::btrfs::snapshot(base, &dst, false).unwrap());
+                }
+            });
+            for id in &ids {
+                assert_eq!(
+                    std::fs::read_to_string(pool.sandbox(id).join("f")).unwrap(),
+                    "x"
+                );
+            }
+            let names: Vec<String> = std::fs::read_dir(root.join("sandboxes"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert_eq!(names.len(), 16, "{names:?}");
+            // An existing destination is never replaced, not even an empty directory.
+            std::fs::create_dir(pool.sandbox("empty")).unwrap();
+            for id in ["c0", "empty"] {
+                let err =
+                    forkbox_sys::btrfs::snapshot(&base, &pool.sandbox(id), false).unwrap_err();
+                assert!(
+                    matches!(
+                        err,
+                        forkbox_sys::btrfs::BtrfsError::Snapshot(_, _, nix::errno::Errno::EEXIST)
+                    ),
+                    "{err}"
+                );
+            }
+            // Read-only snapshots (named snapshots) are taken in place and stay read-only.
+            let ro = pool.snapshot("ro");
+            forkbox_sys::btrfs::snapshot(&base, &ro, true).unwrap();
+            assert_eq!(std::fs::read_to_string(ro.join("f")).unwrap(), "x");
+            assert!(std::fs::write(ro.join("g"), "y").is_err());
+            // A crash between snapshot and rename: removed once old enough.
+            let stale = root.join("sandboxes/.snap-gone");
+            std::fs::create_dir(&stale).unwrap();
+            forkbox_sys::btrfs::snapshot(&base, &stale.join("inner"), false).unwrap();
+            std::fs::rename(stale.join("inner"), stale.join("gone")).unwrap();
+            let sandboxes = root.join("sandboxes");
+            assert_eq!(
+                forkbox_sys::btrfs::remove_stale_staging(&sandboxes, Duration::from_secs(60)),
+                0
+            );
+            assert_eq!(
+                forkbox_sys::btrfs::remove_stale_staging(&sandboxes, Duration::ZERO),
+                1
+            );
+            assert!(!stale.exists());
+        });
+        let _ = Command::new("umount").arg(&root).status();
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
     }
 
     /// A pool on its own loop image (root only: mounts): simple quotas limit what a

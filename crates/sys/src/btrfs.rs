@@ -145,8 +145,114 @@ pub fn create_subvolume(path: &Path) -> Result<(), BtrfsError> {
     Ok(())
 }
 
-/// Snapshots subvolume `src` to the new path `dst` (writable unless `readonly`).
+/// The prefix of the private directory [`snapshot`] creates a snapshot in before
+/// renaming it into place: `<parent>/.snap-<name>/<name>`. A crash can leave one
+/// behind; [`remove_stale_staging`] removes them.
+pub const STAGING_PREFIX: &str = ".snap-";
+
+/// Snapshots subvolume `src` to the new path `dst` (writable unless `readonly`);
+/// fails with EEXIST when `dst` exists.
+///
+/// The kernel holds the destination directory's inode lock across the transaction
+/// commit a snapshot needs, so snapshots into one directory (a fork's children, all in
+/// `sandboxes/`) are taken one commit after the other. Each snapshot is therefore made
+/// in a private directory beside `dst` and renamed into place (no commit): snapshots
+/// taken together then share commits (32 at once: ~0.2 s instead of 1.5-3.5 s here).
+/// A read-only snapshot cannot be moved to another directory (EROFS: its `..` would
+/// change), so read-only ones (named snapshots, rare and one at a time) are taken in
+/// place.
 pub fn snapshot(src: &Path, dst: &Path, readonly: bool) -> Result<(), BtrfsError> {
+    let (parent, name) = (
+        dst.parent()
+            .ok_or_else(|| BtrfsError::BadPath(dst.into()))?,
+        dst.file_name()
+            .ok_or_else(|| BtrfsError::BadPath(dst.into()))?,
+    );
+    let snap_err = |e: nix::Error| BtrfsError::Snapshot(src.into(), dst.into(), e);
+    let io_err = |e: std::io::Error| {
+        snap_err(nix::errno::Errno::from_raw(
+            e.raw_os_error().unwrap_or(libc::EIO),
+        ))
+    };
+    if dst.symlink_metadata().is_ok() {
+        return Err(snap_err(nix::errno::Errno::EEXIST));
+    }
+    if readonly {
+        return snapshot_at(src, dst, true);
+    }
+    let mut staging_name = std::ffi::OsString::from(STAGING_PREFIX);
+    staging_name.push(name);
+    let staging = parent.join(staging_name);
+    match std::fs::create_dir(&staging) {
+        Ok(()) => {}
+        // A crash's leftover (one being used now is younger): removed, then ours.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if !remove_staging(&staging, name, STALE_STAGING) {
+                return Err(io_err(e));
+            }
+            std::fs::create_dir(&staging).map_err(io_err)?;
+        }
+        Err(e) => return Err(io_err(e)),
+    }
+    let staged = staging.join(name);
+    let result = snapshot_at(src, &staged, false).and_then(|()| {
+        nix::fcntl::renameat2(
+            None,
+            &staged,
+            None,
+            dst,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| {
+            let _ = delete_subvolume(&staged);
+            snap_err(e)
+        })
+    });
+    let _ = std::fs::remove_dir(&staging);
+    result
+}
+
+/// A staging directory older than this is a crash's leftover: no snapshot takes so long.
+pub const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes staging directories [`snapshot`] left in `dir` (a crash between the snapshot
+/// and its rename) that are older than `min_age`, with the subvolume in each; returns
+/// how many it removed.
+pub fn remove_stale_staging(dir: &Path, min_age: std::time::Duration) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            match name.to_str().and_then(|n| n.strip_prefix(STAGING_PREFIX)) {
+                Some(inner) => remove_staging(&e.path(), OsStr::new(inner), min_age),
+                None => false,
+            }
+        })
+        .count()
+}
+
+/// Removes staging directory `staging` (holding subvolume `name`) when it is older than
+/// `min_age`; true when it is gone.
+fn remove_staging(staging: &Path, name: &OsStr, min_age: std::time::Duration) -> bool {
+    let old = std::fs::symlink_metadata(staging)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age >= min_age);
+    if !old {
+        return false;
+    }
+    let inner = staging.join(name);
+    if inner.exists() && delete_subvolume(&inner).is_err() {
+        return false;
+    }
+    std::fs::remove_dir(staging).is_ok()
+}
+
+/// Snapshots `src` to `dst` in one ioctl in `dst`'s directory.
+fn snapshot_at(src: &Path, dst: &Path, readonly: bool) -> Result<(), BtrfsError> {
     let source = File::open(src).map_err(|e| BtrfsError::Open(src.into(), e))?;
     let (dir, name) = parent_and_name(dst)?;
     let mut args = Box::new(VolArgsV2 {
