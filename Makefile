@@ -13,8 +13,8 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-# System packages forkbox needs at run time and for its tests.
-APT_PACKAGES := btrfs-progs mmdebstrap util-linux mount procps iproute2 e2fsprogs python3 python3-venv ca-certificates crun bubblewrap
+# System packages: scripts/deps.sh installs what is missing in one apt transaction and
+# checks the tools afterwards (`--vm`: also QEMU and busybox for the vm runtime).
 AGENT := $(CURDIR)/target/agent/forkbox-agent
 PROBE := $(CURDIR)/target/probe/forkbox-probe
 TEST_POOL ?= /var/lib/forkbox-test/pool
@@ -25,21 +25,8 @@ export FORKBOX_PROBE_BIN := $(PROBE)
 
 all: build
 
-# Installs the Debian packages in $(1) that are missing (as root).
-define apt_install
-	@missing=""; for p in $(1); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" != 0 ]; then echo "forkbox needs:$$missing (run make as root to install them)"; exit 1; fi; \
-	  echo "installing:$$missing"; \
-	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
-endef
-
 deps:
-	$(call apt_install,$(APT_PACKAGES))
+	scripts/deps.sh
 
 # The agent is PID 1 inside every sandbox: a static executable (glibc, crt-static).
 agent:
@@ -123,13 +110,21 @@ fuzz-smoke: fuzz-build
 fuzz: fuzz-build
 	$(call fuzz_all,$(FUZZ_SECONDS))
 
-# Tests share one cached template pool; each test server gets its own data dir.
-test: deps agent probe build lint sdk-deps fuzz-smoke
-	./target/debug/forkbox template prepare --data-dir $(dir $(TEST_POOL)) --pool $(TEST_POOL)
+# What a run left on the host (scripts/host-scan.sh): the test servers' data dirs are
+# temporary (/tmp/forkbox-{e2e,py,soak}-*), the test pool and vm assets a cache.
+TEST_DIR := $(patsubst %/,%,$(dir $(TEST_POOL)))
+TEST_SCAN := scripts/host-scan.sh --pool $(TEST_POOL) --dirs '/tmp/forkbox-e2e-* /tmp/forkbox-py-* /tmp/forkbox-soak-* $(TEST_DIR)'
+
+# Tests share one cached template pool; each test server gets its own data dir, taken
+# down (`forkbox down --purge`) and deleted when the test ends. The last step fails the
+# run if anything of it is left on the host.
+test: vm-deps agent probe build lint sdk-deps fuzz-smoke
+	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL)
 	FORKBOX_TEST_POOL=$(TEST_POOL) $(CARGO) test --workspace -- --test-threads=4
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(SDK_VENV)/bin/python -m pytest -q sdk/python/tests
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox SDK_VENV=$(SDK_VENV) $(SDK_VENV)/bin/python tests/fuzz/schemathesis_run.py
 	$(MAKE) test-vm
+	$(TEST_SCAN)
 
 # The Jupyter reference row needs ipykernel + jupyter_client, the chart matplotlib
 # (PyPI), in a venv. The crun and bwrap rows need the Debian packages (`deps`).
@@ -139,48 +134,57 @@ bench-deps: deps
 	@$(BENCH_VENV)/bin/python -c "import ipykernel, jupyter_client, matplotlib" 2>/dev/null || \
 	  $(BENCH_VENV)/bin/pip install -q ipykernel jupyter_client matplotlib
 
+# Each benchmark target ends like `make test`: its data dir taken down, then the host
+# scan (BENCH_DATA_DIR's pool is a cache).
+BENCH_DATA_DIR ?= /var/lib/forkbox-bench
+BENCH_END = ./target/release/forkbox down --data-dir $(BENCH_DATA_DIR) >/dev/null; \
+	scripts/host-scan.sh --pool $(BENCH_DATA_DIR)/pool --dirs '$(BENCH_DATA_DIR)'
+# Runs $(1), then BENCH_END whatever $(1) did; fails if either failed.
+define bench_run
+	@set +e; $(1); rc=$$?; $(BENCH_END) || rc=1; exit $$rc
+endef
+
 bench: deps agent build-release bench-deps
-	./target/release/forkbox bench --markdown docs/performance.md --json target/bench.json --jupyter-python $(BENCH_VENV)/bin/python
+	$(call bench_run,./target/release/forkbox bench --data-dir $(BENCH_DATA_DIR) --markdown docs/performance.md --json target/bench.json --jupyter-python $(BENCH_VENV)/bin/python)
 	$(BENCH_VENV)/bin/python bench/chart.py target/bench.json docs/performance.png
 
 # Density and load run against a `forkbox serve` child process with a data dir (and so
 # a pool) of their own, BENCH_DATA_DIR; both write their section of
 # docs/performance.md. Neither is part of `make test` (minutes each).
-BENCH_DATA_DIR ?= /var/lib/forkbox-bench
 DENSITY_N ?= 1000
 DENSITY_REPL ?= 200
 density: deps agent build-release
 	./target/release/forkbox template prepare --data-dir $(BENCH_DATA_DIR)
-	./target/release/forkbox bench --data-dir $(BENCH_DATA_DIR) --density $(DENSITY_N) --density-repl $(DENSITY_REPL) --markdown docs/performance.md
+	$(call bench_run,./target/release/forkbox bench --data-dir $(BENCH_DATA_DIR) --density $(DENSITY_N) --density-repl $(DENSITY_REPL) --markdown docs/performance.md)
 
 LOAD_SECONDS ?= 600
 LOAD_SANDBOXES ?= 50
 load: deps agent build-release
 	./target/release/forkbox template prepare --data-dir $(BENCH_DATA_DIR)
-	./target/release/forkbox bench --data-dir $(BENCH_DATA_DIR) --load $(LOAD_SECONDS) --load-sandboxes $(LOAD_SANDBOXES) --markdown docs/performance.md
+	$(call bench_run,./target/release/forkbox bench --data-dir $(BENCH_DATA_DIR) --load $(LOAD_SECONDS) --load-sandboxes $(LOAD_SANDBOXES) --markdown docs/performance.md)
 
 # Bounded soak (SOAK_MINUTES, default 30): random operations with server restarts and
 # agent kills against a release server; invariants in tests/soak/soak.py.
 SOAK_MINUTES ?= 30
 soak: deps agent build-release sdk-deps
-	./target/release/forkbox template prepare --data-dir $(dir $(TEST_POOL)) --pool $(TEST_POOL)
+	./target/release/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL)
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/release/forkbox SOAK_MINUTES=$(SOAK_MINUTES) $(SDK_VENV)/bin/python tests/soak/soak.py
+	$(TEST_SCAN)
 
 # The vm runtime (crates/vm, docs/vm.md): QEMU, and guest assets made from Debian packages
 # (kernel, busybox) and the python template, cached in VM_ASSETS (reruns take seconds).
 # `make test-vm` (the last step of `make test`) runs its end-to-end tests, TCG here.
-VM_APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static e2fsprogs lz4 zstd xz-utils
-VM_ASSETS ?= $(dir $(TEST_POOL))vm
+VM_ASSETS ?= $(TEST_DIR)/vm
 VM_POOL ?= $(TEST_POOL)
-vm-deps: deps
-	$(call apt_install,$(VM_APT_PACKAGES))
+vm-deps:
+	scripts/deps.sh --vm
 
 vm-assets: vm-deps build
-	./target/debug/forkbox template prepare --data-dir $(dir $(VM_POOL)) --pool $(VM_POOL)
+	./target/debug/forkbox template prepare --data-dir $(patsubst %/,%,$(dir $(VM_POOL))) --pool $(VM_POOL)
 	scripts/vm-assets.sh $(VM_ASSETS) $(VM_POOL) python
 
 test-vm: agent vm-assets
-	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_TEST_VM_ASSETS=$(VM_ASSETS) $(CARGO) test -p forkbox --test vm --test spine --test commands -- --ignored --test-threads=2 vm
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_TEST_VM_ASSETS=$(VM_ASSETS) $(CARGO) test -p forkbox --test vm --test spine --test commands --test orphans -- --ignored --test-threads=2 vm
 
 fmt:
 	$(CARGO) fmt --all

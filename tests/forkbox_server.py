@@ -1,6 +1,7 @@
 """Starts and stops a real `forkbox serve` (the one `make test` built) for the Python
 test suites: the SDK's tests and the API fuzzing."""
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -30,8 +31,21 @@ def start(log_level: str = "warn"):
 
 
 def stop(proc) -> None:
+    """Stops the server, takes its data dir down (`forkbox down --purge`: nothing of it
+    stays on the host, even if the server had to be killed) and deletes it."""
     proc.terminate()
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
+    down(proc.args[proc.args.index("--data-dir") + 1], proc.args[proc.args.index("--pool") + 1])
+
+
+def down(data: str, pool: str) -> None:
+    """`forkbox down --purge` on a test data dir, then deletes the dir."""
+    binary = os.environ.get("FORKBOX_BIN", str(ROOT / "target/debug/forkbox"))
+    subprocess.run([binary, "down", "--purge", "--data-dir", data, "--pool", pool],
+                   check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "FORKBOX_LOG": "warn"})
+    shutil.rmtree(data, ignore_errors=True)

@@ -26,6 +26,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+import forkbox_server  # noqa: E402
 BIN = os.environ.get("FORKBOX_BIN", str(ROOT / "target/release/forkbox"))
 AGENT = os.environ.get("FORKBOX_AGENT_BIN", str(ROOT / "target/agent/forkbox-agent"))
 POOL = Path(os.environ.get("FORKBOX_TEST_POOL", "/var/lib/forkbox-test/pool"))
@@ -362,6 +364,7 @@ class Soak:
         finally:
             if self.server.proc and self.server.proc.poll() is None:
                 self.server.stop()
+            forkbox_server.down(self.data, str(POOL))
         print(json.dumps({
             "ok": ok, "seed": SEED, "minutes": MINUTES, "sandboxes": len(self.model),
             "execs": self.execs, "server_restarts": self.restarts, "ops": self.counts,

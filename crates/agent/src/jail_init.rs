@@ -131,7 +131,14 @@ fn build(nested: bool) -> Result<i32, String> {
                 drop(st_w);
                 // Never returns while the sandbox lives.
                 let listener = unsafe_listener();
-                crate::server::run(listener, cfg.env.clone(), adopt)
+                crate::server::run(
+                    listener,
+                    crate::server::Options {
+                        env: cfg.env.clone(),
+                        adopt,
+                        orphan_grace: cfg.orphan_grace_s.map(std::time::Duration::from_secs),
+                    },
+                )
             }
             Err(e) => {
                 let _ = st_w.write_all(e.as_bytes());
@@ -272,6 +279,9 @@ fn sandbox_side(cfg: &JailInit, go: &mut File) -> Result<Option<crate::server::A
     nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
     nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
         .map_err(|e| format!("setresuid: {e}"))?;
+    // A session and process group of its own: whatever signals the server's group (a
+    // terminal's Ctrl-C, `timeout`, a supervisor) leaves the sandbox alone.
+    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
         .map_err(|e| format!("unshare cgroup namespace: {e}"))?;
     nix::unistd::sethostname(&cfg.id).map_err(|e| format!("sethostname: {e}"))?;

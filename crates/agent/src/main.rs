@@ -13,6 +13,7 @@
 //! [`JailInitReply`]: forkbox_types::agent::JailInitReply
 
 mod bg;
+mod deadman;
 mod exec;
 mod jail_init;
 mod kernels;
@@ -47,7 +48,7 @@ fn main() -> ExitCode {
             };
             // SAFETY: the caller hands us this fd as our listening socket; we own it now.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            server::run(fd, Default::default(), None)
+            server::run(fd, server::Options::default())
         }
         Some("vm-init") => vm_init::run(),
         Some("--version") => {

@@ -45,6 +45,19 @@ type AdoptState = tokio::sync::watch::Receiver<Option<Option<i32>>>;
 pub(crate) struct Shared {
     ctx: Context,
     adopt: Option<(AdoptState, Arc<tokio::sync::Notify>)>,
+    /// Open server connections (the dead-man's switch, `deadman.rs`).
+    pub(crate) presence: crate::deadman::Presence,
+}
+
+/// How the agent runs, besides where it listens.
+#[derive(Default)]
+pub struct Options {
+    /// Environment every command starts with.
+    pub env: BTreeMap<String, String>,
+    /// A fork child's REPL copy to adopt.
+    pub adopt: Option<Adopt>,
+    /// End the sandbox after this long without a server connection (`None`: never).
+    pub orphan_grace: Option<std::time::Duration>,
 }
 
 /// Where the agent serves the protocol.
@@ -58,12 +71,12 @@ pub enum Endpoint {
 
 /// Runs the agent until the process is killed. Must be called single-threaded: it
 /// forks the zygote before starting the async runtime.
-pub fn run(listener: OwnedFd, env: BTreeMap<String, String>, adopt: Option<Adopt>) -> ExitCode {
-    run_on(Endpoint::Unix(listener), env, adopt)
+pub fn run(listener: OwnedFd, opts: Options) -> ExitCode {
+    run_on(Endpoint::Unix(listener), opts)
 }
 
 /// [`run`] on any endpoint.
-pub fn run_on(endpoint: Endpoint, env: BTreeMap<String, String>, adopt: Option<Adopt>) -> ExitCode {
+pub fn run_on(endpoint: Endpoint, opts: Options) -> ExitCode {
     let zygote = match forkbox_sys::seccomp::compile()
         .map_err(|e| e.to_string())
         .and_then(|f| crate::zygote::fork_zygote(&f).map_err(|e| e.to_string()))
@@ -84,7 +97,7 @@ pub fn run_on(endpoint: Endpoint, env: BTreeMap<String, String>, adopt: Option<A
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(endpoint, zygote, env, adopt)) {
+    match rt.block_on(serve(endpoint, zygote, opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("forkbox-agent: {e}");
@@ -93,25 +106,33 @@ pub fn run_on(endpoint: Endpoint, env: BTreeMap<String, String>, adopt: Option<A
     }
 }
 
-async fn serve(
-    endpoint: Endpoint,
-    zygote: OwnedFd,
-    env: BTreeMap<String, String>,
-    adopt: Option<Adopt>,
-) -> std::io::Result<()> {
+async fn serve(endpoint: Endpoint, zygote: OwnedFd, opts: Options) -> std::io::Result<()> {
     // PID 1 reaps orphans; commands are the zygote's children and reaped there.
     crate::reaper::start()?;
     let ctx = Context {
         spawner: crate::zygote::Spawner::new(zygote)?,
-        env: Arc::new(env),
+        env: Arc::new(opts.env),
         kernels: Default::default(),
         bg: Default::default(),
     };
-    let adopt = match adopt {
+    let adopt = match opts.adopt {
         Some(a) => Some(start_adopt(&ctx, a).await),
         None => None,
     };
-    let shared = Shared { ctx, adopt };
+    let presence = crate::deadman::Presence::new();
+    let vm = matches!(endpoint, Endpoint::Port(_));
+    if let Some(grace) = opts.orphan_grace {
+        let p = presence.clone();
+        tokio::spawn(async move {
+            p.abandoned(grace).await;
+            crate::deadman::end_sandbox(grace, vm);
+        });
+    }
+    let shared = Shared {
+        ctx,
+        adopt,
+        presence,
+    };
     eprintln!(
         "forkbox-agent {}: ready (pid {}, protocol {PROTOCOL_VERSION})",
         env!("CARGO_PKG_VERSION"),
@@ -133,7 +154,12 @@ async fn serve(
                 continue;
             }
         };
-        tokio::spawn(serve_connection(shared.clone(), stream));
+        let visit = shared.presence.visit();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            serve_connection(shared, stream).await;
+            drop(visit);
+        });
     }
 }
 

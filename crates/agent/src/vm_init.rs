@@ -17,7 +17,12 @@ const PORT_PATIENCE: Duration = Duration::from_secs(10);
 pub fn run() -> ExitCode {
     match setup() {
         Ok((init, port)) => {
-            crate::server::run_on(crate::server::Endpoint::Port(port), init.env, None)
+            let opts = crate::server::Options {
+                env: init.env,
+                adopt: None,
+                orphan_grace: init.orphan_grace_s.map(Duration::from_secs),
+            };
+            crate::server::run_on(crate::server::Endpoint::Port(port), opts)
         }
         Err(e) => {
             // As PID 1, exiting panics the guest kernel and QEMU quits (`panic=-1`,

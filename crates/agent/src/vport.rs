@@ -52,6 +52,8 @@ pub(crate) async fn serve(path: &Path, shared: Shared) -> std::io::Result<()> {
             .name("vport-read".into())
             .spawn(move || read_port(&fd, &up_tx))?;
     }
+    // A host counts as present from its first bytes to its hangup.
+    let mut visit = None;
     {
         let fd = fd.clone();
         let generation = generation.clone();
@@ -83,11 +85,17 @@ pub(crate) async fn serve(path: &Path, shared: Shared) -> std::io::Result<()> {
                 _ = &mut conn => break,
                 m = up_rx.recv() => match m {
                     Some(Up::Data(d)) => {
+                        if visit.is_none() {
+                            visit = Some(shared.presence.visit());
+                        }
                         if to_hyper.write_all(&d).await.is_err() {
                             break;
                         }
                     }
-                    Some(Up::Hangup) => break,
+                    Some(Up::Hangup) => {
+                        visit = None;
+                        break;
+                    }
                     None => {
                         conn.abort();
                         down.abort();

@@ -40,6 +40,11 @@ pub struct HostArgs {
     /// Languages and template recipes (TOML; default: the list built into forkbox).
     #[arg(long, env = "FORKBOX_LANGUAGES")]
     pub languages: Option<PathBuf>,
+    /// The dead-man's switch: seconds a sandbox outlives its server. A server back
+    /// within this time re-adopts its sandboxes; after it, they end themselves and the
+    /// server's warden frees what they held on the host. 0 turns it off.
+    #[arg(long, env = "FORKBOX_ORPHAN_GRACE", default_value_t = 600)]
+    pub orphan_grace: u64,
 }
 
 /// `serve --disk-limits`.
@@ -62,12 +67,15 @@ fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
 }
 
 /// The egress network namespace of the server using `data` (one per data dir, so test
-/// servers and production never share one).
+/// servers and production never share one): `forkbox-egress-` and the first 8 hex
+/// digits of the SHA-256 of the path, stable across builds (scripts/host-scan.sh
+/// computes it the same way).
 fn egress_netns(data: &std::path::Path) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    data.hash(&mut h);
-    format!("forkbox-egress-{:08x}", h.finish() as u32)
+    use sha2::Digest as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let digest = sha2::Sha256::digest(data.as_os_str().as_bytes());
+    let hex: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("forkbox-egress-{hex}")
 }
 
 impl HostArgs {
@@ -94,13 +102,23 @@ impl HostArgs {
         let data = self.data_dir();
         std::fs::create_dir_all(&data)
             .with_context(|| format!("create data dir {}", data.display()))?;
+        Ok(JailConfig {
+            recipes: self.languages()?.recipes(),
+            ..self.jail_config_in_place()
+        })
+    }
+
+    /// [`HostArgs::jail_config`] without making the data dir or reading the
+    /// languages file (no template recipes): enough to clean up.
+    pub fn jail_config_in_place(&self) -> JailConfig {
+        let data = self.data_dir();
         let agent_bin = match &self.agent_bin {
             Some(p) => p.clone(),
             None => std::env::current_exe()
-                .context("locate this executable")?
-                .with_file_name("forkbox-agent"),
+                .map(|e| e.with_file_name("forkbox-agent"))
+                .unwrap_or_else(|_| PathBuf::from("forkbox-agent")),
         };
-        Ok(JailConfig {
+        JailConfig {
             run_dir: data.join("run"),
             pool_dir: self.pool.clone().unwrap_or_else(|| data.join("pool")),
             pool_size_gb: self.pool_size_gb,
@@ -108,7 +126,7 @@ impl HostArgs {
             uid_base: self.uid_base,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             favordynmods: !self.no_favordynmods,
-            recipes: self.languages()?.recipes(),
+            recipes: Default::default(),
             volumes_dir: data.join("volumes"),
             disk_limits: match self.disk_limits {
                 DiskLimits::Simple => forkbox_jail::QuotaMode::Simple,
@@ -119,7 +137,13 @@ impl HostArgs {
                 netns: egress_netns(&data),
                 resolve: self.egress_resolve.iter().cloned().collect(),
             },
-        })
+            orphan_grace: self.orphan_grace(),
+        }
+    }
+
+    /// `--orphan-grace` (`None` when 0: off).
+    pub fn orphan_grace(&self) -> Option<std::time::Duration> {
+        (self.orphan_grace > 0).then(|| std::time::Duration::from_secs(self.orphan_grace))
     }
 
     /// The languages list in effect.
@@ -163,6 +187,7 @@ impl HostArgs {
             DiskLimits::Off => "off",
         };
         a.push(format!("--disk-limits={limits}").into());
+        a.push(format!("--orphan-grace={}", self.orphan_grace).into());
         for (name, ip) in &self.egress_resolve {
             a.push(format!("--egress-resolve={name}={ip}").into());
         }
@@ -182,11 +207,16 @@ static OTLP: std::sync::OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> =
 /// Logs (JSON lines with `json`) to stderr, filtered by `FORKBOX_LOG`; spans also go to
 /// an OTLP/HTTP collector when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 pub fn init_tracing(json: bool) {
+    init_tracing_at(json, "info");
+}
+
+/// [`init_tracing`] with `default` as the filter when `FORKBOX_LOG` is unset.
+pub fn init_tracing_at(json: bool, default: &str) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FORKBOX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = if json {
         fmt.json().boxed()

@@ -5,6 +5,7 @@
 mod bench;
 mod client;
 mod config;
+mod down;
 mod serve;
 mod shell;
 mod templates;
@@ -46,6 +47,13 @@ enum Cmd {
     },
     /// Manage API keys.
     Token(token::TokenArgs),
+    /// End every sandbox, VM, mount, cgroup and network namespace of a data dir whose
+    /// server is gone (idempotent; says what it removed).
+    Down(down::DownArgs),
+    /// Watches a data dir's server and takes the data dir down when it stays gone
+    /// (started by `serve`).
+    #[command(hide = true)]
+    Warden(down::WardenArgs),
 }
 
 #[derive(Subcommand)]
@@ -119,6 +127,15 @@ fn main() -> ExitCode {
             } => return templates::rm(&conn, &names).await,
             Cmd::Bench(a) => bench::run(a).await,
             Cmd::Token(a) => token::run(a).await,
+            Cmd::Down(a) => {
+                // What it removed goes to stdout; the log only says what went wrong.
+                config::init_tracing_at(false, "warn");
+                down::down(a).await
+            }
+            Cmd::Warden(a) => {
+                config::init_tracing(false);
+                down::warden(a).await
+            }
         }
         .map(|()| ExitCode::SUCCESS)
     });

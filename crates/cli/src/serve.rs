@@ -73,6 +73,8 @@ pub enum OnExit {
 
 /// A server that is set up and bound, not yet serving.
 pub struct Server {
+    /// The data dir is this server's while held.
+    pub lock: crate::down::Lock,
     pub manager: Arc<Manager>,
     pub jail: Arc<forkbox_jail::JailRuntime>,
     pub listener: tokio::net::TcpListener,
@@ -109,6 +111,7 @@ fn other_runtimes(args: &ServeArgs) -> anyhow::Result<Vec<Arc<dyn Runtime>>> {
                 if let Some(a) = &args.vm_assets {
                     cfg.assets_dir = a.clone();
                 }
+                cfg.orphan_grace = args.host.orphan_grace();
                 cfg.accel = match args.vm_accel.as_str() {
                     "auto" => None,
                     "kvm" => Some(forkbox_vm::accel::Accel::Kvm),
@@ -132,6 +135,8 @@ fn other_runtimes(args: &ServeArgs) -> anyhow::Result<Vec<Arc<dyn Runtime>>> {
 /// Everything `serve` does before it accepts connections.
 pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
     let auth_required = auth_required(args)?;
+    let lock =
+        tokio::task::block_in_place(|| crate::down::claim_for_server(&args.host, &args.runtimes))?;
     let others = other_runtimes(args)?;
     let runtime = args.host.jail_runtime()?;
     runtime
@@ -189,6 +194,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
     Ok(Server {
+        lock,
         manager,
         jail,
         listener,
@@ -200,6 +206,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config::init_tracing(args.log_json);
     raise_nofile();
     let server = build(&args).await?;
+    // Held until this function returns: the data dir stays this server's.
+    let _lock = server.lock;
     let addr = server.listener.local_addr()?;
     let manager = server.manager.clone();
     let jail = server.jail.clone();

@@ -5,6 +5,7 @@
 //! returns typed results and [`CoreError`]s.
 
 pub mod auth;
+pub mod down;
 pub mod events;
 pub mod ids;
 pub mod languages;

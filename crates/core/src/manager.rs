@@ -244,6 +244,21 @@ impl Manager {
     }
 
     /// The runtime that made sandbox `rec` (the primary one if it is not loaded).
+    /// The runtime that runs `rec`.
+    pub(crate) fn runtime_of_record(&self, rec: &Sandbox) -> Arc<dyn Runtime> {
+        self.runtime_of(rec)
+    }
+
+    /// The runtime that also keeps templates, volumes and snapshots.
+    pub(crate) fn primary_runtime(&self) -> &Arc<dyn Runtime> {
+        &self.runtime
+    }
+
+    /// Every runtime, the primary first.
+    pub(crate) fn all_runtimes(&self) -> &[Arc<dyn Runtime>] {
+        &self.runtimes
+    }
+
     fn runtime_of(&self, rec: &Sandbox) -> Arc<dyn Runtime> {
         self.runtimes
             .iter()
@@ -1649,19 +1664,24 @@ impl Manager {
             }
         }
         let candidates = self.store.ended_resource_ids().await?;
-        match self.runtime.collect_garbage(&keep, candidates).await {
-            Ok(r) if r != Default::default() => {
-                self.metrics.gc_freed.inc_by((r.freed + r.staging) as u64);
-                self.metrics.gc_kept.inc_by(r.kept as u64);
-                tracing::info!(
-                    freed = r.freed,
-                    kept_hollow = r.kept,
-                    staging = r.staging,
-                    "garbage collected"
-                )
+        for rt in &self.runtimes {
+            match rt.collect_garbage(&keep, candidates.clone()).await {
+                Ok(r) if r != Default::default() => {
+                    self.metrics.gc_freed.inc_by((r.freed + r.staging) as u64);
+                    self.metrics.gc_kept.inc_by(r.kept as u64);
+                    tracing::info!(
+                        runtime = rt.name(),
+                        freed = r.freed,
+                        kept_hollow = r.kept,
+                        staging = r.staging,
+                        "garbage collected"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(runtime = rt.name(), error = %e, "garbage collection failed")
+                }
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "garbage collection failed"),
         }
         Ok((adopted, lost))
     }

@@ -338,6 +338,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// Frees whatever host resources sandbox `id` may have left behind (processes,
     /// cgroups, file systems) when no instance of it is held, e.g. after a crash.
     async fn cleanup(&self, id: &str) -> Result<(), RuntimeError>;
+
+    /// Frees what the runtime holds on the host for all its sandboxes together
+    /// (network namespaces, mounts), once none runs; one line per thing freed.
+    async fn release_host(&self) -> Result<Vec<String>, RuntimeError> {
+        Ok(Vec::new())
+    }
 }
 
 /// One live sandbox of a runtime.

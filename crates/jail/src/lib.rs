@@ -65,6 +65,9 @@ pub struct JailConfig {
     pub volumes_dir: PathBuf,
     /// How each sandbox gets a disk limit (btrfs quota mode of the pool).
     pub disk_limits: QuotaMode,
+    /// The dead-man's switch: a sandbox ends itself after this long without a
+    /// server (`None`: never).
+    pub orphan_grace: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +92,8 @@ pub struct JailRuntime {
 struct Inner {
     pool: Pool,
     cgroups: Driver,
-    agent: AgentImage,
+    /// `None` in a runtime opened only to clean up ([`JailRuntime::for_cleanup`]).
+    agent: Option<AgentImage>,
     run_dir: PathBuf,
     uid_base: u32,
     lineage: std::sync::Mutex<Lineage>,
@@ -97,6 +101,7 @@ struct Inner {
     egress: tokio::sync::OnceCell<Arc<forkbox_net::Egress>>,
     recipes: std::collections::BTreeMap<String, Vec<String>>,
     volumes: volumes::Volumes,
+    orphan_grace: Option<Duration>,
 }
 
 /// Fork ancestry of live sandboxes, by runtime key (the id a sandbox was made with).
@@ -194,7 +199,7 @@ impl JailRuntime {
                 }
             }
         }
-        let agent = AgentImage::load(&cfg.agent_bin, cfg.uid_base)?;
+        let agent = Some(AgentImage::load(&cfg.agent_bin, cfg.uid_base)?);
         std::fs::create_dir_all(&cfg.run_dir)
             .map_err(|e| JailError::RunDir(cfg.run_dir.clone(), e))?;
         // Orphaned sandbox processes become our children, so we can reap them.
@@ -218,6 +223,31 @@ impl JailRuntime {
                 egress: tokio::sync::OnceCell::new(),
                 recipes: cfg.recipes.clone(),
                 volumes: volumes::Volumes::new(&cfg.volumes_dir, cfg.uid_base),
+                orphan_grace: cfg.orphan_grace,
+            }),
+        })
+    }
+
+    /// A runtime that only frees what sandboxes of `cfg`'s data dir left (`forkbox
+    /// down`, the warden): it creates nothing, needs no agent binary, and neither
+    /// makes nor mounts the pool (an unmounted pool holds no running sandbox).
+    pub fn for_cleanup(cfg: &JailConfig) -> Result<JailRuntime, JailError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(JailError::NotRoot);
+        }
+        Ok(JailRuntime {
+            inner: Arc::new(Inner {
+                pool: Pool::attach(&cfg.pool_dir),
+                cgroups: Driver::detect(&cfg.cgroup_root, "forkbox")?,
+                agent: None,
+                run_dir: cfg.run_dir.clone(),
+                uid_base: cfg.uid_base,
+                lineage: Default::default(),
+                egress_cfg: cfg.egress.clone(),
+                egress: tokio::sync::OnceCell::new(),
+                recipes: cfg.recipes.clone(),
+                volumes: volumes::Volumes::new(&cfg.volumes_dir, cfg.uid_base),
+                orphan_grace: cfg.orphan_grace,
             }),
         })
     }
@@ -228,11 +258,18 @@ impl JailRuntime {
 
     /// Host-side leftovers of a server that destroyed its sandboxes at exit: the egress
     /// namespace and the volumes' mounts (their data stays).
-    pub async fn release_host_resources(&self) {
-        if let Some(e) = self.inner.egress.get() {
-            e.remove().await;
+    pub async fn release_host_resources(&self) -> Vec<String> {
+        let mut done = Vec::new();
+        if forkbox_net::remove_netns(&self.inner.egress_cfg.netns).await {
+            done.push(format!(
+                "removed network namespace {}",
+                self.inner.egress_cfg.netns
+            ));
         }
-        self.inner.volumes.unmount_all().await;
+        for m in self.inner.volumes.unmount_all().await {
+            done.push(format!("unmounted volume {}", m.display()));
+        }
+        done
     }
 
     pub fn cgroups(&self) -> &Driver {
@@ -291,6 +328,9 @@ struct Resources {
     pid: Option<i32>,
     /// The egress link's proxy (stopped when dropped; the link dies with the netns).
     egress: Option<forkbox_net::Attachment>,
+    /// A hollow fork ancestor's agent connection, held so its dead-man's switch
+    /// (which counts server connections) never fires while the server lives.
+    keepalive: Option<AgentClient>,
 }
 
 impl Resources {
@@ -352,6 +392,7 @@ impl Resources {
         }
         self.pid = None;
         self.egress = None;
+        self.keepalive = None;
         Ok(())
     }
 }
@@ -428,6 +469,10 @@ impl Runtime for JailRuntime {
 
     async fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
         self.inner.cleanup_in(id).await
+    }
+
+    async fn release_host(&self) -> Result<Vec<String>, RuntimeError> {
+        Ok(self.release_host_resources().await)
     }
 
     async fn wake(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
@@ -635,6 +680,9 @@ impl Inner {
             if let Some(p1) = pid1 {
                 let ino = pidns_chain(p1).first().copied();
                 if let Some(ino) = ino.filter(|i| live.iter().any(|(_, ch)| ch[1..].contains(i))) {
+                    let keepalive = AgentClient::connect_unix(&run.join("agent.sock"))
+                        .await
+                        .ok();
                     let res = Resources {
                         id: c.clone(),
                         rootfs: has_fs.then_some(rootfs),
@@ -643,6 +691,7 @@ impl Inner {
                         pidfd: forkbox_sys::pidfd::open(p1).ok().map(Arc::new),
                         pid: Some(p1),
                         egress: None,
+                        keepalive,
                     };
                     self.lineage().nodes.insert(
                         c.clone(),
@@ -688,6 +737,14 @@ impl Inner {
                     }
                 }
             }
+        }
+        // Snapshots a crash left in their private directory before renaming them into
+        // place (a minute old: never one being taken now).
+        for dir in ["sandboxes", "snapshots", "templates"] {
+            report.staging += forkbox_sys::btrfs::remove_stale_staging(
+                &self.pool.root().join(dir),
+                forkbox_sys::btrfs::STALE_STAGING,
+            );
         }
         // Staging snapshots of forks this server's sandboxes were making.
         if let Ok(rd) = std::fs::read_dir(self.pool.root().join("sandboxes")) {
@@ -767,6 +824,7 @@ impl Inner {
                 pidfd: Some(pidfd),
                 pid: Some(pid),
                 egress,
+                keepalive: None,
             }),
             rt: self.clone(),
         }))
@@ -810,6 +868,7 @@ impl Inner {
             pidfd: None,
             pid: None,
             egress: None,
+            keepalive: None,
         };
         res.release().await
     }
@@ -923,6 +982,7 @@ impl Inner {
             binds,
             // Half the memory limit: a full /tmp leaves room to run.
             tmp_size: Some((spec.memory_bytes / 2).max(8 << 20)),
+            orphan_grace_s: self.orphan_grace.map(|g| g.as_secs().max(1)),
         };
         let pid = self
             .run_jail_init(id, &init, listener.as_raw_fd(), log)
@@ -994,7 +1054,14 @@ impl Inner {
     ) -> Result<i32, RuntimeError> {
         use std::os::unix::process::CommandExt as _;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut cmd = tokio::process::Command::new(self.agent.exec_path());
+        let agent = self.agent.as_ref().ok_or_else(|| {
+            RuntimeError::host(
+                "start jail-init",
+                id,
+                std::io::Error::other("this runtime was opened for clean-up only"),
+            )
+        })?;
+        let mut cmd = tokio::process::Command::new(agent.exec_path());
         cmd.as_std_mut().arg0("forkbox-agent");
         cmd.arg("jail-init")
             .env_clear()
@@ -1002,7 +1069,7 @@ impl Inner {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::from(log));
         // A fork child's jail-init also gets the nested agent image as fd 4.
-        let nested_fd = init.fork_of.map(|_| self.agent.nested_fd());
+        let nested_fd = init.fork_of.map(|_| agent.nested_fd());
         // SAFETY: the hook only calls dup2/fcntl on fds that stay open in the parent.
         unsafe {
             cmd.pre_exec(move || {
@@ -1309,7 +1376,8 @@ impl Instance for JailInstance {
         if hollow {
             // Descendants' PID namespaces hang off our PID 1: keep it, end the rest.
             self.kill_all_but_agent().await;
-            let kept = std::mem::take(&mut *res);
+            let mut kept = std::mem::take(&mut *res);
+            kept.keepalive = Some(self.client.clone());
             let unplaced = {
                 let mut lin = self.rt.lineage();
                 match lin.nodes.get_mut(&self.id) {

@@ -156,18 +156,22 @@ impl Volumes {
         Ok(())
     }
 
-    /// Unmounts every volume (server shutdown with `--on-exit destroy`).
-    pub async fn unmount_all(&self) {
+    /// Unmounts every volume (server shutdown with `--on-exit destroy`, `forkbox
+    /// down`); returns the mount points unmounted.
+    pub async fn unmount_all(&self) -> Vec<PathBuf> {
         let _g = self.lock.lock().await;
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
-            return;
+            return Vec::new();
         };
+        let mut done = Vec::new();
         for e in rd.flatten() {
             let p = e.path();
-            if p.is_dir() && is_mounted(&p) {
-                let _ = run("umount", &[&p.to_string_lossy()]).await;
+            if p.is_dir() && is_mounted(&p) && run("umount", &[&p.to_string_lossy()]).await.is_ok()
+            {
+                done.push(p);
             }
         }
+        done
     }
 
     /// Bytes in use on the volume's file system.

@@ -233,11 +233,21 @@ impl Egress {
 
     /// Deletes the egress namespace (when no sandbox uses it any more).
     pub async fn remove(&self) {
-        let _ = tokio::process::Command::new("ip")
-            .args(["netns", "delete", &self.cfg.netns])
-            .output()
-            .await;
+        remove_netns(&self.cfg.netns).await;
     }
+}
+
+/// Deletes the egress namespace `name` (with every host end of a sandbox link in it);
+/// true when there was one.
+pub async fn remove_netns(name: &str) -> bool {
+    if !PathBuf::from("/run/netns").join(name).exists() {
+        return false;
+    }
+    tokio::process::Command::new("ip")
+        .args(["netns", "delete", name])
+        .output()
+        .await
+        .is_ok_and(|o| o.status.success())
 }
 
 /// On the calling thread: joins `ns` and makes the listening socket bound to `dev`.

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bumped on every behaviour change of the agent; the host refuses a mismatch.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Answer of `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -155,6 +155,10 @@ pub struct JailInit {
     /// Size limit of the sandbox's /tmp, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tmp_size: Option<u64>,
+    /// The dead-man's switch: the sandbox ends itself after this many seconds without
+    /// a server connection (`None`: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orphan_grace_s: Option<u64>,
 }
 
 /// What the vm runtime's guest agent starts with: the host writes it into the guest's
@@ -168,6 +172,9 @@ pub struct VmInit {
     pub env: BTreeMap<String, String>,
     /// Name of the virtio-serial port the agent serves the protocol on.
     pub port: String,
+    /// As [`JailInit::orphan_grace_s`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orphan_grace_s: Option<u64>,
 }
 
 /// A host directory mounted at `target` (absolute, inside the sandbox).

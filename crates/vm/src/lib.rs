@@ -22,8 +22,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use forkbox_agent_client::AgentClient;
 use forkbox_core::runtime::{
-    AgentEvents, ByteStream, CreateSpec, Forked, Instance, Runtime, RuntimeError, UploadStream,
-    WatchEvents,
+    AgentEvents, ByteStream, CreateSpec, Forked, GcReport, Instance, Runtime, RuntimeError,
+    UploadStream, WatchEvents,
 };
 use forkbox_types::agent::{
     BgInfo, ExecRequest, FileOp, FileOpReply, PtyRequest, RunCodeRequest, VmInit, WriteReply,
@@ -56,6 +56,9 @@ pub struct VmConfig {
     pub kvm_probe_deadline: Duration,
     /// How long a guest may take from start to an answering agent.
     pub boot_deadline: Duration,
+    /// The dead-man's switch: a guest powers off after this long without a server
+    /// (`None`: never).
+    pub orphan_grace: Option<Duration>,
 }
 
 impl VmConfig {
@@ -71,6 +74,7 @@ impl VmConfig {
             accel: None,
             kvm_probe_deadline: Duration::from_secs(5),
             boot_deadline: Duration::from_secs(90),
+            orphan_grace: None,
         }
     }
 }
@@ -253,6 +257,7 @@ impl Inner {
             id: id.clone(),
             env: spec.env.clone(),
             port: AGENT_PORT.into(),
+            orphan_grace_s: self.cfg.orphan_grace.map(|g| g.as_secs().max(1)),
         };
         let init_json =
             serde_json::to_vec(&init).map_err(|e| RuntimeError::host("encode", &id, e))?;
@@ -343,6 +348,17 @@ impl Inner {
             .kill_on_drop(false);
         if !matches!(source, Source::Boot) {
             cmd.args(["-incoming", "defer"]);
+        }
+        // A session and process group of its own: signals to the server's group (a
+        // terminal's Ctrl-C, `timeout`, a supervisor) leave the VM alone.
+        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(fail("start QEMU"))?;
@@ -592,6 +608,11 @@ impl Runtime for VmRuntime {
                         nix::unistd::Pid::from_raw(pid),
                         nix::sys::signal::Signal::SIGKILL,
                     );
+                    // Gone (or a zombie of some other parent) before its files go.
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while qemu_of(pid, &dir) && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                 }
             }
         }
@@ -603,6 +624,35 @@ impl Runtime for VmRuntime {
         };
         collect_layers(&self.inner.cfg.run_dir.join("layers"));
         r
+    }
+
+    async fn collect_garbage(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        candidates: Vec<String>,
+    ) -> Result<GcReport, RuntimeError> {
+        let run_dir = &self.inner.cfg.run_dir;
+        let mut ids: std::collections::BTreeSet<String> = candidates.into_iter().collect();
+        if let Ok(rd) = std::fs::read_dir(run_dir) {
+            ids.extend(
+                rd.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                    .filter(|n| n != "layers"),
+            );
+        }
+        let mut report = GcReport::default();
+        for id in ids {
+            if keep.contains(&id) || id.is_empty() || id.contains('/') || id.starts_with('.') {
+                continue;
+            }
+            if !run_dir.join(&id).exists() && !self.inner.ram_file(&id).exists() {
+                continue;
+            }
+            self.cleanup(&id).await?;
+            report.freed += 1;
+        }
+        Ok(report)
     }
 }
 

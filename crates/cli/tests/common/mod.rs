@@ -7,6 +7,7 @@
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -86,6 +87,9 @@ fn spawn_server_logging(
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::piped())
         .stderr(stderr)
+        // A process group of its own, as a service manager would start it (and so a
+        // test can signal the server's whole group without signalling itself).
+        .process_group(0)
         .spawn()
         .expect("start forkbox serve");
     let stdout = child.stdout.take().expect("server stdout");
@@ -185,6 +189,111 @@ impl Server {
     /// Host pid of the server.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILLs the server (only it: its sandboxes and warden run on).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGKILLs the server's whole process group, as `kill -9 -PGID`, `timeout` or a
+    /// supervisor would.
+    pub fn kill_group(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a server again on the same data dir (after [`Server::kill`]), with
+    /// `env`.
+    pub fn restart_with(&mut self, env: &[(&str, String)]) {
+        let agent = std::env::var_os("FORKBOX_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
+        let (child, base) = spawn_server_logging(self.data.path(), &self.pool, &agent, None, env);
+        self.child = child;
+        self.base = base;
+    }
+
+    /// Like [`Server::start`], with extra environment for the server.
+    pub fn start_with(env: &[(&str, String)]) -> Server {
+        let mut s = Server::start();
+        s.kill();
+        down(s.data.path(), &s.pool);
+        s.restart_with(env);
+        s
+    }
+
+    /// What of sandboxes `ids` and of this server's data dir is still on the host
+    /// (processes, cgroups, root filesystems, run dirs, VM RAM files, mounts, the
+    /// egress namespace, QEMU or forkbox processes naming the data dir), one line each.
+    pub fn leftovers(&self, ids: &[String]) -> Vec<String> {
+        let data = self.data.path().to_string_lossy().into_owned();
+        let mut left = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == std::process::id() {
+                continue;
+            }
+            let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            for id in ids {
+                if cg.contains(&format!("/forkbox/{id}\n")) {
+                    left.push(format!("process {pid} of {id}: {cmd}"));
+                }
+            }
+            if cmd.contains(&data) && !cmd.contains(" down ") {
+                left.push(format!("process {pid}: {cmd}"));
+            }
+        }
+        let cg_roots: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("forkbox"))
+            .chain([PathBuf::from("/sys/fs/cgroup/forkbox")])
+            .collect();
+        for id in ids {
+            let mut paths: Vec<PathBuf> = cg_roots.iter().map(|r| r.join(id)).collect();
+            paths.push(self.pool.join("sandboxes").join(id));
+            paths.push(self.data.path().join("run").join(id));
+            paths.push(self.data.path().join("vm-run").join(id));
+            paths.push(PathBuf::from(format!("/dev/shm/forkbox-vm-{id}.ram")));
+            for p in paths {
+                if p.exists() {
+                    left.push(format!("{}", p.display()));
+                }
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        for m in mounts.lines() {
+            if let Some(mnt) = m.split(' ').nth(1) {
+                if mnt.starts_with(&data) {
+                    left.push(format!("mount {mnt}"));
+                }
+            }
+        }
+        let ns = std::path::Path::new("/run/netns").join(egress_netns(self.data.path()));
+        if ns.exists() {
+            left.push(format!("network namespace {}", ns.display()));
+        }
+        left
+    }
+
+    /// Waits up to `patience` for [`Server::leftovers`] of `ids` to be empty; what is
+    /// left when it runs out.
+    pub fn wait_clean(&self, ids: &[String], patience: Duration) -> Vec<String> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let left = self.leftovers(ids);
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// During a flood: records the server's RSS into `peak`, checks that it still answers
@@ -366,6 +475,9 @@ pub fn collect(events: &[Value]) -> (String, String, i64) {
 }
 
 impl Drop for Server {
+    /// Stops the server, then takes its data dir down (`forkbox down --purge`), so
+    /// nothing of the test is left on the host even when the test SIGKILLed the
+    /// server or it crashed; the data dir itself goes with the `TempDir`.
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
@@ -374,12 +486,65 @@ impl Drop for Server {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        down(self.data.path(), &self.pool);
+    }
+}
+
+/// The egress network namespace of data dir `data` (as the server names it).
+pub fn egress_netns(data: &std::path::Path) -> String {
+    use sha2::Digest as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let digest = sha2::Sha256::digest(data.as_os_str().as_bytes());
+    let hex: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("forkbox-egress-{hex}")
+}
+
+/// Runs `forkbox down` (with `args`) on `data`; its stdout.
+pub fn run_down(data: &std::path::Path, pool: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_forkbox"))
+        .arg("down")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--pool")
+        .arg(pool)
+        .env("FORKBOX_LOG", "warn")
+        .output()
+        .expect("run forkbox down");
+    assert!(
+        out.status.success(),
+        "forkbox down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `forkbox down --purge` on a test data dir; panics (unless already panicking) when
+/// it fails.
+pub fn down(data: &std::path::Path, pool: &std::path::Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_forkbox"))
+        .arg("down")
+        .arg("--purge")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--pool")
+        .arg(pool)
+        .env("FORKBOX_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run forkbox down");
+    if !out.status.success() && !std::thread::panicking() {
+        panic!(
+            "forkbox down on {} failed: {}",
+            data.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
