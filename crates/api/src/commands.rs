@@ -2,6 +2,7 @@
 //! `POST …/exec {"cmd", "background": true}`).
 
 use crate::extract::{JsonBody, QueryArgs};
+use crate::owned::Sbx;
 use crate::{ApiError, AppState};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -53,10 +54,7 @@ pub struct CommandList {
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/commands", tag = "commands", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = CommandList), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
-pub async fn list(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<CommandList>, ApiError> {
+pub async fn list(State(st): State<AppState>, Sbx(id): Sbx) -> Result<Json<CommandList>, ApiError> {
     Ok(Json(CommandList {
         commands: st
             .manager
@@ -82,10 +80,11 @@ pub struct StdinBody {
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/commands/{pid}/stdin", tag = "commands", params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Pid of the background command inside the sandbox")), request_body = StdinBody, responses((status = 204, description = "Written"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn stdin(
     State(st): State<AppState>,
-    Path((id, pid)): Path<(String, String)>,
+    Sbx(id): Sbx,
+    Path(ids): Path<(String, String)>,
     JsonBody(b): JsonBody<StdinBody>,
 ) -> Result<StatusCode, ApiError> {
-    let pid = parse_pid(&pid)?;
+    let pid = parse_pid(&ids.1)?;
     st.manager
         .command_stdin(&id, pid, b.data.into_bytes().into(), b.close)
         .await?;
@@ -137,10 +136,11 @@ fn signal_number(s: &SignalArg) -> Result<i32, ApiError> {
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/commands/{pid}/signal", tag = "commands", params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Pid of the background command inside the sandbox")), request_body = SignalBody, responses((status = 204, description = "Sent"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn signal(
     State(st): State<AppState>,
-    Path((id, pid)): Path<(String, String)>,
+    Sbx(id): Sbx,
+    Path(ids): Path<(String, String)>,
     JsonBody(b): JsonBody<SignalBody>,
 ) -> Result<StatusCode, ApiError> {
-    let pid = parse_pid(&pid)?;
+    let pid = parse_pid(&ids.1)?;
     let n = match &b.signal {
         Some(s) => signal_number(s)?,
         None => 15,
@@ -153,9 +153,10 @@ pub async fn signal(
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}/commands/{pid}", tag = "commands", params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Pid of the background command inside the sandbox")), responses((status = 204, description = "Killed"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn kill(
     State(st): State<AppState>,
-    Path((id, pid)): Path<(String, String)>,
+    Sbx(id): Sbx,
+    Path(ids): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let pid = parse_pid(&pid)?;
+    let pid = parse_pid(&ids.1)?;
     st.manager.command_signal(&id, pid, 9).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -169,9 +170,10 @@ pub struct WaitView {
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/commands/{pid}/wait", tag = "commands", params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Pid of the background command inside the sandbox")), responses((status = 200, body = WaitView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn wait(
     State(st): State<AppState>,
-    Path((id, pid)): Path<(String, String)>,
+    Sbx(id): Sbx,
+    Path(ids): Path<(String, String)>,
 ) -> Result<Json<WaitView>, ApiError> {
-    let pid = parse_pid(&pid)?;
+    let pid = parse_pid(&ids.1)?;
     let exit_code = st.manager.command_wait(&id, pid).await?;
     Ok(Json(WaitView { pid, exit_code }))
 }
@@ -187,10 +189,11 @@ pub struct OutputQuery {
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/commands/{pid}/output", tag = "commands", params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Pid of the background command inside the sandbox"), ("follow" = Option<String>, Query)), responses((status = 200, description = "NDJSON events", content_type = "application/x-ndjson", body = String), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn output(
     State(st): State<AppState>,
-    Path((id, pid)): Path<(String, String)>,
+    Sbx(id): Sbx,
+    Path(ids): Path<(String, String)>,
     QueryArgs(q): QueryArgs<OutputQuery>,
 ) -> Result<Response, ApiError> {
-    let pid = parse_pid(&pid)?;
+    let pid = parse_pid(&ids.1)?;
     let follow = crate::extract::flag(q.follow.as_deref(), "follow")?;
     let events = st.manager.command_output(&id, pid, follow).await?;
     Ok(crate::extract::ndjson(events))

@@ -2,8 +2,9 @@
 //! Events.
 
 use crate::extract::QueryArgs;
+use crate::owned::Sbx;
 use crate::{ApiError, AppState};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use forkbox_core::events::{LifecycleEvent, HISTORY};
@@ -40,7 +41,7 @@ fn is_final(ev: &LifecycleEvent, id: &str) -> bool {
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/events", tag = "streams", params(("id" = String, Path, description = "Sandbox id"), ("follow" = Option<String>, Query), ("tail" = Option<usize>, Query)), responses((status = 200, description = "Server-Sent Events of lifecycle changes", content_type = "text/event-stream", body = String), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn events(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let follow = crate::extract::flag(q.follow.as_deref(), "follow")?;
@@ -48,9 +49,9 @@ pub async fn events(
     let rec = st.manager.any_record(&id).await?;
     // Subscribe before reading the history, then skip what the history already had.
     let rx = st.manager.events().subscribe();
-    let past = st.manager.events().tail(&id, n);
+    let past = st.manager.events().tail(id.id(), n);
     let last = past.last().map(|e| e.seq).unwrap_or(0);
-    let ended = !rec.status.is_live() || past.last().is_some_and(|e| is_final(e, &id));
+    let ended = !rec.status.is_live() || past.last().is_some_and(|e| is_final(e, id.id()));
     let head = futures_util::stream::iter(
         past.into_iter()
             .map(|e| Ok::<_, Infallible>(sse(&e)))
@@ -59,6 +60,7 @@ pub async fn events(
     if !follow || ended {
         return Ok(Sse::new(head).into_response());
     }
+    let id = id.id().to_owned();
     let live = futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
         let id = id.clone();
         async move {
@@ -100,7 +102,7 @@ pub struct LogsQuery {
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "streams", params(("id" = String, Path, description = "Sandbox id"), ("follow" = Option<String>, Query)), responses((status = 200, description = "Server-Sent Events, one log line each", content_type = "text/event-stream", body = String), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn logs(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let follow = crate::extract::flag(q.follow.as_deref(), "follow")?;

@@ -2,12 +2,14 @@
 //! memory), metadata as JSON.
 
 use crate::extract::{JsonBody, QueryArgs};
+use crate::owned::Sbx;
 use crate::{ApiError, AppState};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use forkbox_core::SandboxRef;
 use forkbox_types::agent::{FileInfo, FileOp, FileOpReply, WriteReply};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -44,7 +46,7 @@ pub struct Listing {
     entries: Vec<FileInfo>,
 }
 
-async fn op(st: &AppState, id: &str, op: FileOp) -> Result<FileOpReply, ApiError> {
+async fn op(st: &AppState, id: &SandboxRef, op: FileOp) -> Result<FileOpReply, ApiError> {
     Ok(st.manager.file_op(id, op).await?)
 }
 
@@ -54,7 +56,7 @@ fn unexpected(what: &str) -> ApiError {
     ))
 }
 
-async fn stat_of(st: &AppState, id: &str, path: String) -> Result<FileInfo, ApiError> {
+async fn stat_of(st: &AppState, id: &SandboxRef, path: String) -> Result<FileInfo, ApiError> {
     match op(st, id, FileOp::Stat { path }).await? {
         FileOpReply::Info(i) => Ok(i),
         _ => Err(unexpected("stat")),
@@ -65,7 +67,7 @@ async fn stat_of(st: &AppState, id: &str, path: String) -> Result<FileInfo, ApiE
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), responses((status = 200, description = "The bytes", content_type = "application/octet-stream", body = Vec<u8>), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn read(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<PathArg>,
 ) -> Result<Response, ApiError> {
     let (size, stream) = st.manager.read_file(&id, &q.path).await?;
@@ -82,7 +84,7 @@ pub async fn read(
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 200, body = forkbox_types::agent::WriteReply), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn write(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<PathArg>,
     headers: HeaderMap,
     body: Body,
@@ -119,7 +121,7 @@ pub async fn write(
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/raw", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), responses((status = 200, description = "The bytes", content_type = "application/octet-stream", body = Vec<u8>), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn read_raw(
     st: State<AppState>,
-    id: Path<String>,
+    id: Sbx,
     q: QueryArgs<PathArg>,
 ) -> Result<Response, ApiError> {
     read(st, id, q).await
@@ -129,7 +131,7 @@ pub async fn read_raw(
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files/raw", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 200, body = forkbox_types::agent::WriteReply), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn write_raw(
     st: State<AppState>,
-    id: Path<String>,
+    id: Sbx,
     q: QueryArgs<PathArg>,
     headers: HeaderMap,
     body: Body,
@@ -141,7 +143,7 @@ pub async fn write_raw(
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)"), ("recursive" = Option<bool>, Query)), responses((status = 204, description = "Removed"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn delete(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<DeleteArgs>,
 ) -> Result<StatusCode, ApiError> {
     op(
@@ -168,7 +170,7 @@ pub struct WatchArgs {
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/watch", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)"), ("recursive" = Option<String>, Query)), responses((status = 200, description = "Server-Sent Events of changes", content_type = "text/event-stream", body = String), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn watch(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<WatchArgs>,
 ) -> Result<Response, ApiError> {
     let recursive = crate::extract::flag(q.recursive.as_deref(), "recursive")?;
@@ -192,7 +194,7 @@ pub async fn watch(
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/ls", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), responses((status = 200, body = Listing), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn ls(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<PathArg>,
 ) -> Result<Json<Listing>, ApiError> {
     match op(
@@ -216,7 +218,7 @@ pub async fn ls(
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files", params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Path inside the sandbox (absolute, or relative to /root)")), responses((status = 200, body = forkbox_types::agent::FileInfo), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn stat(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<PathArg>,
 ) -> Result<Json<FileInfo>, ApiError> {
     Ok(Json(stat_of(&st, &id, q.path).await?))
@@ -226,7 +228,7 @@ pub async fn stat(
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files", params(("id" = String, Path, description = "Sandbox id")), request_body = PathArg, responses((status = 200, body = forkbox_types::agent::FileInfo), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn mkdir(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     JsonBody(b): JsonBody<PathArg>,
 ) -> Result<Json<FileInfo>, ApiError> {
     op(
@@ -244,7 +246,7 @@ pub async fn mkdir(
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/files/rename", tag = "files", params(("id" = String, Path, description = "Sandbox id")), request_body = RenameBody, responses((status = 200, body = forkbox_types::agent::FileInfo), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn rename(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     JsonBody(b): JsonBody<RenameBody>,
 ) -> Result<Json<FileInfo>, ApiError> {
     op(

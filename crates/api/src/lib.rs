@@ -7,6 +7,7 @@ mod error;
 mod events;
 mod extract;
 mod files;
+mod owned;
 mod pty;
 mod runner;
 mod sandboxes;

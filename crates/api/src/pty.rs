@@ -5,11 +5,13 @@
 //! ends, a text message `{"type": "exit", "code"}`, then the socket closes.
 
 use crate::extract::QueryArgs;
+use crate::owned::Sbx;
 use crate::{ApiError, AppState};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 use bytes::Bytes;
+use forkbox_core::SandboxRef;
 use forkbox_types::agent::PtyRequest;
 use forkbox_types::pty::{encode, Decoder, Frame};
 use futures_util::{SinkExt, StreamExt};
@@ -37,7 +39,7 @@ enum Control {
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/pty", tag = "exec", params(("id" = String, Path, description = "Sandbox id"), ("rows" = Option<u16>, Query), ("cols" = Option<u16>, Query), ("cmd" = Option<String>, Query)), responses((status = 101, description = "WebSocket: binary = terminal bytes; text = JSON controls and the exit"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn pty(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<PtyQuery>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -62,7 +64,7 @@ pub async fn pty(
     Ok(ws.on_upgrade(move |socket| session(st, id, req, socket)))
 }
 
-async fn session(st: AppState, id: String, req: PtyRequest, socket: WebSocket) {
+async fn session(st: AppState, id: SandboxRef, req: PtyRequest, socket: WebSocket) {
     let (mut sink, mut source) = socket.split();
     let (in_tx, in_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let input = tokio_stream::wrappers::ReceiverStream::new(in_rx).boxed();

@@ -1,11 +1,13 @@
 //! `/v1/sandboxes` routes.
 
 use crate::extract::JsonBody;
+use crate::owned::{Sbx, SbxPair, Snap};
 use crate::{ApiError, AppState};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use forkbox_core::SandboxRef;
 use forkbox_core::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,
 };
@@ -185,7 +187,7 @@ pub async fn create(
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/hibernate", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn hibernate(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
 ) -> Result<Json<SandboxView>, ApiError> {
     Ok(Json(st.manager.hibernate(&id).await?.into()))
 }
@@ -199,10 +201,7 @@ pub struct WakeView {
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/wake", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = WakeView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
-pub async fn wake(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<WakeView>, ApiError> {
+pub async fn wake(State(st): State<AppState>, Sbx(id): Sbx) -> Result<Json<WakeView>, ApiError> {
     let sandbox = st.manager.wake(&id).await?;
     // The vm runtime saves the whole guest; the jail cannot save live memory.
     let vm = sandbox.runtime == "vm";
@@ -247,7 +246,7 @@ impl From<Snapshot> for SnapshotView {
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshot", tag = "snapshots", params(("id" = String, Path, description = "Sandbox id")), request_body = SnapshotBody, responses((status = 201, body = SnapshotView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn snapshot(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     JsonBody(b): JsonBody<SnapshotBody>,
 ) -> Result<(StatusCode, Json<SnapshotView>), ApiError> {
     let s = st.manager.snapshot(&id, &b.name).await?;
@@ -278,7 +277,7 @@ pub async fn list_snapshots(
 #[utoipa::path(get, path = "/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id")), responses((status = 200, body = SnapshotView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn get_snapshot(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Snap(id): Snap,
 ) -> Result<Json<SnapshotView>, ApiError> {
     Ok(Json(st.manager.get_snapshot(&id).await?.into()))
 }
@@ -286,17 +285,14 @@ pub async fn get_snapshot(
 #[utoipa::path(delete, path = "/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id")), responses((status = 204, description = "Deleted"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn delete_snapshot(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Snap(id): Snap,
 ) -> Result<StatusCode, ApiError> {
     st.manager.delete_snapshot(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
-pub async fn get(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<SandboxView>, ApiError> {
+pub async fn get(State(st): State<AppState>, Sbx(id): Sbx) -> Result<Json<SandboxView>, ApiError> {
     Ok(Json(st.manager.get(&id).await?.into()))
 }
 
@@ -371,7 +367,7 @@ pub struct TimeoutBody {
 #[utoipa::path(method(post, patch), path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), request_body = TimeoutBody, responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn set_timeout(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     JsonBody(b): JsonBody<TimeoutBody>,
 ) -> Result<Json<SandboxView>, ApiError> {
     Ok(Json(st.manager.set_timeout(&id, b.timeout).await?.into()))
@@ -380,7 +376,7 @@ pub async fn set_timeout(
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn pause(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
 ) -> Result<Json<SandboxView>, ApiError> {
     Ok(Json(st.manager.pause(&id).await?.into()))
 }
@@ -388,7 +384,7 @@ pub async fn pause(
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn resume(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
 ) -> Result<Json<SandboxView>, ApiError> {
     Ok(Json(st.manager.resume(&id).await?.into()))
 }
@@ -414,7 +410,7 @@ pub struct ForkView {
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "fork", params(("id" = String, Path, description = "Sandbox id")), request_body = ForkBody, responses((status = 200, body = ForkView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn fork(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     JsonBody(b): JsonBody<ForkBody>,
 ) -> Result<Json<ForkView>, ApiError> {
     let n = b.n.unwrap_or(1);
@@ -426,7 +422,7 @@ pub async fn fork(
     }
     let out = st.manager.fork(&id, n as u32).await?;
     Ok(Json(ForkView {
-        parent: id,
+        parent: id.to_string(),
         children: out.children.iter().map(|s| s.id.clone()).collect(),
         sandboxes: out.children.into_iter().map(Into::into).collect(),
         carried: out.carried,
@@ -437,16 +433,13 @@ pub async fn fork(
 #[utoipa::path(post, path = "/v1/sandboxes/{child}/merge_into/{parent}", tag = "fork", params(("child" = String, Path), ("parent" = String, Path)), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn merge_into(
     State(st): State<AppState>,
-    Path((child, parent)): Path<(String, String)>,
+    SbxPair(child, parent): SbxPair,
 ) -> Result<Json<SandboxView>, ApiError> {
     Ok(Json(st.manager.merge_into(&child, &parent).await?.into()))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 204, description = "Deleted"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
-pub async fn delete(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
+pub async fn delete(State(st): State<AppState>, Sbx(id): Sbx) -> Result<StatusCode, ApiError> {
     st.manager.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -490,7 +483,7 @@ enum ExecJson {
 /// Validates an exec body and starts the call.
 async fn start_exec(
     st: &AppState,
-    id: &str,
+    id: &SandboxRef,
     b: ExecBody,
 ) -> Result<futures_util::stream::BoxStream<'static, forkbox_types::exec::ExecEvent>, ApiError> {
     let work = match (b.cmd, b.code) {
@@ -535,7 +528,7 @@ async fn start_exec(
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "exec", params(("id" = String, Path, description = "Sandbox id")), request_body = ExecBody, responses((status = 200, description = "Server-Sent Events: stdout, stderr, exit", content_type = "text/event-stream", body = String), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn exec_stream(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     JsonBody(b): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
     if b.wait || b.background {
@@ -564,7 +557,7 @@ pub async fn exec_stream(
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", params(("id" = String, Path, description = "Sandbox id")), request_body = ExecBody, responses((status = 200, description = "The events as NDJSON (application/x-ndjson); with `wait`, one ExecResult; with `background`, the started command", content((String = "application/x-ndjson"), (ExecJson = "application/json"))), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn exec(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Sbx(id): Sbx,
     JsonBody(b): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
     let wait = b.wait;

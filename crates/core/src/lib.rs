@@ -4,6 +4,7 @@
 //! Core never sees HTTP: the API layer turns requests into calls on [`Manager`], which
 //! returns typed results and [`CoreError`]s.
 
+pub mod access;
 pub mod auth;
 pub mod down;
 pub mod events;
@@ -20,6 +21,7 @@ pub mod trace;
 pub mod volumes;
 pub mod warm;
 
+pub use access::{SandboxRef, SnapshotRef};
 pub use manager::{ForkOutcome, Manager, ManagerConfig, MAX_FORK};
 pub use model::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Volume,

@@ -1,6 +1,7 @@
 //! The sandbox state machine: create, exec, delete and time-to-live, over one runtime
 //! and the store.
 
+use crate::access::{SandboxRef, SnapshotRef};
 use crate::auth::{self, NewToken, Principal, Quota, Token, Usage, DEFAULT_WORKSPACE};
 use crate::events::EventLog;
 use crate::metrics::{KindLabel, Metrics, StatusLabel};
@@ -556,7 +557,8 @@ impl Manager {
 
     /// Forks a running sandbox into `n` children that start from its current state.
     /// Waits for a running REPL cell and other lifecycle calls on the sandbox first.
-    pub async fn fork(&self, id: &str, n: u32) -> Result<ForkOutcome, CoreError> {
+    pub async fn fork(&self, id: &SandboxRef, n: u32) -> Result<ForkOutcome, CoreError> {
+        let id = id.id();
         if !(1..=MAX_FORK).contains(&n) {
             return Err(CoreError::Invalid(format!(
                 "n must be between 1 and {MAX_FORK}"
@@ -661,7 +663,11 @@ impl Manager {
     }
 
     /// A record, live or ended, or 404.
-    pub async fn any_record(&self, id: &str) -> Result<Sandbox, CoreError> {
+    pub async fn any_record(&self, id: &SandboxRef) -> Result<Sandbox, CoreError> {
+        self.any_record_in(id.id()).await
+    }
+
+    async fn any_record_in(&self, id: &str) -> Result<Sandbox, CoreError> {
         if let Some(l) = self.live(id) {
             return Ok(l.record());
         }
@@ -674,15 +680,20 @@ impl Manager {
     /// Makes `child`'s state (filesystem and REPL) `parent`'s: the parent id now refers
     /// to the child's sandbox, the child id is consumed (410 afterwards), siblings are
     /// untouched. Merges into one parent run one at a time.
-    pub async fn merge_into(&self, child: &str, parent: &str) -> Result<Sandbox, CoreError> {
+    pub async fn merge_into(
+        &self,
+        child: &SandboxRef,
+        parent: &SandboxRef,
+    ) -> Result<Sandbox, CoreError> {
+        let (child, parent) = (child.id(), parent.id());
         if child == parent {
             return Err(CoreError::Conflict(format!(
                 "{child} cannot be merged into itself"
             )));
         }
         // Both must exist and be live (404 / 410 otherwise).
-        let c = self.get(child).await?;
-        self.get(parent).await?;
+        let c = self.get_in(child).await?;
+        self.get_in(parent).await?;
         let mut up = c.parent.clone();
         let mut steps = 0;
         let descends = loop {
@@ -690,7 +701,7 @@ impl Manager {
                 Some(p) if p == parent => break true,
                 Some(p) if steps < 64 => {
                     steps += 1;
-                    up = self.any_record(&p).await.ok().and_then(|r| r.parent);
+                    up = self.any_record_in(&p).await.ok().and_then(|r| r.parent);
                 }
                 _ => break false,
             }
@@ -766,7 +777,11 @@ impl Manager {
     }
 
     /// The record of a sandbox; ended sandboxes answer [`CoreError::Gone`].
-    pub async fn get(&self, id: &str) -> Result<Sandbox, CoreError> {
+    pub async fn get(&self, id: &SandboxRef) -> Result<Sandbox, CoreError> {
+        self.get_in(id.id()).await
+    }
+
+    async fn get_in(&self, id: &str) -> Result<Sandbox, CoreError> {
         if let Some(l) = self.live(id) {
             return Ok(l.record());
         }
@@ -784,7 +799,7 @@ impl Manager {
         if let Some(l) = self.live(id) {
             return Ok(l);
         }
-        let s = self.get(id).await?;
+        let s = self.get_in(id).await?;
         // Recorded running or paused but no longer held: it is being ended right now
         // (its record changes once its processes are gone); earlier servers' leftovers
         // were settled by `recover` before serving.
@@ -800,9 +815,10 @@ impl Manager {
     /// Runs a command and streams its numbered events; the last one is always `exit`.
     pub async fn exec(
         &self,
-        id: &str,
+        id: &SandboxRef,
         cmd: ExecCommand,
     ) -> Result<BoxStream<'static, ExecEvent>, CoreError> {
+        let id = id.id();
         let timeout_ms = match cmd.timeout {
             None => None,
             Some(t) if t.is_finite() && t > 0.0 && t <= 86400.0 => Some((t * 1000.0) as u64),
@@ -892,7 +908,12 @@ impl Manager {
     }
 
     /// Starts a command without waiting for it (`"background": true`).
-    pub async fn exec_background(&self, id: &str, cmd: ExecCommand) -> Result<BgInfo, CoreError> {
+    pub async fn exec_background(
+        &self,
+        id: &SandboxRef,
+        cmd: ExecCommand,
+    ) -> Result<BgInfo, CoreError> {
+        let id = id.id();
         let Work::Command(c) = cmd.work else {
             return Err(CoreError::Invalid(
                 "background applies to commands (`cmd`), not REPL cells".into(),
@@ -927,10 +948,11 @@ impl Manager {
     /// `forkbox_types::pty`).
     pub async fn pty(
         &self,
-        id: &str,
+        id: &SandboxRef,
         req: PtyRequest,
         input: UploadStream,
     ) -> Result<ByteStream, CoreError> {
+        let id = id.id();
         if req
             .cmd
             .as_deref()
@@ -946,19 +968,21 @@ impl Manager {
     /// A live sandbox's log lines (see [`Instance::logs`]).
     pub async fn logs(
         &self,
-        id: &str,
+        id: &SandboxRef,
         follow: bool,
     ) -> Result<BoxStream<'static, String>, CoreError> {
+        let id = id.id();
         Ok(self.running(id).await?.instance.logs(follow).await?)
     }
 
     /// Changes under a directory of a running sandbox, as they happen.
     pub async fn watch(
         &self,
-        id: &str,
+        id: &SandboxRef,
         path: &str,
         recursive: bool,
     ) -> Result<crate::runtime::WatchEvents, CoreError> {
+        let id = id.id();
         Ok(self
             .running_instance(id)
             .await?
@@ -967,23 +991,26 @@ impl Manager {
     }
 
     /// Checks that `id` is running (for calls that must fail before they start).
-    pub async fn check_running(&self, id: &str) -> Result<(), CoreError> {
+    pub async fn check_running(&self, id: &SandboxRef) -> Result<(), CoreError> {
+        let id = id.id();
         self.running_instance(id).await.map(|_| ())
     }
 
     /// Background commands of a sandbox.
-    pub async fn commands(&self, id: &str) -> Result<Vec<BgInfo>, CoreError> {
+    pub async fn commands(&self, id: &SandboxRef) -> Result<Vec<BgInfo>, CoreError> {
+        let id = id.id();
         // A paused sandbox's agent is frozen: answer 409 rather than hang.
         Ok(self.running_instance(id).await?.bg_list().await?)
     }
 
     pub async fn command_stdin(
         &self,
-        id: &str,
+        id: &SandboxRef,
         pid: i32,
         data: Bytes,
         close: bool,
     ) -> Result<(), CoreError> {
+        let id = id.id();
         Ok(self
             .running_instance(id)
             .await?
@@ -991,7 +1018,13 @@ impl Manager {
             .await?)
     }
 
-    pub async fn command_signal(&self, id: &str, pid: i32, signal: i32) -> Result<(), CoreError> {
+    pub async fn command_signal(
+        &self,
+        id: &SandboxRef,
+        pid: i32,
+        signal: i32,
+    ) -> Result<(), CoreError> {
+        let id = id.id();
         Ok(self
             .running_instance(id)
             .await?
@@ -1000,7 +1033,8 @@ impl Manager {
     }
 
     /// Waits for a background command to exit; its exit code.
-    pub async fn command_wait(&self, id: &str, pid: i32) -> Result<i32, CoreError> {
+    pub async fn command_wait(&self, id: &SandboxRef, pid: i32) -> Result<i32, CoreError> {
+        let id = id.id();
         Ok(self.running_instance(id).await?.bg_wait(pid).await?)
     }
 
@@ -1008,10 +1042,11 @@ impl Manager {
     /// same numbered events as exec.
     pub async fn command_output(
         &self,
-        id: &str,
+        id: &SandboxRef,
         pid: i32,
         follow: bool,
     ) -> Result<BoxStream<'static, ExecEvent>, CoreError> {
+        let id = id.id();
         let live = self.running(id).await?;
         if live.record().status != Status::Running {
             return Err(CoreError::WrongState {
@@ -1049,26 +1084,29 @@ impl Manager {
     }
 
     /// A metadata operation on a sandbox's files.
-    pub async fn file_op(&self, id: &str, op: FileOp) -> Result<FileOpReply, CoreError> {
+    pub async fn file_op(&self, id: &SandboxRef, op: FileOp) -> Result<FileOpReply, CoreError> {
+        let id = id.id();
         Ok(self.running_instance(id).await?.file_op(op).await?)
     }
 
     /// Reads a file of a sandbox, streamed.
     pub async fn read_file(
         &self,
-        id: &str,
+        id: &SandboxRef,
         path: &str,
     ) -> Result<(Option<u64>, ByteStream), CoreError> {
+        let id = id.id();
         Ok(self.running_instance(id).await?.read_file(path).await?)
     }
 
     /// Writes a file of a sandbox from a stream, atomically.
     pub async fn write_file(
         &self,
-        id: &str,
+        id: &SandboxRef,
         path: &str,
         data: UploadStream,
     ) -> Result<WriteReply, CoreError> {
+        let id = id.id();
         Ok(self
             .running_instance(id)
             .await?
@@ -1092,7 +1130,8 @@ impl Manager {
     }
 
     /// Gives a sandbox `timeout_s` more seconds of life, counted from now.
-    pub async fn set_timeout(&self, id: &str, timeout_s: u64) -> Result<Sandbox, CoreError> {
+    pub async fn set_timeout(&self, id: &SandboxRef, timeout_s: u64) -> Result<Sandbox, CoreError> {
+        let id = id.id();
         if timeout_s == 0 || timeout_s > self.config.max_timeout_s {
             return Err(CoreError::Invalid(format!(
                 "timeout must be between 1 and {} seconds",
@@ -1110,12 +1149,14 @@ impl Manager {
     }
 
     /// Freezes a running sandbox (409 unless running).
-    pub async fn pause(&self, id: &str) -> Result<Sandbox, CoreError> {
+    pub async fn pause(&self, id: &SandboxRef) -> Result<Sandbox, CoreError> {
+        let id = id.id();
         self.transition(id, Status::Running, Status::Paused).await
     }
 
     /// Thaws a paused sandbox (409 unless paused).
-    pub async fn resume(&self, id: &str) -> Result<Sandbox, CoreError> {
+    pub async fn resume(&self, id: &SandboxRef) -> Result<Sandbox, CoreError> {
+        let id = id.id();
         self.transition(id, Status::Paused, Status::Running).await
     }
 
@@ -1149,7 +1190,8 @@ impl Manager {
 
     /// Stops a running or paused sandbox's processes and frees its memory, keeping its
     /// filesystem; `wake` starts it again. Its time to live stops counting meanwhile.
-    pub async fn hibernate(&self, id: &str) -> Result<Sandbox, CoreError> {
+    pub async fn hibernate(&self, id: &SandboxRef) -> Result<Sandbox, CoreError> {
+        let id = id.id();
         let live = self.running(id).await?;
         let _op = live.op.lock().await;
         if self.live(id).is_none_or(|now| !Arc::ptr_eq(&now, &live)) {
@@ -1170,8 +1212,9 @@ impl Manager {
 
     /// Starts a hibernated sandbox again on its kept filesystem. In the jail runtime
     /// its memory (REPL state, running processes) was not kept.
-    pub async fn wake(&self, id: &str) -> Result<Sandbox, CoreError> {
-        let rec = self.get(id).await?;
+    pub async fn wake(&self, id: &SandboxRef) -> Result<Sandbox, CoreError> {
+        let id = id.id();
+        let rec = self.get_in(id).await?;
         if rec.status != Status::Hibernated {
             return Err(CoreError::WrongState {
                 id: id.to_owned(),
@@ -1234,7 +1277,8 @@ impl Manager {
     }
 
     /// Takes a named, read-only snapshot of a running or paused sandbox's filesystem.
-    pub async fn snapshot(&self, id: &str, name: &str) -> Result<Snapshot, CoreError> {
+    pub async fn snapshot(&self, id: &SandboxRef, name: &str) -> Result<Snapshot, CoreError> {
+        let id = id.id();
         if name.is_empty() || name.len() > 128 || name.contains('\0') {
             return Err(CoreError::Invalid(
                 "name must be 1-128 characters without NUL".into(),
@@ -1272,7 +1316,11 @@ impl Manager {
         Ok(self.store.list_snapshots(workspace).await?)
     }
 
-    pub async fn get_snapshot(&self, id: &str) -> Result<Snapshot, CoreError> {
+    pub async fn get_snapshot(&self, id: &SnapshotRef) -> Result<Snapshot, CoreError> {
+        self.get_snapshot_in(id.id()).await
+    }
+
+    async fn get_snapshot_in(&self, id: &str) -> Result<Snapshot, CoreError> {
         self.store
             .get_snapshot(id)
             .await?
@@ -1280,15 +1328,17 @@ impl Manager {
     }
 
     /// Deletes a snapshot; sandboxes made from it keep their own copies.
-    pub async fn delete_snapshot(&self, id: &str) -> Result<(), CoreError> {
-        self.get_snapshot(id).await?;
+    pub async fn delete_snapshot(&self, id: &SnapshotRef) -> Result<(), CoreError> {
+        let id = id.id();
+        self.get_snapshot_in(id).await?;
         self.runtime.delete_snapshot(id).await?;
         self.store.delete_snapshot(id).await?;
         Ok(())
     }
 
     /// Destroys a sandbox; its record stays, marked `deleted`.
-    pub async fn delete(&self, id: &str) -> Result<(), CoreError> {
+    pub async fn delete(&self, id: &SandboxRef) -> Result<(), CoreError> {
+        let id = id.id();
         self.end(id, Status::Deleted, "deleted by client").await
     }
 
@@ -1317,7 +1367,7 @@ impl Manager {
         let Some(live) = live else {
             // Not ours: unknown, already ended, hibernated, or left running by an
             // earlier server.
-            let s = self.get(id).await?;
+            let s = self.get_in(id).await?;
             if s.status == Status::Hibernated && self.waking_now(id) {
                 return Err(CoreError::Conflict(format!("{id} is waking; retry")));
             }
@@ -1587,7 +1637,7 @@ impl Manager {
                 self.events.emit(&id, "timeout", serde_json::Value::Null);
             }
             if status == Status::Hibernated {
-                if let Err(e) = self.hibernate(&id).await {
+                if let Err(e) = self.hibernate(&SandboxRef::internal(&id)).await {
                     tracing::warn!(sandbox = %id, error = %e, "hibernating an expired sandbox failed; killing it");
                     let _ = self.end(&id, Status::Killed, reason).await;
                 }

@@ -2,6 +2,7 @@
 //! runs in a fresh throw-away sandbox of the language's template, taken from a warm
 //! pool when one is kept, and destroyed afterwards.
 
+use crate::access::SandboxRef;
 use crate::languages::Language;
 use crate::manager::{Manager, EXIT_UNKNOWN};
 use crate::model::{CreateRequest, ExecCommand, Work};
@@ -283,7 +284,7 @@ impl Manager {
                         env: Default::default(),
                         timeout: Some(30.0),
                     };
-                    if let Ok(events) = me.exec(&s.id, run).await {
+                    if let Ok(events) = me.exec(&SandboxRef::internal(&s.id), run).await {
                         collect(events).await;
                     }
                 }
@@ -316,7 +317,11 @@ impl Manager {
         let key = PoolKey::runner(template);
         loop {
             let id = self.take_ready(&key)?;
-            if self.set_timeout(&id, timeout_s).await.is_ok() {
+            if self
+                .set_timeout(&SandboxRef::internal(&id), timeout_s)
+                .await
+                .is_ok()
+            {
                 return Some(id);
             }
         }
@@ -362,7 +367,7 @@ impl Manager {
         let exec = t0.elapsed() - load;
         let me = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = me.delete(&id).await {
+            if let Err(e) = me.delete(&SandboxRef::internal(&id)).await {
                 tracing::warn!(sandbox = %id, error = %e, "delete after execute");
             }
             // No client can name a runner sandbox: its events would only take memory.
@@ -388,7 +393,7 @@ impl Manager {
         let path = format!("{RUN_DIR}/{}", lang.file_name());
         let code = bytes::Bytes::from(req.code.clone().into_bytes());
         self.write_file(
-            id,
+            &SandboxRef::internal(id),
             &path,
             futures_util::stream::once(async move { Ok(code) }).boxed(),
         )
@@ -407,12 +412,12 @@ impl Manager {
         };
         let mut built = Collected::default();
         if let Some(compile) = &lang.compile {
-            built = collect(self.exec(id, sh(compile)).await?).await;
+            built = collect(self.exec(&SandboxRef::internal(id), sh(compile)).await?).await;
             if built.exit_code != 0 {
                 return Ok(built);
             }
         }
-        let mut ran = collect(self.exec(id, sh(&lang.run)).await?).await;
+        let mut ran = collect(self.exec(&SandboxRef::internal(id), sh(&lang.run)).await?).await;
         // Compiler warnings come first, as a terminal would show them.
         built.stdout.push_str(&ran.stdout);
         built.stderr.push_str(&ran.stderr);

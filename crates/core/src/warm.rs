@@ -104,7 +104,7 @@ impl Manager {
     pub async fn discard_stale_pool_sandboxes(&self) -> usize {
         let mut n = 0;
         for id in self.live_ids_in(&[POOL_WORKSPACE, crate::runner::RUNNER_WORKSPACE]) {
-            match self.delete(&id).await {
+            match self.delete(&crate::access::SandboxRef::internal(&id)).await {
                 Ok(()) => n += 1,
                 Err(e) => {
                     tracing::warn!(sandbox = %id, error = %e, "discarding a stale pool sandbox")
