@@ -18,6 +18,8 @@ pub enum FileError {
     BadPath(&'static str),
     #[error("{path}: {errno}")]
     Os { path: String, errno: Errno },
+    #[error("{path} is not a regular file ({kind}); only regular files are read")]
+    NotRegular { path: String, kind: &'static str },
 }
 
 impl FileError {
@@ -25,6 +27,7 @@ impl FileError {
     pub fn status(&self) -> u16 {
         match self {
             FileError::BadPath(_) => 400,
+            FileError::NotRegular { .. } => 409,
             FileError::Os { errno, .. } => match errno {
                 Errno::ENOENT => 404,
                 Errno::ENOTDIR
@@ -375,14 +378,33 @@ fn move_across(from: &str, to: &str, from_dir: &OwnedFd, from_name: &str) -> Res
     .map_err(os(from))
 }
 
-/// Opens a regular file for reading; returns it and its size.
+/// Opens a regular file for reading; returns it and its size. Anything else is
+/// refused: a directory (EISDIR), and FIFOs, sockets and devices, which would block
+/// the call or never end (opened non-blocking, so a FIFO without a writer cannot hang
+/// the open either).
 pub fn open_read(path: &str) -> Result<(std::fs::File, u64), FileError> {
     let path = normalize(path)?;
-    let fd = open_in_root(&path, OFlag::O_RDONLY, 0)?;
+    let fd = open_in_root(&path, OFlag::O_RDONLY | OFlag::O_NONBLOCK, 0)?;
     let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(os(&path))?;
-    if kind(&st) == FileKind::Dir {
-        return Err(os(&path)(Errno::EISDIR));
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => {}
+        libc::S_IFDIR => return Err(os(&path)(Errno::EISDIR)),
+        other => {
+            let kind = match other {
+                libc::S_IFIFO => "a FIFO",
+                libc::S_IFSOCK => "a socket",
+                libc::S_IFCHR => "a character device",
+                libc::S_IFBLK => "a block device",
+                _ => "not a file",
+            };
+            return Err(FileError::NotRegular { path, kind });
+        }
     }
+    // Back to blocking reads (regular files ignore it; cleared for clarity).
+    let flags =
+        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).map_err(os(&path))?;
+    let flags = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(os(&path))?;
     Ok((std::fs::File::from(fd), st.st_size.max(0) as u64))
 }
 

@@ -65,20 +65,51 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
     next.run(req).await
 }
 
+/// Query parameters that carry credentials: never logged.
+const SECRET_PARAMS: &[&str] = &["access_token", "api_key", "token"];
+
+/// `uri` with the values of credential-carrying query parameters replaced by
+/// `REDACTED`, for logs.
+pub(crate) fn redacted_uri(uri: &axum::http::Uri) -> String {
+    let Some(q) = uri.query() else {
+        return uri.path().to_owned();
+    };
+    let parts: Vec<String> = q
+        .split('&')
+        .map(|kv| {
+            let key = kv.split('=').next().unwrap_or_default();
+            let decoded: String = form_urlencoded::parse(key.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            if SECRET_PARAMS
+                .iter()
+                .any(|s| decoded.eq_ignore_ascii_case(s))
+            {
+                format!("{key}=REDACTED")
+            } else {
+                kv.to_owned()
+            }
+        })
+        .collect();
+    format!("{}?{}", uri.path(), parts.join("&"))
+}
+
 /// Removes `access_token` from the query, so handlers (and their strict query
 /// parsers) never see the key.
 fn strip_access_token(req: &mut Request) {
     let Some(q) = req.uri().query() else { return };
-    if !q
-        .split('&')
-        .any(|kv| kv.split('=').next() == Some("access_token"))
-    {
+    // Compared decoded, as `key_of` reads it (`%61ccess_token` is `access_token`).
+    let is_token = |kv: &&str| {
+        let key = kv.split('=').next().unwrap_or_default();
+        form_urlencoded::parse(key.as_bytes())
+            .next()
+            .is_some_and(|(k, _)| k == "access_token")
+    };
+    if !q.split('&').any(|kv| is_token(&kv)) {
         return;
     }
-    let rest: Vec<&str> = q
-        .split('&')
-        .filter(|kv| kv.split('=').next() != Some("access_token"))
-        .collect();
+    let rest: Vec<&str> = q.split('&').filter(|kv| !is_token(kv)).collect();
     let pq = if rest.is_empty() {
         req.uri().path().to_owned()
     } else {
@@ -310,4 +341,25 @@ pub async fn set_workspace(
         usage: st.manager.usage(&name).await?.into(),
         name,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_the_query_are_redacted_in_logs() {
+        let u: axum::http::Uri =
+            "/v1/sandboxes/x/events?follow=1&access_token=fbk_secret&%61ccess_token=fbk_2&tail=3"
+                .parse()
+                .unwrap();
+        let shown = redacted_uri(&u);
+        assert!(!shown.contains("fbk_"), "{shown}");
+        assert_eq!(
+            shown,
+            "/v1/sandboxes/x/events?follow=1&access_token=REDACTED&%61ccess_token=REDACTED&tail=3"
+        );
+        let plain: axum::http::Uri = "/v1/sandboxes".parse().unwrap();
+        assert_eq!(redacted_uri(&plain), "/v1/sandboxes");
+    }
 }

@@ -144,7 +144,19 @@ pub fn app(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn(traced))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                |req: &axum::http::Request<axum::body::Body>| {
+                    // The URI as logged: credentials in the query are redacted.
+                    tracing::debug_span!(
+                        "request",
+                        method = %req.method(),
+                        uri = %auth::redacted_uri(req.uri()),
+                        version = ?req.version(),
+                    )
+                },
+            ),
+        )
         .with_state(state)
 }
 

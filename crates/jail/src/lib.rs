@@ -668,7 +668,13 @@ impl Inner {
             let rootfs = self.pool.sandbox(c);
             let run = self.run_dir.join(c);
             let (has_cg, has_fs, has_run) = (cg.exists(), rootfs.exists(), run.exists());
-            if !(has_cg || has_fs || has_run) {
+            let staged = self
+                .pool
+                .root()
+                .join("sandboxes")
+                .join(format!("{}{c}", forkbox_sys::btrfs::STAGING_PREFIX))
+                .exists();
+            if !(has_cg || has_fs || has_run || staged) {
                 continue;
             }
             // A hollow fork ancestor whose PID 1 live sandboxes hang off: keep it.
@@ -854,6 +860,25 @@ impl Inner {
     }
 
     async fn cleanup_in(&self, id: &str) -> Result<(), RuntimeError> {
+        // A snapshot of it a crash left in its staging directory (it is ours and
+        // nothing else makes one under this name while we clean up).
+        let sandboxes = self.pool.root().join("sandboxes");
+        let mut staging = std::ffi::OsString::from(forkbox_sys::btrfs::STAGING_PREFIX);
+        staging.push(id);
+        let staging = sandboxes.join(staging);
+        if staging.exists() {
+            let (inner, dir) = (staging.join(id), staging.clone());
+            tokio::task::spawn_blocking(move || {
+                if inner.exists() {
+                    delete_subvolume_patiently(&inner)?;
+                }
+                let _ = std::fs::remove_dir(&dir);
+                Ok::<_, forkbox_sys::btrfs::BtrfsError>(())
+            })
+            .await
+            .map_err(|e| RuntimeError::host("delete staging snapshot", id, e))?
+            .map_err(|e| RuntimeError::host("delete staging snapshot", id, e))?;
+        }
         let cgroup = self
             .cgroups
             .open(id)
@@ -955,6 +980,20 @@ impl Inner {
                 parent_pid, token, ..
             } => (Some(parent_pid), Some(token)),
         };
+        // Volume targets pass through nothing the sandbox's own filesystem could have
+        // made a symlink (a snapshot or wake of a filesystem its code wrote); jail-init
+        // enforces it again when it mounts (`forkbox_sys::mounts::dir_beneath`), this
+        // makes it a clear refusal.
+        if !spec.volumes.is_empty() {
+            let root_fd: OwnedFd = std::fs::File::open(&rootfs)
+                .map_err(|e| RuntimeError::host("open root filesystem", id, e))?
+                .into();
+            for v in &spec.volumes {
+                let target = Path::new(&v.mount);
+                forkbox_sys::mounts::dir_beneath(&root_fd, target, target, false)
+                    .map_err(|e| RuntimeError::Rejected(e.to_string()))?;
+            }
+        }
         let mut binds = Vec::with_capacity(spec.volumes.len());
         for v in &spec.volumes {
             let source = self

@@ -253,6 +253,42 @@ mod tests {
         }
     }
 
+    /// A subvolume holding nested ones (what user code could make with btrfs ioctls
+    /// before seccomp denied them) is deleted whole: nested ones first.
+    #[test]
+    fn nested_subvolumes_are_deleted_with_their_parent() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("forkbox-nest-test-{}", std::process::id()));
+        let root = dir.join("pool");
+        std::fs::create_dir_all(&root).unwrap();
+        let pool = Pool::open(&root, 1, QuotaMode::Off).unwrap();
+        let result = std::panic::catch_unwind(|| {
+            let outer = pool.sandbox("outer");
+            forkbox_sys::btrfs::create_subvolume(&outer).unwrap();
+            std::fs::create_dir_all(outer.join("a/b")).unwrap();
+            forkbox_sys::btrfs::create_subvolume(&outer.join("a/b/inner")).unwrap();
+            forkbox_sys::btrfs::create_subvolume(&outer.join("a/b/inner/deeper")).unwrap();
+            std::fs::write(outer.join("a/b/inner/deeper/data"), vec![7u8; 1 << 20]).unwrap();
+            forkbox_sys::btrfs::snapshot(&outer.join("a/b/inner"), &outer.join("ro"), true)
+                .unwrap();
+            std::os::unix::fs::symlink("/", outer.join("a/root-link")).unwrap();
+            forkbox_sys::btrfs::delete_subvolume(&outer).unwrap();
+            assert!(!outer.exists());
+            assert!(std::fs::read_dir(root.join("sandboxes"))
+                .unwrap()
+                .next()
+                .is_none());
+        });
+        let _ = Command::new("umount").arg(&root).status();
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+    }
+
     /// A pool on its own loop image (root only: mounts): simple quotas limit what a
     /// snapshot writes, not what it shares with its source; switching modes works.
     #[test]

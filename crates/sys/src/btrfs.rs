@@ -269,8 +269,21 @@ fn snapshot_at(src: &Path, dst: &Path, readonly: bool) -> Result<(), BtrfsError>
     Ok(())
 }
 
-/// Deletes the subvolume at `path` with everything in it.
+/// Deletes the subvolume at `path` with everything in it, subvolumes nested in it
+/// included (the kernel refuses a subvolume holding another with ENOTEMPTY).
 pub fn delete_subvolume(path: &Path) -> Result<(), BtrfsError> {
+    match delete_one(path) {
+        Err(BtrfsError::Delete(_, nix::errno::Errno::ENOTEMPTY)) => {
+            for nested in nested_subvolumes(path) {
+                delete_subvolume(&nested)?;
+            }
+            delete_one(path)
+        }
+        other => other,
+    }
+}
+
+fn delete_one(path: &Path) -> Result<(), BtrfsError> {
     // A read-only subvolume must be made writable before it can be deleted by path.
     let _ = set_readonly(path, false);
     let (dir, name) = parent_and_name(path)?;
@@ -279,6 +292,38 @@ pub fn delete_subvolume(path: &Path) -> Result<(), BtrfsError> {
     unsafe { ioc_snap_destroy(dir.as_raw_fd(), &*args) }
         .map_err(|e| BtrfsError::Delete(path.into(), e))?;
     Ok(())
+}
+
+/// The roots of the subvolumes directly nested in subvolume `root` (not those nested
+/// in them), found by walking it without following symlinks: a subvolume's root
+/// directory has inode 256 and a device number of its own.
+fn nested_subvolumes(root: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    const FIRST_FREE_OBJECTID: u64 = 256;
+    let Ok(top) = std::fs::symlink_metadata(root) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if !m.file_type().is_dir() {
+                continue;
+            }
+            if m.ino() == FIRST_FREE_OBJECTID && m.dev() != top.dev() {
+                found.push(e.path());
+            } else {
+                stack.push(e.path());
+            }
+        }
+    }
+    found
 }
 
 /// How the filesystem accounts space to subvolumes.

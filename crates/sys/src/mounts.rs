@@ -6,8 +6,9 @@
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -19,6 +20,9 @@ pub enum MountError {
     PivotRoot(PathBuf, nix::Error),
     #[error("detach old root: {0}")]
     DetachOldRoot(nix::Error),
+    /// The sandbox's own filesystem puts something in a mount target's way.
+    #[error("unsafe mount target {0}: {1}")]
+    Unsafe(PathBuf, String),
 }
 
 /// Host device nodes bind-mounted into every sandbox's `/dev`.
@@ -75,39 +79,61 @@ pub fn enter_rootfs(
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None,
     )?;
+    // Every mount target in the sandbox's own filesystem is opened beneath the root
+    // without following symlinks, and mounted on by fd (see `dir_beneath`).
+    let root_fd: OwnedFd = fs::File::open(root)
+        .map_err(|e| MountError::Prepare(root.into(), e))?
+        .into();
     // 2b. Volumes.
     for (source, target) in binds {
-        let rel = target.strip_prefix("/").unwrap_or(target);
-        let at = root.join(rel);
-        mkdir_p(&at)?;
+        let at = target_dir(&root_fd, target, target)?;
         mnt(
             Some(path_str(source)?),
-            &at,
+            &fd_path(&at),
             None,
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None,
         )?;
     }
-    // 3. A /proc of the sandbox's own PID namespace.
+    // 3. A /proc of the sandbox's own PID namespace, with /proc/sys read-only (as
+    //    Docker does): the IPC namespace's sysctls (kernel.shmmax, msgmnb, mqueue
+    //    limits) are the sandbox root's to write otherwise. shm_rmid_forced first, so
+    //    SysV shared memory dies with its last process instead of pinning memory.
+    let proc_fd = target_dir(&root_fd, Path::new("proc"), Path::new("/proc"))?;
     let proc = root.join("proc");
-    mkdir_p(&proc)?;
     mnt(
         Some("proc"),
-        &proc,
+        &fd_path(&proc_fd),
         Some("proc"),
         nosuid_nodev | MsFlags::MS_NOEXEC,
         None,
     )?;
+    let rmid = proc.join("sys/kernel/shm_rmid_forced");
+    fs::write(&rmid, "1").map_err(|e| MountError::Prepare(rmid, e))?;
+    let sys = proc.join("sys");
+    mnt(Some(path_str(&sys)?), &sys, None, MsFlags::MS_BIND, None)?;
+    mnt(
+        None,
+        &sys,
+        None,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | nosuid_nodev
+            | MsFlags::MS_NOEXEC,
+        None,
+    )?;
     // 4. A minimal /dev.
-    let dev = root.join("dev");
-    mkdir_p(&dev)?;
+    let dev_fd = target_dir(&root_fd, Path::new("dev"), Path::new("/dev"))?;
     mnt(
         Some("tmpfs"),
-        &dev,
+        &fd_path(&dev_fd),
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("mode=755,size=64k"),
     )?;
+    // From here on /dev is the fresh tmpfs: nothing of the sandbox's in it.
+    let dev = root.join("dev");
     for d in DEVICES {
         let target = dev.join(d);
         fs::File::create(&target).map_err(|e| MountError::Prepare(target.clone(), e))?;
@@ -143,11 +169,10 @@ pub fn enter_rootfs(
         symlink(to, &l).map_err(|e| MountError::Prepare(l, e))?;
     }
     // 5. A private /tmp.
-    let tmp = root.join("tmp");
-    mkdir_p(&tmp)?;
+    let tmp = target_dir(&root_fd, Path::new("tmp"), Path::new("/tmp"))?;
     mnt(
         Some("tmpfs"),
-        &tmp,
+        &fd_path(&tmp),
         Some("tmpfs"),
         nosuid_nodev,
         Some(&match tmp_size {
@@ -165,16 +190,17 @@ pub fn enter_rootfs(
         .filter_map(|f| fs::read_to_string(thp.join(f)).ok().map(|v| (f, v)))
         .collect();
     if !files.is_empty() {
-        let sys = root.join("sys");
-        mkdir_p(&sys)?;
+        let sys_fd = target_dir(&root_fd, Path::new("sys"), Path::new("/sys"))?;
         let flags = nosuid_nodev | MsFlags::MS_NOEXEC;
         mnt(
             Some("sysfs-thp"),
-            &sys,
+            &fd_path(&sys_fd),
             Some("tmpfs"),
             flags,
             Some("mode=755,size=16k"),
         )?;
+        // From here on /sys is the fresh tmpfs.
+        let sys = root.join("sys");
         let dir = sys.join("kernel/mm/transparent_hugepage");
         mkdir_p(&dir)?;
         for (f, v) in &files {
@@ -195,6 +221,90 @@ pub fn enter_rootfs(
     umount2(".", MntFlags::MNT_DETACH).map_err(MountError::DetachOldRoot)?;
     nix::unistd::chdir("/").map_err(|e| MountError::PivotRoot(root.into(), e))?;
     Ok(())
+}
+
+/// Opens directory `rel` beneath the directory `root` (`O_PATH`), making missing
+/// components (mode 0755) as it goes, and never following a symlink or leaving `root`
+/// (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, one component at a time): a mount target
+/// that passes through a symlink in the sandbox's own filesystem (`/data -> /tmp`,
+/// `/data -> /var/lib/forkbox/pool/…`) is refused, not followed into the host's tree.
+/// `shown` names the target in errors. Without `create`, a missing component ends the
+/// walk with `Ok(None)` (nothing in the way so far).
+pub fn dir_beneath(
+    root: &OwnedFd,
+    rel: &Path,
+    shown: &Path,
+    create: bool,
+) -> Result<Option<OwnedFd>, MountError> {
+    let refuse = |why: &str| MountError::Unsafe(shown.into(), why.to_owned());
+    let mut cur = root
+        .try_clone()
+        .map_err(|e| MountError::Prepare(shown.into(), e))?;
+    for comp in rel.components() {
+        let name = match comp {
+            Component::Normal(n) => n,
+            Component::CurDir | Component::RootDir => continue,
+            _ => return Err(refuse("mount target has a .. component")),
+        };
+        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name))
+            .map_err(|_| refuse("mount target contains NUL"))?;
+        let mut made = false;
+        cur = loop {
+            // SAFETY: open_how is plain data; zero is valid for the fields not set.
+            let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+            how.flags =
+                (libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+            how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
+            // SAFETY: openat2 with an fd we own, a NUL-terminated name and an open_how of
+            // the size passed.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_openat2,
+                    cur.as_raw_fd(),
+                    c.as_ptr(),
+                    &how as *const libc::open_how,
+                    std::mem::size_of::<libc::open_how>(),
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: a fresh fd we own.
+                break unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            }
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::ENOENT) if !create => return Ok(None),
+                Some(libc::ENOENT) if !made => {
+                    // SAFETY: mkdirat with an fd we own and a NUL-terminated name.
+                    if unsafe { libc::mkdirat(cur.as_raw_fd(), c.as_ptr(), 0o755) } < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if e.raw_os_error() != Some(libc::EEXIST) {
+                            return Err(MountError::Prepare(shown.into(), e));
+                        }
+                    }
+                    made = true;
+                }
+                Some(libc::ELOOP) | Some(libc::ENOTDIR) | Some(libc::EXDEV) => {
+                    return Err(refuse(
+                        "mount target passes through a symlink or a non-directory",
+                    ))
+                }
+                _ => return Err(MountError::Prepare(shown.into(), err)),
+            }
+        };
+    }
+    Ok(Some(cur))
+}
+
+/// [`dir_beneath`], making what is missing.
+fn target_dir(root: &OwnedFd, rel: &Path, shown: &Path) -> Result<OwnedFd, MountError> {
+    dir_beneath(root, rel, shown, true)?
+        .ok_or_else(|| MountError::Unsafe(shown.into(), "mount target could not be made".into()))
+}
+
+/// A path that names what `fd` is open on, for mount(2) (which follows it to the very
+/// dentry, with no further lookup by name).
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 fn path_str(p: &Path) -> Result<&str, MountError> {

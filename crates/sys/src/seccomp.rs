@@ -5,8 +5,10 @@
 //!
 //! * `user`: an allow-list in the spirit of Docker's default profile. Anything not listed fails
 //!   with `EPERM`. `clone` is only allowed without namespace flags, `ioctl` without `TIOCSTI` and
-//!   `TIOCLINUX`, `socket` without `AF_PACKET` and `AF_VSOCK`, `personality` only with the values
-//!   Docker allows.
+//!   `TIOCLINUX`, `socket` only for `AF_UNIX`, `AF_INET`/`AF_INET6` (not SCTP or MPTCP) and
+//!   `AF_NETLINK` (route and sock_diag only), `personality` only with the values Docker allows.
+//! * `deny`: what the allow-list cannot express (it has no "masked not equal"): `ioctl`s of
+//!   btrfs (type `0x94`) fail with `EPERM`.
 //! * `clone3`: makes `clone3` fail with `ENOSYS`, so that libc falls back to `clone(2)`, whose
 //!   flags (unlike `clone3`'s, which sit behind a pointer) the `user` filter can inspect.
 //!
@@ -22,12 +24,16 @@ pub const POLICY_JSON: &str = include_str!("../policy/seccomp.json");
 const USER: &str = "user";
 /// Name of the filter that turns `clone3` into `ENOSYS` in [`POLICY_JSON`].
 const CLONE3: &str = "clone3";
+/// Name of the deny-list filter in [`POLICY_JSON`].
+const DENY: &str = "deny";
 
 /// The compiled filters, in the order they must be installed.
 #[derive(Debug, Clone)]
 pub struct Filters {
     /// The allow-list; everything else fails with `EPERM`.
     pub user: BpfProgram,
+    /// Denials inside what `user` allows (btrfs ioctls), `EPERM`.
+    pub deny: BpfProgram,
     /// Makes `clone3` fail with `ENOSYS`. Installed after `user` so that it is evaluated first and
     /// its `ENOSYS` wins over `user`'s `EPERM` (for two `ERRNO` results, the kernel keeps the one
     /// from the most recently installed filter).
@@ -59,11 +65,12 @@ pub fn compile() -> Result<Filters, SeccompError> {
     let mut map = seccompiler::compile_from_json(POLICY_JSON.as_bytes(), arch)
         .map_err(SeccompError::Compile)?;
     let user = map.remove(USER).ok_or(SeccompError::Missing(USER))?;
+    let deny = map.remove(DENY).ok_or(SeccompError::Missing(DENY))?;
     let clone3 = map.remove(CLONE3).ok_or(SeccompError::Missing(CLONE3))?;
-    Ok(Filters { user, clone3 })
+    Ok(Filters { user, deny, clone3 })
 }
 
-/// Installs both filters into the calling thread: `user` first, then `clone3`.
+/// Installs the filters into the calling thread: `user`, `deny`, then `clone3`.
 ///
 /// Meant to run in a `pre_exec` hook after `fork`, so it allocates nothing:
 /// `seccompiler::apply_filter` only builds a `sock_fprog` on the stack and makes two syscalls.
@@ -74,6 +81,7 @@ pub fn compile() -> Result<Filters, SeccompError> {
 /// of the second filter leaves the first one in place.
 pub fn install(f: &Filters) -> Result<(), SeccompError> {
     seccompiler::apply_filter(&f.user).map_err(SeccompError::Install)?;
+    seccompiler::apply_filter(&f.deny).map_err(SeccompError::Install)?;
     seccompiler::apply_filter(&f.clone3).map_err(SeccompError::Install)?;
     Ok(())
 }
@@ -95,10 +103,12 @@ mod tests {
     const F_GETPID: i32 = 1 << 4;
     const F_CLONE_NS: i32 = 1 << 5;
     const F_FORK: i32 = 1 << 6;
-    /// Grouped: `TIOCLINUX`, `AF_PACKET`, `AF_VSOCK`, disallowed personality, the high-bits
-    /// `TIOCSTI` bypass attempt, `ptrace`.
+    /// Grouped: `TIOCLINUX`, socket families and protocols outside the allow-list,
+    /// btrfs ioctls, disallowed personality, the high-bits `TIOCSTI` bypass attempt,
+    /// `ptrace`.
     const F_MISC_DENY: i32 = 1 << 7;
-    /// Grouped: allowed ioctl, `AF_INET`/`AF_UNIX` sockets, personality query.
+    /// Grouped: allowed ioctl, `AF_INET`/`AF_INET6`/`AF_UNIX`/netlink route and
+    /// sock_diag sockets, personality query.
     const F_MISC_ALLOW: i32 = 1 << 8;
     /// `prctl(PR_SET_NO_NEW_PRIVS)` or [`install`] failed: nothing else was checked.
     const F_SETUP: i32 = 0xff;
@@ -121,6 +131,7 @@ mod tests {
         let f = compile().expect("compile policy");
         assert!(!f.user.is_empty());
         assert!(!f.clone3.is_empty());
+        assert!(!f.deny.is_empty());
     }
 
     /// Runs in the forked child, after the filters are installed; returns the failure bits.
@@ -206,12 +217,36 @@ mod tests {
             if sneaky != -1 || errno() != libc::EPERM {
                 fail |= F_MISC_DENY;
             }
-            for domain in [libc::AF_PACKET, libc::AF_VSOCK] {
-                let fd = libc::socket(domain, libc::SOCK_DGRAM, 0);
+            for (domain, ty, proto) in [
+                (libc::AF_PACKET, libc::SOCK_DGRAM, 0),
+                (libc::AF_VSOCK, libc::SOCK_DGRAM, 0),
+                (libc::AF_ALG, libc::SOCK_SEQPACKET, 0),
+                (libc::AF_KEY, libc::SOCK_RAW, 2),
+                (libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
+                (libc::AF_INET6, libc::SOCK_SEQPACKET, libc::IPPROTO_SCTP),
+                (libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_MPTCP),
+                (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_NETFILTER),
+                (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_GENERIC),
+                (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_XFRM),
+            ] {
+                let fd = libc::socket(domain, ty, proto);
                 if fd >= 0 {
                     libc::close(fd);
                 }
                 if fd != -1 || errno() != libc::EPERM {
+                    fail |= F_MISC_DENY;
+                }
+            }
+            // btrfs ioctls (BTRFS_IOC_SUBVOL_CREATE, BTRFS_IOC_SNAP_CREATE_V2), on any fd.
+            let mut args = [0u8; 4096];
+            for cmd in [0x5000_940e_u32, 0x5000_9417_u32] {
+                let r = libc::syscall(
+                    libc::SYS_ioctl,
+                    0 as libc::c_long,
+                    libc::c_long::from(cmd),
+                    args.as_mut_ptr(),
+                );
+                if r != -1 || errno() != libc::EPERM {
                     fail |= F_MISC_DENY;
                 }
             }
@@ -228,8 +263,14 @@ mod tests {
             if libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) == -1 && errno() == libc::EPERM {
                 fail |= F_MISC_ALLOW;
             }
-            for domain in [libc::AF_INET, libc::AF_UNIX] {
-                let fd = libc::socket(domain, libc::SOCK_STREAM, 0);
+            for (domain, ty, proto) in [
+                (libc::AF_INET, libc::SOCK_STREAM, 0),
+                (libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_UDP),
+                (libc::AF_UNIX, libc::SOCK_STREAM, 0),
+                (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE),
+                (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_SOCK_DIAG),
+            ] {
+                let fd = libc::socket(domain, ty, proto);
                 if fd < 0 {
                     fail |= F_MISC_ALLOW;
                 } else {
@@ -280,7 +321,7 @@ mod tests {
             (F_FORK, "fork did not work"),
             (
                 F_MISC_DENY,
-                "a TIOCLINUX/AF_PACKET/AF_VSOCK/personality/ptrace call was not EPERM",
+                "a TIOCLINUX/socket family/btrfs ioctl/personality/ptrace call was not EPERM",
             ),
             (
                 F_MISC_ALLOW,

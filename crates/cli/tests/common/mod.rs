@@ -113,6 +113,17 @@ fn spawn_server_logging(
 
 impl Server {
     pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Like [`Server::start`], with extra environment for the server.
+    pub fn start_with(env: &[(&str, String)]) -> Server {
+        Server::spawn(env, false).0
+    }
+
+    /// Starts a server with `env`, logging at level info into `<data>/server.log`
+    /// when `logged`.
+    fn spawn(env: &[(&str, String)], logged: bool) -> (Server, PathBuf) {
         assert!(
             nix::unistd::geteuid().is_root(),
             "end-to-end tests need root: run them with `make test` as root"
@@ -130,14 +141,19 @@ impl Server {
             .tempdir()
             .expect("temp data dir");
         let pool = pool();
-        let (child, base) = spawn_server(data.path(), &pool, &agent);
-        Server {
-            child,
-            base,
-            data,
-            pool,
-            http: reqwest::Client::new(),
-        }
+        let log = data.path().join("server.log");
+        let (child, base) =
+            spawn_server_logging(data.path(), &pool, &agent, logged.then_some(&log), env);
+        (
+            Server {
+                child,
+                base,
+                data,
+                pool,
+                http: reqwest::Client::new(),
+            },
+            log,
+        )
     }
 
     /// Like [`Server::start`], with the server's log (level info) written to the file
@@ -148,17 +164,7 @@ impl Server {
 
     /// Like [`Server::start_logged`], with extra environment for the server.
     pub fn start_logged_with(env: &[(&str, String)]) -> (Server, PathBuf) {
-        let mut s = Server::start();
-        let log = s.data.path().join("server.log");
-        let _ = s.child.kill();
-        let _ = s.child.wait();
-        let agent = std::env::var_os("FORKBOX_AGENT_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
-        let (child, base) = spawn_server_logging(s.data.path(), &s.pool, &agent, Some(&log), env);
-        s.child = child;
-        s.base = base;
-        (s, log)
+        Server::spawn(env, true)
     }
 
     /// SIGKILLs the server (its sandboxes keep running) and starts a new one on the
@@ -214,15 +220,6 @@ impl Server {
         let (child, base) = spawn_server_logging(self.data.path(), &self.pool, &agent, None, env);
         self.child = child;
         self.base = base;
-    }
-
-    /// Like [`Server::start`], with extra environment for the server.
-    pub fn start_with(env: &[(&str, String)]) -> Server {
-        let mut s = Server::start();
-        s.kill();
-        down(s.data.path(), &s.pool);
-        s.restart_with(env);
-        s
     }
 
     /// What of sandboxes `ids` and of this server's data dir is still on the host
