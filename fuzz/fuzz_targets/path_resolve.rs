@@ -28,6 +28,9 @@ fn check(root: &std::path::Path, dir: std::os::fd::BorrowedFd<'_>, path: &str) {
             }
             Err(FileError::BadPath(_)) => assert!(path.contains('\0'), "{path:?} refused"),
             Err(FileError::Os { .. }) => {}
+            Err(e @ FileError::NotRegular { .. }) => {
+                panic!("{path:?}: open_beneath never reads: {e}")
+            }
         }
     }
 }
