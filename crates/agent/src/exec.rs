@@ -18,6 +18,15 @@ use tokio::sync::mpsc;
 /// grandchildren that keep the pipes open (e.g. `sleep 100 &`).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(50);
 
+/// While a process of the command's session is runnable when that time is up (it has
+/// work to do but the machine is busy), collection goes on in steps of this…
+const DRAIN_STEP: Duration = Duration::from_millis(10);
+/// …for at most this long after the exit in all.
+const DRAIN_MAX: Duration = Duration::from_secs(2);
+/// After the holders of the pipes were killed, how long their end (EOF) is awaited:
+/// everything they wrote before they died is still read.
+const EOF_AFTER_KILL: Duration = Duration::from_millis(500);
+
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What every command needs from the agent.
@@ -120,14 +129,21 @@ impl Running {
     }
 
     /// Streams events into `tx` until the command ends; kills the tree if `tx` closes.
+    ///
+    /// The `exit` event goes last, after every byte written to the command's stdout and
+    /// stderr was read and sent: when the command exits, collection goes on until both
+    /// pipes reach EOF, for [`DRAIN_AFTER_EXIT`] (longer while a process of its session
+    /// is runnable, up to [`DRAIN_MAX`]); then whoever still holds them (background
+    /// processes of the command) is killed and the pipes are read to EOF, so what they
+    /// wrote before they died is delivered too. Reads win over timers whenever both are
+    /// ready.
     pub async fn stream(mut self, tx: mpsc::Sender<Bytes>) {
-        let mut out_split = LineSplitter::default();
-        let mut err_split = LineSplitter::default();
+        let mut out = Output::new(&tx, true);
+        let mut err = Output::new(&tx, false);
         let (mut out_open, mut err_open) = (true, true);
-        let mut out_buf = vec![0u8; 16 * 1024];
-        let mut err_buf = vec![0u8; 16 * 1024];
         let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
         let mut exit: Option<Exit> = None;
+        let mut exited_at: Option<tokio::time::Instant> = None;
         let mut drain_until: Option<tokio::time::Instant> = None;
         let mut timed_out = false;
         let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
@@ -141,46 +157,74 @@ impl Running {
                 _ => far,
             };
             tokio::select! {
-                r = self.stdout.read(&mut out_buf), if out_open => match r {
-                    Ok(0) | Err(_) => out_open = false,
-                    Ok(n) => for l in out_split.push(&out_buf[..n]) {
-                        if tx.send(line(&AgentEvent::Stdout { data: l })).await.is_err() {
-                            kill_tree(self.pid);
-                            return;
-                        }
-                    },
+                biased;
+                r = out.read(&mut self.stdout), if out_open => match r {
+                    Ok(true) => {}
+                    Ok(false) => out_open = false,
+                    Err(Gone) => return kill_tree(self.pid),
                 },
-                r = self.stderr.read(&mut err_buf), if err_open => match r {
-                    Ok(0) | Err(_) => err_open = false,
-                    Ok(n) => for l in err_split.push(&err_buf[..n]) {
-                        if tx.send(line(&AgentEvent::Stderr { data: l })).await.is_err() {
-                            kill_tree(self.pid);
-                            return;
-                        }
-                    },
+                r = err.read(&mut self.stderr), if err_open => match r {
+                    Ok(true) => {}
+                    Ok(false) => err_open = false,
+                    Err(Gone) => return kill_tree(self.pid),
                 },
                 e = &mut self.exit, if exit.is_none() => {
                     exit = Some(e.unwrap_or(Exit { code: -1, signal: None }));
-                    drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
-                },
-                _ = tokio::time::sleep_until(stop_at) => {
-                    if drain_until.is_some() {
-                        // The command is gone; stop waiting for whoever holds its pipes.
-                        break;
-                    }
-                    timed_out = true;
-                    kill_tree(self.pid);
+                    let now = tokio::time::Instant::now();
+                    exited_at = Some(now);
+                    drain_until = Some(now + DRAIN_AFTER_EXIT);
                 },
                 _ = tx.closed() => {
                     kill_tree(self.pid);
                     return;
                 },
+                _ = tokio::time::sleep_until(stop_at) => {
+                    if let Some(at) = exited_at {
+                        // The command is gone; its pipes are still held. Wait on while
+                        // a process of its session has work to do, within bounds.
+                        if at.elapsed() < DRAIN_MAX && session_busy(self.pid) {
+                            drain_until = Some(tokio::time::Instant::now() + DRAIN_STEP);
+                            continue;
+                        }
+                        break;
+                    }
+                    timed_out = true;
+                    kill_tree(self.pid);
+                },
             }
         }
         if exit.is_some() && (out_open || err_open) {
-            // Leftover holders of the pipes belong to this command: end them too.
+            // Leftover holders of the pipes belong to this command: end them, then read
+            // what they wrote up to their end.
             kill_tree(self.pid);
+            let until = tokio::time::Instant::now() + EOF_AFTER_KILL;
+            while out_open || err_open {
+                tokio::select! {
+                    biased;
+                    r = out.read(&mut self.stdout), if out_open => match r {
+                        Ok(true) => {}
+                        Ok(false) => out_open = false,
+                        Err(Gone) => return,
+                    },
+                    r = err.read(&mut self.stderr), if err_open => match r {
+                        Ok(true) => {}
+                        Ok(false) => err_open = false,
+                        Err(Gone) => return,
+                    },
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+            if out_open || err_open {
+                let note = "forkbox: stopped collecting output: a process outside the command's \
+                            process tree still holds its stdout or stderr\n";
+                let _ = tx
+                    .send(line(&AgentEvent::Stderr {
+                        data: note.to_owned(),
+                    }))
+                    .await;
+            }
         }
+        let (mut out_split, mut err_split) = (out.split, err.split);
         for (rest, is_out) in [(out_split.finish(), true), (err_split.finish(), false)] {
             if let Some(data) = rest {
                 let ev = if is_out {
@@ -203,6 +247,68 @@ impl Running {
             }))
             .await;
     }
+}
+
+/// The client went away.
+struct Gone;
+
+/// One output pipe of a command being split into line events.
+struct Output<'a> {
+    tx: &'a mpsc::Sender<Bytes>,
+    split: LineSplitter,
+    buf: Vec<u8>,
+    stdout: bool,
+}
+
+impl<'a> Output<'a> {
+    fn new(tx: &'a mpsc::Sender<Bytes>, stdout: bool) -> Output<'a> {
+        Output {
+            tx,
+            split: LineSplitter::default(),
+            buf: vec![0u8; 16 * 1024],
+            stdout,
+        }
+    }
+
+    /// Reads once from `pipe` and sends the complete lines: `Ok(false)` at EOF.
+    async fn read(&mut self, pipe: &mut pipe::Receiver) -> Result<bool, Gone> {
+        let n = match pipe.read(&mut self.buf).await {
+            Ok(0) | Err(_) => return Ok(false),
+            Ok(n) => n,
+        };
+        for data in self.split.push(&self.buf[..n]) {
+            let ev = if self.stdout {
+                AgentEvent::Stdout { data }
+            } else {
+                AgentEvent::Stderr { data }
+            };
+            self.tx.send(line(&ev)).await.map_err(|_| Gone)?;
+        }
+        Ok(true)
+    }
+}
+
+/// Whether a process of session `sid` (a command and what it started) is runnable or
+/// in uninterruptible sleep: it has work to do, perhaps output to write.
+fn session_busy(sid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            return false;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // After the command name (which may hold spaces and parentheses): state, ppid,
+        // pgrp, session.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return false;
+        };
+        let f: Vec<&str> = rest.split_whitespace().take(4).collect();
+        f.len() == 4 && f[3].parse() == Ok(sid) && matches!(f[0], "R" | "D")
+    })
 }
 
 /// SIGKILLs `pid`, its process group and every descendant found in /proc.

@@ -180,14 +180,20 @@ fn signal_group(pid: i32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
 }
 
-/// Reads whatever is already in a pipe without waiting.
+/// Reads whatever is already in a pipe without waiting. A plain non-blocking read(2),
+/// not tokio's `try_read`, which answers "would block" without reading while the
+/// reactor has not yet seen the pipe become readable: bytes the kernel wrote before
+/// its status would be left for the next cell.
 fn drain(rx: &pipe::Receiver, split: &mut LineSplitter) -> Vec<String> {
+    use std::os::fd::AsRawFd as _;
     let mut lines = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
-        match rx.try_read(&mut buf) {
-            Ok(0) | Err(_) => break,
+        match nix::unistd::read(rx.as_raw_fd(), &mut buf) {
+            Ok(0) => break,
             Ok(n) => lines.extend(split.push(&buf[..n])),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
         }
     }
     lines

@@ -126,6 +126,8 @@ pub async fn start(
             tokio::time::Instant::now() + std::time::Duration::from_secs(86400 * 365);
         loop {
             tokio::select! {
+                // Output first whenever it and a timer are both ready.
+                biased;
                 r = master.readable() => {
                     let Ok(mut guard) = r else { break };
                     match guard.try_io(|fd| {
@@ -150,15 +152,33 @@ pub async fn start(
                     exited = Some(e.map(|e| e.code).unwrap_or(-1));
                     deadline = tokio::time::Instant::now() + quiet;
                 }
-                _ = tokio::time::sleep_until(deadline) => break,
                 _ = out.closed() => {
                     kill_tree(pid);
                     input_task.abort();
                     return;
                 }
+                _ = tokio::time::sleep_until(deadline) => break,
             }
         }
         kill_tree(pid);
+        // What is still in the terminal (written before the kill) goes out too: plain
+        // non-blocking reads until it is empty or every slave side is closed (EIO).
+        loop {
+            match nix::unistd::read(master.get_ref().as_raw_fd(), &mut buf) {
+                Ok(n) if n > 0 => {
+                    if out
+                        .send(Bytes::from(encode(&Frame::Data(buf[..n].to_vec()))))
+                        .await
+                        .is_err()
+                    {
+                        input_task.abort();
+                        return;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                _ => break,
+            }
+        }
         let code = match exited {
             Some(c) => c,
             None => exit.await.map(|e| e.code).unwrap_or(-1),
