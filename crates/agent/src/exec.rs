@@ -18,8 +18,10 @@ use tokio::sync::mpsc;
 /// grandchildren that keep the pipes open (e.g. `sleep 100 &`).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(50);
 
-/// While a process of the command's session is runnable when that time is up (it has
-/// work to do but the machine is busy), collection goes on in steps of this…
+/// While the command's session is still making progress when that time is up (a
+/// process of it is runnable, or its processes or their CPU time changed since the last
+/// look: a short sleep ended, a child started or exited), collection goes on in steps
+/// of this…
 const DRAIN_STEP: Duration = Duration::from_millis(10);
 /// …for at most this long after the exit in all.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
@@ -144,6 +146,7 @@ impl Running {
         let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
         let mut exit: Option<Exit> = None;
         let mut exited_at: Option<tokio::time::Instant> = None;
+        let mut last_look: Option<Vec<(i32, char, u64)>> = None;
         let mut drain_until: Option<tokio::time::Instant> = None;
         let mut timed_out = false;
         let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
@@ -181,8 +184,12 @@ impl Running {
                 _ = tokio::time::sleep_until(stop_at) => {
                     if let Some(at) = exited_at {
                         // The command is gone; its pipes are still held. Wait on while
-                        // a process of its session has work to do, within bounds.
-                        if at.elapsed() < DRAIN_MAX && session_busy(self.pid) {
+                        // its session makes progress, within bounds.
+                        let look = session_processes(self.pid);
+                        let busy = look.iter().any(|(_, st, _)| matches!(st, 'R' | 'D'))
+                            || last_look.as_ref() != Some(&look);
+                        if at.elapsed() < DRAIN_MAX && busy && !look.is_empty() {
+                            last_look = Some(look);
                             drain_until = Some(tokio::time::Instant::now() + DRAIN_STEP);
                             continue;
                         }
@@ -288,27 +295,32 @@ impl<'a> Output<'a> {
     }
 }
 
-/// Whether a process of session `sid` (a command and what it started) is runnable or
-/// in uninterruptible sleep: it has work to do, perhaps output to write.
-fn session_busy(sid: i32) -> bool {
+/// The processes of session `sid` (a command and what it started), as (pid, state,
+/// CPU ticks used), sorted: what [`Running::stream`] compares to tell whether the
+/// session still makes progress. Zombies are left out.
+fn session_processes(sid: i32) -> Vec<(i32, char, u64)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
+        return Vec::new();
     };
-    dir.flatten().any(|e| {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            return false;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return false;
-        };
-        // After the command name (which may hold spaces and parentheses): state, ppid,
-        // pgrp, session.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            return false;
-        };
-        let f: Vec<&str> = rest.split_whitespace().take(4).collect();
-        f.len() == 4 && f[3].parse() == Ok(sid) && matches!(f[0], "R" | "D")
-    })
+    let mut out: Vec<(i32, char, u64)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the command name (which may hold spaces and parentheses): state,
+            // ppid, pgrp, session, …, utime (the 12th), stime (the 13th).
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().take(13).collect();
+            let state = f.first()?.chars().next()?;
+            if f.get(3)?.parse::<i32>().ok()? != sid || state == 'Z' {
+                return None;
+            }
+            let cpu = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some((pid, state, cpu))
+        })
+        .collect();
+    out.sort_unstable();
+    out
 }
 
 /// SIGKILLs `pid`, its process group and every descendant found in /proc.

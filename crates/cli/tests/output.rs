@@ -36,7 +36,7 @@ fn shape(c: usize, n: usize) -> (serde_json::Value, String, String, i64) {
             0,
         ),
         2 | 3 => (
-            json!({"cmd": format!("(sleep 0.005; echo late-{tok}) & echo {tok}")}),
+            json!({"cmd": format!("echo {tok}; (sleep 0.005; echo late-{tok}) &")}),
             format!("{tok}\nlate-{tok}\n"),
             String::new(),
             0,
