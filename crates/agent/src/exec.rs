@@ -106,6 +106,7 @@ pub async fn spawn_with_stdin(
             stdio: [stdin, out_w, err_w],
             extra: None,
             tty: false,
+            may_setns: false,
         })
         .await?;
     Ok(Running {

@@ -95,6 +95,8 @@ async fn start(ctx: &Context, lang: Language) -> Result<Kernel, String> {
             stdio: [OwnedFd::from(null), out_w, err_w],
             extra: Some(OwnedFd::from(theirs)),
             tty: false,
+            // The Python driver joins fork children's namespaces (fork-design.md).
+            may_setns: lang == Language::Python,
         })
         .await
         .map_err(|e| e.to_string())?;

@@ -66,6 +66,7 @@ pub async fn start(
             cwd: "/root".into(),
             stdio,
             extra: None,
+            may_setns: false,
             tty: true,
         })
         .await

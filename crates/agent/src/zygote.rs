@@ -41,6 +41,10 @@ enum Request {
         /// stdin is a terminal: make it the command's controlling terminal.
         #[serde(default)]
         tty: bool,
+        /// May call `setns` (the Python kernel, which carries itself into fork
+        /// children); everything else gets a filter denying it.
+        #[serde(default)]
+        may_setns: bool,
     },
 }
 
@@ -73,6 +77,8 @@ pub struct Command {
     pub extra: Option<OwnedFd>,
     /// stdin is a pseudo-terminal that becomes the controlling terminal.
     pub tty: bool,
+    /// May call `setns`: only the Python kernel, to carry itself into fork children.
+    pub may_setns: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,8 +242,10 @@ fn zygote_main(sock: OwnedFd, filters: &Filters) -> std::io::Result<()> {
                     cwd,
                     extra,
                     tty,
+                    may_setns,
                 }) => {
-                    let reply = match spawn(&argv, &env, &cwd, fds, extra, tty) {
+                    let nosetns = (!may_setns).then_some(&filters.nosetns);
+                    let reply = match spawn(&argv, &env, &cwd, fds, extra, tty, nosetns) {
                         Ok(pid) => Reply::Spawned { id, pid },
                         Err(error) => Reply::Failed { id, error },
                     };
@@ -284,6 +292,7 @@ fn spawn(
     stdio: Vec<OwnedFd>,
     extra: bool,
     tty: bool,
+    nosetns: Option<&forkbox_sys::seccomp::BpfProgram>,
 ) -> Result<i32, String> {
     let want = if extra { 4 } else { 3 };
     if stdio.len() != want || argv.is_empty() {
@@ -341,6 +350,13 @@ fn spawn(
                 u32::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             );
+            // Commands may not join namespaces (a fork child's would give them every
+            // capability there); `no_new_privs` is the zygote's already.
+            if let Some(f) = nosetns {
+                if forkbox_sys::seccomp::install_one(f).is_err() {
+                    child_fail(err_w.as_raw_fd());
+                }
+            }
             libc::execve(argv_p[0], argv_p.as_ptr(), env_p.as_ptr());
             child_fail(err_w.as_raw_fd());
         }
@@ -458,6 +474,7 @@ impl Spawner {
             cwd: cmd.cwd,
             extra: cmd.extra.is_some(),
             tty: cmd.tty,
+            may_setns: cmd.may_setns,
         })
         .map_err(|e| ZygoteError::Io(e.into()))?;
         let mut raw: Vec<RawFd> = cmd.stdio.iter().map(|f| f.as_raw_fd()).collect();

@@ -222,3 +222,44 @@ async fn mount_targets_never_follow_the_sandboxs_symlinks() {
     .await;
     assert_eq!(st, 201, "{v}");
 }
+
+/// Finding 3: a fork parent's commands opened a live fork child's
+/// `/proc/<pid>/ns/user`, called `setns` and held every capability there (nf_tables,
+/// veths, raw sockets). Commands now have `setns` denied; only the Python kernel keeps
+/// it, to carry itself into children (docs/threat-model.md says what remains).
+#[tokio::test]
+async fn a_fork_parents_commands_cannot_enter_a_childs_namespaces() {
+    let s = Server::start();
+    let parent = s.create_id().await;
+    common::py(&s, &parent, "x = 1").await;
+    let (st, forked) = post(&s, &format!("/v1/sandboxes/{parent}/fork"), json!({"n": 1})).await;
+    assert_eq!(st, 200, "{forked}");
+    let child = forked["children"][0].as_str().unwrap().to_owned();
+    s.sh(&child, "sleep 1000 >/dev/null 2>&1 &").await;
+    let probe = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+mine = os.readlink("/proc/self/ns/user")
+seen = False
+for p in sorted(os.listdir("/proc")):
+    if not p.isdigit():
+        continue
+    try:
+        ns = os.readlink(f"/proc/{p}/ns/user")
+        fd = os.open(f"/proc/{p}/ns/user", os.O_RDONLY)
+    except OSError:
+        continue
+    if ns == mine:
+        os.close(fd)
+        continue
+    seen = True
+    r = libc.setns(fd, 0)
+    print("entered" if r == 0 else f"refused {ctypes.get_errno()}")
+    break
+if not seen:
+    print("no child namespace visible")
+"#;
+    let (out, err, code) = s.sh(&parent, &format!("python3 -c '{probe}'")).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "refused 1\n", "{err}");
+}

@@ -15,7 +15,8 @@
 //! Compile once with [`compile`] before forking, then [`install`] in the child (typically from a
 //! `pre_exec` hook) right before `execve`.
 
-use seccompiler::{BpfProgram, TargetArch};
+pub use seccompiler::BpfProgram;
+use seccompiler::TargetArch;
 
 /// The seccomp policy, in seccompiler's JSON format.
 pub const POLICY_JSON: &str = include_str!("../policy/seccomp.json");
@@ -26,6 +27,8 @@ const USER: &str = "user";
 const CLONE3: &str = "clone3";
 /// Name of the deny-list filter in [`POLICY_JSON`].
 const DENY: &str = "deny";
+/// Name of the filter that denies `setns` in [`POLICY_JSON`].
+const NOSETNS: &str = "nosetns";
 
 /// The compiled filters, in the order they must be installed.
 #[derive(Debug, Clone)]
@@ -34,6 +37,9 @@ pub struct Filters {
     pub user: BpfProgram,
     /// Denials inside what `user` allows (btrfs ioctls), `EPERM`.
     pub deny: BpfProgram,
+    /// `setns` fails with `EPERM`: added for every process but the Python kernel (see
+    /// [`install_one`]).
+    pub nosetns: BpfProgram,
     /// Makes `clone3` fail with `ENOSYS`. Installed after `user` so that it is evaluated first and
     /// its `ENOSYS` wins over `user`'s `EPERM` (for two `ERRNO` results, the kernel keeps the one
     /// from the most recently installed filter).
@@ -66,8 +72,20 @@ pub fn compile() -> Result<Filters, SeccompError> {
         .map_err(SeccompError::Compile)?;
     let user = map.remove(USER).ok_or(SeccompError::Missing(USER))?;
     let deny = map.remove(DENY).ok_or(SeccompError::Missing(DENY))?;
+    let nosetns = map.remove(NOSETNS).ok_or(SeccompError::Missing(NOSETNS))?;
     let clone3 = map.remove(CLONE3).ok_or(SeccompError::Missing(CLONE3))?;
-    Ok(Filters { user, deny, clone3 })
+    Ok(Filters {
+        user,
+        deny,
+        nosetns,
+        clone3,
+    })
+}
+
+/// Installs one more filter on the calling thread (which must have `no_new_privs`).
+/// Allocates nothing: safe between `fork` and `execve`.
+pub fn install_one(f: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(f).map_err(SeccompError::Install)
 }
 
 /// Installs the filters into the calling thread: `user`, `deny`, then `clone3`.
@@ -132,6 +150,7 @@ mod tests {
         assert!(!f.user.is_empty());
         assert!(!f.clone3.is_empty());
         assert!(!f.deny.is_empty());
+        assert!(!f.nosetns.is_empty());
     }
 
     /// Runs in the forked child, after the filters are installed; returns the failure bits.
@@ -282,6 +301,36 @@ mod tests {
             }
         }
         fail
+    }
+
+    /// `setns` passes the base filters (the Python kernel needs it) and fails with
+    /// EPERM once `nosetns` is added (every other process).
+    #[test]
+    fn nosetns_denies_setns() {
+        let filters = compile().expect("compile policy");
+        for (extra, want) in [(false, libc::EBADF), (true, libc::EPERM)] {
+            // SAFETY: as in `denies_and_allows_in_forked_child`: raw syscalls only in
+            // the child, which leaves with `_exit`.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                // SAFETY: see above.
+                unsafe {
+                    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                        || install(&filters).is_err()
+                        || (extra && install_one(&filters.nosetns).is_err())
+                    {
+                        libc::_exit(200);
+                    }
+                    let r = libc::setns(-1, 0);
+                    libc::_exit(if r == -1 { errno() } else { 201 });
+                }
+            }
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            assert_eq!(libc::WEXITSTATUS(status), want, "nosetns added: {extra}");
+        }
     }
 
     #[test]
