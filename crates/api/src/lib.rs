@@ -2,6 +2,7 @@
 //! response. Every error leaves through [`ApiError`] as `{"error", "code"}` JSON.
 
 mod auth;
+pub mod browser;
 mod commands;
 mod error;
 mod events;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub manager: Arc<Manager>,
     /// Whether every request (but health and the document) needs an API key.
     pub auth_required: bool,
+    /// Which browser requests are answered (Host, Origin, content type).
+    pub browser: browser::BrowserPolicy,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -141,6 +144,10 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            browser::guard,
         ))
         .layer(axum::middleware::from_fn(traced))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -102,6 +102,7 @@ async fn router() -> (axum::Router, tempfile::TempDir) {
         app(AppState {
             manager: m,
             auth_required: false,
+            browser: forkbox_api::browser::BrowserPolicy::new(true, vec![], vec![]),
         }),
         dir,
     )

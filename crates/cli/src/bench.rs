@@ -325,11 +325,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         vm_accel: "auto".into(),
         // Cold creates first; the pool row turns it on.
         warm_pool: 0,
+        allowed_hosts: Vec::new(),
+        cors_origins: Vec::new(),
     };
     let server = serve::build(&sa).await?;
     let addr = server.listener.local_addr()?;
     let manager = server.manager.clone();
-    let srv = tokio::spawn(serve::http(server.listener, manager.clone(), false).into_future());
+    let srv = tokio::spawn(
+        serve::http(
+            server.listener,
+            forkbox_api::AppState {
+                manager: manager.clone(),
+                auth_required: false,
+                browser: server.browser,
+            },
+        )
+        .into_future(),
+    );
     let base = format!("http://{addr}");
     let http = reqwest::Client::builder().build()?;
     let n = args.iterations.max(1);

@@ -63,6 +63,24 @@ pub struct ServeArgs {
     /// few seconds, else TCG).
     #[arg(long, env = "FORKBOX_VM_ACCEL", default_value = "auto")]
     pub vm_accel: String,
+    /// A host name requests may name in `Host` besides loopback ones and the listen
+    /// address (repeatable). Without `--auth` other names are refused (DNS rebinding);
+    /// with it, giving any turns the check on.
+    #[arg(
+        long = "allowed-host",
+        env = "FORKBOX_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+    /// An origin (`https://console.example`) whose browser requests are answered, with
+    /// CORS headers (repeatable). Pages on loopback origins always are; other origins
+    /// are refused (403).
+    #[arg(
+        long = "cors-origin",
+        env = "FORKBOX_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +97,7 @@ pub struct Server {
     pub jail: Arc<forkbox_jail::JailRuntime>,
     pub listener: tokio::net::TcpListener,
     pub auth_required: bool,
+    pub browser: forkbox_api::browser::BrowserPolicy,
 }
 
 /// Whether a server on `listen` requires keys; refuses an open non-loopback server.
@@ -193,12 +212,22 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
+    let mut hosts = args.allowed_hosts.clone();
+    if !args.listen.ip().is_unspecified() {
+        hosts.push(args.listen.ip().to_string());
+    }
+    let browser = forkbox_api::browser::BrowserPolicy::new(
+        !auth_required || !args.allowed_hosts.is_empty(),
+        hosts,
+        args.cors_origins.clone(),
+    );
     Ok(Server {
         lock,
         manager,
         jail,
         listener,
         auth_required,
+        browser,
     })
 }
 
@@ -215,9 +244,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The line tests and scripts wait for.
     println!("forkbox listening on http://{addr}");
     tracing::info!(%addr, "listening");
-    http(server.listener, manager.clone(), server.auth_required)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    http(
+        server.listener,
+        AppState {
+            manager: manager.clone(),
+            auth_required: server.auth_required,
+            browser: server.browser,
+        },
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
     crate::config::flush_tracing();
     match args.on_exit {
         OnExit::Destroy => {
@@ -267,21 +303,14 @@ type NoDelayListener = axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio
 /// as soon as they are written.
 pub fn http(
     listener: tokio::net::TcpListener,
-    manager: Arc<Manager>,
-    auth_required: bool,
+    state: AppState,
 ) -> axum::serve::Serve<NoDelayListener, axum::Router, axum::Router> {
     use axum::serve::ListenerExt;
     fn nodelay(s: &mut tokio::net::TcpStream) {
         let _ = s.set_nodelay(true);
     }
     let listener = listener.tap_io(nodelay as fn(&mut tokio::net::TcpStream));
-    axum::serve(
-        listener,
-        app(AppState {
-            manager,
-            auth_required,
-        }),
-    )
+    axum::serve(listener, app(state))
 }
 
 async fn shutdown_signal() {

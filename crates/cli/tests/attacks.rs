@@ -263,3 +263,116 @@ if not seen:
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "refused 1\n", "{err}");
 }
+
+/// Finding 11: with auth off (the local default) any web page could drive the server:
+/// `Host: attacker.example` (DNS rebinding) was answered, and `text/plain` or
+/// form-encoded cross-origin POSTs created sandboxes and ran code.
+#[tokio::test]
+async fn web_pages_cannot_drive_a_local_server() {
+    let s = Server::start();
+    let count = || async {
+        common::get(&s, "/v1/sandboxes?status=all").await.1["sandboxes"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = count().await;
+    let post_raw = |path: &str, headers: Vec<(&'static str, &'static str)>, body: &'static str| {
+        let mut r = s.http.post(s.url(path)).body(body);
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        r.send()
+    };
+    let json = ("content-type", "application/json");
+    let cases: Vec<(
+        &str,
+        Vec<(&'static str, &'static str)>,
+        &'static str,
+        u16,
+        &str,
+    )> = vec![
+        (
+            "/v1/sandboxes",
+            vec![("host", "attacker.example:7070"), json],
+            "{}",
+            421,
+            "host_not_allowed",
+        ),
+        (
+            "/v1/sandboxes",
+            vec![("host", "127.0.0.1.nip.io"), json],
+            "{}",
+            421,
+            "host_not_allowed",
+        ),
+        (
+            "/v1/sandboxes",
+            vec![("origin", "https://attacker.example"), json],
+            "{}",
+            403,
+            "origin_not_allowed",
+        ),
+        (
+            "/v1/sandboxes",
+            vec![("origin", "null"), ("content-type", "text/plain")],
+            "{}",
+            403,
+            "origin_not_allowed",
+        ),
+        (
+            "/api/v1/execute",
+            vec![("content-type", "text/plain;charset=UTF-8")],
+            r#"{"language":"python","code":"print(1)"}"#,
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "/v1/sandboxes",
+            vec![
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("sec-fetch-site", "cross-site"),
+            ],
+            "{}",
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "/v1/sandboxes",
+            vec![("content-type", "multipart/form-data; boundary=x")],
+            "{}",
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (path, headers, body, want, code) in cases {
+        let shown = format!("{path} {headers:?}");
+        let r = post_raw(path, headers, body).await.unwrap();
+        assert_eq!(r.status().as_u16(), want, "{shown}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["code"], code, "{shown}: {v}");
+    }
+    assert_eq!(count().await, before, "a refused request created a sandbox");
+    // What local clients send still works: `curl -d` (form-encoded, no Origin), JSON,
+    // and a page on a loopback origin (with CORS headers).
+    let r = post_raw(
+        "/v1/sandboxes",
+        vec![("content-type", "application/x-www-form-urlencoded")],
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = post_raw(
+        "/v1/sandboxes",
+        vec![("origin", "http://localhost:3000"), json],
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+}
