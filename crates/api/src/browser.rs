@@ -54,7 +54,7 @@ impl BrowserPolicy {
 
     fn origin_allowed(&self, origin: &str) -> bool {
         let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-        if self.cors_origins.iter().any(|o| *o == origin) {
+        if self.cors_origins.contains(&origin) {
             return true;
         }
         // A page served from loopback is as trusted as a local process.
