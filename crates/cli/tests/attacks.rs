@@ -285,13 +285,15 @@ async fn web_pages_cannot_drive_a_local_server() {
         r.send()
     };
     let json = ("content-type", "application/json");
-    let cases: Vec<(
-        &str,
+    /// Path, headers, body, the status and error code it must get.
+    type Case = (
+        &'static str,
         Vec<(&'static str, &'static str)>,
         &'static str,
         u16,
-        &str,
-    )> = vec![
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "/v1/sandboxes",
             vec![("host", "attacker.example:7070"), json],
