@@ -31,6 +31,22 @@ pub struct HostArgs {
     /// `--resolve`; private mirrors, tests). Repeatable, or comma-separated in the env.
     #[arg(long, env = "FORKBOX_EGRESS_RESOLVE", value_delimiter = ',', value_parser = parse_resolve)]
     pub egress_resolve: Vec<(String, std::net::IpAddr)>,
+    /// Address ranges (CIDR; a bare address is one host) that are not globally
+    /// reachable (private, shared 100.64/10, unique-local, …) but that egress proxies
+    /// may connect to anyway, e.g. a private mirror's network. The host's own
+    /// addresses, loopback, link-local and 10.200.0.0/16 stay refused. Repeatable, or
+    /// comma-separated in the env.
+    #[arg(long, env = "FORKBOX_EGRESS_ALLOW_PRIVATE", value_delimiter = ',', value_parser = parse_cidr)]
+    pub egress_allow_private: Vec<ipnet::IpNet>,
+    /// Seconds an egress tunnel may move no byte either way before it is closed (made
+    /// short by tests only).
+    #[arg(
+        long,
+        env = "FORKBOX_EGRESS_IDLE_TIMEOUT",
+        default_value_t = 300,
+        hide = true
+    )]
+    pub egress_idle_timeout: u64,
     /// How sandboxes' disk limits (`disk_mb`) are enforced: `simple` (btrfs simple
     /// quotas, Linux 6.7+; free for forks; on older kernels the server runs without
     /// limits and logs it), `full` (btrfs quota groups: any kernel, but every snapshot
@@ -64,6 +80,15 @@ fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
         .parse()
         .map_err(|_| format!("{ip:?} is not an IP address"))?;
     Ok((name.trim().trim_end_matches('.').to_ascii_lowercase(), ip))
+}
+
+/// `--egress-allow-private`: `addr/len`, or a bare address for that one host.
+fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .map(|n| n.trunc())
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address range (CIDR, like 10.8.0.0/16)"))
 }
 
 /// The egress network namespace of the server using `data` (one per data dir, so test
@@ -136,6 +161,10 @@ impl HostArgs {
             egress: forkbox_net::EgressConfig {
                 netns: egress_netns(&data),
                 resolve: self.egress_resolve.iter().cloned().collect(),
+                allow_private: self.egress_allow_private.clone(),
+                idle_timeout: Some(std::time::Duration::from_secs(
+                    self.egress_idle_timeout.max(1),
+                )),
             },
             orphan_grace: self.orphan_grace(),
         }
@@ -191,6 +220,10 @@ impl HostArgs {
         for (name, ip) in &self.egress_resolve {
             a.push(format!("--egress-resolve={name}={ip}").into());
         }
+        for net in &self.egress_allow_private {
+            a.push(format!("--egress-allow-private={net}").into());
+        }
+        a.push(format!("--egress-idle-timeout={}", self.egress_idle_timeout).into());
         a
     }
 }
@@ -263,5 +296,29 @@ fn otlp_tracer() -> Option<opentelemetry_sdk::trace::Tracer> {
 pub fn flush_tracing() {
     if let Some(p) = OTLP.get() {
         let _ = p.force_flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_ranges_parse_as_cidrs_or_single_hosts() {
+        assert_eq!(
+            parse_cidr("10.251.3.7/16").map(|n| n.to_string()),
+            Ok("10.251.0.0/16".into())
+        );
+        assert_eq!(
+            parse_cidr(" fd00::1 ").map(|n| n.to_string()),
+            Ok("fd00::1/128".into())
+        );
+        assert_eq!(
+            parse_cidr("100.64.0.0/10").map(|n| n.to_string()),
+            Ok("100.64.0.0/10".into())
+        );
+        for bad in ["", "10.0.0.0/33", "mirror.internal", "10.0.0.0/8/8"] {
+            assert!(parse_cidr(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -335,7 +335,8 @@ impl Manager {
         }
         let egress = match &req.egress {
             Some(list) if !list.is_empty() => {
-                forkbox_types::egress::Allowlist::parse(list).map_err(CoreError::Invalid)?;
+                forkbox_types::egress::Allowlist::parse(list)
+                    .map_err(|e| CoreError::Invalid(e.to_string()))?;
                 Some(list.clone())
             }
             _ => None,

@@ -275,7 +275,8 @@ fn validate(t: &NewTemplate) -> Result<(), CoreError> {
         }
     }
     if let Some(list) = &t.egress {
-        forkbox_types::egress::Allowlist::parse(list).map_err(CoreError::Invalid)?;
+        forkbox_types::egress::Allowlist::parse(list)
+            .map_err(|e| CoreError::Invalid(e.to_string()))?;
     }
     Ok(())
 }

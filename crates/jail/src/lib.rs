@@ -845,8 +845,12 @@ impl Inner {
         let Some(list) = &spec.egress else {
             return Ok(None);
         };
-        let allow =
-            forkbox_types::egress::Allowlist::parse(list).map_err(RuntimeError::Rejected)?;
+        // Checked strictly at create; a list stored by an earlier version (an adopted
+        // sandbox) keeps what still parses: dropping a pattern only narrows access.
+        let (allow, dropped) = forkbox_types::egress::Allowlist::parse_lenient(list);
+        for why in dropped {
+            tracing::warn!(sandbox = %spec.id, %why, "egress allowlist pattern dropped");
+        }
         let egress = self
             .egress
             .get_or_try_init(|| forkbox_net::Egress::open(self.egress_cfg.clone()))

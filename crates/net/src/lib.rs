@@ -3,8 +3,13 @@
 //! namespace of forkbox's own (the *egress namespace*), where the only listening socket
 //! is that sandbox's proxy at [`PROXY_ADDR`], bound to its veth. The sandbox has no
 //! route anywhere else, so everything it reaches goes through the proxy, which admits
-//! only listed host names and never connects to the host's own addresses, loopback,
-//! link-local (cloud metadata) or the egress link itself.
+//! only listed host names (never addresses) and connects only to globally reachable
+//! addresses or ranges the operator opted in ([`EgressConfig::allow_private`]), never
+//! to the host's own addresses, loopback, link-local (cloud metadata) or the egress
+//! links ([`proxy::forbidden`]). A sandbox's proxy holds at most
+//! [`proxy::MAX_CONNS_PER_SANDBOX`] connections, all proxies together at most
+//! [`proxy::global_cap`] of the server's open-files limit, and idle ones are closed
+//! after [`proxy::IDLE_TIMEOUT`].
 //!
 //! Every sandbox sees the same proxy address: the listening sockets are told apart by
 //! the device they are bound to (`SO_BINDTODEVICE`), so no per-sandbox address is
@@ -47,13 +52,19 @@ pub struct EgressConfig {
     pub netns: String,
     /// Fixed answers for name lookups, like curl's `--resolve` (private mirrors, tests).
     pub resolve: HashMap<String, IpAddr>,
+    /// Ranges that are not globally reachable (private, shared, unique-local, …) that
+    /// sandboxes may reach anyway, e.g. a private mirror's. The host's own addresses,
+    /// loopback, link-local and the egress links stay out of reach.
+    pub allow_private: Vec<ipnet::IpNet>,
+    /// Close tunnels idle this long (default [`proxy::IDLE_TIMEOUT`]; shorter in tests).
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// The egress namespace and the proxies in it.
 pub struct Egress {
     cfg: EgressConfig,
     ns: OwnedFd,
-    resolve: Arc<HashMap<String, IpAddr>>,
+    shared: Arc<proxy::Shared>,
 }
 
 /// One sandbox's link and proxy; dropping it stops the proxy (the link goes away with
@@ -153,8 +164,19 @@ impl Egress {
         let ns = std::fs::File::open(&path)
             .map_err(io(format!("open {}", path.display())))?
             .into();
+        // Read now: `forkbox serve` raised its limit before any sandbox was made.
+        let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        let shared = proxy::Shared::new(
+            cfg.resolve.clone(),
+            cfg.allow_private.clone(),
+            cfg.idle_timeout.unwrap_or(proxy::IDLE_TIMEOUT),
+            proxy::MAX_CONNS_PER_SANDBOX,
+            proxy::global_cap(nofile),
+        );
         Ok(Arc::new(Egress {
-            resolve: Arc::new(cfg.resolve.clone()),
+            shared: Arc::new(shared),
             cfg,
             ns,
         }))
@@ -196,7 +218,7 @@ impl Egress {
         let task = tokio::spawn(proxy::serve(
             listener,
             Arc::new(allow),
-            self.resolve.clone(),
+            self.shared.clone(),
             key.to_owned(),
         ))
         .abort_handle();

@@ -1,39 +1,172 @@
 //! The per-sandbox egress proxy: HTTP `CONNECT host:port` tunnels and plain HTTP
 //! requests in absolute form (`GET http://host/path`), admitted only for host names on
-//! the sandbox's allowlist and only to addresses that are not the host's own.
+//! the sandbox's allowlist (never IP addresses), only to globally reachable addresses
+//! (or ranges the operator opted in) that are not the host's own, and only while the
+//! sandbox holds fewer than [`MAX_CONNS_PER_SANDBOX`] connections.
 
-use forkbox_types::egress::Allowlist;
+use forkbox_types::egress::{is_ip_literal, Allowlist};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 
 /// Largest request head read from a sandbox.
 const MAX_HEAD: usize = 16 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most connections one sandbox's proxy holds at once (each is two of the server's
+/// descriptors once connected upstream: the sandbox's and the upstream's). Past it, a
+/// new connection is answered 503 and closed at once.
+pub const MAX_CONNS_PER_SANDBOX: usize = 256;
+/// A tunnel or forwarded request that moves no byte either way for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// At most one log line per sandbox about connections turned away, this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Accepts and serves connections until aborted.
+/// What every sandbox's proxy shares: the server's egress options and the limit on
+/// connections across all proxies.
+pub struct Shared {
+    /// Fixed answers for name lookups (`--egress-resolve`).
+    pub resolve: HashMap<String, IpAddr>,
+    /// Non-global ranges the operator lets sandboxes reach anyway
+    /// (`--egress-allow-private`); never the addresses [`forbidden`] always refuses.
+    pub allow_private: Vec<IpNet>,
+    /// See [`IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
+    /// See [`MAX_CONNS_PER_SANDBOX`].
+    pub per_sandbox: usize,
+    /// Connections all proxies together may hold ([`global_cap`]).
+    all: Arc<Semaphore>,
+    all_cap: usize,
+}
+
+impl Shared {
+    pub fn new(
+        resolve: HashMap<String, IpAddr>,
+        allow_private: Vec<IpNet>,
+        idle_timeout: Duration,
+        per_sandbox: usize,
+        all_cap: usize,
+    ) -> Shared {
+        Shared {
+            resolve,
+            allow_private,
+            idle_timeout,
+            per_sandbox,
+            all: Arc::new(Semaphore::new(all_cap)),
+            all_cap,
+        }
+    }
+}
+
+/// How many proxied connections all sandboxes together may hold, for a server whose
+/// soft limit on open files is `nofile`: a quarter of it, so that the proxies (two
+/// descriptors a connection) never take more than half of the server's descriptors and
+/// the API, agents' connections, logs and the database keep the rest (16384 connections
+/// under the 65536 that `forkbox serve` raises its limit to).
+pub fn global_cap(nofile: u64) -> usize {
+    usize::try_from(nofile.min(1 << 22) / 4)
+        .unwrap_or(usize::MAX)
+        .max(16)
+}
+
+/// Counts refusals and says when to log them (at most once per [`REFUSAL_LOG_EVERY`]).
+#[derive(Default)]
+struct Throttle {
+    last: Option<tokio::time::Instant>,
+    since: u64,
+}
+
+impl Throttle {
+    /// Counts one; the number to report when it is time to log.
+    fn hit(&mut self) -> Option<u64> {
+        self.since += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_EVERY)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.since))
+    }
+}
+
+/// The answer to a connection past a limit.
+fn busy() -> Vec<u8> {
+    let body = "forkbox egress: too many connections\n";
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Accepts and serves connections until aborted; aborting it also ends every
+/// connection it serves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     allow: Arc<Allowlist>,
-    resolve: Arc<HashMap<String, IpAddr>>,
+    shared: Arc<Shared>,
     sandbox: String,
 ) {
+    let mine = Arc::new(Semaphore::new(shared.per_sandbox));
+    let mut conns = tokio::task::JoinSet::new();
+    let mut turned_away = Throttle::default();
+    let busy = busy();
     loop {
-        let (sock, _) = match listener.accept().await {
-            Ok(c) => c,
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let sock = match accepted {
+            Ok((s, _)) => s,
             Err(e) => {
                 tracing::warn!(sandbox, error = %e, "egress proxy accept");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let (allow, resolve, sandbox) = (allow.clone(), resolve.clone(), sandbox.clone());
-        tokio::spawn(async move {
-            if let Err(why) = handle(sock, &allow, &resolve, &sandbox).await {
+        // A slot of this sandbox's and one of all proxies', or no service at all: the
+        // connection is answered (without waiting) and closed.
+        let slots = match mine.clone().try_acquire_owned() {
+            Ok(m) => shared
+                .all
+                .clone()
+                .try_acquire_owned()
+                .map(|a| (m, a))
+                .map_err(|_| "all sandboxes' proxies"),
+            Err(_) => Err("this sandbox's proxy"),
+        };
+        let slots = match slots {
+            Ok(s) => s,
+            Err(whose) => {
+                let _ = sock.try_write(&busy);
+                drop(sock);
+                if let Some(refused) = turned_away.hit() {
+                    tracing::warn!(
+                        sandbox,
+                        refused,
+                        per_sandbox = shared.per_sandbox,
+                        all = shared.all_cap,
+                        "egress proxy: connection limit of {whose} reached, new connections closed"
+                    );
+                }
+                continue;
+            }
+        };
+        let (allow, shared, sandbox) = (allow.clone(), shared.clone(), sandbox.clone());
+        conns.spawn(async move {
+            let _slots = slots;
+            if let Err(why) = handle(sock, &allow, &shared, &sandbox).await {
                 tracing::debug!(sandbox, why, "egress proxy connection ended");
             }
         });
@@ -41,12 +174,13 @@ pub async fn serve(
 }
 
 /// A refusal: status line, and why (also the body).
+#[derive(Debug)]
 struct Refusal(u16, &'static str, String);
 
 async fn handle(
     mut sock: TcpStream,
     allow: &Allowlist,
-    resolve: &HashMap<String, IpAddr>,
+    shared: &Shared,
     sandbox: &str,
 ) -> Result<(), String> {
     let mut buf = Vec::with_capacity(2048);
@@ -55,7 +189,7 @@ async fn handle(
         Ok(Err(r)) => return refuse(&mut sock, r).await,
         Err(_) => return Err("no request head in time".into()),
     };
-    match route(&buf[..head_len], allow, resolve).await {
+    match route(&buf[..head_len], allow, shared).await {
         Err(r) => {
             tracing::info!(sandbox, reason = %r.2, "egress refused");
             refuse(&mut sock, r).await
@@ -67,23 +201,109 @@ async fn handle(
             up.write_all(&buf[head_len..])
                 .await
                 .map_err(|e| e.to_string())?;
-            pipe(sock, up).await
+            pipe(sock, up, shared.idle_timeout).await
         }
         Ok(Route::Forward(mut up, head)) => {
             up.write_all(&head).await.map_err(|e| e.to_string())?;
             up.write_all(&buf[head_len..])
                 .await
                 .map_err(|e| e.to_string())?;
-            pipe(sock, up).await
+            pipe(sock, up, shared.idle_timeout).await
         }
     }
 }
 
-async fn pipe(mut a: TcpStream, mut b: TcpStream) -> Result<(), String> {
-    tokio::io::copy_bidirectional(&mut a, &mut b)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+/// When a byte last moved either way, in milliseconds after `start`.
+struct Activity {
+    start: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A stream that records in `act` every byte read or written.
+struct Watched<'a, S> {
+    inner: S,
+    act: &'a Activity,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.act.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.act.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Copies both ways until both ends are done, or until no byte moved either way for
+/// `idle` (then both are closed).
+async fn pipe<A, B>(a: A, b: B, idle: Duration) -> Result<(), String>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let act = Activity {
+        start: tokio::time::Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
+    let mut a = Watched {
+        inner: a,
+        act: &act,
+    };
+    let mut b = Watched {
+        inner: b,
+        act: &act,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            r = &mut copy => return r.map(|_| ()).map_err(|e| e.to_string()),
+            _ = tokio::time::sleep_until(act.last() + idle) => {
+                if act.last() + idle <= tokio::time::Instant::now() {
+                    return Err(format!("idle for {} s: closed", idle.as_secs()));
+                }
+            }
+        }
+    }
 }
 
 async fn refuse(sock: &mut TcpStream, Refusal(code, reason, why): Refusal) -> Result<(), String> {
@@ -133,15 +353,42 @@ enum Route {
     Forward(TcpStream, Vec<u8>),
 }
 
+/// What a request head asks for.
+#[derive(Debug, PartialEq)]
+enum Request {
+    Connect {
+        host: String,
+        port: u16,
+    },
+    /// Plain HTTP, with the head to send upstream (origin form, `Connection: close`).
+    Forward {
+        host: String,
+        port: u16,
+        head: Vec<u8>,
+    },
+}
+
 fn bad(why: impl Into<String>) -> Refusal {
     Refusal(400, "Bad Request", why.into())
 }
 
-async fn route(
-    head: &[u8],
-    allow: &Allowlist,
-    resolve: &HashMap<String, IpAddr>,
-) -> Result<Route, Refusal> {
+fn forbid(why: impl Into<String>) -> Refusal {
+    Refusal(403, "Forbidden", why.into())
+}
+
+async fn route(head: &[u8], allow: &Allowlist, shared: &Shared) -> Result<Route, Refusal> {
+    match parse_request(head)? {
+        Request::Connect { host, port } => {
+            Ok(Route::Tunnel(connect(&host, port, allow, shared).await?))
+        }
+        Request::Forward { host, port, head } => Ok(Route::Forward(
+            connect(&host, port, allow, shared).await?,
+            head,
+        )),
+    }
+}
+
+fn parse_request(head: &[u8]) -> Result<Request, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
@@ -152,8 +399,7 @@ async fn route(
     let target = req.path.unwrap_or_default();
     if method.eq_ignore_ascii_case("CONNECT") {
         let (host, port) = split_authority(target, None)?;
-        let up = connect(&host, port, allow, resolve).await?;
-        return Ok(Route::Tunnel(up));
+        return Ok(Request::Connect { host, port });
     }
     let uri: http::Uri = target
         .parse()
@@ -167,9 +413,28 @@ async fn route(
         .authority()
         .ok_or_else(|| bad("request target has no host"))?;
     let (host, port) = split_authority(authority.as_str(), Some(80))?;
-    let up = connect(&host, port, allow, resolve).await?;
+    let given: Vec<&[u8]> = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"))
+        .map(|h| h.value)
+        .collect();
+    let has_host = check_host(&given, &host, port)?;
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut out = format!("{method} {path} HTTP/1.1\r\n").into_bytes();
+    if !has_host {
+        let shown = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        let host_line = if port == 80 {
+            format!("Host: {shown}\r\n")
+        } else {
+            format!("Host: {shown}:{port}\r\n")
+        };
+        out.extend_from_slice(host_line.as_bytes());
+    }
     for h in req.headers.iter() {
         let n = h.name.to_ascii_lowercase();
         if matches!(
@@ -185,7 +450,48 @@ async fn route(
     }
     // One request per connection: a second one could name another host.
     out.extend_from_slice(b"Connection: close\r\n\r\n");
-    Ok(Route::Forward(up, out))
+    Ok(Request::Forward {
+        host,
+        port,
+        head: out,
+    })
+}
+
+/// The `Host` header of a plain HTTP request must name the request target's host (and
+/// its port, when it gives one): otherwise an allowed name's server (a shared front end,
+/// a CDN) would be asked for another site. A mismatch is refused (403), more than one
+/// `Host` is malformed (400); whether there is one (none: the proxy adds it).
+fn check_host(given: &[&[u8]], host: &str, port: u16) -> Result<bool, Refusal> {
+    let value = match given {
+        [] => return Ok(false),
+        [v] => std::str::from_utf8(v).map_err(|_| bad("Host header is not text"))?,
+        _ => return Err(bad("more than one Host header")),
+    };
+    let v = value.trim();
+    let (h, p) = match v.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((h, "")) => (h, None),
+            Some((h, tail)) => (h, Some(tail.strip_prefix(':').unwrap_or("x"))),
+            None => (v, None),
+        },
+        None => match v.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (v, None),
+        },
+    };
+    let same_host = !h.is_empty()
+        && h.trim_end_matches('.')
+            .eq_ignore_ascii_case(host.trim_end_matches('.'));
+    let same_port = match p {
+        None => true,
+        Some(p) => p.parse::<u16>() == Ok(port),
+    };
+    if same_host && same_port {
+        return Ok(true);
+    }
+    Err(forbid(format!(
+        "Host header {value:?} does not name the request's target {host}:{port}"
+    )))
 }
 
 /// `host:port` (or `[v6]:port`); `default` when the port is missing.
@@ -206,24 +512,119 @@ fn split_authority(a: &str, default: Option<u16>) -> Result<(String, u16), Refus
     Ok((host.to_ascii_lowercase(), port))
 }
 
-/// Addresses no sandbox may reach through the proxy: the host's own (loopback, its
-/// interfaces' addresses: the API and every host service), link-local (cloud metadata
-/// at 169.254.169.254), unspecified, multicast and broadcast, and the egress links.
-pub fn forbidden(ip: IpAddr, local: &[IpAddr]) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    };
+const fn v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> Ipv4Net {
+    Ipv4Net::new_assert(Ipv4Addr::new(a, b, c, d), len)
+}
+
+const fn v6(a: u16, b: u16, c: u16, d: u16, len: u8) -> Ipv6Net {
+    Ipv6Net::new_assert(Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0), len)
+}
+
+/// IPv4 ranges that are not globally reachable (IANA's special-purpose registry, RFC
+/// 6890 and after): reached only when opted in with `--egress-allow-private`.
+const V4_NOT_GLOBAL: &[Ipv4Net] = &[
+    v4(0, 0, 0, 0, 8),       // "this network"
+    v4(10, 0, 0, 0, 8),      // private
+    v4(100, 64, 0, 0, 10),   // shared address space (CGNAT; cloud metadata at 100.100.100.200)
+    v4(127, 0, 0, 0, 8),     // loopback
+    v4(169, 254, 0, 0, 16),  // link-local (cloud metadata at 169.254.169.254)
+    v4(172, 16, 0, 0, 12),   // private
+    v4(192, 0, 0, 0, 24),    // IETF protocol assignments
+    v4(192, 0, 2, 0, 24),    // TEST-NET-1
+    v4(192, 88, 99, 0, 24),  // 6to4 relay anycast (deprecated)
+    v4(192, 168, 0, 0, 16),  // private
+    v4(198, 18, 0, 0, 15),   // benchmarking
+    v4(198, 51, 100, 0, 24), // TEST-NET-2
+    v4(203, 0, 113, 0, 24),  // TEST-NET-3
+    v4(224, 0, 0, 0, 4),     // multicast
+    v4(240, 0, 0, 0, 4),     // reserved, and the broadcast address
+];
+
+/// IPv6 global unicast: everything outside it is reserved, local or special.
+const V6_GLOBAL_UNICAST: Ipv6Net = v6(0x2000, 0, 0, 0, 3);
+/// Inside [`V6_GLOBAL_UNICAST`], what is not globally reachable.
+const V6_NOT_GLOBAL: &[Ipv6Net] = &[
+    v6(0x2001, 0, 0, 0, 23), // IETF protocol assignments (Teredo 2001::/32, benchmarking, ORCHID)
+    v6(0x2001, 0x0db8, 0, 0, 32), // documentation
+    v6(0x3fff, 0, 0, 0, 20), // documentation (RFC 9637)
+];
+/// NAT64's well-known prefix: as reachable as the IPv4 address in its last 32 bits.
+const V6_NAT64: Ipv6Net = v6(0x64, 0xff9b, 0, 0, 96);
+/// NAT64's local-use prefix (not global); the IPv4 address sits at bits 48–87.
+const V6_NAT64_LOCAL: Ipv6Net = v6(0x64, 0xff9b, 1, 0, 48);
+/// IPv4-compatible addresses (deprecated, not global).
+const V6_COMPAT: Ipv6Net = v6(0, 0, 0, 0, 96);
+const V6_6TO4: Ipv6Net = v6(0x2002, 0, 0, 0, 16);
+const V6_TEREDO: Ipv6Net = v6(0x2001, 0, 0, 0, 32);
+
+/// The egress links (10.200.0.0/30 in the egress namespace; the /16 is kept clear).
+const EGRESS_LINKS: Ipv4Net = v4(10, 200, 0, 0, 16);
+
+/// The IPv4 addresses an IPv6 address carries: IPv4-compatible (`::a.b.c.d`), NAT64
+/// (`64:ff9b::/96`, and both layouts of `64:ff9b:1::/48`), 6to4 (`2002:AABB:CCDD::`) and
+/// Teredo (server, and the client's obfuscated address). IPv4-mapped addresses are
+/// IPv4 addresses already ([`IpAddr::to_canonical`]).
+fn embedded_v4(a: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let o = a.octets();
+    let last = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    let mut out = Vec::new();
+    if V6_COMPAT.contains(&a) || V6_NAT64.contains(&a) {
+        out.push(last);
+    }
+    if V6_NAT64_LOCAL.contains(&a) {
+        out.push(Ipv4Addr::new(o[6], o[7], o[9], o[10]));
+        out.push(last);
+    }
+    if V6_6TO4.contains(&a) {
+        out.push(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    if V6_TEREDO.contains(&a) {
+        out.push(Ipv4Addr::new(o[4], o[5], o[6], o[7]));
+        out.push(Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]));
+    }
+    out
+}
+
+/// Globally reachable (an address that embeds an IPv4 one is judged here by its own
+/// range; its IPv4 address is judged on its own too).
+fn global(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => !V4_NOT_GLOBAL.iter().any(|n| n.contains(&a)),
+        IpAddr::V6(a) => {
+            V6_NAT64.contains(&a)
+                || (V6_GLOBAL_UNICAST.contains(&a) && !V6_NOT_GLOBAL.iter().any(|n| n.contains(&a)))
+        }
+    }
+}
+
+/// Never reachable, whatever the operator opted in: the host's own addresses (`local`),
+/// loopback, "this network" and unspecified, link-local (cloud metadata), multicast,
+/// broadcast and the egress links.
+fn never(ip: IpAddr, local: &[IpAddr]) -> bool {
     if local.contains(&ip) || ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
         return true;
     }
     match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_link_local() || v4.is_broadcast() || (o[0] == 10 && o[1] == 200) || o[0] == 0
+        IpAddr::V4(a) => {
+            a.octets()[0] == 0 || a.is_link_local() || a.is_broadcast() || EGRESS_LINKS.contains(&a)
         }
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
     }
+}
+
+/// Whether no sandbox may reach `ip` through the proxy. Refused: every address that is
+/// not globally reachable (private, shared, unique-local, site- and link-local,
+/// loopback, multicast, documentation, benchmarking, reserved, …) unless it lies in one
+/// of `allow_private`, and whatever [`never`] names even then. An IPv6 address that
+/// embeds an IPv4 one (mapped, compatible, NAT64, 6to4, Teredo) passes only if both do.
+pub fn forbidden(ip: IpAddr, local: &[IpAddr], allow_private: &[IpNet]) -> bool {
+    let ip = ip.to_canonical();
+    let mut all = vec![ip];
+    if let IpAddr::V6(a) = ip {
+        all.extend(embedded_v4(a).into_iter().map(IpAddr::V4));
+    }
+    all.iter()
+        .any(|a| never(*a, local) || !(global(*a) || allow_private.iter().any(|n| n.contains(a))))
 }
 
 /// Addresses of the host's interfaces (in the proxy's own namespace: the host's).
@@ -247,36 +648,34 @@ async fn connect(
     host: &str,
     port: u16,
     allow: &Allowlist,
-    resolve: &HashMap<String, IpAddr>,
+    shared: &Shared,
 ) -> Result<TcpStream, Refusal> {
-    if !allow.allows(host) {
-        return Err(Refusal(
-            403,
-            "Forbidden",
-            format!("{host} is not in this sandbox's egress allowlist"),
-        ));
+    if is_ip_literal(host) {
+        return Err(forbid(format!(
+            "{host} is an IP address: sandboxes reach hosts by name only"
+        )));
     }
-    let addrs: Vec<SocketAddr> = match resolve.get(host) {
+    if !allow.allows(host) {
+        return Err(forbid(format!(
+            "{host} is not in this sandbox's egress allowlist"
+        )));
+    }
+    let addrs: Vec<SocketAddr> = match shared.resolve.get(host.trim_end_matches('.')) {
         Some(ip) => vec![SocketAddr::new(*ip, port)],
-        None => match host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => tokio::net::lookup_host((host, port))
-                .await
-                .map_err(|e| Refusal(502, "Bad Gateway", format!("cannot resolve {host}: {e}")))?
-                .collect(),
-        },
+        None => tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| Refusal(502, "Bad Gateway", format!("cannot resolve {host}: {e}")))?
+            .collect(),
     };
     let local = local_addresses();
     let allowed: Vec<SocketAddr> = addrs
         .into_iter()
-        .filter(|a| !forbidden(a.ip(), &local))
+        .filter(|a| !forbidden(a.ip(), &local, &shared.allow_private))
         .collect();
     if allowed.is_empty() {
-        return Err(Refusal(
-            403,
-            "Forbidden",
-            format!("{host} resolves only to addresses sandboxes may not reach"),
-        ));
+        return Err(forbid(format!(
+            "{host} resolves only to addresses sandboxes may not reach"
+        )));
     }
     let mut last = String::new();
     for a in allowed {
@@ -293,49 +692,4 @@ async fn connect(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_hosts_own_and_special_addresses_are_forbidden() {
-        let local: Vec<IpAddr> = vec!["192.0.2.7".parse().unwrap()];
-        for f in [
-            "127.0.0.1",
-            "127.1.2.3",
-            "169.254.169.254",
-            "0.0.0.0",
-            "255.255.255.255",
-            "224.0.0.1",
-            "10.200.0.1",
-            "192.0.2.7",
-            "::1",
-            "::ffff:127.0.0.1",
-            "::ffff:169.254.169.254",
-            "fe80::1",
-        ] {
-            assert!(forbidden(f.parse().unwrap(), &local), "{f}");
-        }
-        for ok in ["10.251.0.2", "93.184.216.34", "2001:db8::1", "192.0.2.8"] {
-            assert!(!forbidden(ok.parse().unwrap(), &local), "{ok}");
-        }
-    }
-
-    #[test]
-    fn authorities() {
-        assert_eq!(
-            split_authority("Pypi.org:443", None).ok().map(|a| a.0),
-            Some("pypi.org".into())
-        );
-        assert_eq!(
-            split_authority("x.org", Some(80)).ok().map(|a| a.1),
-            Some(80)
-        );
-        assert_eq!(
-            split_authority("[::1]:8080", None).ok().map(|a| a.0),
-            Some("::1".into())
-        );
-        assert!(split_authority("x.org", None).is_err());
-        assert!(split_authority("x.org:99999", None).is_err());
-        assert!(split_authority(":80", None).is_err());
-    }
-}
+mod tests;
