@@ -165,6 +165,7 @@ impl HostArgs {
                 idle_timeout: Some(std::time::Duration::from_secs(
                     self.egress_idle_timeout.max(1),
                 )),
+                trusted_names: Vec::new(),
             },
             orphan_grace: self.orphan_grace(),
         }

@@ -388,3 +388,72 @@ async fn cli_template_build_ls_rm() {
     let o = forkbox(&s, &["template", "rm", &name]);
     assert_eq!(o.status.code(), Some(0));
 }
+
+/// Issue 20, finding 7: a base template's `run` command planted an apt hook, and a
+/// template layered on it with `packages` ran the hook with every capability, no
+/// seccomp and no `no_new_privs` (it unshared a user namespace, mounted, opened
+/// AF_PACKET). The package step now runs confined: the hook sees the sandbox's
+/// seccomp filters, `no_new_privs` and only the package manager's capabilities.
+#[tokio::test]
+async fn packages_run_confined_even_with_a_hostile_base() {
+    let s = Server::start();
+    let base = unique("e2e-hook");
+    let probe = "cat > /usr/local/bin/probe <<'EOF'\n#!/bin/sh\n\
+        grep -E '^(CapEff|CapBnd|Seccomp|NoNewPrivs):' /proc/self/status > /root/hook.txt\n\
+        if unshare -U true 2>/dev/null; then echo unshare-ok; else echo unshare-refused; fi >> /root/hook.txt\n\
+        EOF\n\
+        chmod +x /usr/local/bin/probe";
+    let plant = r#"echo 'APT::Update::Pre-Invoke {"/usr/local/bin/probe";};' > /etc/apt/apt.conf.d/99probe"#;
+    let (st, events) = build(
+        &s,
+        json!({"name": base, "base": "python", "run": [probe, plant]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{events:?}");
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "ready",
+        "{}",
+        progress(&events)
+    );
+    let layered = unique("e2e-hook-pkgs");
+    let (st, events) = build(
+        &s,
+        json!({"name": layered, "base": base, "packages": ["jq"]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{events:?}");
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "ready",
+        "{}",
+        progress(&events)
+    );
+    let id = s.create(json!({"template": layered})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (out, _, code) = s.sh(&id, "cat /root/hook.txt").await;
+    assert_eq!(code, 0, "the hook did not run: {}", progress(&events));
+    let field = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Seccomp:"), "2", "{out}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{out}");
+    // Docker's set minus NET_RAW and MKNOD; never CAP_SYS_ADMIN (bit 21) or NET_ADMIN (12).
+    let eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+    let bnd = u64::from_str_radix(&field("CapBnd:"), 16).unwrap();
+    for caps in [eff, bnd] {
+        assert_eq!(caps & (1 << 21), 0, "CAP_SYS_ADMIN: {out}");
+        assert_eq!(caps & (1 << 12), 0, "CAP_NET_ADMIN: {out}");
+        assert_eq!(caps & (1 << 13), 0, "CAP_NET_RAW: {out}");
+    }
+    assert!(out.contains("unshare-refused"), "{out}");
+    assert_eq!(s.delete(&id).await, 204);
+    for t in [&layered, &base] {
+        assert_eq!(delete_template(&s, t).await.0, 204);
+    }
+}

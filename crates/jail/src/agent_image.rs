@@ -49,6 +49,11 @@ impl AgentImage {
         Ok(AgentImage { fd, nested })
     }
 
+    /// The sealed copy's descriptor (close-on-exec; `/proc/self/fd/<it>` executes it).
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
     /// The execute-only copy for a fork child's second jail-init stage.
     pub fn nested_fd(&self) -> i32 {
         self.nested.as_raw_fd()

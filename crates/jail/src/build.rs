@@ -31,6 +31,15 @@ const COMMAND_TIMEOUT_MS: u64 = 3600 * 1000;
 /// Hosts apt reaches when installing packages on a template base.
 const DEBIAN_MIRRORS: &[&str] = &["deb.debian.org", "security.debian.org"];
 
+/// `egress` with the Debian mirrors trusted: the package step reaches them wherever
+/// the host's resolver puts them (a mirror on a private address included).
+pub(crate) fn with_mirrors(egress: &forkbox_net::EgressConfig) -> forkbox_net::EgressConfig {
+    let mut e = egress.clone();
+    e.trusted_names
+        .extend(DEBIAN_MIRRORS.iter().map(|m| (*m).to_owned()));
+    e
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("template {0} already exists")]
@@ -217,7 +226,11 @@ impl Inner {
     }
 
     /// `apt-get install` in the build sandbox, by a process that joins its namespaces
-    /// and cgroup with the capabilities of its user namespace's root.
+    /// and cgroup and is then confined like sandbox code but for the capabilities a
+    /// package manager needs (`forkbox-agent confine`: `no_new_privs`, the sandbox's
+    /// seccomp filters, `setns` denied, only `forkbox_sys::caps::PACKAGE_CAPS`, all of
+    /// them the user namespace's). Content of a `run`-built base (an apt hook, a
+    /// replaced `dpkg`) therefore runs exactly that confined.
     async fn apt_install(
         &self,
         inst: &JailInstance,
@@ -243,6 +256,18 @@ impl Inner {
             .iter()
             .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
             .collect();
+        // The sealed agent image, executed after nsenter through our own fd (the magic
+        // link resolves in the sandbox's /proc too): nothing of the host's filesystem.
+        let image_fd = self
+            .agent
+            .as_ref()
+            .ok_or_else(|| {
+                BuildError::Spawn(std::io::Error::other(
+                    "this runtime was opened for clean-up only",
+                ))
+            })?
+            .raw_fd();
+        let confine = format!("/proc/self/fd/{image_fd}");
         let mut cmd = tokio::process::Command::new("nsenter");
         cmd.arg(format!("--target={}", inst.pid))
             .args([
@@ -255,6 +280,9 @@ impl Inner {
                 "--cgroup",
                 "--root",
                 "--wd",
+                "--",
+                &confine,
+                "confine",
                 "--",
                 "/usr/bin/env",
                 "-i",
@@ -278,6 +306,10 @@ impl Inner {
         // SAFETY: only open/write/close on paths prepared before the fork.
         unsafe {
             cmd.as_std_mut().pre_exec(move || {
+                // The agent image stays open across nsenter's exec.
+                if libc::fcntl(image_fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // Join the sandbox's cgroup (its limits) before entering it.
                 for p in &procs {
                     let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);

@@ -219,7 +219,7 @@ impl JailRuntime {
                 run_dir: cfg.run_dir.clone(),
                 uid_base: cfg.uid_base,
                 lineage: Default::default(),
-                egress_cfg: cfg.egress.clone(),
+                egress_cfg: build::with_mirrors(&cfg.egress),
                 egress: tokio::sync::OnceCell::new(),
                 recipes: cfg.recipes.clone(),
                 volumes: volumes::Volumes::new(&cfg.volumes_dir, cfg.uid_base),

@@ -58,6 +58,11 @@ pub struct EgressConfig {
     pub allow_private: Vec<ipnet::IpNet>,
     /// Close tunnels idle this long (default [`proxy::IDLE_TIMEOUT`]; shorter in tests).
     pub idle_timeout: Option<std::time::Duration>,
+    /// Host names the server itself chose (the template builder's Debian mirrors) whose
+    /// addresses, as the host resolves them, may be non-global: where the host gets its
+    /// packages, a build may too. The host's own addresses, loopback, link-local and
+    /// the egress links stay out of reach.
+    pub trusted_names: Vec<String>,
 }
 
 /// The egress namespace and the proxies in it.
@@ -174,7 +179,8 @@ impl Egress {
             cfg.idle_timeout.unwrap_or(proxy::IDLE_TIMEOUT),
             proxy::MAX_CONNS_PER_SANDBOX,
             proxy::global_cap(nofile),
-        );
+        )
+        .with_trusted_names(cfg.trusted_names.clone());
         Ok(Arc::new(Egress {
             shared: Arc::new(shared),
             cfg,

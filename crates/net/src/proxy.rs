@@ -45,9 +45,21 @@ pub struct Shared {
     /// Connections all proxies together may hold ([`global_cap`]).
     all: Arc<Semaphore>,
     all_cap: usize,
+    /// See [`crate::EgressConfig::trusted_names`].
+    trusted_names: Vec<String>,
 }
 
 impl Shared {
+    /// Names whose addresses may be non-global (see
+    /// [`crate::EgressConfig::trusted_names`]).
+    pub fn with_trusted_names(mut self, names: Vec<String>) -> Shared {
+        self.trusted_names = names
+            .into_iter()
+            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+            .collect();
+        self
+    }
+
     pub fn new(
         resolve: HashMap<String, IpAddr>,
         allow_private: Vec<IpNet>,
@@ -61,6 +73,7 @@ impl Shared {
             idle_timeout,
             per_sandbox,
             all: Arc::new(Semaphore::new(all_cap)),
+            trusted_names: Vec::new(),
             all_cap,
         }
     }
@@ -668,9 +681,16 @@ async fn connect(
             .collect(),
     };
     let local = local_addresses();
+    let everything: [IpNet; 2] = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
+    let bare = host.trim_end_matches('.').to_ascii_lowercase();
+    let opted: &[IpNet] = if shared.trusted_names.contains(&bare) {
+        &everything
+    } else {
+        &shared.allow_private
+    };
     let allowed: Vec<SocketAddr> = addrs
         .into_iter()
-        .filter(|a| !forbidden(a.ip(), &local, &shared.allow_private))
+        .filter(|a| !forbidden(a.ip(), &local, opted))
         .collect();
     if allowed.is_empty() {
         return Err(forbid(format!(

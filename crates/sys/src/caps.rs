@@ -83,6 +83,75 @@ pub fn drop_all() -> io::Result<()> {
     check(unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) as libc::c_int })
 }
 
+/// Capabilities a package manager needs inside a sandbox's user namespace (Docker's
+/// default set without `CAP_NET_RAW` and `CAP_MKNOD`): file ownership and modes, the
+/// `_apt` user switch, file capabilities, `chroot`.
+pub const PACKAGE_CAPS: &[libc::c_ulong] = &[
+    0,  // CAP_CHOWN
+    1,  // CAP_DAC_OVERRIDE
+    3,  // CAP_FOWNER
+    4,  // CAP_FSETID
+    5,  // CAP_KILL
+    6,  // CAP_SETGID
+    7,  // CAP_SETUID
+    8,  // CAP_SETPCAP
+    10, // CAP_NET_BIND_SERVICE
+    18, // CAP_SYS_CHROOT
+    29, // CAP_AUDIT_WRITE
+    31, // CAP_SETFCAP
+];
+
+/// Keeps only capabilities `keep` (numbers): every other one leaves the bounding set,
+/// and the effective, permitted and inheritable sets become `keep` (ambient cleared),
+/// so neither this process nor anything it executes as root can get the others back.
+/// Async-signal-safe.
+pub fn keep_only(keep: &[libc::c_ulong]) -> io::Result<()> {
+    for cap in 0..=CAP_LAST_CAP {
+        if keep.contains(&cap) {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments; EINVAL for caps this kernel lacks is fine.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    })?;
+    let mut mask = [0u32; 2];
+    for &cap in keep {
+        if cap <= CAP_LAST_CAP {
+            mask[(cap / 32) as usize] |= 1 << (cap % 32);
+        }
+    }
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: mask[0],
+            permitted: mask[0],
+            inheritable: 0,
+        },
+        CapData {
+            effective: mask[1],
+            permitted: mask[1],
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset reads a v3 header and two data structs that live on the stack.
+    check(unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) as libc::c_int })
+}
+
 /// Sets `no_new_privs`: no exec can ever grant privileges again. Async-signal-safe.
 pub fn set_no_new_privs() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
