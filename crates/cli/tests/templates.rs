@@ -404,31 +404,19 @@ async fn packages_run_confined_even_with_a_hostile_base() {
         EOF\n\
         chmod +x /usr/local/bin/probe";
     let plant = r#"echo 'APT::Update::Pre-Invoke {"/usr/local/bin/probe";};' > /etc/apt/apt.conf.d/99probe"#;
-    let (st, events) = build(
-        &s,
-        json!({"name": base, "base": "python", "run": [probe, plant]}),
-    )
-    .await;
-    assert_eq!(st, 200, "{events:?}");
-    assert_eq!(
-        events.last().unwrap()["type"],
-        "ready",
-        "{}",
-        progress(&events)
-    );
+    let built = |body: Value| {
+        let s = &s;
+        async move {
+            let (st, events) = build(s, body).await;
+            assert_eq!(st, 200, "{events:?}");
+            let last = &events.last().unwrap()["type"];
+            assert_eq!(last, "ready", "{}", progress(&events));
+            events
+        }
+    };
+    built(json!({"name": base, "base": "python", "run": [probe, plant]})).await;
     let layered = unique("e2e-hook-pkgs");
-    let (st, events) = build(
-        &s,
-        json!({"name": layered, "base": base, "packages": ["jq"]}),
-    )
-    .await;
-    assert_eq!(st, 200, "{events:?}");
-    assert_eq!(
-        events.last().unwrap()["type"],
-        "ready",
-        "{}",
-        progress(&events)
-    );
+    let events = built(json!({"name": layered, "base": base, "packages": ["jq"]})).await;
     let id = s.create(json!({"template": layered})).await["id"]
         .as_str()
         .unwrap()

@@ -53,34 +53,7 @@ pub fn drop_all() -> io::Result<()> {
         | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
     // SAFETY: prctl with integer arguments only.
     check(unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0) })?;
-    for cap in 0..=CAP_LAST_CAP {
-        // SAFETY: prctl with integer arguments; EINVAL for caps this kernel lacks is fine.
-        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    // SAFETY: prctl with integer arguments only.
-    check(unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        )
-    })?;
-    let mut header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [CapData {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    // SAFETY: capset reads a v3 header and two data structs that live on the stack.
-    check(unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) as libc::c_int })
+    keep_only(&[])
 }
 
 /// Capabilities a package manager needs inside a sandbox's user namespace (Docker's

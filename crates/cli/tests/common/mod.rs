@@ -45,13 +45,11 @@ pub fn pool() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/forkbox-test/pool"))
 }
 
-/// Starts `forkbox serve` on a free port; waits until it listens.
-fn spawn_server(
-    data: &std::path::Path,
-    pool: &std::path::Path,
-    agent: &std::path::Path,
-) -> (std::process::Child, String) {
-    spawn_server_logging(data, pool, agent, None, &[])
+/// The static agent the test servers start sandboxes from.
+fn agent_bin() -> PathBuf {
+    std::env::var_os("FORKBOX_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"))
 }
 
 /// Like [`spawn_server`], logging at level info into `log` when given.
@@ -128,9 +126,7 @@ impl Server {
             nix::unistd::geteuid().is_root(),
             "end-to-end tests need root: run them with `make test` as root"
         );
-        let agent = std::env::var_os("FORKBOX_AGENT_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
+        let agent = agent_bin();
         assert!(
             agent.exists(),
             "static agent {} missing: run `make agent` (or `make test`)",
@@ -170,26 +166,13 @@ impl Server {
     /// SIGKILLs the server (its sandboxes keep running) and starts a new one on the
     /// same data dir, which adopts them.
     pub fn kill_and_restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let agent = std::env::var_os("FORKBOX_AGENT_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
-        let (child, base) = spawn_server(self.data.path(), &self.pool, &agent);
-        self.child = child;
-        self.base = base;
+        self.kill_and_restart_with(&[]);
     }
 
     /// [`Server::kill_and_restart`] with extra environment for the new server.
     pub fn kill_and_restart_with(&mut self, env: &[(&str, String)]) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let agent = std::env::var_os("FORKBOX_AGENT_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
-        let (child, base) = spawn_server_logging(self.data.path(), &self.pool, &agent, None, env);
-        self.child = child;
-        self.base = base;
+        self.kill();
+        self.restart_with(env);
     }
 
     /// Host pid of the server.
@@ -214,10 +197,8 @@ impl Server {
     /// Starts a server again on the same data dir (after [`Server::kill`]), with
     /// `env`.
     pub fn restart_with(&mut self, env: &[(&str, String)]) {
-        let agent = std::env::var_os("FORKBOX_AGENT_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace().join("target/agent/forkbox-agent"));
-        let (child, base) = spawn_server_logging(self.data.path(), &self.pool, &agent, None, env);
+        let (child, base) =
+            spawn_server_logging(self.data.path(), &self.pool, &agent_bin(), None, env);
         self.child = child;
         self.base = base;
     }
