@@ -22,7 +22,7 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(50);
 /// process of it is runnable, or its processes or their CPU time changed since the last
 /// look: a short sleep ended, a child started or exited), collection goes on in steps
 /// of this…
-const DRAIN_STEP: Duration = Duration::from_millis(10);
+pub(crate) const DRAIN_STEP: Duration = Duration::from_millis(10);
 /// …for at most this long after the exit in all.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
 /// After the holders of the pipes were killed, how long their end (EOF) is awaited:
@@ -146,8 +146,7 @@ impl Running {
         let (mut out_open, mut err_open) = (true, true);
         let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
         let mut exit: Option<Exit> = None;
-        let mut exited_at: Option<tokio::time::Instant> = None;
-        let mut last_look: Option<Vec<(i32, char, u64)>> = None;
+        let mut drain: Option<Drain> = None;
         let mut drain_until: Option<tokio::time::Instant> = None;
         let mut timed_out = false;
         let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
@@ -174,23 +173,18 @@ impl Running {
                 },
                 e = &mut self.exit, if exit.is_none() => {
                     exit = Some(e.unwrap_or(Exit { code: -1, signal: None }));
-                    let now = tokio::time::Instant::now();
-                    exited_at = Some(now);
-                    drain_until = Some(now + DRAIN_AFTER_EXIT);
+                    drain = Some(Drain::new(self.pid));
+                    drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
                 },
                 _ = tx.closed() => {
                     kill_tree(self.pid);
                     return;
                 },
                 _ = tokio::time::sleep_until(stop_at) => {
-                    if let Some(at) = exited_at {
+                    if let Some(d) = &mut drain {
                         // The command is gone; its pipes are still held. Wait on while
                         // its session makes progress, within bounds.
-                        let look = session_processes(self.pid);
-                        let busy = look.iter().any(|(_, st, _)| matches!(st, 'R' | 'D'))
-                            || last_look.as_ref() != Some(&look);
-                        if at.elapsed() < DRAIN_MAX && busy && !look.is_empty() {
-                            last_look = Some(look);
+                        if d.more() {
                             drain_until = Some(tokio::time::Instant::now() + DRAIN_STEP);
                             continue;
                         }
@@ -293,6 +287,37 @@ impl<'a> Output<'a> {
             self.tx.send(line(&ev)).await.map_err(|_| Gone)?;
         }
         Ok(true)
+    }
+}
+
+/// After a command exited while others still hold its output: whether to keep
+/// collecting, i.e. its session still makes progress (a process of it runnable, or
+/// its processes or their CPU time changed since the last look), for at most
+/// [`DRAIN_MAX`] after the exit.
+pub(crate) struct Drain {
+    sid: i32,
+    exited: tokio::time::Instant,
+    last: Option<Vec<(i32, char, u64)>>,
+}
+
+impl Drain {
+    /// For the session `sid` of a command that exited now.
+    pub(crate) fn new(sid: i32) -> Drain {
+        Drain {
+            sid,
+            exited: tokio::time::Instant::now(),
+            last: None,
+        }
+    }
+
+    /// Whether to look again in [`DRAIN_STEP`].
+    pub(crate) fn more(&mut self) -> bool {
+        let look = session_processes(self.sid);
+        let busy = look.iter().any(|(_, st, _)| matches!(st, 'R' | 'D'))
+            || self.last.as_ref() != Some(&look);
+        let more = self.exited.elapsed() < DRAIN_MAX && busy && !look.is_empty();
+        self.last = Some(look);
+        more
     }
 }
 

@@ -120,6 +120,7 @@ pub async fn start(
         let mut buf = vec![0u8; 16 * 1024];
         let mut exit = exit;
         let mut exited = None;
+        let mut drain: Option<crate::exec::Drain> = None;
         // After the process exits, output still buffered (or written by children that
         // keep the terminal) is collected until the terminal is quiet for a moment.
         let quiet = std::time::Duration::from_millis(100);
@@ -151,6 +152,7 @@ pub async fn start(
                 }
                 e = &mut exit, if exited.is_none() => {
                     exited = Some(e.map(|e| e.code).unwrap_or(-1));
+                    drain = Some(crate::exec::Drain::new(pid));
                     deadline = tokio::time::Instant::now() + quiet;
                 }
                 _ = out.closed() => {
@@ -158,7 +160,15 @@ pub async fn start(
                     input_task.abort();
                     return;
                 }
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(deadline) => {
+                    // Quiet: wait on while the command's session makes progress (a
+                    // child about to write under load), as exec does.
+                    if drain.as_mut().is_some_and(|d| d.more()) {
+                        deadline = tokio::time::Instant::now() + crate::exec::DRAIN_STEP;
+                        continue;
+                    }
+                    break;
+                }
             }
         }
         kill_tree(pid);
