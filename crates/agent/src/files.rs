@@ -102,30 +102,14 @@ pub fn open_beneath(
     mode: u32,
 ) -> Result<OwnedFd, FileError> {
     let c = CString::new(path).map_err(|_| FileError::BadPath("contains NUL"))?;
-    // SAFETY: open_how is plain data; zero is valid for the fields we do not set.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | OFlag::O_CLOEXEC).bits() as u64;
-    how.mode = if flags.contains(OFlag::O_CREAT) {
-        u64::from(mode)
-    } else {
-        0
-    };
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2 with a valid dirfd, NUL-terminated path and open_how of the right size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(os(path)(Errno::last()));
-    }
-    // SAFETY: a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    forkbox_sys::openat2::openat2(
+        root,
+        &c,
+        flags.bits(),
+        mode,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )
+    .map_err(os(path))
 }
 
 /// The directory holding `path` (opened safely) and the last component's name.

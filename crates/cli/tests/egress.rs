@@ -206,21 +206,23 @@ impl Drop for Upstream {
     }
 }
 
-/// Probes run inside a sandbox; prints one JSON object of results.
-const PROBE: &str = r#"
-import json, socket, sys, urllib.request, urllib.error, http.client
-up, loop_port = sys.argv[1], int(sys.argv[2])
-out = {}
+/// What the probe scripts share: `out`, and `get` (plain HTTP through the proxy) and
+/// `tunnel` (CONNECT) recording `[status, body]`, with `timeout` seconds each.
+fn probe_script(timeout: u32, body: &str) -> String {
+    format!(
+        r#"
+import http.client, json, socket, sys, urllib.request, urllib.error
+out = {{}}
 def get(name, url):
     try:
-        r = urllib.request.urlopen(url, timeout=10)
+        r = urllib.request.urlopen(url, timeout={timeout})
         out[name] = [r.status, r.read().decode()]
     except urllib.error.HTTPError as e:
         out[name] = [e.code, e.read().decode()]
     except Exception as e:
         out[name] = ["error", repr(e)]
 def tunnel(name, host, port):
-    c = http.client.HTTPConnection("10.200.0.1", 3128, timeout=10)
+    c = http.client.HTTPConnection("10.200.0.1", 3128, timeout={timeout})
     try:
         c.set_tunnel(host, port)
         c.request("GET", "/hello.txt")
@@ -228,6 +230,13 @@ def tunnel(name, host, port):
         out[name] = [r.status, r.read().decode()]
     except OSError as e:
         out[name] = ["refused", str(e)]
+{body}"#
+    )
+}
+
+/// Probes run inside a sandbox; prints one JSON object of results.
+const PROBE: &str = r#"
+up, loop_port = sys.argv[1], int(sys.argv[2])
 def direct(name, host, port):
     try:
         socket.create_connection((host, port), 3).close()
@@ -254,7 +263,7 @@ async fn probe(s: &Server, id: &str, up: &Upstream, loop_port: u16) -> Value {
     let r = s
         .http
         .put(s.url(&format!("/v1/sandboxes/{id}/files?path=/root/probe.py")))
-        .body(PROBE)
+        .body(probe_script(10, PROBE))
         .send()
         .await
         .unwrap();
@@ -428,25 +437,6 @@ async fn upload(s: &Server, id: &str, path: &str, script: &str) {
 /// Plain HTTP and CONNECT to each name given, and one plain request whose `Host`
 /// names another host than its target; one JSON object of `[status, body]`.
 const PROBE_ADDRESSES: &str = r#"
-import http.client, json, socket, sys, urllib.request, urllib.error
-out = {}
-def get(name, url):
-    try:
-        r = urllib.request.urlopen(url, timeout=20)
-        out[name] = [r.status, r.read().decode()]
-    except urllib.error.HTTPError as e:
-        out[name] = [e.code, e.read().decode()]
-    except Exception as e:
-        out[name] = ["error", repr(e)]
-def tunnel(name, host, port):
-    c = http.client.HTTPConnection("10.200.0.1", 3128, timeout=20)
-    try:
-        c.set_tunnel(host, port)
-        c.request("GET", "/hello.txt")
-        r = c.getresponse()
-        out[name] = [r.status, r.read().decode()]
-    except OSError as e:
-        out[name] = ["refused", str(e)]
 def raw(name, head):
     s = socket.create_connection(("10.200.0.1", 3128), 20)
     s.sendall(head.encode())
@@ -498,7 +488,13 @@ async fn egress_refuses_non_global_addresses_unless_opted_in() {
         .as_str()
         .unwrap()
         .to_owned();
-    upload(&s, &id, "/root/probe.py", PROBE_ADDRESSES).await;
+    upload(
+        &s,
+        &id,
+        "/root/probe.py",
+        &probe_script(20, PROBE_ADDRESSES),
+    )
+    .await;
     let (out, err, code) = s
         .sh(&id, &format!("python3 /root/probe.py {}", listed.join(" ")))
         .await;

@@ -8,6 +8,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod mounts;
 pub mod net;
+pub mod openat2;
 pub mod pidfd;
 pub mod seccomp;
 pub mod uidshift;

@@ -6,7 +6,7 @@
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::symlink;
 use std::path::{Component, Path, PathBuf};
 
@@ -250,27 +250,16 @@ pub fn dir_beneath(
             .map_err(|_| refuse("mount target contains NUL"))?;
         let mut made = false;
         cur = loop {
-            // SAFETY: open_how is plain data; zero is valid for the fields not set.
-            let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-            how.flags =
-                (libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
-            how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
-            // SAFETY: openat2 with an fd we own, a NUL-terminated name and an open_how of
-            // the size passed.
-            let fd = unsafe {
-                libc::syscall(
-                    libc::SYS_openat2,
-                    cur.as_raw_fd(),
-                    c.as_ptr(),
-                    &how as *const libc::open_how,
-                    std::mem::size_of::<libc::open_how>(),
-                )
+            let err = match crate::openat2::openat2(
+                cur.as_fd(),
+                &c,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+                libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
+            ) {
+                Ok(fd) => break fd,
+                Err(e) => std::io::Error::from(e),
             };
-            if fd >= 0 {
-                // SAFETY: a fresh fd we own.
-                break unsafe { OwnedFd::from_raw_fd(fd as i32) };
-            }
-            let err = std::io::Error::last_os_error();
             match err.raw_os_error() {
                 Some(libc::ENOENT) if !create => return Ok(None),
                 Some(libc::ENOENT) if !made => {
