@@ -29,7 +29,7 @@ use forkbox_types::agent::{JailInit, JailInitReply};
 use nix::unistd::{Gid, Pid, Uid};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
 
 /// The listening socket the host passes us.
@@ -67,7 +67,18 @@ fn build(nested: bool) -> Result<i32, String> {
         .read_to_string(&mut input)
         .map_err(|e| format!("read config: {e}"))?;
     let cfg: JailInit = serde_json::from_str(&input).map_err(|e| format!("parse config: {e}"))?;
+    // The idmapped root filesystem and volumes, made while this process is still host
+    // root in the host's namespaces (the second stage of a fork child inherits them as
+    // fds TREE_FD.. across its exec).
+    let trees = if nested {
+        inherited_trees(&cfg)
+    } else {
+        idmapped_trees(&cfg)?
+    };
     if let (Some(parent), false) = (cfg.fork_of, nested) {
+        if let Some(t) = &trees {
+            t.pin_for_exec()?;
+        }
         enter_parent(&cfg.cgroup_procs, parent)?;
         // CLONE_NEWPID only works from a process born in the PID namespace it nests
         // under, and the child's id maps may only be written by a process whose image
@@ -106,6 +117,26 @@ fn build(nested: bool) -> Result<i32, String> {
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS;
     let mut pidfd: libc::c_int = -1;
+    // The new user namespace is owned by whoever creates it: the sandbox's own host
+    // uid, not host root, so what the kernel charges to a namespace's owner (inotify
+    // instances, user namespaces, …) is the sandbox's alone. The real and saved ids
+    // stay 0, so host root's privileges come back for the id maps right after.
+    // (A fork child's namespaces are owned by its parent's root, the same host uid.)
+    let owner = shifted_owner(&cfg).filter(|_| cfg.fork_of.is_none());
+    if let Some(h) = owner {
+        nix::unistd::setresgid(
+            Gid::from_raw(u32::MAX),
+            Gid::from_raw(h),
+            Gid::from_raw(u32::MAX),
+        )
+        .map_err(|e| format!("become the sandbox's group: {e}"))?;
+        nix::unistd::setresuid(
+            Uid::from_raw(u32::MAX),
+            Uid::from_raw(h),
+            Uid::from_raw(u32::MAX),
+        )
+        .map_err(|e| format!("become the sandbox's user: {e}"))?;
+    }
     // SAFETY: this process is single-threaded (no runtime started yet), so a raw clone
     // without a new stack behaves like fork(2): the child continues on a copy of our stack.
     // With CLONE_PIDFD the kernel stores a pidfd through the parent_tid pointer.
@@ -119,13 +150,28 @@ fn build(nested: bool) -> Result<i32, String> {
             0usize,
         )
     };
+    let clone_err = std::io::Error::last_os_error();
+    if pid != 0 && owner.is_some() {
+        nix::unistd::setresuid(
+            Uid::from_raw(u32::MAX),
+            Uid::from_raw(0),
+            Uid::from_raw(u32::MAX),
+        )
+        .map_err(|e| format!("back to host root: {e}"))?;
+        nix::unistd::setresgid(
+            Gid::from_raw(u32::MAX),
+            Gid::from_raw(0),
+            Gid::from_raw(u32::MAX),
+        )
+        .map_err(|e| format!("back to host root's group: {e}"))?;
+    }
     if pid < 0 {
-        return Err(format!("clone: {}", std::io::Error::last_os_error()));
+        return Err(format!("clone: {clone_err}"));
     }
     if pid == 0 {
         drop(go_w);
         drop(st_r);
-        let code = match sandbox_side(&cfg, &mut go_r) {
+        let code = match sandbox_side(&cfg, trees.as_ref(), &mut go_r) {
             Ok(adopt) => {
                 drop(go_r);
                 drop(st_w);
@@ -252,7 +298,11 @@ fn host_side(cfg: &JailInit, pid: i32, go: &mut File) -> Result<(), String> {
     let map = match cfg.fork_of {
         // Relative to the parent's user namespace, whose 0..RANGE are already ours.
         Some(_) => format!("0 0 {}\n", forkbox_sys::uidshift::RANGE),
-        None => format!("0 {} {}\n", cfg.uid_base, forkbox_sys::uidshift::RANGE),
+        None => format!(
+            "0 {} {}\n",
+            cfg.host_uid.unwrap_or(cfg.uid_base),
+            forkbox_sys::uidshift::RANGE
+        ),
     };
     for f in ["uid_map", "gid_map"] {
         std::fs::write(format!("/proc/{pid}/{f}"), &map).map_err(|e| format!("write {f}: {e}"))?;
@@ -268,7 +318,11 @@ fn host_side(cfg: &JailInit, pid: i32, go: &mut File) -> Result<(), String> {
 }
 
 /// Steps 4-7, inside the new namespaces. Returns the adopt listener of a fork child.
-fn sandbox_side(cfg: &JailInit, go: &mut File) -> Result<Option<crate::server::Adopt>, String> {
+fn sandbox_side(
+    cfg: &JailInit,
+    trees: Option<&Trees>,
+    go: &mut File,
+) -> Result<Option<crate::server::Adopt>, String> {
     let mut b = [0u8; 1];
     match go.read(&mut b) {
         Ok(1) => {}
@@ -285,18 +339,23 @@ fn sandbox_side(cfg: &JailInit, go: &mut File) -> Result<Option<crate::server::A
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
         .map_err(|e| format!("unshare cgroup namespace: {e}"))?;
     nix::unistd::sethostname(&cfg.id).map_err(|e| format!("sethostname: {e}"))?;
-    let binds: Vec<(&std::path::Path, &std::path::Path)> = cfg
+    let binds: Vec<forkbox_sys::mounts::Bind<'_>> = cfg
         .binds
         .iter()
-        .map(|b| {
-            (
-                std::path::Path::new(b.source.as_str()),
-                std::path::Path::new(b.target.as_str()),
-            )
+        .enumerate()
+        .map(|(i, b)| forkbox_sys::mounts::Bind {
+            source: std::path::Path::new(b.source.as_str()),
+            target: std::path::Path::new(b.target.as_str()),
+            tree: trees.and_then(|t| t.binds.get(i)).map(|f| f.as_fd()),
         })
         .collect();
-    forkbox_sys::mounts::enter_rootfs(std::path::Path::new(&cfg.rootfs), &binds, cfg.tmp_size)
-        .map_err(|e| e.to_string())?;
+    forkbox_sys::mounts::enter_rootfs(
+        std::path::Path::new(&cfg.rootfs),
+        trees.map(|t| t.root.as_fd()),
+        &binds,
+        cfg.tmp_size,
+    )
+    .map_err(|e| e.to_string())?;
     forkbox_sys::net::loopback_up().map_err(|e| format!("loopback up: {e}"))?;
     let null = std::fs::OpenOptions::new()
         .read(true)
@@ -321,4 +380,76 @@ fn sandbox_side(cfg: &JailInit, go: &mut File) -> Result<Option<crate::server::A
     let listener = std::os::unix::net::UnixListener::bind_addr(&addr)
         .map_err(|e| format!("bind adopt socket: {e}"))?;
     Ok(Some(crate::server::Adopt { listener, token }))
+}
+
+/// Where a fork child's second stage finds the idmapped trees: the root filesystem's
+/// at `TREE_FD`, then one per bind mount in order.
+const TREE_FD: i32 = 5;
+
+/// The idmapped mounts a sandbox is built from (see `forkbox_sys::idmap`).
+struct Trees {
+    root: OwnedFd,
+    binds: Vec<OwnedFd>,
+}
+
+impl Trees {
+    /// Puts the trees on `TREE_FD..` without close-on-exec, for the second stage.
+    fn pin_for_exec(&self) -> Result<(), String> {
+        for (i, fd) in std::iter::once(&self.root).chain(&self.binds).enumerate() {
+            let to = TREE_FD + i as i32;
+            // SAFETY: dup2 of an fd we own onto a number nothing else here uses (0-4
+            // are stdio, the listener and the nested image); dup2 clears close-on-exec.
+            if unsafe { libc::dup2(fd.as_raw_fd(), to) } < 0 {
+                return Err(format!(
+                    "pass idmapped mount: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The host uid the sandbox runs as, when it differs from the canonical range.
+fn shifted_owner(cfg: &JailInit) -> Option<u32> {
+    cfg.host_uid.filter(|h| *h != cfg.uid_base)
+}
+
+/// Makes the idmapped copies of the root filesystem and the bind sources (host root,
+/// host namespaces); `None` when the sandbox runs as the canonical range.
+fn idmapped_trees(cfg: &JailInit) -> Result<Option<Trees>, String> {
+    let Some(host) = shifted_owner(cfg) else {
+        return Ok(None);
+    };
+    use forkbox_sys::idmap;
+    let ns = idmap::shift_userns(cfg.uid_base, host, forkbox_sys::uidshift::RANGE)
+        .map_err(|e| e.to_string())?;
+    let tree =
+        |p: &str| idmap::idmapped_tree(std::path::Path::new(p), &ns).map_err(|e| e.to_string());
+    Ok(Some(Trees {
+        root: tree(&cfg.rootfs)?,
+        binds: cfg
+            .binds
+            .iter()
+            .map(|b| tree(&b.source))
+            .collect::<Result<_, _>>()?,
+    }))
+}
+
+/// The second stage's view of the trees its first stage pinned.
+fn inherited_trees(cfg: &JailInit) -> Option<Trees> {
+    shifted_owner(cfg)?;
+    // SAFETY: the first stage put exactly these fds in place for us before exec.
+    let own = |fd: i32| unsafe { OwnedFd::from_raw_fd(fd) };
+    let trees = Trees {
+        root: own(TREE_FD),
+        binds: (0..cfg.binds.len())
+            .map(|i| own(TREE_FD + 1 + i as i32))
+            .collect(),
+    };
+    for fd in std::iter::once(&trees.root).chain(&trees.binds) {
+        // SAFETY: fcntl on an fd we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Some(trees)
 }

@@ -20,7 +20,9 @@ pub struct HostArgs {
     /// The static forkbox-agent binary. Default: beside this executable.
     #[arg(long, env = "FORKBOX_AGENT_BIN")]
     pub agent_bin: Option<PathBuf>,
-    /// Host uid/gid that root inside sandboxes maps to (65536 ids from there).
+    /// First host uid/gid of the sandboxes' ids: files are stored as the 65536 ids from
+    /// there; each running sandbox runs as 65536 ids of its own above it (up to about
+    /// 2^30 more, leased host-wide under /run/forkbox/uid-blocks).
     #[arg(long, default_value_t = 1_000_000)]
     pub uid_base: u32,
     /// Leave the host's cgroup2 mount options alone (by default forkbox turns on
@@ -168,6 +170,8 @@ impl HostArgs {
                 trusted_names: Vec::new(),
             },
             orphan_grace: self.orphan_grace(),
+            data_dir: data.clone(),
+            uid_registry: PathBuf::from(forkbox_jail::UID_REGISTRY),
         }
     }
 

@@ -19,34 +19,18 @@ pub enum ImageError {
 
 pub struct AgentImage {
     fd: OwnedFd,
-    /// The same image owned by the sandboxes' root uid and execute-only, for the
-    /// second stage of a fork child's jail-init (see `nested_fd`).
-    nested: OwnedFd,
 }
 
 impl AgentImage {
-    /// Loads the agent at `path`; `nested_owner` is the host uid that root inside
-    /// sandboxes maps to.
-    pub fn load(path: &Path, nested_owner: u32) -> Result<AgentImage, ImageError> {
+    /// Loads the agent at `path`.
+    pub fn load(path: &Path) -> Result<AgentImage, ImageError> {
         let bytes = std::fs::read(path).map_err(|e| ImageError::Read(path.into(), e))?;
         if !is_static_elf(&bytes) {
             return Err(ImageError::NotStatic(path.into()));
         }
-        let fd = sealed(c"forkbox-agent", &bytes)?;
-        let nested = sealed(c"forkbox-agent-nested", &bytes)?;
-        // Execute-only and owned by the sandboxes' root: a fork child's jail-init
-        // execs it inside the parent sandbox's user namespace, which makes that
-        // namespace the new image's (so it may write the child's id maps), and the
-        // unreadable file keeps the process undumpable from its first instruction.
-        nix::unistd::fchown(
-            nested.as_raw_fd(),
-            Some(nix::unistd::Uid::from_raw(nested_owner)),
-            Some(nix::unistd::Gid::from_raw(nested_owner)),
-        )
-        .map_err(|e| ImageError::Memfd(e.into()))?;
-        nix::sys::stat::fchmod(nested.as_raw_fd(), nix::sys::stat::Mode::S_IXUSR)
-            .map_err(|e| ImageError::Memfd(e.into()))?;
-        Ok(AgentImage { fd, nested })
+        Ok(AgentImage {
+            fd: sealed(c"forkbox-agent", &bytes)?,
+        })
     }
 
     /// The sealed copy's descriptor (close-on-exec; `/proc/self/fd/<it>` executes it).
@@ -54,9 +38,25 @@ impl AgentImage {
         self.fd.as_raw_fd()
     }
 
-    /// The execute-only copy for a fork child's second jail-init stage.
-    pub fn nested_fd(&self) -> i32 {
-        self.nested.as_raw_fd()
+    /// A copy of the image for the second jail-init stage of a fork's children,
+    /// execute-only and owned by `owner`, the host uid of the family's root: a fork
+    /// child's jail-init execs it inside the parent sandbox's user namespace, which
+    /// makes that namespace the new image's (so it may write the child's id maps), and
+    /// the unreadable file keeps the process undumpable from its first instruction.
+    pub fn nested_for(&self, owner: u32) -> Result<OwnedFd, ImageError> {
+        let mut src = File::open(self.exec_path()).map_err(ImageError::Memfd)?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut src, &mut bytes).map_err(ImageError::Memfd)?;
+        let nested = sealed(c"forkbox-agent-nested", &bytes)?;
+        nix::unistd::fchown(
+            nested.as_raw_fd(),
+            Some(nix::unistd::Uid::from_raw(owner)),
+            Some(nix::unistd::Gid::from_raw(owner)),
+        )
+        .map_err(|e| ImageError::Memfd(e.into()))?;
+        nix::sys::stat::fchmod(nested.as_raw_fd(), nix::sys::stat::Mode::S_IXUSR)
+            .map_err(|e| ImageError::Memfd(e.into()))?;
+        Ok(nested)
     }
 
     /// A path that executes the sealed copy (valid in this process and its children
@@ -112,7 +112,7 @@ mod tests {
     fn dynamic_binaries_are_refused() {
         // /bin/sh on Debian is dynamically linked.
         assert!(matches!(
-            AgentImage::load(Path::new("/bin/sh"), 1000000),
+            AgentImage::load(Path::new("/bin/sh")),
             Err(ImageError::NotStatic(_))
         ));
         assert!(!is_static_elf(b"not an elf"));

@@ -13,6 +13,7 @@
 pub mod agent_image;
 pub mod build;
 pub mod pool;
+pub mod slots;
 pub mod template;
 pub mod volumes;
 
@@ -68,7 +69,15 @@ pub struct JailConfig {
     /// The dead-man's switch: a sandbox ends itself after this long without a
     /// server (`None`: never).
     pub orphan_grace: Option<Duration>,
+    /// The server's data dir (named in the host-wide uid range registry).
+    pub data_dir: PathBuf,
+    /// The host-wide registry of sandbox uid ranges (`slots.rs`), shared by every
+    /// server on the host.
+    pub uid_registry: PathBuf,
 }
+
+/// Where servers lease sandbox uid ranges unless configured otherwise.
+pub const UID_REGISTRY: &str = "/run/forkbox/uid-blocks";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
@@ -82,6 +91,10 @@ pub enum JailError {
     RunDir(PathBuf, std::io::Error),
     #[error("the jail runtime needs root (run forkbox serve as root)")]
     NotRoot,
+    #[error(transparent)]
+    Slots(#[from] slots::SlotError),
+    #[error("--uid-base {0} leaves no room for the sandboxes' uid ranges (at most {max})", max = u32::MAX - (slots::MAX_SLOTS + 1) * forkbox_sys::uidshift::RANGE)]
+    UidBase(u32),
 }
 
 pub struct JailRuntime {
@@ -102,6 +115,8 @@ struct Inner {
     recipes: std::collections::BTreeMap<String, Vec<String>>,
     volumes: volumes::Volumes,
     orphan_grace: Option<Duration>,
+    /// Host uid ranges of running sandboxes (`slots.rs`).
+    slots: slots::Slots,
 }
 
 /// Fork ancestry of live sandboxes, by runtime key (the id a sandbox was made with).
@@ -199,7 +214,14 @@ impl JailRuntime {
                 }
             }
         }
-        let agent = Some(AgentImage::load(&cfg.agent_bin, cfg.uid_base)?);
+        if cfg
+            .uid_base
+            .checked_add((slots::MAX_SLOTS + 1) * forkbox_sys::uidshift::RANGE)
+            .is_none()
+        {
+            return Err(JailError::UidBase(cfg.uid_base));
+        }
+        let agent = Some(AgentImage::load(&cfg.agent_bin)?);
         std::fs::create_dir_all(&cfg.run_dir)
             .map_err(|e| JailError::RunDir(cfg.run_dir.clone(), e))?;
         // Orphaned sandbox processes become our children, so we can reap them.
@@ -224,6 +246,7 @@ impl JailRuntime {
                 recipes: cfg.recipes.clone(),
                 volumes: volumes::Volumes::new(&cfg.volumes_dir, cfg.uid_base),
                 orphan_grace: cfg.orphan_grace,
+                slots: slots::Slots::open(cfg.uid_base, &cfg.uid_registry, &cfg.data_dir)?,
             }),
         })
     }
@@ -248,6 +271,7 @@ impl JailRuntime {
                 recipes: cfg.recipes.clone(),
                 volumes: volumes::Volumes::new(&cfg.volumes_dir, cfg.uid_base),
                 orphan_grace: cfg.orphan_grace,
+                slots: slots::Slots::detached(cfg.uid_base),
             }),
         })
     }
@@ -296,6 +320,25 @@ impl Inner {
         template::ensure(&self.pool, name, recipe, self.uid_base, progress).await
     }
 
+    /// The slot of a running sandbox found after a restart, from its agent's
+    /// `uid_map`: held so no new family gets the range while it runs.
+    fn claim_slot(&self, pid: i32) -> Option<Arc<slots::Slot>> {
+        let host = match forkbox_sys::idmap::host_root_of(pid) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "reading a sandbox's uid map");
+                return None;
+            }
+        };
+        match self.slots.claim(host) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "a running sandbox outside the uid ranges");
+                None
+            }
+        }
+    }
+
     /// Starts tracking a live sandbox in the fork lineage.
     fn track(&self, id: &str, parent: Option<String>, agent: Option<i32>) {
         self.lineage().nodes.insert(
@@ -331,6 +374,8 @@ struct Resources {
     /// A hollow fork ancestor's agent connection, held so its dead-man's switch
     /// (which counts server connections) never fires while the server lives.
     keepalive: Option<AgentClient>,
+    /// Its host uid range, held until its processes are gone.
+    slot: Option<Arc<slots::Slot>>,
 }
 
 impl Resources {
@@ -393,6 +438,7 @@ impl Resources {
         self.pid = None;
         self.egress = None;
         self.keepalive = None;
+        self.slot = None;
         Ok(())
     }
 }
@@ -582,6 +628,11 @@ enum Origin {
         token: String,
         /// Snapshot of the parent to take the root filesystem from.
         from: PathBuf,
+        /// The parent's host uid range (the family's).
+        slot: Arc<slots::Slot>,
+        /// The agent image for the child's second jail-init stage, owned by the
+        /// family's root (see `AgentImage::nested_for`).
+        nested: Arc<OwnedFd>,
     },
 }
 
@@ -698,6 +749,7 @@ impl Inner {
                         pid: Some(p1),
                         egress: None,
                         keepalive,
+                        slot: self.claim_slot(p1),
                     };
                     self.lineage().nodes.insert(
                         c.clone(),
@@ -804,6 +856,7 @@ impl Inner {
             }
         }
         let rootfs = self.pool.sandbox(id);
+        let slot = self.claim_slot(pid);
         // The link survived with the sandbox; its proxy did not: link it afresh.
         let egress = self.attach_egress(spec, pid).await?;
         let alive = Arc::new(AtomicBool::new(true));
@@ -831,6 +884,7 @@ impl Inner {
                 pid: Some(pid),
                 egress,
                 keepalive: None,
+                slot,
             }),
             rt: self.clone(),
         }))
@@ -898,6 +952,7 @@ impl Inner {
             pid: None,
             egress: None,
             keepalive: None,
+            slot: None,
         };
         res.release().await
     }
@@ -978,12 +1033,27 @@ impl Inner {
         let log = std::fs::File::create(run.join("agent.log"))
             .map_err(|e| RuntimeError::host("create agent log", id, e))?;
         // 4. jail-init.
-        let (fork_of, adopt_token) = match origin {
-            Origin::Template | Origin::Existing => (None, None),
+        let (fork_of, adopt_token, nested) = match origin {
+            Origin::Template | Origin::Existing => {
+                let slot = self
+                    .slots
+                    .allocate()
+                    .map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
+                res.slot = Some(slot);
+                (None, None, None)
+            }
             Origin::Fork {
-                parent_pid, token, ..
-            } => (Some(parent_pid), Some(token)),
+                parent_pid,
+                token,
+                slot,
+                nested,
+                ..
+            } => {
+                res.slot = Some(slot);
+                (Some(parent_pid), Some(token), Some(nested))
+            }
         };
+        let host_uid = res.slot.as_ref().map(|s| s.host_uid());
         // Volume targets pass through nothing the sandbox's own filesystem could have
         // made a symlink (a snapshot or wake of a filesystem its code wrote); jail-init
         // enforces it again when it mounts (`forkbox_sys::mounts::dir_beneath`), this
@@ -1014,6 +1084,7 @@ impl Inner {
             id: id.to_owned(),
             rootfs: rootfs.to_string_lossy().into_owned(),
             uid_base: self.uid_base,
+            host_uid,
             cgroup_procs: cg
                 .procs_files()
                 .iter()
@@ -1028,7 +1099,7 @@ impl Inner {
             orphan_grace_s: self.orphan_grace.map(|g| g.as_secs().max(1)),
         };
         let pid = self
-            .run_jail_init(id, &init, listener.as_raw_fd(), log)
+            .run_jail_init(id, &init, listener.as_raw_fd(), nested.as_deref(), log)
             .await?;
         drop(listener);
         res.pid = Some(pid);
@@ -1093,6 +1164,7 @@ impl Inner {
         id: &str,
         init: &JailInit,
         listen_fd: i32,
+        nested: Option<&OwnedFd>,
         log: std::fs::File,
     ) -> Result<i32, RuntimeError> {
         use std::os::unix::process::CommandExt as _;
@@ -1112,7 +1184,7 @@ impl Inner {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::from(log));
         // A fork child's jail-init also gets the nested agent image as fd 4.
-        let nested_fd = init.fork_of.map(|_| agent.nested_fd());
+        let nested_fd = nested.map(|f| f.as_raw_fd());
         // SAFETY: the hook only calls dup2/fcntl on fds that stay open in the parent.
         unsafe {
             cmd.pre_exec(move || {
@@ -1536,7 +1608,28 @@ impl JailInstance {
             return Err(e);
         }
         let t_snap = t0.elapsed();
-        // 2. Children, concurrently, nested in our namespaces.
+        // 2. Children, concurrently, nested in our namespaces, in our uid range.
+        let family = self.resources.lock().await.slot.clone();
+        let nested = family.as_ref().map(|s| {
+            self.rt
+                .agent
+                .as_ref()
+                .ok_or_else(|| std::io::Error::other("no agent image"))
+                .and_then(|a| a.nested_for(s.host_uid()).map_err(std::io::Error::other))
+        });
+        let (slot, nested) = match (family, nested) {
+            (Some(slot), Some(Ok(nested))) => (slot, Arc::new(nested)),
+            (_, Some(Err(e))) => {
+                let _ = delete_subvolume_patiently(&staging);
+                return Err(RuntimeError::host("make the nested agent image", id, e));
+            }
+            _ => {
+                let _ = delete_subvolume_patiently(&staging);
+                return Err(RuntimeError::Conflict(format!(
+                    "sandbox {id} has no uid range of its own (it predates them); hibernate and wake it to fork it"
+                )));
+            }
+        };
         let tokens: Vec<String> = specs.iter().map(|_| token()).collect();
         let started =
             futures_util::future::join_all(specs.iter().zip(&tokens).map(|(spec, token)| {
@@ -1546,6 +1639,8 @@ impl JailInstance {
                         parent_pid: self.pid,
                         token: token.clone(),
                         from: staging.clone(),
+                        slot: slot.clone(),
+                        nested: nested.clone(),
                     },
                 )
             }))

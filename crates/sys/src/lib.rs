@@ -6,6 +6,7 @@
 pub mod btrfs;
 pub mod caps;
 pub mod cgroup;
+pub mod idmap;
 pub mod mounts;
 pub mod net;
 pub mod openat2;

@@ -6,7 +6,7 @@
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::fs;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::symlink;
 use std::path::{Component, Path, PathBuf};
 
@@ -23,7 +23,34 @@ pub enum MountError {
     /// The sandbox's own filesystem puts something in a mount target's way.
     #[error("unsafe mount target {0}: {1}")]
     Unsafe(PathBuf, String),
+    #[error(transparent)]
+    Idmap(#[from] crate::idmap::IdmapError),
 }
+
+/// A host directory mounted into the sandbox at `target` (absolute inside it): the
+/// idmapped copy `tree` of `source` when there is one, else a bind mount of `source`.
+pub struct Bind<'a> {
+    pub source: &'a Path,
+    pub target: &'a Path,
+    pub tree: Option<BorrowedFd<'a>>,
+}
+
+/// `/proc/sys/user/*` of every sandbox's user namespace. Fork children's namespaces
+/// count against their parent's (32 children per fork, a few forks deep).
+pub const USER_NS_LIMITS: [(&str, u32); 12] = [
+    ("max_inotify_instances", 128),
+    ("max_inotify_watches", 65536),
+    ("max_fanotify_groups", 16),
+    ("max_fanotify_marks", 8192),
+    ("max_user_namespaces", 512),
+    ("max_mnt_namespaces", 512),
+    ("max_pid_namespaces", 512),
+    ("max_net_namespaces", 512),
+    ("max_ipc_namespaces", 512),
+    ("max_uts_namespaces", 512),
+    ("max_cgroup_namespaces", 512),
+    ("max_time_namespaces", 512),
+];
 
 /// Host device nodes bind-mounted into every sandbox's `/dev`.
 pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
@@ -59,7 +86,8 @@ fn mkdir_p(p: &Path) -> Result<(), MountError> {
 /// the agent included).
 pub fn enter_rootfs(
     root: &Path,
-    binds: &[(&Path, &Path)],
+    root_tree: Option<BorrowedFd<'_>>,
+    binds: &[Bind<'_>],
     tmp_size: Option<u64>,
 ) -> Result<(), MountError> {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
@@ -71,29 +99,42 @@ pub fn enter_rootfs(
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None,
     )?;
-    // 2. pivot_root needs the new root to be a mount point.
-    mnt(
-        Some(path_str(root)?),
-        root,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None,
-    )?;
+    // 2. pivot_root needs the new root to be a mount point: the idmapped copy of the
+    //    root filesystem when the sandbox runs as its own uid range, else a bind mount
+    //    of it on itself.
+    match root_tree {
+        Some(tree) => {
+            let at: OwnedFd = fs::File::open(root)
+                .map_err(|e| MountError::Prepare(root.into(), e))?
+                .into();
+            crate::idmap::attach(tree, at.as_fd(), root)?;
+        }
+        None => mnt(
+            Some(path_str(root)?),
+            root,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?,
+    }
     // Every mount target in the sandbox's own filesystem is opened beneath the root
     // without following symlinks, and mounted on by fd (see `dir_beneath`).
     let root_fd: OwnedFd = fs::File::open(root)
         .map_err(|e| MountError::Prepare(root.into(), e))?
         .into();
     // 2b. Volumes.
-    for (source, target) in binds {
-        let at = target_dir(&root_fd, target, target)?;
-        mnt(
-            Some(path_str(source)?),
-            &fd_path(&at),
-            None,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None,
-        )?;
+    for b in binds {
+        let at = target_dir(&root_fd, b.target, b.target)?;
+        match b.tree {
+            Some(tree) => crate::idmap::attach(tree, at.as_fd(), b.target)?,
+            None => mnt(
+                Some(path_str(b.source)?),
+                &fd_path(&at),
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None,
+            )?,
+        }
     }
     // 3. A /proc of the sandbox's own PID namespace, with /proc/sys read-only (as
     //    Docker does): the IPC namespace's sysctls (kernel.shmmax, msgmnb, mqueue
@@ -110,6 +151,17 @@ pub fn enter_rootfs(
     )?;
     let rmid = proc.join("sys/kernel/shm_rmid_forced");
     fs::write(&rmid, "1").map_err(|e| MountError::Prepare(rmid, e))?;
+    // The user namespace's own limits on what its users may hold (each level of
+    // namespaces counts separately: these bound the sandbox inside; its host uid's
+    // counts at the host's limits bound it outside).
+    for (name, value) in USER_NS_LIMITS {
+        let p = proc.join("sys/user").join(name);
+        match fs::write(&p, value.to_string()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(MountError::Prepare(p, e)),
+        }
+    }
     let sys = proc.join("sys");
     mnt(Some(path_str(&sys)?), &sys, None, MsFlags::MS_BIND, None)?;
     mnt(

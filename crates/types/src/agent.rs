@@ -133,8 +133,16 @@ pub struct JailInit {
     pub id: String,
     /// Host path of the sandbox's root filesystem (a btrfs subvolume).
     pub rootfs: String,
-    /// First host uid/gid of the range that ids 0..65536 inside map to.
+    /// First host uid/gid of the *canonical* range: the ids files are stored with on
+    /// disk (ids 0..65536 inside, shifted), whichever range the sandbox runs as.
     pub uid_base: u32,
+    /// First host uid/gid of the range this sandbox's processes run as (its own slot,
+    /// shared only with its fork family). The root filesystem and volumes are then
+    /// idmapped mounts (`uid_base + i` on disk is `host_uid + i` to the sandbox) and
+    /// the sandbox's user namespace is owned by `host_uid`. `None` or equal to
+    /// `uid_base`: the sandbox runs as the canonical range itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_uid: Option<u32>,
     /// `cgroup.procs` files the sandbox's first process must be written into.
     pub cgroup_procs: Vec<String>,
     /// Environment every command in the sandbox starts with.

@@ -50,13 +50,20 @@ const PROBE_OK: &[u8] = b"forkbox-kvm-ok";
 /// tells whether it finished within `deadline`. `/dev/kvm` can exist and still run a
 /// standard guest pathologically slowly (nested virtualisation), so its presence alone
 /// proves nothing.
-pub async fn kvm_usable(qemu: &Path, vmlinux: &Path, busybox: &Path, deadline: Duration) -> bool {
+/// Its scratch files go in `dir` (under the data dir, so a server killed mid-probe
+/// leaves nothing elsewhere), removed afterwards.
+pub async fn kvm_usable(
+    qemu: &Path,
+    vmlinux: &Path,
+    busybox: &Path,
+    dir: &Path,
+    deadline: Duration,
+) -> bool {
     if !Path::new("/dev/kvm").exists() {
         return false;
     }
-    let dir = std::env::temp_dir().join(format!("forkbox-kvm-probe-{}", std::process::id()));
-    let outcome = probe(qemu, vmlinux, busybox, &dir, deadline).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let outcome = probe(qemu, vmlinux, busybox, dir, deadline).await;
+    let _ = std::fs::remove_dir_all(dir);
     match outcome {
         Ok(ok) => ok,
         Err(e) => {

@@ -144,6 +144,7 @@ impl Inner {
                     &self.cfg.qemu_bin,
                     &a.join("vmlinux"),
                     &a.join("busybox"),
+                    &self.cfg.run_dir.join("kvm-probe"),
                     self.cfg.kvm_probe_deadline,
                 )
                 .await;
@@ -386,10 +387,18 @@ impl Inner {
             exited,
             rt: self.clone(),
         });
-        match instance
+        // Should this future be dropped before the boot ends (the server stopping, its
+        // caller gone), the half-booted QEMU goes with it rather than running on
+        // unknown to anyone.
+        let guard = BootGuard {
+            pid,
+            alive: instance.alive.clone(),
+        };
+        let connected = instance
             .connect(started, self.cfg.boot_deadline, source)
-            .await
-        {
+            .await;
+        std::mem::forget(guard);
+        match connected {
             Ok(()) => {
                 tracing::info!(
                     sandbox = %id,
@@ -592,7 +601,14 @@ impl Runtime for VmRuntime {
                 Duration::from_secs(30),
                 Source::Adopt { paused },
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                RuntimeError::Agent { id, source } => RuntimeError::Agent {
+                    id,
+                    source: format!("{source}; guest console: {}", instance.console_tail()).into(),
+                },
+                other => other,
+            })?;
         tracing::info!(sandbox = %spec.id, paused, "vm adopted");
         Ok(instance)
     }
@@ -668,6 +684,26 @@ pub struct VmInstance {
     rt: Arc<Inner>,
 }
 
+/// Kills a QEMU whose boot was abandoned (see `boot`).
+struct BootGuard {
+    pid: i32,
+    alive: Arc<AtomicBool>,
+}
+
+impl Drop for BootGuard {
+    fn drop(&mut self) {
+        if self.pid > 0 && self.alive.load(Ordering::SeqCst) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// How long a guest that ran before gets to answer on one host session.
+const REATTACH_ATTEMPT: Duration = Duration::from_secs(6);
+
 impl VmInstance {
     fn agent_err(
         &self,
@@ -725,18 +761,48 @@ impl VmInstance {
             let _ = self.client.set(client);
             return Ok(());
         }
-        let mut exited = self.exited.clone();
-        tokio::select! {
-            r = tokio::time::timeout(left(), client.health()) => match r {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(self.agent_err(e)),
-                Err(_) => return Err(self.agent_err(format!(
-                    "the guest's agent did not answer within {deadline:?}"
-                ))),
-            },
-            _ = exited.wait_for(|e| *e) => {
-                return Err(self.agent_err("the VM stopped while booting"));
+        // A guest that ran before (adopted, restored, forked) had a host session on
+        // its port; should the end of that session and the start of ours ever run into
+        // each other on the byte stream, our session would wait forever. So such a
+        // guest gets a few seconds per attempt: no answer, and we hang up (which the
+        // guest sees as the end of every session) and start a fresh one.
+        let attempt = if matches!(source, Source::Boot) {
+            deadline
+        } else {
+            REATTACH_ATTEMPT
+        };
+        let mut client = client;
+        let mut tries = 1u32;
+        loop {
+            let mut exited = self.exited.clone();
+            let patience = left().min(attempt);
+            tokio::select! {
+                r = tokio::time::timeout(patience, client.health()) => match r {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(e)) if left().is_zero() || matches!(source, Source::Boot) => {
+                        return Err(self.agent_err(e))
+                    }
+                    Ok(Err(_)) | Err(_) if !left().is_zero() => {}
+                    Ok(Err(e)) => return Err(self.agent_err(e)),
+                    Err(_) => return Err(self.agent_err(format!(
+                        "the guest's agent did not answer within {deadline:?} ({tries} sessions)"
+                    ))),
+                },
+                _ = exited.wait_for(|e| *e) => {
+                    return Err(self.agent_err("the VM stopped while booting"));
+                }
             }
+            tracing::warn!(sandbox = %self.id, tries, "the guest's agent did not answer; starting a new session");
+            drop(client);
+            // Let the guest see the hang-up before the next session begins.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let stream = tokio::net::UnixStream::connect(&self.vm.agent_sock)
+                .await
+                .map_err(|e| self.agent_err(e))?;
+            client = AgentClient::handshake(stream)
+                .await
+                .map_err(|e| self.agent_err(e))?;
+            tries += 1;
         }
         let _ = self.client.set(client);
         Ok(())

@@ -559,3 +559,30 @@ pub async fn py(s: &Server, id: &str, src: &str) -> (String, String, i64) {
     assert_eq!(status, 200, "{id}: {events:?}");
     collect(&events)
 }
+
+/// `PUT …/files?path=`: the status.
+#[allow(dead_code)]
+pub async fn put_file(s: &Server, id: &str, path: &str, bytes: &[u8]) -> (u16, Value) {
+    let r = s
+        .http
+        .put(s.url(&format!("/v1/sandboxes/{id}/files?path={path}")))
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET …/files?path=`: the status and the bytes.
+#[allow(dead_code)]
+pub async fn get_file(s: &Server, id: &str, path: &str) -> (u16, Vec<u8>) {
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files?path={path}")))
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.bytes().await.unwrap().to_vec())
+}
