@@ -76,10 +76,16 @@ fn build(nested: bool) -> Result<i32, String> {
         idmapped_trees(&cfg)?
     };
     if let (Some(parent), false) = (cfg.fork_of, nested) {
-        if let Some(t) = &trees {
-            t.pin_for_exec()?;
-        }
-        enter_parent(&cfg.cgroup_procs, parent)?;
+        let Some(t) = &trees else {
+            return Err("a fork child needs a uid range of its own (idmapped mounts)".into());
+        };
+        t.pin_for_exec()?;
+        join_cgroups(&cfg.cgroup_procs)?;
+        // From here on this process and its descendants are visible to the parent
+        // sandbox's code (in its PID namespace) once forked: nothing of the host's
+        // mounts or network may be left in their view.
+        hide_host()?;
+        enter_parent(parent)?;
         // CLONE_NEWPID only works from a process born in the PID namespace it nests
         // under, and the child's id maps may only be written by a process whose image
         // was executed inside the parent's user namespace (it then owns the child's
@@ -269,19 +275,100 @@ fn unsafe_listener() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(LISTEN_FD) }
 }
 
-/// Fork child, before the clone: join the child's cgroups (inherited by the clone), then
-/// the parent sandbox's user namespace as its uid 0, then its PID namespace (for
-/// children).
-fn enter_parent(cgroup_procs: &[String], parent: i32) -> Result<(), String> {
+/// Fork child, before the clone: join the child's cgroups (inherited by the clone).
+fn join_cgroups(cgroup_procs: &[String]) -> Result<(), String> {
     let me = std::process::id().to_string();
     for procs in cgroup_procs {
         std::fs::write(procs, &me).map_err(|e| format!("join cgroup {procs}: {e}"))?;
     }
+    Ok(())
+}
+
+/// Where a fork child's root filesystem is attached in the helpers' mount namespace.
+const NESTED_ROOT: &str = "/sandbox";
+
+/// Fork child, as host root before entering the parent: a private mount namespace
+/// whose root is a small tmpfs holding only what the second stage and the child need —
+/// the host's `/proc` (for the id maps, by host pid), the device nodes a sandbox's
+/// `/dev` gets, the host's transparent-huge-page settings, and an empty
+/// [`NESTED_ROOT`] to attach the child's idmapped root on. Its mounts are all that
+/// `/proc/<pid>/mountinfo` of the helpers shows.
+fn hide_host() -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    use std::path::Path;
+    let m =
+        |src: Option<&str>, target: &Path, fs: Option<&str>, flags: MsFlags, data: Option<&str>| {
+            mount(src, target, fs, flags, data)
+                .map_err(|e| format!("helper mount {}: {e}", target.display()))
+        };
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("unshare mount namespace: {e}"))?;
+    m(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    // Any directory of the host serves as the mount point: this namespace is private.
+    let new = Path::new("/tmp");
+    m(
+        Some("forkbox-helper"),
+        new,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=755,size=64k"),
+    )?;
+    let mkdir = |p: &Path| {
+        std::fs::create_dir_all(p).map_err(|e| format!("helper dir {}: {e}", p.display()))
+    };
+    for d in ["proc", "dev", NESTED_ROOT.trim_start_matches('/')] {
+        mkdir(&new.join(d))?;
+    }
+    m(
+        Some("proc"),
+        &new.join("proc"),
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    let bind_file = |from: &Path, to: &Path| -> Result<(), String> {
+        std::fs::File::create(to).map_err(|e| format!("helper file {}: {e}", to.display()))?;
+        m(
+            Some(&from.to_string_lossy()),
+            to,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )
+    };
+    for d in forkbox_sys::mounts::DEVICES {
+        bind_file(&Path::new("/dev").join(d), &new.join("dev").join(d))?;
+    }
+    let thp = Path::new("/sys/kernel/mm/transparent_hugepage");
+    for f in ["enabled", "hpage_pmd_size"] {
+        if thp.join(f).exists() {
+            let dir = new.join(thp.strip_prefix("/").unwrap_or(thp));
+            mkdir(&dir)?;
+            bind_file(&thp.join(f), &dir.join(f))?;
+        }
+    }
+    nix::unistd::chdir(new).map_err(|e| format!("enter helper root: {e}"))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot into helper root: {e}"))?;
+    nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH)
+        .map_err(|e| format!("detach the host's tree: {e}"))?;
+    nix::unistd::chdir("/").map_err(|e| format!("enter helper root: {e}"))
+}
+
+/// Fork child, after [`hide_host`]: the parent sandbox's user namespace as its uid 0,
+/// then its PID namespace (for children) and its network namespace (so what the
+/// helpers' `/proc/<pid>/net` shows is the parent's own).
+fn enter_parent(parent: i32) -> Result<(), String> {
     let open = |ns: &str| {
         File::open(format!("/proc/{parent}/ns/{ns}"))
             .map_err(|e| format!("open parent's {ns} namespace: {e}"))
     };
-    let (user, pidns) = (open("user")?, open("pid")?);
+    let (user, pidns, net) = (open("user")?, open("pid")?, open("net")?);
     nix::sched::setns(&user, nix::sched::CloneFlags::CLONE_NEWUSER)
         .map_err(|e| format!("enter parent's user namespace: {e}"))?;
     nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
@@ -289,6 +376,8 @@ fn enter_parent(cgroup_procs: &[String], parent: i32) -> Result<(), String> {
     nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups in parent: {e}"))?;
     nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
         .map_err(|e| format!("setresuid in parent: {e}"))?;
+    nix::sched::setns(&net, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("enter parent's network namespace: {e}"))?;
     nix::sched::setns(&pidns, nix::sched::CloneFlags::CLONE_NEWPID)
         .map_err(|e| format!("enter parent's PID namespace: {e}"))
 }
@@ -349,8 +438,15 @@ fn sandbox_side(
             tree: trees.and_then(|t| t.binds.get(i)).map(|f| f.as_fd()),
         })
         .collect();
+    // A fork child is born in the helpers' mount namespace, where its root filesystem
+    // has no host path (see `hide_host`).
+    let root = if cfg.fork_of.is_some() {
+        NESTED_ROOT
+    } else {
+        cfg.rootfs.as_str()
+    };
     forkbox_sys::mounts::enter_rootfs(
-        std::path::Path::new(&cfg.rootfs),
+        std::path::Path::new(root),
         trees.map(|t| t.root.as_fd()),
         &binds,
         cfg.tmp_size,

@@ -378,3 +378,71 @@ async fn web_pages_cannot_drive_a_local_server() {
         "http://localhost:3000"
     );
 }
+
+/// Finding 10: during a fork, the helpers that build each child (the second
+/// `jail-init` stage and the child before it pivots) appeared in the parent's `/proc`
+/// while still in the host's mount and network namespaces: the parent's capless code
+/// read host mounts (`mountinfo`) and every sandbox's agent socket path (`net/unix`)
+/// from them. Now they are born in a private mount namespace holding nothing of the
+/// host's and in the parent's network namespace.
+#[tokio::test]
+async fn fork_helpers_show_nothing_of_the_host() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    // Another sandbox, so the host has agent sockets to find.
+    let _other = s.create_id().await;
+    let watcher = r#"
+import os, time
+base = set(p for p in os.listdir("/proc") if p.isdigit())
+seen, found = set(), []
+open("/tmp/ready", "w").close()
+end = time.time() + 60
+while time.time() < end and not os.path.exists("/tmp/stop"):
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or p in base or p in seen:
+            continue
+        seen.add(p)
+        for f, marks in (("mountinfo", ("/sys/fs/cgroup",)), ("net/unix", ("agent.sock",))):
+            try:
+                t = open(f"/proc/{p}/{f}").read()
+            except OSError:
+                continue
+            found += [f"{p} {f} {m}" for m in marks if m in t]
+open("/tmp/found.tmp", "w").write(repr((len(seen), found)))
+os.rename("/tmp/found.tmp", "/tmp/found")
+"#;
+    let (st, _) = common::put_file(&s, &id, "/tmp/w.py", watcher.as_bytes()).await;
+    assert_eq!(st, 200);
+    let (out, _, code) = s
+        .sh(
+            &id,
+            "python3 /tmp/w.py >/tmp/w.log 2>&1 & while [ ! -e /tmp/ready ]; do sleep 0.01; done; echo go",
+        )
+        .await;
+    assert_eq!((out.as_str(), code), ("go\n", 0));
+    for _ in 0..8 {
+        let (st, forked) = post(&s, &format!("/v1/sandboxes/{id}/fork"), json!({"n": 2})).await;
+        assert_eq!(st, 200, "{forked}");
+        for c in forked["children"].as_array().unwrap() {
+            assert_eq!(s.delete(c.as_str().unwrap()).await, 204);
+        }
+    }
+    s.sh(&id, "touch /tmp/stop").await;
+    let mut report = String::new();
+    for _ in 0..100 {
+        let (st, body) = common::get_file(&s, &id, "/tmp/found").await;
+        if st == 200 {
+            report = String::from_utf8_lossy(&body).into_owned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (seen, found) = report
+        .trim_start_matches('(')
+        .split_once(", ")
+        .unwrap_or(("0", ""));
+    // The watcher saw the forks' processes come and go (helpers, children's agents)…
+    assert!(seen.parse::<u32>().unwrap_or(0) >= 16, "{report}");
+    // …and nothing of the host in any of them.
+    assert_eq!(found, "[])", "{report}");
+}

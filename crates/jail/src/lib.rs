@@ -1618,7 +1618,7 @@ impl JailInstance {
                 .and_then(|a| a.nested_for(s.host_uid()).map_err(std::io::Error::other))
         });
         let (slot, nested) = match (family, nested) {
-            (Some(slot), Some(Ok(nested))) => (slot, Arc::new(nested)),
+            (Some(slot), Some(Ok(nested))) if slot.index() > 0 => (slot, Arc::new(nested)),
             (_, Some(Err(e))) => {
                 let _ = delete_subvolume_patiently(&staging);
                 return Err(RuntimeError::host("make the nested agent image", id, e));
