@@ -174,54 +174,93 @@ fn api_port(s: &Server) -> u16 {
     s.base.rsplit(':').next().unwrap().parse().unwrap()
 }
 
+/// What the probes must not reach, with sandbox `b` as the other sandbox: its abstract
+/// Unix socket (a listener started in it) and agent socket, the host's own Unix sockets
+/// (abstract and path) and TCP services of the host on loopback and its own address.
+struct Targets {
+    args: String,
+    lo_hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    any_hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _listeners: (UnixListener, UnixListener),
+}
+
+/// Checks that B's abstract socket answers.
+const B_CHECK: &str = "for i in $(seq 50); do python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); \
+                 s.connect('\\0forkbox-probe-b')\" 2>/dev/null && echo up && break; sleep 0.1; done";
+
+impl Targets {
+    async fn set_up(s: &Server, b: &str) -> Targets {
+        let listen = "nohup python3 -c \"import socket, time; s = socket.socket(socket.AF_UNIX); \
+                      s.bind('\\0forkbox-probe-b'); s.listen(); time.sleep(3600)\" \
+                      >/dev/null 2>&1 &";
+        s.sh(b, listen).await;
+        assert_eq!(
+            s.sh(b, B_CHECK).await.0,
+            "up\n",
+            "B's socket is not listening"
+        );
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let host_abstract = format!(
+            "forkbox-probe-host-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(host_abstract.as_bytes()).unwrap();
+        let abstract_listener = UnixListener::bind_addr(&addr).unwrap();
+        let host_path = s.data.path().join("host.sock");
+        let _ = std::fs::remove_file(&host_path);
+        let path_listener = UnixListener::bind(&host_path).unwrap();
+        let b_agent = s.data.path().join("run").join(b).join("agent.sock");
+        assert!(b_agent.exists(), "{}", b_agent.display());
+        let (lo_port, lo_hits) = counting_listener("127.0.0.1:0");
+        let (any_port, any_hits) = counting_listener("0.0.0.0:0");
+        let mut args = format!(
+            "--port {} --abstract forkbox-probe-b --abstract {host_abstract} --unix {} --unix {} \
+             --tcp 127.0.0.1:{lo_port}",
+            api_port(s),
+            host_path.display(),
+            b_agent.display()
+        );
+        if let Some(ip) = host_ip() {
+            args.push_str(&format!(" --tcp {ip}:{any_port}"));
+        }
+        Targets {
+            args,
+            lo_hits,
+            any_hits,
+            _listeners: (abstract_listener, path_listener),
+        }
+    }
+
+    /// Nothing reached the host's listeners; B and the server are fine.
+    async fn untouched(&self, s: &Server, b: &str) {
+        assert_eq!(self.lo_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(self.any_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(s.sh(b, B_CHECK).await.0, "up\n");
+        let h = s.http.get(s.url("/v1/healthz")).send().await.unwrap();
+        assert_eq!(h.status(), 200);
+    }
+}
+
+/// The probes every situation runs (not the resource ones, which have their test).
+fn sandbox_probes() -> Vec<String> {
+    let names: Vec<String> = list("--list")
+        .into_iter()
+        .filter(|n| !RESOURCE.contains(&n.as_str()))
+        .collect();
+    assert!(names.len() >= 40, "only {} probes: {names:?}", names.len());
+    names
+}
+
 #[tokio::test]
 async fn every_probe_fails_inside_a_sandbox() {
     let s = Server::start();
     let a = s.create_id().await;
     let b = s.create_id().await;
     upload(&s, &a).await;
-
-    // Targets the probes must not reach. Another sandbox's abstract Unix socket (B
-    // checks that it answers there) ...
-    let listen = "nohup python3 -c \"import socket, time; s = socket.socket(socket.AF_UNIX); \
-                  s.bind('\\0forkbox-probe-b'); s.listen(); time.sleep(3600)\" \
-                  >/dev/null 2>&1 &";
-    s.sh(&b, listen).await;
-    let check = "for i in $(seq 50); do python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); \
-                 s.connect('\\0forkbox-probe-b')\" 2>/dev/null && echo up && break; sleep 0.1; done";
-    assert_eq!(
-        s.sh(&b, check).await.0,
-        "up\n",
-        "B's socket is not listening"
-    );
-    // ... the host's own Unix sockets (abstract and path) and B's agent socket ...
-    let host_abstract = format!("forkbox-probe-host-{}", std::process::id());
-    let addr =
-        std::os::unix::net::SocketAddr::from_abstract_name(host_abstract.as_bytes()).unwrap();
-    let _abstract_listener = UnixListener::bind_addr(&addr).unwrap();
-    let host_path = s.data.path().join("host.sock");
-    let _path_listener = UnixListener::bind(&host_path).unwrap();
-    let b_agent = s.data.path().join("run").join(&b).join("agent.sock");
-    assert!(b_agent.exists(), "{}", b_agent.display());
-    // ... and TCP services of the host, on loopback and on its own address.
-    let (lo_port, lo_hits) = counting_listener("127.0.0.1:0");
-    let (any_port, any_hits) = counting_listener("0.0.0.0:0");
-    let mut args = format!(
-        "--port {} --abstract forkbox-probe-b --abstract {host_abstract} --unix {} --unix {} \
-         --tcp 127.0.0.1:{lo_port}",
-        api_port(&s),
-        host_path.display(),
-        b_agent.display()
-    );
-    if let Some(ip) = host_ip() {
-        args.push_str(&format!(" --tcp {ip}:{any_port}"));
-    }
-
-    let names: Vec<String> = list("--list")
-        .into_iter()
-        .filter(|n| !RESOURCE.contains(&n.as_str()))
-        .collect();
-    assert!(names.len() >= 40, "only {} probes: {names:?}", names.len());
+    let targets = Targets::set_up(&s, &b).await;
+    let names = sandbox_probes();
     // Every probe is run by one of this file's tests.
     for n in list("--list-all") {
         assert!(
@@ -233,19 +272,108 @@ async fn every_probe_fails_inside_a_sandbox() {
     }
     let mut results = BTreeMap::new();
     for n in &names {
-        results.insert(n.clone(), run_in(&s, &a, n, &args).await);
+        results.insert(n.clone(), run_in(&s, &a, n, &targets.args).await);
     }
     judge(&results);
-
-    // Nothing reached the host's listeners; the sandboxes and the server are fine.
-    assert_eq!(lo_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
-    assert_eq!(any_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    targets.untouched(&s, &b).await;
     assert_eq!(s.sh(&a, "echo alive").await.0, "alive\n");
-    assert_eq!(s.sh(&b, check).await.0, "up\n");
-    let h = s.http.get(s.url("/v1/healthz")).send().await.unwrap();
-    assert_eq!(h.status(), 200);
     assert_eq!(s.delete(&a).await, 204);
     assert_eq!(s.delete(&b).await, 204);
+}
+
+/// The probes in the situations the outside review attacked from (issue 20): auth on
+/// with the attacker's sandbox in one workspace and another tenant's sandbox on the
+/// host, the attacker's egress proxy on, a live fork child of the attacker's sandbox,
+/// and a template build running. Run in the fork parent and in its child.
+#[tokio::test]
+async fn every_probe_fails_in_every_situation() {
+    const ADMIN: &str = "fbk_test-admin-key-0123456789abcdefghijklmnop";
+    let mut s = Server::start_with(&[
+        ("FORKBOX_AUTH", "true".into()),
+        ("FORKBOX_ADMIN_KEY", ADMIN.into()),
+    ]);
+    let keyed = |key: &str| {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {key}").parse().unwrap(),
+        );
+        reqwest::Client::builder()
+            .default_headers(h)
+            .build()
+            .unwrap()
+    };
+    let mut keys = Vec::new();
+    for ws in ["attacker", "victim"] {
+        let r = keyed(ADMIN)
+            .post(s.url("/v1/auth/tokens"))
+            .json(&json!({"name": ws, "workspace": ws}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let v: Value = r.json().await.unwrap();
+        keys.push(v["key"].as_str().unwrap().to_owned());
+    }
+    // The other tenant's sandbox.
+    s.http = keyed(&keys[1]);
+    let b = s.create_id().await;
+    let targets = Targets::set_up(&s, &b).await;
+    // The attacker: egress on, a live REPL and a live fork child.
+    s.http = keyed(&keys[0]);
+    let a = s
+        .create(json!({"egress_allowlist": ["example.invalid"]}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    upload(&s, &a).await;
+    common::py(&s, &a, "x = 1").await;
+    let (st, forked) = common::post(&s, &format!("/v1/sandboxes/{a}/fork"), json!({"n": 1})).await;
+    assert_eq!(st, 200, "{forked}");
+    let child = forked["children"][0].as_str().unwrap().to_owned();
+    // A template build running meanwhile (its build sandbox lives while it runs).
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let build = {
+        let (http, url) = (keyed(ADMIN), s.url("/v1/templates"));
+        let name = format!("probe-situation-{}", std::process::id());
+        tokio::spawn(async move {
+            let mut r = http
+                .post(url)
+                .json(&json!({"name": name, "base": "python", "run": ["sleep 600"]}))
+                .send()
+                .await
+                .unwrap();
+            let (mut text, mut tx) = (String::new(), Some(started_tx));
+            while let Ok(Some(chunk)) = r.chunk().await {
+                text.push_str(&String::from_utf8_lossy(&chunk));
+                if text.contains("sleep 600") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(120), started_rx)
+        .await
+        .expect("the build did not start")
+        .unwrap();
+    let names = sandbox_probes();
+    for id in [&a, &child] {
+        let mut results = BTreeMap::new();
+        for n in &names {
+            results.insert(n.clone(), run_in(&s, id, n, &targets.args).await);
+        }
+        eprintln!("-- in {id}");
+        judge(&results);
+    }
+    build.abort();
+    s.http = keyed(&keys[1]);
+    targets.untouched(&s, &b).await;
+    s.http = keyed(&keys[0]);
+    let (out, _, code) = common::py(&s, &child, "print(x)").await;
+    assert_eq!((out.as_str(), code), ("1\n", 0));
 }
 
 #[tokio::test]

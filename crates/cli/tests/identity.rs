@@ -120,9 +120,10 @@ async fn no_two_sandboxes_share_a_host_uid() {
     assert_eq!((out.as_str(), code), ("1\n", 0));
 }
 
-/// What one sandbox parks (fds in flight, pipe pages, inotify instances) is counted
-/// against its own host uid: another sandbox's exec, run_code, files/watch and pipes,
-/// and host root's inotify, keep working. Before: one shared uid for every sandbox,
+/// What one sandbox parks (fds in flight, pipe pages, inotify instances and watches,
+/// processes) is counted against its own host uid, namespace or cgroup: another
+/// sandbox's exec, run_code, files/watch, pipes, inotify and fork, and host root's
+/// inotify, keep working; keyrings are out of its reach. Before: one shared uid for every sandbox,
 /// user namespaces owned by host root.
 #[tokio::test]
 async fn a_sandbox_exhausting_per_user_counters_hurts_no_other() {
@@ -154,6 +155,36 @@ while n < 200:
     except OSError:
         break
 report["big_pipes"] = n
+# inotify watches: every instance watching the same directories, until refused
+dirs = []
+for i in range(1600):
+    d = f"/tmp/w{i}"
+    os.makedirs(d, exist_ok=True)
+    dirs.append(d.encode())
+watches = 0
+try:
+    for fd in held[:report["inotify"]]:
+        for d in dirs:
+            if libc.inotify_add_watch(fd, d, 0x100) < 0:
+                raise OSError(ctypes.get_errno(), "add watch")
+            watches += 1
+except OSError as e:
+    report["watches_refused"] = e.errno
+report["watches"] = watches
+# keyrings: out of reach (seccomp)
+report["add_key"] = libc.syscall(248, b"user", b"k", b"v", 1, -3) if hasattr(libc, "syscall") else None
+report["add_key_errno"] = ctypes.get_errno()
+# processes, until the sandbox's pids limit refuses more
+procs = 0
+try:
+    while procs < 1000:
+        if os.fork() == 0:
+            time.sleep(600)
+            os._exit(0)
+        procs += 1
+except OSError as e:
+    report["fork_refused"] = e.errno
+report["procs"] = procs
 # fds in flight over unix sockets, never received, until the kernel refuses more
 # (past RLIMIT_NOFILE of the sender, counted per host user)
 inflight = 0
@@ -201,8 +232,12 @@ time.sleep(600)
         .nth(1)
         .and_then(|r| r.trim_end_matches('}').trim().parse().ok())
         .unwrap_or(0);
+    eprintln!("the hog parked: {report}");
     assert!(inflight >= 20000, "parked too few: {report}");
     assert!(report.contains("'inotify': 1"), "{report}");
+    // Keyrings are out of its reach; processes stop at its pids limit.
+    assert!(report.contains("'add_key': -1"), "{report}");
+    assert!(report.contains("'fork_refused': 11"), "{report}");
     // The other sandbox: commands (stdio passed to the zygote over a unix socket), the
     // REPL, big pipes, inotify.
     for _ in 0..5 {
@@ -212,10 +247,14 @@ time.sleep(600)
     let (out, err, code) = py(
         &s,
         &other,
-        "import os, fcntl, ctypes\nr, w = os.pipe()\nprint(fcntl.fcntl(w, 1031, 1 << 20))\nprint(ctypes.CDLL(None).inotify_init1(0) >= 0)",
+        "import os, fcntl, ctypes\nr, w = os.pipe()\nprint(fcntl.fcntl(w, 1031, 1 << 20))\nc = ctypes.CDLL(None)\nfd = c.inotify_init1(0)\nprint(fd >= 0 and c.inotify_add_watch(fd, b'/tmp', 0x100) >= 0)\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\nprint('forked')",
     )
     .await;
-    assert_eq!((out.as_str(), code), ("1048576\nTrue\n", 0), "{err}");
+    assert_eq!(
+        (out.as_str(), code),
+        ("1048576\nTrue\nforked\n", 0),
+        "{err}"
+    );
     let resp = reqwest::Client::new()
         .get(s.url(&format!("/v1/sandboxes/{other}/files/watch?path=/tmp")))
         .send()

@@ -263,15 +263,31 @@ fn visible_pids(ctx: &Ctx) -> Vec<i32> {
     }
 }
 
+/// Whether `pid` lives in a PID namespace below ours (its `NSpid` has more than one
+/// entry as our /proc shows it).
+fn in_nested_pidns(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .map(|v| v.split_whitespace().count() > 1)
+        })
+        .unwrap_or(false)
+}
+
 pub fn proc_root_cwd(ctx: &Ctx) -> Outcome {
     let root = match dev_ino("/") {
         Ok(r) => r,
         Err(e) => return Outcome::blocked(format!("stat /: {}", ename(e))),
     };
-    let pids = visible_pids(ctx);
-    if pids.is_empty() {
+    let all = visible_pids(ctx);
+    if all.is_empty() {
         return Outcome::skipped("no pid to look at (host mode needs --pid)");
     }
+    // Processes in PID namespaces nested in ours are our own fork children's: the
+    // same tenant's filesystem, which a fork parent may see (docs/threat-model.md).
+    let (pids, family): (Vec<i32>, Vec<i32>) = all.into_iter().partition(|p| !in_nested_pidns(*p));
     let (mut checked, mut refused) = (0, 0);
     let mut outside = Vec::new();
     for pid in &pids {
@@ -294,8 +310,9 @@ pub fn proc_root_cwd(ctx: &Ctx) -> Outcome {
     }
     if outside.is_empty() {
         Outcome::blocked(format!(
-            "{} processes: {checked} root/cwd links all under our root, {refused} refused",
-            pids.len()
+            "{} processes: {checked} root/cwd links all under our root, {refused} refused; {} of our fork children not judged",
+            pids.len(),
+            family.len()
         ))
     } else {
         Outcome::escaped(format!("outside our root: {}", outside.join(", ")))
