@@ -21,7 +21,7 @@ TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -58,6 +58,14 @@ SDK_VENV := $(CURDIR)/target/sdk-venv
 sdk-deps: deps
 	@[ -x $(SDK_VENV)/bin/python ] || python3 -m venv $(SDK_VENV)
 	@$(SDK_VENV)/bin/pip install -q -e 'sdk/python[test]' schemathesis
+
+# The real third-party clients from PyPI, pinned, in a venv of their own (forkbox's
+# SDK ships a `podflare` alias module that would shadow the real one): tests/clients.
+CLIENTS_VENV := $(CURDIR)/target/clients-venv
+clients-deps: deps
+	@[ -x $(CLIENTS_VENV)/bin/python ] || python3 -m venv $(CLIENTS_VENV)
+	@$(CLIENTS_VENV)/bin/python -c "import podflare, pytest, httpx; assert podflare.__version__ == '0.0.22'" 2>/dev/null || \
+	  $(CLIENTS_VENV)/bin/pip install -q 'podflare==0.0.22' pytest httpx
 
 # Fuzzing: cargo-fuzz (libFuzzer) on stable Rust with `--sanitizer none`; the crate in
 # fuzz/ is its own workspace. Why and what the targets check: docs/reliability.md.
@@ -118,10 +126,11 @@ TEST_SCAN := scripts/host-scan.sh --pool $(TEST_POOL) --dirs '/tmp/forkbox-e2e-*
 # Tests share one cached template pool; each test server gets its own data dir, taken
 # down (`forkbox down --purge`) and deleted when the test ends. The last step fails the
 # run if anything of it is left on the host.
-test: vm-deps agent probe build lint sdk-deps fuzz-smoke
+test: vm-deps agent probe build lint sdk-deps clients-deps fuzz-smoke
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL)
 	FORKBOX_TEST_POOL=$(TEST_POOL) $(CARGO) test --workspace -- --test-threads=4
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(SDK_VENV)/bin/python -m pytest -q sdk/python/tests
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(CLIENTS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/clients
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox SDK_VENV=$(SDK_VENV) $(SDK_VENV)/bin/python tests/fuzz/schemathesis_run.py
 	$(MAKE) test-vm
 	$(TEST_SCAN)

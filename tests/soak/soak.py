@@ -213,7 +213,7 @@ class Soak:
             return self.op_fork()
         c = self.rng.choice(kids)
         p = self.parents[c]
-        r = self.http.post(self.url(f"/v1/sandboxes/{c}/merge_into/{p}"))
+        r = self.http.post(self.url(f"/v1/sandboxes/{p}/merge_into/{c}"))
         self.check(r.status_code in (200, 409, 410, 502), f"merge {c} into {p}: {r.status_code} {r.text}")
         if r.status_code == 200:
             self.model[c] = "gone"

@@ -13,7 +13,12 @@ use forkbox_core::CoreError;
 use serde::{Deserialize, Serialize};
 
 /// Paths answered without a key.
-const OPEN: &[&str] = &["/v1/healthz", "/health", "/openapi.json"];
+const OPEN: &[&str] = &[
+    "/v1/healthz",
+    "/health",
+    "/openapi.json",
+    "/podflare/v1/healthz",
+];
 
 /// The key a request carries: `Authorization: Bearer`, `X-API-Key` or `?access_token=`.
 fn key_of(req: &Request) -> Option<String> {
@@ -46,6 +51,10 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
     let principal = match key_of(&req) {
         Some(key) => match st.manager.authenticate(&key).await {
             Ok(Some(p)) => p,
+            // With keys optional, a key that is not one of ours (a client that always
+            // sends the key of the hosted service it was written for) is no key at all:
+            // it gets exactly what sending none gets.
+            Ok(None) if !st.auth_required => Principal::local(),
             Ok(None) => return unauthorized("invalid or revoked API key"),
             Err(e) => return ApiError::from(e).into_response(),
         },

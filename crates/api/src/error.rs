@@ -20,6 +20,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Internal(String),
+    /// A call of a client dialect this server does not offer (with what to use).
+    #[error("{0}")]
+    NotOffered(String),
     #[error(transparent)]
     Core(#[from] CoreError),
 }
@@ -37,6 +40,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::NotOffered(_) => (StatusCode::NOT_IMPLEMENTED, "not_offered"),
             ApiError::Core(e) => match e {
                 CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 CoreError::NoSnapshot(_) => (StatusCode::NOT_FOUND, "snapshot_not_found"),

@@ -9,6 +9,7 @@ mod events;
 mod extract;
 mod files;
 mod owned;
+mod podflare;
 mod pty;
 mod runner;
 mod sandboxes;
@@ -138,6 +139,9 @@ pub fn app(state: AppState) -> Router {
     let (router, doc) = routes();
     let doc = Arc::new(doc);
     router
+        // Client dialects, each under the prefix its client is pointed at
+        // (docs/compatibility.md).
+        .nest(podflare::PREFIX, podflare::router())
         .layer(axum::Extension(doc))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

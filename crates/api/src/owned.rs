@@ -41,7 +41,8 @@ impl FromRequestParts<AppState> for Sbx {
     }
 }
 
-/// `{child}` and `{parent}` as sandboxes of the caller's workspace.
+/// `{id}` and `{winner}` (`/v1/sandboxes/{id}/merge_into/{winner}`) as sandboxes of the
+/// caller's workspace.
 pub struct SbxPair(pub SandboxRef, pub SandboxRef);
 
 impl FromRequestParts<AppState> for SbxPair {
@@ -51,9 +52,9 @@ impl FromRequestParts<AppState> for SbxPair {
         let p = params(parts, st).await?;
         let who = caller(parts)?;
         let get = |k: &str| p.get(k).map(String::as_str).unwrap_or_default().to_owned();
-        let child = st.manager.sandbox_ref(&who, &get("child")).await?;
-        let parent = st.manager.sandbox_ref(&who, &get("parent")).await?;
-        Ok(SbxPair(child, parent))
+        let id = st.manager.sandbox_ref(&who, &get("id")).await?;
+        let winner = st.manager.sandbox_ref(&who, &get("winner")).await?;
+        Ok(SbxPair(id, winner))
     }
 }
 

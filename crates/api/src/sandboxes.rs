@@ -27,6 +27,9 @@ pub struct CreateBody {
     /// with EDQUOT.
     disk_mb: Option<u64>,
     timeout: Option<u64>,
+    /// Seconds without a call on the sandbox (nothing of it running through the API)
+    /// after which it ends as its timeout would (`on_timeout`); absent: never.
+    idle_timeout: Option<u64>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     #[serde(default)]
@@ -73,6 +76,8 @@ pub struct SandboxView {
     memory_mb: u64,
     disk_mb: u64,
     timeout: u64,
+    /// Seconds without calls before it ends like a timeout; `null`: never.
+    idle_timeout: Option<u64>,
     metadata: BTreeMap<String, String>,
     created_at: String,
     expires_at: String,
@@ -106,6 +111,7 @@ impl From<Sandbox> for SandboxView {
             memory_mb: s.memory_mb,
             disk_mb: s.disk_mb,
             timeout: s.timeout,
+            idle_timeout: s.idle_timeout,
             metadata: s.metadata,
             created_at: rfc3339(s.created_at),
             expires_at: rfc3339(s.expires_at),
@@ -158,6 +164,7 @@ pub async fn create(
             memory_mb: b.memory_mb,
             disk_mb: b.disk_mb,
             timeout: b.timeout,
+            idle_timeout: b.idle_timeout,
             env: b.env,
             metadata: b.metadata,
             on_timeout: match b.on_timeout.as_deref() {
@@ -430,12 +437,14 @@ pub async fn fork(
     }))
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{child}/merge_into/{parent}", tag = "fork", params(("child" = String, Path), ("parent" = String, Path)), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
+/// Commits fork descendant `{winner}`'s state as `{id}`'s (the seed's order: the
+/// ancestor first). `{id}` keeps its id; `{winner}` is consumed (410 afterwards).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/merge_into/{winner}", tag = "fork", params(("id" = String, Path, description = "The ancestor, whose state is replaced"), ("winner" = String, Path, description = "A fork descendant of it, consumed")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn merge_into(
     State(st): State<AppState>,
-    SbxPair(child, parent): SbxPair,
+    SbxPair(id, winner): SbxPair,
 ) -> Result<Json<SandboxView>, ApiError> {
-    Ok(Json(st.manager.merge_into(&child, &parent).await?.into()))
+    Ok(Json(st.manager.merge_into(&winner, &id).await?.into()))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 204, description = "Deleted"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]

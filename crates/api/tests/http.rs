@@ -279,7 +279,7 @@ async fn every_route_is_in_the_openapi_document_and_served() {
         ("POST", "/v1/sandboxes/{id}/hibernate"),
         ("POST", "/v1/sandboxes/{id}/wake"),
         ("POST", "/v1/sandboxes/{id}/fork"),
-        ("POST", "/v1/sandboxes/{child}/merge_into/{parent}"),
+        ("POST", "/v1/sandboxes/{id}/merge_into/{winner}"),
         ("POST", "/v1/sandboxes/{id}/snapshot"),
         ("GET", "/v1/snapshots"),
         ("GET", "/v1/snapshots/{id}"),

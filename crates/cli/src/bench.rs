@@ -204,7 +204,7 @@ async fn time_merge(
         let t = Instant::now();
         post_json(
             http,
-            &format!("{base}/v1/sandboxes/{child}/merge_into/{parent}"),
+            &format!("{base}/v1/sandboxes/{parent}/merge_into/{child}"),
             serde_json::json!({}),
         )
         .await?;

@@ -86,8 +86,8 @@ pub enum SandboxCmd {
         #[arg(short = 'n', long, default_value_t = 1)]
         n: u32,
     },
-    /// Make CHILD's state PARENT's.
-    Merge { child: String, parent: String },
+    /// Make WINNER's state ID's (WINNER, a fork descendant of ID, is consumed).
+    Merge { id: String, winner: String },
     /// Delete sandboxes.
     Rm {
         #[arg(required = true)]
@@ -321,17 +321,17 @@ pub async fn sandbox(conn: Conn, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        SandboxCmd::Merge { child, parent } => {
+        SandboxCmd::Merge { id, winner } => {
             let v = api
                 .post(
-                    &format!("/v1/sandboxes/{child}/merge_into/{parent}"),
+                    &format!("/v1/sandboxes/{id}/merge_into/{winner}"),
                     json!({}),
                 )
                 .await?;
             if conn.json {
                 println!("{v}");
             } else {
-                println!("{parent} now has the state of {child}");
+                println!("{id} now has the state of {winner}");
             }
         }
         SandboxCmd::Rm { ids } => {

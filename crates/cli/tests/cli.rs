@@ -77,7 +77,7 @@ async fn run_and_sandbox_commands() {
     let o = forkbox(&s, &["sandbox", "fork", &id, "-n", "2"]);
     let kids: Vec<String> = text(&o.stdout).lines().map(str::to_owned).collect();
     assert_eq!(kids.len(), 2, "{}", text(&o.stderr));
-    let o = forkbox(&s, &["sandbox", "merge", &kids[0], &id]);
+    let o = forkbox(&s, &["sandbox", "merge", &id, &kids[0]]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let o = forkbox(&s, &["sandbox", "rm", &id, &kids[1]]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));

@@ -97,7 +97,7 @@ async fn children_start_from_the_parent_and_diverge_and_a_merge_wins() {
     // Merge child 2 into the parent: the parent shows child 2's values and file.
     let (st, body) = post(
         &s,
-        &format!("/v1/sandboxes/{}/merge_into/{parent}", kids[2]),
+        &format!("/v1/sandboxes/{parent}/merge_into/{}", kids[2]),
         json!({}),
     )
     .await;
@@ -133,14 +133,14 @@ async fn children_start_from_the_parent_and_diverge_and_a_merge_wins() {
     // Merge errors: unknown → 404, consumed → 410, not a descendant → 409.
     let (st, _) = post(
         &s,
-        &format!("/v1/sandboxes/sbx-nope/merge_into/{parent}"),
+        &format!("/v1/sandboxes/{parent}/merge_into/sbx-nope"),
         json!({}),
     )
     .await;
     assert_eq!(st, 404);
     let (st, _) = post(
         &s,
-        &format!("/v1/sandboxes/{}/merge_into/{parent}", kids[2]),
+        &format!("/v1/sandboxes/{parent}/merge_into/{}", kids[2]),
         json!({}),
     )
     .await;
@@ -148,18 +148,20 @@ async fn children_start_from_the_parent_and_diverge_and_a_merge_wins() {
     let other = s.create_id().await;
     let (st, body) = post(
         &s,
-        &format!("/v1/sandboxes/{other}/merge_into/{parent}"),
+        &format!("/v1/sandboxes/{parent}/merge_into/{other}"),
         json!({}),
     )
     .await;
     assert_eq!(st, 409, "{body}");
-    let (st, _) = post(
+    // The other way round (the descendant first) is 409, saying so.
+    let (st, body) = post(
         &s,
-        &format!("/v1/sandboxes/{parent}/merge_into/{}", kids[0]),
+        &format!("/v1/sandboxes/{}/merge_into/{parent}", kids[0]),
         json!({}),
     )
     .await;
-    assert_eq!(st, 409);
+    assert_eq!(st, 409, "{body}");
+    assert!(body.to_string().contains("other way round"), "{body}");
     for id in [&parent, &kids[0], &kids[1], &other] {
         assert_eq!(s.delete(id).await, 204);
     }
@@ -183,7 +185,7 @@ async fn forks_of_forks_and_deleting_a_parent_keep_children_working() {
     // A merge into a deleted parent is a clear error.
     let (st, _) = post(
         &s,
-        &format!("/v1/sandboxes/{}/merge_into/{a}", b[0]),
+        &format!("/v1/sandboxes/{a}/merge_into/{}", b[0]),
         json!({}),
     )
     .await;
@@ -205,8 +207,8 @@ async fn forks_of_forks_and_deleting_a_parent_keep_children_working() {
     py(&s, &kids[0], "v = 'k0'").await;
     py(&s, &kids[1], "v = 'k1'").await;
     let (u0, u1) = (
-        format!("/v1/sandboxes/{}/merge_into/{p}", kids[0]),
-        format!("/v1/sandboxes/{}/merge_into/{p}", kids[1]),
+        format!("/v1/sandboxes/{p}/merge_into/{}", kids[0]),
+        format!("/v1/sandboxes/{p}/merge_into/{}", kids[1]),
     );
     let m0 = post(&s, &u0, json!({}));
     let m1 = post(&s, &u1, json!({}));

@@ -274,7 +274,7 @@ async fn vm_fork_carries_memory_and_processes_and_merge_works() {
     // Merge the second child back: the parent's id now answers with its state.
     let (st, m) = post(
         &s,
-        &format!("/v1/sandboxes/{}/merge_into/{id}", kids[1]),
+        &format!("/v1/sandboxes/{id}/merge_into/{}", kids[1]),
         json!({}),
     )
     .await;

@@ -8,6 +8,7 @@ pub mod access;
 pub mod auth;
 pub mod down;
 pub mod events;
+mod idle;
 pub mod ids;
 pub mod languages;
 pub mod manager;

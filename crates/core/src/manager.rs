@@ -73,6 +73,8 @@ struct Live {
     /// Serialises lifecycle operations (pause, resume, timeout, fork, merge, delete) on
     /// one sandbox.
     op: Arc<tokio::sync::Mutex<()>>,
+    /// Its use, for `idle_timeout` (`idle.rs`).
+    activity: Arc<crate::idle::Activity>,
 }
 
 impl Live {
@@ -323,6 +325,15 @@ impl Manager {
                 c.max_timeout_s
             )));
         }
+        if req
+            .idle_timeout
+            .is_some_and(|t| t == 0 || t > c.max_timeout_s)
+        {
+            return Err(CoreError::Invalid(format!(
+                "idle_timeout must be between 1 and {} seconds",
+                c.max_timeout_s
+            )));
+        }
         for k in req.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(CoreError::Invalid(
@@ -534,6 +545,7 @@ impl Manager {
             egress: spec.egress.clone(),
             volumes: spec.volumes.clone(),
             disk_mb: spec.disk_bytes >> 20,
+            idle_timeout: req.idle_timeout,
         };
         if let Err(e) = self.store.insert_sandbox(&record).await {
             let _ = instance.destroy().await;
@@ -546,6 +558,7 @@ impl Manager {
                 instance,
                 spec,
                 op: Arc::new(tokio::sync::Mutex::new(())),
+                activity: crate::idle::Activity::new(),
             }),
         );
         tracing::info!(sandbox = %id, boot_ms = record.boot_ms, "sandbox created");
@@ -622,6 +635,7 @@ impl Manager {
                         instance,
                         spec,
                         op: Arc::new(tokio::sync::Mutex::new(())),
+                        activity: crate::idle::Activity::new(),
                     }),
                 );
             }
@@ -681,6 +695,21 @@ impl Manager {
     /// Makes `child`'s state (filesystem and REPL) `parent`'s: the parent id now refers
     /// to the child's sandbox, the child id is consumed (410 afterwards), siblings are
     /// untouched. Merges into one parent run one at a time.
+    /// Whether `child` is a fork descendant of `ancestor` (any depth).
+    async fn descends(&self, child: &str, ancestor: &str) -> bool {
+        let mut up = self.any_record_in(child).await.ok().and_then(|r| r.parent);
+        for _ in 0..64 {
+            match up {
+                Some(p) if p == ancestor => return true,
+                Some(p) => up = self.any_record_in(&p).await.ok().and_then(|r| r.parent),
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// Commits fork descendant `child`'s state as `parent`'s
+    /// (`POST /v1/sandboxes/{parent}/merge_into/{child}`).
     pub async fn merge_into(
         &self,
         child: &SandboxRef,
@@ -693,23 +722,20 @@ impl Manager {
             )));
         }
         // Both must exist and be live (404 / 410 otherwise).
-        let c = self.get_in(child).await?;
+        self.get_in(child).await?;
         self.get_in(parent).await?;
-        let mut up = c.parent.clone();
-        let mut steps = 0;
-        let descends = loop {
-            match up {
-                Some(p) if p == parent => break true,
-                Some(p) if steps < 64 => {
-                    steps += 1;
-                    up = self.any_record_in(&p).await.ok().and_then(|r| r.parent);
-                }
-                _ => break false,
-            }
-        };
+        let descends = self.descends(child, parent).await;
         if !descends {
+            // The other way round is the usual slip (the order is the seed's: the
+            // ancestor first, `/{id}/merge_into/{winner}`).
+            let hint = match self.get_in(parent).await.map(|p| p.parent) {
+                Ok(Some(_)) if self.descends(parent, child).await => {
+                    format!(" (it is the other way round: POST /v1/sandboxes/{child}/merge_into/{parent} merges {parent} into {child})")
+                }
+                _ => String::new(),
+            };
             return Err(CoreError::Conflict(format!(
-                "{child} does not descend from {parent}; only a fork descendant can be merged into it"
+                "{child} does not descend from {parent}; only a fork descendant can be merged into its ancestor{hint}"
             )));
         }
         // A merge swaps the parent's entry: whoever waited on the old one looks again.
@@ -750,6 +776,7 @@ impl Manager {
                     instance: c_live.instance.clone(),
                     spec: c_live.spec.clone(),
                     op: Arc::new(tokio::sync::Mutex::new(())),
+                    activity: crate::idle::Activity::new(),
                 }),
             );
             for l in map.values() {
@@ -798,6 +825,9 @@ impl Manager {
 
     async fn running(&self, id: &str) -> Result<Arc<Live>, CoreError> {
         if let Some(l) = self.live(id) {
+            // Every call that uses the sandbox passes here (not status reads): it is
+            // not idle.
+            l.activity.touch();
             return Ok(l);
         }
         let s = self.get_in(id).await?;
@@ -893,6 +923,8 @@ impl Manager {
                     .await?
             }
         };
+        // In flight (not idle) until the caller has the last event or gives up.
+        let busy = live.activity.busy();
         Ok(number_events(
             events,
             Numbering {
@@ -905,7 +937,12 @@ impl Manager {
                 sandbox: id.to_owned(),
                 expect_exit: true,
             },
-        ))
+        )
+        .map(move |e| {
+            let _ = &busy;
+            e
+        })
+        .boxed())
     }
 
     /// Starts a command without waiting for it (`"background": true`).
@@ -963,7 +1000,17 @@ impl Manager {
                 "cmd must be non-empty and contain no NUL".into(),
             ));
         }
-        Ok(self.running_instance(id).await?.pty(req, input).await?)
+        let out = self.running_instance(id).await?.pty(req, input).await?;
+        // An open terminal is in use (not idle) until it ends.
+        let Some(busy) = self.live(id).map(|l| l.activity.busy()) else {
+            return Ok(out);
+        };
+        Ok(out
+            .map(move |b| {
+                let _ = &busy;
+                b
+            })
+            .boxed())
     }
 
     /// A live sandbox's log lines (see [`Instance::logs`]).
@@ -1266,6 +1313,7 @@ impl Manager {
                 instance,
                 spec,
                 op: Arc::new(tokio::sync::Mutex::new(())),
+                activity: crate::idle::Activity::new(),
             }),
         );
         tracing::info!(sandbox = %record.id, "sandbox woken");
@@ -1622,11 +1670,24 @@ impl Manager {
             .values()
             .filter_map(|l| {
                 let r = l.record();
-                if r.expires_at <= now && r.on_timeout == OnTimeout::Hibernate {
-                    Some((r.id, l.clone(), Status::Hibernated, "timeout expired"))
-                } else if r.expires_at <= now {
-                    Some((r.id, l.clone(), Status::Killed, "timeout expired"))
-                } else if !l.instance.is_alive() {
+                let idle = r.status == Status::Running
+                    && r.idle_timeout.is_some_and(|t| {
+                        l.activity
+                            .idle_for()
+                            .is_some_and(|d| d >= Duration::from_secs(t))
+                    });
+                let reason = if r.expires_at <= now {
+                    "timeout expired"
+                } else {
+                    "idle timeout"
+                };
+                if (r.expires_at <= now || idle) && r.on_timeout == OnTimeout::Hibernate {
+                    Some((r.id, l.clone(), Status::Hibernated, reason))
+                } else if r.expires_at <= now || idle {
+                    Some((r.id, l.clone(), Status::Killed, reason))
+                } else if !l.instance.is_alive() && l.op.try_lock().is_ok() {
+                    // (With a lifecycle operation in progress — hibernate stops the
+                    // processes on purpose — that operation decides what it becomes.)
                     Some((r.id, l.clone(), Status::Failed, "agent exited"))
                 } else {
                     None
@@ -1636,6 +1697,10 @@ impl Manager {
         for (id, seen, status, reason) in due {
             if reason == "timeout expired" {
                 self.events.emit(&id, "timeout", serde_json::Value::Null);
+            }
+            if reason == "idle timeout" {
+                self.events
+                    .emit(&id, "idle_timeout", serde_json::Value::Null);
             }
             if status == Status::Hibernated {
                 if let Err(e) = self.hibernate(&SandboxRef::internal(&id)).await {
@@ -1684,6 +1749,7 @@ impl Manager {
                             instance,
                             spec,
                             op: Arc::new(tokio::sync::Mutex::new(())),
+                            activity: crate::idle::Activity::new(),
                         }),
                     );
                     adopted += 1;

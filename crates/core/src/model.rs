@@ -110,6 +110,9 @@ pub struct Sandbox {
     pub volumes: Vec<VolumeMount>,
     /// Disk limit of its own writes, MiB.
     pub disk_mb: u64,
+    /// Seconds without a call on it (and nothing of it running through the API)
+    /// after which it ends as a timeout does (`on_timeout`); `None`: never.
+    pub idle_timeout: Option<u64>,
 }
 
 /// A volume mounted into a sandbox at `mount` (an absolute path).
@@ -181,6 +184,8 @@ pub struct CreateRequest {
     /// Disk limit of the sandbox's own writes, MiB.
     pub disk_mb: Option<u64>,
     pub timeout: Option<u64>,
+    /// Seconds without calls before it ends like a timeout; `None`: never.
+    pub idle_timeout: Option<u64>,
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
     pub on_timeout: OnTimeout,

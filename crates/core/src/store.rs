@@ -73,8 +73,8 @@ impl Store {
         for s in all {
             sqlx::query(
                 "INSERT INTO sandboxes (id, runtime, template, status, cpu, memory_mb, timeout_s, metadata, \
-                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent, workspace, egress, volumes, disk_mb) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent, workspace, egress, volumes, disk_mb, idle_timeout) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&s.id)
             .bind(&s.runtime)
@@ -99,6 +99,7 @@ impl Store {
             .bind(s.egress.as_ref().and_then(|e| serde_json::to_string(e).ok()))
             .bind(serde_json::to_string(&s.volumes).unwrap_or_else(|_| "[]".into()))
             .bind(s.disk_mb as i64)
+            .bind(s.idle_timeout.map(|t| t as i64))
             .execute(&mut *tx)
             .await
             .map_err(q("insert sandbox"))?;
@@ -113,7 +114,7 @@ impl Store {
         let r = sqlx::query(
             // A new rowid: listings page in creation order, and this is its creation.
             "UPDATE sandboxes SET workspace = ?, metadata = ?, on_timeout = ?, traceparent = ?, \
-             timeout_s = ?, created_at = ?, expires_at = ?, boot_ms = ?, \
+             timeout_s = ?, created_at = ?, expires_at = ?, boot_ms = ?, idle_timeout = ?, \
              rowid = (SELECT MAX(rowid) + 1 FROM sandboxes) \
              WHERE id = ? AND status = 'running'",
         )
@@ -125,6 +126,7 @@ impl Store {
         .bind(ts(s.created_at))
         .bind(ts(s.expires_at))
         .bind(s.boot_ms)
+        .bind(s.idle_timeout.map(|t| t as i64))
         .bind(&s.id)
         .execute(&self.pool)
         .await
@@ -586,6 +588,9 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         volumes: serde_json::from_str(&r.get::<String, _>("volumes"))
             .map_err(|_| corrupt("volumes"))?,
         disk_mb: r.get::<i64, _>("disk_mb").max(0) as u64,
+        idle_timeout: r
+            .get::<Option<i64>, _>("idle_timeout")
+            .map(|t| t.max(1) as u64),
         id,
     })
 }
@@ -679,6 +684,7 @@ mod tests {
                 mount: "/data".into(),
             }],
             disk_mb: 2048,
+            idle_timeout: Some(60),
         };
         store.insert_sandbox(&s).await.unwrap();
         assert_eq!(store.get_sandbox(&s.id).await.unwrap().unwrap(), s);

@@ -81,6 +81,7 @@ impl Manager {
                     r.workspace = workspace.to_owned();
                     r.metadata = req.metadata.clone();
                     r.on_timeout = req.on_timeout;
+                    r.idle_timeout = req.idle_timeout;
                     r.traceparent = trace.map(TraceParent::header);
                     r.timeout = timeout;
                     r.created_at = now;

@@ -132,9 +132,10 @@ class AsyncSandbox:
         v = await self.client.json("POST", await self._path("/fork"), {"n": n})
         return [AsyncSandbox(client=self.client, id=c) for c in v["children"]]
 
-    async def merge_into(self, parent: Union["AsyncSandbox", str]) -> Dict[str, Any]:
-        pid = parent if isinstance(parent, str) else (await parent.create()).id
-        return await self.client.json("POST", await self._path(f"/merge_into/{pid}"))
+    async def merge_into(self, winner: Union["AsyncSandbox", str]) -> Dict[str, Any]:
+        """Makes `winner`'s state (a fork descendant of this sandbox) this sandbox's."""
+        wid = winner if isinstance(winner, str) else (await winner.create()).id
+        return await self.client.json("POST", await self._path(f"/merge_into/{wid}"))
 
     async def _events(self, body: Dict[str, Any]) -> AsyncIterator[Event]:
         async with self.client._http.stream("POST", await self._path("/exec"), json=body) as r:

@@ -200,10 +200,11 @@ class Sandbox:
         v = self.client.json("POST", self._path("/fork"), {"n": n})
         return [Sandbox(client=self.client, id=c, traceparent=self._trace) for c in v["children"]]
 
-    def merge_into(self, parent: Union["Sandbox", str]) -> Dict[str, Any]:
-        """Makes this sandbox's state `parent`'s; this id is consumed."""
-        pid = parent if isinstance(parent, str) else parent.create().id
-        return self.client.json("POST", self._path(f"/merge_into/{pid}"))
+    def merge_into(self, winner: Union["Sandbox", str]) -> Dict[str, Any]:
+        """Makes `winner`'s state (a fork descendant of this sandbox) this sandbox's;
+        `winner`'s id is consumed (the order of Podflare's API)."""
+        wid = winner if isinstance(winner, str) else winner.create().id
+        return self.client.json("POST", self._path(f"/merge_into/{wid}"))
 
     # --- running code ----------------------------------------------------------------
     def _events(self, body: Dict[str, Any]) -> Iterator[Event]:

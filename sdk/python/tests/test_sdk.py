@@ -63,7 +63,7 @@ def test_fork_and_merge_into():
             assert [k.run_code("len(data), tag").stdout for k in kids] == ["(1000, 'parent')\n"] * 3
             kids[1].run_code("tag = 'child1'")
             kids[1].files.write("/root/f.txt", "child1")
-            kids[1].merge_into(s)
+            s.merge_into(kids[1])
             assert s.run_code("tag").stdout == "'child1'\n"
             assert s.files.read_text("/root/f.txt") == "child1"
             with pytest.raises(forkbox.Gone):
@@ -141,7 +141,7 @@ def test_async_sandbox():
             assert await s.read_file("/root/a") == b"x"
             kids = await s.fork(2)
             assert (await kids[0].run_code("y")).stdout == "20\n"
-            await kids[0].merge_into(s)
+            await s.merge_into(kids[0])
             for k in kids[1:]:
                 await k.kill()
             with pytest.raises(forkbox.Gone):

@@ -1,0 +1,203 @@
+"""The real `podflare` client from PyPI (0.0.22) against a real `forkbox serve`, pointed
+at it only through the client's own settings (conftest.py): its documented surface,
+call by call. Where forkbox does not offer a call, the answer is a clear JSON error
+that docs/compatibility.md lists."""
+import base64
+import os
+import time
+
+import httpx
+import pytest
+
+import podflare
+from podflare import Client, Sandbox
+
+URL = os.environ["FORKBOX_TEST_URL"]
+
+
+def calls(text):
+    """The client calls a test covers, for docs/compatibility.md."""
+
+    def mark(f):
+        f.calls = text
+        return f
+
+    return mark
+
+
+def forkbox(path):
+    """A sandbox as forkbox's own API shows it."""
+    return httpx.get(URL + path).json()
+
+
+def ended(sid):
+    """An ended sandbox's record (forkbox's list of every sandbox)."""
+    rows = httpx.get(URL + "/v1/sandboxes?status=all").json()["sandboxes"]
+    return next(r for r in rows if r["id"] == sid)
+
+
+def status_of(call):
+    with pytest.raises(httpx.HTTPStatusError) as e:
+        call()
+    return e.value.response.status_code
+
+
+@calls("`import podflare` is PyPI's 0.0.22")
+def test_it_is_the_real_client():
+    assert podflare.__version__ == "0.0.22"
+    assert hasattr(podflare, "close_default_client")
+    assert "site-packages" in podflare.__file__
+
+
+@calls('`Client().healthz()`')
+def test_healthz():
+    assert Client().healthz() is True
+
+
+@calls('`with Sandbox()`, `run_code` (state kept; `stdout`/`stderr` exactly what was printed; exit codes of exceptions, `sys.exit`, bash)')
+def test_run_code_keeps_state_and_reports_exactly_what_was_printed():
+    with Sandbox() as s:
+        r = s.run_code("x = 41\nfor i in range(3): print(i)")
+        assert (r.stdout, r.stderr, r.exit_code) == ("0\n1\n2\n", "", 0)
+        r = s.run_code("print(x + 1)\nprint()\nprint('a\\tb', end='')")
+        assert (r.stdout, r.exit_code) == ("42\n\na\tb", 0)
+        r = s.run_code("import sys\nprint('oops', file=sys.stderr)\nprint('two\\nlines', file=sys.stderr)")
+        assert (r.stdout, r.stderr, r.exit_code) == ("", "oops\ntwo\nlines\n", 0)
+        r = s.run_code("raise ValueError('bad')")
+        assert r.exit_code == 1 and r.stderr.rstrip().endswith("ValueError: bad")
+        assert s.run_code("import sys; sys.exit(3)").exit_code == 3
+        r = s.run_code("echo $((6 * 7)); exit 4", language="bash")
+        assert (r.stdout, r.exit_code) == ("42\n", 4)
+
+
+@calls('`run_code_stream` (live, `type`/`data`/`seq`/`ts`)')
+def test_run_code_stream_is_live_and_ordered():
+    with Sandbox() as s:
+        t0 = time.monotonic()
+        first = None
+        events = []
+        for ev in s.run_code_stream("import time\nprint('a', flush=True)\ntime.sleep(2)\nprint('b')"):
+            if first is None:
+                first = time.monotonic() - t0
+            events.append(ev)
+        assert first < 1.5, f"the first line came after {first:.1f}s"
+        assert [e.type for e in events][-1] == "exit"
+        assert [e.data for e in events if e.type == "stdout"] == ["a", "b", ""]
+        assert all(isinstance(e.ts, int) for e in events)
+        seqs = [e.seq for e in events]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+@calls('`fork(n)`, `merge_into(winner)` (REPL memory and files carried; the winner consumed)')
+def test_fork_and_merge_into_carry_state():
+    with Sandbox() as s:
+        s.run_code("data = list(range(100000)); tag = 'parent'")
+        s.upload(b"parent", "/root/f.txt")
+        kids = s.fork(n=2)
+        assert len(kids) == 2
+        assert kids[0].run_code("print(len(data), tag)").stdout == "100000 parent\n"
+        kids[1].run_code("tag = 'winner'")
+        kids[1].upload(b"winner", "/root/f.txt")
+        s.merge_into(kids[1])
+        assert s.run_code("print(tag, len(data))").stdout == "winner 100000\n"
+        assert s.download("/root/f.txt") == b"winner"
+        # The winner's id is consumed; its sibling lives on.
+        assert status_of(lambda: kids[1].run_code("1")) == 410
+        kids[1].close()  # a no-op for a merged winner
+        assert kids[0].run_code("print(tag)").stdout == "parent\n"
+        kids[0].close()
+
+
+@calls('`upload`, `download`')
+def test_upload_and_download_round_trip_binary():
+    blob = os.urandom(100_000)
+    with Sandbox() as s:
+        s.upload(blob, "/root/data/blob.bin")
+        assert s.download("/root/data/blob.bin") == blob
+        with pytest.raises(IOError):
+            s.download("/root/missing")
+
+
+@calls('errors: `fork(33)` 400, unknown id 404, ended 410; `replay()` and `pty` 501 `not_offered`')
+def test_errors():
+    with Sandbox() as s:
+        assert status_of(lambda: s.fork(n=33)) == 400
+        ghost = Sandbox._from_id("sbx-0000000000000000", s._client)
+        assert status_of(lambda: ghost.run_code("1")) == 404
+        gone = s.fork(n=1)[0]
+        gone.close()
+        assert status_of(lambda: gone.run_code("1")) == 410
+        assert status_of(lambda: gone.close()) == 410
+        # What forkbox does not offer is a clear error.
+        assert status_of(lambda: s.replay()) == 501
+        assert status_of(lambda: s.pty.list()) == 501
+
+
+@calls('`Sandbox(timeout_seconds, ram_mib, rootfs_gb, egress=False)`; `egress=True` 400')
+def test_create_fields_have_their_meaning():
+    with Sandbox(timeout_seconds=600, ram_mib=256, rootfs_gb=1, egress=False) as s:
+        v = forkbox(f"/v1/sandboxes/{s.id}")
+        assert (v["timeout"], v["memory_mb"], v["disk_mb"]) == (600, 256, 1024)
+        assert v["egress_allowlist"] is None
+        assert s.run_code("print(1)").stdout == "1\n"
+    with pytest.raises(httpx.HTTPStatusError) as e:
+        Sandbox(egress=True)
+    assert e.value.response.status_code == 400
+    assert "egress" in e.value.response.json()["error"]
+
+
+@calls('`Sandbox(idle_timeout_seconds)` (a running cell is not idleness)')
+def test_idle_timeout_ends_an_unused_sandbox_and_a_busy_one_lives():
+    s = Sandbox(idle_timeout_seconds=2)
+    busy = Sandbox(idle_timeout_seconds=2)
+    # A cell running longer than the idle timeout is not idleness.
+    assert busy.run_code("import time; time.sleep(4); print('done')").stdout == "done\n"
+    assert forkbox(f"/v1/sandboxes/{busy.id}")["status"] == "running"
+    busy.close()
+    # The other one was not used meanwhile (status reads do not count as use).
+    v = ended(s.id)
+    assert (v["status"], v["end_reason"]) == ("killed", "idle timeout"), v
+    assert status_of(lambda: s.run_code("1")) == 410
+
+
+@calls('`Sandbox(persistent=True)` idles into a space; `Sandbox.resume(space_id)`')
+def test_a_persistent_sandbox_idles_into_a_space_and_resumes():
+    s = Sandbox(idle_timeout_seconds=2, persistent=True)
+    s.upload(b"kept", "/root/kept.txt")
+    for _ in range(40):
+        if forkbox(f"/v1/sandboxes/{s.id}")["status"] == "hibernated":
+            break
+        time.sleep(0.25)
+    assert forkbox(f"/v1/sandboxes/{s.id}")["status"] == "hibernated"
+    back = Sandbox.resume(s.id)
+    assert back.id == s.id
+    assert back.download("/root/kept.txt") == b"kept"
+    back.close()
+
+
+@calls('`traceparent` by argument, `Client(traceparent)`, `PODFLARE_TRACEPARENT`')
+def test_traceparent_by_argument_client_and_env():
+    log = os.environ["FORKBOX_TEST_LOG"]
+    ids = {
+        "arg": "4bf92f3564d486ad4bf92f3564d486a1",
+        "client": "4bf92f3564d486ad4bf92f3564d486a2",
+        "env": "4bf92f3564d486ad4bf92f3564d486a3",
+    }
+    tp = lambda t: f"00-{t}-00f067aa0ba902b7-01"  # noqa: E731
+    with Sandbox(traceparent=tp(ids["arg"])) as s:
+        s.run_code("print(1)")
+    c = Client(traceparent=tp(ids["client"]))
+    with Sandbox(client=c) as s:
+        s.run_code("print(2)")
+    c.close()
+    os.environ["PODFLARE_TRACEPARENT"] = tp(ids["env"])
+    try:
+        podflare.close_default_client()
+        with Sandbox() as s:
+            s.run_code("print(3)")
+    finally:
+        del os.environ["PODFLARE_TRACEPARENT"]
+        podflare.close_default_client()
+    text = open(log).read()
+    for how, t in ids.items():
+        assert t in text, f"trace id by {how} not in the server log"
