@@ -303,13 +303,7 @@ fn hide_host() -> Result<(), String> {
         };
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| format!("unshare mount namespace: {e}"))?;
-    m(
-        None,
-        Path::new("/"),
-        None,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None,
-    )?;
+    forkbox_sys::mounts::make_private().map_err(|e| e.to_string())?;
     // Any directory of the host serves as the mount point: this namespace is private.
     let new = Path::new("/tmp");
     m(

@@ -395,7 +395,7 @@ async fn fork_helpers_show_nothing_of_the_host() {
 import os, time
 base = set(p for p in os.listdir("/proc") if p.isdigit())
 seen, found = set(), []
-open("/tmp/ready", "w").close()
+open("/tmp/ready", "w").write("ready")
 end = time.time() + 60
 while time.time() < end and not os.path.exists("/tmp/stop"):
     for p in os.listdir("/proc"):
@@ -411,15 +411,12 @@ while time.time() < end and not os.path.exists("/tmp/stop"):
 open("/tmp/found.tmp", "w").write(repr((len(seen), found)))
 os.rename("/tmp/found.tmp", "/tmp/found")
 "#;
-    let (st, _) = common::put_file(&s, &id, "/tmp/w.py", watcher.as_bytes()).await;
-    assert_eq!(st, 200);
-    let (out, _, code) = s
-        .sh(
-            &id,
-            "python3 /tmp/w.py >/tmp/w.log 2>&1 & while [ ! -e /tmp/ready ]; do sleep 0.01; done; echo go",
-        )
-        .await;
-    assert_eq!((out.as_str(), code), ("go\n", 0));
+    common::start_script(&s, &id, "/tmp/w.py", watcher).await;
+    assert!(
+        !common::wait_for_file(&s, &id, "/tmp/ready", Duration::from_secs(10))
+            .await
+            .is_empty()
+    );
     for _ in 0..8 {
         let (st, forked) = post(&s, &format!("/v1/sandboxes/{id}/fork"), json!({"n": 2})).await;
         assert_eq!(st, 200, "{forked}");
@@ -428,15 +425,7 @@ os.rename("/tmp/found.tmp", "/tmp/found")
         }
     }
     s.sh(&id, "touch /tmp/stop").await;
-    let mut report = String::new();
-    for _ in 0..100 {
-        let (st, body) = common::get_file(&s, &id, "/tmp/found").await;
-        if st == 200 {
-            report = String::from_utf8_lossy(&body).into_owned();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let report = common::wait_for_file(&s, &id, "/tmp/found", Duration::from_secs(10)).await;
     let (seen, found) = report
         .trim_start_matches('(')
         .split_once(", ")

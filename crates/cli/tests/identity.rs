@@ -209,24 +209,9 @@ time.sleep(600)
 "#;
     // Written and started through the files API and one exec: once it runs, the hog's
     // own commands fail (its agent is of its uid too), which is its own business.
-    let (st, _) = common::put_file(&s, &hog, "/tmp/park.py", park.as_bytes()).await;
-    assert_eq!(st, 200);
-    let (out, err, code) = s
-        .sh(
-            &hog,
-            "python3 /tmp/park.py >/tmp/park.log 2>&1 & echo started",
-        )
-        .await;
-    assert_eq!((out.as_str(), code), ("started\n", 0), "{err}");
-    let mut report = String::new();
-    for _ in 0..300 {
-        let (st, body) = common::get_file(&s, &hog, "/tmp/report").await;
-        if st == 200 && !body.is_empty() {
-            report = String::from_utf8_lossy(&body).into_owned();
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    common::start_script(&s, &hog, "/tmp/park.py", park).await;
+    let report =
+        common::wait_for_file(&s, &hog, "/tmp/report", std::time::Duration::from_secs(30)).await;
     let inflight: u64 = report
         .split("'inflight': ")
         .nth(1)

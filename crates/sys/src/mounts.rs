@@ -92,13 +92,7 @@ pub fn enter_rootfs(
 ) -> Result<(), MountError> {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // 1. Nothing we do may propagate back to the host.
-    mnt(
-        None,
-        Path::new("/"),
-        None,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None,
-    )?;
+    make_private()?;
     // 2. pivot_root needs the new root to be a mount point: the idmapped copy of the
     //    root filesystem when the sandbox runs as its own uid range, else a bind mount
     //    of it on itself.
@@ -273,6 +267,18 @@ pub fn enter_rootfs(
     umount2(".", MntFlags::MNT_DETACH).map_err(MountError::DetachOldRoot)?;
     nix::unistd::chdir("/").map_err(|e| MountError::PivotRoot(root.into(), e))?;
     Ok(())
+}
+
+/// Makes every mount of the calling process's (new) mount namespace private, so that
+/// nothing mounted in it propagates back to the namespace it was copied from.
+pub fn make_private() -> Result<(), MountError> {
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )
 }
 
 /// Opens directory `rel` beneath the directory `root` (`O_PATH`), making missing

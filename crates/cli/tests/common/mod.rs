@@ -586,3 +586,34 @@ pub async fn get_file(s: &Server, id: &str, path: &str) -> (u16, Vec<u8>) {
     let st = r.status().as_u16();
     (st, r.bytes().await.unwrap().to_vec())
 }
+
+/// Writes `script` into the sandbox at `path` (files API) and starts
+/// `python3 <path>` in the background; returns once it started.
+#[allow(dead_code)]
+pub async fn start_script(s: &Server, id: &str, path: &str, script: &str) {
+    let (st, v) = put_file(s, id, path, script.as_bytes()).await;
+    assert_eq!(st, 200, "{v}");
+    let (out, err, code) = s
+        .sh(
+            id,
+            &format!("python3 {path} >{path}.log 2>&1 & echo started"),
+        )
+        .await;
+    assert_eq!((out.as_str(), code), ("started\n", 0), "{err}");
+}
+
+/// The content of the sandbox's file `path` once it exists and is not empty (read
+/// through the files API, which passes no descriptor to the sandbox's zygote), or ""
+/// after `patience`.
+#[allow(dead_code)]
+pub async fn wait_for_file(s: &Server, id: &str, path: &str, patience: Duration) -> String {
+    let deadline = Instant::now() + patience;
+    while Instant::now() < deadline {
+        let (st, body) = get_file(s, id, path).await;
+        if st == 200 && !body.is_empty() {
+            return String::from_utf8_lossy(&body).into_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    String::new()
+}
