@@ -416,3 +416,55 @@ async fn plain_creates_come_from_the_warm_pool() {
     assert_eq!(s.delete(&id).await, 204);
     assert_eq!(s.delete(&cold_id).await, 204);
 }
+
+/// The row of sandbox `id` in the list of every sandbox (ended ones included).
+async fn row(s: &Server, id: &str) -> Value {
+    let (_, v) = get(s, "/v1/sandboxes?status=all&limit=1000").await;
+    v["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn idle_timeout_ends_unused_sandboxes_only() {
+    let s = Server::start();
+    let make = |on_timeout: &str| json!({"idle_timeout": 1, "on_timeout": on_timeout});
+    let (_, idle) = post(&s, "/v1/sandboxes", make("kill")).await;
+    let (_, sleepy) = post(&s, "/v1/sandboxes", make("hibernate")).await;
+    let (_, used) = post(&s, "/v1/sandboxes", make("kill")).await;
+    let (_, running) = post(&s, "/v1/sandboxes", make("kill")).await;
+    let [idle, sleepy, used, running] =
+        [idle, sleepy, used, running].map(|v| v["id"].as_str().unwrap().to_owned());
+    assert_eq!(row(&s, &idle).await["idle_timeout"], 1);
+    // `running` runs one command longer than its idle timeout; `used` gets a call every
+    // half second; status reads count for nothing.
+    let long = s.sh(&running, "sleep 3; echo slept");
+    let poke = async {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(3) {
+            assert_eq!(s.sh(&used, "true").await.2, 0);
+            let _ = get(&s, &format!("/v1/sandboxes/{idle}")).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let (out, ()) = tokio::join!(long, poke);
+    assert_eq!(out.0, "slept\n");
+    assert_eq!(row(&s, &used).await["status"], "running");
+    assert_eq!(row(&s, &running).await["status"], "running");
+    let r = row(&s, &idle).await;
+    assert_eq!(
+        (r["status"].as_str(), r["end_reason"].as_str()),
+        (Some("killed"), Some("idle timeout")),
+        "{r}"
+    );
+    assert_eq!(row(&s, &sleepy).await["status"], "hibernated");
+    let events = get_text(&s, &format!("/v1/sandboxes/{idle}/events")).await;
+    assert!(events.contains("idle_timeout"), "{events}");
+    // Out of range is 400.
+    let (st, _) = post(&s, "/v1/sandboxes", json!({"idle_timeout": 0})).await;
+    assert_eq!(st, 400);
+}
