@@ -128,9 +128,13 @@ def test_errors():
         gone.close()
         assert status_of(lambda: gone.run_code("1")) == 410
         assert status_of(lambda: gone.close()) == 410
-        # What forkbox does not offer is a clear error.
-        assert status_of(lambda: s.replay()) == 501
-        assert status_of(lambda: s.pty.list()) == 501
+        # What forkbox does not offer is a clear error saying what to use instead.
+        for call, hint in [(s.replay, "/events"), (s.pty.list, "/exec/pty")]:
+            with pytest.raises(httpx.HTTPStatusError) as e:
+                call()
+            assert e.value.response.status_code == 501
+            body = e.value.response.json()
+            assert body["code"] == "not_offered" and hint in body["error"], body
 
 
 @calls('`Sandbox(timeout_seconds, ram_mib, rootfs_gb, egress=False)`; `egress=True` 400')

@@ -110,8 +110,12 @@ impl IntoResponse for ApiError {
                 code: code.to_owned(),
             })
             .inc();
-        // 5xx bodies stay generic; the cause goes to the log.
-        let message = if status.is_server_error() && status != StatusCode::BAD_GATEWAY {
+        // 5xx bodies stay generic; the cause goes to the log. (501 `not_offered` says
+        // what to use instead: its message is written for the client.)
+        let message = if status.is_server_error()
+            && status != StatusCode::BAD_GATEWAY
+            && status != StatusCode::NOT_IMPLEMENTED
+        {
             tracing::error!(error = %self, code, "request failed");
             match status {
                 StatusCode::SERVICE_UNAVAILABLE => {
