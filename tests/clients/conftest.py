@@ -28,6 +28,12 @@ def pytest_configure(config):
     os.environ["PODFLARE_API_URL"] = url + "/podflare"
     os.environ["PODFLARE_HOSTD_URL"] = url + "/podflare"
     os.environ["PODFLARE_API_KEY"] = "pf_live_not_a_forkbox_key"
+    # pandastack: its base URL and the hosted key it refuses to run without; a HOME of
+    # its own so no ~/.config/pandastack/config.json is read; no hidden create retries.
+    os.environ["PANDASTACK_API"] = url + "/pandastack"
+    os.environ["PANDASTACK_API_KEY"] = "pds_not_a_forkbox_key"
+    os.environ["PANDASTACK_MAX_CREATE_RETRY_SECONDS"] = "0"
+    os.environ["HOME"] = str(log.parent / "home")
     # No region pin from an earlier run may redirect Sandbox().
     os.environ["XDG_CACHE_HOME"] = str(log.parent / "cache")
 

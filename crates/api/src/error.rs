@@ -23,6 +23,10 @@ pub enum ApiError {
     /// A call of a client dialect this server does not offer (with what to use).
     #[error("{0}")]
     NotOffered(String),
+    /// A client dialect's way of saying a command ran out of time (or its outcome is
+    /// unknown): a 504 whose message says so.
+    #[error("{0}")]
+    Timeout(String),
     #[error(transparent)]
     Core(#[from] CoreError),
 }
@@ -41,6 +45,7 @@ impl ApiError {
             }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::NotOffered(_) => (StatusCode::NOT_IMPLEMENTED, "not_offered"),
+            ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::Core(e) => match e {
                 CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 CoreError::NoSnapshot(_) => (StatusCode::NOT_FOUND, "snapshot_not_found"),
@@ -115,6 +120,7 @@ impl IntoResponse for ApiError {
         let message = if status.is_server_error()
             && status != StatusCode::BAD_GATEWAY
             && status != StatusCode::NOT_IMPLEMENTED
+            && status != StatusCode::GATEWAY_TIMEOUT
         {
             tracing::error!(error = %self, code, "request failed");
             match status {

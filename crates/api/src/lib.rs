@@ -9,6 +9,7 @@ mod events;
 mod extract;
 mod files;
 mod owned;
+mod pandastack;
 mod podflare;
 mod pty;
 mod runner;
@@ -142,6 +143,7 @@ pub fn app(state: AppState) -> Router {
         // Client dialects, each under the prefix its client is pointed at
         // (docs/compatibility.md).
         .nest(podflare::PREFIX, podflare::router())
+        .nest(pandastack::PREFIX, pandastack::router())
         .layer(axum::Extension(doc))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -188,6 +188,11 @@ impl Manager {
         })
     }
 
+    /// The template a create that names none gets.
+    pub fn default_template(&self) -> String {
+        self.config().default_template.clone()
+    }
+
     pub(crate) fn config(&self) -> &ManagerConfig {
         &self.config
     }
@@ -1197,6 +1202,41 @@ impl Manager {
     }
 
     /// Freezes a running sandbox (409 unless running).
+    /// Changes what ends a live sandbox on its own: its idle timeout (`Some(None)`
+    /// clears it) and what expiry does.
+    pub async fn set_expiry_policy(
+        &self,
+        id: &SandboxRef,
+        idle_timeout: Option<Option<u64>>,
+        on_timeout: Option<OnTimeout>,
+    ) -> Result<Sandbox, CoreError> {
+        let id = id.id();
+        if idle_timeout
+            .flatten()
+            .is_some_and(|t| t == 0 || t > self.config.max_timeout_s)
+        {
+            return Err(CoreError::Invalid(format!(
+                "idle_timeout must be between 1 and {} seconds",
+                self.config.max_timeout_s
+            )));
+        }
+        let live = self.running(id).await?;
+        let _op = live.op.lock().await;
+        let mut r = live.record();
+        if let Some(t) = idle_timeout {
+            r.idle_timeout = t;
+        }
+        if let Some(o) = on_timeout {
+            r.on_timeout = o;
+        }
+        self.store
+            .set_expiry_policy(id, r.idle_timeout, r.on_timeout)
+            .await?;
+        let r2 = r.clone();
+        live.update(move |x| *x = r2);
+        Ok(r)
+    }
+
     pub async fn pause(&self, id: &SandboxRef) -> Result<Sandbox, CoreError> {
         let id = id.id();
         self.transition(id, Status::Running, Status::Paused).await

@@ -134,6 +134,23 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
+    /// Sets a sandbox's idle timeout and timeout action.
+    pub async fn set_expiry_policy(
+        &self,
+        id: &str,
+        idle_timeout: Option<u64>,
+        on_timeout: OnTimeout,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET idle_timeout = ?, on_timeout = ? WHERE id = ?")
+            .bind(idle_timeout.map(|t| t as i64))
+            .bind(on_timeout.as_str())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("set expiry"))?;
+        Ok(())
+    }
+
     /// Marks a sandbox ended with `status` and `reason`.
     pub async fn end_sandbox(
         &self,

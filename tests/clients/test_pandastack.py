@@ -1,0 +1,247 @@
+"""The real `pandastack` client from PyPI (0.10.0) against a real `forkbox serve`,
+pointed at it only through its own settings (PANDASTACK_API, conftest.py): its
+documented calls, and for each call forkbox does not offer, a clear error that
+docs/compatibility.md lists."""
+import os
+import time
+import warnings
+
+import httpx
+import pytest
+
+import pandastack
+from pandastack import (
+    BadRequestError,
+    Client,
+    CommandFailed,
+    NotFoundError,
+    Sandbox,
+    SandboxTimeout,
+    ServerError,
+    set_default_client,
+)
+
+URL = os.environ["FORKBOX_TEST_URL"]
+
+
+def calls(text):
+    """The client calls a test covers, for docs/compatibility.md."""
+
+    def mark(f):
+        f.calls = text
+        return f
+
+    return mark
+
+
+@pytest.fixture(autouse=True)
+def fresh_default_client():
+    set_default_client(None)
+    yield
+    set_default_client(None)
+
+
+@pytest.fixture
+def client():
+    return Client(timeout=120)
+
+
+@pytest.fixture
+def sb(client):
+    s = client.sandboxes.create()
+    yield s
+    try:
+        s.kill()
+    except (NotFoundError, BadRequestError):
+        pass
+
+
+def not_offered(call, hint):
+    with pytest.raises(ServerError) as e:
+        call()
+    assert hint in str(e.value), str(e.value)
+
+
+@calls("`import pandastack` is PyPI's 0.10.0")
+def test_it_is_the_real_client():
+    assert pandastack.__version__ == "0.10.0"
+    assert "site-packages" in pandastack.__file__
+
+
+@calls("`sandboxes.create(template, metadata, ttl_seconds)`, `get`, `list`, `Sandbox.list`, `kill`; unknown template 400")
+def test_create_get_list_kill(client):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        s = client.sandboxes.create(template="code-interpreter", metadata={"job": "t1"}, ttl_seconds=600)
+    assert s.status == "running" and s.metadata == {"job": "t1"} and not s.persistent
+    assert s.lifecycle()["ttl_seconds"] == 600
+    got = client.sandboxes.get(s.id)
+    assert (got.id, got.metadata) == (s.id, {"job": "t1"})
+    assert s.id in [x.id for x in client.sandboxes.list()]
+    assert s.id in [x.id for x in Sandbox.list()]
+    s.kill()
+    assert s.id not in [x.id for x in client.sandboxes.list()]
+    with pytest.raises(NotFoundError):
+        client.sandboxes.get(s.id)
+    with pytest.raises(BadRequestError):
+        client.sandboxes.create(template="no-such-template")
+
+
+@calls("`exec` (stdout, stderr, exit code exact; `check`; `timeout_seconds`); `commands.run`")
+def test_exec_exact(sb):
+    r = sb.exec("printf 'a\\n\\nb'; printf 'e1\\ne2' >&2; exit 3")
+    assert (r.stdout, r.stderr, r.exit_code) == ("a\n\nb", "e1\ne2", 3)
+    assert sb.commands.run("echo hi").stdout == "hi\n"
+    with pytest.raises(CommandFailed) as e:
+        sb.exec("echo out; exit 7", check=True)
+    assert (e.value.exit_code, e.value.stdout) == (7, "out\n")
+    with pytest.raises(SandboxTimeout):
+        sb.exec("sleep 30", timeout_seconds=1)
+    assert sb.exec("exit 124").exit_code == 124
+
+
+@calls("`exec_stream` (chunks live and exact, exit code, timeout)")
+def test_exec_stream(sb):
+    out, err, t = [], [], []
+    t0 = time.monotonic()
+    code = sb.exec_stream(
+        "echo one; sleep 2; echo two; echo bad >&2; exit 5",
+        on_stdout=lambda c: (out.append(c), t.append(time.monotonic() - t0)),
+        on_stderr=err.append,
+    )
+    assert code == 5
+    assert ("".join(out), "".join(err)) == ("one\ntwo\n", "bad\n")
+    assert t[0] < 1.5, t
+    with pytest.raises(SandboxTimeout):
+        sb.exec_stream("sleep 30", timeout_seconds=1)
+
+
+@calls("`run_code` (python, bash)")
+def test_run_code(sb):
+    assert sb.run_code("print(2 + 2)").stdout == "4\n"
+    assert sb.run_code("echo $((6*7)); exit 4", language="bash").exit_code == 4
+
+
+@calls("`filesystem` write, read, listdir, stat, exists, walk")
+def test_filesystem(sb):
+    fs = sb.filesystem
+    fs.write("/root/d/a.txt", "hello")
+    fs.write("/root/d/sub/b.bin", b"\x00\x01")
+    assert fs.read("/root/d/a.txt") == b"hello"
+    entries = {e.name: e for e in fs.listdir("/root/d")}
+    assert entries["sub"].is_dir and not entries["a.txt"].is_dir and entries["a.txt"].size == 5
+    st = fs.stat("/root/d/sub/b.bin")
+    assert (st.is_dir, st.size) == (False, 2)
+    assert fs.exists("/root/d/a.txt") and not fs.exists("/root/d/nope")
+    walked = {root for root, _dirs, _files in fs.walk("/root/d")}
+    assert any(r.endswith("/root/d/sub") for r in walked), walked
+
+
+@calls("`pause`, `resume`, `hibernate`, `wake` (idempotent)")
+def test_pause_resume_hibernate_wake(client, sb):
+    sb.filesystem.write("/root/kept", "x")
+    sb.pause()
+    assert client.sandboxes.get(sb.id).status == "paused"
+    sb.resume()
+    sb.hibernate()
+    assert client.sandboxes.get(sb.id).status == "hibernated"
+    sb.wake()
+    sb.wake()
+    assert sb.filesystem.read("/root/kept") == b"x"
+
+
+@calls("`create(persistent=True, ttl_seconds)`: idles into hibernation, not death; `set_ttl`, `lifecycle`")
+def test_persistent_and_ttl(client):
+    s = client.sandboxes.create(persistent=True, ttl_seconds=2)
+    assert s.persistent
+    for _ in range(40):
+        if client.sandboxes.get(s.id).status == "hibernated":
+            break
+        time.sleep(0.25)
+    assert client.sandboxes.get(s.id).status == "hibernated"
+    s.wake()
+    assert s.set_ttl(900)["ttl_seconds"] == 900
+    assert s.lifecycle() == {"ttl_seconds": 900, "persistent": True, "idle_seconds": None}
+    s.kill()
+
+
+@calls("`fork` (files carried, metadata inherited)")
+def test_fork(sb):
+    sb.filesystem.write("/root/f", "parent")
+    child = sb.fork()
+    assert child.id != sb.id
+    assert child.filesystem.read("/root/f") == b"parent"
+    child.kill()
+
+
+@calls("`snapshot`, `snapshots.list(sandbox_id)`, `get`, `delete`; `create(from_snapshot)`")
+def test_snapshots(client, sb):
+    sb.filesystem.write("/root/snap.txt", "v1")
+    sid = sb.snapshot()
+    assert sid.startswith("snap-")
+    listed = client.snapshots.list(sandbox_id=sb.id)
+    assert [x["id"] for x in listed] == [sid]
+    assert client.snapshots.get(sid)["sandbox_id"] == sb.id
+    again = client.sandboxes.create(from_snapshot=sid)
+    assert again.filesystem.read("/root/snap.txt") == b"v1"
+    again.kill()
+    client.snapshots.delete(sid)
+    with pytest.raises(NotFoundError):
+        client.snapshots.get(sid)
+
+
+@calls("`templates.list`, `templates.get` (`code-interpreter`)")
+def test_templates(client):
+    names = [t.name for t in client.templates.list()]
+    assert "code-interpreter" in names and "python" in names
+    assert client.templates.get("code-interpreter").name == "code-interpreter"
+    with pytest.raises(NotFoundError):
+        client.templates.get("no-such-template")
+
+
+@calls("`volumes` create, list, get, delete by name; `create(volumes=[{name}])` mounts it at `/mnt/<name>`; `read_only` 501")
+def test_volumes_by_name(client):
+    name = f"data-{os.getpid()}"
+    client.volumes.create(name, 64)
+    with pytest.raises(BadRequestError):
+        client.volumes.create(name, 64)
+    assert name in [v["name"] for v in client.volumes.list()]
+    assert client.volumes.get(name)["size_mb"] == 64
+    s = client.sandboxes.create(volumes=[{"name": name}])
+    s.filesystem.write(f"/mnt/{name}/x", "on the volume")
+    s.kill()
+    t = client.sandboxes.create(volumes=[{"name": name}])
+    assert t.filesystem.read(f"/mnt/{name}/x") == b"on the volume"
+    t.kill()
+    not_offered(lambda: client.sandboxes.create(volumes=[{"name": name, "read_only": True}]), "read-only")
+    client.volumes.delete(name)
+    with pytest.raises(NotFoundError):
+        client.volumes.get(name)
+
+
+@calls("`me`, `tokens.create`, `tokens.list`, `tokens.revoke`")
+def test_me_and_tokens(client):
+    me = client.me()
+    assert me["current_org"]["slug"] == "default"
+    tok = client.tokens.create(f"ci-{os.getpid()}")
+    assert tok.token.startswith("fbk_")
+    assert tok.prefix in [t.prefix for t in client.tokens.list()]
+    # The new key works (as forkbox's own key).
+    assert httpx.get(URL + "/v1/auth/whoami", headers={"authorization": f"Bearer {tok.token}"}).status_code == 200
+    client.tokens.revoke(tok.prefix)
+    assert tok.prefix not in [t.prefix for t in client.tokens.list()]
+
+
+@calls("`logs`")
+def test_logs(sb):
+    sb.exec("true")
+    lines = list(sb.logs())
+    assert all(isinstance(l, str) for l in lines)
+
+
+@calls("not offered (501, saying why): `fork_tree`, `promote`, `create_code_context`, `preview_urls`")
+def test_what_is_not_offered(sb):
+    not_offered(lambda: sb.fork_tree(2), "fork trees")
+    not_offered(lambda: sb.promote(tree_id="t"), "merge_into")
+    not_offered(lambda: sb.create_code_context(), "code contexts")
+    not_offered(lambda: sb.preview_urls(), "no inbound network")
