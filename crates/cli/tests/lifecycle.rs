@@ -467,4 +467,14 @@ async fn idle_timeout_ends_unused_sandboxes_only() {
     // Out of range is 400.
     let (st, _) = post(&s, "/v1/sandboxes", json!({"idle_timeout": 0})).await;
     assert_eq!(st, 400);
+    // A sandbox handed over from the warm pool, where it waited longer than its new
+    // idle timeout, starts its idle clock with its new owner.
+    wait_pool_full(&s).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = handed_over(&s).await;
+    let (_, fresh) = post(&s, "/v1/sandboxes", json!({"idle_timeout": 2})).await;
+    assert_eq!(handed_over(&s).await, before + 1, "not from the pool");
+    let fresh = fresh["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(row(&s, &fresh).await["status"], "running");
 }

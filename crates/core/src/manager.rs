@@ -440,6 +440,8 @@ impl Manager {
         if !self.store.hand_over(&r).await? {
             return Ok(None);
         }
+        // Its idle clock starts with its new owner.
+        live.activity.touch();
         let r2 = r.clone();
         live.update(move |x| *x = r2);
         Ok(Some(r))

@@ -45,9 +45,7 @@ impl AgentImage {
     /// the unreadable file keeps the process undumpable from its first instruction.
     pub fn nested_for(&self, owner: u32) -> Result<OwnedFd, ImageError> {
         let mut src = File::open(self.exec_path()).map_err(ImageError::Memfd)?;
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut src, &mut bytes).map_err(ImageError::Memfd)?;
-        let nested = sealed(c"forkbox-agent-nested", &bytes)?;
+        let nested = sealed_from(c"forkbox-agent-nested", &mut src)?;
         nix::unistd::fchown(
             nested.as_raw_fd(),
             Some(nix::unistd::Uid::from_raw(owner)),
@@ -68,6 +66,19 @@ impl AgentImage {
 
 /// A sealed memfd holding `bytes`.
 fn sealed(name: &std::ffi::CStr, bytes: &[u8]) -> Result<OwnedFd, ImageError> {
+    let mut f = memfd(name)?;
+    f.write_all(bytes).map_err(ImageError::Memfd)?;
+    seal(f)
+}
+
+/// A sealed memfd holding what `src` holds (copied in the kernel).
+fn sealed_from(name: &std::ffi::CStr, src: &mut File) -> Result<OwnedFd, ImageError> {
+    let mut f = memfd(name)?;
+    std::io::copy(src, &mut f).map_err(ImageError::Memfd)?;
+    seal(f)
+}
+
+fn memfd(name: &std::ffi::CStr) -> Result<File, ImageError> {
     // SAFETY: memfd_create with a NUL-terminated name and flags.
     let raw =
         unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
@@ -75,9 +86,10 @@ fn sealed(name: &std::ffi::CStr, bytes: &[u8]) -> Result<OwnedFd, ImageError> {
         return Err(ImageError::Memfd(std::io::Error::last_os_error()));
     }
     // SAFETY: `raw` is a fresh fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut f = File::from(fd);
-    f.write_all(bytes).map_err(ImageError::Memfd)?;
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(raw) }))
+}
+
+fn seal(f: File) -> Result<OwnedFd, ImageError> {
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: fcntl on our own fd with integer arguments.
     if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {

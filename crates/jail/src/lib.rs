@@ -376,6 +376,9 @@ struct Resources {
     keepalive: Option<AgentClient>,
     /// Its host uid range, held until its processes are gone.
     slot: Option<Arc<slots::Slot>>,
+    /// The agent image its family's fork children start from (made by the family's
+    /// first fork, owned by the range's root; `AgentImage::nested_for`).
+    nested: Option<Arc<OwnedFd>>,
 }
 
 impl Resources {
@@ -439,6 +442,7 @@ impl Resources {
         self.egress = None;
         self.keepalive = None;
         self.slot = None;
+        self.nested = None;
         Ok(())
     }
 }
@@ -750,6 +754,7 @@ impl Inner {
                         egress: None,
                         keepalive,
                         slot: self.claim_slot(p1),
+                        nested: None,
                     };
                     self.lineage().nodes.insert(
                         c.clone(),
@@ -885,6 +890,7 @@ impl Inner {
                 egress,
                 keepalive: None,
                 slot,
+                nested: None,
             }),
             rt: self.clone(),
         }))
@@ -953,6 +959,7 @@ impl Inner {
             egress: None,
             keepalive: None,
             slot: None,
+            nested: None,
         };
         res.release().await
     }
@@ -1050,6 +1057,7 @@ impl Inner {
                 ..
             } => {
                 res.slot = Some(slot);
+                res.nested = Some(nested.clone());
                 (Some(parent_pid), Some(token), Some(nested))
             }
         };
@@ -1609,16 +1617,27 @@ impl JailInstance {
         }
         let t_snap = t0.elapsed();
         // 2. Children, concurrently, nested in our namespaces, in our uid range.
-        let family = self.resources.lock().await.slot.clone();
-        let nested = family.as_ref().map(|s| {
-            self.rt
-                .agent
-                .as_ref()
-                .ok_or_else(|| std::io::Error::other("no agent image"))
-                .and_then(|a| a.nested_for(s.host_uid()).map_err(std::io::Error::other))
-        });
+        let (family, cached) = {
+            let r = self.resources.lock().await;
+            (r.slot.clone(), r.nested.clone())
+        };
+        let nested = match (&family, cached) {
+            (_, Some(n)) => Some(Ok(n)),
+            (Some(s), None) => Some(
+                self.rt
+                    .agent
+                    .as_ref()
+                    .ok_or_else(|| std::io::Error::other("no agent image"))
+                    .and_then(|a| a.nested_for(s.host_uid()).map_err(std::io::Error::other))
+                    .map(Arc::new),
+            ),
+            (None, None) => None,
+        };
         let (slot, nested) = match (family, nested) {
-            (Some(slot), Some(Ok(nested))) if slot.index() > 0 => (slot, Arc::new(nested)),
+            (Some(slot), Some(Ok(nested))) if slot.index() > 0 => {
+                self.resources.lock().await.nested = Some(nested.clone());
+                (slot, nested)
+            }
             (_, Some(Err(e))) => {
                 let _ = delete_subvolume_patiently(&staging);
                 return Err(RuntimeError::host("make the nested agent image", id, e));
