@@ -21,17 +21,11 @@ from pandastack import (
     set_default_client,
 )
 
+from marks import calls  # noqa: E402
+
 URL = os.environ["FORKBOX_TEST_URL"]
 
 
-def calls(text):
-    """The client calls a test covers, for docs/compatibility.md."""
-
-    def mark(f):
-        f.calls = text
-        return f
-
-    return mark
 
 
 @pytest.fixture(autouse=True)

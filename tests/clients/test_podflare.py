@@ -12,17 +12,11 @@ import pytest
 import podflare
 from podflare import Client, Sandbox
 
+from marks import calls  # noqa: E402
+
 URL = os.environ["FORKBOX_TEST_URL"]
 
 
-def calls(text):
-    """The client calls a test covers, for docs/compatibility.md."""
-
-    def mark(f):
-        f.calls = text
-        return f
-
-    return mark
 
 
 def forkbox(path):

@@ -266,7 +266,7 @@ async fn start(
 
 /// forkbox's note on stderr when an exec's timeout killed it.
 fn timeout_note(line: &str) -> bool {
-    line.starts_with("forkbox: timed out after")
+    line.starts_with(forkbox_core::TIMEOUT_NOTE)
 }
 
 /// `POST …/exec`: runs a command and answers one JSON result. A timeout is a 504 whose
@@ -418,10 +418,7 @@ async fn wake(State(st): State<AppState>, Sbx(id): Sbx) -> Result<Json<Value>, A
 }
 
 fn snapshot_view(s: forkbox_core::Snapshot) -> Value {
-    let created = s
-        .created_at
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let created = crate::sandboxes::rfc3339(s.created_at);
     json!({"id": s.id, "snapshot_id": s.id, "name": s.name, "sandbox_id": s.sandbox_id,
            "template": s.template, "created_at": created, "size_bytes": null})
 }
@@ -548,16 +545,12 @@ struct ForkBody {
 async fn fork(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    body: axum::body::Bytes,
+    JsonBody(b): JsonBody<ForkBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if !body.iter().all(u8::is_ascii_whitespace) {
-        let b: ForkBody = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
-        if !b.metadata.is_empty() {
-            return Err(ApiError::NotOffered(
-                "metadata for a fork child is not offered; a child inherits its parent's".into(),
-            ));
-        }
+    if !b.metadata.is_empty() {
+        return Err(ApiError::NotOffered(
+            "metadata for a fork child is not offered; a child inherits its parent's".into(),
+        ));
     }
     let mut out = st.manager.fork(&id, 1).await?;
     let child = out
@@ -603,10 +596,7 @@ async fn template(
 }
 
 fn volume_view(v: forkbox_core::Volume) -> Value {
-    let created = v
-        .created_at
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let created = crate::sandboxes::rfc3339(v.created_at);
     json!({"id": v.id, "name": v.name, "size_mb": v.size_mb,
            "size_bytes": v.size_mb << 20, "created_at": created})
 }
@@ -702,10 +692,7 @@ async fn me(Extension(p): Extension<Principal>) -> Json<Value> {
 }
 
 fn token_view(t: &forkbox_core::auth::Token) -> Value {
-    let created = t
-        .created_at
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let created = crate::sandboxes::rfc3339(t.created_at);
     json!({"prefix": t.prefix, "label": t.name, "name": t.name, "created_at": created})
 }
 

@@ -175,32 +175,22 @@ struct ResumeBody {
 async fn resume(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    body: axum::body::Bytes,
+    JsonBody(b): JsonBody<ResumeBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let b: Option<ResumeBody> = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        Some(
-            serde_json::from_slice(&body)
-                .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?,
-        )
-    };
-    if let Some(b) = &b {
-        if b.egress == Some(true) {
-            return Err(ApiError::BadRequest(
-                "egress: true (the open internet) is not offered by this server".into(),
-            ));
-        }
-        if b.idle_timeout_seconds.is_some() || b.persistent.is_some() {
-            return Err(ApiError::BadRequest(
-                "a resumed sandbox keeps the idle timeout and persistence it was created \
-                 with; only timeout_seconds can be given on resume"
-                    .into(),
-            ));
-        }
+    if b.egress == Some(true) {
+        return Err(ApiError::BadRequest(
+            "egress: true (the open internet) is not offered by this server".into(),
+        ));
+    }
+    if b.idle_timeout_seconds.is_some() || b.persistent.is_some() {
+        return Err(ApiError::BadRequest(
+            "a resumed sandbox keeps the idle timeout and persistence it was created \
+             with; only timeout_seconds can be given on resume"
+                .into(),
+        ));
     }
     let s = st.manager.wake(&id).await?;
-    if let Some(t) = b.and_then(|b| b.timeout_seconds) {
+    if let Some(t) = b.timeout_seconds {
         st.manager.set_timeout(&id, t).await?;
     }
     Ok(Json(serde_json::json!({ "id": s.id })))

@@ -95,7 +95,7 @@ pub struct SandboxView {
     volumes: Vec<VolumeMountBody>,
 }
 
-fn rfc3339(t: time::OffsetDateTime) -> String {
+pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }

@@ -23,7 +23,7 @@ pub mod volumes;
 pub mod warm;
 
 pub use access::{SandboxRef, SnapshotRef};
-pub use manager::{ForkOutcome, Manager, ManagerConfig, EXIT_UNKNOWN, MAX_FORK};
+pub use manager::{ForkOutcome, Manager, ManagerConfig, EXIT_UNKNOWN, MAX_FORK, TIMEOUT_NOTE};
 pub use model::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Volume,
     VolumeMount, Work,

@@ -149,6 +149,9 @@ pub struct ForkOutcome {
 pub const EXIT_UNKNOWN: i32 = -1;
 /// Exit code reported when an exec's timeout killed it (as coreutils `timeout` does).
 pub const EXIT_TIMEOUT: i32 = 124;
+/// How the stderr line an exec's timeout adds begins (dialects that report timeouts
+/// their own way recognise it by this).
+pub const TIMEOUT_NOTE: &str = "forkbox: timed out after";
 
 pub(crate) fn valid_template_name(s: &str) -> bool {
     !s.is_empty()
@@ -1909,7 +1912,7 @@ fn number_events(
         })) => {
             let code = if timed_out {
                 out.push(next(EventKind::Stderr(format!(
-                    "forkbox: timed out after {timeout_s}s; process tree killed\n"
+                    "{TIMEOUT_NOTE} {timeout_s}s; process tree killed\n"
                 ))));
                 EXIT_TIMEOUT
             } else {
