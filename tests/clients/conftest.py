@@ -34,6 +34,10 @@ def pytest_configure(config):
     os.environ["PANDASTACK_API_KEY"] = "pds_not_a_forkbox_key"
     os.environ["PANDASTACK_MAX_CREATE_RETRY_SECONDS"] = "0"
     os.environ["HOME"] = str(log.parent / "home")
+    # declaw: its one setting is a host:port (no path; the dialect is served at the
+    # root), and a hosted key, which a local forkbox without --auth must not refuse.
+    os.environ["DECLAW_DOMAIN"] = url.split("://", 1)[1]
+    os.environ["DECLAW_API_KEY"] = "dk_not_a_forkbox_key"
     # No region pin from an earlier run may redirect Sandbox().
     os.environ["XDG_CACHE_HOME"] = str(log.parent / "cache")
 

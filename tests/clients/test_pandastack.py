@@ -159,13 +159,57 @@ def test_persistent_and_ttl(client):
     s.kill()
 
 
-@calls("`fork` (files carried, metadata inherited)")
-def test_fork(sb):
-    sb.filesystem.write("/root/f", "parent")
-    child = sb.fork()
-    assert child.id != sb.id
-    assert child.filesystem.read("/root/f") == b"parent"
-    child.kill()
+@calls("`fork` (files carried, metadata inherited, `metadata` added)")
+def test_fork(client):
+    sb = client.sandboxes.create(metadata={"run": "a", "keep": "yes"})
+    try:
+        sb.filesystem.write("/root/f", "parent")
+        child = sb.fork()
+        assert child.id != sb.id
+        assert child.filesystem.read("/root/f") == b"parent"
+        assert client.sandboxes.get(child.id).metadata == {"run": "a", "keep": "yes"}
+        other = sb.fork(metadata={"run": "b"})
+        assert client.sandboxes.get(other.id).metadata == {"run": "b", "keep": "yes"}
+        child.kill()
+        other.kill()
+    finally:
+        sb.kill()
+
+
+@calls("`fork_tree`, `promote` (siblings cleaned up), `explore` best-of-N")
+def test_fork_tree_promote_and_explore(client, sb):
+    sb.filesystem.write("/root/task", "base")
+    kids = sb.fork_tree(3, metadata={"exp": "1"})
+    assert len(kids) == 3 and len({k.id for k in kids}) == 3
+    md = client.sandboxes.get(kids[0].id).metadata
+    tree = md["fork_tree_id"]
+    assert md["exp"] == "1" and md["fork_parent_id"] == sb.id
+    for i, k in enumerate(kids):
+        assert k.filesystem.read("/root/task") == b"base"
+        k.filesystem.write("/root/task", f"branch {i}")
+    res = kids[1].promote(cleanup_siblings=True)
+    assert res["winner"] == kids[1].id and res["tree_id"] == tree
+    assert sorted(res["deleted"]) == sorted([kids[0].id, kids[2].id]) and res["failures"] == []
+    for gone in (kids[0], kids[2]):
+        with pytest.raises(NotFoundError):
+            client.sandboxes.get(gone.id)
+    assert kids[1].filesystem.read("/root/task") == b"branch 1"
+    again = kids[1].promote(cleanup_siblings=True)  # idempotent
+    assert again["deleted"] == []
+    kids[1].kill()
+    with pytest.raises(BadRequestError):
+        sb.promote(cleanup_siblings=True)  # not a tree member, no tree_id
+    with pytest.raises(BadRequestError):
+        sb.fork_tree(33)
+    # The client's best-of-N over a fork tree: the branch that passes wins, the rest go.
+    result = sb.explore(["exit 1", "grep -q base /root/task && echo PASS", "exit 2"])
+    assert result.errors == [] and result.reap_failures == {}, result
+    assert result.winner is not None and result.winner_outcome.ok
+    assert "PASS" in result.winner_outcome.stdout_tail
+    assert len(result.reaped) == 2
+    left = [s.id for s in client.sandboxes.list() if (s.metadata or {}).get("fork_tree_id") == result.tree_id]
+    assert left == [result.winner.id]
+    result.winner.kill()
 
 
 @calls("`snapshot`, `snapshots.list(sandbox_id)`, `get`, `delete`; `create(from_snapshot)`")
@@ -193,7 +237,7 @@ def test_templates(client):
         client.templates.get("no-such-template")
 
 
-@calls("`volumes` create, list, get, delete by name; `create(volumes=[{name}])` mounts it at `/mnt/<name>`; `read_only` 501")
+@calls("`volumes` create, list, get, delete by name; `create(volumes=[{name}])` mounts it at `/mnt/<name>`, `read_only` too")
 def test_volumes_by_name(client):
     name = f"data-{os.getpid()}"
     client.volumes.create(name, 64)
@@ -206,8 +250,18 @@ def test_volumes_by_name(client):
     s.kill()
     t = client.sandboxes.create(volumes=[{"name": name}])
     assert t.filesystem.read(f"/mnt/{name}/x") == b"on the volume"
+    # Read-only beside a writer: reads what it writes, writes nothing itself.
+    ro = client.sandboxes.create(volumes=[{"name": name, "read_only": True}])
+    assert ro.filesystem.read(f"/mnt/{name}/x") == b"on the volume"
+    r = ro.exec(f"echo no > /mnt/{name}/y")
+    assert r.exit_code != 0 and "Read-only file system" in r.stderr, r
+    with pytest.raises(BadRequestError):  # 403: a read-only file system
+        ro.filesystem.write(f"/mnt/{name}/y", "no")
+    t.filesystem.write(f"/mnt/{name}/z", "later")
+    assert ro.filesystem.read(f"/mnt/{name}/z") == b"later"
+    assert not t.filesystem.exists(f"/mnt/{name}/y")
+    ro.kill()
     t.kill()
-    not_offered(lambda: client.sandboxes.create(volumes=[{"name": name, "read_only": True}]), "read-only")
     client.volumes.delete(name)
     with pytest.raises(NotFoundError):
         client.volumes.get(name)
@@ -233,9 +287,31 @@ def test_logs(sb):
     assert all(isinstance(l, str) for l in lines)
 
 
-@calls("not offered (501, saying why): `fork_tree`, `promote`, `create_code_context`, `preview_urls`")
+@calls("`create_code_context`, `CodeContext.run_code` (state per context, last-expression and rich results, stdout, errors, timeout), `close`")
+def test_code_contexts(sb):
+    a = sb.create_code_context()
+    b = sb.create_code_context("python")
+    assert a.id != b.id and a.language == "python"
+    assert a.run_code("x = 41").results == []
+    ex = a.run_code("print('hi')\nx + 1")
+    assert (ex.text, ex.stdout, ex.error, ex.exit_code) == ("42", "hi\n", None, 0)
+    ex = b.run_code("x")
+    assert ex.exit_code == 1 and "NameError" in ex.error and "forkbox" not in ex.error
+    ex = a.run_code("class H:\n    def _repr_html_(self):\n        return '<b>h</b>'\nH()")
+    assert ex.results[0].html == "<b>h</b>" and ex.results[0].text.startswith("<__main__.H object")
+    ex = a.run_code("import sys\nprint('err', file=sys.stderr)")
+    assert ex.stderr == "err\n" and ex.stdout == ""
+    with pytest.raises(SandboxTimeout):
+        a.run_code("import time\ntime.sleep(30)", timeout_seconds=1)
+    assert a.run_code("x").text == "41"  # an interrupted cell keeps the context
+    a.close()
+    with pytest.raises(NotFoundError):
+        a.run_code("x")
+    assert b.run_code("1 + 1").text == "2"
+    b.close()
+    not_offered(lambda: sb.create_code_context("bash"), "Python only")
+
+
+@calls("not offered (501, saying why): `preview_urls`")
 def test_what_is_not_offered(sb):
-    not_offered(lambda: sb.fork_tree(2), "fork trees")
-    not_offered(lambda: sb.promote(tree_id="t"), "merge_into")
-    not_offered(lambda: sb.create_code_context(), "code contexts")
     not_offered(lambda: sb.preview_urls(), "no inbound network")

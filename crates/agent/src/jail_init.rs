@@ -430,6 +430,7 @@ fn sandbox_side(
             source: std::path::Path::new(b.source.as_str()),
             target: std::path::Path::new(b.target.as_str()),
             tree: trees.and_then(|t| t.binds.get(i)).map(|f| f.as_fd()),
+            read_only: b.read_only,
         })
         .collect();
     // A fork child is born in the helpers' mount namespace, where its root filesystem

@@ -27,6 +27,9 @@ pub enum ApiError {
     /// unknown): a 504 whose message says so.
     #[error("{0}")]
     Timeout(String),
+    /// Something of a client dialect's that is not there (a code context, …).
+    #[error("{0}")]
+    NotFound(String),
     #[error(transparent)]
     Core(#[from] CoreError),
 }
@@ -46,6 +49,7 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::NotOffered(_) => (StatusCode::NOT_IMPLEMENTED, "not_offered"),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Core(e) => match e {
                 CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 CoreError::NoSnapshot(_) => (StatusCode::NOT_FOUND, "snapshot_not_found"),

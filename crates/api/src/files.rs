@@ -89,6 +89,18 @@ pub async fn write(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<WriteReply>, ApiError> {
+    Ok(Json(write_stream(&st, &id, &q.path, &headers, body).await?))
+}
+
+/// Streams `body` into the file at `path` (at most [`MAX_UPLOAD`] bytes, checked
+/// against `Content-Length` first and while it arrives).
+pub(crate) async fn write_stream(
+    st: &AppState,
+    id: &SandboxRef,
+    path: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<WriteReply, ApiError> {
     let too_large = ApiError::TooLarge {
         limit: MAX_UPLOAD as usize,
     };
@@ -110,8 +122,8 @@ pub async fn write(
         }
         Ok(b)
     });
-    match st.manager.write_file(&id, &q.path, data.boxed()).await {
-        Ok(r) => Ok(Json(r)),
+    match st.manager.write_file(id, path, data.boxed()).await {
+        Ok(r) => Ok(r),
         Err(_) if over.load(Ordering::Relaxed) => Err(too_large),
         Err(e) => Err(e.into()),
     }

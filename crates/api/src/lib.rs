@@ -4,6 +4,8 @@
 mod auth;
 pub mod browser;
 mod commands;
+mod contexts;
+mod declaw;
 mod error;
 mod events;
 mod extract;
@@ -144,6 +146,10 @@ pub fn app(state: AppState) -> Router {
         // (docs/compatibility.md).
         .nest(podflare::PREFIX, podflare::router())
         .nest(pandastack::PREFIX, pandastack::router())
+        // Declaw's client can only be pointed at a host (no path): its routes (no /v1)
+        // are served at the root too.
+        .nest(declaw::PREFIX, declaw::router())
+        .merge(declaw::router())
         .layer(axum::Extension(doc))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -23,7 +23,7 @@ use forkbox_core::auth::Principal;
 use forkbox_core::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, SandboxRef, VolumeMount, Work,
 };
-use forkbox_types::agent::{FileInfo, FileKind, FileOp, FileOpReply};
+use forkbox_types::agent::{FileInfo, FileKind, FileOp, FileOpReply, Language};
 use forkbox_types::exec::EventKind;
 use futures_util::StreamExt as _;
 use serde::Deserialize;
@@ -83,18 +83,14 @@ pub fn router() -> Router<AppState> {
         .route("/v1/me", get(me))
         .route("/v1/me/tokens", get(tokens).post(create_token))
         .route("/v1/me/tokens/{prefix}", delete(revoke_token))
+        .route("/v1/sandboxes/{id}/fork-tree", post(fork_tree))
+        .route("/v1/sandboxes/{id}/promote", post(promote))
+        .route("/v1/sandboxes/{id}/repl/sessions", post(create_context))
         .route(
-            "/v1/sandboxes/{id}/fork-tree",
-            post(|| not_offered("fork trees (fork-tree, promote) are not served yet; fork one child at a time with POST …/fork, or forkbox's own POST /v1/sandboxes/{id}/fork {\"n\"}")),
+            "/v1/sandboxes/{id}/repl/sessions/{ctx}",
+            delete(delete_context),
         )
-        .route(
-            "/v1/sandboxes/{id}/promote",
-            post(|| not_offered("promote is not served yet; forkbox's own API merges a fork child into its parent with POST /v1/sandboxes/{id}/merge_into/{winner}")),
-        )
-        .route(
-            "/v1/sandboxes/{id}/repl/sessions",
-            post(|| not_offered("code contexts (repl/sessions) are not served yet; forkbox keeps one persistent REPL per language: POST /v1/sandboxes/{id}/exec {\"code\"} on its own API")),
-        )
+        .route("/v1/sandboxes/{id}/repl/sessions/{ctx}/run", post(run_in_context))
         .route(
             "/v1/sandboxes/{id}/ports",
             get(|| not_offered("sandboxes have no inbound network here; there are no preview URLs")),
@@ -164,14 +160,10 @@ async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let mut volumes = Vec::with_capacity(b.volumes.len());
     for v in &b.volumes {
-        if v.read_only {
-            return Err(ApiError::NotOffered(
-                "read-only volume mounts are not offered; volumes are mounted read-write".into(),
-            ));
-        }
         volumes.push(VolumeMount {
             id: volume_named(&st, &p, &v.name).await?.id,
             mount: format!("/mnt/{}", v.name),
+            read_only: v.read_only,
         });
     }
     // The client always names a template; a snapshot brings its own.
@@ -203,11 +195,9 @@ async fn create(
     Ok((StatusCode::CREATED, Json(view(s, b.from_snapshot))))
 }
 
-async fn list(
-    State(st): State<AppState>,
-    Extension(p): Extension<Principal>,
-) -> Result<Json<Value>, ApiError> {
-    let mut items = Vec::new();
+/// Every live sandbox of `p`'s workspace.
+async fn all_live(st: &AppState, p: &Principal) -> Result<Vec<Sandbox>, ApiError> {
+    let mut all = Vec::new();
     let mut after = None;
     loop {
         let (page, next) = st
@@ -219,12 +209,23 @@ async fn list(
                 ..Default::default()
             })
             .await?;
-        items.extend(page.into_iter().map(|s| view(s, None)));
+        all.extend(page);
         match next {
             Some(n) => after = Some(n),
-            None => break,
+            None => return Ok(all),
         }
     }
+}
+
+async fn list(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Value>, ApiError> {
+    let items: Vec<Value> = all_live(&st, &p)
+        .await?
+        .into_iter()
+        .map(|s| view(s, None))
+        .collect();
     Ok(Json(json!({ "items": items })))
 }
 
@@ -541,18 +542,13 @@ struct ForkBody {
     metadata: BTreeMap<String, String>,
 }
 
-/// `POST …/fork`: one child (it inherits the parent's metadata).
+/// `POST …/fork`: one child, with the parent's metadata and `metadata`'s over it.
 async fn fork(
     State(st): State<AppState>,
     Sbx(id): Sbx,
     JsonBody(b): JsonBody<ForkBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if !b.metadata.is_empty() {
-        return Err(ApiError::NotOffered(
-            "metadata for a fork child is not offered; a child inherits its parent's".into(),
-        ));
-    }
-    let mut out = st.manager.fork(&id, 1).await?;
+    let mut out = st.manager.fork(&id, 1, &b.metadata).await?;
     let child = out
         .children
         .pop()
@@ -561,6 +557,190 @@ async fn fork(
         StatusCode::CREATED,
         Json(json!({ "sandbox": view(child, None) })),
     ))
+}
+
+/// Metadata keys of a fork tree's children: the tree, and the sandbox it forked from.
+const TREE_KEY: &str = "fork_tree_id";
+const PARENT_KEY: &str = "fork_parent_id";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForkTreeBody {
+    count: u32,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+/// `POST …/fork-tree`: `count` children of one fork (1 to 32), each tagged with the
+/// tree's id and its parent in its metadata, which `promote` uses to find a winner's
+/// siblings.
+async fn fork_tree(
+    State(st): State<AppState>,
+    Sbx(id): Sbx,
+    JsonBody(b): JsonBody<ForkTreeBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let tree = forkbox_core::ids::new("tree");
+    let mut metadata = b.metadata;
+    metadata.insert(TREE_KEY.into(), tree.clone());
+    metadata.insert(PARENT_KEY.into(), id.to_string());
+    let out = st.manager.fork(&id, b.count, &metadata).await?;
+    let children: Vec<Value> = out.children.into_iter().map(|c| view(c, None)).collect();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "tree_id": tree, "parent_id": id.to_string(), "children": children })),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteBody {
+    #[serde(default)]
+    cleanup_siblings: bool,
+    tree_id: Option<String>,
+}
+
+/// `POST …/promote`: a fork child already lives on its own here (its parent may end
+/// before it), so promoting one is about its tree: with `cleanup_siblings` every other
+/// live sandbox of the tree (`tree_id`, else the child's own tag) is deleted.
+/// Idempotent; a sibling that cannot be deleted is reported in `failures`.
+async fn promote(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Sbx(id): Sbx,
+    JsonBody(b): JsonBody<PromoteBody>,
+) -> Result<Json<Value>, ApiError> {
+    let winner = st.manager.get(&id).await?;
+    let tree = b.tree_id.or_else(|| winner.metadata.get(TREE_KEY).cloned());
+    let (mut deleted, mut failures) = (Vec::new(), Vec::new());
+    if b.cleanup_siblings {
+        let Some(tree) = &tree else {
+            return Err(ApiError::BadRequest(format!(
+                "{id} was not made by fork-tree: pass tree_id to clean up siblings"
+            )));
+        };
+        for s in all_live(&st, &p).await? {
+            if s.id == winner.id || s.metadata.get(TREE_KEY) != Some(tree) {
+                continue;
+            }
+            let gone = match st.manager.sandbox_ref(&p, &s.id).await {
+                Ok(r) => st.manager.delete(&r).await.map_err(ApiError::from),
+                Err(e) => Err(e.into()),
+            };
+            match gone {
+                Ok(()) => deleted.push(s.id),
+                Err(e) => failures.push(json!({"sandbox_id": s.id, "error": e.to_string()})),
+            }
+        }
+    }
+    Ok(Json(json!({
+        "winner": winner.id,
+        "tree_id": tree,
+        "deleted": deleted,
+        "failures": failures,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContextBody {
+    language: Option<String>,
+}
+
+/// `POST …/repl/sessions`: a code context (Python), a namespace of its own in the
+/// sandbox's Python REPL (crates/api/src/contexts.rs).
+async fn create_context(
+    State(st): State<AppState>,
+    Sbx(id): Sbx,
+    JsonBody(b): JsonBody<ContextBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let lang = b.language.as_deref().unwrap_or("python");
+    if Language::parse(lang) != Some(Language::Python) {
+        return Err(ApiError::NotOffered(format!(
+            "code contexts are Python only here ({lang:?}); the sandbox's persistent {lang} REPL is POST /v1/sandboxes/{{id}}/exec {{\"code\", \"language\"}} on forkbox's own API"
+        )));
+    }
+    let ctx = forkbox_core::ids::new("ctx");
+    let r = crate::contexts::call(&st, &id, "new", &ctx, "", None).await?;
+    if r.answer.is_none() {
+        return Err(ApiError::Internal(format!(
+            "the Python REPL did not make the context (exit {}): {}",
+            r.exit, r.stderr
+        )));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": ctx, "language": "python"})),
+    ))
+}
+
+/// The context id from the path, when it is one.
+fn context_id(ctx: &str) -> Result<&str, ApiError> {
+    if forkbox_core::ids::is_valid("ctx", ctx) {
+        Ok(ctx)
+    } else {
+        Err(ApiError::Core(forkbox_core::CoreError::Invalid(format!(
+            "{ctx:?} is not a code context id"
+        ))))
+    }
+}
+
+/// `DELETE …/repl/sessions/:ctx`: its namespace is dropped (404 when there is none).
+async fn delete_context(
+    State(st): State<AppState>,
+    Sbx(id): Sbx,
+    Path((_, ctx)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let r = crate::contexts::call(&st, &id, "del", context_id(&ctx)?, "", None).await?;
+    match r.answer.as_ref().and_then(|a| a["ok"].as_bool()) {
+        Some(true) => Ok(StatusCode::NO_CONTENT),
+        _ => Err(ApiError::NotFound(format!("code context {ctx} not found"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunBody {
+    code: String,
+    timeout_ms: Option<u64>,
+}
+
+/// `POST …/repl/sessions/:ctx/run`: the cell in the context; PandaStack's execution:
+/// `results` (MIME bundles: the last expression's `text/plain` and rich reprs,
+/// matplotlib figures as `image/png`), `stdout`, `stderr`, `error` (the traceback),
+/// `exit_code`, `duration_ms`. Past `timeout_ms` the cell is interrupted: 504.
+async fn run_in_context(
+    State(st): State<AppState>,
+    Sbx(id): Sbx,
+    Path((_, ctx)): Path<(String, String)>,
+    JsonBody(b): JsonBody<RunBody>,
+) -> Result<Json<Value>, ApiError> {
+    let t0 = std::time::Instant::now();
+    let timeout = b.timeout_ms.filter(|t| *t > 0).map(|t| t as f64 / 1000.0);
+    let r = crate::contexts::call(&st, &id, "run", context_id(&ctx)?, &b.code, timeout).await?;
+    let duration_ms = t0.elapsed().as_millis() as u64;
+    let Some(answer) = r.answer else {
+        // The cell ended the REPL (os._exit, a crash): every context went with it.
+        return Ok(Json(json!({
+            "results": [], "stdout": r.stdout, "stderr": r.stderr,
+            "error": format!("the Python REPL exited (status {}); its code contexts are gone", r.exit),
+            "exit_code": if r.exit == 0 { 1 } else { r.exit },
+            "duration_ms": duration_ms,
+        })));
+    };
+    if answer["missing"].as_bool() == Some(true) {
+        return Err(ApiError::NotFound(format!(
+            "code context {ctx} not found (closed, or the sandbox's REPL restarted)"
+        )));
+    }
+    let error = answer["error"].as_str().map(str::to_owned);
+    Ok(Json(json!({
+        "results": answer["results"],
+        "stdout": r.stdout,
+        "stderr": r.stderr,
+        "exit_code": i32::from(error.is_some()),
+        "error": error,
+        "duration_ms": duration_ms,
+    })))
 }
 
 fn template_view(name: &str, t: &forkbox_core::templates::Template) -> Value {

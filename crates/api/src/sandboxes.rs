@@ -63,6 +63,9 @@ pub struct VolumeMountBody {
     id: String,
     /// Absolute path inside the sandbox.
     mount: String,
+    /// Mount it read-only (default false): this sandbox reads what others write.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    read_only: bool,
 }
 
 /// A sandbox as the API shows it.
@@ -127,6 +130,7 @@ impl From<Sandbox> for SandboxView {
                 .map(|v| VolumeMountBody {
                     id: v.id,
                     mount: v.mount,
+                    read_only: v.read_only,
                 })
                 .collect(),
         }
@@ -183,6 +187,7 @@ pub async fn create(
                 .map(|v| forkbox_core::VolumeMount {
                     id: v.id,
                     mount: v.mount,
+                    read_only: v.read_only,
                 })
                 .collect(),
             runtime: b.runtime,
@@ -401,6 +406,9 @@ pub async fn resume(
 pub struct ForkBody {
     /// Number of children, 1 to 32 (default 1).
     n: Option<i64>,
+    /// Added to (or replacing keys of) the parent's metadata in every child.
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -427,7 +435,7 @@ pub async fn fork(
             "n must be between 1 and {max} (got {n})"
         )));
     }
-    let out = st.manager.fork(&id, n as u32).await?;
+    let out = st.manager.fork(&id, n as u32, &b.metadata).await?;
     Ok(Json(ForkView {
         parent: id.to_string(),
         children: out.children.iter().map(|s| s.id.clone()).collect(),

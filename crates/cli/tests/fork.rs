@@ -190,6 +190,29 @@ async fn forks_of_forks_and_deleting_a_parent_keep_children_working() {
     )
     .await;
     assert_eq!(st, 410);
+    // Children keep the parent's metadata, with the fork's own over it.
+    let tagged = s
+        .create(json!({"metadata": {"run": "1", "owner": "me"}}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (st, body) = post(
+        &s,
+        &format!("/v1/sandboxes/{tagged}/fork"),
+        json!({"n": 2, "metadata": {"run": "2", "branch": "x"}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    for v in body["sandboxes"].as_array().unwrap() {
+        assert_eq!(
+            v["metadata"],
+            json!({"run": "2", "owner": "me", "branch": "x"}),
+            "{v}"
+        );
+    }
+    let (_, v) = common::get(&s, &format!("/v1/sandboxes/{tagged}")).await;
+    assert_eq!(v["metadata"], json!({"run": "1", "owner": "me"}));
     // Without a Python kernel only the filesystem is carried, and the child gets a
     // fresh REPL on first use.
     let plain = s.create_id().await;

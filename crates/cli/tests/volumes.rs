@@ -119,3 +119,62 @@ async fn volumes_are_shared_persistent_and_limited() {
     let (st, _) = get(&s, &format!("/v1/volumes/{vol}")).await;
     assert_eq!(st, 404);
 }
+
+/// `read_only`: the sandbox (and its fork children) read what others write to the
+/// volume and write nothing themselves, through commands or the files API; it cannot
+/// remount it writable.
+#[tokio::test]
+async fn a_read_only_mount_reads_and_never_writes() {
+    let s = Server::start();
+    let (st, v) = post(&s, "/v1/volumes", json!({"name": "ro", "size_mb": 64})).await;
+    assert_eq!(st, 201, "{v}");
+    let vol = v["id"].as_str().unwrap().to_owned();
+    let writer = s
+        .create(json!({"volumes": [{"id": vol, "mount": "/data"}]}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let reader = s
+        .create(json!({"volumes": [{"id": vol, "mount": "/data", "read_only": true}]}))
+        .await;
+    assert_eq!(
+        reader["volumes"],
+        json!([{"id": vol, "mount": "/data", "read_only": true}])
+    );
+    let reader = reader["id"].as_str().unwrap().to_owned();
+    let (_, err, code) = s.sh(&writer, "echo one > /data/note").await;
+    assert_eq!(code, 0, "{err}");
+    let (st, f) = post(&s, &format!("/v1/sandboxes/{reader}/fork"), json!({"n": 1})).await;
+    assert_eq!(st, 200, "{f}");
+    let child = f["children"][0].as_str().unwrap().to_owned();
+    for id in [&reader, &child] {
+        let (out, _, _) = s.sh(id, "cat /data/note").await;
+        assert_eq!(out, "one\n", "{id}");
+        let (_, err, code) = s
+            .sh(id, "echo x > /data/x || mkdir /data/d || rm /data/note")
+            .await;
+        assert_ne!(code, 0, "{id}");
+        assert!(err.contains("Read-only file system"), "{id}: {err}");
+        let (_, err, code) = s.sh(id, "mount -o remount,rw /data").await;
+        assert_ne!(code, 0, "{id}: remounted writable: {err}");
+        let r = s
+            .http
+            .put(s.url(&format!("/v1/sandboxes/{id}/files?path=/data/y")))
+            .body("no")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{id}");
+        // The rest of its filesystem stays writable.
+        let (_, err, code) = s.sh(id, "echo fine > /root/ok").await;
+        assert_eq!(code, 0, "{id}: {err}");
+    }
+    // The writer's later changes show; the reader left nothing behind.
+    let (_, err, code) = s.sh(&writer, "echo two >> /data/note; ls /data").await;
+    assert_eq!(code, 0, "{err}");
+    let (out, _, _) = s.sh(&reader, "cat /data/note").await;
+    assert_eq!(out, "one\ntwo\n");
+    let (out, _, _) = s.sh(&writer, "ls -A /data | grep -v lost+found").await;
+    assert_eq!(out, "note\n");
+}

@@ -18,7 +18,7 @@ use forkbox_types::agent::{
 };
 use forkbox_types::exec::{EventKind, ExecEvent};
 use futures_util::stream::{BoxStream, StreamExt};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use time::OffsetDateTime;
@@ -581,7 +581,13 @@ impl Manager {
 
     /// Forks a running sandbox into `n` children that start from its current state.
     /// Waits for a running REPL cell and other lifecycle calls on the sandbox first.
-    pub async fn fork(&self, id: &SandboxRef, n: u32) -> Result<ForkOutcome, CoreError> {
+    /// Each child's metadata is the parent's with `metadata`'s keys added or replaced.
+    pub async fn fork(
+        &self,
+        id: &SandboxRef,
+        n: u32,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<ForkOutcome, CoreError> {
         let id = id.id();
         if !(1..=MAX_FORK).contains(&n) {
             return Err(CoreError::Invalid(format!(
@@ -611,6 +617,8 @@ impl Manager {
         let forked = live.instance.fork(specs.clone()).await?;
         let boot_ms = (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
         let created_at = OffsetDateTime::now_utc();
+        let mut child_metadata = parent.metadata.clone();
+        child_metadata.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
         let pairs: Vec<(CreateSpec, Arc<dyn Instance>)> =
             specs.into_iter().zip(forked.children).collect();
         let children: Vec<Sandbox> = pairs
@@ -626,6 +634,7 @@ impl Manager {
                 parent: Some(id.to_owned()),
                 host_pid: instance.host_pid(),
                 resource_id: spec.id.clone(),
+                metadata: child_metadata.clone(),
                 ..parent.clone()
             })
             .collect();

@@ -120,6 +120,9 @@ pub struct Sandbox {
 pub struct VolumeMount {
     pub id: String,
     pub mount: String,
+    /// Mounted read-only: the sandbox reads the volume, others may write it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 /// A persistent directory with a size limit that outlives sandboxes and can be

@@ -699,6 +699,7 @@ mod tests {
             volumes: vec![crate::model::VolumeMount {
                 id: "vol-0123456789abcdef".into(),
                 mount: "/data".into(),
+                read_only: true,
             }],
             disk_mb: 2048,
             idle_timeout: Some(60),

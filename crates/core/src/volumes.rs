@@ -133,6 +133,7 @@ mod tests {
         VolumeMount {
             id: "vol-0123456789abcdef".into(),
             mount: path.into(),
+            read_only: false,
         }
     }
 
@@ -150,6 +151,7 @@ mod tests {
         let bad_id = VolumeMount {
             id: "x".into(),
             mount: "/a".into(),
+            read_only: false,
         };
         assert!(matches!(
             check_mounts(&[bad_id]),

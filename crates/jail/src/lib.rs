@@ -1086,6 +1086,7 @@ impl Inner {
             binds.push(forkbox_types::agent::BindMount {
                 source: source.to_string_lossy().into_owned(),
                 target: v.mount.clone(),
+                read_only: v.read_only,
             });
         }
         let init = JailInit {

@@ -243,6 +243,39 @@ async fn build(
     Ok(meta)
 }
 
+/// Kills the process group of a build tool that is still running when its build is
+/// abandoned (a server stopped mid-build, a cancelled request): `kill_on_drop` alone
+/// ends mmdebstrap but leaves its apt and dpkg writing into the pool, where the next
+/// build of the template finds them.
+struct GroupKill(Option<i32>);
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// `pre_exec` hook: the build tool is killed when the server that started it dies
+/// (SIGKILL included), rather than writing into the pool after it.
+fn die_with_parent() -> std::io::Result<()> {
+    // SAFETY: plain prctl and getppid.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The parent may have died before the prctl: then we were reparented.
+        if libc::getppid() == 1 {
+            return Err(std::io::Error::other("the server is gone"));
+        }
+    }
+    Ok(())
+}
+
 /// Installs Debian `packages` (minbase) with mmdebstrap into the empty directory
 /// `root`, then shifts its owners into the sandboxes' uid range.
 pub(crate) async fn debootstrap(
@@ -258,7 +291,13 @@ pub(crate) async fn debootstrap(
             "building template {name}: debian {SUITE} + {} packages with mmdebstrap (about a minute)",
             packages.len()
         ));
-        let mut child = tokio::process::Command::new("mmdebstrap")
+        use std::os::unix::process::CommandExt;
+        let mut cmd = tokio::process::Command::new("mmdebstrap");
+        // SAFETY: the hook only makes two async-signal-safe syscalls.
+        unsafe {
+            cmd.as_std_mut().pre_exec(die_with_parent);
+        }
+        let mut child = cmd
             .arg("--mode=root")
             .arg("--variant=minbase")
             .args((!packages.is_empty()).then(|| format!("--include={}", packages.join(","))))
@@ -272,9 +311,13 @@ pub(crate) async fn debootstrap(
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
+            // A group of its own: mmdebstrap's apt and dpkg go with it when the build
+            // is abandoned (see `GroupKill`).
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(TemplateError::Spawn)?;
+        let mut group = GroupKill(child.id().and_then(|p| i32::try_from(p).ok()));
         let mut tail: std::collections::VecDeque<String> = Default::default();
         if let Some(err) = child.stderr.take() {
             let mut lines = tokio::io::BufReader::new(err).lines();
@@ -292,6 +335,8 @@ pub(crate) async fn debootstrap(
             .wait()
             .await
             .map_err(|e| TemplateError::Io(name.into(), e))?;
+        // Reaped: its group number may be reused from here on.
+        group.0 = None;
         if !status.success() {
             return Err(TemplateError::Build {
                 name: name.into(),

@@ -32,12 +32,15 @@ pub enum IdmapError {
     Tree(PathBuf, std::io::Error),
     #[error("attach the idmapped mount at {0}: {1}")]
     Attach(PathBuf, std::io::Error),
+    #[error("make the mount at {0} read-only: {1}")]
+    Readonly(PathBuf, std::io::Error),
 }
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x04;
 const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
 
 /// `struct mount_attr` (linux/mount.h).
 #[repr(C)]
@@ -164,6 +167,37 @@ pub fn attach(
     };
     if r < 0 {
         return Err(IdmapError::Attach(
+            shown.into(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes the mount `top` is open on (its root directory, an `O_PATH` fd is enough)
+/// and every mount beneath it read-only; `shown` names it in errors. Works on attached
+/// mounts of the caller's mount namespace, whose owner may always add `RDONLY`.
+pub fn set_readonly(top: BorrowedFd<'_>, shown: &Path) -> Result<(), IdmapError> {
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr on an fd we hold, empty path, an attr struct of the size
+    // passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            top.as_raw_fd(),
+            c"".as_ptr(),
+            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(IdmapError::Readonly(
             shown.into(),
             std::io::Error::last_os_error(),
         ));

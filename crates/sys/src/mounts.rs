@@ -33,6 +33,8 @@ pub struct Bind<'a> {
     pub source: &'a Path,
     pub target: &'a Path,
     pub tree: Option<BorrowedFd<'a>>,
+    /// Mounted read-only (the whole tree beneath `target`).
+    pub read_only: bool,
 }
 
 /// `/proc/sys/user/*` of every sandbox's user namespace. Fork children's namespaces
@@ -128,6 +130,11 @@ pub fn enter_rootfs(
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 None,
             )?,
+        }
+        if b.read_only {
+            // Opened again beneath the root: now the top of the volume's mount.
+            let top = target_dir(&root_fd, b.target, b.target)?;
+            crate::idmap::set_readonly(top.as_fd(), b.target)?;
         }
     }
     // 3. A /proc of the sandbox's own PID namespace, with /proc/sys read-only (as

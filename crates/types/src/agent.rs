@@ -190,6 +190,9 @@ pub struct VmInit {
 pub struct BindMount {
     pub source: String,
     pub target: String,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A filesystem operation other than reading or writing content.
