@@ -4,56 +4,16 @@
 # ("" for success) and "\n". Output goes to the real stdout/stderr (unbuffered).
 import ast, builtins, json, os, socket, sys, traceback
 
-# setns(2) flags, in the order a fork copy joins a child's namespaces: the user
-# namespace first (it grants the capabilities the others need), the PID namespace last
-# (it only applies to the copy's own children).
-_FORKBOX_NS = (("user", 0x10000000), ("mnt", 0x00020000), ("uts", 0x04000000),
-               ("ipc", 0x08000000), ("net", 0x40000000), ("cgroup", 0x02000000),
-               ("pid", 0x20000000))
 
-
-_forkbox_ctypes = None
-
-
-def _forkbox_libc():
-    # Imported once, in the parent, before the first fork: importing ctypes in every
-    # fresh copy costs ~25 ms each (its pages are all copy-on-write faults there).
-    global _forkbox_ctypes
-    if _forkbox_ctypes is None:
-        import ctypes
-        _forkbox_ctypes = (ctypes, ctypes.CDLL(None, use_errno=True))
-    return _forkbox_ctypes
-
-
-def _forkbox_drop_caps(ctypes, libc):
-    # The same state the zygote gives every command: securebits locked so uid 0 means
-    # nothing, empty bounding, ambient, permitted and effective sets.
-    if libc.prctl(28, 0xEF, 0, 0, 0) != 0:  # PR_SET_SECUREBITS
-        raise OSError(ctypes.get_errno(), "set securebits")
-    for cap in range(64):
-        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EINVAL past the last cap
-    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
-    data = (ctypes.c_uint32 * 6)()
-    if libc.syscall(126, header, data) != 0:  # capset
-        raise OSError(ctypes.get_errno(), "capset")
-
-
-def _forkbox_become_child(nsfds, token, report):
-    """Runs in a fork copy: join the child sandbox's namespaces (fds from our agent, in
-    _FORKBOX_NS order), then fork into its PID namespace and get adopted by its agent.
-    Returns in the grandchild only, as the child's kernel; the copy itself exits."""
-    ctypes, libc = _forkbox_libc()
-    cwd = os.getcwd()
-    for fd, (name, flag) in zip(nsfds, _FORKBOX_NS):
-        if libc.setns(fd, flag) != 0:
-            raise OSError(ctypes.get_errno(), "join the child's %s namespace" % name)
-        os.close(fd)
+def _forkbox_become_child(cwd, token, report):
+    """Runs in a fork copy, which the agent's carry helper (carry.rs) has already moved
+    into the child sandbox's namespaces, without any capability, before the copy's
+    first instruction: fork into the child's PID namespace and get adopted by its
+    agent. Returns in the grandchild only, as the child's kernel; the copy exits."""
     if os.fork() != 0:
         os._exit(0)
     # Now inside the child's PID namespace.
     os.setsid()
-    _forkbox_drop_caps(ctypes, libc)
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
     os.close(null)
@@ -80,14 +40,14 @@ def _forkbox_become_child(nsfds, token, report):
 
 def _forkbox_fork(children, fds):
     """Returns ("child", None) in a copy that became a child's kernel, else
-    ("parent", per-child errors)."""
-    _forkbox_libc()
+    ("parent", per-child errors). `fds` are the children's namespaces, which the carry
+    helper finds in each copy (by inode) to join them."""
     started = []
-    n = len(_FORKBOX_NS)
-    if len(fds) != n * len(children):
-        raise OSError("expected %d namespace fds, got %d" % (n * len(children), len(fds)))
-    for i, ch in enumerate(children):
-        mine = fds[i * n:(i + 1) * n]
+    if len(fds) != 7 * len(children):
+        raise OSError("expected %d namespace fds, got %d" % (7 * len(children), len(fds)))
+    # The copies' cwd: joining a mount namespace moves them to its root.
+    cwd = os.getcwd()
+    for ch in children:
         r, w = os.pipe()
         try:
             pid = os.fork()
@@ -99,7 +59,7 @@ def _forkbox_fork(children, fds):
         if pid == 0:
             os.close(r)
             try:
-                _forkbox_become_child(mine, str(ch["token"]), w)
+                _forkbox_become_child(cwd, str(ch["token"]), w)
             except BaseException as e:
                 try:
                     os.write(w, (str(e) or type(e).__name__).encode())

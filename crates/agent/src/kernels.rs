@@ -54,9 +54,99 @@ type Slot = Arc<tokio::sync::Mutex<Option<Kernel>>>;
 /// Exclusive hold on one language's kernel slot.
 pub type SlotGuard = tokio::sync::OwnedMutexGuard<Option<Kernel>>;
 
-/// Namespaces a fork copy joins, in order (the user namespace grants the rights for
-/// the others; the PID namespace only applies to the copy's own children).
-const NAMESPACES: [&str; 7] = ["user", "mnt", "uts", "ipc", "net", "cgroup", "pid"];
+/// Namespaces a fork copy joins, in order (see `carry::NAMESPACES`).
+const NAMESPACES: [&str; 7] = {
+    let mut names = [""; 7];
+    let mut i = 0;
+    while i < 7 {
+        names[i] = crate::carry::NAMESPACES[i].0;
+        i += 1;
+    }
+    names
+};
+
+/// The carry helper (`forkbox-agent carry`, carry.rs) of one fork, started and holding
+/// the REPL before the REPL is asked to fork.
+struct CarryHelper {
+    pid: i32,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl CarryHelper {
+    async fn start(repl: i32, inos: &[u64]) -> Result<CarryHelper, String> {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new("/proc/self/exe")
+            .arg("carry")
+            .arg(repl.to_string())
+            .args(inos.iter().map(u64::to_string))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("start the carry helper: {e}"))?;
+        let pid = child.id() as i32;
+        let out = child
+            .stdout
+            .take()
+            .ok_or("the carry helper has no stdout")?;
+        let (tx, lines) = mpsc::unbounded_channel();
+        // Not waited for: PID 1's reaper collects it.
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut helper = CarryHelper { pid, lines };
+        match tokio::time::timeout(Duration::from_secs(10), helper.lines.recv()).await {
+            Ok(Some(l)) if l == "ready" => Ok(helper),
+            Ok(Some(l)) => {
+                helper.kill();
+                Err(format!("carry helper: {l}"))
+            }
+            _ => {
+                helper.kill();
+                Err("the carry helper did not start".into())
+            }
+        }
+    }
+
+    /// Its verdict per child (`None`: carried), once it is done.
+    async fn verdicts(mut self, n: usize) -> Vec<Option<String>> {
+        let mut v = vec![Some("the carry helper stopped early".to_owned()); n];
+        while let Ok(Some(l)) =
+            tokio::time::timeout(Duration::from_secs(5), self.lines.recv()).await
+        {
+            if l == "done" {
+                break;
+            }
+            let mut parts = l.splitn(3, ' ');
+            let (Some(i), Some(what)) = (
+                parts.next().and_then(|i| i.parse::<usize>().ok()),
+                parts.next(),
+            ) else {
+                continue;
+            };
+            if let Some(slot) = v.get_mut(i) {
+                *slot = match what {
+                    "ok" => None,
+                    _ => Some(parts.next().unwrap_or("carry failed").to_owned()),
+                };
+            }
+        }
+        v
+    }
+
+    /// Ends it (its traced copies die with it).
+    fn kill(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
 
 /// How long the parent's kernel may take to fork into every child.
 const FORK_DEADLINE: Duration = Duration::from_secs(30);
@@ -95,7 +185,8 @@ async fn start(ctx: &Context, lang: Language) -> Result<Kernel, String> {
             stdio: [OwnedFd::from(null), out_w, err_w],
             extra: Some(OwnedFd::from(theirs)),
             tty: false,
-            // The Python driver joins fork children's namespaces (fork-design.md).
+            // The Python driver's fork copies join fork children's namespaces, by the
+            // hand of the carry helper (carry.rs, fork-design.md).
             may_setns: lang == Language::Python,
         })
         .await
@@ -230,14 +321,21 @@ impl Kernels {
         // The kernel cannot open another sandbox's namespace files (its agent is
         // undumpable); we can, and pass them along, in the order the driver joins them.
         let mut ns_fds: Vec<std::fs::File> = Vec::with_capacity(children.len() * NAMESPACES.len());
+        let mut inos = Vec::with_capacity(ns_fds.capacity());
         for c in children {
             for ns in NAMESPACES {
-                ns_fds.push(
-                    std::fs::File::open(format!("/proc/{}/ns/{ns}", c.pid))
-                        .map_err(|e| format!("open {ns} namespace of pid {}: {e}", c.pid))?,
-                );
+                let f = std::fs::File::open(format!("/proc/{}/ns/{ns}", c.pid))
+                    .map_err(|e| format!("open {ns} namespace of pid {}: {e}", c.pid))?;
+                inos.push(std::os::unix::fs::MetadataExt::ino(
+                    &f.metadata()
+                        .map_err(|e| format!("stat {ns} namespace: {e}"))?,
+                ));
+                ns_fds.push(f);
             }
         }
+        // The REPL cannot join them itself (seccomp); the helper executes the joins in
+        // each copy it forks.
+        let helper = CarryHelper::start(k.pid, &inos).await?;
         let exchange = async {
             let raw: Vec<i32> = ns_fds.iter().map(|f| f.as_raw_fd()).collect();
             let first = k
@@ -273,11 +371,25 @@ impl Kernels {
                 }
             }
         };
-        match tokio::time::timeout(FORK_DEADLINE, exchange).await {
-            Ok(Ok(errors)) => Ok(ForkReply {
-                python: true,
-                errors,
-            }),
+        let outcome = tokio::time::timeout(FORK_DEADLINE, exchange).await;
+        if outcome.is_err() {
+            helper.kill();
+        }
+        let verdicts = helper.verdicts(children.len()).await;
+        match outcome {
+            Ok(Ok(mut errors)) => {
+                // The helper's reason, where it killed a copy, says more than the REPL's
+                // "exited with status 9".
+                for (e, v) in errors.iter_mut().zip(verdicts) {
+                    if let Some(why) = v {
+                        *e = format!("carry the REPL: {why}");
+                    }
+                }
+                Ok(ForkReply {
+                    python: true,
+                    errors,
+                })
+            }
             Ok(Err(e)) => {
                 *guard = None;
                 Err(e)

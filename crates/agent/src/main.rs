@@ -8,6 +8,8 @@
 //!   listening socket.
 //! - `forkbox-agent vm-init` — PID 1 of a vm sandbox's guest: serve the agent protocol
 //!   on a virtio-serial port (`vm_init.rs`).
+//! - `forkbox-agent carry REPL_PID INODE…` — started by the agent for a fork: carries
+//!   the Python REPL's copies into the fork children (`carry.rs`).
 //! - `forkbox-agent confine -- CMD…` — run by the host (through nsenter) inside a
 //!   template build sandbox: execs CMD with `no_new_privs`, the sandbox's seccomp
 //!   filters (`setns` denied too) and only the package manager's capabilities.
@@ -16,6 +18,7 @@
 //! [`JailInitReply`]: forkbox_types::agent::JailInitReply
 
 mod bg;
+mod carry;
 mod deadman;
 mod exec;
 mod jail_init;
@@ -87,13 +90,14 @@ fn main() -> ExitCode {
         }
         Some("vm-init") => vm_init::run(),
         Some("confine") => confine(&args[1..]),
+        Some("carry") => carry::run(&args[1..]),
         Some("--version") => {
             println!("forkbox-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         _ => {
             eprintln!(
-                "usage: forkbox-agent jail-init | serve [--listen-fd N] | vm-init | confine -- CMD… | --version"
+                "usage: forkbox-agent jail-init | serve [--listen-fd N] | vm-init | carry REPL_PID INODE… | confine -- CMD… | --version"
             );
             ExitCode::from(2)
         }

@@ -223,12 +223,12 @@ async fn mount_targets_never_follow_the_sandboxs_symlinks() {
     assert_eq!(st, 201, "{v}");
 }
 
-/// Finding 3: a fork parent's commands opened a live fork child's
-/// `/proc/<pid>/ns/user`, called `setns` and held every capability there (nf_tables,
-/// veths, raw sockets). Commands now have `setns` denied; only the Python kernel keeps
-/// it, to carry itself into children (docs/threat-model.md says what remains).
+/// Finding 3: a fork parent's code opened a live fork child's `/proc/<pid>/ns/user`,
+/// called `setns` and held every capability there (nf_tables, veths, raw sockets).
+/// Commands have `setns` denied; the Python REPL's fork copies are moved into children
+/// by the agent's carry helper (ptrace), and `setns` is ENOSYS for everything else.
 #[tokio::test]
-async fn a_fork_parents_commands_cannot_enter_a_childs_namespaces() {
+async fn a_fork_parents_code_cannot_enter_a_childs_namespaces() {
     let s = Server::start();
     let parent = s.create_id().await;
     common::py(&s, &parent, "x = 1").await;
@@ -262,6 +262,57 @@ if not seen:
     let (out, err, code) = s.sh(&parent, &format!("python3 -c '{probe}'")).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "refused 1\n", "{err}");
+    // The Python REPL, which carries itself into children, cannot either: only the
+    // agent's carry helper executes `setns` in its fork copies (ENOSYS otherwise)…
+    let (out, err, code) = common::py(&s, &parent, probe).await;
+    assert_eq!((out.as_str(), code), ("refused 38\n", 0), "{err}");
+    // …not even from a thread of its own or a process it forks while a fork is being
+    // carried, and the carried REPL holds nothing in the child.
+    let racer = r#"
+import ctypes, os, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+mine = os.readlink("/proc/self/ns/user")
+targets = []
+for p in os.listdir("/proc"):
+    try:
+        if p.isdigit() and os.readlink(f"/proc/{p}/ns/user") != mine:
+            targets.append(os.open(f"/proc/{p}/ns/user", os.O_RDONLY))
+    except OSError:
+        pass
+won = []
+def race():
+    end = time.time() + 4
+    while time.time() < end:
+        for fd in targets:
+            if libc.setns(fd, 0) == 0:
+                won.append("thread")
+        pid = os.fork()
+        if pid == 0:
+            os._exit(3 if any(libc.setns(fd, 0) == 0 for fd in targets) else 0)
+        if os.waitpid(pid, 0)[1] >> 8 == 3:
+            won.append("forked")
+racer = threading.Thread(target=race)
+racer.start()
+"#;
+    let (_, err, code) = common::py(&s, &parent, racer).await;
+    assert_eq!(code, 0, "{err}");
+    let (st, forked) = post(&s, &format!("/v1/sandboxes/{parent}/fork"), json!({"n": 2})).await;
+    assert_eq!(st, 200, "{forked}");
+    assert_eq!(forked["carried"], json!(["filesystem", "python"]));
+    let (out, err, _) = common::py(&s, &parent, "racer.join()\nprint(len(targets) > 0, won)").await;
+    assert_eq!(out, "True []\n", "{err}");
+    for c in forked["children"].as_array().unwrap() {
+        let c = c.as_str().unwrap();
+        let caps = "print(sorted({l.split(':')[0]: l.split()[1] for l in open('/proc/self/status') if l.startswith('Cap')}.items()), os.getresuid())";
+        let (out, err, _) = common::py(&s, c, &format!("import os\n{caps}")).await;
+        assert_eq!(
+            out,
+            "[('CapAmb', '0000000000000000'), ('CapBnd', '0000000000000000'), ('CapEff', '0000000000000000'), ('CapInh', '0000000000000000'), ('CapPrm', '0000000000000000')] (0, 0, 0)\n",
+            "{c}: {err}"
+        );
+        let (out, _, _) = common::py(&s, c, "x").await;
+        assert_eq!(out, "1\n", "{c}: the REPL's state was not carried");
+    }
 }
 
 /// Finding 11: with auth off (the local default) any web page could drive the server:

@@ -1,7 +1,7 @@
 //! Seccomp allow-list for user code running inside a sandbox.
 //!
 //! The policy itself is data, `policy/seccomp.json` in seccompiler's JSON format, compiled into
-//! the binary. It holds two filters:
+//! the binary. It holds these filters:
 //!
 //! * `user`: an allow-list in the spirit of Docker's default profile. Anything not listed fails
 //!   with `EPERM`. `clone` is only allowed without namespace flags, `ioctl` without `TIOCSTI` and
@@ -9,6 +9,9 @@
 //!   `AF_NETLINK` (route and sock_diag only), `personality` only with the values Docker allows.
 //! * `deny`: what the allow-list cannot express (it has no "masked not equal"): `ioctl`s of
 //!   btrfs (type `0x94`) fail with `EPERM`.
+//! * `carry`: `setns` returns `SECCOMP_RET_TRACE`, i.e. `ENOSYS` unless a tracer lets it
+//!   through: only the agent's carry helper does, for a fork copy of the Python kernel
+//!   (`nosetns`, added for every other process, makes it `EPERM` there).
 //! * `clone3`: makes `clone3` fail with `ENOSYS`, so that libc falls back to `clone(2)`, whose
 //!   flags (unlike `clone3`'s, which sit behind a pointer) the `user` filter can inspect.
 //!
@@ -29,6 +32,8 @@ const CLONE3: &str = "clone3";
 const DENY: &str = "deny";
 /// Name of the filter that denies `setns` in [`POLICY_JSON`].
 const NOSETNS: &str = "nosetns";
+/// Name of the filter that holds `setns` for a tracer in [`POLICY_JSON`].
+const CARRY: &str = "carry";
 
 /// The compiled filters, in the order they must be installed.
 #[derive(Debug, Clone)]
@@ -40,6 +45,10 @@ pub struct Filters {
     /// `setns` fails with `EPERM`: added for every process but the Python kernel (see
     /// [`install_one`]).
     pub nosetns: BpfProgram,
+    /// `setns` returns `SECCOMP_RET_TRACE`: `ENOSYS` unless a tracer with
+    /// `PTRACE_O_TRACESECCOMP` lets it through (the agent's carry helper, executing it
+    /// in a fork copy of the Python kernel).
+    pub carry: BpfProgram,
     /// Makes `clone3` fail with `ENOSYS`. Installed after `user` so that it is evaluated first and
     /// its `ENOSYS` wins over `user`'s `EPERM` (for two `ERRNO` results, the kernel keeps the one
     /// from the most recently installed filter).
@@ -73,11 +82,13 @@ pub fn compile() -> Result<Filters, SeccompError> {
     let user = map.remove(USER).ok_or(SeccompError::Missing(USER))?;
     let deny = map.remove(DENY).ok_or(SeccompError::Missing(DENY))?;
     let nosetns = map.remove(NOSETNS).ok_or(SeccompError::Missing(NOSETNS))?;
+    let carry = map.remove(CARRY).ok_or(SeccompError::Missing(CARRY))?;
     let clone3 = map.remove(CLONE3).ok_or(SeccompError::Missing(CLONE3))?;
     Ok(Filters {
         user,
         deny,
         nosetns,
+        carry,
         clone3,
     })
 }
@@ -88,7 +99,7 @@ pub fn install_one(f: &BpfProgram) -> Result<(), SeccompError> {
     seccompiler::apply_filter(f).map_err(SeccompError::Install)
 }
 
-/// Installs the filters into the calling thread: `user`, `deny`, then `clone3`.
+/// Installs the filters into the calling thread: `user`, `deny`, `carry`, then `clone3`.
 ///
 /// Meant to run in a `pre_exec` hook after `fork`, so it allocates nothing:
 /// `seccompiler::apply_filter` only builds a `sock_fprog` on the stack and makes two syscalls.
@@ -100,6 +111,7 @@ pub fn install_one(f: &BpfProgram) -> Result<(), SeccompError> {
 pub fn install(f: &Filters) -> Result<(), SeccompError> {
     seccompiler::apply_filter(&f.user).map_err(SeccompError::Install)?;
     seccompiler::apply_filter(&f.deny).map_err(SeccompError::Install)?;
+    seccompiler::apply_filter(&f.carry).map_err(SeccompError::Install)?;
     seccompiler::apply_filter(&f.clone3).map_err(SeccompError::Install)?;
     Ok(())
 }
@@ -303,12 +315,13 @@ mod tests {
         fail
     }
 
-    /// `setns` passes the base filters (the Python kernel needs it) and fails with
-    /// EPERM once `nosetns` is added (every other process).
+    /// Without a tracer, `setns` is `ENOSYS` under the base filters (the `carry` gate:
+    /// only the agent's helper, tracing a fork copy of the Python kernel, lets it
+    /// through) and EPERM once `nosetns` is added (every other process).
     #[test]
-    fn nosetns_denies_setns() {
+    fn setns_needs_the_carry_helper() {
         let filters = compile().expect("compile policy");
-        for (extra, want) in [(false, libc::EBADF), (true, libc::EPERM)] {
+        for (extra, want) in [(false, libc::ENOSYS), (true, libc::EPERM)] {
             // SAFETY: as in `denies_and_allows_in_forked_child`: raw syscalls only in
             // the child, which leaves with `_exit`.
             let pid = unsafe { libc::fork() };
