@@ -17,8 +17,8 @@
 set -euo pipefail
 
 BASE_PKGS=(btrfs-progs mmdebstrap util-linux mount procps iproute2 e2fsprogs python3
-  python3-venv ca-certificates crun bubblewrap)
-BASE_TOOLS=(mkfs.btrfs btrfs mmdebstrap losetup mount umount ps ip mkfs.ext4 python3 crun bwrap)
+  python3-venv ca-certificates crun bubblewrap nodejs)
+BASE_TOOLS=(mkfs.btrfs btrfs mmdebstrap losetup mount umount ps ip mkfs.ext4 python3 crun bwrap node)
 VM_PKGS=(qemu-system-x86 qemu-utils busybox-static e2fsprogs lz4 zstd xz-utils)
 VM_TOOLS=(qemu-system-x86_64 qemu-img busybox lz4 zstd xz)
 

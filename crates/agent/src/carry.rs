@@ -502,10 +502,17 @@ fn poke(pid: Pid, addr: u64, v: i64) -> Result<(), String> {
         .map_err(|e| format!("write the copy's stack: {e}"))
 }
 
-/// Every capability set of `pid` is empty (from `/proc/<pid>/status`).
+/// Every capability set of `pid` is empty and `no_new_privs` is set (from
+/// `/proc/<pid>/status`).
 fn holds_nothing(pid: Pid) -> Result<(), String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("read the copy's status: {e}"))?;
+    if !status
+        .lines()
+        .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"]))
+    {
+        return Err("the copy lost no_new_privs".into());
+    }
     let sets: Vec<&str> = status.lines().filter(|l| l.starts_with("Cap")).collect();
     let empty = sets.len() == 5
         && sets.iter().all(|l| {

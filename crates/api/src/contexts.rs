@@ -9,8 +9,6 @@ use crate::error::ApiError;
 use crate::AppState;
 use forkbox_core::{ExecCommand, SandboxRef, Work};
 use forkbox_types::agent::Language;
-use forkbox_types::exec::EventKind;
-use futures_util::StreamExt as _;
 use serde_json::Value;
 
 /// The helper, defined once per REPL into its builtins.
@@ -56,7 +54,7 @@ pub async fn call(
         literal(code),
         literal(&nonce),
     );
-    let mut events = st
+    let events = st
         .manager
         .exec(
             id,
@@ -71,15 +69,13 @@ pub async fn call(
             },
         )
         .await?;
-    let (mut out, mut err, mut exit, mut timed_out) = (String::new(), String::new(), 0, false);
-    while let Some(ev) = events.next().await {
-        match ev.kind {
-            EventKind::Stdout(d) => out.push_str(&d),
-            EventKind::Stderr(d) if d.starts_with(forkbox_core::TIMEOUT_NOTE) => timed_out = true,
-            EventKind::Stderr(d) => err.push_str(&d),
-            EventKind::Exit(c) => exit = c,
-        }
-    }
+    let crate::dialect::Collected {
+        stdout: out,
+        stderr: err,
+        code,
+        timed_out,
+    } = crate::dialect::collect(events).await;
+    let exit = code.unwrap_or_default();
     if timed_out {
         return Err(ApiError::Timeout(format!(
             "timeout: the cell ran past {}s and was interrupted (the context keeps its state)",

@@ -10,6 +10,7 @@
 //! a sandbox's files. Keys: `X-API-Key` or `Authorization: Bearer` (the client sends
 //! the latter). Calls forkbox does not serve answer `501` saying why.
 
+use crate::dialect::{collect, not_offered, timeout_note};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, QueryArgs};
 use crate::owned::Sbx;
@@ -91,10 +92,6 @@ pub fn router() -> Router<AppState> {
             post(|| not_offered("forkbox's terminal is a WebSocket: GET /v1/sandboxes/{id}/exec/pty")),
         )
         .layer(axum::middleware::map_response(message_errors))
-}
-
-async fn not_offered(why: &'static str) -> ApiError {
-    ApiError::NotOffered(why.into())
 }
 
 /// Declaw's error shape: forkbox's `{"error", "code"}` with the text as `message`.
@@ -407,10 +404,7 @@ fn snapshot_view(s: forkbox_core::Snapshot) -> Value {
 
 /// `POST …/snapshot`: a snapshot of the sandbox's files (not its memory), named by time.
 async fn snapshot(State(st): State<AppState>, Sbx(id): Sbx) -> Result<Json<Value>, ApiError> {
-    let name = format!(
-        "snapshot-{}",
-        time::OffsetDateTime::now_utc().unix_timestamp_nanos()
-    );
+    let name = crate::dialect::snapshot_name();
     Ok(Json(snapshot_view(st.manager.snapshot(&id, &name).await?)))
 }
 
@@ -485,24 +479,11 @@ impl RunBody {
     }
 }
 
-/// forkbox's note on stderr when an exec's timeout killed it.
-fn timeout_note(line: &str) -> bool {
-    line.starts_with(forkbox_core::TIMEOUT_NOTE)
-}
-
 /// A command's whole output and exit code; `None` for the code when its timeout
 /// killed it.
-async fn collect(mut events: BoxStream<'static, ExecEvent>) -> (String, String, Option<i32>) {
-    let (mut out, mut err, mut code, mut timed_out) = (String::new(), String::new(), None, false);
-    while let Some(ev) = events.next().await {
-        match ev.kind {
-            EventKind::Stdout(d) => out.push_str(&d),
-            EventKind::Stderr(d) if timeout_note(&d) => timed_out = true,
-            EventKind::Stderr(d) => err.push_str(&d),
-            EventKind::Exit(c) => code = Some(c),
-        }
-    }
-    (out, err, code.filter(|_| !timed_out))
+async fn outcome(events: BoxStream<'static, ExecEvent>) -> (String, String, Option<i32>) {
+    let c = collect(events).await;
+    (c.stdout, c.stderr, c.code.filter(|_| !c.timed_out))
 }
 
 /// `POST …/commands`: runs a command to its end (`{"stdout","stderr","exit_code"}`;
@@ -519,7 +500,7 @@ async fn run(
         let bg = st.manager.exec_background(&id, cmd).await?;
         return Ok(Json(json!({"pid": bg.pid, "sandbox_id": id.to_string()})).into_response());
     }
-    let (stdout, stderr, code) = collect(st.manager.exec(&id, cmd).await?).await;
+    let (stdout, stderr, code) = outcome(st.manager.exec(&id, cmd).await?).await;
     match code {
         Some(c) if c != forkbox_core::EXIT_UNKNOWN => {
             Ok(Json(json!({"stdout": stdout, "stderr": stderr, "exit_code": c})).into_response())
@@ -611,7 +592,7 @@ async fn wait(
 ) -> Result<Json<Value>, ApiError> {
     let pid = parse_pid(&pid)?;
     let exit_code = st.manager.command_wait(&id, pid).await?;
-    let (stdout, stderr, _) = collect(st.manager.command_output(&id, pid, false).await?).await;
+    let (stdout, stderr, _) = outcome(st.manager.command_output(&id, pid, false).await?).await;
     Ok(Json(
         json!({"stdout": stdout, "stderr": stderr, "exit_code": exit_code}),
     ))
@@ -759,17 +740,6 @@ fn no_file(e: &CoreError) -> bool {
     )
 }
 
-async fn file_op(st: &AppState, id: &SandboxRef, op: FileOp) -> Result<FileOpReply, ApiError> {
-    Ok(st.manager.file_op(id, op).await?)
-}
-
-async fn stat(st: &AppState, id: &SandboxRef, path: String) -> Result<FileInfo, ApiError> {
-    match file_op(st, id, FileOp::Stat { path }).await? {
-        FileOpReply::Info(i) => Ok(i),
-        _ => Err(ApiError::Internal("unexpected answer to stat".into())),
-    }
-}
-
 /// `GET …/files/list?path=&depth=`: entries down to `depth` levels (default 1).
 async fn list_dir(
     State(st): State<AppState>,
@@ -783,7 +753,7 @@ async fn list_dir(
         let mut next = Vec::new();
         for dir in level {
             let FileOpReply::Entries { entries } =
-                file_op(&st, &id, FileOp::Ls { path: dir }).await?
+                crate::files::op(&st, &id, FileOp::Ls { path: dir }).await?
             else {
                 return Err(ApiError::Internal("unexpected answer to ls".into()));
             };
@@ -817,7 +787,7 @@ async fn info(
     Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<PathQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(entry(stat(&st, &id, q.path).await?)))
+    Ok(Json(entry(crate::files::stat_of(&st, &id, q.path).await?)))
 }
 
 /// `DELETE …/files?path=`: a file or a whole directory.
@@ -826,7 +796,7 @@ async fn remove(
     Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<PathQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    file_op(
+    crate::files::op(
         &st,
         &id,
         FileOp::Delete {
@@ -852,7 +822,7 @@ async fn rename(
     Sbx(id): Sbx,
     JsonBody(b): JsonBody<RenameBody>,
 ) -> Result<Json<Value>, ApiError> {
-    file_op(
+    crate::files::op(
         &st,
         &id,
         FileOp::Rename {
@@ -861,7 +831,9 @@ async fn rename(
         },
     )
     .await?;
-    Ok(Json(entry(stat(&st, &id, b.new_path).await?)))
+    Ok(Json(entry(
+        crate::files::stat_of(&st, &id, b.new_path).await?,
+    )))
 }
 
 #[derive(Deserialize)]
@@ -899,7 +871,7 @@ async fn mkdir(
         Err(e) => return Err(e.into()),
     };
     if !existed {
-        file_op(&st, &id, FileOp::Mkdir { path: b.path }).await?;
+        crate::files::op(&st, &id, FileOp::Mkdir { path: b.path }).await?;
     }
     Ok(Json(json!({ "created": !existed })))
 }

@@ -46,7 +46,11 @@ pub struct Listing {
     entries: Vec<FileInfo>,
 }
 
-async fn op(st: &AppState, id: &SandboxRef, op: FileOp) -> Result<FileOpReply, ApiError> {
+pub(crate) async fn op(
+    st: &AppState,
+    id: &SandboxRef,
+    op: FileOp,
+) -> Result<FileOpReply, ApiError> {
     Ok(st.manager.file_op(id, op).await?)
 }
 
@@ -56,7 +60,11 @@ fn unexpected(what: &str) -> ApiError {
     ))
 }
 
-async fn stat_of(st: &AppState, id: &SandboxRef, path: String) -> Result<FileInfo, ApiError> {
+pub(crate) async fn stat_of(
+    st: &AppState,
+    id: &SandboxRef,
+    path: String,
+) -> Result<FileInfo, ApiError> {
     match op(st, id, FileOp::Stat { path }).await? {
         FileOpReply::Info(i) => Ok(i),
         _ => Err(unexpected("stat")),

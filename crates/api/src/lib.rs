@@ -6,6 +6,7 @@ pub mod browser;
 mod commands;
 mod contexts;
 mod declaw;
+mod dialect;
 mod error;
 mod events;
 mod extract;

@@ -9,6 +9,7 @@
 //! ended sandbox as 404 (the client has no "gone"). Calls forkbox does not serve answer
 //! `501 not_offered` saying why.
 
+use crate::dialect::{collect, not_offered, timeout_note, Collected};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, QueryArgs};
 use crate::owned::Sbx;
@@ -98,10 +99,6 @@ pub fn router() -> Router<AppState> {
         .fallback(|| not_offered("not part of what this server speaks under /pandastack (apps, databases, functions, schedules, template builds); forkbox's own API is at /v1/… (docs/compatibility.md)"))
         // The client has no "gone": an ended sandbox is not found.
         .layer(axum::middleware::map_response(gone_as_not_found))
-}
-
-async fn not_offered(why: &'static str) -> ApiError {
-    ApiError::NotOffered(why.into())
 }
 
 async fn gone_as_not_found(mut r: Response) -> Response {
@@ -265,11 +262,6 @@ async fn start(
         .await?)
 }
 
-/// forkbox's note on stderr when an exec's timeout killed it.
-fn timeout_note(line: &str) -> bool {
-    line.starts_with(forkbox_core::TIMEOUT_NOTE)
-}
-
 /// `POST …/exec`: runs a command and answers one JSON result. A timeout is a 504 whose
 /// message says so (the client raises `SandboxTimeout`); an agent lost mid-command 502.
 async fn exec(
@@ -279,16 +271,12 @@ async fn exec(
 ) -> Result<Json<Value>, ApiError> {
     let limit = b.timeout_seconds;
     let t0 = std::time::Instant::now();
-    let mut events = start(&st, &id, b).await?;
-    let (mut out, mut err, mut code, mut timed_out) = (String::new(), String::new(), None, false);
-    while let Some(ev) = events.next().await {
-        match ev.kind {
-            EventKind::Stdout(d) => out.push_str(&d),
-            EventKind::Stderr(d) if timeout_note(&d) => timed_out = true,
-            EventKind::Stderr(d) => err.push_str(&d),
-            EventKind::Exit(c) => code = Some(c),
-        }
-    }
+    let Collected {
+        stdout: out,
+        stderr: err,
+        code,
+        timed_out,
+    } = collect(start(&st, &id, b).await?).await;
     if timed_out {
         return Err(ApiError::Timeout(format!(
             "timeout: the command ran past {}s and was killed",
@@ -429,11 +417,10 @@ async fn snapshot(
     State(st): State<AppState>,
     Sbx(id): Sbx,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let name = format!(
-        "snapshot-{}",
-        time::OffsetDateTime::now_utc().unix_timestamp_nanos()
-    );
-    let s = st.manager.snapshot(&id, &name).await?;
+    let s = st
+        .manager
+        .snapshot(&id, &crate::dialect::snapshot_name())
+        .await?;
     Ok((StatusCode::CREATED, Json(snapshot_view(s))))
 }
 

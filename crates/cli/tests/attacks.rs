@@ -303,13 +303,21 @@ racer.start()
     assert_eq!(out, "True []\n", "{err}");
     for c in forked["children"].as_array().unwrap() {
         let c = c.as_str().unwrap();
-        let caps = "print(sorted({l.split(':')[0]: l.split()[1] for l in open('/proc/self/status') if l.startswith('Cap')}.items()), os.getresuid())";
+        let caps = "print(sorted({l.split(':')[0]: l.split()[1] for l in open('/proc/self/status') if l.startswith(('Cap', 'NoNewPrivs'))}.items()), os.getresuid())";
         let (out, err, _) = common::py(&s, c, &format!("import os\n{caps}")).await;
         assert_eq!(
             out,
-            "[('CapAmb', '0000000000000000'), ('CapBnd', '0000000000000000'), ('CapEff', '0000000000000000'), ('CapInh', '0000000000000000'), ('CapPrm', '0000000000000000')] (0, 0, 0)\n",
+            "[('CapAmb', '0000000000000000'), ('CapBnd', '0000000000000000'), ('CapEff', '0000000000000000'), ('CapInh', '0000000000000000'), ('CapPrm', '0000000000000000'), ('NoNewPrivs', '1')] (0, 0, 0)\n",
             "{c}: {err}"
         );
+        // And it cannot gain one by exec (a setuid-root binary, file capabilities).
+        let (out, err, _) = common::py(
+            &s,
+            c,
+            "import subprocess\nprint(subprocess.run(['grep', 'CapEff', '/proc/self/status'], capture_output=True, text=True).stdout.split()[1])",
+        )
+        .await;
+        assert_eq!(out, "0000000000000000\n", "{c}: {err}");
         let (out, _, _) = common::py(&s, c, "x").await;
         assert_eq!(out, "1\n", "{c}: the REPL's state was not carried");
     }
