@@ -2,6 +2,7 @@
 pointed at it only through its own settings (PANDASTACK_API, conftest.py): its
 documented calls, and for each call forkbox does not offer, a clear error that
 docs/compatibility.md lists."""
+import base64
 import os
 import time
 import warnings
@@ -310,6 +311,17 @@ def test_code_contexts(sb):
     assert b.run_code("1 + 1").text == "2"
     b.close()
     not_offered(lambda: sb.create_code_context("bash"), "Python only")
+
+
+@calls("the `code-interpreter` template's data stack in a code context: a pandas DataFrame as HTML, a matplotlib figure as PNG")
+def test_data_stack(sb):
+    ctx = sb.create_code_context()
+    ex = ctx.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': [3, 4]})")
+    assert ex.error is None and "<table" in ex.results[0].html, ex
+    ex = ctx.run_code("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()")
+    assert ex.error is None and len(ex.results) == 1, ex
+    assert base64.b64decode(ex.png)[:8] == b"\x89PNG\r\n\x1a\n"
+    ctx.close()
 
 
 @calls("not offered (501, saying why): `preview_urls`")

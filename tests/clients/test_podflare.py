@@ -112,7 +112,25 @@ def test_upload_and_download_round_trip_binary():
             s.download("/root/missing")
 
 
-@calls('errors: `fork(33)` 400, unknown id 404, ended 410; `replay()` and `pty` 501 `not_offered`')
+@calls('`replay()`: the recent exec events, as streamed (types, data, seq), across calls')
+def test_replay():
+    with Sandbox() as s:
+        assert s.replay() == []
+        s.run_code("print('a')\nprint('b')")
+        s.run_code("import sys; print('oops', file=sys.stderr)")
+        events = s.replay()
+        assert [(e.type, e.data) for e in events if e.type != "exit"] == [
+            ("stdout", "a"), ("stdout", "b"), ("stdout", ""), ("stderr", "oops"), ("stderr", ""),
+        ], events
+        assert [e.type for e in events].count("exit") == 2
+        # Each call's events as they were numbered in its stream.
+        assert all(e.seq >= 1 for e in events)
+        other = s.fork(n=1)[0]
+        assert other.replay() == []
+        other.close()
+
+
+@calls('errors: `fork(33)` 400, unknown id 404, ended 410; `pty` 501 `not_offered`')
 def test_errors():
     with Sandbox() as s:
         assert status_of(lambda: s.fork(n=33)) == 400
@@ -123,7 +141,7 @@ def test_errors():
         assert status_of(lambda: gone.run_code("1")) == 410
         assert status_of(lambda: gone.close()) == 410
         # What forkbox does not offer is a clear error saying what to use instead.
-        for call, hint in [(s.replay, "/events"), (s.pty.list, "/exec/pty")]:
+        for call, hint in [(s.pty.list, "/exec/pty")]:
             with pytest.raises(httpx.HTTPStatusError) as e:
                 call()
             assert e.value.response.status_code == 501

@@ -39,8 +39,9 @@ use std::convert::Infallible;
 /// Where the dialect is also mounted (it is served at the root too).
 pub const PREFIX: &str = "/declaw";
 
-/// Declaw's default template names, served by the server's default template.
-const ALIASES: [&str; 2] = ["base", "default"];
+/// Declaw's default template (a real one: a minimal Debian with a shell and common
+/// tools, built by `make test` and `forkbox template prepare base`, or on first use).
+const DEFAULT_TEMPLATE: &str = "base";
 
 /// The client's default sandbox life.
 const DEFAULT_TIMEOUT_S: u64 = 300;
@@ -245,7 +246,12 @@ async fn create(
             }
         },
     };
-    let template = b.template.filter(|t| !ALIASES.contains(&t.as_str()));
+    // `default` is the server's default template, as for Podflare's client.
+    let template = match b.template.as_deref() {
+        Some("default") => None,
+        Some(t) => Some(t.to_owned()),
+        None => Some(DEFAULT_TEMPLATE.to_owned()),
+    };
     let s = st
         .manager
         .create(CreateRequest {

@@ -13,7 +13,7 @@ mod extract;
 mod files;
 mod owned;
 mod pandastack;
-mod podflare;
+pub mod podflare;
 mod pty;
 mod runner;
 mod sandboxes;
@@ -36,6 +36,8 @@ pub struct AppState {
     pub auth_required: bool,
     /// Which browser requests are answered (Host, Origin, content type).
     pub browser: browser::BrowserPolicy,
+    /// Recent exec events per sandbox, for the Podflare dialect's `replay`.
+    pub replay: podflare::History,
 }
 
 #[derive(utoipa::OpenApi)]

@@ -35,8 +35,9 @@ use std::convert::Infallible;
 /// Where the dialect is mounted.
 pub const PREFIX: &str = "/pandastack";
 
-/// PandaStack's default template names, served by the server's default template.
-const ALIASES: [&str; 2] = ["code-interpreter", "base"];
+/// PandaStack's default template (a real one: Python with the data stack, built by
+/// `make test` and `forkbox template prepare code-interpreter`, or on first use).
+const DEFAULT_TEMPLATE: &str = "code-interpreter";
 
 /// A sandbox's life when its only limit is PandaStack's idle TTL (forkbox's maximum).
 const LIFE_S: u64 = 86400;
@@ -166,8 +167,7 @@ async fn create(
     // The client always names a template; a snapshot brings its own.
     let template = match (&b.from_snapshot, b.template) {
         (Some(_), _) => None,
-        (None, Some(t)) if ALIASES.contains(&t.as_str()) => None,
-        (None, t) => t,
+        (None, t) => Some(t.unwrap_or_else(|| DEFAULT_TEMPLATE.to_owned())),
     };
     let s = st
         .manager
@@ -733,32 +733,23 @@ async fn run_in_context(
 fn template_view(name: &str, t: &forkbox_core::templates::Template) -> Value {
     json!({"name": name, "size_bytes": t.size_bytes, "base": t.base, "cpu": 1,
            "memory_mb": 512, "is_global": true,
-           "description": if name == t.name { format!("forkbox template {}", t.name) } else { format!("served by forkbox's {} template", t.name) },
+           "description": format!("forkbox template {}", t.name),
            "meta": {"packages": t.packages}})
 }
 
-/// `GET /v1/templates`: a bare list, PandaStack's default names included (served by
-/// the server's default template).
+/// `GET /v1/templates`: a bare list of the built templates.
 async fn templates(State(st): State<AppState>) -> Json<Value> {
     let all = st.manager.templates().await;
-    let default = st.manager.default_template();
-    let mut items: Vec<Value> = all.iter().map(|t| template_view(&t.name, t)).collect();
-    if let Some(d) = all.iter().find(|t| t.name == default) {
-        items.extend(ALIASES.iter().map(|a| template_view(a, d)));
-    }
-    Json(Value::Array(items))
+    Json(Value::Array(
+        all.iter().map(|t| template_view(&t.name, t)).collect(),
+    ))
 }
 
 async fn template(
     State(st): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let target = if ALIASES.contains(&name.as_str()) {
-        st.manager.default_template()
-    } else {
-        name.clone()
-    };
-    let t = st.manager.template(&target).await?;
+    let t = st.manager.template(&name).await?;
     Ok(Json(template_view(&name, &t)))
 }
 

@@ -13,8 +13,11 @@
 //! - a persistent sandbox that idles out is hibernated: that is its "space", resumed
 //!   (woken) by `POST /v1/spaces/{id}/resume` under the same id.
 //!
-//! Podflare calls forkbox does not serve yet (its NDJSON PTY protocol, `replay`) answer a
-//! JSON `501 not_offered` naming the forkbox equivalent.
+//! - `replay` gives the sandbox's recent exec events (those of calls made through this
+//!   dialect), as they were streamed.
+//!
+//! Podflare calls forkbox does not serve yet (its NDJSON PTY protocol) answer a JSON
+//! `501 not_offered` naming the forkbox equivalent.
 
 use crate::error::ApiError;
 use crate::extract::{ndjson, JsonBody};
@@ -31,6 +34,8 @@ use forkbox_types::exec::{EventKind, ExecEvent};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt as _;
 use serde::Deserialize;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 /// Where the dialect is mounted.
 pub const PREFIX: &str = "/podflare";
@@ -158,7 +163,14 @@ async fn exec(
             },
         )
         .await?;
-    Ok(ndjson(lines(events)))
+    let (history, sandbox) = (st.replay.clone(), id.to_string());
+    let events = lines(events)
+        .map(move |ev| {
+            history.record(&sandbox, &ev);
+            ev
+        })
+        .boxed();
+    Ok(ndjson(events))
 }
 
 /// `POST /v1/spaces/{id}/resume`: a persistent sandbox that was hibernated (its
@@ -196,13 +208,83 @@ async fn resume(
     Ok(Json(serde_json::json!({ "id": s.id })))
 }
 
-async fn replay() -> ApiError {
-    ApiError::NotOffered(
-        "replay (the last exec events) is not offered; the sandbox's lifecycle history is \
-         GET /v1/sandboxes/{id}/events and its logs GET /v1/sandboxes/{id}/logs on forkbox's \
-         own API"
-            .into(),
-    )
+/// `GET …/replay`: the sandbox's recent exec events (of calls made through this
+/// dialect), as they were streamed, oldest first, NDJSON.
+async fn replay(State(st): State<AppState>, Sbx(id): Sbx) -> Response {
+    let events = st.replay.of(id.id());
+    ndjson(futures_util::stream::iter(events).boxed())
+}
+
+/// The recent exec events of sandboxes, for `replay`: up to [`History::EVENTS`] events
+/// and [`History::BYTES`] of output per sandbox, for the [`History::SANDBOXES`] whose
+/// last exec is the most recent (so it stays bounded: at most 64 MiB).
+#[derive(Clone, Default)]
+pub struct History {
+    inner: Arc<Mutex<HistoryInner>>,
+}
+
+#[derive(Default)]
+struct HistoryInner {
+    by_sandbox: HashMap<String, Kept>,
+    /// Sandboxes by last write, oldest first.
+    order: VecDeque<String>,
+}
+
+#[derive(Default)]
+struct Kept {
+    events: VecDeque<ExecEvent>,
+    bytes: usize,
+}
+
+impl History {
+    const EVENTS: usize = 1000;
+    const BYTES: usize = 512 << 10;
+    const SANDBOXES: usize = 128;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HistoryInner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn record(&self, sandbox: &str, ev: &ExecEvent) {
+        let size = match &ev.kind {
+            EventKind::Stdout(d) | EventKind::Stderr(d) => d.len(),
+            EventKind::Exit(_) => 0,
+        } + 32;
+        let mut h = self.lock();
+        if h.order.back().map(String::as_str) != Some(sandbox) {
+            h.order.retain(|s| s != sandbox);
+            h.order.push_back(sandbox.to_owned());
+            while h.order.len() > Self::SANDBOXES {
+                if let Some(old) = h.order.pop_front() {
+                    h.by_sandbox.remove(&old);
+                }
+            }
+        }
+        let kept = h.by_sandbox.entry(sandbox.to_owned()).or_default();
+        kept.events.push_back(ev.clone());
+        kept.bytes += size;
+        while kept.events.len() > Self::EVENTS
+            || (kept.bytes > Self::BYTES && kept.events.len() > 1)
+        {
+            if let Some(old) = kept.events.pop_front() {
+                kept.bytes -= match &old.kind {
+                    EventKind::Stdout(d) | EventKind::Stderr(d) => d.len(),
+                    EventKind::Exit(_) => 0,
+                } + 32;
+            }
+        }
+    }
+
+    fn of(&self, sandbox: &str) -> Vec<ExecEvent> {
+        self.lock()
+            .by_sandbox
+            .get(sandbox)
+            .map(|k| k.events.iter().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 async fn pty() -> ApiError {

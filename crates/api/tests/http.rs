@@ -103,6 +103,7 @@ async fn router() -> (axum::Router, tempfile::TempDir) {
             manager: m,
             auth_required: false,
             browser: forkbox_api::browser::BrowserPolicy::new(true, vec![], vec![]),
+            replay: Default::default(),
         }),
         dir,
     )

@@ -338,6 +338,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 manager: manager.clone(),
                 auth_required: false,
                 browser: server.browser,
+                replay: Default::default(),
             },
         )
         .into_future(),

@@ -250,6 +250,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             manager: manager.clone(),
             auth_required: server.auth_required,
             browser: server.browser,
+            replay: Default::default(),
         },
     )
     .with_graceful_shutdown(shutdown_signal())
