@@ -10,7 +10,9 @@ use serde_json::json;
 
 #[tokio::test]
 async fn log_lines_carry_the_callers_trace_ids() {
-    let (s, log) = Server::start_logged();
+    // No warm pool: a pool sandbox is created (and logged) before any request, so the
+    // create must be a cold one for its "sandbox created" line to be the request's.
+    let (s, log) = Server::start_logged_with(&[("FORKBOX_WARM_POOL", "0".into())]);
     let trace = "4bf92f3564d486ad4bf92f3564d486ad";
     let span = "00f067aa0ba902b7";
     let (st, b) = post(
