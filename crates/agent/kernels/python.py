@@ -43,8 +43,9 @@ def _forkbox_fork(children, fds):
     ("parent", per-child errors). `fds` are the children's namespaces, which the carry
     helper finds in each copy (by inode) to join them."""
     started = []
-    if len(fds) != 7 * len(children):
-        raise OSError("expected %d namespace fds, got %d" % (7 * len(children), len(fds)))
+    # Seven namespaces per child, then the carry helper's sealed code.
+    if len(fds) != 7 * len(children) + 1:
+        raise OSError("expected %d fds, got %d" % (7 * len(children) + 1, len(fds)))
     # The copies' cwd: joining a mount namespace moves them to its root.
     cwd = os.getcwd()
     for ch in children:

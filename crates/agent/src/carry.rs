@@ -11,8 +11,10 @@
 //! namespaces, in [`NAMESPACES`] order), it makes the copy undumpable (nothing else in
 //! the sandbox may touch its memory while it holds capabilities), then executes in it,
 //! one single-stepped `syscall` instruction at a time, the seven `setns` (the copy's
-//! descriptors found by inode) and the drop of every capability (securebits, bounding
-//! set, ambient set, `capset`), makes it dumpable again and lets it go. The copy never
+//! descriptors found by inode) and the drop of every capability (securebits; the
+//! bounding set by a loop of ours mapped from a sealed memfd the copy holds, one stop
+//! instead of one per capability; ambient set; `capset`), makes it dumpable again and
+//! lets it go. The copy never
 //! runs an instruction of its own while it holds anything; if this helper dies, its
 //! copies die with it (`PTRACE_O_EXITKILL`).
 //!
@@ -48,20 +50,15 @@ const DEADLINE_S: u32 = 25;
 const SECUREBITS: u64 = 0xEF;
 
 pub fn run(args: &[String]) -> ExitCode {
-    let parsed = args
-        .first()
-        .and_then(|p| p.parse::<i32>().ok())
-        .zip(
-            args[1..]
-                .iter()
-                .map(|a| a.parse::<u64>().ok())
-                .collect::<Option<Vec<u64>>>(),
-        )
-        .filter(|(_, inos)| !inos.is_empty() && inos.len() % NAMESPACES.len() == 0);
-    let Some((repl, inos)) = parsed else {
-        eprintln!("usage: forkbox-agent carry REPL_PID (7 namespace inodes per child)…");
+    let numbers: Option<Vec<u64>> = args.iter().map(|a| a.parse::<u64>().ok()).collect();
+    let parsed = numbers.filter(|n| {
+        n.len() > 2 && (n.len() - 2) % NAMESPACES.len() == 0 && i32::try_from(n[0]).is_ok()
+    });
+    let Some(numbers) = parsed else {
+        eprintln!("usage: forkbox-agent carry REPL_PID BLOB_INODE (7 namespace inodes per child)…");
         return ExitCode::from(2);
     };
+    let (repl, blob_ino, inos) = (numbers[0] as i32, numbers[1], &numbers[2..]);
     // Whatever happens, not forever (the agent gives up sooner; our copies die with us);
     // and nothing of the sandbox's may read or write our memory.
     // SAFETY: plain alarm(2) and prctl(2).
@@ -90,6 +87,8 @@ pub fn run(args: &[String]) -> ExitCode {
         moving: HashMap::new(),
         done: 0,
         hint: None,
+        blob: None,
+        blob_ino,
         last_cap,
         out,
     };
@@ -129,6 +128,10 @@ struct Carrier {
     done: usize,
     /// The REPL's namespace descriptors (every copy inherits them).
     hint: Option<HashMap<(String, u64), i32>>,
+    /// The REPL's descriptor of the sealed memfd with the bounding-set code (inode
+    /// `blob_ino`); `Some(None)`: it holds none.
+    blob: Option<Option<i32>>,
+    blob_ino: u64,
     last_cap: u64,
     out: std::io::StdoutLock<'static>,
 }
@@ -218,7 +221,14 @@ impl Carrier {
             let hint = self
                 .hint
                 .get_or_insert_with(|| namespace_fds(repl).unwrap_or_default());
-            let started = Move::start(repl, copy, i, &self.children[i], hint, self.last_cap);
+            let blob_ino = self.blob_ino;
+            let blob = *self
+                .blob
+                .get_or_insert_with(|| fd_with_inode(repl, blob_ino, None));
+            // The copy's own, checked (a copy whose REPL shuffled its descriptors takes
+            // the slow way).
+            let blob = blob.and_then(|fd| fd_with_inode(copy, blob_ino, Some(fd)));
+            let started = Move::start(repl, copy, i, &self.children[i], hint, blob, self.last_cap);
             match started {
                 Ok(m) => {
                     self.moving.insert(copy, m);
@@ -256,9 +266,105 @@ enum Step {
     Call {
         what: &'static str,
         nr: i64,
-        args: [u64; 3],
+        args: [u64; 6],
     },
+    /// `mmap` of the bounding-set code (`BLOB`) from its sealed memfd (`fd` in the copy).
+    MapBlob {
+        fd: i32,
+    },
+    /// Runs that code (one stop at its `int3` instead of one per capability).
+    RunBlob,
+    /// `munmap` of it.
+    UnmapBlob,
     HoldsNothing,
+}
+
+/// A call with three arguments (the rest zero: calls like prctl(PR_CAP_AMBIENT, …)
+/// refuse anything else there).
+fn call3(what: &'static str, nr: i64, a: [u64; 3]) -> Step {
+    Step::Call {
+        what,
+        nr,
+        args: [a[0], a[1], a[2], 0, 0, 0],
+    }
+}
+
+// The loop that empties the bounding set, executed in a copy from a sealed memfd
+// mapping (`blob_file`): prctl(PR_CAPBSET_DROP, cap) for cap = 0, 1, … until the kernel
+// says EINVAL (past the last capability), then `int3`. Position independent.
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".pushsection .text.forkbox_bset_blob,\"ax\",@progbits",
+    ".globl forkbox_bset_blob",
+    "forkbox_bset_blob:",
+    "xor ebx, ebx",
+    "forkbox_bset_loop:",
+    "mov eax, 157",
+    "mov edi, 24",
+    "mov rsi, rbx",
+    "xor edx, edx",
+    "xor r10d, r10d",
+    "xor r8d, r8d",
+    "xor r9d, r9d",
+    "syscall",
+    "test rax, rax",
+    "js forkbox_bset_done",
+    "inc rbx",
+    "cmp rbx, 64",
+    "jb forkbox_bset_loop",
+    "forkbox_bset_done:",
+    "int3",
+    ".globl forkbox_bset_blob_end",
+    "forkbox_bset_blob_end:",
+    ".popsection",
+);
+
+#[cfg(target_arch = "x86_64")]
+extern "C" {
+    static forkbox_bset_blob: u8;
+    static forkbox_bset_blob_end: u8;
+}
+
+/// The bounding-set code's bytes.
+#[cfg(target_arch = "x86_64")]
+fn blob() -> &'static [u8] {
+    // SAFETY: the two symbols delimit the code above, in this binary's text.
+    unsafe {
+        let start = std::ptr::addr_of!(forkbox_bset_blob);
+        let end = std::ptr::addr_of!(forkbox_bset_blob_end);
+        std::slice::from_raw_parts(start, end.offset_from(start) as usize)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn blob() -> &'static [u8] {
+    &[]
+}
+
+/// A sealed memfd holding the bounding-set code: the agent passes it to the REPL with
+/// a fork's namespaces, so every copy holds it; nobody can change what it holds.
+pub fn blob_file() -> std::io::Result<std::fs::File> {
+    use std::io::Write as _;
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: memfd_create with a NUL-terminated name; a new fd we own.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"forkbox-carry".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just made and is ours.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.write_all(blob())?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on our fd.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
 }
 
 /// One copy on its way into one child (see the module docs): its plan of calls and
@@ -274,6 +380,8 @@ struct Move {
     /// The stack words the capset arguments were written over.
     sp: u64,
     kept: [i64; 4],
+    /// Where the bounding-set code is mapped in the copy.
+    mapped: u64,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -285,6 +393,7 @@ impl Move {
         child: usize,
         inos: &[u64],
         hint: &HashMap<(String, u64), i32>,
+        blob_fd: Option<i32>,
         last_cap: u64,
     ) -> Result<Move, String> {
         ptrace::setoptions(
@@ -317,11 +426,11 @@ impl Move {
         // Prepared while the copy is dumpable, i.e. while this helper (which may hold no
         // capability over the user namespace the REPL's image came from, in a fork of a
         // fork) can still read its descriptors and write its memory; it holds nothing.
-        let mut plan = vec![Step::Call {
-            what: "undumpable",
-            nr: libc::SYS_prctl,
-            args: [libc::PR_SET_DUMPABLE as u64, 0, 0],
-        }];
+        let mut plan = vec![call3(
+            "undumpable",
+            libc::SYS_prctl,
+            [libc::PR_SET_DUMPABLE as u64, 0, 0],
+        )];
         let mut scanned: Option<HashMap<(String, u64), i32>> = None;
         for ((name, flag), ino) in NAMESPACES.iter().zip(inos) {
             let key = (name.to_string(), *ino);
@@ -337,33 +446,40 @@ impl Move {
                     })?
                 }
             };
-            plan.push(Step::Call {
-                what: "join a namespace of the child",
-                nr: libc::SYS_setns,
-                args: [fd as u64, *flag as u64, 0],
-            });
+            plan.push(call3(
+                "join a namespace of the child",
+                libc::SYS_setns,
+                [fd as u64, *flag as u64, 0],
+            ));
         }
-        plan.push(Step::Call {
-            what: "securebits",
-            nr: libc::SYS_prctl,
-            args: [libc::PR_SET_SECUREBITS as u64, SECUREBITS, 0],
-        });
-        for cap in 0..=last_cap {
-            plan.push(Step::Call {
-                what: "drop the bounding set",
-                nr: libc::SYS_prctl,
-                args: [libc::PR_CAPBSET_DROP as u64, cap, 0],
-            });
+        plan.push(call3(
+            "securebits",
+            libc::SYS_prctl,
+            [libc::PR_SET_SECUREBITS as u64, SECUREBITS, 0],
+        ));
+        // The bounding set: one traced call per capability, or the same loop run
+        // from the sealed memfd the copy holds (one stop), where the agent sent one.
+        match blob_fd {
+            Some(fd) => plan.extend([Step::MapBlob { fd }, Step::RunBlob, Step::UnmapBlob]),
+            None => {
+                for cap in 0..=last_cap {
+                    plan.push(call3(
+                        "drop the bounding set",
+                        libc::SYS_prctl,
+                        [libc::PR_CAPBSET_DROP as u64, cap, 0],
+                    ));
+                }
+            }
         }
-        plan.push(Step::Call {
-            what: "clear the ambient set",
-            nr: libc::SYS_prctl,
-            args: [
+        plan.push(call3(
+            "clear the ambient set",
+            libc::SYS_prctl,
+            [
                 libc::PR_CAP_AMBIENT as u64,
                 libc::PR_CAP_AMBIENT_CLEAR_ALL as u64,
                 0,
             ],
-        });
+        ));
         // capset(header, data): header {version 3, pid 0} and two empty data sets,
         // written over the copy's stack top and put back at the end. (What capset did
         // is checked from /proc, whatever another process may write there before.)
@@ -376,17 +492,17 @@ impl Move {
         for (i, v) in [0x2008_0522i64, 0, 0, 0].into_iter().enumerate() {
             poke(copy, sp + 8 * i as u64, v)?;
         }
-        plan.push(Step::Call {
-            what: "drop every capability",
-            nr: libc::SYS_capset,
-            args: [sp, sp + 8, 0],
-        });
+        plan.push(call3(
+            "drop every capability",
+            libc::SYS_capset,
+            [sp, sp + 8, 0],
+        ));
         plan.push(Step::HoldsNothing);
-        plan.push(Step::Call {
-            what: "dumpable",
-            nr: libc::SYS_prctl,
-            args: [libc::PR_SET_DUMPABLE as u64, 1, 0],
-        });
+        plan.push(call3(
+            "dumpable",
+            libc::SYS_prctl,
+            [libc::PR_SET_DUMPABLE as u64, 1, 0],
+        ));
         let mut m = Move {
             pid: copy,
             child,
@@ -396,6 +512,7 @@ impl Move {
             next: 0,
             sp,
             kept,
+            mapped: 0,
         };
         m.issue()?;
         Ok(m)
@@ -420,25 +537,51 @@ impl Move {
                     self.next += 1;
                 }
                 Some(Step::Call { nr, args, .. }) => {
+                    let (nr, args) = (*nr, *args);
+                    return self.syscall(nr, args).map(|()| false);
+                }
+                Some(Step::MapBlob { fd }) => {
+                    let args = [
+                        0,
+                        4096,
+                        (libc::PROT_READ | libc::PROT_EXEC) as u64,
+                        libc::MAP_PRIVATE as u64,
+                        *fd as u64,
+                        0,
+                    ];
+                    return self.syscall(libc::SYS_mmap, args).map(|()| false);
+                }
+                Some(Step::RunBlob) => {
                     let mut r = self.saved;
-                    r.rip = self.at;
-                    r.rax = *nr as u64;
+                    r.rip = self.mapped;
                     r.orig_rax = u64::MAX;
-                    r.rdi = args[0];
-                    r.rsi = args[1];
-                    r.rdx = args[2];
-                    // The rest zero: calls like prctl(PR_CAP_AMBIENT, …) refuse
-                    // anything else there.
-                    r.r10 = 0;
-                    r.r8 = 0;
-                    r.r9 = 0;
                     ptrace::setregs(self.pid, r)
                         .map_err(|e| format!("set the copy's registers: {e}"))?;
-                    ptrace::step(self.pid, None).map_err(|e| format!("step the copy: {e}"))?;
+                    ptrace::cont(self.pid, None).map_err(|e| format!("run the copy: {e}"))?;
                     return Ok(false);
+                }
+                Some(Step::UnmapBlob) => {
+                    let args = [self.mapped, 4096, 0, 0, 0, 0];
+                    return self.syscall(libc::SYS_munmap, args).map(|()| false);
                 }
             }
         }
+    }
+
+    /// Starts `nr(args)` at the copy's `syscall` instruction.
+    fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<(), String> {
+        let mut r = self.saved;
+        r.rip = self.at;
+        r.rax = nr as u64;
+        r.orig_rax = u64::MAX;
+        r.rdi = args[0];
+        r.rsi = args[1];
+        r.rdx = args[2];
+        r.r10 = args[3];
+        r.r8 = args[4];
+        r.r9 = args[5];
+        ptrace::setregs(self.pid, r).map_err(|e| format!("set the copy's registers: {e}"))?;
+        ptrace::step(self.pid, None).map_err(|e| format!("step the copy: {e}"))
     }
 
     /// A stop of the copy while a call runs: `Ok(true)` once the copy is gone into the
@@ -454,10 +597,25 @@ impl Move {
             WaitStatus::Exited(..) | WaitStatus::Signaled(..) => return Err("the copy died".into()),
             _ => {}
         }
-        // Done once it is past the instruction; a stop before it (a signal arriving,
-        // suppressed here) steps again. Never a step beyond it.
         let now =
             ptrace::getregs(self.pid).map_err(|e| format!("read the copy's registers: {e}"))?;
+        if matches!(self.plan.get(self.next), Some(Step::RunBlob)) {
+            // Done at its `int3` (the stop comes with the instruction pointer past it);
+            // any other stop is a signal, suppressed here: on it goes.
+            if matches!(status, WaitStatus::Stopped(_, Signal::SIGTRAP))
+                && now.rip == self.mapped + blob().len() as u64
+            {
+                self.next += 1;
+                return self.issue();
+            }
+            if now.rip < self.mapped || now.rip >= self.mapped + blob().len() as u64 {
+                return Err(format!("the copy went astray (at {:#x})", now.rip));
+            }
+            ptrace::cont(self.pid, None).map_err(|e| format!("run the copy: {e}"))?;
+            return Ok(false);
+        }
+        // Done once it is past the instruction; a stop before it (a signal arriving,
+        // suppressed here) steps again. Never a step beyond it.
         if now.rip == self.at {
             ptrace::step(self.pid, None).map_err(|e| format!("step the copy: {e}"))?;
             return Ok(false);
@@ -466,13 +624,21 @@ impl Move {
             return Err(format!("the copy went astray (at {:#x})", now.rip));
         }
         let r = now.rax as i64;
-        if let Some(Step::Call { what, .. }) = self.plan.get(self.next) {
-            if r < 0 {
-                return Err(format!(
-                    "{what}: {}",
-                    std::io::Error::from_raw_os_error(-r as i32)
-                ));
-            }
+        let what = match self.plan.get(self.next) {
+            Some(Step::Call { what, .. }) => *what,
+            Some(Step::MapBlob { .. }) => "map the bounding-set code",
+            Some(Step::UnmapBlob) => "unmap the bounding-set code",
+            _ => "a call",
+        };
+        // mmap answers an address, or -errno in the last page of the address space.
+        if r < 0 && r > -4096 {
+            return Err(format!(
+                "{what}: {}",
+                std::io::Error::from_raw_os_error(-r as i32)
+            ));
+        }
+        if matches!(self.plan.get(self.next), Some(Step::MapBlob { .. })) {
+            self.mapped = now.rax;
         }
         self.next += 1;
         self.issue()
@@ -487,6 +653,7 @@ impl Move {
         _child: usize,
         _inos: &[u64],
         _hint: &HashMap<(String, u64), i32>,
+        _blob_fd: Option<i32>,
         _last_cap: u64,
     ) -> Result<Move, String> {
         Err("carrying the REPL into fork children needs x86_64".into())
@@ -528,6 +695,22 @@ fn holds_nothing(pid: Pid) -> Result<(), String> {
             sets.join(", ")
         ))
     }
+}
+
+/// `pid`'s descriptor of the file with inode `ino` (a memfd): `fd` if given and it is
+/// that, else the first found.
+fn fd_with_inode(pid: Pid, ino: u64, fd: Option<i32>) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let is =
+        |fd: i32| std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).is_ok_and(|m| m.ino() == ino);
+    if let Some(fd) = fd {
+        return is(fd).then_some(fd);
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .find(|fd| is(*fd))
 }
 
 /// Whether `pid`'s descriptor `fd` is the `kind` namespace with inode `ino`.

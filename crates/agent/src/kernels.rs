@@ -73,11 +73,12 @@ struct CarryHelper {
 }
 
 impl CarryHelper {
-    async fn start(repl: i32, inos: &[u64]) -> Result<CarryHelper, String> {
+    async fn start(repl: i32, blob_ino: u64, inos: &[u64]) -> Result<CarryHelper, String> {
         use std::io::BufRead as _;
         let mut child = std::process::Command::new("/proc/self/exe")
             .arg("carry")
             .arg(repl.to_string())
+            .arg(blob_ino.to_string())
             .args(inos.iter().map(u64::to_string))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
@@ -333,9 +334,17 @@ impl Kernels {
                 ns_fds.push(f);
             }
         }
+        // And the sealed code that empties a copy's bounding set in one go.
+        let blob = crate::carry::blob_file().map_err(|e| format!("carry code: {e}"))?;
+        let blob_ino = std::os::unix::fs::MetadataExt::ino(
+            &blob
+                .metadata()
+                .map_err(|e| format!("stat carry code: {e}"))?,
+        );
+        ns_fds.push(blob);
         // The REPL cannot join them itself (seccomp); the helper executes the joins in
         // each copy it forks.
-        let helper = CarryHelper::start(k.pid, &inos).await?;
+        let helper = CarryHelper::start(k.pid, blob_ino, &inos).await?;
         let exchange = async {
             let raw: Vec<i32> = ns_fds.iter().map(|f| f.as_raw_fd()).collect();
             let first = k
