@@ -972,6 +972,13 @@ impl Inner {
     ) -> Result<Arc<JailInstance>, RuntimeError> {
         let id = spec.id.as_str();
         let t0 = std::time::Instant::now();
+        // 0. Its run dir first: a create cut short (a server killed mid-way) is then
+        //    found and undone by the next server's garbage collection or `forkbox
+        //    down`, which start from the run dirs, rather than leaving a root
+        //    filesystem and cgroups nobody knows of.
+        let run = self.run_dir.join(id);
+        std::fs::create_dir_all(&run).map_err(|e| RuntimeError::host("create run dir", id, e))?;
+        res.run_dir = Some(run.clone());
         // 1. Root filesystem.
         let rootfs = self.pool.sandbox(id);
         if let Origin::Fork { from, .. } = &origin {
@@ -1031,9 +1038,6 @@ impl Inner {
         res.cgroup = Some(cg.clone());
         let t_fs_cg = t0.elapsed();
         // 3. The agent's socket.
-        let run = self.run_dir.join(id);
-        std::fs::create_dir_all(&run).map_err(|e| RuntimeError::host("create run dir", id, e))?;
-        res.run_dir = Some(run.clone());
         let sock = run.join("agent.sock");
         let listener = std::os::unix::net::UnixListener::bind(&sock)
             .map_err(|e| RuntimeError::host("bind agent socket", id, e))?;
