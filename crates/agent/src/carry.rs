@@ -541,11 +541,15 @@ impl Move {
                     return self.syscall(nr, args).map(|()| false);
                 }
                 Some(Step::MapBlob { fd }) => {
+                    // Shared, of a write-sealed memfd: no page of it can be written,
+                    // not even through a `/proc/<pid>/mem` opened while the copy was
+                    // still dumpable (the kernel forces writes only into private
+                    // mappings).
                     let args = [
                         0,
                         4096,
                         (libc::PROT_READ | libc::PROT_EXEC) as u64,
-                        libc::MAP_PRIVATE as u64,
+                        libc::MAP_SHARED as u64,
                         *fd as u64,
                         0,
                     ];
