@@ -158,7 +158,7 @@ impl Carrier {
         if pid == self.repl {
             self.on_repl(status);
         } else if let Some(mut m) = self.moving.remove(&pid) {
-            match m.on(status, self.last_cap) {
+            match m.on(status) {
                 Ok(false) => {
                     self.moving.insert(pid, m);
                 }
@@ -590,7 +590,7 @@ impl Move {
 
     /// A stop of the copy while a call runs: `Ok(true)` once the copy is gone into the
     /// child.
-    fn on(&mut self, status: WaitStatus, _last_cap: u64) -> Result<bool, String> {
+    fn on(&mut self, status: WaitStatus) -> Result<bool, String> {
         match status {
             WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_SECCOMP => {
                 // Our own `setns`, held by the seccomp gate on its way in: let it
@@ -663,7 +663,7 @@ impl Move {
         Err("carrying the REPL into fork children needs x86_64".into())
     }
 
-    fn on(&mut self, _status: WaitStatus, _last_cap: u64) -> Result<bool, String> {
+    fn on(&mut self, _status: WaitStatus) -> Result<bool, String> {
         Err("carrying the REPL into fork children needs x86_64".into())
     }
 }

@@ -54,17 +54,6 @@ type Slot = Arc<tokio::sync::Mutex<Option<Kernel>>>;
 /// Exclusive hold on one language's kernel slot.
 pub type SlotGuard = tokio::sync::OwnedMutexGuard<Option<Kernel>>;
 
-/// Namespaces a fork copy joins, in order (see `carry::NAMESPACES`).
-const NAMESPACES: [&str; 7] = {
-    let mut names = [""; 7];
-    let mut i = 0;
-    while i < 7 {
-        names[i] = crate::carry::NAMESPACES[i].0;
-        i += 1;
-    }
-    names
-};
-
 /// The carry helper (`forkbox-agent carry`, carry.rs) of one fork, started and holding
 /// the REPL before the REPL is asked to fork.
 struct CarryHelper {
@@ -321,10 +310,11 @@ impl Kernels {
         msg.push(0);
         // The kernel cannot open another sandbox's namespace files (its agent is
         // undumpable); we can, and pass them along, in the order the driver joins them.
-        let mut ns_fds: Vec<std::fs::File> = Vec::with_capacity(children.len() * NAMESPACES.len());
+        let mut ns_fds: Vec<std::fs::File> =
+            Vec::with_capacity(children.len() * crate::carry::NAMESPACES.len());
         let mut inos = Vec::with_capacity(ns_fds.capacity());
         for c in children {
-            for ns in NAMESPACES {
+            for (ns, _) in crate::carry::NAMESPACES {
                 let f = std::fs::File::open(format!("/proc/{}/ns/{ns}", c.pid))
                     .map_err(|e| format!("open {ns} namespace of pid {}: {e}", c.pid))?;
                 inos.push(std::os::unix::fs::MetadataExt::ino(

@@ -248,11 +248,16 @@ impl History {
         }
     }
 
-    fn record(&self, sandbox: &str, ev: &ExecEvent) {
-        let size = match &ev.kind {
+    /// What an event counts against [`History::BYTES`].
+    fn weight(ev: &ExecEvent) -> usize {
+        32 + match &ev.kind {
             EventKind::Stdout(d) | EventKind::Stderr(d) => d.len(),
             EventKind::Exit(_) => 0,
-        } + 32;
+        }
+    }
+
+    fn record(&self, sandbox: &str, ev: &ExecEvent) {
+        let size = Self::weight(ev);
         let mut h = self.lock();
         if h.order.back().map(String::as_str) != Some(sandbox) {
             h.order.retain(|s| s != sandbox);
@@ -270,10 +275,7 @@ impl History {
             || (kept.bytes > Self::BYTES && kept.events.len() > 1)
         {
             if let Some(old) = kept.events.pop_front() {
-                kept.bytes -= match &old.kind {
-                    EventKind::Stdout(d) | EventKind::Stderr(d) => d.len(),
-                    EventKind::Exit(_) => 0,
-                } + 32;
+                kept.bytes -= Self::weight(&old);
             }
         }
     }
