@@ -130,7 +130,7 @@ def test_replay():
         other.close()
 
 
-@calls('errors: `fork(33)` 400, unknown id 404, ended 410; `pty` 501 `not_offered`')
+@calls('errors: `fork(33)` 400, unknown id 404, ended 410')
 def test_errors():
     with Sandbox() as s:
         assert status_of(lambda: s.fork(n=33)) == 400
@@ -140,13 +140,105 @@ def test_errors():
         gone.close()
         assert status_of(lambda: gone.run_code("1")) == 410
         assert status_of(lambda: gone.close()) == 410
-        # What forkbox does not offer is a clear error saying what to use instead.
-        for call, hint in [(s.pty.list, "/exec/pty")]:
-            with pytest.raises(httpx.HTTPStatusError) as e:
-                call()
-            assert e.value.response.status_code == 501
-            body = e.value.response.json()
-            assert body["code"] == "not_offered" and hint in body["error"], body
+
+
+class Collect:
+    """A PTY's output as it arrives (the client calls on_data from its reader thread)."""
+
+    def __init__(self):
+        self.data = b""
+
+    def __call__(self, b):
+        self.data += b
+
+    def wait_for(self, needle, timeout=30):
+        deadline = time.time() + timeout
+        while needle not in self.data:
+            assert time.time() < deadline, (needle, self.data)
+            time.sleep(0.02)
+
+
+@calls('`pty.create` (`cmd` as a shell line or an argv list, `env`, `cwd`), `send_input`, `resize`, `wait` (exit code), `kill`, `list`')
+def test_pty_sessions():
+    with Sandbox() as s:
+        out = Collect()
+        codes = []
+        p = s.pty.create(
+            cmd='echo "[$FOO]"; pwd; read x; echo "got $x"; read y; stty size; exit 3',
+            env={"FOO": "bar baz"},
+            cwd="/tmp",
+            on_data=out,
+            on_exit=codes.append,
+        )
+        assert p.id.startswith("pty-")
+        out.wait_for(b"[bar baz]\r\n/tmp\r\n")
+        p.send_input("abc\r")
+        out.wait_for(b"got abc")
+        p.resize(cols=200, rows=50)
+        p.send_input(b"\r")
+        out.wait_for(b"50 200")
+        assert p.wait(timeout=30) == 3
+        assert codes == [3]
+
+        # argv runs the program itself, no shell interpreting its words.
+        out2 = Collect()
+        q = s.pty.create(cmd=["printf", "%s|", "it's $HOME", "*"], on_data=out2)
+        assert q.wait(timeout=30) == 0
+        assert out2.data == b"it's $HOME|*|"
+
+        # kill ends the process tree; the exit still arrives.
+        r = s.pty.create(cmd="sleep 600 & sleep 600")
+        r.kill()
+        assert r.wait(timeout=30) != 0
+        r.kill()  # an ended session: nothing to do
+
+        listed = {i.pty_id: i for i in s.pty.list()}
+        assert set(listed) == {p.id, q.id, r.id}
+        assert listed[p.id].cmd_label.startswith("echo") and listed[p.id].exit_code == 3
+        assert listed[q.id].cmd_label == "printf %s| it's $HOME *"
+        assert listed[q.id].created_at_ms > 1_700_000_000_000
+        # The sleeps are gone with it.
+        ps = s.run_code("ps -eo comm", language="bash").stdout
+        assert "sleep" not in ps, ps
+
+
+@calls('`pty.attach` (kept output replayed, then live), the long-poll `read`; another sandbox\'s session 404')
+def test_pty_attach_and_read():
+    with Sandbox() as s, Sandbox() as other:
+        first = Collect()
+        p = s.pty.create(
+            cmd="for i in 1 2 3; do echo line$i; done; read x; echo end$x; read y",
+            on_data=first,
+        )
+        first.wait_for(b"line3")
+        p.close()  # this handle stops listening; the session lives on
+        again = Collect()
+        a = s.pty.attach(p.id, on_data=again)
+        again.wait_for(b"line1\r\nline2\r\nline3")
+        a.send_input("X\r")
+        again.wait_for(b"endX")
+        # The long-poll reader: from an offset, waiting for what comes next.
+        c = s._client
+        got = c.pty_read(s.id, p.id, since_seq=0, timeout_ms=1000)
+        data = base64.b64decode(got["data_b64"])
+        assert got["seq"] == 0 and data.startswith(b"line1") and b"endX" in data
+        assert got["next_seq"] == len(data) and not got["exited"]
+        t = time.time()
+        idle = c.pty_read(s.id, p.id, since_seq=got["next_seq"], timeout_ms=500)
+        assert idle["data_b64"] == "" and time.time() - t >= 0.4
+        a.send_input("\r")
+        assert a.wait(timeout=30) == 0
+        done = c.pty_read(s.id, p.id, since_seq=got["next_seq"], timeout_ms=5000)
+        while not done["exited"]:
+            done = c.pty_read(s.id, p.id, since_seq=done["next_seq"], timeout_ms=5000)
+        assert done["exit_code"] == 0
+        # Sessions belong to their sandbox: another sandbox's calls do not find them.
+        assert status_of(lambda: c.pty_input(other.id, p.id, b"x")) == 404
+        assert status_of(lambda: c.pty_read(other.id, p.id, since_seq=0)) == 404
+        assert other.pty.list() == []
+        with pytest.raises(httpx.HTTPStatusError) as e:
+            c.pty_input(s.id, p.id, b"late")
+        assert e.value.response.status_code == 409
 
 
 @calls('`Sandbox(timeout_seconds, ram_mib, rootfs_gb, egress=False)`; `egress=True` 400')

@@ -216,6 +216,12 @@ impl AgentClient {
             if let Some(c) = &req.cmd {
                 q.append_pair("cmd", c);
             }
+            if let Some(c) = &req.cwd {
+                q.append_pair("cwd", c);
+            }
+            for (k, v) in &req.env {
+                q.append_pair("env", &format!("{k}={v}"));
+            }
             q.finish()
         };
         let body = http_body_util::StreamBody::new(input.map(|r| r.map(hyper::body::Frame::data)))

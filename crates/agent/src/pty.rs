@@ -53,6 +53,7 @@ pub async fn start(
     };
     let mut extra = std::collections::BTreeMap::new();
     extra.insert("TERM".to_owned(), "xterm-256color".to_owned());
+    extra.extend(req.env.clone());
     let stdio = [
         slave.try_clone().map_err(|e| e.to_string())?,
         slave.try_clone().map_err(|e| e.to_string())?,
@@ -63,7 +64,7 @@ pub async fn start(
         .spawn(zygote::Command {
             argv,
             env: command_env(ctx, &extra),
-            cwd: "/root".into(),
+            cwd: req.cwd.clone().unwrap_or_else(|| "/root".into()),
             stdio,
             extra: None,
             may_setns: false,
@@ -109,6 +110,7 @@ pub async fn start(
                     Ok(Some(Frame::Resize { rows, cols })) => {
                         set_size(writer.get_ref(), rows, cols)
                     }
+                    Ok(Some(Frame::Kill)) => kill_tree(pid),
                     Ok(Some(Frame::Exit(_))) | Err(_) => return,
                     Ok(None) => break,
                 }

@@ -537,13 +537,27 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/pty") => {
             let q = |k| query_arg(&req, k);
+            let env = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+                .filter(|(k, _)| k == "env")
+                .filter_map(|(_, v)| v.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                .collect();
             let pr = PtyRequest {
                 cmd: q("cmd"),
                 rows: q("rows").and_then(|v| v.parse().ok()).unwrap_or(24),
                 cols: q("cols").and_then(|v| v.parse().ok()).unwrap_or(80),
+                cwd: q("cwd"),
+                env,
             };
             if pr.cmd.as_deref().is_some_and(|c| c.contains('\0')) {
                 return error(StatusCode::BAD_REQUEST, "cmd must not contain NUL");
+            }
+            if let Some(cwd) = pr.cwd.as_deref() {
+                if !std::path::Path::new(cwd).is_dir() {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("cwd {cwd} is not a directory in the sandbox"),
+                    );
+                }
             }
             let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
             match crate::pty::start(&ctx, &pr, req.into_body(), tx).await {

@@ -14,10 +14,12 @@ mod files;
 mod owned;
 mod pandastack;
 pub mod podflare;
+mod podflare_pty;
 mod pty;
 mod runner;
 mod sandboxes;
 mod templates;
+pub mod terminals;
 mod volumes;
 
 pub use error::ApiError;
@@ -38,6 +40,8 @@ pub struct AppState {
     pub browser: browser::BrowserPolicy,
     /// Recent exec events per sandbox, for the Podflare dialect's `replay`.
     pub replay: podflare::History,
+    /// Terminal sessions kept between calls (the Podflare dialect's `pty`).
+    pub terminals: terminals::Terminals,
 }
 
 #[derive(utoipa::OpenApi)]

@@ -16,8 +16,10 @@
 //! - `replay` gives the sandbox's recent exec events (those of calls made through this
 //!   dialect), as they were streamed.
 //!
-//! Podflare calls forkbox does not serve yet (its NDJSON PTY protocol) answer a JSON
-//! `501 not_offered` naming the forkbox equivalent.
+//! - its terminal protocol (`sandbox.pty.*`: an NDJSON stream and calls by session id)
+//!   is [`crate::podflare_pty`].
+//!
+//! Routes outside Podflare's API answer a JSON `501 not_offered` naming forkbox's own.
 
 use crate::error::ApiError;
 use crate::extract::{ndjson, JsonBody};
@@ -26,7 +28,7 @@ use crate::AppState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, delete, get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use forkbox_core::{CreateRequest, ExecCommand, OnTimeout, Work};
 use forkbox_types::agent::Language;
@@ -55,10 +57,9 @@ pub fn router() -> Router<AppState> {
             post(crate::sandboxes::merge_into),
         )
         .route("/v1/sandboxes/{id}/replay", get(replay))
-        .route("/v1/sandboxes/{id}/pty", any(pty))
-        .route("/v1/sandboxes/{id}/pty/{*rest}", any(pty))
         .route("/v1/spaces/{id}/resume", post(resume))
         .route("/v1/spaces/{id}", delete(crate::sandboxes::delete))
+        .merge(crate::podflare_pty::routes())
         .fallback(elsewhere)
 }
 
@@ -287,14 +288,6 @@ impl History {
             .map(|k| k.events.iter().cloned().collect())
             .unwrap_or_default()
     }
-}
-
-async fn pty() -> ApiError {
-    ApiError::NotOffered(
-        "Podflare's NDJSON terminal protocol is not offered; forkbox's terminal is the \
-         WebSocket GET /v1/sandboxes/{id}/exec/pty (docs/api.md)"
-            .into(),
-    )
 }
 
 async fn elsewhere() -> Response {

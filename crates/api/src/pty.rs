@@ -1,6 +1,7 @@
 //! `GET /v1/sandboxes/:id/exec/pty?rows=&cols=[&cmd=]`: an interactive terminal over a
 //! WebSocket. Client → server: binary messages are keystrokes (raw bytes); text messages
-//! are JSON controls, `{"type": "resize", "rows", "cols"}` or `{"type": "input", "data"}`.
+//! are JSON controls, `{"type": "resize", "rows", "cols"}`, `{"type": "input", "data"}` or
+//! `{"type": "kill"}` (SIGKILL the terminal's processes; the exit message follows).
 //! Server → client: binary messages are terminal output (raw bytes); when the process
 //! ends, a text message `{"type": "exit", "code"}`, then the socket closes.
 
@@ -34,6 +35,7 @@ pub struct PtyQuery {
 enum Control {
     Resize { rows: u16, cols: u16 },
     Input { data: String },
+    Kill,
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/pty", tag = "exec", params(("id" = String, Path, description = "Sandbox id"), ("rows" = Option<u16>, Query), ("cols" = Option<u16>, Query), ("cmd" = Option<String>, Query)), responses((status = 101, description = "WebSocket: binary = terminal bytes; text = JSON controls and the exit"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
@@ -60,6 +62,7 @@ pub async fn pty(
         cmd: q.cmd,
         rows,
         cols,
+        ..Default::default()
     };
     Ok(ws.on_upgrade(move |socket| session(st, id, req, socket)))
 }
@@ -89,6 +92,7 @@ async fn session(st: AppState, id: SandboxRef, req: PtyRequest, socket: WebSocke
                         cols: cols.clamp(1, 1000),
                     },
                     Ok(Control::Input { data }) => Frame::Data(data.into_bytes()),
+                    Ok(Control::Kill) => Frame::Kill,
                     Err(_) => continue,
                 },
                 Message::Close(_) => break,
@@ -120,7 +124,7 @@ async fn session(st: AppState, id: SandboxRef, req: PtyRequest, socket: WebSocke
                             .into(),
                     )
                 }
-                Frame::Resize { .. } => continue,
+                Frame::Resize { .. } | Frame::Kill => continue,
             };
             if sink.send(msg).await.is_err() {
                 done = true;

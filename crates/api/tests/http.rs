@@ -104,6 +104,7 @@ async fn router() -> (axum::Router, tempfile::TempDir) {
             auth_required: false,
             browser: forkbox_api::browser::BrowserPolicy::new(true, vec![], vec![]),
             replay: Default::default(),
+            terminals: Default::default(),
         }),
         dir,
     )

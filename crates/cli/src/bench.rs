@@ -339,6 +339,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 auth_required: false,
                 browser: server.browser,
                 replay: Default::default(),
+                terminals: Default::default(),
             },
         )
         .into_future(),

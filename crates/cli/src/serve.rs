@@ -251,6 +251,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             auth_required: server.auth_required,
             browser: server.browser,
             replay: Default::default(),
+            terminals: Default::default(),
         },
     )
     .with_graceful_shutdown(shutdown_signal())

@@ -342,16 +342,7 @@ impl Manager {
                 c.max_timeout_s
             )));
         }
-        for k in req.env.keys() {
-            if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(CoreError::Invalid(
-                    "env names must be non-empty and contain no '=' or NUL".into(),
-                ));
-            }
-        }
-        if req.env.values().any(|v| v.contains('\0')) {
-            return Err(CoreError::Invalid("env values must not contain NUL".into()));
-        }
+        check_env(&req.env)?;
         let egress = match &req.egress {
             Some(list) if !list.is_empty() => {
                 forkbox_types::egress::Allowlist::parse(list)
@@ -1019,6 +1010,16 @@ impl Manager {
                 "cmd must be non-empty and contain no NUL".into(),
             ));
         }
+        if req
+            .cwd
+            .as_deref()
+            .is_some_and(|c| !c.starts_with('/') || c.contains('\0'))
+        {
+            return Err(CoreError::Invalid(
+                "cwd must be an absolute path without NUL".into(),
+            ));
+        }
+        check_env(&req.env)?;
         let out = self.running_instance(id).await?.pty(req, input).await?;
         // An open terminal is in use (not idle) until it ends.
         let Some(busy) = self.live(id).map(|l| l.activity.busy()) else {
@@ -1995,4 +1996,21 @@ where
         }
     })
     .boxed()
+}
+
+/// Environment variables a caller may set: names non-empty without `=` or NUL, values
+/// without NUL.
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), CoreError> {
+    if env
+        .keys()
+        .any(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        return Err(CoreError::Invalid(
+            "env names must be non-empty and contain no '=' or NUL".into(),
+        ));
+    }
+    if env.values().any(|v| v.contains('\0')) {
+        return Err(CoreError::Invalid("env values must not contain NUL".into()));
+    }
+    Ok(())
 }

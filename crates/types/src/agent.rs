@@ -304,6 +304,12 @@ pub struct PtyRequest {
     pub cmd: Option<String>,
     pub rows: u16,
     pub cols: u16,
+    /// Working directory (`/root` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Variables added to the sandbox's environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 /// Body of `POST /bg/signal`.

@@ -8,6 +8,8 @@ pub const DATA: u8 = 0;
 pub const RESIZE: u8 = 1;
 /// Agent → host: the process exited, payload `code: i32 BE`; the last frame.
 pub const EXIT: u8 = 2;
+/// Host → agent: end the terminal's process tree now (SIGKILL); the exit frame follows.
+pub const KILL: u8 = 3;
 
 /// Largest payload accepted in one frame.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -18,6 +20,7 @@ pub enum Frame {
     Data(Vec<u8>),
     Resize { rows: u16, cols: u16 },
     Exit(i32),
+    Kill,
 }
 
 /// Encodes one frame.
@@ -30,6 +33,7 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             (RESIZE, p)
         }
         Frame::Exit(code) => (EXIT, code.to_be_bytes().to_vec()),
+        Frame::Kill => (KILL, Vec::new()),
     };
     let mut out = Vec::with_capacity(5 + payload.len());
     out.push(kind);
@@ -87,6 +91,8 @@ impl Decoder {
                 [a, b, c, d] => Frame::Exit(i32::from_be_bytes([a, b, c, d])),
                 _ => return Err(FrameError::Malformed("exit")),
             },
+            KILL if payload.is_empty() => Frame::Kill,
+            KILL => return Err(FrameError::Malformed("kill")),
             k => return Err(FrameError::Kind(k)),
         }))
     }
@@ -105,6 +111,7 @@ mod tests {
                 cols: 120,
             },
             Frame::Data(vec![]),
+            Frame::Kill,
             Frame::Exit(-3),
         ];
         let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
