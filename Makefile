@@ -64,8 +64,8 @@ sdk-deps: deps
 CLIENTS_VENV := $(CURDIR)/target/clients-venv
 clients-deps: deps
 	@[ -x $(CLIENTS_VENV)/bin/python ] || python3 -m venv $(CLIENTS_VENV)
-	@$(CLIENTS_VENV)/bin/python -c "import podflare, pandastack, pytest, httpx, h2, importlib.metadata as m; assert podflare.__version__ == '0.0.22' and pandastack.__version__ == '0.10.0' and m.version('declaw') == '1.7.0'" 2>/dev/null || \
-	  $(CLIENTS_VENV)/bin/pip install -q 'podflare==0.0.22' 'pandastack==0.10.0' 'declaw==1.7.0' pytest 'httpx[http2]'
+	@$(CLIENTS_VENV)/bin/python -c "import podflare, pandastack, pytest, httpx, h2, importlib.metadata as m; assert podflare.__version__ == '0.0.22' and pandastack.__version__ == '0.10.0' and m.version('declaw') == '1.7.0' and m.version('websockets') == '15.0.1'" 2>/dev/null || \
+	  $(CLIENTS_VENV)/bin/pip install -q 'podflare==0.0.22' 'pandastack==0.10.0' 'declaw==1.7.0' pytest 'httpx[http2]' 'websockets==15.0.1'
 
 # Fuzzing: cargo-fuzz (libFuzzer) on stable Rust with `--sanitizer none`; the crate in
 # fuzz/ is its own workspace. Why and what the targets check: docs/reliability.md.

@@ -324,6 +324,143 @@ def test_data_stack(sb):
     ctx.close()
 
 
-@calls("not offered (501, saying why): `preview_urls`")
-def test_what_is_not_offered(sb):
-    not_offered(lambda: sb.preview_urls(), "no inbound network")
+@calls("`preview_urls` / `preview_url` (with `preview_host` set to the server): the app answers at its URL, by host")
+def test_preview_urls(client, sb):
+    from urllib.parse import urlparse
+
+    sb.exec("mkdir -p /srv && echo preview-ok > /srv/index.html")
+    sb.exec("cd /srv && nohup python3 -m http.server 8000 >/dev/null 2>&1 &")
+    server = urlparse(URL).netloc  # 127.0.0.1:port
+    client.preview_host = "localhost:" + server.split(":")[1]
+    deadline = time.time() + 30
+    urls = {}
+    while 8000 not in urls:
+        assert time.time() < deadline, urls
+        urls = sb.preview_urls()
+        time.sleep(0.1)
+    url = urlparse(urls[8000])
+    assert url.netloc == f"8000-{sb.id}.localhost:{server.split(':')[1]}"
+    assert urls[8000] == sb.preview_url(8000)
+    # *.localhost is loopback for browsers; here the request goes to 127.0.0.1 naming
+    # the preview host.
+    r = httpx.get(f"http://{server}/index.html", headers={"host": url.netloc})
+    assert r.status_code == 200 and r.text == "preview-ok\n"
+
+
+def sse_events(resp, want):
+    """(event, data) pairs of an SSE response until `want` of them were read."""
+    got, ev = [], None
+    for line in resp.iter_lines():
+        if line.startswith("event:"):
+            ev = line[6:].strip()
+        elif line.startswith("data:"):
+            got.append((ev, line[5:].strip()))
+            ev = None
+            if len(got) >= want:
+                break
+    return got
+
+
+@calls('raw seed 002 requests: create with `{template, cpu, memory_mb, metadata, volumes: [{id, mount}], egress_allowlist}` → 201 `{id, status, template, created_at, boot_ms}`; list `?template=&status=`; pause/resume/hibernate/wake/fork/`snapshot`; `logs` and `events` SSE; `exec`, `exec/stream`, `WS exec/pty`; `/files`, `/files/ls`; templates; volumes by id; `/auth/whoami`, `/auth/tokens`; `?access_token=`; LSP 501')
+def test_raw_seed_002_requests():
+    import json
+    from websockets.sync.client import connect
+
+    h = {"Authorization": "Bearer pds_not_a_forkbox_key"}
+    with httpx.Client(base_url=URL + "/pandastack/v1", headers=h, timeout=120) as c:
+        vol = c.post("/volumes", json={"name": "seed002", "size_mb": 64})
+        assert vol.status_code == 201, vol.text
+        vid = vol.json()["id"]
+        assert c.get(f"/volumes/{vid}").json()["name"] == "seed002"
+        assert any(v["id"] == vid for v in c.get("/volumes").json()["items"])
+        body = {
+            "template": "code-interpreter",
+            "cpu": 1,
+            "memory_mb": 512,
+            "metadata": {"user_id": "u_123"},
+            "volumes": [{"id": vid, "mount": "/mnt/data"}],
+            "egress_allowlist": ["api.openai.com", "pypi.org"],
+        }
+        r = c.post("/sandboxes", json=body)
+        assert r.status_code == 201, r.text
+        sb = r.json()
+        sid = sb["id"]
+        assert sb["status"] == "running" and sb["template"] == "code-interpreter"
+        assert sb["created_at"].endswith("Z") or "+" in sb["created_at"]
+        assert isinstance(sb["boot_ms"], (int, float)) and sb["metadata"] == {"user_id": "u_123"}
+        assert sb["egress_allowlist"] == ["api.openai.com", "pypi.org"]
+        try:
+            ids = lambda q: [s["id"] for s in c.get("/sandboxes", params=q).json()["items"]]
+            assert sid in ids({"template": "code-interpreter", "status": "running"})
+            assert sid not in ids({"template": "python"}) and sid not in ids({"status": "paused"})
+            assert c.get(f"/sandboxes/{sid}").json()["id"] == sid
+
+            # Files at /files, on the mounted volume.
+            assert c.put(f"/sandboxes/{sid}/files", params={"path": "/mnt/data/a.txt"}, content=b"seed\n").status_code in (200, 201, 204)
+            assert c.get(f"/sandboxes/{sid}/files", params={"path": "/mnt/data/a.txt"}).content == b"seed\n"
+            ls = c.get(f"/sandboxes/{sid}/files/ls", params={"path": "/mnt/data"}).json()
+            assert [e["name"] for e in ls["entries"]] == ["a.txt"]
+            r = c.post(f"/sandboxes/{sid}/exec", json={"cmd": "cat /mnt/data/a.txt; echo $HTTPS_PROXY | cut -c1-4; exit 3"})
+            assert r.json()["stdout"] == "seed\nhttp\n" and r.json()["exit_code"] == 3
+            assert c.delete(f"/sandboxes/{sid}/files", params={"path": "/mnt/data/a.txt"}).status_code in (200, 204)
+
+            # The key as ?access_token= (SSE, where headers cannot be set).
+            with httpx.stream("POST", f"{URL}/pandastack/v1/sandboxes/{sid}/exec/stream?access_token=pds_x",
+                              json={"cmd": "echo one; echo two >&2"}, timeout=60) as s:
+                got = sse_events(s, 3)
+            kinds = [k for k, _ in got]
+            assert kinds[-1] == "exit" and json.loads(got[-1][1])["exit_code"] == 0
+            assert "".join(json.loads(d)["chunk"] for k, d in got if k == "stdout") == "one\n"
+
+            # The terminal WebSocket.
+            ws_url = URL.replace("http", "ws", 1) + f"/pandastack/v1/sandboxes/{sid}/exec/pty?rows=30&cols=100&access_token=pds_x"
+            with connect(ws_url, open_timeout=30) as ws:
+                ws.send(b"stty size; exit 5\r")
+                out, code = b"", None
+                while code is None:
+                    m = ws.recv(timeout=30)
+                    if isinstance(m, bytes):
+                        out += m
+                    else:
+                        code = json.loads(m)["code"]
+            assert b"30 100" in out and code == 5
+
+            # Lifecycle, and its events and logs as SSE.
+            for verb, status in [("pause", "paused"), ("resume", "running"), ("hibernate", "hibernated"), ("wake", "running")]:
+                r = c.post(f"/sandboxes/{sid}/{verb}")
+                assert r.status_code == 200, (verb, r.text)
+                assert c.get(f"/sandboxes/{sid}").json()["status"] == status
+            with c.stream("GET", f"/sandboxes/{sid}/events", params={"follow": 1, "tail": 200}) as s:
+                evs = [k for k, _ in sse_events(s, 5)]
+            assert evs[:1] == ["created"] and "paused" in evs, evs
+            with c.stream("GET", f"/sandboxes/{sid}/logs", params={"follow": 1}) as s:
+                assert sse_events(s, 1)
+            r = c.post(f"/sandboxes/{sid}/snapshot", json={"name": "seed-002"})
+            assert r.status_code == 201 and r.json()["name"] == "seed-002"
+            r = c.post(f"/sandboxes/{sid}/fork")
+            assert r.status_code in (200, 201), r.text
+            child_id = r.json()["sandbox"]["id"]
+            assert c.delete(f"/sandboxes/{child_id}").status_code == 204
+
+            # Templates, identity, tokens.
+            names = [t["name"] for t in c.get("/templates").json()]
+            assert "code-interpreter" in names and "python" in names
+            assert c.get("/templates/code-interpreter").json()["name"] == "code-interpreter"
+            r = c.post("/templates", json={"nonsense": 1})
+            assert r.status_code == 400 and "error" in r.json()
+            assert c.delete("/templates/no-such-template").status_code == 404
+            me = c.get("/auth/whoami").json()
+            assert me["workspace"]
+            tok = c.post("/auth/tokens", json={"name": "seed-002"})
+            assert tok.status_code == 201, tok.text
+            tid = tok.json()["id"]
+            assert any(t["id"] == tid for t in c.get("/auth/tokens").json()["items"])
+            assert c.delete(f"/auth/tokens/{tid}").status_code == 204
+            assert not any(t["id"] == tid for t in c.get("/auth/tokens").json()["items"])
+
+            r = c.get(f"/sandboxes/{sid}/lsp/python")
+            assert r.status_code == 501 and "LSP" in r.json()["error"]
+            assert httpx.get(URL + "/openapi.json").json()["openapi"].startswith("3")
+        finally:
+            assert c.delete(f"/sandboxes/{sid}").status_code == 204
+        assert c.delete(f"/volumes/{vid}").status_code == 204

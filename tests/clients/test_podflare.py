@@ -309,3 +309,47 @@ def test_traceparent_by_argument_client_and_env():
     text = open(log).read()
     for how, t in ids.items():
         assert t in text, f"trace id by {how} not in the server log"
+
+
+@calls('raw seed 000 requests: `{}` create with a Bearer key, NDJSON `exec` events (`type`, one line of `data`, `seq`, `ts`; `exit` with an int), `fork` n > 32 400, `merge_into` (winner\'s state committed as the parent\'s), `DELETE`, `{"error"}` bodies, `healthz`')
+def test_raw_seed_000_requests():
+    base = URL + "/podflare"
+    h = {"Authorization": "Bearer pk_your_key_here", "content-type": "application/json"}
+    with httpx.Client(base_url=base, headers=h, timeout=60) as c:
+        assert c.get("/v1/healthz").text.strip() == "ok"
+        r = c.post("/v1/sandboxes", content="{}")
+        assert r.status_code in (200, 201), r.text
+        sid = r.json()["id"]
+        t0 = int(time.time() * 1000)
+        code = "x = 41\nfor i in range(3): print(i)\nimport sys; print('oops', file=sys.stderr)"
+        with c.stream("POST", f"/v1/sandboxes/{sid}/exec", json={"code": code}) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("application/x-ndjson")
+            events = [__import__("json").loads(line) for line in r.iter_lines() if line]
+        for e in events:
+            assert set(e) == {"type", "data", "seq", "ts"}, e
+            assert t0 - 1000 <= e["ts"] <= time.time() * 1000 + 1000
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        out = [e["data"] for e in events if e["type"] == "stdout"]
+        err = [e["data"] for e in events if e["type"] == "stderr"]
+        assert "\n".join(out) == "0\n1\n2\n" and all("\n" not in d for d in out)
+        assert "\n".join(err) == "oops\n"
+        assert events[-1]["type"] == "exit" and events[-1]["data"] == 0
+        # Errors: one human-readable `error` string.
+        r = c.post(f"/v1/sandboxes/{sid}/fork", json={"n": 33})
+        assert r.status_code == 400 and isinstance(r.json()["error"], str)
+        r = c.post("/v1/sandboxes/sbx-0000000000000000/exec", json={"code": "1"})
+        assert r.status_code == 404 and isinstance(r.json()["error"], str)
+        # Fork, change one child, commit it as the parent's state.
+        kids = c.post(f"/v1/sandboxes/{sid}/fork", json={"n": 2}).json()["children"]
+        assert len(kids) == 2
+        with c.stream("POST", f"/v1/sandboxes/{kids[1]}/exec", json={"code": "x += 1"}) as r:
+            list(r.iter_lines())
+        r = c.post(f"/v1/sandboxes/{sid}/merge_into/{kids[1]}")
+        assert r.status_code in (200, 204), r.text
+        with c.stream("POST", f"/v1/sandboxes/{sid}/exec", json={"code": "print(x)"}) as r:
+            got = [__import__("json").loads(line) for line in r.iter_lines() if line]
+        assert [e["data"] for e in got if e["type"] == "stdout"][0] == "42"
+        for k in (kids[0], sid):
+            assert c.delete(f"/v1/sandboxes/{k}").status_code in (200, 204)

@@ -234,6 +234,28 @@ impl AgentClient {
         })
     }
 
+    /// `POST /tcp?port=`: a connection to the sandbox's own `port` (the request body is
+    /// what is sent, the answer what comes back; see the agent's `tcp` module).
+    pub async fn tcp<S>(&self, port: u16, input: S) -> Result<ByteStream, AgentError>
+    where
+        S: Stream<Item = Result<Bytes, BoxError>> + Send + 'static,
+    {
+        use futures_util::StreamExt;
+        let body = http_body_util::StreamBody::new(input.map(|r| r.map(hyper::body::Frame::data)))
+            .boxed_unsync();
+        let resp = self
+            .call_with(Method::POST, &format!("/tcp?port={port}"), body)
+            .await?;
+        Ok(ByteStream {
+            body: resp.into_body(),
+        })
+    }
+
+    /// `GET /ports`: the TCP ports something listens on in the sandbox.
+    pub async fn ports(&self) -> Result<Vec<forkbox_types::agent::ListeningPort>, AgentError> {
+        self.get_json("/ports").await
+    }
+
     /// `GET /files/watch?path=&recursive=`: changes as they happen.
     pub async fn watch(&self, path: &str, recursive: bool) -> Result<WatchStream, AgentError> {
         let p = format!(

@@ -27,6 +27,7 @@ mod lines;
 mod pty;
 mod reaper;
 mod server;
+mod tcp;
 mod vm_init;
 mod vport;
 mod watch;

@@ -569,6 +569,24 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
             }
         }
+        (&Method::POST, "/tcp") => {
+            let Some(port) = query_arg(&req, "port")
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|p| *p > 0)
+            else {
+                return error(StatusCode::BAD_REQUEST, "port must be 1-65535");
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+            match crate::tcp::start(port, req.into_body(), tx).await {
+                Ok(()) => {
+                    let stream =
+                        ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+                    Response::new(BodyExt::boxed(StreamBody::new(stream)))
+                }
+                Err(e) => error(StatusCode::BAD_GATEWAY, &e),
+            }
+        }
+        (&Method::GET, "/ports") => json_reply(&crate::tcp::listening()),
         (&Method::GET, "/files/read") => read_file(req).await,
         (&Method::GET, "/files/watch") => {
             let Some(path) = query_path(&req) else {

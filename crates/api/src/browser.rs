@@ -57,9 +57,13 @@ impl BrowserPolicy {
         if self.cors_origins.contains(&origin) {
             return true;
         }
-        // A page served from loopback is as trusted as a local process.
+        // A page served from loopback is as trusted as a local process — but not a
+        // page a sandbox serves on a preview host (`8000-sbx-….localhost`).
         match origin.split_once("://") {
-            Some(("http" | "https", rest)) => is_loopback_name(&host_of(rest)),
+            Some(("http" | "https", rest)) => {
+                let host = host_of(rest);
+                is_loopback_name(&host) && crate::ports::preview_label(&host).is_none()
+            }
             _ => false,
         }
     }
@@ -105,6 +109,11 @@ fn from_browser(h: &HeaderMap) -> bool {
 
 /// The middleware (outermost but tracing): see the module comment.
 pub async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    // A preview host's requests are the sandbox app's: its host was recognized, and
+    // what its pages send is the app's business, not the API's.
+    if req.extensions().get::<crate::ports::ByHost>().is_some() {
+        return next.run(req).await;
+    }
     let policy = &st.browser;
     let h = req.headers();
     let host = h
@@ -175,9 +184,9 @@ pub async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Resp
     r
 }
 
-/// Routes whose body is raw bytes, not JSON (file uploads).
+/// Routes whose body is raw bytes, not JSON (file uploads, preview ports).
 fn is_upload(path: &str) -> bool {
-    path.ends_with("/files") || path.ends_with("/files/raw")
+    path.ends_with("/files") || path.ends_with("/files/raw") || crate::ports::is_proxy_path(path)
 }
 
 /// CORS headers for an (already allowed) origin.
@@ -222,6 +231,9 @@ mod tests {
         assert!(!on.origin_allowed("https://attacker.example"));
         assert!(!on.origin_allowed("null"));
         assert!(!on.origin_allowed("http://localhost.attacker.example"));
+        // Pages a sandbox serves on a preview host are not trusted.
+        assert!(!on.origin_allowed("http://8000-sbx-abcdefghij012345.localhost:7070"));
+        assert!(on.origin_allowed("http://8000-sbx-short.localhost:7070"));
         assert_eq!(host_of("LOCALHOST:7070"), "localhost");
         assert_eq!(host_of("[::1]:7070"), "::1");
         assert_eq!(host_of("example.com."), "example.com");

@@ -30,6 +30,9 @@ pub enum ApiError {
     /// Something of a client dialect's that is not there (a code context, …).
     #[error("{0}")]
     NotFound(String),
+    /// A server inside a sandbox (a preview port) answered no usable HTTP.
+    #[error("{0}")]
+    BadGateway(String),
     #[error(transparent)]
     Core(#[from] CoreError),
 }
@@ -50,6 +53,7 @@ impl ApiError {
             ApiError::NotOffered(_) => (StatusCode::NOT_IMPLEMENTED, "not_offered"),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             ApiError::Core(e) => match e {
                 CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 CoreError::NoSnapshot(_) => (StatusCode::NOT_FOUND, "snapshot_not_found"),
@@ -70,6 +74,7 @@ impl ApiError {
                     RuntimeError::Rejected(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
                     RuntimeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
                     RuntimeError::NoProcess(_) => (StatusCode::NOT_FOUND, "process_not_found"),
+                    RuntimeError::PortClosed(_) => (StatusCode::BAD_GATEWAY, "port_closed"),
                     RuntimeError::File { kind, .. } => match kind {
                         FileErrorKind::Invalid => (StatusCode::BAD_REQUEST, "invalid_path"),
                         FileErrorKind::NotFound => (StatusCode::NOT_FOUND, "file_not_found"),
@@ -137,7 +142,7 @@ impl IntoResponse for ApiError {
                 _ => "executor error; see the server log".to_owned(),
             }
         } else {
-            if status == StatusCode::BAD_GATEWAY {
+            if code == "agent_unreachable" {
                 tracing::warn!(error = %self, "agent unreachable");
             }
             self.to_string()

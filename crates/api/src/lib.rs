@@ -15,6 +15,7 @@ mod owned;
 mod pandastack;
 pub mod podflare;
 mod podflare_pty;
+pub mod ports;
 mod pty;
 mod runner;
 mod sandboxes;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub replay: podflare::History,
     /// Terminal sessions kept between calls (the Podflare dialect's `pty`).
     pub terminals: terminals::Terminals,
+    /// Where preview hosts (`{port}-{id}.{domain}`) live.
+    pub previews: ports::Previews,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -94,6 +97,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(sandboxes::exec))
         .routes(routes!(sandboxes::exec_stream))
         .routes(routes!(pty::pty))
+        .routes(routes!(ports::list))
         .routes(routes!(events::events))
         .routes(routes!(events::logs))
         .routes(routes!(commands::list))
@@ -148,7 +152,12 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 pub fn app(state: AppState) -> Router {
     let (router, doc) = routes();
     let doc = Arc::new(doc);
-    router
+    let proxy = axum::routing::any(ports::proxy);
+    let inner = router
+        // Preview ports by path (docs/api.md); any method.
+        .route("/v1/sandboxes/{id}/ports/{port}", proxy.clone())
+        .route("/v1/sandboxes/{id}/ports/{port}/", proxy.clone())
+        .route("/v1/sandboxes/{id}/ports/{port}/{*path}", proxy)
         // Client dialects, each under the prefix its client is pointed at
         // (docs/compatibility.md).
         .nest(podflare::PREFIX, podflare::router())
@@ -183,7 +192,12 @@ pub fn app(state: AppState) -> Router {
                 },
             ),
         )
-        .with_state(state)
+        .with_state(state.clone());
+    // A preview host's requests are rewritten to the by-path route before routing.
+    Router::new().fallback_service(tower::Layer::layer(
+        &axum::middleware::from_fn_with_state(state, ports::route_by_host),
+        inner,
+    ))
 }
 
 /// Prometheus metrics: sandboxes created/ended/live, execs, forks (count and

@@ -45,6 +45,8 @@ const LIFE_S: u64 = 86400;
 /// PandaStack's default idle TTL.
 const DEFAULT_TTL_S: u64 = 300;
 
+mod seed;
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/sandboxes", post(create).get(list))
@@ -78,8 +80,6 @@ pub fn router() -> Router<AppState> {
             get(lifecycle).patch(set_lifecycle),
         )
         .route("/v1/sandboxes/{id}/fork", post(fork))
-        .route("/v1/templates", get(templates))
-        .route("/v1/templates/{name}", get(template))
         .route("/v1/volumes", post(create_volume).get(volumes))
         .route("/v1/volumes/{name}", get(volume).delete(delete_volume))
         .route("/v1/me", get(me))
@@ -93,10 +93,8 @@ pub fn router() -> Router<AppState> {
             delete(delete_context),
         )
         .route("/v1/sandboxes/{id}/repl/sessions/{ctx}/run", post(run_in_context))
-        .route(
-            "/v1/sandboxes/{id}/ports",
-            get(|| not_offered("sandboxes have no inbound network here; there are no preview URLs")),
-        )
+        .route("/v1/sandboxes/{id}/ports", get(crate::ports::list))
+        .merge(seed::routes())
         .fallback(|| not_offered("not part of what this server speaks under /pandastack (apps, databases, functions, schedules, template builds); forkbox's own API is at /v1/… (docs/compatibility.md)"))
         // The client has no "gone": an ended sandbox is not found.
         .layer(axum::middleware::map_response(gone_as_not_found))
@@ -129,7 +127,11 @@ fn view(s: Sandbox, from_snapshot: Option<String>) -> Value {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VolumeBody {
-    name: String,
+    /// The client's way: a volume by name, mounted at `/mnt/<name>`.
+    name: Option<String>,
+    /// Seed 002's way: a volume by id, mounted at `mount`.
+    id: Option<String>,
+    mount: Option<String>,
     #[serde(default, alias = "readOnly")]
     read_only: bool,
 }
@@ -149,6 +151,8 @@ struct CreateBody {
     from_snapshot: Option<String>,
     #[serde(default)]
     volumes: Vec<VolumeBody>,
+    /// Host names the sandbox may reach (through the egress proxy).
+    egress_allowlist: Option<Vec<String>>,
 }
 
 async fn create(
@@ -158,9 +162,22 @@ async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let mut volumes = Vec::with_capacity(b.volumes.len());
     for v in &b.volumes {
+        let key = match (&v.name, &v.id) {
+            (Some(n), None) => n,
+            (None, Some(id)) => id,
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "each volume names a volume by name or by id (one of them)".into(),
+                ))
+            }
+        };
+        let vol = volume_named(&st, &p, key).await?;
         volumes.push(VolumeMount {
-            id: volume_named(&st, &p, &v.name).await?.id,
-            mount: format!("/mnt/{}", v.name),
+            mount: v
+                .mount
+                .clone()
+                .unwrap_or_else(|| format!("/mnt/{}", vol.name)),
+            id: vol.id,
             read_only: v.read_only,
         });
     }
@@ -186,6 +203,7 @@ async fn create(
             snapshot: b.from_snapshot.clone(),
             workspace: p.workspace,
             volumes,
+            egress: b.egress_allowlist,
             ..Default::default()
         })
         .await?;
@@ -214,13 +232,24 @@ async fn all_live(st: &AppState, p: &Principal) -> Result<Vec<Sandbox>, ApiError
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    template: Option<String>,
+    status: Option<String>,
+}
+
+/// `GET /v1/sandboxes[?template=&status=]`: the workspace's live sandboxes.
 async fn list(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
+    QueryArgs(q): QueryArgs<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let items: Vec<Value> = all_live(&st, &p)
         .await?
         .into_iter()
+        .filter(|s| q.template.as_ref().is_none_or(|t| &s.template == t))
+        .filter(|s| q.status.as_ref().is_none_or(|x| &s.status.to_string() == x))
         .map(|s| view(s, None))
         .collect();
     Ok(Json(json!({ "items": items })))
@@ -412,15 +441,21 @@ fn snapshot_view(s: forkbox_core::Snapshot) -> Value {
            "template": s.template, "created_at": created, "size_bytes": null})
 }
 
-/// `POST …/snapshots` (no body): a snapshot of the sandbox's files, named by time.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    name: Option<String>,
+}
+
+/// `POST …/snapshots` (the client: no body) or `…/snapshot` (seed 002: "a named
+/// snapshot", `{name}`): a snapshot of the sandbox's files, named by time if unnamed.
 async fn snapshot(
     State(st): State<AppState>,
     Sbx(id): Sbx,
+    JsonBody(b): JsonBody<SnapshotBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let s = st
-        .manager
-        .snapshot(&id, &crate::dialect::snapshot_name())
-        .await?;
+    let name = b.name.unwrap_or_else(crate::dialect::snapshot_name);
+    let s = st.manager.snapshot(&id, &name).await?;
     Ok((StatusCode::CREATED, Json(snapshot_view(s))))
 }
 
@@ -768,7 +803,7 @@ async fn volume_named(
         .volumes(&p.workspace)
         .await?
         .into_iter()
-        .find(|v| v.name == name)
+        .find(|v| v.name == name || v.id == name)
         .ok_or_else(|| forkbox_core::CoreError::NoVolume(name.to_owned()).into())
 }
 
@@ -851,7 +886,7 @@ async fn me(Extension(p): Extension<Principal>) -> Json<Value> {
 
 fn token_view(t: &forkbox_core::auth::Token) -> Value {
     let created = crate::sandboxes::rfc3339(t.created_at);
-    json!({"prefix": t.prefix, "label": t.name, "name": t.name, "created_at": created})
+    json!({"id": t.id, "prefix": t.prefix, "label": t.name, "name": t.name, "created_at": created})
 }
 
 /// `GET /v1/me/tokens`: the workspace's keys in force.
@@ -871,6 +906,7 @@ async fn tokens(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenBody {
+    #[serde(alias = "name")]
     label: String,
     expires_in_days: Option<u64>,
 }
@@ -894,7 +930,8 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-/// `DELETE /v1/me/tokens/{prefix}`: the workspace's one key in force with that prefix.
+/// `DELETE /v1/me/tokens/{prefix}` (or seed 002's `/v1/auth/tokens/{id}`): the
+/// workspace's one key in force with that prefix, or that id.
 async fn revoke_token(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -903,7 +940,11 @@ async fn revoke_token(
     let all = st.manager.tokens(&p).await?;
     let hits: Vec<_> = all
         .iter()
-        .filter(|t| t.revoked_at.is_none() && t.workspace == p.workspace && t.prefix == prefix)
+        .filter(|t| {
+            t.revoked_at.is_none()
+                && t.workspace == p.workspace
+                && (t.prefix == prefix || t.id == prefix)
+        })
         .collect();
     match hits.as_slice() {
         [] => Err(forkbox_core::CoreError::NoToken(prefix).into()),

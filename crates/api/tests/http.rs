@@ -105,6 +105,7 @@ async fn router() -> (axum::Router, tempfile::TempDir) {
             browser: forkbox_api::browser::BrowserPolicy::new(true, vec![], vec![]),
             replay: Default::default(),
             terminals: Default::default(),
+            previews: Default::default(),
         }),
         dir,
     )
@@ -266,6 +267,7 @@ async fn every_route_is_in_the_openapi_document_and_served() {
         ("POST", "/v1/sandboxes/{id}/exec"),
         ("POST", "/v1/sandboxes/{id}/exec/stream"),
         ("GET", "/v1/sandboxes/{id}/exec/pty"),
+        ("GET", "/v1/sandboxes/{id}/ports"),
         ("GET", "/v1/sandboxes/{id}/events"),
         ("GET", "/v1/sandboxes/{id}/logs"),
         ("GET", "/v1/sandboxes/{id}/commands"),

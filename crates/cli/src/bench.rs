@@ -327,6 +327,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         warm_pool: 0,
         allowed_hosts: Vec::new(),
         cors_origins: Vec::new(),
+        preview_domain: "localhost".into(),
     };
     let server = serve::build(&sa).await?;
     let addr = server.listener.local_addr()?;
@@ -340,6 +341,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 browser: server.browser,
                 replay: Default::default(),
                 terminals: Default::default(),
+                previews: Default::default(),
             },
         )
         .into_future(),

@@ -81,6 +81,11 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    /// The domain of preview hosts: a sandbox's port is also served at
+    /// `{port}-{sandbox id}.{domain}` (point a wildcard DNS name at this server to use
+    /// one of your own; `*.localhost` reaches loopback in browsers without DNS).
+    #[arg(long, env = "FORKBOX_PREVIEW_DOMAIN", default_value = "localhost")]
+    pub preview_domain: String,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,6 +257,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             browser: server.browser,
             replay: Default::default(),
             terminals: Default::default(),
+            previews: forkbox_api::ports::Previews {
+                domain: args
+                    .preview_domain
+                    .trim()
+                    .trim_matches('.')
+                    .to_ascii_lowercase(),
+            },
         },
     )
     .with_graceful_shutdown(shutdown_signal())

@@ -81,6 +81,39 @@ async fn vm_files_repl_pause_resume_and_delete() {
     assert_eq!(py(&s, &id, "x = 41").await.2, 0);
     assert_eq!(py(&s, &id, "x + 1").await.0, "42\n");
 
+    // A preview port: a server in the guest, reached through its agent.
+    let (_, err, code) = s
+        .sh(
+            &id,
+            "mkdir -p /srv && echo vm-preview > /srv/index.html && cd /srv && \
+             python3 -m http.server 8000 >/dev/null 2>&1 &",
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (st, v) = get(&s, &format!("/v1/sandboxes/{id}/ports")).await;
+        assert_eq!(st, 200, "{v}");
+        if v["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == 8000)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "port 8000 never listened: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/ports/8000/index.html")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "vm-preview\n");
+
     // Pause stops the vCPUs (QMP stop): a command started before keeps no time going.
     let (st, v) = post(&s, &format!("/v1/sandboxes/{id}/pause"), json!({})).await;
     assert_eq!((st, v["status"].as_str()), (200, Some("paused")), "{v}");

@@ -1022,15 +1022,44 @@ impl Manager {
         check_env(&req.env)?;
         let out = self.running_instance(id).await?.pty(req, input).await?;
         // An open terminal is in use (not idle) until it ends.
+        Ok(self.busy_while(id, out))
+    }
+
+    /// `out`, holding sandbox `id` busy (not idle) until it ends or is dropped.
+    fn busy_while(&self, id: &str, out: ByteStream) -> ByteStream {
         let Some(busy) = self.live(id).map(|l| l.activity.busy()) else {
-            return Ok(out);
+            return out;
         };
-        Ok(out
-            .map(move |b| {
-                let _ = &busy;
-                b
-            })
-            .boxed())
+        out.map(move |b| {
+            let _ = &busy;
+            b
+        })
+        .boxed()
+    }
+
+    /// A connection to TCP `port` inside a running sandbox (preview ports): `input` is
+    /// sent to it, the answer is what it sends back. The sandbox is in use (not idle)
+    /// while the connection is open.
+    pub async fn tcp(
+        &self,
+        id: &SandboxRef,
+        port: u16,
+        input: UploadStream,
+    ) -> Result<ByteStream, CoreError> {
+        let id = id.id();
+        if port == 0 {
+            return Err(CoreError::Invalid("port must be 1-65535".into()));
+        }
+        let out = self.running_instance(id).await?.tcp(port, input).await?;
+        Ok(self.busy_while(id, out))
+    }
+
+    /// The TCP ports something listens on in a running sandbox.
+    pub async fn ports(
+        &self,
+        id: &SandboxRef,
+    ) -> Result<Vec<forkbox_types::agent::ListeningPort>, CoreError> {
+        Ok(self.running_instance(id.id()).await?.ports().await?)
     }
 
     /// A live sandbox's log lines (see [`Instance::logs`]).

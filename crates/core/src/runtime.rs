@@ -4,8 +4,8 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use forkbox_types::agent::{
-    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, PtyRequest, RunCodeRequest, WatchEvent,
-    WriteReply,
+    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, ListeningPort, PtyRequest,
+    RunCodeRequest, WatchEvent, WriteReply,
 };
 use futures_util::stream::BoxStream;
 use std::collections::BTreeMap;
@@ -96,6 +96,9 @@ pub enum RuntimeError {
     /// No background command with this pid.
     #[error("no background command with pid {0}")]
     NoProcess(i32),
+    /// Nothing accepts connections on that port in the sandbox.
+    #[error("{0}")]
+    PortClosed(String),
     /// A file operation inside the sandbox failed.
     #[error("{message}")]
     File {
@@ -128,6 +131,15 @@ impl RuntimeError {
             409 => RuntimeError::Conflict(message),
             400 => RuntimeError::Rejected(message),
             _ => RuntimeError::host("background command", id, std::io::Error::other(message)),
+        }
+    }
+
+    /// An agent's refusal (HTTP `status`, `message`) of a connection to a port.
+    pub fn port_refused(id: &str, status: u16, message: String) -> RuntimeError {
+        match status {
+            502 => RuntimeError::PortClosed(message),
+            400 => RuntimeError::Rejected(message),
+            _ => RuntimeError::host("port connection", id, std::io::Error::other(message)),
         }
     }
 
@@ -392,6 +404,22 @@ pub trait Instance: Send + Sync + 'static {
         let _ = (req, input);
         Err(RuntimeError::Unavailable(
             "this runtime has no terminals".into(),
+        ))
+    }
+
+    /// A connection to TCP `port` on the sandbox's own loopback: `input` is sent, the
+    /// answer is what comes back.
+    async fn tcp(&self, port: u16, input: UploadStream) -> Result<ByteStream, RuntimeError> {
+        let _ = (port, input);
+        Err(RuntimeError::Unavailable(
+            "this runtime cannot reach ports in its sandboxes".into(),
+        ))
+    }
+
+    /// The TCP ports something listens on in the sandbox.
+    async fn ports(&self) -> Result<Vec<ListeningPort>, RuntimeError> {
+        Err(RuntimeError::Unavailable(
+            "this runtime cannot list ports in its sandboxes".into(),
         ))
     }
 

@@ -29,7 +29,7 @@ pub use forkbox_sys::btrfs::QuotaMode;
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
 use forkbox_types::agent::{
     AdoptRequest, BgInfo, ExecRequest, FileOp, FileOpReply, ForkChild, ForkRequest, JailInit,
-    JailInitReply, PtyRequest, RunCodeRequest, WriteReply,
+    JailInitReply, ListeningPort, PtyRequest, RunCodeRequest, WriteReply,
 };
 use futures_util::StreamExt;
 use pool::Pool;
@@ -1424,6 +1424,21 @@ impl Instance for JailInstance {
         Ok(self.agent_stream(stream))
     }
 
+    async fn tcp(&self, port: u16, input: UploadStream) -> Result<ByteStream, RuntimeError> {
+        let input =
+            input.map(|r| r.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>));
+        let stream = self
+            .client
+            .tcp(port, input)
+            .await
+            .map_err(|e| self.port_err(e))?;
+        Ok(self.agent_stream(stream))
+    }
+
+    async fn ports(&self) -> Result<Vec<ListeningPort>, RuntimeError> {
+        self.client.ports().await.map_err(|e| self.port_err(e))
+    }
+
     async fn bg_start(&self, req: ExecRequest) -> Result<BgInfo, RuntimeError> {
         self.client.bg_start(&req).await.map_err(|e| self.bg_err(e))
     }
@@ -1873,6 +1888,18 @@ impl JailInstance {
         match e {
             forkbox_agent_client::AgentError::Status { status, message } => {
                 RuntimeError::background_refused(&self.id, status.as_u16(), message)
+            }
+            other => RuntimeError::Agent {
+                id: self.id.clone(),
+                source: other.into(),
+            },
+        }
+    }
+    /// Maps a port call's failure: the agent's status says what kind.
+    fn port_err(&self, e: forkbox_agent_client::AgentError) -> RuntimeError {
+        match e {
+            forkbox_agent_client::AgentError::Status { status, message } => {
+                RuntimeError::port_refused(&self.id, status.as_u16(), message)
             }
             other => RuntimeError::Agent {
                 id: self.id.clone(),

@@ -312,6 +312,14 @@ pub struct PtyRequest {
     pub env: BTreeMap<String, String>,
 }
 
+/// A TCP port something listens on in a sandbox (`GET /ports`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListeningPort {
+    pub port: u16,
+    /// The address it is bound to (`0.0.0.0`, `127.0.0.1`, `::`, …).
+    pub address: String,
+}
+
 /// Body of `POST /bg/signal`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BgSignal {

@@ -26,7 +26,8 @@ use forkbox_core::runtime::{
     UploadStream, WatchEvents,
 };
 use forkbox_types::agent::{
-    BgInfo, ExecRequest, FileOp, FileOpReply, PtyRequest, RunCodeRequest, VmInit, WriteReply,
+    BgInfo, ExecRequest, FileOp, FileOpReply, ListeningPort, PtyRequest, RunCodeRequest, VmInit,
+    WriteReply,
 };
 use futures_util::StreamExt as _;
 use std::path::{Path, PathBuf};
@@ -1107,6 +1108,15 @@ impl VmInstance {
             other => self.agent_err(other),
         }
     }
+    /// Maps a port call's failure: the agent's status says what kind.
+    fn port_err(&self, e: forkbox_agent_client::AgentError) -> RuntimeError {
+        match e {
+            forkbox_agent_client::AgentError::Status { status, message } => {
+                RuntimeError::port_refused(&self.id, status.as_u16(), message)
+            }
+            other => self.agent_err(other),
+        }
+    }
     /// Maps a file call's failure: the agent's status says what kind.
     fn file_err(&self, e: forkbox_agent_client::AgentError) -> RuntimeError {
         match e {
@@ -1168,6 +1178,21 @@ impl Instance for VmInstance {
             .await
             .map_err(|e| self.agent_err(e))?;
         Ok(self.agent_stream(stream))
+    }
+
+    async fn tcp(&self, port: u16, input: UploadStream) -> Result<ByteStream, RuntimeError> {
+        let input =
+            input.map(|r| r.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>));
+        let stream = self
+            .client()?
+            .tcp(port, input)
+            .await
+            .map_err(|e| self.port_err(e))?;
+        Ok(self.agent_stream(stream))
+    }
+
+    async fn ports(&self) -> Result<Vec<ListeningPort>, RuntimeError> {
+        self.client()?.ports().await.map_err(|e| self.port_err(e))
     }
 
     async fn bg_start(&self, req: ExecRequest) -> Result<BgInfo, RuntimeError> {
