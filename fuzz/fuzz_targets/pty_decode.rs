@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Some(FrameError::TooLarge(n)) => assert!(n > MAX_FRAME),
-        Some(FrameError::Kind(k)) => assert!(k > 2 && rest.first() == Some(&k)),
-        Some(FrameError::Malformed(_)) => assert!(matches!(rest.first(), Some(1 | 2))),
+        Some(FrameError::Kind(k)) => assert!(k > 3 && rest.first() == Some(&k)),
+        Some(FrameError::Malformed(_)) => assert!(matches!(rest.first(), Some(1..=3))),
     }
 });

@@ -32,6 +32,7 @@ pub enum ArbFrame {
     Data(Vec<u8>),
     Resize { rows: u16, cols: u16 },
     Exit(i32),
+    Kill,
 }
 
 impl From<ArbFrame> for Frame {
@@ -40,6 +41,7 @@ impl From<ArbFrame> for Frame {
             ArbFrame::Data(d) => Frame::Data(d),
             ArbFrame::Resize { rows, cols } => Frame::Resize { rows, cols },
             ArbFrame::Exit(c) => Frame::Exit(c),
+            ArbFrame::Kill => Frame::Kill,
         }
     }
 }

@@ -268,7 +268,7 @@ def test_volumes_by_name(client):
         client.volumes.get(name)
 
 
-@calls("`me`, `tokens.create`, `tokens.list`, `tokens.revoke`")
+@calls("`me`, `tokens.create` (also `expires_in_days`), `tokens.list`, `tokens.revoke`")
 def test_me_and_tokens(client):
     me = client.me()
     assert me["current_org"]["slug"] == "default"
@@ -279,6 +279,14 @@ def test_me_and_tokens(client):
     assert httpx.get(URL + "/v1/auth/whoami", headers={"authorization": f"Bearer {tok.token}"}).status_code == 200
     client.tokens.revoke(tok.prefix)
     assert tok.prefix not in [t.prefix for t in client.tokens.list()]
+    # An expiring key: in force now, its expiry a day on.
+    exp = client.tokens.create(f"ci-exp-{os.getpid()}", expires_in_days=1)
+    assert httpx.get(URL + "/v1/auth/whoami", headers={"authorization": f"Bearer {exp.token}"}).status_code == 200
+    mine = [t for t in httpx.get(URL + "/v1/auth/tokens").json()["tokens"] if t["prefix"] == exp.prefix]
+    from datetime import datetime, timezone
+    left = datetime.fromisoformat(mine[0]["expires_at"].replace("Z", "+00:00")) - datetime.now(timezone.utc)
+    assert 86000 < left.total_seconds() <= 86400, left
+    client.tokens.revoke(exp.prefix)
 
 
 @calls("`logs`")

@@ -161,15 +161,17 @@ impl Running {
             };
             tokio::select! {
                 biased;
-                r = out.read(&mut self.stdout), if out_open => match r {
-                    Ok(true) => {}
-                    Ok(false) => out_open = false,
-                    Err(Gone) => return kill_tree(self.pid),
+                r = self.stdout.read(&mut out.buf), if out_open => match r {
+                    Ok(0) | Err(_) => out_open = false,
+                    Ok(n) => if out.emit(n).await.is_err() {
+                        return kill_tree(self.pid);
+                    },
                 },
-                r = err.read(&mut self.stderr), if err_open => match r {
-                    Ok(true) => {}
-                    Ok(false) => err_open = false,
-                    Err(Gone) => return kill_tree(self.pid),
+                r = self.stderr.read(&mut err.buf), if err_open => match r {
+                    Ok(0) | Err(_) => err_open = false,
+                    Ok(n) => if err.emit(n).await.is_err() {
+                        return kill_tree(self.pid);
+                    },
                 },
                 e = &mut self.exit, if exit.is_none() => {
                     exit = Some(e.unwrap_or(Exit { code: -1, signal: None }));
@@ -203,15 +205,17 @@ impl Running {
             while out_open || err_open {
                 tokio::select! {
                     biased;
-                    r = out.read(&mut self.stdout), if out_open => match r {
-                        Ok(true) => {}
-                        Ok(false) => out_open = false,
-                        Err(Gone) => return,
+                    r = self.stdout.read(&mut out.buf), if out_open => match r {
+                        Ok(0) | Err(_) => out_open = false,
+                        Ok(n) => if out.emit(n).await.is_err() {
+                            return;
+                        },
                     },
-                    r = err.read(&mut self.stderr), if err_open => match r {
-                        Ok(true) => {}
-                        Ok(false) => err_open = false,
-                        Err(Gone) => return,
+                    r = self.stderr.read(&mut err.buf), if err_open => match r {
+                        Ok(0) | Err(_) => err_open = false,
+                        Ok(n) => if err.emit(n).await.is_err() {
+                            return;
+                        },
                     },
                     _ = tokio::time::sleep_until(until) => break,
                 }
@@ -272,12 +276,13 @@ impl<'a> Output<'a> {
         }
     }
 
-    /// Reads once from `pipe` and sends the complete lines: `Ok(false)` at EOF.
-    async fn read(&mut self, pipe: &mut pipe::Receiver) -> Result<bool, Gone> {
-        let n = match pipe.read(&mut self.buf).await {
-            Ok(0) | Err(_) => return Ok(false),
-            Ok(n) => n,
-        };
+    /// Sends the complete lines of the `n` bytes just read into `buf`.
+    ///
+    /// Reading and sending are apart on purpose: only the read (cancel-safe) races
+    /// the other branches of `Running::stream`'s `select!`. A future that had read
+    /// bytes and then waited to send them (the channel full under a flood of the other
+    /// stream) lost them when another branch won.
+    async fn emit(&mut self, n: usize) -> Result<(), Gone> {
         for data in self.split.push(&self.buf[..n]) {
             let ev = if self.stdout {
                 AgentEvent::Stdout { data }
@@ -286,7 +291,7 @@ impl<'a> Output<'a> {
             };
             self.tx.send(line(&ev)).await.map_err(|_| Gone)?;
         }
-        Ok(true)
+        Ok(())
     }
 }
 

@@ -14,9 +14,16 @@ impl LineSplitter {
         let mut out = Vec::new();
         for &b in chunk {
             self.buf.push(b);
-            if b == b'\n' || self.buf.len() >= MAX_LINE {
+            if b == b'\n' {
                 out.push(String::from_utf8_lossy(&self.buf).into_owned());
                 self.buf.clear();
+            } else if self.buf.len() >= MAX_LINE {
+                // A long run is cut before a character it would split; that
+                // character's first bytes start the next piece.
+                let cut = char_boundary(&self.buf);
+                let rest = self.buf.split_off(cut);
+                out.push(String::from_utf8_lossy(&self.buf).into_owned());
+                self.buf = rest;
             }
         }
         out
@@ -34,9 +41,59 @@ impl LineSplitter {
     }
 }
 
+/// Where `buf` can be cut without splitting a UTF-8 character: before an incomplete
+/// sequence at its end, else its end (invalid bytes are not held back).
+fn char_boundary(buf: &[u8]) -> usize {
+    let len = buf.len();
+    // The last character starts at most 3 bytes before the end.
+    for back in 1..=len.min(4) {
+        let b = buf[len - back];
+        if b & 0xC0 == 0x80 {
+            continue; // a continuation byte
+        }
+        let want = match b {
+            0x00..=0x7F => 1,
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => 1,
+        };
+        return if want > back { len - back } else { len };
+    }
+    len
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_line_is_not_cut_inside_a_character() {
+        for prefix in ["", "a", "ab", "abc"] {
+            for ch in ["é", "€", "😀"] {
+                let text = format!("{prefix}{}\n", ch.repeat(MAX_LINE / ch.len() + 100));
+                let mut s = LineSplitter::default();
+                let mut pieces = Vec::new();
+                for chunk in text.as_bytes().chunks(1000) {
+                    pieces.extend(s.push(chunk));
+                }
+                assert!(s.finish().is_none());
+                assert!(pieces.len() >= 2);
+                for p in &pieces {
+                    assert!(
+                        !p.contains('\u{FFFD}'),
+                        "{prefix:?} {ch}: a character was cut"
+                    );
+                    assert!(p.len() <= MAX_LINE);
+                }
+                assert_eq!(pieces.concat(), text);
+            }
+        }
+        // Bytes that are no UTF-8 still go out (replaced), never held back forever.
+        let mut s = LineSplitter::default();
+        let lines = s.push(&vec![0xFF; MAX_LINE + 1]);
+        assert_eq!(lines.len(), 1);
+    }
 
     #[test]
     fn splits_across_chunks() {

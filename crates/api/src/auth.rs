@@ -1,9 +1,9 @@
 //! API keys at the edge: who is calling (a key, or the local user when auth is off),
 //! which workspace's resources a request may name, and the `/v1/auth/*` routes.
 
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, PathArgs};
 use crate::{ApiError, AppState};
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -216,6 +216,8 @@ pub struct TokenView {
     admin: bool,
     created_at: String,
     revoked_at: Option<String>,
+    /// After this the key fails; `null`: it does not expire.
+    expires_at: Option<String>,
     /// The key itself: shown once, at creation; store it now.
     #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<String>,
@@ -235,6 +237,7 @@ impl From<Token> for TokenView {
             admin: t.admin,
             created_at: ts(t.created_at),
             revoked_at: t.revoked_at.map(ts),
+            expires_at: t.expires_at.map(ts),
             key: None,
         }
     }
@@ -272,6 +275,27 @@ pub struct CreateTokenBody {
     /// Whether the key may manage every workspace's keys and quotas (admin keys only).
     #[serde(default)]
     admin: bool,
+    /// Seconds until the key expires (default: never; at most ten years).
+    expires_in: Option<u64>,
+}
+
+/// `now + seconds`, for a key's expiry (`None`: never).
+pub(crate) fn expires_after(
+    seconds: Option<u64>,
+) -> Result<Option<time::OffsetDateTime>, ApiError> {
+    seconds
+        .map(|s| {
+            i64::try_from(s)
+                .ok()
+                .filter(|s| *s > 0)
+                .and_then(|s| {
+                    time::OffsetDateTime::now_utc().checked_add(time::Duration::seconds(s))
+                })
+                .ok_or_else(|| {
+                    ApiError::BadRequest("a key expires in the future, at most ten years on".into())
+                })
+        })
+        .transpose()
 }
 
 #[utoipa::path(post, path = "/v1/auth/tokens", tag = "auth", request_body = CreateTokenBody, responses((status = 201, description = "The new key, shown once", body = TokenView), (status = "4XX", description = "Invalid request, or not allowed for this key", body = crate::error::ErrorBody)))]
@@ -287,6 +311,7 @@ pub async fn create_token(
             b.name.as_deref().unwrap_or("api"),
             b.workspace.as_deref(),
             b.admin,
+            expires_after(b.expires_in)?,
         )
         .await?;
     let mut v = TokenView::from(made.token);
@@ -298,7 +323,7 @@ pub async fn create_token(
 pub async fn revoke_token(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathArgs(id): PathArgs<String>,
 ) -> Result<Json<TokenView>, ApiError> {
     Ok(Json(st.manager.revoke_token(&p, &id).await?.into()))
 }
@@ -323,7 +348,7 @@ fn visible(p: &Principal, name: &str) -> Result<(), ApiError> {
 pub async fn get_workspace(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(name): Path<String>,
+    PathArgs(name): PathArgs<String>,
 ) -> Result<Json<WorkspaceView>, ApiError> {
     visible(&p, &name)?;
     Ok(Json(WorkspaceView {
@@ -337,7 +362,7 @@ pub async fn get_workspace(
 pub async fn set_workspace(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(name): Path<String>,
+    PathArgs(name): PathArgs<String>,
     JsonBody(q): JsonBody<QuotaView>,
 ) -> Result<Json<WorkspaceView>, ApiError> {
     let quota = Quota {

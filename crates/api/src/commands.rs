@@ -1,10 +1,10 @@
 //! Background commands: `/v1/sandboxes/:id/commands…` (start one with
 //! `POST …/exec {"cmd", "background": true}`).
 
-use crate::extract::{JsonBody, QueryArgs};
+use crate::extract::{JsonBody, PathArgs, QueryArgs};
 use crate::owned::Sbx;
 use crate::{ApiError, AppState};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
@@ -81,7 +81,7 @@ pub struct StdinBody {
 pub async fn stdin(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    Path(ids): Path<(String, String)>,
+    PathArgs(ids): PathArgs<(String, String)>,
     JsonBody(b): JsonBody<StdinBody>,
 ) -> Result<StatusCode, ApiError> {
     let pid = parse_pid(&ids.1)?;
@@ -137,7 +137,7 @@ fn signal_number(s: &SignalArg) -> Result<i32, ApiError> {
 pub async fn signal(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    Path(ids): Path<(String, String)>,
+    PathArgs(ids): PathArgs<(String, String)>,
     JsonBody(b): JsonBody<SignalBody>,
 ) -> Result<StatusCode, ApiError> {
     let pid = parse_pid(&ids.1)?;
@@ -154,7 +154,7 @@ pub async fn signal(
 pub async fn kill(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    Path(ids): Path<(String, String)>,
+    PathArgs(ids): PathArgs<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let pid = parse_pid(&ids.1)?;
     st.manager.command_signal(&id, pid, 9).await?;
@@ -171,7 +171,7 @@ pub struct WaitView {
 pub async fn wait(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    Path(ids): Path<(String, String)>,
+    PathArgs(ids): PathArgs<(String, String)>,
 ) -> Result<Json<WaitView>, ApiError> {
     let pid = parse_pid(&ids.1)?;
     let exit_code = st.manager.command_wait(&id, pid).await?;
@@ -190,7 +190,7 @@ pub struct OutputQuery {
 pub async fn output(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    Path(ids): Path<(String, String)>,
+    PathArgs(ids): PathArgs<(String, String)>,
     QueryArgs(q): QueryArgs<OutputQuery>,
 ) -> Result<Response, ApiError> {
     let pid = parse_pid(&ids.1)?;

@@ -12,11 +12,11 @@
 
 use crate::dialect::{collect, not_offered, timeout_note};
 use crate::error::ApiError;
-use crate::extract::{JsonBody, QueryArgs};
+use crate::extract::{JsonBody, PathArgs, QueryArgs};
 use crate::owned::Sbx;
 use crate::AppState;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -432,7 +432,7 @@ async fn delete_snapshot(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
     Sbx(_id): Sbx,
-    Path((_, snap)): Path<(String, String)>,
+    PathArgs((_, snap)): PathArgs<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     match st.manager.snapshot_ref(&p, &snap).await {
         Ok(r) => match st.manager.delete_snapshot(&r).await {
@@ -583,7 +583,7 @@ async fn commands(State(st): State<AppState>, Sbx(id): Sbx) -> Result<Json<Value
 async fn kill_command(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    Path((_, pid)): Path<(String, String)>,
+    PathArgs((_, pid)): PathArgs<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     st.manager.command_signal(&id, parse_pid(&pid)?, 9).await?;
     Ok(Json(json!({"killed": true})))
@@ -594,7 +594,7 @@ async fn kill_command(
 async fn wait(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    Path((_, pid)): Path<(String, String)>,
+    PathArgs((_, pid)): PathArgs<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let pid = parse_pid(&pid)?;
     let exit_code = st.manager.command_wait(&id, pid).await?;
@@ -613,7 +613,7 @@ struct StdinBody {
 async fn stdin(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    Path((_, pid)): Path<(String, String)>,
+    PathArgs((_, pid)): PathArgs<(String, String)>,
     JsonBody(b): JsonBody<StdinBody>,
 ) -> Result<Json<Value>, ApiError> {
     st.manager

@@ -25,20 +25,29 @@ pub struct Collected {
     pub timed_out: bool,
 }
 
-/// Reads `events` to their end.
+/// Reads `events` to their end, keeping at most 1 MiB of each stream (a note on
+/// stderr says what was cut).
 pub async fn collect(mut events: BoxStream<'static, ExecEvent>) -> Collected {
+    use forkbox_core::runner::{push_capped, MAX_OUTPUT};
     let mut c = Collected {
         stdout: String::new(),
         stderr: String::new(),
         code: None,
         timed_out: false,
     };
+    let (mut cut_out, mut cut_err) = (false, false);
     while let Some(ev) = events.next().await {
         match ev.kind {
-            EventKind::Stdout(d) => c.stdout.push_str(&d),
+            EventKind::Stdout(d) => push_capped(&mut c.stdout, &d, &mut cut_out),
             EventKind::Stderr(d) if timeout_note(&d) => c.timed_out = true,
-            EventKind::Stderr(d) => c.stderr.push_str(&d),
+            EventKind::Stderr(d) => push_capped(&mut c.stderr, &d, &mut cut_err),
             EventKind::Exit(code) => c.code = Some(code),
+        }
+    }
+    for (cut, name) in [(cut_out, "stdout"), (cut_err, "stderr")] {
+        if cut {
+            c.stderr
+                .push_str(&format!("forkbox: {name} was cut at {MAX_OUTPUT} bytes\n"));
         }
     }
     c

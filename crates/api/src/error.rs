@@ -75,6 +75,7 @@ impl ApiError {
                     RuntimeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
                     RuntimeError::NoProcess(_) => (StatusCode::NOT_FOUND, "process_not_found"),
                     RuntimeError::PortClosed(_) => (StatusCode::BAD_GATEWAY, "port_closed"),
+                    RuntimeError::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, "not_supported"),
                     RuntimeError::File { kind, .. } => match kind {
                         FileErrorKind::Invalid => (StatusCode::BAD_REQUEST, "invalid_path"),
                         FileErrorKind::NotFound => (StatusCode::NOT_FOUND, "file_not_found"),

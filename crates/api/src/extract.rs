@@ -89,3 +89,28 @@ pub fn ndjson<T: serde::Serialize + Send + 'static>(
     )
         .into_response()
 }
+
+/// Like `axum::extract::Path`, but a path that does not decode (`%FF`, a number that is
+/// none) is a JSON `400 invalid_request`, not axum's plain text.
+pub struct PathArgs<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for PathArgs<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(PathArgs(v)),
+            Err(e) => Err(ApiError::BadRequest(format!(
+                "invalid path: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}

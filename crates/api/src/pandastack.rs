@@ -11,10 +11,10 @@
 
 use crate::dialect::{collect, not_offered, timeout_note, Collected};
 use crate::error::ApiError;
-use crate::extract::{JsonBody, QueryArgs};
+use crate::extract::{JsonBody, PathArgs, QueryArgs};
 use crate::owned::Sbx;
 use crate::AppState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -710,7 +710,7 @@ fn context_id(ctx: &str) -> Result<&str, ApiError> {
 async fn delete_context(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    Path((_, ctx)): Path<(String, String)>,
+    PathArgs((_, ctx)): PathArgs<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let r = crate::contexts::call(&st, &id, "del", context_id(&ctx)?, "", None).await?;
     match r.answer.as_ref().and_then(|a| a["ok"].as_bool()) {
@@ -733,7 +733,7 @@ struct RunBody {
 async fn run_in_context(
     State(st): State<AppState>,
     Sbx(id): Sbx,
-    Path((_, ctx)): Path<(String, String)>,
+    PathArgs((_, ctx)): PathArgs<(String, String)>,
     JsonBody(b): JsonBody<RunBody>,
 ) -> Result<Json<Value>, ApiError> {
     let t0 = std::time::Instant::now();
@@ -782,7 +782,7 @@ async fn templates(State(st): State<AppState>) -> Json<Value> {
 
 async fn template(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    PathArgs(name): PathArgs<String>,
 ) -> Result<Json<Value>, ApiError> {
     let t = st.manager.template(&name).await?;
     Ok(Json(template_view(&name, &t)))
@@ -855,7 +855,7 @@ async fn volumes(
 async fn volume(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(name): Path<String>,
+    PathArgs(name): PathArgs<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(volume_view(volume_named(&st, &p, &name).await?)))
 }
@@ -863,7 +863,7 @@ async fn volume(
 async fn delete_volume(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(name): Path<String>,
+    PathArgs(name): PathArgs<String>,
 ) -> Result<StatusCode, ApiError> {
     let v = volume_named(&st, &p, &name).await?;
     st.manager.delete_volume(&p.workspace, &v.id).await?;
@@ -886,7 +886,9 @@ async fn me(Extension(p): Extension<Principal>) -> Json<Value> {
 
 fn token_view(t: &forkbox_core::auth::Token) -> Value {
     let created = crate::sandboxes::rfc3339(t.created_at);
-    json!({"id": t.id, "prefix": t.prefix, "label": t.name, "name": t.name, "created_at": created})
+    let expires = t.expires_at.map(crate::sandboxes::rfc3339);
+    json!({"id": t.id, "prefix": t.prefix, "label": t.name, "name": t.name, "created_at": created,
+           "expires_at": expires})
 }
 
 /// `GET /v1/me/tokens`: the workspace's keys in force.
@@ -897,7 +899,7 @@ async fn tokens(
     let all = st.manager.tokens(&p).await?;
     let items: Vec<Value> = all
         .iter()
-        .filter(|t| t.revoked_at.is_none() && t.workspace == p.workspace)
+        .filter(|t| t.in_force(time::OffsetDateTime::now_utc()) && t.workspace == p.workspace)
         .map(token_view)
         .collect();
     Ok(Json(json!({ "items": items })))
@@ -916,14 +918,10 @@ async fn create_token(
     Extension(p): Extension<Principal>,
     JsonBody(b): JsonBody<TokenBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if b.expires_in_days.is_some() {
-        return Err(ApiError::NotOffered(
-            "forkbox keys do not expire; revoke them instead (expires_in_days)".into(),
-        ));
-    }
+    let expires = crate::auth::expires_after(b.expires_in_days.map(|d| d.saturating_mul(86400)))?;
     let t = st
         .manager
-        .create_token(&p, &b.label, Some(&p.workspace.clone()), false)
+        .create_token(&p, &b.label, Some(&p.workspace.clone()), false, expires)
         .await?;
     let mut v = token_view(&t.token);
     v["token"] = json!(t.key);
@@ -935,7 +933,7 @@ async fn create_token(
 async fn revoke_token(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(prefix): Path<String>,
+    PathArgs(prefix): PathArgs<String>,
 ) -> Result<StatusCode, ApiError> {
     let all = st.manager.tokens(&p).await?;
     let hits: Vec<_> = all

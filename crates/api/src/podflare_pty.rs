@@ -13,11 +13,11 @@
 //!   long-poll reader (`seq` is a byte offset in the session's output).
 
 use crate::error::ApiError;
-use crate::extract::{ndjson, JsonBody};
+use crate::extract::{ndjson, JsonBody, PathArgs};
 use crate::owned::Sbx;
 use crate::terminals::{Open, Piece, Session};
 use crate::AppState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -177,10 +177,10 @@ fn session(
 }
 
 /// The `{pty}` of the route (the sandbox's `{id}` is checked by [`Sbx`]).
-type PtyPath = Path<HashMap<String, String>>;
+type PtyPath = PathArgs<HashMap<String, String>>;
 
 fn pty_id(p: &PtyPath) -> &str {
-    p.get("pty").map(String::as_str).unwrap_or_default()
+    p.0.get("pty").map(String::as_str).unwrap_or_default()
 }
 
 #[derive(Deserialize)]

@@ -1,9 +1,9 @@
 //! The code-runner contract (`/api/v1`, seed 003): languages, one-shot execute, and
 //! each language's root filesystem (template) and warm pool.
 
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, PathArgs};
 use crate::{ApiError, AppState};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use forkbox_core::languages::Language;
@@ -69,7 +69,7 @@ fn state_name(s: &RootfsState) -> &'static str {
 #[utoipa::path(get, path = "/api/v1/languages/{lang}", tag = "runner", params(("lang" = String, Path, description = "Name or alias")), responses((status = 200, body = LanguageView), (status = 404, description = "language not found: <lang>", body = crate::error::ErrorBody)))]
 pub async fn language(
     State(st): State<AppState>,
-    Path(lang): Path<String>,
+    PathArgs(lang): PathArgs<String>,
 ) -> Result<Json<LanguageView>, ApiError> {
     let l = st.manager.language(&lang)?;
     let state = st.manager.rootfs_state(&l).await;

@@ -605,19 +605,14 @@ pub async fn exec(
     }
     let events = start_exec(&st, &id, b).await?;
     if wait {
-        let mut r = ExecResult {
-            stdout: String::new(),
-            stderr: String::new(),
-            exit_code: forkbox_core::manager::EXIT_UNKNOWN,
+        // One answer holds at most 1 MiB of each stream (a note on stderr says what
+        // was cut); the command still runs to its end.
+        let c = forkbox_core::runner::collect(events).await;
+        let r = ExecResult {
+            stdout: c.stdout,
+            stderr: c.stderr,
+            exit_code: c.exit_code,
         };
-        let mut events = events;
-        while let Some(ev) = events.next().await {
-            match ev.kind {
-                EventKind::Stdout(d) => r.stdout.push_str(&d),
-                EventKind::Stderr(d) => r.stderr.push_str(&d),
-                EventKind::Exit(c) => r.exit_code = c,
-            }
-        }
         return Ok(Json(ExecJson::Result(r)).into_response());
     }
     Ok(crate::extract::ndjson(events))

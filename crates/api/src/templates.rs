@@ -2,9 +2,9 @@
 //! read their build logs. Templates are shared by every workspace, so building and
 //! deleting one needs an admin key when the server requires keys.
 
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, PathArgs};
 use crate::{ApiError, AppState};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -152,7 +152,7 @@ pub async fn list(State(st): State<AppState>) -> Json<TemplateList> {
 #[utoipa::path(get, path = "/v1/templates/{name}", tag = "templates", params(("name" = String, Path, description = "Template name")), responses((status = 200, body = TemplateView), (status = 404, description = "No such template", body = crate::error::ErrorBody)))]
 pub async fn get(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    PathArgs(name): PathArgs<String>,
 ) -> Result<Json<TemplateView>, ApiError> {
     Ok(Json(st.manager.template(&name).await?.into()))
 }
@@ -163,7 +163,7 @@ pub async fn get(
 pub async fn delete(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(name): Path<String>,
+    PathArgs(name): PathArgs<String>,
 ) -> Result<StatusCode, ApiError> {
     admin_only(&p, &st, "deleting")?;
     st.manager.delete_template(&name).await?;
@@ -173,7 +173,7 @@ pub async fn delete(
 #[utoipa::path(get, path = "/v1/templates/{name}/log", tag = "templates", params(("name" = String, Path, description = "Template name")), responses((status = 200, description = "The build log (kept for templates built through the API and for failed builds)", content_type = "text/plain", body = String), (status = 404, description = "No such template", body = crate::error::ErrorBody)))]
 pub async fn log(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    PathArgs(name): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     let text = st.manager.template_log(&name).await?;
     Ok((
@@ -189,7 +189,7 @@ pub async fn log(
 #[utoipa::path(get, path = "/v1/templates/{name}/build", tag = "templates", params(("name" = String, Path, description = "Template name")), responses((status = 200, description = "NDJSON build events from the start of a build this server runs or ran (as for POST /v1/templates)", content_type = "application/x-ndjson", body = String), (status = 404, description = "No build of that name (a built template's log is at …/log)", body = crate::error::ErrorBody)))]
 pub async fn follow(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    PathArgs(name): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     Ok(ndjson(st.manager.follow_build(&name)?))
 }

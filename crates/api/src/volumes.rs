@@ -1,8 +1,8 @@
 //! `/v1/volumes`: persistent directories with a size limit, mounted at create.
 
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, PathArgs};
 use crate::{ApiError, AppState};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use forkbox_core::auth::Principal;
@@ -74,7 +74,7 @@ pub async fn list(
 pub async fn get(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathArgs(id): PathArgs<String>,
 ) -> Result<Json<VolumeView>, ApiError> {
     let v = st.manager.volume_of(&p.workspace, &id).await?;
     Ok(Json(view(&st, v).await))
@@ -84,7 +84,7 @@ pub async fn get(
 pub async fn delete(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathArgs(id): PathArgs<String>,
 ) -> Result<StatusCode, ApiError> {
     st.manager.delete_volume(&p.workspace, &id).await?;
     Ok(StatusCode::NO_CONTENT)

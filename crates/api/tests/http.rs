@@ -1,103 +1,27 @@
-//! The HTTP layer in isolation: a fake runtime behind the real router and the real
+//! The HTTP layer in isolation: core's fake runtime (`forkbox_core::testing`) behind the real router and the real
 //! manager/store, driven with `oneshot`. This proves translation and error mapping
 //! only; the real runtime is proven by the end-to-end suite.
 
 #![allow(clippy::unwrap_used)]
 
-use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use forkbox_api::{app, AppState};
-use forkbox_core::runtime::{AgentEvents, CreateSpec, Instance, Runtime, RuntimeError};
 use forkbox_core::store::Store;
+use forkbox_core::testing::{Fake, FakeRuntime};
 use forkbox_core::{Manager, ManagerConfig};
-use forkbox_types::agent::{AgentEvent, ExecRequest, RunCodeRequest};
-use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use std::sync::Arc;
 use tower::ServiceExt;
 
-struct FakeRuntime;
-struct FakeInstance;
-
-#[async_trait]
-impl Runtime for FakeRuntime {
-    fn name(&self) -> &'static str {
-        "fake"
-    }
-    async fn prepare_template(&self, _: &str) -> Result<(), RuntimeError> {
-        Ok(())
-    }
-    async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
-        if spec.template != "python" {
-            return Err(RuntimeError::UnknownTemplate(spec.template.clone()));
-        }
-        Ok(Arc::new(FakeInstance))
-    }
-    async fn cleanup(&self, _: &str) -> Result<(), RuntimeError> {
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Instance for FakeInstance {
-    fn host_pid(&self) -> Option<i32> {
-        None
-    }
-    fn is_alive(&self) -> bool {
-        true
-    }
-    fn oom_kills(&self) -> u64 {
-        0
-    }
-    async fn exec(&self, req: ExecRequest) -> Result<AgentEvents, RuntimeError> {
-        if req.cmd == "die" {
-            // The agent vanishes mid-stream.
-            let s = futures_util::stream::iter(vec![
-                Ok(AgentEvent::Stdout {
-                    data: "partial\n".into(),
-                }),
-                Err(RuntimeError::Agent {
-                    id: "x".into(),
-                    source: "connection reset".into(),
-                }),
-            ]);
-            return Ok(s.boxed());
-        }
-        let s = futures_util::stream::iter(vec![
-            Ok(AgentEvent::Stdout {
-                data: format!("{}\n", req.cmd),
-            }),
-            Ok(AgentEvent::Exit {
-                code: 0,
-                signal: None,
-                timed_out: false,
-            }),
-        ]);
-        Ok(s.boxed())
-    }
-    async fn run_code(&self, req: RunCodeRequest) -> Result<AgentEvents, RuntimeError> {
-        self.exec(ExecRequest {
-            cmd: req.code,
-            ..Default::default()
-        })
-        .await
-    }
-    async fn pause(&self) -> Result<(), RuntimeError> {
-        Ok(())
-    }
-    async fn resume(&self) -> Result<(), RuntimeError> {
-        Ok(())
-    }
-    async fn destroy(&self) -> Result<(), RuntimeError> {
-        Ok(())
-    }
-}
-
 async fn router() -> (axum::Router, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
-    let m = Manager::new(store, Arc::new(FakeRuntime), ManagerConfig::default());
+    let m = Manager::new(
+        store,
+        Arc::new(Fake(FakeRuntime::new())),
+        ManagerConfig::default(),
+    );
     (
         app(AppState {
             manager: m,
@@ -176,6 +100,38 @@ async fn errors_are_json_with_a_stable_code() {
         (st, json(&b)["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
+}
+
+#[tokio::test]
+async fn undecodable_paths_are_json_errors() {
+    let (r, _d) = router().await;
+    let (st, b) = call(&r, "POST", "/v1/sandboxes", "{}").await;
+    let id = json(&b)["id"].as_str().unwrap().to_owned();
+    assert_eq!(st, StatusCode::CREATED);
+    for (uri, status) in [
+        ("/v1/sandboxes/%FF".to_owned(), StatusCode::NOT_FOUND),
+        ("/v1/templates/%FF".to_owned(), StatusCode::BAD_REQUEST),
+        ("/v1/templates/%FF/log".to_owned(), StatusCode::BAD_REQUEST),
+        ("/v1/volumes/%FF%FE".to_owned(), StatusCode::BAD_REQUEST),
+        ("/api/v1/languages/%C3".to_owned(), StatusCode::BAD_REQUEST),
+        (
+            format!("/v1/sandboxes/{id}/commands/%FF/wait"),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "/pandastack/v1/volumes/%FF".to_owned(),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (st, b) = call(&r, "GET", &uri, "").await;
+        assert_eq!(st, status, "{uri}: {b}");
+        let v: serde_json::Value =
+            serde_json::from_str(&b).unwrap_or_else(|_| panic!("{uri}: not JSON: {b}"));
+        assert!(
+            v["error"].is_string() && v["code"].is_string(),
+            "{uri}: {v}"
+        );
+    }
 }
 
 #[tokio::test]

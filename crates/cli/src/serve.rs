@@ -276,6 +276,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             jail.release_host_resources().await;
         }
         OnExit::Keep => {
+            // Builds, refills and deletions in flight end first (refills stop).
+            manager.drain(std::time::Duration::from_secs(30)).await;
             // Pool sandboxes are nobody's: the next server would only delete them.
             manager.discard_stale_pool_sandboxes().await;
             tracing::info!(

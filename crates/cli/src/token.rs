@@ -134,7 +134,7 @@ async fn local(a: &TokenArgs) -> anyhow::Result<Vec<Value>> {
                 auth::valid_workspace(ws),
                 "workspace must be 1-64 characters of a-z, 0-9, '-' and '_'"
             );
-            let made = auth::issue(&store, &auth::new_key(), name, ws, *admin).await?;
+            let made = auth::issue(&store, &auth::new_key(), name, ws, *admin, None).await?;
             let mut v = view(&made.token);
             v["key"] = json!(made.key);
             vec![v]

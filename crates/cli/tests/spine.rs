@@ -442,6 +442,45 @@ async fn an_output_flood_keeps_server_memory_bounded() {
 }
 
 #[tokio::test]
+async fn a_waited_exec_keeps_at_most_a_mib_of_a_flood() {
+    // `wait: true` answers one JSON result: a flood must not grow the server's memory
+    // (it collected everything before), and the answer says what was cut.
+    let s = Server::start();
+    let id = s.create_id().await;
+    let idle = s.rss_kib();
+    let mut peak = idle;
+    let call = s
+        .http
+        .post(s.url(&format!("/v1/sandboxes/{id}/exec")))
+        .json(&json!({"cmd": "head -c 300M /dev/zero | tr '\\0' x; echo done >&2", "wait": true}))
+        .send();
+    tokio::pin!(call);
+    let r = loop {
+        tokio::select! {
+            r = &mut call => break r.unwrap(),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+                peak = peak.max(s.rss_kib());
+            }
+        }
+    };
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["exit_code"], 0, "{}", v["stderr"]);
+    let out = v["stdout"].as_str().unwrap();
+    assert_eq!(out.len(), 1 << 20);
+    assert!(out.bytes().all(|b| b == b'x'));
+    assert_eq!(
+        v["stderr"],
+        "done\nforkbox: stdout was cut at 1048576 bytes\n"
+    );
+    assert!(
+        peak < idle + 100 * 1024,
+        "server RSS grew from {idle} KiB to {peak} KiB"
+    );
+    assert_eq!(s.delete(&id).await, 204);
+}
+
+#[tokio::test]
 async fn a_flood_of_tiny_lines_keeps_the_agent_connection_and_memory() {
     // One event per two-byte line: the agent must not answer with one tiny HTTP/2 frame
     // per line (the host's h2 closes a connection flooded with small frames).

@@ -49,6 +49,16 @@ pub struct Token {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
     pub revoked_at: Option<OffsetDateTime>,
+    /// After this it authenticates nothing; `None`: never expires.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl Token {
+    /// Whether the key still authenticates at `now`.
+    pub fn in_force(&self, now: OffsetDateTime) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
 }
 
 /// A new key: its record and the key, which is shown this once.
@@ -131,6 +141,7 @@ pub async fn issue(
     name: &str,
     workspace: &str,
     admin: bool,
+    expires_at: Option<OffsetDateTime>,
 ) -> Result<NewToken, crate::store::StoreError> {
     let token = Token {
         id: crate::ids::new("tok"),
@@ -140,6 +151,7 @@ pub async fn issue(
         admin,
         created_at: OffsetDateTime::now_utc(),
         revoked_at: None,
+        expires_at,
     };
     store.insert_token(&token, &hash_key(key)).await?;
     Ok(NewToken {

@@ -18,6 +18,8 @@ pub mod runner;
 pub mod runtime;
 pub mod store;
 pub mod templates;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod trace;
 pub mod volumes;
 pub mod warm;

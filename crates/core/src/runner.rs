@@ -57,7 +57,9 @@ pub async fn collect(mut events: BoxStream<'static, ExecEvent>) -> Collected {
     c
 }
 
-fn push_capped(buf: &mut String, s: &str, cut: &mut bool) {
+/// Appends `s` to `buf` up to [`MAX_OUTPUT`] bytes in all (cut on a character
+/// boundary); `cut` says whether anything was left out.
+pub fn push_capped(buf: &mut String, s: &str, cut: &mut bool) {
     if buf.len() + s.len() <= MAX_OUTPUT {
         buf.push_str(s);
         return;
@@ -185,7 +187,7 @@ impl Manager {
             w.building.insert(t.clone(), None);
         }
         let me = self.clone();
-        tokio::spawn(async move {
+        self.background(async move {
             let res = me.runtime().prepare_template(&t).await;
             let mut w = lock(me.warm());
             match res {
@@ -247,8 +249,11 @@ impl Manager {
     pub(crate) fn refill(self: &Arc<Self>, key: &PoolKey) {
         let me = self.clone();
         let key = key.clone();
-        tokio::spawn(async move {
+        self.background(async move {
             loop {
+                if me.closing() {
+                    return;
+                }
                 {
                     let mut w = lock(me.warm());
                     let have = w.ready.get(&key).map_or(0, VecDeque::len)
@@ -366,7 +371,7 @@ impl Manager {
         let out = self.run_in(&id, &lang, &req).await;
         let exec = t0.elapsed() - load;
         let me = self.clone();
-        tokio::spawn(async move {
+        self.background(async move {
             if let Err(e) = me.delete(&SandboxRef::internal(&id)).await {
                 tracing::warn!(sandbox = %id, error = %e, "delete after execute");
             }

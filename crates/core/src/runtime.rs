@@ -108,6 +108,9 @@ pub enum RuntimeError {
     /// The host has no room or the runtime cannot work right now.
     #[error("runtime unavailable: {0}")]
     Unavailable(String),
+    /// This runtime does not do that at all (a permanent gap, not a passing failure).
+    #[error("{0}")]
+    Unsupported(String),
     /// Anything else that went wrong on the host while doing `op`.
     #[error("{op} failed for {id}: {source}")]
     Host {
@@ -197,7 +200,7 @@ pub type WatchEvents = BoxStream<'static, Result<WatchEvent, RuntimeError>>;
 pub type UploadStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
 
 fn unsupported() -> RuntimeError {
-    RuntimeError::Unavailable("this runtime has no background commands".into())
+    RuntimeError::Unsupported("this runtime has no background commands".into())
 }
 
 impl RuntimeError {
@@ -258,7 +261,7 @@ pub trait Runtime: Send + Sync + 'static {
         progress: Progress,
     ) -> Result<TemplateInfo, RuntimeError> {
         let _ = (spec, progress);
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime cannot build templates".into(),
         ))
     }
@@ -272,7 +275,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// Deletes a built template (sandboxes made from it keep their own copy).
     async fn delete_template(&self, template: &str) -> Result<(), RuntimeError> {
         let _ = template;
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime cannot delete templates".into(),
         ))
     }
@@ -284,7 +287,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// runtime resource id). Memory is not restored in the jail runtime.
     async fn wake(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
         let _ = spec;
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime cannot wake sandboxes".into(),
         ))
     }
@@ -299,7 +302,7 @@ pub trait Runtime: Send + Sync + 'static {
         paused: bool,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
         let _ = (spec, host_pid, paused);
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime cannot adopt sandboxes".into(),
         ))
     }
@@ -320,7 +323,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// Makes the storage of volume `id` with room for `size_mb` MiB.
     async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), RuntimeError> {
         let _ = (id, size_mb);
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime has no volumes".into(),
         ))
     }
@@ -328,7 +331,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// Frees the storage of volume `id` (no sandbox mounts it any more).
     async fn delete_volume(&self, id: &str) -> Result<(), RuntimeError> {
         let _ = id;
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime has no volumes".into(),
         ))
     }
@@ -342,7 +345,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// Deletes a named snapshot's filesystem.
     async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {
         let _ = snapshot;
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime has no snapshots".into(),
         ))
     }
@@ -386,7 +389,7 @@ pub trait Instance: Send + Sync + 'static {
     /// with `follow` new lines while the sandbox lives.
     async fn logs(&self, follow: bool) -> Result<BoxStream<'static, String>, RuntimeError> {
         let _ = follow;
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime keeps no logs".into(),
         ))
     }
@@ -394,7 +397,7 @@ pub trait Instance: Send + Sync + 'static {
     /// Changes under a directory of the sandbox, as they happen.
     async fn watch(&self, path: &str, recursive: bool) -> Result<WatchEvents, RuntimeError> {
         let _ = (path, recursive);
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime cannot watch files".into(),
         ))
     }
@@ -402,7 +405,7 @@ pub trait Instance: Send + Sync + 'static {
     /// An interactive terminal: `input` and the answer are `forkbox_types::pty` frames.
     async fn pty(&self, req: PtyRequest, input: UploadStream) -> Result<ByteStream, RuntimeError> {
         let _ = (req, input);
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime has no terminals".into(),
         ))
     }
@@ -411,14 +414,14 @@ pub trait Instance: Send + Sync + 'static {
     /// answer is what comes back.
     async fn tcp(&self, port: u16, input: UploadStream) -> Result<ByteStream, RuntimeError> {
         let _ = (port, input);
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime cannot reach ports in its sandboxes".into(),
         ))
     }
 
     /// The TCP ports something listens on in the sandbox.
     async fn ports(&self) -> Result<Vec<ListeningPort>, RuntimeError> {
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime cannot list ports in its sandboxes".into(),
         ))
     }
@@ -461,7 +464,7 @@ pub trait Instance: Send + Sync + 'static {
     /// A metadata operation on the sandbox's files.
     async fn file_op(&self, op: FileOp) -> Result<FileOpReply, RuntimeError> {
         let _ = op;
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime has no file access".into(),
         ))
     }
@@ -469,7 +472,7 @@ pub trait Instance: Send + Sync + 'static {
     /// Reads a file: its size when known and its bytes.
     async fn read_file(&self, path: &str) -> Result<(Option<u64>, ByteStream), RuntimeError> {
         let _ = path;
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime has no file access".into(),
         ))
     }
@@ -477,7 +480,7 @@ pub trait Instance: Send + Sync + 'static {
     /// Writes a file atomically (parents created) from `data`.
     async fn write_file(&self, path: &str, data: UploadStream) -> Result<WriteReply, RuntimeError> {
         let _ = (path, data);
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime has no file access".into(),
         ))
     }
@@ -486,7 +489,7 @@ pub trait Instance: Send + Sync + 'static {
     /// state (see the runtime's docs for what is carried).
     async fn fork(&self, children: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
         let _ = children;
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime cannot fork sandboxes".into(),
         ))
     }
@@ -494,7 +497,7 @@ pub trait Instance: Send + Sync + 'static {
     /// Stops every process and frees every host resource except the filesystem, which
     /// [`Runtime::wake`] starts from again.
     async fn hibernate(&self) -> Result<(), RuntimeError> {
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime cannot hibernate".into(),
         ))
     }
@@ -503,7 +506,7 @@ pub trait Instance: Send + Sync + 'static {
     /// stop the processes meanwhile so the copy is consistent.
     async fn snapshot(&self, snapshot: &str, freeze: bool) -> Result<(), RuntimeError> {
         let _ = (snapshot, freeze);
-        Err(RuntimeError::Unavailable(
+        Err(RuntimeError::Unsupported(
             "this runtime has no snapshots".into(),
         ))
     }

@@ -435,8 +435,8 @@ impl Store {
     pub async fn insert_token(&self, t: &Token, hash: &str) -> Result<(), StoreError> {
         self.ensure_workspace(&t.workspace).await?;
         sqlx::query(
-            "INSERT INTO tokens (id, workspace, name, hash, prefix, admin, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tokens (id, workspace, name, hash, prefix, admin, created_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&t.id)
         .bind(&t.workspace)
@@ -445,6 +445,7 @@ impl Store {
         .bind(&t.prefix)
         .bind(t.admin)
         .bind(ts(t.created_at))
+        .bind(t.expires_at.map(ts))
         .execute(&self.pool)
         .await
         .map_err(q("insert token"))?;
@@ -625,6 +626,10 @@ fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Token, StoreError> {
         revoked_at: r
             .get::<Option<String>, _>("revoked_at")
             .map(|v| parse("revoked_at", v))
+            .transpose()?,
+        expires_at: r
+            .get::<Option<String>, _>("expires_at")
+            .map(|v| parse("expires_at", v))
             .transpose()?,
         workspace: r.get("workspace"),
         name: r.get("name"),

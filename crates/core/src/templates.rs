@@ -354,7 +354,7 @@ impl Manager {
         }
         let events = build.clone().follow();
         let me = self.clone();
-        tokio::spawn(async move {
+        self.background(async move {
             let b2 = build.clone();
             let progress: Progress = Arc::new(move |l: &str| b2.push(l));
             let res = async {

@@ -1198,27 +1198,9 @@ impl Inner {
             .stderr(std::process::Stdio::from(log));
         // A fork child's jail-init also gets the nested agent image as fd 4.
         let nested_fd = nested.map(|f| f.as_raw_fd());
-        // SAFETY: the hook only calls dup2/fcntl on fds that stay open in the parent.
+        // SAFETY: the hook is `place_fds`: async-signal-safe, no allocation.
         unsafe {
-            cmd.pre_exec(move || {
-                // Move both out of the way first: either may already sit on 3 or 4.
-                let mut moved = Vec::new();
-                for (from, to) in [(Some(listen_fd), 3), (nested_fd, 4)] {
-                    let Some(from) = from else { continue };
-                    let high = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 10);
-                    if high < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    moved.push((high, to));
-                }
-                for (high, to) in moved {
-                    // dup2 leaves the new fd without close-on-exec.
-                    if libc::dup2(high, to) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || place_fds(listen_fd, nested_fd));
         }
         let mut child = cmd
             .spawn()
@@ -1944,5 +1926,108 @@ impl JailInstance {
                 source: e.into(),
             }),
         }
+    }
+}
+
+/// The `pre_exec` hook of `jail-init`: puts the agent's listening socket on fd 3 and a
+/// fork child's nested agent image on fd 4. It runs between fork and exec in a
+/// multi-threaded server, so it is async-signal-safe: `fcntl` and `dup2` only, on fds
+/// that stay open in the parent, and no allocation (another thread may have held the
+/// allocator's lock at the fork).
+fn place_fds(listen_fd: i32, nested_fd: Option<i32>) -> std::io::Result<()> {
+    // Move both out of the way first: either may already sit on 3 or 4.
+    let mut moved = [(-1, -1); 2];
+    let mut n = 0;
+    for (from, to) in [(Some(listen_fd), 3), (nested_fd, 4)] {
+        let Some(from) = from else { continue };
+        // SAFETY: fcntl on an fd number; no memory is touched.
+        let high = unsafe { libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 10) };
+        if high < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        moved[n] = (high, to);
+        n += 1;
+    }
+    for &(high, to) in &moved[..n] {
+        // dup2 leaves the new fd without close-on-exec.
+        // SAFETY: dup2 on fd numbers; no memory is touched.
+        if unsafe { libc::dup2(high, to) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts allocations, to prove the `pre_exec` hook makes none.
+    struct Counting;
+    static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+    // SAFETY: forwards to the system allocator unchanged.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            ALLOCS.fetch_add(1, Ordering::SeqCst);
+            // SAFETY: the caller's contract is passed on.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: the caller's contract is passed on.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    fn inode(fd: i32) -> u64 {
+        // SAFETY: fstat writes into a zeroed stat on our stack.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd, &mut st) } < 0 {
+            return 0;
+        }
+        st.st_ino
+    }
+
+    #[test]
+    fn placing_jail_inits_fds_after_fork_allocates_nothing() {
+        let (r1, _w1) = nix::unistd::pipe().unwrap();
+        let (r2, _w2) = nix::unistd::pipe().unwrap();
+        let (a, b) = (r1.as_raw_fd(), r2.as_raw_fd());
+        let (ia, ib) = (inode(a), inode(b));
+        // SAFETY: the child only calls place_fds, fstat and _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let before = ALLOCS.load(Ordering::SeqCst);
+            let placed = place_fds(a, Some(b)).is_ok();
+            let allocs = ALLOCS.load(Ordering::SeqCst) - before;
+            let code = if !placed {
+                2
+            } else if allocs > 0 {
+                3
+            } else if inode(3) != ia || inode(4) != ib {
+                4
+            } else {
+                0
+            };
+            // SAFETY: ends the child without running anything of the parent's.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "2: failed, 3: allocated, 4: wrong fds"
+        );
     }
 }

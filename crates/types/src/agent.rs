@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bumped on every behaviour change of the agent; the host refuses a mismatch.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Answer of `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
