@@ -38,14 +38,7 @@ impl Manager {
         if text.contains('\0') {
             return Err(CoreError::Invalid("cmd/code must not contain NUL".into()));
         }
-        let live = self.running(id).await?;
-        let status = live.record().status;
-        if status != Status::Running {
-            return Err(CoreError::WrongState {
-                id: id.to_owned(),
-                status,
-            });
-        }
+        let live = self.running_now(id).await?;
         self.span_of(id, "exec").in_scope(|| {
             tracing::info!(
                 kind = match &cmd.work {

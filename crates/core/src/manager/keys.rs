@@ -56,20 +56,15 @@ impl Manager {
                 "name must be 1-128 characters without NUL".into(),
             ));
         }
-        Ok(self
-            .insert_key(&auth::new_key(), name, workspace, admin, expires_at)
-            .await?)
-    }
-
-    async fn insert_key(
-        &self,
-        key: &str,
-        name: &str,
-        workspace: &str,
-        admin: bool,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Result<NewToken, crate::store::StoreError> {
-        auth::issue(&self.store, key, name, workspace, admin, expires_at).await
+        Ok(auth::issue(
+            &self.store,
+            &auth::new_key(),
+            name,
+            workspace,
+            admin,
+            expires_at,
+        )
+        .await?)
     }
 
     /// Makes sure `key` (chosen by the operator, e.g. from the environment) is an admin
@@ -82,8 +77,7 @@ impl Manager {
             )));
         }
         if self.authenticate(key).await?.is_none() {
-            self.insert_key(key, name, DEFAULT_WORKSPACE, true, None)
-                .await?;
+            auth::issue(&self.store, key, name, DEFAULT_WORKSPACE, true, None).await?;
         }
         Ok(())
     }

@@ -405,6 +405,11 @@ impl Manager {
 
     /// A running sandbox's instance (409 when paused: its agent is frozen).
     async fn running_instance(&self, id: &str) -> Result<Arc<dyn Instance>, CoreError> {
+        Ok(self.running_now(id).await?.instance.clone())
+    }
+
+    /// A live sandbox that runs now (409 when paused or hibernated).
+    async fn running_now(&self, id: &str) -> Result<Arc<Live>, CoreError> {
         let live = self.running(id).await?;
         let status = live.record().status;
         if status != Status::Running {
@@ -413,7 +418,7 @@ impl Manager {
                 status,
             });
         }
-        Ok(live.instance.clone())
+        Ok(live)
     }
 
     /// One page of sandboxes (see [`Store::list_sandboxes`]); live records come from

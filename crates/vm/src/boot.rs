@@ -1,0 +1,335 @@
+//! Starting a VM: its disks and initramfs, QEMU's command line for a boot, an
+//! incoming migration (fork child, wake) or adoption, and the files of a VM's run dir.
+
+use super::*;
+
+impl Inner {
+    pub(crate) async fn create(
+        self: &Arc<Self>,
+        spec: &CreateSpec,
+    ) -> Result<Arc<VmInstance>, RuntimeError> {
+        if spec.snapshot.is_some() {
+            return Err(RuntimeError::Rejected(
+                "the vm runtime cannot start from snapshots yet".into(),
+            ));
+        }
+        if spec.egress.is_some() {
+            return Err(RuntimeError::Rejected(
+                "the vm runtime has no network yet (egress_allowlist)".into(),
+            ));
+        }
+        if !spec.volumes.is_empty() {
+            return Err(RuntimeError::Rejected(
+                "the vm runtime cannot mount volumes yet".into(),
+            ));
+        }
+        if spec.memory_bytes >> 20 < 128 {
+            return Err(RuntimeError::Rejected(
+                "the vm runtime needs memory_mb of at least 128".into(),
+            ));
+        }
+        if !self.cfg.assets_dir.join("vmlinux").exists() {
+            return Err(self.assets_missing("vmlinux".into()));
+        }
+        let image = self.image(&spec.template);
+        if !image.exists() {
+            return Err(RuntimeError::UnknownTemplate(format!(
+                "{} (no vm image rootfs-{}.qcow2 in {}: make vm-assets)",
+                spec.template,
+                spec.template,
+                self.cfg.assets_dir.display()
+            )));
+        }
+        let base = self.base_initrd().await?;
+        let id = spec.id.clone();
+        let dir = self.cfg.run_dir.join(&id);
+        let vm = Vm::paths(&dir);
+        let fail = |op: &'static str| {
+            let id = id.clone();
+            move |e: std::io::Error| RuntimeError::host(op, &id, e)
+        };
+        std::fs::create_dir_all(&dir).map_err(fail("make run dir"))?;
+        let mut guard = Cleanup {
+            dir: dir.clone(),
+            ram: self.ram_file(&id),
+            armed: true,
+        };
+        // The disk: a copy-on-write overlay on the template's image (absolute backing path).
+        let out = tokio::process::Command::new(&self.cfg.qemu_img)
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&image)
+            .arg(&vm.disk)
+            .output()
+            .await
+            .map_err(fail("run qemu-img"))?;
+        if !out.status.success() {
+            return Err(RuntimeError::host(
+                "make disk overlay",
+                &id,
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            ));
+        }
+        let init = VmInit {
+            id: id.clone(),
+            env: spec.env.clone(),
+            port: AGENT_PORT.into(),
+            orphan_grace_s: self.cfg.orphan_grace.map(|g| g.as_secs().max(1)),
+        };
+        let init_json =
+            serde_json::to_vec(&init).map_err(|e| RuntimeError::host("encode", &id, e))?;
+        let mut initrd_bytes = Vec::with_capacity(base.len() + 1024);
+        initrd_bytes.extend_from_slice(&base);
+        initrd_bytes.extend_from_slice(&initrd::per_vm(&init_json));
+        std::fs::write(&vm.initrd, &initrd_bytes).map_err(fail("write initramfs"))?;
+        let instance = self.boot(spec, Source::Boot).await?;
+        guard.armed = false;
+        Ok(instance)
+    }
+
+    /// Starts QEMU for the VM whose files are in place and waits for its agent (see
+    /// [`Source`]). On failure QEMU is gone and the VM's files are left as they were.
+    pub(crate) async fn boot(
+        self: &Arc<Self>,
+        spec: &CreateSpec,
+        source: Source<'_>,
+    ) -> Result<Arc<VmInstance>, RuntimeError> {
+        let accel = self.accel().await;
+        let id = spec.id.clone();
+        let vm = Vm::paths(&self.cfg.run_dir.join(&id));
+        let ram = self.ram_file(&id);
+        let memory_mb = spec.memory_bytes >> 20;
+        let fail = |op: &'static str| {
+            let id = id.clone();
+            move |e: std::io::Error| RuntimeError::host(op, &id, e)
+        };
+        // A fresh RAM file every time (a stale one of another size stops QEMU).
+        let _ = std::fs::remove_file(&ram);
+        let smp = spec.cpu_millis.div_ceil(1000).clamp(1, 64);
+        let log = std::fs::File::create(&vm.qemu_log).map_err(fail("make QEMU log"))?;
+        let log2 = log.try_clone().map_err(fail("make QEMU log"))?;
+        let mut cmd = tokio::process::Command::new(&self.cfg.qemu_bin);
+        cmd.args(["-M", "microvm"])
+            .args(accel.qemu_args())
+            .args(["-m", &format!("{memory_mb}M"), "-smp", &smp.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-no-reboot", "-serial"])
+            .arg(format!("file:{}", vm.console.display()))
+            .args([
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            ])
+            .arg("-object")
+            .arg(match source {
+                // A fork child maps its parent's RAM copy privately (copy-on-write).
+                Source::Fork { ram: layer, .. } => format!(
+                    "memory-backend-file,id=ram0,size={memory_mb}M,mem-path={},share=off",
+                    layer.display()
+                ),
+                _ => format!(
+                    "memory-backend-file,id=ram0,size={memory_mb}M,mem-path={},share=on",
+                    ram.display()
+                ),
+            })
+            .args(["-machine", "memory-backend=ram0", "-kernel"])
+            .arg(self.cfg.assets_dir.join("vmlinux"))
+            .arg("-initrd")
+            .arg(&vm.initrd)
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 panic=-1 quiet tsc_early_khz={}",
+                self.tsc_khz
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "id=d0,file={},format=qcow2,if=none,cache=unsafe",
+                vm.active_disk().1.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=d0"])
+            .args(["-device", "virtio-serial-device", "-chardev"])
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=c0",
+                vm.agent_sock.display()
+            ))
+            .args([
+                "-device",
+                &format!("virtserialport,chardev=c0,name={AGENT_PORT}"),
+            ])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", vm.qmp_sock.display()))
+            .arg("-pidfile")
+            .arg(&vm.pidfile)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(false);
+        if !matches!(source, Source::Boot) {
+            cmd.args(["-incoming", "defer"]);
+        }
+        // A session and process group of its own: signals to the server's group (a
+        // terminal's Ctrl-C, `timeout`, a supervisor) leave the VM alone.
+        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(fail("start QEMU"))?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let alive = Arc::new(AtomicBool::new(true));
+        let (exited_tx, exited) = tokio::sync::watch::channel(false);
+        {
+            let alive = alive.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                let status = child.wait().await;
+                alive.store(false, Ordering::SeqCst);
+                tracing::debug!(sandbox = %id, ?status, "QEMU exited");
+                let _ = exited_tx.send(true);
+            });
+        }
+        let instance = Arc::new(VmInstance {
+            id: id.clone(),
+            pid,
+            vm,
+            ram,
+            client: tokio::sync::OnceCell::new(),
+            qmp: tokio::sync::Mutex::new(None),
+            alive,
+            exited,
+            rt: self.clone(),
+        });
+        // Should this future be dropped before the boot ends (the server stopping, its
+        // caller gone), the half-booted QEMU goes with it rather than running on
+        // unknown to anyone.
+        let guard = BootGuard {
+            pid,
+            alive: instance.alive.clone(),
+        };
+        let connected = instance
+            .connect(started, self.cfg.boot_deadline, source)
+            .await;
+        std::mem::forget(guard);
+        match connected {
+            Ok(()) => {
+                tracing::info!(
+                    sandbox = %id,
+                    accel = accel.as_str(),
+                    source = source.name(),
+                    boot_ms = started.elapsed().as_millis() as u64,
+                    "vm booted"
+                );
+                Ok(instance)
+            }
+            Err(e) => {
+                let console = instance.console_tail();
+                instance.stop_qemu().await;
+                Err(match e {
+                    RuntimeError::Agent { id, source } => RuntimeError::Agent {
+                        id,
+                        source: format!("{source}; guest console: {console}").into(),
+                    },
+                    other => other,
+                })
+            }
+        }
+    }
+}
+
+/// What a VM starts from.
+#[derive(Clone, Copy)]
+pub(crate) enum Source<'a> {
+    /// A cold boot of the kernel.
+    Boot,
+    /// A whole saved VM (hibernation).
+    Restore(&'a Path),
+    /// A fork child: the parent's device state and a copy of its RAM, mapped privately.
+    Fork { state: &'a Path, ram: &'a Path },
+    /// A QEMU an earlier server started, found running (`paused`: its vCPUs are stopped).
+    Adopt { paused: bool },
+}
+
+impl Source<'_> {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Source::Boot => "boot",
+            Source::Restore(_) => "restore",
+            Source::Fork { .. } => "fork",
+            Source::Adopt { .. } => "adopt",
+        }
+    }
+}
+
+/// Removes a half-made VM's files unless defused.
+pub(crate) struct Cleanup {
+    pub(crate) dir: PathBuf,
+    pub(crate) ram: PathBuf,
+    pub(crate) armed: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = std::fs::remove_file(&self.ram);
+        }
+    }
+}
+
+/// The files of one VM.
+#[derive(Debug, Clone)]
+pub(crate) struct Vm {
+    pub(crate) dir: PathBuf,
+    /// The first disk overlay (`disk-0.qcow2`); a fork adds `disk-<n+1>.qcow2` on the
+    /// frozen `disk-<n>` (see [`Vm::active_disk`]).
+    pub(crate) disk: PathBuf,
+    pub(crate) initrd: PathBuf,
+    pub(crate) console: PathBuf,
+    pub(crate) qemu_log: PathBuf,
+    pub(crate) agent_sock: PathBuf,
+    pub(crate) qmp_sock: PathBuf,
+    pub(crate) pidfile: PathBuf,
+    /// The saved VM (device state and RAM) of a hibernated sandbox.
+    pub(crate) state: PathBuf,
+}
+
+impl Vm {
+    /// The disk image QEMU writes to: the overlay of the highest generation. Older
+    /// generations stay under their names, since a running QEMU reopens its images by
+    /// name (e.g. read-only when a migration completes).
+    pub(crate) fn active_disk(&self) -> (u32, PathBuf) {
+        let mut best = (0, self.disk.clone());
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let n = name
+                    .strip_prefix("disk-")
+                    .and_then(|r| r.strip_suffix(".qcow2"))
+                    .and_then(|n| n.parse::<u32>().ok());
+                if let Some(n) = n {
+                    if n > best.0 {
+                        best = (n, e.path());
+                    }
+                }
+            }
+        }
+        best
+    }
+
+    pub(crate) fn paths(dir: &Path) -> Vm {
+        Vm {
+            dir: dir.to_path_buf(),
+            disk: dir.join("disk-0.qcow2"),
+            initrd: dir.join("initrd.cpio"),
+            console: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+            agent_sock: dir.join("agent.sock"),
+            qmp_sock: dir.join("qmp.sock"),
+            pidfile: dir.join("qemu.pid"),
+            state: dir.join("hibernated.state"),
+        }
+    }
+}
