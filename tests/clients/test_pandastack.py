@@ -63,11 +63,10 @@ def test_it_is_the_real_client():
     assert "site-packages" in pandastack.__file__
 
 
-@calls("`sandboxes.create(template, metadata, ttl_seconds)`, `get`, `list`, `Sandbox.list`, `kill`; unknown template 400")
+@calls("`sandboxes.create(template, metadata, ttl_seconds)`, `get`, `list`, `Sandbox.list`, `kill`; unknown template 400; `cpu`/`memory_mb` the client deprecates and never sends (the raw seed 002 create sets them)")
 def test_create_get_list_kill(client):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        s = client.sandboxes.create(template="code-interpreter", metadata={"job": "t1"}, ttl_seconds=600)
+    with pytest.warns(DeprecationWarning):
+        s = client.sandboxes.create(template="code-interpreter", cpu=2, memory_mb=768, metadata={"job": "t1"}, ttl_seconds=600)
     assert s.status == "running" and s.metadata == {"job": "t1"} and not s.persistent
     assert s.lifecycle()["ttl_seconds"] == 600
     got = client.sandboxes.get(s.id)
@@ -383,8 +382,8 @@ def test_raw_seed_002_requests():
         assert any(v["id"] == vid for v in c.get("/volumes").json()["items"])
         body = {
             "template": "code-interpreter",
-            "cpu": 1,
-            "memory_mb": 512,
+            "cpu": 2,
+            "memory_mb": 768,
             "metadata": {"user_id": "u_123"},
             "volumes": [{"id": vid, "mount": "/mnt/data"}],
             "egress_allowlist": ["api.openai.com", "pypi.org"],
@@ -397,6 +396,8 @@ def test_raw_seed_002_requests():
         assert sb["created_at"].endswith("Z") or "+" in sb["created_at"]
         assert isinstance(sb["boot_ms"], (int, float)) and sb["metadata"] == {"user_id": "u_123"}
         assert sb["egress_allowlist"] == ["api.openai.com", "pypi.org"]
+        own = httpx.get(f"{URL}/v1/sandboxes/{sb['id']}").json()
+        assert (own["cpu"], own["memory_mb"]) == (2, 768), own
         try:
             ids = lambda q: [s["id"] for s in c.get("/sandboxes", params=q).json()["items"]]
             assert sid in ids({"template": "code-interpreter", "status": "running"})

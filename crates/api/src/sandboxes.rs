@@ -208,6 +208,7 @@ pub async fn hibernate(
 pub struct WakeView {
     #[serde(flatten)]
     sandbox: SandboxView,
+    /// Whether memory and processes carried on (the runtime keeps them), else only files.
     memory_restored: bool,
     note: &'static str,
 }
@@ -215,15 +216,14 @@ pub struct WakeView {
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/wake", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = WakeView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn wake(State(st): State<AppState>, Sbx(id): Sbx) -> Result<Json<WakeView>, ApiError> {
     let sandbox = st.manager.wake(&id).await?;
-    // The vm runtime saves the whole guest; the jail cannot save live memory.
-    let vm = sandbox.runtime == "vm";
+    let memory = st.manager.capabilities(&sandbox).hibernate_keeps_memory;
     Ok(Json(WakeView {
         sandbox: sandbox.into(),
-        memory_restored: vm,
-        note: if vm {
-            "the vm runtime restored the whole guest: memory, REPL state and running processes carry on"
+        memory_restored: memory,
+        note: if memory {
+            "the whole sandbox was restored: memory, REPL state and running processes carry on"
         } else {
-            "the jail runtime keeps the filesystem across hibernation but not live memory: REPL state and running processes start fresh"
+            "this runtime keeps the filesystem across hibernation but not live memory: REPL state and running processes start fresh"
         },
     }))
 }
@@ -419,7 +419,8 @@ pub struct ForkView {
     sandboxes: Vec<SandboxView>,
     /// What the children inherited from the parent.
     carried: Vec<String>,
-    not_carried: &'static str,
+    /// What they did not (the runtime's words).
+    not_carried: String,
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "fork", params(("id" = String, Path, description = "Sandbox id")), request_body = ForkBody, responses((status = 200, body = ForkView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
@@ -441,7 +442,7 @@ pub async fn fork(
         children: out.children.iter().map(|s| s.id.clone()).collect(),
         sandboxes: out.children.into_iter().map(Into::into).collect(),
         carried: out.carried,
-        not_carried: "running processes other than the Python REPL (commands, background jobs, javascript and bash kernels), open files and sockets of the REPL",
+        not_carried: out.not_carried,
     }))
 }
 

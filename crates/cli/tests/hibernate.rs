@@ -45,6 +45,8 @@ async fn hibernate_keeps_files_frees_processes_and_wake_starts_again() {
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["status"], "running");
     assert_eq!(body["memory_restored"], false);
+    let events = common::get_text(&s, &format!("/v1/sandboxes/{id}/events")).await;
+    assert!(events.contains("\"memory_restored\":false"), "{events}");
     assert_eq!(s.sh(&id, "cat /root/f").await.0, "kept\n");
     let (_, err, code) = py(&s, &id, "x").await;
     assert_eq!(code, 1);

@@ -225,6 +225,9 @@ async fn vm_hibernate_frees_ram_and_wake_restores_memory_and_processes() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["status"], "running");
     assert_eq!(v["memory_restored"], true, "{v}");
+    // The event says so too (the runtime's capabilities, not the API's guess).
+    let events = common::get_text(&s, &format!("/v1/sandboxes/{id}/events")).await;
+    assert!(events.contains("\"memory_restored\":true"), "{events}");
     eprintln!(
         "vm figures: hibernate_ms={hibernate_ms} saved_mib={} wake_ms={wake_ms}",
         saved_bytes >> 20
@@ -276,6 +279,23 @@ async fn vm_fork_carries_memory_and_processes_and_merge_works() {
         200,
         "{f}\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // A VM's children carry everything inside the guest: the answer does not say
+    // processes stayed behind.
+    assert!(
+        f["carried"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "processes"),
+        "{f}"
+    );
+    assert!(
+        !f["not_carried"]
+            .as_str()
+            .unwrap()
+            .contains("running processes"),
+        "{f}"
     );
     let kids: Vec<String> = f["children"]
         .as_array()

@@ -230,6 +230,15 @@ pub struct Forked {
     pub children: Vec<Arc<dyn Instance>>,
     /// What the children inherited from the parent, e.g. `filesystem`, `python`.
     pub carried: Vec<String>,
+    /// What they did not, in words (for the API's answer).
+    pub not_carried: String,
+}
+
+/// What a runtime keeps, where the API's answers and events must say so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Hibernate keeps memory and processes (wake resumes them); else files only.
+    pub hibernate_keeps_memory: bool,
 }
 
 /// The events of one exec, as the agent reports them.
@@ -239,6 +248,11 @@ pub type AgentEvents = BoxStream<'static, Result<AgentEvent, RuntimeError>>;
 pub trait Runtime: Send + Sync + 'static {
     /// Short name (`jail`, `vm`).
     fn name(&self) -> &'static str;
+
+    /// What it keeps (see [`Capabilities`]); nothing beyond files unless it says so.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
 
     /// Makes sure `template` exists, building it if this runtime can.
     async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError>;

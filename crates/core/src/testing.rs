@@ -203,6 +203,7 @@ impl Instance for FakeInstance {
                 .map(|c| rt.start(&c.id) as Arc<dyn Instance>)
                 .collect(),
             carried: vec!["filesystem".into()],
+            not_carried: "processes".into(),
         })
     }
     async fn hibernate(&self) -> Result<(), RuntimeError> {

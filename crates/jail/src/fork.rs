@@ -132,6 +132,10 @@ impl JailInstance {
                         .map(|c| c as Arc<dyn Instance>)
                         .collect(),
                     carried,
+                    not_carried: "running processes other than the Python REPL (commands, \
+                                  background jobs, javascript and bash kernels), open files and \
+                                  sockets of the REPL"
+                        .into(),
                 })
             }
             Err(e) => {

@@ -150,6 +150,9 @@ impl VmInstance {
                 "processes".into(),
                 "python".into(),
             ],
+            not_carried: "nothing inside the guest (it is copied whole); connections held \
+                          from outside, such as open terminals and streams, stay with the parent"
+                .into(),
         })
     }
 

@@ -214,6 +214,13 @@ impl Runtime for VmRuntime {
         "vm"
     }
 
+    fn capabilities(&self) -> forkbox_core::runtime::Capabilities {
+        // Hibernate saves the whole guest (device state and RAM).
+        forkbox_core::runtime::Capabilities {
+            hibernate_keeps_memory: true,
+        }
+    }
+
     async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError> {
         if self.inner.image(template).exists() {
             Ok(())

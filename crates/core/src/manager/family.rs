@@ -100,6 +100,7 @@ impl Manager {
         Ok(ForkOutcome {
             children,
             carried: forked.carried,
+            not_carried: forked.not_carried,
         })
     }
 

@@ -426,7 +426,8 @@ impl Manager {
         // A hibernated sandbox already counts as one; waking it adds only its memory.
         let _admitted = self.admit_memory(&rec.workspace, rec.memory_mb).await?;
         let spec = self.spec_of(&rec);
-        let instance = self.runtime_of(&rec).wake(&spec).await?;
+        let runtime = self.runtime_of(&rec);
+        let instance = runtime.wake(&spec).await?;
         let expires_at = OffsetDateTime::now_utc() + time::Duration::seconds(rec.timeout as i64);
         if let Err(e) = self
             .store
@@ -448,7 +449,7 @@ impl Manager {
         self.events.emit(
             &record.id,
             "woken",
-            serde_json::json!({"memory_restored": false}),
+            serde_json::json!({"memory_restored": runtime.capabilities().hibernate_keeps_memory}),
         );
         Ok(record)
     }

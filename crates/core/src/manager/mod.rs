@@ -173,6 +173,8 @@ pub struct ForkOutcome {
     pub children: Vec<Sandbox>,
     /// What the children inherited, e.g. `filesystem`, `python`.
     pub carried: Vec<String>,
+    /// What they did not, in the runtime's words.
+    pub not_carried: String,
 }
 
 /// Exit code reported when the process's fate is unknown (its agent went away).
@@ -313,6 +315,11 @@ impl Manager {
     /// Every runtime, the primary first.
     pub(crate) fn all_runtimes(&self) -> &[Arc<dyn Runtime>] {
         &self.runtimes
+    }
+
+    /// What the runtime of sandbox `rec` keeps.
+    pub fn capabilities(&self, rec: &Sandbox) -> crate::runtime::Capabilities {
+        self.runtime_of(rec).capabilities()
     }
 
     fn runtime_of(&self, rec: &Sandbox) -> Arc<dyn Runtime> {
