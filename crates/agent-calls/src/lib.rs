@@ -26,8 +26,8 @@ pub struct Agent<'a> {
     client: &'a AgentClient,
 }
 
-/// How a refusal (`status`, `message`) of one kind of call is told.
-type Refusal = fn(&str, u16, String) -> RuntimeError;
+/// How a refusal (`status`, `message`, `pid`) of one kind of call is told.
+type Refusal = fn(&str, u16, String, Option<i32>) -> RuntimeError;
 
 impl<'a> Agent<'a> {
     /// Sandbox `id`'s agent, reached through `client`.
@@ -46,7 +46,11 @@ impl<'a> Agent<'a> {
     /// A failure of a call whose refusals mean what `refused` says.
     fn failed(&self, e: AgentError, refused: Refusal) -> RuntimeError {
         match e {
-            AgentError::Status { status, message } => refused(self.id, status.as_u16(), message),
+            AgentError::Status {
+                status,
+                message,
+                pid,
+            } => refused(self.id, status.as_u16(), message, pid),
             other => self.unreachable(other),
         }
     }
@@ -66,9 +70,9 @@ impl<'a> Agent<'a> {
     ) -> Result<AgentEvents, RuntimeError> {
         match res {
             Ok(stream) => Ok(self.stream(stream)),
-            Err(AgentError::Status { status, message }) if status.as_u16() == 400 => {
-                Err(RuntimeError::Rejected(message))
-            }
+            Err(AgentError::Status {
+                status, message, ..
+            }) if status.as_u16() == 400 => Err(RuntimeError::Rejected(message)),
             Err(e) => Err(self.unreachable(e)),
         }
     }

@@ -28,7 +28,12 @@ pub enum AgentError {
     #[error("agent speaks protocol {got}, expected {want}")]
     Protocol { got: u32, want: u32 },
     #[error("agent answered {status}: {message}")]
-    Status { status: StatusCode, message: String },
+    Status {
+        status: StatusCode,
+        message: String,
+        /// The background command a refusal is about, when the agent said.
+        pid: Option<i32>,
+    },
     #[error("agent sent an undecodable message: {0}")]
     Decode(serde_json::Error),
     #[error("agent did not answer within {0:?}")]
@@ -109,6 +114,7 @@ impl AgentClient {
             .map_err(|e| AgentError::Status {
                 status: StatusCode::BAD_REQUEST,
                 message: e.to_string(),
+                pid: None,
             })?;
         let mut tx = self.tx.clone();
         tx.ready().await.map_err(AgentError::Request)?;
@@ -121,11 +127,16 @@ impl AgentClient {
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            return Err(AgentError::Status { status, message });
+            let (message, pid) =
+                match serde_json::from_slice::<forkbox_types::agent::ErrorBody>(&body) {
+                    Ok(b) => (b.error, b.pid),
+                    Err(_) => (String::from_utf8_lossy(&body).into_owned(), None),
+                };
+            return Err(AgentError::Status {
+                status,
+                message,
+                pid,
+            });
         }
         Ok(resp)
     }

@@ -360,6 +360,16 @@ fn query_arg(req: &Request<Incoming>, name: &str) -> Option<String> {
 
 fn bg_error(e: &crate::bg::BgError) -> Response<Body> {
     use crate::bg::BgError;
+    if let BgError::NoSuchPid(pid) = e {
+        let body = forkbox_types::agent::ErrorBody {
+            error: e.to_string(),
+            pid: Some(*pid),
+        };
+        return full(
+            StatusCode::NOT_FOUND,
+            serde_json::to_vec(&body).unwrap_or_default(),
+        );
+    }
     let status = match e {
         BgError::NoSuchPid(_) => StatusCode::NOT_FOUND,
         BgError::Exited(_) | BgError::StdinClosed(_) | BgError::TooMany => StatusCode::CONFLICT,

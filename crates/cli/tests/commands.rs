@@ -151,6 +151,7 @@ async fn drive_background_commands(s: &Server, id: &str) {
     // Errors.
     let (st, e) = get(s, &format!("/v1/sandboxes/{id}/commands/99999/wait")).await;
     assert_eq!((st, e["code"].as_str()), (404, Some("process_not_found")));
+    assert!(e["error"].as_str().unwrap().contains("99999"), "{e}");
     let (st, _) = get(s, &format!("/v1/sandboxes/{id}/commands/abc/wait")).await;
     assert_eq!(st, 400);
     let (st, _) = post(

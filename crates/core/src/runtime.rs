@@ -121,16 +121,16 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
-    /// An agent's refusal (HTTP `status`, `message`) of a background-command call.
-    pub fn background_refused(id: &str, status: u16, message: String) -> RuntimeError {
+    /// An agent's refusal (HTTP `status`, `message`, the command's `pid` when it
+    /// said) of a background-command call.
+    pub fn background_refused(
+        id: &str,
+        status: u16,
+        message: String,
+        pid: Option<i32>,
+    ) -> RuntimeError {
         match status {
-            404 => RuntimeError::NoProcess(
-                message
-                    .rsplit(' ')
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .unwrap_or(0),
-            ),
+            404 => RuntimeError::NoProcess(pid.unwrap_or(0)),
             409 => RuntimeError::Conflict(message),
             400 => RuntimeError::Rejected(message),
             _ => RuntimeError::host("background command", id, std::io::Error::other(message)),
@@ -138,7 +138,7 @@ impl RuntimeError {
     }
 
     /// An agent's refusal (HTTP `status`, `message`) of a connection to a port.
-    pub fn port_refused(id: &str, status: u16, message: String) -> RuntimeError {
+    pub fn port_refused(id: &str, status: u16, message: String, _pid: Option<i32>) -> RuntimeError {
         match status {
             502 => RuntimeError::PortClosed(message),
             400 => RuntimeError::Rejected(message),
@@ -148,7 +148,7 @@ impl RuntimeError {
 
     /// An agent's refusal (HTTP `status`, `message`) of a file call: the status says
     /// what kind.
-    pub fn file_refused(id: &str, status: u16, message: String) -> RuntimeError {
+    pub fn file_refused(id: &str, status: u16, message: String, _pid: Option<i32>) -> RuntimeError {
         let kind = match status {
             404 => FileErrorKind::NotFound,
             409 => FileErrorKind::Conflict,
@@ -527,4 +527,33 @@ pub trait Instance: Send + Sync + 'static {
 
     /// Kills everything and frees every host resource. Idempotent.
     async fn destroy(&self) -> Result<(), RuntimeError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_read_from_its_status_and_data_not_its_text() {
+        // The pid comes as data; the message is for people.
+        match RuntimeError::background_refused("sbx", 404, "gone, sorry".into(), Some(7)) {
+            RuntimeError::NoProcess(7) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            RuntimeError::background_refused("sbx", 409, "exited".into(), None),
+            RuntimeError::Conflict(_)
+        ));
+        assert!(matches!(
+            RuntimeError::file_refused("sbx", 507, "full".into(), None),
+            RuntimeError::File {
+                kind: FileErrorKind::NoSpace,
+                ..
+            }
+        ));
+        assert!(matches!(
+            RuntimeError::port_refused("sbx", 502, "closed".into(), None),
+            RuntimeError::PortClosed(_)
+        ));
+    }
 }

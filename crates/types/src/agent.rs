@@ -312,6 +312,16 @@ pub struct PtyRequest {
     pub env: BTreeMap<String, String>,
 }
 
+/// The body of every refusal of the agent (a non-200 answer): a message and, where
+/// the host acts on it, the subject as data (not to be parsed out of the message).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ErrorBody {
+    pub error: String,
+    /// The background command a `404` is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+}
+
 /// A TCP port something listens on in a sandbox (`GET /ports`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ListeningPort {
