@@ -225,10 +225,7 @@ pub struct TokenView {
 
 impl From<Token> for TokenView {
     fn from(t: Token) -> Self {
-        let ts = |t: time::OffsetDateTime| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
-        };
+        let ts = crate::sandboxes::rfc3339;
         TokenView {
             id: t.id,
             name: t.name,

@@ -32,11 +32,7 @@ impl From<BgInfo> for CommandView {
     fn from(b: BgInfo) -> Self {
         let started =
             time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(b.started_ms) * 1_000_000)
-                .ok()
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
+                .map(crate::sandboxes::rfc3339)
                 .unwrap_or_default();
         CommandView {
             pid: b.pid,

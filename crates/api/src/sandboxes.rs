@@ -98,6 +98,7 @@ pub struct SandboxView {
     volumes: Vec<VolumeMountBody>,
 }
 
+/// A time as every answer writes it (RFC 3339, UTC as given).
 pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()

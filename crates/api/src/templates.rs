@@ -74,10 +74,7 @@ impl From<Template> for TemplateView {
             env: t.env,
             workdir: t.workdir,
             size: t.size_bytes,
-            created: t
-                .created
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
+            created: crate::sandboxes::rfc3339(t.created),
             build_seconds: t.build_seconds,
             error: t.error,
         }

@@ -30,10 +30,7 @@ pub struct VolumeView {
 async fn view(st: &AppState, v: Volume) -> VolumeView {
     VolumeView {
         used_bytes: st.manager.volume_used(&v.id).await,
-        created_at: v
-            .created_at
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
+        created_at: crate::sandboxes::rfc3339(v.created_at),
         id: v.id,
         name: v.name,
         size_mb: v.size_mb,
