@@ -154,15 +154,8 @@ async fn a_sandbox_server_is_reached_by_path_and_by_host() {
         .await
         .unwrap();
     assert!(r.headers().get("set-cookie").is_none());
-    let seen = s
-        .http
-        .get(s.url(&format!("/v1/sandboxes/{id}/ports/8000/headers")))
-        .send()
+    let seen = common::get_text(&s, &format!("/v1/sandboxes/{id}/ports/8000/headers"))
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
         .to_ascii_lowercase();
     assert!(seen.contains("host: localhost:8000"), "{seen}");
     assert!(

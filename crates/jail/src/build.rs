@@ -376,14 +376,7 @@ impl Inner {
     ) -> Result<(), BuildError> {
         let mut env: BTreeMap<String, String> = spec.env.clone();
         if spec.egress.as_ref().is_some_and(|l| !l.is_empty()) {
-            let proxy = format!("http://{}", forkbox_types::egress::PROXY_ADDR);
-            for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-                env.entry(k.to_owned()).or_insert_with(|| proxy.clone());
-            }
-            for k in ["NO_PROXY", "no_proxy"] {
-                env.entry(k.to_owned())
-                    .or_insert_with(|| "localhost,127.0.0.1,::1".to_owned());
-            }
+            forkbox_types::egress::proxy_env(&mut env);
         }
         let mut cmds: Vec<(usize, String, Option<String>)> = Vec::new();
         if let Some(w) = &spec.workdir {

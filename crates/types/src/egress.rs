@@ -178,6 +178,19 @@ impl Allowlist {
     }
 }
 
+/// Points a sandbox's programs at its egress proxy (`HTTP(S)_PROXY`, both cases) and
+/// keeps loopback direct (`NO_PROXY`); variables already set are left as they are.
+pub fn proxy_env(env: &mut std::collections::BTreeMap<String, String>) {
+    let proxy = format!("http://{PROXY_ADDR}");
+    for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        env.entry(k.to_owned()).or_insert_with(|| proxy.clone());
+    }
+    for k in ["NO_PROXY", "no_proxy"] {
+        env.entry(k.to_owned())
+            .or_insert_with(|| "localhost,127.0.0.1,::1".to_owned());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,14 +70,7 @@ impl Manager {
         crate::volumes::check_mounts(&req.volumes)?;
         let mut env = req.env.clone();
         if egress.is_some() {
-            let proxy = format!("http://{}", forkbox_types::egress::PROXY_ADDR);
-            for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-                env.entry(k.to_owned()).or_insert_with(|| proxy.clone());
-            }
-            for k in ["NO_PROXY", "no_proxy"] {
-                env.entry(k.to_owned())
-                    .or_insert_with(|| "localhost,127.0.0.1,::1".to_owned());
-            }
+            forkbox_types::egress::proxy_env(&mut env);
         }
         Ok((
             CreateSpec {
