@@ -75,7 +75,7 @@ struct CreateBody {
 fn quoted(argv: &[String]) -> String {
     let words: Vec<String> = argv
         .iter()
-        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .map(|a| forkbox_types::shell::quote(a))
         .collect();
     format!("exec {}", words.join(" "))
 }
@@ -166,21 +166,26 @@ fn follow(session: Arc<Session>, from: u64) -> futures_util::stream::BoxStream<'
         .boxed()
 }
 
-fn session(
-    st: &AppState,
-    id: &forkbox_core::SandboxRef,
-    pty: &str,
-) -> Result<Arc<Session>, ApiError> {
-    st.terminals
-        .get(id, pty)
-        .ok_or_else(|| ApiError::NotFound(format!("no terminal session {pty} in this sandbox")))
-}
+/// `{pty}` of the route as a session of the caller's sandbox `{id}` (checked by
+/// [`Sbx`]); another sandbox's session is not found.
+struct Term(Arc<Session>);
 
-/// The `{pty}` of the route (the sandbox's `{id}` is checked by [`Sbx`]).
-type PtyPath = PathArgs<HashMap<String, String>>;
+impl axum::extract::FromRequestParts<AppState> for Term {
+    type Rejection = ApiError;
 
-fn pty_id(p: &PtyPath) -> &str {
-    p.0.get("pty").map(String::as_str).unwrap_or_default()
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &AppState,
+    ) -> Result<Self, ApiError> {
+        let Sbx(id) = Sbx::from_request_parts(parts, st).await?;
+        let PathArgs(p) =
+            PathArgs::<HashMap<String, String>>::from_request_parts(parts, st).await?;
+        let pty = p.get("pty").map(String::as_str).unwrap_or_default();
+        st.terminals
+            .get(&id, pty)
+            .map(Term)
+            .ok_or_else(|| ApiError::NotFound(format!("no terminal session {pty} in this sandbox")))
+    }
 }
 
 #[derive(Deserialize)]
@@ -189,13 +194,7 @@ struct InputBody {
     data_b64: String,
 }
 
-async fn input(
-    State(st): State<AppState>,
-    Sbx(id): Sbx,
-    p: PtyPath,
-    JsonBody(b): JsonBody<InputBody>,
-) -> Result<StatusCode, ApiError> {
-    let s = session(&st, &id, pty_id(&p))?;
+async fn input(Term(s): Term, JsonBody(b): JsonBody<InputBody>) -> Result<StatusCode, ApiError> {
     let data = base64::engine::general_purpose::STANDARD
         .decode(b.data_b64.as_bytes())
         .map_err(|e| ApiError::BadRequest(format!("data_b64 is not base64: {e}")))?;
@@ -210,13 +209,7 @@ struct ResizeBody {
     rows: u16,
 }
 
-async fn resize(
-    State(st): State<AppState>,
-    Sbx(id): Sbx,
-    p: PtyPath,
-    JsonBody(b): JsonBody<ResizeBody>,
-) -> Result<StatusCode, ApiError> {
-    let s = session(&st, &id, pty_id(&p))?;
+async fn resize(Term(s): Term, JsonBody(b): JsonBody<ResizeBody>) -> Result<StatusCode, ApiError> {
     let (rows, cols) = (
         size(Some(b.rows), 24, "rows")?,
         size(Some(b.cols), 80, "cols")?,
@@ -225,12 +218,7 @@ async fn resize(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn kill(
-    State(st): State<AppState>,
-    Sbx(id): Sbx,
-    p: PtyPath,
-) -> Result<StatusCode, ApiError> {
-    let s = session(&st, &id, pty_id(&p))?;
+async fn kill(Term(s): Term) -> Result<StatusCode, ApiError> {
     // Killing an ended session is done already.
     if !s.ended() {
         let _ = s.send(Frame::Kill).await;
@@ -255,12 +243,7 @@ async fn list(State(st): State<AppState>, Sbx(id): Sbx) -> Json<Vec<Value>> {
     )
 }
 
-async fn attach(
-    State(st): State<AppState>,
-    Sbx(id): Sbx,
-    p: PtyPath,
-) -> Result<Response, ApiError> {
-    let s = session(&st, &id, pty_id(&p))?;
+async fn attach(Term(s): Term) -> Result<Response, ApiError> {
     // From the oldest byte still kept.
     let from = s.read(0, 0).seq;
     Ok(ndjson(follow(s, from)))
@@ -275,13 +258,7 @@ struct ReadBody {
     timeout_ms: Option<u64>,
 }
 
-async fn read(
-    State(st): State<AppState>,
-    Sbx(id): Sbx,
-    p: PtyPath,
-    JsonBody(b): JsonBody<ReadBody>,
-) -> Result<Json<Value>, ApiError> {
-    let s = session(&st, &id, pty_id(&p))?;
+async fn read(Term(s): Term, JsonBody(b): JsonBody<ReadBody>) -> Result<Json<Value>, ApiError> {
     let max = b.max_bytes.unwrap_or(64 * 1024).clamp(1, READ_MAX);
     let wait = Duration::from_millis(b.timeout_ms.unwrap_or(10_000)).min(READ_WAIT_MAX);
     let c = s.read_wait(b.since_seq, max, wait).await;

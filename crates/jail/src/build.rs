@@ -381,8 +381,8 @@ impl Inner {
         let mut cmds: Vec<(usize, String, Option<String>)> = Vec::new();
         if let Some(w) = &spec.workdir {
             // Like a Dockerfile's WORKDIR: made if missing.
-            let quoted = format!("'{}'", w.replace('\'', r"'\''"));
-            cmds.push((0, format!("mkdir -p {quoted}"), Some("/".to_owned())));
+            let dir = forkbox_types::shell::quote(w);
+            cmds.push((0, format!("mkdir -p {dir}"), Some("/".to_owned())));
         }
         for (i, c) in spec.run.iter().enumerate() {
             cmds.push((i + 1, c.clone(), spec.workdir.clone()));

@@ -8,3 +8,4 @@ pub mod agent;
 pub mod egress;
 pub mod exec;
 pub mod pty;
+pub mod shell;

@@ -285,13 +285,7 @@ impl Manager {
         follow: bool,
     ) -> Result<BoxStream<'static, ExecEvent>, CoreError> {
         let id = id.id();
-        let live = self.running(id).await?;
-        if live.record().status != Status::Running {
-            return Err(CoreError::WrongState {
-                id: id.to_owned(),
-                status: live.record().status,
-            });
-        }
+        let live = self.running_now(id).await?;
         let events = live.instance.bg_output(pid, follow).await?;
         Ok(number_events(
             events,

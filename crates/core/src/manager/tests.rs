@@ -26,6 +26,16 @@ fn req(workspace: &str, template: &str) -> CreateRequest {
     }
 }
 
+/// The local admin (what a server without keys treats every caller as).
+fn admin() -> Principal {
+    Principal {
+        workspace: DEFAULT_WORKSPACE.into(),
+        token_id: None,
+        token_name: None,
+        admin: true,
+    }
+}
+
 fn r(id: &str) -> SandboxRef {
     SandboxRef::internal(id)
 }
@@ -136,12 +146,7 @@ async fn an_exec_timeout_is_checked_against_the_servers_limit() {
 #[tokio::test]
 async fn admission_is_per_workspace() {
     let (m, rt, _dir) = manager().await;
-    let admin = Principal {
-        workspace: DEFAULT_WORKSPACE.into(),
-        token_id: None,
-        token_name: None,
-        admin: true,
-    };
+    let admin = admin();
     let one = Quota {
         max_sandboxes: Some(1),
         max_memory_mb: None,
@@ -283,12 +288,7 @@ async fn a_restarted_server_adopts_survivors_and_marks_the_rest_lost() {
 #[tokio::test]
 async fn a_key_expires() {
     let (m, _rt, _dir) = manager().await;
-    let admin = Principal {
-        workspace: DEFAULT_WORKSPACE.into(),
-        token_id: None,
-        token_name: None,
-        admin: true,
-    };
+    let admin = admin();
     let now = OffsetDateTime::now_utc();
     for bad in [
         now - time::Duration::seconds(1),
