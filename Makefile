@@ -21,7 +21,7 @@ TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: disk-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -126,7 +126,9 @@ TEST_SCAN := scripts/host-scan.sh --pool $(TEST_POOL) --dirs '/tmp/forkbox-e2e-*
 # Tests share one cached template pool; each test server gets its own data dir, taken
 # down (`forkbox down --purge`) and deleted when the test ends. The last step fails the
 # run if anything of it is left on the host.
-test: vm-deps agent probe build lint sdk-deps clients-deps fuzz-smoke
+# A clean run builds once: incremental caches would only take disk.
+test: export CARGO_INCREMENTAL = 0
+test: disk-check vm-deps agent probe build lint sdk-deps clients-deps fuzz-smoke
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL)
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) base
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) code-interpreter
@@ -135,7 +137,16 @@ test: vm-deps agent probe build lint sdk-deps clients-deps fuzz-smoke
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(CLIENTS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/clients
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox SDK_VENV=$(SDK_VENV) $(SDK_VENV)/bin/python tests/fuzz/schemathesis_run.py
 	$(MAKE) test-vm
+	-fstrim $(TEST_POOL) 2>/dev/null
 	$(TEST_SCAN)
+
+# A clean `make test` needs about 4 GiB (debug builds, fuzz targets, venvs, the test
+# pool's templates); say so up front rather than failing on ENOSPC minutes in.
+disk-check:
+	@avail=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	if [ "$$avail" -lt 4194304 ]; then \
+		echo "only $$((avail / 1024)) MiB free under $(CURDIR); make test needs about 4 GiB" >&2; exit 1; \
+	fi
 
 # The Jupyter reference row needs ipykernel + jupyter_client, the chart matplotlib
 # (PyPI), in a venv. The crun and bwrap rows need the Debian packages (`deps`).
