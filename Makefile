@@ -133,6 +133,7 @@ test: disk-check vm-deps agent probe build lint sdk-deps clients-deps fuzz-smoke
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) base
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) code-interpreter
 	FORKBOX_TEST_POOL=$(TEST_POOL) $(CARGO) test --workspace -- --test-threads=4
+	CARGO="$(CARGO)" scripts/core-tests-unprivileged.sh
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(SDK_VENV)/bin/python -m pytest -q sdk/python/tests
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(CLIENTS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/clients
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox SDK_VENV=$(SDK_VENV) $(SDK_VENV)/bin/python tests/fuzz/schemathesis_run.py

@@ -5,9 +5,9 @@
 //! (how a sandbox is made, paused, forked, ended).
 //!
 //! Mapping: an agent that cannot be reached, or breaks off a stream, is
-//! [`RuntimeError::Agent`]; a refusal (an HTTP status with a message) means what its
-//! call says: a bad request, no such background command, a file error of a kind, a
-//! closed port.
+//! [`RuntimeError::Agent`]; a refusal means what the kind the agent gave says
+//! ([`forkbox_types::agent::Refusal`], mapped once by [`RuntimeError::refused`]): a bad
+//! request, no such background command, a file error of a kind, a closed port.
 
 use bytes::Bytes;
 use forkbox_agent_client::{AgentClient, AgentError, EventStream};
@@ -26,9 +26,6 @@ pub struct Agent<'a> {
     client: &'a AgentClient,
 }
 
-/// How a refusal (`status`, `message`, `pid`) of one kind of call is told.
-type Refusal = fn(&str, u16, String, Option<i32>) -> RuntimeError;
-
 impl<'a> Agent<'a> {
     /// Sandbox `id`'s agent, reached through `client`.
     pub fn new(id: &'a str, client: &'a AgentClient) -> Agent<'a> {
@@ -43,14 +40,12 @@ impl<'a> Agent<'a> {
         }
     }
 
-    /// A failure of a call whose refusals mean what `refused` says.
-    fn failed(&self, e: AgentError, refused: Refusal) -> RuntimeError {
+    /// A failure of call `op`: a refusal means what its kind says.
+    fn failed(&self, op: &'static str, e: AgentError) -> RuntimeError {
         match e {
             AgentError::Status {
-                status,
-                message,
-                pid,
-            } => refused(self.id, status.as_u16(), message, pid),
+                kind, message, pid, ..
+            } => RuntimeError::refused(self.id, op, kind, message, pid),
             other => self.unreachable(other),
         }
     }
@@ -63,75 +58,73 @@ impl<'a> Agent<'a> {
         forkbox_core::runtime::agent_stream(self.id, stream)
     }
 
-    /// An exec-like call's events: a refused request is [`RuntimeError::Rejected`].
+    /// An exec-like call's events.
     pub fn events(
         &self,
+        op: &'static str,
         res: Result<EventStream, AgentError>,
     ) -> Result<AgentEvents, RuntimeError> {
         match res {
             Ok(stream) => Ok(self.stream(stream)),
-            Err(AgentError::Status {
-                status, message, ..
-            }) if status.as_u16() == 400 => Err(RuntimeError::Rejected(message)),
-            Err(e) => Err(self.unreachable(e)),
+            Err(e) => Err(self.failed(op, e)),
         }
     }
 
     pub async fn exec(&self, req: &ExecRequest) -> Result<AgentEvents, RuntimeError> {
-        self.events(self.client.exec(req).await)
+        self.events("exec", self.client.exec(req).await)
     }
 
     pub async fn run_code(&self, req: &RunCodeRequest) -> Result<AgentEvents, RuntimeError> {
-        self.events(self.client.run_code(req).await)
+        self.events("run_code", self.client.run_code(req).await)
     }
 
     pub async fn bg_start(&self, req: &ExecRequest) -> Result<BgInfo, RuntimeError> {
         self.client
             .bg_start(req)
             .await
-            .map_err(|e| self.failed(e, RuntimeError::background_refused))
+            .map_err(|e| self.failed("background command", e))
     }
 
     pub async fn bg_list(&self) -> Result<Vec<BgInfo>, RuntimeError> {
         self.client
             .bg_list()
             .await
-            .map_err(|e| self.failed(e, RuntimeError::background_refused))
+            .map_err(|e| self.failed("background command", e))
     }
 
     pub async fn bg_stdin(&self, pid: i32, data: Bytes, close: bool) -> Result<(), RuntimeError> {
         self.client
             .bg_stdin(pid, data, close)
             .await
-            .map_err(|e| self.failed(e, RuntimeError::background_refused))
+            .map_err(|e| self.failed("background command", e))
     }
 
     pub async fn bg_signal(&self, pid: i32, signal: i32) -> Result<(), RuntimeError> {
         self.client
             .bg_signal(pid, signal)
             .await
-            .map_err(|e| self.failed(e, RuntimeError::background_refused))
+            .map_err(|e| self.failed("background command", e))
     }
 
     pub async fn bg_wait(&self, pid: i32) -> Result<i32, RuntimeError> {
         self.client
             .bg_wait(pid)
             .await
-            .map_err(|e| self.failed(e, RuntimeError::background_refused))
+            .map_err(|e| self.failed("background command", e))
     }
 
     pub async fn bg_output(&self, pid: i32, follow: bool) -> Result<AgentEvents, RuntimeError> {
-        match self.client.bg_output(pid, follow).await {
-            Err(e) => Err(self.failed(e, RuntimeError::background_refused)),
-            ok => self.events(ok),
-        }
+        self.events(
+            "background command",
+            self.client.bg_output(pid, follow).await,
+        )
     }
 
     pub async fn file_op(&self, op: &FileOp) -> Result<FileOpReply, RuntimeError> {
         self.client
             .file_op(op)
             .await
-            .map_err(|e| self.failed(e, RuntimeError::file_refused))
+            .map_err(|e| self.failed("file operation", e))
     }
 
     pub async fn read_file(&self, path: &str) -> Result<(Option<u64>, ByteStream), RuntimeError> {
@@ -139,7 +132,7 @@ impl<'a> Agent<'a> {
             .client
             .read_file(path)
             .await
-            .map_err(|e| self.failed(e, RuntimeError::file_refused))?;
+            .map_err(|e| self.failed("file operation", e))?;
         Ok((size, self.stream(stream)))
     }
 
@@ -151,7 +144,7 @@ impl<'a> Agent<'a> {
         self.client
             .write_file(path, boxed_errors(data))
             .await
-            .map_err(|e| self.failed(e, RuntimeError::file_refused))
+            .map_err(|e| self.failed("file operation", e))
     }
 
     pub async fn watch(&self, path: &str, recursive: bool) -> Result<WatchEvents, RuntimeError> {
@@ -159,7 +152,7 @@ impl<'a> Agent<'a> {
             .client
             .watch(path, recursive)
             .await
-            .map_err(|e| self.failed(e, RuntimeError::file_refused))?;
+            .map_err(|e| self.failed("file operation", e))?;
         Ok(self.stream(stream))
     }
 
@@ -172,7 +165,7 @@ impl<'a> Agent<'a> {
             .client
             .pty(req, boxed_errors(input))
             .await
-            .map_err(|e| self.unreachable(e))?;
+            .map_err(|e| self.failed("terminal", e))?;
         Ok(self.stream(stream))
     }
 
@@ -181,7 +174,7 @@ impl<'a> Agent<'a> {
             .client
             .tcp(port, boxed_errors(input))
             .await
-            .map_err(|e| self.failed(e, RuntimeError::port_refused))?;
+            .map_err(|e| self.failed("port connection", e))?;
         Ok(self.stream(stream))
     }
 
@@ -189,7 +182,7 @@ impl<'a> Agent<'a> {
         self.client
             .ports()
             .await
-            .map_err(|e| self.failed(e, RuntimeError::port_refused))
+            .map_err(|e| self.failed("port connection", e))
     }
 }
 

@@ -4,7 +4,7 @@
 use bytes::{Bytes, BytesMut};
 use forkbox_types::agent::{
     AdoptReply, AdoptRequest, AgentEvent, BgInfo, BgSignal, ExecRequest, FileOp, FileOpReply,
-    ForkReply, ForkRequest, Health, PtyRequest, RunCodeRequest, WatchEvent, WriteReply,
+    ForkReply, ForkRequest, Health, PtyRequest, Refusal, RunCodeRequest, WatchEvent, WriteReply,
     PROTOCOL_VERSION,
 };
 use futures_util::Stream;
@@ -30,6 +30,8 @@ pub enum AgentError {
     #[error("agent answered {status}: {message}")]
     Status {
         status: StatusCode,
+        /// What kind of refusal, as the agent said (from the status when it did not).
+        kind: Refusal,
         message: String,
         /// The background command a refusal is about, when the agent said.
         pid: Option<i32>,
@@ -38,13 +40,6 @@ pub enum AgentError {
     Decode(serde_json::Error),
     #[error("agent did not answer within {0:?}")]
     Timeout(std::time::Duration),
-}
-
-impl AgentError {
-    /// True when the agent itself refused the request as invalid.
-    pub fn is_bad_request(&self) -> bool {
-        matches!(self, AgentError::Status { status, .. } if *status == StatusCode::BAD_REQUEST)
-    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -113,6 +108,7 @@ impl AgentClient {
             .body(body)
             .map_err(|e| AgentError::Status {
                 status: StatusCode::BAD_REQUEST,
+                kind: Refusal::Invalid,
                 message: e.to_string(),
                 pid: None,
             })?;
@@ -127,13 +123,14 @@ impl AgentClient {
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            let (message, pid) =
+            let (kind, message, pid) =
                 match serde_json::from_slice::<forkbox_types::agent::ErrorBody>(&body) {
-                    Ok(b) => (b.error, b.pid),
-                    Err(_) => (String::from_utf8_lossy(&body).into_owned(), None),
+                    Ok(b) => (b.kind, b.error, b.pid),
+                    Err(_) => (None, String::from_utf8_lossy(&body).into_owned(), None),
                 };
             return Err(AgentError::Status {
                 status,
+                kind: kind.unwrap_or_else(|| Refusal::from_status(status.as_u16())),
                 message,
                 pid,
             });

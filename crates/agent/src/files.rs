@@ -5,7 +5,7 @@
 //! agent's own host-side files) are refused. Once opened, work continues on the fd, so
 //! swapping a path component mid-transfer changes nothing.
 
-use forkbox_types::agent::{FileInfo, FileKind, FileOp, FileOpReply, WriteReply};
+use forkbox_types::agent::{FileInfo, FileKind, FileOp, FileOpReply, Refusal, WriteReply};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstatat, FileStat, Mode};
@@ -23,21 +23,21 @@ pub enum FileError {
 }
 
 impl FileError {
-    /// The HTTP status the agent answers with.
-    pub fn status(&self) -> u16 {
+    /// The kind of refusal the agent answers with.
+    pub fn refusal(&self) -> Refusal {
         match self {
-            FileError::BadPath(_) => 400,
-            FileError::NotRegular { .. } => 409,
+            FileError::BadPath(_) => Refusal::FileInvalid,
+            FileError::NotRegular { .. } => Refusal::FileConflict,
             FileError::Os { errno, .. } => match errno {
-                Errno::ENOENT => 404,
+                Errno::ENOENT => Refusal::FileNotFound,
                 Errno::ENOTDIR
                 | Errno::EISDIR
                 | Errno::ENOTEMPTY
                 | Errno::EEXIST
-                | Errno::EXDEV => 409,
-                Errno::EACCES | Errno::EPERM | Errno::EROFS => 403,
-                Errno::ENOSPC | Errno::EDQUOT => 507,
-                _ => 400,
+                | Errno::EXDEV => Refusal::FileConflict,
+                Errno::EACCES | Errno::EPERM | Errno::EROFS => Refusal::FileDenied,
+                Errno::ENOSPC | Errno::EDQUOT => Refusal::NoSpace,
+                _ => Refusal::FileInvalid,
             },
         }
     }
@@ -491,17 +491,19 @@ mod tests {
     }
 
     #[test]
-    fn errors_map_to_statuses() {
+    fn errors_map_to_refusals() {
         let e = |errno| FileError::Os {
             path: "/p".into(),
             errno,
         };
-        assert_eq!(e(Errno::ENOENT).status(), 404);
-        assert_eq!(e(Errno::EISDIR).status(), 409);
-        assert_eq!(e(Errno::ENOTEMPTY).status(), 409);
-        assert_eq!(e(Errno::EACCES).status(), 403);
-        assert_eq!(e(Errno::ENOSPC).status(), 507);
-        assert_eq!(e(Errno::ELOOP).status(), 400);
+        assert_eq!(e(Errno::ENOENT).refusal(), Refusal::FileNotFound);
+        assert_eq!(e(Errno::EISDIR).refusal(), Refusal::FileConflict);
+        assert_eq!(e(Errno::ENOTEMPTY).refusal(), Refusal::FileConflict);
+        assert_eq!(e(Errno::EACCES).refusal(), Refusal::FileDenied);
+        assert_eq!(e(Errno::ENOSPC).refusal(), Refusal::NoSpace);
+        assert_eq!(e(Errno::ELOOP).refusal(), Refusal::FileInvalid);
+        assert_eq!(e(Errno::ENOENT).refusal().status(), 404);
+        assert_eq!(e(Errno::ENOSPC).refusal().status(), 507);
     }
 
     #[test]

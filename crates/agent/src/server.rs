@@ -4,8 +4,8 @@
 use crate::exec::{self, Context};
 use bytes::Bytes;
 use forkbox_types::agent::{
-    AdoptReply, AdoptRequest, ExecRequest, ForkRequest, Health, Language, PtyRequest,
-    RunCodeRequest, PROTOCOL_VERSION,
+    AdoptReply, AdoptRequest, ErrorBody, ExecRequest, ForkRequest, Health, Language, PtyRequest,
+    Refusal, RunCodeRequest, PROTOCOL_VERSION,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -232,11 +232,30 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     r
 }
 
-fn error(status: StatusCode, msg: &str) -> Response<Body> {
+/// A refusal of `kind`: its status and an [`ErrorBody`] saying why.
+fn refuse(kind: Refusal, msg: &str) -> Response<Body> {
+    refuse_about(kind, msg, None)
+}
+
+/// A refusal about background command `pid`.
+fn refuse_about(kind: Refusal, msg: &str, pid: Option<i32>) -> Response<Body> {
+    let body = ErrorBody {
+        error: msg.to_owned(),
+        kind: Some(kind),
+        pid,
+    };
     full(
-        status,
-        serde_json::json!({ "error": msg }).to_string().into_bytes(),
+        StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        serde_json::to_vec(&body).unwrap_or_default(),
     )
+}
+
+/// A write that failed with `e`: a full disk is the sandbox's, anything else the agent's.
+fn write_refusal(e: &std::io::Error) -> Refusal {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Refusal::NoSpace,
+        _ => Refusal::Failed,
+    }
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
@@ -245,7 +264,7 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
         .await
     {
         Ok(b) => Ok(b.to_bytes()),
-        Err(_) => Err(error(StatusCode::BAD_REQUEST, "unreadable request body")),
+        Err(_) => Err(refuse(Refusal::Invalid, "unreadable request body")),
     }
 }
 
@@ -255,8 +274,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     what: &str,
 ) -> Result<T, Response<Body>> {
     let body = read_body(req).await?;
-    serde_json::from_slice(&body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("{what}: {e}")))
+    serde_json::from_slice(&body).map_err(|e| refuse(Refusal::Invalid, &format!("{what}: {e}")))
 }
 
 /// A streamed NDJSON response fed by `rx`, coalesced (see [`Coalesce`]).
@@ -345,10 +363,7 @@ fn query_path(req: &Request<Incoming>) -> Option<String> {
 }
 
 fn file_error(e: &crate::files::FileError) -> Response<Body> {
-    error(
-        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
-        &e.to_string(),
-    )
+    refuse(e.refusal(), &e.to_string())
 }
 
 /// A query parameter.
@@ -360,23 +375,16 @@ fn query_arg(req: &Request<Incoming>, name: &str) -> Option<String> {
 
 fn bg_error(e: &crate::bg::BgError) -> Response<Body> {
     use crate::bg::BgError;
-    if let BgError::NoSuchPid(pid) = e {
-        let body = forkbox_types::agent::ErrorBody {
-            error: e.to_string(),
-            pid: Some(*pid),
-        };
-        return full(
-            StatusCode::NOT_FOUND,
-            serde_json::to_vec(&body).unwrap_or_default(),
-        );
+    match e {
+        BgError::NoSuchPid(pid) => refuse_about(Refusal::NoProcess, &e.to_string(), Some(*pid)),
+        BgError::Exited(_) | BgError::StdinClosed(_) | BgError::TooMany => {
+            refuse(Refusal::Conflict, &e.to_string())
+        }
+        BgError::Spawn(crate::exec::SpawnError::NoCwd(_)) => {
+            refuse(Refusal::Invalid, &e.to_string())
+        }
+        BgError::Spawn(_) | BgError::Io(_) => refuse(Refusal::Failed, &e.to_string()),
     }
-    let status = match e {
-        BgError::NoSuchPid(_) => StatusCode::NOT_FOUND,
-        BgError::Exited(_) | BgError::StdinClosed(_) | BgError::TooMany => StatusCode::CONFLICT,
-        BgError::Spawn(crate::exec::SpawnError::NoCwd(_)) => StatusCode::BAD_REQUEST,
-        BgError::Spawn(_) | BgError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    error(status, &e.to_string())
 }
 
 /// Background command routes (`/bg/...`).
@@ -405,13 +413,10 @@ async fn background(ctx: Context, req: Request<Incoming>) -> Response<Body> {
                     Ok(()) => json_reply(&serde_json::json!({})),
                     Err(e) => bg_error(&e),
                 },
-                Err(e) => error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("invalid signal request: {e}"),
-                ),
+                Err(e) => refuse(Refusal::Invalid, &format!("invalid signal request: {e}")),
             }
         }
-        (_, _) if pid.is_none() => error(StatusCode::BAD_REQUEST, "missing or bad pid"),
+        (_, _) if pid.is_none() => refuse(Refusal::Invalid, "missing or bad pid"),
         (Method::POST, "/bg/stdin") => {
             let close = query_arg(&req, "close").is_some_and(|v| v == "1" || v == "true");
             let body = match read_body(req).await {
@@ -438,20 +443,20 @@ async fn background(ctx: Context, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => bg_error(&e),
             }
         }
-        _ => error(StatusCode::NOT_FOUND, "no such agent route"),
+        _ => refuse(Refusal::Invalid, "no such agent route"),
     }
 }
 
 /// `GET /files/read?path=`: the file's bytes, streamed in 256 KiB chunks.
 async fn read_file(req: Request<Incoming>) -> Response<Body> {
     let Some(path) = query_path(&req) else {
-        return error(StatusCode::BAD_REQUEST, "missing path");
+        return refuse(Refusal::FileInvalid, "missing path");
     };
     let opened = tokio::task::spawn_blocking(move || crate::files::open_read(&path)).await;
     let (file, size) = match opened {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return file_error(&e),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => return refuse(Refusal::Failed, &e.to_string()),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     tokio::spawn(async move {
@@ -482,19 +487,19 @@ async fn read_file(req: Request<Incoming>) -> Response<Body> {
 async fn write_file(req: Request<Incoming>) -> Response<Body> {
     use tokio::io::AsyncWriteExt;
     let Some(path) = query_path(&req) else {
-        return error(StatusCode::BAD_REQUEST, "missing path");
+        return refuse(Refusal::FileInvalid, "missing path");
     };
     let begun = tokio::task::spawn_blocking(move || crate::files::begin_write(&path)).await;
     let up = match begun {
         Ok(Ok(u)) => u,
         Ok(Err(e)) => return file_error(&e),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => return refuse(Refusal::Failed, &e.to_string()),
     };
     let mut f = match up.file.try_clone() {
         Ok(f) => tokio::fs::File::from_std(f),
         Err(e) => {
             up.abort();
-            return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+            return refuse(Refusal::Failed, &e.to_string());
         }
     };
     let mut body = req.into_body();
@@ -502,21 +507,14 @@ async fn write_file(req: Request<Incoming>) -> Response<Body> {
     let failed = loop {
         match body.frame().await {
             None => break None,
-            Some(Err(e)) => {
-                break Some((StatusCode::BAD_REQUEST, format!("upload interrupted: {e}")))
-            }
+            Some(Err(e)) => break Some((Refusal::Invalid, format!("upload interrupted: {e}"))),
             Some(Ok(frame)) => {
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
                 size += data.len() as u64;
                 if let Err(e) = f.write_all(&data).await {
-                    let status = if e.raw_os_error() == Some(libc::ENOSPC) {
-                        StatusCode::INSUFFICIENT_STORAGE
-                    } else {
-                        StatusCode::INTERNAL_SERVER_ERROR
-                    };
-                    break Some((status, format!("write: {e}")));
+                    break Some((write_refusal(&e), format!("write: {e}")));
                 }
             }
         }
@@ -524,18 +522,18 @@ async fn write_file(req: Request<Incoming>) -> Response<Body> {
     if failed.is_none() {
         if let Err(e) = f.flush().await {
             up.abort();
-            return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("write: {e}"));
+            return refuse(write_refusal(&e), &format!("write: {e}"));
         }
     }
     drop(f);
-    if let Some((status, msg)) = failed {
+    if let Some((kind, msg)) = failed {
         up.abort();
-        return error(status, &msg);
+        return refuse(kind, &msg);
     }
     match tokio::task::spawn_blocking(move || up.commit(size)).await {
         Ok(Ok(reply)) => json_reply(&reply),
         Ok(Err(e)) => file_error(&e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => refuse(Refusal::Failed, &e.to_string()),
     }
 }
 
@@ -559,12 +557,12 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
                 env,
             };
             if pr.cmd.as_deref().is_some_and(|c| c.contains('\0')) {
-                return error(StatusCode::BAD_REQUEST, "cmd must not contain NUL");
+                return refuse(Refusal::Invalid, "cmd must not contain NUL");
             }
             if let Some(cwd) = pr.cwd.as_deref() {
                 if !std::path::Path::new(cwd).is_dir() {
-                    return error(
-                        StatusCode::BAD_REQUEST,
+                    return refuse(
+                        Refusal::Invalid,
                         &format!("cwd {cwd} is not a directory in the sandbox"),
                     );
                 }
@@ -576,7 +574,7 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
                         ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
                     Response::new(BodyExt::boxed(StreamBody::new(stream)))
                 }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+                Err(e) => refuse(Refusal::Failed, &e),
             }
         }
         (&Method::POST, "/tcp") => {
@@ -584,7 +582,7 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
                 .and_then(|p| p.parse::<u16>().ok())
                 .filter(|p| *p > 0)
             else {
-                return error(StatusCode::BAD_REQUEST, "port must be 1-65535");
+                return refuse(Refusal::Invalid, "port must be 1-65535");
             };
             let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
             match crate::tcp::start(port, req.into_body(), tx).await {
@@ -593,14 +591,14 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
                         ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
                     Response::new(BodyExt::boxed(StreamBody::new(stream)))
                 }
-                Err(e) => error(StatusCode::BAD_GATEWAY, &e),
+                Err(e) => refuse(Refusal::PortClosed, &e),
             }
         }
         (&Method::GET, "/ports") => json_reply(&crate::tcp::listening()),
         (&Method::GET, "/files/read") => read_file(req).await,
         (&Method::GET, "/files/watch") => {
             let Some(path) = query_path(&req) else {
-                return error(StatusCode::BAD_REQUEST, "missing path");
+                return refuse(Refusal::FileInvalid, "missing path");
             };
             let recursive = query_arg(&req, "recursive").is_some_and(|v| v == "1" || v == "true");
             let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
@@ -617,12 +615,12 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             };
             let op: forkbox_types::agent::FileOp = match serde_json::from_slice(&body) {
                 Ok(r) => r,
-                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid file op: {e}")),
+                Err(e) => return refuse(Refusal::Invalid, &format!("invalid file op: {e}")),
             };
             match tokio::task::spawn_blocking(move || crate::files::op(op)).await {
                 Ok(Ok(reply)) => json_reply(&reply),
                 Ok(Err(e)) => file_error(&e),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                Err(e) => refuse(Refusal::Failed, &e.to_string()),
             }
         }
         (&Method::POST, "/fork") => {
@@ -632,7 +630,7 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             };
             match ctx.kernels.fork(&fr.children).await {
                 Ok(reply) => json_reply(&reply),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+                Err(e) => refuse(Refusal::Failed, &e),
             }
         }
         (&Method::POST, "/adopt") => {
@@ -666,7 +664,7 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
                 Err(r) => return r,
             };
             if rc.code.contains('\0') {
-                return error(StatusCode::BAD_REQUEST, "code must not contain NUL");
+                return refuse(Refusal::Invalid, "code must not contain NUL");
             }
             let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
             tokio::spawn(async move {
@@ -689,15 +687,15 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
                     r
                 }
                 Err(e @ exec::SpawnError::NoCwd(_)) => {
-                    return error(StatusCode::BAD_REQUEST, &e.to_string())
+                    return refuse(Refusal::Invalid, &e.to_string())
                 }
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                Err(e) => return refuse(Refusal::Failed, &e.to_string()),
             };
             let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
             tokio::spawn(running.stream(tx));
             ndjson(rx)
         }
-        _ => error(StatusCode::NOT_FOUND, "no such agent route"),
+        _ => refuse(Refusal::Invalid, "no such agent route"),
     }
 }
 

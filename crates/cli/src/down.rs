@@ -202,7 +202,7 @@ pub async fn down(args: DownArgs) -> anyhow::Result<()> {
 async fn take_down(host: &HostArgs, purge: bool) -> anyhow::Result<Vec<String>> {
     let data = host.data_dir();
     let cfg = host.jail_config()?;
-    let jail: Arc<dyn Runtime> = Arc::new(forkbox_jail::JailRuntime::for_cleanup(&cfg)?);
+    let jail = Arc::new(forkbox_jail::JailRuntime::for_cleanup(&cfg)?);
     let mut vm_cfg = forkbox_vm::VmConfig::new(&data, cfg.agent_bin.clone());
     vm_cfg.accel = Some(forkbox_vm::accel::Accel::Tcg);
     let others: Vec<Arc<dyn Runtime>> = match forkbox_vm::VmRuntime::new(vm_cfg) {

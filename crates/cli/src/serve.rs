@@ -170,10 +170,9 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
     let data = args.host.data_dir();
     let store = Store::open(&data.join("forkbox.db")).await?;
     let jail = Arc::new(runtime);
-    let runtime: Arc<dyn Runtime> = jail.clone();
     let manager = Manager::with_runtimes(
         store,
-        runtime,
+        jail.clone(),
         others,
         ManagerConfig {
             default_template: args.default_template.clone(),

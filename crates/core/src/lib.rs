@@ -31,7 +31,7 @@ pub use model::{
     VolumeMount, Work,
 };
 pub use runtime::{
-    ByteStream, FileErrorKind, GcReport, Instance, Runtime, RuntimeError, TemplateInfo,
+    ByteStream, FileErrorKind, GcReport, HostStores, Instance, Runtime, RuntimeError, TemplateInfo,
     TemplateSpec, UploadStream,
 };
 

@@ -165,7 +165,7 @@ impl Manager {
 
     /// Whether `lang`'s template is built, being built, or neither.
     pub async fn rootfs_state(&self, lang: &Language) -> RootfsState {
-        if let Some(info) = self.runtime().template_info(&lang.template).await {
+        if let Some(info) = self.host_stores().template_info(&lang.template).await {
             return RootfsState::Ready(info);
         }
         match lock(self.warm()).building.get(&lang.template) {
@@ -344,7 +344,12 @@ impl Manager {
         if req.code.contains('\0') {
             return Err(CoreError::Invalid("code must not contain NUL".into()));
         }
-        if self.runtime().template_info(&lang.template).await.is_none() {
+        if self
+            .host_stores()
+            .template_info(&lang.template)
+            .await
+            .is_none()
+        {
             let started = self.build_rootfs(&lang);
             return Err(CoreError::Conflict(format!(
                 "the rootfs of {} (template {}) is not built yet; {} — see GET /api/v1/rootfs",

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use forkbox_types::agent::{
-    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, ListeningPort, PtyRequest,
+    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, ListeningPort, PtyRequest, Refusal,
     RunCodeRequest, WatchEvent, WriteReply,
 };
 use futures_util::stream::BoxStream;
@@ -121,43 +121,32 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
-    /// An agent's refusal (HTTP `status`, `message`, the command's `pid` when it
-    /// said) of a background-command call.
-    pub fn background_refused(
+    /// Sandbox `id`'s agent refused call `op`: what it means follows from the kind the
+    /// agent gave (never from the message, which is for people), the subject (`pid`)
+    /// from the data it sent.
+    pub fn refused(
         id: &str,
-        status: u16,
+        op: &'static str,
+        kind: Refusal,
         message: String,
         pid: Option<i32>,
     ) -> RuntimeError {
-        match status {
-            404 => RuntimeError::NoProcess(pid.unwrap_or(0)),
-            409 => RuntimeError::Conflict(message),
-            400 => RuntimeError::Rejected(message),
-            _ => RuntimeError::host("background command", id, std::io::Error::other(message)),
-        }
-    }
-
-    /// An agent's refusal (HTTP `status`, `message`) of a connection to a port.
-    pub fn port_refused(id: &str, status: u16, message: String, _pid: Option<i32>) -> RuntimeError {
-        match status {
-            502 => RuntimeError::PortClosed(message),
-            400 => RuntimeError::Rejected(message),
-            _ => RuntimeError::host("port connection", id, std::io::Error::other(message)),
-        }
-    }
-
-    /// An agent's refusal (HTTP `status`, `message`) of a file call: the status says
-    /// what kind.
-    pub fn file_refused(id: &str, status: u16, message: String, _pid: Option<i32>) -> RuntimeError {
-        let kind = match status {
-            404 => FileErrorKind::NotFound,
-            409 => FileErrorKind::Conflict,
-            403 => FileErrorKind::Denied,
-            507 => FileErrorKind::NoSpace,
-            400 => FileErrorKind::Invalid,
-            _ => return RuntimeError::host("file operation", id, std::io::Error::other(message)),
+        let file = |kind| RuntimeError::File {
+            kind,
+            message: message.clone(),
         };
-        RuntimeError::File { kind, message }
+        match kind {
+            Refusal::Invalid => RuntimeError::Rejected(message),
+            Refusal::NoProcess => RuntimeError::NoProcess(pid.unwrap_or(0)),
+            Refusal::Conflict => RuntimeError::Conflict(message),
+            Refusal::FileInvalid => file(FileErrorKind::Invalid),
+            Refusal::FileNotFound => file(FileErrorKind::NotFound),
+            Refusal::FileConflict => file(FileErrorKind::Conflict),
+            Refusal::FileDenied => file(FileErrorKind::Denied),
+            Refusal::NoSpace => file(FileErrorKind::NoSpace),
+            Refusal::PortClosed => RuntimeError::PortClosed(message),
+            Refusal::Failed => RuntimeError::host(op, id, std::io::Error::other(message)),
+        }
     }
 }
 
@@ -244,6 +233,8 @@ pub struct Capabilities {
 /// The events of one exec, as the agent reports them.
 pub type AgentEvents = BoxStream<'static, Result<AgentEvent, RuntimeError>>;
 
+/// A sandbox factory: makes, wakes, adopts and cleans up after sandboxes of one kind.
+/// The stores they are made from are [`HostStores`].
 #[async_trait]
 pub trait Runtime: Send + Sync + 'static {
     /// Short name (`jail`, `vm`).
@@ -256,43 +247,6 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Makes sure `template` exists, building it if this runtime can.
     async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError>;
-
-    /// What is known of a built template; `None` when it is not built.
-    async fn template_info(&self, template: &str) -> Option<TemplateInfo> {
-        let _ = template;
-        None
-    }
-
-    /// Every built template.
-    async fn templates(&self) -> Vec<TemplateInfo> {
-        Vec::new()
-    }
-
-    /// Builds a template; on failure nothing of it is left behind.
-    async fn build_template(
-        &self,
-        spec: &TemplateSpec,
-        progress: Progress,
-    ) -> Result<TemplateInfo, RuntimeError> {
-        let _ = (spec, progress);
-        Err(RuntimeError::Unsupported(
-            "this runtime cannot build templates".into(),
-        ))
-    }
-
-    /// The kept build log of a built template.
-    async fn template_log(&self, template: &str) -> Option<String> {
-        let _ = template;
-        None
-    }
-
-    /// Deletes a built template (sandboxes made from it keep their own copy).
-    async fn delete_template(&self, template: &str) -> Result<(), RuntimeError> {
-        let _ = template;
-        Err(RuntimeError::Unsupported(
-            "this runtime cannot delete templates".into(),
-        ))
-    }
 
     /// Creates a running sandbox whose agent answers.
     async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError>;
@@ -334,36 +288,6 @@ pub trait Runtime: Send + Sync + 'static {
         Ok(GcReport::default())
     }
 
-    /// Makes the storage of volume `id` with room for `size_mb` MiB.
-    async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), RuntimeError> {
-        let _ = (id, size_mb);
-        Err(RuntimeError::Unsupported(
-            "this runtime has no volumes".into(),
-        ))
-    }
-
-    /// Frees the storage of volume `id` (no sandbox mounts it any more).
-    async fn delete_volume(&self, id: &str) -> Result<(), RuntimeError> {
-        let _ = id;
-        Err(RuntimeError::Unsupported(
-            "this runtime has no volumes".into(),
-        ))
-    }
-
-    /// Bytes used in volume `id`, when known.
-    async fn volume_used(&self, id: &str) -> Option<u64> {
-        let _ = id;
-        None
-    }
-
-    /// Deletes a named snapshot's filesystem.
-    async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {
-        let _ = snapshot;
-        Err(RuntimeError::Unsupported(
-            "this runtime has no snapshots".into(),
-        ))
-    }
-
     /// Frees whatever host resources sandbox `id` may have left behind (processes,
     /// cgroups, file systems) when no instance of it is held, e.g. after a crash.
     async fn cleanup(&self, id: &str) -> Result<(), RuntimeError>;
@@ -373,6 +297,43 @@ pub trait Runtime: Send + Sync + 'static {
     async fn release_host(&self) -> Result<Vec<String>, RuntimeError> {
         Ok(Vec::new())
     }
+}
+
+/// The host's stores beside the sandboxes: templates, volumes and named snapshots.
+/// One runtime keeps them (the jail runtime, on its btrfs pool); every runtime's
+/// sandboxes are made from them.
+#[async_trait]
+pub trait HostStores: Send + Sync + 'static {
+    /// What is known of a built template; `None` when it is not built.
+    async fn template_info(&self, template: &str) -> Option<TemplateInfo>;
+
+    /// Every built template.
+    async fn templates(&self) -> Vec<TemplateInfo>;
+
+    /// Builds a template; on failure nothing of it is left behind.
+    async fn build_template(
+        &self,
+        spec: &TemplateSpec,
+        progress: Progress,
+    ) -> Result<TemplateInfo, RuntimeError>;
+
+    /// The kept build log of a built template.
+    async fn template_log(&self, template: &str) -> Option<String>;
+
+    /// Deletes a built template (sandboxes made from it keep their own copy).
+    async fn delete_template(&self, template: &str) -> Result<(), RuntimeError>;
+
+    /// Makes the storage of volume `id` with room for `size_mb` MiB.
+    async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), RuntimeError>;
+
+    /// Frees the storage of volume `id` (no sandbox mounts it any more).
+    async fn delete_volume(&self, id: &str) -> Result<(), RuntimeError>;
+
+    /// Bytes used in volume `id`, when known.
+    async fn volume_used(&self, id: &str) -> Option<u64>;
+
+    /// Deletes a named snapshot's filesystem.
+    async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError>;
 }
 
 /// One live sandbox of a runtime.
@@ -534,26 +495,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_refusal_is_read_from_its_status_and_data_not_its_text() {
+    fn a_refusal_is_read_from_its_kind_and_data_not_its_text() {
         // The pid comes as data; the message is for people.
-        match RuntimeError::background_refused("sbx", 404, "gone, sorry".into(), Some(7)) {
+        match RuntimeError::refused(
+            "sbx",
+            "call",
+            Refusal::NoProcess,
+            "gone, sorry".into(),
+            Some(7),
+        ) {
             RuntimeError::NoProcess(7) => {}
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            RuntimeError::background_refused("sbx", 409, "exited".into(), None),
+            RuntimeError::refused("sbx", "call", Refusal::Conflict, "exited".into(), None),
             RuntimeError::Conflict(_)
         ));
         assert!(matches!(
-            RuntimeError::file_refused("sbx", 507, "full".into(), None),
+            RuntimeError::refused("sbx", "call", Refusal::NoSpace, "not found".into(), None),
             RuntimeError::File {
                 kind: FileErrorKind::NoSpace,
                 ..
             }
         ));
         assert!(matches!(
-            RuntimeError::port_refused("sbx", 502, "closed".into(), None),
+            RuntimeError::refused(
+                "sbx",
+                "call",
+                Refusal::FileNotFound,
+                "no space".into(),
+                None
+            ),
+            RuntimeError::File {
+                kind: FileErrorKind::NotFound,
+                ..
+            }
+        ));
+        assert!(matches!(
+            RuntimeError::refused("sbx", "call", Refusal::PortClosed, "closed".into(), None),
             RuntimeError::PortClosed(_)
+        ));
+        assert!(matches!(
+            RuntimeError::refused("sbx", "call", Refusal::Invalid, "bad".into(), None),
+            RuntimeError::Rejected(_)
+        ));
+        assert!(matches!(
+            RuntimeError::refused("sbx", "call", Refusal::Failed, "boom".into(), None),
+            RuntimeError::Host { op: "call", .. }
         ));
     }
 }

@@ -298,7 +298,7 @@ impl Manager {
     ) -> Result<BoxStream<'static, BuildEvent>, CoreError> {
         validate(&req)?;
         let name = req.name.clone();
-        if self.runtime().template_info(&name).await.is_some() || self.is_recipe(&name) {
+        if self.host_stores().template_info(&name).await.is_some() || self.is_recipe(&name) {
             return Err(CoreError::Conflict(format!(
                 "template {name} already exists; delete it first"
             )));
@@ -321,7 +321,7 @@ impl Manager {
                     req.base
                 )));
             }
-            match self.runtime().template_info(&req.base).await {
+            match self.host_stores().template_info(&req.base).await {
                 Some(base) => {
                     // The base's environment and working directory carry over.
                     spec.env = base.env;
@@ -361,7 +361,7 @@ impl Manager {
                 if let Some(base) = base_to_prepare {
                     progress(&format!("building base template {base} first"));
                     me.runtime().prepare_template(&base).await?;
-                    if let Some(info) = me.runtime().template_info(&base).await {
+                    if let Some(info) = me.host_stores().template_info(&base).await {
                         let mut env = info.env;
                         env.extend(std::mem::take(&mut spec.env));
                         spec.env = env;
@@ -370,7 +370,7 @@ impl Manager {
                         }
                     }
                 }
-                me.runtime().build_template(&spec, progress.clone()).await
+                me.host_stores().build_template(&spec, progress.clone()).await
             }
             .await;
             match res {
@@ -395,7 +395,7 @@ impl Manager {
     /// Every template: built ones, and those this server is building or failed to build.
     pub async fn templates(&self) -> Vec<Template> {
         let mut out: BTreeMap<String, Template> = self
-            .runtime()
+            .host_stores()
             .templates()
             .await
             .into_iter()
@@ -419,7 +419,7 @@ impl Manager {
                 return Ok(v);
             }
         }
-        self.runtime()
+        self.host_stores()
             .template_info(name)
             .await
             .map(Template::from_info)
@@ -434,7 +434,7 @@ impl Manager {
             let st = lock(&b.state);
             return Ok(st.log.iter().map(|l| format!("{l}\n")).collect());
         }
-        if let Some(log) = self.runtime().template_log(name).await {
+        if let Some(log) = self.host_stores().template_log(name).await {
             return Ok(log);
         }
         self.template(name).await.map(|_| String::new())
@@ -472,7 +472,7 @@ impl Manager {
                 _ => {}
             }
         }
-        if self.runtime().template_info(name).await.is_none() {
+        if self.host_stores().template_info(name).await.is_none() {
             return Err(CoreError::NoTemplate(name.to_owned()));
         }
         let (users, _) = self
@@ -493,7 +493,7 @@ impl Manager {
                 ids.join(", ")
             )));
         }
-        self.runtime().delete_template(name).await?;
+        self.host_stores().delete_template(name).await?;
         self.builds().map.remove(name);
         tracing::info!(template = %name, "template deleted");
         Ok(())

@@ -3,7 +3,10 @@
 //! command, fork, hibernate/wake and adoption work, and a test can make an instance
 //! die, hold creates of the `slow` template until released, or make adoption fail.
 
-use crate::runtime::{AgentEvents, CreateSpec, Forked, Instance, Runtime, RuntimeError};
+use crate::runtime::{
+    AgentEvents, CreateSpec, Forked, HostStores, Instance, Progress, Runtime, RuntimeError,
+    TemplateInfo, TemplateSpec,
+};
 use async_trait::async_trait;
 use forkbox_types::agent::{AgentEvent, ExecRequest, RunCodeRequest};
 use futures_util::StreamExt as _;
@@ -24,6 +27,10 @@ pub struct FakeRuntime {
     creates: AtomicUsize,
     /// Milliseconds each destroy takes.
     destroy_ms: std::sync::atomic::AtomicU64,
+    /// Templates built through [`HostStores::build_template`].
+    built: Mutex<HashMap<String, TemplateInfo>>,
+    /// Volumes made, with their size in MiB.
+    volumes: Mutex<HashMap<String, u64>>,
 }
 
 impl FakeRuntime {
@@ -34,6 +41,8 @@ impl FakeRuntime {
             adopt_fails: AtomicBool::new(false),
             creates: AtomicUsize::new(0),
             destroy_ms: std::sync::atomic::AtomicU64::new(0),
+            built: Mutex::new(HashMap::new()),
+            volumes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -70,6 +79,10 @@ impl FakeRuntime {
         self.creates.load(Ordering::SeqCst)
     }
 
+    fn is_built(&self, name: &str) -> bool {
+        lock(&self.built).contains_key(name)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<FakeInstance>>> {
         self.instances.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -97,7 +110,7 @@ impl Runtime for Fake {
         Ok(())
     }
     async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
-        if !TEMPLATES.contains(&spec.template.as_str()) {
+        if !TEMPLATES.contains(&spec.template.as_str()) && !self.0.is_built(&spec.template) {
             return Err(RuntimeError::UnknownTemplate(spec.template.clone()));
         }
         self.0.creates.fetch_add(1, Ordering::SeqCst);
@@ -125,6 +138,78 @@ impl Runtime for Fake {
     }
     async fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
         self.0.lock().remove(id);
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A template as the fake keeps it.
+fn fake_template(name: &str, spec: Option<&TemplateSpec>) -> TemplateInfo {
+    TemplateInfo {
+        name: name.to_owned(),
+        size_bytes: None,
+        packages: spec.map(|s| s.packages.clone()).unwrap_or_default(),
+        built_at: time::OffsetDateTime::UNIX_EPOCH,
+        path: format!("/fake/templates/{name}"),
+        base: spec.and_then(|s| s.base.clone()),
+        run: spec.map(|s| s.run.clone()).unwrap_or_default(),
+        env: spec.map(|s| s.env.clone()).unwrap_or_default(),
+        workdir: spec.and_then(|s| s.workdir.clone()),
+        build_seconds: 0.0,
+    }
+}
+
+/// In memory: the fixed [`TEMPLATES`] and what was built; volumes as sizes; snapshots
+/// have no storage of their own.
+#[async_trait]
+impl HostStores for Fake {
+    async fn template_info(&self, template: &str) -> Option<TemplateInfo> {
+        if TEMPLATES.contains(&template) {
+            return Some(fake_template(template, None));
+        }
+        lock(&self.0.built).get(template).cloned()
+    }
+    async fn templates(&self) -> Vec<TemplateInfo> {
+        let mut all: Vec<TemplateInfo> = TEMPLATES.iter().map(|t| fake_template(t, None)).collect();
+        all.extend(lock(&self.0.built).values().cloned());
+        all
+    }
+    async fn build_template(
+        &self,
+        spec: &TemplateSpec,
+        progress: Progress,
+    ) -> Result<TemplateInfo, RuntimeError> {
+        for cmd in &spec.run {
+            progress(&format!("$ {cmd}"));
+        }
+        let info = fake_template(&spec.name, Some(spec));
+        lock(&self.0.built).insert(spec.name.clone(), info.clone());
+        Ok(info)
+    }
+    async fn template_log(&self, template: &str) -> Option<String> {
+        self.0.is_built(template).then(String::new)
+    }
+    async fn delete_template(&self, template: &str) -> Result<(), RuntimeError> {
+        match lock(&self.0.built).remove(template) {
+            Some(_) => Ok(()),
+            None => Err(RuntimeError::UnknownTemplate(template.to_owned())),
+        }
+    }
+    async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), RuntimeError> {
+        lock(&self.0.volumes).insert(id.to_owned(), size_mb);
+        Ok(())
+    }
+    async fn delete_volume(&self, id: &str) -> Result<(), RuntimeError> {
+        lock(&self.0.volumes).remove(id);
+        Ok(())
+    }
+    async fn volume_used(&self, id: &str) -> Option<u64> {
+        lock(&self.0.volumes).get(id).map(|_| 0)
+    }
+    async fn delete_snapshot(&self, _: &str) -> Result<(), RuntimeError> {
         Ok(())
     }
 }

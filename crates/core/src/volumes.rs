@@ -74,9 +74,9 @@ impl Manager {
             workspace: workspace.to_owned(),
             created_at: OffsetDateTime::now_utc(),
         };
-        self.runtime().create_volume(&v.id, size_mb).await?;
+        self.host_stores().create_volume(&v.id, size_mb).await?;
         if let Err(e) = self.store().insert_volume(&v).await {
-            let _ = self.runtime().delete_volume(&v.id).await;
+            let _ = self.host_stores().delete_volume(&v.id).await;
             return Err(e.into());
         }
         tracing::info!(volume = %v.id, size_mb, "volume created");
@@ -104,7 +104,7 @@ impl Manager {
 
     /// Bytes used in a volume, when the runtime knows.
     pub async fn volume_used(&self, id: &str) -> Option<u64> {
-        self.runtime().volume_used(id).await
+        self.host_stores().volume_used(id).await
     }
 
     /// Deletes a volume and its data; `Conflict` while a sandbox (running, paused or
@@ -118,7 +118,7 @@ impl Manager {
                 users.join(", ")
             )));
         }
-        self.runtime().delete_volume(id).await?;
+        self.host_stores().delete_volume(id).await?;
         self.store().delete_volume(id).await?;
         tracing::info!(volume = %id, "volume deleted");
         Ok(())

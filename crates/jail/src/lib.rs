@@ -36,8 +36,8 @@ use bytes::Bytes;
 use create::Origin;
 use forkbox_agent_client::AgentClient;
 use forkbox_core::runtime::{
-    AgentEvents, ByteStream, CreateSpec, Forked, GcReport, Instance, Runtime, RuntimeError,
-    TemplateInfo, TemplateSpec, UploadStream, WatchEvents,
+    AgentEvents, ByteStream, CreateSpec, Forked, GcReport, HostStores, Instance, Runtime,
+    RuntimeError, TemplateInfo, TemplateSpec, UploadStream, WatchEvents,
 };
 pub use forkbox_sys::btrfs::QuotaMode;
 use forkbox_sys::cgroup::{Cgroup, Driver, Limits};
@@ -345,6 +345,15 @@ impl Runtime for JailRuntime {
         self.inner.collect_garbage(keep, candidates).await
     }
 
+    async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let inst = self.inner.start(spec, Origin::Template).await?;
+        self.inner.track(&spec.id, None, inst.host_pid());
+        Ok(inst)
+    }
+}
+
+#[async_trait]
+impl HostStores for JailRuntime {
     async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), RuntimeError> {
         self.inner
             .volumes
@@ -405,12 +414,6 @@ impl Runtime for JailRuntime {
             .delete_template(template)
             .await
             .map_err(|e| e.into_runtime(template))
-    }
-
-    async fn create(&self, spec: &CreateSpec) -> Result<Arc<dyn Instance>, RuntimeError> {
-        let inst = self.inner.start(spec, Origin::Template).await?;
-        self.inner.track(&spec.id, None, inst.host_pid());
-        Ok(inst)
     }
 }
 

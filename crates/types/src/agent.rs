@@ -18,8 +18,10 @@
 //!   the bytes streamed as the body → [`WriteReply`] (written to a temporary sibling,
 //!   renamed into place at the end; parents created); `POST /files/op` with a
 //!   [`FileOp`] → [`FileOpReply`]. Paths resolve inside the sandbox's root only
-//!   (relative ones from `/root`). Errors answer 400/403/404/409/507 with
-//!   `{"error": "…"}`.
+//!   (relative ones from `/root`).
+//!
+//! Every refusal (a non-200 answer) has an [`ErrorBody`]: `{"error", "kind"[, "pid"]}`,
+//! its status following from its [`Refusal`] kind.
 //! - Background commands: `POST /bg/start` ([`ExecRequest`]) → [`BgInfo`];
 //!   `GET /bg/list` → `[BgInfo]`; `POST /bg/stdin?pid=&close=` (raw body);
 //!   `POST /bg/signal` ([`BgSignal`]); `GET /bg/wait?pid=` → `{"pid", "exit_code"}`;
@@ -35,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bumped on every behaviour change of the agent; the host refuses a mismatch.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Answer of `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -312,12 +314,69 @@ pub struct PtyRequest {
     pub env: BTreeMap<String, String>,
 }
 
-/// The body of every refusal of the agent (a non-200 answer): a message and, where
-/// the host acts on it, the subject as data (not to be parsed out of the message).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+/// What kind of refusal an agent's non-200 answer is: the agent decides it where it
+/// knows the cause, the host acts on it (never on the message or the bare status).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// The request itself is wrong (a missing cwd, NUL in a command, a bad port).
+    Invalid,
+    /// No such background command (its pid is in [`ErrorBody::pid`]).
+    NoProcess,
+    /// The sandbox's current situation forbids it (a command that exited, stdin closed).
+    Conflict,
+    /// A file path or file argument is invalid.
+    FileInvalid,
+    /// No such file or directory.
+    FileNotFound,
+    /// Wrong kind of file (a directory where a file was wanted, a non-empty directory).
+    FileConflict,
+    /// Permission denied, or a read-only file system.
+    FileDenied,
+    /// The sandbox's disk (or quota) is full.
+    NoSpace,
+    /// Nothing accepts connections on that port.
+    PortClosed,
+    /// The agent failed at something that is not the request's fault.
+    Failed,
+}
+
+impl Refusal {
+    /// The HTTP status the agent answers this refusal with.
+    pub fn status(self) -> u16 {
+        match self {
+            Refusal::Invalid | Refusal::FileInvalid => 400,
+            Refusal::FileDenied => 403,
+            Refusal::NoProcess | Refusal::FileNotFound => 404,
+            Refusal::Conflict | Refusal::FileConflict => 409,
+            Refusal::Failed => 500,
+            Refusal::PortClosed => 502,
+            Refusal::NoSpace => 507,
+        }
+    }
+
+    /// The kind a bare status stands for, for an answer without a kind (not from a
+    /// forkbox agent: a proxy in between, a malformed body).
+    pub fn from_status(status: u16) -> Refusal {
+        match status {
+            400 | 422 => Refusal::Invalid,
+            409 => Refusal::Conflict,
+            502 => Refusal::PortClosed,
+            507 => Refusal::NoSpace,
+            _ => Refusal::Failed,
+        }
+    }
+}
+
+/// The body of every refusal of the agent (a non-200 answer): a message for people,
+/// its kind and, where the host acts on it, the subject as data.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorBody {
     pub error: String,
-    /// The background command a `404` is about.
+    /// What kind of refusal; absent only in answers not from a forkbox agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Refusal>,
+    /// The background command a [`Refusal::NoProcess`] is about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
 }

@@ -221,7 +221,7 @@ impl Manager {
         let (mut spec, cpu, memory_mb, timeout) = self.spec(&id, &req)?;
         spec.snapshot = snap.map(|s| s.id);
         // A template's own environment comes under the sandbox's.
-        if let Some(info) = self.runtime.template_info(&spec.template).await {
+        if let Some(info) = self.host.template_info(&spec.template).await {
             for (k, v) in info.env {
                 spec.env.entry(k).or_insert(v);
             }

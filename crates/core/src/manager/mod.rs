@@ -22,7 +22,7 @@ use crate::metrics::{KindLabel, Metrics, StatusLabel};
 use crate::model::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,
 };
-use crate::runtime::{ByteStream, CreateSpec, Instance, Runtime, UploadStream};
+use crate::runtime::{ByteStream, CreateSpec, HostStores, Instance, Runtime, UploadStream};
 use crate::store::Store;
 use crate::trace::{op_span, TraceParent};
 use crate::{ids, CoreError};
@@ -122,8 +122,10 @@ impl Live {
 
 pub struct Manager {
     store: Store,
-    /// The primary runtime: templates, volumes, snapshots and garbage collection.
+    /// The primary runtime (garbage collection and host-wide clean-up first).
     runtime: Arc<dyn Runtime>,
+    /// The host stores (kept by the primary runtime).
+    host: Arc<dyn HostStores>,
     /// Every runtime sandboxes may be created with, the primary one first.
     runtimes: Vec<Arc<dyn Runtime>>,
     config: ManagerConfig,
@@ -193,23 +195,32 @@ pub(crate) fn valid_template_name(s: &str) -> bool {
 }
 
 impl Manager {
-    pub fn new(store: Store, runtime: Arc<dyn Runtime>, config: ManagerConfig) -> Arc<Manager> {
+    /// A manager over one runtime that also keeps the host stores.
+    pub fn new<R: Runtime + HostStores>(
+        store: Store,
+        runtime: Arc<R>,
+        config: ManagerConfig,
+    ) -> Arc<Manager> {
         Self::with_runtimes(store, runtime, Vec::new(), config)
     }
 
     /// A manager choosing per sandbox among `primary` and `others` (by
-    /// [`Runtime::name`]); `primary` also keeps templates, volumes and snapshots.
-    pub fn with_runtimes(
+    /// [`Runtime::name`]); `primary` also keeps the host stores (templates, volumes,
+    /// snapshots) every runtime's sandboxes are made from.
+    pub fn with_runtimes<R: Runtime + HostStores>(
         store: Store,
-        primary: Arc<dyn Runtime>,
+        primary: Arc<R>,
         others: Vec<Arc<dyn Runtime>>,
         config: ManagerConfig,
     ) -> Arc<Manager> {
+        let host: Arc<dyn HostStores> = primary.clone();
+        let primary: Arc<dyn Runtime> = primary;
         let mut runtimes = vec![primary.clone()];
         runtimes.extend(others);
         Arc::new(Manager {
             store,
             runtime: primary,
+            host,
             runtimes,
             config,
             live: Mutex::new(HashMap::new()),
@@ -240,6 +251,11 @@ impl Manager {
 
     pub(crate) fn runtime(&self) -> &Arc<dyn Runtime> {
         &self.runtime
+    }
+
+    /// Templates, volumes and snapshots.
+    pub(crate) fn host_stores(&self) -> &dyn HostStores {
+        &*self.host
     }
 
     pub(crate) fn warm(&self) -> &Mutex<crate::runner::Warm> {
@@ -301,15 +317,9 @@ impl Manager {
             })
     }
 
-    /// The runtime that made sandbox `rec` (the primary one if it is not loaded).
-    /// The runtime that runs `rec`.
+    /// The runtime that runs `rec` (the primary one if its runtime is not loaded).
     pub(crate) fn runtime_of_record(&self, rec: &Sandbox) -> Arc<dyn Runtime> {
         self.runtime_of(rec)
-    }
-
-    /// The runtime that also keeps templates, volumes and snapshots.
-    pub(crate) fn primary_runtime(&self) -> &Arc<dyn Runtime> {
-        &self.runtime
     }
 
     /// Every runtime, the primary first.

@@ -26,7 +26,7 @@ impl Manager {
             .snapshot(&snap.id, rec.status == Status::Running)
             .await?;
         if let Err(e) = self.store.insert_snapshot(&snap).await {
-            let _ = self.runtime.delete_snapshot(&snap.id).await;
+            let _ = self.host.delete_snapshot(&snap.id).await;
             return Err(e.into());
         }
         tracing::info!(sandbox = %id, snapshot = %snap.id, "snapshot taken");
@@ -58,7 +58,7 @@ impl Manager {
     pub async fn delete_snapshot(&self, id: &SnapshotRef) -> Result<(), CoreError> {
         let id = id.id();
         self.get_snapshot_in(id).await?;
-        self.runtime.delete_snapshot(id).await?;
+        self.host.delete_snapshot(id).await?;
         self.store.delete_snapshot(id).await?;
         Ok(())
     }

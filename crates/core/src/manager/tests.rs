@@ -342,3 +342,61 @@ async fn shutdown_waits_for_background_work() {
     m.shutdown().await;
     assert_eq!((m.live_count(), rt.running()), (0, 0));
 }
+
+#[tokio::test]
+async fn templates_are_built_used_and_deleted_through_the_host_stores() {
+    let (m, _rt, _dir) = manager().await;
+    let events: Vec<crate::templates::BuildEvent> = m
+        .build_template(crate::templates::NewTemplate {
+            name: "tools".into(),
+            base: "python".into(),
+            packages: vec![],
+            run: vec!["echo built".into()],
+            env: Default::default(),
+            workdir: None,
+            egress: None,
+        })
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert!(
+        matches!(events.last(), Some(crate::templates::BuildEvent::Ready(t)) if t.name == "tools"),
+        "{events:?}"
+    );
+    assert!(m.templates().await.iter().any(|t| t.name == "tools"));
+    // A second build of the name is refused; a sandbox is made from it.
+    let again = m
+        .build_template(crate::templates::NewTemplate {
+            name: "tools".into(),
+            base: "python".into(),
+            packages: vec![],
+            run: vec![],
+            env: Default::default(),
+            workdir: None,
+            egress: None,
+        })
+        .await;
+    assert!(matches!(again, Err(CoreError::Conflict(_))));
+    let s = m.create(req(DEFAULT_WORKSPACE, "tools")).await.unwrap();
+    // In use: not deleted until its sandbox ends.
+    assert!(matches!(
+        m.delete_template("tools").await,
+        Err(CoreError::Conflict(_))
+    ));
+    m.delete(&r(&s.id)).await.unwrap();
+    m.delete_template("tools").await.unwrap();
+    assert!(m.template("tools").await.is_err());
+}
+
+#[tokio::test]
+async fn volumes_are_kept_by_the_host_stores() {
+    let (m, _rt, _dir) = manager().await;
+    let v = m
+        .create_volume(DEFAULT_WORKSPACE, "data", 64)
+        .await
+        .unwrap();
+    assert_eq!(m.volume_used(&v.id).await, Some(0));
+    m.delete_volume(DEFAULT_WORKSPACE, &v.id).await.unwrap();
+    assert_eq!(m.volume_used(&v.id).await, None);
+}
