@@ -1,14 +1,14 @@
 //! The agent protocol's JSON messages on arbitrary bytes: decoding never panics; a value
 //! that decodes re-encodes to JSON that decodes to the same value, and encoding is
 //! stable (encode ∘ decode ∘ encode = encode); the NDJSON event stream decoder
-//! (`NdjsonDecoder`) yields, for any chunking, exactly one item per non-empty
+//! (`forkbox_types::ndjson::Decoder`) yields, for any chunking, exactly one item per non-empty
 //! newline-terminated line, each equal to decoding that line on its own.
 
 #![no_main]
 
-use forkbox_agent_client::NdjsonDecoder;
 use forkbox_fuzz::chunks;
 use forkbox_types::agent::*;
+use forkbox_types::ndjson::Decoder as NdjsonDecoder;
 use libfuzzer_sys::fuzz_target;
 use serde::{de::DeserializeOwned, Serialize};
 use std::fmt::Debug;

@@ -1,14 +1,14 @@
 //! NDJSON framing of the agent's streams: any sequence of exec events (and of file
 //! watch events) encoded one per line, with the agent's blank-line padding anywhere,
-//! arrives intact through `NdjsonDecoder` whatever the chunking. Catches an encoder
+//! arrives intact through `forkbox_types::ndjson::Decoder` whatever the chunking. Catches an encoder
 //! that lets a newline into a line (e.g. unescaped in a string).
 
 #![no_main]
 
 use arbitrary::Arbitrary;
-use forkbox_agent_client::NdjsonDecoder;
 use forkbox_fuzz::{chunks, ArbEvent, ArbExec, ArbFileOp, ArbWatch};
 use forkbox_types::agent::{AgentEvent, ExecRequest, FileOp, WatchEvent};
+use forkbox_types::ndjson::Decoder as NdjsonDecoder;
 use libfuzzer_sys::fuzz_target;
 use serde::{de::DeserializeOwned, Serialize};
 use std::fmt::Debug;

@@ -1,12 +1,13 @@
 //! Host side of the agent protocol (see `forkbox_types::agent`): one HTTP/2 connection
 //! per sandbox over any byte stream, every call a stream of its own on it.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use forkbox_types::agent::{
     AdoptReply, AdoptRequest, AgentEvent, BgInfo, BgSignal, ExecRequest, FileOp, FileOpReply,
     ForkReply, ForkRequest, Health, PtyRequest, Refusal, RunCodeRequest, WatchEvent, WriteReply,
     PROTOCOL_VERSION,
 };
+use forkbox_types::ndjson::Decoder;
 use futures_util::Stream;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -397,51 +398,10 @@ impl Stream for ByteStream {
     }
 }
 
-/// Splits NDJSON bytes, pushed in chunks of any size, into lines and decodes each as
-/// `T`. Empty lines (the padding the agent adds to keep its frames large, see its
-/// server) are skipped; an unterminated last line is never yielded.
-pub struct NdjsonDecoder<T> {
-    buf: BytesMut,
-    _t: std::marker::PhantomData<fn() -> T>,
-}
-
-impl<T> Default for NdjsonDecoder<T> {
-    fn default() -> Self {
-        NdjsonDecoder {
-            buf: BytesMut::new(),
-            _t: std::marker::PhantomData,
-        }
-    }
-}
-
-impl<T: serde::de::DeserializeOwned> NdjsonDecoder<T> {
-    /// Appends received bytes.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// The next whole line, decoded; `None` until a whole non-empty line is buffered.
-    pub fn next_item(&mut self) -> Option<Result<T, serde_json::Error>> {
-        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-            let line = self.buf.split_to(pos + 1);
-            if pos == 0 {
-                continue;
-            }
-            return Some(serde_json::from_slice(&line[..pos]));
-        }
-        None
-    }
-
-    /// Bytes buffered that are not yet a whole line.
-    pub fn pending(&self) -> usize {
-        self.buf.len()
-    }
-}
-
 /// NDJSON lines decoded as `T` from a response body.
 pub struct NdjsonStream<T> {
     body: hyper::body::Incoming,
-    dec: NdjsonDecoder<T>,
+    dec: Decoder<T>,
     done: bool,
 }
 
@@ -454,7 +414,7 @@ impl<T> NdjsonStream<T> {
     fn new(body: hyper::body::Incoming) -> Self {
         NdjsonStream {
             body,
-            dec: NdjsonDecoder::default(),
+            dec: Decoder::default(),
             done: false,
         }
     }
@@ -485,45 +445,5 @@ impl<T: serde::de::DeserializeOwned> Stream for NdjsonStream<T> {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ndjson_lines_decode_across_splits_and_skip_padding() {
-        let events = [
-            AgentEvent::Stdout { data: "a\n".into() },
-            AgentEvent::Exit {
-                code: 3,
-                signal: None,
-                timed_out: false,
-            },
-        ];
-        let mut bytes = Vec::new();
-        for e in &events {
-            bytes.extend_from_slice(serde_json::to_string(e).unwrap_or_default().as_bytes());
-            bytes.extend_from_slice(b"\n\n\n");
-        }
-        for split in 1..bytes.len() {
-            let mut d = NdjsonDecoder::<AgentEvent>::default();
-            let mut got = Vec::new();
-            for c in bytes.chunks(split) {
-                d.push(c);
-                while let Some(e) = d.next_item() {
-                    got.push(e.ok());
-                }
-            }
-            assert_eq!(got, events.iter().cloned().map(Some).collect::<Vec<_>>());
-            assert_eq!(d.pending(), 0);
-        }
-        let mut d = NdjsonDecoder::<AgentEvent>::default();
-        d.push(b"{\"type\":\"nope\"}\n{\"type\":\"stderr\",\"data\":\"x\"}\n{\"type\"");
-        assert!(matches!(d.next_item(), Some(Err(_))));
-        assert!(matches!(d.next_item(), Some(Ok(AgentEvent::Stderr { .. }))));
-        assert!(d.next_item().is_none());
-        assert_eq!(d.pending(), 7);
     }
 }

@@ -120,9 +120,7 @@ pub async fn spawn_with_stdin(
 
 /// One NDJSON line of the agent protocol.
 pub fn line(ev: &AgentEvent) -> Bytes {
-    let mut v = serde_json::to_vec(ev).unwrap_or_default();
-    v.push(b'\n');
-    Bytes::from(v)
+    Bytes::from(forkbox_types::ndjson::line(ev))
 }
 
 impl Running {

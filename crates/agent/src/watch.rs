@@ -71,9 +71,7 @@ fn join(dir: &str, name: &str) -> String {
 }
 
 fn line(ev: &WatchEvent) -> Bytes {
-    let mut v = serde_json::to_vec(ev).unwrap_or_default();
-    v.push(b'\n');
-    Bytes::from(v)
+    Bytes::from(forkbox_types::ndjson::line(ev))
 }
 
 /// Starts watching; events go to `tx` until it closes.

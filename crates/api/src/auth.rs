@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use forkbox_core::auth::{Principal, Quota, Token, Usage};
 use forkbox_core::CoreError;
+use forkbox_types::api::{CreateTokenBody, TokenList, TokenView};
 use serde::{Deserialize, Serialize};
 
 /// Paths answered without a key.
@@ -205,44 +206,20 @@ pub async fn whoami(
     }))
 }
 
-/// An API key's record; `key` only in the answer that created it.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct TokenView {
-    id: String,
-    name: String,
-    workspace: String,
-    /// The key's first characters.
-    prefix: String,
-    admin: bool,
-    created_at: String,
-    revoked_at: Option<String>,
-    /// After this the key fails; `null`: it does not expire.
-    expires_at: Option<String>,
-    /// The key itself: shown once, at creation; store it now.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<String>,
-}
-
-impl From<Token> for TokenView {
-    fn from(t: Token) -> Self {
-        let ts = crate::sandboxes::rfc3339;
-        TokenView {
-            id: t.id,
-            name: t.name,
-            workspace: t.workspace,
-            prefix: t.prefix,
-            admin: t.admin,
-            created_at: ts(t.created_at),
-            revoked_at: t.revoked_at.map(ts),
-            expires_at: t.expires_at.map(ts),
-            key: None,
-        }
+/// An API key's record as the API shows it (without the key).
+pub fn token_view(t: Token) -> TokenView {
+    let ts = crate::sandboxes::rfc3339;
+    TokenView {
+        id: t.id,
+        name: t.name,
+        workspace: t.workspace,
+        prefix: t.prefix,
+        admin: t.admin,
+        created_at: ts(t.created_at),
+        revoked_at: t.revoked_at.map(ts),
+        expires_at: t.expires_at.map(ts),
+        key: None,
     }
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct TokenList {
-    tokens: Vec<TokenView>,
 }
 
 #[utoipa::path(get, path = "/v1/auth/tokens", tag = "auth", responses((status = 200, description = "The workspace's keys (every key for an admin key), revoked ones included", body = TokenList), (status = 401, description = "Missing, invalid or revoked key", body = crate::error::ErrorBody)))]
@@ -256,24 +233,9 @@ pub async fn list_tokens(
             .tokens(&p)
             .await?
             .into_iter()
-            .map(TokenView::from)
+            .map(token_view)
             .collect(),
     }))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateTokenBody {
-    /// A label for the key.
-    name: Option<String>,
-    /// The key's workspace (default: the caller's; another one needs an admin key and
-    /// is created if new).
-    workspace: Option<String>,
-    /// Whether the key may manage every workspace's keys and quotas (admin keys only).
-    #[serde(default)]
-    admin: bool,
-    /// Seconds until the key expires (default: never; at most ten years).
-    expires_in: Option<u64>,
 }
 
 /// `now + seconds`, for a key's expiry (`None`: never).
@@ -311,7 +273,7 @@ pub async fn create_token(
             expires_after(b.expires_in)?,
         )
         .await?;
-    let mut v = TokenView::from(made.token);
+    let mut v = token_view(made.token);
     v.key = Some(made.key);
     Ok((StatusCode::CREATED, Json(v)))
 }
@@ -322,7 +284,9 @@ pub async fn revoke_token(
     Extension(p): Extension<Principal>,
     PathArgs(id): PathArgs<String>,
 ) -> Result<Json<TokenView>, ApiError> {
-    Ok(Json(st.manager.revoke_token(&p, &id).await?.into()))
+    Ok(Json(crate::auth::token_view(
+        st.manager.revoke_token(&p, &id).await?,
+    )))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

@@ -97,12 +97,7 @@ impl ApiError {
     }
 }
 
-/// Every error answer: a human-readable message and a stable code.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    pub error: String,
-    pub code: String,
-}
+pub use forkbox_types::api::ErrorBody;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct CodeLabel {

@@ -7,7 +7,7 @@ use crate::{ApiError, AppState};
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use forkbox_core::events::{LifecycleEvent, HISTORY};
+use forkbox_core::events::{Lifecycle, LifecycleEvent, HISTORY};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use std::convert::Infallible;
@@ -22,20 +22,17 @@ pub struct EventsQuery {
     tail: Option<usize>,
 }
 
-/// Event types after which a sandbox has nothing more to say.
-const FINAL: [&str; 4] = ["deleted", "killed", "failed", "merged"];
-
 fn sse(ev: &LifecycleEvent) -> Event {
     Event::default()
-        .event(ev.kind)
+        .event(ev.kind.as_str())
         .id(ev.seq.to_string())
         .data(serde_json::to_string(ev).unwrap_or_default())
 }
 
 fn is_final(ev: &LifecycleEvent, id: &str) -> bool {
     // A merge ends the merged child only; its parent goes on.
-    FINAL.contains(&ev.kind)
-        && !(ev.kind == "merged" && ev.detail.get("from").is_some() && ev.sandbox == id)
+    ev.kind.is_end()
+        && !(ev.kind == Lifecycle::Merged && ev.detail.get("from").is_some() && ev.sandbox == id)
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/events", tag = "streams", params(("id" = String, Path, description = "Sandbox id"), ("follow" = Option<String>, Query), ("tail" = Option<usize>, Query)), responses((status = 200, description = "Server-Sent Events of lifecycle changes", content_type = "text/event-stream", body = String), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]

@@ -76,9 +76,7 @@ pub fn ndjson<T: serde::Serialize + Send + 'static>(
     use axum::response::IntoResponse as _;
     use futures_util::StreamExt as _;
     let body = events.map(|ev| {
-        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
-        line.push(b'\n');
-        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(forkbox_types::ndjson::line(&ev)))
     });
     (
         [

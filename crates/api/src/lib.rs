@@ -19,10 +19,12 @@ pub mod ports;
 mod pty;
 mod runner;
 mod sandboxes;
+mod settle;
 mod templates;
 pub mod terminals;
 mod volumes;
 
+pub use auth::token_view;
 pub use error::ApiError;
 
 use axum::{Json, Router};
@@ -178,6 +180,7 @@ pub fn app(state: AppState) -> Router {
             browser::guard,
         ))
         .layer(axum::middleware::from_fn(traced))
+        .layer(axum::middleware::from_fn(settle::settle_body))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(

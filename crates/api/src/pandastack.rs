@@ -112,7 +112,7 @@ fn view(s: Sandbox, from_snapshot: Option<String>) -> Value {
     let persistent = s.on_timeout == OnTimeout::Hibernate;
     let ttl = s.idle_timeout;
     let cpu = s.cpu;
-    let mut v = serde_json::to_value(crate::sandboxes::SandboxView::from(s)).unwrap_or_default();
+    let mut v = serde_json::to_value(crate::sandboxes::sandbox_view(s)).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
         o.insert("cpu".into(), json!(cpu.round().max(1.0) as u64));
         o.insert("persistent".into(), json!(persistent));

@@ -129,7 +129,7 @@ async fn create(
             ..Default::default()
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(s.into())))
+    Ok((StatusCode::CREATED, Json(crate::sandboxes::sandbox_view(s))))
 }
 
 /// Podflare's exec body: a cell for the sandbox's REPL.

@@ -12,91 +12,11 @@ use forkbox_core::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,
 };
 use forkbox_types::agent::Language;
+pub use forkbox_types::api::SandboxView;
+use forkbox_types::api::{CreateBody, ExecBody, ForkBody, ForkView, ListView, VolumeMountBody};
 use forkbox_types::exec::EventKind;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateBody {
-    template: Option<String>,
-    cpu: Option<f64>,
-    memory_mb: Option<u64>,
-    /// Disk limit of the sandbox's own writes in MiB (default 8192); writes past it fail
-    /// with EDQUOT.
-    disk_mb: Option<u64>,
-    timeout: Option<u64>,
-    /// Seconds without a call on the sandbox (nothing of it running through the API)
-    /// after which it ends as its timeout would (`on_timeout`); absent: never.
-    idle_timeout: Option<u64>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    #[serde(default)]
-    metadata: BTreeMap<String, String>,
-    /// `kill` (default) or `hibernate`.
-    on_timeout: Option<String>,
-    /// Start from this snapshot (`snap-…`).
-    snapshot: Option<String>,
-    /// W3C trace context for the sandbox's work (else the request's `traceparent`
-    /// header, if any).
-    traceparent: Option<String>,
-    /// Host names (`pypi.org`, `*.example.com`) the sandbox may reach through its
-    /// egress proxy (`HTTP_PROXY`/`HTTPS_PROXY` are set inside). Absent or empty: no
-    /// network beyond loopback.
-    egress_allowlist: Option<Vec<String>>,
-    /// Volumes of the caller's workspace to mount: `[{"id": "vol-…", "mount": "/data"}]`.
-    #[serde(default)]
-    volumes: Vec<VolumeMountBody>,
-    /// `none` (default; loopback only, or the proxy when `egress_allowlist` is given).
-    /// `full` (NAT to anywhere) is not offered by this server.
-    network: Option<String>,
-    /// `jail` (namespaces) or `vm` (a QEMU microvm guest, when the server runs with
-    /// it); absent: the server's default (`serve --default-runtime`).
-    runtime: Option<String>,
-}
-
-#[derive(Deserialize, Serialize, utoipa::ToSchema, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct VolumeMountBody {
-    /// `vol-…`
-    id: String,
-    /// Absolute path inside the sandbox.
-    mount: String,
-    /// Mount it read-only (default false): this sandbox reads what others write.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    read_only: bool,
-}
-
-/// A sandbox as the API shows it.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct SandboxView {
-    id: String,
-    status: String,
-    runtime: String,
-    template: String,
-    cpu: f64,
-    memory_mb: u64,
-    disk_mb: u64,
-    timeout: u64,
-    /// Seconds without calls before it ends like a timeout; `null`: never.
-    idle_timeout: Option<u64>,
-    metadata: BTreeMap<String, String>,
-    created_at: String,
-    expires_at: String,
-    /// When it ended (deleted, killed, failed, merged, lost); `null` while alive.
-    ended_at: Option<String>,
-    /// Why it ended, e.g. `deleted by client`, `agent exited`, `timeout expired`.
-    end_reason: Option<String>,
-    boot_ms: f64,
-    /// The sandbox this one was forked from.
-    parent: Option<String>,
-    on_timeout: &'static str,
-    /// Host names its egress proxy admits; `null`: no network beyond loopback.
-    egress_allowlist: Option<Vec<String>>,
-    /// Volumes it mounts.
-    volumes: Vec<VolumeMountBody>,
-}
 
 /// A time as every answer writes it (RFC 3339, UTC as given).
 pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
@@ -104,37 +24,36 @@ pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
-impl From<Sandbox> for SandboxView {
-    fn from(s: Sandbox) -> Self {
-        SandboxView {
-            id: s.id,
-            status: s.status.to_string(),
-            runtime: s.runtime,
-            template: s.template,
-            cpu: s.cpu,
-            memory_mb: s.memory_mb,
-            disk_mb: s.disk_mb,
-            timeout: s.timeout,
-            idle_timeout: s.idle_timeout,
-            metadata: s.metadata,
-            created_at: rfc3339(s.created_at),
-            expires_at: rfc3339(s.expires_at),
-            ended_at: s.ended_at.map(rfc3339),
-            end_reason: s.end_reason,
-            boot_ms: s.boot_ms,
-            parent: s.parent,
-            on_timeout: s.on_timeout.as_str(),
-            egress_allowlist: s.egress,
-            volumes: s
-                .volumes
-                .into_iter()
-                .map(|v| VolumeMountBody {
-                    id: v.id,
-                    mount: v.mount,
-                    read_only: v.read_only,
-                })
-                .collect(),
-        }
+/// A sandbox as the API shows it.
+pub fn sandbox_view(s: Sandbox) -> SandboxView {
+    SandboxView {
+        id: s.id,
+        status: s.status.to_string(),
+        runtime: s.runtime,
+        template: s.template,
+        cpu: s.cpu,
+        memory_mb: s.memory_mb,
+        disk_mb: s.disk_mb,
+        timeout: s.timeout,
+        idle_timeout: s.idle_timeout,
+        metadata: s.metadata,
+        created_at: rfc3339(s.created_at),
+        expires_at: rfc3339(s.expires_at),
+        ended_at: s.ended_at.map(rfc3339),
+        end_reason: s.end_reason,
+        boot_ms: s.boot_ms,
+        parent: s.parent,
+        on_timeout: s.on_timeout.as_str().to_owned(),
+        egress_allowlist: s.egress,
+        volumes: s
+            .volumes
+            .into_iter()
+            .map(|v| VolumeMountBody {
+                id: v.id,
+                mount: v.mount,
+                read_only: v.read_only,
+            })
+            .collect(),
     }
 }
 
@@ -194,7 +113,7 @@ pub async fn create(
             runtime: b.runtime,
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(s.into())))
+    Ok((StatusCode::CREATED, Json(sandbox_view(s))))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/hibernate", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
@@ -202,7 +121,7 @@ pub async fn hibernate(
     State(st): State<AppState>,
     Sbx(id): Sbx,
 ) -> Result<Json<SandboxView>, ApiError> {
-    Ok(Json(st.manager.hibernate(&id).await?.into()))
+    Ok(Json(sandbox_view(st.manager.hibernate(&id).await?)))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -219,7 +138,7 @@ pub async fn wake(State(st): State<AppState>, Sbx(id): Sbx) -> Result<Json<WakeV
     let sandbox = st.manager.wake(&id).await?;
     let memory = st.manager.capabilities(&sandbox).hibernate_keeps_memory;
     Ok(Json(WakeView {
-        sandbox: sandbox.into(),
+        sandbox: sandbox_view(sandbox),
         memory_restored: memory,
         note: if memory {
             "the whole sandbox was restored: memory, REPL state and running processes carry on"
@@ -306,7 +225,7 @@ pub async fn delete_snapshot(
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn get(State(st): State<AppState>, Sbx(id): Sbx) -> Result<Json<SandboxView>, ApiError> {
-    Ok(Json(st.manager.get(&id).await?.into()))
+    Ok(Json(sandbox_view(st.manager.get(&id).await?)))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -316,12 +235,6 @@ pub struct ListQuery {
     /// `running`, `paused`, `deleted`, `killed`, `failed`, or `all`.
     status: Option<String>,
     limit: Option<u32>,
-    next_token: Option<String>,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ListView {
-    sandboxes: Vec<SandboxView>,
     next_token: Option<String>,
 }
 
@@ -365,7 +278,7 @@ pub async fn list(
     }
     let (page, next) = st.manager.list(&filter).await?;
     Ok(Json(ListView {
-        sandboxes: page.into_iter().map(SandboxView::from).collect(),
+        sandboxes: page.into_iter().map(sandbox_view).collect(),
         next_token: next.map(|n| n.to_string()),
     }))
 }
@@ -383,7 +296,9 @@ pub async fn set_timeout(
     Sbx(id): Sbx,
     JsonBody(b): JsonBody<TimeoutBody>,
 ) -> Result<Json<SandboxView>, ApiError> {
-    Ok(Json(st.manager.set_timeout(&id, b.timeout).await?.into()))
+    Ok(Json(sandbox_view(
+        st.manager.set_timeout(&id, b.timeout).await?,
+    )))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
@@ -391,7 +306,7 @@ pub async fn pause(
     State(st): State<AppState>,
     Sbx(id): Sbx,
 ) -> Result<Json<SandboxView>, ApiError> {
-    Ok(Json(st.manager.pause(&id).await?.into()))
+    Ok(Json(sandbox_view(st.manager.pause(&id).await?)))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
@@ -399,29 +314,7 @@ pub async fn resume(
     State(st): State<AppState>,
     Sbx(id): Sbx,
 ) -> Result<Json<SandboxView>, ApiError> {
-    Ok(Json(st.manager.resume(&id).await?.into()))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ForkBody {
-    /// Number of children, 1 to 32 (default 1).
-    n: Option<i64>,
-    /// Added to (or replacing keys of) the parent's metadata in every child.
-    #[serde(default)]
-    metadata: BTreeMap<String, String>,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ForkView {
-    parent: String,
-    /// The children's ids, in order.
-    children: Vec<String>,
-    sandboxes: Vec<SandboxView>,
-    /// What the children inherited from the parent.
-    carried: Vec<String>,
-    /// What they did not (the runtime's words).
-    not_carried: String,
+    Ok(Json(sandbox_view(st.manager.resume(&id).await?)))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "fork", params(("id" = String, Path, description = "Sandbox id")), request_body = ForkBody, responses((status = 200, body = ForkView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
@@ -441,7 +334,7 @@ pub async fn fork(
     Ok(Json(ForkView {
         parent: id.to_string(),
         children: out.children.iter().map(|s| s.id.clone()).collect(),
-        sandboxes: out.children.into_iter().map(Into::into).collect(),
+        sandboxes: out.children.into_iter().map(sandbox_view).collect(),
         carried: out.carried,
         not_carried: out.not_carried,
     }))
@@ -454,34 +347,15 @@ pub async fn merge_into(
     State(st): State<AppState>,
     SbxPair(id, winner): SbxPair,
 ) -> Result<Json<SandboxView>, ApiError> {
-    Ok(Json(st.manager.merge_into(&winner, &id).await?.into()))
+    Ok(Json(sandbox_view(
+        st.manager.merge_into(&winner, &id).await?,
+    )))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 204, description = "Deleted"), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]
 pub async fn delete(State(st): State<AppState>, Sbx(id): Sbx) -> Result<StatusCode, ApiError> {
     st.manager.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ExecBody {
-    cmd: Option<String>,
-    /// A cell for the persistent REPL (`run_code`).
-    code: Option<String>,
-    /// `python` (default), `javascript` or `bash`, with common aliases.
-    language: Option<String>,
-    cwd: Option<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    /// Seconds.
-    timeout: Option<f64>,
-    /// Answer with one JSON result instead of a stream.
-    #[serde(default)]
-    wait: bool,
-    /// Start the command and answer at once with its pid (see `…/commands`).
-    #[serde(default)]
-    background: bool,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

@@ -9,81 +9,27 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use forkbox_core::auth::Principal;
-use forkbox_core::templates::{BuildEvent, NewTemplate, Template, DEBIAN_BASE};
+use forkbox_core::templates::{BuildEvent, Template};
 use forkbox_core::CoreError;
+use forkbox_core::TemplateSpec;
+use forkbox_types::api::{BuildEvent as WireEvent, TemplateBody, TemplateList, TemplateView};
 use futures_util::stream::{BoxStream, StreamExt};
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-
-/// A template to build.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TemplateBody {
-    /// 1-64 characters of a-z, 0-9, '-' and '_'.
-    name: String,
-    /// `debian-bookworm` (default: a fresh Debian root made by mmdebstrap) or an
-    /// existing template to layer on (a copy-on-write snapshot of it).
-    base: Option<String>,
-    /// Debian packages to install.
-    #[serde(default)]
-    packages: Vec<String>,
-    /// Shell commands run in order inside a build sandbox; the first failure fails the
-    /// build.
-    #[serde(default)]
-    run: Vec<String>,
-    /// Environment of the commands and of the template's sandboxes.
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    /// Working directory of the commands (made if missing; default `/root`).
-    workdir: Option<String>,
-    /// Host names the build commands may reach through an egress proxy (`HTTP_PROXY`
-    /// is set); absent: no network.
-    egress_allowlist: Option<Vec<String>>,
-}
 
 /// A template as the API shows it.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct TemplateView {
-    name: String,
-    /// `ready`, `building` or `failed`.
-    status: &'static str,
-    /// `debian-bookworm` or the template it was layered on.
-    base: String,
-    /// Packages it added to its base.
-    packages: Vec<String>,
-    run: Vec<String>,
-    env: BTreeMap<String, String>,
-    workdir: Option<String>,
-    /// Bytes of its files (when measured).
-    size: Option<u64>,
-    /// When it was built (or its build started).
-    created: String,
-    build_seconds: Option<f64>,
-    /// Why its build failed.
-    error: Option<String>,
-}
-
-impl From<Template> for TemplateView {
-    fn from(t: Template) -> Self {
-        TemplateView {
-            name: t.name,
-            status: t.status.as_str(),
-            base: t.base,
-            packages: t.packages,
-            run: t.run,
-            env: t.env,
-            workdir: t.workdir,
-            size: t.size_bytes,
-            created: crate::sandboxes::rfc3339(t.created),
-            build_seconds: t.build_seconds,
-            error: t.error,
-        }
+pub fn template_view(t: Template) -> TemplateView {
+    TemplateView {
+        name: t.name,
+        status: t.status.as_str().to_owned(),
+        base: t.base,
+        packages: t.packages,
+        run: t.run,
+        env: t.env,
+        workdir: t.workdir,
+        size: t.size_bytes,
+        created: crate::sandboxes::rfc3339(t.created),
+        build_seconds: t.build_seconds,
+        error: t.error,
     }
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct TemplateList {
-    templates: Vec<TemplateView>,
 }
 
 fn admin_only(p: &Principal, st: &AppState, what: &str) -> Result<(), ApiError> {
@@ -100,11 +46,11 @@ fn admin_only(p: &Principal, st: &AppState, what: &str) -> Result<(), ApiError> 
 /// `{"type":"ready","template":{…}}` or `{"type":"failed","error":…}`.
 fn ndjson(events: BoxStream<'static, BuildEvent>) -> Response {
     let lines = events.map(|ev| match ev {
-        BuildEvent::Progress(l) => serde_json::json!({"type": "progress", "data": l}),
-        BuildEvent::Ready(t) => {
-            serde_json::json!({"type": "ready", "template": TemplateView::from(*t)})
-        }
-        BuildEvent::Failed(e) => serde_json::json!({"type": "failed", "error": e}),
+        BuildEvent::Progress(data) => WireEvent::Progress { data },
+        BuildEvent::Ready(t) => WireEvent::Ready {
+            template: Box::new(template_view(*t)),
+        },
+        BuildEvent::Failed(error) => WireEvent::Failed { error },
     });
     crate::extract::ndjson(lines.boxed())
 }
@@ -120,9 +66,9 @@ pub async fn build(
     admin_only(&p, &st, "building")?;
     let events = st
         .manager
-        .build_template(NewTemplate {
+        .build_template(TemplateSpec {
             name: b.name,
-            base: b.base.unwrap_or_else(|| DEBIAN_BASE.to_owned()),
+            base: b.base,
             packages: b.packages,
             run: b.run,
             env: b.env,
@@ -141,7 +87,7 @@ pub async fn list(State(st): State<AppState>) -> Json<TemplateList> {
             .templates()
             .await
             .into_iter()
-            .map(TemplateView::from)
+            .map(template_view)
             .collect(),
     })
 }
@@ -151,7 +97,7 @@ pub async fn get(
     State(st): State<AppState>,
     PathArgs(name): PathArgs<String>,
 ) -> Result<Json<TemplateView>, ApiError> {
-    Ok(Json(st.manager.template(&name).await?.into()))
+    Ok(Json(template_view(st.manager.template(&name).await?)))
 }
 
 /// Deletes a template (or a failed build's record). Sandboxes made from it keep their

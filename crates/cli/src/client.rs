@@ -3,8 +3,12 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use forkbox_types::api::{
+    CreateBody, ErrorBody, ExecBody, ForkBody, ForkView, ListView, SandboxView,
+};
+use forkbox_types::exec::{EventKind, ExecEvent};
+use forkbox_types::ndjson::Decoder;
 use futures_util::StreamExt;
-use serde_json::{json, Value};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -127,50 +131,51 @@ impl Api {
             .with_context(|| format!("cannot reach the forkbox server at {}", self.base))?;
         if !r.status().is_success() {
             let status = r.status();
-            let body: Value = r.json().await.unwrap_or(Value::Null);
-            bail!(
-                "{} ({status})",
-                body["error"].as_str().unwrap_or("request failed")
-            );
+            match r.json::<ErrorBody>().await {
+                Ok(e) => bail!("{} ({status}, {})", e.error, e.code),
+                Err(_) => bail!("request failed ({status})"),
+            }
         }
         Ok(r)
     }
 
-    pub(crate) async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+    /// `POST path` with `body`; the answer as `T`.
+    pub(crate) async fn post<B: serde::Serialize + ?Sized, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         let r = self
-            .send(self.http.post(format!("{}{path}", self.base)).json(&body))
+            .send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await?;
-        Ok(r.json().await.unwrap_or(Value::Null))
+        r.json()
+            .await
+            .with_context(|| format!("unexpected answer to POST {path}"))
     }
 
     /// Runs an exec call, copying its output to ours; its exit code.
-    async fn stream_exec(&self, id: &str, body: Value) -> anyhow::Result<i32> {
+    async fn stream_exec(&self, id: &str, body: &ExecBody) -> anyhow::Result<i32> {
         let r = self
             .send(
                 self.http
                     .post(format!("{}/v1/sandboxes/{id}/exec", self.base))
-                    .json(&body),
+                    .json(body),
             )
             .await?;
         let mut stream = r.bytes_stream();
-        let mut buf = Vec::new();
+        let mut lines = Decoder::<ExecEvent>::default();
         let mut code = -1;
         let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
         while let Some(chunk) = stream.next().await {
-            buf.extend_from_slice(&chunk?);
-            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=i).collect();
-                let ev: Value = serde_json::from_slice(&line)?;
-                match ev["type"].as_str() {
-                    Some("stdout") => {
-                        out.write_all(ev["data"].as_str().unwrap_or("").as_bytes())?;
+            lines.push(&chunk?);
+            while let Some(ev) = lines.next_item() {
+                match ev.context("bad exec event")?.kind {
+                    EventKind::Stdout(d) => {
+                        out.write_all(d.as_bytes())?;
                         out.flush()?;
                     }
-                    Some("stderr") => {
-                        err.write_all(ev["data"].as_str().unwrap_or("").as_bytes())?;
-                    }
-                    Some("exit") => code = ev["data"].as_i64().unwrap_or(-1) as i32,
-                    _ => {}
+                    EventKind::Stderr(d) => err.write_all(d.as_bytes())?,
+                    EventKind::Exit(c) => code = c,
                 }
             }
         }
@@ -201,12 +206,13 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         "bash" | "sh" | "shell" => ("/root/main.sh", "bash /root/main.sh"),
         other => bail!("unsupported language {other}; use python, javascript or bash"),
     };
-    let mut body = json!({ "timeout": (a.timeout.ceil() as u64).max(1) + 30 });
-    if let Some(t) = &a.template {
-        body["template"] = json!(t);
-    }
-    let sb = api.post("/v1/sandboxes", body).await?;
-    let id = sb["id"].as_str().unwrap_or_default().to_owned();
+    let body = CreateBody {
+        timeout: Some((a.timeout.ceil() as u64).max(1) + 30),
+        template: a.template.clone(),
+        ..Default::default()
+    };
+    let sb: SandboxView = api.post("/v1/sandboxes", &body).await?;
+    let id = sb.id;
     let result = async {
         api.send(
             api.http
@@ -215,8 +221,12 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 .body(code),
         )
         .await?;
-        api.stream_exec(&id, json!({ "cmd": cmd, "timeout": a.timeout }))
-            .await
+        let exec = ExecBody {
+            cmd: Some(cmd.to_owned()),
+            timeout: Some(a.timeout),
+            ..Default::default()
+        };
+        api.stream_exec(&id, &exec).await
     }
     .await;
     let _ = api
@@ -225,7 +235,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(exit_code(result?))
 }
 
-fn print_table(rows: &[Value]) {
+fn print_table(rows: &[SandboxView]) {
     println!(
         "{:<22} {:<10} {:<10} {:>6} {:>8}  PARENT",
         "ID", "STATUS", "TEMPLATE", "CPU", "MEM_MB"
@@ -233,12 +243,12 @@ fn print_table(rows: &[Value]) {
     for s in rows {
         println!(
             "{:<22} {:<10} {:<10} {:>6} {:>8}  {}",
-            s["id"].as_str().unwrap_or(""),
-            s["status"].as_str().unwrap_or(""),
-            s["template"].as_str().unwrap_or(""),
-            s["cpu"],
-            s["memory_mb"],
-            s["parent"].as_str().unwrap_or("-"),
+            s.id,
+            s.status,
+            s.template,
+            s.cpu,
+            s.memory_mb,
+            s.parent.as_deref().unwrap_or("-"),
         );
     }
 }
@@ -253,22 +263,18 @@ pub async fn sandbox(conn: Conn, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
             cpu,
             timeout,
         } => {
-            let mut body = json!({});
-            for (k, v) in [
-                ("template", template.map(Value::from)),
-                ("memory_mb", memory_mb.map(Value::from)),
-                ("cpu", cpu.map(Value::from)),
-                ("timeout", timeout.map(Value::from)),
-            ] {
-                if let Some(v) = v {
-                    body[k] = v;
-                }
-            }
-            let v = api.post("/v1/sandboxes", body).await?;
+            let body = CreateBody {
+                template,
+                memory_mb,
+                cpu,
+                timeout,
+                ..Default::default()
+            };
+            let v: SandboxView = api.post("/v1/sandboxes", &body).await?;
             if conn.json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
             } else {
-                println!("{}", v["id"].as_str().unwrap_or_default());
+                println!("{}", v.id);
             }
         }
         SandboxCmd::Ls { all } => {
@@ -285,23 +291,25 @@ pub async fn sandbox(conn: Conn, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
                 let r = api
                     .send(api.http.get(format!("{}/v1/sandboxes", api.base)).query(&q))
                     .await?;
-                let page: Value = r.json().await?;
-                rows.extend(page["sandboxes"].as_array().cloned().unwrap_or_default());
-                match page["next_token"].as_str() {
-                    Some(t) => token = Some(t.to_owned()),
+                let page: ListView = r.json().await?;
+                rows.extend(page.sandboxes);
+                match page.next_token {
+                    Some(t) => token = Some(t),
                     None => break,
                 }
             }
             if conn.json {
-                println!("{}", Value::from(rows));
+                println!("{}", serde_json::to_string(&rows)?);
             } else {
                 print_table(&rows);
             }
         }
         SandboxCmd::Exec { id, cmd } => {
-            let code = api
-                .stream_exec(&id, json!({ "cmd": cmd.join(" ") }))
-                .await?;
+            let exec = ExecBody {
+                cmd: Some(cmd.join(" ")),
+                ..Default::default()
+            };
+            let code = api.stream_exec(&id, &exec).await?;
             return Ok(exit_code(code));
         }
         SandboxCmd::Shell { id, cmd } => {
@@ -310,26 +318,28 @@ pub async fn sandbox(conn: Conn, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
             return Ok(exit_code(code));
         }
         SandboxCmd::Fork { id, n } => {
-            let v = api
-                .post(&format!("/v1/sandboxes/{id}/fork"), json!({ "n": n }))
-                .await?;
+            let body = ForkBody {
+                n: Some(n.into()),
+                ..Default::default()
+            };
+            let v: ForkView = api.post(&format!("/v1/sandboxes/{id}/fork"), &body).await?;
             if conn.json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
             } else {
-                for c in v["children"].as_array().cloned().unwrap_or_default() {
-                    println!("{}", c.as_str().unwrap_or_default());
+                for c in v.children {
+                    println!("{c}");
                 }
             }
         }
         SandboxCmd::Merge { id, winner } => {
-            let v = api
+            let v: SandboxView = api
                 .post(
                     &format!("/v1/sandboxes/{id}/merge_into/{winner}"),
-                    json!({}),
+                    &serde_json::json!({}),
                 )
                 .await?;
             if conn.json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
             } else {
                 println!("{id} now has the state of {winner}");
             }

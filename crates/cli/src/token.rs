@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use forkbox_core::auth::{self, Token};
 use forkbox_core::store::Store;
-use serde_json::{json, Value};
+use forkbox_types::api::{CreateTokenBody, TokenList, TokenView};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -45,25 +45,24 @@ enum TokenCmd {
 }
 
 pub async fn run(a: TokenArgs) -> anyhow::Result<()> {
-    let tokens: Vec<Value> = if a.local {
+    let tokens: Vec<TokenView> = if a.local {
         local(&a).await?
     } else {
         remote(&a).await?
     };
     if a.conn.json {
         let out = match a.cmd {
-            TokenCmd::Ls => json!({ "tokens": tokens }),
-            _ => tokens.into_iter().next().unwrap_or(Value::Null),
+            TokenCmd::Ls => serde_json::to_string_pretty(&TokenList { tokens })?,
+            _ => serde_json::to_string_pretty(&tokens.first())?,
         };
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{out}");
         return Ok(());
     }
     if let (TokenCmd::Create { .. }, Some(t)) = (&a.cmd, tokens.first()) {
-        println!("{}", t["key"].as_str().unwrap_or_default());
+        println!("{}", t.key.as_deref().unwrap_or_default());
         eprintln!(
             "key {} of workspace {} made; it is shown only now",
-            t["id"].as_str().unwrap_or_default(),
-            t["workspace"].as_str().unwrap_or_default()
+            t.id, t.workspace
         );
         return Ok(());
     }
@@ -72,22 +71,21 @@ pub async fn run(a: TokenArgs) -> anyhow::Result<()> {
         "ID", "NAME", "WORKSPACE", "PREFIX", "ADMIN", "CREATED"
     );
     for t in tokens {
-        let s = |k: &str| t[k].as_str().unwrap_or("-").to_owned();
         println!(
             "{:<22} {:<16} {:<16} {:<12} {:<6} {:<21} {}",
-            s("id"),
-            s("name"),
-            s("workspace"),
-            s("prefix"),
-            t["admin"].as_bool().unwrap_or(false),
-            s("created_at"),
-            s("revoked_at")
+            t.id,
+            t.name,
+            t.workspace,
+            t.prefix,
+            t.admin,
+            t.created_at,
+            t.revoked_at.as_deref().unwrap_or("-")
         );
     }
     Ok(())
 }
 
-async fn remote(a: &TokenArgs) -> anyhow::Result<Vec<Value>> {
+async fn remote(a: &TokenArgs) -> anyhow::Result<Vec<TokenView>> {
     let api = Api::new(&a.conn)?;
     Ok(match &a.cmd {
         TokenCmd::Create {
@@ -95,18 +93,19 @@ async fn remote(a: &TokenArgs) -> anyhow::Result<Vec<Value>> {
             workspace,
             admin,
         } => {
-            let mut body = json!({ "name": name, "admin": admin });
-            if let Some(w) = workspace {
-                body["workspace"] = json!(w);
-            }
-            vec![api.post("/v1/auth/tokens", body).await?]
+            let body = CreateTokenBody {
+                name: Some(name.clone()),
+                workspace: workspace.clone(),
+                admin: *admin,
+                expires_in: None,
+            };
+            vec![api.post("/v1/auth/tokens", &body).await?]
         }
         TokenCmd::Ls => {
             let r = api
                 .send(api.http.get(format!("{}/v1/auth/tokens", api.base)))
                 .await?;
-            let v: Value = r.json().await?;
-            v["tokens"].as_array().cloned().unwrap_or_default()
+            r.json::<TokenList>().await?.tokens
         }
         TokenCmd::Revoke { id } => {
             let r = api
@@ -117,12 +116,12 @@ async fn remote(a: &TokenArgs) -> anyhow::Result<Vec<Value>> {
     })
 }
 
-async fn local(a: &TokenArgs) -> anyhow::Result<Vec<Value>> {
+async fn local(a: &TokenArgs) -> anyhow::Result<Vec<TokenView>> {
     let data = crate::config::HostArgs::default_data_dir(a.data_dir.as_deref());
     let db = data.join("forkbox.db");
     std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
     let store = Store::open(&db).await?;
-    let view = |t: &Token| serde_json::to_value(t).unwrap_or(Value::Null);
+    let view = |t: &Token| forkbox_api::token_view(t.clone());
     Ok(match &a.cmd {
         TokenCmd::Create {
             name,
@@ -136,7 +135,7 @@ async fn local(a: &TokenArgs) -> anyhow::Result<Vec<Value>> {
             );
             let made = auth::issue(&store, &auth::new_key(), name, ws, *admin, None).await?;
             let mut v = view(&made.token);
-            v["key"] = json!(made.key);
+            v.key = Some(made.key);
             vec![v]
         }
         TokenCmd::Ls => store.list_tokens(None).await?.iter().map(view).collect(),

@@ -478,3 +478,78 @@ async fn idle_timeout_ends_unused_sandboxes_only() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(row(&s, &fresh).await["status"], "running");
 }
+
+/// Sends `head` then, a moment later, `body` on one HTTP/1.1 connection; reads the
+/// answer; then asks `GET /v1/healthz` on the same connection. What the server said
+/// (its status line and headers) and whether the connection carried the second call.
+async fn refusal_then_reuse(s: &Server, head: &str, body: &[u8]) -> (String, bool) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = s.url("").trim_start_matches("http://").to_owned();
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    c.write_all(head.replace("{host}", &addr).as_bytes())
+        .await
+        .unwrap();
+    // The refusal is ready before the body arrives.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let _ = c.write_all(body).await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let head_end = loop {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+    };
+    let answer = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
+    let len: usize = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap();
+    while got.len() < head_end + 4 + len {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    let reused = c
+        .write_all(format!("GET /v1/healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .is_ok()
+        && matches!(
+            tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await,
+            Ok(Ok(n)) if n > 0 && buf[..n].starts_with(b"HTTP/1.1 200")
+        );
+    (answer, reused)
+}
+
+#[tokio::test]
+async fn a_refusal_before_the_body_is_read_keeps_the_connection_usable() {
+    // Real clients (httpx under podflare's SDK) reuse a kept-alive connection right
+    // after an error answer; a refusal made before the handler read the body must not
+    // leave the connection to be closed under them.
+    let s = Server::start();
+    let body = br#"{"cmd": "echo hi"}"#;
+    let head = format!(
+        "POST /v1/sandboxes/sbx-0000000000000000/exec HTTP/1.1\r\nhost: {{host}}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    for _ in 0..5 {
+        let (answer, reused) = refusal_then_reuse(&s, &head, body).await;
+        assert!(answer.starts_with("http/1.1 404"), "{answer}");
+        assert!(reused, "the connection was closed after a 404: {answer}");
+    }
+    // A large body (an upload) refused early is not read; the answer says the
+    // connection closes, so no client sends on it again.
+    let big = vec![b'x'; 8 << 20];
+    let head = format!(
+        "PUT /v1/sandboxes/sbx-0000000000000000/files?path=/root/f HTTP/1.1\r\nhost: {{host}}\r\n\
+         content-length: {}\r\n\r\n",
+        big.len()
+    );
+    let (answer, _) = refusal_then_reuse(&s, &head, &big).await;
+    assert!(answer.starts_with("http/1.1 404"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+}

@@ -2,6 +2,7 @@
 //! per sandbox for `tail`, and a broadcast for followers. Followers that fall behind
 //! lose events rather than growing memory, and are told how many.
 
+pub use forkbox_types::events::Lifecycle;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,10 +26,8 @@ pub struct LifecycleEvent {
     /// Milliseconds since the epoch.
     pub ts: u64,
     pub sandbox: String,
-    /// `created`, `paused`, `resumed`, `hibernated`, `woken`, `forked`, `merged`,
-    /// `snapshot`, `oom`, `timeout`, `deleted`, `killed`, `failed`.
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: Lifecycle,
     /// Details, e.g. the children of a fork or the reason of an end.
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub detail: serde_json::Value,
@@ -55,7 +54,7 @@ impl Default for EventLog {
 
 impl EventLog {
     /// Records and broadcasts one event.
-    pub fn emit(&self, sandbox: &str, kind: &'static str, detail: serde_json::Value) {
+    pub fn emit(&self, sandbox: &str, kind: Lifecycle, detail: serde_json::Value) {
         let ev = LifecycleEvent {
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             ts: now_ms(),
@@ -125,9 +124,9 @@ mod tests {
     fn history_is_bounded_and_ordered() {
         let log = EventLog::default();
         for _ in 0..HISTORY + 10 {
-            log.emit("a", "paused", serde_json::Value::Null);
+            log.emit("a", Lifecycle::Paused, serde_json::Value::Null);
         }
-        log.emit("b", "created", serde_json::json!({"x": 1}));
+        log.emit("b", Lifecycle::Created, serde_json::json!({"x": 1}));
         let t = log.tail("a", 1000);
         assert_eq!(t.len(), HISTORY);
         assert!(t.windows(2).all(|w| w[0].seq < w[1].seq));
@@ -144,10 +143,10 @@ mod tests {
     async fn followers_see_new_events_and_learn_what_they_missed() {
         let log = EventLog::default();
         let mut rx = log.subscribe();
-        log.emit("a", "created", serde_json::Value::Null);
-        assert_eq!(rx.recv().await.unwrap().kind, "created");
+        log.emit("a", Lifecycle::Created, serde_json::Value::Null);
+        assert_eq!(rx.recv().await.unwrap().kind, Lifecycle::Created);
         for _ in 0..FOLLOW_BUFFER + 5 {
-            log.emit("a", "paused", serde_json::Value::Null);
+            log.emit("a", Lifecycle::Paused, serde_json::Value::Null);
         }
         match rx.recv().await {
             Err(broadcast::error::RecvError::Lagged(n)) => assert_eq!(n, 5),

@@ -26,6 +26,20 @@ pub enum Status {
 }
 
 impl Status {
+    /// The lifecycle event of ending in this status (an end status, or `failed`).
+    pub fn ended(self) -> forkbox_types::events::Lifecycle {
+        use forkbox_types::events::Lifecycle;
+        match self {
+            Status::Deleted => Lifecycle::Deleted,
+            Status::Killed => Lifecycle::Killed,
+            Status::Merged => Lifecycle::Merged,
+            Status::Lost => Lifecycle::Lost,
+            Status::Failed | Status::Running | Status::Paused | Status::Hibernated => {
+                Lifecycle::Failed
+            }
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Running => "running",

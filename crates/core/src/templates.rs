@@ -21,20 +21,6 @@ pub const DEBIAN_BASE: &str = "debian-bookworm";
 /// Most packages, commands and environment variables of one build.
 pub const MAX_ITEMS: usize = 256;
 
-/// A template to build, as the caller asked for it.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct NewTemplate {
-    pub name: String,
-    /// [`DEBIAN_BASE`] or the name of a template to layer on.
-    pub base: String,
-    pub packages: Vec<String>,
-    pub run: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    pub workdir: Option<String>,
-    /// Host names the build commands may reach (through the egress proxy).
-    pub egress: Option<Vec<String>>,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TemplateStatus {
     Ready,
@@ -106,7 +92,8 @@ pub(crate) struct Builds {
 }
 
 struct Build {
-    req: NewTemplate,
+    /// What was asked for (base `None`: [`DEBIAN_BASE`]).
+    req: TemplateSpec,
     started: OffsetDateTime,
     state: Mutex<BuildState>,
     /// Bumped whenever `state` changes.
@@ -150,7 +137,11 @@ impl Build {
         Template {
             name: self.req.name.clone(),
             status,
-            base: self.req.base.clone(),
+            base: self
+                .req
+                .base
+                .clone()
+                .unwrap_or_else(|| DEBIAN_BASE.to_owned()),
             packages: self.req.packages.clone(),
             run: self.req.run.clone(),
             env: self.req.env.clone(),
@@ -231,7 +222,7 @@ fn valid_package(p: &str) -> bool {
     name_ok && version_ok
 }
 
-fn validate(t: &NewTemplate) -> Result<(), CoreError> {
+fn validate(t: &TemplateSpec) -> Result<(), CoreError> {
     if !valid_template_name(&t.name) {
         return Err(invalid(
             "name must be 1-64 characters of a-z, 0-9, '-' and '_'",
@@ -240,12 +231,12 @@ fn validate(t: &NewTemplate) -> Result<(), CoreError> {
     if t.name == DEBIAN_BASE {
         return Err(invalid(format!("{DEBIAN_BASE} is the name of a base")));
     }
-    if t.base != DEBIAN_BASE && !valid_template_name(&t.base) {
+    if t.base.as_deref().is_some_and(|b| !valid_template_name(b)) {
         return Err(invalid(format!(
             "base must be {DEBIAN_BASE} or a template name"
         )));
     }
-    if t.base == t.name {
+    if t.base.as_deref() == Some(t.name.as_str()) {
         return Err(invalid("a template cannot be its own base"));
     }
     if t.packages.len() > MAX_ITEMS || t.run.len() > MAX_ITEMS || t.env.len() > MAX_ITEMS {
@@ -290,12 +281,15 @@ impl Manager {
         self.config().languages.recipes().contains_key(name)
     }
 
-    /// Starts building a template in the background; its progress from the start.
+    /// Starts building a template (`req.base`: `None` or [`DEBIAN_BASE`] for Debian
+    /// from scratch) in the background; its progress from the start.
     /// Bad request: `Invalid`; unknown base: `NoTemplate`; name taken: `Conflict`.
     pub async fn build_template(
         self: &Arc<Self>,
-        req: NewTemplate,
+        mut req: TemplateSpec,
     ) -> Result<BoxStream<'static, BuildEvent>, CoreError> {
+        req.base = req.base.filter(|b| b != DEBIAN_BASE);
+        req.egress = req.egress.filter(|l| !l.is_empty());
         validate(&req)?;
         let name = req.name.clone();
         if self.host_stores().template_info(&name).await.is_some() || self.is_recipe(&name) {
@@ -303,36 +297,30 @@ impl Manager {
                 "template {name} already exists; delete it first"
             )));
         }
+        // What the runtime builds: the request, over its base's environment and
+        // working directory.
         let mut spec = TemplateSpec {
-            name: name.clone(),
-            base: None,
-            packages: req.packages.clone(),
-            run: req.run.clone(),
             env: BTreeMap::new(),
-            workdir: req.workdir.clone(),
-            egress: req.egress.clone().filter(|l| !l.is_empty()),
+            ..req.clone()
         };
         let mut base_to_prepare = None;
-        if req.base != DEBIAN_BASE {
-            if matches!(self.builds().map.get(&req.base), Some(b) if lock(&b.state).outcome.is_none())
+        if let Some(base_name) = &req.base {
+            if matches!(self.builds().map.get(base_name), Some(b) if lock(&b.state).outcome.is_none())
             {
                 return Err(CoreError::Conflict(format!(
-                    "base template {} is still being built",
-                    req.base
+                    "base template {base_name} is still being built"
                 )));
             }
-            match self.host_stores().template_info(&req.base).await {
+            match self.host_stores().template_info(base_name).await {
                 Some(base) => {
-                    // The base's environment and working directory carry over.
                     spec.env = base.env;
                     if spec.workdir.is_none() {
                         spec.workdir = base.workdir;
                     }
                 }
-                None if self.is_recipe(&req.base) => base_to_prepare = Some(req.base.clone()),
-                None => return Err(CoreError::NoTemplate(req.base.clone())),
+                None if self.is_recipe(base_name) => base_to_prepare = Some(base_name.clone()),
+                None => return Err(CoreError::NoTemplate(base_name.clone())),
             }
-            spec.base = Some(req.base.clone());
         }
         spec.env.extend(req.env.clone());
         let build = Arc::new(Build {
@@ -516,30 +504,33 @@ mod tests {
 
     #[test]
     fn requests_are_validated() {
-        let ok = NewTemplate {
+        let ok = TemplateSpec {
             name: "t1".into(),
-            base: DEBIAN_BASE.into(),
             ..Default::default()
         };
         assert!(validate(&ok).is_ok());
         for bad in [
-            NewTemplate {
+            TemplateSpec {
                 name: "Bad Name".into(),
                 ..ok.clone()
             },
-            NewTemplate {
+            TemplateSpec {
                 name: DEBIAN_BASE.into(),
                 ..ok.clone()
             },
-            NewTemplate {
-                base: "t1".into(),
+            TemplateSpec {
+                base: Some("t1".into()),
                 ..ok.clone()
             },
-            NewTemplate {
+            TemplateSpec {
+                base: Some("Bad Base".into()),
+                ..ok.clone()
+            },
+            TemplateSpec {
                 run: vec![" ".into()],
                 ..ok.clone()
             },
-            NewTemplate {
+            TemplateSpec {
                 workdir: Some("rel".into()),
                 ..ok.clone()
             },

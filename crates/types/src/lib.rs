@@ -5,7 +5,10 @@
 //! runtimes and the in-sandbox agent agree on one definition.
 
 pub mod agent;
+pub mod api;
 pub mod egress;
+pub mod events;
 pub mod exec;
+pub mod ndjson;
 pub mod pty;
 pub mod shell;

@@ -392,7 +392,7 @@ fn number_events(
                     metrics.oom_kills.inc();
                     log.emit(
                         &sandbox,
-                        "oom",
+                        Lifecycle::Oom,
                         serde_json::json!({ "memory_mb": memory_mb }),
                     );
                     out.push(next(EventKind::Stderr(format!(

@@ -87,13 +87,13 @@ impl Manager {
         let ids: Vec<&str> = children.iter().map(|c| c.id.as_str()).collect();
         self.events.emit(
             id,
-            "forked",
+            Lifecycle::Forked,
             serde_json::json!({"children": ids, "carried": forked.carried, "ms": boot_ms}),
         );
         for c in &children {
             self.events.emit(
                 &c.id,
-                "created",
+                Lifecycle::Created,
                 serde_json::json!({"parent": id, "carried": forked.carried}),
             );
         }
@@ -203,10 +203,16 @@ impl Manager {
         self.span_of(parent, "merge")
             .in_scope(|| tracing::info!(child, "merged"));
         self.metrics.merges.inc();
-        self.events
-            .emit(parent, "merged", serde_json::json!({"from": child}));
-        self.events
-            .emit(child, "merged", serde_json::json!({"into": parent}));
+        self.events.emit(
+            parent,
+            Lifecycle::Merged,
+            serde_json::json!({"from": child}),
+        );
+        self.events.emit(
+            child,
+            Lifecycle::Merged,
+            serde_json::json!({"into": parent}),
+        );
         Ok(merged)
     }
 }

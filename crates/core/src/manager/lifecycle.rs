@@ -172,7 +172,7 @@ impl Manager {
             .observe(started.elapsed().as_secs_f64());
         self.events.emit(
             &record.id,
-            "created",
+            Lifecycle::Created,
             serde_json::json!({"template": record.template, "snapshot": from_snapshot, "boot_ms": record.boot_ms}),
         );
     }
@@ -356,9 +356,9 @@ impl Manager {
         self.events.emit(
             id,
             if to == Status::Paused {
-                "paused"
+                Lifecycle::Paused
             } else {
-                "resumed"
+                Lifecycle::Resumed
             },
             serde_json::Value::Null,
         );
@@ -380,7 +380,8 @@ impl Manager {
         self.live_map().remove(id);
         self.store.set_status(id, Status::Hibernated).await?;
         tracing::info!(sandbox = %id, "sandbox hibernated");
-        self.events.emit(id, "hibernated", serde_json::Value::Null);
+        self.events
+            .emit(id, Lifecycle::Hibernated, serde_json::Value::Null);
         Ok(live.update(|r| {
             r.status = Status::Hibernated;
             r.host_pid = None;
@@ -441,7 +442,7 @@ impl Manager {
         tracing::info!(sandbox = %record.id, "sandbox woken");
         self.events.emit(
             &record.id,
-            "woken",
+            Lifecycle::Woken,
             serde_json::json!({"memory_restored": runtime.capabilities().hibernate_keeps_memory}),
         );
         Ok(record)
@@ -514,7 +515,7 @@ impl Manager {
         tracing::info!(sandbox = %id, %status, reason, "sandbox ended");
         self.count_end(status);
         self.events
-            .emit(id, status.as_str(), serde_json::json!({ "reason": reason }));
+            .emit(id, status.ended(), serde_json::json!({ "reason": reason }));
         Ok(())
     }
 

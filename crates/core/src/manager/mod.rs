@@ -17,7 +17,7 @@ mod tests;
 
 use crate::access::{SandboxRef, SnapshotRef};
 use crate::auth::{self, NewToken, Principal, Quota, Token, Usage, DEFAULT_WORKSPACE};
-use crate::events::EventLog;
+use crate::events::{EventLog, Lifecycle};
 use crate::metrics::{KindLabel, Metrics, StatusLabel};
 use crate::model::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, Snapshot, Status, Work,

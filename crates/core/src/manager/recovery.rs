@@ -52,11 +52,12 @@ impl Manager {
             .collect();
         for (id, seen, status, reason) in due {
             if reason == "timeout expired" {
-                self.events.emit(&id, "timeout", serde_json::Value::Null);
+                self.events
+                    .emit(&id, Lifecycle::Timeout, serde_json::Value::Null);
             }
             if reason == "idle timeout" {
                 self.events
-                    .emit(&id, "idle_timeout", serde_json::Value::Null);
+                    .emit(&id, Lifecycle::IdleTimeout, serde_json::Value::Null);
             }
             if status == Status::Hibernated {
                 if let Err(e) = self.hibernate(&SandboxRef::internal(&id)).await {
@@ -97,7 +98,8 @@ impl Manager {
             match outcome {
                 Ok(instance) => {
                     tracing::info!(sandbox = %s.id, status = %s.status, "adopted a sandbox of an earlier server");
-                    self.events.emit(&s.id, "adopted", serde_json::Value::Null);
+                    self.events
+                        .emit(&s.id, Lifecycle::Adopted, serde_json::Value::Null);
                     self.live_map()
                         .insert(s.id.clone(), Live::new(s, instance, spec));
                     adopted += 1;
@@ -113,8 +115,11 @@ impl Manager {
                     self.store
                         .end_sandbox(&s.id, Status::Lost, &reason, OffsetDateTime::now_utc())
                         .await?;
-                    self.events
-                        .emit(&s.id, "lost", serde_json::json!({ "reason": reason }));
+                    self.events.emit(
+                        &s.id,
+                        Lifecycle::Lost,
+                        serde_json::json!({ "reason": reason }),
+                    );
                     lost += 1;
                     self.metrics.lost.inc();
                 }

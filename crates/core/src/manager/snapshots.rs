@@ -32,7 +32,7 @@ impl Manager {
         tracing::info!(sandbox = %id, snapshot = %snap.id, "snapshot taken");
         self.events.emit(
             id,
-            "snapshot",
+            Lifecycle::Snapshot,
             serde_json::json!({"id": snap.id, "name": snap.name}),
         );
         Ok(snap)

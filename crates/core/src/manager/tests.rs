@@ -56,7 +56,11 @@ async fn echo(m: &Manager, id: &str, cmd: &str) -> Result<Vec<ExecEvent>, CoreEr
 }
 
 fn kinds(m: &Manager, id: &str) -> Vec<&'static str> {
-    m.events().tail(id, 100).iter().map(|e| e.kind).collect()
+    m.events()
+        .tail(id, 100)
+        .iter()
+        .map(|e| e.kind.as_str())
+        .collect()
 }
 
 #[tokio::test]
@@ -347,14 +351,11 @@ async fn shutdown_waits_for_background_work() {
 async fn templates_are_built_used_and_deleted_through_the_host_stores() {
     let (m, _rt, _dir) = manager().await;
     let events: Vec<crate::templates::BuildEvent> = m
-        .build_template(crate::templates::NewTemplate {
+        .build_template(crate::TemplateSpec {
             name: "tools".into(),
-            base: "python".into(),
-            packages: vec![],
+            base: Some("python".into()),
             run: vec!["echo built".into()],
-            env: Default::default(),
-            workdir: None,
-            egress: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -367,14 +368,10 @@ async fn templates_are_built_used_and_deleted_through_the_host_stores() {
     assert!(m.templates().await.iter().any(|t| t.name == "tools"));
     // A second build of the name is refused; a sandbox is made from it.
     let again = m
-        .build_template(crate::templates::NewTemplate {
+        .build_template(crate::TemplateSpec {
             name: "tools".into(),
-            base: "python".into(),
-            packages: vec![],
-            run: vec![],
-            env: Default::default(),
-            workdir: None,
-            egress: None,
+            base: Some("python".into()),
+            ..Default::default()
         })
         .await;
     assert!(matches!(again, Err(CoreError::Conflict(_))));
