@@ -121,7 +121,7 @@ fuzz: fuzz-build
 # What a run left on the host (scripts/host-scan.sh): the test servers' data dirs are
 # temporary (/tmp/forkbox-{e2e,py,soak}-*), the test pool and vm assets a cache.
 TEST_DIR := $(patsubst %/,%,$(dir $(TEST_POOL)))
-TEST_SCAN := scripts/host-scan.sh --pool $(TEST_POOL) --dirs '/tmp/forkbox-e2e-* /tmp/forkbox-py-* /tmp/forkbox-soak-* $(TEST_DIR)'
+TEST_SCAN := scripts/host-scan.sh --pool $(TEST_POOL) --dirs '/tmp/forkbox-e2e-* /tmp/forkbox-py-* /tmp/forkbox-soak-* /tmp/forkbox-pg-* $(TEST_DIR)'
 
 # Tests share one cached template pool; each test server gets its own data dir, taken
 # down (`forkbox down --purge`) and deleted when the test ends. The last step fails the
@@ -132,8 +132,8 @@ test: disk-check vm-deps agent probe build lint sdk-deps clients-deps fuzz-smoke
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL)
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) base
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) code-interpreter
-	FORKBOX_TEST_POOL=$(TEST_POOL) $(CARGO) test --workspace -- --test-threads=4
-	CARGO="$(CARGO)" scripts/core-tests-unprivileged.sh
+	FORKBOX_TEST_POOL=$(TEST_POOL) scripts/with-postgres.sh $(CARGO) test --workspace -- --test-threads=4
+	CARGO="$(CARGO)" scripts/with-postgres.sh scripts/core-tests-unprivileged.sh
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(SDK_VENV)/bin/python -m pytest -q sdk/python/tests
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(CLIENTS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/clients
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox SDK_VENV=$(SDK_VENV) $(SDK_VENV)/bin/python tests/fuzz/schemathesis_run.py

@@ -5,7 +5,8 @@
 #
 #   scripts/deps.sh [--vm]
 #
-# Without --vm: the server's and the tests' packages. With --vm: those and the vm
+# Without --vm: the server's and the tests' packages (PostgreSQL: the store's tests run
+# on it as well as on SQLite; a server uses it only when given `--database postgres://…`). With --vm: those and the vm
 # runtime's (QEMU, busybox, …).
 #
 # QEMU: a machine may come with a newer qemu-utils than its apt sources offer (e.g.
@@ -17,7 +18,7 @@
 set -euo pipefail
 
 BASE_PKGS=(btrfs-progs mmdebstrap util-linux mount procps iproute2 e2fsprogs python3
-  python3-venv ca-certificates crun bubblewrap nodejs)
+  python3-venv ca-certificates crun bubblewrap nodejs postgresql)
 BASE_TOOLS=(mkfs.btrfs btrfs mmdebstrap losetup mount umount ps ip mkfs.ext4 python3 crun bwrap node)
 VM_PKGS=(qemu-system-x86 qemu-utils busybox-static e2fsprogs lz4 zstd xz-utils)
 VM_TOOLS=(qemu-system-x86_64 qemu-img busybox lz4 zstd xz)
@@ -35,6 +36,9 @@ missing_tools() {
   for t in "${tools[@]}"; do
     PATH="$PATH:/usr/sbin:/sbin" command -v "$t" >/dev/null 2>&1 || out+=("$t")
   done
+  # PostgreSQL's server tools are not on PATH (the store's tests start a throwaway
+  # cluster with them: scripts/with-postgres.sh).
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || out+=(initdb)
   echo "${out[@]:-}"
 }
 

@@ -9,7 +9,8 @@
 # --dirs: the run's data dirs (globs, e.g. '/tmp/forkbox-e2e-* /var/lib/forkbox-test').
 #
 # Leftovers: processes of a sandbox (in a forkbox cgroup, or named forkbox-agent or
-# forkbox-zygote), QEMU guests and forkbox processes naming one of the dirs; mounts under
+# forkbox-zygote), QEMU guests, forkbox and PostgreSQL (the tests' throwaway clusters)
+# processes naming one of the dirs; mounts under
 # the dirs (but the cache pools); loop devices backing files in the dirs (but the cache
 # pools' images) or deleted files; forkbox cgroups; forkbox egress network namespaces
 # and sandbox veths. Everything belonging to a forkbox server that is running and is
@@ -75,7 +76,7 @@ for p in /proc/[0-9]*; do
     id=${cg#/forkbox/}
     [ -n "$id" ] && foreign_sandbox "$id" && continue
     say "process $pid ($comm) of sandbox ${id:-?}"
-  elif [[ $comm == qemu-system* || $comm == forkbox ]]; then
+  elif [[ $comm == qemu-system* || $comm == forkbox || $comm == postgres ]]; then
     mine=0
     for w in $cmd; do ours "$w" && mine=1; done
     [ $mine = 1 ] && say "process $pid: $cmd"

@@ -11,6 +11,12 @@ pub struct HostArgs {
     /// $XDG_DATA_HOME/forkbox otherwise.
     #[arg(long, env = "FORKBOX_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The database of sandboxes, snapshots, volumes, keys and quotas: a PostgreSQL URL
+    /// (`postgres://user:password@host/db`, or `?host=/socket/dir`), else
+    /// <data-dir>/forkbox.db (SQLite). One server per database for now (a second one is
+    /// refused); see docs/cluster.md.
+    #[arg(long, env = "FORKBOX_DATABASE_URL", hide_env_values = true)]
+    pub database: Option<String>,
     /// btrfs pool for templates and root filesystems. Default: <data-dir>/pool.
     #[arg(long, env = "FORKBOX_POOL")]
     pub pool: Option<PathBuf>,
@@ -108,6 +114,27 @@ fn egress_netns(data: &std::path::Path) -> String {
 impl HostArgs {
     pub fn data_dir(&self) -> PathBuf {
         Self::default_data_dir(self.data_dir.as_deref())
+    }
+
+    /// The database: `--database`, else the data dir's SQLite file.
+    pub fn database(&self) -> String {
+        Self::database_of(self.database.as_deref(), &self.data_dir())
+    }
+
+    /// `given`, else `<data>/forkbox.db`.
+    pub fn database_of(given: Option<&str>, data: &std::path::Path) -> String {
+        match given {
+            Some(url) if !url.is_empty() => url.to_owned(),
+            _ => data.join("forkbox.db").display().to_string(),
+        }
+    }
+
+    /// Opens the database (`--database`), with its migrations applied.
+    pub async fn open_store(&self) -> anyhow::Result<forkbox_core::store::Store> {
+        let target = self.database();
+        forkbox_core::store::Store::open_target(&target)
+            .await
+            .with_context(|| format!("open database {}", forkbox_core::store::redacted(&target)))
     }
 
     /// `given`, else /var/lib/forkbox as root, else $XDG_DATA_HOME/forkbox.

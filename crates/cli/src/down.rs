@@ -13,7 +13,6 @@
 use crate::config::HostArgs;
 use anyhow::Context as _;
 use clap::Args;
-use forkbox_core::store::Store;
 use forkbox_core::{Manager, ManagerConfig, Runtime};
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::File;
@@ -212,7 +211,7 @@ async fn take_down(host: &HostArgs, purge: bool) -> anyhow::Result<Vec<String>> 
             Vec::new()
         }
     };
-    let store = Store::open(&data.join("forkbox.db")).await?;
+    let store = host.open_store().await?;
     let manager = Manager::with_runtimes(store, jail, others, ManagerConfig::default());
     let mut lines = manager.down(purge).await?.lines;
     // A pool of the data dir's own, on its loop image: unmounted (the loop device

@@ -4,7 +4,6 @@ use crate::config::{self, HostArgs};
 use anyhow::Context;
 use clap::Args;
 use forkbox_api::{app, AppState};
-use forkbox_core::store::Store;
 use forkbox_core::{Manager, ManagerConfig, Runtime};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -167,8 +166,10 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
         .ensure_template(&args.default_template, &config::print_progress)
         .await
         .with_context(|| format!("prepare template {}", args.default_template))?;
-    let data = args.host.data_dir();
-    let store = Store::open(&data.join("forkbox.db")).await?;
+    let store = args.host.open_store().await?;
+    // Until sandboxes record their node, one server per database (docs/cluster.md).
+    store.claim(&args.host.database()).await?;
+    tracing::info!(backend = store.backend(), "database open");
     let jail = Arc::new(runtime);
     let manager = Manager::with_runtimes(
         store,

@@ -20,6 +20,14 @@ pub struct TokenArgs {
     /// Data dir for `--local` (default as for `serve`).
     #[arg(long, env = "FORKBOX_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// Database for `--local` (as for `serve`: a PostgreSQL URL, else the data dir's).
+    #[arg(
+        long,
+        env = "FORKBOX_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    database: Option<String>,
     #[command(subcommand)]
     cmd: TokenCmd,
 }
@@ -118,9 +126,13 @@ async fn remote(a: &TokenArgs) -> anyhow::Result<Vec<TokenView>> {
 
 async fn local(a: &TokenArgs) -> anyhow::Result<Vec<TokenView>> {
     let data = crate::config::HostArgs::default_data_dir(a.data_dir.as_deref());
-    let db = data.join("forkbox.db");
-    std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
-    let store = Store::open(&db).await?;
+    let db = crate::config::HostArgs::database_of(a.database.as_deref(), &data);
+    if a.database.is_none() {
+        std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
+    }
+    let store = Store::open_target(&db)
+        .await
+        .with_context(|| format!("open database {}", forkbox_core::store::redacted(&db)))?;
     let view = |t: &Token| forkbox_api::token_view(t.clone());
     Ok(match &a.cmd {
         TokenCmd::Create {
@@ -141,10 +153,9 @@ async fn local(a: &TokenArgs) -> anyhow::Result<Vec<TokenView>> {
         TokenCmd::Ls => store.list_tokens(None).await?.iter().map(view).collect(),
         TokenCmd::Revoke { id } => {
             store.revoke_token(id).await?;
-            let t = store
-                .get_token(id)
-                .await?
-                .with_context(|| format!("no key {id} in {}", db.display()))?;
+            let t = store.get_token(id).await?.with_context(|| {
+                format!("no key {id} in {}", forkbox_core::store::redacted(&db))
+            })?;
             vec![view(&t)]
         }
     })

@@ -18,6 +18,8 @@ pub struct Server {
     pub data: tempfile::TempDir,
     pub pool: PathBuf,
     pub http: reqwest::Client,
+    /// The server's database when it is not the data dir's (`FORKBOX_DATABASE_URL`).
+    database: Option<String>,
 }
 
 fn workspace() -> PathBuf {
@@ -147,6 +149,10 @@ impl Server {
                 data,
                 pool,
                 http: reqwest::Client::new(),
+                database: env
+                    .iter()
+                    .find(|(k, _)| *k == "FORKBOX_DATABASE_URL")
+                    .map(|(_, v)| v.clone()),
             },
             log,
         )
@@ -470,7 +476,7 @@ impl Drop for Server {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        down(self.data.path(), &self.pool);
+        down_with(self.data.path(), &self.pool, self.database.as_deref());
     }
 }
 
@@ -506,6 +512,11 @@ pub fn run_down(data: &std::path::Path, pool: &std::path::Path, args: &[&str]) -
 /// `forkbox down --purge` on a test data dir; panics (unless already panicking) when
 /// it fails.
 pub fn down(data: &std::path::Path, pool: &std::path::Path) {
+    down_with(data, pool, None)
+}
+
+/// [`down`] of a server whose database is `database` (not the data dir's).
+pub fn down_with(data: &std::path::Path, pool: &std::path::Path, database: Option<&str>) {
     let out = Command::new(env!("CARGO_BIN_EXE_forkbox"))
         .arg("down")
         .arg("--purge")
@@ -513,6 +524,7 @@ pub fn down(data: &std::path::Path, pool: &std::path::Path) {
         .arg(data)
         .arg("--pool")
         .arg(pool)
+        .args(database.map(|d| format!("--database={d}")))
         .env("FORKBOX_LOG", "warn")
         .env("NO_COLOR", "1")
         .output()

@@ -1,0 +1,1 @@
+ALTER TABLE sandboxes ADD COLUMN idle_timeout BIGINT;
