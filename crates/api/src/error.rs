@@ -58,6 +58,7 @@ impl ApiError {
                 CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 CoreError::NoSnapshot(_) => (StatusCode::NOT_FOUND, "snapshot_not_found"),
                 CoreError::Gone { .. } | CoreError::Ending(_) => (StatusCode::GONE, "gone"),
+                CoreError::OtherNode { .. } => (StatusCode::MISDIRECTED_REQUEST, "other_node"),
                 CoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
                 CoreError::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
                 CoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),

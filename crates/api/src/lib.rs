@@ -11,6 +11,7 @@ mod error;
 mod events;
 mod extract;
 mod files;
+mod nodes;
 mod owned;
 mod pandastack;
 pub mod podflare;
@@ -94,6 +95,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(healthz))
         .routes(routes!(health))
+        .routes(routes!(nodes::list))
         .routes(routes!(sandboxes::create, sandboxes::list))
         .routes(routes!(sandboxes::get, sandboxes::delete))
         .routes(routes!(sandboxes::exec))

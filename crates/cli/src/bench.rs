@@ -313,6 +313,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let sa = ServeArgs {
         host: args.host.clone(),
         listen: "127.0.0.1:0".parse()?,
+        advertise: None,
         default_template: "python".into(),
         log_json: false,
         on_exit: serve::OnExit::Destroy,

@@ -17,6 +17,10 @@ pub struct HostArgs {
     /// refused); see docs/cluster.md.
     #[arg(long, env = "FORKBOX_DATABASE_URL", hide_env_values = true)]
     pub database: Option<String>,
+    /// This server's name among the servers sharing a database (its sandboxes are
+    /// recorded as this node's). Default: the host name.
+    #[arg(long, env = "FORKBOX_NODE")]
+    pub node: Option<String>,
     /// btrfs pool for templates and root filesystems. Default: <data-dir>/pool.
     #[arg(long, env = "FORKBOX_POOL")]
     pub pool: Option<PathBuf>,
@@ -116,6 +120,20 @@ impl HostArgs {
         Self::default_data_dir(self.data_dir.as_deref())
     }
 
+    /// This server's node name: `--node`, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| {
+                nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| forkbox_core::store::LOCAL_NODE.to_owned())
+            })
+    }
+
     /// The database: `--database`, else the data dir's SQLite file.
     pub fn database(&self) -> String {
         Self::database_of(self.database.as_deref(), &self.data_dir())
@@ -129,12 +147,13 @@ impl HostArgs {
         }
     }
 
-    /// Opens the database (`--database`), with its migrations applied.
+    /// Opens the database (`--database`), with its migrations applied, for this node.
     pub async fn open_store(&self) -> anyhow::Result<forkbox_core::store::Store> {
         let target = self.database();
-        forkbox_core::store::Store::open_target(&target)
+        let store = forkbox_core::store::Store::open_target(&target)
             .await
-            .with_context(|| format!("open database {}", forkbox_core::store::redacted(&target)))
+            .with_context(|| format!("open database {}", forkbox_core::store::redacted(&target)))?;
+        Ok(store.on_node(&self.node_name()))
     }
 
     /// `given`, else /var/lib/forkbox as root, else $XDG_DATA_HOME/forkbox.

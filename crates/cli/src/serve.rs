@@ -15,6 +15,10 @@ pub struct ServeArgs {
     /// Address to listen on (HTTP/1.1 and h2c).
     #[arg(long, default_value = "127.0.0.1:7070", env = "FORKBOX_LISTEN")]
     pub listen: SocketAddr,
+    /// The URL other nodes and clients reach this server at, as `GET /v1/nodes` and
+    /// refusals for other nodes' sandboxes tell it. Default: http://<listen>.
+    #[arg(long, env = "FORKBOX_ADVERTISE")]
+    pub advertise: Option<String>,
     /// Template used when a create request names none.
     #[arg(long, default_value = "python")]
     pub default_template: String,
@@ -167,9 +171,11 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
         .await
         .with_context(|| format!("prepare template {}", args.default_template))?;
     let store = args.host.open_store().await?;
-    // Until sandboxes record their node, one server per database (docs/cluster.md).
-    store.claim(&args.host.database()).await?;
-    tracing::info!(backend = store.backend(), "database open");
+    tracing::info!(
+        backend = store.backend(),
+        node = store.node(),
+        "database open"
+    );
     let jail = Arc::new(runtime);
     let manager = Manager::with_runtimes(
         store,
@@ -182,6 +188,19 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
             ..ManagerConfig::default()
         },
     );
+    // Bound before the node registers, so its default URL has the real port.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    // This node's name is claimed (no second server runs as it) and registered
+    // before it recovers the sandboxes recorded as its own.
+    let advertise = match &args.advertise {
+        Some(url) => url.clone(),
+        None => format!("http://{}", listener.local_addr()?),
+    };
+    manager
+        .register_node(&args.host.database(), &advertise)
+        .await?;
     let (adopted, lost) = manager.recover().await?;
     if adopted + lost > 0 {
         tracing::info!(
@@ -214,9 +233,6 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
              `forkbox token create --local --admin` or set FORKBOX_ADMIN_KEY"
         );
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listen on {}", args.listen))?;
     let mut hosts = args.allowed_hosts.clone();
     if !args.listen.ip().is_unspecified() {
         hosts.push(args.listen.ip().to_string());
@@ -246,6 +262,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let manager = server.manager.clone();
     let jail = server.jail.clone();
     manager.spawn_reaper(std::time::Duration::from_millis(500));
+    manager.spawn_heartbeat();
     // The line tests and scripts wait for.
     println!("forkbox listening on http://{addr}");
     tracing::info!(%addr, "listening");

@@ -58,6 +58,50 @@ async fn a_server_on_postgres_works_restarts_and_owns_its_database() {
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("another forkbox server"), "{err}");
     common::down(other.path(), &s.pool);
+    // A second node on the same database: it sees every sandbox and every node, runs
+    // its own sandboxes, and refuses work on the first node's with where it runs.
+    let second = Server::start_with(&[
+        ("FORKBOX_DATABASE_URL", url.clone()),
+        ("FORKBOX_NODE", "second".into()),
+    ]);
+    let (st, nodes) = get(&second, "/v1/nodes").await;
+    assert_eq!(st, 200);
+    let nodes = nodes["nodes"].as_array().unwrap().clone();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert!(nodes.iter().all(|n| n["state"] == "up"), "{nodes:?}");
+    let me = nodes.iter().find(|n| n["this"] == true).unwrap();
+    assert_eq!(me["name"], "second");
+    assert_eq!(me["url"].as_str(), Some(second.url("").as_str()));
+    let first = nodes.iter().find(|n| n["this"] == false).unwrap();
+    assert_eq!(first["url"].as_str(), Some(s.url("").as_str()));
+    let (_, list) = get(&second, "/v1/sandboxes").await;
+    assert!(list["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["id"] == id.as_str()));
+    let (st, refused) = common::post(
+        &second,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"cmd": "true", "wait": true}),
+    )
+    .await;
+    assert_eq!(
+        (st, refused["code"].as_str()),
+        (421, Some("other_node")),
+        "{refused}"
+    );
+    assert!(
+        refused["error"].as_str().unwrap().contains(&s.url("")),
+        "{refused}"
+    );
+    let theirs = second.create_id().await;
+    let (out, _, _) = second.sh(&theirs, "echo second").await;
+    assert_eq!(out, "second\n");
+    // Deleting through the wrong node is refused too; the owner deletes.
+    assert_eq!(s.delete(&theirs).await, 421);
+    assert_eq!(second.delete(&theirs).await, 204);
+    drop(second);
     // SIGKILL and restart: the new server adopts the sandbox from the database, with
     // its REPL state.
     let (st, _) = common::post(

@@ -36,8 +36,8 @@ pub enum StoreError {
     Column { column: String, source: sqlx::Error },
     #[error("corrupt row for {id}: {what}")]
     Corrupt { id: String, what: String },
-    #[error("another forkbox server already uses database {0}; one server per database until nodes are supported")]
-    InUse(String),
+    #[error("another forkbox server already runs as node {node} on database {db}; give each server its own --node")]
+    InUse { node: String, db: String },
 }
 
 fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -112,10 +112,30 @@ cols!(sqlx::postgres::PgRow);
 #[derive(Clone)]
 pub struct Store {
     db: Db,
-    /// PostgreSQL: the connection holding this server's claim on the database
+    /// The node (server) this store works for: its sandboxes are recorded as this
+    /// node's, and recovery and garbage collection see only this node's.
+    node: std::sync::Arc<str>,
+    /// PostgreSQL: the connection holding this server's claim on its node name
     /// ([`Store::claim`]), kept for the store's life.
     claim: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::PgConnection>>>,
 }
+
+/// A node (a server) as the database knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRecord {
+    pub name: String,
+    /// Where other nodes and clients reach it (`serve --advertise`).
+    pub url: String,
+    pub runtimes: Vec<String>,
+    pub started_at: OffsetDateTime,
+    /// Its last sign of life.
+    pub heartbeat_at: OffsetDateTime,
+    /// Sandboxes it ran at its last heartbeat.
+    pub sandboxes: u64,
+}
+
+/// The node name a store works for unless told otherwise ([`Store::on_node`]).
+pub const LOCAL_NODE: &str = "local";
 
 fn ts(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
@@ -145,9 +165,6 @@ pub fn redacted(url: &str) -> String {
 pub fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
-
-/// The advisory lock key a server holds on a PostgreSQL database ("forkbox" in ASCII).
-const CLAIM_KEY: i64 = 0x0066_6f72_6b62_6f78;
 
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path` and applies pending
@@ -213,8 +230,20 @@ impl Store {
     fn with(db: Db) -> Store {
         Store {
             db,
+            node: LOCAL_NODE.into(),
             claim: Default::default(),
         }
+    }
+
+    /// This store, working for node `name`.
+    pub fn on_node(mut self, name: &str) -> Store {
+        self.node = name.into();
+        self
+    }
+
+    /// The node this store works for.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// `sqlite` or `postgres`.
@@ -225,30 +254,99 @@ impl Store {
         }
     }
 
-    /// Claims the database for this server until the store is dropped. A server
-    /// recovers, garbage-collects and ends every sandbox its database records, so two
-    /// servers must not share one until sandboxes record their node. SQLite: the data
-    /// dir's lock already says so (nothing to do). PostgreSQL: a session advisory lock
-    /// on a connection of its own; `InUse` when another server holds it.
-    pub async fn claim(&self, shown: &str) -> Result<(), StoreError> {
-        let Db::Postgres(pool) = &self.db else {
-            return Ok(());
-        };
-        let mut held = self.claim.lock().await;
-        if held.is_some() {
-            return Ok(());
+    /// Claims this store's node for this server until the store is dropped, and
+    /// registers it (`url`: where it is reached; `runtimes`: what it runs). Records
+    /// without a node (from before nodes) become this node's. PostgreSQL: a session
+    /// advisory lock on the node's name, on a connection of its own, so two servers
+    /// never run as one node (`InUse`); SQLite: the data dir's lock already says so.
+    pub async fn claim(
+        &self,
+        shown: &str,
+        url: &str,
+        runtimes: &[String],
+    ) -> Result<(), StoreError> {
+        if let Db::Postgres(pool) = &self.db {
+            let mut held = self.claim.lock().await;
+            if held.is_none() {
+                let mut conn = pool.acquire().await.map_err(q("claim node"))?.detach();
+                let got: bool =
+                    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                        .bind(format!("forkbox node {}", self.node))
+                        .fetch_one(&mut conn)
+                        .await
+                        .map_err(q("claim node"))?;
+                if !got {
+                    return Err(StoreError::InUse {
+                        node: self.node.to_string(),
+                        db: redacted(shown),
+                    });
+                }
+                *held = Some(conn);
+            }
         }
-        let mut conn = pool.acquire().await.map_err(q("claim database"))?.detach();
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(CLAIM_KEY)
-            .fetch_one(&mut conn)
+        let now = ts(OffsetDateTime::now_utc());
+        let runtimes = serde_json::to_string(runtimes).unwrap_or_else(|_| "[]".into());
+        on_db!(self, pool => {
+            sqlx::query("UPDATE sandboxes SET node = $1 WHERE node IS NULL")
+                .bind(&*self.node)
+                .execute(pool)
+                .await
+                .map_err(q("claim old sandboxes"))?;
+            sqlx::query(
+                "INSERT INTO nodes (name, url, runtimes, started_at, heartbeat_at, sandboxes) \
+                 VALUES ($1, $2, $3, $4, $4, 0) ON CONFLICT (name) DO UPDATE SET \
+                 url = excluded.url, runtimes = excluded.runtimes, \
+                 started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
+            )
+            .bind(&*self.node)
+            .bind(url)
+            .bind(&runtimes)
+            .bind(&now)
+            .execute(pool)
             .await
-            .map_err(q("claim database"))?;
-        if !got {
-            return Err(StoreError::InUse(redacted(shown)));
-        }
-        *held = Some(conn);
-        Ok(())
+            .map_err(q("register node"))?;
+            Ok(())
+        })
+    }
+
+    /// This node's sign of life, with the number of sandboxes it runs.
+    pub async fn heartbeat(&self, sandboxes: u64) -> Result<(), StoreError> {
+        on_db!(self, pool => {
+            sqlx::query("UPDATE nodes SET heartbeat_at = $1, sandboxes = $2 WHERE name = $3")
+                .bind(ts(OffsetDateTime::now_utc()))
+                .bind(i64::try_from(sandboxes).unwrap_or(i64::MAX))
+                .bind(&*self.node)
+                .execute(pool)
+                .await
+                .map_err(q("heartbeat"))?;
+            Ok(())
+        })
+    }
+
+    /// Every node that ever registered, by name.
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        on_db!(self, pool => {
+            let rows = sqlx::query("SELECT * FROM nodes ORDER BY name")
+                .fetch_all(pool)
+                .await
+                .map_err(q("list nodes"))?;
+            rows.iter().map(node_from_row).collect()
+        })
+    }
+
+    /// The node that runs (or ran) sandbox `id`.
+    pub async fn node_of(&self, id: &str) -> Result<Option<String>, StoreError> {
+        on_db!(self, pool => {
+            let row = sqlx::query("SELECT node FROM sandboxes WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await
+                .map_err(q("node of sandbox"))?;
+            match row {
+                Some(r) => r.os("node"),
+                None => Ok(None),
+            }
+        })
     }
 
     pub async fn insert_sandbox(&self, s: &Sandbox) -> Result<(), StoreError> {
@@ -262,8 +360,8 @@ impl Store {
             for s in all {
                 sqlx::query(
                     "INSERT INTO sandboxes (id, runtime, template, status, cpu, memory_mb, timeout_s, metadata, \
-                     created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent, workspace, egress, volumes, disk_mb, idle_timeout) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)",
+                     created_at, expires_at, ended_at, end_reason, boot_ms, host_pid, parent, resource_id, env, on_timeout, traceparent, workspace, egress, volumes, disk_mb, idle_timeout, node) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)",
                 )
                 .bind(&s.id)
                 .bind(&s.runtime)
@@ -289,6 +387,7 @@ impl Store {
                 .bind(serde_json::to_string(&s.volumes).unwrap_or_else(|_| "[]".into()))
                 .bind(s.disk_mb as i64)
                 .bind(s.idle_timeout.map(|t| t as i64))
+                .bind(&*self.node)
                 .execute(&mut *tx)
                 .await
                 .map_err(q("insert sandbox"))?;
@@ -594,9 +693,11 @@ impl Store {
         on_db!(self, pool => {
             let rows = sqlx::query(
                 "SELECT COALESCE(resource_id, id) AS r, id FROM sandboxes \
-                 WHERE status NOT IN ('running', 'paused', 'hibernated') \
-                 UNION SELECT id AS r, id FROM sandboxes WHERE resource_id IS NOT NULL AND resource_id != id",
+                 WHERE (node = $1 OR node IS NULL) AND status NOT IN ('running', 'paused', 'hibernated') \
+                 UNION SELECT id AS r, id FROM sandboxes \
+                 WHERE (node = $1 OR node IS NULL) AND resource_id IS NOT NULL AND resource_id != id",
             )
+            .bind(&*self.node)
             .fetch_all(pool)
             .await
             .map_err(q("ended resource ids"))?;
@@ -823,8 +924,10 @@ impl Store {
     /// Sandboxes in `status`.
     pub async fn sandboxes_with_status(&self, status: Status) -> Result<Vec<Sandbox>, StoreError> {
         on_db!(self, pool => {
-            let rows = sqlx::query("SELECT * FROM sandboxes WHERE status = $1 ORDER BY rowid")
+            let rows = sqlx::query("SELECT * FROM sandboxes WHERE status = $1 AND (node = $2 OR node IS NULL) \
+                 ORDER BY rowid")
                 .bind(status.as_str())
+                .bind(&*self.node)
                 .fetch_all(pool)
                 .await
                 .map_err(q("list sandboxes"))?;
@@ -885,6 +988,18 @@ fn json_col<T: serde::de::DeserializeOwned>(
     serde_json::from_str(text).map_err(|_| StoreError::Corrupt {
         id: id.to_owned(),
         what: col.to_owned(),
+    })
+}
+
+fn node_from_row(r: &impl Cols) -> Result<NodeRecord, StoreError> {
+    let name = r.s("name")?;
+    Ok(NodeRecord {
+        url: r.s("url")?,
+        runtimes: json_col(&name, "runtimes", &r.s("runtimes")?)?,
+        started_at: time_col(&name, "started_at", r.s("started_at")?)?,
+        heartbeat_at: time_col(&name, "heartbeat_at", r.s("heartbeat_at")?)?,
+        sandboxes: r.i("sandboxes")?.max(0) as u64,
+        name,
     })
 }
 
@@ -1262,17 +1377,66 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_server_claims_a_postgres_database() {
+    async fn nodes_claim_their_names_and_see_their_own_sandboxes() {
         let dir = tempfile::tempdir().unwrap();
         for (store, target) in backends(dir.path()).await {
-            store.claim(&target).await.unwrap();
-            if store.backend() == "postgres" {
-                let other = Store::open_target(&target).await.unwrap();
+            let b = store.backend();
+            // A record from before nodes becomes the first claimant's.
+            store.insert_sandbox(&sandbox("sbx-old")).await.unwrap();
+            on_db!(store, pool => {
+                sqlx::query("UPDATE sandboxes SET node = NULL").execute(pool).await.unwrap();
+            });
+            let a = store.clone().on_node("a");
+            a.claim(&target, "http://a:7070", &["jail".into()])
+                .await
+                .unwrap();
+            assert_eq!(a.node_of("sbx-old").await.unwrap().as_deref(), Some("a"));
+            if b == "postgres" {
+                let twin = Store::open_target(&target).await.unwrap().on_node("a");
                 assert!(matches!(
-                    other.claim(&target).await,
-                    Err(StoreError::InUse(_))
+                    twin.claim(&target, "http://x", &[]).await,
+                    Err(StoreError::InUse { .. })
                 ));
             }
+            let other = Store::open_target(&target).await.unwrap().on_node("b");
+            other.claim(&target, "http://b:7070", &[]).await.unwrap();
+            other.insert_sandbox(&sandbox("sbx-b")).await.unwrap();
+            a.insert_sandbox(&sandbox("sbx-a")).await.unwrap();
+            let ids = |v: Vec<Sandbox>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+            assert_eq!(
+                ids(a.sandboxes_with_status(Status::Running).await.unwrap()),
+                ["sbx-old", "sbx-a"],
+                "{b}"
+            );
+            assert_eq!(
+                ids(other.sandboxes_with_status(Status::Running).await.unwrap()),
+                ["sbx-b"]
+            );
+            other
+                .end_sandbox("sbx-b", Status::Deleted, "x", OffsetDateTime::now_utc())
+                .await
+                .unwrap();
+            assert!(!a
+                .ended_resource_ids()
+                .await
+                .unwrap()
+                .contains(&"sbx-b".into()));
+            assert!(other
+                .ended_resource_ids()
+                .await
+                .unwrap()
+                .contains(&"sbx-b".into()));
+            other.heartbeat(7).await.unwrap();
+            let nodes = a.nodes().await.unwrap();
+            assert_eq!(
+                nodes
+                    .iter()
+                    .map(|n| (n.name.as_str(), n.url.as_str(), n.sandboxes))
+                    .collect::<Vec<_>>(),
+                [("a", "http://a:7070", 0), ("b", "http://b:7070", 7)],
+                "{b}"
+            );
+            assert_eq!(nodes[0].runtimes, ["jail"]);
         }
     }
 

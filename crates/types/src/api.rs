@@ -295,6 +295,31 @@ pub struct CreateTokenBody {
     pub expires_in: Option<u64>,
 }
 
+/// A node: one server of those sharing a database (`GET /v1/nodes`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NodeView {
+    pub name: String,
+    /// Where it is reached (`serve --advertise`).
+    pub url: String,
+    /// `up` (heard from within 15 s) or `down`.
+    pub state: String,
+    /// The node that answered this request.
+    pub this: bool,
+    pub runtimes: Vec<String>,
+    /// Sandboxes it ran at its last heartbeat.
+    pub sandboxes: u64,
+    pub started_at: String,
+    pub heartbeat_at: String,
+}
+
+/// `GET /v1/nodes`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NodeList {
+    pub nodes: Vec<NodeView>,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

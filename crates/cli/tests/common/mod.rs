@@ -18,8 +18,9 @@ pub struct Server {
     pub data: tempfile::TempDir,
     pub pool: PathBuf,
     pub http: reqwest::Client,
-    /// The server's database when it is not the data dir's (`FORKBOX_DATABASE_URL`).
-    database: Option<String>,
+    /// What of the server's environment says which database and node are its
+    /// (`FORKBOX_DATABASE_URL`, `FORKBOX_NODE`): `down` needs the same.
+    store_env: Vec<(String, String)>,
 }
 
 fn workspace() -> PathBuf {
@@ -149,10 +150,11 @@ impl Server {
                 data,
                 pool,
                 http: reqwest::Client::new(),
-                database: env
+                store_env: env
                     .iter()
-                    .find(|(k, _)| *k == "FORKBOX_DATABASE_URL")
-                    .map(|(_, v)| v.clone()),
+                    .filter(|(k, _)| matches!(*k, "FORKBOX_DATABASE_URL" | "FORKBOX_NODE"))
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
             },
             log,
         )
@@ -476,7 +478,7 @@ impl Drop for Server {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        down_with(self.data.path(), &self.pool, self.database.as_deref());
+        down_with(self.data.path(), &self.pool, &self.store_env);
     }
 }
 
@@ -512,11 +514,11 @@ pub fn run_down(data: &std::path::Path, pool: &std::path::Path, args: &[&str]) -
 /// `forkbox down --purge` on a test data dir; panics (unless already panicking) when
 /// it fails.
 pub fn down(data: &std::path::Path, pool: &std::path::Path) {
-    down_with(data, pool, None)
+    down_with(data, pool, &[])
 }
 
-/// [`down`] of a server whose database is `database` (not the data dir's).
-pub fn down_with(data: &std::path::Path, pool: &std::path::Path, database: Option<&str>) {
+/// [`down`] of a server whose database or node `env` names (not the data dir's).
+pub fn down_with(data: &std::path::Path, pool: &std::path::Path, env: &[(String, String)]) {
     let out = Command::new(env!("CARGO_BIN_EXE_forkbox"))
         .arg("down")
         .arg("--purge")
@@ -524,7 +526,7 @@ pub fn down_with(data: &std::path::Path, pool: &std::path::Path, database: Optio
         .arg(data)
         .arg("--pool")
         .arg(pool)
-        .args(database.map(|d| format!("--database={d}")))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("FORKBOX_LOG", "warn")
         .env("NO_COLOR", "1")
         .output()

@@ -393,6 +393,7 @@ impl Manager {
     pub async fn wake(&self, id: &SandboxRef) -> Result<Sandbox, CoreError> {
         let id = id.id();
         let rec = self.get_in(id).await?;
+        self.ensure_here(id).await?;
         if rec.status != Status::Hibernated {
             return Err(CoreError::WrongState {
                 id: id.to_owned(),
@@ -482,9 +483,10 @@ impl Manager {
             }
         };
         let Some(live) = live else {
-            // Not ours: unknown, already ended, hibernated, or left running by an
-            // earlier server.
+            // Not ours: unknown, already ended, hibernated, left running by an
+            // earlier server, or another node's.
             let s = self.get_in(id).await?;
+            self.ensure_here(id).await?;
             if s.status == Status::Hibernated && self.waking_now(id) {
                 return Err(CoreError::Conflict(format!("{id} is waking; retry")));
             }

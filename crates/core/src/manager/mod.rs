@@ -2,14 +2,16 @@
 //! store. This module holds its state (live sandboxes, config, runtimes) and the
 //! lookups every room shares; each job is a room of its own: [`lifecycle`] (create,
 //! pause/resume, hibernate/wake, end), [`family`] (fork, merge), [`snapshots`],
-//! [`exec`] (work inside a sandbox), [`admission`] (quotas), [`keys`] (API keys) and
-//! [`recovery`] (the reaper, restart recovery, shutdown).
+//! [`exec`] (work inside a sandbox), [`admission`] (quotas), [`keys`] (API keys),
+//! [`recovery`] (the reaper, restart recovery, shutdown) and [`nodes`] (the servers
+//! sharing a database).
 
 mod admission;
 mod exec;
 mod family;
 mod keys;
 mod lifecycle;
+pub mod nodes;
 mod recovery;
 mod snapshots;
 #[cfg(test)]
@@ -402,6 +404,7 @@ impl Manager {
             return Ok(l);
         }
         let s = self.get_in(id).await?;
+        self.ensure_here(id).await?;
         // Recorded running or paused but no longer held: it is being ended right now
         // (its record changes once its processes are gone); earlier servers' leftovers
         // were settled by `recover` before serving.
@@ -412,6 +415,28 @@ impl Manager {
             id: id.to_owned(),
             status: s.status,
         })
+    }
+
+    /// Refuses work on a sandbox that another node (a server on the same database)
+    /// runs: its processes and files are on that node.
+    pub(crate) async fn ensure_here(&self, id: &str) -> Result<(), CoreError> {
+        match self.store.node_of(id).await? {
+            Some(node) if node != self.store.node() => {
+                let url = self
+                    .store
+                    .nodes()
+                    .await?
+                    .into_iter()
+                    .find(|n| n.name == node)
+                    .map(|n| n.url);
+                Err(CoreError::OtherNode {
+                    id: id.to_owned(),
+                    node,
+                    url,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Checks that `id` is running (for calls that must fail before they start).
