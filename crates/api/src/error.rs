@@ -33,6 +33,10 @@ pub enum ApiError {
     /// A server inside a sandbox (a preview port) answered no usable HTTP.
     #[error("{0}")]
     BadGateway(String),
+    /// The node that runs the sandbox cannot be reached (its heartbeat lapsed, or it
+    /// refused the connection).
+    #[error("{0}")]
+    NodeUnreachable(String),
     #[error(transparent)]
     Core(#[from] CoreError),
 }
@@ -54,6 +58,7 @@ impl ApiError {
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
+            ApiError::NodeUnreachable(_) => (StatusCode::BAD_GATEWAY, "node_unreachable"),
             ApiError::Core(e) => match e {
                 CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 CoreError::NoSnapshot(_) => (StatusCode::NOT_FOUND, "snapshot_not_found"),

@@ -11,6 +11,7 @@ mod error;
 mod events;
 mod extract;
 mod files;
+mod forward;
 mod nodes;
 mod owned;
 mod pandastack;
@@ -18,6 +19,7 @@ pub mod podflare;
 mod podflare_pty;
 pub mod ports;
 mod pty;
+mod relay;
 mod runner;
 mod sandboxes;
 mod settle;
@@ -173,6 +175,12 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::Extension(doc))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside auth: only authenticated calls are passed to another node (which
+        // authenticates them again, with the same key, against the shared database).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forward::to_owner,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

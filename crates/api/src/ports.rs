@@ -20,7 +20,6 @@
 use crate::error::ApiError;
 use crate::owned::Sbx;
 use crate::AppState;
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::middleware::Next;
@@ -28,7 +27,6 @@ use axum::response::Response;
 use axum::Json;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -172,19 +170,6 @@ pub async fn list(
     Ok(Json(PortList { ports }))
 }
 
-/// Request headers not passed on: hop-by-hop ones (RFC 9110 §7.6.1) and the `Host`.
-const HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// Sandbox `id`'s `port`: the request passed on, the answer passed back.
 pub async fn proxy(
     State(st): State<AppState>,
@@ -240,43 +225,15 @@ pub async fn proxy(
         }
         let _ = far_w.shutdown().await;
     });
-    let bad = |e: hyper::Error| ApiError::BadGateway(format!("the server on port {port}: {e}"));
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
-        .await
-        .map_err(bad)?;
-    tokio::spawn(conn.with_upgrades());
-
-    let (mut parts, body) = req.into_parts();
-    let upgrade = parts
-        .headers
-        .get(header::UPGRADE)
-        .cloned()
-        .filter(|_| connection_has_upgrade(&parts.headers));
-    let client_upgrade = upgrade
-        .as_ref()
-        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-    let mut out = axum::http::Request::builder()
-        .method(parts.method.clone())
-        .uri(target)
-        .version(axum::http::Version::HTTP_11)
-        .body(body)
-        .map_err(|e| ApiError::BadRequest(format!("malformed request: {e}")))?;
-    let h = out.headers_mut();
-    for (k, v) in parts.headers.iter() {
-        let drop = HOP.contains(&k.as_str())
-            || k == header::HOST
+    let original_host = req.headers().get(header::HOST).cloned();
+    let auth_required = st.auth_required;
+    let (mut out, client_upgrade) =
+        crate::relay::outgoing(req, &target, &format!("localhost:{port}"), |k| {
             // The key that authenticated this call is forkbox's, not the app's.
-            || (st.auth_required && (k == header::AUTHORIZATION || k.as_str() == "x-api-key"));
-        if !drop {
-            h.append(k.clone(), v.clone());
-        }
-    }
-    let original_host = parts.headers.get(header::HOST).cloned();
-    h.insert(
-        header::HOST,
-        HeaderValue::from_str(&format!("localhost:{port}"))
-            .map_err(|e| ApiError::Internal(e.to_string()))?,
-    );
+            auth_required && (k == header::AUTHORIZATION || k.as_str() == "x-api-key")
+        })
+        .map_err(ApiError::BadRequest)?;
+    let h = out.headers_mut();
     if let Some(oh) = original_host {
         h.insert(HeaderName::from_static("x-forwarded-host"), oh);
     }
@@ -289,55 +246,20 @@ pub async fn proxy(
             h.insert(HeaderName::from_static("x-forwarded-prefix"), p);
         }
     }
-    if let Some(u) = &upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, u.clone());
-    }
-
-    let mut resp = sender.send_request(out).await.map_err(bad)?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client_up) = client_upgrade else {
-            return Err(ApiError::BadGateway(format!(
-                "the server on port {port} switched protocols unasked"
-            )));
-        };
-        let server_up = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            let (Ok(c), Ok(s)) = (client_up.await, server_up.await) else {
-                return;
-            };
-            let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
-            let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
-        });
-        let (rp, _) = resp.into_parts();
-        let mut r = Response::from_parts(rp, Body::empty());
-        // Exactly what was negotiated goes back.
-        let hd = r.headers_mut();
-        hd.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        return Ok(r);
-    }
-    let (mut rp, incoming) = resp.into_parts();
-    for k in HOP {
-        rp.headers.remove(k);
-    }
-    if !by_host {
-        rp.headers.remove(header::SET_COOKIE);
-        rp.headers.insert(
+    let mut resp = crate::relay::send(near, out, client_upgrade)
+        .await
+        .map_err(|e| ApiError::BadGateway(format!("the server on port {port}: {e}")))?;
+    if !by_host && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let h = resp.headers_mut();
+        h.remove(header::SET_COOKIE);
+        h.insert(
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(
                 "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads",
             ),
         );
     }
-    Ok(Response::from_parts(rp, Body::new(incoming)))
-}
-
-fn connection_has_upgrade(h: &HeaderMap) -> bool {
-    h.get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    Ok(resp)
 }
 
 #[cfg(test)]

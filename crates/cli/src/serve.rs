@@ -237,6 +237,14 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
     if !args.listen.ip().is_unspecified() {
         hosts.push(args.listen.ip().to_string());
     }
+    // Other nodes pass requests on with the Host this node advertised.
+    if let Some(host) = advertise
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split(['/', ':']).next())
+        .filter(|h| !h.is_empty())
+    {
+        hosts.push(host.to_owned());
+    }
     let browser = forkbox_api::browser::BrowserPolicy::new(
         !auth_required || !args.allowed_hosts.is_empty(),
         hosts,

@@ -22,6 +22,11 @@ pub struct Node {
 }
 
 impl Manager {
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        self.store.node()
+    }
+
     /// Registers this node (claiming its name in the database) as reached at `url`.
     pub async fn register_node(&self, shown_db: &str, url: &str) -> Result<(), CoreError> {
         let runtimes: Vec<String> = self
@@ -62,5 +67,51 @@ impl Manager {
                 record,
             })
             .collect())
+    }
+}
+
+/// Which node a request about a sandbox belongs on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Owner {
+    /// This node runs it, or nobody does (its record, if any, is answered here).
+    Here,
+    /// Another node runs it.
+    Elsewhere { node: String, url: String, up: bool },
+}
+
+impl Manager {
+    /// Where requests about sandbox `id` belong. A sandbox this node holds is answered
+    /// without a database read.
+    pub async fn owner(&self, id: &str) -> Result<Owner, CoreError> {
+        if self.live(id).is_some() {
+            return Ok(Owner::Here);
+        }
+        let Some(node) = self.store.node_of(id).await? else {
+            return Ok(Owner::Here);
+        };
+        if node == self.store.node() {
+            return Ok(Owner::Here);
+        }
+        let now = OffsetDateTime::now_utc();
+        Ok(
+            match self
+                .store
+                .nodes()
+                .await?
+                .into_iter()
+                .find(|n| n.name == node)
+            {
+                Some(n) => Owner::Elsewhere {
+                    up: (now - n.heartbeat_at) <= NODE_DOWN_AFTER,
+                    url: n.url,
+                    node,
+                },
+                None => Owner::Elsewhere {
+                    node,
+                    url: String::new(),
+                    up: false,
+                },
+            },
+        )
     }
 }

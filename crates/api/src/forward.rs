@@ -1,0 +1,110 @@
+//! Any node serves the whole API: a request about a sandbox another node runs is
+//! passed to that node (at the URL it registered) and its answer passed back, bodies
+//! streaming both ways and upgrades (terminals) spliced through (`relay`). The
+//! client's own credentials go along: the owner authenticates and authorizes the call
+//! against the shared database exactly as if it had been sent there. A forwarded
+//! request says so (`x-forkbox-forwarded-by`) and is never forwarded again. A node
+//! whose heartbeat lapsed, or that refuses the connection, answers
+//! `502 node_unreachable`.
+
+use crate::error::ApiError;
+use crate::AppState;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse as _, Response};
+use forkbox_core::manager::nodes::Owner;
+
+/// Marks a request one node passed to another (its value: the sender's node name).
+pub const FORWARDED_BY: &str = "x-forkbox-forwarded-by";
+
+/// The sandbox a request is about: the first path segment that is a sandbox id.
+pub fn sandbox_in(path: &str) -> Option<&str> {
+    path.split('/').find(|s| {
+        s.len() > 4
+            && s.starts_with("sbx-")
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    })
+}
+
+pub async fn to_owner(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if req.headers().contains_key(FORWARDED_BY) {
+        return next.run(req).await;
+    }
+    let Some(id) = sandbox_in(req.uri().path()).map(str::to_owned) else {
+        return next.run(req).await;
+    };
+    let owner = match st.manager.owner(&id).await {
+        Ok(o) => o,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let Owner::Elsewhere { node, url, up } = owner else {
+        return next.run(req).await;
+    };
+    if !up || url.is_empty() {
+        return ApiError::NodeUnreachable(format!(
+            "sandbox {id} runs on node {node}, which has not been heard from; it is \
+             lost if the node does not return within its orphan grace period"
+        ))
+        .into_response();
+    }
+    match pass(&st, req, &node, &url).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `req` sent to node `node` at `url`.
+async fn pass(st: &AppState, req: Request, node: &str, url: &str) -> Result<Response, ApiError> {
+    let unreachable = |e: String| ApiError::NodeUnreachable(format!("node {node} ({url}): {e}"));
+    let authority = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    if !url.starts_with("http://") || authority.is_empty() {
+        return Err(unreachable("only http:// node URLs are reached".into()));
+    }
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+    let (mut out, client_upgrade) = crate::relay::outgoing(req, &target, &authority, |_| false)
+        .map_err(ApiError::BadRequest)?;
+    out.headers_mut().insert(
+        HeaderName::from_static(FORWARDED_BY),
+        HeaderValue::from_str(st.manager.node_name())
+            .map_err(|e| ApiError::Internal(e.to_string()))?,
+    );
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(&authority),
+    )
+    .await
+    .map_err(|_| unreachable("no connection within 5 s".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    crate::relay::send(stream, out, client_upgrade)
+        .await
+        .map_err(unreachable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sandbox_is_found_in_any_dialect_path() {
+        assert_eq!(sandbox_in("/v1/sandboxes/sbx-00ff/exec"), Some("sbx-00ff"));
+        assert_eq!(
+            sandbox_in("/podflare/v1/sandboxes/sbx-1a/files"),
+            Some("sbx-1a")
+        );
+        assert_eq!(sandbox_in("/sandboxes/sbx-9"), Some("sbx-9"));
+        assert_eq!(sandbox_in("/v1/sandboxes"), None);
+        assert_eq!(sandbox_in("/v1/sandboxes/sbx-"), None);
+        assert_eq!(sandbox_in("/v1/sandboxes/sbx-%2e%2e"), None);
+    }
+}
