@@ -54,8 +54,8 @@ pub async fn to_owner(State(st): State<AppState>, req: Request, next: Next) -> R
     }
 }
 
-/// `req` sent to node `node` at `url`.
-async fn pass(st: &AppState, req: Request, node: &str, url: &str) -> Result<Response, ApiError> {
+/// A connection to node `node` at `url`, and the authority to name in its `Host`.
+async fn connect(node: &str, url: &str) -> Result<(tokio::net::TcpStream, String), ApiError> {
     let unreachable = |e: String| ApiError::NodeUnreachable(format!("node {node} ({url}): {e}"));
     let authority = url
         .split_once("://")
@@ -67,6 +67,31 @@ async fn pass(st: &AppState, req: Request, node: &str, url: &str) -> Result<Resp
     if !url.starts_with("http://") || authority.is_empty() {
         return Err(unreachable("only http:// node URLs are reached".into()));
     }
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(&authority),
+    )
+    .await
+    .map_err(|_| unreachable("no connection within 5 s".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    Ok((stream, authority))
+}
+
+/// `req` sent to node `node` at `url`.
+async fn pass(st: &AppState, req: Request, node: &str, url: &str) -> Result<Response, ApiError> {
+    let conn = connect(node, url).await?;
+    send(st, req, conn, node, url).await
+}
+
+/// `req` sent over `stream` to node `node` (at `url`, reached as `authority`).
+async fn send(
+    st: &AppState,
+    req: Request,
+    (stream, authority): (tokio::net::TcpStream, String),
+    node: &str,
+    url: &str,
+) -> Result<Response, ApiError> {
     let target = req
         .uri()
         .path_and_query()
@@ -78,17 +103,45 @@ async fn pass(st: &AppState, req: Request, node: &str, url: &str) -> Result<Resp
         HeaderValue::from_str(st.manager.node_name())
             .map_err(|e| ApiError::Internal(e.to_string()))?,
     );
-    let stream = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(&authority),
-    )
-    .await
-    .map_err(|_| unreachable("no connection within 5 s".into()))?
-    .map_err(|e| unreachable(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
     crate::relay::send(stream, out, client_upgrade)
         .await
-        .map_err(unreachable)
+        .map_err(|e| ApiError::NodeUnreachable(format!("node {node} ({url}): {e}")))
+}
+
+/// A create placed on node `node` (at `url`): the same body, with the caller's
+/// credentials and trace context, made there; its answer is this one. `None` when the
+/// node cannot be reached at all (nothing was sent: the caller makes it itself).
+pub async fn create_on(
+    st: &AppState,
+    headers: &axum::http::HeaderMap,
+    body: &forkbox_types::api::CreateBody,
+    node: &str,
+    url: &str,
+) -> Result<Option<Response>, ApiError> {
+    let conn = match connect(node, url).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(node, error = %e, "placement: node not reached; made here");
+            return Ok(None);
+        }
+    };
+    let json = serde_json::to_vec(body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut req = axum::http::Request::builder()
+        .method(axum::http::Method::POST)
+        .uri("/v1/sandboxes")
+        .body(axum::body::Body::from(json))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let h = req.headers_mut();
+    for name in ["authorization", "x-api-key", "traceparent", "tracestate"] {
+        if let Some(v) = headers.get(name) {
+            h.insert(HeaderName::from_static(name), v.clone());
+        }
+    }
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    send(st, req, conn, node, url).await.map(Some)
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ pub fn sandbox_view(s: Sandbox) -> SandboxView {
                 read_only: v.read_only,
             })
             .collect(),
+        node: s.node,
     }
 }
 
@@ -63,7 +64,26 @@ pub async fn create(
     axum::Extension(p): axum::Extension<forkbox_core::auth::Principal>,
     headers: axum::http::HeaderMap,
     JsonBody(b): JsonBody<CreateBody>,
-) -> Result<(StatusCode, Json<SandboxView>), ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
+    // With several nodes, the best one makes it (a request another node passed on is
+    // made here). From a snapshot or with volumes it is made where those live: here.
+    if !headers.contains_key(crate::forward::FORWARDED_BY)
+        && b.snapshot.is_none()
+        && b.volumes.is_empty()
+    {
+        let template = b
+            .template
+            .clone()
+            .unwrap_or_else(|| st.manager.default_template());
+        if let forkbox_core::manager::nodes::Owner::Elsewhere { node, url, .. } =
+            st.manager.place(&template, b.runtime.as_deref()).await?
+        {
+            if let Some(r) = crate::forward::create_on(&st, &headers, &b, &node, &url).await? {
+                return Ok(r);
+            }
+        }
+    }
     let traceparent = b.traceparent.or_else(|| {
         headers
             .get("traceparent")
@@ -113,7 +133,7 @@ pub async fn create(
             runtime: b.runtime,
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(sandbox_view(s))))
+    Ok((StatusCode::CREATED, Json(sandbox_view(s))).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/hibernate", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = SandboxView), (status = "4XX", description = "Invalid request or wrong state", body = crate::error::ErrorBody), (status = "5XX", description = "Server or sandbox failure", body = crate::error::ErrorBody)))]

@@ -214,6 +214,8 @@ async fn every_route_is_in_the_openapi_document_and_served() {
     let expected = [
         ("GET", "/v1/healthz"),
         ("GET", "/health"),
+        ("GET", "/v1/nodes"),
+        ("POST", "/v1/nodes/{name}/drain"),
         ("GET", "/openapi.json"),
         ("GET", "/metrics"),
         ("POST", "/v1/sandboxes"),

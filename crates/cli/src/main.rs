@@ -6,6 +6,7 @@ mod bench;
 mod client;
 mod config;
 mod down;
+mod node;
 mod serve;
 mod shell;
 mod templates;
@@ -47,6 +48,13 @@ enum Cmd {
     },
     /// Manage API keys.
     Token(token::TokenArgs),
+    /// The nodes (servers) sharing a database: list, drain.
+    Node {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(subcommand)]
+        cmd: node::NodeCmd,
+    },
     /// End every sandbox, VM, mount, cgroup and network namespace of a data dir whose
     /// server is gone (idempotent; says what it removed).
     Down(down::DownArgs),
@@ -106,6 +114,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Run(a) => return client::run(a).await,
             Cmd::Sandbox { conn, cmd } => return client::sandbox(conn, cmd).await,
+            Cmd::Node { conn, cmd } => return node::run(conn, cmd).await,
             Cmd::Serve(a) => serve::run(a).await,
             Cmd::Template {
                 cmd: TemplateCmd::Prepare { host, name },

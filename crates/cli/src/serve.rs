@@ -159,6 +159,18 @@ fn other_runtimes(args: &ServeArgs) -> anyhow::Result<Vec<Arc<dyn Runtime>>> {
     Ok(out)
 }
 
+/// The host's memory in MiB (`MemTotal`), 0 when unknown.
+fn host_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
 /// Everything `serve` does before it accepts connections.
 pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
     let auth_required = auth_required(args)?;
@@ -198,8 +210,9 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
         Some(url) => url.clone(),
         None => format!("http://{}", listener.local_addr()?),
     };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     manager
-        .register_node(&args.host.database(), &advertise)
+        .register_node(&args.host.database(), &advertise, cpus, host_memory_mb())
         .await?;
     let (adopted, lost) = manager.recover().await?;
     if adopted + lost > 0 {

@@ -132,6 +132,37 @@ async fn a_server_on_postgres_works_restarts_and_owns_its_database() {
         }
     }
     drop(ws);
+    // Placement: creates through the first node land on both (the one with more
+    // memory left after its sandboxes' limits makes it), and none on a drained node.
+    let (_, _) = get(&s, "/v1/nodes").await;
+    let mut placed = Vec::new();
+    for _ in 0..4 {
+        let v = s.create(json!({})).await;
+        placed.push((
+            v["id"].as_str().unwrap().to_owned(),
+            v["node"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert!(placed.iter().any(|(_, n)| n == "second"), "{placed:?}");
+    assert!(placed.iter().any(|(_, n)| n != "second"), "{placed:?}");
+    let drain = Command::new(env!("CARGO_BIN_EXE_forkbox"))
+        .args(["node", "drain", "second", "--url", &s.base])
+        .output()
+        .unwrap();
+    assert!(
+        drain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    assert!(String::from_utf8_lossy(&drain.stdout).contains("second"));
+    for _ in 0..2 {
+        let v = s.create(json!({})).await;
+        assert_ne!(v["node"], "second", "placed on a draining node: {v}");
+        placed.push((v["id"].as_str().unwrap().to_owned(), String::new()));
+    }
+    for (pid, _) in &placed {
+        assert_eq!(s.delete(pid).await, 204);
+    }
     // The second node's own sandbox, deleted through the first.
     let theirs = second.create_id().await;
     let (out, _, _) = second.sh(&theirs, "echo second").await;
@@ -151,8 +182,12 @@ async fn a_server_on_postgres_works_restarts_and_owns_its_database() {
         (502, Some("node_unreachable")),
         "{v}"
     );
-    let mine = second.create_id().await;
-    assert_eq!(second.delete(&mine).await, 204);
+    // Creates still work through it: a node that cannot be reached is not placed on.
+    for _ in 0..2 {
+        let mine = second.create(json!({})).await;
+        assert_eq!(mine["node"], "second", "{mine}");
+        assert_eq!(second.delete(mine["id"].as_str().unwrap()).await, 204);
+    }
     // Back within its grace period: it adopts its sandbox again.
     s.restart_with(&env);
     drop(second);

@@ -127,6 +127,8 @@ pub struct Sandbox {
     /// Seconds without a call on it (and nothing of it running through the API)
     /// after which it ends as a timeout does (`on_timeout`); `None`: never.
     pub idle_timeout: Option<u64>,
+    /// The node (server) that runs it, when several share a database.
+    pub node: Option<String>,
 }
 
 /// A volume mounted into a sandbox at `mount` (an absolute path).

@@ -132,6 +132,31 @@ pub struct NodeRecord {
     pub heartbeat_at: OffsetDateTime,
     /// Sandboxes it ran at its last heartbeat.
     pub sandboxes: u64,
+    /// What it offers: CPUs, memory (MiB) and built templates.
+    pub cpus: u64,
+    pub memory_mb: u64,
+    pub templates: Vec<String>,
+    /// Takes no new sandboxes (`forkbox node drain`).
+    pub draining: bool,
+}
+
+/// What a node says of itself when it registers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeInfo {
+    pub url: String,
+    pub runtimes: Vec<String>,
+    pub cpus: u64,
+    pub memory_mb: u64,
+    pub templates: Vec<String>,
+}
+
+/// A node's share of the live sandboxes, for placement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeLoad {
+    /// Sandboxes not ended (running, paused, hibernated).
+    pub sandboxes: u64,
+    /// Memory limits of those running or paused, in MiB.
+    pub reserved_mb: u64,
 }
 
 /// The node name a store works for unless told otherwise ([`Store::on_node`]).
@@ -259,12 +284,7 @@ impl Store {
     /// without a node (from before nodes) become this node's. PostgreSQL: a session
     /// advisory lock on the node's name, on a connection of its own, so two servers
     /// never run as one node (`InUse`); SQLite: the data dir's lock already says so.
-    pub async fn claim(
-        &self,
-        shown: &str,
-        url: &str,
-        runtimes: &[String],
-    ) -> Result<(), StoreError> {
+    pub async fn claim(&self, shown: &str, info: &NodeInfo) -> Result<(), StoreError> {
         if let Db::Postgres(pool) = &self.db {
             let mut held = self.claim.lock().await;
             if held.is_none() {
@@ -285,7 +305,8 @@ impl Store {
             }
         }
         let now = ts(OffsetDateTime::now_utc());
-        let runtimes = serde_json::to_string(runtimes).unwrap_or_else(|_| "[]".into());
+        let runtimes = serde_json::to_string(&info.runtimes).unwrap_or_else(|_| "[]".into());
+        let templates = serde_json::to_string(&info.templates).unwrap_or_else(|_| "[]".into());
         on_db!(self, pool => {
             sqlx::query("UPDATE sandboxes SET node = $1 WHERE node IS NULL")
                 .bind(&*self.node)
@@ -293,15 +314,20 @@ impl Store {
                 .await
                 .map_err(q("claim old sandboxes"))?;
             sqlx::query(
-                "INSERT INTO nodes (name, url, runtimes, started_at, heartbeat_at, sandboxes) \
-                 VALUES ($1, $2, $3, $4, $4, 0) ON CONFLICT (name) DO UPDATE SET \
-                 url = excluded.url, runtimes = excluded.runtimes, \
-                 started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
+                "INSERT INTO nodes (name, url, runtimes, started_at, heartbeat_at, sandboxes, \
+                 cpus, memory_mb, templates) VALUES ($1, $2, $3, $4, $4, 0, $5, $6, $7) \
+                 ON CONFLICT (name) DO UPDATE SET url = excluded.url, \
+                 runtimes = excluded.runtimes, started_at = excluded.started_at, \
+                 heartbeat_at = excluded.heartbeat_at, cpus = excluded.cpus, \
+                 memory_mb = excluded.memory_mb, templates = excluded.templates",
             )
             .bind(&*self.node)
-            .bind(url)
+            .bind(&info.url)
             .bind(&runtimes)
             .bind(&now)
+            .bind(i64::try_from(info.cpus).unwrap_or(i64::MAX))
+            .bind(i64::try_from(info.memory_mb).unwrap_or(i64::MAX))
+            .bind(&templates)
             .execute(pool)
             .await
             .map_err(q("register node"))?;
@@ -309,12 +335,18 @@ impl Store {
         })
     }
 
-    /// This node's sign of life, with the number of sandboxes it runs.
-    pub async fn heartbeat(&self, sandboxes: u64) -> Result<(), StoreError> {
+    /// This node's sign of life, with the number of sandboxes it runs and the
+    /// templates it has.
+    pub async fn heartbeat(&self, sandboxes: u64, templates: &[String]) -> Result<(), StoreError> {
+        let templates = serde_json::to_string(templates).unwrap_or_else(|_| "[]".into());
         on_db!(self, pool => {
-            sqlx::query("UPDATE nodes SET heartbeat_at = $1, sandboxes = $2 WHERE name = $3")
+            sqlx::query(
+                "UPDATE nodes SET heartbeat_at = $1, sandboxes = $2, templates = $3 \
+                 WHERE name = $4",
+            )
                 .bind(ts(OffsetDateTime::now_utc()))
                 .bind(i64::try_from(sandboxes).unwrap_or(i64::MAX))
+                .bind(&templates)
                 .bind(&*self.node)
                 .execute(pool)
                 .await
@@ -331,6 +363,48 @@ impl Store {
                 .await
                 .map_err(q("list nodes"))?;
             rows.iter().map(node_from_row).collect()
+        })
+    }
+
+    /// Marks node `name` draining (no new sandboxes) or not; false when there is no
+    /// such node.
+    pub async fn set_draining(&self, name: &str, draining: bool) -> Result<bool, StoreError> {
+        on_db!(self, pool => {
+            let r = sqlx::query("UPDATE nodes SET draining = $1 WHERE name = $2")
+                .bind(draining)
+                .bind(name)
+                .execute(pool)
+                .await
+                .map_err(q("drain node"))?;
+            Ok(r.rows_affected() == 1)
+        })
+    }
+
+    /// Every node's live sandboxes and the memory they hold, by node name.
+    pub async fn node_loads(
+        &self,
+    ) -> Result<std::collections::HashMap<String, NodeLoad>, StoreError> {
+        on_db!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT node, COUNT(*) AS n, CAST(COALESCE(SUM(CASE WHEN status IN \
+                 ('running', 'paused') THEN memory_mb ELSE 0 END), 0) AS BIGINT) AS mem \
+                 FROM sandboxes WHERE status IN ('running', 'paused', 'hibernated') \
+                 AND node IS NOT NULL GROUP BY node",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(q("node loads"))?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.s("node")?,
+                        NodeLoad {
+                            sandboxes: r.i("n")?.max(0) as u64,
+                            reserved_mb: r.i("mem")?.max(0) as u64,
+                        },
+                    ))
+                })
+                .collect()
         })
     }
 
@@ -975,6 +1049,7 @@ fn from_row(r: &impl Cols) -> Result<Sandbox, StoreError> {
         volumes: json_col(&id, "volumes", &r.s("volumes")?)?,
         disk_mb: r.i("disk_mb")?.max(0) as u64,
         idle_timeout: r.oi("idle_timeout")?.map(|t| t.max(1) as u64),
+        node: r.os("node")?,
         id,
     })
 }
@@ -999,6 +1074,10 @@ fn node_from_row(r: &impl Cols) -> Result<NodeRecord, StoreError> {
         started_at: time_col(&name, "started_at", r.s("started_at")?)?,
         heartbeat_at: time_col(&name, "heartbeat_at", r.s("heartbeat_at")?)?,
         sandboxes: r.i("sandboxes")?.max(0) as u64,
+        cpus: r.i("cpus")?.max(0) as u64,
+        memory_mb: r.i("memory_mb")?.max(0) as u64,
+        templates: json_col(&name, "templates", &r.s("templates")?)?,
+        draining: r.b("draining")?,
         name,
     })
 }
@@ -1124,6 +1203,7 @@ mod tests {
             volumes: vec![],
             disk_mb: 8192,
             idle_timeout: None,
+            node: Some(LOCAL_NODE.into()),
         }
     }
 
@@ -1167,6 +1247,7 @@ mod tests {
             }],
             disk_mb: 2048,
             idle_timeout: Some(60),
+            node: Some(LOCAL_NODE.into()),
         };
         store.insert_sandbox(&s).await.unwrap();
         assert_eq!(store.get_sandbox(&s.id).await.unwrap().unwrap(), s);
@@ -1387,19 +1468,24 @@ mod tests {
                 sqlx::query("UPDATE sandboxes SET node = NULL").execute(pool).await.unwrap();
             });
             let a = store.clone().on_node("a");
-            a.claim(&target, "http://a:7070", &["jail".into()])
-                .await
-                .unwrap();
+            let info = |url: &str| NodeInfo {
+                url: url.into(),
+                runtimes: vec!["jail".into()],
+                cpus: 2,
+                memory_mb: 4096,
+                templates: vec!["python".into()],
+            };
+            a.claim(&target, &info("http://a:7070")).await.unwrap();
             assert_eq!(a.node_of("sbx-old").await.unwrap().as_deref(), Some("a"));
             if b == "postgres" {
                 let twin = Store::open_target(&target).await.unwrap().on_node("a");
                 assert!(matches!(
-                    twin.claim(&target, "http://x", &[]).await,
+                    twin.claim(&target, &info("http://x")).await,
                     Err(StoreError::InUse { .. })
                 ));
             }
             let other = Store::open_target(&target).await.unwrap().on_node("b");
-            other.claim(&target, "http://b:7070", &[]).await.unwrap();
+            other.claim(&target, &info("http://b:7070")).await.unwrap();
             other.insert_sandbox(&sandbox("sbx-b")).await.unwrap();
             a.insert_sandbox(&sandbox("sbx-a")).await.unwrap();
             let ids = |v: Vec<Sandbox>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
@@ -1426,7 +1512,22 @@ mod tests {
                 .await
                 .unwrap()
                 .contains(&"sbx-b".into()));
-            other.heartbeat(7).await.unwrap();
+            other
+                .heartbeat(7, &["python".into(), "base".into()])
+                .await
+                .unwrap();
+            assert!(other.set_draining("b", true).await.unwrap());
+            assert!(!other.set_draining("nope", true).await.unwrap());
+            let loads = a.node_loads().await.unwrap();
+            assert_eq!(
+                loads["a"],
+                NodeLoad {
+                    sandboxes: 2,
+                    reserved_mb: 1024
+                },
+                "{b}"
+            );
+            assert!(!loads.contains_key("b"));
             let nodes = a.nodes().await.unwrap();
             assert_eq!(
                 nodes
@@ -1437,6 +1538,9 @@ mod tests {
                 "{b}"
             );
             assert_eq!(nodes[0].runtimes, ["jail"]);
+            assert_eq!((nodes[0].cpus, nodes[0].memory_mb), (2, 4096));
+            assert_eq!(nodes[1].templates, ["python", "base"]);
+            assert!(nodes[1].draining && !nodes[0].draining);
         }
     }
 

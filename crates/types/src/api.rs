@@ -113,6 +113,9 @@ pub struct SandboxView {
     pub egress_allowlist: Option<Vec<String>>,
     /// Volumes it mounts.
     pub volumes: Vec<VolumeMountBody>,
+    /// The node (server) that runs it, when several share a database (`GET /v1/nodes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// `GET /v1/sandboxes`: one page.
@@ -309,6 +312,12 @@ pub struct NodeView {
     pub runtimes: Vec<String>,
     /// Sandboxes it ran at its last heartbeat.
     pub sandboxes: u64,
+    /// What it offers to placement: CPUs, memory (MiB), built templates.
+    pub cpus: u64,
+    pub memory_mb: u64,
+    pub templates: Vec<String>,
+    /// Takes no new sandboxes (`forkbox node drain`).
+    pub draining: bool,
     pub started_at: String,
     pub heartbeat_at: String,
 }

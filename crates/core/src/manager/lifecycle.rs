@@ -255,6 +255,7 @@ impl Manager {
             egress: spec.egress.clone(),
             volumes: spec.volumes.clone(),
             disk_mb: spec.disk_bytes >> 20,
+            node: Some(self.store.node().to_owned()),
             idle_timeout: req.idle_timeout,
         };
         if let Err(e) = self.store.insert_sandbox(&record).await {

@@ -150,6 +150,9 @@ pub struct Manager {
     tasks: tokio_util::task::TaskTracker,
     /// Set by `shutdown`: no new background work (a refill stops).
     closing: std::sync::atomic::AtomicBool,
+    /// Whether other nodes were up at the last heartbeat (placement looks further
+    /// only then).
+    peers: std::sync::atomic::AtomicBool,
 }
 
 /// Locks `m`, shrugging off poisoning (the data are plain maps).
@@ -233,6 +236,7 @@ impl Manager {
             admitting: Mutex::new(HashMap::new()),
             tasks: tokio_util::task::TaskTracker::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
+            peers: std::sync::atomic::AtomicBool::new(false),
             warm: Mutex::new(Default::default()),
             template_builds: Mutex::new(Default::default()),
         })

@@ -4,7 +4,7 @@
 //! it runs ([`Manager::ensure_here`]) until nodes forward requests (docs/cluster.md).
 
 use super::*;
-use crate::store::NodeRecord;
+use crate::store::{NodeInfo, NodeRecord};
 
 /// How often a node says it is alive.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
@@ -27,18 +27,93 @@ impl Manager {
         self.store.node()
     }
 
-    /// Registers this node (claiming its name in the database) as reached at `url`.
-    pub async fn register_node(&self, shown_db: &str, url: &str) -> Result<(), CoreError> {
-        let runtimes: Vec<String> = self
-            .runtime_names()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        self.store.claim(shown_db, url, &runtimes).await?;
+    /// Registers this node (claiming its name in the database) as reached at `url`,
+    /// offering `cpus` and `memory_mb` (the host's).
+    pub async fn register_node(
+        &self,
+        shown_db: &str,
+        url: &str,
+        cpus: u64,
+        memory_mb: u64,
+    ) -> Result<(), CoreError> {
+        let info = NodeInfo {
+            url: url.to_owned(),
+            runtimes: self
+                .runtime_names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            cpus,
+            memory_mb,
+            templates: self.template_names().await,
+        };
+        self.store.claim(shown_db, &info).await?;
+        self.nodes().await?;
         Ok(())
     }
 
-    /// Says this node is alive every [`HEARTBEAT_EVERY`] until the manager is gone.
+    async fn template_names(&self) -> Vec<String> {
+        self.host_stores()
+            .templates()
+            .await
+            .into_iter()
+            .map(|t| t.name)
+            .collect()
+    }
+
+    /// Stops (or resumes) placing new sandboxes on node `name`; what runs there keeps
+    /// running.
+    pub async fn drain_node(&self, name: &str, draining: bool) -> Result<(), CoreError> {
+        if self.store.set_draining(name, draining).await? {
+            Ok(())
+        } else {
+            Err(CoreError::Invalid(format!("no node named {name}")))
+        }
+    }
+
+    /// Where a new sandbox of `template` on `runtime` (`None`: the default) is best
+    /// made: among the nodes that are up, not draining, offer the runtime and have the
+    /// template, the one with the most memory left after the limits of the sandboxes
+    /// it runs, then the fewest sandboxes, then this node (no hop). `Here` when no
+    /// other node qualifies.
+    pub async fn place(&self, template: &str, runtime: Option<&str>) -> Result<Owner, CoreError> {
+        if !self.peers.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Owner::Here);
+        }
+        let runtime = runtime
+            .map(str::to_owned)
+            .or_else(|| self.config.default_runtime.clone())
+            .unwrap_or_else(|| self.runtime.name().to_owned());
+        let loads = self.store.node_loads().await?;
+        let nodes = self.nodes().await?;
+        let me = self.store.node();
+        let best = nodes
+            .into_iter()
+            .filter(|n| {
+                n.up && !n.record.draining
+                    && n.record.runtimes.contains(&runtime)
+                    && n.record.templates.iter().any(|t| t == template)
+            })
+            .max_by_key(|n| {
+                let load = loads.get(&n.record.name).copied().unwrap_or_default();
+                (
+                    n.record.memory_mb as i64 - load.reserved_mb as i64,
+                    std::cmp::Reverse(load.sandboxes),
+                    n.record.name == me,
+                )
+            });
+        Ok(match best {
+            Some(n) if n.record.name != me => Owner::Elsewhere {
+                node: n.record.name,
+                url: n.record.url,
+                up: true,
+            },
+            _ => Owner::Here,
+        })
+    }
+
+    /// Says this node is alive every [`HEARTBEAT_EVERY`] until the manager is gone,
+    /// and notes whether other nodes are up.
     pub fn spawn_heartbeat(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -46,17 +121,22 @@ impl Manager {
             loop {
                 tick.tick().await;
                 let Some(me) = weak.upgrade() else { break };
-                if let Err(e) = me.store.heartbeat(me.live_count() as u64).await {
+                let templates = me.template_names().await;
+                if let Err(e) = me.store.heartbeat(me.live_count() as u64, &templates).await {
                     tracing::warn!(error = %e, "heartbeat failed");
+                }
+                if let Err(e) = me.nodes().await {
+                    tracing::warn!(error = %e, "reading the nodes failed");
                 }
             }
         })
     }
 
-    /// Every node of the database, with whether it is up.
+    /// Every node of the database, with whether it is up (and notes whether other
+    /// nodes are).
     pub async fn nodes(&self) -> Result<Vec<Node>, CoreError> {
         let now = OffsetDateTime::now_utc();
-        Ok(self
+        let nodes: Vec<Node> = self
             .store
             .nodes()
             .await?
@@ -66,7 +146,11 @@ impl Manager {
                 this: record.name == self.store.node(),
                 record,
             })
-            .collect())
+            .collect();
+        let peers = nodes.iter().any(|n| n.up && !n.this);
+        self.peers
+            .store(peers, std::sync::atomic::Ordering::Relaxed);
+        Ok(nodes)
     }
 }
 
