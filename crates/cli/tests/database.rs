@@ -163,6 +163,63 @@ async fn a_server_on_postgres_works_restarts_and_owns_its_database() {
     for (pid, _) in &placed {
         assert_eq!(s.delete(pid).await, 204);
     }
+    // Quotas hold across nodes: with room for 3 more, 8 concurrent creates spread over
+    // both nodes (and placed on both) make exactly 3.
+    let (st, ws) = get(&s, "/v1/auth/workspaces/default").await;
+    assert_eq!(st, 200, "{ws}");
+    let used = ws["usage"]["sandboxes"].as_u64().unwrap();
+    let r = s
+        .http
+        .put(s.url("/v1/auth/workspaces/default"))
+        .json(&json!({"max_sandboxes": used + 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let creates = (0..8).map(|i| {
+        let (http, url) = if i % 2 == 0 {
+            (s.http.clone(), s.url("/v1/sandboxes"))
+        } else {
+            (second.http.clone(), second.url("/v1/sandboxes"))
+        };
+        async move {
+            // A template outside the warm pools: cold creates, so admissions overlap.
+            let r = http
+                .post(url)
+                .json(&json!({"template": "base"}))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    });
+    let results = futures_util::future::join_all(creates).await;
+    let made: Vec<String> = results
+        .iter()
+        .filter(|(st, _)| *st == 201)
+        .map(|(_, v)| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(made.len(), 3, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|(st, v)| *st == 201 || (*st == 429 && v["code"] == "quota_exceeded")),
+        "{results:?}"
+    );
+    for id in &made {
+        assert_eq!(s.delete(id).await, 204);
+    }
+    let r = s
+        .http
+        .put(s.url("/v1/auth/workspaces/default"))
+        .json(&json!({"max_sandboxes": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     // The second node's own sandbox, deleted through the first.
     let theirs = second.create_id().await;
     let (out, _, _) = second.sh(&theirs, "echo second").await;

@@ -120,6 +120,12 @@ pub struct Store {
     claim: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::PgConnection>>>,
 }
 
+/// A workspace's admission lock across servers ([`Store::lock_workspace`]): held
+/// while this lives; dropping it closes its connection, which releases the lock.
+pub struct WorkspaceLock {
+    _conn: sqlx::PgConnection,
+}
+
 /// A node (a server) as the database knows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeRecord {
@@ -333,6 +339,31 @@ impl Store {
             .map_err(q("register node"))?;
             Ok(())
         })
+    }
+
+    /// Waits for, then holds, workspace `workspace`'s admission lock across every
+    /// server on this database until the returned guard is dropped (PostgreSQL: a
+    /// session advisory lock on a connection of its own, released when the guard
+    /// closes it). `None` on SQLite: one server per database file, whose own lock
+    /// suffices.
+    pub async fn lock_workspace(
+        &self,
+        workspace: &str,
+    ) -> Result<Option<WorkspaceLock>, StoreError> {
+        let Db::Postgres(pool) = &self.db else {
+            return Ok(None);
+        };
+        use sqlx::Connection as _;
+        let opts = pool.connect_options();
+        let mut conn = sqlx::PgConnection::connect_with(&opts)
+            .await
+            .map_err(q("connect for a workspace lock"))?;
+        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+            .bind(format!("forkbox workspace {workspace}"))
+            .execute(&mut conn)
+            .await
+            .map_err(q("lock workspace"))?;
+        Ok(Some(WorkspaceLock { _conn: conn }))
     }
 
     /// This node's sign of life, with the number of sandboxes it runs and the
@@ -1541,6 +1572,31 @@ mod tests {
             assert_eq!((nodes[0].cpus, nodes[0].memory_mb), (2, 4096));
             assert_eq!(nodes[1].templates, ["python", "base"]);
             assert!(nodes[1].draining && !nodes[0].draining);
+        }
+    }
+
+    #[tokio::test]
+    async fn workspace_locks_exclude_each_other_across_servers() {
+        let dir = tempfile::tempdir().unwrap();
+        for (store, target) in backends(dir.path()).await {
+            let held = store.lock_workspace("team").await.unwrap();
+            if store.backend() == "sqlite" {
+                assert!(held.is_none());
+                continue;
+            }
+            let other = Store::open_target(&target).await.unwrap();
+            // Another workspace is free; this one waits until the first is let go.
+            other.lock_workspace("else").await.unwrap().unwrap();
+            let waiting = tokio::spawn(async move { other.lock_workspace("team").await });
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            assert!(!waiting.is_finished());
+            drop(held);
+            let got = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+                .await
+                .expect("the lock was not released")
+                .unwrap()
+                .unwrap();
+            assert!(got.is_some());
         }
     }
 

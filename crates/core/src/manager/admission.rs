@@ -3,12 +3,20 @@
 use super::*;
 
 /// Held from a quota check until the sandboxes it admitted are recorded, so two
-/// concurrent creates of one workspace cannot both take its last place.
-pub(crate) type Admitted = tokio::sync::OwnedMutexGuard<()>;
+/// concurrent creates of one workspace cannot both take its last place: this server's
+/// lock of the workspace and, when servers share a database, the database's.
+pub(crate) struct Admitted {
+    _here: tokio::sync::OwnedMutexGuard<()>,
+    _everywhere: Option<crate::store::WorkspaceLock>,
+}
 
 impl Manager {
-    /// The quota of `workspace`.
+    /// The quota of `workspace` (read through when servers share the database: another
+    /// may have changed it).
     pub async fn quota(&self, workspace: &str) -> Result<Quota, CoreError> {
+        if self.store.backend() == "postgres" {
+            return Ok(self.store.quota(workspace).await?);
+        }
         if let Some(q) = lock(&self.quotas).get(workspace) {
             return Ok(*q);
         }
@@ -31,6 +39,16 @@ impl Manager {
             .clone()
     }
 
+    /// `workspace`'s admission locks, this server's first.
+    async fn lock_workspace(&self, workspace: &str) -> Result<Admitted, CoreError> {
+        let here = self.admission_lock(workspace).lock_owned().await;
+        let everywhere = self.store.lock_workspace(workspace).await?;
+        Ok(Admitted {
+            _here: here,
+            _everywhere: everywhere,
+        })
+    }
+
     /// Checks that `workspace` may add `n` sandboxes of `memory_mb` each; the guard
     /// must be held until they are recorded. `None` when the workspace is unlimited.
     pub(crate) async fn admit(
@@ -43,7 +61,7 @@ impl Manager {
         if quota.is_unlimited() {
             return Ok(None);
         }
-        let guard = self.admission_lock(workspace).lock_owned().await;
+        let guard = self.lock_workspace(workspace).await?;
         let usage = self.store.usage(workspace).await?;
         match quota.refuse(workspace, usage, n, memory_mb) {
             Some(why) => Err(CoreError::Quota(why)),
@@ -64,7 +82,7 @@ impl Manager {
         if quota.is_unlimited() {
             return Ok(None);
         }
-        let guard = self.admission_lock(workspace).lock_owned().await;
+        let guard = self.lock_workspace(workspace).await?;
         let usage = self.store.usage(workspace).await?;
         match quota.refuse(workspace, usage, 1, memory_mb) {
             Some(why) => Err(CoreError::Quota(why)),
