@@ -212,7 +212,13 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     manager
-        .register_node(&args.host.database(), &advertise, cpus, host_memory_mb())
+        .register_node(
+            &args.host.database(),
+            &advertise,
+            cpus,
+            host_memory_mb(),
+            args.host.orphan_grace(),
+        )
         .await?;
     let (adopted, lost) = manager.recover().await?;
     if adopted + lost > 0 {

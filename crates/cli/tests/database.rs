@@ -220,6 +220,82 @@ async fn a_server_on_postgres_works_restarts_and_owns_its_database() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // A node that stays gone longer than its orphan grace: the others record its
+    // sandboxes lost (meanwhile they answer 502 for them).
+    let mut third = Server::start_with(&[
+        ("FORKBOX_DATABASE_URL", url.clone()),
+        ("FORKBOX_NODE", "third".into()),
+        ("FORKBOX_ORPHAN_GRACE", "1".into()),
+    ]);
+    let r = third
+        .http
+        .post(third.url("/v1/sandboxes"))
+        // Made on this node (as if another had placed it here).
+        .header("x-forkbox-forwarded-by", "test")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let gone: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(gone["node"], "third", "{gone}");
+    let gone = gone["id"].as_str().unwrap().to_owned();
+    // The whole host goes: the server and its warden (which would otherwise take the
+    // data dir down itself once the grace is over).
+    let warden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(third.data.path().join("warden.lock")).unwrap(),
+    )
+    .unwrap();
+    let warden = warden["pid"].as_i64().unwrap() as i32;
+    let cmdline = std::fs::read(format!("/proc/{warden}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("warden"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(warden),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    third.kill();
+    let (st, v) = common::post(
+        &second,
+        &format!("/v1/sandboxes/{gone}/exec"),
+        json!({"cmd": "true", "wait": true}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (502, Some("node_unreachable")),
+        "{v}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, all) = get(&second, "/v1/sandboxes?status=all&limit=1000").await;
+        let rec = all["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["id"] == gone.as_str())
+            .cloned()
+            .unwrap();
+        if rec["status"] == "lost" {
+            assert!(
+                rec["end_reason"].as_str().unwrap().contains("node third"),
+                "{rec}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recorded lost: {rec}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, nodes) = get(&second, "/v1/nodes").await;
+    assert!(nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["name"] == "third" && n["state"] == "down"));
+    drop(third);
     // The second node's own sandbox, deleted through the first.
     let theirs = second.create_id().await;
     let (out, _, _) = second.sh(&theirs, "echo second").await;

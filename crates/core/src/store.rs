@@ -144,6 +144,8 @@ pub struct NodeRecord {
     pub templates: Vec<String>,
     /// Takes no new sandboxes (`forkbox node drain`).
     pub draining: bool,
+    /// Seconds its sandboxes outlive it (0: until it returns).
+    pub orphan_grace_s: u64,
 }
 
 /// What a node says of itself when it registers.
@@ -154,6 +156,8 @@ pub struct NodeInfo {
     pub cpus: u64,
     pub memory_mb: u64,
     pub templates: Vec<String>,
+    /// Seconds its sandboxes outlive it (its `--orphan-grace`; 0: until it returns).
+    pub orphan_grace_s: u64,
 }
 
 /// A node's share of the live sandboxes, for placement.
@@ -321,11 +325,13 @@ impl Store {
                 .map_err(q("claim old sandboxes"))?;
             sqlx::query(
                 "INSERT INTO nodes (name, url, runtimes, started_at, heartbeat_at, sandboxes, \
-                 cpus, memory_mb, templates) VALUES ($1, $2, $3, $4, $4, 0, $5, $6, $7) \
+                 cpus, memory_mb, templates, orphan_grace_s) \
+                 VALUES ($1, $2, $3, $4, $4, 0, $5, $6, $7, $8) \
                  ON CONFLICT (name) DO UPDATE SET url = excluded.url, \
                  runtimes = excluded.runtimes, started_at = excluded.started_at, \
                  heartbeat_at = excluded.heartbeat_at, cpus = excluded.cpus, \
-                 memory_mb = excluded.memory_mb, templates = excluded.templates",
+                 memory_mb = excluded.memory_mb, templates = excluded.templates, \
+                 orphan_grace_s = excluded.orphan_grace_s",
             )
             .bind(&*self.node)
             .bind(&info.url)
@@ -334,6 +340,7 @@ impl Store {
             .bind(i64::try_from(info.cpus).unwrap_or(i64::MAX))
             .bind(i64::try_from(info.memory_mb).unwrap_or(i64::MAX))
             .bind(&templates)
+            .bind(i64::try_from(info.orphan_grace_s).unwrap_or(i64::MAX))
             .execute(pool)
             .await
             .map_err(q("register node"))?;
@@ -439,10 +446,31 @@ impl Store {
         })
     }
 
-    /// The node that runs (or ran) sandbox `id`.
+    /// Records every sandbox node `node` runs as lost (`reason`); how many.
+    pub async fn lose_node_sandboxes(&self, node: &str, reason: &str) -> Result<u64, StoreError> {
+        on_db!(self, pool => {
+            let r = sqlx::query(
+                "UPDATE sandboxes SET status = 'lost', end_reason = $1, ended_at = $2 \
+                 WHERE node = $3 AND status IN ('running', 'paused', 'hibernated')",
+            )
+            .bind(reason)
+            .bind(ts(OffsetDateTime::now_utc()))
+            .bind(node)
+            .execute(pool)
+            .await
+            .map_err(q("lose a node's sandboxes"))?;
+            Ok(r.rows_affected())
+        })
+    }
+
+    /// The node that runs sandbox `id` (`None`: unknown or ended: its record is
+    /// answered anywhere).
     pub async fn node_of(&self, id: &str) -> Result<Option<String>, StoreError> {
         on_db!(self, pool => {
-            let row = sqlx::query("SELECT node FROM sandboxes WHERE id = $1")
+            let row = sqlx::query(
+                "SELECT node FROM sandboxes WHERE id = $1 \
+                 AND status IN ('running', 'paused', 'hibernated')",
+            )
                 .bind(id)
                 .fetch_optional(pool)
                 .await
@@ -1109,6 +1137,7 @@ fn node_from_row(r: &impl Cols) -> Result<NodeRecord, StoreError> {
         memory_mb: r.i("memory_mb")?.max(0) as u64,
         templates: json_col(&name, "templates", &r.s("templates")?)?,
         draining: r.b("draining")?,
+        orphan_grace_s: r.i("orphan_grace_s")?.max(0) as u64,
         name,
     })
 }
@@ -1505,6 +1534,7 @@ mod tests {
                 cpus: 2,
                 memory_mb: 4096,
                 templates: vec!["python".into()],
+                orphan_grace_s: 600,
             };
             a.claim(&target, &info("http://a:7070")).await.unwrap();
             assert_eq!(a.node_of("sbx-old").await.unwrap().as_deref(), Some("a"));

@@ -28,13 +28,15 @@ impl Manager {
     }
 
     /// Registers this node (claiming its name in the database) as reached at `url`,
-    /// offering `cpus` and `memory_mb` (the host's).
+    /// offering `cpus` and `memory_mb` (the host's), its sandboxes outliving it by
+    /// `orphan_grace` (`None`: until it returns).
     pub async fn register_node(
         &self,
         shown_db: &str,
         url: &str,
         cpus: u64,
         memory_mb: u64,
+        orphan_grace: Option<Duration>,
     ) -> Result<(), CoreError> {
         let info = NodeInfo {
             url: url.to_owned(),
@@ -46,6 +48,7 @@ impl Manager {
             cpus,
             memory_mb,
             templates: self.template_names().await,
+            orphan_grace_s: orphan_grace.map_or(0, |g| g.as_secs().max(1)),
         };
         self.store.claim(shown_db, &info).await?;
         self.nodes().await?;
@@ -125,11 +128,43 @@ impl Manager {
                 if let Err(e) = me.store.heartbeat(me.live_count() as u64, &templates).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
-                if let Err(e) = me.nodes().await {
-                    tracing::warn!(error = %e, "reading the nodes failed");
+                match me.nodes().await {
+                    Ok(nodes) => me.lose_gone_nodes(&nodes).await,
+                    Err(e) => tracing::warn!(error = %e, "reading the nodes failed"),
                 }
             }
         })
+    }
+
+    /// Records as lost the sandboxes of every other node gone for longer than its
+    /// orphan grace: they have ended themselves by now (their agents' dead-man's
+    /// switch), and nothing will adopt them.
+    pub async fn lose_gone_nodes(&self, nodes: &[Node]) {
+        let now = OffsetDateTime::now_utc();
+        for n in nodes.iter().filter(|n| !n.up && !n.this) {
+            let grace = n.record.orphan_grace_s;
+            let gone = now - n.record.heartbeat_at;
+            if grace == 0 || gone <= Duration::from_secs(grace).max(NODE_DOWN_AFTER) {
+                continue;
+            }
+            let reason = format!(
+                "node {} gone for longer than its orphan grace ({grace} s)",
+                n.record.name
+            );
+            match self
+                .store
+                .lose_node_sandboxes(&n.record.name, &reason)
+                .await
+            {
+                Ok(0) => {}
+                Ok(count) => {
+                    tracing::warn!(node = %n.record.name, count, "a gone node's sandboxes recorded lost")
+                }
+                Err(e) => {
+                    tracing::warn!(node = %n.record.name, error = %e, "recording a gone node's sandboxes lost failed")
+                }
+            }
+        }
     }
 
     /// Every node of the database, with whether it is up (and notes whether other
