@@ -21,7 +21,7 @@ TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: disk-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: disk-check test-cluster vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -140,6 +140,11 @@ test: disk-check vm-deps agent probe build lint sdk-deps clients-deps fuzz-smoke
 	$(MAKE) test-vm
 	-fstrim $(TEST_POOL) 2>/dev/null
 	$(TEST_SCAN)
+
+# Three nodes on one throwaway PostgreSQL (docs/cluster.md); `make test` runs it too,
+# with the rest of the suite.
+test-cluster: agent build
+	FORKBOX_TEST_POOL=$(TEST_POOL) scripts/with-postgres.sh $(CARGO) test -p forkbox --test cluster --test database
 
 # A clean `make test` needs about 4 GiB (debug builds, fuzz targets, venvs, the test
 # pool's templates); say so up front rather than failing on ENOSPC minutes in.
