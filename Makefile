@@ -21,7 +21,7 @@ TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: disk-check test-cluster vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: disk-check test-cluster deploy-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -66,6 +66,15 @@ clients-deps: deps
 	@[ -x $(CLIENTS_VENV)/bin/python ] || python3 -m venv $(CLIENTS_VENV)
 	@$(CLIENTS_VENV)/bin/python -c "import podflare, pandastack, pytest, httpx, h2, importlib.metadata as m; assert podflare.__version__ == '0.0.22' and pandastack.__version__ == '0.10.0' and m.version('declaw') == '1.7.0' and m.version('websockets') == '15.0.1'" 2>/dev/null || \
 	  $(CLIENTS_VENV)/bin/pip install -q 'podflare==0.0.22' 'pandastack==0.10.0' 'declaw==1.7.0' pytest 'httpx[http2]' 'websockets==15.0.1'
+
+# The deployment files (deploy/): Kubernetes manifests validated against the schema
+# (kubernetes-validate from PyPI, in a venv of its own), the systemd unit verified.
+DEPLOY_VENV := $(CURDIR)/target/deploy-venv
+deploy-check: deps build
+	@[ -x $(DEPLOY_VENV)/bin/python ] || python3 -m venv $(DEPLOY_VENV)
+	@$(DEPLOY_VENV)/bin/python -c "import importlib.metadata as m; assert m.version('kubernetes-validate') == '1.37.0'" 2>/dev/null || \
+	  $(DEPLOY_VENV)/bin/pip install -q 'kubernetes-validate==1.37.0'
+	DEPLOY_VENV=$(DEPLOY_VENV) scripts/check-deploy.sh
 
 # Fuzzing: cargo-fuzz (libFuzzer) on stable Rust with `--sanitizer none`; the crate in
 # fuzz/ is its own workspace. Why and what the targets check: docs/reliability.md.
@@ -128,7 +137,7 @@ TEST_SCAN := scripts/host-scan.sh --pool $(TEST_POOL) --dirs '/tmp/forkbox-e2e-*
 # run if anything of it is left on the host.
 # A clean run builds once: incremental caches would only take disk.
 test: export CARGO_INCREMENTAL = 0
-test: disk-check vm-deps agent probe build lint sdk-deps clients-deps fuzz-smoke
+test: disk-check vm-deps agent probe build lint deploy-check sdk-deps clients-deps fuzz-smoke
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL)
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) base
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) code-interpreter
