@@ -21,7 +21,7 @@ TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: disk-check test-cluster deploy-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: disk-check bench-cluster test-cluster deploy-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -154,6 +154,12 @@ test: disk-check vm-deps agent probe build lint deploy-check sdk-deps clients-de
 # with the rest of the suite.
 test-cluster: agent build
 	FORKBOX_TEST_POOL=$(TEST_POOL) scripts/with-postgres.sh $(CARGO) test -p forkbox --test cluster --test database
+
+# Cluster figures (docs/cluster.md): exec through another node vs direct, creates/s
+# with 1, 2 and 3 nodes, on a throwaway PostgreSQL.
+bench-cluster: deps agent build-release
+	FORKBOX_TEST_POOL=$(BENCH_DATA_DIR)/pool FORKBOX_BIN=$(CURDIR)/target/release/forkbox FORKBOX_AGENT_BIN=$(CURDIR)/target/agent/forkbox-agent \
+	  scripts/with-postgres.sh python3 scripts/cluster-bench.py
 
 # A clean `make test` needs about 4 GiB (debug builds, fuzz targets, venvs, the test
 # pool's templates); say so up front rather than failing on ENOSPC minutes in.

@@ -16,36 +16,21 @@ mod common;
 use common::{get, post, Server};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{json, Value};
-use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A fresh database on the test's PostgreSQL server, as a URL.
 fn cluster_database() -> Option<String> {
-    let base = match std::env::var("FORKBOX_TEST_DATABASE_URL") {
-        Ok(url) => url,
+    match std::env::var("FORKBOX_TEST_DATABASE_URL") {
+        Ok(_) => Some(common::fresh_database()),
         Err(_) if std::env::var_os("FORKBOX_REQUIRE_POSTGRES").is_some() => {
             panic!("FORKBOX_REQUIRE_POSTGRES is set but FORKBOX_TEST_DATABASE_URL is not")
         }
         Err(_) => {
             eprintln!("skipped: no FORKBOX_TEST_DATABASE_URL");
-            return None;
+            None
         }
-    };
-    let name = format!("fbc_{}", std::process::id());
-    let out = Command::new("psql")
-        .arg(&base)
-        .args(["-v", "ON_ERROR_STOP=1", "-c"])
-        .arg(format!("CREATE DATABASE {name}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}dbname={name}"))
+    }
 }
 
 fn node_env(url: &str, node: &str) -> Vec<(&'static str, String)> {

@@ -112,6 +112,32 @@ fn spawn_server_logging(
     (child, base)
 }
 
+/// A new database on the test PostgreSQL server (`FORKBOX_TEST_DATABASE_URL`), as a
+/// URL.
+pub fn fresh_database() -> String {
+    let base = std::env::var("FORKBOX_TEST_DATABASE_URL")
+        .expect("FORKBOX_TEST_DATABASE_URL names the test PostgreSQL server");
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "fbe_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let out = Command::new("psql")
+        .arg(&base)
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+        .arg(format!("CREATE DATABASE {name}"))
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "create database {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}dbname={name}")
+}
+
 impl Server {
     pub fn start() -> Server {
         Server::start_with(&[])
@@ -129,6 +155,15 @@ impl Server {
             nix::unistd::geteuid().is_root(),
             "end-to-end tests need root: run them with `make test` as root"
         );
+        // `FORKBOX_TEST_STORE=postgres`: every server on a fresh PostgreSQL database of
+        // its own (the suite run on the other store backend; docs/cluster.md).
+        let mut env: Vec<(&str, String)> = env.to_vec();
+        if std::env::var("FORKBOX_TEST_STORE").as_deref() == Ok("postgres")
+            && !env.iter().any(|(k, _)| *k == "FORKBOX_DATABASE_URL")
+        {
+            env.push(("FORKBOX_DATABASE_URL", fresh_database()));
+        }
+        let env = &env[..];
         let agent = agent_bin();
         assert!(
             agent.exists(),
@@ -205,8 +240,15 @@ impl Server {
     /// Starts a server again on the same data dir (after [`Server::kill`]), with
     /// `env`.
     pub fn restart_with(&mut self, env: &[(&str, String)]) {
+        // The same database and node as before, unless `env` says otherwise.
+        let mut env: Vec<(&str, String)> = env.to_vec();
+        for (k, v) in &self.store_env {
+            if !env.iter().any(|(e, _)| e == k) {
+                env.push((k.as_str(), v.clone()));
+            }
+        }
         let (child, base) =
-            spawn_server_logging(self.data.path(), &self.pool, &agent_bin(), None, env);
+            spawn_server_logging(self.data.path(), &self.pool, &agent_bin(), None, &env);
         self.child = child;
         self.base = base;
     }
