@@ -5,6 +5,10 @@
 //! so a column of an unexpected type is an error, not a panic. The migrations come in
 //! pairs, one per backend (`migrations/sqlite`, `migrations/postgres`), with the same
 //! versions.
+//!
+//! This module: connecting, and the records of sandboxes, snapshots and volumes;
+//! [`keys`]: workspaces, quotas, usage and API keys; [`nodes`]: the servers sharing
+//! the database.
 
 use crate::model::{ListFilter, OnTimeout, Sandbox, Snapshot, Status, Volume};
 use sqlx::migrate::Migrator;

@@ -83,24 +83,11 @@ async fn sandboxes_round_trip_and_end() {
 
 async fn round_trip(store: Store, target: &str) {
     let backend = store.backend();
-    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    // Every field set to something other than the defaults of `sandbox()`.
     let s = Sandbox {
-        id: "sbx-0123456789abcdef".into(),
-        status: Status::Running,
-        runtime: "jail".into(),
-        template: "python".into(),
-        cpu: 1.0,
-        memory_mb: 512,
-        timeout: 300,
         metadata: [("k".to_owned(), "v".to_owned())].into(),
-        created_at: now,
-        expires_at: now + time::Duration::seconds(300),
-        ended_at: None,
-        end_reason: None,
         boot_ms: 7.5,
-        parent: None,
         host_pid: Some(42),
-        resource_id: "sbx-0123456789abcdef".into(),
         env: [("A".to_owned(), "b".to_owned())].into(),
         on_timeout: OnTimeout::Hibernate,
         traceparent: Some("00-4bf92f3564d486ad4bf92f3564d486ad-00f067aa0ba902b7-01".into()),
@@ -113,8 +100,9 @@ async fn round_trip(store: Store, target: &str) {
         }],
         disk_mb: 2048,
         idle_timeout: Some(60),
-        node: Some(LOCAL_NODE.into()),
+        ..sandbox("sbx-0123456789abcdef")
     };
+    let now = s.created_at;
     store.insert_sandbox(&s).await.unwrap();
     assert_eq!(store.get_sandbox(&s.id).await.unwrap().unwrap(), s);
     assert_eq!(
