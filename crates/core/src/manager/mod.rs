@@ -153,6 +153,11 @@ pub struct Manager {
     /// Whether other nodes were up at the last heartbeat (placement looks further
     /// only then).
     peers: std::sync::atomic::AtomicBool,
+    /// How long this node may go without a heartbeat before it fences itself (its
+    /// orphan grace, from `register_node`), and the sandboxes it fenced whose records
+    /// are still to be written.
+    fence_after: std::sync::OnceLock<Duration>,
+    fenced: Mutex<Vec<String>>,
 }
 
 /// Locks `m`, shrugging off poisoning (the data are plain maps).
@@ -237,6 +242,8 @@ impl Manager {
             tasks: tokio_util::task::TaskTracker::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
             peers: std::sync::atomic::AtomicBool::new(false),
+            fence_after: std::sync::OnceLock::new(),
+            fenced: Mutex::new(Vec::new()),
             warm: Mutex::new(Default::default()),
             template_builds: Mutex::new(Default::default()),
         })

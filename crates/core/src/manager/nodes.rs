@@ -50,6 +50,9 @@ impl Manager {
             templates: self.template_names().await,
             orphan_grace_s: orphan_grace.map_or(0, |g| g.as_secs().max(1)),
         };
+        if let Some(g) = orphan_grace {
+            let _ = self.fence_after.set(g.max(NODE_DOWN_AFTER));
+        }
         self.store.claim(shown_db, &info).await?;
         self.nodes().await?;
         Ok(())
@@ -121,12 +124,22 @@ impl Manager {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+            let mut last_ok = std::time::Instant::now();
             loop {
                 tick.tick().await;
                 let Some(me) = weak.upgrade() else { break };
                 let templates = me.template_names().await;
-                if let Err(e) = me.store.heartbeat(me.live_count() as u64, &templates).await {
-                    tracing::warn!(error = %e, "heartbeat failed");
+                match me.store.heartbeat(me.live_count() as u64, &templates).await {
+                    Ok(()) => {
+                        last_ok = std::time::Instant::now();
+                        me.settle_fenced().await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "heartbeat failed");
+                        if me.fence_after.get().is_some_and(|g| last_ok.elapsed() > *g) {
+                            me.fence().await;
+                        }
+                    }
                 }
                 match me.nodes().await {
                     Ok(nodes) => me.lose_gone_nodes(&nodes).await,
@@ -134,6 +147,51 @@ impl Manager {
                 }
             }
         })
+    }
+
+    /// Ends every sandbox this node runs without a word to the database: it has not
+    /// heartbeated for longer than its orphan grace, so the other nodes may have
+    /// recorded them lost already, and two copies of the truth must not run on. Their
+    /// records are written once the database answers again ([`Manager::settle_fenced`]).
+    pub async fn fence(&self) {
+        let all: Vec<(String, Arc<Live>)> = self.live_map().drain().collect();
+        if all.is_empty() {
+            return;
+        }
+        tracing::error!(
+            sandboxes = all.len(),
+            "no heartbeat for longer than the orphan grace: ending this node's sandboxes"
+        );
+        for (id, live) in all {
+            if let Err(e) = live.instance.destroy().await {
+                tracing::warn!(sandbox = %id, error = %e, "fencing: destroy failed");
+            }
+            lock(&self.fenced).push(id);
+        }
+    }
+
+    /// Writes the records of sandboxes [`Manager::fence`] ended (lost), now that the
+    /// database answers.
+    pub async fn settle_fenced(&self) {
+        let ids: Vec<String> = std::mem::take(&mut *lock(&self.fenced));
+        for id in ids {
+            let reason = "lost: node fenced itself (no heartbeat for longer than its orphan grace)";
+            match self
+                .store
+                .end_sandbox(&id, Status::Lost, reason, OffsetDateTime::now_utc())
+                .await
+            {
+                Ok(()) => self.events.emit(
+                    &id,
+                    Lifecycle::Lost,
+                    serde_json::json!({ "reason": reason }),
+                ),
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e, "recording a fenced sandbox failed");
+                    lock(&self.fenced).push(id);
+                }
+            }
+        }
     }
 
     /// Records as lost the sandboxes of every other node gone for longer than its

@@ -397,3 +397,17 @@ async fn volumes_are_kept_by_the_host_stores() {
     m.delete_volume(DEFAULT_WORKSPACE, &v.id).await.unwrap();
     assert_eq!(m.volume_used(&v.id).await, None);
 }
+
+#[tokio::test]
+async fn a_fenced_node_ends_its_sandboxes_and_records_them_later() {
+    let (m, rt, _dir) = manager().await;
+    let s = m.create(req(DEFAULT_WORKSPACE, "python")).await.unwrap();
+    m.fence().await;
+    assert_eq!((rt.running(), m.live_count()), (0, 0));
+    // Once the database answers (the next heartbeat), the record says so.
+    m.settle_fenced().await;
+    let rec = m.any_record(&r(&s.id)).await.unwrap();
+    assert_eq!(rec.status, Status::Lost);
+    assert!(rec.end_reason.unwrap().contains("fenced"));
+    assert!(kinds(&m, &s.id).contains(&"lost"));
+}
