@@ -13,8 +13,8 @@ pub struct HostArgs {
     pub data_dir: Option<PathBuf>,
     /// The database of sandboxes, snapshots, volumes, keys and quotas: a PostgreSQL URL
     /// (`postgres://user:password@host/db`, or `?host=/socket/dir`), else
-    /// <data-dir>/forkbox.db (SQLite). One server per database for now (a second one is
-    /// refused); see docs/cluster.md.
+    /// <data-dir>/forkbox.db (SQLite). Several servers may share a PostgreSQL database,
+    /// each as a node of its own name (`--node`); see docs/cluster.md.
     #[arg(long, env = "FORKBOX_DATABASE_URL", hide_env_values = true)]
     pub database: Option<String>,
     /// This server's name among the servers sharing a database (its sandboxes are

@@ -54,8 +54,8 @@ pub struct TemplateInfo {
     pub build_seconds: f64,
 }
 
-/// What to build as a template (see [`Runtime::build_template`]).
-#[derive(Debug, Clone, PartialEq, Default)]
+/// What to build as a template (see [`HostStores::build_template`]).
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct TemplateSpec {
     pub name: String,
     /// Template to layer on (a copy of its filesystem); `None`: Debian from scratch.

@@ -364,6 +364,15 @@ impl Manager {
             match res {
                 Ok(info) => {
                     tracing::info!(template = %name, seconds = info.build_seconds, "template built");
+                    // Its recipe, for the other nodes sharing the database to build too.
+                    match serde_json::to_string(&build.req) {
+                        Ok(spec) => {
+                            if let Err(e) = me.store().record_template(&name, &spec).await {
+                                tracing::warn!(template = %name, error = %e, "recording the template's recipe failed");
+                            }
+                        }
+                        Err(e) => tracing::warn!(template = %name, error = %e, "template recipe not encodable"),
+                    }
                     build.finish(Ok(Template::from_info(info)));
                     // Built: the runtime knows it from now on.
                     let mut b = me.builds();
@@ -483,8 +492,51 @@ impl Manager {
         }
         self.host_stores().delete_template(name).await?;
         self.builds().map.remove(name);
+        self.store().forget_template(name).await?;
         tracing::info!(template = %name, "template deleted");
         Ok(())
+    }
+}
+
+impl Manager {
+    /// Builds, in the background, the templates other nodes built through the API
+    /// that this node lacks (from the recipe they recorded), one at a time; a failed
+    /// build is not retried until the template is deleted.
+    pub async fn sync_templates(self: &Arc<Self>) {
+        let recipes = match self.store().template_recipes().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading template recipes failed");
+                return;
+            }
+        };
+        if self
+            .builds()
+            .map
+            .values()
+            .any(|b| lock(&b.state).outcome.is_none())
+        {
+            return;
+        }
+        for (name, spec) in recipes {
+            if self.builds().map.contains_key(&name)
+                || self.host_stores().template_info(&name).await.is_some()
+            {
+                continue;
+            }
+            let spec: TemplateSpec = match serde_json::from_str(&spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(template = %name, error = %e, "unreadable template recipe");
+                    continue;
+                }
+            };
+            tracing::info!(template = %name, "building a template another node built");
+            if let Err(e) = self.build_template(spec).await {
+                tracing::warn!(template = %name, error = %e, "building another node's template failed to start");
+            }
+            return;
+        }
     }
 }
 

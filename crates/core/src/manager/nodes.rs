@@ -145,6 +145,9 @@ impl Manager {
                     Ok(nodes) => me.lose_gone_nodes(&nodes).await,
                     Err(e) => tracing::warn!(error = %e, "reading the nodes failed"),
                 }
+                if me.peers.load(std::sync::atomic::Ordering::Relaxed) {
+                    me.sync_templates().await;
+                }
             }
         })
     }

@@ -411,3 +411,53 @@ async fn a_fenced_node_ends_its_sandboxes_and_records_them_later() {
     assert!(rec.end_reason.unwrap().contains("fenced"));
     assert!(kinds(&m, &s.id).contains(&"lost"));
 }
+
+#[tokio::test]
+async fn a_template_built_on_one_node_is_built_on_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rt1, rt2) = (FakeRuntime::new(), FakeRuntime::new());
+    let m1 = manager_on(dir.path(), &rt1).await;
+    let store2 = Store::open(&dir.path().join("db.sqlite"))
+        .await
+        .unwrap()
+        .on_node("other");
+    let m2 = Manager::new(
+        store2,
+        Arc::new(Fake(rt2.clone())),
+        ManagerConfig::default(),
+    );
+    let events: Vec<crate::templates::BuildEvent> = m1
+        .build_template(crate::TemplateSpec {
+            name: "tools".into(),
+            base: Some("python".into()),
+            run: vec!["echo built".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert!(matches!(
+        events.last(),
+        Some(crate::templates::BuildEvent::Ready(_))
+    ));
+    assert!(m2.template("tools").await.is_err());
+    m2.sync_templates().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(t) = m2.template("tools").await {
+            if t.status == crate::templates::TemplateStatus::Ready {
+                assert_eq!(t.run, ["echo built"]);
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never built on the other node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Deleted on one node: its recipe goes (the others keep their copy until deleted).
+    m1.delete_template("tools").await.unwrap();
+    assert!(m1.store().template_recipes().await.unwrap().is_empty());
+}

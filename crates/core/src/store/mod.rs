@@ -8,7 +8,7 @@
 //!
 //! This module: connecting, and the records of sandboxes, snapshots and volumes;
 //! [`keys`]: workspaces, quotas, usage and API keys; [`nodes`]: the servers sharing
-//! the database.
+//! the database; [`recipes`]: templates built through the API, for every node.
 
 use crate::model::{ListFilter, OnTimeout, Sandbox, Snapshot, Status, Volume};
 use sqlx::migrate::Migrator;
@@ -114,6 +114,7 @@ cols!(sqlx::postgres::PgRow);
 
 mod keys;
 mod nodes;
+mod recipes;
 pub use nodes::{NodeInfo, NodeLoad, NodeRecord, WorkspaceLock};
 
 #[derive(Clone)]
