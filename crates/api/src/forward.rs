@@ -48,14 +48,45 @@ pub async fn to_owner(State(st): State<AppState>, req: Request, next: Next) -> R
         ))
         .into_response();
     }
-    match pass(&st, req, &node, &url).await {
+    // Node URLs come from the list the last heartbeat read: a node that restarted
+    // since may listen elsewhere, so a refused connection reads the list again once.
+    let (conn, node, url) = match connect(&node, &url).await {
+        Ok(c) => (c, node, url),
+        Err(e) => {
+            let _ = st.manager.nodes().await;
+            match st.manager.owner(&id).await {
+                Ok(Owner::Elsewhere {
+                    node: n2,
+                    url: u2,
+                    up: true,
+                }) if u2 != url => match connect(&n2, &u2).await {
+                    Ok(c) => (c, n2, u2),
+                    Err(e) => return e.into_response(),
+                },
+                _ => return e.into_response(),
+            }
+        }
+    };
+    match send(&st, req, conn, &node, &url).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-/// A connection to node `node` at `url`, and the authority to name in its `Host`.
-async fn connect(node: &str, url: &str) -> Result<(tokio::net::TcpStream, String), ApiError> {
+/// Kept-alive connections to other nodes, by URL, for requests that do not upgrade.
+type Idle = hyper::client::conn::http1::SendRequest<axum::body::Body>;
+static IDLE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, Vec<Idle>>>> =
+    std::sync::LazyLock::new(Default::default);
+/// Most kept-alive connections to one node.
+const IDLE_MAX: usize = 32;
+
+fn idle() -> std::sync::MutexGuard<'static, std::collections::HashMap<String, Vec<Idle>>> {
+    IDLE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A connection to node `node` at `url` (a kept-alive one when one is free), and the
+/// authority to name in its `Host`.
+async fn connect(node: &str, url: &str) -> Result<(Idle, String), ApiError> {
     let unreachable = |e: String| ApiError::NodeUnreachable(format!("node {node} ({url}): {e}"));
     let authority = url
         .split_once("://")
@@ -67,6 +98,14 @@ async fn connect(node: &str, url: &str) -> Result<(tokio::net::TcpStream, String
     if !url.starts_with("http://") || authority.is_empty() {
         return Err(unreachable("only http:// node URLs are reached".into()));
     }
+    {
+        let mut pool = idle();
+        let conns = pool.entry(url.to_owned()).or_default();
+        conns.retain(|c| !c.is_closed());
+        if let Some(i) = conns.iter().position(|c| c.is_ready()) {
+            return Ok((conns.swap_remove(i), authority));
+        }
+    }
     let stream = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         tokio::net::TcpStream::connect(&authority),
@@ -75,20 +114,16 @@ async fn connect(node: &str, url: &str) -> Result<(tokio::net::TcpStream, String
     .map_err(|_| unreachable("no connection within 5 s".into()))?
     .map_err(|e| unreachable(e.to_string()))?;
     let _ = stream.set_nodelay(true);
-    Ok((stream, authority))
+    let sender = crate::relay::handshake(stream).await.map_err(unreachable)?;
+    Ok((sender, authority))
 }
 
-/// `req` sent to node `node` at `url`.
-async fn pass(st: &AppState, req: Request, node: &str, url: &str) -> Result<Response, ApiError> {
-    let conn = connect(node, url).await?;
-    send(st, req, conn, node, url).await
-}
-
-/// `req` sent over `stream` to node `node` (at `url`, reached as `authority`).
+/// `req` sent on `conn` to node `node` (at `url`, named `authority`); the connection is
+/// kept for the next request unless it was upgraded.
 async fn send(
     st: &AppState,
     req: Request,
-    (stream, authority): (tokio::net::TcpStream, String),
+    (mut conn, authority): (Idle, String),
     node: &str,
     url: &str,
 ) -> Result<Response, ApiError> {
@@ -103,9 +138,18 @@ async fn send(
         HeaderValue::from_str(st.manager.node_name())
             .map_err(|e| ApiError::Internal(e.to_string()))?,
     );
-    crate::relay::send(stream, out, client_upgrade)
+    let upgrade = client_upgrade.is_some();
+    let resp = crate::relay::send_on(&mut conn, out, client_upgrade)
         .await
-        .map_err(|e| ApiError::NodeUnreachable(format!("node {node} ({url}): {e}")))
+        .map_err(|e| ApiError::NodeUnreachable(format!("node {node} ({url}): {e}")))?;
+    if !upgrade {
+        let mut pool = idle();
+        let conns = pool.entry(url.to_owned()).or_default();
+        if conns.len() < IDLE_MAX {
+            conns.push(conn);
+        }
+    }
+    Ok(resp)
 }
 
 /// A create placed on node `node` (at `url`): the same body, with the caller's

@@ -7,6 +7,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -64,9 +65,19 @@ pub fn outgoing(
     Ok((out, client_upgrade))
 }
 
-/// Sends `out` over `io` (HTTP/1.1) and gives back the answer: its body streamed, or,
-/// when it switches protocols and the client asked to, both sides spliced together.
-/// Hop-by-hop headers of the answer are dropped (but an upgrade's).
+/// An HTTP/1.1 connection over `io`, upgrades allowed; its driver runs on its own.
+pub async fn handshake<S>(io: S) -> Result<SendRequest<Body>, String>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn.with_upgrades());
+    Ok(sender)
+}
+
+/// Sends `out` over `io` (HTTP/1.1) and gives back the answer (see [`send_on`]).
 pub async fn send<S>(
     io: S,
     out: Request,
@@ -75,10 +86,18 @@ pub async fn send<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn.with_upgrades());
+    let mut sender = handshake(io).await?;
+    send_on(&mut sender, out, client_upgrade).await
+}
+
+/// Sends `out` on `sender`'s connection and gives back the answer: its body streamed,
+/// or, when it switches protocols and the client asked to, both sides spliced
+/// together. Hop-by-hop headers of the answer are dropped (but an upgrade's).
+pub async fn send_on(
+    sender: &mut SendRequest<Body>,
+    out: Request,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Result<Response, String> {
     let mut resp = sender.send_request(out).await.map_err(|e| e.to_string())?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_up) = client_upgrade else {

@@ -377,6 +377,7 @@ async fn the_cli_makes_the_first_admin_key_and_manages_keys() {
             .args(args)
             .env("FORKBOX_URL", &s.base)
             .env("FORKBOX_DATA_DIR", s.data.path())
+            .envs(s.store_env())
             .output()
             .unwrap()
     };

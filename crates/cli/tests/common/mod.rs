@@ -218,6 +218,12 @@ impl Server {
         self.restart_with(env);
     }
 
+    /// The environment naming the server's database and node (for CLI commands that
+    /// work on its database directly).
+    pub fn store_env(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.store_env.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// Host pid of the server.
     pub fn pid(&self) -> u32 {
         self.child.id()

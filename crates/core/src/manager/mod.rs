@@ -158,6 +158,8 @@ pub struct Manager {
     /// are still to be written.
     fence_after: std::sync::OnceLock<Duration>,
     fenced: Mutex<Vec<String>>,
+    /// The nodes as last read (every heartbeat): where to pass requests on.
+    node_cache: Mutex<Vec<nodes::Node>>,
 }
 
 /// Locks `m`, shrugging off poisoning (the data are plain maps).
@@ -244,6 +246,7 @@ impl Manager {
             peers: std::sync::atomic::AtomicBool::new(false),
             fence_after: std::sync::OnceLock::new(),
             fenced: Mutex::new(Vec::new()),
+            node_cache: Mutex::new(Vec::new()),
             warm: Mutex::new(Default::default()),
             template_builds: Mutex::new(Default::default()),
         })

@@ -246,6 +246,7 @@ impl Manager {
         let peers = nodes.iter().any(|n| n.up && !n.this);
         self.peers
             .store(peers, std::sync::atomic::Ordering::Relaxed);
+        *lock(&self.node_cache) = nodes.clone();
         Ok(nodes)
     }
 }
@@ -272,26 +273,28 @@ impl Manager {
         if node == self.store.node() {
             return Ok(Owner::Here);
         }
-        let now = OffsetDateTime::now_utc();
-        Ok(
-            match self
-                .store
+        // The node list as the last heartbeat read it (a node that died since refuses
+        // the connection: the caller answers 502 at once); read now if never read.
+        let cached = lock(&self.node_cache)
+            .iter()
+            .find(|n| n.record.name == node)
+            .map(|n| (n.record.url.clone(), n.up));
+        let found = match cached {
+            Some(c) => Some(c),
+            None => self
                 .nodes()
                 .await?
                 .into_iter()
-                .find(|n| n.name == node)
-            {
-                Some(n) => Owner::Elsewhere {
-                    up: (now - n.heartbeat_at) <= NODE_DOWN_AFTER,
-                    url: n.url,
-                    node,
-                },
-                None => Owner::Elsewhere {
-                    node,
-                    url: String::new(),
-                    up: false,
-                },
+                .find(|n| n.record.name == node)
+                .map(|n| (n.record.url, n.up)),
+        };
+        Ok(match found {
+            Some((url, up)) => Owner::Elsewhere { node, url, up },
+            None => Owner::Elsewhere {
+                node,
+                url: String::new(),
+                up: false,
             },
-        )
+        })
     }
 }
