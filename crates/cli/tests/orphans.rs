@@ -156,13 +156,13 @@ async fn down_ends_a_dead_servers_sandboxes() {
     assert_eq!(s.delete(&ids[0]).await, 204);
     s.kill();
     assert!(!s.leftovers(&ids).is_empty());
-    let out = common::run_down(s.data.path(), &s.pool, &[]);
+    let out = common::run_down_of(&s, &[]);
     assert!(out.contains("ended sandbox"), "{out}");
     assert!(out.contains("unmounted volume"), "{out}");
     assert!(out.contains("removed network namespace"), "{out}");
     let left = s.leftovers(&ids);
     assert!(left.is_empty(), "left on the host: {left:#?}\n{out}");
-    let again = common::run_down(s.data.path(), &s.pool, &[]);
+    let again = common::run_down_of(&s, &[]);
     assert!(again.starts_with("nothing to do"), "{again}");
     // The records say what happened.
     s.restart_with(&[]);

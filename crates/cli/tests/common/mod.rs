@@ -541,6 +541,20 @@ pub fn egress_netns(data: &std::path::Path) -> String {
 
 /// Runs `forkbox down` (with `args`) on `data`; its stdout.
 pub fn run_down(data: &std::path::Path, pool: &std::path::Path, args: &[&str]) -> String {
+    run_down_with(data, pool, args, std::iter::empty())
+}
+
+/// [`run_down`] on server `s`'s data dir, database and node.
+pub fn run_down_of(s: &Server, args: &[&str]) -> String {
+    run_down_with(s.data.path(), &s.pool, args, s.store_env())
+}
+
+fn run_down_with<'a>(
+    data: &std::path::Path,
+    pool: &std::path::Path,
+    args: &[&str],
+    env: impl Iterator<Item = (&'a str, &'a str)>,
+) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_forkbox"))
         .arg("down")
         .args(args)
@@ -548,6 +562,7 @@ pub fn run_down(data: &std::path::Path, pool: &std::path::Path, args: &[&str]) -
         .arg(data)
         .arg("--pool")
         .arg(pool)
+        .envs(env)
         .env("FORKBOX_LOG", "warn")
         .output()
         .expect("run forkbox down");
