@@ -19,20 +19,6 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
-/// A fresh database on the test's PostgreSQL server, as a URL.
-fn cluster_database() -> Option<String> {
-    match std::env::var("FORKBOX_TEST_DATABASE_URL") {
-        Ok(_) => Some(common::fresh_database()),
-        Err(_) if std::env::var_os("FORKBOX_REQUIRE_POSTGRES").is_some() => {
-            panic!("FORKBOX_REQUIRE_POSTGRES is set but FORKBOX_TEST_DATABASE_URL is not")
-        }
-        Err(_) => {
-            eprintln!("skipped: no FORKBOX_TEST_DATABASE_URL");
-            None
-        }
-    }
-}
-
 fn node_env(url: &str, node: &str) -> Vec<(&'static str, String)> {
     vec![
         ("FORKBOX_DATABASE_URL", url.to_owned()),
@@ -48,7 +34,7 @@ async fn node_of(s: &Server, id: &str) -> String {
 
 #[tokio::test]
 async fn three_nodes_serve_one_api() {
-    let Some(url) = cluster_database() else {
+    let Some(url) = common::postgres_database() else {
         return;
     };
     let mut a = Server::start_with(&node_env(&url, "a"));

@@ -12,22 +12,11 @@ use common::{get, Server};
 use serde_json::json;
 use std::process::Command;
 
-fn database() -> Option<String> {
-    match std::env::var("FORKBOX_TEST_DATABASE_URL") {
-        Ok(url) => Some(url),
-        Err(_) if std::env::var_os("FORKBOX_REQUIRE_POSTGRES").is_some() => {
-            panic!("FORKBOX_REQUIRE_POSTGRES is set but FORKBOX_TEST_DATABASE_URL is not")
-        }
-        Err(_) => {
-            eprintln!("skipped: no FORKBOX_TEST_DATABASE_URL");
-            None
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_server_on_postgres_works_restarts_and_owns_its_database() {
-    let Some(url) = database() else { return };
+    let Some(url) = common::postgres_database() else {
+        return;
+    };
     let env = [("FORKBOX_DATABASE_URL", url.clone())];
     let mut s = Server::start_with(&env);
     let id = s.create_id().await;

@@ -112,6 +112,21 @@ fn spawn_server_logging(
     (child, base)
 }
 
+/// A new database on the test PostgreSQL server, as a URL; `None` (the test skips)
+/// when no server is given, unless `FORKBOX_REQUIRE_POSTGRES` says one must be
+/// (`scripts/with-postgres.sh`, as `make test` runs the suite).
+pub fn postgres_database() -> Option<String> {
+    if std::env::var_os("FORKBOX_TEST_DATABASE_URL").is_some() {
+        return Some(fresh_database());
+    }
+    assert!(
+        std::env::var_os("FORKBOX_REQUIRE_POSTGRES").is_none(),
+        "FORKBOX_REQUIRE_POSTGRES is set but FORKBOX_TEST_DATABASE_URL is not"
+    );
+    eprintln!("skipped: no FORKBOX_TEST_DATABASE_URL");
+    None
+}
+
 /// A new database on the test PostgreSQL server (`FORKBOX_TEST_DATABASE_URL`), as a
 /// URL.
 pub fn fresh_database() -> String {

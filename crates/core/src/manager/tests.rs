@@ -347,20 +347,24 @@ async fn shutdown_waits_for_background_work() {
     assert_eq!((m.live_count(), rt.running()), (0, 0));
 }
 
+/// Builds template `tools` (on `python`, one run command) on `m`: its build events.
+async fn build_tools(m: &Arc<Manager>) -> Vec<crate::templates::BuildEvent> {
+    m.build_template(crate::TemplateSpec {
+        name: "tools".into(),
+        base: Some("python".into()),
+        run: vec!["echo built".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .collect()
+    .await
+}
+
 #[tokio::test]
 async fn templates_are_built_used_and_deleted_through_the_host_stores() {
     let (m, _rt, _dir) = manager().await;
-    let events: Vec<crate::templates::BuildEvent> = m
-        .build_template(crate::TemplateSpec {
-            name: "tools".into(),
-            base: Some("python".into()),
-            run: vec!["echo built".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .collect()
-        .await;
+    let events = build_tools(&m).await;
     assert!(
         matches!(events.last(), Some(crate::templates::BuildEvent::Ready(t)) if t.name == "tools"),
         "{events:?}"
@@ -426,17 +430,7 @@ async fn a_template_built_on_one_node_is_built_on_the_others() {
         Arc::new(Fake(rt2.clone())),
         ManagerConfig::default(),
     );
-    let events: Vec<crate::templates::BuildEvent> = m1
-        .build_template(crate::TemplateSpec {
-            name: "tools".into(),
-            base: Some("python".into()),
-            run: vec!["echo built".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .collect()
-        .await;
+    let events = build_tools(&m1).await;
     assert!(matches!(
         events.last(),
         Some(crate::templates::BuildEvent::Ready(_))
