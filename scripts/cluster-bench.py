@@ -27,6 +27,7 @@ def database(name):
 
 class Node:
     def __init__(self, db, name):
+        self.name = name
         self.data = tempfile.mkdtemp(prefix="forkbox-cb-")
         self.env = dict(os.environ, FORKBOX_DATABASE_URL=db, FORKBOX_NODE=name, FORKBOX_LOG="warn")
         self.proc = subprocess.Popen(
@@ -61,10 +62,12 @@ def pct(xs, p):
 
 
 def exec_rtt(nodes, n=400):
-    a, b = nodes[0], nodes[1]
-    st, sb = a.call("POST", "/v1/sandboxes", {}, {"x-forkbox-forwarded-by": "bench"})
+    st, sb = nodes[0].call("POST", "/v1/sandboxes", {})
     assert st == 201, sb
     sid = sb["id"]
+    # Direct: the node placement chose; forwarded: another.
+    a = next(n for n in nodes if n.name == sb["node"])
+    b = next(n for n in nodes if n.name != sb["node"])
     direct, forwarded = [], []
     body = {"cmd": "true", "wait": True}
     for i in range(n + 40):

@@ -5,7 +5,8 @@
 //! against the shared database exactly as if it had been sent there. A forwarded
 //! request says so (`x-forkbox-forwarded-by`) and is never forwarded again. A node
 //! whose heartbeat lapsed, or that refuses the connection, answers
-//! `502 node_unreachable`.
+//! `502 node_unreachable`. Calls between nodes carry the cluster secret the nodes
+//! share through the database; a call marked as forwarded without it is refused.
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -17,6 +18,11 @@ use forkbox_core::manager::nodes::Owner;
 
 /// Marks a request one node passed to another (its value: the sender's node name).
 pub const FORWARDED_BY: &str = "x-forkbox-forwarded-by";
+/// On every call one node passes to another: the cluster secret, which the receiver
+/// checks (and removes: nothing past it, such as a sandbox's port, sees it).
+pub const SECRET: &str = "x-forkbox-cluster-secret";
+/// On a create placed on another node: the reservation its record ends.
+pub const PLACEMENT: &str = "x-forkbox-placement";
 
 /// The sandbox a request is about: the first path segment that is a sandbox id.
 pub fn sandbox_in(path: &str) -> Option<&str> {
@@ -27,11 +33,42 @@ pub fn sandbox_in(path: &str) -> Option<&str> {
     })
 }
 
-pub async fn to_owner(State(st): State<AppState>, req: Request, next: Next) -> Response {
+/// What a request is about that lives on one node: a sandbox (any call), or a volume
+/// or snapshot when it changes one (their records are read anywhere).
+fn held_in<'a>(method: &axum::http::Method, path: &'a str) -> Option<&'a str> {
+    sandbox_in(path).or_else(|| {
+        if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+            return None;
+        }
+        let mut segs = path.split('/');
+        match (segs.next(), segs.next(), segs.next(), segs.next()) {
+            (Some(""), Some("v1"), Some("volumes" | "snapshots"), Some(id))
+                if id.starts_with("vol-") || id.starts_with("snap-") =>
+            {
+                Some(id)
+            }
+            _ => None,
+        }
+    })
+}
+
+pub async fn to_owner(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     if req.headers().contains_key(FORWARDED_BY) {
+        let genuine = req
+            .headers_mut()
+            .remove(SECRET)
+            .is_some_and(|v| st.manager.is_cluster_secret(v.as_bytes()));
+        if !genuine {
+            return ApiError::Unauthorized(format!(
+                "{FORWARDED_BY} marks a call passed on by another node, and needs the \
+                 cluster secret ({SECRET}) it is sent with"
+            ))
+            .into_response();
+        }
         return next.run(req).await;
     }
-    let Some(id) = sandbox_in(req.uri().path()).map(str::to_owned) else {
+    req.headers_mut().remove(SECRET);
+    let Some(id) = held_in(req.method(), req.uri().path()).map(str::to_owned) else {
         return next.run(req).await;
     };
     let owner = match st.manager.owner(&id).await {
@@ -42,11 +79,7 @@ pub async fn to_owner(State(st): State<AppState>, req: Request, next: Next) -> R
         return next.run(req).await;
     };
     if !up || url.is_empty() {
-        return ApiError::NodeUnreachable(format!(
-            "sandbox {id} runs on node {node}, which has not been heard from; it is \
-             lost if the node does not return within its orphan grace period"
-        ))
-        .into_response();
+        return unheard(&id, &node).into_response();
     }
     // Node URLs come from the list the last heartbeat read: a node that restarted
     // since may listen elsewhere, so a refused connection reads the list again once.
@@ -70,6 +103,21 @@ pub async fn to_owner(State(st): State<AppState>, req: Request, next: Next) -> R
     match send(&st, req, conn, &node, &url).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
+    }
+}
+
+/// `id` lives on node `node`, which is down.
+pub fn unheard(id: &str, node: &str) -> ApiError {
+    if id.starts_with("sbx-") {
+        ApiError::NodeUnreachable(format!(
+            "sandbox {id} runs on node {node}, which has not been heard from; it is \
+             lost if the node does not return within its orphan grace period"
+        ))
+    } else {
+        ApiError::NodeUnreachable(format!(
+            "{id} is kept on node {node}, which has not been heard from; it is usable \
+             again when the node returns (docs/cluster.md: moving volumes)"
+        ))
     }
 }
 
@@ -133,10 +181,19 @@ async fn send(
         .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
     let (mut out, client_upgrade) = crate::relay::outgoing(req, &target, &authority, |_| false)
         .map_err(ApiError::BadRequest)?;
-    out.headers_mut().insert(
+    let secret = st
+        .manager
+        .cluster_secret()
+        .ok_or_else(|| ApiError::Internal("this node has not registered".into()))?;
+    let h = out.headers_mut();
+    h.insert(
         HeaderName::from_static(FORWARDED_BY),
         HeaderValue::from_str(st.manager.node_name())
             .map_err(|e| ApiError::Internal(e.to_string()))?,
+    );
+    h.insert(
+        HeaderName::from_static(SECRET),
+        HeaderValue::from_str(secret).map_err(|e| ApiError::Internal(e.to_string()))?,
     );
     let upgrade = client_upgrade.is_some();
     let resp = crate::relay::send_on(&mut conn, out, client_upgrade)
@@ -161,6 +218,7 @@ pub async fn create_on(
     body: &forkbox_types::api::CreateBody,
     node: &str,
     url: &str,
+    placement: Option<&str>,
 ) -> Result<Option<Response>, ApiError> {
     let conn = match connect(node, url).await {
         Ok(c) => c,
@@ -185,6 +243,12 @@ pub async fn create_on(
         axum::http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    if let Some(token) = placement {
+        h.insert(
+            HeaderName::from_static(PLACEMENT),
+            HeaderValue::from_str(token).map_err(|e| ApiError::Internal(e.to_string()))?,
+        );
+    }
     send(st, req, conn, node, url).await.map(Some)
 }
 
@@ -203,5 +267,18 @@ mod tests {
         assert_eq!(sandbox_in("/v1/sandboxes"), None);
         assert_eq!(sandbox_in("/v1/sandboxes/sbx-"), None);
         assert_eq!(sandbox_in("/v1/sandboxes/sbx-%2e%2e"), None);
+    }
+
+    #[test]
+    fn volumes_and_snapshots_go_to_their_node_only_to_change() {
+        use axum::http::Method;
+        assert_eq!(held_in(&Method::DELETE, "/v1/volumes/vol-1"), Some("vol-1"));
+        assert_eq!(
+            held_in(&Method::DELETE, "/v1/snapshots/snap-1"),
+            Some("snap-1")
+        );
+        assert_eq!(held_in(&Method::GET, "/v1/volumes/vol-1"), None);
+        assert_eq!(held_in(&Method::DELETE, "/v1/volumes/x"), None);
+        assert_eq!(held_in(&Method::GET, "/v1/sandboxes/sbx-2"), Some("sbx-2"));
     }
 }

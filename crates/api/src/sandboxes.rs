@@ -65,25 +65,76 @@ pub async fn create(
     headers: axum::http::HeaderMap,
     JsonBody(b): JsonBody<CreateBody>,
 ) -> Result<axum::response::Response, ApiError> {
-    use axum::response::IntoResponse as _;
-    // With several nodes, the best one makes it (a request another node passed on is
-    // made here). From a snapshot or with volumes it is made where those live: here.
-    if !headers.contains_key(crate::forward::FORWARDED_BY)
-        && b.snapshot.is_none()
-        && b.volumes.is_empty()
-    {
-        let template = b
-            .template
-            .clone()
-            .unwrap_or_else(|| st.manager.default_template());
-        if let forkbox_core::manager::nodes::Owner::Elsewhere { node, url, .. } =
-            st.manager.place(&template, b.runtime.as_deref()).await?
+    use forkbox_core::manager::nodes::Owner;
+    if headers.contains_key(crate::forward::FORWARDED_BY) {
+        // Placed here by another node: its reservation ends once this is recorded.
+        let token = headers
+            .get(crate::forward::PLACEMENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let made = make(&st, p, &headers, b).await;
+        if let Some(t) = token {
+            st.manager.release_placement(&t).await;
+        }
+        return made;
+    }
+    // From a snapshot or with volumes: made on the node that holds them.
+    if b.snapshot.is_some() || !b.volumes.is_empty() {
+        let volumes: Vec<&str> = b.volumes.iter().map(|v| v.id.as_str()).collect();
+        if let Owner::Elsewhere { node, url, up } =
+            st.manager.home_of(b.snapshot.as_deref(), &volumes).await?
         {
-            if let Some(r) = crate::forward::create_on(&st, &headers, &b, &node, &url).await? {
-                return Ok(r);
+            let held = b
+                .snapshot
+                .clone()
+                .or_else(|| volumes.first().map(|v| (*v).to_owned()))
+                .unwrap_or_default();
+            if !up {
+                return Err(crate::forward::unheard(&held, &node));
+            }
+            return match crate::forward::create_on(&st, &headers, &b, &node, &url, None).await? {
+                Some(r) => Ok(r),
+                None => Err(crate::forward::unheard(&held, &node)),
+            };
+        }
+        return make(&st, p, &headers, b).await;
+    }
+    // With several nodes, the best one makes it.
+    let template = b
+        .template
+        .clone()
+        .unwrap_or_else(|| st.manager.default_template());
+    let placed = st
+        .manager
+        .place(&template, b.runtime.as_deref(), b.memory_mb)
+        .await?;
+    let made = match &placed.owner {
+        Owner::Elsewhere { node, url, .. } => {
+            match crate::forward::create_on(&st, &headers, &b, node, url, placed.token.as_deref())
+                .await
+            {
+                Ok(Some(r)) => Ok(r),
+                // Not reached: made here.
+                Ok(None) => make(&st, p, &headers, b).await,
+                Err(e) => Err(e),
             }
         }
+        Owner::Here => make(&st, p, &headers, b).await,
+    };
+    if let Some(t) = &placed.token {
+        st.manager.release_placement(t).await;
     }
+    made
+}
+
+/// A create made on this node.
+async fn make(
+    st: &AppState,
+    p: forkbox_core::auth::Principal,
+    headers: &axum::http::HeaderMap,
+    b: CreateBody,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
     let traceparent = b.traceparent.or_else(|| {
         headers
             .get("traceparent")

@@ -47,17 +47,41 @@ async fn three_nodes_serve_one_api() {
     assert_eq!(nodes.len(), 3, "{nodes:?}");
     assert!(nodes.iter().all(|n| n["state"] == "up"), "{nodes:?}");
 
-    // Creates through one node land on all three.
-    let mut made = Vec::new();
-    for _ in 0..6 {
-        let v = a.create(json!({})).await;
-        made.push((
-            v["id"].as_str().unwrap().to_owned(),
-            v["node"].as_str().unwrap().to_owned(),
-        ));
+    // A call claiming to come from another node needs the secret the nodes share.
+    for secret in [None, Some("guess")] {
+        let mut r = b
+            .http
+            .post(b.url("/v1/sandboxes"))
+            .header("x-forkbox-forwarded-by", "a")
+            .json(&json!({}));
+        if let Some(s) = secret {
+            r = r.header("x-forkbox-cluster-secret", s);
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["code"], "unauthorized", "{v}");
     }
+
+    // Creates sent at once, through all three nodes, spread evenly: each placement
+    // sees the others' reservations.
+    let creates = (0..6).map(|i| {
+        let s = [&a, &b, &c][i % 3];
+        let (http, url) = (s.http.clone(), s.url("/v1/sandboxes"));
+        async move {
+            let r = http.post(url).json(&json!({})).send().await.unwrap();
+            assert_eq!(r.status(), 201);
+            let v: Value = r.json().await.unwrap();
+            (
+                v["id"].as_str().unwrap().to_owned(),
+                v["node"].as_str().unwrap().to_owned(),
+            )
+        }
+    });
+    let made = futures_util::future::join_all(creates).await;
     for n in ["a", "b", "c"] {
-        assert!(made.iter().any(|(_, m)| m == n), "none on {n}: {made:?}");
+        let on = made.iter().filter(|(_, m)| m == n).count();
+        assert_eq!(on, 2, "{on} on {n}: {made:?}");
     }
     let x = made.iter().find(|(_, n)| n == "a").unwrap().0.clone();
 
@@ -134,6 +158,15 @@ async fn three_nodes_serve_one_api() {
     }
     drop(ws);
 
+    // A port of the sandbox through another node: the app sees neither the cluster
+    // secret nor anything else of forkbox's own.
+    common::start_preview_app(&a, &x, None).await;
+    let seen = common::get_text(&b, &format!("/v1/sandboxes/{x}/ports/8000/headers"))
+        .await
+        .to_ascii_lowercase();
+    assert!(seen.contains("host: localhost:8000"), "{seen}");
+    assert!(!seen.contains("x-forkbox-cluster-secret"), "{seen}");
+
     // Fork through b (children stay on the parent's node), a child changed through c,
     // merged into the parent through b.
     let (st, f) = post(&b, &format!("/v1/sandboxes/{x}/fork"), json!({"n": 2})).await;
@@ -168,6 +201,50 @@ async fn three_nodes_serve_one_api() {
     )
     .await;
     assert_eq!(r["stdout"].as_str(), Some("99\n"), "{r}");
+
+    // A sandbox from a snapshot, or with a volume, is made where those are kept,
+    // whichever node is asked; a volume is deleted through any node.
+    let (st, snap) = post(
+        &c,
+        &format!("/v1/sandboxes/{x}/snapshot"),
+        json!({"name": "s"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{snap}");
+    let snap = snap["id"].as_str().unwrap().to_owned();
+    let from = b.create(json!({"snapshot": snap})).await;
+    assert_eq!(from["node"], "a", "{from}");
+    let (out, _, _) = b
+        .sh(from["id"].as_str().unwrap(), "cat /root/blob | wc -c")
+        .await;
+    assert_eq!(out.trim(), "2000000");
+    assert_eq!(b.delete(from["id"].as_str().unwrap()).await, 204);
+    let (st, vol) = post(&b, "/v1/volumes", json!({"name": "v", "size_mb": 64})).await;
+    assert_eq!(st, 201, "{vol}");
+    let vol = vol["id"].as_str().unwrap().to_owned();
+    let with = c
+        .create(json!({"volumes": [{"id": vol, "mount": "/data"}]}))
+        .await;
+    assert_eq!(with["node"], "b", "{with}");
+    let with = with["id"].as_str().unwrap().to_owned();
+    let (_, _, code) = a.sh(&with, "echo kept > /data/f").await;
+    assert_eq!(code, 0);
+    assert_eq!(a.delete(&with).await, 204);
+    let r = c
+        .http
+        .delete(c.url(&format!("/v1/volumes/{vol}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(get(&a, &format!("/v1/volumes/{vol}")).await.0, 404);
+    let r = b
+        .http
+        .delete(b.url(&format!("/v1/snapshots/{snap}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
 
     // A quota holds under concurrent creates spread over the three nodes.
     let (_, ws_view) = get(&a, "/v1/auth/workspaces/default").await;

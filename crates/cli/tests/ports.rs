@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-const APP: &str = include_str!("data/preview_app.py");
-
 /// A sandbox running the preview app, once both its ports listen.
 async fn app(s: &Server, key: Option<&str>) -> String {
     let mut r = s.http.post(s.url("/v1/sandboxes")).json(&json!({}));
@@ -24,36 +22,8 @@ async fn app(s: &Server, key: Option<&str>) -> String {
     }
     let v: Value = r.send().await.unwrap().json().await.unwrap();
     let id = v["id"].as_str().unwrap().to_owned();
-    let with_key = |r: reqwest::RequestBuilder| match key {
-        Some(k) => r.bearer_auth(k),
-        None => r,
-    };
-    let put = with_key(
-        s.http
-            .put(s.url(&format!("/v1/sandboxes/{id}/files?path=/root/app.py")))
-            .body(APP),
-    );
-    assert!(put.send().await.unwrap().status().is_success());
-    let start = with_key(
-        s.http
-            .post(s.url(&format!("/v1/sandboxes/{id}/exec")))
-            .json(&json!({"cmd": "python3 /root/app.py >/root/app.log 2>&1 & echo ok"})),
-    );
-    start.send().await.unwrap().text().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = with_key(s.http.get(s.url(&format!("/v1/sandboxes/{id}/ports"))));
-        let v: Value = r.send().await.unwrap().json().await.unwrap();
-        let ports: Vec<u64> = v["ports"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|p| p["port"].as_u64()).collect())
-            .unwrap_or_default();
-        if ports.contains(&8000) && ports.contains(&8765) {
-            return id;
-        }
-        assert!(Instant::now() < deadline, "ports never listened: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::start_preview_app(s, &id, key).await;
+    id
 }
 
 /// `Host` of the preview host for `port` of `id` on this server.

@@ -709,3 +709,40 @@ pub async fn wait_for_file(s: &Server, id: &str, path: &str, patience: Duration)
     }
     String::new()
 }
+
+/// Starts `crates/cli/tests/data/preview_app.py` in sandbox `id` (through `s`, with
+/// API key `key`) and waits until both its ports (8000 HTTP, 8765 WebSocket) listen.
+pub async fn start_preview_app(s: &Server, id: &str, key: Option<&str>) {
+    let with_key = |r: reqwest::RequestBuilder| match key {
+        Some(k) => r.bearer_auth(k),
+        None => r,
+    };
+    let put = with_key(
+        s.http
+            .put(s.url(&format!("/v1/sandboxes/{id}/files?path=/root/app.py")))
+            .body(include_str!("../data/preview_app.py")),
+    );
+    assert!(put.send().await.unwrap().status().is_success());
+    let start = with_key(
+        s.http
+            .post(s.url(&format!("/v1/sandboxes/{id}/exec")))
+            .json(
+                &serde_json::json!({"cmd": "python3 /root/app.py >/root/app.log 2>&1 & echo ok"}),
+            ),
+    );
+    start.send().await.unwrap().text().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = with_key(s.http.get(s.url(&format!("/v1/sandboxes/{id}/ports"))));
+        let v: Value = r.send().await.unwrap().json().await.unwrap();
+        let ports: Vec<u64> = v["ports"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p["port"].as_u64()).collect())
+            .unwrap_or_default();
+        if ports.contains(&8000) && ports.contains(&8765) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "ports never listened: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

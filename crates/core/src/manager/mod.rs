@@ -157,6 +157,8 @@ pub struct Manager {
     /// orphan grace, from `register_node`), and the sandboxes it fenced whose records
     /// are still to be written.
     fence_after: std::sync::OnceLock<Duration>,
+    /// Marks calls between nodes ([`Manager::cluster_secret`]).
+    cluster_secret: std::sync::OnceLock<String>,
     fenced: Mutex<Vec<String>>,
     /// The nodes as last read (every heartbeat): where to pass requests on.
     node_cache: Mutex<Vec<nodes::Node>>,
@@ -245,6 +247,7 @@ impl Manager {
             closing: std::sync::atomic::AtomicBool::new(false),
             peers: std::sync::atomic::AtomicBool::new(false),
             fence_after: std::sync::OnceLock::new(),
+            cluster_secret: std::sync::OnceLock::new(),
             fenced: Mutex::new(Vec::new()),
             node_cache: Mutex::new(Vec::new()),
             warm: Mutex::new(Default::default()),

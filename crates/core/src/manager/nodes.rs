@@ -10,6 +10,16 @@ use crate::store::{NodeInfo, NodeRecord};
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// A node not heard from for this long is down.
 pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(15);
+/// How long a placement's reservation counts when its sandbox is never recorded.
+pub const PLACEMENT_TTL: Duration = Duration::from_secs(120);
+
+/// Where a create goes, and the reservation that holds its place there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    pub owner: Owner,
+    /// Release with [`Manager::release_placement`] once the sandbox is recorded.
+    pub token: Option<String>,
+}
 
 /// A node as the API shows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,8 +64,23 @@ impl Manager {
             let _ = self.fence_after.set(g.max(NODE_DOWN_AFTER));
         }
         self.store.claim(shown_db, &info).await?;
+        let _ = self.cluster_secret.set(self.store.cluster_secret().await?);
         self.nodes().await?;
         Ok(())
+    }
+
+    /// The secret nodes mark the calls they pass to each other with (shared through
+    /// the database); `None` before this node registered.
+    pub fn cluster_secret(&self) -> Option<&str> {
+        self.cluster_secret.get().map(String::as_str)
+    }
+
+    /// Whether `given` is the cluster secret (compared in constant time).
+    pub fn is_cluster_secret(&self, given: &[u8]) -> bool {
+        self.cluster_secret().is_some_and(|s| {
+            s.len() == given.len()
+                && s.bytes().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        })
     }
 
     async fn template_names(&self) -> Vec<String> {
@@ -77,45 +102,110 @@ impl Manager {
         }
     }
 
-    /// Where a new sandbox of `template` on `runtime` (`None`: the default) is best
-    /// made: among the nodes that are up, not draining, offer the runtime and have the
-    /// template, the one with the most memory left after the limits of the sandboxes
-    /// it runs, then the fewest sandboxes, then this node (no hop). `Here` when no
-    /// other node qualifies.
-    pub async fn place(&self, template: &str, runtime: Option<&str>) -> Result<Owner, CoreError> {
+    /// Where a new sandbox of `template` on `runtime` (`None`: the default) with a
+    /// memory limit of `memory_mb` (`None`: the default) is best made: among the nodes
+    /// that are up, not draining, offer the runtime and have the template, the one
+    /// with the most memory left after the limits of the sandboxes it runs and of the
+    /// creates placed on it in flight, then the fewest of those, then this node (no
+    /// hop). The choice is reserved in the database until the sandbox is recorded
+    /// ([`Manager::release_placement`] with the token) or [`PLACEMENT_TTL`], so
+    /// simultaneous creates on different nodes spread as if made one after another.
+    /// `Here` without a token when no other node is up.
+    pub async fn place(
+        &self,
+        template: &str,
+        runtime: Option<&str>,
+        memory_mb: Option<u64>,
+    ) -> Result<Placement, CoreError> {
+        let here = Placement {
+            owner: Owner::Here,
+            token: None,
+        };
         if !self.peers.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(Owner::Here);
+            return Ok(here);
         }
         let runtime = runtime
             .map(str::to_owned)
             .or_else(|| self.config.default_runtime.clone())
             .unwrap_or_else(|| self.runtime.name().to_owned());
-        let loads = self.store.node_loads().await?;
+        let memory_mb = memory_mb.unwrap_or(self.config.default_memory_mb);
         let nodes = self.nodes().await?;
-        let me = self.store.node();
-        let best = nodes
-            .into_iter()
+        let me = self.store.node().to_owned();
+        let eligible: Vec<&Node> = nodes
+            .iter()
             .filter(|n| {
                 n.up && !n.record.draining
                     && n.record.runtimes.contains(&runtime)
                     && n.record.templates.iter().any(|t| t == template)
             })
-            .max_by_key(|n| {
-                let load = loads.get(&n.record.name).copied().unwrap_or_default();
-                (
-                    n.record.memory_mb as i64 - load.reserved_mb as i64,
-                    std::cmp::Reverse(load.sandboxes),
-                    n.record.name == me,
-                )
-            });
-        Ok(match best {
-            Some(n) if n.record.name != me => Owner::Elsewhere {
-                node: n.record.name,
-                url: n.record.url,
+            .collect();
+        let reserved = self
+            .store
+            .reserve_placement(memory_mb, PLACEMENT_TTL, |loads| {
+                eligible
+                    .iter()
+                    .max_by_key(|n| {
+                        let load = loads.get(&n.record.name).copied().unwrap_or_default();
+                        (
+                            n.record.memory_mb as i64 - load.reserved_mb as i64,
+                            std::cmp::Reverse(load.sandboxes),
+                            n.record.name == me,
+                        )
+                    })
+                    .map(|n| n.record.name.clone())
+            })
+            .await?;
+        let Some((token, node)) = reserved else {
+            return Ok(here);
+        };
+        let owner = match eligible.iter().find(|n| n.record.name == node) {
+            Some(n) if node != me => Owner::Elsewhere {
+                node,
+                url: n.record.url.clone(),
                 up: true,
             },
             _ => Owner::Here,
+        };
+        Ok(Placement {
+            owner,
+            token: Some(token),
         })
+    }
+
+    /// Ends a placement's reservation: its sandbox is recorded (and counts by
+    /// itself), or was not made. A failure only leaves it to expire.
+    pub async fn release_placement(&self, token: &str) {
+        if let Err(e) = self.store.release_placement(token).await {
+            tracing::warn!(token, error = %e, "releasing a placement failed; it expires");
+        }
+    }
+
+    /// Where a sandbox made from `snapshot` or mounting `volumes` must be made: the
+    /// node that holds them. Volumes on different nodes cannot be mounted together.
+    pub async fn home_of(
+        &self,
+        snapshot: Option<&str>,
+        volumes: &[&str],
+    ) -> Result<Owner, CoreError> {
+        let mut home: Option<(String, Owner)> = None;
+        for id in snapshot.into_iter().chain(volumes.iter().copied()) {
+            let owner = self.owner(id).await?;
+            let node = match &owner {
+                Owner::Here => self.store.node().to_owned(),
+                Owner::Elsewhere { node, .. } => node.clone(),
+            };
+            match &home {
+                Some((n, _)) if *n != node => {
+                    return Err(CoreError::Invalid(format!(
+                        "{id} is on node {node}, not on node {n} with the others: a \
+                         sandbox is made where its snapshot and volumes are"
+                    )))
+                }
+                Some(_) => {}
+                None => home = Some((node, owner)),
+            }
+        }
+        Ok(home.map_or(Owner::Here, |(_, o)| o))
     }
 
     /// Says this node is alive every [`HEARTBEAT_EVERY`] until the manager is gone,

@@ -532,7 +532,8 @@ impl Store {
     pub async fn insert_snapshot(&self, s: &Snapshot) -> Result<(), StoreError> {
         on_db!(self, pool => {
             sqlx::query(
-                "INSERT INTO snapshots (id, name, sandbox_id, template, created_at, workspace) VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO snapshots (id, name, sandbox_id, template, created_at, workspace, node) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(&s.id)
             .bind(&s.name)
@@ -540,6 +541,7 @@ impl Store {
             .bind(&s.template)
             .bind(ts(s.created_at))
             .bind(&s.workspace)
+            .bind(&*self.node)
             .execute(pool)
             .await
             .map_err(q("insert snapshot"))?;
@@ -607,13 +609,15 @@ impl Store {
     pub async fn insert_volume(&self, v: &Volume) -> Result<(), StoreError> {
         on_db!(self, pool => {
             sqlx::query(
-                "INSERT INTO volumes (id, name, size_mb, workspace, created_at) VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO volumes (id, name, size_mb, workspace, created_at, node) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(&v.id)
             .bind(&v.name)
             .bind(v.size_mb as i64)
             .bind(&v.workspace)
             .bind(ts(v.created_at))
+            .bind(&*self.node)
             .execute(pool)
             .await
             .map_err(q("insert volume"))?;

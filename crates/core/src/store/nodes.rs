@@ -48,9 +48,9 @@ pub struct NodeInfo {
 /// A node's share of the live sandboxes, for placement.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeLoad {
-    /// Sandboxes not ended (running, paused, hibernated).
+    /// Sandboxes not ended (running, paused, hibernated) and placements in flight.
     pub sandboxes: u64,
-    /// Memory limits of those running or paused, in MiB.
+    /// Memory limits of those running or paused, and of placements in flight, in MiB.
     pub reserved_mb: u64,
 }
 
@@ -84,11 +84,13 @@ impl Store {
         let runtimes = serde_json::to_string(&info.runtimes).unwrap_or_else(|_| "[]".into());
         let templates = serde_json::to_string(&info.templates).unwrap_or_else(|_| "[]".into());
         on_db!(self, pool => {
-            sqlx::query("UPDATE sandboxes SET node = $1 WHERE node IS NULL")
-                .bind(&*self.node)
-                .execute(pool)
-                .await
-                .map_err(q("claim old sandboxes"))?;
+            for table in ["sandboxes", "volumes", "snapshots"] {
+                sqlx::query(&format!("UPDATE {table} SET node = $1 WHERE node IS NULL"))
+                    .bind(&*self.node)
+                    .execute(pool)
+                    .await
+                    .map_err(q("claim old records"))?;
+            }
             sqlx::query(
                 "INSERT INTO nodes (name, url, runtimes, started_at, heartbeat_at, sandboxes, \
                  cpus, memory_mb, templates, orphan_grace_s) \
@@ -189,26 +191,114 @@ impl Store {
         &self,
     ) -> Result<std::collections::HashMap<String, NodeLoad>, StoreError> {
         on_db!(self, pool => {
-            let rows = sqlx::query(
-                "SELECT node, COUNT(*) AS n, CAST(COALESCE(SUM(CASE WHEN status IN \
-                 ('running', 'paused') THEN memory_mb ELSE 0 END), 0) AS BIGINT) AS mem \
-                 FROM sandboxes WHERE status IN ('running', 'paused', 'hibernated') \
-                 AND node IS NOT NULL GROUP BY node",
+            let rows = sqlx::query(LOADS)
+                .bind(now_ms())
+                .fetch_all(pool)
+                .await
+                .map_err(q("node loads"))?;
+            loads(&rows)
+        })
+    }
+
+    /// Reserves a sandbox of `memory_mb` on the node `choose` picks from the nodes'
+    /// loads (reservations in flight included) for `ttl` or until
+    /// [`Store::release_placement`]; the reservation's token and node, `None` when
+    /// `choose` picks none. Atomic across servers: PostgreSQL runs one placement at a
+    /// time (a transaction-scoped advisory lock), so simultaneous creates on
+    /// different nodes each see the others' choices.
+    pub async fn reserve_placement(
+        &self,
+        memory_mb: u64,
+        ttl: std::time::Duration,
+        choose: impl FnOnce(&std::collections::HashMap<String, NodeLoad>) -> Option<String>,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let now = now_ms();
+        let token = crate::ids::new("plc");
+        let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        macro_rules! reserve {
+            ($tx:ident) => {{
+                sqlx::query("DELETE FROM placements WHERE expires_ms <= $1")
+                    .bind(now)
+                    .execute(&mut *$tx)
+                    .await
+                    .map_err(q("expire placements"))?;
+                let rows = sqlx::query(LOADS)
+                    .bind(now)
+                    .fetch_all(&mut *$tx)
+                    .await
+                    .map_err(q("node loads"))?;
+                let Some(node) = choose(&loads(&rows)?) else {
+                    return Ok(None);
+                };
+                sqlx::query(
+                    "INSERT INTO placements (token, node, memory_mb, expires_ms) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&token)
+                .bind(&node)
+                .bind(i64::try_from(memory_mb).unwrap_or(i64::MAX))
+                .bind(expires)
+                .execute(&mut *$tx)
+                .await
+                .map_err(q("reserve placement"))?;
+                $tx.commit().await.map_err(q("reserve placement"))?;
+                Ok(Some((token, node)))
+            }};
+        }
+        match &self.db {
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await.map_err(q("reserve placement"))?;
+                sqlx::query(
+                    "SELECT pg_advisory_xact_lock(hashtextextended('forkbox placement', 0))",
+                )
+                .execute(&mut *tx)
+                .await
+                .map_err(q("lock placement"))?;
+                reserve!(tx)
+            }
+            // Taking the write lock first makes placements one at a time.
+            Db::Sqlite(pool) => {
+                let mut tx = pool
+                    .begin_with("BEGIN IMMEDIATE")
+                    .await
+                    .map_err(q("reserve placement"))?;
+                reserve!(tx)
+            }
+        }
+    }
+
+    /// The secret every node on this database marks the calls it passes to another
+    /// with: made by the first node to ask, read by the others.
+    pub async fn cluster_secret(&self) -> Result<String, StoreError> {
+        let fresh: String = (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect();
+        on_db!(self, pool => {
+            sqlx::query(
+                "INSERT INTO cluster_secrets (name, value) VALUES ('forward', $1) \
+                 ON CONFLICT (name) DO NOTHING",
             )
-            .fetch_all(pool)
+            .bind(&fresh)
+            .execute(pool)
             .await
-            .map_err(q("node loads"))?;
-            rows.iter()
-                .map(|r| {
-                    Ok((
-                        r.s("node")?,
-                        NodeLoad {
-                            sandboxes: r.i("n")?.max(0) as u64,
-                            reserved_mb: r.i("mem")?.max(0) as u64,
-                        },
-                    ))
-                })
-                .collect()
+            .map_err(q("make cluster secret"))?;
+            let row = sqlx::query("SELECT value FROM cluster_secrets WHERE name = 'forward'")
+                .fetch_one(pool)
+                .await
+                .map_err(q("read cluster secret"))?;
+            row.s("value")
+        })
+    }
+
+    /// Ends reservation `token` (its sandbox is recorded, or was not made).
+    pub async fn release_placement(&self, token: &str) -> Result<(), StoreError> {
+        on_db!(self, pool => {
+            sqlx::query("DELETE FROM placements WHERE token = $1")
+                .bind(token)
+                .execute(pool)
+                .await
+                .map_err(q("release placement"))?;
+            Ok(())
         })
     }
 
@@ -229,24 +319,58 @@ impl Store {
         })
     }
 
-    /// The node that runs sandbox `id` (`None`: unknown or ended: its record is
-    /// answered anywhere).
+    /// The node that runs sandbox `id`, or holds volume `vol-…` or snapshot `snap-…`
+    /// (`None`: unknown or ended: its record is answered anywhere).
     pub async fn node_of(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let sql = if id.starts_with("vol-") {
+            "SELECT node FROM volumes WHERE id = $1"
+        } else if id.starts_with("snap-") {
+            "SELECT node FROM snapshots WHERE id = $1"
+        } else {
+            "SELECT node FROM sandboxes WHERE id = $1 \
+             AND status IN ('running', 'paused', 'hibernated')"
+        };
         on_db!(self, pool => {
-            let row = sqlx::query(
-                "SELECT node FROM sandboxes WHERE id = $1 \
-                 AND status IN ('running', 'paused', 'hibernated')",
-            )
+            let row = sqlx::query(sql)
                 .bind(id)
                 .fetch_optional(pool)
                 .await
-                .map_err(q("node of sandbox"))?;
+                .map_err(q("node of"))?;
             match row {
                 Some(r) => r.os("node"),
                 None => Ok(None),
             }
         })
     }
+}
+
+/// Each node's live sandboxes and placements in flight (`$1`: now, ms). Warm pools
+/// are left out: every node keeps its own, refilled as it hands them out.
+pub(super) const LOADS: &str =
+    "SELECT node, CAST(SUM(n) AS BIGINT) AS n, CAST(SUM(mem) AS BIGINT) AS mem \
+     FROM (SELECT node, 1 AS n, CASE WHEN status IN ('running', 'paused') \
+     THEN memory_mb ELSE 0 END AS mem FROM sandboxes \
+     WHERE status IN ('running', 'paused', 'hibernated') AND node IS NOT NULL \
+     AND workspace <> '@pool' \
+     UNION ALL SELECT node, 1 AS n, memory_mb AS mem FROM placements \
+     WHERE expires_ms > $1) AS l GROUP BY node";
+
+fn loads(rows: &[impl Cols]) -> Result<std::collections::HashMap<String, NodeLoad>, StoreError> {
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.s("node")?,
+                NodeLoad {
+                    sandboxes: r.i("n")?.max(0) as u64,
+                    reserved_mb: r.i("mem")?.max(0) as u64,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 fn node_from_row(r: &impl Cols) -> Result<NodeRecord, StoreError> {

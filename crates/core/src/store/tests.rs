@@ -287,6 +287,11 @@ async fn volumes_know_who_mounts_them() {
             store.list_volumes(None).await.unwrap(),
             std::slice::from_ref(&v)
         );
+        // It lives on the node that made it.
+        assert_eq!(
+            store.node_of("vol-1").await.unwrap().as_deref(),
+            Some(LOCAL_NODE)
+        );
         let mut s = sandbox("sbx-m");
         s.volumes = vec![crate::model::VolumeMount {
             id: "vol-1".into(),
@@ -396,6 +401,74 @@ async fn nodes_claim_their_names_and_see_their_own_sandboxes() {
         assert_eq!((nodes[0].cpus, nodes[0].memory_mb), (2, 4096));
         assert_eq!(nodes[1].templates, ["python", "base"]);
         assert!(nodes[1].draining && !nodes[0].draining);
+    }
+}
+
+#[test]
+fn loads_leave_the_warm_pools_out() {
+    assert!(super::nodes::LOADS.contains(&format!("'{}'", crate::warm::POOL_WORKSPACE)));
+}
+
+#[tokio::test]
+async fn placements_reserve_capacity_atomically_across_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    for (store, target) in backends(dir.path()).await {
+        let b = store.backend();
+        // Two servers (PostgreSQL) place 8 creates at once, each on the node with the
+        // least reserved: with every choice seen by the next, they split evenly.
+        let other = if b == "postgres" {
+            Store::open_target(&target).await.unwrap()
+        } else {
+            store.clone()
+        };
+        let ttl = std::time::Duration::from_secs(60);
+        let places = (0..8).map(|i| {
+            let s = if i % 2 == 0 {
+                store.clone()
+            } else {
+                other.clone()
+            };
+            async move {
+                s.reserve_placement(100, ttl, |loads| {
+                    let mem = |n: &str| loads.get(n).map_or(0, |l| l.reserved_mb);
+                    Some(if mem("b") < mem("a") { "b" } else { "a" }.to_owned())
+                })
+                .await
+                .unwrap()
+                .unwrap()
+            }
+        });
+        let made = futures_util::future::join_all(places).await;
+        let loads = store.node_loads().await.unwrap();
+        let on = |n: &str| loads.get(n).copied().unwrap_or_default();
+        assert_eq!(
+            (on("a"), on("b")),
+            (
+                NodeLoad {
+                    sandboxes: 4,
+                    reserved_mb: 400
+                },
+                NodeLoad {
+                    sandboxes: 4,
+                    reserved_mb: 400
+                }
+            ),
+            "{b}"
+        );
+        // Released, a reservation no longer counts; neither does an expired one.
+        let (token, node) = &made[0];
+        store.release_placement(token).await.unwrap();
+        assert_eq!(store.node_loads().await.unwrap()[node].sandboxes, 3, "{b}");
+        store
+            .reserve_placement(100, std::time::Duration::ZERO, |_| Some("c".into()))
+            .await
+            .unwrap();
+        assert!(!store.node_loads().await.unwrap().contains_key("c"), "{b}");
+        assert!(store
+            .reserve_placement(100, ttl, |_| None)
+            .await
+            .unwrap()
+            .is_none());
     }
 }
 
