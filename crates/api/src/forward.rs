@@ -33,6 +33,42 @@ pub fn sandbox_in(path: &str) -> Option<&str> {
     })
 }
 
+/// On a request another node passed on (it carried the cluster secret): the
+/// reservation of the create placed here, if it is one. The marks themselves are
+/// taken off the request, so nothing past this (a sandbox's port) sees them.
+#[derive(Clone, Debug, Default)]
+pub struct Forwarded {
+    pub placement: Option<String>,
+}
+
+/// A placement's reservation, released when this is dropped: the create was made,
+/// failed, or its caller went away mid-way.
+pub struct Reserved {
+    manager: std::sync::Arc<forkbox_core::Manager>,
+    token: Option<String>,
+}
+
+impl Reserved {
+    pub fn new(manager: &std::sync::Arc<forkbox_core::Manager>, token: Option<String>) -> Self {
+        Reserved {
+            manager: manager.clone(),
+            token,
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let Some(token) = self.token.take() else {
+            return;
+        };
+        let manager = self.manager.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { manager.release_placement(&token).await });
+        }
+    }
+}
+
 /// What a request is about that lives on one node: a sandbox (any call), or a volume
 /// or snapshot when it changes one (their records are read anywhere).
 fn held_in<'a>(method: &axum::http::Method, path: &'a str) -> Option<&'a str> {
@@ -54,8 +90,8 @@ fn held_in<'a>(method: &axum::http::Method, path: &'a str) -> Option<&'a str> {
 
 pub async fn to_owner(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     if req.headers().contains_key(FORWARDED_BY) {
-        let genuine = req
-            .headers_mut()
+        let h = req.headers_mut();
+        let genuine = h
             .remove(SECRET)
             .is_some_and(|v| st.manager.is_cluster_secret(v.as_bytes()));
         if !genuine {
@@ -65,9 +101,16 @@ pub async fn to_owner(State(st): State<AppState>, mut req: Request, next: Next) 
             ))
             .into_response();
         }
+        h.remove(FORWARDED_BY);
+        let placement = h
+            .remove(PLACEMENT)
+            .and_then(|v| v.to_str().ok().map(str::to_owned));
+        req.extensions_mut().insert(Forwarded { placement });
         return next.run(req).await;
     }
-    req.headers_mut().remove(SECRET);
+    for name in [SECRET, PLACEMENT] {
+        req.headers_mut().remove(name);
+    }
     let Some(id) = held_in(req.method(), req.uri().path()).map(str::to_owned) else {
         return next.run(req).await;
     };

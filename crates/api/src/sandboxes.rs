@@ -62,21 +62,15 @@ pub fn sandbox_view(s: Sandbox) -> SandboxView {
 pub async fn create(
     State(st): State<AppState>,
     axum::Extension(p): axum::Extension<forkbox_core::auth::Principal>,
+    forwarded: Option<axum::Extension<crate::forward::Forwarded>>,
     headers: axum::http::HeaderMap,
     JsonBody(b): JsonBody<CreateBody>,
 ) -> Result<axum::response::Response, ApiError> {
     use forkbox_core::manager::nodes::Owner;
-    if headers.contains_key(crate::forward::FORWARDED_BY) {
+    if let Some(axum::Extension(f)) = forwarded {
         // Placed here by another node: its reservation ends once this is recorded.
-        let token = headers
-            .get(crate::forward::PLACEMENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let made = make(&st, p, &headers, b).await;
-        if let Some(t) = token {
-            st.manager.release_placement(&t).await;
-        }
-        return made;
+        let _reserved = crate::forward::Reserved::new(&st.manager, f.placement);
+        return make(&st, p, &headers, b).await;
     }
     // From a snapshot or with volumes: made on the node that holds them.
     if b.snapshot.is_some() || !b.volumes.is_empty() {
@@ -108,6 +102,7 @@ pub async fn create(
         .manager
         .place(&template, b.runtime.as_deref(), b.memory_mb)
         .await?;
+    let _reserved = crate::forward::Reserved::new(&st.manager, placed.token.clone());
     let made = match &placed.owner {
         Owner::Elsewhere { node, url, .. } => {
             match crate::forward::create_on(&st, &headers, &b, node, url, placed.token.as_deref())
@@ -121,9 +116,6 @@ pub async fn create(
         }
         Owner::Here => make(&st, p, &headers, b).await,
     };
-    if let Some(t) = &placed.token {
-        st.manager.release_placement(t).await;
-    }
     made
 }
 

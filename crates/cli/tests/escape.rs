@@ -633,10 +633,32 @@ fn control_unavailable(name: &str) -> Option<String> {
 
 /// Runs the probe on the host with `args`; its results.
 fn run_on_host(cmd: &mut Command) -> BTreeMap<String, Res> {
-    let out = cmd.stderr(Stdio::inherit()).output().unwrap();
+    let out = spawn(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    )
+    .wait_with_output()
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "probe on the host failed: {text}");
     parse(&text)
+}
+
+/// `cmd` started, tried again while its binary is "busy": a copy just written is
+/// briefly held open for writing by any process another test's thread forks at that
+/// moment (until that process execs), and `execve` of it fails with ETXTBSY.
+fn spawn(cmd: &mut Command) -> std::process::Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r.unwrap(),
+        }
+    }
 }
 
 /// A copy of the probe in `dir`, mode 0755.
@@ -678,7 +700,7 @@ fn probes_succeed_on_the_host() {
             Ok(())
         });
     }
-    let mut helper = helper.spawn().unwrap();
+    let mut helper = spawn(&mut helper);
     let hpid = helper.id().to_string();
     // Services the network probes should reach here.
     let host_abstract = format!("forkbox-probe-control-{}", std::process::id());
@@ -708,7 +730,7 @@ fn probes_succeed_on_the_host() {
     // probe keeps a read-only fd to its /proc/<pid>/exe and reopens it for writing once
     // the binary is no longer busy (writing its first byte over itself).
     let short = copy_probe(&scratch);
-    let mut target = Command::new(&short).args(["--sleep", "1"]).spawn().unwrap();
+    let mut target = spawn(Command::new(&short).args(["--sleep", "1"]));
     let r = run_on_host(Command::new(probe_bin()).args([
         "--host",
         "--pid",
@@ -726,10 +748,7 @@ fn probes_succeed_on_the_host() {
     let jail = dir.path().join("jail");
     std::fs::create_dir_all(jail.join("proc")).unwrap();
     copy_probe(&jail);
-    let mut helper2 = Command::new(&helper_bin)
-        .args(["--sleep", "60"])
-        .spawn()
-        .unwrap();
+    let mut helper2 = spawn(Command::new(&helper_bin).args(["--sleep", "60"]));
     let host_root = std::fs::File::open("/").unwrap();
     let root_fd = std::os::fd::AsRawFd::as_raw_fd(&host_root);
     let jail_c = std::ffi::CString::new(jail.to_str().unwrap()).unwrap();

@@ -45,9 +45,9 @@ pub enum CoreError {
     /// Being destroyed right now (deleted, expired, or its agent died).
     #[error("sandbox {0} is ending")]
     Ending(String),
-    /// Another node (server on the same database) runs it: its processes and files
-    /// are there.
-    #[error("sandbox {id} runs on node {node}{}; send the request there (nodes do not forward requests yet)", url.as_deref().map(|u| format!(" ({u})")).unwrap_or_default())]
+    /// Another node (server on the same database) runs the sandbox, or keeps the
+    /// volume or snapshot: its processes and files are there.
+    #[error("{id} is on node {node}{}; send the request there", url.as_deref().map(|u| format!(" ({u})")).unwrap_or_default())]
     OtherNode {
         id: String,
         node: String,

@@ -111,6 +111,8 @@ impl Manager {
     /// hibernated) mounts it.
     pub async fn delete_volume(&self, workspace: &str, id: &str) -> Result<(), CoreError> {
         self.volume_of(workspace, id).await?;
+        // Its image is on the node that made it.
+        self.ensure_here(id).await?;
         let users = self.store().sandboxes_mounting(id).await?;
         if !users.is_empty() {
             return Err(CoreError::Conflict(format!(

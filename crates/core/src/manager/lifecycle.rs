@@ -214,9 +214,12 @@ impl Manager {
             if snap.workspace != workspace {
                 return Err(CoreError::NoSnapshot(snap.id.clone()));
             }
+            // Its files are on the node that took it.
+            self.ensure_here(&snap.id).await?;
         }
         for v in &req.volumes {
             self.volume_of(&workspace, &v.id).await?;
+            self.ensure_here(&v.id).await?;
         }
         let (mut spec, cpu, memory_mb, timeout) = self.spec(&id, &req)?;
         spec.snapshot = snap.map(|s| s.id);

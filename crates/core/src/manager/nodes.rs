@@ -129,6 +129,10 @@ impl Manager {
             .or_else(|| self.config.default_runtime.clone())
             .unwrap_or_else(|| self.runtime.name().to_owned());
         let memory_mb = memory_mb.unwrap_or(self.config.default_memory_mb);
+        // A request create will refuse is refused where it came in, unreserved.
+        if memory_mb < self.config.min_memory_mb || memory_mb > self.config.max_memory_mb {
+            return Ok(here);
+        }
         let nodes = self.nodes().await?;
         let me = self.store.node().to_owned();
         let eligible: Vec<&Node> = nodes
@@ -139,6 +143,9 @@ impl Manager {
                     && n.record.templates.iter().any(|t| t == template)
             })
             .collect();
+        if eligible.is_empty() {
+            return Ok(here);
+        }
         let reserved = self
             .store
             .reserve_placement(memory_mb, PLACEMENT_TTL, |loads| {
@@ -187,8 +194,14 @@ impl Manager {
         snapshot: Option<&str>,
         volumes: &[&str],
     ) -> Result<Owner, CoreError> {
+        if volumes.len() > crate::volumes::MAX_MOUNTS {
+            // Refused by create itself, without a lookup per id.
+            return Ok(Owner::Here);
+        }
+        let snapshot = snapshot.filter(|s| crate::ids::is_valid("snap", s));
+        let volumes = volumes.iter().filter(|v| crate::ids::is_valid("vol", v));
         let mut home: Option<(String, Owner)> = None;
-        for id in snapshot.into_iter().chain(volumes.iter().copied()) {
+        for id in snapshot.into_iter().chain(volumes.copied()) {
             let owner = self.owner(id).await?;
             let node = match &owner {
                 Owner::Here => self.store.node().to_owned(),

@@ -58,6 +58,8 @@ impl Manager {
     pub async fn delete_snapshot(&self, id: &SnapshotRef) -> Result<(), CoreError> {
         let id = id.id();
         self.get_snapshot_in(id).await?;
+        // Its files are on the node that took it.
+        self.ensure_here(id).await?;
         self.host.delete_snapshot(id).await?;
         self.store.delete_snapshot(id).await?;
         Ok(())
