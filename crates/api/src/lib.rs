@@ -261,6 +261,7 @@ async fn healthz(
         "sandboxes": s.manager.live_count(),
         "warm_pool": s.manager.create_pools().iter().map(|p| serde_json::json!({
             "template": p.template, "ready": p.ready, "target": p.target,
+            "keeping": p.keeping,
         })).collect::<Vec<_>>(),
     }))
 }

@@ -326,6 +326,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         vm_accel: "auto".into(),
         // Cold creates first; the pool row turns it on.
         warm_pool: 0,
+        warm_pool_max: 32,
         allowed_hosts: Vec::new(),
         cors_origins: Vec::new(),
         preview_domain: "localhost".into(),
@@ -350,6 +351,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let base = format!("http://{addr}");
     let http = reqwest::Client::builder().build()?;
     let n = args.iterations.max(1);
+    /// Creates in a row of the burst rows.
+    const BURST: usize = 30;
 
     // create → ready, cold (no pool): each sandbox deleted after it was measured.
     let mut create = Vec::with_capacity(n);
@@ -380,24 +383,30 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .await?;
     }
 
-    // create from the warm pool: a hand-over; each sample waits until the pool is
-    // full again (refills run in the background, never in the request).
+    // create from the warm pool: a hand-over. First a burst of 30 creates in a row
+    // meeting a pool of 2 that has seen no demand yet; then single creates, each
+    // waiting until the pool is full again (refills run in the background, never in
+    // the request); then 30 in a row again, the pool grown to its recent demand.
     manager.keep_create_pool("python", 2);
-    let mut create_pool = Vec::with_capacity(n);
-    for _ in 0..n {
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
-        while manager
-            .create_pools()
-            .iter()
-            .map(|p| p.ready)
-            .sum::<usize>()
-            < 2
-        {
-            if Instant::now() > deadline {
-                bail!("the warm pool did not fill in 60 s");
+    // Until the pool holds what it keeps now, and at least `want`.
+    let pool_ready = |want: usize| {
+        let manager = manager.clone();
+        async move {
+            let deadline = Instant::now() + std::time::Duration::from_secs(120);
+            while manager
+                .create_pools()
+                .iter()
+                .any(|p| p.ready < p.keeping.max(want))
+            {
+                if Instant::now() > deadline {
+                    bail!("the warm pool did not reach {want} in 120 s");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            Ok(())
         }
+    };
+    let create_one = || async {
         let t = Instant::now();
         let r = http
             .post(format!("{base}/v1/sandboxes"))
@@ -408,16 +417,43 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         if r.status() != 201 {
             bail!("create answered {}", r.status());
         }
-        create_pool.push(ms(took));
         let id = r.json::<serde_json::Value>().await?["id"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
+        Ok::<_, anyhow::Error>((ms(took), id))
+    };
+    let burst = || async {
+        let mut took = Vec::with_capacity(BURST);
+        let mut ids = Vec::with_capacity(BURST);
+        for _ in 0..BURST {
+            let (t, id) = create_one().await?;
+            took.push(t);
+            ids.push(id);
+        }
+        for id in ids {
+            http.delete(format!("{base}/v1/sandboxes/{id}"))
+                .send()
+                .await?;
+        }
+        Ok::<_, anyhow::Error>(took)
+    };
+    pool_ready(2).await?;
+    let first_burst = burst().await?;
+    let mut create_pool = Vec::with_capacity(n);
+    for _ in 0..n {
+        pool_ready(2).await?;
+        let (t, id) = create_one().await?;
+        create_pool.push(t);
         http.delete(format!("{base}/v1/sandboxes/{id}"))
             .send()
             .await?;
     }
+    pool_ready(BURST).await?;
+    let grown_burst = burst().await?;
     manager.keep_create_pool("python", 0);
+    // The grown pool is ended now, not by the reaper in the middle of the next rows.
+    manager.trim_pools().await;
 
     // exec `echo hi` on one warm sandbox.
     let r = http
@@ -583,26 +619,45 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     manager.shutdown().await;
     srv.abort();
 
+    // Budgets: issue 24's targets; two relative to a baseline of this run (the
+    // absolute one when that baseline was not measured).
+    let relative = |baseline: &[f64], factor: f64, otherwise: f64| {
+        if baseline.is_empty() {
+            otherwise
+        } else {
+            (p50(baseline) * factor * 100.0).round() / 100.0
+        }
+    };
     let rows = [
         Row {
-            name: "create → ready (cold, HTTP)",
+            name: "create → ready (cold, HTTP; budget 1.5× bwrap `true`)",
             samples: create.clone(),
-            budget: Some(15.0),
+            budget: Some(relative(&b.bwrap_true, 1.5, 15.0)),
         },
         Row {
             name: "create → ready (warm pool hand-over, HTTP)",
             samples: create_pool,
-            budget: Some(3.0),
+            budget: Some(1.0),
+        },
+        Row {
+            name: "create → ready, 30 in a row, first burst (pool of 2, HTTP)",
+            samples: first_burst,
+            budget: None,
+        },
+        Row {
+            name: "create → ready, 30 in a row, pool grown by demand (HTTP)",
+            samples: grown_burst,
+            budget: Some(2.0),
         },
         Row {
             name: "exec `echo hi` round trip (warm sandbox, HTTP)",
             samples: exec.clone(),
-            budget: Some(3.0),
+            budget: Some(1.0),
         },
         Row {
             name: "run_code `print(1)` (warm Python REPL, HTTP)",
             samples: run_code.clone(),
-            budget: Some(2.0),
+            budget: Some(1.0),
         },
         Row {
             name: "pause (cgroup freezer, HTTP)",
@@ -622,12 +677,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Row {
             name: "fork n=5, parent REPL holding ~200 MB (HTTP)",
             samples: fork5.clone(),
-            budget: Some(30.0),
+            budget: Some(20.0),
         },
         Row {
             name: "fork n=32, parent REPL holding ~200 MB (HTTP)",
             samples: fork32.clone(),
-            budget: Some(150.0),
+            budget: Some(100.0),
         },
         Row {
             name: "merge_into (HTTP)",
@@ -635,9 +690,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             budget: Some(10.0),
         },
         Row {
-            name: "execute `print(1)` one-shot, warm pool (POST /api/v1/execute)",
+            name: "execute `print(1)` one-shot, warm pool (POST /api/v1/execute; budget ≤ 15 ms and 0.75× bwrap python3)",
             samples: execute.clone(),
-            budget: Some(30.0),
+            budget: Some(relative(&b.bwrap_python, 0.75, 15.0).min(15.0)),
         },
     ];
     let [f1, f5, f32] = [0, 1, 2].map(|i| b.fork.get(i).cloned().unwrap_or_default());

@@ -27,6 +27,12 @@ pub struct ServeArgs {
     /// is then a hand-over. 0 turns the pool off.
     #[arg(long, default_value_t = 2, env = "FORKBOX_WARM_POOL")]
     pub warm_pool: usize,
+    /// Most ready sandboxes create's warm pool grows to when bursts of creates take
+    /// from it: it keeps as many as the largest burst of the last 5 minutes took
+    /// (takes less than 1 s apart), then shrinks back. Each ready sandbox costs about
+    /// 1 MiB of host memory idle.
+    #[arg(long, default_value_t = 32, env = "FORKBOX_WARM_POOL_MAX")]
+    pub warm_pool_max: usize,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -197,6 +203,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
             default_template: args.default_template.clone(),
             languages: Arc::new(args.host.languages()?),
             default_runtime: Some(args.default_runtime.clone()),
+            warm_pool_max: args.warm_pool_max,
             ..ManagerConfig::default()
         },
     );

@@ -417,6 +417,37 @@ async fn plain_creates_come_from_the_warm_pool() {
     assert_eq!(s.delete(&cold_id).await, 204);
 }
 
+/// A burst of creates grows the warm pool to the burst's size, so the next burst like
+/// it is handed over; the pool says what it keeps (`keeping`) and never passes
+/// `--warm-pool-max`.
+#[tokio::test]
+async fn a_burst_of_creates_grows_the_warm_pool() {
+    let s = Server::start_with(&[("FORKBOX_WARM_POOL_MAX", "5".into())]);
+    wait_pool_full(&s).await;
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        ids.push(s.create_id().await);
+    }
+    let (_, h) = get(&s, "/v1/healthz").await;
+    assert_eq!(h["warm_pool"][0]["target"], 2, "{h}");
+    assert_eq!(h["warm_pool"][0]["keeping"], 5, "{h}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pool_ready(&s).await < 5 {
+        assert!(Instant::now() < deadline, "the pool did not grow");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = handed_over(&s).await;
+    for _ in 0..5 {
+        ids.push(s.create_id().await);
+    }
+    assert_eq!(handed_over(&s).await, before + 5);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(pool_ready(&s).await <= 5);
+    for id in &ids {
+        assert_eq!(s.delete(id).await, 204);
+    }
+}
+
 /// The row of sandbox `id` in the list of every sandbox (ended ones included).
 async fn row(s: &Server, id: &str) -> Value {
     let (_, v) = get(s, "/v1/sandboxes?status=all&limit=1000").await;

@@ -224,23 +224,63 @@ async fn warm_pools_hand_over_ready_sandboxes() {
         (st, v["message"].as_str()),
         (202, Some("snapshot creation started"))
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, v) = get(&s, "/api/v1/snapshots").await;
-        let py = v["snapshots"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["language"] == "python")
-            .cloned()
-            .unwrap();
-        if py["ready"] == 2 {
-            assert_eq!(py["size"], 2);
-            break;
+    let full = || async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, v) = get(&s, "/api/v1/snapshots").await;
+            let py = v["snapshots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["language"] == "python")
+                .cloned()
+                .unwrap();
+            if py["ready"] == 2 {
+                assert_eq!(py["size"], 2);
+                break;
+            }
+            assert!(Instant::now() < deadline, "pool did not fill: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(Instant::now() < deadline, "pool did not fill: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    full().await;
+    // Python from the pool runs in the sandbox's kernel, started while it waited
+    // (the driver's `socket` is already imported), exactly as `python3 main.py`: its
+    // own `__main__` module, file, argv, path and directory, no echo of a last
+    // expression, exit status from SystemExit, a traceback of its own frames only.
+    let v = execute(
+        &s,
+        "python",
+        "import os, sys, __main__, pickle\n\
+         print(__name__, __file__, sys.argv, os.getcwd(), sys.path[0], __main__.__file__)\n\
+         def f(): return 7\n\
+         print(pickle.loads(pickle.dumps(f))(), 'socket' in sys.modules)\n\
+         1 + 1",
+    )
+    .await;
+    assert_eq!(
+        (v["stdout"].as_str(), v["exit_code"].as_i64()),
+        (
+            Some("__main__ /tmp/main.py ['main.py'] /tmp /tmp /tmp/main.py\n7 True\n"),
+            Some(0)
+        ),
+        "{v}"
+    );
+    full().await;
+    let v = execute(&s, "python", "import sys\nprint('bye')\nsys.exit(3)").await;
+    assert_eq!(
+        (v["stdout"].as_str(), v["exit_code"].as_i64()),
+        (Some("bye\n"), Some(3))
+    );
+    full().await;
+    let v = execute(&s, "python", "x = 1\n1 / 0").await;
+    let err = v["stderr"].as_str().unwrap();
+    assert_eq!(v["exit_code"], 1, "{v}");
+    assert!(
+        err.starts_with("Traceback (most recent call last):\n  File \"/tmp/main.py\", line 2")
+            && err.ends_with("ZeroDivisionError: division by zero\n"),
+        "{err}"
+    );
     // Each execute takes a fresh one and the pool refills behind it.
     for i in 0..4 {
         let v = execute(&s, "python", &format!("print({i})")).await;

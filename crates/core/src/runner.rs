@@ -111,17 +111,95 @@ impl PoolKey {
     }
 }
 
+/// Takes from a pool this close together are one burst.
+pub const BURST_GAP: Duration = Duration::from_secs(1);
+/// How long a pool remembers its largest burst (and stays that big).
+pub const DEMAND_MEMORY: Duration = Duration::from_secs(300);
+/// The pause in takes a pool's makers wait for while it still holds its configured
+/// size.
+pub const QUIET: Duration = Duration::from_millis(50);
+/// Sandboxes a pool makes at once (one per core here).
+const MAKERS: usize = 2;
+
+/// How a pool is asked for: the burst going on and the largest recent one. A pool
+/// keeps as many ready as its largest burst of the last [`DEMAND_MEMORY`] took (within
+/// its ceiling), so the next burst like it finds them ready.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Demand {
+    last: Instant,
+    run: usize,
+    peak: usize,
+    peak_at: Instant,
+}
+
+impl Demand {
+    fn new(now: Instant) -> Demand {
+        Demand {
+            last: now,
+            run: 0,
+            peak: 0,
+            peak_at: now,
+        }
+    }
+
+    /// A take (ready or not) at `now`.
+    pub(crate) fn take(&mut self, now: Instant) {
+        self.run = if now.duration_since(self.last) <= BURST_GAP {
+            self.run + 1
+        } else {
+            1
+        };
+        self.last = now;
+        if self.run >= self.peak || now.duration_since(self.peak_at) > DEMAND_MEMORY {
+            self.peak = self.run;
+            self.peak_at = now;
+        }
+    }
+
+    /// How many to keep ready at `now`: `floor`, or the largest recent burst up to
+    /// `ceiling`.
+    pub(crate) fn want(&self, floor: usize, ceiling: usize, now: Instant) -> usize {
+        if floor == 0 {
+            return 0;
+        }
+        let recent = if now.duration_since(self.peak_at) <= DEMAND_MEMORY {
+            self.peak
+        } else {
+            0
+        };
+        recent.min(ceiling).max(floor)
+    }
+}
+
 /// Sandboxes kept ready per pool, and how many to keep.
 #[derive(Default)]
 pub(crate) struct Warm {
     ready: HashMap<PoolKey, VecDeque<String>>,
+    /// The configured size of each pool: it never keeps fewer (0: off).
     target: HashMap<PoolKey, usize>,
+    demand: HashMap<PoolKey, Demand>,
     /// Commands run in a new pool sandbox before it counts as ready.
-    warmups: HashMap<PoolKey, Vec<String>>,
+    warmups: HashMap<PoolKey, Vec<Work>>,
     /// Pool sandboxes being made right now.
     pending: HashMap<PoolKey, usize>,
+    /// Makers ([`Manager::refill`]) running per pool.
+    makers: HashMap<PoolKey, usize>,
     /// Templates being built in the background, with the last failure if any.
     pub(crate) building: HashMap<String, Option<String>>,
+}
+
+impl Warm {
+    /// How many pool `key` keeps ready now.
+    fn want(&self, key: &PoolKey, ceiling: usize, now: Instant) -> usize {
+        let floor = self.target.get(key).copied().unwrap_or(0);
+        // The runner's pools (warm REPLs, ~18 MiB each) keep their configured size.
+        if key.workspace != crate::warm::POOL_WORKSPACE {
+            return floor;
+        }
+        self.demand
+            .get(key)
+            .map_or(floor, |d| d.want(floor, ceiling.max(floor), now))
+    }
 }
 
 fn lock(m: &Mutex<Warm>) -> std::sync::MutexGuard<'_, Warm> {
@@ -145,7 +223,10 @@ pub enum RootfsState {
 pub struct WarmPool {
     pub template: String,
     pub ready: usize,
+    /// Its configured size.
     pub target: usize,
+    /// What it keeps now: `target`, or more after a burst of takes.
+    pub keeping: usize,
 }
 
 impl Manager {
@@ -209,10 +290,19 @@ impl Manager {
         {
             let mut w = lock(self.warm());
             w.target.insert(key.clone(), n);
-            let cmds = w.warmups.entry(key.clone()).or_default();
-            let cmd = lang.warmup_command().to_owned();
-            if !cmds.contains(&cmd) {
-                cmds.push(cmd);
+            let works = w.warmups.entry(key.clone()).or_default();
+            let mut add = |work: Work| {
+                if !works.contains(&work) {
+                    works.push(work);
+                }
+            };
+            add(Work::Command(lang.warmup_command().to_owned()));
+            // A kernel language's kernel is started too (`Language::kernel`).
+            if let Some(language) = lang.kernel {
+                add(Work::Code {
+                    language,
+                    code: "pass".into(),
+                });
             }
         }
         self.refill(&key);
@@ -230,6 +320,7 @@ impl Manager {
     }
 
     pub(crate) fn pools_of(&self, workspace: &str) -> Vec<WarmPool> {
+        let now = Instant::now();
         let w = lock(self.warm());
         let mut v: Vec<WarmPool> = w
             .target
@@ -239,6 +330,7 @@ impl Manager {
                 template: k.template.clone(),
                 ready: w.ready.get(k).map_or(0, VecDeque::len),
                 target: *n,
+                keeping: w.want(k, self.config().warm_pool_max, now),
             })
             .collect();
         v.sort_by(|a, b| a.template.cmp(&b.template));
@@ -247,57 +339,91 @@ impl Manager {
 
     /// Tops up pool `key` in the background, never blocking a request.
     pub(crate) fn refill(self: &Arc<Self>, key: &PoolKey) {
+        {
+            let mut w = lock(self.warm());
+            let makers = w.makers.entry(key.clone()).or_default();
+            if *makers >= MAKERS {
+                return;
+            }
+            *makers += 1;
+        }
         let me = self.clone();
         let key = key.clone();
         self.background(async move {
-            loop {
-                if me.closing() {
-                    return;
-                }
-                {
-                    let mut w = lock(me.warm());
-                    let have = w.ready.get(&key).map_or(0, VecDeque::len)
-                        + w.pending.get(&key).copied().unwrap_or(0);
-                    if w.target.get(&key).copied().unwrap_or(0) <= have {
-                        return;
-                    }
-                    *w.pending.entry(key.clone()).or_default() += 1;
-                }
-                let done = |w: &mut Warm| {
-                    if let Some(p) = w.pending.get_mut(&key) {
-                        *p = p.saturating_sub(1);
-                    }
-                };
-                let req = me.pool_request(&key, me.config().max_timeout_s);
-                let s = match me.create(req).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(template = %key.template, pool = key.workspace, error = %e, "warm pool refill");
-                        done(&mut lock(me.warm()));
-                        return;
-                    }
-                };
-                let warmups = lock(me.warm())
-                    .warmups
-                    .get(&key)
-                    .cloned()
-                    .unwrap_or_default();
-                for cmd in warmups {
-                    let run = ExecCommand {
-                        work: Work::Command(cmd),
-                        cwd: Some(RUN_DIR.to_owned()),
-                        env: Default::default(),
-                        timeout: Some(30.0),
-                    };
-                    if let Ok(events) = me.exec(&SandboxRef::internal(&s.id), run).await {
-                        collect(events).await;
-                    }
-                }
-                let mut w = lock(me.warm());
-                done(&mut w);
-                w.ready.entry(key.clone()).or_default().push_back(s.id);
+            me.make_ready(&key).await;
+            if let Some(m) = lock(me.warm()).makers.get_mut(&key) {
+                *m = m.saturating_sub(1);
             }
         });
+    }
+
+    /// One maker of pool `key`: makes sandboxes until the pool holds what it wants.
+    /// While a burst of takes goes on and the pool still holds its configured size,
+    /// it waits for a pause of [`QUIET`]: making a sandbox takes a core, and the
+    /// burst's hand-overs need them more.
+    async fn make_ready(self: &Arc<Self>, key: &PoolKey) {
+        loop {
+            if self.closing() {
+                return;
+            }
+            let pause = {
+                let mut w = lock(self.warm());
+                let now = Instant::now();
+                let ready = w.ready.get(key).map_or(0, VecDeque::len);
+                let have = ready + w.pending.get(key).copied().unwrap_or(0);
+                if w.want(key, self.config().warm_pool_max, now) <= have {
+                    return;
+                }
+                let floor = w.target.get(key).copied().unwrap_or(0);
+                let since = w.demand.get(key).map(|d| now.duration_since(d.last));
+                match since {
+                    Some(s) if s < QUIET && ready >= floor.max(1) => Some(QUIET - s),
+                    _ => {
+                        *w.pending.entry(key.clone()).or_default() += 1;
+                        None
+                    }
+                }
+            };
+            if let Some(p) = pause {
+                tokio::time::sleep(p).await;
+                continue;
+            }
+            let done = |w: &mut Warm| {
+                if let Some(p) = w.pending.get_mut(key) {
+                    *p = p.saturating_sub(1);
+                }
+            };
+            let req = self.pool_request(key, self.config().max_timeout_s);
+            let s = match self.create(req).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(template = %key.template, pool = key.workspace, error = %e, "warm pool refill");
+                    done(&mut lock(self.warm()));
+                    return;
+                }
+            };
+            let warmups = lock(self.warm())
+                .warmups
+                .get(key)
+                .cloned()
+                .unwrap_or_default();
+            for work in warmups {
+                // A REPL keeps its own directory.
+                let cwd = matches!(work, Work::Command(_)).then(|| RUN_DIR.to_owned());
+                let run = ExecCommand {
+                    work,
+                    cwd,
+                    env: Default::default(),
+                    timeout: Some(30.0),
+                };
+                if let Ok(events) = self.exec(&SandboxRef::internal(&s.id), run).await {
+                    collect(events).await;
+                }
+            }
+            let mut w = lock(self.warm());
+            done(&mut w);
+            w.ready.entry(key.clone()).or_default().push_back(s.id);
+        }
     }
 
     fn pool_request(&self, key: &PoolKey, timeout_s: u64) -> CreateRequest {
@@ -311,10 +437,64 @@ impl Manager {
 
     /// The id of a ready sandbox from pool `key`, if one is there (a refill starts).
     /// It may have ended meanwhile: callers check.
+    /// Every take counts towards the pool's demand, found ready or not: a burst
+    /// grows create's pool up to `warm_pool_max` (refilled by [`MAKERS`] at once,
+    /// after the burst while it still holds its configured size), and it shrinks back ([`Manager::trim_pools`]) once no such burst came for
+    /// [`DEMAND_MEMORY`].
     pub(crate) fn take_ready(self: &Arc<Self>, key: &PoolKey) -> Option<String> {
-        let id = lock(self.warm()).ready.get_mut(key)?.pop_front()?;
-        self.refill(key);
-        Some(id)
+        let now = Instant::now();
+        let (id, short) = {
+            let mut w = lock(self.warm());
+            // A pool turned off learns nothing.
+            if w.target.get(key).is_some_and(|n| *n > 0) {
+                w.demand
+                    .entry(key.clone())
+                    .or_insert_with(|| Demand::new(now))
+                    .take(now);
+            }
+            let id = w.ready.get_mut(key).and_then(VecDeque::pop_front);
+            let have = w.ready.get(key).map_or(0, VecDeque::len)
+                + w.pending.get(key).copied().unwrap_or(0);
+            (
+                id,
+                w.want(key, self.config().warm_pool_max, now)
+                    .saturating_sub(have),
+            )
+        };
+        for _ in 0..short.min(MAKERS) {
+            self.refill(key);
+        }
+        id
+    }
+
+    /// Ends the ready sandboxes pools keep beyond what they want now (a burst they
+    /// grew for is forgotten); the reaper calls it.
+    pub async fn trim_pools(&self) {
+        let now = Instant::now();
+        let extra: Vec<String> = {
+            let mut w = lock(self.warm());
+            let wants: Vec<(PoolKey, usize)> = w
+                .ready
+                .keys()
+                .map(|k| (k.clone(), w.want(k, self.config().warm_pool_max, now)))
+                .collect();
+            let mut extra = Vec::new();
+            for (k, want) in wants {
+                if let Some(q) = w.ready.get_mut(&k) {
+                    while q.len() > want {
+                        if let Some(id) = q.pop_back() {
+                            extra.push(id);
+                        }
+                    }
+                }
+            }
+            extra
+        };
+        for id in extra {
+            if let Err(e) = self.delete(&SandboxRef::internal(&id)).await {
+                tracing::warn!(sandbox = %id, error = %e, "trimming a warm pool");
+            }
+        }
     }
 
     /// A ready sandbox of `template` from its warm pool, if one is there and alive.
@@ -364,16 +544,21 @@ impl Manager {
         }
         let t0 = Instant::now();
         let life = req.timeout_s + 60;
-        let id = match self.take_warm(&lang.template, life).await {
-            Some(id) => id,
-            None => {
-                self.create(self.pool_request(&PoolKey::runner(&lang.template), life))
-                    .await?
-                    .id
+        let key = PoolKey::runner(&lang.template);
+        let (id, in_kernel) = match self.take_warm(&lang.template, life).await {
+            // Its kernel already runs when the pool started it (`Language::kernel`).
+            Some(id) => {
+                let warmed = lock(self.warm()).warmups.get(&key).is_some_and(|ws| {
+                    ws.iter().any(|w| {
+                        matches!(w, Work::Code { language, .. } if Some(*language) == lang.kernel)
+                    })
+                });
+                (id, warmed)
             }
+            None => (self.create(self.pool_request(&key, life)).await?.id, false),
         };
         let load = t0.elapsed();
-        let out = self.run_in(&id, &lang, &req).await;
+        let out = self.run_in(&id, &lang, &req, in_kernel).await;
         let exec = t0.elapsed() - load;
         let me = self.clone();
         self.background(async move {
@@ -399,6 +584,7 @@ impl Manager {
         id: &str,
         lang: &Language,
         req: &Execute,
+        in_kernel: bool,
     ) -> Result<Collected, CoreError> {
         let path = format!("{RUN_DIR}/{}", lang.file_name());
         let code = bytes::Bytes::from(req.code.clone().into_bytes());
@@ -427,7 +613,19 @@ impl Manager {
                 return Ok(built);
             }
         }
-        let mut ran = collect(self.exec(&SandboxRef::internal(id), sh(&lang.run)).await?).await;
+        let run = match (
+            in_kernel,
+            lang.kernel,
+            lang.kernel_cell(RUN_DIR, &lang.file_name()),
+        ) {
+            (true, Some(language), Some(code)) => ExecCommand {
+                work: Work::Code { language, code },
+                cwd: None,
+                ..sh("")
+            },
+            _ => sh(&lang.run),
+        };
+        let mut ran = collect(self.exec(&SandboxRef::internal(id), run).await?).await;
         // Compiler warnings come first, as a terminal would show them.
         built.stdout.push_str(&ran.stdout);
         built.stderr.push_str(&ran.stderr);
@@ -452,5 +650,32 @@ mod tests {
         let mut cut2 = false;
         push_capped(&mut small, "hi", &mut cut2);
         assert_eq!((small.as_str(), cut2), ("hi", false));
+    }
+
+    #[test]
+    fn a_pool_grows_to_its_largest_recent_burst_then_shrinks_back() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut d = Demand::new(t0);
+        assert_eq!(d.want(2, 32, t0), 2);
+        // 30 takes 2 ms apart: one burst of 30.
+        for i in 0..30 {
+            d.take(ms(i * 2));
+        }
+        assert_eq!(d.want(2, 32, ms(100)), 30);
+        assert_eq!(d.want(2, 16, ms(100)), 16, "the ceiling bounds it");
+        assert_eq!(d.want(0, 32, ms(100)), 0, "a pool turned off stays off");
+        // Takes more than a second apart are bursts of one: the peak stays.
+        d.take(ms(5_000));
+        d.take(ms(10_000));
+        assert_eq!(d.want(2, 32, ms(10_000)), 30);
+        // Remembered for DEMAND_MEMORY after the burst, then back to the floor.
+        let later = ms(60) + DEMAND_MEMORY + Duration::from_secs(1);
+        assert_eq!(d.want(2, 32, later), 2);
+        // A new burst after that sets a new, smaller peak.
+        for i in 0..5 {
+            d.take(later + Duration::from_millis(i * 10));
+        }
+        assert_eq!(d.want(2, 32, later + Duration::from_secs(1)), 5);
     }
 }

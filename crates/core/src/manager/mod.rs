@@ -59,6 +59,10 @@ pub struct ManagerConfig {
     /// Runtime of sandboxes whose create request names none (`None`: the primary one,
     /// the first given to [`Manager::with_runtimes`]).
     pub default_runtime: Option<String>,
+    /// Most ready sandboxes create's warm pool grows to for a burst of takes (never
+    /// below its configured size): each costs about 1 MiB of host memory idle. The
+    /// runner's pools (warm REPLs, ~18 MiB each) keep their configured size.
+    pub warm_pool_max: usize,
 }
 
 impl Default for ManagerConfig {
@@ -77,6 +81,7 @@ impl Default for ManagerConfig {
             pids_max: 512,
             languages: Arc::new(crate::languages::Languages::builtin().unwrap_or_default()),
             default_runtime: None,
+            warm_pool_max: 32,
         }
     }
 }

@@ -14,6 +14,7 @@ impl Manager {
                 tick.tick().await;
                 let Some(me) = weak.upgrade() else { break };
                 me.reap_once().await;
+                me.trim_pools().await;
             }
         })
     }
