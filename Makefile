@@ -21,7 +21,7 @@ TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: disk-check bench-cluster test-cluster deploy-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: ts-deps test-ts disk-check bench-cluster test-cluster deploy-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -58,6 +58,19 @@ SDK_VENV := $(CURDIR)/target/sdk-venv
 sdk-deps: deps
 	@[ -x $(SDK_VENV)/bin/python ] || python3 -m venv $(SDK_VENV)
 	@$(SDK_VENV)/bin/pip install -q -e 'sdk/python[test]' schemathesis
+
+# The TypeScript SDK (sdk/typescript) has no dependencies; its type check uses a pinned
+# TypeScript from npm, in target/ts-deps.
+TS_DEPS := $(CURDIR)/target/ts-deps
+ts-deps: deps
+	@[ -x $(TS_DEPS)/node_modules/.bin/tsc ] || (mkdir -p $(TS_DEPS) && cd $(TS_DEPS) && \
+	  echo '{"private": true}' >package.json && npm install --silent --no-audit --no-fund typescript@5.6.3)
+
+# The TypeScript SDK: its node --test suite against a real server, then `npm pack`
+# installed, imported and type-checked (scripts/check-ts-package.sh).
+test-ts: ts-deps agent build
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox FORKBOX_AGENT_BIN=$(CURDIR)/target/agent/forkbox-agent node --test sdk/typescript/test/
+	scripts/check-ts-package.sh $(TS_DEPS)
 
 # The real third-party clients from PyPI, pinned, in a venv of their own (forkbox's
 # SDK ships a `podflare` alias module that would shadow the real one): tests/clients.
@@ -137,13 +150,15 @@ TEST_SCAN := scripts/host-scan.sh --pool $(TEST_POOL) --dirs '/tmp/forkbox-e2e-*
 # run if anything of it is left on the host.
 # A clean run builds once: incremental caches would only take disk.
 test: export CARGO_INCREMENTAL = 0
-test: disk-check vm-deps agent probe build lint deploy-check sdk-deps clients-deps fuzz-smoke
+test: disk-check vm-deps agent probe build lint deploy-check sdk-deps ts-deps clients-deps fuzz-smoke
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL)
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) base
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) code-interpreter
 	FORKBOX_TEST_POOL=$(TEST_POOL) scripts/with-postgres.sh $(CARGO) test --workspace -- --test-threads=4
 	CARGO="$(CARGO)" scripts/with-postgres.sh scripts/core-tests-unprivileged.sh
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(SDK_VENV)/bin/python -m pytest -q sdk/python/tests
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox FORKBOX_AGENT_BIN=$(CURDIR)/target/agent/forkbox-agent node --test sdk/typescript/test/
+	scripts/check-ts-package.sh $(TS_DEPS)
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(CLIENTS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/clients
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox SDK_VENV=$(SDK_VENV) $(SDK_VENV)/bin/python tests/fuzz/schemathesis_run.py
 	$(MAKE) test-vm

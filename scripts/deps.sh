@@ -42,6 +42,12 @@ missing_tools() {
   echo "${out[@]:-}"
 }
 
+# npm (the TypeScript SDK's `npm pack` check): Debian's own package, unless an npm is
+# already there — a nodejs from elsewhere (e.g. NodeSource) bundles one and conflicts
+# with Debian's, and apt would remove that nodejs to install it.
+tools+=(npm)
+command -v npm >/dev/null 2>&1 || pkgs+=(npm)
+
 missing=()
 for p in "${pkgs[@]}"; do installed "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -eq 0 ] && [ -z "$(missing_tools)" ]; then

@@ -45,6 +45,30 @@ fn run(cmd: &mut Command) -> Result<(), PoolError> {
 }
 
 impl Pool {
+    /// Formats `<root>.img` (sparse, `size_gb`) if it does not exist and mounts it at
+    /// `root`.
+    fn mount_image(root: &Path, size_gb: u64) -> Result<(), PoolError> {
+        let img = root.with_extension("img");
+        if !img.exists() {
+            tracing::info!(image = %img.display(), size_gb, "creating btrfs pool image");
+            let tmp = root.with_extension("img.tmp");
+            let f = std::fs::File::create(&tmp).map_err(|e| PoolError::Image(tmp.clone(), e))?;
+            f.set_len(size_gb << 30)
+                .map_err(|e| PoolError::Image(tmp.clone(), e))?;
+            drop(f);
+            run(Command::new("mkfs.btrfs").arg("-q").arg(&tmp))?;
+            std::fs::rename(&tmp, &img).map_err(|e| PoolError::Image(img.clone(), e))?;
+        }
+        run(Command::new("mount")
+            .args(["-t", "btrfs", "-o", "loop,noatime"])
+            .arg(&img)
+            .arg(root))?;
+        if !forkbox_sys::btrfs::is_btrfs(root)? {
+            return Err(PoolError::NotBtrfs(root.into()));
+        }
+        Ok(())
+    }
+
     /// Opens the pool at `root`, formatting and mounting `<root>.img` (sparse,
     /// `size_gb`) when `root` is not on btrfs.
     /// `disk_limits`: the btrfs quota mode that gives each sandbox a disk limit.
@@ -55,24 +79,19 @@ impl Pool {
     pub fn open(root: &Path, size_gb: u64, disk_limits: QuotaMode) -> Result<Pool, PoolError> {
         std::fs::create_dir_all(root).map_err(|e| PoolError::Dir(root.into(), e))?;
         if !forkbox_sys::btrfs::is_btrfs(root)? {
-            let img = root.with_extension("img");
-            if !img.exists() {
-                tracing::info!(image = %img.display(), size_gb, "creating btrfs pool image");
-                let tmp = root.with_extension("img.tmp");
-                let f =
-                    std::fs::File::create(&tmp).map_err(|e| PoolError::Image(tmp.clone(), e))?;
-                f.set_len(size_gb << 30)
-                    .map_err(|e| PoolError::Image(tmp.clone(), e))?;
-                drop(f);
-                run(Command::new("mkfs.btrfs").arg("-q").arg(&tmp))?;
-                std::fs::rename(&tmp, &img).map_err(|e| PoolError::Image(img.clone(), e))?;
-            }
-            run(Command::new("mount")
-                .args(["-t", "btrfs", "-o", "loop,noatime"])
-                .arg(&img)
-                .arg(root))?;
+            // Servers starting at once on one pool: one formats and mounts the image
+            // while the others wait, then find it mounted.
+            let lock = root.with_extension("img.lock");
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock)
+                .map_err(|e| PoolError::Image(lock.clone(), e))?;
+            let _held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| PoolError::Image(lock.clone(), e.into()))?;
             if !forkbox_sys::btrfs::is_btrfs(root)? {
-                return Err(PoolError::NotBtrfs(root.into()));
+                Pool::mount_image(root, size_gb)?;
             }
         }
         for d in ["templates", "sandboxes", "snapshots"] {
@@ -175,6 +194,38 @@ mod tests {
             }
         }
         (mib, None)
+    }
+
+    /// Servers starting at once on one pool: every one opens it, its image is made
+    /// and mounted once (before, a second `mount` of the image failed the start).
+    #[test]
+    fn pools_opened_at_once_mount_their_image_once() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("forkbox-race-test-{}", std::process::id()));
+        let root = dir.join("pool");
+        std::fs::create_dir_all(&root).unwrap();
+        let opened: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|_| s.spawn(|| Pool::open(&root, 1, QuotaMode::Off).is_ok()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(root.to_str().unwrap()))
+            .count();
+        while Command::new("umount")
+            .arg(&root)
+            .status()
+            .is_ok_and(|s| s.success())
+        {}
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(opened, vec![true; 6]);
+        assert_eq!(mounts, 1);
     }
 
     /// Snapshots go through a private directory and are renamed into place: many at
