@@ -24,7 +24,7 @@ use forkbox_core::auth::Principal;
 use forkbox_core::{
     CreateRequest, ExecCommand, ListFilter, OnTimeout, Sandbox, SandboxRef, VolumeMount, Work,
 };
-use forkbox_types::agent::{FileInfo, FileKind, FileOp, FileOpReply, Language};
+use forkbox_types::agent::{FileInfo, FileKind, FileOp, FileOpReply};
 use forkbox_types::exec::EventKind;
 use futures_util::StreamExt as _;
 use serde::Deserialize;
@@ -675,35 +675,11 @@ async fn create_context(
     Sbx(id): Sbx,
     JsonBody(b): JsonBody<ContextBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let lang = b.language.as_deref().unwrap_or("python");
-    if Language::parse(lang) != Some(Language::Python) {
-        return Err(ApiError::NotOffered(format!(
-            "code contexts are Python only here ({lang:?}); the sandbox's persistent {lang} REPL is POST /v1/sandboxes/{{id}}/exec {{\"code\", \"language\"}} on forkbox's own API"
-        )));
-    }
-    let ctx = forkbox_core::ids::new("ctx");
-    let r = crate::contexts::call(&st, &id, "new", &ctx, "", None).await?;
-    if r.answer.is_none() {
-        return Err(ApiError::Internal(format!(
-            "the Python REPL did not make the context (exit {}): {}",
-            r.exit, r.stderr
-        )));
-    }
+    let ctx = crate::contexts::open(&st, &id, b.language.as_deref()).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"id": ctx, "language": "python"})),
     ))
-}
-
-/// The context id from the path, when it is one.
-fn context_id(ctx: &str) -> Result<&str, ApiError> {
-    if forkbox_core::ids::is_valid("ctx", ctx) {
-        Ok(ctx)
-    } else {
-        Err(ApiError::Core(forkbox_core::CoreError::Invalid(format!(
-            "{ctx:?} is not a code context id"
-        ))))
-    }
 }
 
 /// `DELETE …/repl/sessions/:ctx`: its namespace is dropped (404 when there is none).
@@ -712,11 +688,8 @@ async fn delete_context(
     Sbx(id): Sbx,
     PathArgs((_, ctx)): PathArgs<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let r = crate::contexts::call(&st, &id, "del", context_id(&ctx)?, "", None).await?;
-    match r.answer.as_ref().and_then(|a| a["ok"].as_bool()) {
-        Some(true) => Ok(StatusCode::NO_CONTENT),
-        _ => Err(ApiError::NotFound(format!("code context {ctx} not found"))),
-    }
+    crate::contexts::close(&st, &id, &ctx).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]
@@ -738,30 +711,14 @@ async fn run_in_context(
 ) -> Result<Json<Value>, ApiError> {
     let t0 = std::time::Instant::now();
     let timeout = b.timeout_ms.filter(|t| *t > 0).map(|t| t as f64 / 1000.0);
-    let r = crate::contexts::call(&st, &id, "run", context_id(&ctx)?, &b.code, timeout).await?;
-    let duration_ms = t0.elapsed().as_millis() as u64;
-    let Some(answer) = r.answer else {
-        // The cell ended the REPL (os._exit, a crash): every context went with it.
-        return Ok(Json(json!({
-            "results": [], "stdout": r.stdout, "stderr": r.stderr,
-            "error": format!("the Python REPL exited (status {}); its code contexts are gone", r.exit),
-            "exit_code": if r.exit == 0 { 1 } else { r.exit },
-            "duration_ms": duration_ms,
-        })));
-    };
-    if answer["missing"].as_bool() == Some(true) {
-        return Err(ApiError::NotFound(format!(
-            "code context {ctx} not found (closed, or the sandbox's REPL restarted)"
-        )));
-    }
-    let error = answer["error"].as_str().map(str::to_owned);
+    let r = crate::contexts::run(&st, &id, &ctx, &b.code, timeout).await?;
     Ok(Json(json!({
-        "results": answer["results"],
+        "results": r.results,
         "stdout": r.stdout,
         "stderr": r.stderr,
-        "exit_code": i32::from(error.is_some()),
-        "error": error,
-        "duration_ms": duration_ms,
+        "exit_code": r.exit_code,
+        "error": r.error,
+        "duration_ms": t0.elapsed().as_millis() as u64,
     })))
 }
 

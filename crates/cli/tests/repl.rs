@@ -166,3 +166,80 @@ async fn javascript_and_bash_kernels_keep_state() {
     assert_eq!(py(&s, &id, "2 ** 10").await.0, "1024\n");
     assert_eq!(s.delete(&id).await, 204);
 }
+
+/// Code contexts: namespaces of their own in the sandbox's Python REPL, each keeping
+/// its state apart from the others and from the REPL's own; a fork carries them.
+#[tokio::test]
+async fn code_contexts_keep_separate_state_and_fork_with_the_sandbox() {
+    let s = Server::start();
+    let id = s.create_id().await;
+    let new_ctx = || async {
+        let (st, v) = common::post(&s, &format!("/v1/sandboxes/{id}/contexts"), json!({})).await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(v["language"], "python");
+        v["id"].as_str().unwrap().to_owned()
+    };
+    let run = |sb: String, ctx: String, code: &'static str| {
+        let s = &s;
+        async move {
+            common::post(
+                s,
+                &format!("/v1/sandboxes/{sb}/contexts/{ctx}/run"),
+                json!({ "code": code }),
+            )
+            .await
+        }
+    };
+    let (a, b) = (new_ctx().await, new_ctx().await);
+    assert_eq!(run(id.clone(), a.clone(), "x = 'in a'").await.0, 200);
+    assert_eq!(run(id.clone(), b.clone(), "x = 'in b'").await.0, 200);
+    py(&s, &id, "x = 'in the REPL'").await;
+    let (st, r) = run(id.clone(), a.clone(), "print(x)\nx + '!'").await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["stdout"], "in a\n");
+    assert_eq!(r["results"][0]["text/plain"], "'in a!'");
+    assert_eq!(
+        run(id.clone(), b.clone(), "print(x)").await.1["stdout"],
+        "in b\n"
+    );
+    assert_eq!(py(&s, &id, "print(x)").await.0, "in the REPL\n");
+    let (_, r) = run(id.clone(), a.clone(), "1 / 0").await;
+    assert_eq!(r["exit_code"], 1);
+    assert!(
+        r["error"].as_str().unwrap().contains("ZeroDivisionError"),
+        "{r}"
+    );
+    // Python only; unknown or closed contexts are 404; a bad id is 400.
+    let (st, _) = common::post(
+        &s,
+        &format!("/v1/sandboxes/{id}/contexts"),
+        json!({"language": "javascript"}),
+    )
+    .await;
+    assert_eq!(st, 501);
+    assert_eq!(
+        run(id.clone(), "ctx-0000000000000000".into(), "1").await.0,
+        404
+    );
+    assert_eq!(run(id.clone(), "nope".into(), "1").await.0, 400);
+    // A fork's children have the contexts, with their state.
+    let (st, f) = common::post(&s, &format!("/v1/sandboxes/{id}/fork"), json!({"n": 1})).await;
+    assert_eq!(st, 200, "{f}");
+    let kid = f["children"][0].as_str().unwrap().to_owned();
+    assert_eq!(
+        run(kid.clone(), b.clone(), "print(x)").await.1["stdout"],
+        "in b\n"
+    );
+    // Closed: gone in the parent, still there in the child.
+    let r = s
+        .http
+        .delete(s.url(&format!("/v1/sandboxes/{id}/contexts/{b}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(run(id.clone(), b.clone(), "print(x)").await.0, 404);
+    assert_eq!(run(kid.clone(), b.clone(), "print(x)").await.0, 200);
+    assert_eq!(s.delete(&kid).await, 204);
+    assert_eq!(s.delete(&id).await, 204);
+}

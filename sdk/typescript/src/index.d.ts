@@ -161,11 +161,32 @@ export declare class Sandbox {
   exec(cmd: string, opts?: ExecOptions): Promise<Execution>;
   /** Lifecycle events (created, paused, forked, …). */
   events(opts?: { follow?: boolean; tail?: number; signal?: AbortSignal }): AsyncIterableIterator<Record<string, unknown>>;
+  /** A code context: a Python namespace of its own in the sandbox's REPL. */
+  createContext(opts?: { language?: "python" }): Promise<Context>;
+  /** A context made earlier (after a fork, the child has the parent's contexts). */
+  context(id: string): Context;
   /** TCP ports something listens on in the sandbox. */
   ports(): Promise<Port[]>;
   /** The URL of `port` by path on this server (the API's auth applies). */
   portUrl(port: number, path?: string): string;
   [Symbol.asyncDispose](): Promise<void>;
+}
+
+export interface ContextRun {
+  /** MIME bundles of the last expression (`text/plain`, `text/html`, `image/png`, …). */
+  results: Array<Record<string, string>>;
+  stdout: string;
+  stderr: string;
+  /** The traceback of an uncaught exception. */
+  error: string | null;
+  exitCode: number;
+}
+
+/** A code context: its own variables, apart from other contexts and the REPL's. */
+export declare class Context {
+  readonly id: string;
+  run(code: string, opts?: { timeout?: number }): Promise<ContextRun>;
+  close(): Promise<void>;
 }
 
 export interface FileEntry {

@@ -361,6 +361,17 @@ export class Sandbox {
     for await (const m of sse(res.body)) yield m.data;
   }
 
+  /** A code context: a Python namespace of its own in the sandbox's REPL. */
+  async createContext({ language = "python" } = {}) {
+    const v = await this.client.json("POST", this.path("/contexts"), { language });
+    return new Context(this, v.id);
+  }
+
+  /** A context made earlier (after a fork, the child has the parent's contexts). */
+  context(id) {
+    return new Context(this, id);
+  }
+
   /** TCP ports something listens on in the sandbox, with where each is reached. */
   async ports() {
     return (await (await this.client.request("GET", this.path("/ports"))).json()).ports;
@@ -369,6 +380,29 @@ export class Sandbox {
   /** The URL of `port` by path on this server (the API's auth applies). */
   portUrl(port, path = "/") {
     return `${this.client.baseUrl}${this.path(`/ports/${port}`)}${path.startsWith("/") ? path : `/${path}`}`;
+  }
+}
+
+/** A code context: its own variables, apart from other contexts and the REPL's. */
+export class Context {
+  constructor(sb, id) {
+    this.sb = sb;
+    this.id = id;
+  }
+  /** Runs a cell: `results` (MIME bundles of the last expression), stdout, stderr,
+   * `error` (a traceback) and `exitCode`. */
+  async run(code, { timeout } = {}) {
+    const body = { code };
+    if (timeout !== undefined) body.timeout = timeout;
+    const v = await this.sb.client.json(
+      "POST",
+      this.sb.path(`/contexts/${encodeURIComponent(this.id)}/run`),
+      body,
+    );
+    return { results: v.results, stdout: v.stdout, stderr: v.stderr, error: v.error ?? null, exitCode: v.exit_code };
+  }
+  async close() {
+    await this.sb.client.request("DELETE", this.sb.path(`/contexts/${encodeURIComponent(this.id)}`));
   }
 }
 

@@ -174,6 +174,30 @@ test("pause, resume, hibernate, wake, timeout and lifecycle events", async () =>
   await sb.kill(); // already gone is fine
 });
 
+test("code contexts keep their own state, and a fork carries them", async () => {
+  const sb = await Sandbox.create({ client });
+  try {
+    const a = await sb.createContext();
+    const b = await sb.createContext();
+    await a.run("x = 1");
+    await b.run("x = 2");
+    const r = await a.run("print(x)\nx * 10");
+    assert.equal(r.stdout, "1\n");
+    assert.equal(r.results[0]["text/plain"], "10");
+    assert.equal((await b.run("print(x)")).stdout, "2\n");
+    const err = await a.run("1/0");
+    assert.equal(err.exitCode, 1);
+    assert.match(err.error, /ZeroDivisionError/);
+    const [kid] = await sb.fork(1);
+    assert.equal((await kid.context(b.id).run("print(x)")).stdout, "2\n");
+    await b.close();
+    await assert.rejects(b.run("x"), NotFound);
+    await kid.kill();
+  } finally {
+    await sb.kill();
+  }
+});
+
 test("ports: a server in the sandbox is listed and reached by path", async () => {
   const sb = await Sandbox.create({ client });
   try {

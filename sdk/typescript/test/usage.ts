@@ -16,6 +16,10 @@ export async function usage(): Promise<void> {
   const bytes: Uint8Array = await sb.files.read("/root/a");
   const kids: Sandbox[] = await sb.fork(2);
   await sb.mergeInto(kids[0]);
+  const ctx = await sb.createContext();
+  const ran = await ctx.run("1 + 1", { timeout: 5 });
+  console.log(ran.results[0]?.["text/plain"], ran.error, ran.exitCode);
+  await ctx.close();
   const ports: Port[] = await sb.ports();
   console.log(bytes.length, ports.map((p) => p.port), sb.portUrl(8000, "/"));
   await sb.pause();
