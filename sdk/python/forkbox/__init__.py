@@ -4,7 +4,7 @@ Sync: :class:`Sandbox`, :class:`Client`. Async: :class:`AsyncSandbox`,
 :class:`AsyncClient`. Errors are :class:`ForkboxError` subclasses carrying the server's
 message, HTTP status and stable code.
 """
-from ._async import AsyncClient, AsyncSandbox
+from ._async import AsyncClient, AsyncContext, AsyncSandbox
 from ._common import (
     BadRequest,
     Conflict,
@@ -16,16 +16,18 @@ from ._common import (
     ServerError,
     TooLarge,
 )
-from ._sync import Client, Command, Commands, Files, Sandbox
+from ._sync import Client, Command, Commands, Context, Files, Sandbox
 
 __all__ = [
     "AsyncClient",
+    "AsyncContext",
     "AsyncSandbox",
     "BadRequest",
     "Client",
     "Command",
     "Commands",
     "Conflict",
+    "Context",
     "Event",
     "Execution",
     "Files",

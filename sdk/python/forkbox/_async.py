@@ -171,6 +171,17 @@ class AsyncSandbox:
             out.add(ev)
         return out
 
+    async def create_context(self, language: str = "python") -> "AsyncContext":
+        """A code context: a Python namespace of its own in the sandbox's REPL."""
+        v = await self.client.json("POST", await self._path("/contexts"), {"language": language})
+        return AsyncContext(self, v["id"])
+
+    def context(self, context_id: str) -> "AsyncContext":
+        return AsyncContext(self, context_id)
+
+    async def ports(self) -> List[Dict[str, Any]]:
+        return (await self.client.request("GET", await self._path("/ports"))).json()["ports"]
+
     async def read_file(self, path: str) -> bytes:
         return (await self.client.request("GET", await self._path("/files"), params={"path": path})).content
 
@@ -183,3 +194,20 @@ class AsyncSandbox:
     async def list_files(self, path: str = "/root") -> List[Dict[str, Any]]:
         r = await self.client.request("GET", await self._path("/files/ls"), params={"path": path})
         return r.json()["entries"]
+
+
+class AsyncContext:
+    """A code context: its own variables, apart from other contexts and the REPL's."""
+
+    def __init__(self, sb: AsyncSandbox, context_id: str) -> None:
+        self._sb = sb
+        self.id = context_id
+
+    async def run(self, code: str, timeout: Optional[float] = None) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"code": code}
+        if timeout is not None:
+            body["timeout"] = timeout
+        return await self._sb.client.json("POST", await self._sb._path(f"/contexts/{self.id}/run"), body)
+
+    async def close(self) -> None:
+        await self._sb.client.request("DELETE", await self._sb._path(f"/contexts/{self.id}"))

@@ -244,6 +244,23 @@ class Sandbox:
             out.add(ev)
         return out
 
+    def create_context(self, language: str = "python") -> "Context":
+        """A code context: a Python namespace of its own in the sandbox's REPL."""
+        v = self.client.json("POST", self._path("/contexts"), {"language": language})
+        return Context(self, v["id"])
+
+    def context(self, context_id: str) -> "Context":
+        """A context made earlier (a fork's children have their parent's)."""
+        return Context(self, context_id)
+
+    def ports(self) -> List[Dict[str, Any]]:
+        """TCP ports something listens on in the sandbox, with where each is reached."""
+        return self.client.request("GET", self._path("/ports")).json()["ports"]
+
+    def port_url(self, port: int, path: str = "/") -> str:
+        """The URL of `port` by path on this server (the API's auth applies)."""
+        return f"{self.client.base_url}{self._path(f'/ports/{port}')}/{path.lstrip('/')}"
+
     def events(self, follow: bool = False, tail: int = 200) -> Iterator[Dict[str, Any]]:
         """Lifecycle events (created, paused, forked, …)."""
         params = {"follow": int(follow), "tail": tail}
@@ -252,6 +269,25 @@ class Sandbox:
             for chunk in r.iter_text():
                 for m in p.feed(chunk):
                     yield m.json()
+
+
+class Context:
+    """A code context: its own variables, apart from other contexts and the REPL's."""
+
+    def __init__(self, sb: Sandbox, context_id: str) -> None:
+        self._sb = sb
+        self.id = context_id
+
+    def run(self, code: str, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Runs a cell: `results` (MIME bundles of the last expression), `stdout`,
+        `stderr`, `error` (a traceback or None), `exit_code`."""
+        body: Dict[str, Any] = {"code": code}
+        if timeout is not None:
+            body["timeout"] = timeout
+        return self._sb.client.json("POST", self._sb._path(f"/contexts/{self.id}/run"), body)
+
+    def close(self) -> None:
+        self._sb.client.request("DELETE", self._sb._path(f"/contexts/{self.id}"))
 
 
 class Files:

@@ -129,6 +129,44 @@ def test_lifecycle_snapshot_hibernate_and_events():
     client.close()
 
 
+def test_code_contexts_and_ports():
+    with Sandbox() as s:
+        a, b = s.create_context(), s.create_context()
+        a.run("x = 1")
+        b.run("x = 2")
+        r = a.run("print(x)\nx * 10")
+        assert (r["stdout"], r["results"][0]["text/plain"], r["exit_code"]) == ("1\n", "10", 0)
+        assert b.run("print(x)")["stdout"] == "2\n"
+        assert "ZeroDivisionError" in a.run("1/0")["error"]
+        kid = s.fork(1)[0]
+        assert kid.context(b.id).run("print(x)")["stdout"] == "2\n"
+        b.close()
+        with pytest.raises(forkbox.NotFound):
+            b.run("x")
+        kid.kill()
+        s.files.write("/root/www/hi.txt", "hi from the sandbox\n")
+        s.commands.start("cd /root/www && exec python3 -m http.server 8000")
+        for _ in range(100):
+            if any(p["port"] == 8000 for p in s.ports()):
+                break
+            import time
+
+            time.sleep(0.1)
+        assert [p["path"] for p in s.ports() if p["port"] == 8000] == [f"/v1/sandboxes/{s.id}/ports/8000/"]
+        assert s.client.request("GET", s.port_url(8000, "hi.txt")).text == "hi from the sandbox\n"
+
+    async def main():
+        async with AsyncSandbox() as s:
+            c = await s.create_context()
+            await c.run("z = 5")
+            assert (await c.run("print(z)"))["stdout"] == "5\n"
+            assert (await s.run_code("print('z' in globals())")).stdout == "False\n"
+            await c.close()
+            assert await s.ports() == []
+
+    asyncio.run(main())
+
+
 def test_async_sandbox():
     async def main():
         async with AsyncSandbox() as s:
