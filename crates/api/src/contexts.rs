@@ -236,6 +236,15 @@ pub async fn create(
     crate::owned::Sbx(id): crate::owned::Sbx,
     crate::extract::JsonBody(b): crate::extract::JsonBody<NewContextBody>,
 ) -> Result<(axum::http::StatusCode, axum::Json<ContextView>), ApiError> {
+    // Forkbox's own API refuses what it cannot do as a bad request (a dialect says 501).
+    if let Some(l) = b.language.as_deref() {
+        if Language::parse(l) != Some(Language::Python) {
+            return Err(ApiError::BadRequest(format!(
+                "code contexts are Python only (language {l:?}); a sandbox's {l} REPL is \
+                 POST /v1/sandboxes/{{id}}/exec {{\"code\", \"language\"}}"
+            )));
+        }
+    }
     let ctx = open(&st, &id, b.language.as_deref()).await?;
     Ok((
         axum::http::StatusCode::CREATED,

@@ -216,7 +216,7 @@ async fn code_contexts_keep_separate_state_and_fork_with_the_sandbox() {
         json!({"language": "javascript"}),
     )
     .await;
-    assert_eq!(st, 501);
+    assert_eq!(st, 400);
     assert_eq!(
         run(id.clone(), "ctx-0000000000000000".into(), "1").await.0,
         404
