@@ -99,18 +99,20 @@ pub async fn call(
     })
 }
 
-/// A context opened: a new id, after the REPL made its namespace. Python only.
-pub async fn open(
-    st: &AppState,
-    id: &SandboxRef,
-    language: Option<&str>,
-) -> Result<String, ApiError> {
+/// Why a context cannot be in `language` (`None`: Python, the default), if it cannot:
+/// forkbox's API answers it as a bad request, a dialect as "not offered".
+pub fn not_python(language: Option<&str>) -> Option<String> {
     let lang = language.unwrap_or("python");
-    if Language::parse(lang) != Some(Language::Python) {
-        return Err(ApiError::NotOffered(format!(
-            "code contexts are Python only here ({lang:?}); the sandbox's persistent {lang} REPL is POST /v1/sandboxes/{{id}}/exec {{\"code\", \"language\"}}"
-        )));
-    }
+    (Language::parse(lang) != Some(Language::Python)).then(|| {
+        format!(
+            "code contexts are Python only here ({lang:?}); the sandbox's persistent {lang} \
+             REPL is POST /v1/sandboxes/{{id}}/exec {{\"code\", \"language\"}}"
+        )
+    })
+}
+
+/// A Python context opened: a new id, after the REPL made its namespace.
+pub async fn open(st: &AppState, id: &SandboxRef) -> Result<String, ApiError> {
     let ctx = forkbox_core::ids::new("ctx");
     let r = call(st, id, "new", &ctx, "", None).await?;
     if r.answer.is_none() {
@@ -236,16 +238,10 @@ pub async fn create(
     crate::owned::Sbx(id): crate::owned::Sbx,
     crate::extract::JsonBody(b): crate::extract::JsonBody<NewContextBody>,
 ) -> Result<(axum::http::StatusCode, axum::Json<ContextView>), ApiError> {
-    // Forkbox's own API refuses what it cannot do as a bad request (a dialect says 501).
-    if let Some(l) = b.language.as_deref() {
-        if Language::parse(l) != Some(Language::Python) {
-            return Err(ApiError::BadRequest(format!(
-                "code contexts are Python only (language {l:?}); a sandbox's {l} REPL is \
-                 POST /v1/sandboxes/{{id}}/exec {{\"code\", \"language\"}}"
-            )));
-        }
+    if let Some(why) = not_python(b.language.as_deref()) {
+        return Err(ApiError::BadRequest(why));
     }
-    let ctx = open(&st, &id, b.language.as_deref()).await?;
+    let ctx = open(&st, &id).await?;
     Ok((
         axum::http::StatusCode::CREATED,
         axum::Json(ContextView {

@@ -675,7 +675,10 @@ async fn create_context(
     Sbx(id): Sbx,
     JsonBody(b): JsonBody<ContextBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let ctx = crate::contexts::open(&st, &id, b.language.as_deref()).await?;
+    if let Some(why) = crate::contexts::not_python(b.language.as_deref()) {
+        return Err(ApiError::NotOffered(why));
+    }
+    let ctx = crate::contexts::open(&st, &id).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"id": ctx, "language": "python"})),

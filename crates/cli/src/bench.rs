@@ -354,9 +354,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     /// Creates in a row of the burst rows.
     const BURST: usize = 30;
 
-    // create → ready, cold (no pool): each sandbox deleted after it was measured.
-    let mut create = Vec::with_capacity(n);
-    for i in 0..n + 2 {
+    // One create over HTTP: its time and the sandbox's id.
+    let create_one = || async {
         let t = Instant::now();
         let r = http
             .post(format!("{base}/v1/sandboxes"))
@@ -375,8 +374,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .as_str()
             .unwrap_or_default()
             .to_owned();
+        Ok::<_, anyhow::Error>((ms(took), id))
+    };
+
+    // create → ready, cold (no pool): each sandbox deleted after it was measured.
+    let mut create = Vec::with_capacity(n);
+    for i in 0..n + 2 {
+        let (took, id) = create_one().await?;
         if i >= 2 {
-            create.push(ms(took));
+            create.push(took);
         }
         http.delete(format!("{base}/v1/sandboxes/{id}"))
             .send()
@@ -405,23 +411,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-    };
-    let create_one = || async {
-        let t = Instant::now();
-        let r = http
-            .post(format!("{base}/v1/sandboxes"))
-            .json(&serde_json::json!({}))
-            .send()
-            .await?;
-        let took = t.elapsed();
-        if r.status() != 201 {
-            bail!("create answered {}", r.status());
-        }
-        let id = r.json::<serde_json::Value>().await?["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        Ok::<_, anyhow::Error>((ms(took), id))
     };
     let burst = || async {
         let mut took = Vec::with_capacity(BURST);

@@ -233,24 +233,11 @@ async fn three_nodes_serve_one_api() {
     // A path the router decodes but forwarding does not see is refused by the node
     // that lacks the files, not half done.
     let encoded = format!("/v1/volumes/%76{}", &vol[1..]);
-    let r = c.http.delete(c.url(&encoded)).send().await.unwrap();
-    assert_eq!(r.status(), 421);
+    assert_eq!(c.delete_at(&encoded).await, 421);
     assert_eq!(get(&a, &format!("/v1/volumes/{vol}")).await.0, 200);
-    let r = c
-        .http
-        .delete(c.url(&format!("/v1/volumes/{vol}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    assert_eq!(c.delete_at(&format!("/v1/volumes/{vol}")).await, 204);
     assert_eq!(get(&a, &format!("/v1/volumes/{vol}")).await.0, 404);
-    let r = b
-        .http
-        .delete(b.url(&format!("/v1/snapshots/{snap}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    assert_eq!(b.delete_at(&format!("/v1/snapshots/{snap}")).await, 204);
 
     // A quota holds under concurrent creates spread over the three nodes.
     let (_, ws_view) = get(&a, "/v1/auth/workspaces/default").await;

@@ -231,13 +231,11 @@ async fn code_contexts_keep_separate_state_and_fork_with_the_sandbox() {
         "in b\n"
     );
     // Closed: gone in the parent, still there in the child.
-    let r = s
-        .http
-        .delete(s.url(&format!("/v1/sandboxes/{id}/contexts/{b}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    assert_eq!(
+        s.delete_at(&format!("/v1/sandboxes/{id}/contexts/{b}"))
+            .await,
+        204
+    );
     assert_eq!(run(id.clone(), b.clone(), "print(x)").await.0, 404);
     assert_eq!(run(kid.clone(), b.clone(), "print(x)").await.0, 200);
     assert_eq!(s.delete(&kid).await, 204);

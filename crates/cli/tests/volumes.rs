@@ -50,13 +50,7 @@ async fn volumes_are_shared_persistent_and_limited() {
     assert_eq!(out, "from-a\n");
 
     // Mounted: cannot be deleted.
-    let r = s
-        .http
-        .delete(s.url(&format!("/v1/volumes/{vol}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 409);
+    assert_eq!(s.delete_at(&format!("/v1/volumes/{vol}")).await, 409);
     for id in [&child, &a, &b] {
         assert_eq!(s.delete(id).await, 204);
     }
@@ -108,13 +102,7 @@ async fn volumes_are_shared_persistent_and_limited() {
 
     let (_, list) = get(&s, "/v1/volumes").await;
     assert_eq!(list["volumes"].as_array().unwrap().len(), 1);
-    let r = s
-        .http
-        .delete(s.url(&format!("/v1/volumes/{vol}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    assert_eq!(s.delete_at(&format!("/v1/volumes/{vol}")).await, 204);
     assert!(!img.exists());
     let (st, _) = get(&s, &format!("/v1/volumes/{vol}")).await;
     assert_eq!(st, 404);

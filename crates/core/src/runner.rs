@@ -189,6 +189,16 @@ pub(crate) struct Warm {
 }
 
 impl Warm {
+    /// Ready sandboxes of pool `key`.
+    fn ready_len(&self, key: &PoolKey) -> usize {
+        self.ready.get(key).map_or(0, VecDeque::len)
+    }
+
+    /// Ready and being made.
+    fn have(&self, key: &PoolKey) -> usize {
+        self.ready_len(key) + self.pending.get(key).copied().unwrap_or(0)
+    }
+
     /// How many pool `key` keeps ready now.
     fn want(&self, key: &PoolKey, ceiling: usize, now: Instant) -> usize {
         let floor = self.target.get(key).copied().unwrap_or(0);
@@ -328,7 +338,7 @@ impl Manager {
             .filter(|(k, _)| k.workspace == workspace)
             .map(|(k, n)| WarmPool {
                 template: k.template.clone(),
-                ready: w.ready.get(k).map_or(0, VecDeque::len),
+                ready: w.ready_len(k),
                 target: *n,
                 keeping: w.want(k, self.config().warm_pool_max, now),
             })
@@ -369,9 +379,8 @@ impl Manager {
             let pause = {
                 let mut w = lock(self.warm());
                 let now = Instant::now();
-                let ready = w.ready.get(key).map_or(0, VecDeque::len);
-                let have = ready + w.pending.get(key).copied().unwrap_or(0);
-                if w.want(key, self.config().warm_pool_max, now) <= have {
+                let ready = w.ready_len(key);
+                if w.want(key, self.config().warm_pool_max, now) <= w.have(key) {
                     return;
                 }
                 let floor = w.target.get(key).copied().unwrap_or(0);
@@ -439,8 +448,8 @@ impl Manager {
     /// It may have ended meanwhile: callers check.
     /// Every take counts towards the pool's demand, found ready or not: a burst
     /// grows create's pool up to `warm_pool_max` (refilled by [`MAKERS`] at once,
-    /// after the burst while it still holds its configured size), and it shrinks back ([`Manager::trim_pools`]) once no such burst came for
-    /// [`DEMAND_MEMORY`].
+    /// after the burst while it still holds its configured size), and it shrinks
+    /// back ([`Manager::trim_pools`]) once no such burst came for [`DEMAND_MEMORY`].
     pub(crate) fn take_ready(self: &Arc<Self>, key: &PoolKey) -> Option<String> {
         let now = Instant::now();
         let (id, short) = {
@@ -453,13 +462,8 @@ impl Manager {
                     .take(now);
             }
             let id = w.ready.get_mut(key).and_then(VecDeque::pop_front);
-            let have = w.ready.get(key).map_or(0, VecDeque::len)
-                + w.pending.get(key).copied().unwrap_or(0);
-            (
-                id,
-                w.want(key, self.config().warm_pool_max, now)
-                    .saturating_sub(have),
-            )
+            let want = w.want(key, self.config().warm_pool_max, now);
+            (id, want.saturating_sub(w.have(key)))
         };
         for _ in 0..short.min(MAKERS) {
             self.refill(key);

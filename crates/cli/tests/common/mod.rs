@@ -490,8 +490,13 @@ impl Server {
     }
 
     pub async fn delete(&self, id: &str) -> u16 {
+        self.delete_at(&format!("/v1/sandboxes/{id}")).await
+    }
+
+    /// `DELETE path`: its status.
+    pub async fn delete_at(&self, path: &str) -> u16 {
         self.http
-            .delete(self.url(&format!("/v1/sandboxes/{id}")))
+            .delete(self.url(path))
             .send()
             .await
             .expect("delete")

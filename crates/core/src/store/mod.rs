@@ -577,15 +577,21 @@ impl Store {
         })
     }
 
-    pub async fn delete_snapshot(&self, id: &str) -> Result<(), StoreError> {
+    /// Runs `sql`, a `DELETE` with one text parameter (`$1`).
+    async fn delete_where(&self, sql: &str, arg: &str, op: &'static str) -> Result<(), StoreError> {
         on_db!(self, pool => {
-            sqlx::query("DELETE FROM snapshots WHERE id = $1")
-                .bind(id)
+            sqlx::query(sql)
+                .bind(arg)
                 .execute(pool)
                 .await
-                .map_err(q("delete snapshot"))?;
+                .map_err(q(op))?;
             Ok(())
         })
+    }
+
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), StoreError> {
+        self.delete_where("DELETE FROM snapshots WHERE id = $1", id, "delete snapshot")
+            .await
     }
 
     /// Runtime resource ids of every ended sandbox, and of every sandbox a merge
@@ -650,14 +656,8 @@ impl Store {
     }
 
     pub async fn delete_volume(&self, id: &str) -> Result<(), StoreError> {
-        on_db!(self, pool => {
-            sqlx::query("DELETE FROM volumes WHERE id = $1")
-                .bind(id)
-                .execute(pool)
-                .await
-                .map_err(q("delete volume"))?;
-            Ok(())
-        })
+        self.delete_where("DELETE FROM volumes WHERE id = $1", id, "delete volume")
+            .await
     }
 
     /// Sandboxes not ended (running, paused, hibernated) that mount volume `id`.

@@ -292,14 +292,12 @@ impl Store {
 
     /// Ends reservation `token` (its sandbox is recorded, or was not made).
     pub async fn release_placement(&self, token: &str) -> Result<(), StoreError> {
-        on_db!(self, pool => {
-            sqlx::query("DELETE FROM placements WHERE token = $1")
-                .bind(token)
-                .execute(pool)
-                .await
-                .map_err(q("release placement"))?;
-            Ok(())
-        })
+        self.delete_where(
+            "DELETE FROM placements WHERE token = $1",
+            token,
+            "release placement",
+        )
+        .await
     }
 
     /// Records every sandbox node `node` runs as lost (`reason`); how many.

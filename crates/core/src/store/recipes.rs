@@ -38,13 +38,11 @@ impl Store {
 
     /// Forgets template `name`'s recipe (deleted).
     pub async fn forget_template(&self, name: &str) -> Result<(), StoreError> {
-        on_db!(self, pool => {
-            sqlx::query("DELETE FROM template_recipes WHERE name = $1")
-                .bind(name)
-                .execute(pool)
-                .await
-                .map_err(q("forget template"))?;
-            Ok(())
-        })
+        self.delete_where(
+            "DELETE FROM template_recipes WHERE name = $1",
+            name,
+            "forget template",
+        )
+        .await
     }
 }
