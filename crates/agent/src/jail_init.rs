@@ -76,7 +76,7 @@ fn build(nested: bool) -> Result<i32, String> {
         idmapped_trees(&cfg)?
     };
     if let (Some(parent), false) = (cfg.fork_of, nested) {
-        let Some(t) = &trees else {
+        let Some(t) = trees.as_ref().filter(|_| shifted_owner(&cfg).is_some()) else {
             return Err("a fork child needs a uid range of its own (idmapped mounts)".into());
         };
         t.pin_for_exec()?;
@@ -486,15 +486,27 @@ struct Trees {
 impl Trees {
     /// Puts the trees on `TREE_FD..` without close-on-exec, for the second stage.
     fn pin_for_exec(&self) -> Result<(), String> {
-        for (i, fd) in std::iter::once(&self.root).chain(&self.binds).enumerate() {
-            let to = TREE_FD + i as i32;
-            // SAFETY: dup2 of an fd we own onto a number nothing else here uses (0-4
-            // are stdio, the listener and the nested image); dup2 clears close-on-exec.
-            if unsafe { libc::dup2(fd.as_raw_fd(), to) } < 0 {
-                return Err(format!(
-                    "pass idmapped mount: {}",
-                    std::io::Error::last_os_error()
-                ));
+        let err = || format!("pass idmapped mount: {}", std::io::Error::last_os_error());
+        // Copies above every target number first: a tree may itself sit on one of them
+        // (then a dup2 onto it would lose it, and a later tree take its place).
+        let mut high = Vec::new();
+        for fd in std::iter::once(&self.root).chain(&self.binds) {
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) of an fd we own.
+            let h = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
+            if h < 0 {
+                return Err(err());
+            }
+            high.push(h);
+        }
+        for (i, h) in high.into_iter().enumerate() {
+            // SAFETY: dup2 of our copy onto a number nothing else here needs (0-4 are
+            // stdio, the listener and the nested image); dup2 clears close-on-exec.
+            // Then the copy is closed.
+            let r = unsafe { libc::dup2(h, TREE_FD + i as i32) };
+            // SAFETY: closing our own copy, used for nothing else.
+            unsafe { libc::close(h) };
+            if r < 0 {
+                return Err(err());
             }
         }
         Ok(())
@@ -506,35 +518,99 @@ fn shifted_owner(cfg: &JailInit) -> Option<u32> {
     cfg.host_uid.filter(|h| *h != cfg.uid_base)
 }
 
-/// Makes the idmapped copies of the root filesystem and the bind sources (host root,
-/// host namespaces); `None` when the sandbox runs as the canonical range.
+/// Whether the root and volumes come as detached trees (idmapped, or an overlay).
+fn has_trees(cfg: &JailInit) -> bool {
+    shifted_owner(cfg).is_some() || !cfg.lowers.is_empty()
+}
+
+/// Makes the detached trees the sandbox is built from (host root, host namespaces):
+/// the root — an overlay of the sandbox's `upper` over its `lowers`, or its root
+/// filesystem itself — and the bind sources, idmapped when the sandbox runs as a range
+/// of its own; `None` for a plain root run as the canonical range.
 fn idmapped_trees(cfg: &JailInit) -> Result<Option<Trees>, String> {
-    let Some(host) = shifted_owner(cfg) else {
+    if !has_trees(cfg) {
         return Ok(None);
-    };
+    }
     use forkbox_sys::idmap;
-    let ns = idmap::shift_userns(cfg.uid_base, host, forkbox_sys::uidshift::RANGE)
-        .map_err(|e| e.to_string())?;
-    let tree =
-        |p: &str| idmap::idmapped_tree(std::path::Path::new(p), &ns).map_err(|e| e.to_string());
-    Ok(Some(Trees {
-        root: tree(&cfg.rootfs)?,
-        binds: cfg
+    let shift = |keep_root: bool| {
+        shifted_owner(cfg)
+            .map(|host| {
+                idmap::shift_userns(cfg.uid_base, host, forkbox_sys::uidshift::RANGE, keep_root)
+                    .map_err(|e| e.to_string())
+            })
+            .transpose()
+    };
+    let ns = shift(false)?;
+    let root = if cfg.lowers.is_empty() {
+        detached_tree(&cfg.rootfs, ns.as_ref())?
+    } else {
+        overlay_root(cfg, shift(true)?.as_ref())?
+    };
+    // Volumes need no tree of their own unless shifted.
+    let binds = match &ns {
+        Some(ns) => cfg
             .binds
             .iter()
-            .map(|b| tree(&b.source))
+            .map(|b| detached_tree(&b.source, Some(ns)))
             .collect::<Result<_, _>>()?,
-    }))
+        None => Vec::new(),
+    };
+    Ok(Some(Trees { root, binds }))
+}
+
+/// A detached copy of the tree at `p`, idmapped through `ns` when given.
+fn detached_tree(p: &str, ns: Option<&OwnedFd>) -> Result<OwnedFd, String> {
+    let path = std::path::Path::new(p);
+    match ns {
+        Some(ns) => forkbox_sys::idmap::idmapped_tree(path, ns).map_err(|e| e.to_string()),
+        None => {
+            forkbox_sys::overlay::plain_tree(path).map_err(|e| format!("detached copy of {p}: {e}"))
+        }
+    }
+}
+
+/// The overlay root of a layered sandbox: `rootfs/upper` (with `rootfs/work`) over
+/// `lowers`, each layer a detached tree through `ns` (which keeps host root, the
+/// overlay's own operations' identity).
+fn overlay_root(cfg: &JailInit, ns: Option<&OwnedFd>) -> Result<OwnedFd, String> {
+    use forkbox_sys::overlay;
+    if cfg.lowers.len() > overlay::MAX_LOWERS {
+        return Err(format!(
+            "{} layers under the root filesystem; at most {}",
+            cfg.lowers.len(),
+            overlay::MAX_LOWERS
+        ));
+    }
+    let lowers = cfg
+        .lowers
+        .iter()
+        .map(|l| detached_tree(l, ns))
+        .collect::<Result<Vec<_>, _>>()?;
+    let top = detached_tree(&cfg.rootfs, ns)?;
+    let dir = |name: &std::ffi::CStr| {
+        overlay::subdir(top.as_fd(), name)
+            .map_err(|e| format!("open {}/{}: {e}", cfg.rootfs, name.to_string_lossy()))
+    };
+    let (upper, work) = (dir(c"upper")?, dir(c"work")?);
+    let fds: Vec<_> = lowers.iter().map(|l| l.as_fd()).collect();
+    overlay::overlay_tree(&fds, upper.as_fd(), work.as_fd()).map_err(|e| e.to_string())
 }
 
 /// The second stage's view of the trees its first stage pinned.
 fn inherited_trees(cfg: &JailInit) -> Option<Trees> {
-    shifted_owner(cfg)?;
+    if !has_trees(cfg) {
+        return None;
+    }
     // SAFETY: the first stage put exactly these fds in place for us before exec.
     let own = |fd: i32| unsafe { OwnedFd::from_raw_fd(fd) };
+    let shifted_binds = if shifted_owner(cfg).is_some() {
+        cfg.binds.len()
+    } else {
+        0
+    };
     let trees = Trees {
         root: own(TREE_FD),
-        binds: (0..cfg.binds.len())
+        binds: (0..shifted_binds)
             .map(|i| own(TREE_FD + 1 + i as i32))
             .collect(),
     };

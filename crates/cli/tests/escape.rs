@@ -465,10 +465,13 @@ impl Drop for Reap {
     }
 }
 
-/// The uid the sandboxes' root maps to on the host (the owner of a sandbox's root).
+/// The uid the sandboxes' root maps to on the host (the owner of a sandbox's root: of
+/// its own layer, `upper`, when layered).
 fn sandbox_uid(s: &Server, id: &str) -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(s.pool.join("sandboxes").join(id))
+    let root = s.pool.join("sandboxes").join(id);
+    let upper = root.join("upper");
+    std::fs::metadata(if upper.exists() { upper } else { root })
         .unwrap()
         .uid()
 }

@@ -242,12 +242,26 @@ async fn forks_of_forks_and_deleting_a_parent_keep_children_working() {
     for id in [&b[0], &b[1], &plain, &c, &p] {
         assert_eq!(s.delete(id).await, 204, "{id}");
     }
-    // Nothing is left on the host once every sandbox of a lineage is gone.
-    let left: Vec<_> = std::fs::read_dir(s.pool.join("sandboxes"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| [&root, &a, &b[0], &b[1], &plain, &c, &p, &kids[0], &kids[1]].contains(&n))
-        .collect();
+    // Nothing is left on the host once every sandbox of a lineage is gone: no root
+    // filesystem, chain of layers or fork layer.
+    let ids = [&root, &a, &b[0], &b[1], &plain, &c, &p, &kids[0], &kids[1]];
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = std::fs::read_dir(s.pool.join("sandboxes"))
+            .unwrap()
+            .chain(std::fs::read_dir(s.pool.join("layers")).unwrap())
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                let stem = n.strip_suffix(".lower").unwrap_or(n);
+                ids.iter()
+                    .any(|id| stem == id.as_str() || n.starts_with(&format!("fork-{id}-")))
+            })
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert!(left.is_empty(), "left behind: {left:?}");
 }

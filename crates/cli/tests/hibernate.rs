@@ -22,7 +22,12 @@ async fn hibernate_keeps_files_frees_processes_and_wake_starts_again() {
     // It still exists, keeps its filesystem, runs nothing.
     let (st, body) = get(&s, &format!("/v1/sandboxes/{id}")).await;
     assert_eq!((st, body["status"].as_str()), (200, Some("hibernated")));
-    assert!(s.pool.join("sandboxes").join(&id).join("root/f").exists());
+    assert!(s
+        .pool
+        .join("sandboxes")
+        .join(&id)
+        .join("upper/root/f")
+        .exists());
     assert!(
         !s.data.path().join("run").join(&id).exists(),
         "its run dir is gone"

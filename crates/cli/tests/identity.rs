@@ -98,7 +98,7 @@ async fn no_two_sandboxes_share_a_host_uid() {
     // On disk, files stay in the canonical range (templates, snapshots, forks and
     // wakes need no change); inside, root owns them.
     for id in [&a, &b] {
-        let f = s.pool.join("sandboxes").join(id).join("root/mine");
+        let f = s.pool.join("sandboxes").join(id).join("upper/root/mine");
         let md = std::fs::metadata(&f).unwrap();
         assert_eq!(
             (md.uid(), md.gid()),

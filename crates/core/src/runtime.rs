@@ -209,7 +209,7 @@ pub struct GcReport {
     pub freed: usize,
     /// Leftovers kept because live sandboxes depend on them (hollow fork ancestors).
     pub kept: usize,
-    /// Staging snapshots of interrupted forks deleted.
+    /// Staging snapshots of interrupted forks and layers nothing stands on, deleted.
     pub staging: usize,
 }
 

@@ -480,15 +480,32 @@ impl Inner {
     /// template never looks built).
     pub(crate) async fn delete_template(&self, name: &str) -> Result<(), BuildError> {
         let _lock = template::lock_pool(&self.pool, name).await?;
+        // Sandboxes and snapshots standing on this build keep it, among the layers.
+        let built = crate::layers::template_built(&self.pool, name);
         let meta = self.pool.template_meta(name);
         if meta.exists() {
             std::fs::remove_file(&meta).map_err(|e| TemplateError::Io(name.into(), e))?;
         }
         let _ = std::fs::remove_file(self.pool.template_log(name));
+        let pool = self.pool.clone();
         let path = self.pool.template(name);
-        tokio::task::spawn_blocking(move || crate::delete_subvolume_patiently(&path))
-            .await
-            .map_err(|e| TemplateError::Io(name.into(), std::io::Error::other(e)))??;
+        let n = name.to_owned();
+        tokio::task::spawn_blocking(move || match built {
+            Some(b) => {
+                let in_use = crate::layers::template_in_use(&pool, &n, b);
+                crate::layers::retire(
+                    &pool,
+                    &path,
+                    &crate::layers::retired_template(&n, b),
+                    in_use,
+                )
+                .map_err(|e| TemplateError::Io(n, std::io::Error::other(e)))
+            }
+            None => crate::delete_subvolume_patiently(&path)
+                .map_err(|e| TemplateError::Io(n, std::io::Error::other(e))),
+        })
+        .await
+        .map_err(|e| TemplateError::Io(name.into(), std::io::Error::other(e)))??;
         Ok(())
     }
 }

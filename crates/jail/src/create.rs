@@ -9,13 +9,14 @@ pub(crate) enum Origin {
     Template,
     /// The filesystem is already there: a hibernated sandbox woken up.
     Existing,
-    /// A fork child: its root filesystem is already in place; its namespaces nest in the
-    /// parent's (whose agent has this host pid) and it waits for a REPL copy.
+    /// A fork child: its root stands on the layers given (the parent's, frozen, on
+    /// top); its namespaces nest in the parent's (whose agent has this host pid) and
+    /// it waits for a REPL copy.
     Fork {
         parent_pid: i32,
         token: String,
-        /// Snapshot of the parent to take the root filesystem from.
-        from: PathBuf,
+        /// The layers under the child's root, topmost first.
+        lowers: Vec<Lower>,
         /// The parent's host uid range (the family's).
         slot: Arc<slots::Slot>,
         /// The agent image for the child's second jail-init stage, owned by the
@@ -88,43 +89,66 @@ impl Inner {
         let run = self.run_dir.join(id);
         std::fs::create_dir_all(&run).map_err(|e| RuntimeError::host("create run dir", id, e))?;
         res.run_dir = Some(run.clone());
-        // 1. Root filesystem.
+        // 1. Root filesystem: a subvolume with the sandbox's own writes (`upper`) for an
+        //    overlay over read-only layers (see `layers.rs`); a woken sandbox's is there.
         let rootfs = self.pool.sandbox(id);
-        if let Origin::Fork { from, .. } = &origin {
-            // On a blocking thread: a fork's children snapshot at once, and snapshots
-            // taken together share btrfs transaction commits.
-            let (from, to) = (from.clone(), rootfs.clone());
-            tokio::task::spawn_blocking(move || forkbox_sys::btrfs::snapshot(&from, &to, false))
-                .await
-                .map_err(|e| RuntimeError::host("snapshot parent", id, e))?
-                .map_err(|e| RuntimeError::host("snapshot parent", id, e))?;
-            res.rootfs = Some(rootfs.clone());
-        }
-        if let Origin::Existing = origin {
-            if !rootfs.exists() {
-                return Err(RuntimeError::Conflict(format!(
-                    "the filesystem of {id} is gone; it cannot be woken"
-                )));
-            }
-            res.rootfs = Some(rootfs.clone());
-        }
-        if let (Origin::Template, Some(snap)) = (&origin, &spec.snapshot) {
-            let from = self.pool.snapshot(snap);
-            forkbox_sys::btrfs::snapshot(&from, &rootfs, false)
-                .map_err(|e| RuntimeError::host("copy snapshot", id, e))?;
-            res.rootfs = Some(rootfs.clone());
-        } else if let Origin::Template = origin {
-            let template = self.pool.template(&spec.template);
-            if !self.pool.template_meta(&spec.template).exists() {
-                if self.recipes.contains_key(&spec.template) {
-                    self.prepare_template(&spec.template).await?;
-                } else {
-                    return Err(RuntimeError::UnknownTemplate(spec.template.clone()));
+        let chain_file = self.pool.sandbox_chain(id);
+        let layer_err =
+            |e: layers::LayerError| RuntimeError::host("prepare root filesystem", id, e);
+        let lowers: Vec<Lower> = match &origin {
+            Origin::Existing => {
+                if !rootfs.exists() {
+                    return Err(RuntimeError::Conflict(format!(
+                        "the filesystem of {id} is gone; it cannot be woken"
+                    )));
                 }
+                res.rootfs = Some(rootfs.clone());
+                layers::read_chain(&chain_file)
+                    .map_err(layer_err)?
+                    .unwrap_or_default()
             }
-            forkbox_sys::btrfs::snapshot(&template, &rootfs, false)
-                .map_err(|e| RuntimeError::host("snapshot template", id, e))?;
+            Origin::Fork { lowers, .. } => lowers.clone(),
+            Origin::Template => match &spec.snapshot {
+                Some(snap) => {
+                    let below =
+                        layers::read_chain(&self.pool.snapshot_chain(snap)).map_err(layer_err)?;
+                    let mut l = vec![Lower::Snapshot {
+                        id: snap.clone(),
+                        upper: below.is_some(),
+                    }];
+                    l.extend(below.unwrap_or_default());
+                    l
+                }
+                None => {
+                    if !self.pool.template_meta(&spec.template).exists() {
+                        if self.recipes.contains_key(&spec.template) {
+                            self.prepare_template(&spec.template).await?;
+                        } else {
+                            return Err(RuntimeError::UnknownTemplate(spec.template.clone()));
+                        }
+                    }
+                    let built = layers::template_built(&self.pool, &spec.template)
+                        .ok_or_else(|| RuntimeError::UnknownTemplate(spec.template.clone()))?;
+                    vec![Lower::Template {
+                        name: spec.template.clone(),
+                        built,
+                    }]
+                }
+            },
+        };
+        let lower_paths = lowers
+            .iter()
+            .map(|l| l.path(&self.pool))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(layer_err)?;
+        if !matches!(origin, Origin::Existing) {
+            // The chain first (released with the subvolume): a sweep of layers then
+            // never misses what this sandbox stands on.
             res.rootfs = Some(rootfs.clone());
+            layers::write_chain(&chain_file, &lowers).map_err(layer_err)?;
+            if let Some(top) = lower_paths.first() {
+                layers::make_upper(&rootfs, top).map_err(layer_err)?;
+            }
         }
         // 1b. Disk limit of the sandbox's own writes (a woken sandbox keeps its own).
         if !matches!(origin, Origin::Existing) {
@@ -178,15 +202,25 @@ impl Inner {
         // Volume targets pass through nothing the sandbox's own filesystem could have
         // made a symlink (a snapshot or wake of a filesystem its code wrote); jail-init
         // enforces it again when it mounts (`forkbox_sys::mounts::dir_beneath`), this
-        // makes it a clear refusal.
+        // makes it a clear refusal. A layered root is checked in each of its layers
+        // (its own writes first).
         if !spec.volumes.is_empty() {
-            let root_fd: OwnedFd = std::fs::File::open(&rootfs)
-                .map_err(|e| RuntimeError::host("open root filesystem", id, e))?
-                .into();
-            for v in &spec.volumes {
-                let target = Path::new(&v.mount);
-                forkbox_sys::mounts::dir_beneath(&root_fd, target, target, false)
-                    .map_err(|e| RuntimeError::Rejected(e.to_string()))?;
+            let roots = if lowers.is_empty() {
+                vec![rootfs.clone()]
+            } else {
+                std::iter::once(rootfs.join("upper"))
+                    .chain(lower_paths.iter().cloned())
+                    .collect()
+            };
+            for root in roots {
+                let root_fd: OwnedFd = std::fs::File::open(&root)
+                    .map_err(|e| RuntimeError::host("open root filesystem", id, e))?
+                    .into();
+                for v in &spec.volumes {
+                    let target = Path::new(&v.mount);
+                    forkbox_sys::mounts::dir_beneath(&root_fd, target, target, false)
+                        .map_err(|e| RuntimeError::Rejected(e.to_string()))?;
+                }
             }
         }
         let mut binds = Vec::with_capacity(spec.volumes.len());
@@ -205,6 +239,10 @@ impl Inner {
         let init = JailInit {
             id: id.to_owned(),
             rootfs: rootfs.to_string_lossy().into_owned(),
+            lowers: lower_paths
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect(),
             uid_base: self.uid_base,
             host_uid,
             cgroup_procs: cg

@@ -17,17 +17,30 @@ impl JailInstance {
                 "sandbox {id} is already {MAX_FORK_DEPTH} forks deep (the kernel nests namespaces at most 32 levels); fork an earlier ancestor"
             )));
         }
-        // 1. Filesystem: one snapshot of the frozen parent, a staging copy each child's
-        //    root is then snapshotted from while the parent runs again.
+        // 1. Filesystem: one read-only snapshot of the frozen parent's subvolume, a
+        //    layer every child's root stands on (its `upper` when the parent is
+        //    layered itself, under the parent's own layers).
         let t0 = std::time::Instant::now();
-        let staging = self
-            .rt
-            .pool
-            .sandbox(&format!(".fork-{}-{}", self.id, &token()[..8]));
+        let layer_id = format!("fork-{}-{}", self.id, &token()[..8]);
+        let layer = self.rt.pool.layers().join(&layer_id);
+        let below = layers::read_chain(&self.rt.pool.sandbox_chain(id))
+            .map_err(|e| RuntimeError::host("read the parent's layers", id, e))?;
+        let mut lowers = vec![Lower::Layer {
+            id: layer_id,
+            upper: below.is_some(),
+        }];
+        lowers.extend(below.unwrap_or_default());
+        if lowers.len() > forkbox_sys::overlay::MAX_LOWERS {
+            return Err(RuntimeError::Rejected(format!(
+                "sandbox {id} stands on {} layers already (snapshots of snapshots); at most {} — fork an earlier one",
+                lowers.len() - 1,
+                forkbox_sys::overlay::MAX_LOWERS
+            )));
+        }
         self.freeze(true).await?;
-        let (src, dst) = (self.rootfs.clone(), staging.clone());
+        let (src, dst) = (self.rootfs.clone(), layer.clone());
         let snap =
-            tokio::task::spawn_blocking(move || forkbox_sys::btrfs::snapshot(&src, &dst, false))
+            tokio::task::spawn_blocking(move || forkbox_sys::btrfs::snapshot(&src, &dst, true))
                 .await;
         let thawed = self.freeze(false).await;
         let snap = match snap {
@@ -36,7 +49,7 @@ impl JailInstance {
             Err(e) => Err(RuntimeError::host("snapshot parent", id, e)),
         };
         if let Some(e) = snap.err().or(thawed.err()) {
-            let _ = delete_subvolume_patiently(&staging);
+            let _ = delete_subvolume_patiently(&layer);
             return Err(e);
         }
         let t_snap = t0.elapsed();
@@ -63,11 +76,11 @@ impl JailInstance {
                 (slot, nested)
             }
             (_, Some(Err(e))) => {
-                let _ = delete_subvolume_patiently(&staging);
+                let _ = delete_subvolume_patiently(&layer);
                 return Err(RuntimeError::host("make the nested agent image", id, e));
             }
             _ => {
-                let _ = delete_subvolume_patiently(&staging);
+                let _ = delete_subvolume_patiently(&layer);
                 return Err(RuntimeError::Conflict(format!(
                     "sandbox {id} has no uid range of its own (it predates them); hibernate and wake it to fork it"
                 )));
@@ -81,7 +94,7 @@ impl JailInstance {
                     Origin::Fork {
                         parent_pid: self.pid,
                         token: token.clone(),
-                        from: staging.clone(),
+                        lowers: lowers.clone(),
                         slot: slot.clone(),
                         nested: nested.clone(),
                     },
@@ -98,12 +111,15 @@ impl JailInstance {
                 }
             }
         }
-        // The staging copy is not needed any more; drop it off the request path.
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = delete_subvolume_patiently(&staging) {
-                tracing::warn!(path = %staging.display(), error = %e, "deleting a fork's staging snapshot");
-            }
-        });
+        // The layer stays while a child stands on it (swept after; `layers::sweep`);
+        // a fork that made no child drops it now, off the request path.
+        if children.is_empty() {
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = delete_subvolume_patiently(&layer) {
+                    tracing::warn!(path = %layer.display(), error = %e, "deleting an unused fork layer");
+                }
+            });
+        }
         let t_start = t0.elapsed();
         let outcome = match failure {
             Some(e) => Err(e),

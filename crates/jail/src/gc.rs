@@ -123,6 +123,12 @@ impl Inner {
                 forkbox_sys::btrfs::STALE_STAGING,
             );
         }
+        // Layers nothing stands on any more.
+        let pool = self.pool.clone();
+        report.staging +=
+            tokio::task::spawn_blocking(move || layers::sweep(&pool, layers::LAYER_GRACE))
+                .await
+                .unwrap_or(0);
         // Staging snapshots of forks this server's sandboxes were making.
         if let Ok(rd) = std::fs::read_dir(self.pool.root().join("sandboxes")) {
             for e in rd.flatten() {

@@ -78,6 +78,15 @@ impl Instance for JailInstance {
 
     async fn snapshot(&self, snapshot: &str, freeze: bool) -> Result<(), RuntimeError> {
         let dst = self.rt.pool.snapshot(snapshot);
+        // A layered sandbox's snapshot is its subvolume (its own writes) with the chain
+        // of layers under it beside it (see `layers.rs`), written first.
+        let chain_file = self.rt.pool.snapshot_chain(snapshot);
+        let below = layers::read_chain(&self.rt.pool.sandbox_chain(&self.id))
+            .map_err(|e| RuntimeError::host("read the sandbox's layers", &self.id, e))?;
+        if let Some(below) = &below {
+            layers::write_chain(&chain_file, below)
+                .map_err(|e| RuntimeError::host("snapshot", &self.id, e))?;
+        }
         if freeze {
             self.freeze(true).await?;
         }
@@ -88,11 +97,15 @@ impl Instance for JailInstance {
         if freeze {
             self.freeze(false).await?;
         }
-        match made {
+        let made = match made {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(RuntimeError::host("snapshot", &self.id, e)),
             Err(e) => Err(RuntimeError::host("snapshot", &self.id, e)),
+        };
+        if made.is_err() && below.is_some() {
+            let _ = std::fs::remove_file(&chain_file);
         }
+        made
     }
 
     async fn logs(

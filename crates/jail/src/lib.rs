@@ -27,6 +27,7 @@ mod create;
 mod fork;
 mod gc;
 mod instance;
+mod layers;
 mod lineage;
 mod resources;
 
@@ -48,6 +49,7 @@ use forkbox_types::agent::{
 use futures_util::StreamExt;
 pub use instance::JailInstance;
 use instance::{nspid, pidns_chain, pidns_of, token};
+use layers::Lower;
 use lineage::{Lineage, Node, MAX_FORK_DEPTH};
 use pool::Pool;
 use resources::{delete_subvolume_patiently, pid_alive, watch_liveness, Resources};
@@ -374,11 +376,19 @@ impl HostStores for JailRuntime {
     }
 
     async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {
-        let p = self.inner.pool.snapshot(snapshot);
-        tokio::task::spawn_blocking(move || delete_subvolume_patiently(&p))
-            .await
-            .map_err(|e| RuntimeError::host("delete snapshot", snapshot, e))?
-            .map_err(|e| RuntimeError::host("delete snapshot", snapshot, e))
+        // Sandboxes made from it stand on it: then it moves among the layers, swept
+        // with the last of them (see `layers.rs`).
+        let inner = self.inner.clone();
+        let id = snapshot.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let pool = &inner.pool;
+            let _ = std::fs::remove_file(pool.snapshot_chain(&id));
+            let in_use = layers::snapshot_in_use(pool, &id);
+            layers::retire(pool, &pool.snapshot(&id), &id, in_use)
+        })
+        .await
+        .map_err(|e| RuntimeError::host("delete snapshot", snapshot, e))?
+        .map_err(|e| RuntimeError::host("delete snapshot", snapshot, e))
     }
 
     async fn template_info(&self, template: &str) -> Option<TemplateInfo> {

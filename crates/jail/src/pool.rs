@@ -94,7 +94,7 @@ impl Pool {
                 Pool::mount_image(root, size_gb)?;
             }
         }
-        for d in ["templates", "sandboxes", "snapshots"] {
+        for d in ["templates", "sandboxes", "snapshots", "layers"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(|e| PoolError::Dir(p, e))?;
         }
@@ -168,6 +168,21 @@ impl Pool {
 
     pub fn sandbox(&self, id: &str) -> PathBuf {
         self.root.join("sandboxes").join(id)
+    }
+
+    /// The chain of layers under a layered sandbox's root (see `layers.rs`).
+    pub fn sandbox_chain(&self, id: &str) -> PathBuf {
+        self.root.join("sandboxes").join(format!("{id}.lower"))
+    }
+
+    /// The chain of layers under a named snapshot of a layered sandbox.
+    pub fn snapshot_chain(&self, id: &str) -> PathBuf {
+        self.root.join("snapshots").join(format!("{id}.lower"))
+    }
+
+    /// Read-only layers sandboxes stand on (see `layers.rs`).
+    pub fn layers(&self) -> PathBuf {
+        self.root.join("layers")
     }
 
     pub fn lock_file(&self) -> PathBuf {

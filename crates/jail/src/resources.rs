@@ -70,7 +70,7 @@ impl Resources {
             let r = root.clone();
             let res = tokio::task::spawn_blocking(move || delete_subvolume_patiently(&r)).await;
             match res {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => layers::released(&root),
                 Ok(Err(e)) => {
                     self.rootfs = Some(root);
                     return Err(RuntimeError::host("delete root filesystem", &id, e));

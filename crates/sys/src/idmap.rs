@@ -52,11 +52,18 @@ struct MountAttr {
 }
 
 /// A user namespace mapping uids and gids `canonical..canonical+count` to
-/// `host..host+count`, for [`idmapped_tree`].
+/// `host..host+count`, for [`idmapped_tree`]; with `keep_root` host root is also
+/// mapped to itself (the layers of an overlay, whose own operations run as host root;
+/// see `crate::overlay`).
 ///
 /// Must be called from a single-threaded process (it forks; the child only waits on a
 /// pipe and exits).
-pub fn shift_userns(canonical: u32, host: u32, count: u32) -> Result<OwnedFd, IdmapError> {
+pub fn shift_userns(
+    canonical: u32,
+    host: u32,
+    count: u32,
+    keep_root: bool,
+) -> Result<OwnedFd, IdmapError> {
     let err = |source: std::io::Error| IdmapError::Userns {
         canonical,
         host,
@@ -81,18 +88,26 @@ pub fn shift_userns(canonical: u32, host: u32, count: u32) -> Result<OwnedFd, Id
         return Err(err(std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        drop(w);
         let mut b = [0u8; 1];
-        // SAFETY: read into a local buffer; returns at EOF when the parent is done.
+        // SAFETY: dup2, close_range, read into a local buffer and _exit, all
+        // async-signal-safe. Every other fd is closed, so that another thread's
+        // namespace holder (tests) never keeps this one's pipe open, nor this one its.
         unsafe {
-            libc::read(r.as_raw_fd(), b.as_mut_ptr().cast(), 1);
+            libc::dup2(r.as_raw_fd(), 0);
+            libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32);
+            libc::read(0, b.as_mut_ptr().cast(), 1);
             libc::_exit(0)
         }
     }
     drop(r);
     let pid = pid as i32;
     let result = (|| {
-        let map = format!("{canonical} {host} {count}\n");
+        let root = if keep_root && canonical > 0 && host > 0 {
+            "0 0 1\n"
+        } else {
+            ""
+        };
+        let map = format!("{root}{canonical} {host} {count}\n");
         for f in ["uid_map", "gid_map"] {
             std::fs::OpenOptions::new()
                 .write(true)
@@ -237,7 +252,7 @@ mod tests {
         let f = t.path().join("a");
         std::fs::write(&f, "x").unwrap();
         std::os::unix::fs::chown(&f, Some(1_000_005), Some(1_000_007)).unwrap();
-        let ns = shift_userns(1_000_000, 3_000_000, 65536).unwrap();
+        let ns = shift_userns(1_000_000, 3_000_000, 65536, false).unwrap();
         let tree = idmapped_tree(t.path(), &ns).unwrap();
         // Reading through the detached tree's fd shows the shifted owner.
         let md = std::fs::metadata(format!("/proc/self/fd/{}/a", tree.as_raw_fd())).unwrap();

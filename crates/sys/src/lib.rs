@@ -10,6 +10,7 @@ pub mod idmap;
 pub mod mounts;
 pub mod net;
 pub mod openat2;
+pub mod overlay;
 pub mod pidfd;
 pub mod seccomp;
 pub mod uidshift;

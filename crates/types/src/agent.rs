@@ -133,8 +133,13 @@ pub enum AgentEvent {
 pub struct JailInit {
     /// Sandbox id; also its hostname.
     pub id: String,
-    /// Host path of the sandbox's root filesystem (a btrfs subvolume).
+    /// Host path of the sandbox's root filesystem (a btrfs subvolume); with `lowers`,
+    /// the subvolume holding the overlay's `upper` and `work` directories.
     pub rootfs: String,
+    /// Host paths of the read-only layers the root is an overlay over, topmost first
+    /// (empty: `rootfs` is the root itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lowers: Vec<String>,
     /// First host uid/gid of the *canonical* range: the ids files are stored with on
     /// disk (ids 0..65536 inside, shifted), whichever range the sandbox runs as.
     pub uid_base: u32,
