@@ -84,7 +84,11 @@ fn build(nested: bool) -> Result<i32, String> {
         // From here on this process and its descendants are visible to the parent
         // sandbox's code (in its PID namespace) once forked: nothing of the host's
         // mounts or network may be left in their view.
-        hide_host()?;
+        if cfg.helper_ns {
+            enter_helper_ns()?;
+        } else {
+            hide_host()?;
+        }
         enter_parent(parent)?;
         // CLONE_NEWPID only works from a process born in the PID namespace it nests
         // under, and the child's id maps may only be written by a process whose image
@@ -354,6 +358,42 @@ fn hide_host() -> Result<(), String> {
     nix::unistd::chdir("/").map_err(|e| format!("enter helper root: {e}"))
 }
 
+/// Where a fork child's jail-init finds its family's helper mount namespace.
+const HELPER_NS_FD: i32 = 63;
+
+/// `jail-helper`: makes a fork family's helper mount namespace ([`hide_host`]), says
+/// `ready` on stdout and waits for stdin to close. The server keeps the namespace (an
+/// fd on `/proc/<pid>/ns/mnt`) and passes it to each child's jail-init, which enters
+/// it instead of making and dropping one of its own: both wait for an RCU grace
+/// period, and a fork's children queue on them.
+pub fn helper() -> ExitCode {
+    let mut out = std::io::stdout();
+    match hide_host() {
+        Ok(()) => {
+            let _ = writeln!(out, "ready");
+            let _ = out.flush();
+            let mut b = [0u8; 1];
+            let _ = std::io::stdin().read(&mut b);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = writeln!(out, "{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Fork child, as host root: enters the family's helper mount namespace (on
+/// [`HELPER_NS_FD`]), the same view [`hide_host`] makes.
+fn enter_helper_ns() -> Result<(), String> {
+    // SAFETY: the server put the namespace on this fd for us and nothing else owns it.
+    let ns = unsafe { OwnedFd::from_raw_fd(HELPER_NS_FD) };
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("enter the helper mount namespace: {e}"))?;
+    drop(ns);
+    nix::unistd::chdir("/").map_err(|e| format!("enter helper root: {e}"))
+}
+
 /// Fork child, after [`hide_host`]: the parent sandbox's user namespace as its uid 0,
 /// then its PID namespace (for children) and its network namespace (so what the
 /// helpers' `/proc/<pid>/net` shows is the parent's own).
@@ -531,20 +571,18 @@ fn idmapped_trees(cfg: &JailInit) -> Result<Option<Trees>, String> {
     if !has_trees(cfg) {
         return Ok(None);
     }
-    use forkbox_sys::idmap;
-    let shift = |keep_root: bool| {
-        shifted_owner(cfg)
-            .map(|host| {
-                idmap::shift_userns(cfg.uid_base, host, forkbox_sys::uidshift::RANGE, keep_root)
-                    .map_err(|e| e.to_string())
-            })
-            .transpose()
-    };
-    let ns = shift(false)?;
+    // One map for every tree: it also keeps host root, the identity of an overlay's
+    // own operations, which no sandbox process has.
+    let ns = shifted_owner(cfg)
+        .map(|host| {
+            forkbox_sys::idmap::shift_userns(cfg.uid_base, host, forkbox_sys::uidshift::RANGE, true)
+                .map_err(|e| e.to_string())
+        })
+        .transpose()?;
     let root = if cfg.lowers.is_empty() {
         detached_tree(&cfg.rootfs, ns.as_ref())?
     } else {
-        overlay_root(cfg, shift(true)?.as_ref())?
+        overlay_root(cfg, ns.as_ref())?
     };
     // Volumes need no tree of their own unless shifted.
     let binds = match &ns {
@@ -570,10 +608,12 @@ fn detached_tree(p: &str, ns: Option<&OwnedFd>) -> Result<OwnedFd, String> {
 }
 
 /// The overlay root of a layered sandbox: `rootfs/upper` (with `rootfs/work`) over
-/// `lowers`, each layer a detached tree through `ns` (which keeps host root, the
-/// overlay's own operations' identity).
+/// `lowers`. Every layer is a directory of one detached copy of the pool (idmapped
+/// through `ns`): closing a detached mount waits for an RCU grace period, so one per
+/// sandbox rather than one per layer (a fork's children would queue on them).
 fn overlay_root(cfg: &JailInit, ns: Option<&OwnedFd>) -> Result<OwnedFd, String> {
     use forkbox_sys::overlay;
+    use std::path::Path;
     if cfg.lowers.len() > overlay::MAX_LOWERS {
         return Err(format!(
             "{} layers under the root filesystem; at most {}",
@@ -581,17 +621,27 @@ fn overlay_root(cfg: &JailInit, ns: Option<&OwnedFd>) -> Result<OwnedFd, String>
             overlay::MAX_LOWERS
         ));
     }
+    let pool = cfg
+        .pool
+        .as_deref()
+        .ok_or("a layered root filesystem needs its pool")?;
+    let tree = detached_tree(pool, ns)?;
+    // Beneath the pool's copy, never through a symlink.
+    let dir = |p: &Path| -> Result<OwnedFd, String> {
+        let rel = p
+            .strip_prefix(pool)
+            .map_err(|_| format!("layer {} is not in the pool {pool}", p.display()))?;
+        forkbox_sys::mounts::dir_beneath(&tree, rel, p, false)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("layer {} is missing", p.display()))
+    };
     let lowers = cfg
         .lowers
         .iter()
-        .map(|l| detached_tree(l, ns))
+        .map(|l| dir(Path::new(l)))
         .collect::<Result<Vec<_>, _>>()?;
-    let top = detached_tree(&cfg.rootfs, ns)?;
-    let dir = |name: &std::ffi::CStr| {
-        overlay::subdir(top.as_fd(), name)
-            .map_err(|e| format!("open {}/{}: {e}", cfg.rootfs, name.to_string_lossy()))
-    };
-    let (upper, work) = (dir(c"upper")?, dir(c"work")?);
+    let root = Path::new(&cfg.rootfs);
+    let (upper, work) = (dir(&root.join("upper"))?, dir(&root.join("work"))?);
     let fds: Vec<_> = lowers.iter().map(|l| l.as_fd()).collect();
     overlay::overlay_tree(&fds, upper.as_fd(), work.as_fd()).map_err(|e| e.to_string())
 }

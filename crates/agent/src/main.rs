@@ -76,6 +76,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("jail-init") => jail_init::run(false),
         Some("jail-init-nested") => jail_init::run(true),
+        Some("jail-helper") => jail_init::helper(),
         Some("serve") => {
             let fd = match args.iter().position(|a| a == "--listen-fd") {
                 Some(i) => args.get(i + 1).and_then(|v| v.parse::<i32>().ok()),

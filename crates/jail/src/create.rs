@@ -22,6 +22,8 @@ pub(crate) enum Origin {
         /// The agent image for the child's second jail-init stage, owned by the
         /// family's root (see `AgentImage::nested_for`).
         nested: Arc<OwnedFd>,
+        /// The family's helper mount namespace (`Inner::helper_ns`).
+        helper: Arc<OwnedFd>,
     },
 }
 
@@ -177,25 +179,26 @@ impl Inner {
         let log = std::fs::File::create(run.join("agent.log"))
             .map_err(|e| RuntimeError::host("create agent log", id, e))?;
         // 4. jail-init.
-        let (fork_of, adopt_token, nested) = match origin {
+        let (fork_of, adopt_token, nested, helper) = match origin {
             Origin::Template | Origin::Existing => {
                 let slot = self
                     .slots
                     .allocate()
                     .map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
                 res.slot = Some(slot);
-                (None, None, None)
+                (None, None, None, None)
             }
             Origin::Fork {
                 parent_pid,
                 token,
                 slot,
                 nested,
+                helper,
                 ..
             } => {
                 res.slot = Some(slot);
                 res.nested = Some(nested.clone());
-                (Some(parent_pid), Some(token), Some(nested))
+                (Some(parent_pid), Some(token), Some(nested), Some(helper))
             }
         };
         let host_uid = res.slot.as_ref().map(|s| s.host_uid());
@@ -243,6 +246,7 @@ impl Inner {
                 .iter()
                 .map(|p| p.to_string_lossy().into_owned())
                 .collect(),
+            pool: (!lowers.is_empty()).then(|| self.pool.root().to_string_lossy().into_owned()),
             uid_base: self.uid_base,
             host_uid,
             cgroup_procs: cg
@@ -253,13 +257,21 @@ impl Inner {
             env: spec.env.clone(),
             fork_of,
             adopt_token,
+            helper_ns: helper.is_some(),
             binds,
             // Half the memory limit: a full /tmp leaves room to run.
             tmp_size: Some((spec.memory_bytes / 2).max(8 << 20)),
             orphan_grace_s: self.orphan_grace.map(|g| g.as_secs().max(1)),
         };
         let pid = self
-            .run_jail_init(id, &init, listener.as_raw_fd(), nested.as_deref(), log)
+            .run_jail_init(
+                id,
+                &init,
+                listener.as_raw_fd(),
+                nested.as_deref(),
+                helper.as_deref(),
+                log,
+            )
             .await?;
         drop(listener);
         res.pid = Some(pid);
@@ -311,12 +323,52 @@ impl Inner {
         }))
     }
 
+    /// A fork family's helper mount namespace: `forkbox-agent jail-helper` makes it and
+    /// waits; the namespace is kept by an fd on its `/proc/<pid>/ns/mnt`, then the
+    /// helper is let go.
+    pub(crate) async fn helper_ns(&self, id: &str) -> Result<OwnedFd, RuntimeError> {
+        use std::os::unix::process::CommandExt as _;
+        use tokio::io::AsyncBufReadExt;
+        let err = |e: std::io::Error| RuntimeError::host("make the fork helpers' namespace", id, e);
+        let agent = self
+            .agent
+            .as_ref()
+            .ok_or_else(|| err(std::io::Error::other("no agent image")))?;
+        let mut cmd = tokio::process::Command::new(agent.exec_path());
+        cmd.as_std_mut().arg0("forkbox-agent");
+        cmd.arg("jail-helper")
+            .env_clear()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(err)?;
+        let pid = child.id();
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            tokio::io::BufReader::new(out)
+                .read_line(&mut line)
+                .await
+                .map_err(err)?;
+        }
+        let ns = match (line.trim(), pid) {
+            ("ready", Some(pid)) => std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
+                .map(OwnedFd::from)
+                .map_err(err),
+            (why, _) => Err(err(std::io::Error::other(why.to_owned()))),
+        };
+        drop(child.stdin.take());
+        let _ = child.wait().await;
+        ns
+    }
+
     pub(crate) async fn run_jail_init(
         &self,
         id: &str,
         init: &JailInit,
         listen_fd: i32,
         nested: Option<&OwnedFd>,
+        helper: Option<&OwnedFd>,
         log: std::fs::File,
     ) -> Result<i32, RuntimeError> {
         use std::os::unix::process::CommandExt as _;
@@ -335,11 +387,13 @@ impl Inner {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::from(log));
-        // A fork child's jail-init also gets the nested agent image as fd 4.
+        // A fork child's jail-init also gets the nested agent image as fd 4 and its
+        // family's helper mount namespace as fd 63.
         let nested_fd = nested.map(|f| f.as_raw_fd());
+        let helper_fd = helper.map(|f| f.as_raw_fd());
         // SAFETY: the hook is `place_fds`: async-signal-safe, no allocation.
         unsafe {
-            cmd.pre_exec(move || place_fds(listen_fd, nested_fd));
+            cmd.pre_exec(move || place_fds(listen_fd, nested_fd, helper_fd));
         }
         let mut child = cmd
             .spawn()
@@ -372,16 +426,21 @@ impl Inner {
     }
 }
 
-/// The `pre_exec` hook of `jail-init`: puts the agent's listening socket on fd 3 and a
-/// fork child's nested agent image on fd 4. It runs between fork and exec in a
+/// The `pre_exec` hook of `jail-init`: puts the agent's listening socket on fd 3, a
+/// fork child's nested agent image on fd 4 and its family's helper mount namespace on
+/// fd 63. It runs between fork and exec in a
 /// multi-threaded server, so it is async-signal-safe: `fcntl` and `dup2` only, on fds
 /// that stay open in the parent, and no allocation (another thread may have held the
 /// allocator's lock at the fork).
-pub(crate) fn place_fds(listen_fd: i32, nested_fd: Option<i32>) -> std::io::Result<()> {
-    // Move both out of the way first: either may already sit on 3 or 4.
-    let mut moved = [(-1, -1); 2];
+pub(crate) fn place_fds(
+    listen_fd: i32,
+    nested_fd: Option<i32>,
+    helper_fd: Option<i32>,
+) -> std::io::Result<()> {
+    // Move them all out of the way first: any may already sit on a target number.
+    let mut moved = [(-1, -1); 3];
     let mut n = 0;
-    for (from, to) in [(Some(listen_fd), 3), (nested_fd, 4)] {
+    for (from, to) in [(Some(listen_fd), 3), (nested_fd, 4), (helper_fd, 63)] {
         let Some(from) = from else { continue };
         // SAFETY: fcntl on an fd number; no memory is touched.
         let high = unsafe { libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 10) };
@@ -449,7 +508,7 @@ mod tests {
         assert!(pid >= 0);
         if pid == 0 {
             let before = ALLOCS.load(Ordering::SeqCst);
-            let placed = place_fds(a, Some(b)).is_ok();
+            let placed = place_fds(a, Some(b), None).is_ok();
             let allocs = ALLOCS.load(Ordering::SeqCst) - before;
             let code = if !placed {
                 2

@@ -86,6 +86,21 @@ impl JailInstance {
                 )));
             }
         };
+        let cached = self.resources.lock().await.helper_ns.clone();
+        let helper = match cached {
+            Some(h) => h,
+            None => match self.rt.helper_ns(id).await {
+                Ok(h) => {
+                    let h = Arc::new(h);
+                    self.resources.lock().await.helper_ns = Some(h.clone());
+                    h
+                }
+                Err(e) => {
+                    let _ = delete_subvolume_patiently(&layer);
+                    return Err(e);
+                }
+            },
+        };
         let tokens: Vec<String> = specs.iter().map(|_| token()).collect();
         let started =
             futures_util::future::join_all(specs.iter().zip(&tokens).map(|(spec, token)| {
@@ -97,6 +112,7 @@ impl JailInstance {
                         lowers: lowers.clone(),
                         slot: slot.clone(),
                         nested: nested.clone(),
+                        helper: helper.clone(),
                     },
                 )
             }))

@@ -69,6 +69,7 @@ impl Inner {
                         keepalive,
                         slot: self.claim_slot(p1),
                         nested: None,
+                        helper_ns: None,
                     };
                     self.lineage().nodes.insert(
                         c.clone(),
@@ -203,6 +204,7 @@ impl Inner {
                 keepalive: None,
                 slot,
                 nested: None,
+                helper_ns: None,
             }),
             rt: self.clone(),
         }))
@@ -245,6 +247,7 @@ impl Inner {
             keepalive: None,
             slot: None,
             nested: None,
+            helper_ns: None,
         };
         res.release().await
     }

@@ -22,6 +22,9 @@ pub(crate) struct Resources {
     /// The agent image its family's fork children start from (made by the family's
     /// first fork, owned by the range's root; `AgentImage::nested_for`).
     pub(crate) nested: Option<Arc<OwnedFd>>,
+    /// The helper mount namespace its fork children's jail-init enter (made by its
+    /// first fork; `Inner::helper_ns`).
+    pub(crate) helper_ns: Option<Arc<OwnedFd>>,
 }
 
 impl Resources {
@@ -86,6 +89,7 @@ impl Resources {
         self.keepalive = None;
         self.slot = None;
         self.nested = None;
+        self.helper_ns = None;
         Ok(())
     }
 }

@@ -139,23 +139,6 @@ pub fn plain_tree(path: &std::path::Path) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Opens directory `name` directly in `dir` (`O_PATH`, no symlink), close-on-exec.
-pub fn subdir(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
-    // SAFETY: openat with an fd we borrow and a NUL-terminated name.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,11 +174,21 @@ mod tests {
         ] {
             std::os::unix::fs::chown(&p, Some(1_000_000), Some(1_000_000)).unwrap();
         }
+        // Every layer a directory of one idmapped copy of their parent (as jail-init
+        // does with the pool).
         let ns = crate::idmap::shift_userns(1_000_000, 3_000_000, 65536, true).unwrap();
-        let lo = crate::idmap::idmapped_tree(&lower, &ns).unwrap();
-        let top = crate::idmap::idmapped_tree(&sb, &ns).unwrap();
-        let up = subdir(top.as_fd(), c"upper").unwrap();
-        let wk = subdir(top.as_fd(), c"work").unwrap();
+        let top = crate::idmap::idmapped_tree(t.path(), &ns).unwrap();
+        let dir = |p: &str| {
+            crate::mounts::dir_beneath(
+                &top,
+                std::path::Path::new(p),
+                std::path::Path::new(p),
+                false,
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let (lo, up, wk) = (dir("lower"), dir("sb/upper"), dir("sb/work"));
         let ov = overlay_tree(&[lo.as_fd()], up.as_fd(), wk.as_fd()).unwrap();
         // Look at it from a thread of its own in a private mount namespace.
         let root = sb.join("root");

@@ -140,6 +140,10 @@ pub struct JailInit {
     /// (empty: `rootfs` is the root itself).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lowers: Vec<String>,
+    /// Host path of the btrfs pool holding `rootfs` and every one of `lowers` (set
+    /// with `lowers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// First host uid/gid of the *canonical* range: the ids files are stored with on
     /// disk (ids 0..65536 inside, shifted), whichever range the sandbox runs as.
     pub uid_base: u32,
@@ -164,6 +168,10 @@ pub struct JailInit {
     /// sandbox's Python kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopt_token: Option<String>,
+    /// Fork child: its family's helper mount namespace (`jail-helper`) is passed on
+    /// fd 63, entered instead of making one per child.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub helper_ns: bool,
     /// Host directories bind-mounted into the sandbox (volumes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub binds: Vec<BindMount>,
