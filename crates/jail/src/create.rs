@@ -442,8 +442,10 @@ pub(crate) fn place_fds(
     let mut n = 0;
     for (from, to) in [(Some(listen_fd), 3), (nested_fd, 4), (helper_fd, 63)] {
         let Some(from) = from else { continue };
+        // Above every target: a copy landing on its own target would keep its
+        // close-on-exec (dup2 onto itself changes nothing) and vanish at exec.
         // SAFETY: fcntl on an fd number; no memory is touched.
-        let high = unsafe { libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 10) };
+        let high = unsafe { libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 64) };
         if high < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -501,21 +503,34 @@ mod tests {
     fn placing_jail_inits_fds_after_fork_allocates_nothing() {
         let (r1, _w1) = nix::unistd::pipe().unwrap();
         let (r2, _w2) = nix::unistd::pipe().unwrap();
-        let (a, b) = (r1.as_raw_fd(), r2.as_raw_fd());
-        let (ia, ib) = (inode(a), inode(b));
-        // SAFETY: the child only calls place_fds, fstat and _exit.
+        let (r3, _w3) = nix::unistd::pipe().unwrap();
+        let (a, b, c) = (r1.as_raw_fd(), r2.as_raw_fd(), r3.as_raw_fd());
+        let (ia, ib, ic) = (inode(a), inode(b), inode(c));
+        // SAFETY: the child only calls dup2, place_fds, fstat, fcntl and _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
+            // A busy server: every number below 63 taken but two (for the copies of the
+            // first two fds), so a copy of the helper fd could land on 63 itself.
+            for fd in 5..63 {
+                if ![a, b, c, 20, 21].contains(&fd) {
+                    // SAFETY: dup2 on fd numbers of this child.
+                    unsafe { libc::dup2(a, fd) };
+                }
+            }
             let before = ALLOCS.load(Ordering::SeqCst);
-            let placed = place_fds(a, Some(b), None).is_ok();
+            let placed = place_fds(a, Some(b), Some(c)).is_ok();
             let allocs = ALLOCS.load(Ordering::SeqCst) - before;
+            // SAFETY: fcntl(F_GETFD) on an fd number.
+            let cloexec = unsafe { libc::fcntl(63, libc::F_GETFD) } & libc::FD_CLOEXEC != 0;
             let code = if !placed {
                 2
             } else if allocs > 0 {
                 3
-            } else if inode(3) != ia || inode(4) != ib {
+            } else if inode(3) != ia || inode(4) != ib || inode(63) != ic {
                 4
+            } else if cloexec {
+                5
             } else {
                 0
             };
@@ -529,7 +544,7 @@ mod tests {
         assert_eq!(
             libc::WEXITSTATUS(status),
             0,
-            "2: failed, 3: allocated, 4: wrong fds"
+            "2: failed, 3: allocated, 4: wrong fds, 5: one would close at exec"
         );
     }
 }
