@@ -18,8 +18,11 @@ use futures_util::StreamExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// The budget: memory per idle sandbox.
-const IDLE_BUDGET_MIB: f64 = 3.0;
+/// Issue 24's budgets: host memory per idle sandbox; per warm Python REPL, host memory
+/// and its cgroup's charge.
+const IDLE_BUDGET_MIB: f64 = 0.5;
+const REPL_BUDGET_MIB: f64 = 4.0;
+const REPL_CHARGE_BUDGET_MIB: f64 = 8.0;
 
 pub async fn run(args: &BenchArgs, n: usize) -> anyhow::Result<()> {
     let srv = ChildServer::start(&args.host).await?;
@@ -56,6 +59,8 @@ struct Phase {
     answered: usize,
     delete_secs: f64,
     budget_mib: Option<f64>,
+    /// Budget of the cgroup charge per sandbox, if any.
+    charge_budget_mib: Option<f64>,
 }
 
 impl Phase {
@@ -262,7 +267,12 @@ async fn phase(
         fds_after,
         answered,
         delete_secs,
-        budget_mib: (!repl).then_some(IDLE_BUDGET_MIB),
+        budget_mib: Some(if repl {
+            REPL_BUDGET_MIB
+        } else {
+            IDLE_BUDGET_MIB
+        }),
+        charge_budget_mib: repl.then_some(REPL_CHARGE_BUDGET_MIB),
     })
 }
 
@@ -286,12 +296,24 @@ fn report(phases: &[Phase], conc: usize) -> String {
     );
     for p in phases {
         let host = p.host_per();
-        let (budget, verdict) = match p.budget_mib {
-            Some(b) if host <= b && p.created >= p.wanted => {
-                (format!("≤ {b} MiB"), "within budget")
+        let charge = p.per(p.cgroup_sum as f64);
+        let (budget, verdict) = match (p.budget_mib, p.charge_budget_mib) {
+            (None, _) => ("—".into(), "no budget"),
+            (Some(b), c) => {
+                let text = match c {
+                    Some(c) => format!("≤ {b} MiB host, ≤ {c} MiB charge"),
+                    None => format!("≤ {b} MiB"),
+                };
+                let within = host <= b && c.is_none_or(|c| charge <= c) && p.created >= p.wanted;
+                (
+                    text,
+                    if within {
+                        "within budget"
+                    } else {
+                        "OVER BUDGET"
+                    },
+                )
             }
-            Some(b) => (format!("≤ {b} MiB"), "OVER BUDGET"),
-            None => ("—".into(), "no budget"),
         };
         md.push_str(&format!(
             "| {} | {} of {} | {:.1} /s | {:.1} / {:.1} ms | {host:.2} MiB | {:.2} MiB | {budget} | {verdict} |\n",
@@ -301,7 +323,7 @@ fn report(phases: &[Phase], conc: usize) -> String {
             p.created as f64 / p.create_secs.max(1e-9),
             quantile(&p.create_lat, 0.5),
             quantile(&p.create_lat, 0.99),
-            p.per(p.cgroup_sum as f64),
+            charge,
         ));
     }
     md.push_str("\nWhere the host memory went, per sandbox (Δ ÷ n):\n\n");
