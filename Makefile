@@ -77,8 +77,8 @@ test-ts: ts-deps agent build
 CLIENTS_VENV := $(CURDIR)/target/clients-venv
 clients-deps: deps
 	@[ -x $(CLIENTS_VENV)/bin/python ] || python3 -m venv $(CLIENTS_VENV)
-	@$(CLIENTS_VENV)/bin/python -c "import podflare, pandastack, pytest, httpx, h2, importlib.metadata as m; assert podflare.__version__ == '0.0.22' and pandastack.__version__ == '0.10.0' and m.version('declaw') == '1.7.0' and m.version('websockets') == '15.0.1'" 2>/dev/null || \
-	  $(CLIENTS_VENV)/bin/pip install -q 'podflare==0.0.22' 'pandastack==0.10.0' 'declaw==1.7.0' pytest 'httpx[http2]' 'websockets==15.0.1'
+	@$(CLIENTS_VENV)/bin/python -c "import podflare, pandastack, pytest, httpx, h2, importlib.metadata as m; assert podflare.__version__ == '0.0.22' and pandastack.__version__ == '0.10.0' and m.version('declaw') == '1.7.0' and m.version('websockets') == '15.0.1' and m.version('mcp') == '1.23.1'" 2>/dev/null || \
+	  $(CLIENTS_VENV)/bin/pip install -q 'podflare==0.0.22' 'pandastack==0.10.0' 'declaw==1.7.0' pytest 'httpx[http2]' 'websockets==15.0.1' 'mcp==1.23.1'
 
 # The deployment files (deploy/): Kubernetes manifests validated against the schema
 # (kubernetes-validate from PyPI, in a venv of its own), the systemd unit verified.

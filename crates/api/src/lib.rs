@@ -160,10 +160,17 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 
 /// The whole API as a router, ready for `axum::serve` (HTTP/1.1 and h2c).
 pub fn app(state: AppState) -> Router {
+    app_with(state, Router::new())
+}
+
+/// [`app`] with `extra` routes served behind the same authentication, host guard,
+/// tracing and body limit (the binary's `/mcp`).
+pub fn app_with(state: AppState, extra: Router<AppState>) -> Router {
     let (router, doc) = routes();
     let doc = Arc::new(doc);
     let proxy = axum::routing::any(ports::proxy);
     let inner = router
+        .merge(extra)
         // Preview ports by path (docs/api.md); any method.
         .route("/v1/sandboxes/{id}/ports/{port}", proxy.clone())
         .route("/v1/sandboxes/{id}/ports/{port}/", proxy.clone())

@@ -46,6 +46,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: client::SandboxCmd,
     },
+    /// Serve forkbox's tools to an MCP client over stdio (against a running server).
+    Mcp {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
     /// Manage API keys.
     Token(token::TokenArgs),
     /// The nodes (servers) sharing a database: list, drain.
@@ -116,6 +121,12 @@ fn main() -> ExitCode {
             Cmd::Sandbox { conn, cmd } => return client::sandbox(conn, cmd).await,
             Cmd::Node { conn, cmd } => return node::run(conn, cmd).await,
             Cmd::Serve(a) => serve::run(a).await,
+            Cmd::Mcp { conn } => {
+                let server = forkbox_mcp::Forkbox::new(conn.url, conn.api_key);
+                forkbox_mcp::serve_stdio(server)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
             Cmd::Template {
                 cmd: TemplateCmd::Prepare { host, name },
             } => {

@@ -3,7 +3,7 @@
 use crate::config::{self, HostArgs};
 use anyhow::Context;
 use clap::Args;
-use forkbox_api::{app, AppState};
+use forkbox_api::AppState;
 use forkbox_core::{Manager, ManagerConfig, Runtime};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -376,8 +376,22 @@ pub fn http(
     fn nodelay(s: &mut tokio::net::TcpStream) {
         let _ = s.set_nodelay(true);
     }
+    // MCP over streamable HTTP (crates/mcp): its tools call this server's own API on
+    // loopback, with each request's credentials.
+    let own = listener
+        .local_addr()
+        .map(|a| {
+            let ip = if a.ip().is_unspecified() {
+                std::net::IpAddr::from([127, 0, 0, 1])
+            } else {
+                a.ip()
+            };
+            format!("http://{}", std::net::SocketAddr::new(ip, a.port()))
+        })
+        .unwrap_or_default();
+    let mcp = axum::Router::new().nest_service("/mcp", forkbox_mcp::http_service(own));
     let listener = listener.tap_io(nodelay as fn(&mut tokio::net::TcpStream));
-    axum::serve(listener, app(state))
+    axum::serve(listener, forkbox_api::app_with(state, mcp))
 }
 
 async fn shutdown_signal() {
