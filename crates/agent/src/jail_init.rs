@@ -571,18 +571,31 @@ fn idmapped_trees(cfg: &JailInit) -> Result<Option<Trees>, String> {
     if !has_trees(cfg) {
         return Ok(None);
     }
-    // One map for every tree: it also keeps host root, the identity of an overlay's
-    // own operations, which no sandbox process has.
-    let ns = shifted_owner(cfg)
-        .map(|host| {
-            forkbox_sys::idmap::shift_userns(cfg.uid_base, host, forkbox_sys::uidshift::RANGE, true)
+    // The overlay's layers are mapped keeping host root too (the identity of the
+    // overlay's own operations, which no sandbox process has); a plain root and the
+    // volumes without it. Each map costs a process, so only the ones needed.
+    let shift = |keep_root: bool| {
+        shifted_owner(cfg)
+            .map(|host| {
+                forkbox_sys::idmap::shift_userns(
+                    cfg.uid_base,
+                    host,
+                    forkbox_sys::uidshift::RANGE,
+                    keep_root,
+                )
                 .map_err(|e| e.to_string())
-        })
-        .transpose()?;
+            })
+            .transpose()
+    };
+    let ns = if cfg.lowers.is_empty() || !cfg.binds.is_empty() {
+        shift(false)?
+    } else {
+        None
+    };
     let root = if cfg.lowers.is_empty() {
         detached_tree(&cfg.rootfs, ns.as_ref())?
     } else {
-        overlay_root(cfg, ns.as_ref())?
+        overlay_root(cfg, shift(true)?.as_ref())?
     };
     // Volumes need no tree of their own unless shifted.
     let binds = match &ns {

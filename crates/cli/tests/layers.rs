@@ -186,3 +186,38 @@ async fn fork_children_and_snapshots_stand_on_frozen_layers_that_go_with_their_l
     eventually_gone(&layer).await;
     eventually_gone(&s.pool.join("layers").join(&snap)).await;
 }
+
+#[tokio::test]
+async fn a_deleted_snapshot_takes_the_layers_only_it_stood_on() {
+    let s = Server::start();
+    let p = s.create_id().await;
+    s.sh(&p, "head -c 1048576 /dev/urandom > /root/blob").await;
+    let (st, forked) = post(&s, &format!("/v1/sandboxes/{p}/fork"), json!({"n": 1})).await;
+    assert_eq!(st, 200, "{forked}");
+    let c = forked["children"][0].as_str().unwrap().to_owned();
+    let layer = s
+        .pool
+        .join("layers")
+        .join(chain(&s.pool, &c)[0]["id"].as_str().unwrap());
+    let (st, snap) = post(
+        &s,
+        &format!("/v1/sandboxes/{c}/snapshot"),
+        json!({"name": "c"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{snap}");
+    let snap = snap["id"].as_str().unwrap().to_owned();
+    // The sandboxes go; the snapshot still stands on the fork layer.
+    for id in [&c, &p] {
+        assert_eq!(s.delete(id).await, 204);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        layer.exists(),
+        "the snapshot's layer went with the sandboxes"
+    );
+    // The snapshot goes: nothing stands on the fork layer any more.
+    assert_eq!(s.delete_at(&format!("/v1/snapshots/{snap}")).await, 204);
+    eventually_gone(&layer).await;
+    assert!(!s.pool.join("layers").join(&snap).exists());
+}

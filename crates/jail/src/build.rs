@@ -492,6 +492,8 @@ impl Inner {
         let n = name.to_owned();
         tokio::task::spawn_blocking(move || match built {
             Some(b) => {
+                let _lock = crate::layers::PoolLock::exclusive(&pool)
+                    .map_err(|e| TemplateError::Io(n.clone(), std::io::Error::other(e)))?;
                 let in_use = crate::layers::template_in_use(&pool, &n, b);
                 crate::layers::retire(
                     &pool,

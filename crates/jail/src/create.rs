@@ -138,6 +138,18 @@ impl Inner {
                 }
             },
         };
+        // No layer is deleted or moved from here until the overlay holds them.
+        let layers_lock = if lowers.is_empty() {
+            None
+        } else {
+            let pool = self.pool.clone();
+            Some(
+                tokio::task::spawn_blocking(move || layers::PoolLock::shared(&pool))
+                    .await
+                    .map_err(|e| RuntimeError::host("lock the pool's layers", id, e))?
+                    .map_err(layer_err)?,
+            )
+        };
         let lower_paths = lowers
             .iter()
             .map(|l| l.path(&self.pool))
@@ -274,6 +286,7 @@ impl Inner {
             )
             .await?;
         drop(listener);
+        drop(layers_lock);
         res.pid = Some(pid);
         // The agent is the last process the OOM killer may take (its children set
         // their own score back to 0): a memory bomb kills the bomb, not the sandbox.

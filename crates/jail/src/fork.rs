@@ -26,7 +26,7 @@ impl JailInstance {
         let below = layers::read_chain(&self.rt.pool.sandbox_chain(id))
             .map_err(|e| RuntimeError::host("read the parent's layers", id, e))?;
         let mut lowers = vec![Lower::Layer {
-            id: layer_id,
+            id: layer_id.clone(),
             upper: below.is_some(),
         }];
         lowers.extend(below.unwrap_or_default());
@@ -37,6 +37,9 @@ impl JailInstance {
                 forkbox_sys::overlay::MAX_LOWERS
             )));
         }
+        // Named by a claim of this fork's own until the children's chains name it.
+        let claim = layers::Pending::claim(&self.rt.pool, &layer_id)
+            .map_err(|e| RuntimeError::host("claim the fork layer", id, e))?;
         self.freeze(true).await?;
         let (src, dst) = (self.rootfs.clone(), layer.clone());
         let snap =
@@ -117,6 +120,7 @@ impl JailInstance {
                 )
             }))
             .await;
+        drop(claim);
         let mut children: Vec<Arc<JailInstance>> = Vec::new();
         let mut failure = None;
         for r in started {

@@ -160,8 +160,10 @@ pub(crate) fn make_upper(rootfs: &Path, top: &Path) -> Result<(), LayerError> {
     std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700)).map_err(io)
 }
 
-/// Chain files of every layered sandbox and snapshot on the pool (every server's).
-fn chains(pool: &Pool) -> Vec<Vec<Lower>> {
+/// Chain files of every layered sandbox and snapshot on the pool (every server's), and
+/// of forks being made (`sandboxes/.pending-…lower`). `None` when one cannot be read:
+/// then nothing may be taken for unused (failing closed).
+fn chains(pool: &Pool) -> Option<Vec<Vec<Lower>>> {
     let mut out = Vec::new();
     for dir in [pool.root().join("sandboxes"), pool.root().join("snapshots")] {
         let Ok(rd) = std::fs::read_dir(&dir) else {
@@ -170,34 +172,79 @@ fn chains(pool: &Pool) -> Vec<Vec<Lower>> {
         for e in rd.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "lower") {
-                if let Ok(Some(c)) = read_chain(&p) {
-                    out.push(c);
+                match read_chain(&p) {
+                    Ok(Some(c)) => out.push(c),
+                    // Gone meanwhile (a sandbox deleted): it names nothing any more.
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "an unreadable chain of layers: no layer is taken for unused");
+                        return None;
+                    }
                 }
             }
         }
     }
-    out
+    Some(out)
 }
 
-/// Whether any sandbox or snapshot stands on template `name` as built at `built`.
+/// The `layers/` entries some chain names (`None`: unknown, see [`chains`]).
+fn named(pool: &Pool) -> Option<HashSet<String>> {
+    Some(
+        chains(pool)?
+            .iter()
+            .flatten()
+            .map(Lower::layer_name)
+            .collect(),
+    )
+}
+
+/// One lock for the pool's layers, a file every server on the host opens: exclusive
+/// to decide a layer is unused and delete or move it; shared from resolving a new
+/// sandbox's layers until its overlay holds them, so no layer is deleted or moved
+/// between a create finding it and mounting it (btrfs deletes a subvolume an overlay
+/// stands on without a word, and the overlay's view goes with it).
+pub(crate) struct PoolLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+impl PoolLock {
+    fn take(pool: &Pool, arg: nix::fcntl::FlockArg) -> Result<PoolLock, LayerError> {
+        let path = pool.layers().join(".lock");
+        let io = |e| LayerError::Io(path.display().to_string(), e);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        nix::fcntl::Flock::lock(f, arg)
+            .map(PoolLock)
+            .map_err(|(_, e)| io(e.into()))
+    }
+
+    /// Shared: a create resolving and mounting its layers.
+    pub(crate) fn shared(pool: &Pool) -> Result<PoolLock, LayerError> {
+        PoolLock::take(pool, nix::fcntl::FlockArg::LockShared)
+    }
+
+    /// Exclusive: deciding layers are unused, deleting or moving them.
+    pub(crate) fn exclusive(pool: &Pool) -> Result<PoolLock, LayerError> {
+        PoolLock::take(pool, nix::fcntl::FlockArg::LockExclusive)
+    }
+}
+
+/// Whether any sandbox or snapshot stands on template `name` as built at `built`
+/// (`true` when unknown). Call under [`PoolLock::exclusive`].
 pub(crate) fn template_in_use(pool: &Pool, name: &str, built: i64) -> bool {
-    let me = Lower::Template {
-        name: name.to_owned(),
-        built,
-    };
-    chains(pool).iter().flatten().any(|l| *l == me)
+    named(pool).is_none_or(|n| n.contains(&retired_template(name, built)))
 }
 
-/// Whether any sandbox stands on named snapshot `id`.
+/// Whether any sandbox stands on named snapshot `id` (`true` when unknown). Call under
+/// [`PoolLock::exclusive`].
 pub(crate) fn snapshot_in_use(pool: &Pool, id: &str) -> bool {
-    chains(pool)
-        .iter()
-        .flatten()
-        .any(|l| matches!(l, Lower::Snapshot { id: s, .. } if s == id))
+    named(pool).is_none_or(|n| n.contains(id))
 }
 
 /// Moves a read-only subvolume that sandboxes still stand on into `layers/` as
-/// `name`, or deletes it when none does.
+/// `name`, or deletes it when none does. Call under [`PoolLock::exclusive`].
 pub(crate) fn retire(pool: &Pool, path: &Path, name: &str, in_use: bool) -> Result<(), LayerError> {
     if !path.exists() {
         return Ok(());
@@ -214,22 +261,12 @@ pub(crate) fn retire(pool: &Pool, path: &Path, name: &str, in_use: bool) -> Resu
     crate::resources::delete_subvolume_patiently(path).map_err(LayerError::from)
 }
 
-/// After a sandbox's subvolume at `rootfs` (`<pool>/sandboxes/<id>`) is deleted: its
-/// chain file goes, and then, off the caller's path, every layer it stood on that no
-/// other chain names (a fork layer once its last child ends, a deleted snapshot once
-/// its last sandbox does).
-pub(crate) fn released(rootfs: &Path) {
-    let mut file = rootfs.as_os_str().to_owned();
-    file.push(".lower");
-    let file = PathBuf::from(file);
-    let chain = read_chain(&file).ok().flatten();
-    let _ = std::fs::remove_file(&file);
-    let Some(pool_root) = rootfs.parent().and_then(Path::parent) else {
-        return;
-    };
-    let pool = Pool::attach(pool_root);
+/// After the chain `chain` stopped being named (a sandbox deleted, a snapshot deleted):
+/// deletes, off the caller's path, every layer of it in `layers/` that no other chain
+/// names (a fork layer once its last child ends, a deleted snapshot once its last
+/// sandbox does).
+pub(crate) fn drop_unused(pool: Pool, chain: Vec<Lower>) {
     let stood_on: Vec<PathBuf> = chain
-        .unwrap_or_default()
         .iter()
         .map(|l| pool.layers().join(l.layer_name()))
         .filter(|p| p.exists())
@@ -237,12 +274,13 @@ pub(crate) fn released(rootfs: &Path) {
     if stood_on.is_empty() {
         return;
     }
-    let drop_unused = move || {
-        let named: HashSet<String> = chains(&pool)
-            .iter()
-            .flatten()
-            .map(Lower::layer_name)
-            .collect();
+    let work = move || {
+        let Ok(_lock) = PoolLock::exclusive(&pool) else {
+            return;
+        };
+        let Some(named) = named(&pool) else {
+            return;
+        };
         for p in stood_on {
             let unused = p
                 .file_name()
@@ -255,46 +293,92 @@ pub(crate) fn released(rootfs: &Path) {
         }
     };
     match tokio::runtime::Handle::try_current() {
-        Ok(h) => drop(h.spawn_blocking(drop_unused)),
-        Err(_) => drop_unused(),
+        Ok(h) => drop(h.spawn_blocking(work)),
+        Err(_) => work(),
     }
 }
 
-/// Deletes every layer no chain names and older than `grace` (a fork in progress has
-/// made its layer but not yet written its children's chains); returns how many.
+/// After a sandbox's subvolume at `rootfs` (`<pool>/sandboxes/<id>`) is deleted: its
+/// chain file goes, then its layers nothing else stands on ([`drop_unused`]).
+pub(crate) fn released(rootfs: &Path) {
+    let mut file = rootfs.as_os_str().to_owned();
+    file.push(".lower");
+    let file = PathBuf::from(file);
+    let chain = read_chain(&file).ok().flatten();
+    let _ = std::fs::remove_file(&file);
+    if let (Some(chain), Some(pool_root)) = (chain, rootfs.parent().and_then(Path::parent)) {
+        drop_unused(Pool::attach(pool_root), chain);
+    }
+}
+
+/// A fork's claim on the layer it is making, named by a chain file of its own
+/// (`sandboxes/.pending-<layer>.lower`) from before the snapshot until its children's
+/// chains name the layer; removed when dropped. A claim a crash left behind is removed
+/// by [`sweep`] once older than [`LAYER_GRACE`].
+pub(crate) struct Pending(PathBuf);
+
+impl Pending {
+    pub(crate) fn claim(pool: &Pool, layer: &str) -> Result<Pending, LayerError> {
+        let file = pool
+            .root()
+            .join("sandboxes")
+            .join(format!(".pending-{}.lower", plain(layer)?));
+        write_chain(
+            &file,
+            &[Lower::Layer {
+                id: layer.to_owned(),
+                upper: false,
+            }],
+        )?;
+        Ok(Pending(file))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Deletes every layer no chain names (and claims of forks a crash interrupted, older
+/// than `grace`); returns how many layers went.
 pub(crate) fn sweep(pool: &Pool, grace: Duration) -> usize {
+    let Ok(_lock) = PoolLock::exclusive(pool) else {
+        return 0;
+    };
+    if let Ok(rd) = std::fs::read_dir(pool.root().join("sandboxes")) {
+        for e in rd.flatten() {
+            let stale = e.file_name().to_string_lossy().starts_with(".pending-")
+                && e.metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= grace);
+            if stale {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let Ok(rd) = std::fs::read_dir(pool.layers()) else {
         return 0;
     };
-    let entries: Vec<_> = rd.flatten().collect();
-    if entries.is_empty() {
+    let Some(named) = named(pool) else {
         return 0;
-    }
-    let named: HashSet<String> = chains(pool)
-        .iter()
-        .flatten()
-        .map(Lower::layer_name)
-        .collect();
+    };
     let mut n = 0;
-    for e in entries {
+    for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if named.contains(&name) || name.starts_with('.') {
             continue;
         }
-        let old = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age >= grace);
-        if old && crate::resources::delete_subvolume_patiently(&e.path()).is_ok() {
+        if crate::resources::delete_subvolume_patiently(&e.path()).is_ok() {
             n += 1;
         }
     }
     n
 }
 
-/// How long a layer nothing names yet is kept (a fork being made).
+/// How long a fork's claim on the layer it makes may stand (a crash interrupted it).
 pub(crate) const LAYER_GRACE: Duration = Duration::from_secs(600);
 
 #[cfg(test)]

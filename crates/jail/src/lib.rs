@@ -382,9 +382,19 @@ impl HostStores for JailRuntime {
         let id = snapshot.to_owned();
         tokio::task::spawn_blocking(move || {
             let pool = &inner.pool;
-            let _ = std::fs::remove_file(pool.snapshot_chain(&id));
-            let in_use = layers::snapshot_in_use(pool, &id);
-            layers::retire(pool, &pool.snapshot(&id), &id, in_use)
+            let chain = {
+                let _lock = layers::PoolLock::exclusive(pool)?;
+                let chain = layers::read_chain(&pool.snapshot_chain(&id)).ok().flatten();
+                let _ = std::fs::remove_file(pool.snapshot_chain(&id));
+                let in_use = layers::snapshot_in_use(pool, &id);
+                layers::retire(pool, &pool.snapshot(&id), &id, in_use)?;
+                chain
+            };
+            // The layers under it nothing else stands on go too.
+            if let Some(chain) = chain {
+                layers::drop_unused(pool.clone(), chain);
+            }
+            Ok::<_, layers::LayerError>(())
         })
         .await
         .map_err(|e| RuntimeError::host("delete snapshot", snapshot, e))?

@@ -31,6 +31,7 @@ pub enum OverlayError {
 
 const FSOPEN_CLOEXEC: libc::c_uint = 1;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_SET_FD: libc::c_uint = 5;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 
@@ -84,8 +85,29 @@ pub fn overlay_tree(
     if set_fd(c"workdir", work) < 0 {
         return Err(fail("work directory"));
     }
-    // The defaults: no index, metacopy or redirects, so an upper directory stays
-    // readable as a plain layer (a fork layer, a snapshot) by a later overlay.
+    // No index, metacopy or redirects, whatever the kernel's build defaults: an upper
+    // directory stays a plain tree, readable as a layer (a fork layer, a snapshot) by
+    // a later overlay, and no layer's extended attributes steer lookups elsewhere.
+    for (key, value) in [
+        (c"redirect_dir", c"off"),
+        (c"index", c"off"),
+        (c"metacopy", c"off"),
+    ] {
+        // SAFETY: fsconfig on our context fd with NUL-terminated key and value.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(fail("options"));
+        }
+    }
     // SAFETY: fsconfig CMD_CREATE on our context fd, no key or value.
     let created = unsafe {
         libc::syscall(
