@@ -105,6 +105,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(sandboxes::exec_stream))
         .routes(routes!(pty::pty))
         .routes(routes!(ports::list))
+        .routes(routes!(ports::public_link))
         .routes(routes!(events::events))
         .routes(routes!(events::logs))
         .routes(routes!(commands::list))

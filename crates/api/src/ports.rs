@@ -44,6 +44,11 @@ impl Default for Previews {
     }
 }
 
+/// Set on a request that came in for a public link's host, whose signature was
+/// checked: the caller it stands for (never set by a client).
+#[derive(Clone)]
+pub struct PublicPreview(pub forkbox_core::auth::Principal);
+
 /// Set on a request that came in for a preview host (never by a client).
 #[derive(Debug, Clone, Copy)]
 pub struct ByHost;
@@ -83,11 +88,33 @@ fn request_host(req: &Request) -> Option<String> {
 
 /// The outermost step: a request for a preview host goes to that port's by-path route.
 pub async fn route_by_host(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
-    let target = request_host(&req).and_then(|h| {
-        st.previews
-            .parse(&h)
-            .map(|(port, id)| (port, id.to_owned()))
-    });
+    let host = request_host(&req);
+    let mut target = host
+        .as_deref()
+        .and_then(|h| st.previews.parse(h).map(|(port, id)| (port, id.to_owned())));
+    // A public link's host (`{port}-{id}-{expiry}-{signature}`): signed by this
+    // cluster and not expired, it stands for the sandbox's workspace on that port
+    // alone (every request for the host goes to the port); anything else that looks
+    // like one is a 404, like a sandbox that does not exist.
+    if let Some(label) = host
+        .as_deref()
+        .and_then(|h| h.split_once('.'))
+        .filter(|(_, rest)| *rest == st.previews.domain)
+        .map(|(label, _)| label)
+        .filter(|l| target.is_none() && l.matches('-').count() >= 4)
+    {
+        match st.manager.preview_principal(label).await {
+            Some((port, id, principal)) => {
+                req.extensions_mut().insert(PublicPreview(principal));
+                target = Some((port, id));
+            }
+            None => {
+                return axum::response::IntoResponse::into_response(ApiError::from(
+                    forkbox_core::CoreError::NotFound("preview link".into()),
+                ))
+            }
+        }
+    }
     if let Some((port, id)) = target {
         let pq = req
             .uri()
@@ -139,6 +166,74 @@ pub struct PortList {
     ports: Vec<PortView>,
 }
 
+/// The port of this server a request came in on, from its `Host`.
+fn server_port(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.rsplit_once(':'))
+        .map(|(_, p)| p.to_owned())
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A preview host of this server: `label.{preview domain}[:server port]`.
+fn preview_host(st: &AppState, label: &str, server_port: Option<&str>) -> String {
+    match server_port {
+        Some(sp) => format!("{label}.{}:{sp}", st.previews.domain),
+        None => format!("{label}.{}", st.previews.domain),
+    }
+}
+
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+pub struct PreviewBody {
+    /// The sandbox's port the link opens.
+    port: u16,
+    /// Seconds the link works (default a day, at most 30 days).
+    expires_in: Option<u64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PreviewView {
+    port: u16,
+    /// `{port}-{id}-{expiry}-{signature}.{preview domain}[:server port]`
+    host: String,
+    /// `http://{host}/`: opens the port without a key.
+    url: String,
+    /// RFC 3339.
+    expires_at: String,
+}
+
+/// A public link to one port: anyone holding it reaches that port, without a key,
+/// until it expires or the sandbox ends.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/previews", tag = "ports", params(("id" = String, Path, description = "Sandbox id")), request_body = PreviewBody, responses((status = 201, body = PreviewView), (status = "4XX", description = "Invalid request, unknown or ended sandbox", body = crate::error::ErrorBody)))]
+pub async fn public_link(
+    State(st): State<AppState>,
+    Sbx(id): Sbx,
+    headers: HeaderMap,
+    crate::extract::JsonBody(b): crate::extract::JsonBody<PreviewBody>,
+) -> Result<(StatusCode, Json<PreviewView>), ApiError> {
+    let link = st
+        .manager
+        .public_preview(&id, b.port, b.expires_in.unwrap_or(24 * 3600))?;
+    let host = preview_host(&st, &link.label, server_port(&headers).as_deref());
+    let expires_at = time::OffsetDateTime::from_unix_timestamp(link.expires as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default();
+    Ok((
+        StatusCode::CREATED,
+        Json(PreviewView {
+            port: b.port,
+            url: format!("http://{host}/"),
+            host,
+            expires_at,
+        }),
+    ))
+}
+
 /// Lists the TCP ports something listens on in the sandbox, with where each is reached.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/ports", tag = "ports", params(("id" = String, Path, description = "Sandbox id")), responses((status = 200, body = PortList), (status = "4XX", description = "Unknown, ended or not running", body = crate::error::ErrorBody)))]
 pub async fn list(
@@ -146,12 +241,7 @@ pub async fn list(
     Sbx(id): Sbx,
     headers: HeaderMap,
 ) -> Result<Json<PortList>, ApiError> {
-    let server_port = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|h| h.rsplit_once(':'))
-        .map(|(_, p)| p.to_owned())
-        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()));
+    let server_port = server_port(&headers);
     let ports = st
         .manager
         .ports(&id)
@@ -159,10 +249,7 @@ pub async fn list(
         .into_iter()
         .map(|p| PortView {
             path: format!("/v1/sandboxes/{id}/ports/{}/", p.port),
-            host: match &server_port {
-                Some(sp) => format!("{}-{id}.{}:{sp}", p.port, st.previews.domain),
-                None => format!("{}-{id}.{}", p.port, st.previews.domain),
-            },
+            host: preview_host(&st, &format!("{}-{id}", p.port), server_port.as_deref()),
             port: p.port,
             address: p.address,
         })

@@ -226,6 +226,7 @@ async fn every_route_is_in_the_openapi_document_and_served() {
         ("POST", "/v1/sandboxes/{id}/exec/stream"),
         ("GET", "/v1/sandboxes/{id}/exec/pty"),
         ("GET", "/v1/sandboxes/{id}/ports"),
+        ("POST", "/v1/sandboxes/{id}/previews"),
         ("POST", "/v1/sandboxes/{id}/contexts"),
         ("DELETE", "/v1/sandboxes/{id}/contexts/{ctx}"),
         ("POST", "/v1/sandboxes/{id}/contexts/{ctx}/run"),

@@ -314,3 +314,101 @@ async fn with_auth_a_port_is_its_workspaces_only_and_the_key_stays_with_forkbox(
         .unwrap();
     assert_eq!(r.status(), 204);
 }
+
+#[tokio::test]
+async fn a_public_link_opens_one_port_without_a_key_until_it_expires() {
+    let s = Server::start_with(&[
+        ("FORKBOX_AUTH", "true".into()),
+        ("FORKBOX_ADMIN_KEY", ADMIN.into()),
+    ]);
+    let mut keys = Vec::new();
+    for ws in ["alice", "mallory"] {
+        let v: Value = s
+            .http
+            .post(s.url("/v1/auth/tokens"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": ws, "workspace": ws}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        keys.push(v["key"].as_str().unwrap().to_owned());
+    }
+    let (alice, mallory) = (&keys[0], &keys[1]);
+    let id = app(&s, Some(alice)).await;
+    let link = |key: &str, body: Value| {
+        s.http
+            .post(s.url(&format!("/v1/sandboxes/{id}/previews")))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+    };
+    let r = link(alice, json!({"port": 8000})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let host = v["host"].as_str().unwrap().to_owned();
+    assert_eq!(v["url"].as_str().unwrap(), format!("http://{host}/"));
+    assert!(v["expires_at"].as_str().unwrap().starts_with("20"), "{v}");
+    let open = |h: String, path: &'static str| s.http.get(s.url(path)).header("host", h).send();
+    // No key needed; what the app sees carries none.
+    let r = open(host.clone(), "/headers").await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Another workspace cannot make a link to it; bad requests are 400.
+    assert_eq!(
+        link(mallory, json!({"port": 8000})).await.unwrap().status(),
+        404
+    );
+    for bad in [
+        json!({"port": 0}),
+        json!({"port": 8000, "expires_in": 0}),
+        json!({"port": 8000, "expires_in": 99_999_999}),
+    ] {
+        assert_eq!(
+            link(alice, bad.clone()).await.unwrap().status(),
+            400,
+            "{bad}"
+        );
+    }
+    // The link names one port of one sandbox: a changed signature, port or sandbox is
+    // nothing (404, like a missing sandbox), and so is the plain host without a key.
+    let (label, rest) = host.split_once('.').unwrap();
+    let mut forged = label.to_owned();
+    let last = forged.pop().unwrap();
+    forged.push(if last == '0' { '1' } else { '0' });
+    let other_port = label.replacen("8000-", "8001-", 1);
+    let mallorys = app(&s, Some(mallory)).await;
+    let other_sbx = label.replacen(&id, &mallorys, 1);
+    for l in [forged, other_port, other_sbx] {
+        let r = open(format!("{l}.{rest}"), "/headers").await.unwrap();
+        assert_eq!(r.status(), 404, "{l}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["code"], "not_found");
+    }
+    let r = open(preview_host(&s, &id, 8000), "/headers").await.unwrap();
+    assert_eq!(r.status(), 401);
+    // It expires.
+    let r = link(alice, json!({"port": 8000, "expires_in": 1}))
+        .await
+        .unwrap();
+    let short = r.json::<Value>().await.unwrap()["host"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(open(short.clone(), "/headers").await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(open(short, "/headers").await.unwrap().status(), 404);
+    // It ends with the sandbox.
+    for (sbx, key) in [(&id, alice), (&mallorys, mallory)] {
+        let r = s
+            .http
+            .delete(s.url(&format!("/v1/sandboxes/{sbx}")))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    assert_ne!(open(host, "/headers").await.unwrap().status(), 200);
+}

@@ -182,6 +182,13 @@ class AsyncSandbox:
     async def ports(self) -> List[Dict[str, Any]]:
         return (await self.client.request("GET", await self._path("/ports"))).json()["ports"]
 
+    async def public_link(self, port: int, expires_in: Optional[int] = None) -> Dict[str, Any]:
+        """A link that opens `port` without a key until it expires or the sandbox ends."""
+        body: Dict[str, Any] = {"port": port}
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        return (await self.client.request("POST", await self._path("/previews"), json=body)).json()
+
     async def read_file(self, path: str) -> bytes:
         return (await self.client.request("GET", await self._path("/files"), params={"path": path})).content
 

@@ -261,6 +261,14 @@ class Sandbox:
         """The URL of `port` by path on this server (the API's auth applies)."""
         return f"{self.client.base_url}{self._path(f'/ports/{port}')}/{path.lstrip('/')}"
 
+    def public_link(self, port: int, expires_in: Optional[int] = None) -> Dict[str, Any]:
+        """A link that opens `port` without a key until it expires (seconds; default a
+        day) or the sandbox ends: `{"port", "host", "url", "expires_at"}`."""
+        body: Dict[str, Any] = {"port": port}
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        return self.client.request("POST", self._path("/previews"), json=body).json()
+
     def events(self, follow: bool = False, tail: int = 200) -> Iterator[Dict[str, Any]]:
         """Lifecycle events (created, paused, forked, …)."""
         params = {"follow": int(follow), "tail": tail}

@@ -154,6 +154,13 @@ def test_code_contexts_and_ports():
             time.sleep(0.1)
         assert [p["path"] for p in s.ports() if p["port"] == 8000] == [f"/v1/sandboxes/{s.id}/ports/8000/"]
         assert s.client.request("GET", s.port_url(8000, "hi.txt")).text == "hi from the sandbox\n"
+        link = s.public_link(8000, expires_in=600)
+        assert link["url"] == f"http://{link['host']}/" and link["port"] == 8000
+        # Opened by its host, with no key: a plain client (no SDK auth), Host set by hand.
+        import httpx
+
+        got = httpx.get(s.client.base_url + "/hi.txt", headers={"host": link["host"]})
+        assert (got.status_code, got.text) == (200, "hi from the sandbox\n")
 
     async def main():
         async with AsyncSandbox() as s:

@@ -119,6 +119,14 @@ export interface ExecOptions {
   signal?: AbortSignal;
 }
 
+export interface PublicLink {
+  port: number;
+  /** `{port}-{id}-{expiry}-{signature}.{preview domain}[:server port]` */
+  host: string;
+  url: string;
+  expires_at: string;
+}
+
 export interface Port {
   port: number;
   address: string;
@@ -167,6 +175,8 @@ export declare class Sandbox {
   context(id: string): Context;
   /** TCP ports something listens on in the sandbox. */
   ports(): Promise<Port[]>;
+  /** A link that opens `port` without a key until it expires or the sandbox ends. */
+  publicLink(port: number, opts?: { expiresIn?: number }): Promise<PublicLink>;
   /** The URL of `port` by path on this server (the API's auth applies). */
   portUrl(port: number, path?: string): string;
   [Symbol.asyncDispose](): Promise<void>;

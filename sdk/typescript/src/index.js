@@ -377,6 +377,14 @@ export class Sandbox {
     return (await (await this.client.request("GET", this.path("/ports"))).json()).ports;
   }
 
+  /** A link that opens `port` without a key until it expires (seconds; default a day)
+   *  or the sandbox ends: `{port, host, url, expires_at}`. */
+  async publicLink(port, { expiresIn } = {}) {
+    const json = { port };
+    if (expiresIn !== undefined) json.expires_in = expiresIn;
+    return (await this.client.request("POST", this.path("/previews"), { json })).json();
+  }
+
   /** The URL of `port` by path on this server (the API's auth applies). */
   portUrl(port, path = "/") {
     return `${this.client.baseUrl}${this.path(`/ports/${port}`)}${path.startsWith("/") ? path : `/${path}`}`;

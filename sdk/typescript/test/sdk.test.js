@@ -214,6 +214,25 @@ test("ports: a server in the sandbox is listed and reached by path", async () =>
     const res = await fetch(sb.portUrl(8000, "/hello.txt"));
     assert.equal(res.status, 200);
     assert.equal(await res.text(), "from the sandbox\n");
+    // A public link: its host opens the port with no key (Host set by hand with
+    // node:http; fetch may not set it).
+    const link = await sb.publicLink(8000, { expiresIn: 600 });
+    assert.equal(link.url, `http://${link.host}/`);
+    const { request } = await import("node:http");
+    const body = await new Promise((ok, fail) => {
+      const u = new URL(client.baseUrl);
+      const r = request(
+        { host: u.hostname, port: u.port, path: "/hello.txt", headers: { host: link.host } },
+        (res) => {
+          let b = "";
+          res.on("data", (c) => (b += c));
+          res.on("end", () => ok(`${res.statusCode} ${b}`));
+        },
+      );
+      r.on("error", fail);
+      r.end();
+    });
+    assert.equal(body, "200 from the sandbox\n");
   } finally {
     await sb.kill();
   }

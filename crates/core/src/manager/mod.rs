@@ -12,6 +12,7 @@ mod family;
 mod keys;
 mod lifecycle;
 pub mod nodes;
+pub mod previews;
 mod recovery;
 mod snapshots;
 #[cfg(test)]
