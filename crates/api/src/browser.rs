@@ -58,11 +58,13 @@ impl BrowserPolicy {
             return true;
         }
         // A page served from loopback is as trusted as a local process — but not a
-        // page a sandbox serves on a preview host (`8000-sbx-….localhost`).
+        // page a sandbox serves on a preview host: any host whose first label starts
+        // with a port number and a dash (`8000-sbx-….localhost`, a public link's
+        // `8000-sbx-…-<expiry>-<signature>.localhost`, whatever its shape).
         match origin.split_once("://") {
             Some(("http" | "https", rest)) => {
                 let host = host_of(rest);
-                is_loopback_name(&host) && crate::ports::preview_label(&host).is_none()
+                is_loopback_name(&host) && !preview_like(&host)
             }
             _ => false,
         }
@@ -81,6 +83,14 @@ fn host_of(authority: &str) -> String {
             .unwrap_or(a)
     };
     host.trim_end_matches('.').to_owned()
+}
+
+/// Whether a host's first label starts like a preview host's (`<digits>-…`).
+fn preview_like(host: &str) -> bool {
+    host.split('.')
+        .next()
+        .and_then(|label| label.split_once('-'))
+        .is_some_and(|(port, _)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `localhost`, `*.localhost`, 127.0.0.0/8 and ::1.
@@ -233,7 +243,12 @@ mod tests {
         assert!(!on.origin_allowed("http://localhost.attacker.example"));
         // Pages a sandbox serves on a preview host are not trusted.
         assert!(!on.origin_allowed("http://8000-sbx-abcdefghij012345.localhost:7070"));
-        assert!(on.origin_allowed("http://8000-sbx-short.localhost:7070"));
+        // … nor on a public link's host, nor anything shaped like a preview host.
+        assert!(!on.origin_allowed(
+            "http://8000-sbx-abcdefghij012345-6a2f0e11-0123456789abcdef01234567.localhost:7070"
+        ));
+        assert!(!on.origin_allowed("http://8000-sbx-short.localhost:7070"));
+        assert!(on.origin_allowed("http://app.localhost:7070"));
         assert_eq!(host_of("LOCALHOST:7070"), "localhost");
         assert_eq!(host_of("[::1]:7070"), "::1");
         assert_eq!(host_of("example.com."), "example.com");

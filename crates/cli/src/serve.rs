@@ -389,9 +389,70 @@ pub fn http(
             format!("http://{}", std::net::SocketAddr::new(ip, a.port()))
         })
         .unwrap_or_default();
-    let mcp = axum::Router::new().nest_service("/mcp", forkbox_mcp::http_service(own));
+    let mcp = axum::Router::new()
+        .nest_service("/mcp", forkbox_mcp::http_service(own))
+        .layer(axum::middleware::from_fn_with_state(
+            McpSessions::default(),
+            bind_mcp_sessions,
+        ));
     let listener = listener.tap_io(nodelay as fn(&mut tokio::net::TcpStream));
     axum::serve(listener, forkbox_api::app_with(state, mcp))
+}
+
+/// A caller as an MCP session remembers it: (workspace, key id).
+type McpCaller = Option<(String, Option<String>)>;
+
+/// Which caller opened each MCP session, and when, by `Mcp-Session-Id`.
+#[derive(Clone, Default)]
+struct McpSessions(
+    Arc<std::sync::Mutex<std::collections::HashMap<String, (McpCaller, std::time::Instant)>>>,
+);
+
+/// How long a session's owner is remembered after it was opened.
+const MCP_SESSION_MEMORY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// An MCP session is its opener's: a request naming it with other credentials (or
+/// none, when its opener had a key) is answered like an unknown session, so a leaked
+/// session id gives no one else the session's results, stream or control.
+async fn bind_mcp_sessions(
+    axum::extract::State(sessions): axum::extract::State<McpSessions>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let who = req
+        .extensions()
+        .get::<forkbox_core::auth::Principal>()
+        .map(|p| (p.workspace.clone(), p.token_id.clone()));
+    let named = req
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(sid) = &named {
+        let owner = sessions
+            .0
+            .lock()
+            .ok()
+            .and_then(|m| m.get(sid).map(|(o, _)| o.clone()));
+        if owner.is_some_and(|o| o != who) {
+            let body = serde_json::json!({"error": "unknown MCP session", "code": "not_found"});
+            return (axum::http::StatusCode::NOT_FOUND, axum::Json(body)).into_response();
+        }
+    }
+    let resp = next.run(req).await;
+    let opened = resp
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| named.is_none())
+        .map(str::to_owned);
+    if let (Some(sid), Ok(mut m)) = (opened, sessions.0.lock()) {
+        let now = std::time::Instant::now();
+        m.retain(|_, (_, at)| now.duration_since(*at) < MCP_SESSION_MEMORY);
+        m.entry(sid).or_insert((who, now));
+    }
+    resp
 }
 
 async fn shutdown_signal() {

@@ -123,6 +123,15 @@ async fn mcp_needs_a_key_and_acts_with_the_callers_own() {
     assert!(!err, "{text}");
     let mine: Value = serde_json::from_str(&text).unwrap();
     let id = mine["id"].as_str().unwrap().to_owned();
+    // A session is its opener's: team-b's key naming the admin's session is refused.
+    let (st, v, _) = rpc(
+        &s,
+        Some(&b_key),
+        Some(&admin_sid),
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}),
+    )
+    .await;
+    assert_eq!((st, v["code"].as_str()), (404, Some("not_found")), "{v}");
     // team-b's key, through MCP, neither sees nor reaches it.
     let b_sid = session(&s, &b_key).await;
     let (err, text) = tool(&s, &b_key, &b_sid, "list_sandboxes", json!({})).await;

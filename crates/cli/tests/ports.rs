@@ -388,6 +388,19 @@ async fn a_public_link_opens_one_port_without_a_key_until_it_expires() {
     }
     let r = open(preview_host(&s, &id, 8000), "/headers").await.unwrap();
     assert_eq!(r.status(), 401);
+    // A page served on the link's host is no trusted origin for the API: the guard
+    // refuses its call before any key is looked at.
+    let r = s
+        .http
+        .post(s.url("/v1/sandboxes"))
+        .header("origin", format!("http://{host}"))
+        .header("content-type", "application/json")
+        .bearer_auth(alice)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
     // It expires.
     let r = link(alice, json!({"port": 8000, "expires_in": 1}))
         .await

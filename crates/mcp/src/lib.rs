@@ -126,7 +126,12 @@ impl Forkbox {
         Forkbox {
             api: api.into().trim_end_matches('/').to_owned(),
             key,
-            http: reqwest::Client::new(),
+            // Never through a proxy from the environment: the caller's key goes to the
+            // server itself, on loopback.
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .unwrap_or_default(),
             tool_router: Self::tool_router(),
         }
     }

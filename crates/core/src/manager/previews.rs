@@ -79,12 +79,24 @@ impl Manager {
     /// otherwise (also for a plain `{port}-{id}` label).
     pub async fn preview_principal(&self, label: &str) -> Option<(u16, String, Principal)> {
         let (port, rest) = label.split_once('-')?;
-        let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
         let (rest, sig) = rest.rsplit_once('-')?;
         let (id, expires) = rest.rsplit_once('-')?;
-        if !crate::ids::is_valid("sbx", id) || expires.len() > 16 || sig.len() != 2 * SIG_BYTES {
+        // One spelling per link: digits (no sign, no leading zero) and lowercase hex.
+        let digits =
+            |s: &str| !s.is_empty() && !s.starts_with('0') && s.bytes().all(|b| b.is_ascii_digit());
+        let hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !digits(port)
+            || !crate::ids::is_valid("sbx", id)
+            || expires.is_empty()
+            || expires.len() > 16
+            || expires.starts_with('0')
+            || !hex(expires)
+            || sig.len() != 2 * SIG_BYTES
+            || !hex(sig)
+        {
             return None;
         }
+        let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
         let expires = u64::from_str_radix(expires, 16).ok()?;
         if expires <= now() {
             return None;
