@@ -239,8 +239,8 @@ async fn a_sandbox_server_is_reached_by_path_and_by_host() {
 
 const ADMIN: &str = "fbk_test-admin-key-0123456789abcdefghijklmnop";
 
-#[tokio::test]
-async fn with_auth_a_port_is_its_workspaces_only_and_the_key_stays_with_forkbox() {
+/// A server requiring keys, with a key for workspace `alice` and one for `mallory`.
+async fn two_tenants() -> (Server, Vec<String>) {
     let s = Server::start_with(&[
         ("FORKBOX_AUTH", "true".into()),
         ("FORKBOX_ADMIN_KEY", ADMIN.into()),
@@ -260,6 +260,12 @@ async fn with_auth_a_port_is_its_workspaces_only_and_the_key_stays_with_forkbox(
             .unwrap();
         keys.push(v["key"].as_str().unwrap().to_owned());
     }
+    (s, keys)
+}
+
+#[tokio::test]
+async fn with_auth_a_port_is_its_workspaces_only_and_the_key_stays_with_forkbox() {
+    let (s, keys) = two_tenants().await;
     let (alice, mallory) = (&keys[0], &keys[1]);
     let id = app(&s, Some(alice)).await;
     let path = format!("/v1/sandboxes/{id}/ports/8000/headers");
@@ -317,25 +323,7 @@ async fn with_auth_a_port_is_its_workspaces_only_and_the_key_stays_with_forkbox(
 
 #[tokio::test]
 async fn a_public_link_opens_one_port_without_a_key_until_it_expires() {
-    let s = Server::start_with(&[
-        ("FORKBOX_AUTH", "true".into()),
-        ("FORKBOX_ADMIN_KEY", ADMIN.into()),
-    ]);
-    let mut keys = Vec::new();
-    for ws in ["alice", "mallory"] {
-        let v: Value = s
-            .http
-            .post(s.url("/v1/auth/tokens"))
-            .bearer_auth(ADMIN)
-            .json(&json!({"name": ws, "workspace": ws}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        keys.push(v["key"].as_str().unwrap().to_owned());
-    }
+    let (s, keys) = two_tenants().await;
     let (alice, mallory) = (&keys[0], &keys[1]);
     let id = app(&s, Some(alice)).await;
     let link = |key: &str, body: Value| {
