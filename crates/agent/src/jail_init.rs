@@ -611,13 +611,7 @@ fn idmapped_trees(cfg: &JailInit) -> Result<Option<Trees>, String> {
 
 /// A detached copy of the tree at `p`, idmapped through `ns` when given.
 fn detached_tree(p: &str, ns: Option<&OwnedFd>) -> Result<OwnedFd, String> {
-    let path = std::path::Path::new(p);
-    match ns {
-        Some(ns) => forkbox_sys::idmap::idmapped_tree(path, ns).map_err(|e| e.to_string()),
-        None => {
-            forkbox_sys::overlay::plain_tree(path).map_err(|e| format!("detached copy of {p}: {e}"))
-        }
-    }
+    forkbox_sys::idmap::detached_tree(std::path::Path::new(p), ns).map_err(|e| e.to_string())
 }
 
 /// The overlay root of a layered sandbox: `rootfs/upper` (with `rootfs/work`) over

@@ -110,14 +110,8 @@ impl Lower {
 
 /// When template `name` was built (unix ns), from its record.
 pub(crate) fn template_built(pool: &Pool, name: &str) -> Option<i64> {
-    #[derive(Deserialize)]
-    struct Built {
-        #[serde(with = "time::serde::rfc3339")]
-        built_at: time::OffsetDateTime,
-    }
-    let bytes = std::fs::read(pool.template_meta(name)).ok()?;
-    let b: Built = serde_json::from_slice(&bytes).ok()?;
-    i64::try_from(b.built_at.unix_timestamp_nanos()).ok()
+    let meta = crate::template::read_meta(&pool.template_meta(name))?;
+    i64::try_from(meta.built_at.unix_timestamp_nanos()).ok()
 }
 
 /// The chain of a layered sandbox or snapshot (`None`: a plain root filesystem).

@@ -147,7 +147,7 @@ pub enum TemplateError {
     Shift(#[from] forkbox_sys::uidshift::ShiftError),
 }
 
-fn read_meta(path: &Path) -> Option<TemplateMeta> {
+pub(crate) fn read_meta(path: &Path) -> Option<TemplateMeta> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 

@@ -314,15 +314,13 @@ impl Forkbox {
             seg(&a.path)
         );
         let r = self.request(&ctx, reqwest::Method::GET, &path);
-        let got = match self.send(r).await {
-            Ok(resp) => resp
-                .bytes()
-                .await
-                .map(|b| Value::String(String::from_utf8_lossy(&b).into_owned()))
-                .map_err(CallError::from),
-            Err(e) => Err(e),
-        };
-        answer(got)
+        answer(
+            async {
+                let bytes = self.send(r).await?.bytes().await?;
+                Ok(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+            .await,
+        )
     }
 
     #[tool(
@@ -341,11 +339,7 @@ impl Forkbox {
         let r = self
             .request(&ctx, reqwest::Method::PUT, &path)
             .body(a.content);
-        let got = match self.send(r).await {
-            Ok(resp) => resp.json::<Value>().await.map_err(CallError::from),
-            Err(e) => Err(e),
-        };
-        answer(got)
+        answer(async { Ok(self.send(r).await?.json::<Value>().await?) }.await)
     }
 
     #[tool(description = "List a directory of the sandbox.")]

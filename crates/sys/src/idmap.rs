@@ -126,6 +126,13 @@ pub fn shift_userns(
 /// A detached, recursive copy of the mount tree at `path`, idmapped through `userns`
 /// (from [`shift_userns`]), close-on-exec.
 pub fn idmapped_tree(path: &Path, userns: &OwnedFd) -> Result<OwnedFd, IdmapError> {
+    detached_tree(path, Some(userns))
+}
+
+/// A detached, recursive copy of the mount tree at `path`, close-on-exec; idmapped
+/// through `userns` when given (unmapped: the layers of a sandbox that runs as the
+/// canonical range itself).
+pub fn detached_tree(path: &Path, userns: Option<&OwnedFd>) -> Result<OwnedFd, IdmapError> {
     let err = |e: std::io::Error| IdmapError::Tree(path.into(), e);
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
@@ -138,6 +145,9 @@ pub fn idmapped_tree(path: &Path, userns: &OwnedFd) -> Result<OwnedFd, IdmapErro
     }
     // SAFETY: a fresh fd we own.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let Some(userns) = userns else {
+        return Ok(tree);
+    };
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_IDMAP,
         attr_clr: 0,

@@ -15,7 +15,6 @@
 //! itself (`crate::idmap::shift_userns`'s `keep_root`), which no sandbox process can
 //! act as.
 
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 #[derive(Debug, thiserror::Error)]
@@ -146,21 +145,6 @@ fn context_log(fs: &OwnedFd) -> String {
     out.join("; ")
 }
 
-/// A detached, recursive, unmapped copy of the mount tree at `path` (a layer of a
-/// sandbox that runs as the canonical range itself), close-on-exec.
-pub fn plain_tree(path: &std::path::Path) -> std::io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let flags = 1 | libc::AT_RECURSIVE as libc::c_uint | libc::O_CLOEXEC as libc::c_uint;
-    // SAFETY: open_tree(OPEN_TREE_CLONE) with a NUL-terminated path.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,7 +230,7 @@ mod tests {
         for d in ["l", "u", "w"] {
             std::fs::create_dir(t.path().join(d)).unwrap();
         }
-        let tree = |d: &str| plain_tree(&t.path().join(d)).unwrap();
+        let tree = |d: &str| crate::idmap::detached_tree(&t.path().join(d), None).unwrap();
         let (l, u, w) = (tree("l"), tree("u"), tree("w"));
         // upper and work on two different mounts: refused.
         let e = overlay_tree(&[l.as_fd()], u.as_fd(), w.as_fd()).unwrap_err();
