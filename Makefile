@@ -60,11 +60,14 @@ sdk-deps: deps
 	@$(SDK_VENV)/bin/pip install -q -e 'sdk/python[test]' schemathesis
 
 # The TypeScript SDK (sdk/typescript) has no dependencies; its type check uses a pinned
-# TypeScript from npm, in target/ts-deps.
+# TypeScript from npm, in target/ts-deps, beside the LSP test's client (tests/lsp: the
+# WebSocket LSP client stack Monaco uses).
 TS_DEPS := $(CURDIR)/target/ts-deps
+TS_PACKAGES := typescript@5.6.3 vscode-ws-jsonrpc@3.3.1 vscode-languageserver-protocol@3.17.5 ws@8.18.3
 ts-deps: deps
-	@[ -x $(TS_DEPS)/node_modules/.bin/tsc ] || (mkdir -p $(TS_DEPS) && cd $(TS_DEPS) && \
-	  echo '{"private": true}' >package.json && npm install --silent --no-audit --no-fund typescript@5.6.3)
+	@cd $(TS_DEPS) 2>/dev/null && node -e 'for (const p of process.argv.slice(1)) { const i = p.lastIndexOf("@"); if (require("./node_modules/" + p.slice(0, i) + "/package.json").version !== p.slice(i + 1)) process.exit(1) }' $(TS_PACKAGES) 2>/dev/null || \
+	  (mkdir -p $(TS_DEPS) && cd $(TS_DEPS) && echo '{"private": true}' >package.json && \
+	   npm install --silent --no-audit --no-fund $(TS_PACKAGES))
 
 # The TypeScript SDK: its node --test suite against a real server, then `npm pack`
 # installed, imported and type-checked (scripts/check-ts-package.sh).
@@ -94,7 +97,7 @@ deploy-check: deps build
 TOOLS := $(CURDIR)/target/tools
 CARGO_FUZZ := $(TOOLS)/bin/cargo-fuzz
 CARGO_FUZZ_VERSION := 0.13.2
-FUZZ_TARGETS := pty_decode pty_roundtrip agent_json ndjson_roundtrip path_normalize path_resolve
+FUZZ_TARGETS := pty_decode pty_roundtrip agent_json ndjson_roundtrip path_normalize path_resolve lsp_decode
 FUZZ_SMOKE_SECONDS ?= 6
 FUZZ_SECONDS ?= 300
 FUZZ_TARGET_DIR := $(CURDIR)/target/fuzz
@@ -154,11 +157,13 @@ test: disk-check vm-deps agent probe build lint deploy-check sdk-deps ts-deps cl
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL)
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) base
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) code-interpreter
+	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) lsp
 	FORKBOX_TEST_POOL=$(TEST_POOL) scripts/with-postgres.sh $(CARGO) test --workspace -- --test-threads=4
 	CARGO="$(CARGO)" scripts/with-postgres.sh scripts/core-tests-unprivileged.sh
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(SDK_VENV)/bin/python -m pytest -q sdk/python/tests
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox FORKBOX_AGENT_BIN=$(CURDIR)/target/agent/forkbox-agent node --test sdk/typescript/test/
 	scripts/check-ts-package.sh $(TS_DEPS)
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox FORKBOX_AGENT_BIN=$(CURDIR)/target/agent/forkbox-agent TS_DEPS=$(TS_DEPS) node --test tests/lsp/
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(CLIENTS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/clients
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox SDK_VENV=$(SDK_VENV) $(SDK_VENV)/bin/python tests/fuzz/schemathesis_run.py
 	$(MAKE) test-vm

@@ -368,7 +368,7 @@ def sse_events(resp, want):
     return got
 
 
-@calls('raw seed 002 requests: create with `{template, cpu, memory_mb, metadata, volumes: [{id, mount}], egress_allowlist}` → 201 `{id, status, template, created_at, boot_ms}`; list `?template=&status=`; pause/resume/hibernate/wake/fork/`snapshot`; `logs` and `events` SSE; `exec`, `exec/stream`, `WS exec/pty`; `/files`, `/files/ls`; templates; volumes by id; `/auth/whoami`, `/auth/tokens`; `?access_token=`; LSP 501')
+@calls('raw seed 002 requests: create with `{template, cpu, memory_mb, metadata, volumes: [{id, mount}], egress_allowlist}` → 201 `{id, status, template, created_at, boot_ms}`; list `?template=&status=`; pause/resume/hibernate/wake/fork/`snapshot`; `logs` and `events` SSE; `exec`, `exec/stream`, `WS exec/pty`; `/files`, `/files/ls`; templates; volumes by id; `/auth/whoami`, `/auth/tokens`; `?access_token=`; `WS /lsp/{lang}` (python, typescript, go; rust with your own template)')
 def test_raw_seed_002_requests():
     import json
     from websockets.sync.client import connect
@@ -467,8 +467,16 @@ def test_raw_seed_002_requests():
             assert c.delete(f"/auth/tokens/{tid}").status_code == 204
             assert not any(t["id"] == tid for t in c.get("/auth/tokens").json()["items"])
 
+            # The LSP bridge is a WebSocket (tests/lsp drives it with an LSP client); a
+            # plain GET is a clear 400, and this template has no language server.
             r = c.get(f"/sandboxes/{sid}/lsp/python")
-            assert r.status_code == 501 and "LSP" in r.json()["error"]
+            assert r.status_code == 400 and "WebSocket" in r.json()["error"], r.text
+            r = c.get(
+                f"/sandboxes/{sid}/lsp/python",
+                headers={"connection": "upgrade", "upgrade": "websocket",
+                         "sec-websocket-version": "13", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="},
+            )
+            assert r.status_code == 400 and 'template "lsp"' in r.json()["error"], r.text
             assert httpx.get(URL + "/openapi.json").json()["openapi"].startswith("3")
         finally:
             assert c.delete(f"/sandboxes/{sid}").status_code == 204

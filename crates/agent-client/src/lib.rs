@@ -231,6 +231,9 @@ impl AgentClient {
             for (k, v) in &req.env {
                 q.append_pair("env", &format!("{k}={v}"));
             }
+            if req.pipe {
+                q.append_pair("pipe", "1");
+            }
             q.finish()
         };
         let body = http_body_util::StreamBody::new(input.map(|r| r.map(hyper::body::Frame::data)))

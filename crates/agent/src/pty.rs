@@ -2,6 +2,10 @@
 //! of the sandbox's own devpts, its output and exit status streamed back as frames, the
 //! request body's frames written to it (input, window sizes). The session ends, and the
 //! process tree is killed, when either side goes away.
+//!
+//! With `pipe`, the same session on plain pipes (the LSP bridge: JSON-RPC must pass
+//! byte for byte, which a terminal's line discipline would not): input goes to the
+//! command's stdin, which closes when the input ends; output is its stdout.
 
 use crate::exec::{command_env, kill_tree, Context};
 use crate::zygote;
@@ -29,6 +33,53 @@ fn set_size(fd: &OwnedFd, rows: u16, cols: u16) {
     unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
 }
 
+type Shared = std::sync::Arc<AsyncFd<OwnedFd>>;
+
+/// The host's ends of a session (input, output: the same terminal master, or the
+/// command's stdin and stdout pipes) and the command's stdin, stdout and stderr.
+struct Ends {
+    input: Shared,
+    output: Shared,
+    child: [OwnedFd; 3],
+}
+
+fn nonblocking(fd: OwnedFd) -> std::io::Result<Shared> {
+    nix::fcntl::fcntl(
+        fd.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )?;
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd for its whole lifetime.
+    Ok(std::sync::Arc::new(unsafe { AsyncFd::register(fd) }?))
+}
+
+impl Ends {
+    fn terminal(rows: u16, cols: u16) -> std::io::Result<Ends> {
+        let pty = nix::pty::openpty(Some(&winsize(rows, cols)), None)?;
+        let (master, slave) = (pty.master, pty.slave);
+        let child = [slave.try_clone()?, slave.try_clone()?, slave];
+        let master = nonblocking(master)?;
+        Ok(Ends {
+            input: master.clone(),
+            output: master,
+            child,
+        })
+    }
+
+    fn pipes() -> std::io::Result<Ends> {
+        let (stdin_r, stdin_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (stdout_r, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")?
+            .into();
+        Ok(Ends {
+            input: nonblocking(stdin_w)?,
+            output: nonblocking(stdout_r)?,
+            child: [stdin_r, stdout_w, null],
+        })
+    }
+}
+
 /// Starts the session; output frames go to `out` (bounded: a slow reader slows the
 /// terminal down, it does not grow memory).
 pub async fn start(
@@ -37,9 +88,6 @@ pub async fn start(
     input: Incoming,
     out: mpsc::Sender<Bytes>,
 ) -> Result<(), String> {
-    let pty = nix::pty::openpty(Some(&winsize(req.rows, req.cols)), None)
-        .map_err(|e| format!("open a pseudo-terminal: {e}"))?;
-    let (master, slave) = (pty.master, pty.slave);
     // bash where there is one: it execs a lone command and, unlike dash, does not kill
     // itself with SIGINT after a foreground program handled a Ctrl-C.
     let shell = if std::path::Path::new("/bin/bash").exists() {
@@ -52,36 +100,34 @@ pub async fn start(
         None => vec![shell.into(), "-l".into()],
     };
     let mut extra = std::collections::BTreeMap::new();
-    extra.insert("TERM".to_owned(), "xterm-256color".to_owned());
+    if !req.pipe {
+        extra.insert("TERM".to_owned(), "xterm-256color".to_owned());
+    }
     extra.extend(req.env.clone());
-    let stdio = [
-        slave.try_clone().map_err(|e| e.to_string())?,
-        slave.try_clone().map_err(|e| e.to_string())?,
-        slave,
-    ];
+    let ends = if req.pipe {
+        Ends::pipes()
+    } else {
+        Ends::terminal(req.rows, req.cols)
+    }
+    .map_err(|e| e.to_string())?;
     let (pid, exit) = ctx
         .spawner
         .spawn(zygote::Command {
             argv,
             env: command_env(ctx, &extra),
             cwd: req.cwd.clone().unwrap_or_else(|| "/root".into()),
-            stdio,
+            stdio: ends.child,
             extra: None,
             may_setns: false,
-            tty: true,
+            tty: !req.pipe,
         })
         .await
         .map_err(|e| e.to_string())?;
-    nix::fcntl::fcntl(
-        master.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .map_err(|e| e.to_string())?;
-    // SAFETY: `master` is an OwnedFd moved into the AsyncFd for its whole lifetime.
-    let master =
-        std::sync::Arc::new(unsafe { AsyncFd::register(master) }.map_err(|e| e.to_string())?);
+    let (writer, master) = (ends.input, ends.output);
     // Input: frames from the host, until its side closes.
-    let writer = master.clone();
+    // (With pipes, the writer is the command's stdin alone: dropped when the input
+    // ends, so the command reads end-of-file.)
+    let terminal = !req.pipe;
     let input_task = tokio::spawn(async move {
         let mut body = input;
         let mut dec = Decoder::default();
@@ -108,7 +154,9 @@ pub async fn start(
                         }
                     }
                     Ok(Some(Frame::Resize { rows, cols })) => {
-                        set_size(writer.get_ref(), rows, cols)
+                        if terminal {
+                            set_size(writer.get_ref(), rows, cols)
+                        }
                     }
                     Ok(Some(Frame::Kill)) => kill_tree(pid),
                     Ok(Some(Frame::Exit(_))) | Err(_) => return,

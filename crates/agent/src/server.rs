@@ -555,6 +555,7 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
                 cols: q("cols").and_then(|v| v.parse().ok()).unwrap_or(80),
                 cwd: q("cwd"),
                 env,
+                pipe: q("pipe").as_deref() == Some("1"),
             };
             if pr.cmd.as_deref().is_some_and(|c| c.contains('\0')) {
                 return refuse(Refusal::Invalid, "cmd must not contain NUL");

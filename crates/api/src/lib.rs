@@ -12,6 +12,7 @@ mod events;
 mod extract;
 mod files;
 mod forward;
+mod lsp;
 mod nodes;
 mod owned;
 mod pandastack;
@@ -104,6 +105,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(sandboxes::exec))
         .routes(routes!(sandboxes::exec_stream))
         .routes(routes!(pty::pty))
+        .routes(routes!(lsp::lsp))
         .routes(routes!(ports::list))
         .routes(routes!(ports::public_link))
         .routes(routes!(events::events))

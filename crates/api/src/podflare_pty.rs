@@ -120,6 +120,7 @@ async fn create(
         cols: size(b.cols, 80, "cols")?,
         cwd: b.cwd,
         env,
+        pipe: false,
     };
     let session = st
         .terminals

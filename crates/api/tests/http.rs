@@ -225,6 +225,7 @@ async fn every_route_is_in_the_openapi_document_and_served() {
         ("POST", "/v1/sandboxes/{id}/exec"),
         ("POST", "/v1/sandboxes/{id}/exec/stream"),
         ("GET", "/v1/sandboxes/{id}/exec/pty"),
+        ("GET", "/v1/sandboxes/{id}/lsp/{lang}"),
         ("GET", "/v1/sandboxes/{id}/ports"),
         ("POST", "/v1/sandboxes/{id}/previews"),
         ("POST", "/v1/sandboxes/{id}/contexts"),

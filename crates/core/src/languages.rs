@@ -1,6 +1,8 @@
 //! The languages of the one-shot runner, as data (`languages.toml`): name, aliases,
 //! file extension, the template it runs in, and how to compile, run and ask its
-//! version. Templates list the Debian packages they are built from.
+//! version. Templates list the Debian packages they are built from (and, optionally,
+//! a base template, commands and the hosts those may reach: a recipe built like an API
+//! build). The language servers of the LSP bridge are data too (`[lsp.<name>]`).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -13,6 +15,56 @@ pub const BUILTIN: &str = include_str!("../languages.toml");
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     pub packages: Vec<String>,
+    /// Another template of the file to build on (a copy of it), as an API build's
+    /// `base`; `None`: Debian from scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// Commands run in a build sandbox after the packages are installed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub run: Vec<String>,
+    /// Hosts the commands may reach through the egress proxy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<String>,
+}
+
+impl Recipe {
+    /// The recipe as a template build request.
+    pub fn spec(&self, name: &str) -> crate::runtime::TemplateSpec {
+        crate::runtime::TemplateSpec {
+            name: name.to_owned(),
+            base: self.base.clone(),
+            packages: self.packages.clone(),
+            run: self.run.clone(),
+            env: BTreeMap::new(),
+            workdir: None,
+            egress: (!self.egress.is_empty()).then(|| self.egress.clone()),
+        }
+    }
+}
+
+/// A language server the LSP bridge starts in a sandbox (`[lsp.<name>]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LanguageServer {
+    /// Filled in from the table's key.
+    #[serde(default, skip_deserializing)]
+    pub name: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Shell command line speaking LSP on stdin/stdout; its first word must be on the
+    /// sandbox's `PATH`.
+    pub command: String,
+    /// The template of the file that carries it (named in the error when a sandbox
+    /// lacks it); `None`: none does, bring your own.
+    #[serde(default)]
+    pub template: Option<String>,
+}
+
+impl LanguageServer {
+    /// The program the command starts (its first word).
+    pub fn program(&self) -> &str {
+        self.command.split_whitespace().next().unwrap_or("")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +148,8 @@ impl Language {
 struct LanguagesFile {
     templates: BTreeMap<String, Recipe>,
     languages: Vec<Language>,
+    #[serde(default)]
+    lsp: BTreeMap<String, LanguageServer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +167,7 @@ pub enum LanguagesError {
 pub struct Languages {
     templates: BTreeMap<String, Recipe>,
     languages: Vec<Language>,
+    servers: Vec<LanguageServer>,
 }
 
 impl Languages {
@@ -170,10 +225,76 @@ impl Languages {
                 }
             }
         }
+        for (name, r) in &f.templates {
+            // Bases name templates of the file, without a cycle.
+            let mut seen = vec![name.as_str()];
+            let mut at = r;
+            while let Some(b) = &at.base {
+                let Some(next) = f.templates.get(b) else {
+                    return Err(LanguagesError::Invalid(format!(
+                        "template {name} is built on {b}, which has no [templates.{b}] entry"
+                    )));
+                };
+                if seen.contains(&b.as_str()) {
+                    return Err(LanguagesError::Invalid(format!(
+                        "template {name}: its bases go round in a circle"
+                    )));
+                }
+                seen.push(b);
+                at = next;
+            }
+            if !r.egress.is_empty() && r.run.is_empty() {
+                return Err(LanguagesError::Invalid(format!(
+                    "template {name}: egress is for run commands, and it has none"
+                )));
+            }
+        }
+        let mut servers = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (name, mut s) in f.lsp {
+            s.name = name;
+            if s.program().is_empty() {
+                return Err(LanguagesError::Invalid(format!(
+                    "language server {}: command is empty",
+                    s.name
+                )));
+            }
+            if let Some(t) = s
+                .template
+                .as_ref()
+                .filter(|t| !f.templates.contains_key(*t))
+            {
+                return Err(LanguagesError::Invalid(format!(
+                    "language server {}: template {t} has no [templates.{t}] entry",
+                    s.name
+                )));
+            }
+            for n in std::iter::once(&s.name).chain(&s.aliases) {
+                if !seen.insert(n.to_ascii_lowercase()) {
+                    return Err(LanguagesError::Invalid(format!(
+                        "the language server name {n} is used twice"
+                    )));
+                }
+            }
+            servers.push(s);
+        }
         Ok(Languages {
             templates: f.templates,
             languages: f.languages,
+            servers,
         })
+    }
+
+    /// A language server by name or alias, case-insensitively.
+    pub fn language_server(&self, name: &str) -> Option<&LanguageServer> {
+        let n = name.to_ascii_lowercase();
+        self.servers
+            .iter()
+            .find(|s| s.name == n || s.aliases.contains(&n))
+    }
+
+    pub fn language_servers(&self) -> &[LanguageServer] {
+        &self.servers
     }
 
     /// A language by name or alias, case-insensitively.
@@ -188,11 +309,11 @@ impl Languages {
         &self.languages
     }
 
-    /// Packages of every template, by template name.
-    pub fn recipes(&self) -> BTreeMap<String, Vec<String>> {
+    /// Every template's recipe, as a build request, by template name.
+    pub fn recipes(&self) -> BTreeMap<String, crate::runtime::TemplateSpec> {
         self.templates
             .iter()
-            .map(|(k, r)| (k.clone(), r.packages.clone()))
+            .map(|(k, r)| (k.clone(), r.spec(k)))
             .collect()
     }
 }
@@ -277,7 +398,28 @@ mod tests {
         assert!(l.find("ruby2").is_none());
         assert_eq!(l.find("java").unwrap().file_name(), "Main.java");
         assert_eq!(l.find("c").unwrap().file_name(), "main.c");
-        assert!(l.recipes()["compilers"].contains(&"rustc".to_owned()));
+        assert!(l.recipes()["compilers"]
+            .packages
+            .contains(&"rustc".to_owned()));
+        let lsp = &l.recipes()["lsp"];
+        assert_eq!(lsp.base.as_deref(), Some("python"));
+        assert!(lsp.egress.is_some() && !lsp.run.is_empty());
+        for (name, program) in [
+            ("python", "pylsp"),
+            ("py", "pylsp"),
+            ("typescript", "typescript-language-server"),
+            ("TS", "typescript-language-server"),
+            ("go", "gopls"),
+            ("rust", "rust-analyzer"),
+        ] {
+            assert_eq!(
+                l.language_server(name).unwrap().program(),
+                program,
+                "{name}"
+            );
+        }
+        assert_eq!(l.language_server("py").unwrap().name, "python");
+        assert!(l.language_server("cobol").is_none());
     }
 
     #[test]
@@ -293,5 +435,30 @@ mod tests {
         assert!(
             Languages::parse(&lang("").replace("template = \"t\"", "template = \"u\"")).is_err()
         );
+        // Recipes: bases in the file and not in a circle; egress only with commands.
+        let with = |extra: &str| format!("{}{extra}", lang(""));
+        assert!(Languages::parse(&with("[templates.u]\npackages = []\nbase = \"t\"\n")).is_ok());
+        assert!(Languages::parse(&with("[templates.u]\npackages = []\nbase = \"v\"\n")).is_err());
+        assert!(Languages::parse(&with(
+            "[templates.u]\npackages = []\nbase = \"w\"\n[templates.w]\npackages = []\nbase = \"u\"\n"
+        ))
+        .is_err());
+        assert!(Languages::parse(&with(
+            "[templates.u]\npackages = []\negress = [\"example.org\"]\n"
+        ))
+        .is_err());
+        // Language servers: a command, a known template, names used once.
+        assert!(Languages::parse(&with(
+            "[lsp.x]\ncommand = \"xls --stdio\"\ntemplate = \"t\"\n"
+        ))
+        .is_ok());
+        assert!(Languages::parse(&with("[lsp.x]\ncommand = \" \"\n")).is_err());
+        assert!(
+            Languages::parse(&with("[lsp.x]\ncommand = \"x\"\ntemplate = \"nope\"\n")).is_err()
+        );
+        assert!(Languages::parse(&with(
+            "[lsp.x]\ncommand = \"x\"\n[lsp.y]\ncommand = \"y\"\naliases = [\"X\"]\n"
+        ))
+        .is_err());
     }
 }

@@ -11,6 +11,7 @@ pub mod events;
 mod idle;
 pub mod ids;
 pub mod languages;
+pub mod lsp;
 pub mod manager;
 pub mod metrics;
 pub mod model;

@@ -31,12 +31,24 @@ const COMMAND_TIMEOUT_MS: u64 = 3600 * 1000;
 /// Hosts apt reaches when installing packages on a template base.
 const DEBIAN_MIRRORS: &[&str] = &["deb.debian.org", "security.debian.org"];
 
-/// `egress` with the Debian mirrors trusted: the package step reaches them wherever
-/// the host's resolver puts them (a mirror on a private address included).
-pub(crate) fn with_mirrors(egress: &forkbox_net::EgressConfig) -> forkbox_net::EgressConfig {
+/// `egress` with the Debian mirrors and the hosts the built-in recipes' commands reach
+/// (named by the operator's languages file, e.g. the npm registry) trusted: a build
+/// reaches them wherever the host's resolver puts them (a mirror on a private address
+/// included), as the host itself does.
+pub(crate) fn with_mirrors<'a>(
+    egress: &forkbox_net::EgressConfig,
+    recipes: impl IntoIterator<Item = &'a TemplateSpec>,
+) -> forkbox_net::EgressConfig {
     let mut e = egress.clone();
     e.trusted_names
         .extend(DEBIAN_MIRRORS.iter().map(|m| (*m).to_owned()));
+    for r in recipes {
+        for host in r.egress.iter().flatten() {
+            if !e.trusted_names.contains(host) {
+                e.trusted_names.push(host.clone());
+            }
+        }
+    }
     e
 }
 

@@ -80,8 +80,8 @@ pub struct JailConfig {
     pub favordynmods: bool,
     /// Where egress sandboxes' links and proxies live (made on first use).
     pub egress: forkbox_net::EgressConfig,
-    /// Debian packages of each template forkbox may build, by name.
-    pub recipes: std::collections::BTreeMap<String, Vec<String>>,
+    /// How to build each template forkbox may build by itself, by name.
+    pub recipes: std::collections::BTreeMap<String, forkbox_core::runtime::TemplateSpec>,
     /// Where volumes' images and mount points live.
     pub volumes_dir: PathBuf,
     /// How each sandbox gets a disk limit (btrfs quota mode of the pool).
@@ -132,7 +132,10 @@ struct Inner {
     lineage: std::sync::Mutex<Lineage>,
     egress_cfg: forkbox_net::EgressConfig,
     egress: tokio::sync::OnceCell<Arc<forkbox_net::Egress>>,
-    recipes: std::collections::BTreeMap<String, Vec<String>>,
+    recipes: std::collections::BTreeMap<String, forkbox_core::runtime::TemplateSpec>,
+    /// One recipe build with a build sandbox at a time in this server (`publish` takes
+    /// the pool's template lock itself, so it cannot be held around the build).
+    recipe_builds: tokio::sync::Mutex<()>,
     volumes: volumes::Volumes,
     orphan_grace: Option<Duration>,
     /// Host uid ranges of running sandboxes (`slots.rs`).
@@ -185,9 +188,10 @@ impl JailRuntime {
                 run_dir: cfg.run_dir.clone(),
                 uid_base: cfg.uid_base,
                 lineage: Default::default(),
-                egress_cfg: build::with_mirrors(&cfg.egress),
+                egress_cfg: build::with_mirrors(&cfg.egress, cfg.recipes.values()),
                 egress: tokio::sync::OnceCell::new(),
                 recipes: cfg.recipes.clone(),
+                recipe_builds: Default::default(),
                 volumes: volumes::Volumes::new(&cfg.volumes_dir, cfg.uid_base),
                 orphan_grace: cfg.orphan_grace,
                 slots: slots::Slots::open(cfg.uid_base, &cfg.uid_registry, &cfg.data_dir)?,
@@ -213,6 +217,7 @@ impl JailRuntime {
                 egress_cfg: cfg.egress.clone(),
                 egress: tokio::sync::OnceCell::new(),
                 recipes: cfg.recipes.clone(),
+                recipe_builds: Default::default(),
                 volumes: volumes::Volumes::new(&cfg.volumes_dir, cfg.uid_base),
                 orphan_grace: cfg.orphan_grace,
                 slots: slots::Slots::detached(cfg.uid_base),
@@ -255,13 +260,60 @@ impl JailRuntime {
 }
 
 impl Inner {
+    /// A template, built first from its recipe when missing: Debian packages by
+    /// mmdebstrap, or (a recipe with a base or commands) as an API build would be,
+    /// its base first.
     async fn ensure_template(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<template::TemplateMeta, template::TemplateError> {
-        let recipe = self.recipes.get(name).map(Vec::as_slice);
-        template::ensure(&self.pool, name, recipe, self.uid_base, progress).await
+        let recipe = self.recipes.get(name);
+        let Some(spec) = recipe.filter(|r| r.base.is_some() || !r.run.is_empty()) else {
+            let packages = recipe.map(|r| r.packages.as_slice());
+            return template::ensure(&self.pool, name, packages, self.uid_base, progress).await;
+        };
+        if let Some(m) = template::ensure(&self.pool, name, None, self.uid_base, progress)
+            .await
+            .map(Some)
+            .or_else(|e| match e {
+                template::TemplateError::Unknown(_) => Ok(None),
+                other => Err(other),
+            })?
+        {
+            return Ok(m);
+        }
+        if let Some(base) = &spec.base {
+            Box::pin(self.ensure_template(base, progress)).await?;
+        }
+        let _one = self.recipe_builds.lock().await;
+        // Lines of the build as they come (its progress callback must be 'static).
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let sink: forkbox_core::runtime::Progress = Arc::new(move |l: &str| {
+            let _ = tx.send(l.to_owned());
+        });
+        // Boxed: a build starts a sandbox, whose create may prepare a template.
+        let mut build = Box::pin(self.build_template(spec, sink));
+        let res = loop {
+            tokio::select! {
+                r = &mut build => break r,
+                Some(line) = rx.recv() => progress(&line),
+            }
+        };
+        while let Ok(line) = rx.try_recv() {
+            progress(&line);
+        }
+        match res {
+            Ok(m) => Ok(m),
+            // Built meanwhile by another server or `forkbox template prepare`.
+            Err(build::BuildError::Exists(_)) => {
+                template::ensure(&self.pool, name, None, self.uid_base, progress).await
+            }
+            Err(e) => Err(template::TemplateError::Recipe(
+                name.to_owned(),
+                Box::new(e),
+            )),
+        }
     }
 
     /// The slot of a running sandbox found after a restart, from its agent's
@@ -453,7 +505,7 @@ impl Inner {
         }
     }
 
-    async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError> {
+    async fn prepare_template(self: &Arc<Self>, template: &str) -> Result<(), RuntimeError> {
         let name = template.to_owned();
         self.ensure_template(template, &move |line: &str| {
             tracing::info!(template = %name, "{line}");

@@ -141,6 +141,8 @@ pub enum TemplateError {
     },
     #[error("template {0}: {1}")]
     Io(String, std::io::Error),
+    #[error("building template {0} from its recipe: {1}")]
+    Recipe(String, Box<crate::build::BuildError>),
     #[error(transparent)]
     Btrfs(#[from] forkbox_sys::btrfs::BtrfsError),
     #[error(transparent)]

@@ -27,8 +27,9 @@
 //!   `POST /bg/signal` ([`BgSignal`]); `GET /bg/wait?pid=` → `{"pid", "exit_code"}`;
 //!   `GET /bg/output?pid=&follow=` → the kept output then live output, NDJSON events.
 //!   404 unknown pid, 409 exited.
-//! - `POST /pty?rows=&cols=[&cmd=]`: an interactive terminal; request and response
-//!   bodies are [`crate::pty`] frames (input and resizes in; output and the exit out).
+//! - `POST /pty?rows=&cols=[&cmd=][&pipe=1]`: an interactive terminal (or, with
+//!   `pipe`, a command on plain pipes); request and response bodies are [`crate::pty`]
+//!   frames (input and resizes in; output and the exit out).
 //! - `GET /files/watch?path=&recursive=` → NDJSON [`WatchEvent`] lines as changes happen.
 //! - `POST /adopt` with [`AdoptRequest`] → [`AdoptReply`]: a fork child's agent reports
 //!   whether it received its Python kernel from the parent (or stops waiting for one).
@@ -37,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bumped on every behaviour change of the agent; the host refuses a mismatch.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Answer of `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -325,6 +326,11 @@ pub struct PtyRequest {
     /// Variables added to the sandbox's environment.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Pipes instead of a terminal: the command's stdin and stdout carry the data
+    /// frames byte for byte (a language server's JSON-RPC), its stderr is discarded, the
+    /// end of the input closes its stdin, and resizes are ignored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pipe: bool,
 }
 
 /// What kind of refusal an agent's non-200 answer is: the agent decides it where it

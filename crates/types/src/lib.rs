@@ -9,6 +9,7 @@ pub mod api;
 pub mod egress;
 pub mod events;
 pub mod exec;
+pub mod lsp;
 pub mod ndjson;
 pub mod pty;
 pub mod shell;

@@ -2,10 +2,9 @@
 //! are served, the same handlers behind them): files at `/files` (`/files/ls`) as well
 //! as `/fs`, `POST …/snapshot` as well as `/snapshots`, identity and tokens at
 //! `/auth/whoami` and `/auth/tokens` as well as `/me`, lifecycle events (SSE), the
-//! terminal WebSocket, template builds; and the LSP bridge, not offered yet.
+//! terminal WebSocket, the LSP bridge, template builds.
 
 use super::{create_token, fs_dir, me, revoke_token, snapshot, tokens};
-use crate::dialect::not_offered;
 use crate::AppState;
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -22,15 +21,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot))
         .route("/v1/sandboxes/{id}/events", get(crate::events::events))
         .route("/v1/sandboxes/{id}/exec/pty", get(crate::pty::pty))
-        .route(
-            "/v1/sandboxes/{id}/lsp/{lang}",
-            get(|| {
-                not_offered(
-                    "the LSP bridge is not offered yet; run a language server with the \
-                     terminal or exec and talk to it over its stdio",
-                )
-            }),
-        )
+        .route("/v1/sandboxes/{id}/lsp/{lang}", get(crate::lsp::lsp))
         .route(
             "/v1/templates",
             post(crate::templates::build).get(super::templates),

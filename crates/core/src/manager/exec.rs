@@ -172,6 +172,94 @@ impl Manager {
         Ok(self.busy_while(id, out))
     }
 
+    /// Starts the language server for `lang` (a name or alias of the languages file's
+    /// `[lsp.*]`) in running sandbox `id`, on pipes, in `cwd` (default `/root`): its
+    /// stdin is `input`, its stdout the answer, both [`forkbox_types::pty`] frames of
+    /// LSP's base framing; its stderr goes to `/tmp/lsp-<name>.log` in the sandbox. It
+    /// ends when the input ends or the answer is dropped. Refused, before anything
+    /// starts, for an unknown language and for a sandbox whose template lacks the
+    /// server's program (the error names the template that has it).
+    pub async fn language_server(
+        &self,
+        id: &SandboxRef,
+        lang: &str,
+        cwd: Option<String>,
+        input: UploadStream,
+    ) -> Result<ByteStream, CoreError> {
+        let languages = self.config.languages.clone();
+        let Some(server) = languages.language_server(lang) else {
+            let known: Vec<&str> = languages
+                .language_servers()
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            return Err(CoreError::Invalid(format!(
+                "no language server for {lang:?}; this server has: {}",
+                known.join(", ")
+            )));
+        };
+        let dir = cwd.as_deref().unwrap_or("/root");
+        if !dir.starts_with('/') || dir.contains('\0') {
+            return Err(CoreError::Invalid(
+                "cwd must be an absolute path without NUL".into(),
+            ));
+        }
+        let check = self
+            .exec(
+                id,
+                ExecCommand {
+                    work: Work::Command(format!(
+                        "test -d {} || exit 3; command -v {} >/dev/null || exit 4",
+                        forkbox_types::shell::quote(dir),
+                        forkbox_types::shell::quote(server.program())
+                    )),
+                    cwd: None,
+                    env: BTreeMap::new(),
+                    timeout: Some(30.0),
+                },
+            )
+            .await?;
+        match crate::runner::collect(check).await.exit_code {
+            0 => {}
+            3 => {
+                return Err(CoreError::Invalid(format!(
+                    "cwd {dir} is not a directory in the sandbox"
+                )))
+            }
+            4 => {
+                return Err(CoreError::Invalid(format!(
+                    "the {} language server ({}) is not installed in sandbox {}{}",
+                    server.name,
+                    server.program(),
+                    id.id(),
+                    match &server.template {
+                        Some(t) =>
+                            format!("; create the sandbox from template {t:?}, which has it"),
+                        None => "; install it in the sandbox's template".to_owned(),
+                    }
+                )))
+            }
+            code => {
+                return Err(CoreError::Conflict(format!(
+                    "sandbox {} could not look for its language server (exit {code})",
+                    id.id()
+                )))
+            }
+        }
+        let req = PtyRequest {
+            cmd: Some(format!(
+                "exec {} 2>>/tmp/lsp-{}.log",
+                server.command, server.name
+            )),
+            cwd: Some(dir.to_owned()),
+            pipe: true,
+            rows: 1,
+            cols: 1,
+            env: BTreeMap::new(),
+        };
+        self.pty(id, req, input).await
+    }
+
     /// `out`, holding sandbox `id` busy (not idle) until it ends or is dropped.
     fn busy_while(&self, id: &str, out: ByteStream) -> ByteStream {
         let Some(busy) = self.live(id).map(|l| l.activity.busy()) else {
