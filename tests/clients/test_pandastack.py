@@ -295,7 +295,7 @@ def test_logs(sb):
     assert all(isinstance(l, str) for l in lines)
 
 
-@calls("`create_code_context`, `CodeContext.run_code` (state per context, last-expression and rich results, stdout, errors, timeout), `close`")
+@calls("`create_code_context` (python, javascript), `CodeContext.run_code` (state per context, last-expression and rich results, stdout, errors, timeout), `close`")
 def test_code_contexts(sb):
     a = sb.create_code_context()
     b = sb.create_code_context("python")
@@ -317,7 +317,11 @@ def test_code_contexts(sb):
         a.run_code("x")
     assert b.run_code("1 + 1").text == "2"
     b.close()
-    not_offered(lambda: sb.create_code_context("bash"), "Python only")
+    not_offered(lambda: sb.create_code_context("bash"), "python or javascript")
+    js = sb.create_code_context("javascript")
+    assert js.language == "javascript"
+    assert js.run_code("const n = 6; n * 7").text == "42"
+    js.close()
 
 
 @calls("the `code-interpreter` template's data stack in a code context: a pandas DataFrame as HTML, a matplotlib figure as PNG")

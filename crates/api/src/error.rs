@@ -73,6 +73,8 @@ impl ApiError {
                 CoreError::NoLanguage(_) => (StatusCode::NOT_FOUND, "language_not_found"),
                 CoreError::NoVolume(_) => (StatusCode::NOT_FOUND, "volume_not_found"),
                 CoreError::NoTemplate(_) => (StatusCode::NOT_FOUND, "template_not_found"),
+                CoreError::NoContext(_) => (StatusCode::NOT_FOUND, "context_not_found"),
+                CoreError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
                 CoreError::Runtime(r) => match r {
                     RuntimeError::UnknownTemplate(_) => {
                         (StatusCode::BAD_REQUEST, "unknown_template")

@@ -668,20 +668,18 @@ struct ContextBody {
     language: Option<String>,
 }
 
-/// `POST …/repl/sessions`: a code context (Python), a namespace of its own in the
-/// sandbox's Python REPL (crates/api/src/contexts.rs).
+/// `POST …/repl/sessions`: a code context, Python or JavaScript
+/// (`forkbox_core::manager::contexts`).
 async fn create_context(
     State(st): State<AppState>,
     Sbx(id): Sbx,
     JsonBody(b): JsonBody<ContextBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if let Some(why) = crate::contexts::not_python(b.language.as_deref()) {
-        return Err(ApiError::NotOffered(why));
-    }
-    let ctx = crate::contexts::open(&st, &id).await?;
+    let lang = crate::contexts::language(b.language.as_deref()).map_err(ApiError::NotOffered)?;
+    let ctx = st.manager.open_context(&id, lang, None).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": ctx, "language": "python"})),
+        Json(json!({"id": ctx, "language": lang.as_str()})),
     ))
 }
 
@@ -691,7 +689,7 @@ async fn delete_context(
     Sbx(id): Sbx,
     PathArgs((_, ctx)): PathArgs<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    crate::contexts::close(&st, &id, &ctx).await?;
+    st.manager.close_context(&id, &ctx).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -714,7 +712,7 @@ async fn run_in_context(
 ) -> Result<Json<Value>, ApiError> {
     let t0 = std::time::Instant::now();
     let timeout = b.timeout_ms.filter(|t| *t > 0).map(|t| t as f64 / 1000.0);
-    let r = crate::contexts::run(&st, &id, &ctx, &b.code, timeout).await?;
+    let r = st.manager.run_context(&id, &ctx, &b.code, timeout).await?;
     Ok(Json(json!({
         "results": r.results,
         "stdout": r.stdout,

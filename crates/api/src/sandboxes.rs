@@ -442,6 +442,31 @@ async fn start_exec(
     id: &SandboxRef,
     b: ExecBody,
 ) -> Result<futures_util::stream::BoxStream<'static, forkbox_types::exec::ExecEvent>, ApiError> {
+    if let Some(ctx) = b.context {
+        let Some(code) = b.code.filter(|_| b.cmd.is_none()) else {
+            return Err(ApiError::BadRequest(
+                "`context` goes with `code`, not `cmd`".into(),
+            ));
+        };
+        if b.cwd.is_some() || !b.env.is_empty() {
+            return Err(ApiError::BadRequest(
+                "cwd and env apply to commands; a code context keeps its own".into(),
+            ));
+        }
+        let lang = forkbox_core::manager::contexts::context_language(&ctx);
+        if let (Some(name), Some(lang)) = (b.language.as_deref(), lang) {
+            if Language::parse(name) != Some(lang) {
+                return Err(ApiError::BadRequest(format!(
+                    "context {ctx} is {}, not {name}",
+                    lang.as_str()
+                )));
+            }
+        }
+        return Ok(st
+            .manager
+            .exec_in_context(id, &ctx, code, b.timeout)
+            .await?);
+    }
     let work = match (b.cmd, b.code) {
         (Some(c), None) => {
             if b.language.is_some() {
@@ -523,7 +548,7 @@ pub async fn exec(
                 "`background` and `wait` exclude each other".into(),
             ));
         }
-        if b.code.is_some() || b.language.is_some() || b.cmd.is_none() {
+        if b.code.is_some() || b.language.is_some() || b.context.is_some() || b.cmd.is_none() {
             return Err(ApiError::BadRequest(
                 "background applies to `cmd` only".into(),
             ));

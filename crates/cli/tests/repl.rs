@@ -167,17 +167,20 @@ async fn javascript_and_bash_kernels_keep_state() {
     assert_eq!(s.delete(&id).await, 204);
 }
 
-/// Code contexts: namespaces of their own in the sandbox's Python REPL, each keeping
-/// its state apart from the others and from the REPL's own; a fork carries them.
+/// Code contexts: REPLs of their own in one sandbox (Python namespaces, JavaScript V8
+/// contexts), each keeping its state and working directory apart from the others' and
+/// the REPL's own; `run_code` names one; a fork carries the Python ones.
 #[tokio::test]
-async fn code_contexts_keep_separate_state_and_fork_with_the_sandbox() {
+async fn code_contexts_keep_separate_state_and_cwd_and_fork_with_the_sandbox() {
     let s = Server::start();
     let id = s.create_id().await;
-    let new_ctx = || async {
-        let (st, v) = common::post(&s, &format!("/v1/sandboxes/{id}/contexts"), json!({})).await;
-        assert_eq!(st, 201, "{v}");
-        assert_eq!(v["language"], "python");
-        v["id"].as_str().unwrap().to_owned()
+    let new_ctx = |body: Value| {
+        let (s, id) = (&s, id.clone());
+        async move {
+            let (st, v) = common::post(s, &format!("/v1/sandboxes/{id}/contexts"), body).await;
+            assert_eq!(st, 201, "{v}");
+            v
+        }
     };
     let run = |sb: String, ctx: String, code: &'static str| {
         let s = &s;
@@ -190,7 +193,20 @@ async fn code_contexts_keep_separate_state_and_fork_with_the_sandbox() {
             .await
         }
     };
-    let (a, b) = (new_ctx().await, new_ctx().await);
+    let v = new_ctx(json!({})).await;
+    assert_eq!(
+        (&v["language"], &v["cwd"]),
+        (&json!("python"), &json!("/root"))
+    );
+    let a = v["id"].as_str().unwrap().to_owned();
+    common::post(
+        &s,
+        &format!("/v1/sandboxes/{id}/files/mkdir"),
+        json!({"path": "/tmp/b"}),
+    )
+    .await;
+    let v = new_ctx(json!({"language": "python", "cwd": "/tmp/b"})).await;
+    let b = v["id"].as_str().unwrap().to_owned();
     assert_eq!(run(id.clone(), a.clone(), "x = 'in a'").await.0, 200);
     assert_eq!(run(id.clone(), b.clone(), "x = 'in b'").await.0, 200);
     py(&s, &id, "x = 'in the REPL'").await;
@@ -209,20 +225,126 @@ async fn code_contexts_keep_separate_state_and_fork_with_the_sandbox() {
         r["error"].as_str().unwrap().contains("ZeroDivisionError"),
         "{r}"
     );
-    // Python only; unknown or closed contexts are 404; a bad id is 400.
-    let (st, _) = common::post(
+    // Each its own working directory: a chdir stays in its context.
+    let cwd = "import os\nprint(os.getcwd())";
+    assert_eq!(
+        run(id.clone(), b.clone(), cwd).await.1["stdout"],
+        "/tmp/b\n"
+    );
+    run(id.clone(), a.clone(), "import os\nos.chdir('/tmp')").await;
+    assert_eq!(run(id.clone(), a.clone(), cwd).await.1["stdout"], "/tmp\n");
+    assert_eq!(
+        run(id.clone(), b.clone(), cwd).await.1["stdout"],
+        "/tmp/b\n"
+    );
+    assert_eq!(py(&s, &id, cwd).await.0, "/root\n");
+    // run_code naming a context: events as for any cell; the value printed; an error
+    // is a traceback and exit 1, the context kept.
+    let (out, err, c) = code(&s, &id, json!({"code": "print(x)\nx * 2", "context": a})).await;
+    assert_eq!(
+        (out.as_str(), err.as_str(), c),
+        ("in a\n'in ain a'\n", "", 0)
+    );
+    let (out, err, c) = code(
         &s,
-        &format!("/v1/sandboxes/{id}/contexts"),
-        json!({"language": "javascript"}),
+        &id,
+        json!({"code": "y = 2\nundefined_name", "context": a}),
     )
     .await;
-    assert_eq!(st, 400);
+    assert_eq!((out.as_str(), c), ("", 1));
+    assert!(
+        err.contains("NameError") && !err.contains("forkbox"),
+        "{err}"
+    );
+    assert_eq!(
+        code(&s, &id, json!({"code": "print(y)", "context": a}))
+            .await
+            .0,
+        "2\n"
+    );
+    // JavaScript contexts: V8 contexts of their own, with their own cwd.
+    let v = new_ctx(json!({"language": "javascript", "cwd": "/tmp"})).await;
+    assert_eq!(v["language"], "javascript");
+    let j = v["id"].as_str().unwrap().to_owned();
+    assert!(j.starts_with("ctxjs-"), "{j}");
+    let v = new_ctx(json!({"language": "js"})).await;
+    let k = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        run(id.clone(), j.clone(), "var n = 40; globalThis.m = 1")
+            .await
+            .0,
+        200
+    );
+    let (st, r) = run(id.clone(), j.clone(), "console.log(typeof n); n + 2").await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(
+        (&r["stdout"], &r["results"][0]["text/plain"]),
+        (&json!("number\n"), &json!("42"))
+    );
+    let (_, r) = run(id.clone(), k.clone(), "typeof n + ' ' + typeof m").await;
+    assert_eq!(r["results"][0]["text/plain"], "'undefined undefined'");
+    let (_, r) = run(id.clone(), k.clone(), "null.x").await;
+    assert_eq!(r["exit_code"], 1);
+    assert!(r["error"].as_str().unwrap().contains("TypeError"), "{r}");
+    let (out, _, c) = code(
+        &s,
+        &id,
+        json!({"code": "process.cwd() + ' ' + n", "context": j, "language": "javascript"}),
+    )
+    .await;
+    assert_eq!((out.as_str(), c), ("'/tmp 40'\n", 0));
+    let (out, _, _) = code(&s, &id, json!({"code": "process.cwd()", "context": k})).await;
+    assert_eq!(out, "'/root'\n");
+    let (_, err, c) = code(
+        &s,
+        &id,
+        json!({"code": "throw new Error('boom')", "context": k}),
+    )
+    .await;
+    assert_eq!(c, 1);
+    assert!(err.contains("Error: boom"), "{err}");
+    // The JavaScript REPL's own globals are its own.
+    assert_eq!(
+        code(
+            &s,
+            &id,
+            json!({"code": "typeof n", "language": "javascript"})
+        )
+        .await
+        .0,
+        "'undefined'\n"
+    );
+    // Refusals: bash, a cwd that is not a directory, a language that is not the
+    // context's, cmd with a context; unknown or closed contexts are 404; a bad id 400.
+    for body in [
+        json!({"language": "bash"}),
+        json!({"language": "cobol"}),
+        json!({"cwd": "/nowhere"}),
+        json!({"cwd": "relative"}),
+    ] {
+        let (st, v) = common::post(&s, &format!("/v1/sandboxes/{id}/contexts"), body.clone()).await;
+        assert_eq!(st, 400, "{body} {v}");
+    }
+    for body in [
+        json!({"code": "1", "context": j, "language": "python"}),
+        json!({"cmd": "true", "context": a}),
+        json!({"code": "1", "context": a, "cwd": "/tmp"}),
+        json!({"code": "1", "context": "nope"}),
+    ] {
+        let (st, _) = s.exec(&id, body.clone()).await;
+        assert_eq!(st, 400, "{body}");
+    }
+    let (st, _) = s
+        .exec(&id, json!({"code": "1", "context": "ctx-0000000000000000"}))
+        .await;
+    assert_eq!(st, 404);
     assert_eq!(
         run(id.clone(), "ctx-0000000000000000".into(), "1").await.0,
         404
     );
     assert_eq!(run(id.clone(), "nope".into(), "1").await.0, 400);
-    // A fork's children have the contexts, with their state.
+    // A fork's children have the Python contexts, with their state and cwd; the
+    // JavaScript REPL is not carried, nor its contexts.
     let (st, f) = common::post(&s, &format!("/v1/sandboxes/{id}/fork"), json!({"n": 1})).await;
     assert_eq!(st, 200, "{f}");
     let kid = f["children"][0].as_str().unwrap().to_owned();
@@ -230,6 +352,8 @@ async fn code_contexts_keep_separate_state_and_fork_with_the_sandbox() {
         run(kid.clone(), b.clone(), "print(x)").await.1["stdout"],
         "in b\n"
     );
+    assert_eq!(run(kid.clone(), a.clone(), cwd).await.1["stdout"], "/tmp\n");
+    assert_eq!(run(kid.clone(), j.clone(), "n").await.0, 404);
     // Closed: gone in the parent, still there in the child.
     assert_eq!(
         s.delete_at(&format!("/v1/sandboxes/{id}/contexts/{b}"))
@@ -238,6 +362,12 @@ async fn code_contexts_keep_separate_state_and_fork_with_the_sandbox() {
     );
     assert_eq!(run(id.clone(), b.clone(), "print(x)").await.0, 404);
     assert_eq!(run(kid.clone(), b.clone(), "print(x)").await.0, 200);
+    assert_eq!(
+        s.delete_at(&format!("/v1/sandboxes/{id}/contexts/{j}"))
+            .await,
+        204
+    );
+    assert_eq!(run(id.clone(), j.clone(), "n").await.0, 404);
     assert_eq!(s.delete(&kid).await, 204);
     assert_eq!(s.delete(&id).await, 204);
 }

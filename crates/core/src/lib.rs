@@ -77,6 +77,11 @@ pub enum CoreError {
     NoVolume(String),
     #[error("template {0} not found")]
     NoTemplate(String),
+    #[error("code context {0} not found (closed, or its REPL restarted)")]
+    NoContext(String),
+    /// The work ran past its timeout and was interrupted.
+    #[error("{0}")]
+    Timeout(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]

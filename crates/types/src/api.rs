@@ -166,6 +166,10 @@ pub struct ExecBody {
     /// `python` (default), `javascript` or `bash`, with common aliases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
+    /// Run `code` in this code context (`ctx-…`, `ctxjs-…`: see `…/contexts`) instead
+    /// of the REPL's own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -8,6 +8,7 @@ import httpx
 from ._common import (
     Event,
     Execution,
+    code_body as _code_body,
     api_key,
     base_url,
     error_for,
@@ -149,15 +150,24 @@ class AsyncSandbox:
                     if line.strip():
                         yield Event.parse(line)
 
-    def run_code_stream(self, code: str, language: str = "python", timeout: Optional[float] = None) -> AsyncIterator[Event]:
-        body: Dict[str, Any] = {"code": code, "language": language}
-        if timeout is not None:
-            body["timeout"] = timeout
-        return self._events(body)
+    def run_code_stream(
+        self,
+        code: str,
+        language: Optional[str] = None,
+        timeout: Optional[float] = None,
+        context: "Union[AsyncContext, str, None]" = None,
+    ) -> AsyncIterator[Event]:
+        return self._events(_code_body(code, language, timeout, context))
 
-    async def run_code(self, code: str, language: str = "python", timeout: Optional[float] = None) -> Execution:
+    async def run_code(
+        self,
+        code: str,
+        language: Optional[str] = None,
+        timeout: Optional[float] = None,
+        context: "Union[AsyncContext, str, None]" = None,
+    ) -> Execution:
         out = Execution()
-        async for ev in self.run_code_stream(code, language, timeout):
+        async for ev in self.run_code_stream(code, language, timeout, context):
             out.add(ev)
         return out
 
@@ -171,10 +181,14 @@ class AsyncSandbox:
             out.add(ev)
         return out
 
-    async def create_context(self, language: str = "python") -> "AsyncContext":
-        """A code context: a Python namespace of its own in the sandbox's REPL."""
-        v = await self.client.json("POST", await self._path("/contexts"), {"language": language})
-        return AsyncContext(self, v["id"])
+    async def create_context(self, language: str = "python", cwd: Optional[str] = None) -> "AsyncContext":
+        """A code context: a REPL of its own in the sandbox (`python` or
+        `javascript`), with its own variables and working directory (default /root)."""
+        body: Dict[str, Any] = {"language": language}
+        if cwd is not None:
+            body["cwd"] = cwd
+        v = await self.client.json("POST", await self._path("/contexts"), body)
+        return AsyncContext(self, v["id"], v.get("language", language))
 
     def context(self, context_id: str) -> "AsyncContext":
         return AsyncContext(self, context_id)
@@ -206,9 +220,10 @@ class AsyncSandbox:
 class AsyncContext:
     """A code context: its own variables, apart from other contexts and the REPL's."""
 
-    def __init__(self, sb: AsyncSandbox, context_id: str) -> None:
+    def __init__(self, sb: AsyncSandbox, context_id: str, language: Optional[str] = None) -> None:
         self._sb = sb
         self.id = context_id
+        self.language = language or ("javascript" if context_id.startswith("ctxjs-") else "python")
 
     async def run(self, code: str, timeout: Optional[float] = None) -> Dict[str, Any]:
         body: Dict[str, Any] = {"code": code}

@@ -174,6 +174,21 @@ class SseParser:
         return out
 
 
+def code_body(code: str, language: Optional[str], timeout: Optional[float], context: Any) -> Dict[str, Any]:
+    """The exec body of a cell: in the REPL of `language` (default python), or in code
+    context `context` (a context or its id; its language unless one is named)."""
+    body: Dict[str, Any] = {"code": code}
+    if context is not None:
+        body["context"] = context if isinstance(context, str) else context.id
+        if language is not None:
+            body["language"] = language
+    else:
+        body["language"] = language or "python"
+    if timeout is not None:
+        body["timeout"] = timeout
+    return body
+
+
 def sandbox_body(
     template: Optional[str],
     cpu: Optional[float],

@@ -9,6 +9,7 @@ import httpx
 from ._common import (
     Event,
     Execution,
+    code_body as _code_body,
     SseParser,
     api_key,
     base_url,
@@ -212,16 +213,26 @@ class Sandbox:
             for line in ndjson_lines(r.iter_text()):
                 yield Event.parse(line)
 
-    def run_code_stream(self, code: str, language: str = "python", timeout: Optional[float] = None) -> Iterator[Event]:
-        """Events of a cell in the sandbox's persistent REPL, as they happen."""
-        body: Dict[str, Any] = {"code": code, "language": language}
-        if timeout is not None:
-            body["timeout"] = timeout
-        return self._events(body)
+    def run_code_stream(
+        self,
+        code: str,
+        language: Optional[str] = None,
+        timeout: Optional[float] = None,
+        context: "Union[Context, str, None]" = None,
+    ) -> Iterator[Event]:
+        """Events of a cell in the sandbox's persistent REPL (or in code context
+        `context`), as they happen."""
+        return self._events(_code_body(code, language, timeout, context))
 
-    def run_code(self, code: str, language: str = "python", timeout: Optional[float] = None) -> Execution:
+    def run_code(
+        self,
+        code: str,
+        language: Optional[str] = None,
+        timeout: Optional[float] = None,
+        context: "Union[Context, str, None]" = None,
+    ) -> Execution:
         out = Execution()
-        for ev in self.run_code_stream(code, language, timeout):
+        for ev in self.run_code_stream(code, language, timeout, context):
             out.add(ev)
         return out
 
@@ -244,10 +255,14 @@ class Sandbox:
             out.add(ev)
         return out
 
-    def create_context(self, language: str = "python") -> "Context":
-        """A code context: a Python namespace of its own in the sandbox's REPL."""
-        v = self.client.json("POST", self._path("/contexts"), {"language": language})
-        return Context(self, v["id"])
+    def create_context(self, language: str = "python", cwd: Optional[str] = None) -> "Context":
+        """A code context: a REPL of its own in the sandbox (`python` or
+        `javascript`), with its own variables and working directory (default /root)."""
+        body: Dict[str, Any] = {"language": language}
+        if cwd is not None:
+            body["cwd"] = cwd
+        v = self.client.json("POST", self._path("/contexts"), body)
+        return Context(self, v["id"], v.get("language", language))
 
     def context(self, context_id: str) -> "Context":
         """A context made earlier (a fork's children have their parent's)."""
@@ -282,9 +297,10 @@ class Sandbox:
 class Context:
     """A code context: its own variables, apart from other contexts and the REPL's."""
 
-    def __init__(self, sb: Sandbox, context_id: str) -> None:
+    def __init__(self, sb: Sandbox, context_id: str, language: Optional[str] = None) -> None:
         self._sb = sb
         self.id = context_id
+        self.language = language or ("javascript" if context_id.startswith("ctxjs-") else "python")
 
     def run(self, code: str, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Runs a cell: `results` (MIME bundles of the last expression), `stdout`,

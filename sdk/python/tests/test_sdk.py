@@ -138,6 +138,16 @@ def test_code_contexts_and_ports():
         assert (r["stdout"], r["results"][0]["text/plain"], r["exit_code"]) == ("1\n", "10", 0)
         assert b.run("print(x)")["stdout"] == "2\n"
         assert "ZeroDivisionError" in a.run("1/0")["error"]
+        # run_code in a context streams like any cell; each context keeps its cwd.
+        s.exec("mkdir -p /root/work")
+        w = s.create_context(cwd="/root/work")
+        assert s.run_code("import os\nos.getcwd()", context=w).stdout == "'/root/work'\n"
+        assert s.run_code("x + 1", context=b).stdout == "3\n"
+        js = s.create_context("javascript", cwd="/tmp")
+        assert js.language == "javascript" and js.id.startswith("ctxjs-")
+        assert s.run_code("let y = 6; y * 7", context=js).stdout == "42\n"
+        assert s.run_code("process.cwd()", context=js.id).text == "'/tmp'\n"
+        assert js.run("typeof y")["results"][0]["text/plain"] == "'number'"
         kid = s.fork(1)[0]
         assert kid.context(b.id).run("print(x)")["stdout"] == "2\n"
         b.close()
@@ -168,6 +178,9 @@ def test_code_contexts_and_ports():
             await c.run("z = 5")
             assert (await c.run("print(z)"))["stdout"] == "5\n"
             assert (await s.run_code("print('z' in globals())")).stdout == "False\n"
+            assert (await s.run_code("z * 2", context=c)).stdout == "10\n"
+            j = await s.create_context("javascript")
+            assert (await s.run_code("1 + 1", context=j)).stdout == "2\n"
             await c.close()
             assert await s.ports() == []
 

@@ -108,6 +108,8 @@ export interface RunOptions {
   language?: "python" | "javascript" | "bash" | string;
   /** Seconds. */
   timeout?: number;
+  /** Run in this code context (a Context or its id) instead of the REPL itself. */
+  context?: Context | string;
   signal?: AbortSignal;
 }
 
@@ -169,8 +171,9 @@ export declare class Sandbox {
   exec(cmd: string, opts?: ExecOptions): Promise<Execution>;
   /** Lifecycle events (created, paused, forked, …). */
   events(opts?: { follow?: boolean; tail?: number; signal?: AbortSignal }): AsyncIterableIterator<Record<string, unknown>>;
-  /** A code context: a Python namespace of its own in the sandbox's REPL. */
-  createContext(opts?: { language?: "python" }): Promise<Context>;
+  /** A code context: a REPL of its own (`python` or `javascript`) with its own
+   *  variables and working directory (`cwd`, default /root). */
+  createContext(opts?: { language?: "python" | "javascript"; cwd?: string }): Promise<Context>;
   /** A context made earlier (after a fork, the child has the parent's contexts). */
   context(id: string): Context;
   /** TCP ports something listens on in the sandbox. */
@@ -195,6 +198,7 @@ export interface ContextRun {
 /** A code context: its own variables, apart from other contexts and the REPL's. */
 export declare class Context {
   readonly id: string;
+  readonly language: "python" | "javascript";
   run(code: string, opts?: { timeout?: number }): Promise<ContextRun>;
   close(): Promise<void>;
 }

@@ -324,9 +324,16 @@ export class Sandbox {
     for await (const line of lines(res.body)) yield JSON.parse(line);
   }
 
-  /** Events of a cell in the sandbox's persistent REPL, as they happen. */
-  runCodeStream(code, { language = "python", timeout, signal } = {}) {
-    const body = { code, language };
+  /** Events of a cell in the sandbox's persistent REPL (or in code context `context`,
+   *  a Context or its id), as they happen. */
+  runCodeStream(code, { language, timeout, context, signal } = {}) {
+    const body = { code };
+    if (context !== undefined) {
+      body.context = typeof context === "string" ? context : context.id;
+      if (language !== undefined) body.language = language;
+    } else {
+      body.language = language ?? "python";
+    }
     if (timeout !== undefined) body.timeout = timeout;
     return this._exec(body, signal);
   }
@@ -361,10 +368,13 @@ export class Sandbox {
     for await (const m of sse(res.body)) yield m.data;
   }
 
-  /** A code context: a Python namespace of its own in the sandbox's REPL. */
-  async createContext({ language = "python" } = {}) {
-    const v = await this.client.json("POST", this.path("/contexts"), { language });
-    return new Context(this, v.id);
+  /** A code context: a REPL of its own in the sandbox (`python` or `javascript`), with
+   *  its own variables and working directory (`cwd`, default /root). */
+  async createContext({ language = "python", cwd } = {}) {
+    const body = { language };
+    if (cwd !== undefined) body.cwd = cwd;
+    const v = await this.client.json("POST", this.path("/contexts"), body);
+    return new Context(this, v.id, v.language);
   }
 
   /** A context made earlier (after a fork, the child has the parent's contexts). */
@@ -393,9 +403,10 @@ export class Sandbox {
 
 /** A code context: its own variables, apart from other contexts and the REPL's. */
 export class Context {
-  constructor(sb, id) {
+  constructor(sb, id, language) {
     this.sb = sb;
     this.id = id;
+    this.language = language ?? (id.startsWith("ctxjs-") ? "javascript" : "python");
   }
   /** Runs a cell: `results` (MIME bundles of the last expression), stdout, stderr,
    * `error` (a traceback) and `exitCode`. */

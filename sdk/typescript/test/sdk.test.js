@@ -174,7 +174,7 @@ test("pause, resume, hibernate, wake, timeout and lifecycle events", async () =>
   await sb.kill(); // already gone is fine
 });
 
-test("code contexts keep their own state, and a fork carries them", async () => {
+test("code contexts keep their own state and cwd, runCode names one, a fork carries them", async () => {
   const sb = await Sandbox.create({ client });
   try {
     const a = await sb.createContext();
@@ -188,6 +188,16 @@ test("code contexts keep their own state, and a fork carries them", async () => 
     const err = await a.run("1/0");
     assert.equal(err.exitCode, 1);
     assert.match(err.error, /ZeroDivisionError/);
+    // runCode in a context streams like any cell; each context keeps its cwd.
+    await sb.exec("mkdir -p /root/work");
+    const w = await sb.createContext({ cwd: "/root/work" });
+    assert.equal((await sb.runCode("import os\nos.getcwd()", { context: w })).stdout, "'/root/work'\n");
+    assert.equal((await sb.runCode("x + 1", { context: b.id })).stdout, "3\n");
+    const js = await sb.createContext({ language: "javascript", cwd: "/tmp" });
+    assert.equal(js.language, "javascript");
+    assert.equal((await sb.runCode("let y = 6; y * 7", { context: js })).stdout, "42\n");
+    assert.equal((await sb.runCode("process.cwd()", { context: js })).stdout, "'/tmp'\n");
+    assert.equal((await js.run("typeof y")).results[0]["text/plain"], "'number'");
     const [kid] = await sb.fork(1);
     assert.equal((await kid.context(b.id).run("print(x)")).stdout, "2\n");
     await b.close();

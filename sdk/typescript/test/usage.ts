@@ -20,6 +20,9 @@ export async function usage(): Promise<void> {
   const ran = await ctx.run("1 + 1", { timeout: 5 });
   console.log(ran.results[0]?.["text/plain"], ran.error, ran.exitCode);
   await ctx.close();
+  const js = await sb.createContext({ language: "javascript", cwd: "/tmp" });
+  const inCtx: Execution = await sb.runCode("1 + 1", { context: js });
+  console.log(js.language, inCtx.stdout);
   const ports: Port[] = await sb.ports();
   console.log(bytes.length, ports.map((p) => p.port), sb.portUrl(8000, "/"));
   await sb.pause();

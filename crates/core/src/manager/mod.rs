@@ -7,6 +7,7 @@
 //! sharing a database).
 
 mod admission;
+pub mod contexts;
 mod exec;
 mod family;
 mod keys;
@@ -31,7 +32,8 @@ use crate::trace::{op_span, TraceParent};
 use crate::{ids, CoreError};
 use bytes::Bytes;
 use forkbox_types::agent::{
-    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, PtyRequest, RunCodeRequest, WriteReply,
+    AgentEvent, BgInfo, ExecRequest, FileOp, FileOpReply, Language, PtyRequest, RunCodeRequest,
+    WriteReply,
 };
 use forkbox_types::exec::{EventKind, ExecEvent};
 use futures_util::stream::{BoxStream, StreamExt};

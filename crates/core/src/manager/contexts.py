@@ -1,10 +1,12 @@
-# forkbox code contexts: namespaces of their own inside the sandbox's Python REPL, for
-# the PandaStack dialect's `repl/sessions` (crates/api/src/contexts.rs). Installed once
-# per REPL as builtins.__forkbox_ctx__; each call ends with one line on stdout:
-# "\n" + nonce + JSON.
-def __forkbox_ctx__(op, ctx, code, nonce):
+# forkbox code contexts: namespaces of their own inside the sandbox's Python REPL, each
+# with its own working directory (crates/core/src/manager/contexts.rs). Installed once
+# per REPL as builtins.__forkbox_ctx_v2__. Ops `new`, `del`, `has` and `run` end with
+# one line on stdout: "\n" + nonce + JSON; `exec` runs a cell as the REPL runs one
+# (prints the last expression's repr, a traceback on stderr and status 1 on error).
+def __forkbox_ctx_v2__(op, ctx, code, nonce, cwd):
     import ast, base64, builtins, io, json, os, sys, traceback
     reg = builtins.__dict__.setdefault("__forkbox_ctx_ns__", {})
+    cwds = builtins.__dict__.setdefault("__forkbox_ctx_cwd__", {})
 
     def emit(d):
         sys.stderr.flush()
@@ -45,15 +47,29 @@ def __forkbox_ctx__(op, ctx, code, nonce):
         plt.close("all")
 
     if op == "new":
+        if not os.path.isdir(cwd):
+            return emit({"invalid": "cwd %s is not a directory in the sandbox" % cwd})
         os.environ.setdefault("MPLBACKEND", "Agg")
         reg[ctx] = {"__name__": "__main__", "__builtins__": builtins}
+        cwds[ctx] = cwd
         return emit({"ok": True})
     if op == "del":
+        cwds.pop(ctx, None)
         return emit({"ok": reg.pop(ctx, None) is not None})
+    if op == "has":
+        return emit({"ok": ctx in reg})
     ns = reg.get(ctx)
     if ns is None:
+        if op == "exec":
+            sys.stderr.write("forkbox: code context %s not found\n" % ctx)
+            raise SystemExit(1)
         return emit({"missing": True})
-    results, error = [], None
+    here = os.getcwd()
+    try:
+        os.chdir(cwds.get(ctx, here))
+    except OSError:
+        pass
+    results, error, value = [], None, None
     try:
         tree = ast.parse(code, "<cell>", "exec")
         last = None
@@ -61,11 +77,23 @@ def __forkbox_ctx__(op, ctx, code, nonce):
             last = ast.Expression(tree.body.pop().value)
         exec(compile(tree, "<cell>", "exec"), ns)
         value = eval(compile(last, "<cell>", "eval"), ns) if last is not None else None
-        if value is not None:
-            results.append(bundle(value))
-        figures(results)
+        if op == "run":
+            if value is not None:
+                results.append(bundle(value))
+            figures(results)
     except Exception as e:
         # Without this helper's own frame.
         tb = e.__traceback__.tb_next if e.__traceback__ else None
         error = "".join(traceback.format_exception(type(e), e, tb))
+    finally:
+        # The context keeps the directory its code moved to; the REPL keeps its own.
+        cwds[ctx] = os.getcwd()
+        os.chdir(here)
+    if op == "exec":
+        if error is not None:
+            sys.stderr.write(error)
+            raise SystemExit(1)
+        if value is not None:
+            print(repr(value))
+        return None
     emit({"results": results, "error": error})
