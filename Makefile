@@ -1,7 +1,8 @@
 # forkbox — one entry point for every task. CI runs `.ci/run`, which runs `make test`.
 #
 #   make serve   install missing system packages (as root), build, prepare the default
-#                template, start the server on 127.0.0.1:7070
+#                template and the vm runtime's guest assets, start the server on
+#                127.0.0.1:7070 with the jail and vm runtimes
 #   make test    the same preparation, then lint and the whole test suite
 #   make bench   build release binaries and write docs/performance.md and .png
 #   make density 1000 idle sandboxes, then 200 with a warm REPL: memory per sandbox
@@ -45,8 +46,15 @@ build-release:
 build:
 	$(CARGO) build -p forkbox --bin forkbox
 
-serve: deps agent build-release
-	./target/release/forkbox serve
+# `make serve`: the packages (QEMU included), the agent and a release build, the python
+# template and the vm runtime's guest assets in SERVE_DATA (each cached: a rerun takes
+# seconds), then the server on 127.0.0.1:7070 with both runtimes (`jail` the default;
+# `{"runtime": "vm"}` for a QEMU microvm).
+SERVE_DATA ?= /var/lib/forkbox
+serve: vm-deps agent build-release
+	./target/release/forkbox template prepare --data-dir $(SERVE_DATA)
+	scripts/vm-assets.sh $(SERVE_DATA)/vm $(SERVE_DATA)/pool python
+	./target/release/forkbox serve --data-dir $(SERVE_DATA)
 
 lint: fuzz-lint
 	$(CARGO) fmt --all -- --check

@@ -271,6 +271,13 @@ async fn healthz(
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "runtime": s.manager.runtime_name(),
+        "runtimes": s.manager.runtimes_live().into_iter().map(|(name, accel)| {
+            let mut r = serde_json::json!({"name": name});
+            if let Some(a) = accel {
+                r["accelerator"] = a.into();
+            }
+            r
+        }).collect::<Vec<_>>(),
         "sandboxes": s.manager.live_count(),
         "warm_pool": s.manager.create_pools().iter().map(|p| serde_json::json!({
             "template": p.template, "ready": p.ready, "target": p.target,

@@ -320,7 +320,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         auth: false,
         insecure_no_auth: false,
         admin_key: None,
-        runtimes: vec!["jail".into()],
+        runtimes: Some(vec!["jail".into()]),
         default_runtime: "jail".into(),
         vm_assets: None,
         vm_accel: "auto".into(),

@@ -54,14 +54,10 @@ pub struct ServeArgs {
     pub admin_key: Option<String>,
     /// Runtimes sandboxes may be created with, comma-separated: `jail` (always on; it
     /// also keeps templates, volumes and snapshots) and `vm` (QEMU microvm guests; needs
-    /// qemu-system-x86 and `make vm-assets`).
-    #[arg(
-        long,
-        env = "FORKBOX_RUNTIMES",
-        value_delimiter = ',',
-        default_value = "jail"
-    )]
-    pub runtimes: Vec<String>,
+    /// qemu-system-x86 and the guest assets, which `make serve` and `make vm-assets`
+    /// prepare). Default: both when the vm assets and QEMU are there, else `jail`.
+    #[arg(long, env = "FORKBOX_RUNTIMES", value_delimiter = ',')]
+    pub runtimes: Option<Vec<String>>,
     /// Runtime of sandboxes whose create request names none.
     #[arg(long, env = "FORKBOX_DEFAULT_RUNTIME", default_value = "jail")]
     pub default_runtime: String,
@@ -132,10 +128,42 @@ fn auth_required(args: &ServeArgs) -> anyhow::Result<bool> {
     Ok(false)
 }
 
-/// The runtimes besides the jail that `args` turns on.
-fn other_runtimes(args: &ServeArgs) -> anyhow::Result<Vec<Arc<dyn Runtime>>> {
+/// Why the vm runtime cannot run with assets in `assets`, if it cannot: a file of
+/// `make vm-assets` or QEMU is missing.
+fn vm_missing(assets: &std::path::Path) -> Option<String> {
+    for f in ["vmlinux", "busybox", "rootfs-python.qcow2"] {
+        if !assets.join(f).is_file() {
+            return Some(format!("{} is missing", assets.join(f).display()));
+        }
+    }
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
+    (!on_path).then(|| "qemu-system-x86_64 is not installed".to_owned())
+}
+
+/// The runtimes to serve: `--runtimes`, or by default the jail and, when its assets
+/// and QEMU are there, the vm.
+fn runtimes(args: &ServeArgs) -> Vec<String> {
+    if let Some(r) = &args.runtimes {
+        return r.iter().map(|n| n.trim().to_owned()).collect();
+    }
+    let assets = args
+        .vm_assets
+        .clone()
+        .unwrap_or_else(|| args.host.data_dir().join("vm"));
+    match vm_missing(&assets) {
+        None => vec!["jail".into(), "vm".into()],
+        Some(why) => {
+            tracing::info!(%why, "the vm runtime is off (`make vm-assets` prepares it)");
+            vec!["jail".into()]
+        }
+    }
+}
+
+/// The runtimes besides the jail that `names` turns on.
+fn other_runtimes(args: &ServeArgs, names: &[String]) -> anyhow::Result<Vec<Arc<dyn Runtime>>> {
     let mut out: Vec<Arc<dyn Runtime>> = Vec::new();
-    for name in &args.runtimes {
+    for name in names {
         match name.trim() {
             "jail" => {}
             "vm" => {
@@ -180,9 +208,9 @@ fn host_memory_mb() -> u64 {
 /// Everything `serve` does before it accepts connections.
 pub async fn build(args: &ServeArgs) -> anyhow::Result<Server> {
     let auth_required = auth_required(args)?;
-    let lock =
-        tokio::task::block_in_place(|| crate::down::claim_for_server(&args.host, &args.runtimes))?;
-    let others = other_runtimes(args)?;
+    let names = runtimes(args);
+    let lock = tokio::task::block_in_place(|| crate::down::claim_for_server(&args.host, &names))?;
+    let others = other_runtimes(args, &names)?;
     let runtime = args.host.jail_runtime()?;
     runtime
         .ensure_template(&args.default_template, &config::print_progress)

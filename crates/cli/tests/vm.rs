@@ -20,6 +20,63 @@ async fn create_vm(s: &Server) -> (String, f64) {
     )
 }
 
+/// Without `--runtimes`, a server whose vm assets are there serves both runtimes (the
+/// jail stays the default); healthz says which and on what accelerator; a vm sandbox
+/// runs a kernel that is not the host's.
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_is_on_by_default_when_its_assets_are_there() {
+    let env: Vec<(&str, String)> = common::vm_env()
+        .into_iter()
+        .filter(|(k, _)| *k != "FORKBOX_RUNTIMES")
+        .collect();
+    let s = Server::start_with(&env);
+    let (st, h) = get(&s, "/v1/healthz").await;
+    assert_eq!(st, 200);
+    let names: Vec<&str> = h["runtimes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["jail", "vm"], "{h}");
+    assert!(
+        ["kvm", "tcg", "probing"].contains(&h["runtimes"][1]["accelerator"].as_str().unwrap()),
+        "{h}"
+    );
+    assert!(h["runtimes"][0].get("accelerator").is_none(), "{h}");
+    // The default runtime is still the jail.
+    let jail = s.create(json!({})).await;
+    assert_eq!(jail["runtime"], "jail", "{jail}");
+    let (id, _) = create_vm(&s).await;
+    let host = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .unwrap();
+    let host = String::from_utf8(host.stdout).unwrap();
+    let (guest, _, code) = s.sh(&id, "uname -r").await;
+    assert_eq!(code, 0);
+    assert_ne!(guest, host, "the guest runs the host's kernel");
+    let (_, h) = get(&s, "/v1/healthz").await;
+    assert!(
+        ["kvm", "tcg"].contains(&h["runtimes"][1]["accelerator"].as_str().unwrap()),
+        "{h}"
+    );
+    // Its log is the guest's console: the kernel booting, then the agent.
+    let log = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/logs")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(log.status(), 200);
+    let log = log.text().await.unwrap();
+    assert!(log.contains("Linux version"), "{log}");
+    assert!(log.contains(guest.trim()), "{log}");
+    assert_eq!(s.delete(&id).await, 204);
+    assert_eq!(s.delete(jail["id"].as_str().unwrap()).await, 204);
+}
+
 #[tokio::test]
 #[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
 async fn vm_files_repl_pause_resume_and_delete() {

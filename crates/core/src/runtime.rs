@@ -245,6 +245,12 @@ pub trait Runtime: Send + Sync + 'static {
         Capabilities::default()
     }
 
+    /// The accelerator its sandboxes run on, for runtimes that have one (the vm's
+    /// `kvm` or `tcg`; `probing` while it is being decided).
+    fn accelerator(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Makes sure `template` exists, building it if this runtime can.
     async fn prepare_template(&self, template: &str) -> Result<(), RuntimeError>;
 
@@ -488,6 +494,61 @@ pub trait Instance: Send + Sync + 'static {
 
     /// Kills everything and frees every host resource. Idempotent.
     async fn destroy(&self) -> Result<(), RuntimeError>;
+}
+
+/// The lines of log file `path`: its last 64 KiB (a line cut by that window skipped),
+/// then, with `follow`, lines as they are appended while `alive` holds.
+pub fn tail_lines(
+    path: &std::path::Path,
+    follow: bool,
+    alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<BoxStream<'static, String>> {
+    use futures_util::StreamExt as _;
+    use std::io::{Read, Seek, SeekFrom};
+    use std::sync::atomic::Ordering;
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(64 * 1024);
+    f.seek(SeekFrom::Start(start))?;
+    let state = (
+        f,
+        Vec::<u8>::new(),
+        std::collections::VecDeque::<String>::new(),
+        start > 0,
+    );
+    Ok(futures_util::stream::unfold(
+        state,
+        move |(mut f, mut partial, mut ready, mut skip_first)| {
+            let alive = alive.clone();
+            async move {
+                loop {
+                    if let Some(l) = ready.pop_front() {
+                        return Some((l, (f, partial, ready, skip_first)));
+                    }
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let n = f.read(&mut buf).unwrap_or(0);
+                    if n > 0 {
+                        partial.extend_from_slice(&buf[..n]);
+                        while let Some(i) = partial.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = partial.drain(..=i).collect();
+                            if std::mem::take(&mut skip_first) {
+                                continue; // cut in the middle by the 64 KiB window
+                            }
+                            ready.push_back(
+                                String::from_utf8_lossy(&line[..line.len() - 1]).into_owned(),
+                            );
+                        }
+                        continue;
+                    }
+                    if !follow || !alive.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+            }
+        },
+    )
+    .boxed())
 }
 
 #[cfg(test)]

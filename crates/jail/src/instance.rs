@@ -112,54 +112,9 @@ impl Instance for JailInstance {
         &self,
         follow: bool,
     ) -> Result<futures_util::stream::BoxStream<'static, String>, RuntimeError> {
-        use std::io::{Read, Seek, SeekFrom};
         let path = self.rt.run_dir.join(&self.id).join("agent.log");
-        let mut f =
-            std::fs::File::open(&path).map_err(|e| RuntimeError::host("open log", &self.id, e))?;
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let start = len.saturating_sub(64 * 1024);
-        f.seek(SeekFrom::Start(start))
-            .map_err(|e| RuntimeError::host("read log", &self.id, e))?;
-        let alive = self.alive.clone();
-        let state = (
-            f,
-            Vec::<u8>::new(),
-            std::collections::VecDeque::<String>::new(),
-            start > 0,
-        );
-        Ok(futures_util::stream::unfold(
-            state,
-            move |(mut f, mut partial, mut ready, mut skip_first)| {
-                let alive = alive.clone();
-                async move {
-                    loop {
-                        if let Some(l) = ready.pop_front() {
-                            return Some((l, (f, partial, ready, skip_first)));
-                        }
-                        let mut buf = vec![0u8; 16 * 1024];
-                        let n = f.read(&mut buf).unwrap_or(0);
-                        if n > 0 {
-                            partial.extend_from_slice(&buf[..n]);
-                            while let Some(i) = partial.iter().position(|b| *b == b'\n') {
-                                let line: Vec<u8> = partial.drain(..=i).collect();
-                                if std::mem::take(&mut skip_first) {
-                                    continue; // cut in the middle by the 64 KiB window
-                                }
-                                ready.push_back(
-                                    String::from_utf8_lossy(&line[..line.len() - 1]).into_owned(),
-                                );
-                            }
-                            continue;
-                        }
-                        if !follow || !alive.load(Ordering::SeqCst) {
-                            return None;
-                        }
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                }
-            },
-        )
-        .boxed())
+        forkbox_core::runtime::tail_lines(&path, follow, self.alive.clone())
+            .map_err(|e| RuntimeError::host("open log", &self.id, e))
     }
 
     async fn watch(&self, path: &str, recursive: bool) -> Result<WatchEvents, RuntimeError> {

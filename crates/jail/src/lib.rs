@@ -46,7 +46,6 @@ use forkbox_types::agent::{
     AdoptRequest, BgInfo, ExecRequest, FileOp, FileOpReply, ForkChild, ForkRequest, JailInit,
     JailInitReply, ListeningPort, PtyRequest, RunCodeRequest, WriteReply,
 };
-use futures_util::StreamExt;
 pub use instance::JailInstance;
 use instance::{nspid, pidns_chain, pidns_of, token};
 use layers::Lower;

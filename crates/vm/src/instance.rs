@@ -269,6 +269,15 @@ impl Instance for VmInstance {
         self.agent()?.pty(&req, input).await
     }
 
+    /// The guest's console (its kernel's messages, then the agent's stderr).
+    async fn logs(
+        &self,
+        follow: bool,
+    ) -> Result<futures_util::stream::BoxStream<'static, String>, RuntimeError> {
+        forkbox_core::runtime::tail_lines(&self.vm.console, follow, self.alive.clone())
+            .map_err(|e| RuntimeError::host("open console log", &self.id, e))
+    }
+
     async fn tcp(&self, port: u16, input: UploadStream) -> Result<ByteStream, RuntimeError> {
         self.agent()?.tcp(port, input).await
     }

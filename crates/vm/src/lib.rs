@@ -15,7 +15,7 @@
 //! VM's calls), `images` (fork and hibernate from memory images), `disks` (qcow2
 //! layers), `qmp`, `accel`, `initrd`.
 //!
-//! Not yet (docs/vm.md): named snapshots and logs (`501 not_supported`), egress and
+//! Not yet (docs/vm.md): named snapshots (`501 not_supported`), egress and
 //! volumes (refused with 400), QEMU inside its own jail.
 
 pub mod accel;
@@ -212,6 +212,10 @@ impl Inner {
 impl Runtime for VmRuntime {
     fn name(&self) -> &'static str {
         "vm"
+    }
+
+    fn accelerator(&self) -> Option<&'static str> {
+        Some(self.inner.accel.get().map_or("probing", |a| a.as_str()))
     }
 
     fn capabilities(&self) -> forkbox_core::runtime::Capabilities {

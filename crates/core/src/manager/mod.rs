@@ -326,6 +326,14 @@ impl Manager {
         self.runtimes.iter().map(|r| r.name()).collect()
     }
 
+    /// Each runtime sandboxes may be created with, and its accelerator if it has one.
+    pub fn runtimes_live(&self) -> Vec<(&'static str, Option<&'static str>)> {
+        self.runtimes
+            .iter()
+            .map(|r| (r.name(), r.accelerator()))
+            .collect()
+    }
+
     /// The runtime a create request asks for (`None`: the server's default).
     fn pick_runtime(&self, name: Option<&str>) -> Result<Arc<dyn Runtime>, CoreError> {
         let name = name.or(self.config.default_runtime.as_deref());
