@@ -192,6 +192,15 @@ test("python: completions and diagnostics for a file written through the files A
     const diags = await c.diagnosticsFor(uri, (d) => d.some((x) => /undefined_name/.test(x.message)));
     assert.ok(diags.some((x) => /undefined name 'undefined_name'/.test(x.message) && x.range.start.line === 7), JSON.stringify(diags));
     assert.ok(diags.some((x) => /'os' imported but unused/.test(x.message) && x.range.start.line === 1), JSON.stringify(diags));
+    // A message over the agent's 1 MiB frame size (a big file opened) passes whole.
+    const big = "# filler line\n".repeat(100000) + "print(undefined_big)\n";
+    assert.ok(big.length > 1300000);
+    const bigUri = "file:///root/big.py";
+    await c.conn.sendNotification(lsp.DidOpenTextDocumentNotification.type, {
+      textDocument: { uri: bigUri, languageId: "python", version: 1, text: big },
+    });
+    const bigDiags = await c.diagnosticsFor(bigUri, (d) => d.some((x) => /undefined_big/.test(x.message)));
+    assert.equal(bigDiags.find((x) => /undefined_big/.test(x.message)).range.start.line, 100000);
     // Shutting down politely ends the server and the socket (code 1000).
     await c.conn.sendRequest(lsp.ShutdownRequest.type);
     await c.conn.sendNotification(lsp.ExitNotification.type);
@@ -286,6 +295,27 @@ test("refusals are JSON before the upgrade: unknown language, server missing, an
     const badCwd = await open(id, "python", KEY, "?cwd=/nowhere");
     assert.equal(badCwd.status, 400);
     assert.match(badCwd.body.error, /cwd \/nowhere is not a directory/);
+    // At most four sessions per sandbox at once: the fifth is 429 until one closes.
+    const open4 = [];
+    for (let i = 0; i < 4; i++) {
+      const o = await open(id, "python");
+      assert.ok(o.ws, JSON.stringify(o.body));
+      open4.push(o.ws);
+    }
+    const fifth = await open(id, "python");
+    assert.equal(fifth.status, 429);
+    assert.match(fifth.body.error, /at most 4 LSP sessions per sandbox/);
+    const closed = new Promise((ok) => open4[0].once("close", ok));
+    open4[0].close();
+    await closed;
+    let again;
+    for (let i = 0; i < 50; i++) {
+      again = await open(id, "python");
+      if (again.ws) break;
+      await new Promise((ok) => setTimeout(ok, 100));
+    }
+    assert.ok(again.ws, JSON.stringify(again.body));
+    for (const w of [...open4.slice(1), again.ws]) w.close();
     // A key of another workspace does not see the sandbox.
     const other = await api("POST", "/v1/auth/tokens", { name: "other", workspace: "other-ws" });
     assert.equal(other.status, 201, JSON.stringify(other.body));

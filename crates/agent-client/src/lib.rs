@@ -194,6 +194,18 @@ impl AgentClient {
             .map(|_| ())
     }
 
+    /// `POST /hostname`: the sandbox's host name.
+    pub async fn set_hostname(&self, hostname: &str) -> Result<(), AgentError> {
+        self.json::<_, serde_json::Value>(
+            "/hostname",
+            &forkbox_types::agent::HostnameRequest {
+                hostname: hostname.to_owned(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// `GET /bg/wait?pid=`: the exit code, once the command has exited.
     pub async fn bg_wait(&self, pid: i32) -> Result<i32, AgentError> {
         let v: serde_json::Value = self.get_json(&format!("/bg/wait?pid={pid}")).await?;

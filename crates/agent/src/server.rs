@@ -634,6 +634,28 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => refuse(Refusal::Failed, &e),
             }
         }
+        (&Method::POST, "/hostname") => {
+            let hr: forkbox_types::agent::HostnameRequest =
+                match json_body(req, "invalid hostname request").await {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+            let h = hr.hostname.as_str();
+            let valid = !h.is_empty()
+                && h.len() <= 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !valid {
+                return refuse(
+                    Refusal::Invalid,
+                    "hostname must be 1-64 of a-z, 0-9, '-', '.'",
+                );
+            }
+            match nix::unistd::sethostname(h) {
+                Ok(()) => json_reply(&serde_json::json!({})),
+                Err(e) => refuse(Refusal::Failed, &format!("sethostname: {e}")),
+            }
+        }
         (&Method::POST, "/adopt") => {
             let ar: AdoptRequest = match json_body(req, "invalid adopt request").await {
                 Ok(v) => v,

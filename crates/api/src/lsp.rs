@@ -50,7 +50,11 @@ pub async fn lsp(
     let input = tokio_stream::wrappers::ReceiverStream::new(in_rx).boxed();
     // Started (or refused, as a JSON error) before the upgrade.
     let out = st.manager.language_server(&id, &lang, q.cwd, input).await?;
-    Ok(ws.on_upgrade(move |socket| session(socket, in_tx, out, root)))
+    let max = forkbox_types::lsp::MAX_MESSAGE;
+    Ok(ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| session(socket, in_tx, out, root)))
 }
 
 async fn session(
@@ -71,12 +75,12 @@ async fn session(
             };
             let framed =
                 forkbox_types::lsp::encode(&forkbox_core::lsp::client_message(&body, &root));
-            if in_tx
-                .send(Ok(Bytes::from(encode(&Frame::Data(framed)))))
-                .await
-                .is_err()
-            {
-                break;
+            // The agent takes data frames of up to 1 MiB; its stdin is one byte stream.
+            for chunk in framed.chunks(forkbox_types::pty::MAX_FRAME) {
+                let frame = encode(&Frame::Data(chunk.to_vec()));
+                if in_tx.send(Ok(Bytes::from(frame))).await.is_err() {
+                    return;
+                }
             }
         }
     });
@@ -91,15 +95,20 @@ async fn session(
             break Some((1011, "the sandbox connection ended".to_owned()));
         };
         frames.push(&bytes);
-        while let Ok(Some(frame)) = frames.next_frame() {
-            match frame {
-                Frame::Data(d) => lsp.push(&d),
-                Frame::Exit(code) => {
-                    break 'outer Some((1000, format!("language server exited (code {code})")))
+        let mut exited = None;
+        loop {
+            match frames.next_frame() {
+                Ok(Some(Frame::Data(d))) => lsp.push(&d),
+                Ok(Some(Frame::Exit(code))) => {
+                    exited = Some(code);
+                    break;
                 }
-                Frame::Resize { .. } | Frame::Kill => {}
+                Ok(Some(Frame::Resize { .. } | Frame::Kill)) => {}
+                Ok(None) => break,
+                Err(e) => break 'outer Some((1011, format!("sandbox connection: {e}"))),
             }
         }
+        // Every whole message before the close, the last ones of an exiting server too.
         loop {
             let msg = match lsp.next_message() {
                 Ok(Some(body)) => match String::from_utf8(body) {
@@ -112,6 +121,9 @@ async fn session(
             if sink.send(msg).await.is_err() {
                 break 'outer None;
             }
+        }
+        if let Some(code) = exited {
+            break Some((1000, format!("language server exited (code {code})")));
         }
     };
     reader.abort();

@@ -67,6 +67,12 @@ impl Lock {
     }
 }
 
+/// The data dir's lock when nobody (server, warden, `forkbox down`) holds it now.
+pub fn try_hold(data: &Path) -> anyhow::Result<Option<Lock>> {
+    std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
+    Lock::try_take(&data.join(SERVER_LOCK))
+}
+
 /// Who holds (or last held) the lock at `path`.
 fn holder(path: &Path) -> Holder {
     let mut s = String::new();

@@ -132,7 +132,17 @@ fn main() -> ExitCode {
             } => {
                 config::init_tracing(false);
                 let rt = host.jail_runtime()?;
+                let netns = rt.egress_netns().to_owned();
+                let had_netns = std::path::Path::new("/run/netns").join(&netns).exists();
                 rt.ensure_template(&name, &config::print_progress).await?;
+                // A recipe whose commands reach the network made the data dir's egress
+                // namespace for its build sandbox; unless a server holds the data dir
+                // now, nothing else uses it: it goes, as `forkbox down` would take it.
+                if !had_netns {
+                    if let Some(_lock) = down::try_hold(&host.data_dir())? {
+                        forkbox_net::remove_netns(&netns).await;
+                    }
+                }
                 println!("template {name} ready");
                 Ok(())
             }

@@ -225,6 +225,22 @@ async fn code_contexts_keep_separate_state_and_cwd_and_fork_with_the_sandbox() {
         r["error"].as_str().unwrap().contains("ZeroDivisionError"),
         "{r}"
     );
+    // A cell printing more than the output cap still answers (its output cut), and a
+    // SystemExit in a context is its error, not the REPL's end.
+    let (st, r) = run(id.clone(), a.clone(), "print('y' * 1100000)\nx").await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["results"][0]["text/plain"], "'in a'", "{}", r["error"]);
+    assert!(
+        r["stderr"].as_str().unwrap().contains("stdout was cut"),
+        "{}",
+        r["stderr"]
+    );
+    let (_, r) = run(id.clone(), a.clone(), "raise SystemExit(3)").await;
+    assert_eq!(r["exit_code"], 1);
+    assert!(
+        r["error"].as_str().unwrap().contains("SystemExit: 3"),
+        "{r}"
+    );
     // Each its own working directory: a chdir stays in its context.
     let cwd = "import os\nprint(os.getcwd())";
     assert_eq!(

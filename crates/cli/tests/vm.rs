@@ -62,7 +62,7 @@ async fn vm_is_on_by_default_when_its_assets_are_there() {
         ["kvm", "tcg"].contains(&h["runtimes"][1]["accelerator"].as_str().unwrap()),
         "{h}"
     );
-    // Its log is the guest's console: the kernel booting, then the agent.
+    // Its log is the guest's console: the kernel booting (quietly), then the agent.
     let log = s
         .http
         .get(s.url(&format!("/v1/sandboxes/{id}/logs")))
@@ -71,8 +71,13 @@ async fn vm_is_on_by_default_when_its_assets_are_there() {
         .unwrap();
     assert_eq!(log.status(), 200);
     let log = log.text().await.unwrap();
-    assert!(log.contains("Linux version"), "{log}");
-    assert!(log.contains(guest.trim()), "{log}");
+    assert!(log.contains("data: [    0."), "{log}");
+    assert!(log.contains("ready (pid 1, protocol"), "{log}");
+    assert!(
+        log.contains("exec pid ") && log.contains(": uname -r\n"),
+        "{log}"
+    );
+    assert!(!log.contains('\r'), "{log:?}");
     assert_eq!(s.delete(&id).await, 204);
     assert_eq!(s.delete(jail["id"].as_str().unwrap()).await, 204);
 }
@@ -365,6 +370,11 @@ async fn vm_fork_carries_memory_and_processes_and_merge_works() {
     for (i, k) in kids.iter().enumerate() {
         let (_, v) = get(&s, &format!("/v1/sandboxes/{k}")).await;
         assert_eq!(v["runtime"], "vm", "{v}");
+        // Its own hostname, not the parent's (whose memory it is).
+        assert_eq!(
+            s.sh(k, "cat /proc/sys/kernel/hostname").await.0,
+            format!("{k}\n")
+        );
         // The background server was carried over and answers inside the child.
         let (out, err, code) = s.sh(k, probe).await;
         assert_eq!((out.as_str(), code), ("200\n", 0), "{k}: {err}");
@@ -376,6 +386,10 @@ async fn vm_fork_carries_memory_and_processes_and_merge_works() {
     }
     // The parent runs on untouched.
     assert_eq!(py(&s, &id, "x").await.0, "41\n");
+    assert_eq!(
+        s.sh(&id, "cat /proc/sys/kernel/hostname").await.0,
+        format!("{id}\n")
+    );
     assert_eq!(s.sh(&id, "cat /root/who").await.0, "parent\n");
     assert_eq!(s.sh(&id, probe).await.0, "200\n");
     assert_eq!(py(&s, &kids[0], "x").await.0, "100\n");

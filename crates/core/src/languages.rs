@@ -252,7 +252,9 @@ impl Languages {
         let mut servers = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for (name, mut s) in f.lsp {
-            s.name = name;
+            // Looked up case-insensitively.
+            s.name = name.to_ascii_lowercase();
+            s.aliases = s.aliases.iter().map(|a| a.to_ascii_lowercase()).collect();
             if s.program().is_empty() {
                 return Err(LanguagesError::Invalid(format!(
                     "language server {}: command is empty",

@@ -11,12 +11,19 @@ use serde_json::{json, Value};
 /// `body` (one JSON-RPC message from the client) as the language server gets it; a
 /// body that is not a JSON object passes as it is (the server answers its error).
 pub fn client_message(body: &[u8], root: &str) -> Vec<u8> {
+    /// Just the method (the rest skipped, not built: a message may be megabytes).
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        method: Option<String>,
+    }
+    let is_initialize = serde_json::from_slice::<Probe>(body)
+        .is_ok_and(|p| p.method.as_deref() == Some("initialize"));
+    if !is_initialize {
+        return body.to_vec();
+    }
     let Ok(mut msg) = serde_json::from_slice::<Value>(body) else {
         return body.to_vec();
     };
-    if msg.get("method").and_then(Value::as_str) != Some("initialize") {
-        return body.to_vec();
-    }
     let Some(params) = msg.get_mut("params").and_then(Value::as_object_mut) else {
         return body.to_vec();
     };

@@ -534,9 +534,11 @@ pub fn tail_lines(
                             if std::mem::take(&mut skip_first) {
                                 continue; // cut in the middle by the 64 KiB window
                             }
-                            ready.push_back(
-                                String::from_utf8_lossy(&line[..line.len() - 1]).into_owned(),
-                            );
+                            // A console's lines end in CR LF.
+                            let line = line
+                                .strip_suffix(b"\r\n")
+                                .unwrap_or(&line[..line.len() - 1]);
+                            ready.push_back(String::from_utf8_lossy(line).into_owned());
                         }
                         continue;
                     }

@@ -70,7 +70,14 @@ impl Inner {
             .await
             .map_err(|e| RuntimeError::host("open the egress namespace", &spec.id, e))?;
         egress
-            .attach(&spec.id, pid, allow)
+            // Only a template build's sandbox (its id minted by the builder) gets the
+            // server's trusted names.
+            .attach(
+                &spec.id,
+                pid,
+                allow,
+                forkbox_core::ids::is_valid("bld", &spec.id),
+            )
             .await
             .map(Some)
             .map_err(|e| RuntimeError::host("link the sandbox to its egress proxy", &spec.id, e))

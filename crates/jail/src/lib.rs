@@ -244,6 +244,11 @@ impl JailRuntime {
         done
     }
 
+    /// The network namespace its sandboxes' egress proxies live in (made on first use).
+    pub fn egress_netns(&self) -> &str {
+        &self.inner.egress_cfg.netns
+    }
+
     pub fn cgroups(&self) -> &Driver {
         &self.inner.cgroups
     }

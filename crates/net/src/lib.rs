@@ -58,10 +58,11 @@ pub struct EgressConfig {
     pub allow_private: Vec<ipnet::IpNet>,
     /// Close tunnels idle this long (default [`proxy::IDLE_TIMEOUT`]; shorter in tests).
     pub idle_timeout: Option<std::time::Duration>,
-    /// Host names the server itself chose (the template builder's Debian mirrors) whose
-    /// addresses, as the host resolves them, may be non-global: where the host gets its
-    /// packages, a build may too. The host's own addresses, loopback, link-local and
-    /// the egress links stay out of reach.
+    /// Host names the server itself chose (the template builder's Debian mirrors, the
+    /// hosts built-in recipes fetch from) whose addresses, as the host resolves them,
+    /// may be non-global for template builds' sandboxes, on ports 80 and 443: where the
+    /// host gets its packages, a build may too. Other sandboxes get no such trust. The
+    /// host's own addresses, loopback, link-local and the egress links stay out of reach.
     pub trusted_names: Vec<String>,
 }
 
@@ -195,11 +196,15 @@ impl Egress {
 
     /// Links the sandbox whose PID 1 is `pid` (any earlier link of `key` is replaced)
     /// and starts its proxy with `allow`.
+    /// Links sandbox `key` (whose network namespace `pid` is in) to a proxy of its own
+    /// admitting `allow`; `trusted` for a template build's sandbox (see
+    /// [`proxy::Policy::trusted`]).
     pub async fn attach(
         self: &Arc<Self>,
         key: &str,
         pid: i32,
         allow: Allowlist,
+        trusted: bool,
     ) -> Result<Attachment, NetError> {
         let ifname = ifname(key);
         let ns = self.cfg.netns.as_str();
@@ -223,7 +228,7 @@ impl Egress {
         let listener = self.listen_on(&ifname).await?;
         let task = tokio::spawn(proxy::serve(
             listener,
-            Arc::new(allow),
+            Arc::new(proxy::Policy { allow, trusted }),
             self.shared.clone(),
             key.to_owned(),
         ))

@@ -123,11 +123,21 @@ fn busy() -> Vec<u8> {
     .into_bytes()
 }
 
+/// What one sandbox's proxy admits.
+pub struct Policy {
+    /// The host names it may reach.
+    pub allow: Allowlist,
+    /// A template build's sandbox: the server's trusted names (its package mirrors)
+    /// are reached wherever the host's resolver puts them, on ports 80 and 443. Every
+    /// other sandbox is held to globally reachable addresses, trusted names included.
+    pub trusted: bool,
+}
+
 /// Accepts and serves connections until aborted; aborting it also ends every
 /// connection it serves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    allow: Arc<Allowlist>,
+    policy: Arc<Policy>,
     shared: Arc<Shared>,
     sandbox: String,
 ) {
@@ -176,10 +186,10 @@ pub async fn serve(
                 continue;
             }
         };
-        let (allow, shared, sandbox) = (allow.clone(), shared.clone(), sandbox.clone());
+        let (policy, shared, sandbox) = (policy.clone(), shared.clone(), sandbox.clone());
         conns.spawn(async move {
             let _slots = slots;
-            if let Err(why) = handle(sock, &allow, &shared, &sandbox).await {
+            if let Err(why) = handle(sock, &policy, &shared, &sandbox).await {
                 tracing::debug!(sandbox, why, "egress proxy connection ended");
             }
         });
@@ -192,7 +202,7 @@ struct Refusal(u16, &'static str, String);
 
 async fn handle(
     mut sock: TcpStream,
-    allow: &Allowlist,
+    policy: &Policy,
     shared: &Shared,
     sandbox: &str,
 ) -> Result<(), String> {
@@ -202,7 +212,7 @@ async fn handle(
         Ok(Err(r)) => return refuse(&mut sock, r).await,
         Err(_) => return Err("no request head in time".into()),
     };
-    match route(&buf[..head_len], allow, shared).await {
+    match route(&buf[..head_len], policy, shared).await {
         Err(r) => {
             tracing::info!(sandbox, reason = %r.2, "egress refused");
             refuse(&mut sock, r).await
@@ -389,13 +399,13 @@ fn forbid(why: impl Into<String>) -> Refusal {
     Refusal(403, "Forbidden", why.into())
 }
 
-async fn route(head: &[u8], allow: &Allowlist, shared: &Shared) -> Result<Route, Refusal> {
+async fn route(head: &[u8], policy: &Policy, shared: &Shared) -> Result<Route, Refusal> {
     match parse_request(head)? {
         Request::Connect { host, port } => {
-            Ok(Route::Tunnel(connect(&host, port, allow, shared).await?))
+            Ok(Route::Tunnel(connect(&host, port, policy, shared).await?))
         }
         Request::Forward { host, port, head } => Ok(Route::Forward(
-            connect(&host, port, allow, shared).await?,
+            connect(&host, port, policy, shared).await?,
             head,
         )),
     }
@@ -660,9 +670,10 @@ fn local_addresses() -> Vec<IpAddr> {
 async fn connect(
     host: &str,
     port: u16,
-    allow: &Allowlist,
+    policy: &Policy,
     shared: &Shared,
 ) -> Result<TcpStream, Refusal> {
+    let allow = &policy.allow;
     if is_ip_literal(host) {
         return Err(forbid(format!(
             "{host} is an IP address: sandboxes reach hosts by name only"
@@ -683,7 +694,8 @@ async fn connect(
     let local = local_addresses();
     let everything: [IpNet; 2] = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
     let bare = host.trim_end_matches('.').to_ascii_lowercase();
-    let opted: &[IpNet] = if shared.trusted_names.contains(&bare) {
+    let trusted = policy.trusted && (port == 80 || port == 443);
+    let opted: &[IpNet] = if trusted && shared.trusted_names.contains(&bare) {
         &everything
     } else {
         &shared.allow_private

@@ -31,6 +31,7 @@
 //!   `pipe`, a command on plain pipes); request and response bodies are [`crate::pty`]
 //!   frames (input and resizes in; output and the exit out).
 //! - `GET /files/watch?path=&recursive=` → NDJSON [`WatchEvent`] lines as changes happen.
+//! - `POST /hostname` with [`HostnameRequest`]: sets the sandbox's host name (`{}`).
 //! - `POST /adopt` with [`AdoptRequest`] → [`AdoptReply`]: a fork child's agent reports
 //!   whether it received its Python kernel from the parent (or stops waiting for one).
 
@@ -406,6 +407,13 @@ pub struct ListeningPort {
     pub port: u16,
     /// The address it is bound to (`0.0.0.0`, `127.0.0.1`, `::`, …).
     pub address: String,
+}
+
+/// Body of `POST /hostname`: the sandbox's new host name (a vm fork child is its
+/// parent's memory, hostname included, until the host gives it its own).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostnameRequest {
+    pub hostname: String,
 }
 
 /// Body of `POST /bg/signal`.

@@ -3,8 +3,9 @@
 //! ended by `\r\n`), an empty line, then N bytes of JSON-RPC. The LSP bridge turns it
 //! into one WebSocket message per JSON-RPC message and back.
 
-/// Largest message accepted from a language server (a big workspace's symbols).
-pub const MAX_MESSAGE: usize = 64 << 20;
+/// Largest message accepted either way (a big workspace's symbols fit; each open
+/// session may hold one in the server's memory, so it is bounded).
+pub const MAX_MESSAGE: usize = 8 << 20;
 /// Longest header part accepted.
 const MAX_HEADER: usize = 8 << 10;
 

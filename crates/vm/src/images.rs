@@ -102,14 +102,21 @@ impl VmInstance {
                         .map_err(io)?;
                     // Only for QEMU's command line: the guest's memory is the parent's.
                     std::fs::copy(&initrd, &vm.initrd).map_err(io)?;
-                    rt.boot(
-                        spec,
-                        Source::Fork {
-                            state: &layer_state,
-                            ram: &layer_ram,
-                        },
-                    )
-                    .await
+                    let child = rt
+                        .boot(
+                            spec,
+                            Source::Fork {
+                                state: &layer_state,
+                                ram: &layer_ram,
+                            },
+                        )
+                        .await?;
+                    // Its memory is the parent's, hostname included: its own id instead.
+                    if let Err(e) = child.client()?.set_hostname(&spec.id).await {
+                        let _ = child.destroy().await;
+                        return Err(child.agent_err(e));
+                    }
+                    Ok(child)
                 }
                 .await;
                 if made.is_err() {

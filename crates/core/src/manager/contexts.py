@@ -81,7 +81,11 @@ def __forkbox_ctx_v2__(op, ctx, code, nonce, cwd):
             if value is not None:
                 results.append(bundle(value))
             figures(results)
-    except Exception as e:
+    except KeyboardInterrupt:
+        raise  # the cell's timeout: the REPL answers it
+    except BaseException as e:
+        if op == "exec" and isinstance(e, SystemExit):
+            raise  # as in the REPL: the cell exits with its code
         # Without this helper's own frame.
         tb = e.__traceback__.tb_next if e.__traceback__ else None
         error = "".join(traceback.format_exception(type(e), e, tb))

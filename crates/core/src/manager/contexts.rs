@@ -17,6 +17,9 @@ use serde_json::Value;
 
 const PYTHON_HELPER: &str = include_str!("contexts.py");
 const JAVASCRIPT_HELPER: &str = include_str!("contexts.js");
+/// Longest a context's open, close or existence check may take (its REPL may be busy
+/// with another cell, or its code may have replaced the helper).
+const HELPER_TIMEOUT_S: f64 = 30.0;
 
 /// What a cell run in a context did.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,29 +124,46 @@ impl Manager {
                 },
             )
             .await?;
-        let c = crate::runner::collect(events).await;
-        if c.exit_code == 124 && c.stderr.lines().any(|l| l.starts_with(TIMEOUT_NOTE)) {
+        // Events are lines: the answer is the one starting with the nonce, found however
+        // much the cell printed (the rest is kept up to the usual cap).
+        let mut events = events;
+        let (mut stdout, mut stderr) = (String::new(), String::new());
+        let (mut cut_out, mut cut_err) = (false, false);
+        let (mut answer, mut exit, mut timed_out) = (None, crate::EXIT_UNKNOWN, false);
+        while let Some(ev) = events.next().await {
+            match ev.kind {
+                EventKind::Stdout(d) => match d.strip_prefix(nonce.as_str()) {
+                    Some(line) => answer = serde_json::from_str::<Value>(line.trim_end()).ok(),
+                    None => crate::runner::push_capped(&mut stdout, &d, &mut cut_out),
+                },
+                EventKind::Stderr(d) => {
+                    timed_out |= d.starts_with(TIMEOUT_NOTE);
+                    crate::runner::push_capped(&mut stderr, &d, &mut cut_err)
+                }
+                EventKind::Exit(code) => exit = code,
+            }
+        }
+        if exit == 124 && timed_out {
             return Err(CoreError::Timeout(format!(
                 "timeout: the cell ran past {}s and was interrupted (the context keeps its state)",
                 timeout_s.unwrap_or_default()
             )));
         }
-        let marker = format!("\n{nonce}");
-        let (stdout, answer) = match c.stdout.rfind(&marker) {
-            Some(i) => {
-                let line = c.stdout[i + marker.len()..]
-                    .lines()
-                    .next()
-                    .unwrap_or_default();
-                (c.stdout[..i].to_owned(), serde_json::from_str(line).ok())
-            }
-            None => (c.stdout, None),
-        };
+        // The helper starts its answer on a line of its own.
+        if answer.is_some() && stdout.ends_with('\n') {
+            stdout.pop();
+        }
+        if cut_out {
+            stderr.push_str(&format!(
+                "forkbox: stdout was cut at {} bytes\n",
+                crate::runner::MAX_OUTPUT
+            ));
+        }
         Ok(Reply {
             stdout,
-            stderr: c.stderr,
+            stderr,
             answer,
-            exit: c.exit_code,
+            exit,
         })
     }
 
@@ -173,7 +193,9 @@ impl Manager {
             ));
         }
         let ctx = ids::new(prefix);
-        let r = self.context_call(id, "new", &ctx, "", cwd, None).await?;
+        let r = self
+            .context_call(id, "new", &ctx, "", cwd, Some(HELPER_TIMEOUT_S))
+            .await?;
         match r.answer {
             Some(a) if a["ok"] == Value::Bool(true) => Ok(ctx),
             Some(a) if a["invalid"].is_string() => Err(CoreError::Invalid(
@@ -190,7 +212,9 @@ impl Manager {
 
     /// Closes context `ctx` (404 when there is none).
     pub async fn close_context(&self, id: &SandboxRef, ctx: &str) -> Result<(), CoreError> {
-        let r = self.context_call(id, "del", ctx, "", "/", None).await?;
+        let r = self
+            .context_call(id, "del", ctx, "", "/", Some(HELPER_TIMEOUT_S))
+            .await?;
         match r.answer.as_ref().and_then(|a| a["ok"].as_bool()) {
             Some(true) => Ok(()),
             _ => Err(CoreError::NoContext(ctx.to_owned())),
@@ -254,7 +278,9 @@ impl Manager {
                 "code must be non-empty and contain no NUL".into(),
             ));
         }
-        let has = self.context_call(id, "has", ctx, "", "/", None).await?;
+        let has = self
+            .context_call(id, "has", ctx, "", "/", Some(HELPER_TIMEOUT_S))
+            .await?;
         if has.answer.as_ref().and_then(|a| a["ok"].as_bool()) != Some(true) {
             return Err(CoreError::NoContext(ctx.to_owned()));
         }

@@ -246,6 +246,20 @@ impl Manager {
                 )))
             }
         }
+        // Bounded: each session may hold a message of up to 8 MiB in server memory.
+        let live = self
+            .live(id.id())
+            .ok_or_else(|| CoreError::NotFound(id.id().into()))?;
+        let permits = (
+            live.lsp.clone().try_acquire_owned(),
+            self.lsp.clone().try_acquire_owned(),
+        );
+        let (Ok(mine), Ok(all)) = permits else {
+            return Err(CoreError::Quota(format!(
+                "at most {LSP_PER_SANDBOX} LSP sessions per sandbox and {LSP_PER_SERVER} per \
+                 server may be open at once; close one first"
+            )));
+        };
         let req = PtyRequest {
             cmd: Some(format!(
                 "exec {} 2>>/tmp/lsp-{}.log",
@@ -257,7 +271,14 @@ impl Manager {
             cols: 1,
             env: BTreeMap::new(),
         };
-        self.pty(id, req, input).await
+        let out = self.pty(id, req, input).await?;
+        // The session's permits go when its stream does.
+        Ok(out
+            .map(move |b| {
+                let _ = (&mine, &all);
+                b
+            })
+            .boxed())
     }
 
     /// `out`, holding sandbox `id` busy (not idle) until it ends or is dropped.

@@ -99,7 +99,14 @@ struct Live {
     op: Arc<tokio::sync::Mutex<()>>,
     /// Its use, for `idle_timeout` (`idle.rs`).
     activity: Arc<crate::idle::Activity>,
+    /// Its open LSP sessions ([`LSP_PER_SANDBOX`] at most).
+    lsp: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most LSP sessions one sandbox may have open at a time, and the whole server: each
+/// may hold a message of up to [`forkbox_types::lsp::MAX_MESSAGE`] in server memory.
+pub const LSP_PER_SANDBOX: usize = 4;
+pub const LSP_PER_SERVER: usize = 64;
 
 impl Live {
     /// A sandbox made (created, forked, woken, merged into, adopted) and now live.
@@ -110,6 +117,7 @@ impl Live {
             spec,
             op: Arc::new(tokio::sync::Mutex::new(())),
             activity: crate::idle::Activity::new(),
+            lsp: Arc::new(tokio::sync::Semaphore::new(LSP_PER_SANDBOX)),
         })
     }
 
@@ -170,6 +178,8 @@ pub struct Manager {
     fenced: Mutex<Vec<String>>,
     /// The nodes as last read (every heartbeat): where to pass requests on.
     node_cache: Mutex<Vec<nodes::Node>>,
+    /// Open LSP sessions of the whole server ([`LSP_PER_SERVER`] at most).
+    lsp: Arc<tokio::sync::Semaphore>,
 }
 
 /// Locks `m`, shrugging off poisoning (the data are plain maps).
@@ -260,6 +270,7 @@ impl Manager {
             node_cache: Mutex::new(Vec::new()),
             warm: Mutex::new(Default::default()),
             template_builds: Mutex::new(Default::default()),
+            lsp: Arc::new(tokio::sync::Semaphore::new(LSP_PER_SERVER)),
         })
     }
 

@@ -398,16 +398,19 @@ async fn addresses_and_names_leading_to_forbidden_addresses_are_refused() {
         4,
         4,
     );
-    let allow = allowlist(&[
-        "meta.test",
-        "private.test",
-        "home.test",
-        "ula.test",
-        "nat64.test",
-        "sixtofour.test",
-        "loop.test",
-        "*.test",
-    ]);
+    let allow = Policy {
+        allow: allowlist(&[
+            "meta.test",
+            "private.test",
+            "home.test",
+            "ula.test",
+            "nat64.test",
+            "sixtofour.test",
+            "loop.test",
+            "*.test",
+        ]),
+        trusted: false,
+    };
     for host in [
         "meta.test",
         "private.test",
@@ -438,6 +441,29 @@ async fn addresses_and_names_leading_to_forbidden_addresses_are_refused() {
         (code, why.contains("not in this sandbox's egress allowlist")),
         (403, true)
     );
+}
+
+/// The server's trusted names (its package mirrors) may resolve to private addresses
+/// for a template build's proxy on ports 80 and 443 only; for every other sandbox they
+/// are names like any other.
+#[tokio::test]
+async fn trusted_names_are_for_builds_on_web_ports_only() {
+    let s = Arc::try_unwrap(shared(&[("mirror.test", "10.9.9.9")], &[], 4, 4))
+        .ok()
+        .unwrap()
+        .with_trusted_names(vec!["Mirror.Test.".into()]);
+    let policy = |trusted| Policy {
+        allow: allowlist(&["mirror.test"]),
+        trusted,
+    };
+    for (trusted, port) in [(false, 80), (false, 443), (true, 22), (true, 6379)] {
+        let Err(Refusal(code, _, why)) = connect("mirror.test", port, &policy(trusted), &s).await
+        else {
+            panic!("connected (trusted {trusted}, port {port})");
+        };
+        assert_eq!(code, 403, "{why}");
+        assert!(why.contains("may not reach"), "{why}");
+    }
 }
 
 #[test]
@@ -512,7 +538,10 @@ async fn start_proxy(shared: Arc<Shared>) -> (SocketAddr, tokio::task::JoinHandl
     let addr = l.local_addr().unwrap();
     let task = tokio::spawn(serve(
         l,
-        Arc::new(allowlist(&["only.test"])),
+        Arc::new(Policy {
+            allow: allowlist(&["only.test"]),
+            trusted: false,
+        }),
         shared,
         "t".into(),
     ));
