@@ -103,8 +103,8 @@ while read -r dev file; do
   fi
 done < <(losetup -n -O NAME,BACK-FILE 2>/dev/null)
 
-# Cgroups (every hierarchy; v1 has one per controller).
-for root in /sys/fs/cgroup/forkbox /sys/fs/cgroup/*/forkbox; do
+# Cgroups (every hierarchy; v1 has one per controller): sandboxes' and QEMUs'.
+for root in /sys/fs/cgroup/forkbox /sys/fs/cgroup/*/forkbox /sys/fs/cgroup/forkbox-vm /sys/fs/cgroup/*/forkbox-vm; do
   [ -d "$root" ] || continue
   for g in "$root"/*/; do
     [ -d "$g" ] || continue

@@ -11,7 +11,7 @@
 use crate::extract::QueryArgs;
 use crate::owned::Sbx;
 use crate::{ApiError, AppState};
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use axum::extract::{Path, State};
 use axum::response::Response;
 use bytes::Bytes;
@@ -36,14 +36,9 @@ pub async fn lsp(
     Sbx(id): Sbx,
     Path(path): Path<(String, String)>,
     QueryArgs(q): QueryArgs<LspQuery>,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    ws: crate::pty::Upgrade,
 ) -> Result<Response, ApiError> {
-    let ws = ws.map_err(|e| {
-        ApiError::BadRequest(format!(
-            "this route needs a WebSocket upgrade ({})",
-            e.body_text()
-        ))
-    })?;
+    let ws = crate::pty::upgrade(ws)?;
     let lang = path.1;
     let root = q.cwd.clone().unwrap_or_else(|| "/root".to_owned());
     let (in_tx, in_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);

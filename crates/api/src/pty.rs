@@ -30,6 +30,20 @@ pub struct PtyQuery {
     _access_token: Option<String>,
 }
 
+/// A WebSocket route's upgrade, or why the request was not one.
+pub type Upgrade =
+    Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
+
+/// The upgrade, or a 400 saying the route needs one.
+pub fn upgrade(ws: Upgrade) -> Result<WebSocketUpgrade, ApiError> {
+    ws.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "this route needs a WebSocket upgrade ({})",
+            e.body_text()
+        ))
+    })
+}
+
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum Control {
@@ -43,14 +57,9 @@ pub async fn pty(
     State(st): State<AppState>,
     Sbx(id): Sbx,
     QueryArgs(q): QueryArgs<PtyQuery>,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    ws: Upgrade,
 ) -> Result<Response, ApiError> {
-    let ws = ws.map_err(|e| {
-        ApiError::BadRequest(format!(
-            "this route needs a WebSocket upgrade ({})",
-            e.body_text()
-        ))
-    })?;
+    let ws = upgrade(ws)?;
     let (rows, cols) = (q.rows.unwrap_or(24), q.cols.unwrap_or(80));
     if !(1..=1000).contains(&rows) || !(1..=1000).contains(&cols) {
         return Err(ApiError::BadRequest(

@@ -62,6 +62,34 @@ async fn vm_is_on_by_default_when_its_assets_are_there() {
         ["kvm", "tcg"].contains(&h["runtimes"][1]["accelerator"].as_str().unwrap()),
         "{h}"
     );
+    // QEMU is confined: its seccomp filter, network, IPC and UTS namespaces of its
+    // own, and a cgroup with the guest's memory plus QEMU's overhead.
+    let pid: i32 = std::fs::read_to_string(s.data.path().join(format!("vm-run/{id}/qemu.pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
+    for ns in ["net", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns}");
+    }
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cgroup.contains(&format!("/forkbox-vm/{id}")), "{cgroup}");
+    let limit = [
+        "/sys/fs/cgroup/memory/forkbox-vm",
+        "/sys/fs/cgroup/forkbox-vm",
+    ]
+    .iter()
+    .find_map(|base| {
+        ["memory.limit_in_bytes", "memory.max"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(format!("{base}/{id}/{f}")).ok())
+    })
+    .unwrap();
+    assert_eq!(limit.trim().parse::<u64>().unwrap(), (512 + 256) << 20);
     // Its log is the guest's console: the kernel booting (quietly), then the agent.
     let log = s
         .http
@@ -79,6 +107,12 @@ async fn vm_is_on_by_default_when_its_assets_are_there() {
     );
     assert!(!log.contains('\r'), "{log:?}");
     assert_eq!(s.delete(&id).await, 204);
+    // Its group goes with it.
+    assert!(!cgroup
+        .lines()
+        .filter_map(|l| l.split(':').nth(2))
+        .filter(|p| p.contains("forkbox-vm"))
+        .any(|p| std::path::Path::new(&format!("/sys/fs/cgroup/pids{p}")).exists()));
     assert_eq!(s.delete(jail["id"].as_str().unwrap()).await, 204);
 }
 

@@ -166,11 +166,16 @@ impl Inner {
             cmd.args(["-incoming", "defer"]);
         }
         // A session and process group of its own: signals to the server's group (a
-        // terminal's Ctrl-C, `timeout`, a supervisor) leave the VM alone.
-        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        // terminal's Ctrl-C, `timeout`, a supervisor) leave the VM alone. Network, IPC
+        // and UTS namespaces of its own: QEMU needs none of the host's (its sockets
+        // are files), so a QEMU taken over by its guest reaches no host network.
+        // SAFETY: setsid and unshare are async-signal-safe and touch no memory of ours.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
+                if libc::setsid() < 0
+                    || libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS)
+                        < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -179,6 +184,13 @@ impl Inner {
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(fail("start QEMU"))?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        // Its limits before the guest runs (its RAM is touched, and charged, later).
+        if let Err(e) = self.confine(&id, pid, spec) {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            self.release_cgroup(&id);
+            return Err(e);
+        }
         let alive = Arc::new(AtomicBool::new(true));
         let (exited_tx, exited) = tokio::sync::watch::channel(false);
         {

@@ -217,6 +217,7 @@ impl VmInstance {
         self.alive.store(false, Ordering::SeqCst);
         *self.qmp.lock().await = None;
         let _ = std::fs::remove_file(&self.ram);
+        self.rt.release_cgroup(&self.id);
     }
 
     pub(crate) async fn destroy_in(&self) -> Result<(), RuntimeError> {

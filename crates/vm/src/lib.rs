@@ -74,7 +74,18 @@ pub struct VmConfig {
     /// The dead-man's switch: a guest powers off after this long without a server
     /// (`None`: never).
     pub orphan_grace: Option<Duration>,
+    /// Where the cgroup hierarchy is mounted: every QEMU runs in a group of its own
+    /// under `forkbox-vm` (memory = guest + [`QEMU_OVERHEAD`], the sandbox's CPU,
+    /// [`QEMU_PIDS`] threads). `None`: no groups (tests of the runtime's own logic).
+    pub cgroup_root: Option<PathBuf>,
 }
+
+/// Memory a QEMU may use beyond its guest's (TCG's translation cache is 64 MiB of it).
+pub const QEMU_OVERHEAD: u64 = 256 << 20;
+/// Threads (and processes) one QEMU may have.
+pub const QEMU_PIDS: u64 = 256;
+/// The parent group of the QEMUs' groups.
+pub const CGROUP_PARENT: &str = "forkbox-vm";
 
 impl VmConfig {
     /// Defaults for a data dir; the assets default to `<data>/vm`.
@@ -90,6 +101,7 @@ impl VmConfig {
             kvm_probe_deadline: Duration::from_secs(5),
             boot_deadline: Duration::from_secs(90),
             orphan_grace: None,
+            cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
         }
     }
 }
@@ -103,6 +115,8 @@ pub enum VmError {
     Initrd(std::io::Error),
     #[error("cannot tell the host's TSC frequency from /proc/cpuinfo")]
     Tsc,
+    #[error("QEMU's cgroups: {0}")]
+    Cgroup(#[from] forkbox_sys::cgroup::CgroupError),
 }
 
 pub struct VmRuntime {
@@ -111,6 +125,8 @@ pub struct VmRuntime {
 
 struct Inner {
     cfg: VmConfig,
+    /// The QEMUs' groups (`None` when `cfg.cgroup_root` is).
+    cgroups: Option<forkbox_sys::cgroup::Driver>,
     /// The initramfs shared by every VM (without the per-VM config).
     base_initrd: tokio::sync::OnceCell<Arc<Vec<u8>>>,
     accel: tokio::sync::OnceCell<Accel>,
@@ -123,7 +139,12 @@ const AGENT_PORT: &str = "agent";
 impl VmRuntime {
     pub fn new(cfg: VmConfig) -> Result<VmRuntime, VmError> {
         let tsc_khz = accel::host_tsc_khz().ok_or(VmError::Tsc)?;
+        let cgroups = match &cfg.cgroup_root {
+            Some(root) => Some(forkbox_sys::cgroup::Driver::detect(root, CGROUP_PARENT)?),
+            None => None,
+        };
         let inner = Arc::new(Inner {
+            cgroups,
             cfg,
             base_initrd: Default::default(),
             accel: Default::default(),
@@ -201,6 +222,34 @@ impl Inner {
 
     fn image(&self, template: &str) -> PathBuf {
         self.cfg.assets_dir.join(format!("rootfs-{template}.qcow2"))
+    }
+
+    /// Puts QEMU `pid` of VM `id` into a group of its own with the sandbox's limits.
+    fn confine(&self, id: &str, pid: i32, spec: &CreateSpec) -> Result<(), RuntimeError> {
+        let Some(d) = &self.cgroups else {
+            return Ok(());
+        };
+        let fail = |e| RuntimeError::host("put QEMU in its cgroup", id, e);
+        // A group left by an earlier QEMU of this VM (hibernated, merged) goes first.
+        let _ = d.open(id).map(|g| g.remove(Duration::from_secs(1)));
+        let limits = forkbox_sys::cgroup::Limits {
+            memory_bytes: Some(spec.memory_bytes + QEMU_OVERHEAD),
+            pids_max: Some(QEMU_PIDS),
+            cpu_millis: Some(spec.cpu_millis),
+        };
+        let g = d.create(id, &limits).map_err(fail)?;
+        g.add(pid).map_err(fail)
+    }
+
+    /// Removes VM `id`'s group once its QEMU is gone.
+    fn release_cgroup(&self, id: &str) {
+        if let Some(g) = self.cgroups.as_ref().and_then(|d| d.open(id).ok()) {
+            if g.exists() {
+                if let Err(e) = g.remove(Duration::from_secs(2)) {
+                    tracing::warn!(sandbox = id, error = %e, "removing QEMU's cgroup");
+                }
+            }
+        }
     }
 
     fn ram_file(&self, id: &str) -> PathBuf {
@@ -333,6 +382,7 @@ impl Runtime for VmRuntime {
             }
         }
         let _ = std::fs::remove_file(self.inner.ram_file(id));
+        self.inner.release_cgroup(id);
         let r = match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -357,6 +407,8 @@ impl Runtime for VmRuntime {
                     .filter(|n| n != "layers"),
             );
         }
+        // (Not the groups under `forkbox-vm`: they are host-wide, and other servers'
+        // VMs have theirs there. A VM's group goes with its run dir.)
         let mut report = GcReport::default();
         for id in ids {
             if keep.contains(&id) || id.is_empty() || id.contains('/') || id.starts_with('.') {
