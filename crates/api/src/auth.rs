@@ -76,7 +76,18 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
         return ApiError::from(CoreError::Forbidden("/metrics needs an admin key".into()))
             .into_response();
     }
+    // A key from the query goes on as a header: out of the handlers' sight, and
+    // along with a request forwarded to the node that runs the sandbox (which checks
+    // the caller's own key again).
+    let in_header = req
+        .headers()
+        .contains_key(axum::http::header::AUTHORIZATION)
+        || req.headers().contains_key("x-api-key");
+    let key = key_of(&req).filter(|_| !in_header);
     strip_access_token(&mut req);
+    if let Some(v) = key.and_then(|k| axum::http::HeaderValue::from_str(&k).ok()) {
+        req.headers_mut().insert("x-api-key", v);
+    }
     req.extensions_mut().insert(principal);
     next.run(req).await
 }

@@ -32,6 +32,67 @@ async fn node_of(s: &Server, id: &str) -> String {
     v["node"].as_str().unwrap().to_owned()
 }
 
+/// With keys required, a call through another node authenticated by `?access_token=`
+/// (browsers' WebSockets, SSE) reaches the owner with the caller's key: the owner checks
+/// it again, so it must travel with the forwarded call.
+#[tokio::test]
+async fn a_query_key_travels_with_a_forwarded_call() {
+    let Some(url) = common::postgres_database() else {
+        return;
+    };
+    const KEY: &str = "fbk_cluster_query_key_0123456789";
+    let env = |node| {
+        let mut e = node_env(&url, node);
+        e.push(("FORKBOX_AUTH", "true".into()));
+        e.push(("FORKBOX_ADMIN_KEY", KEY.into()));
+        e
+    };
+    let a = Server::start_with(&env("a"));
+    let b = Server::start_with(&env("b"));
+    let r = a
+        .http
+        .post(a.url("/v1/sandboxes"))
+        .bearer_auth(KEY)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let id = v["id"].as_str().unwrap().to_owned();
+    // Whichever node runs it, the other one forwards.
+    let other = if v["node"] == "a" { &b } else { &a };
+    let r = other
+        .http
+        .post(other.url(&format!("/v1/sandboxes/{id}/exec?access_token={KEY}")))
+        .json(&json!({"cmd": "echo through", "wait": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["stdout"], "through\n", "{v}");
+    // A wrong key is still refused, by the first node.
+    let r = other
+        .http
+        .post(other.url(&format!(
+            "/v1/sandboxes/{id}/exec?access_token=fbk_wrong_key_0123456789ab"
+        )))
+        .json(&json!({"cmd": "true", "wait": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = a
+        .http
+        .delete(a.url(&format!("/v1/sandboxes/{id}")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+}
+
 #[tokio::test]
 async fn three_nodes_serve_one_api() {
     let Some(url) = common::postgres_database() else {
