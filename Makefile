@@ -189,12 +189,12 @@ bench-cluster: deps agent build-release
 	FORKBOX_TEST_POOL=$(BENCH_DATA_DIR)/pool FORKBOX_BIN=$(CURDIR)/target/release/forkbox FORKBOX_AGENT_BIN=$(CURDIR)/target/agent/forkbox-agent \
 	  scripts/with-postgres.sh python3 scripts/cluster-bench.py
 
-# A clean `make test` needs about 4 GiB (debug builds, fuzz targets, venvs, the test
+# A clean `make test` needs about 5 GiB (debug builds, fuzz targets, venvs, the test
 # pool's templates); say so up front rather than failing on ENOSPC minutes in.
 disk-check:
 	@avail=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
-	if [ "$$avail" -lt 4194304 ]; then \
-		echo "only $$((avail / 1024)) MiB free under $(CURDIR); make test needs about 4 GiB" >&2; exit 1; \
+	if [ "$$avail" -lt 5242880 ]; then \
+		echo "only $$((avail / 1024)) MiB free under $(CURDIR); make test needs about 5 GiB" >&2; exit 1; \
 	fi
 
 # The Jupyter reference row needs ipykernel + jupyter_client, the chart matplotlib
