@@ -391,8 +391,6 @@ impl Inner {
         helper: Option<&OwnedFd>,
         log: std::fs::File,
     ) -> Result<i32, RuntimeError> {
-        use std::os::unix::process::CommandExt as _;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let agent = self.agent.as_ref().ok_or_else(|| {
             RuntimeError::host(
                 "start jail-init",
@@ -400,40 +398,36 @@ impl Inner {
                 std::io::Error::other("this runtime was opened for clean-up only"),
             )
         })?;
-        let mut cmd = tokio::process::Command::new(agent.exec_path());
-        cmd.as_std_mut().arg0("forkbox-agent");
-        cmd.arg("jail-init")
-            .env_clear()
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::from(log));
-        // A fork child's jail-init also gets the nested agent image as fd 4 and its
-        // family's helper mount namespace as fd 63.
-        let nested_fd = nested.map(|f| f.as_raw_fd());
-        let helper_fd = helper.map(|f| f.as_raw_fd());
-        // SAFETY: the hook is `place_fds`: async-signal-safe, no allocation.
-        unsafe {
-            cmd.pre_exec(move || place_fds(listen_fd, nested_fd, helper_fd));
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| RuntimeError::host("start jail-init", id, e))?;
         let input =
             serde_json::to_vec(init).map_err(|e| RuntimeError::host("encode jail-init", id, e))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(&input)
-                .await
-                .map_err(|e| RuntimeError::host("write jail-init config", id, e))?;
-        }
-        let mut out = Vec::new();
-        if let Some(mut stdout) = child.stdout.take() {
-            stdout
-                .read_to_end(&mut out)
-                .await
-                .map_err(|e| RuntimeError::host("read jail-init reply", id, e))?;
-        }
-        let _ = child.wait().await;
+        // Spawned without forking the server (see `spawn_placed`); the exchange is
+        // blocking I/O on pipes, on a blocking thread.
+        let path = agent.exec_path();
+        let places = [
+            (Some(listen_fd), 3),
+            (nested.map(|f| f.as_raw_fd()), 4),
+            (helper.map(|f| f.as_raw_fd()), 63),
+        ];
+        let spawned = spawn_placed(&path, &[c"forkbox-agent", c"jail-init"], places, &log)
+            .map_err(|e| RuntimeError::host("start jail-init", id, e))?;
+        drop(log);
+        let sid = id.to_owned();
+        let out = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, RuntimeError> {
+            use std::io::{Read as _, Write as _};
+            let (pid, mut stdin, mut stdout) = spawned;
+            let written = stdin.write_all(&input);
+            drop(stdin);
+            let mut out = Vec::new();
+            let read = stdout.read_to_end(&mut out);
+            // Reaped whatever happened (jail-init's first stage exits once the
+            // sandbox's init runs, or failed).
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            written.map_err(|e| RuntimeError::host("write jail-init config", &sid, e))?;
+            read.map_err(|e| RuntimeError::host("read jail-init reply", &sid, e))?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| RuntimeError::host("run jail-init", id, std::io::Error::other(e)))??;
         match serde_json::from_slice::<JailInitReply>(&out) {
             Ok(JailInitReply::Ready { pid }) => Ok(pid),
             Ok(JailInitReply::Failed { error }) => Err(RuntimeError::host(
@@ -446,68 +440,107 @@ impl Inner {
     }
 }
 
-/// The `pre_exec` hook of `jail-init`: puts the agent's listening socket on fd 3, a
-/// fork child's nested agent image on fd 4 and its family's helper mount namespace on
-/// fd 63. It runs between fork and exec in a
-/// multi-threaded server, so it is async-signal-safe: `fcntl` and `dup2` only, on fds
-/// that stay open in the parent, and no allocation (another thread may have held the
-/// allocator's lock at the fork).
-pub(crate) fn place_fds(
-    listen_fd: i32,
-    nested_fd: Option<i32>,
-    helper_fd: Option<i32>,
-) -> std::io::Result<()> {
-    // Move them all out of the way first: any may already sit on a target number.
-    let mut moved = [(-1, -1); 3];
-    let mut n = 0;
-    for (from, to) in [(Some(listen_fd), 3), (nested_fd, 4), (helper_fd, 63)] {
+/// Starts `jail-init` (`path`, `args`) with `posix_spawn` — the C library's `vfork`-style
+/// spawn, which shares the server's memory until the exec instead of copying its page
+/// tables: a plain fork of a server holding thousands of sandboxes cost more than half a
+/// create (docs/performance.md). Its stdin and stdout are pipes (returned), its stderr
+/// `log`, and `places` are put on their numbers (the agent's listening socket on 3, a
+/// fork child's nested agent image on 4, its family's helper mount namespace on 63),
+/// every other descriptor being close-on-exec. Returns its pid (the caller reaps it).
+pub(crate) fn spawn_placed(
+    path: &std::path::Path,
+    args: &[&std::ffi::CStr],
+    places: [(Option<i32>, i32); 3],
+    log: &std::fs::File,
+) -> std::io::Result<(libc::pid_t, std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    let (in_r, in_w) = nix::unistd::pipe2(cloexec)?;
+    let (out_r, out_w) = nix::unistd::pipe2(cloexec)?;
+    // Close-on-exec copies of every source above every target, so no action can
+    // clobber a source another still needs; `dup2` onto the target clears the flag.
+    let mut moves: Vec<(OwnedFd, i32)> = Vec::with_capacity(6);
+    let sources = [
+        (Some(in_r.as_raw_fd()), 0),
+        (Some(out_w.as_raw_fd()), 1),
+        (Some(log.as_raw_fd()), 2),
+    ]
+    .into_iter()
+    .chain(places);
+    for (from, to) in sources {
         let Some(from) = from else { continue };
-        // Above every target: a copy landing on its own target would keep its
-        // close-on-exec (dup2 onto itself changes nothing) and vanish at exec.
-        // SAFETY: fcntl on an fd number; no memory is touched.
+        // SAFETY: fcntl on an fd number; the result is a new fd we own.
         let high = unsafe { libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 64) };
         if high < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        moved[n] = (high, to);
-        n += 1;
+        // SAFETY: `high` was just returned by F_DUPFD and is owned by nobody else.
+        moves.push((unsafe { OwnedFd::from_raw_fd(high) }, to));
     }
-    for &(high, to) in &moved[..n] {
-        // dup2 leaves the new fd without close-on-exec.
-        // SAFETY: dup2 on fd numbers; no memory is touched.
-        if unsafe { libc::dup2(high, to) } < 0 {
-            return Err(std::io::Error::last_os_error());
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let argv: Vec<*mut libc::c_char> = args
+        .iter()
+        .map(|a| a.as_ptr().cast_mut())
+        .chain(std::iter::once(std::ptr::null_mut()))
+        .collect();
+    let envp = [std::ptr::null_mut::<libc::c_char>()];
+    let check = |r: libc::c_int| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(r))
         }
+    };
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: the action and attribute objects are initialised before use and
+    // destroyed after; every pointer handed to posix_spawn outlives the call.
+    unsafe {
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut actions))?;
+        check(libc::posix_spawnattr_init(&mut attr))?;
+        let spawned = (|| {
+            for (high, to) in &moves {
+                check(libc::posix_spawn_file_actions_adddup2(
+                    &mut actions,
+                    high.as_raw_fd(),
+                    *to,
+                ))?;
+            }
+            // Default dispositions and an empty mask, as a fresh process has.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigfillset(&mut all);
+            check(libc::posix_spawnattr_setsigmask(&mut attr, &none))?;
+            check(libc::posix_spawnattr_setsigdefault(&mut attr, &all))?;
+            check(libc::posix_spawnattr_setflags(
+                &mut attr,
+                (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short,
+            ))?;
+            check(libc::posix_spawn(
+                &mut pid,
+                c_path.as_ptr(),
+                &actions,
+                &attr,
+                argv.as_ptr(),
+                envp.as_ptr(),
+            ))
+        })();
+        libc::posix_spawn_file_actions_destroy(&mut actions);
+        libc::posix_spawnattr_destroy(&mut attr);
+        spawned?;
     }
-    Ok(())
+    drop((in_r, out_w, moves));
+    Ok((pid, std::fs::File::from(in_w), std::fs::File::from(out_r)))
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use std::alloc::{GlobalAlloc, Layout, System};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// Counts allocations, to prove the `pre_exec` hook makes none.
-    struct Counting;
-    static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-    // SAFETY: forwards to the system allocator unchanged.
-    unsafe impl GlobalAlloc for Counting {
-        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            ALLOCS.fetch_add(1, Ordering::SeqCst);
-            // SAFETY: the caller's contract is passed on.
-            unsafe { System.alloc(layout) }
-        }
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            // SAFETY: the caller's contract is passed on.
-            unsafe { System.dealloc(ptr, layout) }
-        }
-    }
-
-    #[global_allocator]
-    static COUNTING: Counting = Counting;
+    use std::io::{Read as _, Write as _};
 
     fn inode(fd: i32) -> u64 {
         // SAFETY: fstat writes into a zeroed stat on our stack.
@@ -519,52 +552,58 @@ mod tests {
         st.st_ino
     }
 
+    /// The spawned program gets exactly stdin, stdout, stderr and the placed fds (on
+    /// 3, 4, 63), whatever numbers the server's fds have — also when a source already
+    /// sits on another one's target — and nothing else of the server's.
     #[test]
-    fn placing_jail_inits_fds_after_fork_allocates_nothing() {
-        let (r1, _w1) = nix::unistd::pipe().unwrap();
-        let (r2, _w2) = nix::unistd::pipe().unwrap();
-        let (r3, _w3) = nix::unistd::pipe().unwrap();
-        let (a, b, c) = (r1.as_raw_fd(), r2.as_raw_fd(), r3.as_raw_fd());
-        let (ia, ib, ic) = (inode(a), inode(b), inode(c));
-        // SAFETY: the child only calls dup2, place_fds, fstat, fcntl and _exit.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            // A busy server: every number below 63 taken but two (for the copies of the
-            // first two fds), so a copy of the helper fd could land on 63 itself.
-            for fd in 5..63 {
-                if ![a, b, c, 20, 21].contains(&fd) {
-                    // SAFETY: dup2 on fd numbers of this child.
-                    unsafe { libc::dup2(a, fd) };
-                }
-            }
-            let before = ALLOCS.load(Ordering::SeqCst);
-            let placed = place_fds(a, Some(b), Some(c)).is_ok();
-            let allocs = ALLOCS.load(Ordering::SeqCst) - before;
+    fn spawn_places_the_fds_and_passes_nothing_else() {
+        let log = tempfile::tempfile().unwrap();
+        // Sources on awkward numbers: one on 4 (the nested image's target), one on 3.
+        let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+        let (p1, _w1) = nix::unistd::pipe2(cloexec).unwrap();
+        let (p2, _w2) = nix::unistd::pipe2(cloexec).unwrap();
+        let (p3, _w3) = nix::unistd::pipe2(cloexec).unwrap();
+        let (a, b, c) = (p1.as_raw_fd(), p2.as_raw_fd(), p3.as_raw_fd());
+        let want = [inode(b), inode(a), inode(c)];
+        // The test process's other fds (std opens them close-on-exec) must not pass.
+        let _other = std::fs::File::open("/dev/null").unwrap();
+        let script = c"for f in 3 4 63; do stat -L -c %i /proc/self/fd/$f; done; \
+                       echo $(ls /proc/self/fd | sort -n); cat; echo oops >&2";
+        let (pid, mut stdin, mut stdout) = spawn_placed(
+            std::path::Path::new("/bin/sh"),
+            &[c"sh", c"-c", script],
+            [(Some(b), 3), (Some(a), 4), (Some(c), 63)],
+            &log,
+        )
+        .unwrap();
+        stdin.write_all(b"from stdin").unwrap();
+        drop(stdin);
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        let got: Vec<u64> = lines[..3].iter().map(|l| l.parse().unwrap()).collect();
+        assert_eq!(got, want, "{out}");
+        // 0-2, the three placed, 5 (the one `ls` opens for itself), and only what this
+        // test process holds without close-on-exec (the test harness's; jail-init
+        // closes such strays itself): nothing of the pipes or files opened here.
+        let mut expected = vec![0, 1, 2, 3, 4, 5, 63];
+        for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let fd: i32 = e.file_name().to_str().unwrap().parse().unwrap();
             // SAFETY: fcntl(F_GETFD) on an fd number.
-            let cloexec = unsafe { libc::fcntl(63, libc::F_GETFD) } & libc::FD_CLOEXEC != 0;
-            let code = if !placed {
-                2
-            } else if allocs > 0 {
-                3
-            } else if inode(3) != ia || inode(4) != ib || inode(63) != ic {
-                4
-            } else if cloexec {
-                5
-            } else {
-                0
-            };
-            // SAFETY: ends the child without running anything of the parent's.
-            unsafe { libc::_exit(code) };
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            if fd > 5 && fd != 63 && flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                expected.push(fd);
+            }
         }
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFEXITED(status));
-        assert_eq!(
-            libc::WEXITSTATUS(status),
-            0,
-            "2: failed, 3: allocated, 4: wrong fds, 5: one would close at exec"
-        );
+        expected.sort();
+        let got: Vec<i32> = lines[3].split(' ').map(|f| f.parse().unwrap()).collect();
+        assert_eq!(got, expected, "{out}");
+        assert_eq!(lines[4], "from stdin", "{out}");
+        let mut err = String::new();
+        let mut log = log;
+        std::io::Seek::rewind(&mut log).unwrap();
+        log.read_to_string(&mut err).unwrap();
+        assert_eq!(err, "oops\n");
     }
 }
