@@ -35,7 +35,16 @@ pub struct Collected {
 
 /// Collects an exec's events, keeping at most [`MAX_OUTPUT`] bytes of each stream (a
 /// note on stderr says when output was cut).
-pub async fn collect(mut events: BoxStream<'static, ExecEvent>) -> Collected {
+pub async fn collect(events: BoxStream<'static, ExecEvent>) -> Collected {
+    collect_except(events, |_| false).await
+}
+
+/// [`collect`], but the stdout lines `aside` takes (returns true for) are left out of
+/// the output, however much came before them (a helper's answer line).
+pub async fn collect_except(
+    mut events: BoxStream<'static, ExecEvent>,
+    mut aside: impl FnMut(&str) -> bool,
+) -> Collected {
     let mut c = Collected {
         exit_code: EXIT_UNKNOWN,
         ..Default::default()
@@ -43,6 +52,7 @@ pub async fn collect(mut events: BoxStream<'static, ExecEvent>) -> Collected {
     let (mut cut_out, mut cut_err) = (false, false);
     while let Some(ev) = events.next().await {
         match ev.kind {
+            EventKind::Stdout(d) if aside(&d) => {}
             EventKind::Stdout(d) => push_capped(&mut c.stdout, &d, &mut cut_out),
             EventKind::Stderr(d) => push_capped(&mut c.stderr, &d, &mut cut_err),
             EventKind::Exit(code) => c.exit_code = code,

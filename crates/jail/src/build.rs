@@ -26,6 +26,15 @@ use std::sync::{Arc, Mutex};
 const BUILD_CPU_MILLIS: u64 = 2000;
 const BUILD_MEMORY: u64 = 2 << 30;
 const BUILD_PIDS: u64 = 1024;
+/// Ids of build sandboxes (`bld-…`): minted here only, never a user sandbox's.
+const BUILD_ID_PREFIX: &str = "bld";
+
+/// Whether sandbox `id` is a template build's (its egress proxy trusts the server's
+/// package hosts: `forkbox_net::proxy::Policy::trusted`).
+pub(crate) fn is_build_sandbox(id: &str) -> bool {
+    forkbox_core::ids::is_valid(BUILD_ID_PREFIX, id)
+}
+
 /// Longest a single build command may run.
 const COMMAND_TIMEOUT_MS: u64 = 3600 * 1000;
 /// Hosts apt reaches when installing packages on a template base.
@@ -132,7 +141,7 @@ impl Inner {
         if self.pool.template(name).exists() || self.pool.template_meta(name).exists() {
             return Err(BuildError::Exists(name.into()));
         }
-        let id = forkbox_core::ids::new("bld");
+        let id = forkbox_core::ids::new(BUILD_ID_PREFIX);
         let rootfs = self.pool.sandbox(&id);
         // 1. The filesystem.
         match &spec.base {

@@ -70,13 +70,12 @@ impl Inner {
             .await
             .map_err(|e| RuntimeError::host("open the egress namespace", &spec.id, e))?;
         egress
-            // Only a template build's sandbox (its id minted by the builder) gets the
-            // server's trusted names.
+            // Only a template build's sandbox gets the server's trusted names.
             .attach(
                 &spec.id,
                 pid,
                 allow,
-                forkbox_core::ids::is_valid("bld", &spec.id),
+                crate::build::is_build_sandbox(&spec.id),
             )
             .await
             .map(Some)

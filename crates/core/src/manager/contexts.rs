@@ -126,44 +126,31 @@ impl Manager {
             .await?;
         // Events are lines: the answer is the one starting with the nonce, found however
         // much the cell printed (the rest is kept up to the usual cap).
-        let mut events = events;
-        let (mut stdout, mut stderr) = (String::new(), String::new());
-        let (mut cut_out, mut cut_err) = (false, false);
-        let (mut answer, mut exit, mut timed_out) = (None, crate::EXIT_UNKNOWN, false);
-        while let Some(ev) = events.next().await {
-            match ev.kind {
-                EventKind::Stdout(d) => match d.strip_prefix(nonce.as_str()) {
-                    Some(line) => answer = serde_json::from_str::<Value>(line.trim_end()).ok(),
-                    None => crate::runner::push_capped(&mut stdout, &d, &mut cut_out),
-                },
-                EventKind::Stderr(d) => {
-                    timed_out |= d.starts_with(TIMEOUT_NOTE);
-                    crate::runner::push_capped(&mut stderr, &d, &mut cut_err)
-                }
-                EventKind::Exit(code) => exit = code,
+        let mut answer = None;
+        let c = crate::runner::collect_except(events, |line| match line.strip_prefix(&nonce) {
+            Some(json) => {
+                answer = serde_json::from_str::<Value>(json.trim_end()).ok();
+                true
             }
-        }
-        if exit == 124 && timed_out {
+            None => false,
+        })
+        .await;
+        if c.exit_code == 124 && c.stderr.lines().any(|l| l.starts_with(TIMEOUT_NOTE)) {
             return Err(CoreError::Timeout(format!(
                 "timeout: the cell ran past {}s and was interrupted (the context keeps its state)",
                 timeout_s.unwrap_or_default()
             )));
         }
+        let mut stdout = c.stdout;
         // The helper starts its answer on a line of its own.
         if answer.is_some() && stdout.ends_with('\n') {
             stdout.pop();
         }
-        if cut_out {
-            stderr.push_str(&format!(
-                "forkbox: stdout was cut at {} bytes\n",
-                crate::runner::MAX_OUTPUT
-            ));
-        }
         Ok(Reply {
             stdout,
-            stderr,
+            stderr: c.stderr,
             answer,
-            exit,
+            exit: c.exit_code,
         })
     }
 
