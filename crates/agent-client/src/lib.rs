@@ -194,12 +194,18 @@ impl AgentClient {
             .map(|_| ())
     }
 
-    /// `POST /hostname`: the sandbox's host name.
-    pub async fn set_hostname(&self, hostname: &str) -> Result<(), AgentError> {
+    /// `POST /hostname`: the sandbox's host name and, if `env` is given, its
+    /// environment.
+    pub async fn set_hostname(
+        &self,
+        hostname: &str,
+        env: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Result<(), AgentError> {
         self.json::<_, serde_json::Value>(
             "/hostname",
             &forkbox_types::agent::HostnameRequest {
                 hostname: hostname.to_owned(),
+                env: env.cloned(),
             },
         )
         .await

@@ -35,7 +35,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 #[derive(Clone)]
 pub struct Context {
     pub spawner: Spawner,
-    pub env: Arc<BTreeMap<String, String>>,
+    /// The sandbox's environment (replaced by `POST /hostname` with an `env`).
+    pub env: Arc<std::sync::RwLock<Arc<BTreeMap<String, String>>>>,
     pub kernels: crate::kernels::Kernels,
     pub bg: crate::bg::Table,
 }
@@ -65,10 +66,29 @@ pub fn command_env(ctx: &Context, extra: &BTreeMap<String, String>) -> Vec<Strin
     env.insert("PATH", DEFAULT_PATH);
     env.insert("HOME", "/root");
     env.insert("LANG", "C.UTF-8");
-    for (k, v) in ctx.env.iter().chain(extra.iter()) {
+    let sandbox = ctx.sandbox_env();
+    for (k, v) in sandbox.iter().chain(extra.iter()) {
         env.insert(k, v);
     }
     env.iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+impl Context {
+    /// The sandbox's environment now.
+    pub fn sandbox_env(&self) -> Arc<BTreeMap<String, String>> {
+        match self.env.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the sandbox's environment.
+    pub fn set_sandbox_env(&self, env: BTreeMap<String, String>) {
+        match self.env.write() {
+            Ok(mut g) => *g = Arc::new(env),
+            Err(p) => *p.into_inner() = Arc::new(env),
+        }
+    }
 }
 
 pub fn pipe_pair() -> Result<(OwnedFd, OwnedFd), SpawnError> {

@@ -289,6 +289,20 @@ enum End {
 }
 
 impl Kernels {
+    /// Ends every running kernel (their state is lost); the next cell of a language
+    /// starts a new one.
+    pub async fn end_all(&self) {
+        let slots: Vec<Slot> = match self.slots.lock() {
+            Ok(g) => g.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        };
+        for slot in slots {
+            if let Some(k) = slot.lock().await.take() {
+                signal_group(k.pid(), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+
     /// Waits for and holds the slot of `lang` (a fork child holds Python's until its
     /// kernel has been adopted).
     pub async fn hold(&self, lang: Language) -> SlotGuard {

@@ -111,7 +111,7 @@ async fn serve(endpoint: Endpoint, zygote: OwnedFd, opts: Options) -> std::io::R
     crate::reaper::start()?;
     let ctx = Context {
         spawner: crate::zygote::Spawner::new(zygote)?,
-        env: Arc::new(opts.env),
+        env: Arc::new(std::sync::RwLock::new(Arc::new(opts.env))),
         kernels: Default::default(),
         bg: Default::default(),
     };
@@ -651,10 +651,15 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
                     "hostname must be 1-64 of a-z, 0-9, '-', '.'",
                 );
             }
-            match nix::unistd::sethostname(h) {
-                Ok(()) => json_reply(&serde_json::json!({})),
-                Err(e) => refuse(Refusal::Failed, &format!("sethostname: {e}")),
+            if let Err(e) = nix::unistd::sethostname(h) {
+                return refuse(Refusal::Failed, &format!("sethostname: {e}"));
             }
+            if let Some(env) = hr.env {
+                ctx.set_sandbox_env(env);
+                // Kernels hold the environment they started with.
+                ctx.kernels.end_all().await;
+            }
+            json_reply(&serde_json::json!({}))
         }
         (&Method::POST, "/adopt") => {
             let ar: AdoptRequest = match json_body(req, "invalid adopt request").await {

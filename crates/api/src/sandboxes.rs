@@ -224,6 +224,9 @@ pub struct SnapshotView {
     sandbox_id: String,
     template: String,
     created_at: String,
+    /// The runtime that took it: a `jail` snapshot holds the sandbox's files, a `vm`
+    /// one the whole guest (memory and processes too).
+    runtime: String,
 }
 
 impl From<Snapshot> for SnapshotView {
@@ -234,6 +237,7 @@ impl From<Snapshot> for SnapshotView {
             sandbox_id: s.sandbox_id,
             template: s.template,
             created_at: rfc3339(s.created_at),
+            runtime: s.runtime,
         }
     }
 }

@@ -443,17 +443,189 @@ async fn vm_fork_carries_memory_and_processes_and_merge_works() {
     assert_eq!(s.delete(&id).await, 204);
     // The frozen disk layer goes with its last user (the merge frees the parent's old
     // VM in the background).
-    let layers = s.data.path().join("vm-run/layers");
+    layers_only_under_images(&s).await;
+}
+
+/// Waits until the only disk layers left are those the server's boot images stand on
+/// (every sandbox gone, no snapshot left).
+async fn layers_only_under_images(s: &Server) {
+    use std::os::unix::fs::MetadataExt as _;
+    let run = s.data.path().join("vm-run");
     let left = || {
-        std::fs::read_dir(&layers)
-            .map(|d| d.flatten().count())
-            .unwrap_or(0)
+        let held: std::collections::HashSet<u64> = std::fs::read_dir(run.join("images"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+            .filter_map(|f| f.metadata().ok().map(|m| m.ino()))
+            .collect();
+        std::fs::read_dir(run.join("layers"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.metadata().is_ok_and(|m| !held.contains(&m.ino())))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while left() > 0 && Instant::now() < deadline {
+    while !left().is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(left(), 0, "disk layers left in {}", layers.display());
+    assert_eq!(
+        left(),
+        Vec::<String>::new(),
+        "disk layers left in {}",
+        run.display()
+    );
+}
+
+/// Named snapshots of a vm sandbox are whole guests: a sandbox made from one has the
+/// memory, files and running processes of the moment it was taken; a paused sandbox
+/// stays paused; deleting it leaves the sandboxes made from it alone. After the first
+/// cold boot the server makes the template's boot image, and creates are then copies
+/// of it (the guest's init file names the image VM) with their own host name and
+/// environment; such a copy forks (its RAM is a private mapping: captured whole).
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_snapshots_and_boot_images() {
+    let (s, log) = Server::start_logged_with(&common::vm_env());
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let (a, _) = create_vm(&s).await;
+    assert_eq!(py(&s, &a, "y = 7").await.2, 0);
+    s.sh(&a, "echo before > /root/f").await;
+    let (st, bg) = post(
+        &s,
+        &format!("/v1/sandboxes/{a}/exec"),
+        json!({"cmd": "sleep 3600", "background": true}),
+    )
+    .await;
+    assert_eq!(st, 200, "{bg}");
+    let (st, snap) = post(
+        &s,
+        &format!("/v1/sandboxes/{a}/snapshot"),
+        json!({"name": "s1"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{snap}\n{}", logs());
+    assert_eq!(snap["runtime"], "vm", "{snap}");
+    let snap_id = snap["id"].as_str().unwrap().to_owned();
+    // The snapshot is of that moment.
+    s.sh(&a, "echo after > /root/f").await;
+    assert_eq!(py(&s, &a, "y = 8").await.2, 0);
+
+    // Made again by the vm runtime, with the snapshot's guest size.
+    let (st, e) = post(
+        &s,
+        "/v1/sandboxes",
+        json!({"snapshot": snap_id, "runtime": "jail"}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    let (st, e) = post(
+        &s,
+        "/v1/sandboxes",
+        json!({"snapshot": snap_id, "memory_mb": 256}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(e.to_string().contains("memory_mb 512"), "{e}");
+    let b = s.create(json!({"snapshot": snap_id})).await;
+    assert_eq!(b["runtime"], "vm", "{b}");
+    let b = b["id"].as_str().unwrap().to_owned();
+    assert_eq!(py(&s, &b, "y").await.0, "7\n");
+    assert_eq!(s.sh(&b, "cat /root/f").await.0, "before\n");
+    assert_eq!(
+        s.sh(&b, "pgrep -x sleep >/dev/null && echo running")
+            .await
+            .0,
+        "running\n"
+    );
+    assert_eq!(s.sh(&b, "hostname").await.0, format!("{b}\n"));
+
+    // A paused sandbox is snapshotted paused and stays so.
+    assert_eq!(
+        post(&s, &format!("/v1/sandboxes/{a}/pause"), json!({}))
+            .await
+            .0,
+        200
+    );
+    let (st, snap2) = post(
+        &s,
+        &format!("/v1/sandboxes/{a}/snapshot"),
+        json!({"name": "s2"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{snap2}");
+    assert_eq!(
+        get(&s, &format!("/v1/sandboxes/{a}")).await.1["status"],
+        "paused"
+    );
+    assert_eq!(
+        post(&s, &format!("/v1/sandboxes/{a}/resume"), json!({}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(py(&s, &a, "y").await.0, "8\n");
+    let c = s.create(json!({"snapshot": snap2["id"]})).await;
+    let c = c["id"].as_str().unwrap().to_owned();
+    assert_eq!(py(&s, &c, "y").await.0, "8\n");
+
+    // Deleting a snapshot leaves its sandboxes running.
+    for snap in [&snap_id, snap2["id"].as_str().unwrap()] {
+        assert_eq!(s.delete_at(&format!("/v1/snapshots/{snap}")).await, 204);
+        assert!(!s.data.path().join("vm-run/snapshots").join(snap).exists());
+    }
+    assert_eq!(py(&s, &b, "y").await.0, "7\n");
+
+    // The boot image, made in the background after the first cold boot.
+    let image = s
+        .data
+        .path()
+        .join("vm-run/images/python-512m-1c/captured.json");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !image.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(image.exists(), "no boot image was made\n{}", logs());
+    let t = Instant::now();
+    let d = s
+        .create(json!({"runtime": "vm", "env": {"FOO": "bar"}}))
+        .await;
+    eprintln!(
+        "vm figures: create_from_image_ms={} boot_ms={}",
+        t.elapsed().as_millis(),
+        d["boot_ms"]
+    );
+    let d = d["id"].as_str().unwrap().to_owned();
+    assert!(s
+        .sh(&d, "cat /forkbox/init.json")
+        .await
+        .0
+        .contains("vmimg-"));
+    assert_eq!(s.sh(&d, "hostname").await.0, format!("{d}\n"));
+    assert_eq!(s.sh(&d, "echo $FOO").await.0, "bar\n");
+    assert_eq!(
+        py(&s, &d, "import os; print(os.environ['FOO'])").await.0,
+        "bar\n"
+    );
+    let (e, _) = create_vm(&s).await;
+    assert!(s
+        .sh(&e, "cat /forkbox/init.json")
+        .await
+        .0
+        .contains("vmimg-"));
+    assert_eq!(py(&s, &e, "z = 5").await.2, 0);
+    let (st, f) = post(&s, &format!("/v1/sandboxes/{e}/fork"), json!({"n": 1})).await;
+    assert_eq!(st, 200, "{f}\n{}", logs());
+    let kid = f["children"][0].as_str().unwrap().to_owned();
+    assert_eq!(py(&s, &kid, "z").await.0, "5\n");
+    assert_eq!(py(&s, &e, "z").await.0, "5\n");
+
+    for id in [&a, &b, &c, &d, &e, &kid] {
+        assert_eq!(s.delete(id).await, 204);
+    }
+    layers_only_under_images(&s).await;
 }
 
 #[tokio::test]

@@ -58,7 +58,7 @@ impl Manager {
                 ));
             }
             for snap in self.store().list_snapshots(None).await? {
-                self.host_stores().delete_snapshot(&snap.id).await?;
+                self.forget_snapshot(&snap).await?;
                 self.store().delete_snapshot(&snap.id).await?;
                 report.say(format!("deleted snapshot {}", snap.id));
             }

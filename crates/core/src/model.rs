@@ -192,6 +192,9 @@ pub struct Snapshot {
     /// The workspace that owns it (the sandbox's).
     #[serde(skip)]
     pub workspace: String,
+    /// The runtime that took it (sandboxes made from it are made by the same one):
+    /// a `jail` snapshot is the sandbox's files, a `vm` one the whole guest.
+    pub runtime: String,
 }
 
 /// A validated create request.

@@ -228,6 +228,9 @@ pub struct Forked {
 pub struct Capabilities {
     /// Hibernate keeps memory and processes (wake resumes them); else files only.
     pub hibernate_keeps_memory: bool,
+    /// Its named snapshots are its own (whole guests, deleted with
+    /// [`Runtime::forget_snapshot`]), not files in the host's stores.
+    pub own_snapshots: bool,
 }
 
 /// The events of one exec, as the agent reports them.
@@ -297,6 +300,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// Frees whatever host resources sandbox `id` may have left behind (processes,
     /// cgroups, file systems) when no instance of it is held, e.g. after a crash.
     async fn cleanup(&self, id: &str) -> Result<(), RuntimeError>;
+
+    /// Deletes named snapshot `snapshot` (runtimes whose snapshots are their own:
+    /// [`Capabilities::own_snapshots`]).
+    async fn forget_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {
+        let _ = snapshot;
+        Ok(())
+    }
 
     /// Frees what the runtime holds on the host for all its sandboxes together
     /// (network namespaces, mounts), once none runs; one line per thing freed.

@@ -141,22 +141,50 @@ pub async fn serve(
     shared: Arc<Shared>,
     sandbox: String,
 ) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<TcpStream>(1);
+    let who = sandbox.clone();
+    let accepting = async move {
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    if tx.send(s).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = who, error = %e, "egress proxy accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    };
+    tokio::join!(accepting, serve_incoming(rx, policy, shared, sandbox));
+}
+
+/// Serves the connections `incoming` yields (a sandbox's side of each, any byte
+/// stream: a TCP connection, a tunnel through a vm guest's agent) until it ends or
+/// this is aborted; aborting it also ends every connection it serves.
+pub async fn serve_incoming<S>(
+    mut incoming: tokio::sync::mpsc::Receiver<S>,
+    policy: Arc<Policy>,
+    shared: Arc<Shared>,
+    sandbox: String,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mine = Arc::new(Semaphore::new(shared.per_sandbox));
     let mut conns = tokio::task::JoinSet::new();
     let mut turned_away = Throttle::default();
     let busy = busy();
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = incoming.recv() => a,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
-        let sock = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(sandbox, error = %e, "egress proxy accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some(mut sock) = accepted else {
+            // No more connections: those open run to their end.
+            while conns.join_next().await.is_some() {}
+            return;
         };
         // A slot of this sandbox's and one of all proxies', or no service at all: the
         // connection is answered (without waiting) and closed.
@@ -172,8 +200,11 @@ pub async fn serve(
         let slots = match slots {
             Ok(s) => s,
             Err(whose) => {
-                let _ = sock.try_write(&busy);
-                drop(sock);
+                let busy = busy.clone();
+                conns.spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), sock.write_all(&busy))
+                        .await;
+                });
                 if let Some(refused) = turned_away.hit() {
                     tracing::warn!(
                         sandbox,
@@ -200,8 +231,8 @@ pub async fn serve(
 #[derive(Debug)]
 struct Refusal(u16, &'static str, String);
 
-async fn handle(
-    mut sock: TcpStream,
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sock: S,
     policy: &Policy,
     shared: &Shared,
     sandbox: &str,
@@ -329,7 +360,10 @@ where
     }
 }
 
-async fn refuse(sock: &mut TcpStream, Refusal(code, reason, why): Refusal) -> Result<(), String> {
+async fn refuse<S: AsyncWrite + Unpin>(
+    sock: &mut S,
+    Refusal(code, reason, why): Refusal,
+) -> Result<(), String> {
     let body = format!("forkbox egress: {why}\n");
     let msg = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -341,7 +375,10 @@ async fn refuse(sock: &mut TcpStream, Refusal(code, reason, why): Refusal) -> Re
 }
 
 /// Reads until the end of the request head; its length in `buf`.
-async fn read_head(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, Refusal> {
+async fn read_head<S: AsyncRead + Unpin>(
+    sock: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<usize, Refusal> {
     let mut chunk = [0u8; 4096];
     loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {

@@ -409,11 +409,16 @@ pub struct ListeningPort {
     pub address: String,
 }
 
-/// Body of `POST /hostname`: the sandbox's new host name (a vm fork child is its
-/// parent's memory, hostname included, until the host gives it its own).
+/// Body of `POST /hostname`: the sandbox's new host name (a vm fork child, or a vm
+/// restored from an image, is someone else's memory, hostname included, until the
+/// host gives it its own) and, when given, its environment (replacing the one it
+/// started with; the language kernels running are ended, so the next cell starts one
+/// with it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HostnameRequest {
     pub hostname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
 }
 
 /// Body of `POST /bg/signal`.

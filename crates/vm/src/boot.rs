@@ -4,15 +4,41 @@
 use super::*;
 
 impl Inner {
+    /// A new VM for `spec`: a copy of the named snapshot it names, else of its
+    /// template's boot image when there is one (`pool.rs`), else a cold boot (after
+    /// which the boot image is made in the background).
     pub(crate) async fn create(
         self: &Arc<Self>,
         spec: &CreateSpec,
     ) -> Result<Arc<VmInstance>, RuntimeError> {
-        if spec.snapshot.is_some() {
-            return Err(RuntimeError::Rejected(
-                "the vm runtime cannot start from snapshots yet".into(),
-            ));
+        self.refuse_unsupported(spec)?;
+        let env = (!spec.env.is_empty()).then_some(&spec.env);
+        if let Some(snapshot) = &spec.snapshot {
+            let dir = self.snapshot_dir(snapshot)?;
+            let captured = images::Captured::kept_in(&dir).ok_or_else(|| {
+                RuntimeError::Rejected(format!(
+                    "snapshot {snapshot} was not taken by this server's vm runtime"
+                ))
+            })?;
+            captured
+                .fits(spec)
+                .map_err(|why| RuntimeError::Rejected(format!("snapshot {snapshot}: {why}")))?;
+            return self.restore_copy(spec, &captured, env).await;
         }
+        if let Some(image) = self.boot_image(spec).await {
+            match self.restore_copy(spec, &image, env).await {
+                Ok(vm) => return Ok(vm),
+                Err(e) => {
+                    tracing::warn!(sandbox = %spec.id, error = %e, "restoring the boot image failed; booting")
+                }
+            }
+        }
+        let vm = self.boot_fresh(spec).await?;
+        self.make_image_later(spec);
+        Ok(vm)
+    }
+
+    fn refuse_unsupported(&self, spec: &CreateSpec) -> Result<(), RuntimeError> {
         if spec.egress.is_some() {
             return Err(RuntimeError::Rejected(
                 "the vm runtime has no network yet (egress_allowlist)".into(),
@@ -28,6 +54,14 @@ impl Inner {
                 "the vm runtime needs memory_mb of at least 128".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// A cold boot of `spec`'s template.
+    pub(crate) async fn boot_fresh(
+        self: &Arc<Self>,
+        spec: &CreateSpec,
+    ) -> Result<Arc<VmInstance>, RuntimeError> {
         if !self.cfg.assets_dir.join("vmlinux").exists() {
             return Err(self.assets_missing("vmlinux".into()));
         }
@@ -97,14 +131,13 @@ impl Inner {
         let id = spec.id.clone();
         let vm = Vm::paths(&self.cfg.run_dir.join(&id));
         let ram = self.ram_file(&id);
-        let memory_mb = spec.memory_bytes >> 20;
+        let (memory_mb, smp) = images::limits_of(spec);
         let fail = |op: &'static str| {
             let id = id.clone();
             move |e: std::io::Error| RuntimeError::host(op, &id, e)
         };
         // A fresh RAM file every time (a stale one of another size stops QEMU).
         let _ = std::fs::remove_file(&ram);
-        let smp = spec.cpu_millis.div_ceil(1000).clamp(1, 64);
         let log = std::fs::File::create(&vm.qemu_log).map_err(fail("make QEMU log"))?;
         let log2 = log.try_clone().map_err(fail("make QEMU log"))?;
         let mut cmd = tokio::process::Command::new(&self.cfg.qemu_bin);
@@ -169,12 +202,17 @@ impl Inner {
         // terminal's Ctrl-C, `timeout`, a supervisor) leave the VM alone. Network, IPC
         // and UTS namespaces of its own: QEMU needs none of the host's (its sockets
         // are files), so a QEMU taken over by its guest reaches no host network.
-        // SAFETY: setsid and unshare are async-signal-safe and touch no memory of ours.
+        // A VM booted to make a boot image is no sandbox: it ends with the server.
+        let die_with_server = id.starts_with(pool::IMAGE_VM_PREFIX);
+        // SAFETY: setsid, unshare and prctl are async-signal-safe and touch no memory
+        // of ours.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::setsid() < 0
                     || libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS)
                         < 0
+                    || (die_with_server
+                        && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0)
                 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -208,6 +246,8 @@ impl Inner {
             pid,
             vm,
             ram,
+            memory_mb,
+            smp,
             client: tokio::sync::OnceCell::new(),
             qmp: tokio::sync::Mutex::new(None),
             alive,

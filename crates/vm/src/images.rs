@@ -1,73 +1,197 @@
-//! Memory images of a running VM: fork (children restored from one migration
-//! stream) and hibernate (state to disk, QEMU stopped).
+//! Memory images of a VM: a capture (stopped for a moment: disk layer, device state,
+//! RAM) restored into any number of copies — fork children, sandboxes made from a
+//! named snapshot or from a template's boot image (`pool.rs`) — and hibernation
+//! (state to disk, QEMU stopped).
 
 use super::*;
+use std::collections::BTreeMap;
+
+/// A VM captured while stopped: what a copy of it needs to start.
+#[derive(Debug, Clone)]
+pub(crate) struct Captured {
+    /// The frozen disk (a layer in `<run>/layers/`), the backing of each copy's overlay.
+    pub(crate) disk: PathBuf,
+    /// Its virtual size.
+    pub(crate) size: u64,
+    /// The migration stream: device state only when `ram` is set (the RAM is that
+    /// file, skipped with `x-ignore-shared`), else device state and RAM.
+    pub(crate) state: PathBuf,
+    /// A copy of the guest's RAM, mapped privately (copy-on-write) by each copy.
+    pub(crate) ram: Option<PathBuf>,
+    /// The guest's RAM in MiB and vCPUs: a copy has the same.
+    pub(crate) memory_mb: u64,
+    pub(crate) smp: u64,
+    /// The initramfs on the captured VM's command line (a copy's QEMU needs one; the
+    /// guest's memory is the captured one's).
+    pub(crate) initrd: PathBuf,
+    /// The layers under `disk` (`disk` itself included) as (a name of it, the name a
+    /// copy's dir holds it by: see `collect_layers`).
+    pub(crate) refs: Vec<(PathBuf, String)>,
+}
+
+/// A capture kept in a directory of its own (a named snapshot's, a boot image's):
+/// its files there under fixed names (`state`, `memory`, `initrd.cpio`), a name of
+/// every layer under its disk, and this description.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Kept {
+    disk: PathBuf,
+    size: u64,
+    whole_stream: bool,
+    memory_mb: u64,
+    smp: u64,
+    refs: Vec<String>,
+}
+
+const KEPT_JSON: &str = "captured.json";
+/// The names of a kept capture's files in its directory.
+pub(crate) const KEPT_STATE: &str = "state";
+pub(crate) const KEPT_RAM: &str = "memory";
+pub(crate) const KEPT_INITRD: &str = "initrd.cpio";
+
+impl Captured {
+    /// Keeps this capture, whose stream and RAM copy were written into `dir` as
+    /// [`KEPT_STATE`] and [`KEPT_RAM`]: the initramfs copied there, a name of every
+    /// layer under its disk made there (so they outlive the VM it was taken from),
+    /// and its description.
+    pub(crate) fn keep_in(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::copy(&self.initrd, dir.join(KEPT_INITRD))?;
+        for (src, name) in &self.refs {
+            std::fs::hard_link(src, dir.join(name))?;
+        }
+        let kept = Kept {
+            disk: self.disk.clone(),
+            size: self.size,
+            whole_stream: self.ram.is_none(),
+            memory_mb: self.memory_mb,
+            smp: self.smp,
+            refs: self.refs.iter().map(|(_, n)| n.clone()).collect(),
+        };
+        let json = serde_json::to_vec_pretty(&kept).map_err(std::io::Error::other)?;
+        std::fs::write(dir.join(KEPT_JSON), json)
+    }
+
+    /// The capture kept in `dir`, if there is one.
+    pub(crate) fn kept_in(dir: &Path) -> Option<Captured> {
+        let raw = std::fs::read(dir.join(KEPT_JSON)).ok()?;
+        let k: Kept = serde_json::from_slice(&raw).ok()?;
+        Some(Captured {
+            disk: k.disk,
+            size: k.size,
+            state: dir.join(KEPT_STATE),
+            ram: (!k.whole_stream).then(|| dir.join(KEPT_RAM)),
+            memory_mb: k.memory_mb,
+            smp: k.smp,
+            initrd: dir.join(KEPT_INITRD),
+            refs: k.refs.into_iter().map(|n| (dir.join(&n), n)).collect(),
+        })
+    }
+
+    /// Whether a VM made with `spec`'s limits can be a copy of this one.
+    pub(crate) fn fits(&self, spec: &CreateSpec) -> Result<(), String> {
+        let (memory_mb, smp) = limits_of(spec);
+        if (memory_mb, smp) == (self.memory_mb, self.smp) {
+            Ok(())
+        } else {
+            Err(format!(
+                "it holds a guest of {} MiB and {} vCPU(s): create with memory_mb {} and \
+                 cpu {}",
+                self.memory_mb, self.smp, self.memory_mb, self.smp
+            ))
+        }
+    }
+}
+
+/// A sandbox's guest RAM in MiB and its vCPUs.
+pub(crate) fn limits_of(spec: &CreateSpec) -> (u64, u64) {
+    (
+        spec.memory_bytes >> 20,
+        spec.cpu_millis.div_ceil(1000).clamp(1, 64),
+    )
+}
+
+/// A name for files of VM `id` that no other capture of it has.
+pub(crate) fn layer_tag(id: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{id}-{nanos}")
+}
+
+/// Where a capture's stream and RAM copy go.
+pub(crate) struct CaptureTo<'a> {
+    pub(crate) state: &'a Path,
+    pub(crate) ram: &'a Path,
+    /// Run the VM again afterwards (it was running).
+    pub(crate) resume: bool,
+}
 
 impl VmInstance {
-    /// One child per spec from this VM's current state, every process and all memory
-    /// included: the VM is stopped for the copy (disk snapshot, device state, sparse copy
-    /// of its RAM file), then runs on; each child is a new QEMU mapping the RAM copy
-    /// privately (copy-on-write) on its own qcow2 overlay of the frozen disk.
-    pub(crate) async fn fork_in(&self, specs: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
+    /// Captures this VM (see [`Captured`]): stopped, its disk frozen into a layer it
+    /// runs on top of from now on, its device state and (when its RAM is a file of
+    /// its own) a sparse copy of its RAM taken, then run again if `to.resume`. A VM
+    /// whose RAM is a private mapping (itself a copy) is captured whole into the
+    /// stream, which takes longer.
+    pub(crate) async fn capture(&self, to: CaptureTo<'_>) -> Result<Captured, RuntimeError> {
         let rt = self.rt.clone();
         let io = |op: &'static str| {
             let id = self.id.clone();
             move |e: std::io::Error| RuntimeError::host(op, &id, e)
         };
         let layers = rt.cfg.run_dir.join("layers");
-        std::fs::create_dir_all(&layers).map_err(io("fork"))?;
-        let tag = format!(
-            "{}-{}",
-            self.id,
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        );
-        // The frozen disk is shared by the parent (as its new backing) and the children,
+        std::fs::create_dir_all(&layers).map_err(io("capture"))?;
+        let tag = layer_tag(&self.id);
+        // The frozen disk is shared by this VM (as its new backing) and the copies,
         // so it lives outside every sandbox's run dir.
         let layer_disk = layers.join(format!("{tag}.qcow2"));
-        let layer_state = layers.join(format!("{tag}.state"));
-        let layer_ram = rt.cfg.ram_dir.join(format!("forkbox-vm-layer-{tag}.ram"));
         let (generation, current) = self.vm.active_disk();
         let size = image_size(&rt.cfg.qemu_img, &current).await?;
         let next = self.vm.dir.join(format!("disk-{}.qcow2", generation + 1));
-        let state_file = std::fs::File::create(&layer_state).map_err(io("fork"))?;
+        let own_ram = self.ram.exists();
+        let state_file = std::fs::File::create(to.state).map_err(io("capture"))?;
         let started = Instant::now();
         let copied = {
             let mut g = self.qmp.lock().await;
             let q = g.as_mut().ok_or_else(|| {
-                RuntimeError::host("fork", &self.id, std::io::Error::other("no QMP"))
+                RuntimeError::host("capture", &self.id, std::io::Error::other("no QMP"))
             })?;
-            let host = |e: qmp::QmpError| RuntimeError::host("fork", &self.id, e);
+            let host = |e: qmp::QmpError| RuntimeError::host("capture", &self.id, e);
             q.stop().await.map_err(host)?;
             let r: Result<u64, RuntimeError> = async {
                 // Disk first (migration inactivates the images until `cont`).
-                std::fs::hard_link(&current, &layer_disk).map_err(io("fork"))?;
+                std::fs::hard_link(&current, &layer_disk).map_err(io("capture"))?;
                 overlay(&rt.cfg.qemu_img, &layer_disk, &next, size)
                     .await
-                    .map_err(io("fork"))?;
+                    .map_err(io("capture"))?;
                 q.snapshot_disk("d0", &next).await.map_err(host)?;
                 q.getfd("state", std::os::fd::AsFd::as_fd(&state_file))
                     .await
                     .map_err(host)?;
+                if !own_ram {
+                    q.save_to_fd("state", Duration::from_secs(300))
+                        .await
+                        .map_err(host)?;
+                    return Ok(0);
+                }
                 q.save_devices_to_fd("state", Duration::from_secs(60))
                     .await
                     .map_err(host)?;
-                let (from, to) = (self.ram.clone(), layer_ram.clone());
-                tokio::task::spawn_blocking(move || sparse_copy(&from, &to))
+                let (from, into) = (self.ram.clone(), to.ram.to_path_buf());
+                tokio::task::spawn_blocking(move || sparse_copy(&from, &into))
                     .await
-                    .map_err(|e| RuntimeError::host("fork", &self.id, e))?
+                    .map_err(|e| RuntimeError::host("capture", &self.id, e))?
                     .map_err(io("copy RAM"))
             }
             .await;
-            let resumed = q.cont().await;
+            let resumed = if to.resume { q.cont().await } else { Ok(()) };
             match (r, resumed) {
                 (Ok(n), Ok(())) => n,
                 (Err(e), _) => {
-                    let _ = std::fs::remove_file(&layer_ram);
-                    let _ = std::fs::remove_file(&layer_state);
-                    let _ = std::fs::remove_file(&next);
+                    let _ = std::fs::remove_file(to.ram);
+                    let _ = std::fs::remove_file(to.state);
+                    if !next.exists() {
+                        let _ = std::fs::remove_file(&layer_disk);
+                    }
                     return Err(e);
                 }
                 (Ok(_), Err(e)) => return Err(host(e)),
@@ -78,57 +202,44 @@ impl VmInstance {
             sandbox = %self.id,
             paused_ms = started.elapsed().as_millis() as u64,
             ram_copied_mib = copied >> 20,
-            "vm fork: parent state taken"
+            whole_stream = !own_ram,
+            "vm captured"
         );
-        let boots = specs.iter().map(|spec| {
-            let rt = rt.clone();
-            let (layer_disk, layer_state, layer_ram) =
-                (layer_disk.clone(), layer_state.clone(), layer_ram.clone());
-            let initrd = self.vm.initrd.clone();
-            let parent_dir = self.vm.dir.clone();
-            async move {
-                let dir = rt.cfg.run_dir.join(&spec.id);
-                let vm = Vm::paths(&dir);
-                let io = |e: std::io::Error| RuntimeError::host("fork child", &spec.id, e);
-                std::fs::create_dir_all(&dir).map_err(io)?;
-                let made = async {
-                    // The child holds a name of every layer under its disk (see
-                    // `collect_layers`): the parent's frozen generations and its refs.
-                    for (src, name) in chain_refs(&parent_dir, generation) {
-                        std::fs::hard_link(&src, dir.join(name)).map_err(io)?;
-                    }
-                    overlay(&rt.cfg.qemu_img, &layer_disk, &vm.disk, size)
-                        .await
-                        .map_err(io)?;
-                    // Only for QEMU's command line: the guest's memory is the parent's.
-                    std::fs::copy(&initrd, &vm.initrd).map_err(io)?;
-                    let child = rt
-                        .boot(
-                            spec,
-                            Source::Fork {
-                                state: &layer_state,
-                                ram: &layer_ram,
-                            },
-                        )
-                        .await?;
-                    // Its memory is the parent's, hostname included: its own id instead.
-                    if let Err(e) = child.client()?.set_hostname(&spec.id).await {
-                        let _ = child.destroy().await;
-                        return Err(child.agent_err(e));
-                    }
-                    Ok(child)
-                }
-                .await;
-                if made.is_err() {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-                made
-            }
-        });
+        Ok(Captured {
+            disk: layer_disk,
+            size,
+            state: to.state.to_path_buf(),
+            ram: own_ram.then(|| to.ram.to_path_buf()),
+            memory_mb: self.memory_mb,
+            smp: self.smp,
+            initrd: self.vm.initrd.clone(),
+            refs: chain_refs(&self.vm.dir, generation),
+        })
+    }
+
+    /// One child per spec from this VM's current state, every process and all memory
+    /// included: a capture (RAM copy on the RAM tmpfs, dropped once every child maps
+    /// it), restored into each child in parallel.
+    pub(crate) async fn fork_in(&self, specs: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
+        let rt = self.rt.clone();
+        let tag = layer_tag(&self.id);
+        let state = rt.cfg.run_dir.join("layers").join(format!("{tag}.state"));
+        let ram = rt.cfg.ram_dir.join(format!("forkbox-vm-layer-{tag}.ram"));
+        let started = Instant::now();
+        let captured = self
+            .capture(CaptureTo {
+                state: &state,
+                ram: &ram,
+                resume: true,
+            })
+            .await?;
+        let boots = specs
+            .iter()
+            .map(|spec| rt.restore_copy(spec, &captured, None));
         let results = futures_util::future::join_all(boots).await;
         // Every child has its private mapping now; the copy's pages live on in them.
-        let _ = std::fs::remove_file(&layer_ram);
-        let _ = std::fs::remove_file(&layer_state);
+        let _ = std::fs::remove_file(&ram);
+        let _ = std::fs::remove_file(&state);
         let mut children: Vec<Arc<dyn Instance>> = Vec::new();
         let mut failure = None;
         for r in results {
@@ -163,6 +274,34 @@ impl VmInstance {
         })
     }
 
+    /// Named snapshot `snapshot`: a capture kept in `<run>/snapshots/<snapshot>/`
+    /// (its RAM copy on disk), every process and all memory included.
+    pub(crate) async fn snapshot_in(
+        &self,
+        snapshot: &str,
+        running: bool,
+    ) -> Result<(), RuntimeError> {
+        let dir = self.rt.snapshot_dir(snapshot)?;
+        let io = |e: std::io::Error| RuntimeError::host("snapshot", &self.id, e);
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let made = async {
+            self.capture(CaptureTo {
+                state: &dir.join(KEPT_STATE),
+                ram: &dir.join(KEPT_RAM),
+                resume: running,
+            })
+            .await?
+            .keep_in(&dir)
+            .map_err(io)
+        }
+        .await;
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+            collect_layers(&self.rt.cfg.run_dir.join("layers"));
+        }
+        made
+    }
+
     /// Saves the whole VM (device state and RAM) into its run dir and stops QEMU.
     pub(crate) async fn hibernate_in(&self) -> Result<(), RuntimeError> {
         let host = |e: qmp::QmpError| RuntimeError::host("hibernate", &self.id, e);
@@ -194,5 +333,67 @@ impl VmInstance {
             .map_err(|e| RuntimeError::host("hibernate", &self.id, e))?;
         self.stop_qemu().await;
         Ok(())
+    }
+}
+
+impl Inner {
+    /// A new VM `spec.id` that is a copy of `captured` (memory, processes, files) on an
+    /// overlay of its disk, with its own host name and, if `env` is given, that
+    /// environment. On failure nothing of it is left.
+    pub(crate) async fn restore_copy(
+        self: &Arc<Self>,
+        spec: &CreateSpec,
+        captured: &Captured,
+        env: Option<&BTreeMap<String, String>>,
+    ) -> Result<Arc<VmInstance>, RuntimeError> {
+        let dir = self.cfg.run_dir.join(&spec.id);
+        let vm = Vm::paths(&dir);
+        let io = |e: std::io::Error| RuntimeError::host("restore vm", &spec.id, e);
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let made = async {
+            // The copy holds a name of every layer under its disk (`collect_layers`).
+            for (src, name) in &captured.refs {
+                std::fs::hard_link(src, dir.join(name)).map_err(io)?;
+            }
+            overlay(&self.cfg.qemu_img, &captured.disk, &vm.disk, captured.size)
+                .await
+                .map_err(io)?;
+            std::fs::copy(&captured.initrd, &vm.initrd).map_err(io)?;
+            let source = match &captured.ram {
+                Some(ram) => Source::Fork {
+                    state: &captured.state,
+                    ram,
+                },
+                None => Source::Restore(&captured.state),
+            };
+            let copy = self.boot(spec, source).await?;
+            // Its memory is another VM's, hostname included: its own instead.
+            if let Err(e) = copy.client()?.set_hostname(&spec.id, env).await {
+                let _ = copy.destroy().await;
+                return Err(copy.agent_err(e));
+            }
+            Ok(copy)
+        }
+        .await;
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(self.ram_file(&spec.id));
+            collect_layers(&self.cfg.run_dir.join("layers"));
+        }
+        made
+    }
+
+    /// Where named snapshot `snapshot` is kept.
+    pub(crate) fn snapshot_dir(&self, snapshot: &str) -> Result<PathBuf, RuntimeError> {
+        if snapshot.is_empty()
+            || !snapshot
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(RuntimeError::Rejected(format!(
+                "invalid snapshot id {snapshot:?}"
+            )));
+        }
+        Ok(self.cfg.run_dir.join("snapshots").join(snapshot))
     }
 }

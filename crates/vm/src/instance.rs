@@ -8,6 +8,9 @@ pub struct VmInstance {
     pub(crate) pid: i32,
     pub(crate) vm: Vm,
     pub(crate) ram: PathBuf,
+    /// Guest RAM in MiB and vCPUs.
+    pub(crate) memory_mb: u64,
+    pub(crate) smp: u64,
     pub(crate) client: tokio::sync::OnceCell<AgentClient>,
     pub(crate) qmp: tokio::sync::Mutex<Option<qmp::Qmp>>,
     pub(crate) alive: Arc<AtomicBool>,
@@ -329,6 +332,11 @@ impl Instance for VmInstance {
 
     async fn fork(&self, children: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
         self.fork_in(children).await
+    }
+
+    /// The whole VM (memory and processes too), not only its files.
+    async fn snapshot(&self, snapshot: &str, freeze: bool) -> Result<(), RuntimeError> {
+        self.snapshot_in(snapshot, freeze).await
     }
 
     async fn destroy(&self) -> Result<(), RuntimeError> {

@@ -12,11 +12,12 @@
 //!
 //! Rooms: this file holds the runtime's state and the `Runtime` trait; `boot`
 //! (starting QEMU for a boot, an incoming migration or adoption), `instance` (a running
-//! VM's calls), `images` (fork and hibernate from memory images), `disks` (qcow2
-//! layers), `qmp`, `accel`, `initrd`.
+//! VM's calls), `images` (captures of a VM and copies of them: fork, named snapshots,
+//! hibernate), `pool` (the templates' boot images creates are copies of), `disks`
+//! (qcow2 layers), `qmp`, `accel`, `initrd`.
 //!
-//! Not yet (docs/vm.md): named snapshots (`501 not_supported`), egress and
-//! volumes (refused with 400), QEMU inside its own jail.
+//! Not yet (docs/vm.md): egress and volumes (refused with 400), QEMU inside a jail
+//! of its own beyond namespaces, a cgroup and its seccomp filter.
 
 pub mod accel;
 pub mod initrd;
@@ -26,6 +27,7 @@ mod boot;
 mod disks;
 mod images;
 mod instance;
+mod pool;
 
 use boot::{Source, Vm};
 use disks::{chain_refs, collect_layers, image_size, overlay, qemu_of, sparse_copy};
@@ -131,7 +133,13 @@ struct Inner {
     base_initrd: tokio::sync::OnceCell<Arc<Vec<u8>>>,
     accel: tokio::sync::OnceCell<Accel>,
     tsc_khz: u64,
+    /// The boot images being made (their dirs).
+    making_images: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
+
+/// The entries of the run dir that are not VMs: shared disk layers, boot images
+/// (`pool.rs`), named snapshots, the KVM probe's files.
+const RUN_DIR_SHARED: [&str; 4] = ["layers", "images", "snapshots", "kvm-probe"];
 
 /// The port name the agent serves on.
 const AGENT_PORT: &str = "agent";
@@ -149,6 +157,7 @@ impl VmRuntime {
             base_initrd: Default::default(),
             accel: Default::default(),
             tsc_khz,
+            making_images: Default::default(),
         });
         // Settle KVM or TCG in the background so the first create does not wait for it.
         if let Ok(h) = tokio::runtime::Handle::try_current() {
@@ -271,6 +280,7 @@ impl Runtime for VmRuntime {
         // Hibernate saves the whole guest (device state and RAM).
         forkbox_core::runtime::Capabilities {
             hibernate_keeps_memory: true,
+            own_snapshots: true,
         }
     }
 
@@ -338,6 +348,8 @@ impl Runtime for VmRuntime {
             pid: host_pid,
             vm,
             ram: rt.ram_file(&spec.id),
+            memory_mb: images::limits_of(spec).0,
+            smp: images::limits_of(spec).1,
             client: tokio::sync::OnceCell::new(),
             qmp: tokio::sync::Mutex::new(None),
             alive,
@@ -392,6 +404,18 @@ impl Runtime for VmRuntime {
         r
     }
 
+    async fn forget_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {
+        let dir = self.inner.snapshot_dir(snapshot)?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(RuntimeError::host("delete snapshot", snapshot, e)),
+        }
+        // Its layers go with it unless sandboxes made from it stand on them.
+        collect_layers(&self.inner.cfg.run_dir.join("layers"));
+        Ok(())
+    }
+
     async fn collect_garbage(
         &self,
         keep: &std::collections::HashSet<String>,
@@ -404,7 +428,7 @@ impl Runtime for VmRuntime {
                 rd.flatten()
                     .filter(|e| e.path().is_dir())
                     .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                    .filter(|n| n != "layers"),
+                    .filter(|n| !RUN_DIR_SHARED.contains(&n.as_str())),
             );
         }
         // (Not the groups under `forkbox-vm`: they are host-wide, and other servers'

@@ -204,6 +204,16 @@ impl Manager {
                 }
                 _ => req.template = Some(snap.template.clone()),
             }
+            // Made again by the runtime that took it.
+            match &req.runtime {
+                Some(r) if *r != snap.runtime => {
+                    return Err(CoreError::Invalid(format!(
+                        "snapshot {} was taken by the {} runtime, not {r}",
+                        snap.id, snap.runtime
+                    )))
+                }
+                _ => req.runtime = Some(snap.runtime.clone()),
+            }
         }
         let workspace = if req.workspace.is_empty() {
             DEFAULT_WORKSPACE.to_owned()

@@ -21,12 +21,13 @@ impl Manager {
             template: rec.template.clone(),
             created_at: OffsetDateTime::now_utc(),
             workspace: rec.workspace.clone(),
+            runtime: rec.runtime.clone(),
         };
         live.instance
             .snapshot(&snap.id, rec.status == Status::Running)
             .await?;
         if let Err(e) = self.store.insert_snapshot(&snap).await {
-            let _ = self.host.delete_snapshot(&snap.id).await;
+            let _ = self.forget_snapshot(&snap).await;
             return Err(e.into());
         }
         tracing::info!(sandbox = %id, snapshot = %snap.id, "snapshot taken");
@@ -57,11 +58,21 @@ impl Manager {
     /// Deletes a snapshot; sandboxes made from it keep their own copies.
     pub async fn delete_snapshot(&self, id: &SnapshotRef) -> Result<(), CoreError> {
         let id = id.id();
-        self.get_snapshot_in(id).await?;
+        let snap = self.get_snapshot_in(id).await?;
         // Its files are on the node that took it.
         self.ensure_here(id).await?;
-        self.host.delete_snapshot(id).await?;
+        self.forget_snapshot(&snap).await?;
         self.store.delete_snapshot(id).await?;
+        Ok(())
+    }
+
+    /// Deletes a snapshot's files, wherever its runtime keeps them (the host's stores,
+    /// or the runtime itself for a runtime whose snapshots are its own).
+    pub(crate) async fn forget_snapshot(&self, snap: &Snapshot) -> Result<(), CoreError> {
+        match self.runtimes.iter().find(|r| r.name() == snap.runtime) {
+            Some(rt) if rt.capabilities().own_snapshots => rt.forget_snapshot(&snap.id).await?,
+            _ => self.host.delete_snapshot(&snap.id).await?,
+        }
         Ok(())
     }
 }

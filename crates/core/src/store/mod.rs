@@ -532,8 +532,8 @@ impl Store {
     pub async fn insert_snapshot(&self, s: &Snapshot) -> Result<(), StoreError> {
         on_db!(self, pool => {
             sqlx::query(
-                "INSERT INTO snapshots (id, name, sandbox_id, template, created_at, workspace, node) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO snapshots (id, name, sandbox_id, template, created_at, workspace, node, \
+                 runtime) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(&s.id)
             .bind(&s.name)
@@ -542,6 +542,7 @@ impl Store {
             .bind(ts(s.created_at))
             .bind(&s.workspace)
             .bind(&*self.node)
+            .bind(&s.runtime)
             .execute(pool)
             .await
             .map_err(q("insert snapshot"))?;
@@ -784,6 +785,7 @@ fn snapshot_from_row(r: &impl Cols) -> Result<Snapshot, StoreError> {
         sandbox_id: r.s("sandbox_id")?,
         template: r.s("template")?,
         workspace: r.s("workspace")?,
+        runtime: r.s("runtime")?,
         id,
     })
 }

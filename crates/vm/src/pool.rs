@@ -1,0 +1,163 @@
+//! Boot images: a template's guest booted once, its Python REPL started, and captured
+//! (`images.rs`); a create then restores a copy of it, mapping the captured RAM
+//! privately (copy-on-write, one page cache for every copy) instead of booting a
+//! kernel. One image per template and guest size, made in the background after the
+//! first cold boot of that kind, kept in `<run>/images/<template>-<mb>m-<n>c/`, and
+//! made again when the template's disk image, the kernel, the agent or the
+//! accelerator changed (its fingerprint).
+
+use super::images::{limits_of, CaptureTo, Captured, KEPT_RAM, KEPT_STATE};
+use super::*;
+use forkbox_types::agent::{Language, RunCodeRequest};
+use futures_util::StreamExt as _;
+
+/// The file in an image's dir that says what it was made from.
+const FINGERPRINT: &str = "fingerprint";
+
+/// Prefix of the ids of the VMs booted to make an image (never sandboxes).
+pub(crate) const IMAGE_VM_PREFIX: &str = "vmimg-";
+
+impl Inner {
+    fn image_dir(&self, template: &str, spec: &CreateSpec) -> PathBuf {
+        let (mb, smp) = limits_of(spec);
+        self.cfg
+            .run_dir
+            .join("images")
+            .join(format!("{template}-{mb}m-{smp}c"))
+    }
+
+    /// What an image of `template` made now would be made from.
+    async fn fingerprint(&self, template: &str) -> Option<String> {
+        let stamp = |p: &Path| {
+            let m = std::fs::metadata(p).ok()?;
+            let t = m
+                .modified()
+                .ok()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?;
+            Some(format!("{}.{}:{}", t.as_secs(), t.subsec_nanos(), m.len()))
+        };
+        Some(format!(
+            "disk {} kernel {} agent {} accel {} tsc {} grace {:?}\n",
+            stamp(&self.image(template))?,
+            stamp(&self.cfg.assets_dir.join("vmlinux"))?,
+            stamp(&self.cfg.agent_bin)?,
+            self.accel().await.as_str(),
+            self.tsc_khz,
+            self.cfg.orphan_grace,
+        ))
+    }
+
+    /// The current boot image for `spec` (template and guest size), if there is one.
+    pub(crate) async fn boot_image(&self, spec: &CreateSpec) -> Option<Captured> {
+        let dir = self.image_dir(&spec.template, spec);
+        let have = std::fs::read_to_string(dir.join(FINGERPRINT)).ok()?;
+        if have != self.fingerprint(&spec.template).await? {
+            return None;
+        }
+        Captured::kept_in(&dir).filter(|c| c.fits(spec).is_ok())
+    }
+
+    /// Makes the boot image for `spec`'s template and guest size in the background,
+    /// unless one is being made.
+    pub(crate) fn make_image_later(self: &Arc<Self>, spec: &CreateSpec) {
+        let dir = self.image_dir(&spec.template, spec);
+        {
+            let mut making = match self.making_images.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if !making.insert(dir.clone()) {
+                return;
+            }
+        }
+        let me = self.clone();
+        let (template, memory_bytes, cpu_millis) =
+            (spec.template.clone(), spec.memory_bytes, spec.cpu_millis);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match me
+                .make_image(&dir, template.clone(), memory_bytes, cpu_millis)
+                .await
+            {
+                Ok(()) => tracing::info!(
+                    template,
+                    ms = started.elapsed().as_millis() as u64,
+                    "vm boot image made"
+                ),
+                Err(e) => tracing::warn!(template, error = %e, "making a vm boot image"),
+            }
+            let mut making = match me.making_images.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            making.remove(&dir);
+        });
+    }
+
+    async fn make_image(
+        self: &Arc<Self>,
+        dir: &Path,
+        template: String,
+        memory_bytes: u64,
+        cpu_millis: u64,
+    ) -> Result<(), RuntimeError> {
+        let Some(fingerprint) = self.fingerprint(&template).await else {
+            return Err(self.assets_missing(format!("the image of template {template}")));
+        };
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let spec = CreateSpec {
+            id: format!("{IMAGE_VM_PREFIX}{stamp}"),
+            template,
+            cpu_millis,
+            memory_bytes,
+            disk_bytes: 0,
+            pids_max: 0,
+            env: Default::default(),
+            snapshot: None,
+            egress: None,
+            volumes: Vec::new(),
+        };
+        let vm = self.boot_fresh(&spec).await?;
+        let tmp = dir.with_extension(format!("tmp-{stamp}"));
+        let made = async {
+            // The REPL every copy starts with: Python started, its standard library read.
+            let warm = RunCodeRequest {
+                language: Language::Python,
+                code: "import os, sys, json".into(),
+                timeout_ms: Some(60_000),
+            };
+            let mut events = vm.agent()?.run_code(&warm).await?;
+            while let Some(ev) = events.next().await {
+                ev?;
+            }
+            let io = |e: std::io::Error| RuntimeError::host("make vm image", &vm.id, e);
+            std::fs::create_dir_all(&tmp).map_err(io)?;
+            vm.capture(CaptureTo {
+                state: &tmp.join(KEPT_STATE),
+                ram: &tmp.join(KEPT_RAM),
+                resume: false,
+            })
+            .await?
+            .keep_in(&tmp)
+            .map_err(io)?;
+            std::fs::write(tmp.join(FINGERPRINT), &fingerprint).map_err(io)?;
+            // In place of the old one (copies made from it hold their layers).
+            let old = dir.with_extension(format!("old-{stamp}"));
+            let _ = std::fs::rename(dir, &old);
+            std::fs::rename(&tmp, dir).map_err(io)?;
+            let _ = std::fs::remove_dir_all(&old);
+            Ok::<(), RuntimeError>(())
+        }
+        .await;
+        let _ = vm.destroy_in().await;
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        collect_layers(&self.cfg.run_dir.join("layers"));
+        made
+    }
+}
