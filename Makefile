@@ -255,7 +255,7 @@ vm-assets: vm-deps build
 	scripts/vm-assets.sh $(VM_ASSETS) $(VM_POOL) python
 
 test-vm: agent vm-assets
-	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_TEST_VM_ASSETS=$(VM_ASSETS) $(CARGO) test -p forkbox --test vm --test spine --test commands --test orphans -- --ignored --test-threads=2 vm
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_TEST_VM_ASSETS=$(VM_ASSETS) $(CARGO) test -p forkbox --test vm --test spine --test commands --test orphans --test egress -- --ignored --test-threads=2 vm
 
 fmt:
 	$(CARGO) fmt --all

@@ -43,7 +43,7 @@ pub enum AgentError {
     Timeout(std::time::Duration),
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Request bodies: whole (JSON) or streamed (file uploads).
 type ReqBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -276,6 +276,29 @@ impl AgentClient {
         let resp = self
             .call_with(Method::POST, &format!("/tcp?port={port}"), body)
             .await?;
+        Ok(ByteStream {
+            body: resp.into_body(),
+        })
+    }
+
+    /// `POST /egress/listen`: a vm guest starts taking its programs' connections to
+    /// the proxy address.
+    pub async fn egress_listen(&self) -> Result<(), AgentError> {
+        self.json::<_, serde_json::Value>("/egress/listen", &serde_json::json!({}))
+            .await
+            .map(|_| ())
+    }
+
+    /// `POST /egress/accept`: answers once a program in the guest connects to the
+    /// proxy address; `input` is sent to it, the stream is what it sends.
+    pub async fn egress_accept<S>(&self, input: S) -> Result<ByteStream, AgentError>
+    where
+        S: Stream<Item = Result<Bytes, BoxError>> + Send + 'static,
+    {
+        use futures_util::StreamExt;
+        let body = http_body_util::StreamBody::new(input.map(|r| r.map(hyper::body::Frame::data)))
+            .boxed_unsync();
+        let resp = self.call_with(Method::POST, "/egress/accept", body).await?;
         Ok(ByteStream {
             body: resp.into_body(),
         })

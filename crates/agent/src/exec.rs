@@ -39,6 +39,8 @@ pub struct Context {
     pub env: Arc<std::sync::RwLock<Arc<BTreeMap<String, String>>>>,
     pub kernels: crate::kernels::Kernels,
     pub bg: crate::bg::Table,
+    /// A vm guest's egress listener (`egress.rs`).
+    pub egress: crate::egress::Egress,
 }
 
 #[derive(Debug, thiserror::Error)]

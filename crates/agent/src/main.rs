@@ -20,6 +20,7 @@
 mod bg;
 mod carry;
 mod deadman;
+mod egress;
 mod exec;
 mod jail_init;
 mod kernels;

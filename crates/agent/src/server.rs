@@ -114,6 +114,7 @@ async fn serve(endpoint: Endpoint, zygote: OwnedFd, opts: Options) -> std::io::R
         env: Arc::new(std::sync::RwLock::new(Arc::new(opts.env))),
         kernels: Default::default(),
         bg: Default::default(),
+        egress: Default::default(),
     };
     let adopt = match opts.adopt {
         Some(a) => Some(start_adopt(&ctx, a).await),
@@ -596,6 +597,19 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::GET, "/ports") => json_reply(&crate::tcp::listening()),
+        (&Method::POST, "/egress/listen") => match ctx.egress.listen().await {
+            Ok(()) => json_reply(&serde_json::json!({})),
+            Err(e) => refuse(Refusal::Failed, &e),
+        },
+        (&Method::POST, "/egress/accept") => {
+            let Some(conn) = ctx.egress.next().await else {
+                return refuse(Refusal::Invalid, "egress is not listening");
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+            crate::tcp::carry(conn, req.into_body(), tx);
+            let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
         (&Method::GET, "/files/read") => read_file(req).await,
         (&Method::GET, "/files/watch") => {
             let Some(path) = query_path(&req) else {

@@ -37,6 +37,13 @@ pub async fn start(port: u16, input: Incoming, out: mpsc::Sender<Bytes>) -> Resu
         ));
     };
     let _ = conn.set_nodelay(true);
+    carry(conn, input, out);
+    Ok(())
+}
+
+/// Copies `input` into `conn` (then half-closes it) and what `conn` sends into `out`,
+/// until either side ends.
+pub fn carry(conn: TcpStream, input: Incoming, out: mpsc::Sender<Bytes>) {
     let (mut rd, mut wr) = conn.into_split();
     // Host → server, then a half-close.
     let upload = tokio::spawn(async move {
@@ -69,7 +76,6 @@ pub async fn start(port: u16, input: Incoming, out: mpsc::Sender<Bytes>) -> Resu
         }
         upload.abort();
     });
-    Ok(())
 }
 
 /// Listening TCP ports of the sandbox's network namespace, each once, ascending.

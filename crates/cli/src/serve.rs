@@ -173,6 +173,7 @@ fn other_runtimes(args: &ServeArgs, names: &[String]) -> anyhow::Result<Vec<Arc<
                     cfg.assets_dir = a.clone();
                 }
                 cfg.orphan_grace = args.host.orphan_grace();
+                cfg.egress = Some(args.host.jail_config()?.egress);
                 cfg.accel = match args.vm_accel.as_str() {
                     "auto" => None,
                     "kvm" => Some(forkbox_vm::accel::Accel::Kvm),

@@ -281,6 +281,27 @@ fn status(v: &Value, k: &str) -> Value {
 
 #[tokio::test]
 async fn egress_admits_listed_names_only_and_never_the_host() {
+    egress_admits_listed_names_only_on(&[], json!({})).await;
+}
+
+/// The same for the vm runtime: the guest has no network device; its programs reach
+/// the proxy address on the guest's loopback and the agent carries each connection to
+/// the host's proxy.
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn egress_admits_listed_names_only_and_never_the_host_vm() {
+    egress_admits_listed_names_only_on(&common::vm_env(), json!({"runtime": "vm"})).await;
+}
+
+/// `env`: the server's besides egress's; `base`: what every create body carries.
+async fn egress_admits_listed_names_only_on(env: &[(&str, String)], base: Value) {
+    let with = |extra: Value| {
+        let mut b = base.clone();
+        if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        b
+    };
     let up = Upstream::start();
     // A service on the host's loopback that no sandbox may reach.
     let host_service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -292,14 +313,16 @@ async fn egress_admits_listed_names_only_and_never_the_host() {
     );
     // The upstream's link is a private range: opted in, as an operator with a private
     // mirror would (the host's own address in it stays refused).
-    let (s, _log) = Server::start_logged_with(&[
+    let mut server_env = vec![
         ("FORKBOX_EGRESS_RESOLVE", resolve),
         ("FORKBOX_EGRESS_ALLOW_PRIVATE", up.net.clone()),
-    ]);
+    ];
+    server_env.extend(env.iter().cloned());
+    let (s, _log) = Server::start_logged_with(&server_env);
     let sb = s
-        .create(json!({"egress_allowlist": [
+        .create(with(json!({"egress_allowlist": [
             "allowed.test", "*.wild.test", "loop.test", "meta.test", "hostaddr.test"
-        ]}))
+        ]})))
         .await;
     assert_eq!(
         sb["egress_allowlist"],
@@ -310,6 +333,11 @@ async fn egress_admits_listed_names_only_and_never_the_host() {
             "meta.test",
             "hostaddr.test"
         ])
+    );
+    assert_eq!(
+        sb["runtime"],
+        base["runtime"].as_str().unwrap_or("jail"),
+        "{sb}"
     );
     let id = sb["id"].as_str().unwrap().to_owned();
     let (env, _, _) = s.sh(&id, "echo $HTTP_PROXY $https_proxy").await;
@@ -368,7 +396,10 @@ async fn egress_admits_listed_names_only_and_never_the_host() {
         .starts_with("failed"));
 
     // Without an allowlist: loopback only, no proxy at all.
-    let plain = s.create_id().await;
+    let plain = s.create(with(json!({}))).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let rp = probe(&s, &plain, &up, loop_port).await;
     assert!(
         rp["allowed"][0] == "error" && rp["tunnel_allowed"][0] == "refused",
@@ -384,7 +415,7 @@ async fn egress_admits_listed_names_only_and_never_the_host() {
         json!({"network": "full"}),
         json!({"network": "bogus"}),
     ] {
-        let (st, v) = common::post(&s, "/v1/sandboxes", body.clone()).await;
+        let (st, v) = common::post(&s, "/v1/sandboxes", with(body.clone())).await;
         assert_eq!(
             (st, v["code"].as_str()),
             (400, Some("invalid_request")),

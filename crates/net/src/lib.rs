@@ -135,6 +135,21 @@ pub fn ifname(key: &str) -> String {
     format!("fb{tail}")
 }
 
+impl EgressConfig {
+    /// What every proxy of this host shares (name answers, private ranges, idle
+    /// timeout, connection caps from the open-files limit `nofile`).
+    pub fn proxy_shared(&self, nofile: u64) -> proxy::Shared {
+        proxy::Shared::new(
+            self.resolve.clone(),
+            self.allow_private.clone(),
+            self.idle_timeout.unwrap_or(proxy::IDLE_TIMEOUT),
+            proxy::MAX_CONNS_PER_SANDBOX,
+            proxy::global_cap(nofile),
+        )
+        .with_trusted_names(self.trusted_names.clone())
+    }
+}
+
 impl Egress {
     /// Makes the egress namespace if it is missing and opens it.
     pub async fn open(cfg: EgressConfig) -> Result<Arc<Egress>, NetError> {
@@ -174,14 +189,7 @@ impl Egress {
         let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map(|(soft, _)| soft)
             .unwrap_or(1024);
-        let shared = proxy::Shared::new(
-            cfg.resolve.clone(),
-            cfg.allow_private.clone(),
-            cfg.idle_timeout.unwrap_or(proxy::IDLE_TIMEOUT),
-            proxy::MAX_CONNS_PER_SANDBOX,
-            proxy::global_cap(nofile),
-        )
-        .with_trusted_names(cfg.trusted_names.clone());
+        let shared = cfg.proxy_shared(nofile);
         Ok(Arc::new(Egress {
             shared: Arc::new(shared),
             cfg,

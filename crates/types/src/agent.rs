@@ -32,6 +32,9 @@
 //!   frames (input and resizes in; output and the exit out).
 //! - `GET /files/watch?path=&recursive=` → NDJSON [`WatchEvent`] lines as changes happen.
 //! - `POST /hostname` with [`HostnameRequest`]: sets the sandbox's host name (`{}`).
+//! - `POST /egress/listen` (`{}`) and `POST /egress/accept` (streamed both ways): a vm
+//!   guest's programs' connections to the proxy address, each carried to the host's
+//!   egress proxy (see the agent's `egress.rs`).
 //! - `POST /adopt` with [`AdoptRequest`] → [`AdoptReply`]: a fork child's agent reports
 //!   whether it received its Python kernel from the parent (or stops waiting for one).
 
@@ -39,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bumped on every behaviour change of the agent; the host refuses a mismatch.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Answer of `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -39,9 +39,9 @@ impl Inner {
     }
 
     fn refuse_unsupported(&self, spec: &CreateSpec) -> Result<(), RuntimeError> {
-        if spec.egress.is_some() {
+        if spec.egress.as_ref().is_some_and(|h| !h.is_empty()) && self.egress.is_none() {
             return Err(RuntimeError::Rejected(
-                "the vm runtime has no network yet (egress_allowlist)".into(),
+                "this server's vm runtime has no egress (egress_allowlist)".into(),
             ));
         }
         if !spec.volumes.is_empty() {
@@ -248,6 +248,7 @@ impl Inner {
             ram,
             memory_mb,
             smp,
+            egress: Default::default(),
             client: tokio::sync::OnceCell::new(),
             qmp: tokio::sync::Mutex::new(None),
             alive,
@@ -264,6 +265,14 @@ impl Inner {
         let connected = instance
             .connect(started, self.cfg.boot_deadline, source)
             .await;
+        let connected = match (connected, spec.egress.as_deref()) {
+            (Ok(()), Some(hosts)) if !hosts.is_empty() => {
+                // A paused guest cannot answer; its listener runs since before.
+                let listen = !matches!(source, Source::Adopt { paused: true });
+                instance.start_egress(hosts, listen).await
+            }
+            (r, _) => r,
+        };
         std::mem::forget(guard);
         match connected {
             Ok(()) => {

@@ -11,6 +11,8 @@ pub struct VmInstance {
     /// Guest RAM in MiB and vCPUs.
     pub(crate) memory_mb: u64,
     pub(crate) smp: u64,
+    /// The host's side of its egress (`egress.rs`), while it has one.
+    pub(crate) egress: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     pub(crate) client: tokio::sync::OnceCell<AgentClient>,
     pub(crate) qmp: tokio::sync::Mutex<Option<qmp::Qmp>>,
     pub(crate) alive: Arc<AtomicBool>,
@@ -209,6 +211,7 @@ impl VmInstance {
 
     /// Kills QEMU, waits for it and frees its RAM; the VM's files stay.
     pub(crate) async fn stop_qemu(&self) {
+        self.stop_egress();
         if self.pid > 0 && self.alive.load(Ordering::SeqCst) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(self.pid),

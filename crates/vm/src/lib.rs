@@ -25,6 +25,7 @@ pub mod qmp;
 
 mod boot;
 mod disks;
+mod egress;
 mod images;
 mod instance;
 mod pool;
@@ -80,6 +81,9 @@ pub struct VmConfig {
     /// under `forkbox-vm` (memory = guest + [`QEMU_OVERHEAD`], the sandbox's CPU,
     /// [`QEMU_PIDS`] threads). `None`: no groups (tests of the runtime's own logic).
     pub cgroup_root: Option<PathBuf>,
+    /// The host's egress set-up (name answers, private ranges, idle timeout), for
+    /// sandboxes created with an allowlist; `None`: such creates are refused.
+    pub egress: Option<forkbox_net::EgressConfig>,
 }
 
 /// Memory a QEMU may use beyond its guest's (TCG's translation cache is 64 MiB of it).
@@ -104,6 +108,7 @@ impl VmConfig {
             boot_deadline: Duration::from_secs(90),
             orphan_grace: None,
             cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
+            egress: None,
         }
     }
 }
@@ -133,6 +138,8 @@ struct Inner {
     base_initrd: tokio::sync::OnceCell<Arc<Vec<u8>>>,
     accel: tokio::sync::OnceCell<Accel>,
     tsc_khz: u64,
+    /// What the vm sandboxes' egress proxies share (`egress.rs`).
+    egress: Option<Arc<forkbox_net::proxy::Shared>>,
     /// The boot images being made (their dirs).
     making_images: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
@@ -151,7 +158,14 @@ impl VmRuntime {
             Some(root) => Some(forkbox_sys::cgroup::Driver::detect(root, CGROUP_PARENT)?),
             None => None,
         };
+        let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
         let inner = Arc::new(Inner {
+            egress: cfg
+                .egress
+                .as_ref()
+                .map(|e| Arc::new(e.proxy_shared(nofile))),
             cgroups,
             cfg,
             base_initrd: Default::default(),
@@ -350,6 +364,7 @@ impl Runtime for VmRuntime {
             ram: rt.ram_file(&spec.id),
             memory_mb: images::limits_of(spec).0,
             smp: images::limits_of(spec).1,
+            egress: Default::default(),
             client: tokio::sync::OnceCell::new(),
             qmp: tokio::sync::Mutex::new(None),
             alive,
