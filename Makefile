@@ -22,7 +22,7 @@ TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: ts-deps test-ts disk-check bench-cluster test-cluster deploy-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: ts-deps test-ts disk-check bench-cluster bench-vm test-cluster deploy-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -215,9 +215,14 @@ define bench_run
 	@set +e; $(1); rc=$$?; $(BENCH_END) || rc=1; exit $$rc
 endef
 
-bench: deps agent build-release bench-deps
+bench: deps agent build-release bench-deps vm-assets
 	$(call bench_run,./target/release/forkbox bench --data-dir $(BENCH_DATA_DIR) --markdown docs/performance.md --json target/bench.json --jupyter-python $(BENCH_VENV)/bin/python)
 	$(BENCH_VENV)/bin/python bench/chart.py target/bench.json docs/performance.png
+	$(call bench_run,./target/release/forkbox bench --vm --data-dir $(BENCH_DATA_DIR) --vm-assets $(VM_ASSETS) --markdown docs/performance.md)
+
+# The vm runtime's rows alone (TCG here; part of `make bench`).
+bench-vm: agent build-release vm-assets
+	$(call bench_run,./target/release/forkbox bench --vm --data-dir $(BENCH_DATA_DIR) --vm-assets $(VM_ASSETS) --markdown docs/performance.md)
 
 # Density and load run against a `forkbox serve` child process with a data dir (and so
 # a pool) of their own, BENCH_DATA_DIR; both write their section of
@@ -255,7 +260,7 @@ vm-assets: vm-deps build
 	scripts/vm-assets.sh $(VM_ASSETS) $(VM_POOL) python
 
 test-vm: agent vm-assets
-	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_TEST_VM_ASSETS=$(VM_ASSETS) $(CARGO) test -p forkbox --test vm --test spine --test commands --test orphans --test egress -- --ignored --test-threads=2 vm
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_TEST_VM_ASSETS=$(VM_ASSETS) $(CARGO) test -p forkbox --test vm --test spine --test commands --test orphans --test egress --test hibernate -- --ignored --test-threads=2 vm
 
 fmt:
 	$(CARGO) fmt --all

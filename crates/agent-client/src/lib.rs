@@ -281,6 +281,17 @@ impl AgentClient {
         })
     }
 
+    /// `POST /disk/grow`: a vm guest grows its root file system to fill its disk, once
+    /// that is `bytes` big.
+    pub async fn grow_disk(&self, bytes: u64) -> Result<(), AgentError> {
+        self.json::<_, serde_json::Value>(
+            "/disk/grow",
+            &forkbox_types::agent::GrowRequest { bytes },
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// `POST /egress/listen`: a vm guest starts taking its programs' connections to
     /// the proxy address.
     pub async fn egress_listen(&self) -> Result<(), AgentError> {

@@ -597,6 +597,18 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::GET, "/ports") => json_reply(&crate::tcp::listening()),
+        (&Method::POST, "/disk/grow") => {
+            let gr: forkbox_types::agent::GrowRequest =
+                match json_body(req, "invalid grow request").await {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+            match tokio::task::spawn_blocking(move || crate::vm_init::grow_root(gr.bytes)).await {
+                Ok(Ok(())) => json_reply(&serde_json::json!({})),
+                Ok(Err(e)) => refuse(Refusal::Failed, &e),
+                Err(e) => refuse(Refusal::Failed, &e.to_string()),
+            }
+        }
         (&Method::POST, "/egress/listen") => match ctx.egress.listen().await {
             Ok(()) => json_reply(&serde_json::json!({})),
             Err(e) => refuse(Refusal::Failed, &e),

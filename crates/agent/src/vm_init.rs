@@ -39,6 +39,10 @@ fn setup() -> Result<(VmInit, PathBuf), String> {
         serde_json::from_slice(&raw).map_err(|e| format!("decode {INIT_JSON}: {e}"))?;
     nix::unistd::sethostname(&init.id).map_err(|e| format!("sethostname: {e}"))?;
     forkbox_sys::net::loopback_up().map_err(|e| format!("loopback up: {e}"))?;
+    grow_root(0)?;
+    for (i, v) in init.volumes.iter().enumerate() {
+        mount_volume(i, v)?;
+    }
     if let Ok(null) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -75,4 +79,108 @@ fn find_port(name: &str) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// How long a volume's device may take to appear (virtio devices probe asynchronously).
+const DEVICE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Uids (and gids) a volume's owners are shifted by: a jail sandbox's range.
+const VOLUME_IDS: u32 = 65536;
+
+/// Mounts volume `v` (the `i`th): the block device with its serial number, an ext4
+/// file system, at its mount point (made if missing); read-only ones read-only. A volume is made for the jail's sandboxes, its root owned by
+/// the first uid of their range: when its root's owner is not 0, the mount is
+/// idmapped so that owner (and the 65536 ids from it) is the guest's root (and its
+/// ids), as a jail sandbox sees it — the guest's commands, root without
+/// capabilities, can write it, and what they make is stored as a jail sandbox's
+/// would be.
+fn mount_volume(i: usize, v: &forkbox_types::agent::VmVolume) -> Result<(), String> {
+    use nix::mount::MsFlags;
+    use std::os::fd::AsFd as _;
+    let started = Instant::now();
+    let dev = loop {
+        if let Some(d) = find_disk(&v.serial) {
+            break d;
+        }
+        if started.elapsed() > DEVICE_PATIENCE {
+            return Err(format!("no block device with serial {:?}", v.serial));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::fs::create_dir_all(&v.mount).map_err(|e| format!("make {}: {e}", v.mount))?;
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if v.read_only {
+        // (The host gives a read-only volume a throw-away overlay: a journal left by a
+        // writer that ended uncleanly is replayed there.)
+        flags |= MsFlags::MS_RDONLY;
+    }
+    let stage = PathBuf::from(format!("/tmp/.forkbox-volume-{i}"));
+    std::fs::create_dir_all(&stage).map_err(|e| format!("make {}: {e}", stage.display()))?;
+    nix::mount::mount(Some(&dev), &stage, Some("ext4"), flags, None::<&str>)
+        .map_err(|e| format!("mount {}: {e}", dev.display()))?;
+    if !v.read_only {
+        // lost+found is the host's business, as in the jail.
+        let _ = std::fs::remove_dir(stage.join("lost+found"));
+    }
+    let owner = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(&stage).map_err(|e| format!("stat {}: {e}", stage.display()))?,
+    );
+    let placed = (|| {
+        let userns = (owner != 0)
+            .then(|| forkbox_sys::idmap::shift_userns(owner, 0, VOLUME_IDS, false))
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        let tree = forkbox_sys::idmap::detached_tree(&stage, userns.as_ref())
+            .map_err(|e| e.to_string())?;
+        let target = std::fs::File::open(&v.mount).map_err(|e| format!("open {}: {e}", v.mount))?;
+        forkbox_sys::idmap::attach(tree.as_fd(), target.as_fd(), std::path::Path::new(&v.mount))
+            .map_err(|e| e.to_string())
+    })();
+    let _ = nix::mount::umount2(&stage, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir(&stage);
+    placed
+}
+
+/// The device of the disk whose serial number is `serial`.
+fn find_disk(serial: &str) -> Option<PathBuf> {
+    let dir = std::fs::read_dir("/sys/block").ok()?;
+    for e in dir.flatten() {
+        let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
+        if s.trim() == serial {
+            let dev = PathBuf::from("/dev").join(e.file_name());
+            if dev.exists() {
+                return Some(dev);
+            }
+        }
+    }
+    None
+}
+
+/// Grows the root file system to fill its disk (`/dev/vda`), which the host made the
+/// template's image plus the sandbox's `disk_mb` (and may grow later: a copy of a boot
+/// image gets its own size after it is restored, `POST /disk/grow`): once the disk
+/// is `at_least` bytes (the host grew it; the guest's kernel learns of it a moment
+/// later), at most 5 s.
+pub fn grow_root(at_least: u64) -> Result<(), String> {
+    let size = || {
+        let sectors = std::fs::read_to_string("/sys/block/vda/size")
+            .map_err(|e| format!("read the root disk's size: {e}"))?;
+        sectors
+            .trim()
+            .parse::<u64>()
+            .map(|s| s * 512)
+            .map_err(|e| format!("the root disk's size {sectors:?}: {e}"))
+    };
+    let started = Instant::now();
+    let mut bytes = size()?;
+    while bytes < at_least {
+        if started.elapsed() > Duration::from_secs(5) {
+            return Err(format!("the root disk is {bytes} bytes, not {at_least}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        bytes = size()?;
+    }
+    forkbox_sys::mounts::grow_ext4(std::path::Path::new("/"), bytes)
+        .map(|_| ())
+        .map_err(|e| format!("grow the root file system to {bytes} bytes: {e}"))
 }

@@ -9,6 +9,7 @@ mod baselines;
 mod density;
 mod load;
 mod server;
+mod vm;
 
 use crate::config::HostArgs;
 use crate::serve::{self, ServeArgs};
@@ -90,6 +91,14 @@ pub struct BenchArgs {
     /// Load mode: the runner's warm pool size for python (≤ 16).
     #[arg(long, default_value_t = 16)]
     pub load_pool: u64,
+    /// vm mode instead of the table: the vm runtime's rows (create from its boot
+    /// image, exec, fork, hibernate, wake) against a bare microvm boot of the same
+    /// kernel, written into their own section.
+    #[arg(long, conflicts_with_all = ["load", "density"])]
+    pub vm: bool,
+    /// vm mode: the guest assets (`make vm-assets`; default `<data-dir>/vm`).
+    #[arg(long)]
+    pub vm_assets: Option<PathBuf>,
 }
 
 /// A Python REPL state of about 200 MB (200 000 objects of 1000 bytes).
@@ -258,6 +267,35 @@ impl Row {
     }
 }
 
+/// The rows as a markdown table with a verdict per budget; whether all are within.
+fn rows_table(rows: &[Row]) -> (String, bool) {
+    let mut md = String::new();
+    md.push_str(
+        "| operation | p50 ms | p95 ms | budget p50 | verdict |\n|---|---:|---:|---:|---|\n",
+    );
+    let mut all_ok = true;
+    for r in rows {
+        if r.samples.is_empty() {
+            md.push_str(&format!("| {} | — | — | — | not measured |\n", r.name));
+            continue;
+        }
+        let (p50, p95) = r.stats();
+        let (budget, verdict) = match r.budget {
+            Some(b) if p50 <= b => (format!("≤ {b} ms"), "within budget"),
+            Some(b) => {
+                all_ok = false;
+                (format!("≤ {b} ms"), "OVER BUDGET")
+            }
+            None => ("—".into(), "no budget"),
+        };
+        md.push_str(&format!(
+            "| {} | {p50:.2} | {p95:.2} | {budget} | {verdict} |\n",
+            r.name
+        ));
+    }
+    (md, all_ok)
+}
+
 /// Times `n` exec calls with `body` (after 3 warm-up calls), checking each streamed
 /// the stdout line `want` (JSON-escaped) and exited 0.
 async fn time_exec(
@@ -302,14 +340,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    crate::config::init_tracing(false);
-    if let Some(n) = args.density {
-        return density::run(&args, n).await;
-    }
-    if let Some(secs) = args.load {
-        return load::run(&args, secs).await;
-    }
+/// A server started in this process on a loopback port with `runtimes` (the first is
+/// the default), no warm pool, no auth: its base URL, its manager, its task.
+async fn in_process(
+    args: &BenchArgs,
+    runtimes: &[&str],
+) -> anyhow::Result<(
+    String,
+    std::sync::Arc<forkbox_core::Manager>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
     let sa = ServeArgs {
         host: args.host.clone(),
         listen: "127.0.0.1:0".parse()?,
@@ -320,9 +360,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         auth: false,
         insecure_no_auth: false,
         admin_key: None,
-        runtimes: Some(vec!["jail".into()]),
-        default_runtime: "jail".into(),
-        vm_assets: None,
+        runtimes: Some(runtimes.iter().map(|r| (*r).to_owned()).collect()),
+        default_runtime: runtimes.first().copied().unwrap_or("jail").into(),
+        vm_assets: args.vm_assets.clone(),
         vm_accel: "auto".into(),
         // Cold creates first; the pool row turns it on.
         warm_pool: 0,
@@ -348,7 +388,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         )
         .into_future(),
     );
-    let base = format!("http://{addr}");
+    Ok((format!("http://{addr}"), manager, srv))
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    crate::config::init_tracing(false);
+    if let Some(n) = args.density {
+        return density::run(&args, n).await;
+    }
+    if args.vm {
+        return vm::run(&args).await;
+    }
+    if let Some(secs) = args.load {
+        return load::run(&args, secs).await;
+    }
+    let (base, manager, srv) = in_process(&args, &["jail"]).await?;
     let http = reqwest::Client::builder().build()?;
     let n = args.iterations.max(1);
     /// Creates in a row of the burst rows.
@@ -759,30 +813,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ),
     ];
 
-    let mut md = String::new();
-    md.push_str(
-        "| operation | p50 ms | p95 ms | budget p50 | verdict |\n|---|---:|---:|---:|---|\n",
-    );
-    let mut all_ok = true;
-    for r in &rows {
-        if r.samples.is_empty() {
-            md.push_str(&format!("| {} | — | — | — | not measured |\n", r.name));
-            continue;
-        }
-        let (p50, p95) = r.stats();
-        let (budget, verdict) = match r.budget {
-            Some(b) if p50 <= b => (format!("≤ {b} ms"), "within budget"),
-            Some(b) => {
-                all_ok = false;
-                (format!("≤ {b} ms"), "OVER BUDGET")
-            }
-            None => ("—".into(), "no budget"),
-        };
-        md.push_str(&format!(
-            "| {} | {p50:.2} | {p95:.2} | {budget} | {verdict} |\n",
-            r.name
-        ));
-    }
+    let (mut md, all_ok) = rows_table(&rows);
     md.push_str(&format!(
         "\nSide by side, same run: forkbox's p50 against each baseline's p50 \
          (ratio = forkbox ÷ baseline; below 1 forkbox is faster).\n\n{}",

@@ -118,11 +118,41 @@ async fn expiry_hibernates_when_asked() {
 #[tokio::test]
 async fn named_snapshots_seed_new_sandboxes() {
     let s = Server::start();
-    let a = s.create_id().await;
+    named_snapshots_seed_new_sandboxes_on(&s, json!({}), s.pool.join("snapshots")).await;
+}
+
+/// The same in the vm runtime, where a snapshot is the whole guest (`vm.rs` shows the
+/// memory and processes it also carries).
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn named_snapshots_seed_new_sandboxes_vm() {
+    let (s, _log) = Server::start_logged_with(&common::vm_env());
+    let kept = s.data.path().join("vm-run/snapshots");
+    named_snapshots_seed_new_sandboxes_on(&s, json!({"runtime": "vm"}), kept).await;
+}
+
+/// `base`: what every create body carries; `kept`: where the runtime keeps snapshots.
+async fn named_snapshots_seed_new_sandboxes_on(
+    s: &Server,
+    base: serde_json::Value,
+    kept: std::path::PathBuf,
+) {
+    let with = |extra: serde_json::Value| {
+        let mut b = base.clone();
+        if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        b
+    };
+    let runtime = base["runtime"].as_str().unwrap_or("jail");
+    let a = s.create(with(json!({}))).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     s.sh(&a, "mkdir -p /root/proj && echo v1 > /root/proj/state")
         .await;
     let (st, snap) = post(
-        &s,
+        s,
         &format!("/v1/sandboxes/{a}/snapshot"),
         json!({"name": "base"}),
     )
@@ -131,53 +161,59 @@ async fn named_snapshots_seed_new_sandboxes() {
     let snap_id = snap["id"].as_str().unwrap().to_owned();
     assert!(snap_id.starts_with("snap-"));
     assert_eq!(
-        (snap["name"].as_str(), snap["sandbox_id"].as_str()),
-        (Some("base"), Some(a.as_str()))
+        (
+            snap["name"].as_str(),
+            snap["sandbox_id"].as_str(),
+            snap["runtime"].as_str()
+        ),
+        (Some("base"), Some(a.as_str()), Some(runtime))
     );
-    let (_, list) = get(&s, "/v1/snapshots").await;
+    assert!(kept.join(&snap_id).exists());
+    let (_, list) = get(s, "/v1/snapshots").await;
     assert!(list["snapshots"]
         .as_array()
         .unwrap()
         .iter()
         .any(|x| x["id"] == json!(snap_id)));
-    assert_eq!(get(&s, &format!("/v1/snapshots/{snap_id}")).await.0, 200);
+    assert_eq!(get(s, &format!("/v1/snapshots/{snap_id}")).await.0, 200);
     // A sandbox made from it starts with its files; later changes on either side stay apart.
     s.sh(&a, "echo v2 > /root/proj/state").await;
-    let (st, b) = post(&s, "/v1/sandboxes", json!({"snapshot": snap_id})).await;
+    let (st, b) = post(s, "/v1/sandboxes", json!({"snapshot": snap_id})).await;
     assert_eq!(st, 201, "{b}");
+    assert_eq!(b["runtime"], runtime, "{b}");
     let b = b["id"].as_str().unwrap().to_owned();
     assert_eq!(s.sh(&b, "cat /root/proj/state").await.0, "v1\n");
     s.sh(&b, "echo b > /root/proj/state").await;
     assert_eq!(s.sh(&a, "cat /root/proj/state").await.0, "v2\n");
     // A paused sandbox can be snapshotted and stays paused.
     assert_eq!(
-        post(&s, &format!("/v1/sandboxes/{a}/pause"), json!({}))
+        post(s, &format!("/v1/sandboxes/{a}/pause"), json!({}))
             .await
             .0,
         200
     );
     let (st, snap2) = post(
-        &s,
+        s,
         &format!("/v1/sandboxes/{a}/snapshot"),
         json!({"name": "paused"}),
     )
     .await;
     assert_eq!(st, 201, "{snap2}");
     assert_eq!(
-        get(&s, &format!("/v1/sandboxes/{a}")).await.1["status"],
+        get(s, &format!("/v1/sandboxes/{a}")).await.1["status"],
         "paused"
     );
     // Errors.
     let (st, _) = post(
-        &s,
+        s,
         &format!("/v1/sandboxes/{a}/snapshot"),
         json!({"name": ""}),
     )
     .await;
     assert_eq!(st, 400);
-    let (st, _) = post(&s, "/v1/sandboxes/sbx-nope/snapshot", json!({"name": "x"})).await;
+    let (st, _) = post(s, "/v1/sandboxes/sbx-nope/snapshot", json!({"name": "x"})).await;
     assert_eq!(st, 404);
-    let (st, body) = post(&s, "/v1/sandboxes", json!({"snapshot": "snap-nope"})).await;
+    let (st, body) = post(s, "/v1/sandboxes", json!({"snapshot": "snap-nope"})).await;
     assert_eq!(
         (st, body["code"].as_str()),
         (404, Some("snapshot_not_found"))
@@ -192,8 +228,8 @@ async fn named_snapshots_seed_new_sandboxes() {
     assert_eq!(del(snap_id.clone()).await, 404);
     assert_eq!(del(snap2["id"].as_str().unwrap().to_owned()).await, 204);
     assert_eq!(s.sh(&b, "cat /root/proj/state").await.0, "b\n");
-    assert!(!s.pool.join("snapshots").join(&snap_id).exists());
-    let (st, _) = post(&s, "/v1/sandboxes", json!({"snapshot": snap_id})).await;
+    assert!(!kept.join(&snap_id).exists());
+    let (st, _) = post(s, "/v1/sandboxes", json!({"snapshot": snap_id})).await;
     assert_eq!(st, 404);
     assert_eq!(s.delete(&a).await, 204);
     assert_eq!(s.delete(&b).await, 204);

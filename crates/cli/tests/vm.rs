@@ -249,10 +249,11 @@ async fn vm_and_jail_side_by_side_and_unknown_runtime() {
     let (st, v) = post(&s, "/v1/sandboxes", json!({"runtime": "firecracker"})).await;
     assert_eq!(st, 400, "{v}");
     assert!(v["error"].as_str().unwrap().contains("jail, vm"), "{v}");
+    // What the vm runtime cannot do is refused before anything boots.
     let (st, v) = post(
         &s,
         "/v1/sandboxes",
-        json!({"runtime": "vm", "egress_allowlist": ["pypi.org"]}),
+        json!({"runtime": "vm", "memory_mb": 64}),
     )
     .await;
     assert_eq!(st, 400, "{v}");
@@ -582,7 +583,7 @@ async fn vm_snapshots_and_boot_images() {
     let image = s
         .data
         .path()
-        .join("vm-run/images/python-512m-1c/captured.json");
+        .join("vm-run/images/python-512m-1c-8192d/captured.json");
     let deadline = Instant::now() + Duration::from_secs(180);
     while !image.exists() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -609,6 +610,27 @@ async fn vm_snapshots_and_boot_images() {
         py(&s, &d, "import os; print(os.environ['FOO'])").await.0,
         "bar\n"
     );
+    // `disk_mb` is the room beyond the template's image, on a cold boot (`a`) as on
+    // a copy of the image (`d`, `small`): the guest's root file system fills it.
+    let root_mb = |id: String| {
+        let s = &s;
+        async move {
+            let out = s.sh(&id, "df -B1M --output=size / | tail -1").await.0;
+            out.trim().parse::<i64>().unwrap()
+        }
+    };
+    let small = s.create(json!({"runtime": "vm", "disk_mb": 1024})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (cold, copy, less) = (
+        root_mb(a.clone()).await,
+        root_mb(d.clone()).await,
+        root_mb(small.clone()).await,
+    );
+    assert!((cold - copy).abs() < 64, "{cold} vs {copy}");
+    assert!(((copy - less) - 7168).abs() < 128, "{copy} vs {less}");
+    assert_eq!(s.delete(&small).await, 204);
     let (e, _) = create_vm(&s).await;
     assert!(s
         .sh(&e, "cat /forkbox/init.json")
@@ -650,4 +672,89 @@ async fn vm_sandboxes_survive_a_server_restart() {
     assert_eq!(py(&s, &paused, "y").await.0, "7\n");
     assert_eq!(s.delete(&id).await, 204);
     assert_eq!(s.delete(&paused).await, 204);
+}
+
+/// A volume in a vm sandbox is a virtio-blk device (its ext4 image) the guest mounts:
+/// one vm sandbox has it writable and nothing else mounts it meanwhile, vm sandboxes
+/// may share it read-only, a jail never mounts one a guest had writable (the host
+/// kernel does not parse what a guest wrote as raw blocks), and sandboxes with a
+/// writable volume are neither forked nor snapshotted.
+#[tokio::test]
+#[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
+async fn vm_volumes_are_block_devices() {
+    let (s, log) = Server::start_logged_with(&common::vm_env());
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let (st, v) = post(&s, "/v1/volumes", json!({"name": "data", "size_mb": 64})).await;
+    assert_eq!(st, 201, "{v}");
+    let vol = v["id"].as_str().unwrap().to_owned();
+    let rw = json!([{"id": vol, "mount": "/data"}]);
+    let ro = json!([{"id": vol, "mount": "/data", "read_only": true}]);
+
+    // Written first by a jail sandbox, on the host's mount.
+    let j = s.create(json!({"volumes": rw})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.sh(&j, "echo jail > /data/from-jail").await;
+    let (st, e) = post(&s, "/v1/sandboxes", json!({"runtime": "vm", "volumes": rw})).await;
+    assert_eq!(st, 409, "{e}");
+    assert_eq!(s.delete(&j).await, 204);
+
+    let (st, a) = post(&s, "/v1/sandboxes", json!({"runtime": "vm", "volumes": rw})).await;
+    assert_eq!(st, 201, "{a}\n{}", logs());
+    let a = a["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.sh(&a, "cat /data/from-jail").await.0, "jail\n");
+    assert_eq!(
+        s.sh(
+            &a,
+            "echo vm > /data/from-vm && grep ' /data ' /proc/mounts | cut -d' ' -f1,3"
+        )
+        .await
+        .0,
+        "/dev/vdb ext4\n"
+    );
+    // Nothing else mounts it while a guest has it writable; it is not copied.
+    for body in [
+        json!({"runtime": "vm", "volumes": ro}),
+        json!({"runtime": "jail", "volumes": ro}),
+    ] {
+        let (st, e) = post(&s, "/v1/sandboxes", body.clone()).await;
+        assert_eq!(st, 409, "{body}: {e}");
+    }
+    let (st, e) = post(&s, &format!("/v1/sandboxes/{a}/fork"), json!({"n": 1})).await;
+    assert_eq!(st, 409, "{e}");
+    let (st, e) = post(
+        &s,
+        &format!("/v1/sandboxes/{a}/snapshot"),
+        json!({"name": "x"}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(s.delete(&a).await, 204);
+
+    // Read-only, shared by vm sandboxes.
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let (st, b) = post(&s, "/v1/sandboxes", json!({"runtime": "vm", "volumes": ro})).await;
+        assert_eq!(st, 201, "{b}\n{}", logs());
+        let b = b["id"].as_str().unwrap().to_owned();
+        assert_eq!(s.sh(&b, "cat /data/from-vm").await.0, "vm\n");
+        let (_, err, code) = s.sh(&b, "echo x > /data/nope").await;
+        assert_ne!(code, 0);
+        assert!(err.contains("Read-only"), "{err}");
+        readers.push(b);
+    }
+    // A guest wrote it as raw blocks: the host does not mount it again.
+    let (st, e) = post(&s, "/v1/sandboxes", json!({"volumes": ro})).await;
+    assert_eq!(st, 409, "{e}");
+    assert!(e.to_string().contains("vm sandbox"), "{e}");
+    for b in &readers {
+        assert_eq!(s.delete(b).await, 204);
+    }
+    assert_eq!(s.delete_at(&format!("/v1/volumes/{vol}")).await, 204);
+    assert!(!s
+        .data
+        .path()
+        .join(format!("volumes/{vol}.guest-written"))
+        .exists());
 }

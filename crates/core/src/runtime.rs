@@ -9,6 +9,7 @@ use forkbox_types::agent::{
 };
 use futures_util::stream::BoxStream;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Everything a runtime needs to make one sandbox.
@@ -231,6 +232,9 @@ pub struct Capabilities {
     /// Its named snapshots are its own (whole guests, deleted with
     /// [`Runtime::forget_snapshot`]), not files in the host's stores.
     pub own_snapshots: bool,
+    /// It attaches volumes as block devices (their images), not as the host's
+    /// mounts: see [`HostStores::detach_volume`].
+    pub volumes_as_devices: bool,
 }
 
 /// The events of one exec, as the agent reports them.
@@ -347,6 +351,11 @@ pub trait HostStores: Send + Sync + 'static {
 
     /// Bytes used in volume `id`, when known.
     async fn volume_used(&self, id: &str) -> Option<u64>;
+
+    /// Hands volume `id` to a runtime that attaches volumes as block devices
+    /// ([`Capabilities::volumes_as_devices`]): off the host's own mounts, and, if the
+    /// guest may write it (`writable`), never mounted by the host again; its image.
+    async fn detach_volume(&self, id: &str, writable: bool) -> Result<PathBuf, RuntimeError>;
 
     /// Deletes a named snapshot's filesystem.
     async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError>;

@@ -212,6 +212,9 @@ impl HostStores for Fake {
     async fn delete_snapshot(&self, _: &str) -> Result<(), RuntimeError> {
         Ok(())
     }
+    async fn detach_volume(&self, id: &str, _: bool) -> Result<std::path::PathBuf, RuntimeError> {
+        Ok(std::path::PathBuf::from(crate::volumes::image_file(id)))
+    }
 }
 
 pub struct FakeInstance {

@@ -16,6 +16,11 @@ pub const MAX_MOUNTS: usize = 16;
 /// Paths a volume may not be mounted on (the sandbox's own special filesystems).
 const RESERVED: &[&str] = &["/", "/proc", "/dev", "/sys", "/tmp"];
 
+/// The file name of volume `id`'s image in the host's volumes dir.
+pub fn image_file(id: &str) -> String {
+    format!("{id}.img")
+}
+
 /// Checks the mount points of a create request.
 pub fn check_mounts(mounts: &[VolumeMount]) -> Result<(), CoreError> {
     if mounts.len() > MAX_MOUNTS {
@@ -109,6 +114,52 @@ impl Manager {
 
     /// Deletes a volume and its data; `Conflict` while a sandbox (running, paused or
     /// hibernated) mounts it.
+    /// Checks that the sandbox about to be made by `runtime` may mount `mounts` beside
+    /// the sandboxes that mount them now, and hands them to `runtime` if it attaches
+    /// volumes as block devices. A guest's file system is its kernel's alone: a
+    /// volume attached to a vm sandbox is mounted by no other sandbox, except that vm
+    /// sandboxes may share one all read-only; and the host never mounts again a
+    /// volume a guest had writable (`HostStores::detach_volume`).
+    pub(crate) async fn claim_volumes(
+        &self,
+        runtime: &dyn crate::runtime::Runtime,
+        mounts: &[VolumeMount],
+    ) -> Result<(), CoreError> {
+        let devices = runtime.capabilities().volumes_as_devices;
+        for m in mounts {
+            let users = self.store().volume_users(&m.id).await?;
+            let user_is_device = |u: &crate::store::VolumeUser| {
+                self.all_runtimes()
+                    .iter()
+                    .any(|r| r.name() == u.runtime && r.capabilities().volumes_as_devices)
+            };
+            let clash = if devices {
+                users
+                    .iter()
+                    .find(|u| !(m.read_only && u.read_only && user_is_device(u)))
+            } else {
+                users.iter().find(|u| user_is_device(u))
+            };
+            if let Some(u) = clash {
+                return Err(CoreError::Conflict(format!(
+                    "volume {} is mounted by {} ({} runtime{}); a volume attached to a vm \
+                     sandbox is mounted by no other sandbox, except read-only by vm \
+                     sandboxes that all mount it read-only",
+                    m.id,
+                    u.sandbox,
+                    u.runtime,
+                    if u.read_only { ", read-only" } else { "" }
+                )));
+            }
+            if devices {
+                self.host_stores()
+                    .detach_volume(&m.id, !m.read_only)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     pub async fn delete_volume(&self, workspace: &str, id: &str) -> Result<(), CoreError> {
         self.volume_of(workspace, id).await?;
         // Its image is on the node that made it.

@@ -250,7 +250,7 @@ impl Inner {
                 .volumes
                 .mounted(&v.id)
                 .await
-                .map_err(|e| RuntimeError::host("mount volume", &v.id, e))?;
+                .map_err(|e| crate::volume_error("mount volume", &v.id, e))?;
             binds.push(forkbox_types::agent::BindMount {
                 source: source.to_string_lossy().into_owned(),
                 target: v.mount.clone(),

@@ -410,6 +410,16 @@ impl Runtime for JailRuntime {
     }
 }
 
+/// A volume's failure as the API should see it: in use or guest-written is a conflict.
+pub(crate) fn volume_error(op: &'static str, id: &str, e: volumes::VolumeError) -> RuntimeError {
+    match e {
+        volumes::VolumeError::Busy(_) | volumes::VolumeError::GuestWritten(_) => {
+            RuntimeError::Conflict(e.to_string())
+        }
+        other => RuntimeError::host(op, id, other),
+    }
+}
+
 #[async_trait]
 impl HostStores for JailRuntime {
     async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), RuntimeError> {
@@ -421,14 +431,23 @@ impl HostStores for JailRuntime {
     }
 
     async fn delete_volume(&self, id: &str) -> Result<(), RuntimeError> {
-        self.inner.volumes.delete(id).await.map_err(|e| match e {
-            volumes::VolumeError::Busy(_) => RuntimeError::Conflict(e.to_string()),
-            other => RuntimeError::host("delete volume", id, other),
-        })
+        self.inner
+            .volumes
+            .delete(id)
+            .await
+            .map_err(|e| volume_error("delete volume", id, e))
     }
 
     async fn volume_used(&self, id: &str) -> Option<u64> {
         self.inner.volumes.used(id)
+    }
+
+    async fn detach_volume(&self, id: &str, writable: bool) -> Result<PathBuf, RuntimeError> {
+        self.inner
+            .volumes
+            .detach(id, writable)
+            .await
+            .map_err(|e| volume_error("detach volume", id, e))
     }
 
     async fn delete_snapshot(&self, snapshot: &str) -> Result<(), RuntimeError> {

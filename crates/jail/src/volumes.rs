@@ -19,6 +19,11 @@ pub enum VolumeError {
     Busy(String),
     #[error("volume {0} does not exist on this host")]
     Missing(String),
+    #[error(
+        "volume {0} was written by a vm sandbox's guest (raw blocks the host does not \
+         mount): only vm sandboxes mount it"
+    )]
+    GuestWritten(String),
 }
 
 pub struct Volumes {
@@ -48,6 +53,22 @@ async fn run(cmd: &str, args: &[&str]) -> Result<(), VolumeError> {
     }
 }
 
+/// Whether a process holds a lock on file `p` (QEMU locks the images it opens, with
+/// open file description locks).
+fn locked_by_another(p: &Path) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let Ok(f) = std::fs::File::open(p) else {
+        return false;
+    };
+    // SAFETY: flock is plain old data; all-zero is a valid value.
+    let mut l: libc::flock = unsafe { std::mem::zeroed() };
+    l.l_type = libc::F_WRLCK as libc::c_short;
+    l.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_GETLK fills `l` with a conflicting lock, if any.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut l) };
+    rc == 0 && l.l_type != libc::F_UNLCK as libc::c_short
+}
+
 /// Whether `p` is a mount point in our mount namespace.
 fn is_mounted(p: &Path) -> bool {
     let want = p.to_string_lossy();
@@ -67,7 +88,37 @@ impl Volumes {
     }
 
     fn image(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.img"))
+        self.dir.join(forkbox_core::volumes::image_file(id))
+    }
+
+    /// The mark of a volume a vm guest had writable: its file system is whatever
+    /// the guest wrote, so the host kernel never mounts it again.
+    fn guest_mark(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.guest-written"))
+    }
+
+    /// Hands volume `id` to a runtime that attaches it as a block device: unmounted
+    /// from the host (refused while something holds it), marked if the guest may
+    /// write it (see [`Volumes::mounted`]); its image.
+    pub async fn detach(&self, id: &str, writable: bool) -> Result<PathBuf, VolumeError> {
+        let _g = self.lock.lock().await;
+        let (img, mnt) = (self.image(id), self.mount_point(id));
+        if !img.exists() {
+            return Err(VolumeError::Missing(id.to_owned()));
+        }
+        if is_mounted(&mnt) {
+            run("umount", &[&mnt.to_string_lossy()])
+                .await
+                .map_err(|_| VolumeError::Busy(id.to_owned()))?;
+        }
+        if writable {
+            std::fs::write(self.guest_mark(id), b"").map_err(|source| VolumeError::Io {
+                what: "mark",
+                path: self.guest_mark(id),
+                source,
+            })?;
+        }
+        Ok(img)
     }
 
     fn mount_point(&self, id: &str) -> PathBuf {
@@ -111,6 +162,13 @@ impl Volumes {
         if !img.exists() {
             return Err(VolumeError::Missing(id.to_owned()));
         }
+        // Never a file system a guest wrote as raw blocks, nor one a QEMU holds open.
+        if self.guest_mark(id).exists() {
+            return Err(VolumeError::GuestWritten(id.to_owned()));
+        }
+        if locked_by_another(&img) {
+            return Err(VolumeError::Busy(id.to_owned()));
+        }
         std::fs::create_dir_all(&mnt).map_err(|source| VolumeError::Io {
             what: "create",
             path: mnt.clone(),
@@ -140,7 +198,11 @@ impl Volumes {
                 .await
                 .map_err(|_| VolumeError::Busy(id.to_owned()))?;
         }
-        for r in [std::fs::remove_dir(&mnt), std::fs::remove_file(&img)] {
+        for r in [
+            std::fs::remove_dir(&mnt),
+            std::fs::remove_file(&img),
+            std::fs::remove_file(self.guest_mark(id)),
+        ] {
             match r {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

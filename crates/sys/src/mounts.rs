@@ -369,3 +369,26 @@ fn path_str(p: &Path) -> Result<&str, MountError> {
         )
     })
 }
+
+/// `EXT4_IOC_RESIZE_FS` (`_IOW('f', 16, __u64)`).
+const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+
+/// Grows the ext4 file system mounted at `mount_point` to fill `device_bytes` (online,
+/// as `resize2fs` does); the new size in bytes, or `None` if it was that big already.
+pub fn grow_ext4(mount_point: &std::path::Path, device_bytes: u64) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd as _;
+    let st = nix::sys::statvfs::statvfs(mount_point).map_err(std::io::Error::from)?;
+    let block = st.fragment_size().max(1);
+    let want = device_bytes / block;
+    if want <= st.blocks() {
+        return Ok(None);
+    }
+    let dir = std::fs::File::open(mount_point)?;
+    let blocks: u64 = want;
+    // SAFETY: the ioctl reads one u64 (the new block count) from the pointer.
+    let rc = unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS, &blocks as *const u64) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Some(want * block))
+}

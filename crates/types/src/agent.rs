@@ -32,6 +32,8 @@
 //!   frames (input and resizes in; output and the exit out).
 //! - `GET /files/watch?path=&recursive=` → NDJSON [`WatchEvent`] lines as changes happen.
 //! - `POST /hostname` with [`HostnameRequest`]: sets the sandbox's host name (`{}`).
+//! - `POST /disk/grow` with [`GrowRequest`] (`{}`): a vm guest grows its root file
+//!   system to fill its disk.
 //! - `POST /egress/listen` (`{}`) and `POST /egress/accept` (streamed both ways): a vm
 //!   guest's programs' connections to the proxy address, each carried to the host's
 //!   egress proxy (see the agent's `egress.rs`).
@@ -203,6 +205,19 @@ pub struct VmInit {
     /// As [`JailInit::orphan_grace_s`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub orphan_grace_s: Option<u64>,
+    /// Volumes to mount: block devices found by serial number.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VmVolume>,
+}
+
+/// A volume of a vm guest: the virtio-blk device with serial number `serial` (an ext4
+/// file system), mounted at `mount`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmVolume {
+    pub serial: String,
+    pub mount: String,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A host directory mounted at `target` (absolute, inside the sandbox).
@@ -410,6 +425,14 @@ pub struct ListeningPort {
     pub port: u16,
     /// The address it is bound to (`0.0.0.0`, `127.0.0.1`, `::`, …).
     pub address: String,
+}
+
+/// Body of `POST /disk/grow`: grow once the disk is at least `bytes` (the host just
+/// grew it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GrowRequest {
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// Body of `POST /hostname`: the sandbox's new host name (a vm fork child, or a vm

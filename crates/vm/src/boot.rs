@@ -14,6 +14,13 @@ impl Inner {
         self.refuse_unsupported(spec)?;
         let env = (!spec.env.is_empty()).then_some(&spec.env);
         if let Some(snapshot) = &spec.snapshot {
+            if !spec.volumes.is_empty() {
+                return Err(RuntimeError::Rejected(
+                    "a vm sandbox made from a snapshot cannot mount volumes (its guest's \
+                     devices are the snapshot's)"
+                        .into(),
+                ));
+            }
             let dir = self.snapshot_dir(snapshot)?;
             let captured = images::Captured::kept_in(&dir).ok_or_else(|| {
                 RuntimeError::Rejected(format!(
@@ -25,7 +32,12 @@ impl Inner {
                 .map_err(|why| RuntimeError::Rejected(format!("snapshot {snapshot}: {why}")))?;
             return self.restore_copy(spec, &captured, env).await;
         }
-        if let Some(image) = self.boot_image(spec).await {
+        // A boot image has no volume devices: a create with volumes boots.
+        let image = match spec.volumes.is_empty() {
+            true => self.boot_image(spec).await,
+            false => None,
+        };
+        if let Some(image) = image {
             match self.restore_copy(spec, &image, env).await {
                 Ok(vm) => return Ok(vm),
                 Err(e) => {
@@ -42,11 +54,6 @@ impl Inner {
         if spec.egress.as_ref().is_some_and(|h| !h.is_empty()) && self.egress.is_none() {
             return Err(RuntimeError::Rejected(
                 "this server's vm runtime has no egress (egress_allowlist)".into(),
-            ));
-        }
-        if !spec.volumes.is_empty() {
-            return Err(RuntimeError::Rejected(
-                "the vm runtime cannot mount volumes yet".into(),
             ));
         }
         if spec.memory_bytes >> 20 < 128 {
@@ -88,11 +95,14 @@ impl Inner {
             ram: self.ram_file(&id),
             armed: true,
         };
-        // The disk: a copy-on-write overlay on the template's image (absolute backing path).
+        // The disk: a copy-on-write overlay on the template's image (absolute backing
+        // path), `disk_mb` bigger (the guest grows its file system to fill it).
+        let size = self.disk_size(spec).await?;
         let out = tokio::process::Command::new(&self.cfg.qemu_img)
             .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
             .arg(&image)
             .arg(&vm.disk)
+            .arg(size.to_string())
             .output()
             .await
             .map_err(fail("run qemu-img"))?;
@@ -108,6 +118,16 @@ impl Inner {
             env: spec.env.clone(),
             port: AGENT_PORT.into(),
             orphan_grace_s: self.cfg.orphan_grace.map(|g| g.as_secs().max(1)),
+            volumes: spec
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(i, v)| forkbox_types::agent::VmVolume {
+                    serial: volume_serial(i),
+                    mount: v.mount.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
         };
         let init_json =
             serde_json::to_vec(&init).map_err(|e| RuntimeError::host("encode", &id, e))?;
@@ -178,6 +198,7 @@ impl Inner {
                 vm.active_disk().1.display()
             ))
             .args(["-device", "virtio-blk-device,drive=d0"])
+            .args(self.volume_args(spec))
             .args(["-device", "virtio-serial-device", "-chardev"])
             .arg(format!(
                 "socket,path={},server=on,wait=off,id=c0",
@@ -191,6 +212,8 @@ impl Inner {
             .arg(format!("unix:{},server=on,wait=off", vm.qmp_sock.display()))
             .arg("-pidfile")
             .arg(&vm.pidfile)
+            // Its temporary files (a read-only volume's overlay) go with the VM's dir.
+            .env("TMPDIR", &vm.dir)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -248,6 +271,7 @@ impl Inner {
             ram,
             memory_mb,
             smp,
+            volumes: spec.volumes.clone(),
             egress: Default::default(),
             client: tokio::sync::OnceCell::new(),
             qmp: tokio::sync::Mutex::new(None),
@@ -297,6 +321,45 @@ impl Inner {
                 })
             }
         }
+    }
+}
+
+/// The serial number the guest finds volume `i` of its sandbox by.
+fn volume_serial(i: usize) -> String {
+    format!("forkbox-vol{i}")
+}
+
+impl Inner {
+    /// The size of `spec`'s root disk: its template's image and `disk_mb` more.
+    pub(crate) async fn disk_size(&self, spec: &CreateSpec) -> Result<u64, RuntimeError> {
+        Ok(image_size(&self.cfg.qemu_img, &self.image(&spec.template)).await? + spec.disk_bytes)
+    }
+
+    /// QEMU's arguments for `spec`'s volumes: each image a virtio-blk device (QEMU
+    /// locks the images it opens).
+    fn volume_args(&self, spec: &CreateSpec) -> Vec<String> {
+        let mut args = Vec::with_capacity(spec.volumes.len() * 4);
+        for (i, v) in spec.volumes.iter().enumerate() {
+            let image = self
+                .cfg
+                .volumes_dir
+                .join(forkbox_core::volumes::image_file(&v.id));
+            args.push("-drive".into());
+            // A read-only volume is opened read-only (`snapshot=on`: the guest's writes,
+            // such as a journal replay after a writer that ended uncleanly, go to a
+            // temporary overlay QEMU discards), and the guest mounts it read-only.
+            args.push(format!(
+                "id=v{i},file={},format=raw,if=none{}",
+                image.display(),
+                if v.read_only { ",snapshot=on" } else { "" }
+            ));
+            args.push("-device".into());
+            args.push(format!(
+                "virtio-blk-device,drive=v{i},serial={}",
+                volume_serial(i)
+            ));
+        }
+        args
     }
 }
 

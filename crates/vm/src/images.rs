@@ -221,6 +221,13 @@ impl VmInstance {
     /// included: a capture (RAM copy on the RAM tmpfs, dropped once every child maps
     /// it), restored into each child in parallel.
     pub(crate) async fn fork_in(&self, specs: Vec<CreateSpec>) -> Result<Forked, RuntimeError> {
+        if let Some(v) = self.volumes.iter().find(|v| !v.read_only) {
+            return Err(RuntimeError::Conflict(format!(
+                "{} has volume {} attached writable: a guest's file system is its kernel's \
+                 alone, so its copies cannot have it too",
+                self.id, v.id
+            )));
+        }
         let rt = self.rt.clone();
         let tag = layer_tag(&self.id);
         let state = rt.cfg.run_dir.join("layers").join(format!("{tag}.state"));
@@ -281,6 +288,13 @@ impl VmInstance {
         snapshot: &str,
         running: bool,
     ) -> Result<(), RuntimeError> {
+        if !self.volumes.is_empty() {
+            return Err(RuntimeError::Rejected(format!(
+                "{} has volumes attached: a vm snapshot holds the guest's devices, and a \
+                 volume is not part of it",
+                self.id
+            )));
+        }
         let dir = self.rt.snapshot_dir(snapshot)?;
         let io = |e: std::io::Error| RuntimeError::host("snapshot", &self.id, e);
         std::fs::create_dir_all(&dir).map_err(io)?;
@@ -367,10 +381,23 @@ impl Inner {
                 None => Source::Restore(&captured.state),
             };
             let copy = self.boot(spec, source).await?;
-            // Its memory is another VM's, hostname included: its own instead.
-            if let Err(e) = copy.client()?.set_hostname(&spec.id, env).await {
+            let own = async {
+                // Its memory is another VM's, hostname included: its own instead.
+                copy.client()?
+                    .set_hostname(&spec.id, env)
+                    .await
+                    .map_err(|e| copy.agent_err(e))?;
+                // Its disk: at least the origin's, grown to its own `disk_mb`.
+                let want = self.disk_size(spec).await?;
+                if want > captured.size {
+                    copy.grow_disk(want).await?;
+                }
+                Ok::<(), RuntimeError>(())
+            }
+            .await;
+            if let Err(e) = own {
                 let _ = copy.destroy().await;
-                return Err(copy.agent_err(e));
+                return Err(e);
             }
             Ok(copy)
         }
@@ -395,5 +422,74 @@ impl Inner {
             )));
         }
         Ok(self.cfg.run_dir.join("snapshots").join(snapshot))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A kept capture names its files in its own dir (so the dir can be renamed into
+    /// place), holds a name of every layer under its disk, and is found again whole.
+    #[test]
+    fn a_kept_capture_is_found_again_in_its_dir() {
+        let t = tempfile::tempdir().unwrap();
+        let (vm_dir, keep) = (t.path().join("vm"), t.path().join("kept"));
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        std::fs::create_dir_all(&keep).unwrap();
+        let layer = vm_dir.join("disk-0.qcow2");
+        std::fs::write(&layer, b"layer").unwrap();
+        std::fs::write(vm_dir.join("initrd.cpio"), b"initrd").unwrap();
+        let c = Captured {
+            disk: t.path().join("layers/x.qcow2"),
+            size: 1 << 30,
+            state: keep.join(KEPT_STATE),
+            ram: Some(keep.join(KEPT_RAM)),
+            memory_mb: 512,
+            smp: 1,
+            initrd: vm_dir.join("initrd.cpio"),
+            refs: vec![(layer.clone(), "ref-7.qcow2".into())],
+        };
+        c.keep_in(&keep).unwrap();
+        let moved = t.path().join("moved");
+        std::fs::rename(&keep, &moved).unwrap();
+        let k = Captured::kept_in(&moved).unwrap();
+        assert_eq!(k.disk, c.disk);
+        assert_eq!((k.size, k.memory_mb, k.smp), (1 << 30, 512, 1));
+        assert_eq!(k.state, moved.join(KEPT_STATE));
+        assert_eq!(k.ram, Some(moved.join(KEPT_RAM)));
+        assert_eq!(std::fs::read(&k.initrd).unwrap(), b"initrd");
+        assert_eq!(
+            k.refs,
+            [(moved.join("ref-7.qcow2"), "ref-7.qcow2".to_owned())]
+        );
+        // The layer has a second name: it outlives the VM's dir.
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(std::fs::metadata(&layer).unwrap().nlink(), 2);
+        // A copy must have the captured guest's size.
+        let spec = |mb: u64, millis: u64| CreateSpec {
+            id: "sbx-x".into(),
+            template: "python".into(),
+            cpu_millis: millis,
+            memory_bytes: mb << 20,
+            disk_bytes: 0,
+            pids_max: 0,
+            env: Default::default(),
+            snapshot: None,
+            egress: None,
+            volumes: Vec::new(),
+        };
+        assert!(k.fits(&spec(512, 1000)).is_ok());
+        assert!(k.fits(&spec(512, 500)).is_ok());
+        let why = k.fits(&spec(256, 1000)).unwrap_err();
+        assert!(why.contains("memory_mb 512"), "{why}");
+        assert!(k.fits(&spec(512, 2000)).is_err());
+        // A whole-stream capture has no RAM file.
+        let whole = Captured { ram: None, ..c };
+        let again = t.path().join("whole");
+        std::fs::create_dir_all(&again).unwrap();
+        whole.keep_in(&again).unwrap();
+        assert_eq!(Captured::kept_in(&again).unwrap().ram, None);
     }
 }

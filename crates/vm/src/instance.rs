@@ -11,6 +11,8 @@ pub struct VmInstance {
     /// Guest RAM in MiB and vCPUs.
     pub(crate) memory_mb: u64,
     pub(crate) smp: u64,
+    /// The volumes attached to it.
+    pub(crate) volumes: Vec<forkbox_core::model::VolumeMount>,
     /// The host's side of its egress (`egress.rs`), while it has one.
     pub(crate) egress: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     pub(crate) client: tokio::sync::OnceCell<AgentClient>,
@@ -209,6 +211,46 @@ impl VmInstance {
         Ok(())
     }
 
+    /// Grows its root disk to `size` bytes and has the guest grow its file system.
+    pub(crate) async fn grow_disk(&self, size: u64) -> Result<(), RuntimeError> {
+        {
+            let mut g = self.qmp.lock().await;
+            let q = g.as_mut().ok_or_else(|| {
+                RuntimeError::host("grow disk", &self.id, std::io::Error::other("no QMP"))
+            })?;
+            q.block_resize("d0", size)
+                .await
+                .map_err(|e| RuntimeError::host("grow disk", &self.id, e))?;
+        }
+        self.client()?
+            .grow_disk(size)
+            .await
+            .map_err(|e| self.agent_err(e))
+    }
+
+    /// Has the guest write what it holds of its writable volumes (it is about to be
+    /// killed; what reached the image stays, a journal replays the rest at the next
+    /// mount). Best effort, a few seconds at most.
+    pub(crate) async fn sync_volumes(&self) {
+        use futures_util::StreamExt as _;
+        if self.volumes.iter().all(|v| v.read_only) || !self.is_alive() {
+            return;
+        }
+        let req = ExecRequest {
+            cmd: "sync".into(),
+            cwd: Some("/".into()),
+            env: Default::default(),
+            timeout_ms: Some(10_000),
+        };
+        let synced = async {
+            if let Ok(mut events) = self.agent()?.exec(&req).await {
+                while events.next().await.is_some() {}
+            }
+            Ok::<(), RuntimeError>(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(12), synced).await;
+    }
+
     /// Kills QEMU, waits for it and frees its RAM; the VM's files stay.
     pub(crate) async fn stop_qemu(&self) {
         self.stop_egress();
@@ -227,6 +269,7 @@ impl VmInstance {
     }
 
     pub(crate) async fn destroy_in(&self) -> Result<(), RuntimeError> {
+        self.sync_volumes().await;
         self.stop_qemu().await;
         let r = match std::fs::remove_dir_all(&self.vm.dir) {
             Ok(()) => Ok(()),

@@ -84,6 +84,9 @@ pub struct VmConfig {
     /// The host's egress set-up (name answers, private ranges, idle timeout), for
     /// sandboxes created with an allowlist; `None`: such creates are refused.
     pub egress: Option<forkbox_net::EgressConfig>,
+    /// The host's volumes (their images, `forkbox_core::volumes::image_file`), attached
+    /// as virtio-blk devices.
+    pub volumes_dir: PathBuf,
 }
 
 /// Memory a QEMU may use beyond its guest's (TCG's translation cache is 64 MiB of it).
@@ -109,6 +112,7 @@ impl VmConfig {
             orphan_grace: None,
             cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
             egress: None,
+            volumes_dir: data_dir.join("volumes"),
         }
     }
 }
@@ -295,6 +299,7 @@ impl Runtime for VmRuntime {
         forkbox_core::runtime::Capabilities {
             hibernate_keeps_memory: true,
             own_snapshots: true,
+            volumes_as_devices: true,
         }
     }
 
@@ -364,6 +369,7 @@ impl Runtime for VmRuntime {
             ram: rt.ram_file(&spec.id),
             memory_mb: images::limits_of(spec).0,
             smp: images::limits_of(spec).1,
+            volumes: spec.volumes.clone(),
             egress: Default::default(),
             client: tokio::sync::OnceCell::new(),
             qmp: tokio::sync::Mutex::new(None),

@@ -1,8 +1,9 @@
 //! Boot images: a template's guest booted once, its Python REPL started, and captured
 //! (`images.rs`); a create then restores a copy of it, mapping the captured RAM
 //! privately (copy-on-write, one page cache for every copy) instead of booting a
-//! kernel. One image per template and guest size, made in the background after the
-//! first cold boot of that kind, kept in `<run>/images/<template>-<mb>m-<n>c/`, and
+//! kernel. One image per template, guest size and disk size, made in the background
+//! after the first cold boot of that kind, kept in
+//! `<run>/images/<template>-<mb>m-<n>c-<disk mb>d/`, and
 //! made again when the template's disk image, the kernel, the agent or the
 //! accelerator changed (its fingerprint).
 
@@ -20,10 +21,11 @@ pub(crate) const IMAGE_VM_PREFIX: &str = "vmimg-";
 impl Inner {
     fn image_dir(&self, template: &str, spec: &CreateSpec) -> PathBuf {
         let (mb, smp) = limits_of(spec);
+        let disk = spec.disk_bytes >> 20;
         self.cfg
             .run_dir
             .join("images")
-            .join(format!("{template}-{mb}m-{smp}c"))
+            .join(format!("{template}-{mb}m-{smp}c-{disk}d"))
     }
 
     /// What an image of `template` made now would be made from.
@@ -48,7 +50,8 @@ impl Inner {
         ))
     }
 
-    /// The current boot image for `spec` (template and guest size), if there is one.
+    /// The current boot image for `spec` (template, guest and disk size), if there is
+    /// one.
     pub(crate) async fn boot_image(&self, spec: &CreateSpec) -> Option<Captured> {
         let dir = self.image_dir(&spec.template, spec);
         let have = std::fs::read_to_string(dir.join(FINGERPRINT)).ok()?;
@@ -58,7 +61,7 @@ impl Inner {
         Captured::kept_in(&dir).filter(|c| c.fits(spec).is_ok())
     }
 
-    /// Makes the boot image for `spec`'s template and guest size in the background,
+    /// Makes the boot image for `spec`'s template, guest and disk size in the background,
     /// unless one is being made.
     pub(crate) fn make_image_later(self: &Arc<Self>, spec: &CreateSpec) {
         let dir = self.image_dir(&spec.template, spec);
@@ -72,14 +75,11 @@ impl Inner {
             }
         }
         let me = self.clone();
-        let (template, memory_bytes, cpu_millis) =
-            (spec.template.clone(), spec.memory_bytes, spec.cpu_millis);
+        let mut spec = spec.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            match me
-                .make_image(&dir, template.clone(), memory_bytes, cpu_millis)
-                .await
-            {
+            let template = spec.template.clone();
+            match me.make_image(&dir, &mut spec).await {
                 Ok(()) => tracing::info!(
                     template,
                     ms = started.elapsed().as_millis() as u64,
@@ -95,33 +95,26 @@ impl Inner {
         });
     }
 
+    /// Boots a guest like `spec`'s (its template, guest and disk size; nothing of its
+    /// own: no environment, egress or volumes) and captures it into `dir`.
     async fn make_image(
         self: &Arc<Self>,
         dir: &Path,
-        template: String,
-        memory_bytes: u64,
-        cpu_millis: u64,
+        spec: &mut CreateSpec,
     ) -> Result<(), RuntimeError> {
-        let Some(fingerprint) = self.fingerprint(&template).await else {
-            return Err(self.assets_missing(format!("the image of template {template}")));
+        let Some(fingerprint) = self.fingerprint(&spec.template).await else {
+            return Err(self.assets_missing(format!("the image of template {}", spec.template)));
         };
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let spec = CreateSpec {
-            id: format!("{IMAGE_VM_PREFIX}{stamp}"),
-            template,
-            cpu_millis,
-            memory_bytes,
-            disk_bytes: 0,
-            pids_max: 0,
-            env: Default::default(),
-            snapshot: None,
-            egress: None,
-            volumes: Vec::new(),
-        };
-        let vm = self.boot_fresh(&spec).await?;
+        spec.id = format!("{IMAGE_VM_PREFIX}{stamp}");
+        spec.env = Default::default();
+        spec.snapshot = None;
+        spec.egress = None;
+        spec.volumes = Vec::new();
+        let vm = self.boot_fresh(spec).await?;
         let tmp = dir.with_extension(format!("tmp-{stamp}"));
         let made = async {
             // The REPL every copy starts with: Python started, its standard library read.

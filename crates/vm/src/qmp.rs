@@ -228,6 +228,13 @@ impl Qmp {
         .map(|_| ())
     }
 
+    /// Grows the disk of `device` to `size` bytes (the guest is told).
+    pub async fn block_resize(&mut self, device: &str, size: u64) -> Result<(), QmpError> {
+        self.execute::<Value>("block_resize", json!({"device": device, "size": size}))
+            .await
+            .map(|_| ())
+    }
+
     /// Makes `overlay` (an existing qcow2 whose backing is the current image of
     /// `device`) the device's active image; the current one becomes read-only.
     pub async fn snapshot_disk(&mut self, device: &str, overlay: &Path) -> Result<(), QmpError> {

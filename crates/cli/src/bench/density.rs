@@ -277,11 +277,7 @@ async fn phase(
 }
 
 fn report(phases: &[Phase], conc: usize) -> String {
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let date = super::server::today();
     let mut md = format!(
         "Measured {date} by `forkbox bench --density {} --density-repl {} --concurrency {conc}` \
          (`make density`) on {}, through a `forkbox serve` child process over HTTP on \

@@ -268,11 +268,7 @@ fn report(
     exec: &Tally,
     rss: &[(f64, u64)],
 ) -> String {
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let date = super::server::today();
     let mut md = format!(
         "Measured {date} by `forkbox bench --load {secs} --load-sandboxes {} \
          --load-execute-clients {} --load-pool {}` (`make load LOAD_SECONDS={secs}`) on {}: \

@@ -199,6 +199,15 @@ pub async fn post(
     Ok(serde_json::from_str(&text)?)
 }
 
+/// Today's date (UTC, `YYYY-MM-DD`), for report headers.
+pub fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// The machine, for report headers.
 pub fn host_line() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -241,6 +241,7 @@ impl Manager {
         }
         let runtime = self.pick_runtime(req.runtime.as_deref())?;
         let _admitted = self.admit(&workspace, 1, memory_mb).await?;
+        self.claim_volumes(runtime.as_ref(), &spec.volumes).await?;
         let instance = runtime.create(&spec).await?;
         let from_snapshot = spec.snapshot.clone();
         let created_at = OffsetDateTime::now_utc();

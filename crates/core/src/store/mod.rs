@@ -663,27 +663,42 @@ impl Store {
 
     /// Sandboxes not ended (running, paused, hibernated) that mount volume `id`.
     pub async fn sandboxes_mounting(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .volume_users(id)
+            .await?
+            .into_iter()
+            .map(|u| u.sandbox)
+            .collect())
+    }
+
+    /// The mounts of volume `id` by sandboxes not ended (running, paused,
+    /// hibernated).
+    pub async fn volume_users(&self, id: &str) -> Result<Vec<VolumeUser>, StoreError> {
         // The mounts are a JSON list per sandbox: read here, so the SQL is the same on
         // every backend.
         let live = on_db!(self, pool => {
             let rows = sqlx::query(
-                "SELECT id, volumes FROM sandboxes \
+                "SELECT id, runtime, volumes FROM sandboxes \
                  WHERE status IN ('running', 'paused', 'hibernated')",
             )
             .fetch_all(pool)
             .await
             .map_err(q("sandboxes mounting a volume"))?;
             rows.iter()
-                .map(|r| Ok((r.s("id")?, r.s("volumes")?)))
+                .map(|r| Ok((r.s("id")?, r.s("runtime")?, r.s("volumes")?)))
                 .collect::<Result<Vec<_>, StoreError>>()
         })?;
         Ok(live
             .into_iter()
-            .filter(|(_, vols)| {
-                serde_json::from_str::<Vec<crate::model::VolumeMount>>(vols)
-                    .is_ok_and(|v| v.iter().any(|m| m.id == id))
+            .filter_map(|(sandbox, runtime, vols)| {
+                let mounts = serde_json::from_str::<Vec<crate::model::VolumeMount>>(&vols).ok()?;
+                let m = mounts.into_iter().find(|m| m.id == id)?;
+                Some(VolumeUser {
+                    sandbox,
+                    runtime,
+                    read_only: m.read_only,
+                })
             })
-            .map(|(sid, _)| sid)
             .collect())
     }
 
@@ -775,6 +790,14 @@ fn volume_from_row(r: &impl Cols) -> Result<Volume, StoreError> {
         workspace: r.s("workspace")?,
         id,
     })
+}
+
+/// A sandbox's mount of a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeUser {
+    pub sandbox: String,
+    pub runtime: String,
+    pub read_only: bool,
 }
 
 fn snapshot_from_row(r: &impl Cols) -> Result<Snapshot, StoreError> {

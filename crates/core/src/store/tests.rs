@@ -300,6 +300,36 @@ async fn volumes_know_who_mounts_them() {
         }];
         store.insert_sandbox(&s).await.unwrap();
         store.insert_sandbox(&sandbox("sbx-n")).await.unwrap();
+        let mut r = sandbox("sbx-r");
+        r.runtime = "vm".into();
+        r.volumes = vec![crate::model::VolumeMount {
+            id: "vol-1".into(),
+            mount: "/ro".into(),
+            read_only: true,
+        }];
+        store.insert_sandbox(&r).await.unwrap();
+        // Who mounts it, in which runtime, how.
+        let mut users = store.volume_users("vol-1").await.unwrap();
+        users.sort_by(|a, b| a.sandbox.cmp(&b.sandbox));
+        assert_eq!(
+            users,
+            [
+                crate::store::VolumeUser {
+                    sandbox: "sbx-m".into(),
+                    runtime: s.runtime.clone(),
+                    read_only: false
+                },
+                crate::store::VolumeUser {
+                    sandbox: "sbx-r".into(),
+                    runtime: "vm".into(),
+                    read_only: true
+                },
+            ]
+        );
+        store
+            .end_sandbox("sbx-r", Status::Killed, "x", OffsetDateTime::now_utc())
+            .await
+            .unwrap();
         assert_eq!(store.sandboxes_mounting("vol-1").await.unwrap(), ["sbx-m"]);
         store
             .end_sandbox("sbx-m", Status::Killed, "x", OffsetDateTime::now_utc())
