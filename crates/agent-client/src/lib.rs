@@ -194,22 +194,14 @@ impl AgentClient {
             .map(|_| ())
     }
 
-    /// `POST /hostname`: the sandbox's host name and, if `env` is given, its
-    /// environment.
+    /// `POST /hostname`: the sandbox's host name and what else `req` sets.
     pub async fn set_hostname(
         &self,
-        hostname: &str,
-        env: Option<&std::collections::BTreeMap<String, String>>,
+        req: &forkbox_types::agent::HostnameRequest,
     ) -> Result<(), AgentError> {
-        self.json::<_, serde_json::Value>(
-            "/hostname",
-            &forkbox_types::agent::HostnameRequest {
-                hostname: hostname.to_owned(),
-                env: env.cloned(),
-            },
-        )
-        .await
-        .map(|_| ())
+        self.json::<_, serde_json::Value>("/hostname", req)
+            .await
+            .map(|_| ())
     }
 
     /// `GET /bg/wait?pid=`: the exit code, once the command has exited.
@@ -279,6 +271,14 @@ impl AgentClient {
         Ok(ByteStream {
             body: resp.into_body(),
         })
+    }
+
+    /// `POST /volumes/release`: a vm guest about to be stopped ends its processes and
+    /// unmounts its volumes.
+    pub async fn release_volumes(&self) -> Result<(), AgentError> {
+        self.json::<_, serde_json::Value>("/volumes/release", &serde_json::json!({}))
+            .await
+            .map(|_| ())
     }
 
     /// `POST /disk/grow`: a vm guest grows its root file system to fill its disk, once

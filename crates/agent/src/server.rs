@@ -597,6 +597,13 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::GET, "/ports") => json_reply(&crate::tcp::listening()),
+        (&Method::POST, "/volumes/release") => {
+            match tokio::task::spawn_blocking(crate::vm_init::release_volumes).await {
+                Ok(Ok(())) => json_reply(&serde_json::json!({})),
+                Ok(Err(e)) => refuse(Refusal::Failed, &e),
+                Err(e) => refuse(Refusal::Failed, &e.to_string()),
+            }
+        }
         (&Method::POST, "/disk/grow") => {
             let gr: forkbox_types::agent::GrowRequest =
                 match json_body(req, "invalid grow request").await {
@@ -680,10 +687,28 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Response<Body> {
             if let Err(e) = nix::unistd::sethostname(h) {
                 return refuse(Refusal::Failed, &format!("sethostname: {e}"));
             }
+            if let Some(hex) = &hr.entropy_hex {
+                if let Err(e) = crate::vm_init::reseed(hex) {
+                    return refuse(Refusal::Failed, &e);
+                }
+            }
+            if let Some(ns) = hr.now_unix_ns {
+                let ts = libc::timespec {
+                    tv_sec: (ns / 1_000_000_000) as libc::time_t,
+                    tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+                };
+                // SAFETY: clock_settime reads the timespec it is given.
+                if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } < 0 {
+                    let e = std::io::Error::last_os_error();
+                    return refuse(Refusal::Failed, &format!("set the clock: {e}"));
+                }
+            }
             if let Some(env) = hr.env {
-                ctx.set_sandbox_env(env);
-                // Kernels hold the environment they started with.
-                ctx.kernels.end_all().await;
+                if *ctx.sandbox_env() != env {
+                    ctx.set_sandbox_env(env);
+                    // Kernels hold the environment they started with.
+                    ctx.kernels.end_all().await;
+                }
             }
             json_reply(&serde_json::json!({}))
         }

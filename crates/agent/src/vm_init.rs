@@ -43,6 +43,7 @@ fn setup() -> Result<(VmInit, PathBuf), String> {
     for (i, v) in init.volumes.iter().enumerate() {
         mount_volume(i, v)?;
     }
+    let _ = VOLUMES.set(init.volumes.iter().map(|v| v.mount.clone()).collect());
     if let Ok(null) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -84,6 +85,38 @@ fn find_port(name: &str) -> Option<PathBuf> {
 /// How long a volume's device may take to appear (virtio devices probe asynchronously).
 const DEVICE_PATIENCE: Duration = Duration::from_secs(10);
 
+/// Where the guest's volumes are mounted (`release_volumes`).
+static VOLUMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Ends every process but this one and unmounts the volumes (the guest is about to
+/// be stopped: their file systems are left clean).
+pub fn release_volumes() -> Result<(), String> {
+    let mounts = VOLUMES.get().cloned().unwrap_or_default();
+    if mounts.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: kill(-1) signals every process this one may signal but itself (and, from
+    // PID 1, every process of the guest); no memory is touched.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    let mut last = String::new();
+    for _ in 0..100 {
+        last.clear();
+        for m in &mounts {
+            if let Err(e) = nix::mount::umount(m.as_str()) {
+                if e != nix::errno::Errno::EINVAL {
+                    last = format!("unmount {m}: {e}");
+                }
+            }
+        }
+        if last.is_empty() {
+            return Ok(());
+        }
+        // Processes just killed may still hold files there until reaped.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(last)
+}
+
 /// Uids (and gids) a volume's owners are shifted by: a jail sandbox's range.
 const VOLUME_IDS: u32 = 65536;
 
@@ -110,13 +143,17 @@ fn mount_volume(i: usize, v: &forkbox_types::agent::VmVolume) -> Result<(), Stri
     std::fs::create_dir_all(&v.mount).map_err(|e| format!("make {}: {e}", v.mount))?;
     let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if v.read_only {
-        // (The host gives a read-only volume a throw-away overlay: a journal left by a
-        // writer that ended uncleanly is replayed there.)
         flags |= MsFlags::MS_RDONLY;
     }
     let stage = PathBuf::from(format!("/tmp/.forkbox-volume-{i}"));
     std::fs::create_dir_all(&stage).map_err(|e| format!("make {}: {e}", stage.display()))?;
+    // A read-only device whose journal a writer left unreplayed (it ended uncleanly)
+    // mounts only without the journal: what it held is not seen.
     nix::mount::mount(Some(&dev), &stage, Some("ext4"), flags, None::<&str>)
+        .or_else(|e| match v.read_only {
+            true => nix::mount::mount(Some(&dev), &stage, Some("ext4"), flags, Some("noload")),
+            false => Err(e),
+        })
         .map_err(|e| format!("mount {}: {e}", dev.display()))?;
     if !v.read_only {
         // lost+found is the host's business, as in the jail.
@@ -183,4 +220,45 @@ pub fn grow_root(at_least: u64) -> Result<(), String> {
     forkbox_sys::mounts::grow_ext4(std::path::Path::new("/"), bytes)
         .map(|_| ())
         .map_err(|e| format!("grow the root file system to {bytes} bytes: {e}"))
+}
+
+/// `RNDADDENTROPY` (`_IOW('R', 0x03, int[2])`) and `RNDRESEEDCRNG` (`_IO('R', 0x07)`).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes the host's random bytes (`hex`) into the kernel's pool, credited, and has the
+/// kernel reseed its generator from it now: a guest restored from a capture must not
+/// go on with the captured random state.
+pub fn reseed(hex: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    if bytes.is_empty() || bytes.len() > 512 || bytes.len() * 2 != hex.len() {
+        return Err("entropy must be 1-512 bytes of hex".into());
+    }
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(&bytes);
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/random")
+        .map_err(|e| format!("open /dev/random: {e}"))?;
+    // SAFETY: the kernel reads the header and `buf_size` bytes after it from `info`.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } < 0 {
+        return Err(format!(
+            "RNDADDENTROPY: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG, 0) } < 0 {
+        return Err(format!(
+            "RNDRESEEDCRNG: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }

@@ -631,7 +631,17 @@ async fn vm_snapshots_and_boot_images() {
     assert!((cold - copy).abs() < 64, "{cold} vs {copy}");
     assert!(((copy - less) - 7168).abs() < 128, "{copy} vs {less}");
     assert_eq!(s.delete(&small).await, 204);
+    // A copy keeps the host's time, not the capture's (the image is seconds old).
     let (e, _) = create_vm(&s).await;
+    let guest_now: i64 = s.sh(&e, "date +%s").await.0.trim().parse().unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest_now - host_now).abs() < 5,
+        "{guest_now} vs {host_now}"
+    );
     assert!(s
         .sh(&e, "cat /forkbox/init.json")
         .await

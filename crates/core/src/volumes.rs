@@ -126,12 +126,16 @@ impl Manager {
         mounts: &[VolumeMount],
     ) -> Result<(), CoreError> {
         let devices = runtime.capabilities().volumes_as_devices;
+        // Every mount is checked before any is handed over.
         for m in mounts {
             let users = self.store().volume_users(&m.id).await?;
+            // A runtime this server does not run counts as one with devices (the
+            // stricter rule).
             let user_is_device = |u: &crate::store::VolumeUser| {
                 self.all_runtimes()
                     .iter()
-                    .any(|r| r.name() == u.runtime && r.capabilities().volumes_as_devices)
+                    .find(|r| r.name() == u.runtime)
+                    .is_none_or(|r| r.capabilities().volumes_as_devices)
             };
             let clash = if devices {
                 users
@@ -151,7 +155,9 @@ impl Manager {
                     if u.read_only { ", read-only" } else { "" }
                 )));
             }
-            if devices {
+        }
+        if devices {
+            for m in mounts {
                 self.host_stores()
                     .detach_volume(&m.id, !m.read_only)
                     .await?;

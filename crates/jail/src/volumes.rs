@@ -53,6 +53,18 @@ async fn run(cmd: &str, args: &[&str]) -> Result<(), VolumeError> {
     }
 }
 
+/// Whether a loop device is backed by file `p` (something has it mounted).
+fn loop_backs(p: &Path) -> bool {
+    let want = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+        .any(|b| Path::new(b.trim()) == want)
+}
+
 /// Whether a process holds a lock on file `p` (QEMU locks the images it opens, with
 /// open file description locks).
 fn locked_by_another(p: &Path) -> bool {
@@ -110,6 +122,17 @@ impl Volumes {
             run("umount", &[&mnt.to_string_lossy()])
                 .await
                 .map_err(|_| VolumeError::Busy(id.to_owned()))?;
+        }
+        // A sandbox's bind of the host's mount outlives the mount point: its loop
+        // device stays while anything still has the file system mounted (a loop
+        // device is let go a moment after its last unmount).
+        let mut waited = 0;
+        while loop_backs(&img) {
+            if waited >= 50 {
+                return Err(VolumeError::Busy(id.to_owned()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            waited += 1;
         }
         if writable {
             std::fs::write(self.guest_mark(id), b"").map_err(|source| VolumeError::Io {

@@ -32,6 +32,8 @@
 //!   frames (input and resizes in; output and the exit out).
 //! - `GET /files/watch?path=&recursive=` → NDJSON [`WatchEvent`] lines as changes happen.
 //! - `POST /hostname` with [`HostnameRequest`]: sets the sandbox's host name (`{}`).
+//! - `POST /volumes/release` (`{}`): a vm guest about to be stopped ends every process
+//!   and unmounts its volumes (clean file systems for the next user).
 //! - `POST /disk/grow` with [`GrowRequest`] (`{}`): a vm guest grows its root file
 //!   system to fill its disk.
 //! - `POST /egress/listen` (`{}`) and `POST /egress/accept` (streamed both ways): a vm
@@ -445,6 +447,14 @@ pub struct HostnameRequest {
     pub hostname: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
+    /// Fresh random bytes (hex) the guest's kernel mixes in and reseeds from: a copy of
+    /// another guest's memory has that guest's random state too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy_hex: Option<String>,
+    /// The host's clock (nanoseconds since the epoch): a copy's clock resumes at the
+    /// time it was captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub now_unix_ns: Option<u64>,
 }
 
 /// Body of `POST /bg/signal`.

@@ -2,6 +2,7 @@
 //! incoming migration (fork child, wake) or adoption, and the files of a VM's run dir.
 
 use super::*;
+use std::os::unix::fs::OpenOptionsExt as _;
 
 impl Inner {
     /// A new VM for `spec`: a copy of the named snapshot it names, else of its
@@ -156,8 +157,17 @@ impl Inner {
             let id = id.clone();
             move |e: std::io::Error| RuntimeError::host(op, &id, e)
         };
-        // A fresh RAM file every time (a stale one of another size stops QEMU).
+        // A fresh RAM file every time (a stale one of another size stops QEMU), made
+        // here so that only root reads it (QEMU would make it 0644).
         let _ = std::fs::remove_file(&ram);
+        if !matches!(source, Source::Fork { .. } | Source::Adopt { .. }) {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&ram)
+                .map_err(fail("make the RAM file"))?;
+        }
         let log = std::fs::File::create(&vm.qemu_log).map_err(fail("make QEMU log"))?;
         let log2 = log.try_clone().map_err(fail("make QEMU log"))?;
         let mut cmd = tokio::process::Command::new(&self.cfg.qemu_bin);
@@ -345,13 +355,12 @@ impl Inner {
                 .volumes_dir
                 .join(forkbox_core::volumes::image_file(&v.id));
             args.push("-drive".into());
-            // A read-only volume is opened read-only (`snapshot=on`: the guest's writes,
-            // such as a journal replay after a writer that ended uncleanly, go to a
-            // temporary overlay QEMU discards), and the guest mounts it read-only.
+            // A read-only volume is a read-only device: the guest cannot write a byte
+            // of it (nor fill the host's disk through an overlay).
             args.push(format!(
-                "id=v{i},file={},format=raw,if=none{}",
+                "id=v{i},file={},format=raw,if=none,readonly={}",
                 image.display(),
-                if v.read_only { ",snapshot=on" } else { "" }
+                if v.read_only { "on" } else { "off" }
             ));
             args.push("-device".into());
             args.push(format!(

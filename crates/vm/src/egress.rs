@@ -97,13 +97,14 @@ async fn accept_one(client: AgentClient) -> Result<Conn, forkbox_agent_client::A
     use futures_util::StreamExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let (to_guest, rx) =
-        tokio::sync::mpsc::channel::<Result<Bytes, forkbox_agent_client::BoxError>>(16);
+        tokio::sync::mpsc::channel::<Result<Bytes, forkbox_agent_client::BoxError>>(2);
     let input =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
     let mut from_guest = client.egress_accept(input).await?;
-    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (ours, theirs) = tokio::io::duplex(16 * 1024);
     let (mut rd, mut wr) = tokio::io::split(theirs);
-    tokio::spawn(async move {
+    // Either direction's end ends the other: nothing waits on a side that is gone.
+    let down = tokio::spawn(async move {
         while let Some(Ok(b)) = from_guest.next().await {
             if wr.write_all(&b).await.is_err() {
                 return;
@@ -112,21 +113,31 @@ async fn accept_one(client: AgentClient) -> Result<Conn, forkbox_agent_client::A
         let _ = wr.shutdown().await;
     });
     tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; 16 * 1024];
         loop {
             match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => break,
                 Ok(n) => {
                     if to_guest
                         .send(Ok(Bytes::copy_from_slice(&buf[..n])))
                         .await
                         .is_err()
                     {
-                        return;
+                        break;
                     }
                 }
             }
         }
+        // The proxy closed its side (or the guest's input is gone): the program's
+        // connection ends too once what was sent is through.
+        drop(to_guest);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while !down.is_finished() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        down.abort();
     });
     Ok(ours)
 }

@@ -383,10 +383,7 @@ impl Inner {
             let copy = self.boot(spec, source).await?;
             let own = async {
                 // Its memory is another VM's, hostname included: its own instead.
-                copy.client()?
-                    .set_hostname(&spec.id, env)
-                    .await
-                    .map_err(|e| copy.agent_err(e))?;
+                copy.refresh_identity(&spec.id, env).await?;
                 // Its disk: at least the origin's, grown to its own `disk_mb`.
                 let want = self.disk_size(spec).await?;
                 if want > captured.size {

@@ -181,6 +181,40 @@ impl VmInstance {
         r.map_err(|e| RuntimeError::host(op, &self.id, e))
     }
 
+    /// Gives a guest restored from someone's memory (a copy, a woken sandbox) its own
+    /// host name, the host's clock, fresh randomness and, if `env` is given, that
+    /// environment.
+    pub(crate) async fn refresh_identity(
+        &self,
+        hostname: &str,
+        env: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Result<(), RuntimeError> {
+        let mut seed = [0u8; 64];
+        // SAFETY: getrandom fills the buffer it is given, at most its length.
+        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        if n != seed.len() as isize {
+            return Err(RuntimeError::host(
+                "seed the guest",
+                &self.id,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .ok();
+        let req = forkbox_types::agent::HostnameRequest {
+            hostname: hostname.to_owned(),
+            env: env.cloned(),
+            entropy_hex: Some(seed.iter().map(|b| format!("{b:02x}")).collect()),
+            now_unix_ns: now,
+        };
+        self.client()?
+            .set_hostname(&req)
+            .await
+            .map_err(|e| self.agent_err(e))
+    }
+
     /// Loads the saved VM into this QEMU (started with `-incoming defer`) and runs it.
     /// `ignore_shared`: the stream has device state only (a fork child's).
     pub(crate) async fn restore(
@@ -228,27 +262,17 @@ impl VmInstance {
             .map_err(|e| self.agent_err(e))
     }
 
-    /// Has the guest write what it holds of its writable volumes (it is about to be
-    /// killed; what reached the image stays, a journal replays the rest at the next
-    /// mount). Best effort, a few seconds at most.
-    pub(crate) async fn sync_volumes(&self) {
-        use futures_util::StreamExt as _;
+    /// Has the guest end its processes and unmount its writable volumes, so their
+    /// file systems are clean for whoever mounts them next (it is about to be
+    /// killed). Best effort, a few seconds at most: what reached the image stays, and
+    /// a journal replays the rest at the next writable mount.
+    pub(crate) async fn release_volumes(&self) {
         if self.volumes.iter().all(|v| v.read_only) || !self.is_alive() {
             return;
         }
-        let req = ExecRequest {
-            cmd: "sync".into(),
-            cwd: Some("/".into()),
-            env: Default::default(),
-            timeout_ms: Some(10_000),
-        };
-        let synced = async {
-            if let Ok(mut events) = self.agent()?.exec(&req).await {
-                while events.next().await.is_some() {}
-            }
-            Ok::<(), RuntimeError>(())
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(12), synced).await;
+        if let Ok(c) = self.client() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), c.release_volumes()).await;
+        }
     }
 
     /// Kills QEMU, waits for it and frees its RAM; the VM's files stay.
@@ -269,7 +293,7 @@ impl VmInstance {
     }
 
     pub(crate) async fn destroy_in(&self) -> Result<(), RuntimeError> {
-        self.sync_volumes().await;
+        self.release_volumes().await;
         self.stop_qemu().await;
         let r = match std::fs::remove_dir_all(&self.vm.dir) {
             Ok(()) => Ok(()),

@@ -128,6 +128,8 @@ pub enum VmError {
     Tsc,
     #[error("QEMU's cgroups: {0}")]
     Cgroup(#[from] forkbox_sys::cgroup::CgroupError),
+    #[error("make the vm run dir: {0}")]
+    RunDir(std::io::Error),
 }
 
 pub struct VmRuntime {
@@ -162,6 +164,13 @@ impl VmRuntime {
             Some(root) => Some(forkbox_sys::cgroup::Driver::detect(root, CGROUP_PARENT)?),
             None => None,
         };
+        // Guest disks, RAM copies, snapshots and sockets: root's alone.
+        std::fs::create_dir_all(&cfg.run_dir).map_err(VmError::RunDir)?;
+        std::fs::set_permissions(
+            &cfg.run_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(VmError::RunDir)?;
         let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map(|(soft, _)| soft)
             .unwrap_or(1024);
@@ -256,6 +265,12 @@ impl Inner {
         let Some(d) = &self.cgroups else {
             return Ok(());
         };
+        // A VM booted to make a boot image runs no one's code, for seconds, and dies
+        // with the server (`PR_SET_PDEATHSIG`): a group of its own would outlive a
+        // server killed meanwhile.
+        if id.starts_with(pool::IMAGE_VM_PREFIX) {
+            return Ok(());
+        }
         let fail = |e| RuntimeError::host("put QEMU in its cgroup", id, e);
         // A group left by an earlier QEMU of this VM (hibernated, merged) goes first.
         let _ = d.open(id).map(|g| g.remove(Duration::from_secs(1)));
@@ -329,6 +344,11 @@ impl Runtime for VmRuntime {
         let i = self.inner.boot(spec, Source::Restore(&vm.state)).await?;
         // Running again: the saved RAM is not needed any more.
         let _ = std::fs::remove_file(&vm.state);
+        // Its clock stopped when it went to sleep; its random state was saved.
+        if let Err(e) = i.refresh_identity(&spec.id, None).await {
+            let _ = i.destroy_in().await;
+            return Err(e);
+        }
         Ok(i)
     }
 
@@ -391,6 +411,10 @@ impl Runtime for VmRuntime {
                 },
                 other => other,
             })?;
+        if let Some(hosts) = spec.egress.as_deref().filter(|h| !h.is_empty()) {
+            // A paused guest cannot answer; its listener runs since before.
+            instance.start_egress(hosts, !paused).await?;
+        }
         tracing::info!(sandbox = %spec.id, paused, "vm adopted");
         Ok(instance)
     }
@@ -415,6 +439,28 @@ impl Runtime for VmRuntime {
             }
         }
         let _ = std::fs::remove_file(self.inner.ram_file(id));
+        // What a fork of it interrupted by a crash left: its RAM copy and device state.
+        let layer_prefix = format!("forkbox-vm-layer-{id}-");
+        for e in std::fs::read_dir(&self.inner.cfg.ram_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(&layer_prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let state_prefix = format!("{id}-");
+        for e in std::fs::read_dir(dir.parent().unwrap_or(&dir).join("layers"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&state_prefix) && name.ends_with(".state") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         self.inner.release_cgroup(id);
         let r = match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),

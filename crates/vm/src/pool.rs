@@ -15,6 +15,10 @@ use futures_util::StreamExt as _;
 /// The file in an image's dir that says what it was made from.
 const FINGERPRINT: &str = "fingerprint";
 
+/// Most boot images kept; past it the least recently made go (copies made from them
+/// keep their layers).
+const MAX_IMAGES: usize = 4;
+
 /// Prefix of the ids of the VMs booted to make an image (never sandboxes).
 pub(crate) const IMAGE_VM_PREFIX: &str = "vmimg-";
 
@@ -70,7 +74,8 @@ impl Inner {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            if !making.insert(dir.clone()) {
+            // One at a time, whatever asks: a boot image is a cache, not a right.
+            if !making.is_empty() || !making.insert(dir.clone()) {
                 return;
             }
         }
@@ -109,6 +114,15 @@ impl Inner {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
+        // What an earlier server killed while making this image left.
+        if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
+            let stale = format!("{}.", name.to_string_lossy());
+            for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with(&stale) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         spec.id = format!("{IMAGE_VM_PREFIX}{stamp}");
         spec.env = Default::default();
         spec.snapshot = None;
@@ -143,6 +157,9 @@ impl Inner {
             let _ = std::fs::rename(dir, &old);
             std::fs::rename(&tmp, dir).map_err(io)?;
             let _ = std::fs::remove_dir_all(&old);
+            if let Some(images) = dir.parent() {
+                keep_newest(images, MAX_IMAGES);
+            }
             Ok::<(), RuntimeError>(())
         }
         .await;
@@ -152,5 +169,30 @@ impl Inner {
         }
         collect_layers(&self.cfg.run_dir.join("layers"));
         made
+    }
+}
+
+/// Deletes all but the `n` most recently made images in `images` (and anything else
+/// there that is no finished image: what a killed server left).
+fn keep_newest(images: &Path, n: usize) {
+    let mut made: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+    for e in std::fs::read_dir(images).into_iter().flatten().flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.contains(".tmp-") {
+            // Being made (one at a time: `make_image_later`) or left by a killed
+            // server; the builder removes its own.
+            continue;
+        }
+        match std::fs::metadata(p.join(FINGERPRINT)).and_then(|m| m.modified()) {
+            Ok(t) if !name.contains(".old-") => made.push((t, p)),
+            _ => {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
+    }
+    made.sort_by_key(|m| std::cmp::Reverse(m.0));
+    for (_, p) in made.into_iter().skip(n) {
+        let _ = std::fs::remove_dir_all(p);
     }
 }

@@ -241,6 +241,11 @@ impl Manager {
         }
         let runtime = self.pick_runtime(req.runtime.as_deref())?;
         let _admitted = self.admit(&workspace, 1, memory_mb).await?;
+        // Until its record says it mounts them, no other create decides about them.
+        let _claims = match spec.volumes.is_empty() {
+            true => None,
+            false => Some(self.volume_claims.lock().await),
+        };
         self.claim_volumes(runtime.as_ref(), &spec.volumes).await?;
         let instance = runtime.create(&spec).await?;
         let from_snapshot = spec.snapshot.clone();

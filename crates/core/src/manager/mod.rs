@@ -161,6 +161,9 @@ pub struct Manager {
     warm: Mutex<crate::runner::Warm>,
     /// Template builds (`templates.rs`).
     template_builds: Mutex<crate::templates::Builds>,
+    /// Held by a create with volumes from the check of who mounts them until its
+    /// record is written (`volumes.rs`: who may mount a volume beside whom).
+    pub(crate) volume_claims: tokio::sync::Mutex<()>,
     /// Work started off the request path (pool refills, template builds, deleting a
     /// runner's sandbox, releasing a merge's old state): `shutdown` waits for it.
     tasks: tokio_util::task::TaskTracker,
@@ -270,6 +273,7 @@ impl Manager {
             node_cache: Mutex::new(Vec::new()),
             warm: Mutex::new(Default::default()),
             template_builds: Mutex::new(Default::default()),
+            volume_claims: tokio::sync::Mutex::new(()),
             lsp: Arc::new(tokio::sync::Semaphore::new(LSP_PER_SERVER)),
         })
     }
