@@ -267,6 +267,19 @@ impl Row {
     }
 }
 
+/// `n` samples each of exec `echo hi` and run_code `print(1)` on the sandbox whose exec
+/// URL is `url`.
+async fn time_echo_and_print(
+    http: &reqwest::Client,
+    url: &str,
+    n: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let exec = time_exec(http, url, serde_json::json!({"cmd": "echo hi"}), "hi\\n", n).await?;
+    let code = serde_json::json!({"code": "print(1)"});
+    let run_code = time_exec(http, url, code, "1\\n", n).await?;
+    Ok((exec, run_code))
+}
+
 /// The rows as a markdown table with a verdict per budget; whether all are within.
 fn rows_table(rows: &[Row]) -> (String, bool) {
     let mut md = String::new();
@@ -509,23 +522,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .unwrap_or_default()
         .to_owned();
     let url = format!("{base}/v1/sandboxes/{id}/exec");
-    let exec = time_exec(
-        &http,
-        &url,
-        serde_json::json!({"cmd": "echo hi"}),
-        "hi\\n",
-        n,
-    )
-    .await?;
-    // run_code `print(1)` on a warm Python REPL (same sandbox).
-    let run_code = time_exec(
-        &http,
-        &url,
-        serde_json::json!({"code": "print(1)"}),
-        "1\\n",
-        n,
-    )
-    .await?;
+    // exec `echo hi`, then run_code `print(1)` on a warm Python REPL (same sandbox).
+    let (exec, run_code) = time_echo_and_print(&http, &url, n).await?;
     // pause / resume of the same (idle) sandbox.
     let (mut pause, mut resume) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n + 2 {

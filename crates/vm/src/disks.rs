@@ -2,8 +2,12 @@
 
 use super::*;
 
-/// Virtual size in bytes of a disk image (readable while QEMU holds it).
+/// Virtual size in bytes of a disk image (readable while QEMU holds it): a qcow2's
+/// from its header, anything else from `qemu-img info`.
 pub(crate) async fn image_size(qemu_img: &Path, image: &Path) -> Result<u64, RuntimeError> {
+    if let Some(size) = qcow2_size(image) {
+        return Ok(size);
+    }
     let out = tokio::process::Command::new(qemu_img)
         .args(["info", "-U", "--output=json"])
         .arg(image)
@@ -20,6 +24,21 @@ pub(crate) async fn image_size(qemu_img: &Path, image: &Path) -> Result<u64, Run
                 std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
             )
         })
+}
+
+/// The virtual size in a qcow2 header (magic `QFI\xfb`, the size a big-endian u64 at
+/// byte 24), if `image` is a qcow2.
+fn qcow2_size(image: &Path) -> Option<u64> {
+    use std::os::unix::fs::FileExt as _;
+    let mut head = [0u8; 32];
+    std::fs::File::open(image)
+        .ok()?
+        .read_exact_at(&mut head, 0)
+        .ok()?;
+    if head[..4] != *b"QFI\xfb" {
+        return None;
+    }
+    Some(u64::from_be_bytes(head[24..32].try_into().ok()?))
 }
 
 /// Makes a qcow2 overlay on `backing` without opening it (QEMU may hold it).
@@ -133,4 +152,25 @@ pub(crate) fn qemu_of(pid: i32, dir: &Path) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let needle = dir.to_string_lossy();
     String::from_utf8_lossy(&cmdline).contains(needle.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_qcow2_header_gives_its_virtual_size() {
+        let t = tempfile::tempdir().unwrap();
+        let q = t.path().join("d.qcow2");
+        let mut head = vec![0u8; 104];
+        head[..4].copy_from_slice(b"QFI\xfb");
+        head[4..8].copy_from_slice(&3u32.to_be_bytes());
+        head[24..32].copy_from_slice(&(9u64 << 30).to_be_bytes());
+        std::fs::write(&q, &head).unwrap();
+        assert_eq!(qcow2_size(&q), Some(9 << 30));
+        std::fs::write(&q, b"not a qcow2 image at all, longer than 32 bytes").unwrap();
+        assert_eq!(qcow2_size(&q), None);
+        assert_eq!(qcow2_size(&t.path().join("missing")), None);
+    }
 }

@@ -372,7 +372,11 @@ impl Inner {
             overlay(&self.cfg.qemu_img, &captured.disk, &vm.disk, captured.size)
                 .await
                 .map_err(io)?;
-            std::fs::copy(&captured.initrd, &vm.initrd).map_err(io)?;
+            // Only for QEMU's command line (the guest's memory is the capture's): a
+            // second name will do.
+            std::fs::hard_link(&captured.initrd, &vm.initrd)
+                .or_else(|_| std::fs::copy(&captured.initrd, &vm.initrd).map(|_| ()))
+                .map_err(io)?;
             let source = match &captured.ram {
                 Some(ram) => Source::Fork {
                     state: &captured.state,

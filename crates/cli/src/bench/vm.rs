@@ -3,7 +3,9 @@
 //! the same kernel to a trivial init, measured in the same run. Written into the `vm`
 //! section of `--markdown`.
 
-use super::{children, in_process, ms, post_json, rows_table, time_exec, BenchArgs, Row};
+use super::{
+    children, in_process, ms, post_json, rows_table, time_echo_and_print, time_exec, BenchArgs, Row,
+};
 use anyhow::bail;
 use std::time::{Duration, Instant};
 
@@ -109,22 +111,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // Calls into a warm guest.
     let (_, id) = create(vm.clone()).await?;
     let url = format!("{base}/v1/sandboxes/{id}/exec");
-    let exec = time_exec(
-        &http,
-        &url,
-        serde_json::json!({"cmd": "echo hi"}),
-        "hi\\n",
-        n,
-    )
-    .await?;
-    let run_code = time_exec(
-        &http,
-        &url,
-        serde_json::json!({"code": "print(1)"}),
-        "1\\n",
-        n,
-    )
-    .await?;
+    let (exec, run_code) = time_echo_and_print(&http, &url, n).await?;
 
     // Fork into four, a parent made from the boot image (whose RAM is a private
     // mapping of the image's: captured whole).
