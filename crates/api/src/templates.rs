@@ -64,9 +64,19 @@ pub async fn build(
     JsonBody(b): JsonBody<TemplateBody>,
 ) -> Result<Response, ApiError> {
     admin_only(&p, &st, "building")?;
-    let events = st
-        .manager
-        .build_template(TemplateSpec {
+    let events = st.manager.build_template(template_spec(b)?).await?;
+    Ok(ndjson(events))
+}
+
+/// The build a request asks for: its fields, or what its Dockerfile says.
+fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
+    let Some(text) = b.dockerfile else {
+        if !b.build_args.is_empty() {
+            return Err(ApiError::BadRequest(
+                "build_args go with a dockerfile".into(),
+            ));
+        }
+        return Ok(TemplateSpec {
             name: b.name,
             base: b.base,
             packages: b.packages,
@@ -74,9 +84,31 @@ pub async fn build(
             env: b.env,
             workdir: b.workdir,
             egress: b.egress_allowlist,
-        })
-        .await?;
-    Ok(ndjson(events))
+        });
+    };
+    if b.base.is_some()
+        || !b.packages.is_empty()
+        || !b.run.is_empty()
+        || !b.env.is_empty()
+        || b.workdir.is_some()
+    {
+        return Err(ApiError::BadRequest(
+            "a dockerfile says the base, commands, environment and working directory: \
+             give it without base, packages, run, env or workdir"
+                .into(),
+        ));
+    }
+    let recipe = forkbox_dockerfile::read(&text, &b.build_args)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(TemplateSpec {
+        name: b.name,
+        base: recipe.base,
+        packages: Vec::new(),
+        run: recipe.run,
+        env: recipe.env,
+        workdir: recipe.workdir,
+        egress: b.egress_allowlist,
+    })
 }
 
 #[utoipa::path(get, path = "/v1/templates", tag = "templates", responses((status = 200, description = "Built templates and builds this server runs or saw fail", body = TemplateList)))]

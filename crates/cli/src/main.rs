@@ -85,12 +85,17 @@ enum TemplateCmd {
     Build {
         #[command(flatten)]
         conn: client::Conn,
-        /// The template file.
+        /// The template file: the fields of `POST /v1/templates` in TOML, or a
+        /// Dockerfile (a file named `Dockerfile`, `*.Dockerfile` or `Dockerfile.*`;
+        /// then `--name` is required).
         #[arg(short = 'f', long = "file")]
         file: std::path::PathBuf,
         /// Build under this name instead of the file's.
         #[arg(long)]
         name: Option<String>,
+        /// A Dockerfile's `ARG` value, `KEY=VALUE` (repeatable).
+        #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+        build_args: Vec<String>,
     },
     /// List a server's templates.
     Ls {
@@ -147,8 +152,14 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Cmd::Template {
-                cmd: TemplateCmd::Build { conn, file, name },
-            } => return templates::build(&conn, &file, name).await,
+                cmd:
+                    TemplateCmd::Build {
+                        conn,
+                        file,
+                        name,
+                        build_args,
+                    },
+            } => return templates::build(&conn, &file, name, &build_args).await,
             Cmd::Template {
                 cmd: TemplateCmd::Ls { conn },
             } => return templates::ls(&conn).await,

@@ -11,15 +11,54 @@ use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// Whether `file` is a Dockerfile by its name (`Dockerfile`, `*.Dockerfile`,
+/// `Dockerfile.*`, any case).
+fn is_dockerfile(file: &std::path::Path) -> bool {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    name == "dockerfile" || name.ends_with(".dockerfile") || name.starts_with("dockerfile.")
+}
+
 /// `forkbox template build`.
-pub async fn build(conn: &Conn, file: &PathBuf, name: Option<String>) -> anyhow::Result<ExitCode> {
+pub async fn build(
+    conn: &Conn,
+    file: &PathBuf,
+    name: Option<String>,
+    build_args: &[String],
+) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
-    // A template file is the body of `POST /v1/templates`, in TOML.
-    let mut t: TemplateBody =
-        toml::from_str(&text).with_context(|| format!("parse {}", file.display()))?;
-    if let Some(n) = name {
-        t.name = n;
+    let mut args = std::collections::BTreeMap::new();
+    for a in build_args {
+        let (k, v) = a
+            .split_once('=')
+            .with_context(|| format!("--build-arg {a}: expected KEY=VALUE"))?;
+        args.insert(k.to_owned(), v.to_owned());
     }
+    let t = if is_dockerfile(file) {
+        // The server reads it (and says which line it cannot build).
+        let Some(name) = name else {
+            bail!("a Dockerfile names no template: give --name");
+        };
+        TemplateBody {
+            name,
+            dockerfile: Some(text),
+            build_args: args,
+            ..Default::default()
+        }
+    } else {
+        if !args.is_empty() {
+            bail!("--build-arg goes with a Dockerfile");
+        }
+        // A template file is the body of `POST /v1/templates`, in TOML.
+        let mut t: TemplateBody =
+            toml::from_str(&text).with_context(|| format!("parse {}", file.display()))?;
+        if let Some(n) = name {
+            t.name = n;
+        }
+        t
+    };
     let api = Api::new(conn)?;
     let r = api
         .send(api.http.post(format!("{}/v1/templates", api.base)).json(&t))

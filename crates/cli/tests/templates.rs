@@ -445,3 +445,85 @@ async fn packages_run_confined_even_with_a_hostile_base() {
         assert_eq!(delete_template(&s, t).await.0, 204);
     }
 }
+
+/// Issue 28, first part: a Dockerfile is a template build. `FROM` a forkbox template,
+/// `ARG` (with `--build-arg`), `ENV`, `WORKDIR`, `RUN` (each seeing only what was set
+/// before it) and `LABEL` build through the CLI and the API; a sandbox of the template
+/// starts with its environment and files; what forkbox cannot build yet is a 400 naming
+/// the instruction and its line, and leaves nothing behind.
+#[tokio::test]
+async fn templates_build_from_a_dockerfile() {
+    let s = Server::start();
+    let name = unique("e2e-docker");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("Dockerfile");
+    std::fs::write(
+        &file,
+        "# a small app\nFROM python\nARG GREETING=hi\nENV APP_DIR=/srv/app\nWORKDIR $APP_DIR\n\
+         RUN echo \"$GREETING from $(pwd), later=${LATER:-unset}\" > greeting.txt\n\
+         ENV LATER=1\nRUN [\"python3\", \"-c\", \"open('app.py', 'w').write('print(6 * 7)')\"]\n\
+         LABEL org.example.app=\"demo\"\nCMD [\"python3\", \"app.py\"]\n",
+    )
+    .unwrap();
+    let o = forkbox(
+        &s,
+        &[
+            "template",
+            "build",
+            "-f",
+            file.to_str().unwrap(),
+            "--name",
+            &name,
+            "--build-arg",
+            "GREETING=hello",
+        ],
+    );
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.contains(&format!("template {name} ready")), "{out}");
+    let sb = s.create(json!({"template": name})).await;
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let (out, _, _) = s
+        .sh(
+            &id,
+            "cat /srv/app/greeting.txt; echo $APP_DIR $LATER; python3 /srv/app/app.py",
+        )
+        .await;
+    assert_eq!(out, "hello from /srv/app, later=unset\n/srv/app 1\n42\n");
+    assert_eq!(s.delete(&id).await, 204);
+    assert_eq!(delete_template(&s, &name).await.0, 204);
+
+    // Through the API: refusals name the line, and nothing is built.
+    for (dockerfile, line, what) in [
+        ("FROM python\nRUN true\nCOPY app.py /srv/\n", 3, "COPY"),
+        ("FROM python\nUSER nobody\n", 2, "USER"),
+        ("FROM python:3.11-slim\n", 1, "OCI image"),
+        ("FROM python\nFROBNICATE x\n", 2, ""),
+    ] {
+        let (st, ev) = build(&s, json!({"name": name, "dockerfile": dockerfile})).await;
+        assert_eq!(st, 400, "{dockerfile:?}: {ev:?}");
+        let msg = ev[0]["error"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("Dockerfile line {line}:")) && msg.contains(what),
+            "{dockerfile:?}: {msg}"
+        );
+        assert_eq!(ev[0]["code"], "invalid_request");
+    }
+    let (st, ev) = build(
+        &s,
+        json!({"name": name, "dockerfile": "FROM python\n", "run": ["true"]}),
+    )
+    .await;
+    assert_eq!(st, 400, "{ev:?}");
+    let (st, _) = build(
+        &s,
+        json!({"name": name, "dockerfile": "FROM nosuchtemplate\n"}),
+    )
+    .await;
+    assert_eq!(st, 404);
+    let (st, _) = get(&s, &format!("/v1/templates/{name}")).await;
+    assert_eq!(st, 404);
+}

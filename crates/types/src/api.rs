@@ -214,6 +214,14 @@ pub struct TemplateBody {
     /// is set); absent: no network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_allowlist: Option<Vec<String>>,
+    /// A Dockerfile instead of `base`, `packages`, `run`, `env` and `workdir`: its
+    /// `FROM` names the base (a template, or `debian`), its `RUN`, `ENV`, `WORKDIR`,
+    /// `ARG` and `LABEL` are the build (docs/api.md lists what else is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    /// The Dockerfile's `ARG` values (like `docker build --build-arg`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub build_args: BTreeMap<String, String>,
 }
 
 /// A template as the API shows it.

@@ -1,0 +1,584 @@
+//! A Dockerfile read into the steps of a forkbox template build: the template to
+//! layer on, the commands to run in the build sandbox, and the environment and working
+//! directory its sandboxes start with. Parsed with `parse-dockerfile`; what forkbox
+//! cannot do yet is refused naming the instruction and its line.
+//!
+//! Semantics, as Docker's where they apply:
+//! - one stage; `FROM <template>` layers on a forkbox template, `FROM debian` /
+//!   `debian:bookworm` builds on Debian from scratch; `FROM` of any other image
+//!   (a registry name, a tag) is refused (OCI images are not imported yet);
+//! - `ARG name[=default]` (before `FROM` too), overridden by the build's arguments;
+//!   seen by later instructions' `$name`/`${name}` and by later `RUN`s as environment,
+//!   not kept in the template;
+//! - `ENV` (`k=v …`, or the old `k v`), `WORKDIR` (made if missing; relative to the
+//!   previous), with `$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR:+alt}` expanded;
+//!   each `RUN` sees exactly the environment and directory set before it, and the
+//!   template keeps the last ones;
+//! - `RUN` in shell or exec form, run by `/bin/sh -c` in the build sandbox;
+//! - `LABEL`, `MAINTAINER`, `EXPOSE`, `CMD`, `ENTRYPOINT`, `STOPSIGNAL`,
+//!   `HEALTHCHECK`: accepted and recorded as labels or dropped (a sandbox has no main
+//!   process to start);
+//! - refused: `COPY`, `ADD` (no build context yet), `USER` (sandboxes run as root),
+//!   `VOLUME`, `SHELL`, `ONBUILD`, `RUN` options (`--mount`, …) and here-documents,
+//!   `FROM` options and a second `FROM`.
+
+use std::collections::BTreeMap;
+
+/// A Dockerfile that cannot be built, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Dockerfile line {line}: {message}")]
+pub struct DockerfileError {
+    /// 1-based; 0 when the whole file is at fault.
+    pub line: usize,
+    pub message: String,
+}
+
+/// What a Dockerfile builds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recipe {
+    /// The forkbox template to layer on; `None`: Debian from scratch.
+    pub base: Option<String>,
+    /// Shell commands, in order, each setting its own environment and directory first.
+    pub run: Vec<String>,
+    /// The environment the template's sandboxes start with (`ENV`, not `ARG`).
+    pub env: BTreeMap<String, String>,
+    /// The working directory at the end (`WORKDIR`).
+    pub workdir: Option<String>,
+    /// `LABEL`s (and `MAINTAINER` as `maintainer`).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Reads `text` (a Dockerfile) with the build's `args` (`--build-arg`).
+pub fn read(text: &str, args: &BTreeMap<String, String>) -> Result<Recipe, DockerfileError> {
+    use parse_dockerfile::Instruction as I;
+    let file = parse_dockerfile::parse(text).map_err(|e| DockerfileError {
+        line: e.line(),
+        message: format!("{e:#}"),
+    })?;
+    let line = |at: usize| {
+        let before = &text.as_bytes()[..at.min(text.len())];
+        before.iter().filter(|b| **b == b'\n').count() + 1
+    };
+    let refuse = |at: usize, message: String| DockerfileError {
+        line: line(at),
+        message,
+    };
+    let mut st = State::default();
+    let mut recipe = Recipe::default();
+    let mut seen_from = false;
+    // Each RUN's command and the ENV names set before it.
+    let mut steps: Vec<(String, Vec<String>)> = Vec::new();
+    for ins in &file.instructions {
+        match ins {
+            I::Arg(a) => {
+                let (name, default) = match a.arguments.value.split_once('=') {
+                    Some((n, d)) => (n.trim(), Some(unquote(d.trim()))),
+                    None => (a.arguments.value.trim(), None),
+                };
+                if !is_name(name) {
+                    return Err(refuse(a.arg.span.start, format!("bad ARG name {name:?}")));
+                }
+                let default = default
+                    .map(|d| st.expand(&d))
+                    .transpose()
+                    .map_err(|m| refuse(a.arg.span.start, m))?;
+                if let Some(v) = args.get(name).cloned().or(default) {
+                    st.args.insert(name.to_owned(), v);
+                } else {
+                    st.args.remove(name);
+                }
+            }
+            I::From(f) => {
+                if seen_from {
+                    return Err(refuse(
+                        f.from.span.start,
+                        "multi-stage builds are not supported (one FROM)".into(),
+                    ));
+                }
+                seen_from = true;
+                if let Some(o) = f.options.first() {
+                    return Err(refuse(
+                        o.span().start,
+                        format!("FROM --{} is not supported", o.name.value),
+                    ));
+                }
+                let image = st
+                    .expand(&f.image.value)
+                    .map_err(|m| refuse(f.from.span.start, m))?;
+                recipe.base = base_of(&image).map_err(|m| refuse(f.image.span.start, m))?;
+                // Only the build's arguments and ARGs redeclared in the stage go on.
+                st.args.retain(|_, _| false);
+            }
+            _ if !seen_from => {
+                return Err(refuse(
+                    span_of(ins).start,
+                    "only ARG may come before the first FROM".into(),
+                ))
+            }
+            I::Env(e) => {
+                for (k, v) in pairs(&e.arguments.value).map_err(|m| refuse(e.env.span.start, m))? {
+                    let v = st.expand(&v).map_err(|m| refuse(e.env.span.start, m))?;
+                    st.env.insert(k, v);
+                }
+            }
+            I::Workdir(w) => {
+                let dir = st
+                    .expand(w.arguments.value.trim())
+                    .map_err(|m| refuse(w.workdir.span.start, m))?;
+                let dir = unquote(&dir);
+                let abs = if dir.starts_with('/') {
+                    dir
+                } else {
+                    format!("{}/{dir}", st.workdir.as_deref().unwrap_or("/"))
+                };
+                if abs.contains('\0') {
+                    return Err(refuse(w.workdir.span.start, "bad WORKDIR".into()));
+                }
+                st.workdir = Some(normalize(&abs));
+            }
+            I::Run(r) => {
+                if let Some(o) = r.options.first() {
+                    return Err(refuse(
+                        o.span().start,
+                        format!("RUN --{} is not supported", o.name.value),
+                    ));
+                }
+                if !r.here_docs.is_empty() {
+                    return Err(refuse(
+                        r.run.span.start,
+                        "here-documents are not supported".into(),
+                    ));
+                }
+                let cmd = match &r.arguments {
+                    parse_dockerfile::Command::Shell(s) => s.value.to_owned(),
+                    parse_dockerfile::Command::Exec(v) => v
+                        .value
+                        .iter()
+                        .map(|a| shell_quote(&a.value))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    _ => {
+                        return Err(refuse(
+                            r.run.span.start,
+                            "this form of RUN is not supported".into(),
+                        ))
+                    }
+                };
+                steps.push((st.command(&cmd), st.env.keys().cloned().collect::<Vec<_>>()));
+            }
+            I::Label(l) => {
+                for (k, v) in
+                    pairs(&l.arguments.value).map_err(|m| refuse(l.label.span.start, m))?
+                {
+                    let v = st.expand(&v).map_err(|m| refuse(l.label.span.start, m))?;
+                    recipe.labels.insert(k, v);
+                }
+            }
+            I::Maintainer(m) => {
+                recipe
+                    .labels
+                    .insert("maintainer".into(), m.name.value.to_string());
+            }
+            // A sandbox has no main process; these describe one.
+            I::Expose(_) | I::Cmd(_) | I::Entrypoint(_) | I::Stopsignal(_) | I::Healthcheck(_) => {}
+            I::Copy(_) | I::Add(_) => {
+                return Err(refuse(
+                    span_of(ins).start,
+                    format!(
+                    "{} is not supported yet (no build context): use RUN to fetch or write files",
+                    keyword(ins)
+                ),
+                ))
+            }
+            other => {
+                return Err(refuse(
+                    span_of(other).start,
+                    format!("{} is not supported", keyword(other)),
+                ))
+            }
+        }
+    }
+    if !seen_from {
+        return Err(DockerfileError {
+            line: 0,
+            message: "no FROM instruction".into(),
+        });
+    }
+    // The template's environment is every step's too (the build sets it): a step does
+    // not see what is set only after it.
+    recipe.run = steps
+        .into_iter()
+        .map(|(cmd, before)| {
+            let later: Vec<&str> = st
+                .env
+                .keys()
+                .filter(|k| !before.contains(k))
+                .map(String::as_str)
+                .collect();
+            match later.is_empty() {
+                true => cmd,
+                false => format!("unset {}; {cmd}", later.join(" ")),
+            }
+        })
+        .collect();
+    recipe.env = st.env;
+    recipe.workdir = st.workdir;
+    Ok(recipe)
+}
+
+/// What `FROM image` layers on: a forkbox template (`None` for Debian).
+fn base_of(image: &str) -> Result<Option<String>, String> {
+    match image {
+        "debian" | "debian:bookworm" | "debian-bookworm" => return Ok(None),
+        "scratch" => return Err("FROM scratch is not supported: start FROM debian".into()),
+        _ => {}
+    }
+    let template = !image.is_empty()
+        && image.len() <= 64
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if template {
+        Ok(Some(image.to_owned()))
+    } else {
+        Err(format!(
+            "FROM {image} names an OCI image: a Dockerfile builds FROM a forkbox template \
+             (e.g. python) or debian; OCI images are not imported yet"
+        ))
+    }
+}
+
+/// What is set before an instruction.
+#[derive(Default)]
+struct State {
+    args: BTreeMap<String, String>,
+    env: BTreeMap<String, String>,
+    workdir: Option<String>,
+}
+
+impl State {
+    /// Expands `$VAR`, `${VAR}`, `${VAR:-default}` and `${VAR:+alt}` from the
+    /// environment, then the arguments; `\$` is a literal `$`.
+    fn expand(&self, s: &str) -> Result<String, String> {
+        let get = |k: &str| self.env.get(k).or_else(|| self.args.get(k)).cloned();
+        let mut out = String::with_capacity(s.len());
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' if chars.peek() == Some(&'$') => {
+                    out.push('$');
+                    chars.next();
+                }
+                '$' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    let mut inner = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => inner.push(c),
+                            None => return Err(format!("unterminated ${{ in {s:?}")),
+                        }
+                    }
+                    let (name, op) = match inner.find(':') {
+                        Some(i) => (&inner[..i], Some(&inner[i + 1..])),
+                        None => (inner.as_str(), None),
+                    };
+                    if !is_name(name) {
+                        return Err(format!("bad variable ${{{inner}}}"));
+                    }
+                    let v = get(name).filter(|v| !v.is_empty());
+                    match op {
+                        None => out.push_str(&v.unwrap_or_default()),
+                        Some(o) if o.starts_with('-') => {
+                            out.push_str(&v.unwrap_or_else(|| o[1..].to_owned()))
+                        }
+                        Some(o) if o.starts_with('+') => {
+                            if v.is_some() {
+                                out.push_str(&o[1..]);
+                            }
+                        }
+                        Some(_) => return Err(format!("unsupported ${{{inner}}}")),
+                    }
+                }
+                '$' if chars
+                    .peek()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || *c == '_') =>
+                {
+                    let mut name = String::new();
+                    while let Some(c) = chars.peek() {
+                        if c.is_ascii_alphanumeric() || *c == '_' {
+                            name.push(*c);
+                            chars.next();
+                        } else {
+                            break;
+                        }
+                    }
+                    out.push_str(&get(&name).unwrap_or_default());
+                }
+                c => out.push(c),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `cmd` as a step: the arguments, environment and directory set so far, then the
+    /// command (`read` unsets what the template sets only later).
+    fn command(&self, cmd: &str) -> String {
+        let mut pre = String::new();
+        let mut vars: BTreeMap<&str, &str> = BTreeMap::new();
+        for (k, v) in self.args.iter().chain(self.env.iter()) {
+            vars.insert(k, v);
+        }
+        for (k, v) in vars {
+            pre.push_str(&format!("export {k}={}; ", shell_quote(v)));
+        }
+        let dir = self.workdir.as_deref().unwrap_or("/root");
+        let dir = shell_quote(dir);
+        format!("{pre}mkdir -p {dir} && cd {dir} && {cmd}")
+    }
+}
+
+/// The `k=v` pairs of `ENV`/`LABEL` (values may be quoted), or the old `ENV k v`.
+fn pairs(s: &str) -> Result<Vec<(String, String)>, String> {
+    let s = s.trim();
+    let first = s.split_whitespace().next().unwrap_or_default();
+    if !first.contains('=') {
+        // ENV key value (the rest of the line is the value).
+        let (k, v) = s.split_once(char::is_whitespace).unwrap_or((s, ""));
+        if !is_name(k) {
+            return Err(format!("bad name {k:?}"));
+        }
+        return Ok(vec![(k.to_owned(), v.trim().to_owned())]);
+    }
+    let mut out = Vec::new();
+    for word in words(s)? {
+        let (k, v) = word
+            .split_once('=')
+            .ok_or_else(|| format!("expected key=value, not {word:?}"))?;
+        let k = unquote(k);
+        if k.is_empty() {
+            return Err(format!("empty name in {word:?}"));
+        }
+        out.push((k, v.to_owned()));
+    }
+    Ok(out)
+}
+
+/// Splits on unquoted whitespace, removing the quotes (and backslash escapes).
+fn words(s: &str) -> Result<Vec<String>, String> {
+    let (mut out, mut cur, mut quote) = (Vec::new(), String::new(), None::<char>);
+    let mut started = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, c) if c.is_whitespace() => {
+                if started {
+                    out.push(std::mem::take(&mut cur));
+                    started = false;
+                }
+            }
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                started = true;
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some('\''), c) => cur.push(c),
+            (_, '\\') => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+                started = true;
+            }
+            (_, c) => {
+                cur.push(c);
+                started = true;
+            }
+        }
+    }
+    if quote.is_some() {
+        return Err(format!("unterminated quote in {s:?}"));
+    }
+    if started {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+fn unquote(s: &str) -> String {
+    words(s)
+        .ok()
+        .map(|w| w.join(" "))
+        .unwrap_or_else(|| s.to_owned())
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `/a/./b/../c` → `/a/c`.
+fn normalize(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// `s` as one `sh` word.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn span_of(i: &parse_dockerfile::Instruction<'_>) -> std::ops::Range<usize> {
+    use parse_dockerfile::Instruction as I;
+    match i {
+        I::Add(x) => x.add.span.clone(),
+        I::Arg(x) => x.arg.span.clone(),
+        I::Cmd(x) => x.cmd.span.clone(),
+        I::Copy(x) => x.copy.span.clone(),
+        I::Entrypoint(x) => x.entrypoint.span.clone(),
+        I::Env(x) => x.env.span.clone(),
+        I::Expose(x) => x.expose.span.clone(),
+        I::From(x) => x.from.span.clone(),
+        I::Healthcheck(x) => x.healthcheck.span.clone(),
+        I::Label(x) => x.label.span.clone(),
+        I::Maintainer(x) => x.maintainer.span.clone(),
+        I::Onbuild(x) => x.onbuild.span.clone(),
+        I::Run(x) => x.run.span.clone(),
+        I::Shell(x) => x.shell.span.clone(),
+        I::Stopsignal(x) => x.stopsignal.span.clone(),
+        I::User(x) => x.user.span.clone(),
+        I::Volume(x) => x.volume.span.clone(),
+        I::Workdir(x) => x.workdir.span.clone(),
+        _ => 0..0,
+    }
+}
+
+fn keyword(i: &parse_dockerfile::Instruction<'_>) -> &'static str {
+    use parse_dockerfile::Instruction as I;
+    match i {
+        I::Add(_) => "ADD",
+        I::Arg(_) => "ARG",
+        I::Cmd(_) => "CMD",
+        I::Copy(_) => "COPY",
+        I::Entrypoint(_) => "ENTRYPOINT",
+        I::Env(_) => "ENV",
+        I::Expose(_) => "EXPOSE",
+        I::From(_) => "FROM",
+        I::Healthcheck(_) => "HEALTHCHECK",
+        I::Label(_) => "LABEL",
+        I::Maintainer(_) => "MAINTAINER",
+        I::Onbuild(_) => "ONBUILD",
+        I::Run(_) => "RUN",
+        I::Shell(_) => "SHELL",
+        I::Stopsignal(_) => "STOPSIGNAL",
+        I::User(_) => "USER",
+        I::Volume(_) => "VOLUME",
+        I::Workdir(_) => "WORKDIR",
+        _ => "this instruction",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn read0(text: &str) -> Result<Recipe, DockerfileError> {
+        read(text, &BTreeMap::new())
+    }
+
+    #[test]
+    fn a_one_stage_dockerfile_becomes_steps_with_their_own_env_and_dir() {
+        let r = read(
+            "# syntax=docker/dockerfile:1\nARG BASE=python\nFROM ${BASE}\nARG GREETING=hi\n\
+             ENV APP=/srv/app LEVEL=\"very high\"\nWORKDIR $APP\nRUN echo \"$GREETING\" > g.txt\n\
+             WORKDIR sub/..//lib\nENV LATER=1\nRUN [\"python3\", \"-c\", \"print('x y')\"]\n\
+             LABEL org.example.v=\"1.0\"\nCMD [\"python3\"]\nEXPOSE 8000\n",
+            &BTreeMap::from([("GREETING".to_owned(), "hello".to_owned())]),
+        )
+        .unwrap();
+        assert_eq!(r.base.as_deref(), Some("python"));
+        assert_eq!(
+            r.env,
+            BTreeMap::from([
+                ("APP".into(), "/srv/app".into()),
+                ("LATER".into(), "1".into()),
+                ("LEVEL".into(), "very high".into()),
+            ])
+        );
+        assert_eq!(r.workdir.as_deref(), Some("/srv/app/lib"));
+        assert_eq!(r.labels["org.example.v"], "1.0");
+        assert_eq!(r.run.len(), 2);
+        // The first step: the build's argument, the ENV so far, its directory; not LATER.
+        assert_eq!(
+            r.run[0],
+            "unset LATER; export APP='/srv/app'; export GREETING='hello'; \
+             export LEVEL='very high'; mkdir -p '/srv/app' && cd '/srv/app' && \
+             echo \"$GREETING\" > g.txt"
+        );
+        assert!(r.run[1].starts_with("export APP="), "{}", r.run[1]);
+        assert!(r.run[1].contains("export LATER='1'"));
+        assert!(r.run[1].ends_with("cd '/srv/app/lib' && 'python3' '-c' 'print('\\''x y'\\'')'"));
+    }
+
+    #[test]
+    fn debian_and_defaults() {
+        let r = read0("FROM debian:bookworm\nRUN true\n").unwrap();
+        assert_eq!(r.base, None);
+        assert_eq!(r.run, ["mkdir -p '/root' && cd '/root' && true"]);
+        assert_eq!(read0("FROM python\nENV A b c\n").unwrap().env["A"], "b c");
+        assert_eq!(
+            read0("FROM python\nARG X\nENV Y=${X:-dflt} Z=${X:+set}\n")
+                .unwrap()
+                .env,
+            BTreeMap::from([("Y".into(), "dflt".into()), ("Z".into(), "".into())])
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_built_is_refused_with_its_line() {
+        let cases = [
+            ("FROM python\nCOPY app.py /srv/\n", 2, "COPY"),
+            ("FROM python\n\nADD x /y\n", 3, "ADD"),
+            ("FROM python\nUSER nobody\n", 2, "USER"),
+            (
+                "FROM python\nRUN --mount=type=cache,target=/c true\n",
+                2,
+                "--mount",
+            ),
+            ("FROM python AS a\nRUN true\nFROM a\n", 3, "multi-stage"),
+            ("FROM python:3.11\n", 1, "OCI image"),
+            ("FROM ghcr.io/x/y\n", 1, "OCI image"),
+            ("FROM scratch\n", 1, "scratch"),
+            ("RUN true\n", 1, "FROM"),
+            ("FROM python\nENV ${\n", 2, ""),
+            ("FROM python\nSHELL [\"/bin/bash\", \"-c\"]\n", 2, "SHELL"),
+            (
+                "FROM python\nRUN <<EOF\necho hi\nEOF\n",
+                2,
+                "here-documents",
+            ),
+        ];
+        for (text, line, what) in cases {
+            let e = read0(text).unwrap_err();
+            assert_eq!(e.line, line, "{text:?}: {e}");
+            assert!(e.message.contains(what), "{text:?}: {e}");
+            assert!(e
+                .to_string()
+                .starts_with(&format!("Dockerfile line {line}:")));
+        }
+        assert_eq!(read0("# only a comment\n").unwrap_err().line, 0);
+        // What the parser refuses, with its line too.
+        let bad = read0("FROM python\nRUN true\nFROBNICATE x\n").unwrap_err();
+        assert_eq!(bad.line, 3, "{bad}");
+    }
+}

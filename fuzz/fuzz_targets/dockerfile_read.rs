@@ -1,0 +1,32 @@
+//! The Dockerfile front end (`forkbox_dockerfile::read`, which reads a client's
+//! Dockerfile for a template build) on arbitrary text: it never panics, and what it
+//! accepts names a base that is a template name (or Debian) and gives one step per
+//! `RUN`, each ending in the command.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use std::collections::BTreeMap;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let args = BTreeMap::from([("A".to_owned(), "x y".to_owned())]);
+    match forkbox_dockerfile::read(text, &args) {
+        Ok(r) => {
+            if let Some(b) = &r.base {
+                assert!(!b.is_empty() && b.len() <= 64);
+                assert!(b.bytes().all(|c| c.is_ascii_lowercase()
+                    || c.is_ascii_digit()
+                    || c == b'-'
+                    || c == b'_'));
+            }
+            assert!(r.workdir.as_deref().is_none_or(|w| w.starts_with('/')));
+            for step in &r.run {
+                assert!(step.contains(" && cd "), "{step}");
+            }
+        }
+        Err(e) => assert!(e.to_string().starts_with("Dockerfile line ")),
+    }
+});
