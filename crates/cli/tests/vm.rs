@@ -723,6 +723,17 @@ async fn vm_volumes_are_block_devices() {
         .0,
         "/dev/vdb ext4\n"
     );
+    // Its size is the limit, as in a jail; a mounted volume is not deleted.
+    let (_, err, code) = s
+        .sh(
+            &a,
+            "dd if=/dev/zero of=/data/big bs=1M count=100 status=none",
+        )
+        .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("No space left on device"), "{err}");
+    s.sh(&a, "rm /data/big").await;
+    assert_eq!(s.delete_at(&format!("/v1/volumes/{vol}")).await, 409);
     // Nothing else mounts it while a guest has it writable; it is not copied.
     for body in [
         json!({"runtime": "vm", "volumes": ro}),
