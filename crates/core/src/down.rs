@@ -58,7 +58,10 @@ impl Manager {
                 ));
             }
             for snap in self.store().list_snapshots(None).await? {
-                self.forget_snapshot(&snap).await?;
+                if let Err(e) = self.forget_snapshot(&snap).await {
+                    report.say(format!("left snapshot {}: {e}", snap.id));
+                    continue;
+                }
                 self.store().delete_snapshot(&snap.id).await?;
                 report.say(format!("deleted snapshot {}", snap.id));
             }

@@ -71,7 +71,14 @@ impl Manager {
     pub(crate) async fn forget_snapshot(&self, snap: &Snapshot) -> Result<(), CoreError> {
         match self.runtimes.iter().find(|r| r.name() == snap.runtime) {
             Some(rt) if rt.capabilities().own_snapshots => rt.forget_snapshot(&snap.id).await?,
-            _ => self.host.delete_snapshot(&snap.id).await?,
+            Some(_) => self.host.delete_snapshot(&snap.id).await?,
+            // Its files are that runtime's to delete; its record stays until it can.
+            None => {
+                return Err(CoreError::Conflict(format!(
+                    "snapshot {} was taken by the {} runtime, which this server does not run",
+                    snap.id, snap.runtime
+                )))
+            }
         }
         Ok(())
     }

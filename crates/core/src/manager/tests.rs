@@ -455,3 +455,35 @@ async fn a_template_built_on_one_node_is_built_on_the_others() {
     m1.delete_template("tools").await.unwrap();
     assert!(m1.store().template_recipes().await.unwrap().is_empty());
 }
+
+/// A snapshot names the runtime that took it: deleting one goes to that runtime's
+/// stores, and one whose runtime this server does not run is kept (409), its record
+/// too, rather than its files leaking behind a deleted record.
+#[tokio::test]
+async fn snapshots_are_deleted_by_the_runtime_that_took_them() {
+    let (m, _rt, _dir) = manager().await;
+    let sb = m.create(req("default", "python")).await.unwrap();
+    let snap = m.snapshot(&r(&sb.id), "s").await.unwrap();
+    assert_eq!(snap.runtime, "fake");
+    let mut foreign = snap.clone();
+    foreign.id = crate::ids::new("snap");
+    foreign.runtime = "vm".into();
+    m.store().insert_snapshot(&foreign).await.unwrap();
+    let gone = m.snapshot_ref(&admin(), &foreign.id).await.unwrap();
+    let e = m.delete_snapshot(&gone).await.unwrap_err();
+    assert!(matches!(e, CoreError::Conflict(_)), "{e}");
+    assert!(e.to_string().contains("vm runtime"), "{e}");
+    assert!(m.store().get_snapshot(&foreign.id).await.unwrap().is_some());
+    // A create from it goes to that runtime too: unknown here.
+    let e = m
+        .create(CreateRequest {
+            snapshot: Some(foreign.id.clone()),
+            ..req("default", "python")
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoreError::Invalid(_)), "{e}");
+    let own = m.snapshot_ref(&admin(), &snap.id).await.unwrap();
+    m.delete_snapshot(&own).await.unwrap();
+    assert!(m.store().get_snapshot(&snap.id).await.unwrap().is_none());
+}
