@@ -76,6 +76,11 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
                 "build_args go with a dockerfile".into(),
             ));
         }
+        if b.context.is_some() {
+            return Err(ApiError::BadRequest(
+                "a build context goes with a dockerfile".into(),
+            ));
+        }
         return Ok(TemplateSpec {
             name: b.name,
             base: b.base,
@@ -84,6 +89,7 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
             env: b.env,
             workdir: b.workdir,
             egress: b.egress_allowlist,
+            context: None,
         });
     };
     if b.base.is_some()
@@ -98,7 +104,20 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
                 .into(),
         ));
     }
-    let recipe = forkbox_dockerfile::read(&text, &b.build_args)
+    let context = match &b.context {
+        Some(encoded) => {
+            use base64::Engine as _;
+            let tar = base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .map_err(|e| ApiError::BadRequest(format!("context is not base64: {e}")))?;
+            Some(
+                forkbox_dockerfile::Context::read(&tar)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
+    let recipe = forkbox_dockerfile::read_with(&text, &b.build_args, context.as_ref())
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok(TemplateSpec {
         name: b.name,
@@ -108,6 +127,7 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
         env: recipe.env,
         workdir: recipe.workdir,
         egress: b.egress_allowlist,
+        context: context.map(|c| std::sync::Arc::new(c.tar)),
     })
 }
 

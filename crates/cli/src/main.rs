@@ -96,6 +96,10 @@ enum TemplateCmd {
         /// A Dockerfile's `ARG` value, `KEY=VALUE` (repeatable).
         #[arg(long = "build-arg", value_name = "KEY=VALUE")]
         build_args: Vec<String>,
+        /// A Dockerfile's build context: the directory its `COPY` takes files from
+        /// (sent as a tar; within the request size limit).
+        #[arg(long, value_name = "DIR")]
+        context: Option<std::path::PathBuf>,
     },
     /// List a server's templates.
     Ls {
@@ -158,8 +162,11 @@ fn main() -> ExitCode {
                         file,
                         name,
                         build_args,
+                        context,
                     },
-            } => return templates::build(&conn, &file, name, &build_args).await,
+            } => {
+                return templates::build(&conn, &file, name, &build_args, context.as_deref()).await
+            }
             Cmd::Template {
                 cmd: TemplateCmd::Ls { conn },
             } => return templates::ls(&conn).await,

@@ -21,12 +21,24 @@ fn is_dockerfile(file: &std::path::Path) -> bool {
     name == "dockerfile" || name.ends_with(".dockerfile") || name.starts_with("dockerfile.")
 }
 
+/// The files under `dir` as a tar (names relative to it), base64: a build context.
+fn context_tar(dir: &std::path::Path) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.append_dir_all(".", dir)
+        .with_context(|| format!("read the build context {}", dir.display()))?;
+    let bytes = b.into_inner().context("make the build context's tar")?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
 /// `forkbox template build`.
 pub async fn build(
     conn: &Conn,
     file: &PathBuf,
     name: Option<String>,
     build_args: &[String],
+    context: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
     let mut args = std::collections::BTreeMap::new();
@@ -41,15 +53,20 @@ pub async fn build(
         let Some(name) = name else {
             bail!("a Dockerfile names no template: give --name");
         };
+        let context = match context {
+            Some(dir) => Some(context_tar(dir)?),
+            None => None,
+        };
         TemplateBody {
             name,
             dockerfile: Some(text),
             build_args: args,
+            context,
             ..Default::default()
         }
     } else {
-        if !args.is_empty() {
-            bail!("--build-arg goes with a Dockerfile");
+        if !args.is_empty() || context.is_some() {
+            bail!("--build-arg and --context go with a Dockerfile");
         }
         // A template file is the body of `POST /v1/templates`, in TOML.
         let mut t: TemplateBody =

@@ -496,6 +496,55 @@ async fn templates_build_from_a_dockerfile() {
     assert_eq!(s.delete(&id).await, 204);
     assert_eq!(delete_template(&s, &name).await.0, 204);
 
+    // With a build context: COPY takes files (and directories' contents) from it.
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir_all(ctx.join("lib")).unwrap();
+    std::fs::write(
+        ctx.join("app.py"),
+        "import sys; sys.path.insert(0, '/srv/app'); from lib.util import answer; print(answer())\n",
+    )
+    .unwrap();
+    std::fs::write(ctx.join("lib/__init__.py"), "").unwrap();
+    std::fs::write(ctx.join("lib/util.py"), "def answer():\n    return 42\n").unwrap();
+    let file = ctx.join("Dockerfile");
+    std::fs::write(
+        &file,
+        "FROM python\nWORKDIR /srv/app\nCOPY app.py .\nCOPY lib lib\nRUN python3 app.py > built.txt\n",
+    )
+    .unwrap();
+    let o = forkbox(
+        &s,
+        &[
+            "template",
+            "build",
+            "-f",
+            file.to_str().unwrap(),
+            "--name",
+            &name,
+            "--context",
+            ctx.to_str().unwrap(),
+        ],
+    );
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    let id = s.create(json!({"template": name})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (out, _, _) = s
+        .sh(
+            &id,
+            "cat /srv/app/built.txt; python3 /srv/app/app.py; stat -c %U /srv/app/lib/util.py; \
+             test -e /.forkbox-context.tar && echo context-left || echo context-gone",
+        )
+        .await;
+    assert_eq!(out, "42\n42\nroot\ncontext-gone\n");
+    assert_eq!(s.delete(&id).await, 204);
+    assert_eq!(delete_template(&s, &name).await.0, 204);
+
     // Through the API: refusals name the line, and nothing is built.
     for (dockerfile, line, what) in [
         ("FROM python\nRUN true\nCOPY app.py /srv/\n", 3, "COPY"),
@@ -518,6 +567,13 @@ async fn templates_build_from_a_dockerfile() {
     )
     .await;
     assert_eq!(st, 400, "{ev:?}");
+    let (st, ev) = build(
+        &s,
+        json!({"name": name, "dockerfile": "FROM python\nCOPY app.py /x\n", "context": "!!"}),
+    )
+    .await;
+    assert_eq!(st, 400, "{ev:?}");
+    assert!(ev[0]["error"].as_str().unwrap().contains("base64"));
     let (st, _) = build(
         &s,
         json!({"name": name, "dockerfile": "FROM nosuchtemplate\n"}),

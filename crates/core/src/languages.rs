@@ -38,6 +38,7 @@ impl Recipe {
             env: BTreeMap::new(),
             workdir: None,
             egress: (!self.egress.is_empty()).then(|| self.egress.clone()),
+            context: None,
         }
     }
 }

@@ -72,6 +72,12 @@ pub struct TemplateSpec {
     /// Host names the build sandbox may reach through its egress proxy; `None`: no
     /// network for the commands.
     pub egress: Option<Vec<String>>,
+    /// A build context (a tar the commands take files from, a Dockerfile's `COPY`),
+    /// put at `forkbox_types::api::BUILD_CONTEXT_TAR` in the build sandbox for the commands
+    /// and removed after them. Not part of the recorded recipe: such a template is
+    /// built on the node that received it only.
+    #[serde(skip)]
+    pub context: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 /// Receives one line per build step or line of build output.

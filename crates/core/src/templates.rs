@@ -364,14 +364,20 @@ impl Manager {
             match res {
                 Ok(info) => {
                     tracing::info!(template = %name, seconds = info.build_seconds, "template built");
-                    // Its recipe, for the other nodes sharing the database to build too.
-                    match serde_json::to_string(&build.req) {
-                        Ok(spec) => {
+                    // Its recipe, for the other nodes sharing the database to build too
+                    // (not one that needs the build context only this node received).
+                    let recipe = match build.req.context {
+                        Some(_) => None,
+                        None => Some(serde_json::to_string(&build.req)),
+                    };
+                    match recipe {
+                        Some(Ok(spec)) => {
                             if let Err(e) = me.store().record_template(&name, &spec).await {
                                 tracing::warn!(template = %name, error = %e, "recording the template's recipe failed");
                             }
                         }
-                        Err(e) => tracing::warn!(template = %name, error = %e, "template recipe not encodable"),
+                        Some(Err(e)) => tracing::warn!(template = %name, error = %e, "template recipe not encodable"),
+                        None => {}
                     }
                     build.finish(Ok(Template::from_info(info)));
                     // Built: the runtime knows it from now on.

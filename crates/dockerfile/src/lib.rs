@@ -24,6 +24,9 @@
 
 use std::collections::BTreeMap;
 
+pub mod context;
+pub use context::{Context, ContextError, CONTEXT_TAR};
+
 /// A Dockerfile that cannot be built, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("Dockerfile line {line}: {message}")]
@@ -48,8 +51,19 @@ pub struct Recipe {
     pub labels: BTreeMap<String, String>,
 }
 
-/// Reads `text` (a Dockerfile) with the build's `args` (`--build-arg`).
+/// Reads `text` (a Dockerfile) with the build's `args` (`--build-arg`), without a build
+/// context (`COPY` and `ADD` are refused).
 pub fn read(text: &str, args: &BTreeMap<String, String>) -> Result<Recipe, DockerfileError> {
+    read_with(text, args, None)
+}
+
+/// Reads `text` with the build's `args` and `context`: a `COPY` is a step that takes its
+/// sources from the context's tar, put at [`CONTEXT_TAR`] in the build sandbox.
+pub fn read_with(
+    text: &str,
+    args: &BTreeMap<String, String>,
+    context: Option<&Context>,
+) -> Result<Recipe, DockerfileError> {
     use parse_dockerfile::Instruction as I;
     let file = parse_dockerfile::parse(text).map_err(|e| DockerfileError {
         line: e.line(),
@@ -66,8 +80,8 @@ pub fn read(text: &str, args: &BTreeMap<String, String>) -> Result<Recipe, Docke
     let mut st = State::default();
     let mut recipe = Recipe::default();
     let mut seen_from = false;
-    // Each RUN's command and the ENV names set before it.
-    let mut steps: Vec<(String, Vec<String>)> = Vec::new();
+    // Each step's command and, for a RUN, the ENV names set before it.
+    let mut steps: Vec<(String, Option<Vec<String>>)> = Vec::new();
     for ins in &file.instructions {
         match ins {
             I::Arg(a) => {
@@ -164,7 +178,7 @@ pub fn read(text: &str, args: &BTreeMap<String, String>) -> Result<Recipe, Docke
                         ))
                     }
                 };
-                steps.push((st.command(&cmd), st.env.keys().cloned().collect::<Vec<_>>()));
+                steps.push((st.command(&cmd), Some(st.env.keys().cloned().collect())));
             }
             I::Label(l) => {
                 for (k, v) in
@@ -181,13 +195,37 @@ pub fn read(text: &str, args: &BTreeMap<String, String>) -> Result<Recipe, Docke
             }
             // A sandbox has no main process; these describe one.
             I::Expose(_) | I::Cmd(_) | I::Entrypoint(_) | I::Stopsignal(_) | I::Healthcheck(_) => {}
-            I::Copy(_) | I::Add(_) => {
+            I::Copy(c) => {
+                let at = c.copy.span.start;
+                let Some(ctx) = context else {
+                    return Err(refuse(
+                        at,
+                        "COPY needs a build context (a tar of the files it copies)".into(),
+                    ));
+                };
+                if let Some(o) = c.options.first() {
+                    return Err(refuse(
+                        o.span().start,
+                        format!("COPY --{} is not supported", o.name.value),
+                    ));
+                }
+                let mut sources = Vec::with_capacity(c.src.len());
+                for s in &c.src {
+                    let parse_dockerfile::Source::Path(p) = s else {
+                        return Err(refuse(at, "here-documents are not supported".into()));
+                    };
+                    let v = st.expand(&p.value).map_err(|m| refuse(at, m))?;
+                    sources.push(ctx.source(&unquote(&v)).map_err(|m| refuse(at, m))?);
+                }
+                let dest = st.expand(&c.dest.value).map_err(|m| refuse(at, m))?;
+                let dest = unquote(dest.trim());
+                let step = st.copy(ctx, &sources, &dest).map_err(|m| refuse(at, m))?;
+                steps.push((step, None));
+            }
+            I::Add(_) => {
                 return Err(refuse(
                     span_of(ins).start,
-                    format!(
-                    "{} is not supported yet (no build context): use RUN to fetch or write files",
-                    keyword(ins)
-                ),
+                    "ADD is not supported: COPY from the build context, or RUN to fetch".into(),
                 ))
             }
             other => {
@@ -209,6 +247,9 @@ pub fn read(text: &str, args: &BTreeMap<String, String>) -> Result<Recipe, Docke
     recipe.run = steps
         .into_iter()
         .map(|(cmd, before)| {
+            let Some(before) = before else {
+                return cmd;
+            };
             let later: Vec<&str> = st
                 .env
                 .keys()
@@ -319,6 +360,64 @@ impl State {
             }
         }
         Ok(out)
+    }
+
+    /// A `COPY` of `sources` (paths of `ctx`; `None`: all of it) to `dest` (relative
+    /// ones from the working directory), as Docker copies: a directory's contents into
+    /// the destination directory; a file into it when it ends in `/` or there are
+    /// several sources, else to that path. Owned by root, modes kept.
+    fn copy(
+        &self,
+        ctx: &Context,
+        sources: &[Option<String>],
+        dest: &str,
+    ) -> Result<String, String> {
+        if dest.is_empty() || dest.contains('\0') {
+            return Err("COPY needs a destination".into());
+        }
+        let into_dir = dest.ends_with('/')
+            || dest == "."
+            || sources.len() > 1
+            || sources
+                .iter()
+                .any(|s| s.as_deref().is_none_or(|p| ctx.is_dir(p)));
+        let abs = if dest.starts_with('/') {
+            dest.to_owned()
+        } else {
+            format!("{}/{dest}", self.workdir.as_deref().unwrap_or("/"))
+        };
+        let target = normalize(&abs);
+        let q = shell_quote;
+        let d = q(&target);
+        let mut script = format!(
+            "t=$(mktemp -d) && tar -x --no-same-owner -f {} -C \"$t\"",
+            q(CONTEXT_TAR)
+        );
+        if sources.iter().all(Option::is_some) {
+            script.push_str(" --");
+            for p in sources.iter().flatten() {
+                script.push(' ');
+                script.push_str(&q(p));
+            }
+        }
+        for s in sources {
+            let part = match s {
+                None => format!("mkdir -p {d} && cp -a \"$t\"/. {d}/"),
+                Some(p) if ctx.is_dir(p) => format!("mkdir -p {d} && cp -a \"$t\"/{}/. {d}/", q(p)),
+                Some(p) if into_dir => format!("mkdir -p {d} && cp -a \"$t\"/{} {d}/", q(p)),
+                Some(p) => {
+                    let parent = match target.rsplit_once('/') {
+                        Some(("", _)) | None => "/",
+                        Some((a, _)) => a,
+                    };
+                    format!("mkdir -p {} && cp -a \"$t\"/{} {d}", q(parent), q(p))
+                }
+            };
+            script.push_str(" && ");
+            script.push_str(&part);
+        }
+        script.push_str(" && rm -rf \"$t\"");
+        Ok(script)
     }
 
     /// `cmd` as a step: the arguments, environment and directory set so far, then the
@@ -547,7 +646,7 @@ mod tests {
     #[test]
     fn what_cannot_be_built_is_refused_with_its_line() {
         let cases = [
-            ("FROM python\nCOPY app.py /srv/\n", 2, "COPY"),
+            ("FROM python\nCOPY app.py /srv/\n", 2, "build context"),
             ("FROM python\n\nADD x /y\n", 3, "ADD"),
             ("FROM python\nUSER nobody\n", 2, "USER"),
             (
@@ -580,5 +679,64 @@ mod tests {
         // What the parser refuses, with its line too.
         let bad = read0("FROM python\nRUN true\nFROBNICATE x\n").unwrap_err();
         assert_eq!(bad.line, 3, "{bad}");
+    }
+
+    #[test]
+    fn copy_takes_its_sources_from_the_context() {
+        let tar = context::tests::tar_of(&[
+            ("app.py", Some(b"print(42)".as_slice())),
+            ("lib/", None),
+            ("lib/util.py", Some(b"X = 1".as_slice())),
+            ("conf.toml", Some(b"a = 1".as_slice())),
+        ]);
+        let ctx = Context::read(&tar).unwrap();
+        let r = read_with(
+            "FROM python\nWORKDIR /srv/app\nCOPY app.py .\nCOPY lib lib\n\
+             COPY conf.toml /etc/app.toml\nCOPY app.py conf.toml /opt/\nCOPY . /all\n",
+            &BTreeMap::new(),
+            Some(&ctx),
+        )
+        .unwrap();
+        let x = "t=$(mktemp -d) && tar -x --no-same-owner -f '/.forkbox-context.tar' -C \"$t\"";
+        let end = "&& rm -rf \"$t\"";
+        assert_eq!(r.run.len(), 5);
+        assert_eq!(
+            r.run[0],
+            format!(
+                "{x} -- 'app.py' && mkdir -p '/srv/app' && cp -a \"$t\"/'app.py' '/srv/app'/ {end}"
+            )
+        );
+        assert_eq!(
+            r.run[1],
+            format!("{x} -- 'lib' && mkdir -p '/srv/app/lib' && cp -a \"$t\"/'lib'/. '/srv/app/lib'/ {end}")
+        );
+        assert_eq!(
+            r.run[2],
+            format!("{x} -- 'conf.toml' && mkdir -p '/etc' && cp -a \"$t\"/'conf.toml' '/etc/app.toml' {end}")
+        );
+        assert_eq!(
+            r.run[3],
+            format!(
+                "{x} -- 'app.py' 'conf.toml' && mkdir -p '/opt' && cp -a \"$t\"/'app.py' '/opt'/ \
+                 && mkdir -p '/opt' && cp -a \"$t\"/'conf.toml' '/opt'/ {end}"
+            )
+        );
+        assert_eq!(
+            r.run[4],
+            format!("{x} && mkdir -p '/all' && cp -a \"$t\"/. '/all'/ {end}")
+        );
+        for (text, what) in [
+            (
+                "FROM python\nCOPY missing.py /x\n",
+                "not in the build context",
+            ),
+            ("FROM python\nCOPY *.py /x/\n", "patterns"),
+            ("FROM python\nCOPY ../x /x\n", "leaves"),
+            ("FROM python\nCOPY --chown=1:1 app.py /x\n", "--chown"),
+        ] {
+            let e = read_with(text, &BTreeMap::new(), Some(&ctx)).unwrap_err();
+            assert_eq!(e.line, 2, "{text:?}: {e}");
+            assert!(e.message.contains(what), "{text:?}: {e}");
+        }
     }
 }

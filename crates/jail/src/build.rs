@@ -408,6 +408,17 @@ impl Inner {
         for (i, c) in spec.run.iter().enumerate() {
             cmds.push((i + 1, c.clone(), spec.workdir.clone()));
         }
+        if let Some(ctx) = &spec.context {
+            // The build context the commands copy from, and gone after them.
+            log.line(&format!("build context: {} bytes", ctx.len()));
+            let bytes = bytes::Bytes::from(ctx.as_ref().clone());
+            let upload: forkbox_core::runtime::UploadStream =
+                Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
+            let at = forkbox_types::api::BUILD_CONTEXT_TAR;
+            inst.write_file(at, upload).await?;
+            let rm = format!("rm -f {}", forkbox_types::shell::quote(at));
+            cmds.push((0, rm, Some("/".to_owned())));
+        }
         for (index, cmd, cwd) in cmds {
             if index > 0 {
                 log.line(&format!("$ {cmd}"));

@@ -222,7 +222,15 @@ pub struct TemplateBody {
     /// The Dockerfile's `ARG` values (like `docker build --build-arg`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub build_args: BTreeMap<String, String>,
+    /// The build context a Dockerfile's `COPY` takes files from: a tar, base64
+    /// (within the request size limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
 }
+
+/// Where a template build's context (the tar a Dockerfile's `COPY` takes files from)
+/// is put in the build sandbox, for the build's commands only.
+pub const BUILD_CONTEXT_TAR: &str = "/.forkbox-context.tar";
 
 /// A template as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
