@@ -499,9 +499,12 @@ async fn templates_build_from_a_dockerfile() {
     // With a build context: COPY takes files (and directories' contents) from it.
     let ctx = dir.path().join("ctx");
     std::fs::create_dir_all(ctx.join("lib")).unwrap();
+    // (Its own content every run: kept steps of earlier runs do not match it.)
     std::fs::write(
         ctx.join("app.py"),
-        "import sys; sys.path.insert(0, '/srv/app'); from lib.util import answer; print(answer())\n",
+        format!(
+            "# {name}\nimport sys; sys.path.insert(0, '/srv/app'); from lib.util import answer; print(answer())\n"
+        ),
     )
     .unwrap();
     std::fs::write(ctx.join("lib/__init__.py"), "").unwrap();
@@ -542,6 +545,44 @@ async fn templates_build_from_a_dockerfile() {
         )
         .await;
     assert_eq!(out, "42\n42\nroot\ncontext-gone\n");
+    assert_eq!(s.delete(&id).await, 204);
+    assert_eq!(delete_template(&s, &name).await.0, 204);
+
+    // Built again with only its last line changed: the steps before it come from the
+    // kept ones (the template was deleted; its steps were not).
+    std::fs::write(
+        &file,
+        "FROM python\nWORKDIR /srv/app\nCOPY app.py .\nCOPY lib lib\nRUN python3 app.py > again.txt\n",
+    )
+    .unwrap();
+    let ctx_arg = ctx.to_str().unwrap();
+    let o = forkbox(
+        &s,
+        &[
+            "template",
+            "build",
+            "-f",
+            file.to_str().unwrap(),
+            "--name",
+            &name,
+            "--context",
+            ctx_arg,
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("steps 1-2 of 3 cached"), "{err}");
+    let id = s.create(json!({"template": name})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (out, _, _) = s
+        .sh(
+            &id,
+            "cat /srv/app/again.txt; ls /srv/app; test -e /.forkbox-context.tar || echo clean",
+        )
+        .await;
+    assert_eq!(out, "42\nagain.txt\napp.py\nlib\nclean\n");
     assert_eq!(s.delete(&id).await, 204);
     assert_eq!(delete_template(&s, &name).await.0, 204);
 

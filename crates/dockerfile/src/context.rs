@@ -26,6 +26,8 @@ pub struct Context {
     /// The tar again: the same entries under their normalized names (no `./`, no
     /// trailing `/`), regular files, directories and symbolic links only.
     pub tar: Vec<u8>,
+    /// Per entry: a digest of its kind, mode and content (or link target).
+    digests: std::collections::BTreeMap<String, [u8; 32]>,
 }
 
 impl Context {
@@ -62,6 +64,8 @@ impl Context {
                     }
                     add_parents(&mut ctx.dirs, &name);
                     ctx.dirs.insert(name.clone());
+                    let mode = header.mode().unwrap_or(0);
+                    ctx.digests.insert(name.clone(), digest(b"d", mode, &[]));
                     out.append_data(&mut header, &name, std::io::empty())
                         .map_err(|e| bad(e.to_string()))?;
                 }
@@ -72,7 +76,12 @@ impl Context {
                     add_parents(&mut ctx.dirs, &name);
                     ctx.files.insert(name.clone());
                     header.set_entry_type(tar::EntryType::Regular);
-                    out.append_data(&mut header, &name, &mut entry)
+                    let mut data = Vec::new();
+                    std::io::Read::read_to_end(&mut entry, &mut data)
+                        .map_err(|e| bad(format!("entry {raw:?}: {e}")))?;
+                    let mode = header.mode().unwrap_or(0);
+                    ctx.digests.insert(name.clone(), digest(b"f", mode, &data));
+                    out.append_data(&mut header, &name, data.as_slice())
                         .map_err(|e| bad(e.to_string()))?;
                 }
                 tar::EntryType::Symlink => {
@@ -83,6 +92,8 @@ impl Context {
                         .unwrap_or_default();
                     add_parents(&mut ctx.dirs, &name);
                     ctx.files.insert(name.clone());
+                    ctx.digests
+                        .insert(name.clone(), digest(b"l", 0, target.as_bytes()));
                     out.append_link(&mut header, &name, &target)
                         .map_err(|e| bad(e.to_string()))?;
                 }
@@ -122,6 +133,40 @@ impl Context {
     pub(crate) fn is_dir(&self, path: &str) -> bool {
         self.dirs.contains(path)
     }
+
+    /// A digest of what a `COPY` of `sources` takes (their names, kinds, modes and
+    /// contents, whatever else the context holds), hex: a build step's cache key
+    /// changes with the files it copies only.
+    pub(crate) fn digest_of(&self, sources: &[Option<String>]) -> String {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        for (name, d) in &self.digests {
+            let taken = sources.iter().any(|s| match s {
+                None => true,
+                Some(p) => {
+                    name == p
+                        || name
+                            .strip_prefix(p.as_str())
+                            .is_some_and(|r| r.starts_with('/'))
+                }
+            });
+            if taken {
+                h.update(name.as_bytes());
+                h.update(b"\0");
+                h.update(d);
+            }
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn digest(kind: &[u8], mode: u32, data: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(kind);
+    h.update(mode.to_le_bytes());
+    h.update(data);
+    h.finalize().into()
 }
 
 /// `./a//b/` → `a/b`; `.`/`` → ``; `None` if it is absolute or climbs out with `..`.

@@ -416,7 +416,9 @@ impl State {
             script.push_str(" && ");
             script.push_str(&part);
         }
-        script.push_str(" && rm -rf \"$t\"");
+        // What it copies, by content: the step's text (and so a kept build step's
+        // key) changes when those files do, not when the rest of the context does.
+        script.push_str(&format!(" && rm -rf \"$t\" # {}", ctx.digest_of(sources)));
         Ok(script)
     }
 
@@ -700,31 +702,52 @@ mod tests {
         let x = "t=$(mktemp -d) && tar -x --no-same-owner -f '/.forkbox-context.tar' -C \"$t\"";
         let end = "&& rm -rf \"$t\"";
         assert_eq!(r.run.len(), 5);
+        // Each step ends with a digest of what it copies; the rest is the copy.
+        let run: Vec<&str> = r
+            .run
+            .iter()
+            .map(|s| {
+                let (step, digest) = s.rsplit_once(" # ").unwrap();
+                assert_eq!(digest.len(), 64, "{s}");
+                step
+            })
+            .collect();
         assert_eq!(
-            r.run[0],
+            run[0],
             format!(
                 "{x} -- 'app.py' && mkdir -p '/srv/app' && cp -a \"$t\"/'app.py' '/srv/app'/ {end}"
             )
         );
         assert_eq!(
-            r.run[1],
+            run[1],
             format!("{x} -- 'lib' && mkdir -p '/srv/app/lib' && cp -a \"$t\"/'lib'/. '/srv/app/lib'/ {end}")
         );
         assert_eq!(
-            r.run[2],
+            run[2],
             format!("{x} -- 'conf.toml' && mkdir -p '/etc' && cp -a \"$t\"/'conf.toml' '/etc/app.toml' {end}")
         );
         assert_eq!(
-            r.run[3],
+            run[3],
             format!(
                 "{x} -- 'app.py' 'conf.toml' && mkdir -p '/opt' && cp -a \"$t\"/'app.py' '/opt'/ \
                  && mkdir -p '/opt' && cp -a \"$t\"/'conf.toml' '/opt'/ {end}"
             )
         );
         assert_eq!(
-            r.run[4],
+            run[4],
             format!("{x} && mkdir -p '/all' && cp -a \"$t\"/. '/all'/ {end}")
         );
+        // A step's text changes with the files it copies, not with the rest.
+        let step = |files: &[(&str, Option<&[u8]>)]| {
+            let c = Context::read(&context::tests::tar_of(files)).unwrap();
+            read_with("FROM python\nCOPY app.py /a/\n", &BTreeMap::new(), Some(&c))
+                .unwrap()
+                .run
+                .remove(0)
+        };
+        let one = step(&[("app.py", Some(b"1")), ("other", Some(b"x"))]);
+        assert_eq!(one, step(&[("app.py", Some(b"1")), ("other", Some(b"y"))]));
+        assert_ne!(one, step(&[("app.py", Some(b"2")), ("other", Some(b"x"))]));
         for (text, what) in [
             (
                 "FROM python\nCOPY missing.py /x\n",

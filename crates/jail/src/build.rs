@@ -143,6 +143,9 @@ impl Inner {
         }
         let id = forkbox_core::ids::new(BUILD_ID_PREFIX);
         let rootfs = self.pool.sandbox(&id);
+        // Steps are kept for later builds only on a template base (a Debian root made
+        // from scratch is not reproducible by name).
+        let mut steps = StepKeys::default();
         // 1. The filesystem.
         match &spec.base {
             None => {
@@ -158,18 +161,32 @@ impl Inner {
                 }
             }
             Some(base) => {
-                if template::built(&self.pool, base, self.uid_base).is_none() {
+                let Some(meta) = template::built(&self.pool, base, self.uid_base) else {
                     return Err(BuildError::NoBase(base.clone()));
+                };
+                steps = StepKeys::new(&meta, spec);
+                // The longest run of steps an earlier build kept: start from there.
+                match steps.cached(&self.pool) {
+                    Some((done, from)) => {
+                        log.line(&format!(
+                            "template {name}: steps 1-{done} of {} cached (btrfs snapshot)",
+                            spec.run.len()
+                        ));
+                        forkbox_sys::btrfs::snapshot(&from, &rootfs, false)?;
+                        steps.done = done;
+                    }
+                    None => {
+                        log.line(&format!("template {name}: copying {base} (btrfs snapshot)"));
+                        forkbox_sys::btrfs::snapshot(&self.pool.template(base), &rootfs, false)?;
+                    }
                 }
-                log.line(&format!("template {name}: copying {base} (btrfs snapshot)"));
-                forkbox_sys::btrfs::snapshot(&self.pool.template(base), &rootfs, false)?;
             }
         }
         // 2. Packages and commands in a build sandbox.
         let layered_packages = spec.base.is_some() && !spec.packages.is_empty();
-        if layered_packages || !spec.run.is_empty() {
+        if layered_packages || steps.done < spec.run.len() {
             if let Err(e) = self
-                .in_build_sandbox(&id, spec, layered_packages, &log)
+                .in_build_sandbox(&id, spec, layered_packages, &steps, &log)
                 .await
             {
                 // The failed sandbox took its filesystem with it; make sure.
@@ -190,6 +207,7 @@ impl Inner {
         id: &str,
         spec: &TemplateSpec,
         packages: bool,
+        steps: &StepKeys,
         log: &Log,
     ) -> Result<(), BuildError> {
         let name = spec.name.as_str();
@@ -227,7 +245,7 @@ impl Inner {
             if packages {
                 self.apt_install(&inst, &spec.packages, log).await?;
             }
-            self.run_commands(&inst, spec, log).await
+            self.run_commands(&inst, id, spec, steps, log).await
         }
         .await;
         match res {
@@ -392,7 +410,9 @@ impl Inner {
     async fn run_commands(
         &self,
         inst: &JailInstance,
+        id: &str,
         spec: &TemplateSpec,
+        steps: &StepKeys,
         log: &Log,
     ) -> Result<(), BuildError> {
         let mut env: BTreeMap<String, String> = spec.env.clone();
@@ -405,21 +425,24 @@ impl Inner {
             let dir = forkbox_types::shell::quote(w);
             cmds.push((0, format!("mkdir -p {dir}"), Some("/".to_owned())));
         }
-        for (i, c) in spec.run.iter().enumerate() {
+        for (i, c) in spec.run.iter().enumerate().skip(steps.done) {
             cmds.push((i + 1, c.clone(), spec.workdir.clone()));
         }
-        if let Some(ctx) = &spec.context {
-            // The build context the commands copy from, and gone after them.
-            log.line(&format!("build context: {} bytes", ctx.len()));
-            let bytes = bytes::Bytes::from(ctx.as_ref().clone());
-            let upload: forkbox_core::runtime::UploadStream =
-                Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
-            let at = forkbox_types::api::BUILD_CONTEXT_TAR;
-            inst.write_file(at, upload).await?;
-            let rm = format!("rm -f {}", forkbox_types::shell::quote(at));
-            cmds.push((0, rm, Some("/".to_owned())));
-        }
+        let context_at = forkbox_types::api::BUILD_CONTEXT_TAR;
+        let mut context_put = false;
         for (index, cmd, cwd) in cmds {
+            // The build context, for the steps that copy from it (from the first that
+            // names it on), and gone after them.
+            if let Some(ctx) = spec.context.as_ref().filter(|_| !context_put) {
+                if index > 0 && cmd.contains(context_at) {
+                    log.line(&format!("build context: {} bytes", ctx.len()));
+                    let bytes = bytes::Bytes::from(ctx.as_ref().clone());
+                    let upload: forkbox_core::runtime::UploadStream =
+                        Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
+                    inst.write_file(context_at, upload).await?;
+                    context_put = true;
+                }
+            }
             if index > 0 {
                 log.line(&format!("$ {cmd}"));
             }
@@ -451,8 +474,55 @@ impl Inner {
             if code != 0 {
                 return Err(BuildError::Command { index, cmd, code });
             }
+            // Kept for later builds: the filesystem after this step.
+            if index > 0 {
+                if let Some(key) = steps.key(index) {
+                    if context_put {
+                        self.run_quiet(
+                            inst,
+                            &format!("rm -f {}", forkbox_types::shell::quote(context_at)),
+                        )
+                        .await?;
+                        context_put = false;
+                    }
+                    keep_step(&self.pool, id, &key);
+                }
+            }
+        }
+        if context_put {
+            self.run_quiet(
+                inst,
+                &format!("rm -f {}", forkbox_types::shell::quote(context_at)),
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    /// Runs `cmd` in the build sandbox; fails unless it exits 0.
+    async fn run_quiet(&self, inst: &JailInstance, cmd: &str) -> Result<(), BuildError> {
+        let mut events = inst
+            .exec(ExecRequest {
+                cmd: cmd.to_owned(),
+                cwd: Some("/".to_owned()),
+                env: Default::default(),
+                timeout_ms: Some(COMMAND_TIMEOUT_MS),
+            })
+            .await?;
+        let mut code = -1;
+        while let Some(ev) = events.next().await {
+            if let AgentEvent::Exit { code: c, .. } = ev? {
+                code = c;
+            }
+        }
+        match code {
+            0 => Ok(()),
+            code => Err(BuildError::Command {
+                index: 0,
+                cmd: cmd.to_owned(),
+                code,
+            }),
+        }
     }
 
     /// Moves the finished filesystem into place and writes its record.
@@ -541,5 +611,86 @@ impl Inner {
         .await
         .map_err(|e| TemplateError::Io(name.into(), std::io::Error::other(e)))??;
         Ok(())
+    }
+}
+
+/// Most kept build steps; past it the least recently made go.
+const MAX_KEPT_STEPS: usize = 64;
+
+/// The keys of a build's steps: step `i`'s is a hash of its base template (name and
+/// when it was built), the build's environment, working directory, network and
+/// packages, and every command up to `i` (a step that copies from the build context
+/// names a digest of what it copies in its text: `forkbox_dockerfile`).
+#[derive(Default)]
+struct StepKeys {
+    keys: Vec<String>,
+    /// Steps done already (from a kept one).
+    done: usize,
+}
+
+impl StepKeys {
+    fn new(base: &TemplateMeta, spec: &TemplateSpec) -> StepKeys {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        let head = serde_json::json!({
+            "base": base.name,
+            "built_at": base.built_at.unix_timestamp_nanos().to_string(),
+            "env": spec.env,
+            "workdir": spec.workdir,
+            "egress": spec.egress,
+            "packages": spec.packages,
+        });
+        h.update(head.to_string().as_bytes());
+        let mut keys = Vec::with_capacity(spec.run.len());
+        for cmd in &spec.run {
+            h.update(b"\0step\0");
+            h.update(cmd.as_bytes());
+            let d = h.clone().finalize();
+            keys.push(d.iter().map(|b| format!("{b:02x}")).collect());
+        }
+        StepKeys { keys, done: 0 }
+    }
+
+    /// Key of step `index` (1-based), when steps are kept.
+    fn key(&self, index: usize) -> Option<String> {
+        self.keys.get(index.checked_sub(1)?).cloned()
+    }
+
+    /// The last step an earlier build kept and where (its count, its snapshot).
+    fn cached(&self, pool: &crate::pool::Pool) -> Option<(usize, std::path::PathBuf)> {
+        (1..=self.keys.len()).rev().find_map(|i| {
+            let p = pool.build_step(&self.keys[i - 1]);
+            p.join(".").exists().then_some((i, p))
+        })
+    }
+}
+
+/// Keeps the build sandbox `id`'s filesystem as step `key` (read-only), and drops the
+/// least recently kept past [`MAX_KEPT_STEPS`]. Best effort: a build does not fail for
+/// its cache.
+fn keep_step(pool: &crate::pool::Pool, id: &str, key: &str) {
+    let dest = pool.build_step(key);
+    if dest.exists() {
+        return;
+    }
+    if let Some(dir) = dest.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = forkbox_sys::btrfs::snapshot(&pool.sandbox(id), &dest, true) {
+        tracing::warn!(key, error = %e, "keeping a build step");
+        return;
+    }
+    let Some(dir) = dest.parent() else { return };
+    let mut kept: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if kept.len() > MAX_KEPT_STEPS {
+        kept.sort_by_key(|k| std::cmp::Reverse(k.0));
+        for (_, p) in kept.into_iter().skip(MAX_KEPT_STEPS) {
+            let _ = crate::delete_subvolume_patiently(&p);
+        }
     }
 }

@@ -166,6 +166,12 @@ impl Pool {
         self.root.join("snapshots").join(id)
     }
 
+    /// A template build's step, kept: the build's filesystem after its steps up to
+    /// one, read-only, named by a hash of everything they depended on (`build.rs`).
+    pub fn build_step(&self, key: &str) -> PathBuf {
+        self.root.join("build-cache").join(key)
+    }
+
     pub fn sandbox(&self, id: &str) -> PathBuf {
         self.root.join("sandboxes").join(id)
     }
