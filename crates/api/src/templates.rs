@@ -122,7 +122,7 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
     Ok(TemplateSpec {
         name: b.name,
         base: recipe.base,
-        packages: Vec::new(),
+        packages: recipe.packages,
         run: recipe.run,
         env: recipe.env,
         workdir: recipe.workdir,

@@ -624,3 +624,83 @@ async fn templates_build_from_a_dockerfile() {
     let (st, _) = get(&s, &format!("/v1/templates/{name}")).await;
     assert_eq!(st, 404);
 }
+
+/// Issue 28, acceptance 1: a Dockerfile `FROM python` with Debian packages (`RUN
+/// apt-get install` first: the build's package step), a `COPY` of a small app from the
+/// build context, `ENV` and `WORKDIR` builds; a sandbox from it runs the app; changing
+/// only the last line rebuilds from the kept steps (packages included) in seconds.
+#[tokio::test]
+async fn a_dockerfile_with_packages_and_an_app_rebuilds_its_last_line_from_cache() {
+    let s = Server::start();
+    let name = unique("e2e-dockerapp");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("app.py"),
+        format!("# {name}\nimport json, os\nprint(json.dumps({{'mode': os.environ['MODE']}}))\n"),
+    )
+    .unwrap();
+    let dockerfile = |last: &str| {
+        format!(
+            "FROM python\nRUN apt-get update && apt-get install -y --no-install-recommends jq\n\
+             ENV MODE=docker\nWORKDIR /srv/app\nCOPY app.py .\n{last}\n"
+        )
+    };
+    let file = dir.path().join("Dockerfile");
+    let build_it = |last: &str| {
+        std::fs::write(&file, dockerfile(last)).unwrap();
+        let o = forkbox(
+            &s,
+            &[
+                "template",
+                "build",
+                "-f",
+                file.to_str().unwrap(),
+                "--name",
+                &name,
+                "--context",
+                dir.path().to_str().unwrap(),
+            ],
+        );
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        err
+    };
+    let first = build_it("RUN python3 app.py | jq -r .mode > mode.txt");
+    assert!(first.contains("jq"), "{first}");
+    let id = s.create(json!({"template": name})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (out, _, _) = s
+        .sh(
+            &id,
+            "cat /srv/app/mode.txt; cd /srv/app && python3 app.py | jq -c .",
+        )
+        .await;
+    assert_eq!(out, "docker\n{\"mode\":\"docker\"}\n");
+    assert_eq!(s.delete(&id).await, 204);
+    assert_eq!(delete_template(&s, &name).await.0, 204);
+
+    let t = std::time::Instant::now();
+    let again = build_it("RUN python3 app.py | jq -r .mode > mode2.txt");
+    let took = t.elapsed();
+    assert!(again.contains("steps 1-1 of 2 cached"), "{again}");
+    assert!(
+        !again.contains("apt-get"),
+        "packages were installed again: {again}"
+    );
+    eprintln!("rebuild of the last line took {:.1}s", took.as_secs_f64());
+    let id = s.create(json!({"template": name})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (out, _, _) = s
+        .sh(
+            &id,
+            "cat /srv/app/mode2.txt; jq --version >/dev/null && echo jq",
+        )
+        .await;
+    assert_eq!(out, "docker\njq\n");
+    assert_eq!(s.delete(&id).await, 204);
+    assert_eq!(delete_template(&s, &name).await.0, 204);
+}

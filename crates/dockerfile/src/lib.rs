@@ -41,6 +41,10 @@ pub struct DockerfileError {
 pub struct Recipe {
     /// The forkbox template to layer on; `None`: Debian from scratch.
     pub base: Option<String>,
+    /// Debian packages: the build's package step, from `RUN apt-get install …` lines
+    /// that come before any other step (installed with the package manager's
+    /// capabilities, which a `RUN` does not have).
+    pub packages: Vec<String>,
     /// Shell commands, in order, each setting its own environment and directory first.
     pub run: Vec<String>,
     /// The environment the template's sandboxes start with (`ENV`, not `ARG`).
@@ -163,6 +167,20 @@ pub fn read_with(
                         "here-documents are not supported".into(),
                     ));
                 }
+                if let parse_dockerfile::Command::Shell(s) = &r.arguments {
+                    if let Some(pkgs) = apt_install(s.value) {
+                        if !steps.is_empty() {
+                            return Err(refuse(
+                                r.run.span.start,
+                                "apt-get install after other RUN or COPY steps is not \
+                                 supported: put it first"
+                                    .into(),
+                            ));
+                        }
+                        recipe.packages.extend(pkgs);
+                        continue;
+                    }
+                }
                 let cmd = match &r.arguments {
                     parse_dockerfile::Command::Shell(s) => s.value.to_owned(),
                     parse_dockerfile::Command::Exec(v) => v
@@ -265,6 +283,63 @@ pub fn read_with(
     recipe.env = st.env;
     recipe.workdir = st.workdir;
     Ok(recipe)
+}
+
+/// The packages of a `RUN` that only installs Debian packages (`apt-get update`,
+/// `apt-get install [-y] [--no-install-recommends] pkg…`, `apt-get clean`,
+/// `rm -rf /var/lib/apt/lists/*`, joined by `&&` or `;`), if it is one.
+fn apt_install(cmd: &str) -> Option<Vec<String>> {
+    let mut pkgs = Vec::new();
+    let mut installs = false;
+    for part in cmd.replace('\\', " ").split(['&', ';']) {
+        let words: Vec<&str> = part.split_whitespace().collect();
+        match words.as_slice() {
+            [] => {}
+            ["apt-get" | "apt", "update", rest @ ..] if rest.iter().all(|w| w.starts_with('-')) => {
+            }
+            ["apt-get" | "apt", "clean"] => {}
+            ["rm", "-rf", "/var/lib/apt/lists/*"] => {}
+            ["apt-get" | "apt", "install", rest @ ..] => {
+                installs = true;
+                for w in rest {
+                    if w.starts_with('-') {
+                        if !matches!(
+                            *w,
+                            "-y" | "--yes"
+                                | "-q"
+                                | "-qq"
+                                | "--no-install-recommends"
+                                | "-yq"
+                                | "-qy"
+                        ) {
+                            return None;
+                        }
+                    } else if is_package(w) {
+                        pkgs.push((*w).to_owned());
+                    } else {
+                        return None;
+                    }
+                }
+            }
+            _ => return None,
+        }
+    }
+    (installs && !pkgs.is_empty()).then_some(pkgs)
+}
+
+/// A Debian package name, optionally `=version`.
+fn is_package(w: &str) -> bool {
+    let (name, version) = w.split_once('=').unwrap_or((w, "0"));
+    let version_ok = !version.is_empty()
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+.~:-".contains(&b));
+    version_ok
+        && name.len() >= 2
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
 }
 
 /// What `FROM image` layers on: a forkbox template (`None` for Debian).
@@ -629,6 +704,29 @@ mod tests {
         assert!(r.run[1].starts_with("export APP="), "{}", r.run[1]);
         assert!(r.run[1].contains("export LATER='1'"));
         assert!(r.run[1].ends_with("cd '/srv/app/lib' && 'python3' '-c' 'print('\\''x y'\\'')'"));
+    }
+
+    #[test]
+    fn apt_get_install_first_is_the_package_step() {
+        let r = read0(
+            "FROM python\nENV DEBIAN_FRONTEND=noninteractive\n\
+             RUN apt-get update && apt-get install -y --no-install-recommends jq curl=7.88* \\\n && rm -rf /var/lib/apt/lists/*\n\
+             RUN jq --version\n",
+        );
+        // A version pattern is no package name: that RUN stays a command.
+        assert_eq!(r.unwrap().packages, Vec::<String>::new());
+        let r = read0(
+            "FROM python\nRUN apt-get update && apt-get install -y --no-install-recommends jq \\\n && rm -rf /var/lib/apt/lists/*\n\
+             RUN jq --version\n",
+        )
+        .unwrap();
+        assert_eq!(r.packages, ["jq"]);
+        assert_eq!(r.run.len(), 1);
+        let e = read0("FROM python\nRUN true\nRUN apt-get install -y jq\n").unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.message.contains("put it first"), "{e}");
+        assert_eq!(apt_install("apt-get install -y jq; echo hi"), None);
+        assert_eq!(apt_install("apt-get update"), None);
     }
 
     #[test]

@@ -183,7 +183,8 @@ impl Inner {
             }
         }
         // 2. Packages and commands in a build sandbox.
-        let layered_packages = spec.base.is_some() && !spec.packages.is_empty();
+        // (A kept step holds the packages already: they were installed before it.)
+        let layered_packages = spec.base.is_some() && !spec.packages.is_empty() && steps.done == 0;
         if layered_packages || steps.done < spec.run.len() {
             if let Err(e) = self
                 .in_build_sandbox(&id, spec, layered_packages, &steps, &log)
