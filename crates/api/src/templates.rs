@@ -43,16 +43,40 @@ fn admin_only(p: &Principal, st: &AppState, what: &str) -> Result<(), ApiError> 
 }
 
 /// Build events as NDJSON lines: `{"type":"progress","data":…}` …, then
-/// `{"type":"ready","template":{…}}` or `{"type":"failed","error":…}`.
-fn ndjson(events: BoxStream<'static, BuildEvent>) -> Response {
-    let lines = events.map(|ev| match ev {
+/// `{"type":"ready","template":{…}}` or `{"type":"failed","error":…}`; as Server-Sent
+/// Events (`event: progress|ready|failed`, the same JSON as data) when the client
+/// accepts `text/event-stream`.
+fn stream_events(
+    headers: &axum::http::HeaderMap,
+    events: BoxStream<'static, BuildEvent>,
+) -> Response {
+    let wire = events.map(|ev| match ev {
         BuildEvent::Progress(data) => WireEvent::Progress { data },
         BuildEvent::Ready(t) => WireEvent::Ready {
             template: Box::new(template_view(*t)),
         },
         BuildEvent::Failed(error) => WireEvent::Failed { error },
     });
-    crate::extract::ndjson(lines.boxed())
+    let sse = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    if !sse {
+        return crate::extract::ndjson(wire.boxed());
+    }
+    let frames = wire.map(|ev| {
+        let kind = match &ev {
+            WireEvent::Progress { .. } => "progress",
+            WireEvent::Ready { .. } => "ready",
+            WireEvent::Failed { .. } => "failed",
+        };
+        Ok::<_, std::convert::Infallible>(
+            axum::response::sse::Event::default()
+                .event(kind)
+                .data(serde_json::to_string(&ev).unwrap_or_default()),
+        )
+    });
+    axum::response::sse::Sse::new(frames).into_response()
 }
 
 /// Starts a build; the answer streams its progress as it goes. The build goes on if the
@@ -61,11 +85,12 @@ fn ndjson(events: BoxStream<'static, BuildEvent>) -> Response {
 pub async fn build(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
+    headers: axum::http::HeaderMap,
     JsonBody(b): JsonBody<TemplateBody>,
 ) -> Result<Response, ApiError> {
     admin_only(&p, &st, "building")?;
     let events = st.manager.build_template(template_spec(b)?).await?;
-    Ok(ndjson(events))
+    Ok(stream_events(&headers, events))
 }
 
 /// The build a request asks for: its fields, or what its Dockerfile says.
@@ -184,7 +209,8 @@ pub async fn log(
 #[utoipa::path(get, path = "/v1/templates/{name}/build", tag = "templates", params(("name" = String, Path, description = "Template name")), responses((status = 200, description = "NDJSON build events from the start of a build this server runs or ran (as for POST /v1/templates)", content_type = "application/x-ndjson", body = String), (status = 404, description = "No build of that name (a built template's log is at …/log)", body = crate::error::ErrorBody)))]
 pub async fn follow(
     State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
     PathArgs(name): PathArgs<String>,
 ) -> Result<Response, ApiError> {
-    Ok(ndjson(st.manager.follow_build(&name)?))
+    Ok(stream_events(&headers, st.manager.follow_build(&name)?))
 }

@@ -586,6 +586,27 @@ async fn templates_build_from_a_dockerfile() {
     assert_eq!(s.delete(&id).await, 204);
     assert_eq!(delete_template(&s, &name).await.0, 204);
 
+    // The build's events as Server-Sent Events, for a client that asks for them.
+    let r = s
+        .http
+        .post(s.url("/v1/templates"))
+        .header("accept", "text/event-stream")
+        .json(&json!({"name": name, "dockerfile": "FROM python\nRUN echo streamed\n"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("event: progress\ndata: {\"type\":\"progress\""),
+        "{text}"
+    );
+    assert!(text.contains("streamed"), "{text}");
+    assert!(text.contains("event: ready\ndata: "), "{text}");
+    assert_eq!(delete_template(&s, &name).await.0, 204);
+
     // Through the API: refusals name the line, and nothing is built.
     for (dockerfile, line, what) in [
         ("FROM python\nRUN true\nCOPY app.py /srv/\n", 3, "COPY"),
