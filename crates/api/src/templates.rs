@@ -115,6 +115,7 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
             workdir: b.workdir,
             egress: b.egress_allowlist,
             context: None,
+            args: Default::default(),
         });
     };
     if b.base.is_some()
@@ -153,6 +154,7 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
         workdir: recipe.workdir,
         egress: b.egress_allowlist,
         context: context.map(|c| std::sync::Arc::new(c.tar)),
+        args: recipe.args,
     })
 }
 

@@ -39,6 +39,7 @@ impl Recipe {
             workdir: None,
             egress: (!self.egress.is_empty()).then(|| self.egress.clone()),
             context: None,
+            args: BTreeMap::new(),
         }
     }
 }

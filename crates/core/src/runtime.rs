@@ -78,6 +78,11 @@ pub struct TemplateSpec {
     /// built on the node that received it only.
     #[serde(skip)]
     pub context: Option<std::sync::Arc<Vec<u8>>>,
+    /// Build arguments (a Dockerfile's `ARG`s): the commands' environment besides
+    /// `env`, kept neither in the template nor in its recorded recipe (such a template
+    /// is built on the node that received it only).
+    #[serde(skip)]
+    pub args: BTreeMap<String, String>,
 }
 
 /// Receives one line per build step or line of build output.

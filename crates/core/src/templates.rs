@@ -366,9 +366,9 @@ impl Manager {
                     tracing::info!(template = %name, seconds = info.build_seconds, "template built");
                     // Its recipe, for the other nodes sharing the database to build too
                     // (not one that needs the build context only this node received).
-                    let recipe = match build.req.context {
-                        Some(_) => None,
-                        None => Some(serde_json::to_string(&build.req)),
+                    let recipe = match build.req.context.is_some() || !build.req.args.is_empty() {
+                        true => None,
+                        false => Some(serde_json::to_string(&build.req)),
                     };
                     match recipe {
                         Some(Ok(spec)) => {

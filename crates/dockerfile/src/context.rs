@@ -56,7 +56,19 @@ impl Context {
             let name =
                 normalize(&raw).ok_or_else(|| bad(format!("entry {raw:?} leaves the context")))?;
             let kind = entry.header().entry_type();
-            let mut header = entry.header().clone();
+            // A fresh header for every entry written (never the sender's: its size or
+            // type could say something else to the sandbox's tar than to us).
+            let mode = entry.header().mode().unwrap_or(0o644) & 0o7777;
+            let fresh = |t: tar::EntryType, size: u64| {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(t);
+                h.set_mode(mode);
+                h.set_size(size);
+                h.set_mtime(0);
+                h.set_uid(0);
+                h.set_gid(0);
+                h
+            };
             match kind {
                 tar::EntryType::Directory => {
                     if name.is_empty() {
@@ -64,9 +76,9 @@ impl Context {
                     }
                     add_parents(&mut ctx.dirs, &name);
                     ctx.dirs.insert(name.clone());
-                    let mode = header.mode().unwrap_or(0);
                     ctx.digests.insert(name.clone(), digest(b"d", mode, &[]));
-                    out.append_data(&mut header, &name, std::io::empty())
+                    let mut h = fresh(tar::EntryType::Directory, 0);
+                    out.append_data(&mut h, &name, std::io::empty())
                         .map_err(|e| bad(e.to_string()))?;
                 }
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -75,13 +87,12 @@ impl Context {
                     }
                     add_parents(&mut ctx.dirs, &name);
                     ctx.files.insert(name.clone());
-                    header.set_entry_type(tar::EntryType::Regular);
                     let mut data = Vec::new();
                     std::io::Read::read_to_end(&mut entry, &mut data)
                         .map_err(|e| bad(format!("entry {raw:?}: {e}")))?;
-                    let mode = header.mode().unwrap_or(0);
                     ctx.digests.insert(name.clone(), digest(b"f", mode, &data));
-                    out.append_data(&mut header, &name, data.as_slice())
+                    let mut h = fresh(tar::EntryType::Regular, data.len() as u64);
+                    out.append_data(&mut h, &name, data.as_slice())
                         .map_err(|e| bad(e.to_string()))?;
                 }
                 tar::EntryType::Symlink => {
@@ -94,7 +105,8 @@ impl Context {
                     ctx.files.insert(name.clone());
                     ctx.digests
                         .insert(name.clone(), digest(b"l", 0, target.as_bytes()));
-                    out.append_link(&mut header, &name, &target)
+                    let mut h = fresh(tar::EntryType::Symlink, 0);
+                    out.append_link(&mut h, &name, &target)
                         .map_err(|e| bad(e.to_string()))?;
                 }
                 // pax and GNU long-name headers are read by the iterator itself.

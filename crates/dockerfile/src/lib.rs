@@ -36,6 +36,18 @@ pub struct DockerfileError {
     pub message: String,
 }
 
+/// How every `COPY` step starts (and no `RUN` step does: those start with their
+/// environment or directory): the build gives the context to these steps only.
+pub use forkbox_types::api::BUILD_COPY_STEP as COPY_STEP;
+
+/// Largest Dockerfile read.
+pub const MAX_DOCKERFILE: usize = 1 << 20;
+/// Largest value a variable expands to.
+const MAX_VALUE: usize = 64 * 1024;
+/// Most steps (`RUN`, `COPY`) and most bytes of rendered steps.
+const MAX_STEPS: usize = 256;
+const MAX_RENDERED: usize = 4 << 20;
+
 /// What a Dockerfile builds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recipe {
@@ -53,6 +65,9 @@ pub struct Recipe {
     pub workdir: Option<String>,
     /// `LABEL`s (and `MAINTAINER` as `maintainer`).
     pub labels: BTreeMap<String, String>,
+    /// The `ARG` values of the stage: every step's environment during the build (not
+    /// in the steps' text, nor kept in the template).
+    pub args: BTreeMap<String, String>,
 }
 
 /// Reads `text` (a Dockerfile) with the build's `args` (`--build-arg`), without a build
@@ -69,6 +84,12 @@ pub fn read_with(
     context: Option<&Context>,
 ) -> Result<Recipe, DockerfileError> {
     use parse_dockerfile::Instruction as I;
+    if text.len() > MAX_DOCKERFILE {
+        return Err(DockerfileError {
+            line: 0,
+            message: format!("larger than {MAX_DOCKERFILE} bytes"),
+        });
+    }
     let file = parse_dockerfile::parse(text).map_err(|e| DockerfileError {
         line: e.line(),
         message: format!("{e:#}"),
@@ -135,6 +156,9 @@ pub fn read_with(
             }
             I::Env(e) => {
                 for (k, v) in pairs(&e.arguments.value).map_err(|m| refuse(e.env.span.start, m))? {
+                    if !is_name(&k) {
+                        return Err(refuse(e.env.span.start, format!("bad ENV name {k:?}")));
+                    }
                     let v = st.expand(&v).map_err(|m| refuse(e.env.span.start, m))?;
                     st.env.insert(k, v);
                 }
@@ -197,6 +221,12 @@ pub fn read_with(
                     }
                 };
                 steps.push((st.command(&cmd), Some(st.env.keys().cloned().collect())));
+                if steps.len() > MAX_STEPS {
+                    return Err(refuse(
+                        r.run.span.start,
+                        format!("more than {MAX_STEPS} steps"),
+                    ));
+                }
             }
             I::Label(l) => {
                 for (k, v) in
@@ -239,6 +269,9 @@ pub fn read_with(
                 let dest = unquote(dest.trim());
                 let step = st.copy(ctx, &sources, &dest).map_err(|m| refuse(at, m))?;
                 steps.push((step, None));
+                if steps.len() > MAX_STEPS {
+                    return Err(refuse(at, format!("more than {MAX_STEPS} steps")));
+                }
             }
             I::Add(_) => {
                 return Err(refuse(
@@ -271,7 +304,7 @@ pub fn read_with(
             let later: Vec<&str> = st
                 .env
                 .keys()
-                .filter(|k| !before.contains(k))
+                .filter(|k| before.binary_search(k).is_err())
                 .map(String::as_str)
                 .collect();
             match later.is_empty() {
@@ -280,8 +313,15 @@ pub fn read_with(
             }
         })
         .collect();
+    if recipe.run.iter().map(String::len).sum::<usize>() > MAX_RENDERED {
+        return Err(DockerfileError {
+            line: 0,
+            message: format!("its steps come to more than {MAX_RENDERED} bytes"),
+        });
+    }
     recipe.env = st.env;
     recipe.workdir = st.workdir;
+    recipe.args = st.args;
     Ok(recipe)
 }
 
@@ -433,6 +473,9 @@ impl State {
                 }
                 c => out.push(c),
             }
+            if out.len() > MAX_VALUE {
+                return Err(format!("a value longer than {MAX_VALUE} bytes"));
+            }
         }
         Ok(out)
     }
@@ -464,10 +507,7 @@ impl State {
         let target = normalize(&abs);
         let q = shell_quote;
         let d = q(&target);
-        let mut script = format!(
-            "t=$(mktemp -d) && tar -x --no-same-owner -f {} -C \"$t\"",
-            q(CONTEXT_TAR)
-        );
+        let mut script = format!("{COPY_STEP}{} -C \"$t\"", q(CONTEXT_TAR));
         if sources.iter().all(Option::is_some) {
             script.push_str(" --");
             for p in sources.iter().flatten() {
@@ -497,15 +537,12 @@ impl State {
         Ok(script)
     }
 
-    /// `cmd` as a step: the arguments, environment and directory set so far, then the
-    /// command (`read` unsets what the template sets only later).
+    /// `cmd` as a step: the environment and directory set so far, then the command
+    /// (`read` unsets what the template sets only later; `ARG` values are the build's
+    /// environment, not the step's text, which a template shows).
     fn command(&self, cmd: &str) -> String {
         let mut pre = String::new();
-        let mut vars: BTreeMap<&str, &str> = BTreeMap::new();
-        for (k, v) in self.args.iter().chain(self.env.iter()) {
-            vars.insert(k, v);
-        }
-        for (k, v) in vars {
+        for (k, v) in &self.env {
             pre.push_str(&format!("export {k}={}; ", shell_quote(v)));
         }
         let dir = self.workdir.as_deref().unwrap_or("/root");
@@ -532,8 +569,8 @@ fn pairs(s: &str) -> Result<Vec<(String, String)>, String> {
             .split_once('=')
             .ok_or_else(|| format!("expected key=value, not {word:?}"))?;
         let k = unquote(k);
-        if k.is_empty() {
-            return Err(format!("empty name in {word:?}"));
+        if k.is_empty() || k.contains(['\0', '\n']) {
+            return Err(format!("bad name in {word:?}"));
         }
         out.push((k, v.to_owned()));
     }
@@ -697,10 +734,11 @@ mod tests {
         // The first step: the build's argument, the ENV so far, its directory; not LATER.
         assert_eq!(
             r.run[0],
-            "unset LATER; export APP='/srv/app'; export GREETING='hello'; \
-             export LEVEL='very high'; mkdir -p '/srv/app' && cd '/srv/app' && \
-             echo \"$GREETING\" > g.txt"
+            "unset LATER; export APP='/srv/app'; export LEVEL='very high'; \
+             mkdir -p '/srv/app' && cd '/srv/app' && echo \"$GREETING\" > g.txt"
         );
+        // The argument is the build's environment, not the step's text.
+        assert_eq!(r.args["GREETING"], "hello");
         assert!(r.run[1].starts_with("export APP="), "{}", r.run[1]);
         assert!(r.run[1].contains("export LATER='1'"));
         assert!(r.run[1].ends_with("cd '/srv/app/lib' && 'python3' '-c' 'print('\\''x y'\\'')'"));
@@ -797,7 +835,8 @@ mod tests {
             Some(&ctx),
         )
         .unwrap();
-        let x = "t=$(mktemp -d) && tar -x --no-same-owner -f '/.forkbox-context.tar' -C \"$t\"";
+        let x = "unset TAR_OPTIONS; t=$(mktemp -d) && tar -x --no-same-owner -f \
+                 '/.forkbox-context.tar' -C \"$t\"";
         let end = "&& rm -rf \"$t\"";
         assert_eq!(r.run.len(), 5);
         // Each step ends with a digest of what it copies; the rest is the copy.
@@ -859,5 +898,21 @@ mod tests {
             assert_eq!(e.line, 2, "{text:?}: {e}");
             assert!(e.message.contains(what), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn expansions_and_sizes_are_bounded() {
+        let mut text = String::from("FROM python\nENV A=xxxxxxxxxxxxxxxx\n");
+        for _ in 0..40 {
+            text.push_str("ENV A=$A$A\n");
+        }
+        let e = read0(&text).unwrap_err();
+        assert!(e.message.contains("longer than"), "{e}");
+        let many = format!("FROM python\n{}", "RUN true\n".repeat(300));
+        assert!(read0(&many).unwrap_err().message.contains("steps"));
+        let huge = format!("FROM python\n# {}\n", "x".repeat(MAX_DOCKERFILE));
+        assert_eq!(read0(&huge).unwrap_err().line, 0);
+        let e = read0("FROM python\nENV \"a;id;b\"=1\n").unwrap_err();
+        assert!(e.message.contains("bad ENV name"), "{e}");
     }
 }

@@ -166,15 +166,18 @@ impl Inner {
                 };
                 steps = StepKeys::new(&meta, spec);
                 // The longest run of steps an earlier build kept: start from there.
-                match steps.cached(&self.pool) {
-                    Some((done, from)) => {
+                let from_cache = steps
+                    .cached(&self.pool)
+                    .filter(|(_, from)| forkbox_sys::btrfs::snapshot(from, &rootfs, false).is_ok());
+                match from_cache {
+                    Some((done, _)) => {
                         log.line(&format!(
                             "template {name}: steps 1-{done} of {} cached (btrfs snapshot)",
                             spec.run.len()
                         ));
-                        forkbox_sys::btrfs::snapshot(&from, &rootfs, false)?;
                         steps.done = done;
                     }
+                    // (None, or the kept step went meanwhile: from the base.)
                     None => {
                         log.line(&format!("template {name}: copying {base} (btrfs snapshot)"));
                         forkbox_sys::btrfs::snapshot(&self.pool.template(base), &rootfs, false)?;
@@ -420,6 +423,10 @@ impl Inner {
         if spec.egress.as_ref().is_some_and(|l| !l.is_empty()) {
             forkbox_types::egress::proxy_env(&mut env);
         }
+        // Build arguments: the commands' environment, under the template's.
+        for (k, v) in &spec.args {
+            env.entry(k.clone()).or_insert_with(|| v.clone());
+        }
         let mut cmds: Vec<(usize, String, Option<String>)> = Vec::new();
         if let Some(w) = &spec.workdir {
             // Like a Dockerfile's WORKDIR: made if missing.
@@ -435,7 +442,7 @@ impl Inner {
             // The build context, for the steps that copy from it (from the first that
             // names it on), and gone after them.
             if let Some(ctx) = spec.context.as_ref().filter(|_| !context_put) {
-                if index > 0 && cmd.contains(context_at) {
+                if index > 0 && cmd.starts_with(forkbox_types::api::BUILD_COPY_STEP) {
                     log.line(&format!("build context: {} bytes", ctx.len()));
                     let bytes = bytes::Bytes::from(ctx.as_ref().clone());
                     let upload: forkbox_core::runtime::UploadStream =
@@ -486,7 +493,8 @@ impl Inner {
                         .await?;
                         context_put = false;
                     }
-                    keep_step(&self.pool, id, &key);
+                    let (pool, id, key) = (self.pool.clone(), id.to_owned(), key);
+                    let _ = tokio::task::spawn_blocking(move || keep_step(&pool, &id, &key)).await;
                 }
             }
         }
@@ -640,6 +648,7 @@ impl StepKeys {
             "workdir": spec.workdir,
             "egress": spec.egress,
             "packages": spec.packages,
+            "args": spec.args,
         });
         h.update(head.to_string().as_bytes());
         let mut keys = Vec::with_capacity(spec.run.len());
@@ -686,7 +695,11 @@ fn keep_step(pool: &crate::pool::Pool, id: &str, key: &str) {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .filter_map(|e| {
+            // When it was kept (its root's birth time; a step can set its mtime).
+            let m = e.metadata().ok()?;
+            Some((m.created().or_else(|_| m.modified()).ok()?, e.path()))
+        })
         .collect();
     if kept.len() > MAX_KEPT_STEPS {
         kept.sort_by_key(|k| std::cmp::Reverse(k.0));

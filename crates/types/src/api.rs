@@ -232,6 +232,10 @@ pub struct TemplateBody {
 /// is put in the build sandbox, for the build's commands only.
 pub const BUILD_CONTEXT_TAR: &str = "/.forkbox-context.tar";
 
+/// How every step that copies from a build's context starts (a Dockerfile's `COPY`;
+/// no other step does): the build gives the context to these steps only.
+pub const BUILD_COPY_STEP: &str = "unset TAR_OPTIONS; t=$(mktemp -d) && tar -x --no-same-owner -f ";
+
 /// A template as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
