@@ -116,6 +116,7 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
             egress: b.egress_allowlist,
             context: None,
             args: Default::default(),
+            keep_steps: false,
         });
     };
     if b.base.is_some()
@@ -155,6 +156,8 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
         egress: b.egress_allowlist,
         context: context.map(|c| std::sync::Arc::new(c.tar)),
         args: recipe.args,
+        // A Dockerfile's build keeps its steps, as Docker's does.
+        keep_steps: true,
     })
 }
 

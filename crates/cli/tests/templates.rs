@@ -446,11 +446,46 @@ async fn packages_run_confined_even_with_a_hostile_base() {
     }
 }
 
+/// `forkbox template build -f file --name name` plus `extra`: it must succeed; its
+/// stdout and stderr.
+fn cli_build(s: &Server, file: &std::path::Path, name: &str, extra: &[&str]) -> (String, String) {
+    let mut args = vec![
+        "template",
+        "build",
+        "-f",
+        file.to_str().unwrap(),
+        "--name",
+        name,
+    ];
+    args.extend_from_slice(extra);
+    let o = forkbox(s, &args);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    (out, err)
+}
+
+/// Runs `cmd` in a new sandbox of template `name`, then deletes the sandbox and the
+/// template: the command's stdout.
+async fn run_then_delete(s: &Server, name: &str, cmd: &str) -> String {
+    let id = s.create(json!({"template": name})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (out, _, _) = s.sh(&id, cmd).await;
+    assert_eq!(s.delete(&id).await, 204);
+    assert_eq!(delete_template(s, name).await.0, 204);
+    out
+}
+
 /// Issue 28, first part: a Dockerfile is a template build. `FROM` a forkbox template,
 /// `ARG` (with `--build-arg`), `ENV`, `WORKDIR`, `RUN` (each seeing only what was set
-/// before it) and `LABEL` build through the CLI and the API; a sandbox of the template
-/// starts with its environment and files; what forkbox cannot build yet is a 400 naming
-/// the instruction and its line, and leaves nothing behind.
+/// before it), `LABEL` and `COPY` from a build context build through the CLI and the
+/// API; a sandbox of the template starts with its environment and files; a build
+/// again with its last line changed starts from the kept steps; the events stream as
+/// SSE too; what forkbox cannot build yet is a 400 naming the instruction and its line.
 #[tokio::test]
 async fn templates_build_from_a_dockerfile() {
     let s = Server::start();
@@ -465,36 +500,15 @@ async fn templates_build_from_a_dockerfile() {
          LABEL org.example.app=\"demo\"\nCMD [\"python3\", \"app.py\"]\n",
     )
     .unwrap();
-    let o = forkbox(
-        &s,
-        &[
-            "template",
-            "build",
-            "-f",
-            file.to_str().unwrap(),
-            "--name",
-            &name,
-            "--build-arg",
-            "GREETING=hello",
-        ],
-    );
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    let (out, _) = cli_build(&s, &file, &name, &["--build-arg", "GREETING=hello"]);
     assert!(out.contains(&format!("template {name} ready")), "{out}");
-    let sb = s.create(json!({"template": name})).await;
-    let id = sb["id"].as_str().unwrap().to_owned();
-    let (out, _, _) = s
-        .sh(
-            &id,
-            "cat /srv/app/greeting.txt; echo $APP_DIR $LATER; python3 /srv/app/app.py",
-        )
-        .await;
+    let out = run_then_delete(
+        &s,
+        &name,
+        "cat /srv/app/greeting.txt; echo $APP_DIR $LATER; python3 /srv/app/app.py",
+    )
+    .await;
     assert_eq!(out, "hello from /srv/app, later=unset\n/srv/app 1\n42\n");
-    assert_eq!(s.delete(&id).await, 204);
-    assert_eq!(delete_template(&s, &name).await.0, 204);
 
     // With a build context: COPY takes files (and directories' contents) from it.
     let ctx = dir.path().join("ctx");
@@ -510,88 +524,44 @@ async fn templates_build_from_a_dockerfile() {
     std::fs::write(ctx.join("lib/__init__.py"), "").unwrap();
     std::fs::write(ctx.join("lib/util.py"), "def answer():\n    return 42\n").unwrap();
     let file = ctx.join("Dockerfile");
-    std::fs::write(
-        &file,
-        "FROM python\nWORKDIR /srv/app\nCOPY app.py .\nCOPY lib lib\nRUN python3 app.py > built.txt\n",
-    )
-    .unwrap();
-    let o = forkbox(
-        &s,
-        &[
-            "template",
-            "build",
-            "-f",
-            file.to_str().unwrap(),
-            "--name",
-            &name,
-            "--context",
-            ctx.to_str().unwrap(),
-        ],
-    );
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert_eq!(o.status.code(), Some(0), "{out}{err}");
-    let id = s.create(json!({"template": name})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (out, _, _) = s
-        .sh(
-            &id,
-            "cat /srv/app/built.txt; python3 /srv/app/app.py; stat -c %U /srv/app/lib/util.py; \
-             test -e /.forkbox-context.tar && echo context-left || echo context-gone",
+    let with_last = |last: &str| {
+        std::fs::write(
+            &file,
+            format!("FROM python\nWORKDIR /srv/app\nCOPY app.py .\nCOPY lib lib\n{last}\n"),
         )
-        .await;
+        .unwrap();
+    };
+    let context = ["--context", ctx.to_str().unwrap()];
+    with_last("RUN python3 app.py > built.txt");
+    cli_build(&s, &file, &name, &context);
+    let out = run_then_delete(
+        &s,
+        &name,
+        "cat /srv/app/built.txt; python3 /srv/app/app.py; stat -c %U /srv/app/lib/util.py; \
+         test -e /.forkbox-context.tar && echo context-left || echo context-gone",
+    )
+    .await;
     assert_eq!(out, "42\n42\nroot\ncontext-gone\n");
-    assert_eq!(s.delete(&id).await, 204);
-    assert_eq!(delete_template(&s, &name).await.0, 204);
 
     // Built again with only its last line changed: the steps before it come from the
     // kept ones (the template was deleted; its steps were not).
-    std::fs::write(
-        &file,
-        "FROM python\nWORKDIR /srv/app\nCOPY app.py .\nCOPY lib lib\nRUN python3 app.py > again.txt\n",
-    )
-    .unwrap();
-    let ctx_arg = ctx.to_str().unwrap();
-    let o = forkbox(
-        &s,
-        &[
-            "template",
-            "build",
-            "-f",
-            file.to_str().unwrap(),
-            "--name",
-            &name,
-            "--context",
-            ctx_arg,
-        ],
-    );
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    with_last("RUN python3 app.py > again.txt");
+    let (_, err) = cli_build(&s, &file, &name, &context);
     assert!(err.contains("steps 1-2 of 3 cached"), "{err}");
-    let id = s.create(json!({"template": name})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (out, _, _) = s
-        .sh(
-            &id,
-            "cat /srv/app/again.txt; ls /srv/app; test -e /.forkbox-context.tar || echo clean",
-        )
-        .await;
+    let out = run_then_delete(
+        &s,
+        &name,
+        "cat /srv/app/again.txt; ls /srv/app; test -e /.forkbox-context.tar || echo clean",
+    )
+    .await;
     assert_eq!(out, "42\nagain.txt\napp.py\nlib\nclean\n");
-    assert_eq!(s.delete(&id).await, 204);
-    assert_eq!(delete_template(&s, &name).await.0, 204);
 
     // The build's events as Server-Sent Events, for a client that asks for them.
     let r = s
         .http
         .post(s.url("/v1/templates"))
         .header("accept", "text/event-stream")
-        .json(&json!({"name": name, "dockerfile": "FROM python\nRUN echo streamed\n"}))
+        .json(&json!({"name": name, "dockerfile": format!("FROM python\nRUN echo streamed {name}\n")}))
         .send()
         .await
         .unwrap();
@@ -660,47 +630,28 @@ async fn a_dockerfile_with_packages_and_an_app_rebuilds_its_last_line_from_cache
         format!("# {name}\nimport json, os\nprint(json.dumps({{'mode': os.environ['MODE']}}))\n"),
     )
     .unwrap();
-    let dockerfile = |last: &str| {
-        format!(
-            "FROM python\nRUN apt-get update && apt-get install -y --no-install-recommends jq\n\
-             ENV MODE=docker\nWORKDIR /srv/app\nCOPY app.py .\n{last}\n"
-        )
-    };
     let file = dir.path().join("Dockerfile");
+    let context = ["--context", dir.path().to_str().unwrap()];
     let build_it = |last: &str| {
-        std::fs::write(&file, dockerfile(last)).unwrap();
-        let o = forkbox(
-            &s,
-            &[
-                "template",
-                "build",
-                "-f",
-                file.to_str().unwrap(),
-                "--name",
-                &name,
-                "--context",
-                dir.path().to_str().unwrap(),
-            ],
-        );
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert_eq!(o.status.code(), Some(0), "{err}");
-        err
+        std::fs::write(
+            &file,
+            format!(
+                "FROM python\nRUN apt-get update && apt-get install -y --no-install-recommends jq\n\
+                 ENV MODE=docker\nWORKDIR /srv/app\nCOPY app.py .\n{last}\n"
+            ),
+        )
+        .unwrap();
+        cli_build(&s, &file, &name, &context).1
     };
     let first = build_it("RUN python3 app.py | jq -r .mode > mode.txt");
     assert!(first.contains("jq"), "{first}");
-    let id = s.create(json!({"template": name})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (out, _, _) = s
-        .sh(
-            &id,
-            "cat /srv/app/mode.txt; cd /srv/app && python3 app.py | jq -c .",
-        )
-        .await;
+    let out = run_then_delete(
+        &s,
+        &name,
+        "cat /srv/app/mode.txt; cd /srv/app && python3 app.py | jq -c .",
+    )
+    .await;
     assert_eq!(out, "docker\n{\"mode\":\"docker\"}\n");
-    assert_eq!(s.delete(&id).await, 204);
-    assert_eq!(delete_template(&s, &name).await.0, 204);
 
     let t = std::time::Instant::now();
     let again = build_it("RUN python3 app.py | jq -r .mode > mode2.txt");
@@ -711,17 +662,11 @@ async fn a_dockerfile_with_packages_and_an_app_rebuilds_its_last_line_from_cache
         "packages were installed again: {again}"
     );
     eprintln!("rebuild of the last line took {:.1}s", took.as_secs_f64());
-    let id = s.create(json!({"template": name})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (out, _, _) = s
-        .sh(
-            &id,
-            "cat /srv/app/mode2.txt; jq --version >/dev/null && echo jq",
-        )
-        .await;
+    let out = run_then_delete(
+        &s,
+        &name,
+        "cat /srv/app/mode2.txt; jq --version >/dev/null && echo jq",
+    )
+    .await;
     assert_eq!(out, "docker\njq\n");
-    assert_eq!(s.delete(&id).await, 204);
-    assert_eq!(delete_template(&s, &name).await.0, 204);
 }

@@ -40,6 +40,7 @@ impl Recipe {
             egress: (!self.egress.is_empty()).then(|| self.egress.clone()),
             context: None,
             args: BTreeMap::new(),
+            keep_steps: false,
         }
     }
 }

@@ -83,6 +83,10 @@ pub struct TemplateSpec {
     /// is built on the node that received it only).
     #[serde(skip)]
     pub args: BTreeMap<String, String>,
+    /// Keep each command's result for later builds and start from the longest kept
+    /// run (a Dockerfile's build cache); off, every command runs (a `run` list).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_steps: bool,
 }
 
 /// Receives one line per build step or line of build output.

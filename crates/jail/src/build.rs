@@ -143,8 +143,8 @@ impl Inner {
         }
         let id = forkbox_core::ids::new(BUILD_ID_PREFIX);
         let rootfs = self.pool.sandbox(&id);
-        // Steps are kept for later builds only on a template base (a Debian root made
-        // from scratch is not reproducible by name).
+        // Steps are kept for later builds when asked (a Dockerfile's) and only on a
+        // template base (a Debian root made from scratch is not reproducible by name).
         let mut steps = StepKeys::default();
         // 1. The filesystem.
         match &spec.base {
@@ -164,13 +164,17 @@ impl Inner {
                 let Some(meta) = template::built(&self.pool, base, self.uid_base) else {
                     return Err(BuildError::NoBase(base.clone()));
                 };
-                steps = StepKeys::new(&meta, spec);
+                if spec.keep_steps {
+                    steps = StepKeys::new(&meta, spec);
+                }
                 // The longest run of steps an earlier build kept: start from there.
                 let from_cache = steps
                     .cached(&self.pool)
                     .filter(|(_, from)| forkbox_sys::btrfs::snapshot(from, &rootfs, false).is_ok());
                 match from_cache {
-                    Some((done, _)) => {
+                    Some((done, from)) => {
+                        // Used: the last to go.
+                        let _ = std::fs::write(from.with_extension("kept"), b"");
                         log.line(&format!(
                             "template {name}: steps 1-{done} of {} cached (btrfs snapshot)",
                             spec.run.len()
@@ -670,7 +674,7 @@ impl StepKeys {
     fn cached(&self, pool: &crate::pool::Pool) -> Option<(usize, std::path::PathBuf)> {
         (1..=self.keys.len()).rev().find_map(|i| {
             let p = pool.build_step(&self.keys[i - 1]);
-            p.join(".").exists().then_some((i, p))
+            (p.is_dir() && p.with_extension("kept").exists()).then_some((i, p))
         })
     }
 }
@@ -690,21 +694,27 @@ fn keep_step(pool: &crate::pool::Pool, id: &str, key: &str) {
         tracing::warn!(key, error = %e, "keeping a build step");
         return;
     }
+    // When it was kept: a file of the host's beside it (a snapshot's own times are its
+    // source's, or what a step set).
+    let _ = std::fs::write(dest.with_extension("kept"), b"");
     let Some(dir) = dest.parent() else { return };
     let mut kept: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| {
-            // When it was kept (its root's birth time; a step can set its mtime).
-            let m = e.metadata().ok()?;
-            Some((m.created().or_else(|_| m.modified()).ok()?, e.path()))
+        .filter(|e| e.path().extension().is_none())
+        .map(|e| {
+            let at = std::fs::metadata(e.path().with_extension("kept"))
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (at, e.path())
         })
         .collect();
     if kept.len() > MAX_KEPT_STEPS {
         kept.sort_by_key(|k| std::cmp::Reverse(k.0));
         for (_, p) in kept.into_iter().skip(MAX_KEPT_STEPS) {
             let _ = crate::delete_subvolume_patiently(&p);
+            let _ = std::fs::remove_file(p.with_extension("kept"));
         }
     }
 }
