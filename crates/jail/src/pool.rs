@@ -318,11 +318,28 @@ mod tests {
             );
             assert!(!stale.exists());
         });
-        let _ = Command::new("umount").arg(&root).status();
+        unmount_patiently(&root);
         let _ = std::fs::remove_dir_all(&dir);
         if let Err(e) = result {
             std::panic::resume_unwind(e);
         }
+    }
+
+    /// Unmounts a test pool: a moment after its last use the file system can still be
+    /// busy (a transient reference), and a pool left mounted keeps its loop device
+    /// (its image deleted) for the next run's host scan; lazily as a last resort.
+    fn unmount_patiently(root: &Path) {
+        for _ in 0..50 {
+            if Command::new("umount")
+                .arg(root)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(root).status();
     }
 
     /// A subvolume holding nested ones (what user code could make with btrfs ioctls
@@ -354,7 +371,7 @@ mod tests {
                 .next()
                 .is_none());
         });
-        let _ = Command::new("umount").arg(&root).status();
+        unmount_patiently(&root);
         let _ = std::fs::remove_dir_all(&dir);
         if let Err(e) = result {
             std::panic::resume_unwind(e);
@@ -409,7 +426,7 @@ mod tests {
                 QuotaMode::Off
             );
         });
-        let _ = Command::new("umount").arg(&root).status();
+        unmount_patiently(&root);
         let _ = std::fs::remove_dir_all(&dir);
         if let Err(e) = result {
             std::panic::resume_unwind(e);
