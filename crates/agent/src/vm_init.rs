@@ -54,32 +54,34 @@ fn setup() -> Result<(VmInit, PathBuf), String> {
     }
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"forkbox-agent".as_ptr(), 0, 0, 0) };
-    let started = Instant::now();
-    loop {
-        if let Some(p) = find_port(&init.port) {
-            return Ok((init, p));
-        }
-        if started.elapsed() > PORT_PATIENCE {
-            return Err(format!("no virtio-serial port named {:?}", init.port));
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    // No udev in the guest, so no /dev/virtio-ports/<name> link: the names are in sysfs.
+    match wait_for_device("/sys/class/virtio-ports", "name", &init.port, PORT_PATIENCE) {
+        Some(p) => Ok((init, p)),
+        None => Err(format!("no virtio-serial port named {:?}", init.port)),
     }
 }
 
-/// The device of the port named `name` (no udev in the guest, so no
-/// /dev/virtio-ports/<name> link: the names are in sysfs).
-fn find_port(name: &str) -> Option<PathBuf> {
-    let dir = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
-    for e in dir.flatten() {
-        let n = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
-        if n.trim() == name {
+/// The device (`/dev/<entry>`) of the entry of sysfs directory `class` whose file
+/// `attr` says `want`, waiting up to `patience` for it (virtio devices probe
+/// asynchronously).
+fn wait_for_device(class: &str, attr: &str, want: &str, patience: Duration) -> Option<PathBuf> {
+    let find = || {
+        std::fs::read_dir(class).ok()?.flatten().find_map(|e| {
+            let v = std::fs::read_to_string(e.path().join(attr)).unwrap_or_default();
             let dev = PathBuf::from("/dev").join(e.file_name());
-            if dev.exists() {
-                return Some(dev);
-            }
+            (v.trim() == want && dev.exists()).then_some(dev)
+        })
+    };
+    let started = Instant::now();
+    loop {
+        if let Some(d) = find() {
+            return Some(d);
         }
+        if started.elapsed() > patience {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    None
 }
 
 /// How long a volume's device may take to appear (virtio devices probe asynchronously).
@@ -130,16 +132,8 @@ const VOLUME_IDS: u32 = 65536;
 fn mount_volume(i: usize, v: &forkbox_types::agent::VmVolume) -> Result<(), String> {
     use nix::mount::MsFlags;
     use std::os::fd::AsFd as _;
-    let started = Instant::now();
-    let dev = loop {
-        if let Some(d) = find_disk(&v.serial) {
-            break d;
-        }
-        if started.elapsed() > DEVICE_PATIENCE {
-            return Err(format!("no block device with serial {:?}", v.serial));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let dev = wait_for_device("/sys/block", "serial", &v.serial, DEVICE_PATIENCE)
+        .ok_or_else(|| format!("no block device with serial {:?}", v.serial))?;
     std::fs::create_dir_all(&v.mount).map_err(|e| format!("make {}: {e}", v.mount))?;
     let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if v.read_only {
@@ -176,21 +170,6 @@ fn mount_volume(i: usize, v: &forkbox_types::agent::VmVolume) -> Result<(), Stri
     let _ = nix::mount::umount2(&stage, nix::mount::MntFlags::MNT_DETACH);
     let _ = std::fs::remove_dir(&stage);
     placed
-}
-
-/// The device of the disk whose serial number is `serial`.
-fn find_disk(serial: &str) -> Option<PathBuf> {
-    let dir = std::fs::read_dir("/sys/block").ok()?;
-    for e in dir.flatten() {
-        let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
-        if s.trim() == serial {
-            let dev = PathBuf::from("/dev").join(e.file_name());
-            if dev.exists() {
-                return Some(dev);
-            }
-        }
-    }
-    None
 }
 
 /// Grows the root file system to fill its disk (`/dev/vda`), which the host made the

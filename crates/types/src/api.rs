@@ -215,8 +215,8 @@ pub struct TemplateBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_allowlist: Option<Vec<String>>,
     /// A Dockerfile instead of `base`, `packages`, `run`, `env` and `workdir`: its
-    /// `FROM` names the base (a template, or `debian`), its `RUN`, `ENV`, `WORKDIR`,
-    /// `ARG` and `LABEL` are the build (docs/api.md lists what else is refused).
+    /// `FROM` names the base (a template, or `debian`), its `RUN`, `COPY`, `ENV`,
+    /// `WORKDIR`, `ARG` and `LABEL` are the build (docs/api.md lists what is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dockerfile: Option<String>,
     /// The Dockerfile's `ARG` values (like `docker build --build-arg`).
