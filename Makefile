@@ -105,7 +105,7 @@ deploy-check: deps build
 TOOLS := $(CURDIR)/target/tools
 CARGO_FUZZ := $(TOOLS)/bin/cargo-fuzz
 CARGO_FUZZ_VERSION := 0.13.2
-FUZZ_TARGETS := pty_decode pty_roundtrip agent_json ndjson_roundtrip path_normalize path_resolve lsp_decode dockerfile_read
+FUZZ_TARGETS := pty_decode pty_roundtrip agent_json ndjson_roundtrip path_normalize path_resolve lsp_decode dockerfile_read oci_layer
 FUZZ_SMOKE_SECONDS ?= 6
 FUZZ_SECONDS ?= 300
 FUZZ_TARGET_DIR := $(CURDIR)/target/fuzz

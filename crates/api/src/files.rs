@@ -109,32 +109,45 @@ pub(crate) async fn write_stream(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<WriteReply, ApiError> {
-    let too_large = ApiError::TooLarge {
-        limit: MAX_UPLOAD as usize,
-    };
+    let (data, over) = bounded(headers, body, MAX_UPLOAD)?;
+    match st.manager.write_file(id, path, data).await {
+        Ok(r) => Ok(r),
+        Err(_) if over.load(Ordering::Relaxed) => Err(ApiError::TooLarge {
+            limit: MAX_UPLOAD as usize,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `body` as a stream of at most `limit` bytes: refused up front when its
+/// `Content-Length` says more, failing when more arrives (the flag then set: answer
+/// [`ApiError::TooLarge`] rather than what the failed stream caused).
+pub(crate) fn bounded(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<(forkbox_core::runtime::UploadStream, Arc<AtomicBool>), ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_UPLOAD) {
-        return Err(too_large);
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::TooLarge {
+            limit: limit as usize,
+        });
     }
     let seen = Arc::new(AtomicU64::new(0));
     let over = Arc::new(AtomicBool::new(false));
     let (s, o) = (seen.clone(), over.clone());
     let data = body.into_data_stream().map(move |r| {
         let b = r.map_err(std::io::Error::other)?;
-        if s.fetch_add(b.len() as u64, Ordering::Relaxed) + b.len() as u64 > MAX_UPLOAD {
+        if s.fetch_add(b.len() as u64, Ordering::Relaxed) + b.len() as u64 > limit {
             o.store(true, Ordering::Relaxed);
             return Err(std::io::Error::other("upload larger than the limit"));
         }
         Ok(b)
     });
-    match st.manager.write_file(id, path, data.boxed()).await {
-        Ok(r) => Ok(r),
-        Err(_) if over.load(Ordering::Relaxed) => Err(too_large),
-        Err(e) => Err(e.into()),
-    }
+    Ok((data.boxed(), over))
 }
 
 /// `GET …/files/raw?path=`: the same as `GET …/files` (the binary endpoint).

@@ -147,6 +147,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(templates::get, templates::delete))
         .routes(routes!(templates::log))
         .routes(routes!(templates::follow))
+        .routes(routes!(templates::import))
         .routes(routes!(auth::whoami))
         .routes(routes!(auth::list_tokens, auth::create_token))
         .routes(routes!(auth::revoke_token))

@@ -29,6 +29,7 @@ pub fn template_view(t: Template) -> TemplateView {
         created: crate::sandboxes::rfc3339(t.created),
         build_seconds: t.build_seconds,
         error: t.error,
+        image: t.image,
     }
 }
 
@@ -95,6 +96,16 @@ pub async fn build(
 
 /// The build a request asks for: its fields, or what its Dockerfile says.
 fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
+    if b.registry_auth.is_some() && b.image.is_none() && b.dockerfile.is_none() {
+        return Err(ApiError::BadRequest(
+            "registry_auth goes with an image (or a Dockerfile FROM one)".into(),
+        ));
+    }
+    let pull = |image: Option<String>, auth: Option<forkbox_types::api::RegistryAuth>| {
+        image.map(|reference| {
+            std::sync::Arc::new(forkbox_core::runtime::ImageSource::Registry { reference, auth })
+        })
+    };
     let Some(text) = b.dockerfile else {
         if !b.build_args.is_empty() {
             return Err(ApiError::BadRequest(
@@ -117,6 +128,7 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
             context: None,
             args: Default::default(),
             keep_steps: false,
+            image: pull(b.image, b.registry_auth),
         });
     };
     if b.base.is_some()
@@ -124,10 +136,11 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
         || !b.run.is_empty()
         || !b.env.is_empty()
         || b.workdir.is_some()
+        || b.image.is_some()
     {
         return Err(ApiError::BadRequest(
             "a dockerfile says the base, commands, environment and working directory: \
-             give it without base, packages, run, env or workdir"
+             give it without base, image, packages, run, env or workdir"
                 .into(),
         ));
     }
@@ -158,7 +171,46 @@ fn template_spec(b: TemplateBody) -> Result<TemplateSpec, ApiError> {
         args: recipe.args,
         // A Dockerfile's build keeps its steps, as Docker's does.
         keep_steps: true,
+        image: pull(recipe.image, b.registry_auth),
     })
+}
+
+/// Largest image archive a template import takes.
+pub const MAX_IMAGE_ARCHIVE: u64 = 8 << 30;
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+pub struct ImportQuery {
+    /// Which image of the archive: its name or tag (`app`, `app:v1`,
+    /// `docker.io/library/app:latest`); needed only when it holds several.
+    #[serde(rename = "ref")]
+    reference: Option<String>,
+}
+
+/// Imports an OCI image as template `name`: the body is an image archive (an OCI
+/// image layout as a tar — `oci-archive` — or a `docker save` tar), streamed, up to
+/// [`MAX_IMAGE_ARCHIVE`] bytes. Digests of the manifest, configuration and every layer
+/// are checked (a layer before it is applied); layers are applied in order with their
+/// whiteouts, owners shifted into the sandboxes' range; `Env` and `WorkingDir` become
+/// the template's environment and working directory, `User`, `Entrypoint`, `Cmd` and
+/// labels are recorded. The answer streams the import's progress as a build's does.
+#[utoipa::path(post, path = "/v1/templates/{name}/image", tag = "templates", params(("name" = String, Path, description = "Name of the template to make"), ImportQuery), request_body(content = Vec<u8>, content_type = "application/x-tar", description = "The image archive"), responses((status = 200, description = "NDJSON build events: progress lines, then `ready` (with the template) or `failed` (with the error: a digest mismatch, a layer that cannot be applied, …)", content_type = "application/x-ndjson", body = String), (status = 400, description = "Invalid name or ref", body = crate::error::ErrorBody), (status = 409, description = "A template of that name exists or is being built", body = crate::error::ErrorBody), (status = 413, description = "The archive is larger than the limit", body = crate::error::ErrorBody)))]
+pub async fn import(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+    headers: axum::http::HeaderMap,
+    PathArgs(name): PathArgs<String>,
+    crate::extract::QueryArgs(q): crate::extract::QueryArgs<ImportQuery>,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    admin_only(&p, &st, "importing")?;
+    let (data, over) = crate::files::bounded(&headers, body, MAX_IMAGE_ARCHIVE)?;
+    match st.manager.import_template(name, q.reference, data).await {
+        Ok(events) => Ok(stream_events(&headers, events)),
+        Err(_) if over.load(std::sync::atomic::Ordering::Relaxed) => Err(ApiError::TooLarge {
+            limit: MAX_IMAGE_ARCHIVE as usize,
+        }),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[utoipa::path(get, path = "/v1/templates", tag = "templates", responses((status = 200, description = "Built templates and builds this server runs or saw fail", body = TemplateList)))]

@@ -278,6 +278,7 @@ async fn every_route_is_in_the_openapi_document_and_served() {
         ("DELETE", "/v1/templates/{name}"),
         ("GET", "/v1/templates/{name}/log"),
         ("GET", "/v1/templates/{name}/build"),
+        ("POST", "/v1/templates/{name}/image"),
         ("GET", "/v1/auth/whoami"),
         ("GET", "/v1/auth/tokens"),
         ("POST", "/v1/auth/tokens"),

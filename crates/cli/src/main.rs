@@ -101,6 +101,22 @@ enum TemplateCmd {
         #[arg(long, value_name = "DIR")]
         context: Option<std::path::PathBuf>,
     },
+    /// Import an OCI image as a template on a server: an image archive (an OCI
+    /// layout as a tar, e.g. `skopeo copy … oci-archive:image.tar`, or a `docker save`
+    /// tar; `-` reads standard input), streamed; shows the import's progress; exits
+    /// non-zero when it fails (a digest mismatch, a layer that cannot be applied).
+    Import {
+        #[command(flatten)]
+        conn: client::Conn,
+        /// The image archive (`-`: standard input).
+        archive: std::path::PathBuf,
+        /// Name of the template to make.
+        #[arg(long)]
+        name: String,
+        /// Which image of the archive (its name or tag), when it holds several.
+        #[arg(long = "ref")]
+        reference: Option<String>,
+    },
     /// List a server's templates.
     Ls {
         #[command(flatten)]
@@ -167,6 +183,15 @@ fn main() -> ExitCode {
             } => {
                 return templates::build(&conn, &file, name, &build_args, context.as_deref()).await
             }
+            Cmd::Template {
+                cmd:
+                    TemplateCmd::Import {
+                        conn,
+                        archive,
+                        name,
+                        reference,
+                    },
+            } => return templates::import(&conn, &archive, &name, reference.as_deref()).await,
             Cmd::Template {
                 cmd: TemplateCmd::Ls { conn },
             } => return templates::ls(&conn).await,

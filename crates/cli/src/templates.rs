@@ -1,6 +1,7 @@
-//! `forkbox template build|ls|rm`: templates of a running server. `build -f
-//! template.toml` takes the fields of `POST /v1/templates` in TOML and shows the
-//! build's progress as it streams.
+//! `forkbox template build|import|ls|rm`: templates of a running server. `build -f
+//! template.toml` takes the fields of `POST /v1/templates` in TOML (or a Dockerfile)
+//! and shows the build's progress as it streams; `import` streams an OCI image
+//! archive to `POST /v1/templates/{name}/image` and shows the import's.
 
 use crate::client::{Api, Conn};
 use anyhow::{bail, Context};
@@ -80,6 +81,44 @@ pub async fn build(
     let r = api
         .send(api.http.post(format!("{}/v1/templates", api.base)).json(&t))
         .await?;
+    follow(conn, r, &t.name, "building").await
+}
+
+/// `forkbox template import`: the archive at `archive` (`-`: standard input) streamed.
+pub async fn import(
+    conn: &Conn,
+    archive: &std::path::Path,
+    name: &str,
+    reference: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let body = if archive == std::path::Path::new("-") {
+        reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(tokio::io::stdin()))
+    } else {
+        let f = tokio::fs::File::open(archive)
+            .await
+            .with_context(|| format!("open {}", archive.display()))?;
+        reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20))
+    };
+    let api = Api::new(conn)?;
+    let mut req = api
+        .http
+        .post(format!("{}/v1/templates/{name}/image", api.base))
+        .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+        .body(body);
+    if let Some(r) = reference {
+        req = req.query(&[("ref", r)]);
+    }
+    let r = api.send(req).await?;
+    follow(conn, r, name, "importing").await
+}
+
+/// Shows a build's events as they stream; its outcome as the exit code.
+async fn follow(
+    conn: &Conn,
+    r: reqwest::Response,
+    name: &str,
+    doing: &str,
+) -> anyhow::Result<ExitCode> {
     let fancy = !conn.json && std::io::stderr().is_terminal();
     let bar = if fancy {
         let pb = indicatif::ProgressBar::new_spinner();
@@ -88,7 +127,7 @@ pub async fn build(
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
         );
         pb.enable_steady_tick(std::time::Duration::from_millis(120));
-        pb.set_message(format!("building template {}", t.name));
+        pb.set_message(format!("{doing} template {name}"));
         Some(pb)
     } else {
         None
@@ -123,8 +162,7 @@ pub async fn build(
         Some(BuildEvent::Ready { template }) => {
             if !conn.json {
                 println!(
-                    "template {} ready ({}, {:.0}s)",
-                    t.name,
+                    "template {name} ready ({}, {:.0}s)",
                     size(template.size),
                     template.build_seconds.unwrap_or(0.0)
                 );
@@ -133,14 +171,11 @@ pub async fn build(
         }
         Some(BuildEvent::Failed { error }) => {
             if !conn.json {
-                eprintln!("forkbox: template {} failed: {error}", t.name);
+                eprintln!("forkbox: template {name} failed: {error}");
             }
             Ok(ExitCode::FAILURE)
         }
-        _ => bail!(
-            "the build stream ended without an outcome; see GET /v1/templates/{}",
-            t.name
-        ),
+        _ => bail!("the build stream ended without an outcome; see GET /v1/templates/{name}"),
     }
 }
 

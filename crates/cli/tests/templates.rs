@@ -556,6 +556,28 @@ async fn templates_build_from_a_dockerfile() {
     .await;
     assert_eq!(out, "42\nagain.txt\napp.py\nlib\nclean\n");
 
+    // ADD: a tar archive of the context (here gzipped) is unpacked; a file is copied.
+    let vendor = dir.path().join("vendor");
+    std::fs::create_dir_all(vendor.join("pkg")).unwrap();
+    std::fs::write(vendor.join("pkg/mod.txt"), format!("vendored {name}\n")).unwrap();
+    let o = Command::new("tar")
+        .arg("-czf")
+        .arg(ctx.join("vendor.tar.gz"))
+        .arg("-C")
+        .arg(&vendor)
+        .arg("pkg")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    std::fs::write(
+        &file,
+        "FROM python\nADD vendor.tar.gz /srv/vendor/\nADD app.py /srv/\n",
+    )
+    .unwrap();
+    cli_build(&s, &file, &name, &context);
+    let out = run_then_delete(&s, &name, "cat /srv/vendor/pkg/mod.txt; ls /srv").await;
+    assert_eq!(out, format!("vendored {name}\napp.py\nvendor\n"));
+
     // The build's events as Server-Sent Events, for a client that asks for them.
     let r = s
         .http
@@ -581,7 +603,7 @@ async fn templates_build_from_a_dockerfile() {
     for (dockerfile, line, what) in [
         ("FROM python\nRUN true\nCOPY app.py /srv/\n", 3, "COPY"),
         ("FROM python\nUSER nobody\n", 2, "USER"),
-        ("FROM python:3.11-slim\n", 1, "OCI image"),
+        ("FROM Python\n", 1, "neither"),
         ("FROM python\nFROBNICATE x\n", 2, ""),
     ] {
         let (st, ev) = build(&s, json!({"name": name, "dockerfile": dockerfile})).await;
@@ -669,4 +691,445 @@ async fn a_dockerfile_with_packages_and_an_app_rebuilds_its_last_line_from_cache
     )
     .await;
     assert_eq!(out, "docker\njq\n");
+}
+
+/// POSTs an image archive to `/v1/templates/{name}/image` (`?ref=`); (status, every
+/// NDJSON event or the error body).
+async fn import(
+    s: &Server,
+    name: &str,
+    archive: &std::path::Path,
+    reference: Option<&str>,
+) -> (u16, Vec<Value>) {
+    let mut req = s
+        .http
+        .post(s.url(&format!("/v1/templates/{name}/image")))
+        .header("content-type", "application/x-tar")
+        .body(std::fs::read(archive).unwrap());
+    if let Some(r) = reference {
+        req = req.query(&[("ref", r)]);
+    }
+    let r = req.send().await.unwrap();
+    let st = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    if st != 200 {
+        return (st, vec![serde_json::from_str(&text).unwrap_or(Value::Null)]);
+    }
+    (
+        st,
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("NDJSON line"))
+            .collect(),
+    )
+}
+
+/// Issue 28, acceptance 2: an OCI image made here by Debian's umoci (an OCI layout, as
+/// a tar) and skopeo (the same image as a `docker save` tar), offline, from a busybox
+/// root filesystem, imports through the CLI and the API. A sandbox from it sees its
+/// files (owners shifted: the image's uid 1000 is 1000 inside), its `Env` and its
+/// `WorkingDir` (where commands start); the file the second layer whites out is gone;
+/// `User`, `Cmd` and the digest are recorded. A tampered layer is refused with its
+/// digest mismatch, and leaves nothing behind.
+#[tokio::test]
+async fn templates_import_oci_and_docker_archives() {
+    let s = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-oci-image.sh");
+    let o = Command::new("bash")
+        .arg(script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let check = "pwd; echo \"$GREETING\"; busybox cat keep.txt; test -e gone.txt || echo gone; \
+                 busybox stat -c %u:%g keep.txt /bin/busybox; busybox uname -s";
+    let expected = "/app\nhello from the image\nkept\ngone\n1000:1000\n0:0\nLinux\n";
+
+    // The OCI archive, through the CLI.
+    let name = unique("e2e-oci");
+    let archive = dir.path().join("image.tar");
+    let o = forkbox(
+        &s,
+        &[
+            "template",
+            "import",
+            archive.to_str().unwrap(),
+            "--name",
+            &name,
+        ],
+    );
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.contains(&format!("template {name} ready")), "{out}");
+    assert!(err.contains("layer 2") && err.contains("verified"), "{err}");
+    let (st, t) = get(&s, &format!("/v1/templates/{name}")).await;
+    assert_eq!(st, 200);
+    assert_eq!(t["base"], "oci-image", "{t}");
+    assert_eq!(t["workdir"], "/app", "{t}");
+    assert_eq!(t["env"]["GREETING"], "hello from the image", "{t}");
+    assert_eq!(t["image"]["user"], "1000", "{t}");
+    assert_eq!(t["image"]["cmd"], json!(["/bin/sh"]), "{t}");
+    assert_eq!(t["image"]["layers"], 2, "{t}");
+    assert_eq!(t["image"]["reference"], "app", "{t}");
+    assert!(
+        t["image"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"),
+        "{t}"
+    );
+    assert_eq!(run_then_delete(&s, &name, check).await, expected);
+
+    // The `docker save` archive, through the API, named by its tag.
+    let (st, ev) = import(
+        &s,
+        &name,
+        &dir.path().join("docker.tar"),
+        Some("app:latest"),
+    )
+    .await;
+    assert_eq!(st, 200, "{ev:?}");
+    assert_eq!(ev.last().unwrap()["type"], "ready", "{ev:?}");
+    assert_eq!(run_then_delete(&s, &name, check).await, expected);
+
+    // An image the archive does not have: the import fails naming what it has.
+    let (st, ev) = import(&s, &name, &archive, Some("nope")).await;
+    assert_eq!(st, 200, "{ev:?}");
+    let last = ev.last().unwrap();
+    assert_eq!(last["type"], "failed", "{ev:?}");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap()
+            .contains("no image \"nope\""),
+        "{last}"
+    );
+
+    // A layer changed after the image was made: refused before anything is applied.
+    let layout = dir.path().join("layout");
+    let blob = |d: &str| layout.join("blobs").join(d.replacen(':', "/", 1));
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let layer = blob(manifest["layers"][0]["digest"].as_str().unwrap());
+    let mut bytes = std::fs::read(&layer).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::remove_file(&layer).unwrap();
+    std::fs::write(&layer, bytes).unwrap();
+    let tampered = dir.path().join("tampered.tar");
+    let o = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&tampered)
+        .arg(".")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let (st, ev) = import(&s, &name, &tampered, None).await;
+    assert_eq!(st, 200, "{ev:?}");
+    let last = ev.last().unwrap();
+    assert_eq!(last["type"], "failed", "{ev:?}");
+    let msg = last["error"].as_str().unwrap();
+    assert!(msg.contains("layer 1: digest mismatch"), "{msg}");
+    let bld = ev
+        .iter()
+        .filter_map(|e| e["data"].as_str())
+        .find_map(|l| l.split("unpacking the image into ").nth(1))
+        .expect("the import's build id")
+        .to_owned();
+    assert_no_leftovers(&s, &name, &bld);
+    // (The failed import's record goes with a delete; its archive went already.)
+    assert_eq!(delete_template(&s, &name).await.0, 204);
+    let uploads = s.data.path().join("run/uploads");
+    let left: Vec<_> = std::fs::read_dir(&uploads)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "archives left: {left:?}");
+
+    // Not an image at all; an invalid name; the CLI's exit code on failure.
+    let junk = dir.path().join("junk.tar");
+    std::fs::write(&junk, b"not a tar").unwrap();
+    let o = forkbox(
+        &s,
+        &[
+            "template",
+            "import",
+            junk.to_str().unwrap(),
+            "--name",
+            &name,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert_eq!(delete_template(&s, &name).await.0, 204);
+    let (st, ev) = import(&s, "Bad Name", &archive, None).await;
+    assert_eq!(st, 400, "{ev:?}");
+}
+
+/// Debian's OCI distribution registry on a loopback port of its own, with HTTP Basic
+/// users from an htpasswd file (bcrypt, made by Python's crypt); stopped when dropped.
+struct Registry {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// With HTTP Basic users.
+    fn start(user: &str, password: &str) -> Registry {
+        Self::start_with(|dir| {
+            let o = Command::new("python3")
+                .args(["-W", "ignore", "-c", "import crypt, sys; print(sys.argv[1] + ':' + crypt.crypt(sys.argv[2], crypt.mksalt(crypt.METHOD_BLOWFISH)))", user, password])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            std::fs::write(dir.join("htpasswd"), &o.stdout).unwrap();
+            format!(
+                "htpasswd:\n    realm: forkbox-test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            )
+        })
+    }
+
+    /// `auth` (the config's `auth:` section, from the registry's directory).
+    fn start_with(auth: impl FnOnce(&std::path::Path) -> String) -> Registry {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-registry.sh");
+        let o = Command::new("bash").arg(script).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let bin = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+        let dir = tempfile::tempdir().unwrap();
+        let auth = auth(dir.path());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        std::fs::write(
+            dir.path().join("config.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\nauth:\n  {auth}",
+                dir.path().join("data").display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let r = Registry {
+            child,
+            addr,
+            _dir: dir,
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&r.addr).is_ok() {
+                return r;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the registry did not start on {}", r.addr);
+    }
+}
+
+/// Issue 28: templates from an image in a registry (the OCI distribution API with HTTP
+/// Basic auth, Debian's `distribution` on loopback, the image pushed by skopeo): by
+/// `"image"` in a build request and by a Dockerfile's `FROM` (with steps on top);
+/// refused without credentials or with wrong ones, naming why.
+#[tokio::test]
+async fn templates_pull_from_a_registry_with_auth() {
+    let s = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-oci-image.sh");
+    let o = Command::new("bash")
+        .arg(script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reg = Registry::start("agent", "s3cret pass");
+    let image = format!("{}/team/app:v1", reg.addr);
+    let o = Command::new("skopeo")
+        .current_dir(dir.path())
+        .args([
+            "--insecure-policy",
+            "copy",
+            "-q",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "agent:s3cret pass",
+            "oci:layout:app",
+        ])
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let auth = json!({"username": "agent", "password": "s3cret pass"});
+
+    let name = unique("e2e-pull");
+    let (st, ev) = build(
+        &s,
+        json!({"name": name, "image": image, "registry_auth": auth}),
+    )
+    .await;
+    assert_eq!(st, 200, "{ev:?}");
+    assert_eq!(ev.last().unwrap()["type"], "ready", "{ev:?}");
+    let log = progress(&ev);
+    assert!(
+        log.contains(&format!("pulling {image}")) && log.contains("verified"),
+        "{log}"
+    );
+    assert!(!log.contains("s3cret"), "{log}");
+    let (_, t) = get(&s, &format!("/v1/templates/{name}")).await;
+    assert_eq!(t["image"]["reference"], image.as_str(), "{t}");
+    assert_eq!(
+        run_then_delete(
+            &s,
+            &name,
+            "pwd; echo \"$GREETING\"; busybox cat keep.txt; test -e gone.txt || echo gone"
+        )
+        .await,
+        "/app\nhello from the image\nkept\ngone\n"
+    );
+
+    // A Dockerfile FROM the image, with steps on top (run by the image's own shell).
+    let dockerfile = format!(
+        "FROM {image}\nENV MODE=layered\nRUN busybox echo \"built in $(pwd)\" > built.txt\n"
+    );
+    let (st, ev) = build(
+        &s,
+        json!({"name": name, "dockerfile": dockerfile, "registry_auth": auth}),
+    )
+    .await;
+    assert_eq!(st, 200, "{ev:?}");
+    assert_eq!(ev.last().unwrap()["type"], "ready", "{}", progress(&ev));
+    assert_eq!(
+        run_then_delete(&s, &name, "busybox cat built.txt; echo $MODE $GREETING").await,
+        "built in /app\nlayered hello from the image\n"
+    );
+
+    // No credentials, wrong ones, a tag the registry does not have.
+    for (body, why) in [
+        (
+            json!({"name": name, "image": image}),
+            "the registry needs credentials",
+        ),
+        (
+            json!({"name": name, "image": image, "registry_auth": {"username": "agent", "password": "wrong"}}),
+            "refused the credentials",
+        ),
+        (
+            json!({"name": name, "image": format!("{}/team/app:v2", reg.addr), "registry_auth": auth}),
+            "no such image",
+        ),
+    ] {
+        let (st, ev) = build(&s, body.clone()).await;
+        assert_eq!(st, 200, "{ev:?}");
+        let last = ev.last().unwrap();
+        assert_eq!(last["type"], "failed", "{body}: {ev:?}");
+        assert!(
+            last["error"].as_str().unwrap().contains(why),
+            "{body}: {last}"
+        );
+        assert_eq!(delete_template(&s, &name).await.0, 204);
+    }
+    // The Bearer token flow (as Docker Hub's and GHCR's): the registry's challenge
+    // names a token realm; the token asked of it (with the credentials) is what the
+    // registry then takes. (The registry's "silly" controller sends the challenge and
+    // takes any token; the realm is a small token service here that records what it
+    // was asked.)
+    let tokens = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let realm = format!("http://{}/token", tokens.local_addr().unwrap());
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = asked.clone();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        for conn in tokens.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut head = String::new();
+            let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            seen.lock().unwrap().push(head);
+            let body = r#"{"token":"t0ken-from-realm"}"#;
+            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    let bearer = Registry::start_with(|_| {
+        format!("silly:\n    realm: {realm}\n    service: forkbox-test\n")
+    });
+    let image2 = format!("{}/team/app:v1", bearer.addr);
+    let o = Command::new("skopeo")
+        .current_dir(dir.path())
+        .args([
+            "--insecure-policy",
+            "copy",
+            "-q",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "agent:s3cret pass",
+            "oci:layout:app",
+        ])
+        .arg(format!("docker://{image2}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    asked.lock().unwrap().clear();
+    let (st, ev) = build(
+        &s,
+        json!({"name": name, "image": image2, "registry_auth": auth}),
+    )
+    .await;
+    assert_eq!(st, 200, "{ev:?}");
+    assert_eq!(ev.last().unwrap()["type"], "ready", "{ev:?}");
+    let asked = asked.lock().unwrap().join("\n");
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode("agent:s3cret pass");
+    assert!(
+        asked.contains("service=forkbox-test")
+            && asked.contains("scope=repository%3Ateam%2Fapp%3Apull"),
+        "{asked}"
+    );
+    assert!(
+        asked.to_ascii_lowercase().contains(&format!(
+            "authorization: basic {}",
+            basic.to_ascii_lowercase()
+        )),
+        "{asked}"
+    );
+    assert_eq!(
+        run_then_delete(&s, &name, "busybox cat keep.txt").await,
+        "kept\n"
+    );
+
+    // Both a base and an image, and credentials without an image: 400.
+    let (st, _) = build(&s, json!({"name": name, "base": "python", "image": image})).await;
+    assert_eq!(st, 400);
+    let (st, _) = build(&s, json!({"name": name, "registry_auth": auth})).await;
+    assert_eq!(st, 400);
 }

@@ -41,6 +41,7 @@ impl Recipe {
             context: None,
             args: BTreeMap::new(),
             keep_steps: false,
+            image: None,
         }
     }
 }

@@ -232,7 +232,7 @@ fn lock(m: &Mutex<Warm>) -> std::sync::MutexGuard<'_, Warm> {
 /// The state of a language's template.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RootfsState {
-    Ready(crate::runtime::TemplateInfo),
+    Ready(Box<crate::runtime::TemplateInfo>),
     Building,
     Failed(String),
     Missing,
@@ -267,7 +267,7 @@ impl Manager {
     /// Whether `lang`'s template is built, being built, or neither.
     pub async fn rootfs_state(&self, lang: &Language) -> RootfsState {
         if let Some(info) = self.host_stores().template_info(&lang.template).await {
-            return RootfsState::Ready(info);
+            return RootfsState::Ready(Box::new(info));
         }
         match lock(self.warm()).building.get(&lang.template) {
             Some(None) => RootfsState::Building,

@@ -49,10 +49,42 @@ pub struct TemplateInfo {
     pub run: Vec<String>,
     /// Environment its sandboxes start with (under their own `env`).
     pub env: BTreeMap<String, String>,
-    /// Working directory its build commands ran in.
+    /// Working directory its build commands ran in, and its sandboxes' commands start
+    /// in (when they name none).
     pub workdir: Option<String>,
     /// Seconds the build took.
     pub build_seconds: f64,
+    /// The OCI image it was imported from.
+    pub image: Option<forkbox_types::api::ImageInfo>,
+}
+
+/// Where an imported template's OCI image comes from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ImageSource {
+    /// An archive received whole.
+    Archive(ImageArchive),
+    /// An image in a registry, pulled by the runtime (`reference` as
+    /// `forkbox_oci::registry::Reference` reads it).
+    Registry {
+        reference: String,
+        auth: Option<forkbox_types::api::RegistryAuth>,
+    },
+}
+
+/// An OCI image archive (an OCI layout or a `docker save` tar) received for a template
+/// import, in a file of the runtime's ([`HostStores::upload_dir`]); the file goes when
+/// the last holder drops it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ImageArchive {
+    pub path: PathBuf,
+    /// Which image of the archive (its name or tag); `None`: the only one.
+    pub reference: Option<String>,
+}
+
+impl Drop for ImageArchive {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// What to build as a template (see [`HostStores::build_template`]).
@@ -87,6 +119,11 @@ pub struct TemplateSpec {
     /// run (a Dockerfile's build cache); off, every command runs (a `run` list).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_steps: bool,
+    /// An OCI image to start from instead of `base` (its layers, then its `Env` and
+    /// `WorkingDir` under `env` and `workdir`). Not part of the recorded recipe (a
+    /// registry's credentials are never written down).
+    #[serde(skip)]
+    pub image: Option<Arc<ImageSource>>,
 }
 
 /// Receives one line per build step or line of build output.
@@ -351,6 +388,13 @@ pub trait HostStores: Send + Sync + 'static {
         spec: &TemplateSpec,
         progress: Progress,
     ) -> Result<TemplateInfo, RuntimeError>;
+
+    /// Where an image archive for a template import is received (a directory of the
+    /// runtime's, on the storage the template will be on); `None`: this runtime does
+    /// not import images.
+    fn upload_dir(&self) -> Option<PathBuf> {
+        None
+    }
 
     /// The kept build log of a built template.
     async fn template_log(&self, template: &str) -> Option<String>;

@@ -57,14 +57,23 @@ pub struct Template {
     pub build_seconds: Option<f64>,
     /// Why the build failed.
     pub error: Option<String>,
+    /// The OCI image it was imported from.
+    pub image: Option<forkbox_types::api::ImageInfo>,
 }
+
+/// What an imported template shows as its base.
+pub const IMAGE_BASE: &str = "oci-image";
 
 impl Template {
     fn from_info(i: TemplateInfo) -> Template {
         Template {
             name: i.name,
             status: TemplateStatus::Ready,
-            base: i.base.unwrap_or_else(|| DEBIAN_BASE.to_owned()),
+            base: match (&i.base, &i.image) {
+                (Some(b), _) => b.clone(),
+                (None, Some(_)) => IMAGE_BASE.to_owned(),
+                (None, None) => DEBIAN_BASE.to_owned(),
+            },
             packages: i.packages,
             run: i.run,
             env: i.env,
@@ -73,6 +82,7 @@ impl Template {
             created: i.built_at,
             build_seconds: Some(i.build_seconds),
             error: None,
+            image: i.image,
         }
     }
 }
@@ -89,6 +99,9 @@ pub enum BuildEvent {
 #[derive(Default)]
 pub(crate) struct Builds {
     map: HashMap<String, Arc<Build>>,
+    /// Templates' working directories, as looked up ([`Manager::template_workdir`]);
+    /// forgotten when a template of the name is built or deleted.
+    workdirs: HashMap<String, Option<String>>,
 }
 
 struct Build {
@@ -137,11 +150,11 @@ impl Build {
         Template {
             name: self.req.name.clone(),
             status,
-            base: self
-                .req
-                .base
-                .clone()
-                .unwrap_or_else(|| DEBIAN_BASE.to_owned()),
+            base: match (&self.req.base, &self.req.image) {
+                (Some(b), _) => b.clone(),
+                (None, Some(_)) => IMAGE_BASE.to_owned(),
+                (None, None) => DEBIAN_BASE.to_owned(),
+            },
             packages: self.req.packages.clone(),
             run: self.req.run.clone(),
             env: self.req.env.clone(),
@@ -150,6 +163,7 @@ impl Build {
             created: self.started,
             build_seconds: None,
             error,
+            image: None,
         }
     }
 
@@ -235,6 +249,9 @@ fn validate(t: &TemplateSpec) -> Result<(), CoreError> {
         return Err(invalid(format!(
             "base must be {DEBIAN_BASE} or a template name"
         )));
+    }
+    if t.base.is_some() && t.image.is_some() {
+        return Err(invalid("give a base template or an image, not both"));
     }
     if t.base.as_deref() == Some(t.name.as_str()) {
         return Err(invalid("a template cannot be its own base"));
@@ -358,7 +375,13 @@ impl Manager {
                         }
                     }
                 }
-                me.host_stores().build_template(&spec, progress.clone()).await
+                let built = me.host_stores().build_template(&spec, progress.clone()).await;
+                // An imported image's archive is done with, whatever the outcome (the
+                // record of a failed build stays; its archive need not).
+                if let Some(crate::runtime::ImageSource::Archive(a)) = spec.image.as_deref() {
+                    let _ = tokio::fs::remove_file(&a.path).await;
+                }
+                built
             }
             .await;
             match res {
@@ -366,7 +389,10 @@ impl Manager {
                     tracing::info!(template = %name, seconds = info.build_seconds, "template built");
                     // Its recipe, for the other nodes sharing the database to build too
                     // (not one that needs the build context only this node received).
-                    let recipe = match build.req.context.is_some() || !build.req.args.is_empty() {
+                    let recipe = match build.req.context.is_some()
+                        || !build.req.args.is_empty()
+                        || build.req.image.is_some()
+                    {
                         true => None,
                         false => Some(serde_json::to_string(&build.req)),
                     };
@@ -382,6 +408,7 @@ impl Manager {
                     build.finish(Ok(Template::from_info(info)));
                     // Built: the runtime knows it from now on.
                     let mut b = me.builds();
+                    b.workdirs.remove(&name);
                     if b.map.get(&name).is_some_and(|x| Arc::ptr_eq(x, &build)) {
                         b.map.remove(&name);
                     }
@@ -393,6 +420,86 @@ impl Manager {
             }
         });
         Ok(events)
+    }
+
+    /// Starts a template import: the OCI image archive `archive` (an OCI layout or a
+    /// `docker save` tar) is received whole into the runtime's upload directory, then
+    /// built like a template (its layers applied, digests checked, its `Env` and
+    /// `WorkingDir` kept) in the background; its progress from the start. The archive
+    /// goes when the build ends. A failing `archive` stream fails the import (the API
+    /// bounds its size).
+    pub async fn import_template(
+        self: &Arc<Self>,
+        name: String,
+        reference: Option<String>,
+        archive: crate::runtime::UploadStream,
+    ) -> Result<BoxStream<'static, BuildEvent>, CoreError> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut spec = TemplateSpec {
+            name,
+            ..Default::default()
+        };
+        validate(&spec)?;
+        if let Some(r) = &reference {
+            if r.is_empty() || r.len() > 256 || r.chars().any(char::is_control) {
+                return Err(invalid(
+                    "ref must be 1-256 characters without control characters",
+                ));
+            }
+        }
+        if self.host_stores().template_info(&spec.name).await.is_some()
+            || self.is_recipe(&spec.name)
+        {
+            return Err(CoreError::Conflict(format!(
+                "template {} already exists; delete it first",
+                spec.name
+            )));
+        }
+        let dir = self
+            .host_stores()
+            .upload_dir()
+            .ok_or_else(|| invalid("this server's runtime does not import images"))?;
+        let io = |e: std::io::Error| {
+            CoreError::Runtime(crate::runtime::RuntimeError::host(
+                "receive image archive",
+                &dir.display().to_string(),
+                e,
+            ))
+        };
+        tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+        // (Removed when dropped: on any failure below, or when the build is done.)
+        let held = crate::runtime::ImageArchive {
+            path: dir.join(format!("{}.tar", crate::ids::new("img"))),
+            reference,
+        };
+        let mut file = tokio::fs::File::create(&held.path).await.map_err(io)?;
+        let mut archive = archive;
+        while let Some(chunk) = archive.next().await {
+            let chunk = chunk.map_err(|e| invalid(format!("receiving the image archive: {e}")))?;
+            file.write_all(&chunk).await.map_err(io)?;
+        }
+        file.flush().await.map_err(io)?;
+        drop(file);
+        spec.image = Some(Arc::new(crate::runtime::ImageSource::Archive(held)));
+        self.build_template(spec).await
+    }
+
+    /// Where commands in sandboxes of `template` start when they name no directory:
+    /// its working directory (a Dockerfile's `WORKDIR`, an image's `WorkingDir`), or
+    /// `None` (the agent's default, `/root`).
+    pub(crate) async fn template_workdir(&self, template: &str) -> Option<String> {
+        if let Some(w) = self.builds().workdirs.get(template) {
+            return w.clone();
+        }
+        let w = self
+            .host_stores()
+            .template_info(template)
+            .await
+            .and_then(|i| i.workdir);
+        self.builds()
+            .workdirs
+            .insert(template.to_owned(), w.clone());
+        w
     }
 
     /// Every template: built ones, and those this server is building or failed to build.
@@ -497,7 +604,11 @@ impl Manager {
             )));
         }
         self.host_stores().delete_template(name).await?;
-        self.builds().map.remove(name);
+        {
+            let mut b = self.builds();
+            b.map.remove(name);
+            b.workdirs.remove(name);
+        }
         self.store().forget_template(name).await?;
         tracing::info!(template = %name, "template deleted");
         Ok(())

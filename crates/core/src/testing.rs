@@ -159,6 +159,7 @@ fn fake_template(name: &str, spec: Option<&TemplateSpec>) -> TemplateInfo {
         env: spec.map(|s| s.env.clone()).unwrap_or_default(),
         workdir: spec.and_then(|s| s.workdir.clone()),
         build_seconds: 0.0,
+        image: None,
     }
 }
 

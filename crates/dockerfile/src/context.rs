@@ -28,6 +28,18 @@ pub struct Context {
     pub tar: Vec<u8>,
     /// Per entry: a digest of its kind, mode and content (or link target).
     digests: std::collections::BTreeMap<String, [u8; 32]>,
+    /// Regular files that are tar archives (plain, gzip, bzip2, xz or zstd, by their
+    /// first bytes): what an `ADD` unpacks.
+    archives: BTreeSet<String>,
+}
+
+/// Whether `data` starts like a (possibly compressed) tar archive.
+fn is_archive(data: &[u8]) -> bool {
+    data.starts_with(&[0x1f, 0x8b])
+        || data.starts_with(b"BZh")
+        || data.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0])
+        || data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        || data.get(257..262) == Some(b"ustar")
 }
 
 impl Context {
@@ -91,6 +103,9 @@ impl Context {
                     std::io::Read::read_to_end(&mut entry, &mut data)
                         .map_err(|e| bad(format!("entry {raw:?}: {e}")))?;
                     ctx.digests.insert(name.clone(), digest(b"f", mode, &data));
+                    if is_archive(&data) {
+                        ctx.archives.insert(name.clone());
+                    }
                     let mut h = fresh(tar::EntryType::Regular, data.len() as u64);
                     out.append_data(&mut h, &name, data.as_slice())
                         .map_err(|e| bad(e.to_string()))?;
@@ -144,6 +159,10 @@ impl Context {
 
     pub(crate) fn is_dir(&self, path: &str) -> bool {
         self.dirs.contains(path)
+    }
+
+    pub(crate) fn is_archive(&self, path: &str) -> bool {
+        self.archives.contains(path)
     }
 
     /// A digest of what a `COPY` of `sources` takes (their names, kinds, modes and

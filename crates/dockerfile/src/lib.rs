@@ -5,8 +5,9 @@
 //!
 //! Semantics, as Docker's where they apply:
 //! - one stage; `FROM <template>` layers on a forkbox template, `FROM debian` /
-//!   `debian:bookworm` builds on Debian from scratch; `FROM` of any other image
-//!   (a registry name, a tag) is refused (OCI images are not imported yet);
+//!   `debian:bookworm` builds on Debian from scratch; `FROM` of any other image (a
+//!   name with a registry, a path, a tag or a digest: `python:3.11-slim`,
+//!   `ghcr.io/org/img`) starts from that OCI image, pulled from its registry;
 //! - `ARG name[=default]` (before `FROM` too), overridden by the build's arguments;
 //!   seen by later instructions' `$name`/`${name}` and by later `RUN`s as environment,
 //!   not kept in the template;
@@ -18,7 +19,9 @@
 //! - `LABEL`, `MAINTAINER`, `EXPOSE`, `CMD`, `ENTRYPOINT`, `STOPSIGNAL`,
 //!   `HEALTHCHECK`: accepted and recorded as labels or dropped (a sandbox has no main
 //!   process to start);
-//! - refused: `COPY`, `ADD` (no build context yet), `USER` (sandboxes run as root),
+//! - `COPY` and `ADD` from the build context (`ADD` unpacks a local tar archive,
+//!   plain or compressed, into the destination; no URLs);
+//! - refused: `USER` (sandboxes run as root),
 //!   `VOLUME`, `SHELL`, `ONBUILD`, `RUN` options (`--mount`, …) and here-documents,
 //!   `FROM` options and a second `FROM`.
 
@@ -51,8 +54,10 @@ const MAX_RENDERED: usize = 4 << 20;
 /// What a Dockerfile builds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recipe {
-    /// The forkbox template to layer on; `None`: Debian from scratch.
+    /// The forkbox template to layer on; `None`: Debian from scratch (or `image`).
     pub base: Option<String>,
+    /// The OCI image to start from (a registry reference), instead of a template.
+    pub image: Option<String>,
     /// Debian packages: the build's package step, from `RUN apt-get install …` lines
     /// that come before any other step (installed with the package manager's
     /// capabilities, which a `RUN` does not have).
@@ -144,7 +149,14 @@ pub fn read_with(
                 let image = st
                     .expand(&f.image.value)
                     .map_err(|m| refuse(f.from.span.start, m))?;
-                recipe.base = base_of(&image).map_err(|m| refuse(f.image.span.start, m))?;
+                match base_of(&image).map_err(|m| refuse(f.image.span.start, m))? {
+                    From::Debian => {}
+                    From::Template(t) => recipe.base = Some(t),
+                    From::Image(i) => {
+                        recipe.image = Some(i);
+                        st.from_image = true;
+                    }
+                }
                 // Only the build's arguments and ARGs redeclared in the stage go on.
                 st.args.retain(|_, _| false);
             }
@@ -243,41 +255,49 @@ pub fn read_with(
             }
             // A sandbox has no main process; these describe one.
             I::Expose(_) | I::Cmd(_) | I::Entrypoint(_) | I::Stopsignal(_) | I::Healthcheck(_) => {}
-            I::Copy(c) => {
-                let at = c.copy.span.start;
+            I::Copy(_) | I::Add(_) => {
+                // ADD is COPY that unpacks local tar archives (no URLs).
+                let (word, at, options, src, dest, unpack) = match ins {
+                    I::Copy(c) => (
+                        "COPY",
+                        c.copy.span.start,
+                        &c.options,
+                        &c.src,
+                        &c.dest,
+                        false,
+                    ),
+                    I::Add(a) => ("ADD", a.add.span.start, &a.options, &a.src, &a.dest, true),
+                    _ => unreachable!("matched above"),
+                };
                 let Some(ctx) = context else {
                     return Err(refuse(
                         at,
-                        "COPY needs a build context (a tar of the files it copies)".into(),
+                        format!("{word} needs a build context (a tar of the files it copies)"),
                     ));
                 };
-                if let Some(o) = c.options.first() {
+                if let Some(o) = options.first() {
                     return Err(refuse(
                         o.span().start,
-                        format!("COPY --{} is not supported", o.name.value),
+                        format!("{word} --{} is not supported", o.name.value),
                     ));
                 }
-                let mut sources = Vec::with_capacity(c.src.len());
-                for s in &c.src {
+                let mut sources = Vec::with_capacity(src.len());
+                for s in src {
                     let parse_dockerfile::Source::Path(p) = s else {
                         return Err(refuse(at, "here-documents are not supported".into()));
                     };
                     let v = st.expand(&p.value).map_err(|m| refuse(at, m))?;
                     sources.push(ctx.source(&unquote(&v)).map_err(|m| refuse(at, m))?);
                 }
-                let dest = st.expand(&c.dest.value).map_err(|m| refuse(at, m))?;
+                let dest = st.expand(&dest.value).map_err(|m| refuse(at, m))?;
                 let dest = unquote(dest.trim());
-                let step = st.copy(ctx, &sources, &dest).map_err(|m| refuse(at, m))?;
+                let step = st
+                    .copy(ctx, &sources, &dest, unpack)
+                    .map_err(|m| refuse(at, m))?;
                 steps.push((step, None));
                 if steps.len() > MAX_STEPS {
                     return Err(refuse(at, format!("more than {MAX_STEPS} steps")));
                 }
-            }
-            I::Add(_) => {
-                return Err(refuse(
-                    span_of(ins).start,
-                    "ADD is not supported: COPY from the build context, or RUN to fetch".into(),
-                ))
             }
             other => {
                 return Err(refuse(
@@ -382,24 +402,41 @@ fn is_package(w: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
 }
 
-/// What `FROM image` layers on: a forkbox template (`None` for Debian).
-fn base_of(image: &str) -> Result<Option<String>, String> {
+/// What a `FROM` starts from.
+enum From {
+    Debian,
+    Template(String),
+    /// An OCI image in a registry.
+    Image(String),
+}
+
+/// What `FROM image` starts from: a forkbox template is a bare name (`python`); a
+/// name with a tag, digest or path is an OCI image.
+fn base_of(image: &str) -> Result<From, String> {
     match image {
-        "debian" | "debian:bookworm" | "debian-bookworm" => return Ok(None),
+        "debian" | "debian:bookworm" | "debian-bookworm" => return Ok(From::Debian),
         "scratch" => return Err("FROM scratch is not supported: start FROM debian".into()),
         _ => {}
     }
-    let template = !image.is_empty()
-        && image.len() <= 64
+    if image.is_empty()
+        || image.len() > 512
+        || image.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("FROM {image:?} names no image"));
+    }
+    if image.contains([':', '/', '@']) {
+        return Ok(From::Image(image.to_owned()));
+    }
+    let template = image.len() <= 64
         && image
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if template {
-        Ok(Some(image.to_owned()))
+        Ok(From::Template(image.to_owned()))
     } else {
         Err(format!(
-            "FROM {image} names an OCI image: a Dockerfile builds FROM a forkbox template \
-             (e.g. python) or debian; OCI images are not imported yet"
+            "FROM {image} is neither a forkbox template name (a-z, 0-9, - and _) nor an \
+             image reference"
         ))
     }
 }
@@ -410,6 +447,9 @@ struct State {
     args: BTreeMap<String, String>,
     env: BTreeMap<String, String>,
     workdir: Option<String>,
+    /// `FROM` an OCI image: until a `WORKDIR`, steps run where the image's working
+    /// directory is (the build knows it; this reading does not).
+    from_image: bool,
 }
 
 impl State {
@@ -489,16 +529,24 @@ impl State {
         ctx: &Context,
         sources: &[Option<String>],
         dest: &str,
+        unpack: bool,
     ) -> Result<String, String> {
         if dest.is_empty() || dest.contains('\0') {
             return Err("COPY needs a destination".into());
         }
+        if !dest.starts_with('/') && self.workdir.is_none() && self.from_image {
+            return Err(
+                "COPY to a relative destination after FROM an image needs a WORKDIR first".into(),
+            );
+        }
+        // (ADD of an archive: unpacked into the destination directory.)
+        let unpacked = |p: &str| unpack && ctx.is_archive(p);
         let into_dir = dest.ends_with('/')
             || dest == "."
             || sources.len() > 1
             || sources
                 .iter()
-                .any(|s| s.as_deref().is_none_or(|p| ctx.is_dir(p)));
+                .any(|s| s.as_deref().is_none_or(|p| ctx.is_dir(p) || unpacked(p)));
         let abs = if dest.starts_with('/') {
             dest.to_owned()
         } else {
@@ -519,6 +567,10 @@ impl State {
             let part = match s {
                 None => format!("mkdir -p {d} && cp -a \"$t\"/. {d}/"),
                 Some(p) if ctx.is_dir(p) => format!("mkdir -p {d} && cp -a \"$t\"/{}/. {d}/", q(p)),
+                Some(p) if unpacked(p) => format!(
+                    "mkdir -p {d} && tar -x --no-same-owner -f \"$t\"/{} -C {d}",
+                    q(p)
+                ),
                 Some(p) if into_dir => format!("mkdir -p {d} && cp -a \"$t\"/{} {d}/", q(p)),
                 Some(p) => {
                     let parent = match target.rsplit_once('/') {
@@ -544,6 +596,9 @@ impl State {
         let mut pre = String::new();
         for (k, v) in &self.env {
             pre.push_str(&format!("export {k}={}; ", shell_quote(v)));
+        }
+        if self.workdir.is_none() && self.from_image {
+            return format!("{pre}{cmd}");
         }
         let dir = self.workdir.as_deref().unwrap_or("/root");
         let dir = shell_quote(dir);
@@ -771,7 +826,15 @@ mod tests {
     fn debian_and_defaults() {
         let r = read0("FROM debian:bookworm\nRUN true\n").unwrap();
         assert_eq!(r.base, None);
+        assert_eq!(r.image, None);
         assert_eq!(r.run, ["mkdir -p '/root' && cd '/root' && true"]);
+        let r = read0("FROM python:3.11-slim\nRUN true\n").unwrap();
+        assert_eq!(
+            (r.base, r.image.as_deref()),
+            (None, Some("python:3.11-slim"))
+        );
+        let r = read0("ARG REG=127.0.0.1:5000\nFROM ${REG}/team/app:v1\n").unwrap();
+        assert_eq!(r.image.as_deref(), Some("127.0.0.1:5000/team/app:v1"));
         assert_eq!(read0("FROM python\nENV A b c\n").unwrap().env["A"], "b c");
         assert_eq!(
             read0("FROM python\nARG X\nENV Y=${X:-dflt} Z=${X:+set}\n")
@@ -793,8 +856,7 @@ mod tests {
                 "--mount",
             ),
             ("FROM python AS a\nRUN true\nFROM a\n", 3, "multi-stage"),
-            ("FROM python:3.11\n", 1, "OCI image"),
-            ("FROM ghcr.io/x/y\n", 1, "OCI image"),
+            ("FROM Python\n", 1, "neither"),
             ("FROM scratch\n", 1, "scratch"),
             ("RUN true\n", 1, "FROM"),
             ("FROM python\nENV ${\n", 2, ""),
@@ -874,6 +936,37 @@ mod tests {
             run[4],
             format!("{x} && mkdir -p '/all' && cp -a \"$t\"/. '/all'/ {end}")
         );
+        // ADD: a local tar archive is unpacked into the destination; another file is
+        // copied as COPY does.
+        let inner = context::tests::tar_of(&[("x.txt", Some(b"x".as_slice()))]);
+        let ctx = Context::read(&context::tests::tar_of(&[
+            ("vendor.tar", Some(inner.as_slice())),
+            ("app.py", Some(b"print(42)".as_slice())),
+        ]))
+        .unwrap();
+        let r = read_with(
+            "FROM python\nADD vendor.tar /opt/vendor\nADD app.py /srv/app.py\n",
+            &BTreeMap::new(),
+            Some(&ctx),
+        )
+        .unwrap();
+        assert!(
+            r.run[0].contains("&& mkdir -p '/opt/vendor' && tar -x --no-same-owner -f \"$t\"/'vendor.tar' -C '/opt/vendor'"),
+            "{}",
+            r.run[0]
+        );
+        assert!(
+            r.run[1].contains("&& cp -a \"$t\"/'app.py' '/srv/app.py'"),
+            "{}",
+            r.run[1]
+        );
+        let e = read_with(
+            "FROM python\nADD https://example.com/x /x\n",
+            &BTreeMap::new(),
+            Some(&ctx),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("URLs are not supported"), "{e}");
         // A step's text changes with the files it copies, not with the rest.
         let step = |files: &[(&str, Option<&[u8]>)]| {
             let c = Context::read(&context::tests::tar_of(files)).unwrap();

@@ -89,6 +89,12 @@ pub enum BuildError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Btrfs(#[from] forkbox_sys::btrfs::BtrfsError),
+    #[error("importing the image: {0}")]
+    Image(#[from] forkbox_oci::OciError),
+    #[error("importing the image: {0}")]
+    ImageTask(String),
+    #[error("importing the image: {0}")]
+    Unpack(#[from] forkbox_oci::unpack::UnpackError),
 }
 
 impl BuildError {
@@ -143,11 +149,42 @@ impl Inner {
         }
         let id = forkbox_core::ids::new(BUILD_ID_PREFIX);
         let rootfs = self.pool.sandbox(&id);
+        // An imported image's configuration under what the request says.
+        let mut spec = std::borrow::Cow::Borrowed(spec);
+        let mut imported = None;
+        // Where the commands run (from an image: its working directory, as Docker's
+        // RUN; a Dockerfile's WORKDIR is in their text).
+        let mut steps_cwd = None;
         // Steps are kept for later builds when asked (a Dockerfile's) and only on a
         // template base (a Debian root made from scratch is not reproducible by name).
         let mut steps = StepKeys::default();
         // 1. The filesystem.
         match &spec.base {
+            None if spec.image.is_some() => {
+                log.line(&format!("template {name}: unpacking the image into {id}"));
+                forkbox_sys::btrfs::create_subvolume(&rootfs)?;
+                let source = spec.image.clone();
+                match self
+                    .import_image(source.as_deref(), &id, &rootfs, &log)
+                    .await
+                {
+                    Ok(image) => {
+                        steps_cwd = Some(image.workdir.clone().unwrap_or_else(|| "/".to_owned()));
+                        let s = spec.to_mut();
+                        let mut env = image.env;
+                        env.extend(std::mem::take(&mut s.env));
+                        s.env = env;
+                        if s.workdir.is_none() {
+                            s.workdir = image.workdir;
+                        }
+                        imported = Some(image.info);
+                    }
+                    Err(e) => {
+                        let _ = crate::delete_subvolume_patiently(&rootfs);
+                        return Err(e);
+                    }
+                }
+            }
             None => {
                 forkbox_sys::btrfs::create_subvolume(&rootfs)?;
                 let made =
@@ -165,7 +202,7 @@ impl Inner {
                     return Err(BuildError::NoBase(base.clone()));
                 };
                 if spec.keep_steps {
-                    steps = StepKeys::new(&meta, spec);
+                    steps = StepKeys::new(&meta, &spec);
                 }
                 // The longest run of steps an earlier build kept: start from there.
                 let from_cache = steps
@@ -191,10 +228,19 @@ impl Inner {
         }
         // 2. Packages and commands in a build sandbox.
         // (A kept step holds the packages already: they were installed before it.)
-        let layered_packages = spec.base.is_some() && !spec.packages.is_empty() && steps.done == 0;
+        let layered_packages = (spec.base.is_some() || spec.image.is_some())
+            && !spec.packages.is_empty()
+            && steps.done == 0;
         if layered_packages || steps.done < spec.run.len() {
             if let Err(e) = self
-                .in_build_sandbox(&id, spec, layered_packages, &steps, &log)
+                .in_build_sandbox(
+                    &id,
+                    &spec,
+                    layered_packages,
+                    &steps,
+                    steps_cwd.as_deref(),
+                    &log,
+                )
                 .await
             {
                 // The failed sandbox took its filesystem with it; make sure.
@@ -203,11 +249,102 @@ impl Inner {
             }
         }
         // 3. Publish.
-        let published = self.publish(&id, spec, started, &log).await;
+        let published = self.publish(&id, &spec, started, &log, imported).await;
         if published.is_err() {
             let _ = crate::delete_subvolume_patiently(&rootfs);
         }
         published
+    }
+
+    /// Unpacks the image (received whole, or pulled from its registry first) into
+    /// `rootfs` (a fresh subvolume) as host root, but never outside it
+    /// (`forkbox_oci::unpack`): the image chosen, its manifest and configuration
+    /// checked, every layer checked against its digest before any is applied, owners
+    /// shifted into the sandboxes' range; then the directories a sandbox needs made
+    /// where the image has none.
+    async fn import_image(
+        &self,
+        source: Option<&forkbox_core::runtime::ImageSource>,
+        id: &str,
+        rootfs: &std::path::Path,
+        log: &Log,
+    ) -> Result<forkbox_oci::Image, BuildError> {
+        use forkbox_core::runtime::ImageSource;
+        /// A pulled layout, removed when done with.
+        struct Pulled(std::path::PathBuf);
+        impl Drop for Pulled {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let (path, reference, pulled) = match source {
+            None => return Err(BuildError::ImageTask("no image".into())),
+            Some(ImageSource::Archive(a)) => (a.path.clone(), a.reference.clone(), None),
+            Some(ImageSource::Registry { reference, auth }) => {
+                let dir = Pulled(self.run_dir.join(crate::UPLOADS).join(format!("{id}.pull")));
+                let credentials = auth.as_ref().map(|a| forkbox_oci::registry::Credentials {
+                    username: a.username.clone(),
+                    password: a.password.clone(),
+                });
+                let say = |l: &str| log.line(l);
+                forkbox_oci::registry::pull(reference, credentials.as_ref(), &dir.0, &say).await?;
+                (dir.0.clone(), None, Some(dir))
+            }
+        };
+        let is_dir = pulled.is_some();
+        let (root, base) = (rootfs.to_path_buf(), self.uid_base);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let mut task = tokio::task::spawn_blocking(
+            move || -> Result<forkbox_oci::Image, BuildError> {
+                let say = |l: &str| {
+                    let _ = tx.send(l.to_owned());
+                };
+                let a = match is_dir {
+                    true => forkbox_oci::Archive::open_dir(&path),
+                    false => forkbox_oci::Archive::open(&path)?,
+                };
+                let image = a.image(reference.as_deref())?;
+                say(&format!(
+                    "image {}{}: {} layers",
+                    image.info.digest,
+                    image
+                        .info
+                        .reference
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default(),
+                    image.info.layers
+                ));
+                a.verify_layers(&image, &say)?;
+                let done = a.unpack(&image, &root, base, &say)?;
+                if done.skipped > 0 || done.xattrs_skipped > 0 {
+                    say(&format!(
+                    "not applied: {} device nodes or other special files, extended attributes of {} files",
+                    done.skipped, done.xattrs_skipped
+                ));
+                }
+                // What a sandbox needs, and the image's working directory, where missing.
+                let t = forkbox_oci::unpack::Target::open(&root, base)?;
+                for (dir, mode) in SANDBOX_DIRS {
+                    t.ensure_dir(std::path::Path::new(dir), *mode)?;
+                }
+                if let Some(w) = &image.workdir {
+                    t.ensure_dir(std::path::Path::new(w), 0o755)?;
+                }
+                Ok(image)
+            },
+        );
+        let res = loop {
+            tokio::select! {
+                Some(l) = rx.recv() => log.line(&l),
+                r = &mut task => break r,
+            }
+        };
+        while let Ok(l) = rx.try_recv() {
+            log.line(&l);
+        }
+        drop(pulled);
+        res.map_err(|e| BuildError::ImageTask(e.to_string()))?
     }
 
     async fn in_build_sandbox(
@@ -216,6 +353,7 @@ impl Inner {
         spec: &TemplateSpec,
         packages: bool,
         steps: &StepKeys,
+        steps_cwd: Option<&str>,
         log: &Log,
     ) -> Result<(), BuildError> {
         let name = spec.name.as_str();
@@ -253,7 +391,8 @@ impl Inner {
             if packages {
                 self.apt_install(&inst, &spec.packages, log).await?;
             }
-            self.run_commands(&inst, id, spec, steps, log).await
+            self.run_commands(&inst, id, spec, steps, steps_cwd, log)
+                .await
         }
         .await;
         match res {
@@ -421,6 +560,7 @@ impl Inner {
         id: &str,
         spec: &TemplateSpec,
         steps: &StepKeys,
+        steps_cwd: Option<&str>,
         log: &Log,
     ) -> Result<(), BuildError> {
         let mut env: BTreeMap<String, String> = spec.env.clone();
@@ -438,7 +578,10 @@ impl Inner {
             cmds.push((0, format!("mkdir -p {dir}"), Some("/".to_owned())));
         }
         for (i, c) in spec.run.iter().enumerate().skip(steps.done) {
-            cmds.push((i + 1, c.clone(), spec.workdir.clone()));
+            let cwd = steps_cwd
+                .map(str::to_owned)
+                .or_else(|| spec.workdir.clone());
+            cmds.push((i + 1, c.clone(), cwd));
         }
         let context_at = forkbox_types::api::BUILD_CONTEXT_TAR;
         let mut context_put = false;
@@ -545,6 +688,7 @@ impl Inner {
         spec: &TemplateSpec,
         started: std::time::Instant,
         log: &Log,
+        image: Option<forkbox_types::api::ImageInfo>,
     ) -> Result<TemplateMeta, BuildError> {
         let name = spec.name.as_str();
         let rootfs = self.pool.sandbox(id);
@@ -570,6 +714,7 @@ impl Inner {
             run: spec.run.clone(),
             env: spec.env.clone(),
             workdir: spec.workdir.clone(),
+            image,
         };
         let finish = || -> Result<(), BuildError> {
             forkbox_sys::btrfs::set_readonly(&final_path, true)?;
@@ -626,6 +771,17 @@ impl Inner {
         Ok(())
     }
 }
+
+/// The directories every sandbox root has (mount points and the commands' home), made
+/// in an imported image that lacks them, owned by the sandbox's root.
+const SANDBOX_DIRS: &[(&str, u32)] = &[
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("dev", 0o755),
+    ("tmp", 0o1777),
+    ("root", 0o700),
+    ("etc", 0o755),
+];
 
 /// Most kept build steps; past it the least recently made go.
 const MAX_KEPT_STEPS: usize = 64;

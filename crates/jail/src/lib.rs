@@ -95,6 +95,9 @@ pub struct JailConfig {
     pub uid_registry: PathBuf,
 }
 
+/// Image archives being received for template imports, under the run dir.
+pub(crate) const UPLOADS: &str = "uploads";
+
 /// Where servers lease sandbox uid ranges unless configured otherwise.
 pub const UID_REGISTRY: &str = "/run/forkbox/uid-blocks";
 
@@ -170,6 +173,8 @@ impl JailRuntime {
         let agent = Some(AgentImage::load(&cfg.agent_bin)?);
         std::fs::create_dir_all(&cfg.run_dir)
             .map_err(|e| JailError::RunDir(cfg.run_dir.clone(), e))?;
+        // Image archives an earlier server of this data dir was receiving.
+        let _ = std::fs::remove_dir_all(cfg.run_dir.join(UPLOADS));
         // Orphaned sandbox processes become our children, so we can reap them.
         // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -500,6 +505,10 @@ impl HostStores for JailRuntime {
             .map_err(|e| e.into_runtime(&spec.name))
     }
 
+    fn upload_dir(&self) -> Option<PathBuf> {
+        Some(self.inner.run_dir.join(UPLOADS))
+    }
+
     async fn template_log(&self, template: &str) -> Option<String> {
         std::fs::read_to_string(self.inner.pool.template_log(template)).ok()
     }
@@ -525,6 +534,7 @@ impl Inner {
             env: m.env,
             workdir: m.workdir,
             build_seconds: m.build_seconds,
+            image: m.image,
         }
     }
 

@@ -34,9 +34,12 @@ pub struct TemplateMeta {
     /// Environment of its sandboxes (and of its build commands).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub env: std::collections::BTreeMap<String, String>,
-    /// Working directory of its build commands.
+    /// Working directory of its build commands (and its sandboxes' commands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// The OCI image it was imported from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<forkbox_types::api::ImageInfo>,
 }
 
 /// Every template built for `uid_base` in the pool, by name.
@@ -236,6 +239,7 @@ async fn build(
         run: Vec::new(),
         env: Default::default(),
         workdir: None,
+        image: None,
     };
     write_meta(pool, &meta)?;
     progress(&format!(

@@ -226,6 +226,30 @@ pub struct TemplateBody {
     /// (within the request size limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
+    /// An OCI image in a registry to start from instead of `base`
+    /// (`[host[:port]/]repository[:tag][@digest]`; no host: Docker Hub), pulled by the
+    /// server; its `Env` and `WorkingDir` come under `env` and `workdir`. A Dockerfile
+    /// names it in `FROM`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Credentials for the image's registry (HTTP Basic, or to get a Bearer token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
+}
+
+/// A registry's credentials (never shown: `Debug` leaves the password out).
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RegistryAuth({}, <redacted>)", self.username)
+    }
 }
 
 /// Where a template build's context (the tar a Dockerfile's `COPY` takes files from)
@@ -257,6 +281,32 @@ pub struct TemplateView {
     pub build_seconds: Option<f64>,
     /// Why its build failed.
     pub error: Option<String>,
+    /// The OCI image it was imported from (`POST /v1/templates/{name}/image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageInfo>,
+}
+
+/// An imported OCI image: its digest and what its configuration says. `Env` and
+/// `WorkingDir` become the template's `env` and `workdir`; the rest is recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ImageInfo {
+    /// The digest of its manifest (`sha256:…`); of its configuration for a `docker
+    /// save` archive without one.
+    pub digest: String,
+    /// The name it had in the archive, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Layers applied.
+    pub layers: usize,
 }
 
 /// `GET /v1/templates`.

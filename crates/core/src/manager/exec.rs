@@ -61,10 +61,14 @@ impl Manager {
             .inc();
         let events = match cmd.work {
             Work::Command(c) => {
+                let cwd = match cmd.cwd {
+                    Some(c) => Some(c),
+                    None => self.template_workdir(&live.spec.template).await,
+                };
                 live.instance
                     .exec(ExecRequest {
                         cmd: c,
-                        cwd: cmd.cwd,
+                        cwd,
                         env: cmd.env,
                         timeout_ms,
                     })
@@ -128,11 +132,16 @@ impl Manager {
             None => None,
             Some(t) => Some(self.exec_timeout_ms(t)?),
         };
-        let inst = self.running_instance(id).await?;
-        Ok(inst
+        let live = self.running_now(id).await?;
+        let cwd = match cmd.cwd {
+            Some(c) => Some(c),
+            None => self.template_workdir(&live.spec.template).await,
+        };
+        Ok(live
+            .instance
             .bg_start(ExecRequest {
                 cmd: c,
-                cwd: cmd.cwd,
+                cwd,
                 env: cmd.env,
                 timeout_ms,
             })
@@ -167,7 +176,12 @@ impl Manager {
             ));
         }
         check_env(&req.env)?;
-        let out = self.running_instance(id).await?.pty(req, input).await?;
+        let live = self.running_now(id).await?;
+        let mut req = req;
+        if req.cwd.is_none() {
+            req.cwd = self.template_workdir(&live.spec.template).await;
+        }
+        let out = live.instance.pty(req, input).await?;
         // An open terminal is in use (not idle) until it ends.
         Ok(self.busy_while(id, out))
     }
