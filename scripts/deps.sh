@@ -7,8 +7,8 @@
 #
 # Without --vm: the server's and the tests' packages (PostgreSQL: the store's tests run
 # on it as well as on SQLite; a server uses it only when given `--database postgres://…`;
-# umoci, skopeo and busybox: the OCI image tests make their images with them). With --vm: those and the vm
-# runtime's (QEMU, busybox, …).
+# umoci, skopeo and busybox: the OCI image tests make their images with them). With
+# --vm: those and the vm runtime's (QEMU, …).
 #
 # QEMU: a machine may come with a newer qemu-utils than its apt sources offer (e.g.
 # from backports). qemu-system-x86 from the sources then conflicts with it, and apt
