@@ -25,9 +25,20 @@ fuzz_target!(|data: &[u8]| {
             assert!(r.workdir.as_deref().is_none_or(|w| w.starts_with('/')));
             assert!(r.base.is_none() || r.image.is_none());
             // (From an image, steps before a WORKDIR run where the image says.)
+            // (A USER's working directories are made by steps of their own.)
             if r.image.is_none() {
                 for step in &r.run {
-                    assert!(step.contains(" && cd "), "{step}");
+                    assert!(
+                        step.contains(" && cd ")
+                            || step.starts_with("mkdir -p ")
+                            || step.starts_with("[ -d "),
+                        "{step}"
+                    );
+                }
+            }
+            for step in &r.run {
+                if step.starts_with(forkbox_types::api::BUILD_USER_STEP) {
+                    assert!(forkbox_types::api::step_user(step).is_some(), "{step}");
                 }
             }
         }

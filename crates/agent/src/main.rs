@@ -10,15 +10,17 @@
 //!   on a virtio-serial port (`vm_init.rs`).
 //! - `forkbox-agent carry REPL_PID INODE…` — started by the agent for a fork: carries
 //!   the Python REPL's copies into the fork children (`carry.rs`).
-//! - `forkbox-agent confine -- CMD…` — run by the host (through nsenter) inside a
-//!   template build sandbox: execs CMD with `no_new_privs`, the sandbox's seccomp
-//!   filters (`setns` denied too) and only the package manager's capabilities.
+//! - `forkbox-agent confine [--env K=V]… [--cwd DIR] [--user SPEC] -- CMD…` — run by
+//!   the host (through nsenter) inside a template build sandbox: execs CMD with
+//!   `no_new_privs`, the sandbox's seccomp filters (`setns` denied too) and only a
+//!   container build's capabilities, or as a Dockerfile's `USER` (`confine.rs`).
 //!
 //! [`JailInit`]: forkbox_types::agent::JailInit
 //! [`JailInitReply`]: forkbox_types::agent::JailInitReply
 
 mod bg;
 mod carry;
+mod confine;
 mod deadman;
 mod egress;
 mod exec;
@@ -40,38 +42,6 @@ use forkbox_agent::files;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
 
-/// `confine -- CMD…`: see the module comment. Returns only on failure.
-fn confine(args: &[String]) -> ExitCode {
-    use std::os::unix::process::CommandExt as _;
-    let cmd = match args.iter().position(|a| a == "--") {
-        Some(i) if i + 1 < args.len() => &args[i + 1..],
-        _ => {
-            eprintln!("usage: forkbox-agent confine -- CMD [ARGS…]");
-            return ExitCode::from(2);
-        }
-    };
-    let filters = match forkbox_sys::seccomp::compile() {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("forkbox-agent confine: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let confined = forkbox_sys::caps::keep_only(forkbox_sys::caps::PACKAGE_CAPS)
-        .and_then(|()| forkbox_sys::caps::set_no_new_privs())
-        .and_then(|()| forkbox_sys::seccomp::install(&filters).map_err(std::io::Error::other))
-        .and_then(|()| {
-            forkbox_sys::seccomp::install_one(&filters.nosetns).map_err(std::io::Error::other)
-        });
-    if let Err(e) = confined {
-        eprintln!("forkbox-agent confine: {e}");
-        return ExitCode::FAILURE;
-    }
-    let e = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
-    eprintln!("forkbox-agent confine: exec {}: {e}", cmd[0]);
-    ExitCode::from(127)
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -92,7 +62,7 @@ fn main() -> ExitCode {
             server::run(fd, server::Options::default())
         }
         Some("vm-init") => vm_init::run(),
-        Some("confine") => confine(&args[1..]),
+        Some("confine") => confine::run(&args[1..]),
         Some("carry") => carry::run(&args[1..]),
         Some("--version") => {
             println!("forkbox-agent {}", env!("CARGO_PKG_VERSION"));
@@ -100,7 +70,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: forkbox-agent jail-init | serve [--listen-fd N] | vm-init | carry REPL_PID INODE… | confine -- CMD… | --version"
+                "usage: forkbox-agent jail-init | serve [--listen-fd N] | vm-init | carry REPL_PID INODE… | confine [OPTIONS] -- CMD… | --version"
             );
             ExitCode::from(2)
         }

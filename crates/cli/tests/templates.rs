@@ -602,7 +602,7 @@ async fn templates_build_from_a_dockerfile() {
     // Through the API: refusals name the line, and nothing is built.
     for (dockerfile, line, what) in [
         ("FROM python\nRUN true\nCOPY app.py /srv/\n", 3, "COPY"),
-        ("FROM python\nUSER nobody\n", 2, "USER"),
+        ("FROM python\nUSER no body\n", 2, "USER"),
         ("FROM Python\n", 1, "neither"),
         ("FROM python\nFROBNICATE x\n", 2, ""),
     ] {
@@ -691,6 +691,56 @@ async fn a_dockerfile_with_packages_and_an_app_rebuilds_its_last_line_from_cache
     )
     .await;
     assert_eq!(out, "docker\njq\n");
+}
+
+/// Issue 28: a Dockerfile's `USER` — the steps after it run as that user (its id,
+/// groups and `HOME`), a `WORKDIR` made after it is that user's, `USER root` is root
+/// again — and the build's root steps have a container build's capabilities (here
+/// `useradd -m` and `chown`), as `docker build` gives them; the template's sandboxes
+/// still run as their root.
+#[tokio::test]
+async fn a_dockerfile_user_runs_its_steps_as_that_user() {
+    let s = Server::start();
+    let name = unique("e2e-user");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("Dockerfile");
+    std::fs::write(
+        &file,
+        "FROM python\nRUN useradd -m -u 1234 app && mkdir /data && chown app /data\n\
+         USER app\nWORKDIR /srv/app\n\
+         RUN id -un > who.txt && echo \"$HOME\" >> who.txt && touch /data/mine && \
+         (touch /etc/forbidden 2>/dev/null && echo wrote-etc || echo no-etc) >> who.txt\n\
+         USER root\nRUN stat -c %U /data/mine > /srv/owner.txt\n",
+    )
+    .unwrap();
+    cli_build(&s, &file, &name, &[]);
+    let out = run_then_delete(
+        &s,
+        &name,
+        "cat /srv/app/who.txt /srv/owner.txt; stat -c %U /srv/app; id -u; pwd",
+    )
+    .await;
+    assert_eq!(out, "app\n/home/app\nno-etc\napp\napp\n0\n/srv/app\n");
+    // A user the image does not have fails the build at that step, naming it.
+    std::fs::write(&file, "FROM python\nUSER ghost\nRUN true\n").unwrap();
+    let o = forkbox(
+        &s,
+        &[
+            "template",
+            "build",
+            "-f",
+            file.to_str().unwrap(),
+            "--name",
+            &name,
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no such user") && err.contains("build command 1"),
+        "{err}"
+    );
+    assert_eq!(delete_template(&s, &name).await.0, 204);
 }
 
 /// POSTs an image archive to `/v1/templates/{name}/image` (`?ref=`); (status, every

@@ -102,7 +102,13 @@ pub(crate) struct Builds {
     /// Templates' working directories, as looked up ([`Manager::template_workdir`]);
     /// forgotten when a template of the name is built or deleted.
     workdirs: HashMap<String, Option<String>>,
+    /// Names whose image archive is being received (reserved until their build
+    /// starts; at most [`MAX_RECEIVING`]).
+    receiving: std::collections::HashSet<String>,
 }
+
+/// Most image archives received at a time (each up to the API's limit on disk).
+pub const MAX_RECEIVING: usize = 2;
 
 struct Build {
     /// What was asked for (base `None`: [`DEBIAN_BASE`]).
@@ -340,6 +346,10 @@ impl Manager {
             }
         }
         spec.env.extend(req.env.clone());
+        let from_archive = matches!(
+            req.image.as_deref(),
+            Some(crate::runtime::ImageSource::Archive(_))
+        );
         let build = Arc::new(Build {
             req,
             started: OffsetDateTime::now_utc(),
@@ -348,6 +358,13 @@ impl Manager {
         });
         {
             let mut b = self.builds();
+            // (An import holds its name while its archive arrives; its own build is
+            // the one that follows.)
+            if b.receiving.contains(&name) && !from_archive {
+                return Err(CoreError::Conflict(format!(
+                    "template {name} is being built"
+                )));
+            }
             if let Some(old) = b.map.get(&name) {
                 if lock(&old.state).outcome.is_none() {
                     return Err(CoreError::Conflict(format!(
@@ -455,6 +472,34 @@ impl Manager {
                 spec.name
             )));
         }
+        // The name is held while the archive arrives (another import or build of it
+        // is a 409 now, not after gigabytes), and few arrive at once.
+        struct Receiving<'a>(&'a Manager, String);
+        impl Drop for Receiving<'_> {
+            fn drop(&mut self) {
+                self.0.builds().receiving.remove(&self.1);
+            }
+        }
+        let _held_name = {
+            let mut b = self.builds();
+            let building = b
+                .map
+                .get(&spec.name)
+                .is_some_and(|x| lock(&x.state).outcome.is_none());
+            if building || b.receiving.contains(&spec.name) {
+                return Err(CoreError::Conflict(format!(
+                    "template {} is being built",
+                    spec.name
+                )));
+            }
+            if b.receiving.len() >= MAX_RECEIVING {
+                return Err(CoreError::Quota(format!(
+                    "at most {MAX_RECEIVING} image archives are received at a time; try again"
+                )));
+            }
+            b.receiving.insert(spec.name.clone());
+            Receiving(self, spec.name.clone())
+        };
         let dir = self
             .host_stores()
             .upload_dir()

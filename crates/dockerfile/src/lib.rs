@@ -21,7 +21,11 @@
 //!   process to start);
 //! - `COPY` and `ADD` from the build context (`ADD` unpacks a local tar archive,
 //!   plain or compressed, into the destination; no URLs);
-//! - refused: `USER` (sandboxes run as root),
+//! - `USER name[:group]`: the `RUN` steps after it run as that user (resolved in the
+//!   image's `/etc/passwd`), the others as root with a container build's capabilities;
+//!   a `WORKDIR` made after it is that user's; the template's sandboxes still run as
+//!   their root;
+//! - refused:
 //!   `VOLUME`, `SHELL`, `ONBUILD`, `RUN` options (`--mount`, …) and here-documents,
 //!   `FROM` options and a second `FROM`.
 
@@ -111,7 +115,8 @@ pub fn read_with(
     let mut recipe = Recipe::default();
     let mut seen_from = false;
     // Each step's command and, for a RUN, the ENV names set before it.
-    let mut steps: Vec<(String, Option<Vec<String>>)> = Vec::new();
+    // (step, the ENV names set before it (RUN steps), the USER it runs as)
+    let mut steps: Vec<(String, Option<Vec<String>>, Option<String>)> = Vec::new();
     for ins in &file.instructions {
         match ins {
             I::Arg(a) => {
@@ -188,7 +193,43 @@ pub fn read_with(
                 if abs.contains('\0') {
                     return Err(refuse(w.workdir.span.start, "bad WORKDIR".into()));
                 }
-                st.workdir = Some(normalize(&abs));
+                let dir = normalize(&abs);
+                // After a USER, a missing WORKDIR is made by root and given to that
+                // user (as BuildKit does): the user's own steps could not make it.
+                if let Some(u) = &st.user {
+                    let (d, q) = (shell_quote(&dir), shell_quote(u));
+                    steps.push((
+                        format!("[ -d {d} ] || {{ mkdir -p {d} && chown {q} {d}; }}"),
+                        None,
+                        None,
+                    ));
+                }
+                st.workdir = Some(dir);
+            }
+            I::User(u) => {
+                let at = u.user.span.start;
+                let spec = st
+                    .expand(u.arguments.value.trim())
+                    .map_err(|m| refuse(at, m))?;
+                let spec = unquote(spec.trim());
+                let ok = !spec.is_empty()
+                    && spec.len() <= 64
+                    && spec
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+                    && spec.split(':').count() <= 2;
+                if !ok {
+                    return Err(refuse(at, format!("USER {spec:?} is not a user[:group]")));
+                }
+                // Root is every step's user anyway (with a build's capabilities).
+                let root = matches!(spec.as_str(), "root" | "0" | "root:root" | "0:0");
+                if !root && st.user.is_none() {
+                    // The working directory so far exists before the user's steps.
+                    if let Some(w) = &st.workdir {
+                        steps.push((format!("mkdir -p {}", shell_quote(w)), None, None));
+                    }
+                }
+                st.user = (!root).then_some(spec);
             }
             I::Run(r) => {
                 if let Some(o) = r.options.first() {
@@ -232,7 +273,11 @@ pub fn read_with(
                         ))
                     }
                 };
-                steps.push((st.command(&cmd), Some(st.env.keys().cloned().collect())));
+                steps.push((
+                    st.command(&cmd),
+                    Some(st.env.keys().cloned().collect()),
+                    st.user.clone(),
+                ));
                 if steps.len() > MAX_STEPS {
                     return Err(refuse(
                         r.run.span.start,
@@ -294,7 +339,7 @@ pub fn read_with(
                 let step = st
                     .copy(ctx, &sources, &dest, unpack)
                     .map_err(|m| refuse(at, m))?;
-                steps.push((step, None));
+                steps.push((step, None, None));
                 if steps.len() > MAX_STEPS {
                     return Err(refuse(at, format!("more than {MAX_STEPS} steps")));
                 }
@@ -317,19 +362,25 @@ pub fn read_with(
     // not see what is set only after it.
     recipe.run = steps
         .into_iter()
-        .map(|(cmd, before)| {
-            let Some(before) = before else {
-                return cmd;
+        .map(|(cmd, before, user)| {
+            let cmd = match before {
+                None => cmd,
+                Some(before) => {
+                    let later: Vec<&str> = st
+                        .env
+                        .keys()
+                        .filter(|k| before.binary_search(k).is_err())
+                        .map(String::as_str)
+                        .collect();
+                    match later.is_empty() {
+                        true => cmd,
+                        false => format!("unset {}; {cmd}", later.join(" ")),
+                    }
+                }
             };
-            let later: Vec<&str> = st
-                .env
-                .keys()
-                .filter(|k| before.binary_search(k).is_err())
-                .map(String::as_str)
-                .collect();
-            match later.is_empty() {
-                true => cmd,
-                false => format!("unset {}; {cmd}", later.join(" ")),
+            match user {
+                Some(u) => format!("{}{u}\n{cmd}", forkbox_types::api::BUILD_USER_STEP),
+                None => cmd,
             }
         })
         .collect();
@@ -447,6 +498,8 @@ struct State {
     args: BTreeMap<String, String>,
     env: BTreeMap<String, String>,
     workdir: Option<String>,
+    /// The `USER` of the steps from here (`None`: root).
+    user: Option<String>,
     /// `FROM` an OCI image: until a `WORKDIR`, steps run where the image's working
     /// directory is (the build knows it; this reading does not).
     from_image: bool,
@@ -823,6 +876,33 @@ mod tests {
     }
 
     #[test]
+    fn user_steps_run_as_the_user_and_their_directories_are_made_for_them() {
+        let r = read0(
+            "FROM python\nWORKDIR /srv\nRUN useradd -m app\nUSER app\nRUN id -un > me\n\
+             WORKDIR /srv/app\nRUN touch x\nUSER root\nRUN id -u\n",
+        )
+        .unwrap();
+        assert_eq!(
+            r.run,
+            [
+                "mkdir -p '/srv' && cd '/srv' && useradd -m app",
+                "mkdir -p '/srv'",
+                "#forkbox-user app\nmkdir -p '/srv' && cd '/srv' && id -un > me",
+                "[ -d '/srv/app' ] || { mkdir -p '/srv/app' && chown 'app' '/srv/app'; }",
+                "#forkbox-user app\nmkdir -p '/srv/app' && cd '/srv/app' && touch x",
+                "mkdir -p '/srv/app' && cd '/srv/app' && id -u",
+            ]
+        );
+        assert_eq!(forkbox_types::api::step_user(&r.run[2]), Some("app"));
+        let r = read0("FROM python\nARG U=1000:1000\nUSER $U\nRUN true\n").unwrap();
+        assert_eq!(forkbox_types::api::step_user(&r.run[0]), Some("1000:1000"));
+        for bad in ["USER a b", "USER a:b:c", "USER ''", "USER $(id)"] {
+            let e = read0(&format!("FROM python\n{bad}\n")).unwrap_err();
+            assert_eq!(e.line, 2, "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn debian_and_defaults() {
         let r = read0("FROM debian:bookworm\nRUN true\n").unwrap();
         assert_eq!(r.base, None);
@@ -849,7 +929,7 @@ mod tests {
         let cases = [
             ("FROM python\nCOPY app.py /srv/\n", 2, "build context"),
             ("FROM python\n\nADD x /y\n", 3, "ADD"),
-            ("FROM python\nUSER nobody\n", 2, "USER"),
+            ("FROM python\nUSER no body\n", 2, "USER"),
             (
                 "FROM python\nRUN --mount=type=cache,target=/c true\n",
                 2,

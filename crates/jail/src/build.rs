@@ -411,20 +411,14 @@ impl Inner {
         }
     }
 
-    /// `apt-get install` in the build sandbox, by a process that joins its namespaces
-    /// and cgroup and is then confined like sandbox code but for the capabilities a
-    /// package manager needs (`forkbox-agent confine`: `no_new_privs`, the sandbox's
-    /// seccomp filters, `setns` denied, only `forkbox_sys::caps::PACKAGE_CAPS`, all of
-    /// them the user namespace's). Content of a `run`-built base (an apt hook, a
-    /// replaced `dpkg`) therefore runs exactly that confined.
+    /// `apt-get install` in the build sandbox (see [`Self::confined`]): content of a
+    /// `run`-built base (an apt hook, a replaced `dpkg`) runs exactly that confined.
     async fn apt_install(
         &self,
         inst: &JailInstance,
         packages: &[String],
         log: &Log,
     ) -> Result<(), BuildError> {
-        use std::os::unix::process::CommandExt as _;
-        use tokio::io::AsyncBufReadExt as _;
         log.line(&format!(
             "installing {} with apt in the build sandbox",
             packages.join(" ")
@@ -436,6 +430,47 @@ impl Inner {
              -o APT::Sandbox::User=root -o Dpkg::Use-Pty=0 install -- \"$@\" \
              && apt-get clean && rm -rf /var/lib/apt/lists/*"
         );
+        let env = BTreeMap::from([
+            ("DEBIAN_FRONTEND".to_owned(), "noninteractive".to_owned()),
+            ("HOME".to_owned(), "/root".to_owned()),
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        ]);
+        let mut argv = vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            script,
+            "sh".to_owned(),
+        ];
+        argv.extend(packages.iter().cloned());
+        let (code, tail) = self
+            .confined(inst, &argv, &env, "/", None, COMMAND_TIMEOUT_MS, log)
+            .await?;
+        if code != Some(0) {
+            return Err(BuildError::Packages { code, tail });
+        }
+        Ok(())
+    }
+
+    /// Runs `argv` in the build sandbox by a process that joins its namespaces and
+    /// cgroup and is then confined like sandbox code but for a container build's
+    /// capabilities (`forkbox-agent confine`: `no_new_privs`, the sandbox's seccomp
+    /// filters, `setns` denied, only `forkbox_sys::caps::PACKAGE_CAPS`, all of them the
+    /// user namespace's; as `user`, none), with exactly `env` (and the default `PATH`
+    /// and `LANG` unless it sets them), in `cwd`; its output lines go to the log. Its
+    /// exit code (`None`: killed, or past `timeout_ms`) and its last 20 lines.
+    #[allow(clippy::too_many_arguments)]
+    async fn confined(
+        &self,
+        inst: &JailInstance,
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+        cwd: &str,
+        user: Option<&str>,
+        timeout_ms: u64,
+        log: &Log,
+    ) -> Result<(Option<i32>, String), BuildError> {
+        use std::os::unix::process::CommandExt as _;
+        use tokio::io::AsyncBufReadExt as _;
         let procs: Vec<std::ffi::CString> = inst
             .cgroup
             .procs_files()
@@ -455,35 +490,27 @@ impl Inner {
             .raw_fd();
         let confine = format!("/proc/self/fd/{image_fd}");
         let mut cmd = tokio::process::Command::new("nsenter");
-        cmd.arg(format!("--target={}", inst.pid))
-            .args([
-                "--user",
-                "--mount",
-                "--pid",
-                "--net",
-                "--uts",
-                "--ipc",
-                "--cgroup",
-                "--root",
-                "--wd",
-                "--",
-                &confine,
-                "confine",
-                "--",
-                "/usr/bin/env",
-                "-i",
-            ])
-            .arg("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-            .args([
-                "DEBIAN_FRONTEND=noninteractive",
-                "HOME=/root",
-                "LANG=C.UTF-8",
-                "/bin/sh",
-                "-c",
-                &script,
-                "sh",
-            ])
-            .args(packages)
+        cmd.arg(format!("--target={}", inst.pid)).args([
+            "--user", "--mount", "--pid", "--net", "--uts", "--ipc", "--cgroup", "--root", "--wd",
+            "--", &confine, "confine",
+        ]);
+        let mut all = BTreeMap::from([
+            (
+                "PATH".to_owned(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+            ),
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        ]);
+        all.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for (k, v) in &all {
+            cmd.arg("--env").arg(format!("{k}={v}"));
+        }
+        cmd.args(["--cwd", cwd]);
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
+        cmd.arg("--")
+            .args(argv)
             .env_clear()
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
@@ -539,21 +566,29 @@ impl Inner {
             .stderr
             .take()
             .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
-        tokio::join!(pump(out), pump(err));
-        let status = child.wait().await.map_err(BuildError::Spawn)?;
-        if !status.success() {
-            let t = match tail.into_inner() {
-                Ok(t) => t,
-                Err(p) => p.into_inner(),
+        let run = async {
+            tokio::join!(pump(out), pump(err));
+            child.wait().await
+        };
+        let code =
+            match tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), run).await {
+                Ok(status) => status.map_err(BuildError::Spawn)?.code(),
+                Err(_) => {
+                    log.line(&format!("timed out after {} s", timeout_ms / 1000));
+                    None
+                }
             };
-            return Err(BuildError::Packages {
-                code: status.code(),
-                tail: Vec::from(t).join("\n"),
-            });
-        }
-        Ok(())
+        let t = match tail.into_inner() {
+            Ok(t) => t,
+            Err(p) => p.into_inner(),
+        };
+        Ok((code, Vec::from(t).join("\n")))
     }
 
+    /// Runs the build's commands, in order, each as [`Self::confined`] (a
+    /// Dockerfile's `USER` steps as that user); the first that fails fails the build.
+    /// A step that copies from the build context gets it first (removed before any
+    /// other step, and before a step is kept).
     async fn run_commands(
         &self,
         inst: &JailInstance,
@@ -571,16 +606,22 @@ impl Inner {
         for (k, v) in &spec.args {
             env.entry(k.clone()).or_insert_with(|| v.clone());
         }
-        let mut cmds: Vec<(usize, String, Option<String>)> = Vec::new();
-        if let Some(w) = &spec.workdir {
-            // Like a Dockerfile's WORKDIR: made if missing.
+        let mut cmds: Vec<(usize, String, String)> = Vec::new();
+        // A Dockerfile's steps change to their directory themselves (making it, or
+        // after a USER, having it made for the user); they start in the image's
+        // working directory, or `/`. A `run` list's commands start in `workdir`, made
+        // first if missing.
+        let dockerfile = spec.keep_steps;
+        if let Some(w) = spec.workdir.as_ref().filter(|_| !dockerfile) {
             let dir = forkbox_types::shell::quote(w);
-            cmds.push((0, format!("mkdir -p {dir}"), Some("/".to_owned())));
+            cmds.push((0, format!("mkdir -p {dir}"), "/".to_owned()));
         }
         for (i, c) in spec.run.iter().enumerate().skip(steps.done) {
-            let cwd = steps_cwd
-                .map(str::to_owned)
-                .or_else(|| spec.workdir.clone());
+            let cwd = match (steps_cwd, dockerfile) {
+                (Some(d), _) => d.to_owned(),
+                (None, true) => "/".to_owned(),
+                (None, false) => spec.workdir.clone().unwrap_or_else(|| "/root".to_owned()),
+            };
             cmds.push((i + 1, c.clone(), cwd));
         }
         let context_at = forkbox_types::api::BUILD_CONTEXT_TAR;
@@ -601,33 +642,27 @@ impl Inner {
             if index > 0 {
                 log.line(&format!("$ {cmd}"));
             }
-            let mut events = inst
-                .exec(ExecRequest {
-                    cmd: cmd.clone(),
-                    cwd,
-                    env: env.clone(),
-                    timeout_ms: Some(COMMAND_TIMEOUT_MS),
-                })
-                .await?;
-            let mut code = None;
-            while let Some(ev) = events.next().await {
-                match ev? {
-                    AgentEvent::Stdout { data } | AgentEvent::Stderr { data } => {
-                        log.line(data.strip_suffix('\n').unwrap_or(&data))
-                    }
-                    AgentEvent::Exit { code: c, .. } => code = Some(c),
-                    AgentEvent::Error { message } => {
-                        return Err(BuildError::CommandError {
-                            index,
-                            cmd,
-                            message,
-                        })
-                    }
-                }
+            let user = forkbox_types::api::step_user(&cmd);
+            let mut step_env = env.clone();
+            if user.is_none() {
+                step_env
+                    .entry("HOME".to_owned())
+                    .or_insert_with(|| "/root".to_owned());
             }
-            let code = code.unwrap_or(-1);
-            if code != 0 {
-                return Err(BuildError::Command { index, cmd, code });
+            let argv = ["/bin/sh".to_owned(), "-c".to_owned(), cmd.clone()];
+            let (code, _) = self
+                .confined(inst, &argv, &step_env, &cwd, user, COMMAND_TIMEOUT_MS, log)
+                .await?;
+            match code {
+                Some(0) => {}
+                Some(code) => return Err(BuildError::Command { index, cmd, code }),
+                None => {
+                    return Err(BuildError::CommandError {
+                        index,
+                        cmd,
+                        message: "killed, or past its time limit".into(),
+                    })
+                }
             }
             // Kept for later builds: the filesystem after this step.
             if index > 0 {
@@ -783,6 +818,9 @@ const SANDBOX_DIRS: &[(&str, u32)] = &[
     ("etc", 0o755),
 ];
 
+/// The version of how build steps run, part of every kept step's key.
+const STEP_SEMANTICS: u32 = 2;
+
 /// Most kept build steps; past it the least recently made go.
 const MAX_KEPT_STEPS: usize = 64;
 
@@ -802,6 +840,10 @@ impl StepKeys {
         use sha2::Digest as _;
         let mut h = sha2::Sha256::new();
         let head = serde_json::json!({
+            // How steps are run: bumped when that changes, so that steps kept by an
+            // earlier forkbox are not taken for this one's (2: run confined with a
+            // build's capabilities, `USER`, a Dockerfile's directories its own).
+            "semantics": STEP_SEMANTICS,
             "base": base.name,
             "built_at": base.built_at.unix_timestamp_nanos().to_string(),
             "env": spec.env,

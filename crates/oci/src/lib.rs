@@ -7,6 +7,7 @@
 
 #[cfg(feature = "registry")]
 pub mod registry;
+mod tarwalk;
 pub mod unpack;
 
 use forkbox_types::api::ImageInfo;
@@ -265,20 +266,18 @@ impl Archive {
         // Symlinks and hard links to files in the archive (`docker save` links
         // repeated layers), resolved after.
         let mut links: Vec<(String, String)> = Vec::new();
-        let mut tar = tar::Archive::new(&*file);
-        for entry in tar.entries()? {
-            let entry = entry?;
+        tarwalk::walk(&*file, |meta, entry| -> Result<(), OciError> {
             if files.len() + links.len() >= MAX_ARCHIVE_ENTRIES {
                 return Err(OciError::NotAnImage(format!(
                     "more than {MAX_ARCHIVE_ENTRIES} files"
                 )));
             }
-            let name = clean(&entry.path()?.to_string_lossy());
+            let name = clean(&meta.path.to_string_lossy());
             let kind = entry.header().entry_type();
             if kind.is_file() {
                 files.insert(name, (entry.raw_file_position(), entry.size()));
             } else if kind.is_symlink() || kind.is_hard_link() {
-                if let Some(target) = entry.link_name()? {
+                if let Some(target) = meta.link {
                     let t = target.to_string_lossy().into_owned();
                     let t = if kind.is_symlink() && !t.starts_with('/') {
                         // Relative to the link's directory.
@@ -290,7 +289,8 @@ impl Archive {
                     links.push((name, t));
                 }
             }
-        }
+            Ok(())
+        })?;
         for (name, target) in links {
             if let Some(at) = files.get(&target).copied() {
                 files.insert(name, at);
@@ -576,6 +576,28 @@ impl Archive {
                 .section(&l.name)
                 .ok_or_else(|| OciError::NotAnImage(format!("{what} ({}) is missing", l.name)))?;
             let Some((digest, size)) = &l.digest else {
+                // (A `docker save` layer has only its uncompressed digest: checked
+                // here too, before any layer is applied.)
+                if let Some(diff) = &l.diff_id {
+                    let mut r = Digesting {
+                        inner: decompressed(s, &what)?,
+                        hasher: Hasher::for_digest(diff, &what)?,
+                        count: 0,
+                    };
+                    std::io::copy(&mut r, &mut std::io::sink())?;
+                    let actual = r.hasher.finish();
+                    if actual != *diff {
+                        return Err(OciError::Digest {
+                            what: format!("{what} (uncompressed)"),
+                            expected: diff.clone(),
+                            actual,
+                        });
+                    }
+                    progress(&format!(
+                        "{what}: {} bytes, digest {diff} verified",
+                        r.count
+                    ));
+                }
                 continue;
             };
             let mut r = Digesting {
@@ -622,24 +644,7 @@ impl Archive {
             let (s, _) = self
                 .section(&l.name)
                 .ok_or_else(|| OciError::NotAnImage(format!("{what} ({}) is missing", l.name)))?;
-            let mut raw = std::io::BufReader::new(s);
-            let magic = {
-                use std::io::BufRead as _;
-                raw.fill_buf()?
-                    .get(..4)
-                    .map(<[u8]>::to_vec)
-                    .unwrap_or_default()
-            };
-            let plain: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
-                Box::new(flate2::read::MultiGzDecoder::new(raw))
-            } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
-                Box::new(
-                    ruzstd::decoding::StreamingDecoder::new(raw)
-                        .map_err(|e| invalid(&what, format!("zstd: {e}")))?,
-                )
-            } else {
-                Box::new(raw)
-            };
+            let plain = decompressed(s, &what)?;
             let hasher = match &l.diff_id {
                 Some(d) => Some(Hasher::for_digest(d, &what)?),
                 None => None,
@@ -656,8 +661,12 @@ impl Archive {
                     index: i + 1,
                     source,
                 })?;
-            // What follows the tar's end (padding) is part of the digest too.
-            std::io::copy(&mut r, &mut std::io::sink())?;
+            // What follows the tar's end (padding) is part of the digest too; a little.
+            let trailing =
+                std::io::copy(&mut (&mut r).take(MAX_TRAILING + 1), &mut std::io::sink())?;
+            if trailing > MAX_TRAILING {
+                return Err(invalid(&what, "more than 1 MiB after the end of its tar"));
+            }
             if let Some(expected) = &l.diff_id {
                 let actual = r.hasher.finish();
                 if actual != *expected {
@@ -677,6 +686,31 @@ impl Archive {
         }
         Ok(done)
     }
+}
+
+/// Most bytes a layer may have after the end of its tar (padding).
+const MAX_TRAILING: u64 = 1 << 20;
+
+/// A layer's bytes decompressed (gzip, zstd, or none: by its first bytes).
+fn decompressed(s: Box<dyn Read + Send>, what: &str) -> Result<Box<dyn Read>, OciError> {
+    let mut raw = std::io::BufReader::new(s);
+    let magic = {
+        use std::io::BufRead as _;
+        raw.fill_buf()?
+            .get(..4)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    };
+    Ok(if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(raw))
+    } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
+        Box::new(
+            ruzstd::decoding::StreamingDecoder::new(raw)
+                .map_err(|e| invalid(what, format!("zstd: {e}")))?,
+        )
+    } else {
+        Box::new(raw)
+    })
 }
 
 /// `a/./b/../c` as `a/c` (names inside the archive; never above its top).

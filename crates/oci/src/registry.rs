@@ -334,7 +334,9 @@ impl Session<'_> {
                     token: Option<String>,
                     access_token: Option<String>,
                 }
-                let t: Token = r.json().await.map_err(|e| net("read the token", e))?;
+                let body = read_bounded(r, 64 << 10).await?;
+                let t: Token =
+                    serde_json::from_slice(&body).map_err(|e| net("read the token", e))?;
                 let token = t.token.or(t.access_token).ok_or_else(|| {
                     OciError::Unsupported("the token service gave no token".into())
                 })?;
@@ -465,6 +467,40 @@ async fn read_bounded(r: reqwest::Response, max: usize) -> Result<Vec<u8>, OciEr
     Ok(out)
 }
 
+/// Where a registry may send the client (blobs are often served by a CDN): at most 5
+/// hops, never from HTTPS to HTTP, and — unless the registry itself is on loopback —
+/// never to a loopback, private, link-local or unspecified address named literally.
+/// (reqwest drops `Authorization` on a redirect to another host.)
+fn redirects(loopback_registry: bool) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= 5 {
+            return attempt.error("more than 5 redirects");
+        }
+        let downgrade = attempt.url().scheme() != "https"
+            && attempt.previous().iter().any(|u| u.scheme() == "https");
+        if downgrade {
+            return attempt.error("a redirect from HTTPS to HTTP");
+        }
+        let inner = match attempt.url().host() {
+            Some(url::Host::Ipv4(ip)) => {
+                ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
+            }
+            Some(url::Host::Ipv6(ip)) => {
+                ip.is_loopback()
+                    || ip.is_unspecified()
+                    || (ip.segments()[0] & 0xfe00) == 0xfc00
+                    || (ip.segments()[0] & 0xffc0) == 0xfe80
+            }
+            Some(url::Host::Domain(d)) => d == "localhost" || d.ends_with(".localhost"),
+            None => true,
+        };
+        if inner && !loopback_registry {
+            return attempt.error("a redirect to a loopback, private or link-local address");
+        }
+        attempt.follow()
+    })
+}
+
 #[derive(serde::Deserialize)]
 struct Desc {
     digest: String,
@@ -498,8 +534,13 @@ pub async fn pull(
     progress: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<PathBuf, OciError> {
     let parsed = Reference::parse(reference)?;
+    let loopback = parsed.scheme() == "http";
     let http = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(20))
+        // (A registry that stops sending fails the pull rather than holding it.)
+        .read_timeout(std::time::Duration::from_secs(60))
+        .https_only(!loopback)
+        .redirect(redirects(loopback))
         .build()
         .map_err(|e| net("make an HTTP client", e))?;
     let mut s = Session {

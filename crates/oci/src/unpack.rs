@@ -23,7 +23,9 @@ use std::path::{Component, Path, PathBuf};
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
 /// Most entries one image may have, all layers together.
-pub const MAX_ENTRIES: u64 = 2_000_000;
+pub const MAX_ENTRIES: u64 = 1_000_000;
+/// Most bytes of files one image may unpack to, all layers together.
+pub const MAX_BYTES: u64 = 32 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -39,6 +41,12 @@ pub enum UnpackError {
     Refused { path: String, why: String },
     #[error("the image has more than {MAX_ENTRIES} entries")]
     TooManyEntries,
+}
+
+impl From<std::io::Error> for UnpackError {
+    fn from(e: std::io::Error) -> UnpackError {
+        UnpackError::Read(e)
+    }
 }
 
 /// What an unpack did.
@@ -127,7 +135,8 @@ impl Target {
         .map_err(sys(rel, "open directory"))
     }
 
-    /// Like [`Self::dir`], making missing directories (root's, mode 0755) on the way.
+    /// Like [`Self::dir`], making missing directories (root's, mode 0755) on the way;
+    /// iterative (a path may have thousands of components).
     fn dir_made(&self, rel: &Path) -> Result<OwnedFd, UnpackError> {
         match self.dir(rel) {
             Err(UnpackError::Sys {
@@ -136,26 +145,42 @@ impl Target {
             }) => {}
             other => return other,
         }
-        let Some((parent, name)) = split(rel)? else {
-            return self.dir(rel);
-        };
-        let pfd = self.dir_made(&parent)?;
-        let n = cstr(&name)?;
-        match nix::sys::stat::mkdirat(
-            Some(pfd.as_raw_fd()),
-            n.as_c_str(),
-            Mode::from_bits_truncate(0o755),
-        ) {
-            Ok(()) | Err(Errno::EEXIST) => {}
-            Err(e) => return Err(sys(rel, "mkdir")(e)),
+        let parts: Vec<&OsStr> = rel
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        let mut at = PathBuf::new();
+        for part in parts {
+            let parent = self.dir(&at)?;
+            at.push(part);
+            match self.dir(&at) {
+                Ok(_) => continue,
+                Err(UnpackError::Sys {
+                    errno: Errno::ENOENT,
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+            let n = cstr(part)?;
+            match nix::sys::stat::mkdirat(
+                Some(parent.as_raw_fd()),
+                n.as_c_str(),
+                Mode::from_bits_truncate(0o755),
+            ) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(sys(&at, "mkdir")(e)),
+            }
+            let _ = nix::unistd::fchownat(
+                Some(parent.as_raw_fd()),
+                n.as_c_str(),
+                Some(Uid::from_raw(self.id_base)),
+                Some(Gid::from_raw(self.id_base)),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            );
         }
-        let _ = nix::unistd::fchownat(
-            Some(pfd.as_raw_fd()),
-            n.as_c_str(),
-            Some(Uid::from_raw(self.id_base)),
-            Some(Gid::from_raw(self.id_base)),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        );
         self.dir(rel)
     }
 
@@ -195,51 +220,63 @@ impl Target {
 
     /// Applies one layer's tar stream.
     pub fn apply(&self, layer: impl Read, done: &mut Unpacked) -> Result<(), UnpackError> {
-        let mut archive = tar::Archive::new(layer);
-        // Paths made by this layer: an opaque whiteout keeps them.
-        let mut made: HashSet<PathBuf> = HashSet::new();
-        let entries = archive.entries().map_err(UnpackError::Read)?;
-        for entry in entries {
-            let mut entry = entry.map_err(UnpackError::Read)?;
+        // Paths made by this layer (hashed: an opaque whiteout keeps them), and the
+        // directories whose opaque whiteout was applied (once per layer).
+        let keys = std::collections::hash_map::RandomState::new();
+        let key = |p: &Path| {
+            use std::hash::BuildHasher as _;
+            keys.hash_one(
+                p.components()
+                    .filter(|c| matches!(c, Component::Normal(_)))
+                    .collect::<PathBuf>(),
+            )
+        };
+        let mut made: HashSet<u64> = HashSet::new();
+        let mut opaqued: HashSet<u64> = HashSet::new();
+        crate::tarwalk::walk(layer, |meta, entry| -> Result<(), UnpackError> {
             done.entries += 1;
             if done.entries > MAX_ENTRIES {
                 return Err(UnpackError::TooManyEntries);
             }
-            let path = entry.path().map_err(UnpackError::Read)?.into_owned();
-            if entry.pax_extensions().ok().flatten().is_some_and(|mut x| {
-                x.any(|e| e.is_ok_and(|e| e.key_bytes().starts_with(b"SCHILY.xattr.")))
-            }) {
+            if meta.xattrs {
                 done.xattrs_skipped += 1;
             }
+            let path = meta.path;
             let Some((parent, name)) = split(&path)? else {
                 // The root itself: its owner and mode.
                 if entry.header().entry_type().is_dir() {
-                    let (u, g) = self.ids(
-                        &path,
-                        entry.header().uid().map_err(UnpackError::Read)?,
-                        entry.header().gid().map_err(UnpackError::Read)?,
-                    )?;
+                    let (u, g) = self.ids(&path, meta.uid, meta.gid)?;
                     let mode = entry.header().mode().map_err(UnpackError::Read)?;
                     set_owner_mode(self.root.as_fd(), &path, u, g, mode)?;
                 }
-                continue;
+                return Ok(());
             };
             let name_bytes = name.as_bytes();
             if name_bytes == OPAQUE.as_bytes() {
                 done.whiteouts += 1;
-                let dir = self.dir(&parent);
-                match dir {
-                    Ok(d) => self.empty_dir(d.as_fd(), &parent, &made)?,
+                if !opaqued.insert(key(&parent)) {
+                    return Ok(());
+                }
+                match self.dir(&parent) {
+                    Ok(d) => self.empty_dir(d.as_fd(), &parent, &made, &key)?,
                     Err(UnpackError::Sys {
                         errno: Errno::ENOENT,
                         ..
                     }) => {}
                     Err(e) => return Err(e),
                 }
-                continue;
+                return Ok(());
             }
             if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT.as_bytes()) {
                 done.whiteouts += 1;
+                // (`.wh.`, `.wh..`, `.wh...`: never a name; `..` would be the parent.)
+                if hidden.is_empty() || hidden == b"." || hidden == b".." || hidden.contains(&b'/')
+                {
+                    return Err(UnpackError::Refused {
+                        path: path.display().to_string(),
+                        why: "a whiteout of no file".into(),
+                    });
+                }
                 let hidden = OsStr::from_bytes(hidden);
                 match self.dir(&parent) {
                     Ok(d) => remove_all(d.as_fd(), &cstr(hidden)?, &parent.join(hidden))?,
@@ -249,17 +286,27 @@ impl Target {
                     }) => {}
                     Err(e) => return Err(e),
                 }
-                continue;
+                return Ok(());
             }
             let h = entry.header();
             let kind = h.entry_type();
-            let (uid, gid) = self.ids(
-                &path,
-                h.uid().map_err(UnpackError::Read)?,
-                h.gid().map_err(UnpackError::Read)?,
-            )?;
+            let (uid, gid) = self.ids(&path, meta.uid, meta.gid)?;
             let mode = h.mode().map_err(UnpackError::Read)? & 0o7777;
             let mtime = h.mtime().unwrap_or(0);
+            use tar::EntryType as E;
+            if matches!(kind, E::GNUSparse) {
+                return Err(UnpackError::Refused {
+                    path: path.display().to_string(),
+                    why: "sparse files are not supported".into(),
+                });
+            }
+            if !matches!(
+                kind,
+                E::Directory | E::Regular | E::Continuous | E::Symlink | E::Link | E::Fifo
+            ) {
+                done.skipped += 1;
+                return Ok(());
+            }
             let pfd = self.dir_made(&parent)?;
             let n = cstr(&name)?;
             let at = Some(pfd.as_raw_fd());
@@ -272,7 +319,6 @@ impl Target {
             if existing.is_ok() && !(kind.is_dir() && existing_dir) {
                 remove_all(pfd.as_fd(), &n, &path)?;
             }
-            use tar::EntryType as E;
             match kind {
                 E::Directory => {
                     if !existing_dir {
@@ -283,7 +329,13 @@ impl Target {
                         .map_err(sys(&path, "open directory"))?;
                     set_owner_mode(fd.as_fd(), &path, uid, gid, mode)?;
                 }
-                E::Regular | E::Continuous | E::GNUSparse => {
+                E::Regular | E::Continuous => {
+                    if done.bytes.saturating_add(entry.size()) > MAX_BYTES {
+                        return Err(UnpackError::Refused {
+                            path: path.display().to_string(),
+                            why: format!("the image's files come to more than {MAX_BYTES} bytes"),
+                        });
+                    }
                     let fd = open_at(
                         pfd.as_fd(),
                         &n,
@@ -292,22 +344,17 @@ impl Target {
                     )
                     .map_err(sys(&path, "create"))?;
                     let mut file = std::fs::File::from(fd);
-                    done.bytes +=
-                        std::io::copy(&mut entry, &mut file).map_err(UnpackError::Read)?;
+                    done.bytes += std::io::copy(entry, &mut file).map_err(UnpackError::Read)?;
                     set_owner_mode(file.as_fd(), &path, uid, gid, mode)?;
                     let t = nix::sys::time::TimeSpec::new(mtime as i64, 0);
                     let _ = nix::sys::stat::futimens(file.as_raw_fd(), &t, &t);
                 }
                 E::Symlink => {
-                    let target =
-                        entry
-                            .link_name()
-                            .map_err(UnpackError::Read)?
-                            .ok_or_else(|| UnpackError::Refused {
-                                path: path.display().to_string(),
-                                why: "a symlink without a target".into(),
-                            })?;
-                    nix::unistd::symlinkat(target.as_ref(), at, n.as_c_str())
+                    let target = meta.link.ok_or_else(|| UnpackError::Refused {
+                        path: path.display().to_string(),
+                        why: "a symlink without a target".into(),
+                    })?;
+                    nix::unistd::symlinkat(target.as_path(), at, n.as_c_str())
                         .map_err(sys(&path, "symlink"))?;
                     nix::unistd::fchownat(
                         at,
@@ -319,14 +366,10 @@ impl Target {
                     .map_err(sys(&path, "chown"))?;
                 }
                 E::Link => {
-                    let target = entry
-                        .link_name()
-                        .map_err(UnpackError::Read)?
-                        .ok_or_else(|| UnpackError::Refused {
-                            path: path.display().to_string(),
-                            why: "a hard link without a target".into(),
-                        })?
-                        .into_owned();
+                    let target = meta.link.ok_or_else(|| UnpackError::Refused {
+                        path: path.display().to_string(),
+                        why: "a hard link without a target".into(),
+                    })?;
                     let Some((tparent, tname)) = split(&target)? else {
                         return Err(UnpackError::Refused {
                             path: path.display().to_string(),
@@ -345,7 +388,8 @@ impl Target {
                     )
                     .map_err(sys(&path, "link"))?;
                 }
-                E::Fifo => {
+                _ => {
+                    // A FIFO.
                     nix::sys::stat::mknodat(
                         at,
                         n.as_c_str(),
@@ -379,18 +423,10 @@ impl Target {
                     )
                     .map_err(sys(&path, "chmod"))?;
                 }
-                _ => {
-                    done.skipped += 1;
-                    continue;
-                }
             }
-            made.insert(
-                path.components()
-                    .filter(|c| matches!(c, Component::Normal(_)))
-                    .collect(),
-            );
-        }
-        Ok(())
+            made.insert(key(&path));
+            Ok(())
+        })
     }
 
     /// Removes what `dir` holds but this layer made (an opaque whiteout).
@@ -398,15 +434,12 @@ impl Target {
         &self,
         dir: BorrowedFd<'_>,
         rel: &Path,
-        made: &HashSet<PathBuf>,
+        made: &HashSet<u64>,
+        key: &dyn Fn(&Path) -> u64,
     ) -> Result<(), UnpackError> {
-        let rel: PathBuf = rel
-            .components()
-            .filter(|c| matches!(c, Component::Normal(_)))
-            .collect();
-        for name in names(dir, &rel)? {
+        for name in names(dir, rel)? {
             let child = rel.join(&name);
-            if made.contains(&child) {
+            if made.contains(&key(&child)) {
                 continue;
             }
             remove_all(dir, &cstr(&name)?, &child)?;
@@ -460,21 +493,77 @@ fn names(dir: BorrowedFd<'_>, rel: &Path) -> Result<Vec<OsString>, UnpackError> 
 }
 
 /// Removes `name` in `dir` and, if a directory, everything in it (never following a
-/// symlink); a missing one is fine.
+/// symlink); a missing one is fine. Iterative, with one directory fd open at a time (a
+/// tree may be tens of thousands of directories deep): down by name with
+/// `O_NOFOLLOW`, back up by `..` exactly as many levels as it went down.
 fn remove_all(dir: BorrowedFd<'_>, name: &CString, path: &Path) -> Result<(), UnpackError> {
+    if name.as_bytes() == b"." || name.as_bytes() == b".." || name.as_bytes().contains(&b'/') {
+        return Err(UnpackError::Refused {
+            path: path.display().to_string(),
+            why: "removing `.` or `..`".into(),
+        });
+    }
     let at = Some(dir.as_raw_fd());
     match nix::unistd::unlinkat(at, name.as_c_str(), nix::unistd::UnlinkatFlags::NoRemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => return Ok(()),
         Err(Errno::EISDIR) => {}
         Err(e) => return Err(sys(path, "remove")(e)),
     }
-    let sub = open_at(dir, name, OFlag::O_DIRECTORY | OFlag::O_RDONLY, 0)
+    // The directories entered below `name`, each with the names left to do in it.
+    let mut cur = open_at(dir, name, OFlag::O_DIRECTORY | OFlag::O_RDONLY, 0)
         .map_err(sys(path, "open directory"))?;
-    for child in names(sub.as_fd(), path)? {
-        remove_all(sub.as_fd(), &cstr(&child)?, &path.join(&child))?;
+    let mut stack: Vec<(CString, Vec<OsString>)> = vec![(name.clone(), names(cur.as_fd(), path)?)];
+    while let Some((_, todo)) = stack.last_mut() {
+        match todo.pop() {
+            Some(child) => {
+                let c = cstr(&child)?;
+                match nix::unistd::unlinkat(
+                    Some(cur.as_raw_fd()),
+                    c.as_c_str(),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                ) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    Err(Errno::EISDIR) => {
+                        let sub = open_at(cur.as_fd(), &c, OFlag::O_DIRECTORY | OFlag::O_RDONLY, 0)
+                            .map_err(sys(path, "open directory"))?;
+                        let list = names(sub.as_fd(), path)?;
+                        cur = sub;
+                        stack.push((c, list));
+                    }
+                    Err(e) => return Err(sys(path, "remove")(e)),
+                }
+            }
+            None => {
+                let Some((done_name, _)) = stack.pop() else {
+                    break;
+                };
+                if stack.is_empty() {
+                    nix::unistd::unlinkat(
+                        at,
+                        done_name.as_c_str(),
+                        nix::unistd::UnlinkatFlags::RemoveDir,
+                    )
+                    .map_err(sys(path, "remove directory"))?;
+                    break;
+                }
+                let up = open_at(
+                    cur.as_fd(),
+                    &CString::from(c".."),
+                    OFlag::O_DIRECTORY | OFlag::O_RDONLY,
+                    0,
+                )
+                .map_err(sys(path, "open directory"))?;
+                nix::unistd::unlinkat(
+                    Some(up.as_raw_fd()),
+                    done_name.as_c_str(),
+                    nix::unistd::UnlinkatFlags::RemoveDir,
+                )
+                .map_err(sys(path, "remove directory"))?;
+                cur = up;
+            }
+        }
     }
-    nix::unistd::unlinkat(at, name.as_c_str(), nix::unistd::UnlinkatFlags::RemoveDir)
-        .map_err(sys(path, "remove directory"))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -602,6 +691,97 @@ mod tests {
         let l = layer(|b| file(b, "up/.wh.victim", b""));
         tg.apply(&l[..], &mut done).unwrap();
         assert_eq!(std::fs::read(outer.path().join("victim")).unwrap(), b"v");
+    }
+
+    /// A review's finding: `.wh...` hid `..` — the root's parent, emptied by host
+    /// root (every other sandbox's files in a pool). Whiteouts of `.`, `..` or nothing
+    /// are refused; nothing beside the root changes.
+    #[test]
+    fn whiteouts_of_dot_and_dotdot_are_refused() {
+        if !nix::unistd::getuid().is_root() {
+            return;
+        }
+        for (via_symlink, entry) in [
+            (false, ".wh..."),
+            (false, "d/.wh.."),
+            (true, "x/.wh..."),
+            (false, ".wh."),
+        ] {
+            let outer = tempfile::tempdir().unwrap();
+            let root = outer.path().join("root");
+            std::fs::create_dir_all(root.join("d")).unwrap();
+            std::fs::write(root.join("d/keep"), b"k").unwrap();
+            std::fs::write(outer.path().join("victim"), b"v").unwrap();
+            let tg = target(&root);
+            let l = layer(|b| {
+                if via_symlink {
+                    link(b, tar::EntryType::Symlink, "x", "/");
+                }
+                file(b, entry, b"");
+            });
+            let e = tg.apply(&l[..], &mut Unpacked::default()).unwrap_err();
+            assert!(
+                e.to_string().contains("whiteout of no file"),
+                "{entry}: {e}"
+            );
+            assert_eq!(
+                std::fs::read(outer.path().join("victim")).unwrap(),
+                b"v",
+                "{entry}"
+            );
+            assert_eq!(std::fs::read(root.join("d/keep")).unwrap(), b"k", "{entry}");
+        }
+    }
+
+    /// A review's finding: removal recursed once per directory level, and a tree tens
+    /// of thousands deep (built through symlink hops, each entry's path short) overflowed
+    /// the stack. Now iterative: a whiteout removes a deep tree on a small stack.
+    #[test]
+    fn a_whiteout_removes_a_very_deep_tree_on_a_small_stack() {
+        if !nix::unistd::getuid().is_root() {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().to_path_buf();
+        let chain = vec!["a"; 1500].join("/");
+        let deep = layer(|b| {
+            dir(b, &chain);
+            let mut prev = format!("/{chain}");
+            for i in 1..6 {
+                let s = format!("s{i}");
+                link(b, tar::EntryType::Symlink, &s, &prev);
+                dir(b, &format!("{s}/{chain}"));
+                prev = format!("/{s}/{chain}");
+            }
+        });
+        let gone = layer(|b| file(b, ".wh.a", b""));
+        let h = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let tg = target(&root);
+                let mut done = Unpacked::default();
+                tg.apply(&deep[..], &mut done).unwrap();
+                tg.apply(&gone[..], &mut done).unwrap();
+                assert!(!root.join("a").exists());
+            })
+            .unwrap();
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn sparse_files_are_refused() {
+        if !nix::unistd::getuid().is_root() {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let l = layer(|b| {
+            let mut h = header(tar::EntryType::GNUSparse, 0o644, 0);
+            b.append_data(&mut h, "sparse", &[][..]).unwrap();
+        });
+        let e = target(t.path())
+            .apply(&l[..], &mut Unpacked::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("sparse"), "{e}");
     }
 
     #[test]

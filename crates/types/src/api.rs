@@ -260,6 +260,23 @@ pub const BUILD_CONTEXT_TAR: &str = "/.forkbox-context.tar";
 /// no other step does): the build gives the context to these steps only.
 pub const BUILD_COPY_STEP: &str = "unset TAR_OPTIONS; t=$(mktemp -d) && tar -x --no-same-owner -f ";
 
+/// How a build step that runs as another user than root starts (a Dockerfile's
+/// `USER`): this, the user (`name`, `uid`, `name:group`, `uid:gid`), a newline, then
+/// the command. For the shell the first line is a comment.
+pub const BUILD_USER_STEP: &str = "#forkbox-user ";
+
+/// The user a build step runs as (`None`: root), as [`BUILD_USER_STEP`] says.
+pub fn step_user(step: &str) -> Option<&str> {
+    let rest = step.strip_prefix(BUILD_USER_STEP)?;
+    let (user, _) = rest.split_once('\n')?;
+    let ok = !user.is_empty()
+        && user.len() <= 64
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+    ok.then_some(user)
+}
+
 /// A template as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
