@@ -22,7 +22,7 @@ TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: ts-deps test-ts disk-check bench-cluster bench-vm test-cluster deploy-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: ui ui-deps test-ui ts-deps test-ts disk-check bench-cluster bench-vm test-cluster deploy-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -40,11 +40,20 @@ probe:
 	$(CARGO) rustc --release -p forkbox-probe --bin forkbox-probe -- -C target-feature=+crt-static -C relocation-model=static -C strip=debuginfo
 	@mkdir -p target/probe && cp -f target/release/forkbox-probe $(PROBE).tmp && mv -f $(PROBE).tmp $(PROBE)
 
-build-release:
+build-release: ui
 	$(CARGO) build --release -p forkbox --bin forkbox
 
-build:
+build: ui
 	$(CARGO) build -p forkbox --bin forkbox
+
+# The web console (/ui, docs/ui.md): its JavaScript dependencies (xterm.js, esbuild)
+# from npm, pinned in ui/package-lock.json (installed again only when the lockfile
+# changed), bundled by esbuild into ui/dist, which the binary embeds (crates/api/build.rs).
+ui: deps
+	@cd ui && cmp -s package-lock.json node_modules/.forkbox-lock 2>/dev/null || \
+	  (npm ci --no-audit --no-fund --silent && cp package-lock.json node_modules/.forkbox-lock)
+	cd ui && node_modules/.bin/esbuild src/app.js --bundle --minify --target=es2020 \
+	  --outfile=dist/app.js --log-level=warning && cp src/index.html dist/index.html
 
 # `make serve`: the packages (QEMU included), the agent and a release build, the python
 # template and the vm runtime's guest assets in SERVE_DATA (each cached: a rerun takes
@@ -82,6 +91,18 @@ ts-deps: deps
 test-ts: ts-deps agent build
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox FORKBOX_AGENT_BIN=$(CURDIR)/target/agent/forkbox-agent node --test sdk/typescript/test/
 	scripts/check-ts-package.sh $(TS_DEPS)
+
+# The web console in a real headless Chromium (Debian's chromium and chromium-driver,
+# scripts/deps.sh), driven by PyPI's selenium, pinned, in a venv of its own: tests/ui.
+# It rewrites the screenshots in docs/ui/.
+UI_VENV := $(CURDIR)/target/ui-venv
+ui-deps: deps
+	@[ -x $(UI_VENV)/bin/python ] || python3 -m venv $(UI_VENV)
+	@$(UI_VENV)/bin/python -c "import importlib.metadata as m; assert m.version('selenium') == '4.27.1' and m.version('pytest') == '8.3.4'" 2>/dev/null || \
+	  $(UI_VENV)/bin/pip install -q 'selenium==4.27.1' 'pytest==8.3.4'
+
+test-ui: ui-deps agent build
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox FORKBOX_AGENT_BIN=$(AGENT) $(UI_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/ui
 
 # The real third-party clients from PyPI, pinned, in a venv of their own (forkbox's
 # SDK ships a `podflare` alias module that would shadow the real one): tests/clients.
@@ -161,7 +182,7 @@ TEST_SCAN := scripts/host-scan.sh --pool $(TEST_POOL) --dirs '/tmp/forkbox-e2e-*
 # run if anything of it is left on the host.
 # A clean run builds once: incremental caches would only take disk.
 test: export CARGO_INCREMENTAL = 0
-test: disk-check vm-deps agent probe build lint deploy-check sdk-deps ts-deps clients-deps fuzz-smoke
+test: disk-check vm-deps agent probe build lint deploy-check sdk-deps ts-deps clients-deps ui-deps fuzz-smoke
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL)
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) base
 	./target/debug/forkbox template prepare --data-dir $(TEST_DIR) --pool $(TEST_POOL) code-interpreter
@@ -174,6 +195,7 @@ test: disk-check vm-deps agent probe build lint deploy-check sdk-deps ts-deps cl
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox FORKBOX_AGENT_BIN=$(CURDIR)/target/agent/forkbox-agent TS_DEPS=$(TS_DEPS) node --test tests/lsp/
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox $(CLIENTS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/clients
 	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox SDK_VENV=$(SDK_VENV) $(SDK_VENV)/bin/python tests/fuzz/schemathesis_run.py
+	FORKBOX_TEST_POOL=$(TEST_POOL) FORKBOX_BIN=$(CURDIR)/target/debug/forkbox FORKBOX_AGENT_BIN=$(AGENT) $(UI_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/ui
 	$(MAKE) test-vm
 	-fstrim $(TEST_POOL) 2>/dev/null
 	$(TEST_SCAN)

@@ -7,7 +7,8 @@
 #
 # Without --vm: the server's and the tests' packages (PostgreSQL: the store's tests run
 # on it as well as on SQLite; a server uses it only when given `--database postgres://…`;
-# umoci, skopeo and busybox: the OCI image tests make their images with them). With
+# umoci, skopeo and busybox: the OCI image tests make their images with them;
+# chromium and its driver: the web console's tests). With
 # --vm: those and the vm runtime's (QEMU, …).
 #
 # QEMU: a machine may come with a newer qemu-utils than its apt sources offer (e.g.
@@ -19,9 +20,10 @@
 set -euo pipefail
 
 BASE_PKGS=(btrfs-progs mmdebstrap util-linux mount procps iproute2 e2fsprogs python3
-  python3-venv ca-certificates crun bubblewrap nodejs postgresql umoci skopeo busybox-static)
+  python3-venv ca-certificates crun bubblewrap nodejs postgresql umoci skopeo busybox-static
+  chromium chromium-driver)
 BASE_TOOLS=(mkfs.btrfs btrfs mmdebstrap losetup mount umount ps ip mkfs.ext4 python3 crun bwrap node
-  umoci skopeo busybox)
+  umoci skopeo busybox chromium chromedriver)
 VM_PKGS=(qemu-system-x86 qemu-utils busybox-static e2fsprogs lz4 zstd xz-utils)
 VM_TOOLS=(qemu-system-x86_64 qemu-img busybox lz4 zstd xz)
 

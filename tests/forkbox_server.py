@@ -10,9 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start(log_level: str = "warn", log_file=None):
+def start(log_level: str = "warn", log_file=None, extra=()):
     """Returns the process and its base URL once it listens; its log goes to
-    `log_file` (a path) when given."""
+    `log_file` (a path) when given; `extra`: more `forkbox serve` arguments."""
     binary = os.environ.get("FORKBOX_BIN", str(ROOT / "target/debug/forkbox"))
     agent = os.environ.get("FORKBOX_AGENT_BIN", str(ROOT / "target/agent/forkbox-agent"))
     pool = os.environ.get("FORKBOX_TEST_POOL", "/var/lib/forkbox-test/pool")
@@ -20,7 +20,7 @@ def start(log_level: str = "warn", log_file=None):
     err = open(log_file, "w") if log_file else None
     proc = subprocess.Popen(
         [binary, "serve", "--listen", "127.0.0.1:0", "--data-dir", data, "--pool", pool,
-         "--agent-bin", agent, "--on-exit", "destroy"],
+         "--agent-bin", agent, "--on-exit", "destroy", *extra],
         stdout=subprocess.PIPE, stderr=err, text=True,
         env={**os.environ, "FORKBOX_LOG": log_level},
     )

@@ -1,12 +1,15 @@
-//! `forkbox-agent confine [--env K=V]… [--cwd DIR] [--user SPEC] -- CMD…`: run by the
-//! host (through nsenter) inside a template build sandbox, for its package step and its
-//! build commands. Keeps only the capabilities of a container build's root
-//! (`forkbox_sys::caps::PACKAGE_CAPS`, all of them the sandbox user namespace's), sets
-//! `no_new_privs`, installs the sandbox's seccomp filters (`setns` denied too), and
-//! execs CMD. With `--env`, CMD gets exactly those variables; `--cwd` is where it
-//! starts; `--user` (a Dockerfile's `USER`: `name`, `uid`, `name:group`, `uid:gid`,
-//! resolved in the sandbox's `/etc/passwd` and `/etc/group`) runs it as that user,
-//! with its groups and `HOME`, and no capabilities at all.
+//! `forkbox-agent confine [--env K=V]… [--env-stdin] [--cwd DIR] [--user SPEC] -- CMD…`:
+//! run by the host (through nsenter) inside a template build sandbox, for its package
+//! step and its build commands. First undumpable (no process of the sandbox may write
+//! its memory while it still holds capabilities), then `no_new_privs` and the sandbox's
+//! seccomp filters (`setns` denied too), then only the capabilities of a container
+//! build's root (`forkbox_sys::caps::PACKAGE_CAPS`, all of them the sandbox user
+//! namespace's); every inherited descriptor but 0-2 closed at exec. With `--env` (or
+//! `--env-stdin`: NUL-separated `K=V` on standard input, which is then `/dev/null` —
+//! values kept off the host's process list), CMD gets exactly those variables; `--cwd`
+//! is where it starts; `--user` (a Dockerfile's `USER`: `name`, `uid`, `name:group`,
+//! `uid:gid`, resolved in the sandbox's `/etc/passwd` and `/etc/group`) runs it as that
+//! user, with its groups and `HOME`, and no capabilities at all.
 
 use std::os::unix::process::CommandExt as _;
 use std::process::ExitCode;
@@ -101,6 +104,36 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<User, String> {
     })
 }
 
+/// Most bytes of environment read from standard input.
+const MAX_ENV: usize = 1 << 20;
+
+/// NUL-separated `K=V` entries from standard input (at most [`MAX_ENV`] bytes), after
+/// which standard input is `/dev/null`.
+fn env_from_stdin() -> std::io::Result<Vec<(String, String)>> {
+    use std::io::Read as _;
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_ENV as u64 + 1)
+        .read_to_end(&mut buf)?;
+    if buf.len() > MAX_ENV {
+        return Err(std::io::Error::other("more than 1 MiB"));
+    }
+    let null = std::fs::File::open("/dev/null")?;
+    // SAFETY: dup2 onto fd 0 of a descriptor we own.
+    if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(buf
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (k, v) = kv.split_once('=')?;
+            (!k.is_empty()).then(|| (k.to_owned(), v.to_owned()))
+        })
+        .collect())
+}
+
 /// Becomes `u`: groups, then gid, then uid (the capabilities go with it; for uid 0,
 /// dropped explicitly).
 fn become_user(u: &User) -> std::io::Result<()> {
@@ -136,9 +169,23 @@ pub fn run(args: &[String]) -> ExitCode {
     if cmd.is_empty() {
         return usage();
     }
+    // Before anything else: nothing in the sandbox may open this process's memory
+    // (same uid; dumpable after the exec of a readable image) while it has capabilities.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let (mut env, mut cwd, mut user) = (None::<Vec<(String, String)>>, None, None);
     let mut opts = args[..sep].iter();
     while let Some(o) = opts.next() {
+        if o == "--env-stdin" {
+            match env_from_stdin() {
+                Ok(e) => env.get_or_insert_with(Vec::new).extend(e),
+                Err(e) => {
+                    eprintln!("forkbox-agent confine: environment: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            continue;
+        }
         match (o.as_str(), opts.next()) {
             ("--env", Some(kv)) => {
                 let Some((k, v)) = kv.split_once('=') else {
@@ -171,15 +218,17 @@ pub fn run(args: &[String]) -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail("seccomp", &e),
     };
-    let confined = forkbox_sys::caps::keep_only(forkbox_sys::caps::PACKAGE_CAPS)
-        .and_then(|()| match &user {
-            Some(u) => become_user(u),
-            None => Ok(()),
-        })
-        .and_then(|()| forkbox_sys::caps::set_no_new_privs())
+    // The filters first (they allow what follows: prctl, capset, setgroups, setres*id),
+    // then the capabilities down to a build's, then the user.
+    let confined = forkbox_sys::caps::set_no_new_privs()
         .and_then(|()| forkbox_sys::seccomp::install(&filters).map_err(std::io::Error::other))
         .and_then(|()| {
             forkbox_sys::seccomp::install_one(&filters.nosetns).map_err(std::io::Error::other)
+        })
+        .and_then(|()| forkbox_sys::caps::keep_only(forkbox_sys::caps::PACKAGE_CAPS))
+        .and_then(|()| match &user {
+            Some(u) => become_user(u),
+            None => Ok(()),
         });
     if let Err(e) = confined {
         return fail("confine", &e);
@@ -199,6 +248,16 @@ pub fn run(args: &[String]) -> ExitCode {
     if let Some(d) = cwd {
         c.current_dir(d);
     }
+    // (What nsenter passed on — the agent image's fd among them — stays out of CMD.)
+    // SAFETY: close_range with integer arguments only.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
     let e = c.exec();
     fail(&format!("exec {}", cmd[0]), &e)
 }

@@ -89,6 +89,65 @@ pub async fn events(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+pub struct AllQuery {
+    /// Keep the stream open and send events as they happen (`1`/`true`); without it the
+    /// answer is empty (past events are kept per sandbox: `…/{id}/events`).
+    follow: Option<String>,
+}
+
+/// `GET /v1/events?follow=1`: every lifecycle event of the caller's workspace's
+/// sandboxes (created, paused, forked, deleted, …) as it happens, as Server-Sent Events
+/// (the same events as `…/{id}/events`; `dropped` when the follower fell behind). What a
+/// dashboard follows to keep a list live.
+#[utoipa::path(get, path = "/v1/events", tag = "streams", params(("follow" = Option<String>, Query)), responses((status = 200, description = "Server-Sent Events of lifecycle changes of the workspace's sandboxes", content_type = "text/event-stream", body = String), (status = "4XX", description = "Invalid request", body = crate::error::ErrorBody)))]
+pub async fn all(
+    State(st): State<AppState>,
+    axum::Extension(who): axum::Extension<forkbox_core::auth::Principal>,
+    QueryArgs(q): QueryArgs<AllQuery>,
+) -> Result<Response, ApiError> {
+    if !crate::extract::flag(q.follow.as_deref(), "follow")? {
+        let none = futures_util::stream::empty::<Result<Event, Infallible>>();
+        return Ok(Sse::new(none).into_response());
+    }
+    let rx = st.manager.events().subscribe();
+    // Whose each sandbox is, as found once per stream.
+    let seen: std::collections::HashMap<String, bool> = Default::default();
+    let live = futures_util::stream::unfold((rx, seen), move |(mut rx, mut seen)| {
+        let (st, who) = (st.clone(), who.clone());
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        let ours = match seen.get(&ev.sandbox) {
+                            Some(o) => *o,
+                            None => {
+                                let o = st.manager.sandbox_ref(&who, &ev.sandbox).await.is_ok();
+                                seen.insert(ev.sandbox.clone(), o);
+                                o
+                            }
+                        };
+                        if ours {
+                            return Some((Ok::<_, Infallible>(sse(&ev)), (rx, seen)));
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        let ev = Event::default()
+                            .event("dropped")
+                            .data(serde_json::json!({ "missed": missed }).to_string());
+                        return Some((Ok(ev), (rx, seen)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    Ok(Sse::new(live)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     follow: Option<String>,
 }

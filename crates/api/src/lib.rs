@@ -26,6 +26,7 @@ mod sandboxes;
 mod settle;
 mod templates;
 pub mod terminals;
+mod ui;
 mod volumes;
 
 pub use auth::token_view;
@@ -109,6 +110,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(ports::list))
         .routes(routes!(ports::public_link))
         .routes(routes!(events::events))
+        .routes(routes!(events::all))
         .routes(routes!(events::logs))
         .routes(routes!(commands::list))
         .routes(routes!(commands::kill))
@@ -187,6 +189,8 @@ pub fn app_with(state: AppState, extra: Router<AppState>) -> Router {
         // are served at the root too.
         .nest(declaw::PREFIX, declaw::router())
         .merge(declaw::router())
+        // The web console's page and files (docs/ui.md).
+        .merge(ui::router())
         .layer(axum::Extension(doc))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

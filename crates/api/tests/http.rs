@@ -279,6 +279,7 @@ async fn every_route_is_in_the_openapi_document_and_served() {
         ("GET", "/v1/templates/{name}/log"),
         ("GET", "/v1/templates/{name}/build"),
         ("POST", "/v1/templates/{name}/image"),
+        ("GET", "/v1/events"),
         ("GET", "/v1/auth/whoami"),
         ("GET", "/v1/auth/tokens"),
         ("POST", "/v1/auth/tokens"),

@@ -743,6 +743,72 @@ async fn a_dockerfile_user_runs_its_steps_as_that_user() {
     assert_eq!(delete_template(&s, &name).await.0, 204);
 }
 
+/// A review's finding: build steps' environment (build arguments among it) was on the
+/// host's process list (nsenter's command line), readable by any host user. It goes to
+/// the step on a pipe now: while a step that sees its argument runs, no host process's
+/// command line carries the value.
+#[tokio::test]
+async fn build_arguments_stay_off_the_host_process_list() {
+    let s = Server::start();
+    let name = unique("e2e-secret");
+    let secret = format!("s3cr3t-{}", unique("v"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("Dockerfile");
+    std::fs::write(
+        &file,
+        // (The step checks it saw the value without naming it: steps are public.)
+        format!(
+            "FROM python\nARG TOKEN\nRUN test \"${{#TOKEN}}\" = {} && test \"${{TOKEN#s3cr3t-}}\" != \"$TOKEN\" && sleep 3 # {name}\n",
+            secret.len()
+        ),
+    )
+    .unwrap();
+    let url = s.base.clone();
+    let (f, n, arg) = (file.clone(), name.clone(), format!("TOKEN={secret}"));
+    let build = std::thread::spawn(move || {
+        Command::new(env!("CARGO_BIN_EXE_forkbox"))
+            .args([
+                "template",
+                "build",
+                "-f",
+                f.to_str().unwrap(),
+                "--name",
+                &n,
+                "--build-arg",
+                &arg,
+            ])
+            .env("FORKBOX_URL", &url)
+            .output()
+            .unwrap()
+    });
+    let mut looked = 0;
+    while !build.is_finished() {
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) {
+                let text = String::from_utf8_lossy(&cmdline);
+                // (The CLI itself was given the argument.)
+                if text.contains(&secret) && !text.contains("--build-arg") {
+                    panic!(
+                        "{} carries the build argument: {text:?}",
+                        e.path().display()
+                    );
+                }
+            }
+        }
+        looked += 1;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = build.join().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(looked > 10, "the build was over before it was watched");
+    assert_eq!(delete_template(&s, &name).await.0, 204);
+}
+
 /// POSTs an image archive to `/v1/templates/{name}/image` (`?ref=`); (status, every
 /// NDJSON event or the error body).
 async fn import(

@@ -199,7 +199,7 @@ pub fn read_with(
                 if let Some(u) = &st.user {
                     let (d, q) = (shell_quote(&dir), shell_quote(u));
                     steps.push((
-                        format!("[ -d {d} ] || {{ mkdir -p {d} && chown {q} {d}; }}"),
+                        format!("[ -d {d} ] || {{ mkdir -p {d} && chown -- {q} {d}; }}"),
                         None,
                         None,
                     ));
@@ -213,6 +213,8 @@ pub fn read_with(
                     .map_err(|m| refuse(at, m))?;
                 let spec = unquote(spec.trim());
                 let ok = !spec.is_empty()
+                    && !spec.starts_with('-')
+                    && !spec.contains(":-")
                     && spec.len() <= 64
                     && spec
                         .bytes()
@@ -888,7 +890,7 @@ mod tests {
                 "mkdir -p '/srv' && cd '/srv' && useradd -m app",
                 "mkdir -p '/srv'",
                 "#forkbox-user app\nmkdir -p '/srv' && cd '/srv' && id -un > me",
-                "[ -d '/srv/app' ] || { mkdir -p '/srv/app' && chown 'app' '/srv/app'; }",
+                "[ -d '/srv/app' ] || { mkdir -p '/srv/app' && chown -- 'app' '/srv/app'; }",
                 "#forkbox-user app\nmkdir -p '/srv/app' && cd '/srv/app' && touch x",
                 "mkdir -p '/srv/app' && cd '/srv/app' && id -u",
             ]
@@ -896,7 +898,14 @@ mod tests {
         assert_eq!(forkbox_types::api::step_user(&r.run[2]), Some("app"));
         let r = read0("FROM python\nARG U=1000:1000\nUSER $U\nRUN true\n").unwrap();
         assert_eq!(forkbox_types::api::step_user(&r.run[0]), Some("1000:1000"));
-        for bad in ["USER a b", "USER a:b:c", "USER ''", "USER $(id)"] {
+        for bad in [
+            "USER a b",
+            "USER a:b:c",
+            "USER ''",
+            "USER $(id)",
+            "USER -R",
+            "USER a:-x",
+        ] {
             let e = read0(&format!("FROM python\n{bad}\n")).unwrap_err();
             assert_eq!(e.line, 2, "{bad}: {e}");
         }

@@ -7,8 +7,11 @@
 //!   sandbox's user namespace only, inside its pivoted root, network only through the
 //!   egress proxy admitting the Debian mirrors) — never by host root in a chroot, since
 //!   a template's binaries may have been written by earlier build commands;
-//! - the `run` commands run as ordinary sandbox commands (no capabilities, seccomp),
-//!   in order, with the build's env and workdir; the first failure fails the build.
+//! - the `run` commands (a Dockerfile's steps) run in order, each entered the same way
+//!   and confined by `forkbox-agent confine` — seccomp, `no_new_privs`, a container
+//!   build's capabilities of the sandbox's user namespace, or a Dockerfile `USER`'s
+//!   identity without any —, with the build's env and workdir; the first failure
+//!   fails the build.
 //!
 //! Then the sandbox is stopped, its filesystem is renamed into the templates
 //! directory, made read-only, and its record (and build log) written, last. On failure
@@ -114,12 +117,25 @@ struct Log {
     progress: Progress,
 }
 
+/// Longest line of build output kept (longer ones are split).
+const MAX_LINE: usize = 4096;
+/// Most lines a build's kept log holds (its first ones, then a note of how many more).
+const MAX_LOG_LINES: usize = 20_000;
+
 impl Log {
     fn line(&self, l: &str) {
-        match self.lines.lock() {
-            Ok(mut g) => g.push(l.to_owned()),
-            Err(p) => p.into_inner().push(l.to_owned()),
+        let mut g = match self.lines.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        match g.len() {
+            n if n < MAX_LOG_LINES => g.push(l.to_owned()),
+            n if n == MAX_LOG_LINES => g.push(format!(
+                "(more than {MAX_LOG_LINES} lines: the rest is not kept)"
+            )),
+            _ => return,
         }
+        drop(g);
         (self.progress)(l);
     }
 
@@ -470,7 +486,7 @@ impl Inner {
         log: &Log,
     ) -> Result<(Option<i32>, String), BuildError> {
         use std::os::unix::process::CommandExt as _;
-        use tokio::io::AsyncBufReadExt as _;
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
         let procs: Vec<std::ffi::CString> = inst
             .cgroup
             .procs_files()
@@ -502,17 +518,21 @@ impl Inner {
             ("LANG".to_owned(), "C.UTF-8".to_owned()),
         ]);
         all.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        // The environment on confine's standard input, not on the host's process list
+        // (build arguments may be secrets).
+        let mut env_blob = Vec::new();
         for (k, v) in &all {
-            cmd.arg("--env").arg(format!("{k}={v}"));
+            env_blob.extend_from_slice(format!("{k}={v}").as_bytes());
+            env_blob.push(0);
         }
-        cmd.args(["--cwd", cwd]);
+        cmd.arg("--env-stdin").args(["--cwd", cwd]);
         if let Some(u) = user {
             cmd.args(["--user", u]);
         }
         cmd.arg("--")
             .args(argv)
             .env_clear()
-            .stdin(std::process::Stdio::null())
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
@@ -539,13 +559,35 @@ impl Inner {
             });
         }
         let mut child = cmd.spawn().map_err(BuildError::Spawn)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use tokio::io::AsyncWriteExt as _;
+            stdin
+                .write_all(&env_blob)
+                .await
+                .map_err(BuildError::Spawn)?;
+            drop(stdin);
+        }
         let tail = Mutex::new(std::collections::VecDeque::<String>::new());
         let pump = |r: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
             let tail = &tail;
             async move {
                 let Some(r) = r else { return };
-                let mut lines = tokio::io::BufReader::new(r).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
+                // Lines of at most MAX_LINE bytes (longer ones split), any bytes (shown
+                // lossily): a step's output never grows the server unboundedly.
+                let mut r = tokio::io::BufReader::new(r);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    let got = (&mut r)
+                        .take(MAX_LINE as u64)
+                        .read_until(b'\n', &mut buf)
+                        .await;
+                    match got {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    let text = String::from_utf8_lossy(&buf);
+                    let l = text.strip_suffix('\n').unwrap_or(&text).to_owned();
                     log.line(&l);
                     let mut t = match tail.lock() {
                         Ok(g) => g,

@@ -270,6 +270,7 @@ pub fn step_user(step: &str) -> Option<&str> {
     let rest = step.strip_prefix(BUILD_USER_STEP)?;
     let (user, _) = rest.split_once('\n')?;
     let ok = !user.is_empty()
+        && !user.starts_with('-')
         && user.len() <= 64
         && user
             .bytes()
