@@ -135,6 +135,12 @@ def test_console(server, browser, tmp_path):
     d.find_element(By.ID, "upload").send_keys(str(f))
     wait(d, lambda: "hello-ui.txt" in d.find_element(By.ID, "files").text, "the uploaded file in the list")
     assert d.find_elements(By.CSS_SELECTOR, "button[aria-label='Download hello-ui.txt']")
+    click(d, "button[aria-label='View hello-ui.txt']", "the view button")
+    wait(d, lambda: "uploaded from the browser" in d.find_element(By.ID, "file-view").text, "the file's content")
+    # A server started in the terminal shows up among the ports.
+    term.send_keys("python3 -m http.server 8123 >/dev/null 2>&1 &\n")
+    wait(d, lambda: "8123" in d.find_element(By.ID, "ports").text, "port 8123 in the list")
+    assert d.find_elements(By.CSS_SELECTOR, "button[aria-label='Open port 8123']")
     # A cell of code, streamed.
     d.find_element(By.CSS_SELECTOR, "form[aria-label='Run code'] button[type=submit]").click()
     wait(d, lambda: "hello from forkbox" in d.find_element(By.ID, "code-output").text, "the cell's output")
@@ -156,7 +162,7 @@ def test_console(server, browser, tmp_path):
         wait(d, lambda k=k: all(r["id"] != k or r["status"] != "running" for r in rows(d)), f"{k} deleted")
 
     # The other pages, by keyboard from the navigation.
-    for page, heading in [("Templates", "Templates"), ("Volumes", "Volumes"), ("API keys", "API keys")]:
+    for page, heading in [("Templates", "Templates"), ("Volumes", "Volumes"), ("API keys", "API keys"), ("Nodes", "Nodes")]:
         link = d.find_element(By.LINK_TEXT, page)
         link.send_keys(Keys.ENTER)
         wait(d, lambda heading=heading: d.find_element(By.TAG_NAME, "h1").text == heading, page)
@@ -169,6 +175,8 @@ def test_console(server, browser, tmp_path):
 
     # The skip link: shown when focused, Enter moves to the content, Tab from there to
     # its first control.
+    d.find_element(By.LINK_TEXT, "API keys").click()
+    wait(d, lambda: d.find_element(By.TAG_NAME, "h1").text == "API keys", "the keys page")
     d.execute_script("document.querySelector('.skip').focus()")
     assert d.execute_script("return document.activeElement.getBoundingClientRect().left >= 0")
     ActionChains(d).send_keys(Keys.ENTER).perform()

@@ -302,8 +302,17 @@ async function sandbox(main, id) {
   const path = el("input", { id: "files-path", value: "/root", size: 40 });
   const list = el("table", { id: "files", "aria-label": "Files" });
   const upload = el("input", { id: "upload", type: "file" });
+  const viewer = el("pre", { class: "out", id: "file-view", hidden: true, "aria-label": "File content" });
+  // A file's first 64 KiB, as text.
+  async function view(sid, f) {
+    const r = await fetch(`/v1/sandboxes/${sid}/files?path=${encodeURIComponent(f.path)}`, { headers: headers() });
+    if (!r.ok) { say(`View failed: ${r.status}`); return; }
+    const bytes = new Uint8Array(await r.arrayBuffer());
+    viewer.hidden = false;
+    viewer.textContent = `${f.path}\n\n` + new TextDecoder().decode(bytes.slice(0, 65536)) + (bytes.length > 65536 ? "\n…" : "");
+  }
   main.append(el("h2", {}, "Files"), el("form", { class: "row", "aria-label": "Folder", onsubmit: (e) => { e.preventDefault(); ls(); } }, field("Folder", path), el("button", { type: "submit" }, "List")),
-    el("div", { class: "row" }, field("Upload a file into the folder", upload)), list);
+    el("div", { class: "row" }, field("Upload a file into the folder", upload)), list, viewer);
   upload.addEventListener("change", async () => {
     const f = upload.files[0];
     if (!f) return;
@@ -318,10 +327,35 @@ async function sandbox(main, id) {
         el("tbody", {}, l.entries.map((f) => el("tr", {},
           el("td", { class: "mono" }, f.type === "dir" ? el("a", { href: "#", onclick: (e) => { e.preventDefault(); path.value = f.path; ls(); } }, f.name + "/") : f.name),
           el("td", {}, f.type), el("td", {}, String(f.size)),
-          el("td", {}, f.type === "file" ? button("Download", () => download(id, f), undefined, `Download ${f.name}`) : "")))));
+          el("td", {}, f.type === "file" ? [button("View", () => view(id, f), undefined, `View ${f.name}`), " ", button("Download", () => download(id, f), undefined, `Download ${f.name}`)] : "")))));
     } catch (e) { say(e.message); }
   }
   if (s.status === "running") ls();
+
+  // Preview ports: what listens in the sandbox, opened through a public link (the page
+  // cannot give a new tab its key).
+  const ports = el("table", { id: "ports", "aria-label": "Ports" });
+  main.append(el("h2", {}, "Ports"), ports);
+  async function listPorts() {
+    try {
+      const p = await api("GET", `/v1/sandboxes/${id}/ports`);
+      ports.replaceChildren(
+        el("thead", {}, el("tr", {}, ["Port", "Address", ""].map((h) => el("th", { scope: "col" }, h)))),
+        el("tbody", {}, p.ports.map((x) => el("tr", {}, el("td", { class: "mono" }, String(x.port)), el("td", { class: "mono" }, x.address),
+          el("td", {}, button("Open", async () => {
+            try {
+              const link = await api("POST", `/v1/sandboxes/${id}/previews`, { port: x.port, expires_in: 3600 });
+              window.open(link.url, "_blank", "noopener");
+            } catch (e) { say(e.message); }
+          }, undefined, `Open port ${x.port}`))))));
+      if (!p.ports.length) ports.append(el("caption", { class: "muted" }, "Nothing listens yet."));
+    } catch (e) { ports.replaceChildren(el("caption", {}, e.message)); }
+  }
+  if (s.status === "running") {
+    listPorts();
+    const t = setInterval(listPorts, 3000);
+    onLeave(() => clearInterval(t));
+  }
 
   // A run_code cell, streamed.
   const code = el("textarea", { id: "code", rows: 4, cols: 70, spellcheck: false }, "print('hello from forkbox')");
@@ -472,7 +506,21 @@ async function keys(main) {
 
 // ---- routing ------------------------------------------------------------------------
 
-const pages = { sandboxes, templates, volumes, keys };
+async function nodes(main) {
+  main.append(el("h1", {}, "Nodes"));
+  const table = el("table", { "aria-label": "Nodes" });
+  main.append(table);
+  try {
+    const n = await api("GET", "/v1/nodes");
+    table.replaceChildren(el("thead", {}, el("tr", {}, ["Name", "State", "URL", "Runtimes", "Sandboxes", "CPUs", "Memory"].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, n.nodes.map((x) => el("tr", {}, el("td", { class: "mono" }, x.name + (x.this ? " (this)" : "")), el("td", {}, x.state),
+        el("td", { class: "mono" }, x.url), el("td", {}, x.runtimes.join(", ")), el("td", {}, String(x.sandboxes)),
+        el("td", {}, String(x.cpus)), el("td", {}, `${x.memory_mb} MiB`)))));
+    if (!n.nodes.length) table.append(el("caption", { class: "muted" }, "One server, no cluster."));
+  } catch (e) { table.replaceChildren(el("caption", {}, e.message)); }
+}
+
+const pages = { sandboxes, templates, volumes, keys, nodes };
 
 async function route(ev) {
   leave();

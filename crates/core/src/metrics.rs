@@ -34,6 +34,8 @@ pub struct Metrics {
     pub gc_kept: Counter,
     pub create_seconds: Histogram,
     pub fork_seconds: Histogram,
+    /// From an exec request until its command (or cell) runs in the sandbox.
+    pub exec_start_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -55,6 +57,8 @@ impl Default for Metrics {
             // 1 ms … ~16 s.
             create_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             fork_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            // 0.1 ms … ~1.6 s.
+            exec_start_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
         }
     }
 }
@@ -129,6 +133,11 @@ impl Metrics {
             "fork_seconds",
             "Time of a fork call",
             self.fork_seconds.clone(),
+        );
+        r.register(
+            "exec_start_seconds",
+            "Time from an exec call until its command or cell runs in the sandbox",
+            self.exec_start_seconds.clone(),
         );
     }
 }

@@ -59,6 +59,7 @@ impl Manager {
                 .to_owned(),
             })
             .inc();
+        let started = std::time::Instant::now();
         let events = match cmd.work {
             Work::Command(c) => {
                 let cwd = match cmd.cwd {
@@ -89,6 +90,9 @@ impl Manager {
                     .await?
             }
         };
+        self.metrics
+            .exec_start_seconds
+            .observe(started.elapsed().as_secs_f64());
         // In flight (not idle) until the caller has the last event or gives up.
         let busy = live.activity.busy();
         Ok(number_events(
