@@ -850,14 +850,7 @@ async fn import(
 async fn templates_import_oci_and_docker_archives() {
     let s = Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-oci-image.sh");
-    let o = Command::new("bash")
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    test_image(dir.path());
     let check = "pwd; echo \"$GREETING\"; busybox cat keep.txt; test -e gone.txt || echo gone; \
                  busybox stat -c %u:%g keep.txt /bin/busybox; busybox uname -s";
     let expected = "/app\nhello from the image\nkept\ngone\n1000:1000\n0:0\nLinux\n";
@@ -990,6 +983,27 @@ async fn templates_import_oci_and_docker_archives() {
     assert_eq!(st, 400, "{ev:?}");
 }
 
+/// The test image (scripts/test-oci-image.sh) in `dir`: `layout/` (image `app`),
+/// `image.tar` (its OCI archive), `docker.tar` (a `docker save` tar of it).
+fn test_image(dir: &std::path::Path) {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-oci-image.sh");
+    let o = Command::new("bash").arg(script).arg(dir).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Pushes the test image in `dir` to `image` (a registry of [`Registry`]) with skopeo.
+fn push(dir: &std::path::Path, image: &str) {
+    let o = Command::new("skopeo")
+        .current_dir(dir)
+        .args(["--insecure-policy", "copy", "-q", "--dest-tls-verify=false"])
+        .args(["--dest-creds", "agent:s3cret pass", "oci:layout:app"])
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// Debian's OCI distribution registry on a loopback port of its own, with HTTP Basic
 /// users from an htpasswd file (bcrypt, made by Python's crypt); stopped when dropped.
 struct Registry {
@@ -1075,31 +1089,10 @@ impl Registry {
 async fn templates_pull_from_a_registry_with_auth() {
     let s = Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-oci-image.sh");
-    let o = Command::new("bash")
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    test_image(dir.path());
     let reg = Registry::start("agent", "s3cret pass");
     let image = format!("{}/team/app:v1", reg.addr);
-    let o = Command::new("skopeo")
-        .current_dir(dir.path())
-        .args([
-            "--insecure-policy",
-            "copy",
-            "-q",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            "agent:s3cret pass",
-            "oci:layout:app",
-        ])
-        .arg(format!("docker://{image}"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    push(dir.path(), &image);
     let auth = json!({"username": "agent", "password": "s3cret pass"});
 
     let name = unique("e2e-pull");
@@ -1200,21 +1193,7 @@ async fn templates_pull_from_a_registry_with_auth() {
         format!("silly:\n    realm: {realm}\n    service: forkbox-test\n")
     });
     let image2 = format!("{}/team/app:v1", bearer.addr);
-    let o = Command::new("skopeo")
-        .current_dir(dir.path())
-        .args([
-            "--insecure-policy",
-            "copy",
-            "-q",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            "agent:s3cret pass",
-            "oci:layout:app",
-        ])
-        .arg(format!("docker://{image2}"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    push(dir.path(), &image2);
     asked.lock().unwrap().clear();
     let (st, ev) = build(
         &s,

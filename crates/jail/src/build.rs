@@ -298,12 +298,8 @@ impl Inner {
             Some(ImageSource::Archive(a)) => (a.path.clone(), a.reference.clone(), None),
             Some(ImageSource::Registry { reference, auth }) => {
                 let dir = Pulled(self.run_dir.join(crate::UPLOADS).join(format!("{id}.pull")));
-                let credentials = auth.as_ref().map(|a| forkbox_oci::registry::Credentials {
-                    username: a.username.clone(),
-                    password: a.password.clone(),
-                });
                 let say = |l: &str| log.line(l);
-                forkbox_oci::registry::pull(reference, credentials.as_ref(), &dir.0, &say).await?;
+                forkbox_oci::registry::pull(reference, auth.as_ref(), &dir.0, &say).await?;
                 (dir.0.clone(), None, Some(dir))
             }
         };

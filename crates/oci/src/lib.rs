@@ -221,6 +221,45 @@ fn host_arch() -> &'static str {
     }
 }
 
+/// The one of `items` (an index's manifests, `docker save`'s entries) whose `names`
+/// include `reference` (or the only one): none or several is an error listing the names.
+fn pick<'a, T>(
+    items: &'a [T],
+    names: impl Fn(&T) -> Vec<String>,
+    reference: Option<&str>,
+    listing: &str,
+) -> Result<&'a T, OciError> {
+    let available = || {
+        let n: Vec<String> = items.iter().flat_map(&names).collect();
+        if n.is_empty() {
+            "no names".to_owned()
+        } else {
+            n.join(", ")
+        }
+    };
+    let chosen: Vec<&T> = match reference {
+        Some(r) => items
+            .iter()
+            .filter(|i| names(i).iter().any(|n| same_name(n, r)))
+            .collect(),
+        None => items.iter().collect(),
+    };
+    match chosen.as_slice() {
+        [one] => Ok(one),
+        [] => match reference {
+            Some(r) => Err(OciError::NoSuchImage {
+                reference: r.to_owned(),
+                available: available(),
+            }),
+            None => Err(OciError::NotAnImage(format!("{listing} lists no image"))),
+        },
+        many => Err(OciError::Ambiguous {
+            count: many.len(),
+            available: available(),
+        }),
+    }
+}
+
 /// Whether an image named `name` in an archive is the one asked for as `asked`: the
 /// same name, the same once Docker's defaults are spelled out (`app` =
 /// `docker.io/library/app:latest`), or its tag alone.
@@ -391,40 +430,7 @@ impl Archive {
                 .filter_map(|k| a.get(*k).cloned())
                 .collect()
         };
-        let all = index.manifests();
-        let available = || {
-            let n: Vec<String> = all.iter().flat_map(names).collect();
-            if n.is_empty() {
-                "no names".to_owned()
-            } else {
-                n.join(", ")
-            }
-        };
-        let chosen: Vec<&Descriptor> = match reference {
-            Some(r) => all
-                .iter()
-                .filter(|d| names(d).iter().any(|n| same_name(n, r)))
-                .collect(),
-            None => all.iter().collect(),
-        };
-        let desc = match chosen.as_slice() {
-            [one] => (*one).clone(),
-            [] => match reference {
-                Some(r) => {
-                    return Err(OciError::NoSuchImage {
-                        reference: r.to_owned(),
-                        available: available(),
-                    })
-                }
-                None => return Err(OciError::NotAnImage("index.json lists no image".into())),
-            },
-            many => {
-                return Err(OciError::Ambiguous {
-                    count: many.len(),
-                    available: available(),
-                })
-            }
-        };
+        let desc = pick(index.manifests(), names, reference, "index.json")?.clone();
         let reference = names(&desc)
             .into_iter()
             .next()
@@ -495,39 +501,7 @@ impl Archive {
             serde_json::from_slice(&self.small("manifest.json", "manifest.json")?)
                 .map_err(|e| invalid("manifest.json", e))?;
         let tags = |e: &DockerEntry| e.repo_tags.clone().unwrap_or_default();
-        let available = || {
-            let t: Vec<String> = entries.iter().flat_map(tags).collect();
-            if t.is_empty() {
-                "no names".to_owned()
-            } else {
-                t.join(", ")
-            }
-        };
-        let chosen: Vec<&DockerEntry> = match reference {
-            Some(r) => entries
-                .iter()
-                .filter(|e| tags(e).iter().any(|t| same_name(t, r)))
-                .collect(),
-            None => entries.iter().collect(),
-        };
-        let entry = match chosen.as_slice() {
-            [one] => *one,
-            [] => match reference {
-                Some(r) => {
-                    return Err(OciError::NoSuchImage {
-                        reference: r.to_owned(),
-                        available: available(),
-                    })
-                }
-                None => return Err(OciError::NotAnImage("manifest.json lists no image".into())),
-            },
-            many => {
-                return Err(OciError::Ambiguous {
-                    count: many.len(),
-                    available: available(),
-                })
-            }
-        };
+        let entry = pick(&entries, tags, reference, "manifest.json")?;
         // The configuration's name is its digest (`<hex>.json` or `blobs/sha256/<hex>`).
         let config_name = clean(&entry.config);
         let hex = Path::new(&config_name)

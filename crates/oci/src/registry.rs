@@ -31,18 +31,8 @@ const DOCKER_HUB: &str = "registry-1.docker.io";
 /// Largest manifest or index.
 const MAX_MANIFEST: usize = 4 << 20;
 
-/// Credentials for a registry.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({}, <redacted>)", self.username)
-    }
-}
+/// Credentials for a registry (`Debug` leaves the password out).
+pub use forkbox_types::api::RegistryAuth as Credentials;
 
 /// A parsed image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
