@@ -57,7 +57,10 @@ def browser():
 
 
 def wait(d, cond, what):
-    return WebDriverWait(d, WAIT, poll_frequency=0.2).until(lambda _: cond(), message=f"waiting for {what}")
+    # (An element found just as the page redraws is stale: look again.)
+    return WebDriverWait(
+        d, WAIT, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(lambda _: cond(), message=f"waiting for {what}")
 
 
 def shot(d, name, mode):

@@ -36,13 +36,18 @@ function headers(extra = {}) {
   return h;
 }
 
-async function api(method, path, body) {
-  const init = { method, headers: headers() };
+// A fetch's options: the key, and `body` as JSON when there is one.
+function request(method, body, signal) {
+  const init = { method, headers: headers(), signal };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
-  const r = await fetch(path, init);
+  return init;
+}
+
+async function api(method, path, body) {
+  const r = await fetch(path, request(method, body));
   const text = await r.text();
   let json = null;
   try { json = text ? JSON.parse(text) : null; } catch { json = null; }
@@ -57,12 +62,7 @@ async function api(method, path, body) {
 // Reads a streamed answer line by line (NDJSON) or event by event (SSE) until it ends
 // or `signal` aborts it; calls `on` with each parsed item.
 async function stream(path, { method = "GET", body, signal, sse = false }, on) {
-  const init = { method, headers: headers(), signal };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  const r = await fetch(path, init);
+  const r = await fetch(path, request(method, body, signal));
   if (!r.ok) {
     let msg = `${r.status}`;
     try { msg = (await r.json()).error || msg; } catch { /* not JSON */ }

@@ -29,6 +29,13 @@ fn sse(ev: &LifecycleEvent) -> Event {
         .data(serde_json::to_string(ev).unwrap_or_default())
 }
 
+/// What a follower that fell `missed` events behind gets instead of them.
+fn dropped(missed: u64) -> Event {
+    Event::default()
+        .event("dropped")
+        .data(serde_json::json!({ "missed": missed }).to_string())
+}
+
 fn is_final(ev: &LifecycleEvent, id: &str) -> bool {
     // A merge ends the merged child only; its parent goes on.
     ev.kind.is_end()
@@ -72,9 +79,7 @@ pub async fn events(
                     }
                     Ok(_) => continue,
                     Err(RecvError::Lagged(missed)) => {
-                        let ev = Event::default()
-                            .event("dropped")
-                            .data(serde_json::json!({ "missed": missed }).to_string());
+                        let ev = dropped(missed);
                         return Some((Ok(ev), (rx, false)));
                     }
                     Err(RecvError::Closed) => return None,
@@ -131,9 +136,7 @@ pub async fn all(
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {
-                        let ev = Event::default()
-                            .event("dropped")
-                            .data(serde_json::json!({ "missed": missed }).to_string());
+                        let ev = dropped(missed);
                         return Some((Ok(ev), (rx, seen)));
                     }
                     Err(RecvError::Closed) => return None,

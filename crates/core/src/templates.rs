@@ -64,16 +64,22 @@ pub struct Template {
 /// What an imported template shows as its base.
 pub const IMAGE_BASE: &str = "oci-image";
 
+/// A template's base as shown: the template it was layered on, [`IMAGE_BASE`] for an
+/// image, else [`DEBIAN_BASE`].
+fn shown_base(base: Option<&str>, image: bool) -> String {
+    match (base, image) {
+        (Some(b), _) => b.to_owned(),
+        (None, true) => IMAGE_BASE.to_owned(),
+        (None, false) => DEBIAN_BASE.to_owned(),
+    }
+}
+
 impl Template {
     fn from_info(i: TemplateInfo) -> Template {
         Template {
             name: i.name,
             status: TemplateStatus::Ready,
-            base: match (&i.base, &i.image) {
-                (Some(b), _) => b.clone(),
-                (None, Some(_)) => IMAGE_BASE.to_owned(),
-                (None, None) => DEBIAN_BASE.to_owned(),
-            },
+            base: shown_base(i.base.as_deref(), i.image.is_some()),
             packages: i.packages,
             run: i.run,
             env: i.env,
@@ -156,11 +162,7 @@ impl Build {
         Template {
             name: self.req.name.clone(),
             status,
-            base: match (&self.req.base, &self.req.image) {
-                (Some(b), _) => b.clone(),
-                (None, Some(_)) => IMAGE_BASE.to_owned(),
-                (None, None) => DEBIAN_BASE.to_owned(),
-            },
+            base: shown_base(self.req.base.as_deref(), self.req.image.is_some()),
             packages: self.req.packages.clone(),
             run: self.req.run.clone(),
             env: self.req.env.clone(),

@@ -175,15 +175,12 @@ impl Inner {
         // template base (a Debian root made from scratch is not reproducible by name).
         let mut steps = StepKeys::default();
         // 1. The filesystem.
-        match &spec.base {
-            None if spec.image.is_some() => {
+        // (An image is never given with a base: core refuses that.)
+        match (spec.base.clone(), spec.image.clone()) {
+            (None, Some(source)) => {
                 log.line(&format!("template {name}: unpacking the image into {id}"));
                 forkbox_sys::btrfs::create_subvolume(&rootfs)?;
-                let source = spec.image.clone();
-                match self
-                    .import_image(source.as_deref(), &id, &rootfs, &log)
-                    .await
-                {
+                match self.import_image(&source, &id, &rootfs, &log).await {
                     Ok(image) => {
                         steps_cwd = Some(image.workdir.clone().unwrap_or_else(|| "/".to_owned()));
                         let s = spec.to_mut();
@@ -201,7 +198,7 @@ impl Inner {
                     }
                 }
             }
-            None => {
+            (None, None) => {
                 forkbox_sys::btrfs::create_subvolume(&rootfs)?;
                 let made =
                     template::debootstrap(&rootfs, name, &spec.packages, self.uid_base, &|l| {
@@ -213,9 +210,9 @@ impl Inner {
                     return Err(e.into());
                 }
             }
-            Some(base) => {
-                let Some(meta) = template::built(&self.pool, base, self.uid_base) else {
-                    return Err(BuildError::NoBase(base.clone()));
+            (Some(base), _) => {
+                let Some(meta) = template::built(&self.pool, &base, self.uid_base) else {
+                    return Err(BuildError::NoBase(base));
                 };
                 if spec.keep_steps {
                     steps = StepKeys::new(&meta, &spec);
@@ -237,7 +234,7 @@ impl Inner {
                     // (None, or the kept step went meanwhile: from the base.)
                     None => {
                         log.line(&format!("template {name}: copying {base} (btrfs snapshot)"));
-                        forkbox_sys::btrfs::snapshot(&self.pool.template(base), &rootfs, false)?;
+                        forkbox_sys::btrfs::snapshot(&self.pool.template(&base), &rootfs, false)?;
                     }
                 }
             }
@@ -280,7 +277,7 @@ impl Inner {
     /// where the image has none.
     async fn import_image(
         &self,
-        source: Option<&forkbox_core::runtime::ImageSource>,
+        source: &forkbox_core::runtime::ImageSource,
         id: &str,
         rootfs: &std::path::Path,
         log: &Log,
@@ -294,9 +291,8 @@ impl Inner {
             }
         }
         let (path, reference, pulled) = match source {
-            None => return Err(BuildError::ImageTask("no image".into())),
-            Some(ImageSource::Archive(a)) => (a.path.clone(), a.reference.clone(), None),
-            Some(ImageSource::Registry { reference, auth }) => {
+            ImageSource::Archive(a) => (a.path.clone(), a.reference.clone(), None),
+            ImageSource::Registry { reference, auth } => {
                 let dir = Pulled(self.run_dir.join(crate::UPLOADS).join(format!("{id}.pull")));
                 let say = |l: &str| log.line(l);
                 forkbox_oci::registry::pull(reference, auth.as_ref(), &dir.0, &say).await?;

@@ -110,6 +110,19 @@ impl Hasher {
         }
     }
 
+    /// The digest of what passed, compared with `expected` (`what` names it in the error).
+    fn verify(self, expected: &str, what: impl Into<String>) -> Result<(), OciError> {
+        let actual = self.finish();
+        if actual != expected {
+            return Err(OciError::Digest {
+                what: what.into(),
+                expected: expected.to_owned(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
     fn finish(self) -> String {
         let (alg, bytes) = match self {
             Hasher::Sha256(h) => ("sha256", h.finalize().to_vec()),
@@ -125,6 +138,24 @@ struct Digesting<R> {
     inner: R,
     hasher: Hasher,
     count: u64,
+}
+
+impl<R: Read> Digesting<R> {
+    /// `inner`, digested by the algorithm of `digest`.
+    fn new(inner: R, digest: &str, what: &str) -> Result<Self, OciError> {
+        Ok(Digesting {
+            inner,
+            hasher: Hasher::for_digest(digest, what)?,
+            count: 0,
+        })
+    }
+
+    /// Reads the rest and checks it against `digest`: the bytes read.
+    fn drain_verified(mut self, digest: &str, what: impl Into<String>) -> Result<u64, OciError> {
+        std::io::copy(&mut self, &mut std::io::sink())?;
+        self.hasher.verify(digest, what)?;
+        Ok(self.count)
+    }
 }
 
 impl<R: Read> Read for Digesting<R> {
@@ -553,46 +584,18 @@ impl Archive {
                 // (A `docker save` layer has only its uncompressed digest: checked
                 // here too, before any layer is applied.)
                 if let Some(diff) = &l.diff_id {
-                    let mut r = Digesting {
-                        inner: decompressed(s, &what)?,
-                        hasher: Hasher::for_digest(diff, &what)?,
-                        count: 0,
-                    };
-                    std::io::copy(&mut r, &mut std::io::sink())?;
-                    let actual = r.hasher.finish();
-                    if actual != *diff {
-                        return Err(OciError::Digest {
-                            what: format!("{what} (uncompressed)"),
-                            expected: diff.clone(),
-                            actual,
-                        });
-                    }
-                    progress(&format!(
-                        "{what}: {} bytes, digest {diff} verified",
-                        r.count
-                    ));
+                    let n = Digesting::new(decompressed(s, &what)?, diff, &what)?
+                        .drain_verified(diff, format!("{what} (uncompressed)"))?;
+                    progress(&format!("{what}: {n} bytes, digest {diff} verified"));
                 }
                 continue;
             };
-            let mut r = Digesting {
-                inner: s,
-                hasher: Hasher::for_digest(digest, &what)?,
-                count: 0,
-            };
-            std::io::copy(&mut r, &mut std::io::sink())?;
-            if r.count != *size {
+            let n = Digesting::new(s, digest, &what)?.drain_verified(digest, &what)?;
+            if n != *size {
                 return Err(OciError::Size {
                     what,
                     expected: *size,
-                    actual: r.count,
-                });
-            }
-            let actual = r.hasher.finish();
-            if actual != *digest {
-                return Err(OciError::Digest {
-                    what,
-                    expected: digest.clone(),
-                    actual,
+                    actual: n,
                 });
             }
             progress(&format!("{what}: {size} bytes, digest {digest} verified"));
@@ -619,13 +622,12 @@ impl Archive {
                 .section(&l.name)
                 .ok_or_else(|| OciError::NotAnImage(format!("{what} ({}) is missing", l.name)))?;
             let plain = decompressed(s, &what)?;
-            let hasher = match &l.diff_id {
-                Some(d) => Some(Hasher::for_digest(d, &what)?),
-                None => None,
-            };
             let mut r = Digesting {
                 inner: plain,
-                hasher: hasher.unwrap_or(Hasher::Sha256(sha2::Sha256::new())),
+                hasher: match &l.diff_id {
+                    Some(d) => Hasher::for_digest(d, &what)?,
+                    None => Hasher::Sha256(sha2::Sha256::new()),
+                },
                 count: 0,
             };
             let before = done.clone();
@@ -642,14 +644,8 @@ impl Archive {
                 return Err(invalid(&what, "more than 1 MiB after the end of its tar"));
             }
             if let Some(expected) = &l.diff_id {
-                let actual = r.hasher.finish();
-                if actual != *expected {
-                    return Err(OciError::Digest {
-                        what: format!("{what} (uncompressed)"),
-                        expected: expected.clone(),
-                        actual,
-                    });
-                }
+                r.hasher
+                    .verify(expected, format!("{what} (uncompressed)"))?;
             }
             progress(&format!(
                 "{what}: {} entries, {} bytes of files, {} whiteouts applied",
@@ -712,15 +708,7 @@ fn check(what: &str, digest: &str, size: u64, bytes: &[u8]) -> Result<(), OciErr
     }
     let mut h = Hasher::for_digest(digest, what)?;
     h.update(bytes);
-    let actual = h.finish();
-    if actual != digest {
-        return Err(OciError::Digest {
-            what: what.to_owned(),
-            expected: digest.to_owned(),
-            actual,
-        });
-    }
-    Ok(())
+    h.verify(digest, what)
 }
 
 fn image_of(

@@ -429,14 +429,7 @@ impl Session<'_> {
                 actual: got,
             });
         }
-        let actual = hasher.finish();
-        if actual != digest {
-            return Err(OciError::Digest {
-                what: format!("blob {digest}"),
-                expected: digest.to_owned(),
-                actual,
-            });
-        }
+        hasher.verify(digest, format!("blob {digest}"))?;
         *budget -= size;
         Ok(())
     }
