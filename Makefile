@@ -6,6 +6,7 @@
 #   make test    the same preparation, then lint and the whole test suite
 #   make bench   build release binaries and write docs/performance.md and .png
 #   make density 1000 idle sandboxes, then 200 with a warm REPL: memory per sandbox
+#   make flamegraph  perf flame graphs of forks and of a cold create (docs/flame)
 #   make load    LOAD_SECONDS (default 600) of load on execute and exec: throughput, p99, RSS
 #   make test-vm the vm runtime's end-to-end tests (QEMU, TCG here; see docs/vm.md;
 #                also the last step of `make test`)
@@ -22,7 +23,7 @@ TEST_POOL ?= /var/lib/forkbox-test/pool
 export FORKBOX_AGENT_BIN := $(AGENT)
 export FORKBOX_PROBE_BIN := $(PROBE)
 
-.PHONY: ui ui-deps test-ui ts-deps test-ts disk-check bench-cluster bench-vm test-cluster deploy-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
+.PHONY: flamegraph ui ui-deps test-ui ts-deps test-ts disk-check bench-cluster bench-vm test-cluster deploy-check vm-deps vm-assets test-vm soak all deps agent probe build build-release serve test lint unit e2e bench density load bench-deps sdk-deps clients-deps fmt clean fuzz-deps fuzz-build fuzz-lint fuzz-smoke fuzz
 
 all: build
 
@@ -49,7 +50,10 @@ build: ui
 # The web console (/ui, docs/ui.md): its JavaScript dependencies (xterm.js, esbuild)
 # from npm, pinned in ui/package-lock.json (installed again only when the lockfile
 # changed), bundled by esbuild into ui/dist, which the binary embeds (crates/api/build.rs).
-ui: deps
+# Bundled again only when a source or the lockfile is newer than the bundle (an
+# unchanged bundle keeps the binary's build from running again).
+ui: deps ui/dist/app.js
+ui/dist/app.js: $(wildcard ui/src/*) ui/package-lock.json
 	@cd ui && cmp -s package-lock.json node_modules/.forkbox-lock 2>/dev/null || \
 	  (npm ci --no-audit --no-fund --silent && cp package-lock.json node_modules/.forkbox-lock)
 	cd ui && node_modules/.bin/esbuild src/app.js --bundle --minify --target=es2020 \
@@ -241,6 +245,12 @@ bench: deps agent build-release bench-deps vm-assets
 	$(call bench_run,./target/release/forkbox bench --data-dir $(BENCH_DATA_DIR) --markdown docs/performance.md --json target/bench.json --jupyter-python $(BENCH_VENV)/bin/python)
 	$(BENCH_VENV)/bin/python bench/chart.py target/bench.json docs/performance.png
 	$(call bench_run,./target/release/forkbox bench --vm --data-dir $(BENCH_DATA_DIR) --vm-assets $(VM_ASSETS) --markdown docs/performance.md)
+
+# Flame graphs (perf + inferno) of fork n=32 and n=5 and of a cold create into docs/flame/
+# (docs/performance.md links them); not part of `make test`.
+flamegraph: agent build-release
+	scripts/deps.sh --perf
+	scripts/flamegraph.sh docs/flame
 
 # The vm runtime's rows alone (TCG here; part of `make bench`).
 bench-vm: agent build-release vm-assets

@@ -3,13 +3,13 @@
 # every tool it needs is actually there (a package being "installed" is not enough: apt
 # may have removed another package's tools to resolve a conflict).
 #
-#   scripts/deps.sh [--vm]
+#   scripts/deps.sh [--vm] [--perf]
 #
 # Without --vm: the server's and the tests' packages (PostgreSQL: the store's tests run
 # on it as well as on SQLite; a server uses it only when given `--database postgres://…`;
 # umoci, skopeo and busybox: the OCI image tests make their images with them;
 # chromium and its driver: the web console's tests). With
-# --vm: those and the vm runtime's (QEMU, …).
+# --vm: those and the vm runtime's (QEMU, …). With --perf: linux-perf (make flamegraph).
 #
 # QEMU: a machine may come with a newer qemu-utils than its apt sources offer (e.g.
 # from backports). qemu-system-x86 from the sources then conflicts with it, and apt
@@ -29,10 +29,13 @@ VM_TOOLS=(qemu-system-x86_64 qemu-img busybox lz4 zstd xz)
 
 pkgs=("${BASE_PKGS[@]}")
 tools=("${BASE_TOOLS[@]}")
-if [ "${1:-}" = "--vm" ]; then
-  pkgs+=("${VM_PKGS[@]}")
-  tools+=("${VM_TOOLS[@]}")
-fi
+for arg in "$@"; do
+  case $arg in
+    --vm) pkgs+=("${VM_PKGS[@]}"); tools+=("${VM_TOOLS[@]}") ;;
+    --perf) pkgs+=(linux-perf); tools+=(perf) ;; # make flamegraph
+    *) echo "deps.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing_tools() {

@@ -1,8 +1,25 @@
 # forkbox python kernel driver. Messages arrive NUL-terminated on fd 3, each starting
-# with a kind byte: b"c" + a cell, or b"f" + a JSON list of fork children. After a cell
-# the driver writes "<status>\n" to fd 3; after a fork, a JSON list of per-child errors
-# ("" for success) and "\n". Output goes to the real stdout/stderr (unbuffered).
-import ast, builtins, json, os, socket, sys, traceback
+# with a kind byte: b"c" + a cell, or b"f" + the fork children's adopt tokens, one per
+# line. After a cell the driver writes "<status>\n" to fd 3; after a fork, per child
+# "x" + its error as hex UTF-8 ("x" alone for success), comma-separated, then "\n".
+# Output goes to the real stdout/stderr (unbuffered).
+#
+# Only C modules the interpreter has loaded anyway, or nearly: each Python module
+# imported here (ast, json, socket, traceback and what they pull in: re, enum,
+# selectors, ...) is memory in every warm REPL, ~2.5 MB of its ~5.5 MB in all.
+import _ast, _socket, builtins, os, sys
+
+
+def _forkbox_recv_fds(sock, bufsize, maxfds):
+    """socket.recv_fds on a bare _socket.socket."""
+    msg, ancdata, _, _ = sock.recvmsg(bufsize, _socket.CMSG_LEN(maxfds * 4))
+    fds = []
+    for level, kind, data in ancdata:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            end = len(data) - len(data) % 4
+            fds += [int.from_bytes(data[i:i + 4], sys.byteorder, signed=True)
+                    for i in range(0, end, 4)]
+    return msg, fds
 
 
 def _forkbox_become_child(cwd, token, report):
@@ -17,11 +34,11 @@ def _forkbox_become_child(cwd, token, report):
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
     os.close(null)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(b"\0forkbox-adopt")
     s.sendall(token.encode() + b"\n")
-    msg, fds, _, _ = socket.recv_fds(s, 16, 3)
+    msg, fds = _forkbox_recv_fds(s, 16, 3)
     if msg != b"ok\n" or len(fds) != 3:
         raise OSError("the child's agent did not adopt this kernel")
     s.close()
@@ -38,17 +55,17 @@ def _forkbox_become_child(cwd, token, report):
     os.close(report)
 
 
-def _forkbox_fork(children, fds):
+def _forkbox_fork(tokens, fds):
     """Returns ("child", None) in a copy that became a child's kernel, else
     ("parent", per-child errors). `fds` are the children's namespaces, which the carry
     helper finds in each copy (by inode) to join them."""
     started = []
     # Seven namespaces per child, then the carry helper's sealed code.
-    if len(fds) != 7 * len(children) + 1:
-        raise OSError("expected %d fds, got %d" % (7 * len(children) + 1, len(fds)))
+    if len(fds) != 7 * len(tokens) + 1:
+        raise OSError("expected %d fds, got %d" % (7 * len(tokens) + 1, len(fds)))
     # The copies' cwd: joining a mount namespace moves them to its root.
     cwd = os.getcwd()
-    for ch in children:
+    for token in tokens:
         r, w = os.pipe()
         try:
             pid = os.fork()
@@ -60,7 +77,7 @@ def _forkbox_fork(children, fds):
         if pid == 0:
             os.close(r)
             try:
-                _forkbox_become_child(cwd, str(ch["token"]), w)
+                _forkbox_become_child(cwd, token, w)
             except BaseException as e:
                 try:
                     os.write(w, (str(e) or type(e).__name__).encode())
@@ -90,12 +107,12 @@ def _forkbox_fork(children, fds):
 
 def _forkbox_main():
     ns = {"__name__": "__main__", "__builtins__": builtins}
-    ctl = socket.socket(fileno=3)
+    ctl = _socket.socket(fileno=3)
     pending = b""
     fds = []
     while True:
         while b"\0" not in pending:
-            chunk, got, _, _ = socket.recv_fds(ctl, 65536, 253)
+            chunk, got = _forkbox_recv_fds(ctl, 65536, 253)
             fds.extend(got)
             if not chunk:
                 return
@@ -104,7 +121,8 @@ def _forkbox_main():
         kind, raw = raw[:1], raw[1:]
         if kind == b"f":
             try:
-                role, errors = _forkbox_fork(json.loads(raw), fds)
+                tokens = raw.decode().split("\n") if raw else []
+                role, errors = _forkbox_fork(tokens, fds)
             except BaseException as e:
                 role, errors = "parent", None
                 failure = str(e)
@@ -119,14 +137,15 @@ def _forkbox_main():
                 continue
             if errors is None:
                 errors = [failure]
-            os.write(3, json.dumps(errors).encode() + b"\n")
+            reply = ",".join("x" + e.encode("utf-8", "replace").hex() for e in errors)
+            os.write(3, reply.encode() + b"\n")
             continue
         status = 0
         try:
-            tree = ast.parse(raw.decode("utf-8", "replace"), "<cell>", "exec")
+            tree = compile(raw.decode("utf-8", "replace"), "<cell>", "exec", _ast.PyCF_ONLY_AST)
             last = None
-            if tree.body and isinstance(tree.body[-1], ast.Expr):
-                last = ast.Expression(tree.body.pop().value)
+            if tree.body and isinstance(tree.body[-1], _ast.Expr):
+                last = _ast.Expression(tree.body.pop().value)
             exec(compile(tree, "<cell>", "exec"), ns)
             if last is not None:
                 value = eval(compile(last, "<cell>", "eval"), ns)
@@ -147,7 +166,13 @@ def _forkbox_main():
             # Hide the driver's own frame.
             if tb is not None and tb.tb_frame.f_code is _forkbox_main.__code__:
                 tb = tb.tb_next
-            traceback.print_exception(type(e), e, tb)
+            # The interpreter's own display (and a hook the cell installed), as
+            # `python3 file.py` would show it; it shows the exception's own traceback.
+            e.__traceback__ = tb
+            try:
+                sys.excepthook(type(e), e, tb)
+            except BaseException:
+                sys.__excepthook__(type(e), e, tb)
             status = 1
         try:
             sys.stdout.flush()

@@ -191,6 +191,38 @@ async fn start(ctx: &Context, lang: Language) -> Result<Kernel, String> {
     })
 }
 
+/// The Python driver's fork reply: per child `x` + its error as hex UTF-8 (`x` alone
+/// for success), comma-separated (kernels/python.py imports no json).
+fn parse_fork_reply(line: &[u8]) -> Result<Vec<String>, String> {
+    let bad = || {
+        format!(
+            "bad fork reply from the Python kernel: {:?}",
+            String::from_utf8_lossy(line)
+        )
+    };
+    if line.is_empty() {
+        return Ok(Vec::new());
+    }
+    line.split(|b| *b == b',')
+        .map(|item| {
+            let hex = item.strip_prefix(b"x").ok_or_else(bad)?;
+            if hex.len() % 2 != 0 {
+                return Err(bad());
+            }
+            let bytes = hex
+                .chunks(2)
+                .map(|p| {
+                    std::str::from_utf8(p)
+                        .ok()
+                        .and_then(|p| u8::from_str_radix(p, 16).ok())
+                        .ok_or_else(bad)
+                })
+                .collect::<Result<Vec<u8>, String>>()?;
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        })
+        .collect()
+}
+
 /// Accepts the REPL copy of a fork on the adopt socket: it must present `token`; it gets
 /// fresh stdout, stderr and control fds and becomes this sandbox's Python kernel.
 pub fn adopt(listener: &std::os::unix::net::UnixListener, token: &str) -> Result<Kernel, String> {
@@ -320,7 +352,16 @@ impl Kernels {
             });
         };
         let mut msg = vec![b'f'];
-        serde_json::to_writer(&mut msg, children).map_err(|e| e.to_string())?;
+        for (i, c) in children.iter().enumerate() {
+            // The driver splits them by line and reads up to the NUL.
+            if c.token.is_empty() || c.token.bytes().any(|b| b == b'\n' || b == 0) {
+                return Err("a fork child's adopt token must be one non-empty line".to_owned());
+            }
+            if i > 0 {
+                msg.push(b'\n');
+            }
+            msg.extend_from_slice(c.token.as_bytes());
+        }
         msg.push(0);
         // The kernel cannot open another sandbox's namespace files (its agent is
         // undumpable); we can, and pass them along, in the order the driver joins them.
@@ -379,8 +420,7 @@ impl Kernels {
                 }
                 reply.extend_from_slice(&buf[..n]);
                 if let Some(i) = reply.iter().position(|b| *b == b'\n') {
-                    return serde_json::from_slice::<Vec<String>>(&reply[..i])
-                        .map_err(|e| format!("bad fork reply from the Python kernel: {e}"));
+                    return parse_fork_reply(&reply[..i]);
                 }
             }
         };
@@ -599,5 +639,95 @@ impl Kernel {
     /// The kernel's pid in this sandbox.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn fork_replies_are_read_per_child() {
+        assert_eq!(parse_fork_reply(b"x,x").unwrap(), vec!["", ""]);
+        assert_eq!(
+            parse_fork_reply(b"x,x6e6f20c3a9").unwrap(),
+            vec!["".to_owned(), "no é".to_owned()]
+        );
+        assert!(parse_fork_reply(b"").unwrap().is_empty());
+        for bad in [&b"[\"\"]"[..], b"x6", b"xzz", b"x,6e"] {
+            assert!(parse_fork_reply(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The driver, run by the host's python3 with fd 3 a socket as the agent gives it:
+    /// a cell's last expression is shown, an exception's traceback goes to stderr
+    /// without the driver's frame, and it imports none of the Python modules it used
+    /// to (each is memory in every warm REPL).
+    #[test]
+    fn the_python_driver_runs_cells_and_imports_little() {
+        let Ok(py) = which_python() else {
+            eprintln!("no python3 on this host; skipped");
+            return;
+        };
+        let (mut mine, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = theirs.as_raw_fd();
+        let mut cmd = std::process::Command::new(py);
+        cmd.args(["-u", "-c", PYTHON])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: dup2 is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(theirs);
+        let mut status = |cell: &str| {
+            mine.write_all(format!("c{cell}\0").as_bytes()).unwrap();
+            let mut got = Vec::new();
+            let mut b = [0u8; 1];
+            while b[0] != b'\n' {
+                mine.read_exact(&mut b).unwrap();
+                got.push(b[0]);
+            }
+            String::from_utf8(got).unwrap()
+        };
+        assert_eq!(status("x = 20\nx + 22"), "0\n");
+        assert_eq!(status("1 / 0"), "1\n");
+        assert_eq!(
+            status("import sys\nprint([m for m in ('ast', 'json', 'socket', 'traceback') if m in sys.modules])"),
+            "0\n"
+        );
+        assert_eq!(status("raise SystemExit(3)"), "3\n");
+        drop(mine);
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(stdout, "42\n[]\n", "stderr: {stderr}");
+        assert!(
+            stderr.starts_with("Traceback (most recent call last):\n  File \"<cell>\", line 1")
+                && stderr
+                    .trim_end()
+                    .ends_with("ZeroDivisionError: division by zero")
+                && !stderr.contains("_forkbox_main"),
+            "{stderr}"
+        );
+    }
+
+    fn which_python() -> Result<std::path::PathBuf, ()> {
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join("python3"))
+            .find(|p| p.is_file())
+            .ok_or(())
     }
 }

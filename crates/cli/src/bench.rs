@@ -497,6 +497,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     pool_ready(2).await?;
     let first_burst = burst().await?;
     let mut create_pool = Vec::with_capacity(n);
+    // The HTTP floor of a request after an idle moment: `GET /v1/healthz` (no store,
+    // no sandbox), timed like the hand-over, after the pool refilled and 10 ms idle
+    // (about what a refill takes; waking the idle threads is what it measures).
+    let mut floor = Vec::with_capacity(n);
     for _ in 0..n {
         pool_ready(2).await?;
         let (t, id) = create_one().await?;
@@ -504,6 +508,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         http.delete(format!("{base}/v1/sandboxes/{id}"))
             .send()
             .await?;
+        pool_ready(2).await?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let t = Instant::now();
+        let r = http.get(format!("{base}/v1/healthz")).send().await?;
+        let took = t.elapsed();
+        if r.status() != 200 {
+            bail!("healthz answered {}", r.status());
+        }
+        floor.push(ms(took));
     }
     pool_ready(BURST).await?;
     let grown_burst = burst().await?;
@@ -524,6 +537,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let url = format!("{base}/v1/sandboxes/{id}/exec");
     // exec `echo hi`, then run_code `print(1)` on a warm Python REPL (same sandbox).
     let (exec, run_code) = time_echo_and_print(&http, &url, n).await?;
+    // The HTTP floor of back-to-back requests, as exec's are: `GET /v1/healthz`.
+    let mut floor_hot = Vec::with_capacity(n);
+    for i in 0..n + 3 {
+        let t = Instant::now();
+        let r = http.get(format!("{base}/v1/healthz")).send().await?;
+        let took = t.elapsed();
+        if r.status() != 200 {
+            bail!("healthz answered {}", r.status());
+        }
+        r.bytes().await?;
+        if i >= 3 {
+            floor_hot.push(ms(took));
+        }
+    }
     // pause / resume of the same (idle) sandbox.
     let (mut pause, mut resume) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n + 2 {
@@ -677,7 +704,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
         Row {
             name: "create → ready (warm pool hand-over, HTTP)",
-            samples: create_pool,
+            samples: create_pool.clone(),
             budget: Some(1.0),
         },
         Row {
@@ -752,6 +779,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             ],
         ),
         Cmp::new(
+            "create → ready (warm pool hand-over)",
+            &create_pool,
+            vec![(
+                "`GET /v1/healthz` after the pool refilled and 10 ms idle (the HTTP floor)",
+                floor,
+            )],
+        ),
+        Cmp::new(
             "exec `echo hi`",
             &exec,
             vec![
@@ -760,6 +795,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     "`crun exec` … `echo hi` (running container)",
                     b.crun.exec_echo,
                 ),
+                ("`GET /v1/healthz` back to back (the HTTP floor)", floor_hot),
             ],
         ),
         Cmp::new(

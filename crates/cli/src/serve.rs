@@ -173,6 +173,19 @@ fn other_runtimes(args: &ServeArgs, names: &[String]) -> anyhow::Result<Vec<Arc<
                     cfg.assets_dir = a.clone();
                 }
                 cfg.orphan_grace = args.host.orphan_grace();
+                // QEMUs run as host uids after the jail's sandbox ranges (jailer.rs).
+                cfg.qemu_uid_base = Some(
+                    args.host
+                        .uid_base
+                        .checked_add(forkbox_jail::slots::HOST_UID_SPAN)
+                        .filter(|b| b.checked_add(forkbox_vm::jailer::UIDS).is_some())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--uid-base {} leaves no room for the vm runtime's QEMU uids",
+                                args.host.uid_base
+                            )
+                        })?,
+                );
                 cfg.egress = Some(args.host.jail_config()?.egress);
                 cfg.accel = match args.vm_accel.as_str() {
                     "auto" => None,

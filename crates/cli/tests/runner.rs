@@ -245,7 +245,7 @@ async fn warm_pools_hand_over_ready_sandboxes() {
     };
     full().await;
     // Python from the pool runs in the sandbox's kernel, started while it waited
-    // (the driver's `socket` is already imported), exactly as `python3 main.py`: its
+    // (the driver's `_socket` is already imported), exactly as `python3 main.py`: its
     // own `__main__` module, file, argv, path and directory, no echo of a last
     // expression, exit status from SystemExit, a traceback of its own frames only.
     let v = execute(
@@ -254,7 +254,7 @@ async fn warm_pools_hand_over_ready_sandboxes() {
         "import os, sys, __main__, pickle\n\
          print(__name__, __file__, sys.argv, os.getcwd(), sys.path[0], __main__.__file__)\n\
          def f(): return 7\n\
-         print(pickle.loads(pickle.dumps(f))(), 'socket' in sys.modules)\n\
+         print(pickle.loads(pickle.dumps(f))(), '_socket' in sys.modules)\n\
          1 + 1",
     )
     .await;

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{post, Server};
+use common::{post, py, Server};
 use serde_json::json;
 
 #[tokio::test]
@@ -74,6 +74,8 @@ async fn spans_are_exported_over_otlp_under_the_callers_trace() {
     let (s, _log) = Server::start_logged_with(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", collector),
         ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        // A cold create, so that its phases are spans too.
+        ("FORKBOX_WARM_POOL", "0".into()),
     ]);
     let trace = "5bf92f3564d486ad4bf92f3564d486ae";
     let span = "10f067aa0ba902b8";
@@ -100,5 +102,36 @@ async fn spans_are_exported_over_otlp_under_the_callers_trace() {
         "no exported span with the caller's trace and parent span ids: {:?}",
         bodies.lock().unwrap()
     );
+    // Where the milliseconds of a create and of a fork go: a span per phase.
+    assert_eq!(py(&s, &id, "x = 1").await.2, 0);
+    let (st, b) = post(&s, &format!("/v1/sandboxes/{id}/fork"), json!({"n": 2})).await;
+    assert_eq!(st, 200, "{b}");
+    let phases = [
+        "create.rootfs_and_cgroup",
+        "create.jail_init",
+        "create.agent_ready",
+        "fork.snapshot",
+        "fork.start_children",
+        "fork.carry_python",
+    ];
+    let mut missing = Vec::new();
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let all = bodies.lock().unwrap().join("\n");
+        missing = phases
+            .iter()
+            .filter(|p| !all.contains(&format!("\"{p}\"")))
+            .collect::<Vec<_>>();
+        if missing.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "phases not exported as spans: {missing:?}"
+    );
+    for c in b["children"].as_array().unwrap() {
+        assert_eq!(s.delete(c.as_str().unwrap()).await, 204);
+    }
     assert_eq!(s.delete(&id).await, 204);
 }

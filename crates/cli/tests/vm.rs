@@ -11,6 +11,63 @@ use common::{collect, get, post, py, Server};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
+/// The jail of the QEMU of vm sandbox `id`, read from the host (its pid): a host uid
+/// of its own (not root, no capabilities, no_new_privs), its seccomp filter, network,
+/// IPC, UTS and mount namespaces of its own, and a root holding nothing but its VM's
+/// directory (whose disk is the only file it can write). Returns the pid.
+fn assert_qemu_jailed(s: &Server, id: &str) -> i32 {
+    let pid: i32 = std::fs::read_to_string(s.data.path().join(format!("vm-run/{id}/qemu.pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let uid = field("Uid");
+    let uid0: u32 = uid.split(' ').next().unwrap().parse().unwrap();
+    assert!(uid0 >= 1 << 30, "QEMU runs as {uid}");
+    assert!(uid.split(' ').all(|u| u == uid0.to_string()), "{uid}");
+    assert_eq!(field("CapEff"), "0000000000000000", "{status}");
+    assert_eq!(field("CapPrm"), "0000000000000000", "{status}");
+    assert_eq!(field("NoNewPrivs"), "1", "{status}");
+    assert_eq!(field("Seccomp"), "2", "{status}");
+    for ns in ["net", "ipc", "uts", "mnt"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns}");
+    }
+    // Its root: the VM's directory at its host path, nothing else.
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    let vm_dir = s.data.path().join(format!("vm-run/{id}"));
+    let mut walk = root.clone();
+    for c in vm_dir.components().skip(1) {
+        let entries: Vec<String> = std::fs::read_dir(&walk)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let want = c.as_os_str().to_string_lossy().into_owned();
+        assert_eq!(
+            entries,
+            std::slice::from_ref(&want),
+            "{} holds more",
+            walk.display()
+        );
+        walk.push(want);
+    }
+    assert!(walk.join("qemu.pid").exists(), "{}", walk.display());
+    // Another VM's directory, or the run dir's layers, are not there.
+    assert!(!root.join("etc/passwd").exists() && !root.join("usr").exists());
+    pid
+}
+
 async fn create_vm(s: &Server) -> (String, f64) {
     let v = s.create(json!({"runtime": "vm"})).await;
     assert_eq!(v["runtime"], "vm", "{v}");
@@ -62,20 +119,9 @@ async fn vm_is_on_by_default_when_its_assets_are_there() {
         ["kvm", "tcg"].contains(&h["runtimes"][1]["accelerator"].as_str().unwrap()),
         "{h}"
     );
-    // QEMU is confined: its seccomp filter, network, IPC and UTS namespaces of its
-    // own, and a cgroup with the guest's memory plus QEMU's overhead.
-    let pid: i32 = std::fs::read_to_string(s.data.path().join(format!("vm-run/{id}/qemu.pid")))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
-    for ns in ["net", "ipc", "uts"] {
-        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
-        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
-        assert_ne!(theirs, ours, "{ns}");
-    }
+    // QEMU is confined: jailed (see `assert_qemu_jailed`), and a cgroup with the
+    // guest's memory plus QEMU's overhead.
+    let pid = assert_qemu_jailed(&s, &id);
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(cgroup.contains(&format!("/forkbox-vm/{id}")), "{cgroup}");
     let limit = [
@@ -322,6 +368,8 @@ async fn vm_hibernate_frees_ram_and_wake_restores_memory_and_processes() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["status"], "running");
     assert_eq!(v["memory_restored"], true, "{v}");
+    // A woken guest's QEMU is jailed like a booted one's.
+    assert_qemu_jailed(&s, &id);
     // The event says so too (the runtime's capabilities, not the API's guess).
     let events = common::get_text(&s, &format!("/v1/sandboxes/{id}/events")).await;
     assert!(events.contains("\"memory_restored\":true"), "{events}");
@@ -402,6 +450,21 @@ async fn vm_fork_carries_memory_and_processes_and_merge_works() {
         .collect();
     assert_eq!(kids.len(), 2);
     eprintln!("vm figures: fork_n2_ms={fork_ms}");
+    // Each child's QEMU in a jail of its own, under another uid than its siblings'.
+    let uid_of = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap()
+            .to_owned()
+    };
+    let uids: std::collections::HashSet<String> = kids
+        .iter()
+        .chain([&id])
+        .map(|k| uid_of(assert_qemu_jailed(&s, k)))
+        .collect();
+    assert_eq!(uids.len(), 3, "{uids:?}");
     for (i, k) in kids.iter().enumerate() {
         let (_, v) = get(&s, &format!("/v1/sandboxes/{k}")).await;
         assert_eq!(v["runtime"], "vm", "{v}");

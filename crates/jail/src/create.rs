@@ -90,6 +90,9 @@ impl Inner {
     ) -> Result<Arc<JailInstance>, RuntimeError> {
         let id = spec.id.as_str();
         let t0 = std::time::Instant::now();
+        // Each phase a span (exported over OTLP when configured; its duration is the
+        // phase's): `create.rootfs_and_cgroup`, `create.jail_init`, `create.agent_ready`.
+        let phase = tracing::info_span!("create.rootfs_and_cgroup", sandbox = id);
         // 0. Its run dir first: a create cut short (a server killed mid-way) is then
         //    found and undone by the next server's garbage collection or `forkbox
         //    down`, which start from the run dirs, rather than leaving a root
@@ -190,6 +193,8 @@ impl Inner {
             .map_err(|e| RuntimeError::host("create cgroup", id, e))?;
         res.cgroup = Some(cg.clone());
         let t_fs_cg = t0.elapsed();
+        drop(phase);
+        let phase = tracing::info_span!("create.jail_init", sandbox = id);
         // 3. The agent's socket.
         let sock = run.join("agent.sock");
         let listener = std::os::unix::net::UnixListener::bind(&sock)
@@ -298,6 +303,8 @@ impl Inner {
         // their own score back to 0): a memory bomb kills the bomb, not the sandbox.
         let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");
         let t_init = t0.elapsed();
+        drop(phase);
+        let phase = tracing::info_span!("create.agent_ready", sandbox = id);
         // 5. Watch and connect.
         let pidfd = Arc::new(
             forkbox_sys::pidfd::open(pid).map_err(|e| RuntimeError::host("pidfd_open", id, e))?,
@@ -315,6 +322,7 @@ impl Inner {
         })?;
         // 6. The egress link, before any user code can run.
         res.egress = self.attach_egress(spec, pid).await?;
+        drop(phase);
         tracing::debug!(
             sandbox = id,
             snapshot_and_cgroup_ms = t_fs_cg.as_secs_f64() * 1e3,

@@ -2,6 +2,7 @@
 //! Python REPL carried into them.
 
 use super::*;
+use tracing::Instrument as _;
 
 impl JailInstance {
     /// See `docs/fork-design.md`: snapshot the frozen parent once per child, start each
@@ -21,6 +22,9 @@ impl JailInstance {
         //    layer every child's root stands on (its `upper` when the parent is
         //    layered itself, under the parent's own layers).
         let t0 = std::time::Instant::now();
+        // Each phase a span (exported over OTLP when configured; its duration is the
+        // phase's): `fork.snapshot`, `fork.start_children`, `fork.carry_python`.
+        let phase = tracing::info_span!("fork.snapshot", sandbox = id);
         let layer_id = format!("fork-{}-{}", self.id, &token()[..8]);
         let layer = self.rt.pool.layers().join(&layer_id);
         let below = layers::read_chain(&self.rt.pool.sandbox_chain(id))
@@ -56,6 +60,8 @@ impl JailInstance {
             return Err(e);
         }
         let t_snap = t0.elapsed();
+        drop(phase);
+        let phase = tracing::info_span!("fork.start_children", sandbox = id, n = specs.len());
         // 2. Children, concurrently, nested in our namespaces, in our uid range.
         let (family, cached) = {
             let r = self.resources.lock().await;
@@ -119,6 +125,8 @@ impl JailInstance {
                     },
                 )
             }))
+            // Each child's `create.*` phases are its children.
+            .instrument(phase.clone())
             .await;
         drop(claim);
         let mut children: Vec<Arc<JailInstance>> = Vec::new();
@@ -141,9 +149,14 @@ impl JailInstance {
             });
         }
         let t_start = t0.elapsed();
+        drop(phase);
         let outcome = match failure {
             Some(e) => Err(e),
-            None => self.carry_python(&children, &tokens).await,
+            None => {
+                self.carry_python(&children, &tokens)
+                    .instrument(tracing::info_span!("fork.carry_python", sandbox = id))
+                    .await
+            }
         };
         tracing::debug!(
             sandbox = id,

@@ -31,6 +31,9 @@ pub const BLOCK: u32 = 512;
 pub const BLOCKS: u32 = 32;
 /// Slots on a host (host uids up to about `uid_base + 2^30`).
 pub const MAX_SLOTS: u32 = BLOCK * BLOCKS;
+/// Host uids the slots span from `uid_base` (the next ones are free for other uses:
+/// the vm runtime's QEMUs).
+pub const HOST_UID_SPAN: u32 = MAX_SLOTS * RANGE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {

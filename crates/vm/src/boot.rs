@@ -3,6 +3,7 @@
 
 use super::*;
 use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::PermissionsExt as _;
 
 impl Inner {
     /// A new VM for `spec`: a copy of the named snapshot it names, else of its
@@ -168,6 +169,21 @@ impl Inner {
                 .open(&ram)
                 .map_err(fail("make the RAM file"))?;
         }
+        // Its jail (`jailer.rs`): a uid of its own, which its active disk becomes (QEMU
+        // reopens it by name), and a root holding only its directory.
+        let jail = match self.cfg.qemu_uid_base {
+            Some(base) => {
+                let uid = jailer::claim(Path::new(jailer::CLAIMS), base, &vm.dir)
+                    .map_err(fail("claim a QEMU uid"))?;
+                std::fs::set_permissions(&vm.dir, std::fs::Permissions::from_mode(0o711))
+                    .map_err(fail("open the VM dir to its QEMU"))?;
+                jailer::give(&vm.active_disk().1, uid).map_err(fail("give QEMU its disk"))?;
+                let plan = jailer::Plan::new(&self.cfg.run_dir, &vm.dir)
+                    .map_err(fail("plan QEMU's root"))?;
+                Some((uid, plan))
+            }
+            None => None,
+        };
         let log = std::fs::File::create(&vm.qemu_log).map_err(fail("make QEMU log"))?;
         let log2 = log.try_clone().map_err(fail("make QEMU log"))?;
         let mut cmd = tokio::process::Command::new(&self.cfg.qemu_bin);
@@ -179,7 +195,13 @@ impl Inner {
             .arg(format!("file:{}", vm.console.display()))
             .args([
                 "-sandbox",
-                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+                // A jailed QEMU drops to its uid itself (set*id calls), after which it
+                // has no capability to raise it again.
+                if jail.is_some() {
+                    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+                } else {
+                    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+                },
             ])
             .arg("-object")
             .arg(match source {
@@ -231,6 +253,13 @@ impl Inner {
         if !matches!(source, Source::Boot) {
             cmd.args(["-incoming", "defer"]);
         }
+        if let Some((uid, plan)) = &jail {
+            cmd.arg("-chroot")
+                .arg(plan.root())
+                .arg("-runas")
+                .arg(format!("{uid}:{uid}"));
+        }
+        let plan = jail.map(|(_, p)| p);
         // A session and process group of its own: signals to the server's group (a
         // terminal's Ctrl-C, `timeout`, a supervisor) leave the VM alone. Network, IPC
         // and UTS namespaces of its own: QEMU needs none of the host's (its sockets
@@ -241,13 +270,19 @@ impl Inner {
         // of ours.
         unsafe {
             cmd.pre_exec(move || {
+                // A jailed QEMU's mount namespace is its own too (its root, `jailer.rs`).
+                let mount_ns = if plan.is_some() { libc::CLONE_NEWNS } else { 0 };
                 if libc::setsid() < 0
-                    || libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS)
-                        < 0
+                    || libc::unshare(
+                        libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | mount_ns,
+                    ) < 0
                     || (die_with_server
                         && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0)
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(plan) = &plan {
+                    plan.enter()?;
                 }
                 Ok(())
             });

@@ -163,7 +163,16 @@ impl VmInstance {
                 overlay(&rt.cfg.qemu_img, &layer_disk, &next, size)
                     .await
                     .map_err(io("capture"))?;
+                // A jailed QEMU opens its new disk by name as its own uid; the frozen
+                // one, a layer others stand on from now on, is taken back from it.
+                let uid = jailer::uid_of(&self.vm.dir);
+                if let Some(uid) = uid {
+                    jailer::give(&next, uid).map_err(io("capture"))?;
+                }
                 q.snapshot_disk("d0", &next).await.map_err(host)?;
+                if uid.is_some() {
+                    jailer::take_back(&layer_disk).map_err(io("capture"))?;
+                }
                 q.getfd("state", std::os::fd::AsFd::as_fd(&state_file))
                     .await
                     .map_err(host)?;

@@ -28,6 +28,7 @@ mod disks;
 mod egress;
 mod images;
 mod instance;
+pub mod jailer;
 mod pool;
 
 use boot::{Source, Vm};
@@ -87,6 +88,9 @@ pub struct VmConfig {
     /// The host's volumes (their images, `forkbox_core::volumes::image_file`), attached
     /// as virtio-blk devices.
     pub volumes_dir: PathBuf,
+    /// The first of [`jailer::UIDS`] host uids QEMUs run as, one each, in a root of
+    /// their own (`jailer.rs`); `None`: QEMU stays root in the host's mount namespace.
+    pub qemu_uid_base: Option<u32>,
 }
 
 /// Memory a QEMU may use beyond its guest's (TCG's translation cache is 64 MiB of it).
@@ -113,6 +117,7 @@ impl VmConfig {
             cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
             egress: None,
             volumes_dir: data_dir.join("volumes"),
+            qemu_uid_base: None,
         }
     }
 }
@@ -152,13 +157,16 @@ struct Inner {
 
 /// The entries of the run dir that are not VMs: shared disk layers, boot images
 /// (`pool.rs`), named snapshots, the KVM probe's files.
-const RUN_DIR_SHARED: [&str; 4] = ["layers", "images", "snapshots", "kvm-probe"];
+const RUN_DIR_SHARED: [&str; 5] = ["layers", "images", "snapshots", "kvm-probe", jailer::ROOT];
 
 /// The port name the agent serves on.
 const AGENT_PORT: &str = "agent";
 
 impl VmRuntime {
-    pub fn new(cfg: VmConfig) -> Result<VmRuntime, VmError> {
+    pub fn new(mut cfg: VmConfig) -> Result<VmRuntime, VmError> {
+        // QEMU is given its files by absolute name (a jailed one finds them again
+        // under the same names in its own root).
+        cfg.run_dir = std::path::absolute(&cfg.run_dir).map_err(VmError::RunDir)?;
         let tsc_khz = accel::host_tsc_khz().ok_or(VmError::Tsc)?;
         let cgroups = match &cfg.cgroup_root {
             Some(root) => Some(forkbox_sys::cgroup::Driver::detect(root, CGROUP_PARENT)?),
@@ -171,6 +179,8 @@ impl VmRuntime {
             std::os::unix::fs::PermissionsExt::from_mode(0o700),
         )
         .map_err(VmError::RunDir)?;
+        // The empty directory each jailed QEMU mounts its own root on.
+        std::fs::create_dir_all(cfg.run_dir.join(jailer::ROOT)).map_err(VmError::RunDir)?;
         let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map(|(soft, _)| soft)
             .unwrap_or(1024);

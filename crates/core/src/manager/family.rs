@@ -39,7 +39,12 @@ impl Manager {
                 ..live.spec.clone()
             })
             .collect();
-        let forked = live.instance.fork(specs.clone()).await?;
+        // The runtime's phases (`fork.*` spans) are children of this operation's span.
+        let forked = live
+            .instance
+            .fork(specs.clone())
+            .instrument(self.span_of(id, "fork"))
+            .await?;
         let boot_ms = (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
         let created_at = OffsetDateTime::now_utc();
         let mut child_metadata = parent.metadata.clone();
