@@ -55,6 +55,7 @@ pub enum ArbEvent {
         code: i32,
         signal: Option<i32>,
         timed_out: bool,
+        oom_kills: Option<u64>,
     },
     Error(String),
 }
@@ -68,10 +69,12 @@ impl From<ArbEvent> for AgentEvent {
                 code,
                 signal,
                 timed_out,
+                oom_kills,
             } => AgentEvent::Exit {
                 code,
                 signal,
                 timed_out,
+                oom_kills,
             },
             ArbEvent::Error(message) => AgentEvent::Error { message },
         }

@@ -60,6 +60,7 @@ pub struct Running {
     stderr: pipe::Receiver,
     exit: tokio::sync::oneshot::Receiver<Exit>,
     timeout: Option<Duration>,
+    oom: crate::vm_init::OomWatch,
 }
 
 /// The environment of a user process: defaults, then the sandbox's, then `extra`.
@@ -119,6 +120,7 @@ pub async fn spawn_with_stdin(
     };
     let to_rx = |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd).map_err(SpawnError::Pipes);
     let (stdout, stderr) = (to_rx(out_r)?, to_rx(err_r)?);
+    let oom = crate::vm_init::OomWatch::start();
     let (pid, exit) = ctx
         .spawner
         .spawn(zygote::Command {
@@ -137,6 +139,7 @@ pub async fn spawn_with_stdin(
         stderr,
         exit,
         timeout: req.timeout_ms.map(Duration::from_millis),
+        oom,
     })
 }
 
@@ -270,6 +273,7 @@ impl Running {
                 code: exit.code,
                 signal: exit.signal,
                 timed_out,
+                oom_kills: self.oom.since(),
             }))
             .await;
     }

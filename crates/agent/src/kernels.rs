@@ -493,6 +493,7 @@ impl Kernels {
                         code: 127,
                         signal: None,
                         timed_out: false,
+                        oom_kills: None,
                     })
                     .await;
                     return;
@@ -520,6 +521,7 @@ impl Kernels {
                 code: 1,
                 signal: None,
                 timed_out: false,
+                oom_kills: None,
             })
             .await;
             return;
@@ -529,6 +531,7 @@ impl Kernels {
         let mut err_buf = vec![0u8; 16 * 1024];
         let mut status = Vec::new();
         let mut ctl_buf = [0u8; 64];
+        let oom = crate::vm_init::OomWatch::start();
         let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
         let mut deadline = timeout
             .map(|t| tokio::time::Instant::now() + t)
@@ -630,6 +633,7 @@ impl Kernels {
             code,
             signal: None,
             timed_out,
+            oom_kills: oom.since(),
         })
         .await;
     }

@@ -14,7 +14,40 @@ pub const INIT_JSON: &str = "/forkbox/init.json";
 /// How long the port may take to appear (the console driver probes asynchronously).
 const PORT_PATIENCE: Duration = Duration::from_secs(10);
 
+/// This agent is a vm guest's PID 1 (its kernel is the sandbox's alone).
+static IN_GUEST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// OOM kills of the guest's kernel while a command or cell runs: its `oom_kill`
+/// counter at the start, compared at the end. Nothing in a jail (its `/proc/vmstat`
+/// is the host's; the host counts the sandbox's cgroup instead).
+pub struct OomWatch(Option<u64>);
+
+impl OomWatch {
+    pub fn start() -> OomWatch {
+        OomWatch(
+            IN_GUEST
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then(guest_oom_kills)
+                .flatten(),
+        )
+    }
+
+    /// Kills since [`OomWatch::start`] (`None` outside a guest).
+    pub fn since(&self) -> Option<u64> {
+        let before = self.0?;
+        Some(guest_oom_kills()?.saturating_sub(before))
+    }
+}
+
+fn guest_oom_kills() -> Option<u64> {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+}
+
 pub fn run() -> ExitCode {
+    IN_GUEST.store(true, std::sync::atomic::Ordering::Relaxed);
     match setup() {
         Ok((init, port)) => {
             let opts = crate::server::Options {

@@ -264,6 +264,7 @@ impl Instance for FakeInstance {
                 code: 0,
                 signal: None,
                 timed_out: false,
+                oom_kills: None,
             }),
         ]);
         Ok(s.boxed())

@@ -129,6 +129,11 @@ pub enum AgentEvent {
         signal: Option<i32>,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         timed_out: bool,
+        /// In a vm guest: how many processes the guest kernel's OOM killer killed while
+        /// this ran (`oom_kill` of `/proc/vmstat`). `None` in a jail, whose host counts
+        /// its cgroup's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oom_kills: Option<u64>,
     },
     /// The agent could not run the command at all (bad cwd, spawn failure).
     Error {
@@ -526,6 +531,7 @@ mod tests {
             code: 3,
             signal: None,
             timed_out: false,
+            oom_kills: None,
         };
         let line = serde_json::to_string(&ev).unwrap();
         assert_eq!(line, r#"{"type":"exit","code":3}"#);

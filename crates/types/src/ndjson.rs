@@ -80,6 +80,7 @@ mod tests {
                 code: 3,
                 signal: None,
                 timed_out: false,
+                oom_kills: None,
             },
         ];
         let mut bytes = Vec::new();

@@ -119,7 +119,13 @@ impl Inner {
             id: id.clone(),
             env: spec.env.clone(),
             port: AGENT_PORT.into(),
-            orphan_grace_s: self.cfg.orphan_grace.map(|g| g.as_secs().max(1)),
+            // A guest booted to make a boot image ends soon after its server: its
+            // QEMU drops to its jail uid, which clears the parent-death signal.
+            orphan_grace_s: if id.starts_with(pool::IMAGE_VM_PREFIX) {
+                Some(IMAGE_VM_GRACE_S)
+            } else {
+                self.cfg.orphan_grace.map(|g| g.as_secs().max(1))
+            },
             volumes: spec
                 .volumes
                 .iter()
@@ -169,6 +175,17 @@ impl Inner {
                 .open(&ram)
                 .map_err(fail("make the RAM file"))?;
         }
+        // Root opens the disk chain (QEMU drops to its uid after opening its files): no
+        // image of it may name a file of the host's (an earlier, jailed QEMU of this VM
+        // could write its own disk, header included).
+        let trusted = self.trusted();
+        let top = vm.active_disk().1;
+        tokio::task::spawn_blocking(move || check_chain(&top, &trusted))
+            .await
+            .map_err(|e| RuntimeError::host("check the disk chain", &id, e))?
+            .map_err(|e| {
+                RuntimeError::host("check the disk chain", &id, std::io::Error::other(e))
+            })?;
         // Its jail (`jailer.rs`): a uid of its own, which its active disk becomes (QEMU
         // reopens it by name), and a root holding only its directory.
         let jail = match self.cfg.qemu_uid_base {
@@ -178,7 +195,12 @@ impl Inner {
                 std::fs::set_permissions(&vm.dir, std::fs::Permissions::from_mode(0o711))
                     .map_err(fail("open the VM dir to its QEMU"))?;
                 jailer::give(&vm.active_disk().1, uid).map_err(fail("give QEMU its disk"))?;
-                let plan = jailer::Plan::new(&self.cfg.run_dir, &vm.dir)
+                let needs = [
+                    self.cfg.assets_dir.as_path(),
+                    &self.cfg.ram_dir,
+                    &self.cfg.volumes_dir,
+                ];
+                let plan = jailer::Plan::new(&self.cfg.run_dir, &vm.dir, &needs)
                     .map_err(fail("plan QEMU's root"))?;
                 Some((uid, plan))
             }
@@ -242,8 +264,6 @@ impl Inner {
             ])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", vm.qmp_sock.display()))
-            .arg("-pidfile")
-            .arg(&vm.pidfile)
             // Its temporary files (a read-only volume's overlay) go with the VM's dir.
             .env("TMPDIR", &vm.dir)
             .stdin(Stdio::null())
@@ -264,7 +284,9 @@ impl Inner {
         // terminal's Ctrl-C, `timeout`, a supervisor) leave the VM alone. Network, IPC
         // and UTS namespaces of its own: QEMU needs none of the host's (its sockets
         // are files), so a QEMU taken over by its guest reaches no host network.
-        // A VM booted to make a boot image is no sandbox: it ends with the server.
+        // A VM booted to make a boot image is no sandbox: it ends with the server (an
+        // unjailed QEMU at once; a jailed one loses the parent-death signal when it
+        // drops to its uid, its guest powers off `IMAGE_VM_GRACE_S` after the server).
         let die_with_server = id.starts_with(pool::IMAGE_VM_PREFIX);
         // SAFETY: setsid, unshare and prctl are async-signal-safe and touch no memory
         // of ours.
@@ -290,8 +312,14 @@ impl Inner {
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(fail("start QEMU"))?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        // Its pid, for a later server (adoption, clean-up), written by us: QEMU's own
+        // `-pidfile` would be a file it keeps open and could rewrite.
+        let recorded = std::fs::write(&vm.pidfile, pid.to_string());
         // Its limits before the guest runs (its RAM is touched, and charged, later).
-        if let Err(e) = self.confine(&id, pid, spec) {
+        if let Err(e) = recorded
+            .map_err(fail("record QEMU's pid"))
+            .and_then(|()| self.confine(&id, pid, spec))
+        {
             let _ = child.start_kill();
             let _ = child.wait().await;
             self.release_cgroup(&id);
@@ -323,6 +351,7 @@ impl Inner {
             alive,
             exited,
             rt: self.clone(),
+            oom_kills: Default::default(),
         });
         // Should this future be dropped before the boot ends (the server stopping, its
         // caller gone), the half-booted QEMU goes with it rather than running on
@@ -377,7 +406,7 @@ fn volume_serial(i: usize) -> String {
 impl Inner {
     /// The size of `spec`'s root disk: its template's image and `disk_mb` more.
     pub(crate) async fn disk_size(&self, spec: &CreateSpec) -> Result<u64, RuntimeError> {
-        Ok(image_size(&self.cfg.qemu_img, &self.image(&spec.template)).await? + spec.disk_bytes)
+        Ok(image_size(&self.image(&spec.template)).await? + spec.disk_bytes)
     }
 
     /// QEMU's arguments for `spec`'s volumes: each image a virtio-blk device (QEMU
@@ -446,6 +475,9 @@ impl Drop for Cleanup {
         }
     }
 }
+
+/// How long a guest making a boot image outlives a server that went away.
+const IMAGE_VM_GRACE_S: u64 = 10;
 
 /// The files of one VM.
 #[derive(Debug, Clone)]

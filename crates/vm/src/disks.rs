@@ -1,29 +1,135 @@
 //! Guest disks: qcow2 overlays and layers, sparse copies, and which QEMU runs a VM.
 
 use super::*;
+use std::os::unix::ffi::OsStrExt as _;
 
 /// Virtual size in bytes of a disk image (readable while QEMU holds it): a qcow2's
 /// from its header, anything else from `qemu-img info`.
-pub(crate) async fn image_size(qemu_img: &Path, image: &Path) -> Result<u64, RuntimeError> {
-    if let Some(size) = qcow2_size(image) {
-        return Ok(size);
+///
+/// Read from the header, never by `qemu-img`: a guest's disk is a file its (jailed)
+/// QEMU could write, not one for root's tools to parse.
+pub(crate) async fn image_size(image: &Path) -> Result<u64, RuntimeError> {
+    qcow2_size(image).ok_or_else(|| {
+        RuntimeError::host(
+            "read disk size",
+            "-",
+            std::io::Error::other(format!("{} is not a qcow2 image", image.display())),
+        )
+    })
+}
+
+/// Where the images of a guest's disk chain may name their backing files: directories
+/// only root writes, holding root's copies (layers, boot images, snapshots, assets).
+pub(crate) struct Trusted(pub(crate) Vec<PathBuf>);
+
+/// Checks a qcow2 image a QEMU may have written before a QEMU (root until it drops to
+/// its uid) opens it: version 2 or 3, no encryption, no external data file (feature
+/// bit 2, header extension `0x44415441`), no unknown incompatible feature, and a
+/// backing file, if any, of format qcow2, named by a plain absolute path under a
+/// [`Trusted`] directory, a regular file of root's. Returns the backing file.
+pub(crate) fn check_qcow2(image: &Path, trusted: &Trusted) -> Result<Option<PathBuf>, String> {
+    use std::os::unix::fs::{FileExt as _, MetadataExt as _};
+    let name = image.display();
+    let f = std::fs::File::open(image).map_err(|e| format!("{name}: {e}"))?;
+    let mut head = [0u8; 4096];
+    let n = f
+        .read_at(&mut head, 0)
+        .map_err(|e| format!("{name}: {e}"))?;
+    let head = &head[..n];
+    let u32_at = |o: usize| {
+        head.get(o..o + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().unwrap_or([0; 4])))
+    };
+    let u64_at = |o: usize| {
+        head.get(o..o + 8)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    let bad = |why: &str| Err(format!("{name}: {why}"));
+    if head.get(..4) != Some(&b"QFI\xfb"[..]) {
+        return bad("not a qcow2 image");
     }
-    let out = tokio::process::Command::new(qemu_img)
-        .args(["info", "-U", "--output=json"])
-        .arg(image)
-        .output()
-        .await
-        .map_err(|e| RuntimeError::host("qemu-img info", "-", e))?;
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v.get("virtual-size").and_then(|s| s.as_u64()))
-        .ok_or_else(|| {
-            RuntimeError::host(
-                "qemu-img info",
-                "-",
-                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+    let version = u32_at(4).unwrap_or(0);
+    if !(2..=3).contains(&version) {
+        return bad("unsupported qcow2 version");
+    }
+    if u32_at(32) != Some(0) {
+        return bad("encrypted");
+    }
+    let ext_start = if version == 3 {
+        // dirty, corrupt, compression type, extended L2: what QEMU's own images use.
+        let known = 0b1_1011u64;
+        if u64_at(72).unwrap_or(u64::MAX) & !known != 0 {
+            return bad("an incompatible feature the host does not allow (external data file?)");
+        }
+        u32_at(100).unwrap_or(0) as usize
+    } else {
+        72
+    };
+    let (backing_at, backing_len) = (
+        u64_at(8).unwrap_or(0) as usize,
+        u32_at(16).unwrap_or(0) as usize,
+    );
+    // Header extensions up to the end marker.
+    let mut at = ext_start;
+    let mut format = None;
+    loop {
+        let (Some(kind), Some(len)) = (u32_at(at), u32_at(at + 4)) else {
+            return bad("header extensions run past the first 4 KiB");
+        };
+        let len = len as usize;
+        match kind {
+            0 => break,
+            0x4441_5441 => return bad("names an external data file"),
+            0x0537_be77 => return bad("encrypted"),
+            0xe279_2aca => format = head.get(at + 8..at + 8 + len).map(<[u8]>::to_vec),
+            _ => {}
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    if backing_at == 0 {
+        return Ok(None);
+    }
+    let Some(raw) = head.get(backing_at..backing_at + backing_len) else {
+        return bad("backing file name outside the first 4 KiB");
+    };
+    if format.as_deref() != Some(&b"qcow2"[..]) {
+        return bad("backing file of another format than qcow2");
+    }
+    let backing = PathBuf::from(std::ffi::OsStr::from_bytes(raw));
+    let plain = backing.is_absolute()
+        && backing.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
             )
-        })
+        });
+    if !plain || !trusted.0.iter().any(|t| backing.starts_with(t)) {
+        return bad(&format!(
+            "backing file {} is not one of the host's layers",
+            backing.display()
+        ));
+    }
+    let meta =
+        std::fs::symlink_metadata(&backing).map_err(|e| format!("{}: {e}", backing.display()))?;
+    if !meta.file_type().is_file() || meta.uid() != 0 {
+        return bad(&format!(
+            "backing file {} is not a file of root's",
+            backing.display()
+        ));
+    }
+    Ok(Some(backing))
+}
+
+/// Checks every image of the chain from `top` down ([`check_qcow2`]).
+pub(crate) fn check_chain(top: &Path, trusted: &Trusted) -> Result<(), String> {
+    let mut at = top.to_path_buf();
+    for _ in 0..64 {
+        match check_qcow2(&at, trusted)? {
+            Some(b) => at = b,
+            None => return Ok(()),
+        }
+    }
+    Err(format!("{}: more than 64 backing files", top.display()))
 }
 
 /// The virtual size in a qcow2 header (magic `QFI\xfb`, the size a big-endian u64 at
@@ -172,5 +278,108 @@ mod tests {
         std::fs::write(&q, b"not a qcow2 image at all, longer than 32 bytes").unwrap();
         assert_eq!(qcow2_size(&q), None);
         assert_eq!(qcow2_size(&t.path().join("missing")), None);
+    }
+
+    /// A qcow2 v3 header: `incompatible` features, header extensions (type, data), and
+    /// a backing file name after them.
+    fn header(incompatible: u64, exts: &[(u32, &[u8])], backing: Option<&[u8]>) -> Vec<u8> {
+        let mut h = vec![0u8; 104];
+        h[..4].copy_from_slice(b"QFI\xfb");
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        h[72..80].copy_from_slice(&incompatible.to_be_bytes());
+        h[96..100].copy_from_slice(&4u32.to_be_bytes());
+        h[100..104].copy_from_slice(&104u32.to_be_bytes());
+        for (kind, data) in exts {
+            h.extend_from_slice(&kind.to_be_bytes());
+            h.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            h.extend_from_slice(data);
+            h.resize(h.len().div_ceil(8) * 8, 0);
+        }
+        h.extend_from_slice(&[0u8; 8]);
+        if let Some(name) = backing {
+            let at = h.len() as u64;
+            h[8..16].copy_from_slice(&at.to_be_bytes());
+            h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            h.extend_from_slice(name);
+        }
+        h
+    }
+
+    #[test]
+    fn only_headers_naming_the_hosts_own_layers_pass() {
+        let t = tempfile::tempdir().unwrap();
+        let layers = t.path().join("layers");
+        std::fs::create_dir_all(&layers).unwrap();
+        let layer = layers.join("l.qcow2");
+        std::fs::write(&layer, header(0, &[], None)).unwrap();
+        let trusted = Trusted(vec![layers.clone()]);
+        let top = t.path().join("top.qcow2");
+        let check = |h: Vec<u8>| {
+            std::fs::write(&top, h).unwrap();
+            check_qcow2(&top, &trusted)
+        };
+        let qcow2: (u32, &[u8]) = (0xe279_2aca, b"qcow2");
+        let name = layer.as_os_str().as_bytes();
+        // No backing: fine; the layer itself passes.
+        assert_eq!(check(header(0, &[], None)), Ok(None));
+        assert_eq!(check_chain(&layer, &trusted), Ok(()));
+        // A backing file of root's under a trusted dir, format qcow2 (the tests run as
+        // root where the runtime does: elsewhere the file is not root's).
+        let ok = check(header(0, &[qcow2], Some(name)));
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(ok, Ok(Some(layer.clone())));
+            std::fs::write(&top, header(0, &[qcow2], Some(name))).unwrap();
+            assert_eq!(check_chain(&top, &trusted), Ok(()));
+        } else {
+            assert!(ok.unwrap_err().contains("not a file of root's"));
+        }
+        // Refused: an external data file (feature bit, extension), an unknown
+        // incompatible feature, encryption, another backing format or none named, a
+        // backing file elsewhere, through `..`, relative, a symlink, missing.
+        for (h, why) in [
+            (header(1 << 2, &[], None), "incompatible feature"),
+            (header(1 << 9, &[], None), "incompatible feature"),
+            (
+                header(0, &[(0x4441_5441, b"/etc/shadow")], None),
+                "external data file",
+            ),
+            (header(0, &[(0x0537_be77, b"x")], None), "encrypted"),
+            (header(0, &[(0xe279_2aca, b"raw")], Some(name)), "format"),
+            (header(0, &[], Some(name)), "format"),
+            (
+                header(0, &[qcow2], Some(b"/etc/shadow")),
+                "not one of the host's layers",
+            ),
+            (
+                header(
+                    0,
+                    &[qcow2],
+                    Some(format!("{}/../x", layers.display()).as_bytes()),
+                ),
+                "not one of the host's layers",
+            ),
+            (
+                header(0, &[qcow2], Some(b"layers/l.qcow2")),
+                "not one of the host's layers",
+            ),
+        ] {
+            let got = check(h);
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains(why)),
+                "{why}: {got:?}"
+            );
+        }
+        let link = layers.join("link.qcow2");
+        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        let got = check(header(0, &[qcow2], Some(link.as_os_str().as_bytes())));
+        assert!(got.is_err(), "{got:?}");
+        let missing = layers.join("missing.qcow2");
+        let got = check(header(0, &[qcow2], Some(missing.as_os_str().as_bytes())));
+        assert!(got.is_err(), "{got:?}");
+        // Not a qcow2 at all.
+        std::fs::write(&top, b"raw disk bytes").unwrap();
+        assert!(check_qcow2(&top, &trusted).is_err());
     }
 }

@@ -5,6 +5,7 @@
 
 use super::*;
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt as _;
 
 /// A VM captured while stopped: what a copy of it needs to start.
 #[derive(Debug, Clone)]
@@ -145,7 +146,7 @@ impl VmInstance {
         // so it lives outside every sandbox's run dir.
         let layer_disk = layers.join(format!("{tag}.qcow2"));
         let (generation, current) = self.vm.active_disk();
-        let size = image_size(&rt.cfg.qemu_img, &current).await?;
+        let size = image_size(&current).await?;
         let next = self.vm.dir.join(format!("disk-{}.qcow2", generation + 1));
         let own_ram = self.ram.exists();
         let state_file = std::fs::File::create(to.state).map_err(io("capture"))?;
@@ -158,21 +159,40 @@ impl VmInstance {
             let host = |e: qmp::QmpError| RuntimeError::host("capture", &self.id, e);
             q.stop().await.map_err(host)?;
             let r: Result<u64, RuntimeError> = async {
-                // Disk first (migration inactivates the images until `cont`).
-                std::fs::hard_link(&current, &layer_disk).map_err(io("capture"))?;
+                // Disk first (migration inactivates the images until `cont`): a new
+                // overlay naming the layer as its backing becomes QEMU's active image
+                // (it keeps the frozen one as that backing in memory), then the layer
+                // is made by root as a checked copy of the frozen image. No QEMU ever
+                // holds the layer, which children and snapshots stand on, writable (a
+                // jailed QEMU can rewrite its own disk, header included, and keeps its
+                // descriptors).
                 overlay(&rt.cfg.qemu_img, &layer_disk, &next, size)
                     .await
                     .map_err(io("capture"))?;
-                // A jailed QEMU opens its new disk by name as its own uid; the frozen
-                // one, a layer others stand on from now on, is taken back from it.
-                let uid = jailer::uid_of(&self.vm.dir);
-                if let Some(uid) = uid {
+                // A jailed QEMU opens its new disk by name as its own uid.
+                if let Some(uid) = rt
+                    .cfg
+                    .qemu_uid_base
+                    .and_then(|_| jailer::uid_of(&self.vm.dir))
+                {
                     jailer::give(&next, uid).map_err(io("capture"))?;
                 }
-                q.snapshot_disk("d0", &next).await.map_err(host)?;
-                if uid.is_some() {
-                    jailer::take_back(&layer_disk).map_err(io("capture"))?;
+                if let Err(e) = q.snapshot_disk("d0", &next).await {
+                    // Not switched: the active image is still the frozen one.
+                    let _ = std::fs::remove_file(&next);
+                    return Err(host(e));
                 }
+                let (from, layer, trusted) = (current.clone(), layer_disk.clone(), rt.trusted());
+                tokio::task::spawn_blocking(move || copy_layer(&from, &layer, &trusted))
+                    .await
+                    .map_err(|e| RuntimeError::host("capture", &self.id, e))?
+                    .map_err(|e| {
+                        RuntimeError::host(
+                            "copy the frozen disk",
+                            &self.id,
+                            std::io::Error::other(e),
+                        )
+                    })?;
                 q.getfd("state", std::os::fd::AsFd::as_fd(&state_file))
                     .await
                     .map_err(host)?;
@@ -433,6 +453,31 @@ impl Inner {
         }
         Ok(self.cfg.run_dir.join("snapshots").join(snapshot))
     }
+}
+
+/// Makes `layer` a copy of the frozen disk image `frozen` (root's, read-only to
+/// others), checked before it is named, and then `frozen`'s name in its VM's dir a
+/// name of the layer too (the VM's chain and its children's `ref-*` names count the
+/// layer's links; QEMU reopens its backing by that name, read-only). A layer is only
+/// ever opened read-only, by QEMUs of other sandboxes too.
+fn copy_layer(frozen: &Path, layer: &Path, trusted: &Trusted) -> Result<(), String> {
+    let tmp = layer.with_extension("qcow2.tmp");
+    let made = (|| {
+        std::fs::copy(frozen, &tmp).map_err(|e| format!("copy {}: {e}", frozen.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| e.to_string())?;
+        check_qcow2(&tmp, trusted)?;
+        std::fs::rename(&tmp, layer).map_err(|e| e.to_string())
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return made;
+    }
+    let name = frozen.with_extension("qcow2.link");
+    let _ = std::fs::remove_file(&name);
+    std::fs::hard_link(layer, &name)
+        .and_then(|()| std::fs::rename(&name, frozen))
+        .map_err(|e| format!("name the layer in the VM's dir: {e}"))
 }
 
 #[cfg(test)]

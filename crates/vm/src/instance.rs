@@ -20,6 +20,9 @@ pub struct VmInstance {
     pub(crate) alive: Arc<AtomicBool>,
     pub(crate) exited: tokio::sync::watch::Receiver<bool>,
     pub(crate) rt: Arc<Inner>,
+    /// OOM kills of the guest's kernel as its agent reported them at the end of each
+    /// command and cell (counted before the `exit` event goes on).
+    pub(crate) oom_kills: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Kills a QEMU whose boot was abandoned (see `boot`).
@@ -43,6 +46,24 @@ impl Drop for BootGuard {
 pub(crate) const REATTACH_ATTEMPT: Duration = Duration::from_secs(6);
 
 impl VmInstance {
+    /// Adds the guest's OOM kills an `exit` event reports to [`Self::oom_kills`]
+    /// before passing the event on (the manager compares the count around a call).
+    fn count_oom(&self, events: AgentEvents) -> AgentEvents {
+        use futures_util::StreamExt as _;
+        let kills = self.oom_kills.clone();
+        events
+            .inspect(move |ev| {
+                if let Ok(forkbox_types::agent::AgentEvent::Exit {
+                    oom_kills: Some(n @ 1..),
+                    ..
+                }) = ev
+                {
+                    kills.fetch_add(*n, Ordering::SeqCst);
+                }
+            })
+            .boxed()
+    }
+
     /// Its agent, for the calls every runtime makes alike (`forkbox_agent_calls`).
     pub(crate) fn agent(&self) -> Result<forkbox_agent_calls::Agent<'_>, RuntimeError> {
         Ok(forkbox_agent_calls::Agent::new(&self.id, self.client()?))
@@ -161,7 +182,18 @@ impl VmInstance {
 
     /// The last lines the guest printed on its console.
     pub(crate) fn console_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.vm.console).unwrap_or_default();
+        // Its last 64 KiB: the guest writes the console as much as it likes.
+        let text = (|| {
+            use std::io::{Read as _, Seek as _};
+            let mut f = std::fs::File::open(&self.vm.console).ok()?;
+            let len = f.metadata().ok()?.len();
+            f.seek(std::io::SeekFrom::Start(len.saturating_sub(64 << 10)))
+                .ok()?;
+            let mut buf = Vec::new();
+            f.take(64 << 10).read_to_end(&mut buf).ok()?;
+            Some(String::from_utf8_lossy(&buf).into_owned())
+        })()
+        .unwrap_or_default();
         let lines: Vec<&str> = text.lines().rev().take(8).collect();
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
     }
@@ -316,15 +348,15 @@ impl Instance for VmInstance {
     }
 
     fn oom_kills(&self) -> u64 {
-        0
+        self.oom_kills.load(Ordering::SeqCst)
     }
 
     async fn exec(&self, req: ExecRequest) -> Result<AgentEvents, RuntimeError> {
-        self.agent()?.exec(&req).await
+        Ok(self.count_oom(self.agent()?.exec(&req).await?))
     }
 
     async fn run_code(&self, req: RunCodeRequest) -> Result<AgentEvents, RuntimeError> {
-        self.agent()?.run_code(&req).await
+        Ok(self.count_oom(self.agent()?.run_code(&req).await?))
     }
 
     async fn pause(&self) -> Result<(), RuntimeError> {

@@ -45,9 +45,21 @@ pub(crate) fn claim(claims: &Path, base: u32, vm_dir: &Path) -> io::Result<u32> 
         return Err(io::Error::last_os_error());
     }
     let me = vm_dir.as_os_str().as_bytes();
-    // Free: no claim, or one naming a directory that is gone (its VM deleted).
-    let free_or_mine = |n: u32| match std::fs::read(claims.join(n.to_string())) {
-        Ok(holder) => holder == me || !Path::new(OsStr::from_bytes(&holder)).exists(),
+    // Uids some process runs as (read once, when a claim looks stale).
+    let mut running: Option<std::collections::HashSet<u32>> = None;
+    // Free: no claim, or one naming a directory that is gone (its VM deleted) whose
+    // uid no process runs as any more (a QEMU the server lost track of keeps it).
+    // Claims are named by the uid itself: servers with other uid bases never meet.
+    let mut free_or_mine = |n: u32| match std::fs::read(claims.join((base + n).to_string())) {
+        Ok(holder) if holder == me => true,
+        Ok(holder) => {
+            !matches!(
+                Path::new(OsStr::from_bytes(&holder)).try_exists(),
+                Ok(true) | Err(_)
+            ) && !running
+                .get_or_insert_with(running_uids)
+                .contains(&(base + n))
+        }
         Err(e) => e.kind() == io::ErrorKind::NotFound,
     };
     let kept = std::fs::read_to_string(vm_dir.join("uid"))
@@ -61,14 +73,35 @@ pub(crate) fn claim(claims: &Path, base: u32, vm_dir: &Path) -> io::Result<u32> 
             .find(|n| free_or_mine(*n))
             .ok_or_else(|| io::Error::other("all QEMU uids of this host are in use"))?,
     };
-    let tmp = claims.join(format!(".{n}.tmp"));
+    let uid = base + n;
+    let tmp = claims.join(format!(".{uid}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(me)?;
     drop(f);
-    std::fs::rename(&tmp, claims.join(n.to_string()))?;
-    let uid = base + n;
+    std::fs::rename(&tmp, claims.join(uid.to_string()))?;
     std::fs::write(vm_dir.join("uid"), uid.to_string())?;
     Ok(uid)
+}
+
+/// The real uids of the host's processes.
+fn running_uids() -> std::collections::HashSet<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().next()?.parse().ok())
+        })
+        .collect()
 }
 
 /// The uid a VM's QEMU runs as, if it was started jailed.
@@ -85,11 +118,17 @@ pub(crate) struct Plan {
     dirs: Vec<CString>,
     src: CString,
     dst: CString,
+    /// The host's mounts QEMU needs nothing of (pools, volumes, network namespaces'
+    /// names, ...), deepest first: detached in its namespace, so that it holds none of
+    /// them (a mount namespace keeps every mount it copied alive: a volume the host
+    /// unmounted would stay busy while the QEMU lives).
+    detach: Vec<CString>,
 }
 
 impl Plan {
-    /// `vm_dir` must be absolute, as QEMU is given its files' names.
-    pub(crate) fn new(run_dir: &Path, vm_dir: &Path) -> io::Result<Plan> {
+    /// `vm_dir` must be absolute, as QEMU is given its files' names; `needs`: the other
+    /// paths QEMU opens before it enters its root (assets, RAM files, volumes).
+    pub(crate) fn new(run_dir: &Path, vm_dir: &Path, needs: &[&Path]) -> io::Result<Plan> {
         if !vm_dir.is_absolute() {
             return Err(io::Error::other(format!(
                 "{} is not an absolute path",
@@ -103,11 +142,19 @@ impl Plan {
             at.push(c);
             dirs.push(cstr(&at)?);
         }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let mut keep: Vec<&Path> = vec![run_dir, vm_dir];
+        keep.extend_from_slice(needs);
+        let detach = mounts_to_detach(&mountinfo, &keep)
+            .iter()
+            .map(|m| cstr(m))
+            .collect::<io::Result<_>>()?;
         Ok(Plan {
             root: cstr(&root)?,
             dirs,
             src: cstr(vm_dir)?,
             dst: cstr(&at)?,
+            detach,
         })
     }
 
@@ -138,6 +185,10 @@ impl Plan {
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
             ))?;
+            for m in &self.detach {
+                // Gone already with a detached parent: fine.
+                libc::umount2(m.as_ptr(), libc::MNT_DETACH);
+            }
             check(libc::mount(
                 c"forkbox-qemu".as_ptr(),
                 self.root.as_ptr(),
@@ -171,6 +222,58 @@ impl Plan {
     }
 }
 
+/// The mount points of `mountinfo` that QEMU needs nothing of, deepest first: all but
+/// `/`, the pseudo file systems under `/dev`, `/proc` and `/sys`, and the mounts a path
+/// of `keep` lies on (or under). The system's own directories (`/usr`, `/lib`, `/etc`,
+/// where QEMU, its libraries and firmware are) are kept too.
+fn mounts_to_detach(mountinfo: &str, keep: &[&Path]) -> Vec<PathBuf> {
+    let system = [
+        "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/tmp", "/var/tmp",
+    ];
+    let mut out: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape)
+        .filter(|m| {
+            let m = Path::new(m);
+            m != Path::new("/")
+                && !["/dev", "/proc", "/sys"].iter().any(|p| m.starts_with(p))
+                && !keep.iter().any(|k| k.starts_with(m))
+                && !system.iter().any(|s| Path::new(s).starts_with(m))
+        })
+        .map(PathBuf::from)
+        .collect();
+    out.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    out.dedup();
+    out
+}
+
+/// A mountinfo field: `\ooo` octal escapes (space, tab, newline, backslash).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push(
+                    d.iter()
+                        .fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0')),
+                );
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn cstr(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
 }
@@ -178,12 +281,6 @@ fn cstr(p: &Path) -> io::Result<CString> {
 /// Makes `path` `uid`'s (a disk QEMU may reopen by name).
 pub(crate) fn give(path: &Path, uid: u32) -> io::Result<()> {
     std::os::unix::fs::chown(path, Some(uid), Some(uid))
-}
-
-/// Takes `path` back from its QEMU: root's, readable (a frozen disk layer).
-pub(crate) fn take_back(path: &Path) -> io::Result<()> {
-    std::os::unix::fs::chown(path, Some(0), Some(0))?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
 }
 
 #[cfg(test)]
@@ -216,7 +313,7 @@ mod tests {
 
     #[test]
     fn a_plan_mirrors_the_vm_dir_at_its_host_path() {
-        let p = Plan::new(Path::new("/d/vm-run"), Path::new("/d/vm-run/sbx-1")).unwrap();
+        let p = Plan::new(Path::new("/d/vm-run"), Path::new("/d/vm-run/sbx-1"), &[]).unwrap();
         assert_eq!(p.root(), PathBuf::from("/d/vm-run/.qemu-root"));
         let dirs: Vec<&[u8]> = p.dirs.iter().map(|d| d.as_bytes()).collect();
         assert_eq!(
@@ -228,6 +325,40 @@ mod tests {
             ]
         );
         assert_eq!(p.dst.as_bytes(), b"/d/vm-run/.qemu-root/d/vm-run/sbx-1");
-        assert!(Plan::new(Path::new("/d"), Path::new("rel/sbx")).is_err());
+        assert!(Plan::new(Path::new("/d"), Path::new("rel/sbx"), &[]).is_err());
+    }
+
+    #[test]
+    fn qemu_keeps_only_the_mounts_it_needs() {
+        let mountinfo = "\
+21 1 254:0 / / rw - ext4 /dev/vda rw
+22 21 0:5 / /dev rw - devtmpfs udev rw
+23 22 0:6 / /dev/shm rw - tmpfs tmpfs rw
+24 21 0:7 / /proc rw - proc proc rw
+25 21 0:8 / /sys rw - sysfs sysfs rw
+26 25 0:9 / /sys/fs/cgroup/memory rw - cgroup cgroup rw
+27 21 0:10 / /run rw - tmpfs tmpfs rw
+28 27 0:4 net:[4026532] /run/netns/forkbox-egress rw - nsfs nsfs rw
+29 21 7:0 / /var/lib/forkbox/pool rw - btrfs /dev/loop0 rw
+30 29 7:0 /templates /var/lib/forkbox/pool/templates rw - btrfs /dev/loop0 rw
+31 21 7:1 / /var/lib/forkbox/volume\\040mounts/v1 rw - ext4 /dev/loop1 rw
+32 21 0:11 / /var/lib/forkbox/vm-run rw - tmpfs tmpfs rw
+33 21 0:12 / /usr rw - ext4 /dev/vdb rw
+";
+        let keep = [
+            Path::new("/var/lib/forkbox/vm-run"),
+            Path::new("/var/lib/forkbox/vm-run/sbx-1"),
+            Path::new("/dev/shm/forkbox-vm-sbx-1.ram"),
+        ];
+        assert_eq!(
+            mounts_to_detach(mountinfo, &keep),
+            [
+                PathBuf::from("/var/lib/forkbox/pool/templates"),
+                PathBuf::from("/var/lib/forkbox/volume mounts/v1"),
+                PathBuf::from("/var/lib/forkbox/pool"),
+                PathBuf::from("/run/netns/forkbox-egress"),
+                PathBuf::from("/run"),
+            ]
+        );
     }
 }

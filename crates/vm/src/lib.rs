@@ -14,10 +14,11 @@
 //! (starting QEMU for a boot, an incoming migration or adoption), `instance` (a running
 //! VM's calls), `images` (captures of a VM and copies of them: fork, named snapshots,
 //! hibernate), `pool` (the templates' boot images creates are copies of), `disks`
-//! (qcow2 layers), `qmp`, `accel`, `initrd`.
+//! (qcow2 layers and the checks of their headers), `jailer` (each QEMU's uid and
+//! root), `egress`, `qmp`, `accel`, `initrd`.
 //!
-//! Not yet (docs/vm.md): egress and volumes (refused with 400), QEMU inside a jail
-//! of its own beyond namespaces, a cgroup and its seccomp filter.
+//! Not yet (docs/vm.md): QEMU's PID and user namespaces, vsock, fast forks of
+//! boot-image copies.
 
 pub mod accel;
 pub mod initrd;
@@ -32,7 +33,10 @@ pub mod jailer;
 mod pool;
 
 use boot::{Source, Vm};
-use disks::{chain_refs, collect_layers, image_size, overlay, qemu_of, sparse_copy};
+use disks::{
+    chain_refs, check_chain, check_qcow2, collect_layers, image_size, overlay, qemu_of,
+    sparse_copy, Trusted,
+};
 use instance::BootGuard;
 pub use instance::VmInstance;
 
@@ -167,6 +171,7 @@ impl VmRuntime {
         // QEMU is given its files by absolute name (a jailed one finds them again
         // under the same names in its own root).
         cfg.run_dir = std::path::absolute(&cfg.run_dir).map_err(VmError::RunDir)?;
+        cfg.assets_dir = std::path::absolute(&cfg.assets_dir).map_err(VmError::RunDir)?;
         let tsc_khz = accel::host_tsc_khz().ok_or(VmError::Tsc)?;
         let cgroups = match &cfg.cgroup_root {
             Some(root) => Some(forkbox_sys::cgroup::Driver::detect(root, CGROUP_PARENT)?),
@@ -307,6 +312,18 @@ impl Inner {
     fn ram_file(&self, id: &str) -> PathBuf {
         self.cfg.ram_dir.join(format!("forkbox-vm-{id}.ram"))
     }
+
+    /// Where a guest's disk chain may name backing files (`disks::check_qcow2`): the
+    /// run dir's shared layers, boot images and snapshots, and the assets.
+    fn trusted(&self) -> disks::Trusted {
+        let run = &self.cfg.run_dir;
+        disks::Trusted(vec![
+            run.join("layers"),
+            run.join("images"),
+            run.join("snapshots"),
+            self.cfg.assets_dir.clone(),
+        ])
+    }
 }
 
 #[async_trait]
@@ -406,6 +423,7 @@ impl Runtime for VmRuntime {
             alive,
             exited,
             rt: rt.clone(),
+            oom_kills: Default::default(),
         });
         instance
             .connect(
@@ -447,6 +465,10 @@ impl Runtime for VmRuntime {
                     }
                 }
             }
+        }
+        // And whatever else still runs in its cgroup (a QEMU the pid file did not name).
+        if let Some(g) = self.inner.cgroups.as_ref().and_then(|d| d.open(id).ok()) {
+            let _ = g.kill_all();
         }
         let _ = std::fs::remove_file(self.inner.ram_file(id));
         // What a fork of it interrupted by a crash left: its RAM copy and device state.

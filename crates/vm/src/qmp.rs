@@ -54,6 +54,8 @@ pub struct Qmp {
 
 /// How long one command may take.
 const PATIENCE: Duration = Duration::from_secs(30);
+/// The longest QMP message taken (`query-*` answers are a few KiB).
+const MAX_LINE: u64 = 1 << 20;
 
 impl Qmp {
     /// Connects and negotiates capabilities.
@@ -69,7 +71,9 @@ impl Qmp {
             rx: BufReader::new(r),
             tx: w,
         };
-        let greeting = q.next_message().await?;
+        let greeting = tokio::time::timeout(PATIENCE, q.next_message())
+            .await
+            .map_err(|_| QmpError::Timeout("greeting".into()))??;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Closed);
         }
@@ -78,11 +82,19 @@ impl Qmp {
     }
 
     async fn next_message(&mut self) -> Result<Value, QmpError> {
+        use tokio::io::AsyncReadExt as _;
         let mut line = String::new();
         loop {
             line.clear();
-            if self.rx.read_line(&mut line).await? == 0 {
+            // A QEMU taken over by its guest could send one endless line.
+            let n = (&mut self.rx).take(MAX_LINE).read_line(&mut line).await?;
+            if n == 0 {
                 return Err(QmpError::Closed);
+            }
+            if !line.ends_with('\n') {
+                return Err(QmpError::Io(std::io::Error::other(
+                    "a QMP message longer than 1 MiB",
+                )));
             }
             let v: Value = serde_json::from_str(line.trim())?;
             if v.get("event").is_some() {
