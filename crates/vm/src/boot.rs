@@ -175,10 +175,15 @@ impl Inner {
                 .open(&ram)
                 .map_err(fail("make the RAM file"))?;
         }
+        // Nothing of an earlier QEMU of this VM may still run (it could write the disk
+        // about to be checked): a woken guest's, say, that hid from its watcher.
+        if matches!(source, Source::Restore(_)) {
+            self.kill_leftovers(&id, &vm.dir);
+        }
         // Root opens the disk chain (QEMU drops to its uid after opening its files): no
         // image of it may name a file of the host's (an earlier, jailed QEMU of this VM
         // could write its own disk, header included).
-        let trusted = self.trusted();
+        let trusted = self.trusted(&vm.dir);
         let top = vm.active_disk().1;
         tokio::task::spawn_blocking(move || check_chain(&top, &trusted))
             .await

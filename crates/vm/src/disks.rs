@@ -18,15 +18,63 @@ pub(crate) async fn image_size(image: &Path) -> Result<u64, RuntimeError> {
     })
 }
 
-/// Where the images of a guest's disk chain may name their backing files: directories
-/// only root writes, holding root's copies (layers, boot images, snapshots, assets).
-pub(crate) struct Trusted(pub(crate) Vec<PathBuf>);
+/// What the images of one VM's disk chain may name as backing files: the layers its
+/// own directory holds names of (its frozen `disk-<n>` generations and its `ref-*`
+/// names, which are links to root's checked copies in `layers/`), found again by
+/// device and inode, or a template's image among the assets (`rootfs-*.qcow2`). No file
+/// a QEMU may hold writable (RAM copies, device states, another VM's disk), and no
+/// layer of another VM's chain.
+pub(crate) struct Trusted {
+    layers: PathBuf,
+    assets: PathBuf,
+    chain: std::collections::HashSet<(u64, u64)>,
+}
+
+impl Trusted {
+    pub(crate) fn of(layers: &Path, assets: &Path, vm_dir: &Path) -> Trusted {
+        use std::os::unix::fs::MetadataExt as _;
+        let chain = std::fs::read_dir(vm_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                (n.starts_with("ref-") || n.starts_with("disk-")) && n.ends_with(".qcow2")
+            })
+            .filter_map(|e| std::fs::symlink_metadata(e.path()).ok())
+            .filter(|m| m.file_type().is_file() && m.uid() == 0)
+            .map(|m| (m.dev(), m.ino()))
+            .collect();
+        Trusted {
+            layers: layers.to_path_buf(),
+            assets: assets.to_path_buf(),
+            chain,
+        }
+    }
+
+    fn allows(&self, backing: &Path, meta: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let name = backing
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let layer = backing.parent() == Some(self.layers.as_path())
+            && name.ends_with(".qcow2")
+            && self.chain.contains(&(meta.dev(), meta.ino()));
+        let asset = backing.parent() == Some(self.assets.as_path())
+            && name.starts_with("rootfs-")
+            && name.ends_with(".qcow2");
+        layer || asset
+    }
+}
 
 /// Checks a qcow2 image a QEMU may have written before a QEMU (root until it drops to
 /// its uid) opens it: version 2 or 3, no encryption, no external data file (feature
-/// bit 2, header extension `0x44415441`), no unknown incompatible feature, and a
-/// backing file, if any, of format qcow2, named by a plain absolute path under a
-/// [`Trusted`] directory, a regular file of root's. Returns the backing file.
+/// bit 2, header extension `0x44415441`), no incompatible feature but the compression
+/// type and extended L2 entries (not even dirty or corrupt: QEMU would repair the
+/// image as root), no autoclear feature, no internal snapshot, no bitmaps, and a
+/// backing file, if any, of format qcow2, named by a plain absolute path that
+/// [`Trusted`] allows, a regular file of root's. Returns the backing file.
 pub(crate) fn check_qcow2(image: &Path, trusted: &Trusted) -> Result<Option<PathBuf>, String> {
     use std::os::unix::fs::{FileExt as _, MetadataExt as _};
     let name = image.display();
@@ -55,20 +103,23 @@ pub(crate) fn check_qcow2(image: &Path, trusted: &Trusted) -> Result<Option<Path
     if u32_at(32) != Some(0) {
         return bad("encrypted");
     }
+    if u32_at(60) != Some(0) {
+        return bad("internal snapshots");
+    }
     let ext_start = if version == 3 {
-        // dirty, corrupt, compression type, extended L2: what QEMU's own images use.
-        let known = 0b1_1011u64;
+        // Compression type, extended L2 entries: what QEMU's own images may use.
+        let known = 0b1_1000u64;
         if u64_at(72).unwrap_or(u64::MAX) & !known != 0 {
-            return bad("an incompatible feature the host does not allow (external data file?)");
+            return bad("an incompatible feature the host does not allow (external data file, dirty, corrupt?)");
+        }
+        if u64_at(88) != Some(0) {
+            return bad("an autoclear feature (bitmaps, raw external data)");
         }
         u32_at(100).unwrap_or(0) as usize
     } else {
         72
     };
-    let (backing_at, backing_len) = (
-        u64_at(8).unwrap_or(0) as usize,
-        u32_at(16).unwrap_or(0) as usize,
-    );
+    let (backing_at, backing_len) = (u64_at(8).unwrap_or(0), u64::from(u32_at(16).unwrap_or(0)));
     // Header extensions up to the end marker.
     let mut at = ext_start;
     let mut format = None;
@@ -81,15 +132,21 @@ pub(crate) fn check_qcow2(image: &Path, trusted: &Trusted) -> Result<Option<Path
             0 => break,
             0x4441_5441 => return bad("names an external data file"),
             0x0537_be77 => return bad("encrypted"),
+            0x2385_2875 => return bad("bitmaps"),
             0xe279_2aca => format = head.get(at + 8..at + 8 + len).map(<[u8]>::to_vec),
             _ => {}
         }
-        at += 8 + len.div_ceil(8) * 8;
+        at = at.saturating_add(8).saturating_add(len.div_ceil(8) * 8);
     }
     if backing_at == 0 {
         return Ok(None);
     }
-    let Some(raw) = head.get(backing_at..backing_at + backing_len) else {
+    let end = backing_at.saturating_add(backing_len);
+    let Some(raw) = usize::try_from(backing_at)
+        .ok()
+        .zip(usize::try_from(end).ok())
+        .and_then(|(a, e)| head.get(a..e))
+    else {
         return bad("backing file name outside the first 4 KiB");
     };
     if format.as_deref() != Some(&b"qcow2"[..]) {
@@ -103,7 +160,7 @@ pub(crate) fn check_qcow2(image: &Path, trusted: &Trusted) -> Result<Option<Path
                 std::path::Component::RootDir | std::path::Component::Normal(_)
             )
         });
-    if !plain || !trusted.0.iter().any(|t| backing.starts_with(t)) {
+    if !plain {
         return bad(&format!(
             "backing file {} is not one of the host's layers",
             backing.display()
@@ -114,6 +171,12 @@ pub(crate) fn check_qcow2(image: &Path, trusted: &Trusted) -> Result<Option<Path
     if !meta.file_type().is_file() || meta.uid() != 0 {
         return bad(&format!(
             "backing file {} is not a file of root's",
+            backing.display()
+        ));
+    }
+    if !trusted.allows(&backing, &meta) {
+        return bad(&format!(
+            "backing file {} is not one of the host's layers under this disk",
             backing.display()
         ));
     }
@@ -314,7 +377,16 @@ mod tests {
         std::fs::create_dir_all(&layers).unwrap();
         let layer = layers.join("l.qcow2");
         std::fs::write(&layer, header(0, &[], None)).unwrap();
-        let trusted = Trusted(vec![layers.clone()]);
+        // Another VM's layer, and this VM's dir naming its own.
+        let other = layers.join("other.qcow2");
+        std::fs::write(&other, header(0, &[], None)).unwrap();
+        let (vm_dir, assets) = (t.path().join("vm"), t.path().join("assets"));
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        std::fs::create_dir_all(&assets).unwrap();
+        std::fs::hard_link(&layer, vm_dir.join("ref-1.qcow2")).unwrap();
+        let image = assets.join("rootfs-python.qcow2");
+        std::fs::write(&image, header(0, &[], None)).unwrap();
+        let trusted = Trusted::of(&layers, &assets, &vm_dir);
         let top = t.path().join("top.qcow2");
         let check = |h: Vec<u8>| {
             std::fs::write(&top, h).unwrap();
@@ -332,6 +404,17 @@ mod tests {
             assert_eq!(ok, Ok(Some(layer.clone())));
             std::fs::write(&top, header(0, &[qcow2], Some(name))).unwrap();
             assert_eq!(check_chain(&top, &trusted), Ok(()));
+            let asset = image.as_os_str().as_bytes();
+            assert_eq!(
+                check(header(0, &[qcow2], Some(asset))),
+                Ok(Some(image.clone()))
+            );
+            // A layer of root's that is not under this VM's disk.
+            let got = check(header(0, &[qcow2], Some(other.as_os_str().as_bytes())));
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains("under this disk")),
+                "{got:?}"
+            );
         } else {
             assert!(ok.unwrap_err().contains("not a file of root's"));
         }
@@ -341,6 +424,8 @@ mod tests {
         for (h, why) in [
             (header(1 << 2, &[], None), "incompatible feature"),
             (header(1 << 9, &[], None), "incompatible feature"),
+            (header(1, &[], None), "incompatible feature"),
+            (header(0, &[(0x2385_2875, b"x")], None), "bitmaps"),
             (
                 header(0, &[(0x4441_5441, b"/etc/shadow")], None),
                 "external data file",
@@ -350,6 +435,10 @@ mod tests {
             (header(0, &[], Some(name)), "format"),
             (
                 header(0, &[qcow2], Some(b"/etc/shadow")),
+                "not one of the host's layers",
+            ),
+            (
+                header(0, &[qcow2], Some(b"json:{\"driver\":\"file\"}")),
                 "not one of the host's layers",
             ),
             (

@@ -182,8 +182,9 @@ impl VmInstance {
                     let _ = std::fs::remove_file(&next);
                     return Err(host(e));
                 }
-                let (from, layer, trusted) = (current.clone(), layer_disk.clone(), rt.trusted());
-                tokio::task::spawn_blocking(move || copy_layer(&from, &layer, &trusted))
+                let (from, layer) = (current.clone(), layer_disk.clone());
+                let (trusted, limit) = (rt.trusted(&self.vm.dir), size);
+                tokio::task::spawn_blocking(move || copy_layer(&from, &layer, &trusted, limit))
                     .await
                     .map_err(|e| RuntimeError::host("capture", &self.id, e))?
                     .map_err(|e| {
@@ -460,10 +461,24 @@ impl Inner {
 /// name of the layer too (the VM's chain and its children's `ref-*` names count the
 /// layer's links; QEMU reopens its backing by that name, read-only). A layer is only
 /// ever opened read-only, by QEMUs of other sandboxes too.
-fn copy_layer(frozen: &Path, layer: &Path, trusted: &Trusted) -> Result<(), String> {
+///
+/// `size` is the disk's virtual size: a qcow2 file much larger than it (holes a QEMU
+/// made with `ftruncate`) is refused, and holes are not copied.
+fn copy_layer(frozen: &Path, layer: &Path, trusted: &Trusted, size: u64) -> Result<(), String> {
     let tmp = layer.with_extension("qcow2.tmp");
+    let len = std::fs::metadata(frozen)
+        .map_err(|e| format!("{}: {e}", frozen.display()))?
+        .len();
+    // The data plus generous room for qcow2's metadata.
+    if len > size.saturating_add(size / 8).saturating_add(256 << 20) {
+        return Err(format!(
+            "{} is {len} bytes for a {size}-byte disk",
+            frozen.display()
+        ));
+    }
+    let _ = std::fs::remove_file(&tmp);
     let made = (|| {
-        std::fs::copy(frozen, &tmp).map_err(|e| format!("copy {}: {e}", frozen.display()))?;
+        sparse_copy(frozen, &tmp).map_err(|e| format!("copy {}: {e}", frozen.display()))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
             .map_err(|e| e.to_string())?;
         check_qcow2(&tmp, trusted)?;

@@ -53,12 +53,16 @@ impl VmInstance {
         let kills = self.oom_kills.clone();
         events
             .inspect(move |ev| {
+                // The guest says so: a few per call at most, never wrapping.
                 if let Ok(forkbox_types::agent::AgentEvent::Exit {
                     oom_kills: Some(n @ 1..),
                     ..
                 }) = ev
                 {
-                    kills.fetch_add(*n, Ordering::SeqCst);
+                    let n = (*n).min(64);
+                    let _ = kills.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| {
+                        Some(k.saturating_add(n))
+                    });
                 }
             })
             .boxed()
@@ -316,6 +320,9 @@ impl VmInstance {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        // Whatever else runs in its group, or as its uid: an adopted QEMU is watched
+        // through its command line, which it could rewrite to look gone.
+        self.rt.kill_leftovers(&self.id, &self.vm.dir);
         let mut exited = self.exited.clone();
         let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
         self.alive.store(false, Ordering::SeqCst);

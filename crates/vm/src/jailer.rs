@@ -83,25 +83,47 @@ pub(crate) fn claim(claims: &Path, base: u32, vm_dir: &Path) -> io::Result<u32> 
     Ok(uid)
 }
 
-/// The real uids of the host's processes.
-fn running_uids() -> std::collections::HashSet<u32> {
+/// The host's processes and their real uids.
+fn processes() -> Vec<(i32, u32)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Default::default();
+        return Vec::new();
     };
     dir.flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
-        .filter_map(|s| {
-            s.lines()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let uid = s
+                .lines()
                 .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().next()?.parse().ok())
+                .and_then(|u| u.split_whitespace().next()?.parse().ok())?;
+            Some((pid, uid))
         })
         .collect()
+}
+
+/// The real uids of the host's processes.
+fn running_uids() -> std::collections::HashSet<u32> {
+    processes().into_iter().map(|(_, uid)| uid).collect()
+}
+
+/// SIGKILLs every process running as `uid` (a QEMU uid: never root's); how many
+/// there were.
+pub(crate) fn kill_uid(uid: u32) -> usize {
+    if uid == 0 {
+        return 0;
+    }
+    let mine: Vec<i32> = processes()
+        .into_iter()
+        .filter(|(_, u)| *u == uid)
+        .map(|(pid, _)| pid)
+        .collect();
+    for pid in &mine {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    mine.len()
 }
 
 /// The uid a VM's QEMU runs as, if it was started jailed.
@@ -143,8 +165,12 @@ impl Plan {
             dirs.push(cstr(&at)?);
         }
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let mut keep: Vec<&Path> = vec![run_dir, vm_dir];
-        keep.extend_from_slice(needs);
+        // As given and as the kernel names them (through symlinks).
+        let mut keep: Vec<PathBuf> = vec![run_dir.to_path_buf(), vm_dir.to_path_buf()];
+        keep.extend(needs.iter().map(|p| p.to_path_buf()));
+        let real: Vec<PathBuf> = keep.iter().filter_map(|p| p.canonicalize().ok()).collect();
+        keep.extend(real);
+        let keep: Vec<&Path> = keep.iter().map(PathBuf::as_path).collect();
         let detach = mounts_to_detach(&mountinfo, &keep)
             .iter()
             .map(|m| cstr(m))
@@ -187,7 +213,7 @@ impl Plan {
             ))?;
             for m in &self.detach {
                 // Gone already with a detached parent: fine.
-                libc::umount2(m.as_ptr(), libc::MNT_DETACH);
+                libc::umount2(m.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW);
             }
             check(libc::mount(
                 c"forkbox-qemu".as_ptr(),
@@ -228,7 +254,16 @@ impl Plan {
 /// where QEMU, its libraries and firmware are) are kept too.
 fn mounts_to_detach(mountinfo: &str, keep: &[&Path]) -> Vec<PathBuf> {
     let system = [
-        "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/tmp", "/var/tmp",
+        "/usr",
+        "/usr/local",
+        "/lib",
+        "/lib64",
+        "/bin",
+        "/sbin",
+        "/etc",
+        "/opt",
+        "/tmp",
+        "/var/tmp",
     ];
     let mut out: Vec<PathBuf> = mountinfo
         .lines()

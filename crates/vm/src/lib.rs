@@ -313,16 +313,35 @@ impl Inner {
         self.cfg.ram_dir.join(format!("forkbox-vm-{id}.ram"))
     }
 
-    /// Where a guest's disk chain may name backing files (`disks::check_qcow2`): the
-    /// run dir's shared layers, boot images and snapshots, and the assets.
-    fn trusted(&self) -> disks::Trusted {
-        let run = &self.cfg.run_dir;
-        disks::Trusted(vec![
-            run.join("layers"),
-            run.join("images"),
-            run.join("snapshots"),
-            self.cfg.assets_dir.clone(),
-        ])
+    /// What the disk chain of the VM in `vm_dir` may name as backing files
+    /// (`disks::check_qcow2`).
+    fn trusted(&self, vm_dir: &Path) -> disks::Trusted {
+        disks::Trusted::of(
+            &self.cfg.run_dir.join("layers"),
+            &self.cfg.assets_dir,
+            vm_dir,
+        )
+    }
+
+    /// Kills every process left in the VM's cgroup or running as its QEMU's uid (a
+    /// jailed VM's uid is its alone), and waits a little for them to go.
+    /// (A QEMU cannot leave its cgroup; the uid is looked for, through every process
+    /// of the host, only where there is none: guests making boot images, or no
+    /// cgroups at all.)
+    fn kill_leftovers(&self, id: &str, vm_dir: &Path) {
+        let grouped = self.cgroups.is_some() && !id.starts_with(pool::IMAGE_VM_PREFIX);
+        if let Some(g) = self.cgroups.as_ref().and_then(|d| d.open(id).ok()) {
+            let _ = g.kill_all();
+        }
+        if grouped {
+            return;
+        }
+        if let Some(uid) = self.cfg.qemu_uid_base.and_then(|_| jailer::uid_of(vm_dir)) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while jailer::kill_uid(uid) > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 }
 
@@ -466,10 +485,9 @@ impl Runtime for VmRuntime {
                 }
             }
         }
-        // And whatever else still runs in its cgroup (a QEMU the pid file did not name).
-        if let Some(g) = self.inner.cgroups.as_ref().and_then(|d| d.open(id).ok()) {
-            let _ = g.kill_all();
-        }
+        // And whatever else still runs in its cgroup or as its uid (a QEMU the pid
+        // file did not name).
+        self.inner.kill_leftovers(id, &dir);
         let _ = std::fs::remove_file(self.inner.ram_file(id));
         // What a fork of it interrupted by a crash left: its RAM copy and device state.
         let layer_prefix = format!("forkbox-vm-layer-{id}-");
