@@ -432,7 +432,8 @@ impl Manager {
     /// A metadata operation on a sandbox's files.
     pub async fn file_op(&self, id: &SandboxRef, op: FileOp) -> Result<FileOpReply, CoreError> {
         let id = id.id();
-        Ok(self.running_instance(id).await?.file_op(op).await?)
+        let instance = self.running_instance(id).await?;
+        instance.file_op(op).await.map_err(|e| self.failed(id, e))
     }
 
     /// Reads a file of a sandbox, streamed.
@@ -442,7 +443,11 @@ impl Manager {
         path: &str,
     ) -> Result<(Option<u64>, ByteStream), CoreError> {
         let id = id.id();
-        Ok(self.running_instance(id).await?.read_file(path).await?)
+        let instance = self.running_instance(id).await?;
+        instance
+            .read_file(path)
+            .await
+            .map_err(|e| self.failed(id, e))
     }
 
     /// Writes a file of a sandbox from a stream, atomically.
@@ -453,11 +458,11 @@ impl Manager {
         data: UploadStream,
     ) -> Result<WriteReply, CoreError> {
         let id = id.id();
-        Ok(self
-            .running_instance(id)
-            .await?
+        let instance = self.running_instance(id).await?;
+        instance
             .write_file(path, data)
-            .await?)
+            .await
+            .map_err(|e| self.failed(id, e))
     }
 }
 

@@ -465,6 +465,16 @@ impl Manager {
         })
     }
 
+    /// A runtime's failure of a call on sandbox `id`: [`CoreError::Ending`] (410) when
+    /// the sandbox was ended while the call ran (its agent went with it: a delete
+    /// racing a file read is not a broken agent), else the failure itself.
+    pub(crate) fn failed(&self, id: &str, e: crate::runtime::RuntimeError) -> CoreError {
+        if matches!(e, crate::runtime::RuntimeError::Agent { .. }) && self.live(id).is_none() {
+            return CoreError::Ending(id.to_owned());
+        }
+        e.into()
+    }
+
     /// Refuses work on a sandbox that another node (a server on the same database)
     /// runs: its processes and files are on that node.
     pub(crate) async fn ensure_here(&self, id: &str) -> Result<(), CoreError> {

@@ -487,3 +487,22 @@ async fn snapshots_are_deleted_by_the_runtime_that_took_them() {
     m.delete_snapshot(&own).await.unwrap();
     assert!(m.store().get_snapshot(&snap.id).await.unwrap().is_none());
 }
+
+/// An agent call that fails because its sandbox was ended meanwhile (a delete racing a
+/// file read) is "gone" (410), not a broken agent (502); while the sandbox lives, the
+/// failure stays what it is.
+#[tokio::test]
+async fn an_agent_failure_of_an_ended_sandbox_is_gone() {
+    let (m, _rt, _dir) = manager().await;
+    let s = m.create(req(DEFAULT_WORKSPACE, "python")).await.unwrap();
+    let broken = || crate::runtime::RuntimeError::Agent {
+        id: s.id.clone(),
+        source: "agent request: connection error".into(),
+    };
+    assert!(matches!(
+        m.failed(&s.id, broken()),
+        CoreError::Runtime(crate::runtime::RuntimeError::Agent { .. })
+    ));
+    m.delete(&r(&s.id)).await.unwrap();
+    assert!(matches!(m.failed(&s.id, broken()), CoreError::Ending(_)));
+}
