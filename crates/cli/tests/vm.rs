@@ -39,7 +39,9 @@ fn assert_qemu_jailed(s: &Server, id: &str) -> i32 {
     assert_eq!(field("CapPrm"), "0000000000000000", "{status}");
     assert_eq!(field("NoNewPrivs"), "1", "{status}");
     assert_eq!(field("Seccomp"), "2", "{status}");
-    for ns in ["net", "ipc", "uts", "mnt"] {
+    // PID 1 of a PID namespace of its own.
+    assert_eq!(field("NSpid").split(' ').next_back(), Some("1"), "{status}");
+    for ns in ["net", "ipc", "uts", "mnt", "pid"] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(theirs, ours, "{ns}");
@@ -65,6 +67,52 @@ fn assert_qemu_jailed(s: &Server, id: &str) -> i32 {
     assert!(walk.join("qemu.pid").exists(), "{}", walk.display());
     // Another VM's directory, or the run dir's layers, are not there.
     assert!(!root.join("etc/passwd").exists() && !root.join("usr").exists());
+    // What it holds writable: its own files, its own RAM file, volumes; a RAM it
+    // maps privately (a copy's, shared with other copies) is sealed: a write through
+    // its descriptor, as a QEMU taken over by its guest would try, fails.
+    let (mut sealed, mut own_ram) = (0, 0);
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let fd = fd.unwrap().path();
+        let Ok(target) = std::fs::read_link(&fd) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().unwrap().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+            .unwrap_or(0);
+        if target.starts_with("/memfd:forkbox-vm-ram") {
+            use std::os::unix::fs::FileExt as _;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&fd)
+                .unwrap();
+            let mut byte = [0u8; 1];
+            f.read_exact_at(&mut byte, 0).unwrap();
+            assert!(f.write_all_at(&byte, 0).is_err(), "{target} is writable");
+            assert!(f.set_len(0).is_err(), "{target} can shrink");
+            sealed += 1;
+        } else if target.ends_with(&format!("/forkbox-vm-{id}.ram")) {
+            own_ram += 1;
+        } else if flags & 3 != 0 && target.starts_with('/') && !target.starts_with("/dev/") {
+            assert!(
+                // (Seen through its root, which mounts the VM dir at its path.)
+                target.contains(&*vm_dir.to_string_lossy()) || target.contains("/volumes/"),
+                "QEMU holds {target} writable"
+            );
+        }
+    }
+    assert!(
+        (sealed > 0) != (own_ram > 0),
+        "a copy maps a sealed RAM, others a file of their own ({sealed}, {own_ram})"
+    );
     pid
 }
 
@@ -548,7 +596,9 @@ async fn layers_only_under_images(s: &Server) {
 /// stays paused; deleting it leaves the sandboxes made from it alone. After the first
 /// cold boot the server makes the template's boot image, and creates are then copies
 /// of it (the guest's init file names the image VM) with their own host name and
-/// environment; such a copy forks (its RAM is a private mapping: captured whole).
+/// environment; such a copy forks, and so does its child (each a private mapping of
+/// another's RAM: the capture takes the mapped copy and the pages it wrote), and the
+/// RAM they share is sealed.
 #[tokio::test]
 #[ignore = "needs qemu-system-x86 and `make vm-assets`; run by `make test-vm`"]
 async fn vm_snapshots_and_boot_images() {
@@ -711,13 +761,44 @@ async fn vm_snapshots_and_boot_images() {
         .0
         .contains("vmimg-"));
     assert_eq!(py(&s, &e, "z = 5").await.2, 0);
+    // A copy's fork: its RAM is the image's and the pages it wrote, its processes
+    // and files carried; and a fork of that child (itself a copy) likewise.
+    assert_qemu_jailed(&s, &e);
+    s.sh(&e, "echo mine > /root/g").await;
+    let (st, bg) = post(
+        &s,
+        &format!("/v1/sandboxes/{e}/exec"),
+        json!({"cmd": "sleep 3600", "background": true}),
+    )
+    .await;
+    assert_eq!(st, 200, "{bg}");
     let (st, f) = post(&s, &format!("/v1/sandboxes/{e}/fork"), json!({"n": 1})).await;
     assert_eq!(st, 200, "{f}\n{}", logs());
     let kid = f["children"][0].as_str().unwrap().to_owned();
     assert_eq!(py(&s, &kid, "z").await.0, "5\n");
     assert_eq!(py(&s, &e, "z").await.0, "5\n");
+    assert_qemu_jailed(&s, &kid);
+    assert_eq!(py(&s, &kid, "z = z + 1; print(z)").await.0, "6\n");
+    let (st, f) = post(&s, &format!("/v1/sandboxes/{kid}/fork"), json!({"n": 1})).await;
+    assert_eq!(st, 200, "{f}\n{}", logs());
+    let grandkid = f["children"][0].as_str().unwrap().to_owned();
+    assert_eq!(py(&s, &grandkid, "z").await.0, "6\n");
+    assert_eq!(s.sh(&grandkid, "cat /root/g").await.0, "mine\n");
+    assert_eq!(
+        s.sh(&grandkid, "pgrep -x sleep >/dev/null && echo running")
+            .await
+            .0,
+        "running\n"
+    );
+    assert_eq!(s.sh(&grandkid, "hostname").await.0, format!("{grandkid}\n"));
+    assert_eq!(py(&s, &e, "z").await.0, "5\n");
+    assert!(
+        logs().contains("own_ram=false"),
+        "a copy's capture took the device state alone\n{}",
+        logs()
+    );
 
-    for id in [&a, &b, &c, &d, &e, &kid] {
+    for id in [&a, &b, &c, &d, &e, &kid, &grandkid] {
         assert_eq!(s.delete(id).await, 204);
     }
     layers_only_under_images(&s).await;

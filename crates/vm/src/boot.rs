@@ -100,21 +100,9 @@ impl Inner {
         // The disk: a copy-on-write overlay on the template's image (absolute backing
         // path), `disk_mb` bigger (the guest grows its file system to fill it).
         let size = self.disk_size(spec).await?;
-        let out = tokio::process::Command::new(&self.cfg.qemu_img)
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(&image)
-            .arg(&vm.disk)
-            .arg(size.to_string())
-            .output()
+        disks::overlay(&image, &vm.disk, size)
             .await
-            .map_err(fail("run qemu-img"))?;
-        if !out.status.success() {
-            return Err(RuntimeError::host(
-                "make disk overlay",
-                &id,
-                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-            ));
-        }
+            .map_err(fail("make disk overlay"))?;
         let init = VmInit {
             id: id.clone(),
             env: spec.env.clone(),
@@ -213,7 +201,18 @@ impl Inner {
         };
         let log = std::fs::File::create(&vm.qemu_log).map_err(fail("make QEMU log"))?;
         let log2 = log.try_clone().map_err(fail("make QEMU log"))?;
-        let mut cmd = tokio::process::Command::new(&self.cfg.qemu_bin);
+        // A VM booted to make a boot image is no sandbox: it ends with the server (an
+        // unjailed QEMU at once; a jailed one loses the parent-death signal when it
+        // drops to its uid, its guest powers off `IMAGE_VM_GRACE_S` after the server).
+        let die_with_server = id.starts_with(pool::IMAGE_VM_PREFIX);
+        // A PID namespace of its own, QEMU its PID 1: util-linux's `unshare --pid
+        // --fork` makes it and waits for QEMU (the server keeps QEMU's host pid).
+        let mut cmd = tokio::process::Command::new(UNSHARE);
+        cmd.args(["--pid", "--fork"]);
+        if die_with_server {
+            cmd.arg("--kill-child=SIGKILL");
+        }
+        cmd.arg("--").arg(&self.cfg.qemu_bin);
         cmd.args(["-M", "microvm"])
             .args(accel.qemu_args())
             .args(["-m", &format!("{memory_mb}M"), "-smp", &smp.to_string()])
@@ -232,10 +231,11 @@ impl Inner {
             ])
             .arg("-object")
             .arg(match source {
-                // A fork child maps its parent's RAM copy privately (copy-on-write).
-                Source::Fork { ram: layer, .. } => format!(
+                // A copy maps the capture's sealed RAM privately (copy-on-write), a
+                // descriptor it inherits (`ram.rs`).
+                Source::Fork { ram: sealed, .. } => format!(
                     "memory-backend-file,id=ram0,size={memory_mb}M,mem-path={},share=off",
-                    layer.display()
+                    sealed.mem_path().display()
                 ),
                 _ => format!(
                     "memory-backend-file,id=ram0,size={memory_mb}M,mem-path={},share=on",
@@ -289,14 +289,20 @@ impl Inner {
         // terminal's Ctrl-C, `timeout`, a supervisor) leave the VM alone. Network, IPC
         // and UTS namespaces of its own: QEMU needs none of the host's (its sockets
         // are files), so a QEMU taken over by its guest reaches no host network.
-        // A VM booted to make a boot image is no sandbox: it ends with the server (an
-        // unjailed QEMU at once; a jailed one loses the parent-death signal when it
-        // drops to its uid, its guest powers off `IMAGE_VM_GRACE_S` after the server).
-        let die_with_server = id.starts_with(pool::IMAGE_VM_PREFIX);
-        // SAFETY: setsid, unshare and prctl are async-signal-safe and touch no memory
-        // of ours.
+        // The sealed RAM a copy maps, inherited (its descriptor stays open meanwhile).
+        let inherit = match source {
+            Source::Fork { ram, .. } => Some(ram.raw_fd()),
+            _ => None,
+        };
+        // SAFETY: setsid, unshare, prctl and fcntl are async-signal-safe and touch no
+        // memory of ours.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(fd) = inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 // A jailed QEMU's mount namespace is its own too (its root, `jailer.rs`).
                 let mount_ns = if plan.is_some() { libc::CLONE_NEWNS } else { 0 };
                 if libc::setsid() < 0
@@ -316,20 +322,30 @@ impl Inner {
         }
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(fail("start QEMU"))?;
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let waiter = child.id().map(|p| p as i32).unwrap_or(0);
+        let pid = qemu_under(waiter, &mut child, &id).await;
         // Its pid, for a later server (adoption, clean-up), written by us: QEMU's own
         // `-pidfile` would be a file it keeps open and could rewrite.
-        let recorded = std::fs::write(&vm.pidfile, pid.to_string());
+        let recorded = pid.and_then(|pid| {
+            std::fs::write(&vm.pidfile, pid.to_string())
+                .map(|()| pid)
+                .map_err(fail("record QEMU's pid"))
+        });
         // Its limits before the guest runs (its RAM is touched, and charged, later).
-        if let Err(e) = recorded
-            .map_err(fail("record QEMU's pid"))
-            .and_then(|()| self.confine(&id, pid, spec))
-        {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            self.release_cgroup(&id);
-            return Err(e);
-        }
+        let pid = match recorded.and_then(|pid| self.confine(&id, pid, spec).map(|()| pid)) {
+            Ok(pid) => pid,
+            Err(e) => {
+                // `unshare` and QEMU: its process group.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(waiter),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                self.release_cgroup(&id);
+                return Err(e);
+            }
+        };
         let alive = Arc::new(AtomicBool::new(true));
         let (exited_tx, exited) = tokio::sync::watch::channel(false);
         {
@@ -403,6 +419,69 @@ impl Inner {
     }
 }
 
+/// util-linux's `unshare` (Debian: essential), which gives QEMU its PID namespace.
+const UNSHARE: &str = "unshare";
+
+/// The host pid of the QEMU that `unshare` (pid `waiter`, `child`) forked into its
+/// PID namespace, once it is there; should `unshare` end first, or QEMU not appear,
+/// an error (and both are killed: `unshare` leads the process group QEMU is in).
+async fn qemu_under(
+    waiter: i32,
+    child: &mut tokio::process::Child,
+    id: &str,
+) -> Result<i32, RuntimeError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pid) = children_of(waiter).into_iter().next() {
+            return Ok(pid);
+        }
+        let ended = match child.try_wait() {
+            Ok(Some(status)) => Some(format!("unshare ended: {status}")),
+            Ok(None) if Instant::now() > deadline => Some("QEMU did not start in 10 s".into()),
+            Ok(None) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = ended {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(waiter),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.start_kill();
+            return Err(RuntimeError::host(
+                "start QEMU",
+                id,
+                std::io::Error::other(why),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The children of process `pid`: from `/proc/<pid>/task/<pid>/children`, or, on a
+/// kernel without it, from every process's parent.
+fn children_of(pid: i32) -> Vec<i32> {
+    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        return text
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+    }
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            // `stat`: "pid (comm) state ppid …"; comm may hold anything but ')'.
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
 /// The serial number the guest finds volume `i` of its sandbox by.
 fn volume_serial(i: usize) -> String {
     format!("forkbox-vol{i}")
@@ -448,8 +527,12 @@ pub(crate) enum Source<'a> {
     Boot,
     /// A whole saved VM (hibernation).
     Restore(&'a Path),
-    /// A fork child: the parent's device state and a copy of its RAM, mapped privately.
-    Fork { state: &'a Path, ram: &'a Path },
+    /// A copy (fork child, a copy of a boot image or a snapshot): the capture's device
+    /// state and its RAM, mapped privately.
+    Fork {
+        state: &'a Path,
+        ram: &'a crate::ram::SealedRam,
+    },
     /// A QEMU an earlier server started, found running (`paused`: its vCPUs are stopped).
     Adopt { paused: bool },
 }

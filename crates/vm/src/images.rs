@@ -4,8 +4,11 @@
 //! (state to disk, QEMU stopped).
 
 use super::*;
+use crate::ram::{self, SealedRam};
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt as _;
+use std::io::{Read as _, Write as _};
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 
 /// A VM captured while stopped: what a copy of it needs to start.
 #[derive(Debug, Clone)]
@@ -15,10 +18,11 @@ pub(crate) struct Captured {
     /// Its virtual size.
     pub(crate) size: u64,
     /// The migration stream: device state only when `ram` is set (the RAM is that
-    /// file, skipped with `x-ignore-shared`), else device state and RAM.
+    /// copy, skipped with `x-ignore-shared`), else device state and RAM (a capture
+    /// an earlier version kept).
     pub(crate) state: PathBuf,
     /// A copy of the guest's RAM, mapped privately (copy-on-write) by each copy.
-    pub(crate) ram: Option<PathBuf>,
+    pub(crate) ram: Option<RamCopy>,
     /// The guest's RAM in MiB and vCPUs: a copy has the same.
     pub(crate) memory_mb: u64,
     pub(crate) smp: u64,
@@ -28,6 +32,16 @@ pub(crate) struct Captured {
     /// The layers under `disk` (`disk` itself included) as (a name of it, the name a
     /// copy's dir holds it by: see `collect_layers`).
     pub(crate) refs: Vec<(PathBuf, String)>,
+}
+
+/// Where a capture's RAM copy is.
+#[derive(Debug, Clone)]
+pub(crate) enum RamCopy {
+    /// A file on disk (a kept capture's): copies map a sealed copy of it
+    /// (`Inner::sealed_ram`).
+    File(PathBuf),
+    /// A sealed memfd (a fork's), mapped by the children as it is.
+    Sealed(Arc<SealedRam>),
 }
 
 /// A capture kept in a directory of its own (a named snapshot's, a boot image's):
@@ -79,7 +93,7 @@ impl Captured {
             disk: k.disk,
             size: k.size,
             state: dir.join(KEPT_STATE),
-            ram: (!k.whole_stream).then(|| dir.join(KEPT_RAM)),
+            ram: (!k.whole_stream).then(|| RamCopy::File(dir.join(KEPT_RAM))),
             memory_mb: k.memory_mb,
             smp: k.smp,
             initrd: dir.join(KEPT_INITRD),
@@ -110,6 +124,9 @@ pub(crate) fn limits_of(spec: &CreateSpec) -> (u64, u64) {
     )
 }
 
+/// The largest device state (RAM not included) a capture takes from a QEMU.
+const MAX_DEVICE_STATE: u64 = 8 << 20;
+
 /// A name for files of VM `id` that no other capture of it has.
 pub(crate) fn layer_tag(id: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -122,17 +139,18 @@ pub(crate) fn layer_tag(id: &str) -> String {
 /// Where a capture's stream and RAM copy go.
 pub(crate) struct CaptureTo<'a> {
     pub(crate) state: &'a Path,
-    pub(crate) ram: &'a Path,
+    /// A file made for the RAM copy (mode 0400), or none: a sealed memfd.
+    pub(crate) ram: Option<&'a Path>,
     /// Run the VM again afterwards (it was running).
     pub(crate) resume: bool,
 }
 
 impl VmInstance {
     /// Captures this VM (see [`Captured`]): stopped, its disk frozen into a layer it
-    /// runs on top of from now on, its device state and (when its RAM is a file of
-    /// its own) a sparse copy of its RAM taken, then run again if `to.resume`. A VM
-    /// whose RAM is a private mapping (itself a copy) is captured whole into the
-    /// stream, which takes longer.
+    /// runs on top of from now on, its device state and a sparse copy of its RAM
+    /// taken, then run again if `to.resume`. The RAM of a VM that is itself a copy
+    /// (a private mapping of another capture's) is the mapped copy and the pages it
+    /// wrote (`ram::copy_private_ram`), its device state taken without RAM.
     pub(crate) async fn capture(&self, to: CaptureTo<'_>) -> Result<Captured, RuntimeError> {
         let rt = self.rt.clone();
         let io = |op: &'static str| {
@@ -149,7 +167,31 @@ impl VmInstance {
         let size = image_size(&current).await?;
         let next = self.vm.dir.join(format!("disk-{}.qcow2", generation + 1));
         let own_ram = self.ram.exists();
+        let len = self.memory_mb << 20;
+        // A copy's RAM is read from its QEMU's memory: through its `/proc` directory,
+        // opened while it is known to be this VM's QEMU (its pid could be another
+        // process's by the time of the copy, should it die meanwhile).
+        let mut proc = if own_ram {
+            None
+        } else {
+            let uid = rt
+                .cfg
+                .qemu_uid_base
+                .and_then(|_| jailer::uid_of(&self.vm.dir));
+            Some(ram::ProcDir::of_qemu(self.pid, &self.vm.dir, uid).map_err(io("capture"))?)
+        };
         let state_file = std::fs::File::create(to.state).map_err(io("capture"))?;
+        let ram_file = match to.ram {
+            Some(path) => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .open(path)
+                .and_then(|f| f.set_len(len).map(|()| f)),
+            None => ram::new_memfd(len),
+        }
+        .map_err(io("capture"))?;
         let started = Instant::now();
         let copied = {
             let mut g = self.qmp.lock().await;
@@ -166,7 +208,7 @@ impl VmInstance {
                 // holds the layer, which children and snapshots stand on, writable (a
                 // jailed QEMU can rewrite its own disk, header included, and keeps its
                 // descriptors).
-                overlay(&rt.cfg.qemu_img, &layer_disk, &next, size)
+                overlay(&layer_disk, &next, size)
                     .await
                     .map_err(io("capture"))?;
                 // A jailed QEMU opens its new disk by name as its own uid.
@@ -194,30 +236,59 @@ impl VmInstance {
                             std::io::Error::other(e),
                         )
                     })?;
-                q.getfd("state", std::os::fd::AsFd::as_fd(&state_file))
-                    .await
-                    .map_err(host)?;
-                if !own_ram {
-                    q.save_to_fd("state", Duration::from_secs(300))
+                if own_ram {
+                    q.getfd("state", std::os::fd::AsFd::as_fd(&state_file))
                         .await
                         .map_err(host)?;
-                    return Ok(0);
+                    q.save_devices_to_fd("state", Duration::from_secs(60))
+                        .await
+                        .map_err(host)?;
+                } else {
+                    // A private mapping is RAM `x-ignore-shared` does not skip: the
+                    // device state alone, made a stream copies load.
+                    let devices = ram::new_memfd(0).map_err(io("capture"))?;
+                    let write_only = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(format!("/proc/self/fd/{}", devices.as_raw_fd()))
+                        .map_err(io("capture"))?;
+                    q.save_devices_only(std::os::fd::AsFd::as_fd(&write_only))
+                        .await
+                        .map_err(host)?;
+                    // (~60 KiB; a QEMU taken over by its guest could write without
+                    // end: bounded.)
+                    let mut raw = Vec::new();
+                    (&devices)
+                        .take(MAX_DEVICE_STATE + 1)
+                        .read_to_end(&mut raw)
+                        .map_err(io("capture"))?;
+                    if raw.len() as u64 > MAX_DEVICE_STATE {
+                        return Err(io("capture")(std::io::Error::other(
+                            "a device state larger than 8 MiB",
+                        )));
+                    }
+                    let stream = ram::devices_only_stream(&raw).map_err(io("capture"))?;
+                    (&state_file).write_all(&stream).map_err(io("capture"))?;
                 }
-                q.save_devices_to_fd("state", Duration::from_secs(60))
-                    .await
-                    .map_err(host)?;
-                let (from, into) = (self.ram.clone(), to.ram.to_path_buf());
-                tokio::task::spawn_blocking(move || sparse_copy(&from, &into))
-                    .await
-                    .map_err(|e| RuntimeError::host("capture", &self.id, e))?
-                    .map_err(io("copy RAM"))
+                let own = own_ram.then(|| self.ram.clone());
+                let into = ram_file.try_clone().map_err(io("capture"))?;
+                let proc = proc.take();
+                tokio::task::spawn_blocking(move || match (own, proc) {
+                    (Some(from), _) => ram::copy_data(&std::fs::File::open(from)?, &into, len),
+                    (None, Some(proc)) => ram::copy_private_ram(&proc, len, &into),
+                    (None, None) => Err(std::io::Error::other("no QEMU to read the RAM of")),
+                })
+                .await
+                .map_err(|e| RuntimeError::host("capture", &self.id, e))?
+                .map_err(io("copy RAM"))
             }
             .await;
             let resumed = if to.resume { q.cont().await } else { Ok(()) };
             match (r, resumed) {
                 (Ok(n), Ok(())) => n,
                 (Err(e), _) => {
-                    let _ = std::fs::remove_file(to.ram);
+                    if let Some(path) = to.ram {
+                        let _ = std::fs::remove_file(path);
+                    }
                     let _ = std::fs::remove_file(to.state);
                     if !next.exists() {
                         let _ = std::fs::remove_file(&layer_disk);
@@ -228,18 +299,24 @@ impl VmInstance {
             }
         };
         drop(state_file);
+        let ram = match to.ram {
+            Some(path) => RamCopy::File(path.to_path_buf()),
+            None => RamCopy::Sealed(Arc::new(
+                SealedRam::seal(ram_file).map_err(io("seal the RAM copy"))?,
+            )),
+        };
         tracing::info!(
             sandbox = %self.id,
             paused_ms = started.elapsed().as_millis() as u64,
             ram_copied_mib = copied >> 20,
-            whole_stream = !own_ram,
+            own_ram,
             "vm captured"
         );
         Ok(Captured {
             disk: layer_disk,
             size,
             state: to.state.to_path_buf(),
-            ram: own_ram.then(|| to.ram.to_path_buf()),
+            ram: Some(ram),
             memory_mb: self.memory_mb,
             smp: self.smp,
             initrd: self.vm.initrd.clone(),
@@ -261,12 +338,11 @@ impl VmInstance {
         let rt = self.rt.clone();
         let tag = layer_tag(&self.id);
         let state = rt.cfg.run_dir.join("layers").join(format!("{tag}.state"));
-        let ram = rt.cfg.ram_dir.join(format!("forkbox-vm-layer-{tag}.ram"));
         let started = Instant::now();
         let captured = self
             .capture(CaptureTo {
                 state: &state,
-                ram: &ram,
+                ram: None,
                 resume: true,
             })
             .await?;
@@ -274,8 +350,9 @@ impl VmInstance {
             .iter()
             .map(|spec| rt.restore_copy(spec, &captured, None));
         let results = futures_util::future::join_all(boots).await;
-        // Every child has its private mapping now; the copy's pages live on in them.
-        let _ = std::fs::remove_file(&ram);
+        // Every child has its private mapping now; the copy's pages live on in them
+        // (the memfd goes with the last of them).
+        drop(captured);
         let _ = std::fs::remove_file(&state);
         let mut children: Vec<Arc<dyn Instance>> = Vec::new();
         let mut failure = None;
@@ -331,7 +408,7 @@ impl VmInstance {
         let made = async {
             self.capture(CaptureTo {
                 state: &dir.join(KEPT_STATE),
-                ram: &dir.join(KEPT_RAM),
+                ram: Some(&dir.join(KEPT_RAM)),
                 resume: running,
             })
             .await?
@@ -399,7 +476,7 @@ impl Inner {
             for (src, name) in &captured.refs {
                 std::fs::hard_link(src, dir.join(name)).map_err(io)?;
             }
-            overlay(&self.cfg.qemu_img, &captured.disk, &vm.disk, captured.size)
+            overlay(&captured.disk, &vm.disk, captured.size)
                 .await
                 .map_err(io)?;
             // Only for QEMU's command line (the guest's memory is the capture's): a
@@ -407,7 +484,12 @@ impl Inner {
             std::fs::hard_link(&captured.initrd, &vm.initrd)
                 .or_else(|_| std::fs::copy(&captured.initrd, &vm.initrd).map(|_| ()))
                 .map_err(io)?;
-            let source = match &captured.ram {
+            let sealed = match &captured.ram {
+                Some(RamCopy::Sealed(ram)) => Some(ram.clone()),
+                Some(RamCopy::File(path)) => Some(self.sealed_ram(path).await?),
+                None => None,
+            };
+            let source = match &sealed {
                 Some(ram) => Source::Fork {
                     state: &captured.state,
                     ram,
@@ -515,7 +597,7 @@ mod tests {
             disk: t.path().join("layers/x.qcow2"),
             size: 1 << 30,
             state: keep.join(KEPT_STATE),
-            ram: Some(keep.join(KEPT_RAM)),
+            ram: Some(RamCopy::File(keep.join(KEPT_RAM))),
             memory_mb: 512,
             smp: 1,
             initrd: vm_dir.join("initrd.cpio"),
@@ -528,7 +610,7 @@ mod tests {
         assert_eq!(k.disk, c.disk);
         assert_eq!((k.size, k.memory_mb, k.smp), (1 << 30, 512, 1));
         assert_eq!(k.state, moved.join(KEPT_STATE));
-        assert_eq!(k.ram, Some(moved.join(KEPT_RAM)));
+        assert!(matches!(&k.ram, Some(RamCopy::File(p)) if *p == moved.join(KEPT_RAM)));
         assert_eq!(std::fs::read(&k.initrd).unwrap(), b"initrd");
         assert_eq!(
             k.refs,
@@ -560,6 +642,6 @@ mod tests {
         let again = t.path().join("whole");
         std::fs::create_dir_all(&again).unwrap();
         whole.keep_in(&again).unwrap();
-        assert_eq!(Captured::kept_in(&again).unwrap().ram, None);
+        assert!(Captured::kept_in(&again).unwrap().ram.is_none());
     }
 }

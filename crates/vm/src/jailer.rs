@@ -17,9 +17,10 @@
 //!   `no_new_privs`, its seccomp filter. What it may open afterwards is its active disk
 //!   (the uid's); the layers other sandboxes stand on are root's and read-only to it.
 //!
-//! Left (docs/vm.md): QEMU 7.2 opens a `memory-backend-file` read-write even when it
-//! maps it privately, so a QEMU mapping a boot image's or a fork parent's RAM copy
-//! holds a writable descriptor of it; PID and user namespaces.
+//! - **A PID namespace of its own** (`boot.rs`: QEMU as PID 1 under `unshare`).
+//!
+//! The RAM a copy maps privately, which QEMU 7.2 opens read-write, is a sealed memfd
+//! (`ram.rs`). Left (docs/vm.md): a user namespace.
 
 use std::ffi::{CString, OsStr};
 use std::io::{self, Write as _};

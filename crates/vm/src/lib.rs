@@ -31,6 +31,7 @@ mod images;
 mod instance;
 pub mod jailer;
 mod pool;
+mod ram;
 
 use boot::{Source, Vm};
 use disks::{
@@ -71,8 +72,6 @@ pub struct VmConfig {
     pub agent_bin: PathBuf,
     /// `qemu-system-x86_64`.
     pub qemu_bin: PathBuf,
-    /// `qemu-img`.
-    pub qemu_img: PathBuf,
     /// `None`: probe KVM, fall back to TCG.
     pub accel: Option<Accel>,
     /// How long a probe guest may take on KVM before KVM counts as unusable.
@@ -113,7 +112,6 @@ impl VmConfig {
             ram_dir: PathBuf::from("/dev/shm"),
             agent_bin,
             qemu_bin: PathBuf::from("qemu-system-x86_64"),
-            qemu_img: PathBuf::from("qemu-img"),
             accel: None,
             kvm_probe_deadline: Duration::from_secs(5),
             boot_deadline: Duration::from_secs(90),
@@ -157,7 +155,22 @@ struct Inner {
     egress: Option<Arc<forkbox_net::proxy::Shared>>,
     /// The boot images being made (their dirs).
     making_images: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+    /// Sealed copies of kept captures' RAM files (boot images, named snapshots) that
+    /// copies have been made from, by file, with the file's identity (`ram.rs`): one
+    /// page cache for every copy of a capture.
+    sealed: std::sync::Mutex<SealedCache>,
 }
+
+/// Sealed RAM copies by file: the file's identity, the copy, when it was last used.
+type SealedCache = std::collections::HashMap<PathBuf, (FileId, Arc<ram::SealedRam>, u64)>;
+
+/// How many sealed copies of kept captures' RAM the server keeps at most: each is as
+/// large as the guest RAM its copies' guests read or wrote (boot images: at most
+/// `pool::MAX_IMAGES` per template).
+const SEALED_KEPT: usize = 8;
+
+/// A file's device, inode and change time: it was not replaced.
+type FileId = (u64, u64, i64, i64);
 
 /// The entries of the run dir that are not VMs: shared disk layers, boot images
 /// (`pool.rs`), named snapshots, the KVM probe's files.
@@ -200,6 +213,7 @@ impl VmRuntime {
             accel: Default::default(),
             tsc_khz,
             making_images: Default::default(),
+            sealed: Default::default(),
         });
         // Settle KVM or TCG in the background so the first create does not wait for it.
         if let Ok(h) = tokio::runtime::Handle::try_current() {
@@ -307,6 +321,53 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// The sealed copy of the kept RAM file `path` that copies of its capture map:
+    /// made at the first copy, then shared. Copies of files gone (a snapshot deleted,
+    /// a boot image made again) are let go of here, and the least recently used
+    /// beyond [`SEALED_KEPT`] (copies running keep theirs mapped; a later copy makes a
+    /// new one).
+    pub(crate) async fn sealed_ram(
+        &self,
+        path: &Path,
+    ) -> Result<Arc<ram::SealedRam>, RuntimeError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let id_of = |m: &std::fs::Metadata| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec());
+        let io = |e: std::io::Error| RuntimeError::host("map a captured RAM", "-", e);
+        // Its identity is the file opened, which is the file copied.
+        let file = std::fs::File::open(path).map_err(io)?;
+        let want = id_of(&file.metadata().map_err(io)?);
+        {
+            let mut cache = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+            cache.retain(|p, (id, _, _)| std::fs::metadata(p).is_ok_and(|m| id_of(&m) == *id));
+            let tick = cache.values().map(|(_, _, t)| *t).max().unwrap_or(0) + 1;
+            if let Some((id, ram, used)) = cache.get_mut(path) {
+                if *id == want {
+                    *used = tick;
+                    return Ok(ram.clone());
+                }
+            }
+        }
+        let ram = tokio::task::spawn_blocking(move || ram::SealedRam::copy_of(&file))
+            .await
+            .map_err(|e| io(std::io::Error::other(e)))?
+            .map_err(io)?;
+        let ram = Arc::new(ram);
+        let mut cache = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+        let tick = cache.values().map(|(_, _, t)| *t).max().unwrap_or(0) + 1;
+        cache.insert(path.to_path_buf(), (want, ram.clone(), tick));
+        while cache.len() > SEALED_KEPT {
+            let Some(oldest) = cache
+                .iter()
+                .min_by_key(|(_, (_, _, t))| *t)
+                .map(|(p, _)| p.clone())
+            else {
+                break;
+            };
+            cache.remove(&oldest);
+        }
+        Ok(ram)
     }
 
     fn ram_file(&self, id: &str) -> PathBuf {
@@ -489,7 +550,8 @@ impl Runtime for VmRuntime {
         // file did not name).
         self.inner.kill_leftovers(id, &dir);
         let _ = std::fs::remove_file(self.inner.ram_file(id));
-        // What a fork of it interrupted by a crash left: its RAM copy and device state.
+        // What a fork of it interrupted by a crash left: its device state (and the
+        // RAM copy an earlier version made in the RAM dir; a fork's is a memfd now).
         let layer_prefix = format!("forkbox-vm-layer-{id}-");
         for e in std::fs::read_dir(&self.inner.cfg.ram_dir)
             .into_iter()
@@ -528,6 +590,12 @@ impl Runtime for VmRuntime {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(RuntimeError::host("delete snapshot", snapshot, e)),
         }
+        // Its sealed RAM goes once no copy maps it.
+        self.inner
+            .sealed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p, _| !p.starts_with(&dir));
         // Its layers go with it unless sandboxes made from it stand on them.
         collect_layers(&self.inner.cfg.run_dir.join("layers"));
         Ok(())

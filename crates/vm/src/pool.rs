@@ -145,7 +145,7 @@ impl Inner {
             std::fs::create_dir_all(&tmp).map_err(io)?;
             vm.capture(CaptureTo {
                 state: &tmp.join(KEPT_STATE),
-                ram: &tmp.join(KEPT_RAM),
+                ram: Some(&tmp.join(KEPT_RAM)),
                 resume: false,
             })
             .await?

@@ -122,6 +122,11 @@ impl Qmp {
         let reply = tokio::time::timeout(PATIENCE, self.next_message())
             .await
             .map_err(|_| QmpError::Timeout(command.to_owned()))??;
+        Self::answer(command, reply)
+    }
+
+    /// A command's reply: its return decoded, or its error.
+    fn answer<T: DeserializeOwned>(command: &str, reply: Value) -> Result<T, QmpError> {
         if let Some(e) = reply.get("error") {
             let e: ErrorBody = serde_json::from_value(e.clone())?;
             return Err(QmpError::Command {
@@ -155,10 +160,21 @@ impl Qmp {
         name: &str,
         fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), QmpError> {
+        self.execute_with_fd::<Value>("getfd", json!({"fdname": name}), fd)
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs `command` with `arguments`, `fd` travelling with it as SCM_RIGHTS.
+    async fn execute_with_fd<T: DeserializeOwned>(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<T, QmpError> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
         use std::os::fd::AsRawFd as _;
-        let mut bytes =
-            serde_json::to_vec(&json!({"execute": "getfd", "arguments": {"fdname": name}}))?;
+        let mut bytes = serde_json::to_vec(&json!({"execute": command, "arguments": arguments}))?;
         bytes.push(b'\n');
         let sock: &UnixStream = self.tx.as_ref();
         loop {
@@ -176,25 +192,48 @@ impl Qmp {
             });
             match sent {
                 Ok(n) if n == bytes.len() => break,
-                Ok(_) => return Err(QmpError::Io(std::io::Error::other("short getfd write"))),
+                Ok(_) => {
+                    return Err(QmpError::Io(std::io::Error::other(format!(
+                        "short {command} write"
+                    ))))
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e.into()),
             }
         }
         let reply = tokio::time::timeout(PATIENCE, self.next_message())
             .await
-            .map_err(|_| QmpError::Timeout("getfd".into()))??;
-        match reply.get("error") {
-            Some(e) => {
-                let e: ErrorBody = serde_json::from_value(e.clone())?;
-                Err(QmpError::Command {
-                    command: "getfd".into(),
-                    class: e.class,
-                    desc: e.desc,
-                })
-            }
-            None => Ok(()),
-        }
+            .map_err(|_| QmpError::Timeout(command.to_owned()))??;
+        Self::answer(command, reply)
+    }
+
+    /// Saves the device state alone — no RAM section at all, whatever backs the RAM
+    /// (`xen-save-devices-state`, which every machine has; the stream lacks the
+    /// configuration section a migration has, see `ram::devices_only_stream`) — into
+    /// `fd`, open write-only. The VM stays stopped.
+    pub async fn save_devices_only(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), QmpError> {
+        let added: Value = self.execute_with_fd("add-fd", json!({}), fd).await?;
+        let set = added
+            .get("fdset-id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| QmpError::Command {
+                command: "add-fd".into(),
+                class: "Unexpected".into(),
+                desc: format!("no fdset-id in {added}"),
+            })?;
+        let saved = self
+            .execute::<Value>(
+                "xen-save-devices-state",
+                json!({"filename": format!("/dev/fdset/{set}"), "live": false}),
+            )
+            .await;
+        let removed = self
+            .execute::<Value>("remove-fd", json!({"fdset-id": set}))
+            .await;
+        saved.and(removed).map(|_| ())
     }
 
     /// Saves the VM (device state and RAM) into the file passed as `fdname`, waiting

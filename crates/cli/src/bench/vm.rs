@@ -114,7 +114,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let (exec, run_code) = time_echo_and_print(&http, &url, n).await?;
 
     // Fork into four, a parent made from the boot image (whose RAM is a private
-    // mapping of the image's: captured whole).
+    // mapping of the image's: its device state alone and the pages it wrote).
     let fork_copy = fork4(&http, &base, &id).await?;
     // Hibernate (memory saved, QEMU gone) and wake (restored, agent answers).
     let (mut hibernate, mut wake) = (Vec::with_capacity(FEW), Vec::with_capacity(FEW));
@@ -184,7 +184,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             budget: Some(600.0),
         },
         Row {
-            name: "fork n=4, parent a copy of the boot image (RAM a private mapping: captured whole)",
+            name: "fork n=4, parent a copy of the boot image (RAM a private mapping: the image's and the pages it wrote)",
             samples: fork_copy,
             budget: Some(600.0),
         },
