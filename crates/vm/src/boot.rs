@@ -166,7 +166,7 @@ impl Inner {
         // Nothing of an earlier QEMU of this VM may still run (it could write the disk
         // about to be checked): a woken guest's, say, that hid from its watcher.
         if matches!(source, Source::Restore(_)) {
-            self.kill_leftovers(&id, &vm.dir);
+            self.kill_leftovers(&id, &vm.dir).await;
         }
         // Root opens the disk chain (QEMU drops to its uid after opening its files): no
         // image of it may name a file of the host's (an earlier, jailed QEMU of this VM

@@ -114,7 +114,8 @@ impl VmInstance {
             if left().is_zero() {
                 return Err(self.agent_err("QEMU's sockets did not open in time"));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // (QEMU's start takes tens of milliseconds: asked often.)
+            tokio::time::sleep(Duration::from_millis(2)).await;
         };
         *self.qmp.lock().await = Some(q);
         match source {
@@ -322,7 +323,7 @@ impl VmInstance {
         }
         // Whatever else runs in its group, or as its uid: an adopted QEMU is watched
         // through its command line, which it could rewrite to look gone.
-        self.rt.kill_leftovers(&self.id, &self.vm.dir);
+        self.rt.kill_leftovers(&self.id, &self.vm.dir).await;
         let mut exited = self.exited.clone();
         let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
         self.alive.store(false, Ordering::SeqCst);

@@ -388,21 +388,25 @@ impl Inner {
     /// jailed VM's uid is its alone), and waits a little for them to go.
     /// (A QEMU cannot leave its cgroup; the uid is looked for, through every process
     /// of the host, only where there is none: guests making boot images, or no
-    /// cgroups at all.)
-    fn kill_leftovers(&self, id: &str, vm_dir: &Path) {
+    /// cgroups at all.) Off the async threads: it reads `/proc` and may wait.
+    async fn kill_leftovers(&self, id: &str, vm_dir: &Path) {
         let grouped = self.cgroups.is_some() && !id.starts_with(pool::IMAGE_VM_PREFIX);
-        if let Some(g) = self.cgroups.as_ref().and_then(|d| d.open(id).ok()) {
-            let _ = g.kill_all();
-        }
-        if grouped {
-            return;
-        }
-        if let Some(uid) = self.cfg.qemu_uid_base.and_then(|_| jailer::uid_of(vm_dir)) {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while jailer::kill_uid(uid) > 0 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
+        let group = self.cgroups.as_ref().and_then(|d| d.open(id).ok());
+        let uid = (!grouped)
+            .then(|| self.cfg.qemu_uid_base.and_then(|_| jailer::uid_of(vm_dir)))
+            .flatten();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(g) = group {
+                let _ = g.kill_all();
             }
-        }
+            if let Some(uid) = uid {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while jailer::kill_uid(uid) > 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -548,7 +552,7 @@ impl Runtime for VmRuntime {
         }
         // And whatever else still runs in its cgroup or as its uid (a QEMU the pid
         // file did not name).
-        self.inner.kill_leftovers(id, &dir);
+        self.inner.kill_leftovers(id, &dir).await;
         let _ = std::fs::remove_file(self.inner.ram_file(id));
         // What a fork of it interrupted by a crash left: its device state (and the
         // RAM copy an earlier version made in the RAM dir; a fork's is a memfd now).

@@ -52,6 +52,16 @@ pub struct Qmp {
     tx: OwnedWriteHalf,
 }
 
+/// How long to wait before asking again how a migration goes: a device state takes
+/// milliseconds, so often at first, then every 10 ms.
+fn poll_pause(started: std::time::Instant) -> Duration {
+    if started.elapsed() < Duration::from_millis(100) {
+        Duration::from_millis(1)
+    } else {
+        Duration::from_millis(10)
+    }
+}
+
 /// How long one command may take.
 const PATIENCE: Duration = Duration::from_secs(30);
 /// The longest QMP message taken (`query-*` answers are a few KiB).
@@ -328,7 +338,7 @@ impl Qmp {
             if started.elapsed() > patience {
                 return Err(QmpError::Timeout("migrate-incoming".into()));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(poll_pause(started)).await;
         }
     }
 
@@ -354,7 +364,7 @@ impl Qmp {
             if started.elapsed() > patience {
                 return Err(QmpError::Timeout(command.to_owned()));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(poll_pause(started)).await;
         }
     }
 
