@@ -39,6 +39,9 @@ fn assert_qemu_jailed(s: &Server, id: &str) -> i32 {
     assert_eq!(field("CapPrm"), "0000000000000000", "{status}");
     assert_eq!(field("NoNewPrivs"), "1", "{status}");
     assert_eq!(field("Seccomp"), "2", "{status}");
+    // QEMU's own filter over forkbox's two (`seccomp.json` "qemu" and "clone3").
+    let filters: u32 = field("Seccomp_filters").parse().unwrap();
+    assert!(filters >= 3, "{status}");
     // PID 1 of a PID namespace of its own.
     assert_eq!(field("NSpid").split(' ').next_back(), Some("1"), "{status}");
     for ns in ["net", "ipc", "uts", "mnt", "pid"] {

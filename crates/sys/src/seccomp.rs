@@ -14,6 +14,10 @@
 //!   (`nosetns`, added for every other process, makes it `EPERM` there).
 //! * `clone3`: makes `clone3` fail with `ENOSYS`, so that libc falls back to `clone(2)`, whose
 //!   flags (unlike `clone3`'s, which sit behind a pointer) the `user` filter can inspect.
+//! * `qemu`: not for sandboxes but for the vm runtime's QEMUs, under their own `-sandbox`
+//!   filter ([`compile_qemu`]): a deny-list (`EPERM`) of what QEMU never needs — `ptrace`,
+//!   `process_vm_*`, `bpf`, `perf_event_open`, keys, `userfaultfd`, modules, kexec, the mount
+//!   API, `setns`, handles, and user namespaces (`unshare`/`clone` with `CLONE_NEWUSER`).
 //!
 //! Compile once with [`compile`] before forking, then [`install`] in the child (typically from a
 //! `pre_exec` hook) right before `execve`.
@@ -34,6 +38,8 @@ const DENY: &str = "deny";
 const NOSETNS: &str = "nosetns";
 /// Name of the filter that holds `setns` for a tracer in [`POLICY_JSON`].
 const CARRY: &str = "carry";
+/// Name of the vm runtime's QEMU deny-list in [`POLICY_JSON`].
+const QEMU: &str = "qemu";
 
 /// The compiled filters, in the order they must be installed.
 #[derive(Debug, Clone)]
@@ -91,6 +97,21 @@ pub fn compile() -> Result<Filters, SeccompError> {
         carry,
         clone3,
     })
+}
+
+/// The filters a QEMU of the vm runtime starts under, in the order to install them:
+/// `qemu` (a deny-list, `EPERM`), then `clone3` (`ENOSYS`, so that `clone`'s flags are
+/// seen). A deny-list, not an allow-list: what QEMU calls depends on its accelerator,
+/// devices and migrations, and a call an allow-list missed would kill a guest; the
+/// calls denied here are ones QEMU has no use for.
+pub fn compile_qemu() -> Result<[BpfProgram; 2], SeccompError> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| SeccompError::Compile(seccompiler::Error::Backend(e)))?;
+    let mut map = seccompiler::compile_from_json(POLICY_JSON.as_bytes(), arch)
+        .map_err(SeccompError::Compile)?;
+    let qemu = map.remove(QEMU).ok_or(SeccompError::Missing(QEMU))?;
+    let clone3 = map.remove(CLONE3).ok_or(SeccompError::Missing(CLONE3))?;
+    Ok([qemu, clone3])
 }
 
 /// Installs one more filter on the calling thread (which must have `no_new_privs`).
@@ -344,6 +365,91 @@ mod tests {
             unsafe { libc::waitpid(pid, &mut status, 0) };
             assert_eq!(libc::WEXITSTATUS(status), want, "nosetns added: {extra}");
         }
+    }
+
+    /// QEMU's deny-list: what it never needs is `EPERM`, a user namespace too, while
+    /// `unshare(1)`'s PID namespace, threads and forks still work.
+    #[test]
+    fn qemu_is_denied_what_it_never_needs() {
+        let filters = compile_qemu().expect("compile policy");
+        // SAFETY: as in `denies_and_allows_in_forked_child`: raw syscalls only in the
+        // child, which leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: see above.
+            unsafe {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || filters.iter().any(|f| install_one(f).is_err())
+                {
+                    libc::_exit(F_SETUP);
+                }
+                let mut fail = 0;
+                let eperm = |r: libc::c_long| r == -1 && errno() == libc::EPERM;
+                if !eperm(libc::syscall(
+                    libc::SYS_ptrace,
+                    libc::PTRACE_TRACEME,
+                    0,
+                    0,
+                    0,
+                )) {
+                    fail |= 1;
+                }
+                if !eperm(libc::syscall(libc::SYS_bpf, 0, 0, 0))
+                    || !eperm(libc::syscall(libc::SYS_userfaultfd, 0))
+                    || !eperm(libc::syscall(libc::SYS_perf_event_open, 0, 0, 0, 0, 0))
+                    || !eperm(libc::syscall(libc::SYS_setns, -1, 0))
+                {
+                    fail |= 2;
+                }
+                if libc::unshare(libc::CLONE_NEWUSER) != -1 || errno() != libc::EPERM {
+                    fail |= 4;
+                }
+                let r = libc::syscall(
+                    libc::SYS_clone,
+                    (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
+                    0usize,
+                    0usize,
+                    0usize,
+                    0usize,
+                );
+                if r == 0 {
+                    libc::_exit(0);
+                }
+                if r != -1 || errno() != libc::EPERM {
+                    fail |= 8;
+                }
+                let r = libc::syscall(
+                    libc::SYS_clone3,
+                    std::ptr::null::<libc::c_void>(),
+                    0 as libc::size_t,
+                );
+                if r != -1 || errno() != libc::ENOSYS {
+                    fail |= 16;
+                }
+                // A PID namespace (root here, as the server is) and a fork in it.
+                if libc::geteuid() == 0 && libc::unshare(libc::CLONE_NEWPID) != 0 {
+                    fail |= 32;
+                }
+                let child = libc::fork();
+                if child == 0 {
+                    libc::_exit(7);
+                }
+                let mut status = 0;
+                if child < 0
+                    || libc::waitpid(child, &mut status, 0) != child
+                    || libc::WEXITSTATUS(status) != 7
+                {
+                    fail |= 64;
+                }
+                libc::_exit(fail);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "failure bits");
     }
 
     #[test]

@@ -294,8 +294,9 @@ impl Inner {
             Source::Fork { ram, .. } => Some(ram.raw_fd()),
             _ => None,
         };
-        // SAFETY: setsid, unshare, prctl and fcntl are async-signal-safe and touch no
-        // memory of ours.
+        let seccomp = self.seccomp.clone();
+        // SAFETY: setsid, unshare, prctl, fcntl and seccomp are async-signal-safe and
+        // touch no memory of ours (the filters were compiled before the fork).
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(fd) = inherit {
@@ -316,6 +317,12 @@ impl Inner {
                 }
                 if let Some(plan) = &plan {
                     plan.enter()?;
+                }
+                // forkbox's deny-list beneath QEMU's own filter (inherited by
+                // `unshare` and QEMU; allocates nothing).
+                for f in seccomp.iter() {
+                    forkbox_sys::seccomp::install_one(f)
+                        .map_err(|_| std::io::Error::from_raw_os_error(libc::EPERM))?;
                 }
                 Ok(())
             });

@@ -137,6 +137,8 @@ pub enum VmError {
     Cgroup(#[from] forkbox_sys::cgroup::CgroupError),
     #[error("make the vm run dir: {0}")]
     RunDir(std::io::Error),
+    #[error("QEMU's seccomp filters: {0}")]
+    Seccomp(#[from] forkbox_sys::seccomp::SeccompError),
 }
 
 pub struct VmRuntime {
@@ -147,6 +149,9 @@ struct Inner {
     cfg: VmConfig,
     /// The QEMUs' groups (`None` when `cfg.cgroup_root` is).
     cgroups: Option<forkbox_sys::cgroup::Driver>,
+    /// forkbox's seccomp filters every QEMU starts under, beneath its own
+    /// (`forkbox_sys::seccomp::compile_qemu`).
+    seccomp: Arc<[forkbox_sys::seccomp::BpfProgram; 2]>,
     /// The initramfs shared by every VM (without the per-VM config).
     base_initrd: tokio::sync::OnceCell<Arc<Vec<u8>>>,
     accel: tokio::sync::OnceCell<Accel>,
@@ -214,6 +219,7 @@ impl VmRuntime {
             tsc_khz,
             making_images: Default::default(),
             sealed: Default::default(),
+            seccomp: Arc::new(forkbox_sys::seccomp::compile_qemu()?),
         });
         // Settle KVM or TCG in the background so the first create does not wait for it.
         if let Ok(h) = tokio::runtime::Handle::try_current() {
