@@ -168,6 +168,56 @@ mod tests {
         std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
     }
 
+    /// Whether `clone(2)` with `CLONE_NEWUSER` fails with `EPERM`. With a null stack
+    /// it would act like fork, so a child that slipped through leaves at once.
+    /// Raw syscalls only (for a forked child of the multi-threaded harness).
+    fn clone_newuser_is_eperm() -> bool {
+        // SAFETY: a raw clone whose child, if any, `_exit`s at once.
+        unsafe {
+            let r = libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            );
+            if r == 0 {
+                libc::_exit(0);
+            }
+            r == -1 && errno() == libc::EPERM
+        }
+    }
+
+    /// Whether `clone3` fails with `ENOSYS`.
+    fn clone3_is_enosys() -> bool {
+        // SAFETY: clone3 with a null argument creates nothing.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                std::ptr::null::<libc::c_void>(),
+                0 as libc::size_t,
+            )
+        };
+        r == -1 && errno() == libc::ENOSYS
+    }
+
+    /// Whether a plain fork (glibc: `clone(SIGCHLD)` without namespace flags) works.
+    fn fork_works() -> bool {
+        // SAFETY: the child `_exit`s at once; the parent waits for it.
+        unsafe {
+            let child = libc::fork();
+            if child == 0 {
+                libc::_exit(7);
+            }
+            let mut status = 0;
+            child > 0
+                && libc::waitpid(child, &mut status, 0) == child
+                && libc::WIFEXITED(status)
+                && libc::WEXITSTATUS(status) == 7
+        }
+    }
+
     /// `no_new_privs` then the filters, for `pre_exec`.
     fn harden(filters: &Filters) -> std::io::Result<()> {
         // SAFETY: plain prctl with integer arguments.
@@ -208,12 +258,7 @@ mod tests {
             {
                 fail |= F_MOUNT;
             }
-            let r = libc::syscall(
-                libc::SYS_clone3,
-                std::ptr::null::<libc::c_void>(),
-                0 as libc::size_t,
-            );
-            if r != -1 || errno() != libc::ENOSYS {
+            if !clone3_is_enosys() {
                 fail |= F_CLONE3;
             }
             let mut c: libc::c_char = 0;
@@ -225,33 +270,11 @@ mod tests {
                 fail |= F_GETPID;
             }
 
-            // clone(2) with a namespace flag: denied. With a null stack it would act like fork,
-            // so a child that slipped through leaves at once.
-            let r = libc::syscall(
-                libc::SYS_clone,
-                (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            );
-            if r == 0 {
-                libc::_exit(0);
-            }
-            if r != -1 || errno() != libc::EPERM {
+            // clone(2) with a namespace flag: denied; a plain fork: allowed.
+            if !clone_newuser_is_eperm() {
                 fail |= F_CLONE_NS;
             }
-            // Plain fork (glibc: clone(SIGCHLD) without namespace flags): allowed.
-            let child = libc::fork();
-            if child == 0 {
-                libc::_exit(7);
-            }
-            let mut status = 0;
-            if child < 0
-                || libc::waitpid(child, &mut status, 0) != child
-                || !libc::WIFEXITED(status)
-                || libc::WEXITSTATUS(status) != 7
-            {
+            if !fork_works() {
                 fail |= F_FORK;
             }
 
@@ -405,41 +428,17 @@ mod tests {
                 if libc::unshare(libc::CLONE_NEWUSER) != -1 || errno() != libc::EPERM {
                     fail |= 4;
                 }
-                let r = libc::syscall(
-                    libc::SYS_clone,
-                    (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
-                    0usize,
-                    0usize,
-                    0usize,
-                    0usize,
-                );
-                if r == 0 {
-                    libc::_exit(0);
-                }
-                if r != -1 || errno() != libc::EPERM {
+                if !clone_newuser_is_eperm() {
                     fail |= 8;
                 }
-                let r = libc::syscall(
-                    libc::SYS_clone3,
-                    std::ptr::null::<libc::c_void>(),
-                    0 as libc::size_t,
-                );
-                if r != -1 || errno() != libc::ENOSYS {
+                if !clone3_is_enosys() {
                     fail |= 16;
                 }
                 // A PID namespace (root here, as the server is) and a fork in it.
                 if libc::geteuid() == 0 && libc::unshare(libc::CLONE_NEWPID) != 0 {
                     fail |= 32;
                 }
-                let child = libc::fork();
-                if child == 0 {
-                    libc::_exit(7);
-                }
-                let mut status = 0;
-                if child < 0
-                    || libc::waitpid(child, &mut status, 0) != child
-                    || libc::WEXITSTATUS(status) != 7
-                {
+                if !fork_works() {
                     fail |= 64;
                 }
                 libc::_exit(fail);
