@@ -81,10 +81,7 @@ pub enum SeccompError {
 /// The policy uses x86_64 syscall names (`open`, `stat`, `fork`, ...): on aarch64, which lacks
 /// them, compilation fails with [`SeccompError::Compile`].
 pub fn compile() -> Result<Filters, SeccompError> {
-    let arch = TargetArch::try_from(std::env::consts::ARCH)
-        .map_err(|e| SeccompError::Compile(seccompiler::Error::Backend(e)))?;
-    let mut map = seccompiler::compile_from_json(POLICY_JSON.as_bytes(), arch)
-        .map_err(SeccompError::Compile)?;
+    let mut map = compile_policy()?;
     let user = map.remove(USER).ok_or(SeccompError::Missing(USER))?;
     let deny = map.remove(DENY).ok_or(SeccompError::Missing(DENY))?;
     let nosetns = map.remove(NOSETNS).ok_or(SeccompError::Missing(NOSETNS))?;
@@ -99,16 +96,20 @@ pub fn compile() -> Result<Filters, SeccompError> {
     })
 }
 
+/// Every filter of [`POLICY_JSON`], by name, for the architecture this binary runs on.
+fn compile_policy() -> Result<std::collections::HashMap<String, BpfProgram>, SeccompError> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| SeccompError::Compile(seccompiler::Error::Backend(e)))?;
+    seccompiler::compile_from_json(POLICY_JSON.as_bytes(), arch).map_err(SeccompError::Compile)
+}
+
 /// The filters a QEMU of the vm runtime starts under, in the order to install them:
 /// `qemu` (a deny-list, `EPERM`), then `clone3` (`ENOSYS`, so that `clone`'s flags are
 /// seen). A deny-list, not an allow-list: what QEMU calls depends on its accelerator,
 /// devices and migrations, and a call an allow-list missed would kill a guest; the
 /// calls denied here are ones QEMU has no use for.
 pub fn compile_qemu() -> Result<[BpfProgram; 2], SeccompError> {
-    let arch = TargetArch::try_from(std::env::consts::ARCH)
-        .map_err(|e| SeccompError::Compile(seccompiler::Error::Backend(e)))?;
-    let mut map = seccompiler::compile_from_json(POLICY_JSON.as_bytes(), arch)
-        .map_err(SeccompError::Compile)?;
+    let mut map = compile_policy()?;
     let qemu = map.remove(QEMU).ok_or(SeccompError::Missing(QEMU))?;
     let clone3 = map.remove(CLONE3).ok_or(SeccompError::Missing(CLONE3))?;
     Ok([qemu, clone3])

@@ -342,12 +342,7 @@ impl Inner {
         let pid = match recorded.and_then(|pid| self.confine(&id, pid, spec).map(|()| pid)) {
             Ok(pid) => pid,
             Err(e) => {
-                // `unshare` and QEMU: its process group.
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(waiter),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                let _ = child.start_kill();
+                kill_start(waiter, &mut child);
                 let _ = child.wait().await;
                 self.release_cgroup(&id);
                 return Err(e);
@@ -449,11 +444,7 @@ async fn qemu_under(
             Err(e) => Some(e.to_string()),
         };
         if let Some(why) = ended {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(waiter),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = child.start_kill();
+            kill_start(waiter, child);
             return Err(RuntimeError::host(
                 "start QEMU",
                 id,
@@ -462,6 +453,16 @@ async fn qemu_under(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// Kills a QEMU start that failed: `unshare` (pid `waiter`, `child`) and QEMU, its
+/// process group (`unshare` leads it: `setsid`).
+fn kill_start(waiter: i32, child: &mut tokio::process::Child) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(waiter),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = child.start_kill();
 }
 
 /// The children of process `pid`: from `/proc/<pid>/task/<pid>/children`, or, on a

@@ -171,13 +171,10 @@ impl VmInstance {
         // A copy's RAM is read from its QEMU's memory: through its `/proc` directory,
         // opened while it is known to be this VM's QEMU (its pid could be another
         // process's by the time of the copy, should it die meanwhile).
+        let uid = rt.jail_uid(&self.vm.dir);
         let mut proc = if own_ram {
             None
         } else {
-            let uid = rt
-                .cfg
-                .qemu_uid_base
-                .and_then(|_| jailer::uid_of(&self.vm.dir));
             Some(ram::ProcDir::of_qemu(self.pid, &self.vm.dir, uid).map_err(io("capture"))?)
         };
         let state_file = std::fs::File::create(to.state).map_err(io("capture"))?;
@@ -212,11 +209,7 @@ impl VmInstance {
                     .await
                     .map_err(io("capture"))?;
                 // A jailed QEMU opens its new disk by name as its own uid.
-                if let Some(uid) = rt
-                    .cfg
-                    .qemu_uid_base
-                    .and_then(|_| jailer::uid_of(&self.vm.dir))
-                {
+                if let Some(uid) = uid {
                     jailer::give(&next, uid).map_err(io("capture"))?;
                 }
                 if let Err(e) = q.snapshot_disk("d0", &next).await {

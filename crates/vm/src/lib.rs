@@ -376,6 +376,11 @@ impl Inner {
         Ok(ram)
     }
 
+    /// The uid the QEMU of the VM in `vm_dir` runs as, when QEMUs are jailed.
+    fn jail_uid(&self, vm_dir: &Path) -> Option<u32> {
+        self.cfg.qemu_uid_base.and_then(|_| jailer::uid_of(vm_dir))
+    }
+
     fn ram_file(&self, id: &str) -> PathBuf {
         self.cfg.ram_dir.join(format!("forkbox-vm-{id}.ram"))
     }
@@ -398,9 +403,7 @@ impl Inner {
     async fn kill_leftovers(&self, id: &str, vm_dir: &Path) {
         let grouped = self.cgroups.is_some() && !id.starts_with(pool::IMAGE_VM_PREFIX);
         let group = self.cgroups.as_ref().and_then(|d| d.open(id).ok());
-        let uid = (!grouped)
-            .then(|| self.cfg.qemu_uid_base.and_then(|_| jailer::uid_of(vm_dir)))
-            .flatten();
+        let uid = (!grouped).then(|| self.jail_uid(vm_dir)).flatten();
         let _ = tokio::task::spawn_blocking(move || {
             if let Some(g) = group {
                 let _ = g.kill_all();

@@ -280,18 +280,42 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// A RAM file of `len` bytes in `dir` holding `data` at page offsets, and its
+    /// sealed copy.
+    fn sealed_from(dir: &Path, len: u64, data: &[(u64, &[u8])]) -> (PathBuf, SealedRam) {
+        let path = dir.join("memory");
+        let src = File::create(&path).unwrap();
+        src.set_len(len).unwrap();
+        for (page, bytes) in data {
+            src.write_all_at(bytes, page * PAGE).unwrap();
+        }
+        drop(src);
+        let ram = SealedRam::copy_of(&File::open(&path).unwrap()).unwrap();
+        (path, ram)
+    }
+
+    /// `len` bytes of `file` mapped read-write with `flags` (`MAP_FAILED` if refused).
+    fn map(file: &File, len: u64, flags: i32) -> *mut libc::c_void {
+        // SAFETY: a new mapping of a file the caller holds; the caller unmaps it.
+        unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                file.as_raw_fd(),
+                0,
+            )
+        }
+    }
+
     /// A sealed memfd keeps its contents: no write, no truncation, no hole punched,
     /// also through a read-write reopen by path; a private mapping of it is writable
     /// and leaves it as it was.
     #[test]
     fn sealed_ram_cannot_change() {
         let t = tempfile::tempdir().unwrap();
-        let path = t.path().join("memory");
-        let src = File::create(&path).unwrap();
-        src.set_len(8 * PAGE).unwrap();
-        src.write_all_at(b"guest", 3 * PAGE).unwrap();
-        drop(src);
-        let ram = SealedRam::copy_of(&File::open(&path).unwrap()).unwrap();
+        let (_, ram) = sealed_from(t.path(), 8 * PAGE, &[(3, b"guest")]);
         let again = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -309,17 +333,10 @@ mod tests {
             (8 * PAGE) as i64,
         );
         assert!(punched.is_err());
-        // SAFETY: a private mapping of a file we hold, unmapped below.
+        let p = map(&again, 8 * PAGE, libc::MAP_PRIVATE);
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: inside the mapping made above, unmapped here.
         unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                (8 * PAGE) as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
-                again.as_raw_fd(),
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
             let b = p.cast::<u8>().add((3 * PAGE) as usize);
             assert_eq!(*b, b'g');
             *b = b'X';
@@ -332,18 +349,7 @@ mod tests {
             .unwrap();
         assert_eq!(&buf, b"guest");
         // A shared writable mapping is refused.
-        // SAFETY: as above; it fails.
-        let shared = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGE as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                again.as_raw_fd(),
-                0,
-            )
-        };
-        assert_eq!(shared, libc::MAP_FAILED);
+        assert_eq!(map(&again, PAGE, libc::MAP_SHARED), libc::MAP_FAILED);
     }
 
     /// The RAM a process maps privately is copied as it sees it: the file's data
@@ -352,25 +358,9 @@ mod tests {
     fn private_ram_is_copied_with_the_pages_written() {
         let len = 64 * PAGE;
         let t = tempfile::tempdir().unwrap();
-        let path = t.path().join("memory");
-        let src = File::create(&path).unwrap();
-        src.set_len(len).unwrap();
-        src.write_all_at(b"from the file", 2 * PAGE).unwrap();
-        src.write_all_at(b"overwritten", 5 * PAGE).unwrap();
-        drop(src);
-        let ram = SealedRam::copy_of(&File::open(&path).unwrap()).unwrap();
+        let (path, ram) = sealed_from(t.path(), len, &[(2, b"from the file"), (5, b"overwritten")]);
         let file = ram.file().unwrap();
-        // SAFETY: a private mapping of a file we hold, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
+        let p = map(&file, len, libc::MAP_PRIVATE);
         assert_ne!(p, libc::MAP_FAILED);
         // SAFETY: inside the mapping.
         unsafe {
