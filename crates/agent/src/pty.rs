@@ -30,7 +30,12 @@ fn winsize(rows: u16, cols: u16) -> libc::winsize {
 fn set_size(fd: &OwnedFd, rows: u16, cols: u16) {
     let ws = winsize(rows, cols);
     // SAFETY: TIOCSWINSZ reads a winsize struct that lives on the stack.
-    unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+        eprintln!(
+            "forkbox-agent pty: resize to {rows}x{cols}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 type Shared = std::sync::Arc<AsyncFd<OwnedFd>>;
