@@ -222,6 +222,41 @@ async fn vm_is_on_by_default_when_its_assets_are_there() {
         "{log}"
     );
     assert!(!log.contains('\r'), "{log:?}");
+    // A guest printing without end fills no host disk: QEMU writes no file, the server
+    // keeps the console to 1 MiB on disk (and the 1 MiB before it, `console.log.1`),
+    // and its newest lines are still served.
+    let flood = "yes 'a console flood line, longer than most lines are' | head -c 2500000 \
+                 > /dev/console; printf '\\nthe-flood-ended\\n' > /dev/console";
+    let (_, err, code) = s.sh(&id, flood).await;
+    assert_eq!(code, 0, "{err}");
+    let dir = s.data.path().join(format!("vm-run/{id}"));
+    let mut tail = String::new();
+    for _ in 0..600 {
+        tail = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+        if tail.contains("the-flood-ended") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(tail.contains("the-flood-ended"), "{} bytes", tail.len());
+    for name in ["console.log", "console.log.1"] {
+        let len = std::fs::metadata(dir.join(name)).unwrap().len();
+        assert!(len <= 1 << 20, "{name}: {len} bytes");
+    }
+    let logs = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/logs")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        logs.contains("data: the-flood-ended"),
+        "{}",
+        &logs[logs.len().saturating_sub(500)..]
+    );
     assert_eq!(s.delete(&id).await, 204);
     // Its group goes with it.
     assert!(!cgroup
@@ -825,6 +860,21 @@ async fn vm_sandboxes_survive_a_server_restart() {
     let (_, v) = get(&s, &format!("/v1/sandboxes/{id}")).await;
     assert_eq!(v["status"], "running", "{v}");
     assert_eq!(py(&s, &id, "kept").await.0, "'across restarts'\n");
+    // The new server reads the guest's console again.
+    let (_, _, code) = s
+        .sh(&id, "echo said-after-the-restart > /dev/console")
+        .await;
+    assert_eq!(code, 0);
+    let console = s.data.path().join(format!("vm-run/{id}/console.log"));
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains("said-after-the-restart") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(text.contains("said-after-the-restart"), "{text}");
     let (_, v) = get(&s, &format!("/v1/sandboxes/{paused}")).await;
     assert_eq!(v["status"], "paused", "{v}");
     let (st, _) = post(&s, &format!("/v1/sandboxes/{paused}/resume"), json!({})).await;

@@ -575,7 +575,9 @@ pub trait Instance: Send + Sync + 'static {
 }
 
 /// The lines of log file `path`: its last 64 KiB (a line cut by that window skipped),
-/// then, with `follow`, lines as they are appended while `alive` holds.
+/// then, with `follow`, lines as they are appended while `alive` holds — across a
+/// rename: when `path` names a new file (a log kept to a size renamed the full one and
+/// began anew), the new one is read from its start.
 pub fn tail_lines(
     path: &std::path::Path,
     follow: bool,
@@ -583,8 +585,10 @@ pub fn tail_lines(
 ) -> std::io::Result<BoxStream<'static, String>> {
     use futures_util::StreamExt as _;
     use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::MetadataExt as _;
     use std::sync::atomic::Ordering;
-    let mut f = std::fs::File::open(path)?;
+    let path = path.to_path_buf();
+    let mut f = std::fs::File::open(&path)?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let start = len.saturating_sub(64 * 1024);
     f.seek(SeekFrom::Start(start))?;
@@ -598,30 +602,42 @@ pub fn tail_lines(
         state,
         move |(mut f, mut partial, mut ready, mut skip_first)| {
             let alive = alive.clone();
+            let path = path.clone();
             async move {
                 loop {
                     if let Some(l) = ready.pop_front() {
                         return Some((l, (f, partial, ready, skip_first)));
                     }
-                    let mut buf = vec![0u8; 16 * 1024];
-                    let n = f.read(&mut buf).unwrap_or(0);
-                    if n > 0 {
-                        partial.extend_from_slice(&buf[..n]);
-                        while let Some(i) = partial.iter().position(|b| *b == b'\n') {
-                            let line: Vec<u8> = partial.drain(..=i).collect();
-                            if std::mem::take(&mut skip_first) {
-                                continue; // cut in the middle by the 64 KiB window
-                            }
+                    if let Some(i) = partial.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = partial.drain(..=i).collect();
+                        if !std::mem::take(&mut skip_first) {
                             // A console's lines end in CR LF.
                             let line = line
                                 .strip_suffix(b"\r\n")
                                 .unwrap_or(&line[..line.len() - 1]);
                             ready.push_back(String::from_utf8_lossy(line).into_owned());
-                        }
+                        } // else cut in the middle by the 64 KiB window
+                        continue;
+                    }
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let n = f.read(&mut buf).unwrap_or(0);
+                    if n > 0 {
+                        partial.extend_from_slice(&buf[..n]);
                         continue;
                     }
                     if !follow || !alive.load(Ordering::SeqCst) {
                         return None;
+                    }
+                    let renamed = match (std::fs::metadata(&path), f.metadata()) {
+                        (Ok(now), Ok(ours)) => (now.dev(), now.ino()) != (ours.dev(), ours.ino()),
+                        _ => false,
+                    };
+                    if let Some(new) = renamed.then(|| std::fs::File::open(&path).ok()).flatten() {
+                        // What reached the old file after the last read first; a line
+                        // begun there goes on in the new one.
+                        let _ = f.read_to_end(&mut partial);
+                        f = new;
+                        continue;
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(250)).await;
                 }
@@ -634,6 +650,36 @@ pub fn tail_lines(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_followed_log_goes_on_in_the_file_that_replaced_it() {
+        use futures_util::StreamExt as _;
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "one\r\n").unwrap();
+        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut lines = tail_lines(&path, true, alive.clone()).unwrap();
+        assert_eq!(lines.next().await.unwrap(), "one");
+        // Written to the old file, which is then renamed; the line goes on in the new.
+        let mut old = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        old.write_all(b"two\nthr").unwrap();
+        std::fs::rename(&path, dir.path().join("console.log.1")).unwrap();
+        std::fs::write(&path, "ee\nfour\n").unwrap();
+        let wait = std::time::Duration::from_secs(5);
+        for want in ["two", "three", "four"] {
+            let got = tokio::time::timeout(wait, lines.next()).await.unwrap();
+            assert_eq!(got.as_deref(), Some(want));
+        }
+        alive.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            tokio::time::timeout(wait, lines.next()).await.unwrap(),
+            None
+        );
+    }
 
     #[test]
     fn a_refusal_is_read_from_its_kind_and_data_not_its_text() {

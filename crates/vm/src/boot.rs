@@ -2,6 +2,7 @@
 //! incoming migration (fork child, wake) or adoption, and the files of a VM's run dir.
 
 use super::*;
+use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::fs::PermissionsExt as _;
 
@@ -200,6 +201,8 @@ impl Inner {
             None => None,
         };
         let log = std::fs::File::create(&vm.qemu_log).map_err(fail("make QEMU log"))?;
+        // Its console: a socket QEMU serves, the server already connected (`console.rs`).
+        let console = console::listen(&vm.console_sock).map_err(fail("make the console socket"))?;
         let log2 = log.try_clone().map_err(fail("make QEMU log"))?;
         // A VM booted to make a boot image is no sandbox: it ends with the server (an
         // unjailed QEMU at once; a jailed one loses the parent-death signal when it
@@ -217,8 +220,12 @@ impl Inner {
             .args(accel.qemu_args())
             .args(["-m", &format!("{memory_mb}M"), "-smp", &smp.to_string()])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-no-reboot", "-serial"])
-            .arg(format!("file:{}", vm.console.display()))
+            .args(["-no-reboot", "-chardev"])
+            .arg(format!(
+                "socket,id=con0,fd={},server=on,wait=on",
+                console.listener.as_raw_fd()
+            ))
+            .args(["-serial", "chardev:con0"])
             .args([
                 "-sandbox",
                 // A jailed QEMU drops to its uid itself (set*id calls), after which it
@@ -290,17 +297,21 @@ impl Inner {
         // and UTS namespaces of its own: QEMU needs none of the host's (its sockets
         // are files), so a QEMU taken over by its guest reaches no host network.
         // The sealed RAM a copy maps, inherited (its descriptor stays open meanwhile).
-        let inherit = match source {
-            Source::Fork { ram, .. } => Some(ram.raw_fd()),
-            _ => None,
-        };
+        // So is the console's listening socket.
+        let inherit = [
+            match source {
+                Source::Fork { ram, .. } => Some(ram.raw_fd()),
+                _ => None,
+            },
+            Some(console.listener.as_raw_fd()),
+        ];
         let seccomp = self.seccomp.clone();
         // SAFETY: setsid, unshare, prctl, fcntl and seccomp are async-signal-safe and
         // touch no memory of ours (the filters were compiled before the fork).
         unsafe {
             cmd.pre_exec(move || {
-                if let Some(fd) = inherit {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                for fd in inherit.iter().flatten() {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -329,6 +340,9 @@ impl Inner {
         }
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(fail("start QEMU"))?;
+        // QEMU has the listener now; the server reads the console from its start.
+        drop(console.listener);
+        console::pump(console.ours, vm.console.clone());
         let waiter = child.id().map(|p| p as i32).unwrap_or(0);
         let pid = qemu_under(waiter, &mut child, &id).await;
         // Its pid, for a later server (adoption, clean-up), written by us: QEMU's own
@@ -583,7 +597,10 @@ pub(crate) struct Vm {
     /// frozen `disk-<n>` (see [`Vm::active_disk`]).
     pub(crate) disk: PathBuf,
     pub(crate) initrd: PathBuf,
+    /// What the guest printed on its console (`console.rs`), and the socket QEMU
+    /// serves it on.
     pub(crate) console: PathBuf,
+    pub(crate) console_sock: PathBuf,
     pub(crate) qemu_log: PathBuf,
     pub(crate) agent_sock: PathBuf,
     pub(crate) qmp_sock: PathBuf,
@@ -621,6 +638,7 @@ impl Vm {
             disk: dir.join("disk-0.qcow2"),
             initrd: dir.join("initrd.cpio"),
             console: dir.join("console.log"),
+            console_sock: dir.join("console.sock"),
             qemu_log: dir.join("qemu.log"),
             agent_sock: dir.join("agent.sock"),
             qmp_sock: dir.join("qmp.sock"),

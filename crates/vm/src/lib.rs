@@ -25,6 +25,7 @@ pub mod initrd;
 pub mod qmp;
 
 mod boot;
+mod console;
 mod disks;
 mod egress;
 mod images;
@@ -518,6 +519,8 @@ impl Runtime for VmRuntime {
             rt: rt.clone(),
             oom_kills: Default::default(),
         });
+        // Its console again (QEMU dropped it while no server read it).
+        console::attach(&instance.vm.console_sock, instance.vm.console.clone()).await;
         instance
             .connect(
                 Instant::now(),
