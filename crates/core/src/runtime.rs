@@ -574,111 +574,251 @@ pub trait Instance: Send + Sync + 'static {
     async fn destroy(&self) -> Result<(), RuntimeError>;
 }
 
+/// Longest line a log reader keeps whole; a longer one goes out cut at this size.
+pub const MAX_LOG_LINE: usize = 64 * 1024;
+
+/// The line a log reader puts where it lost lines: it fell a whole file behind a log
+/// that is kept to a size (see [`tail_lines`]).
+pub const LOG_LINES_LOST: &str = "[lines lost: the log moved on faster than it was read]";
+
 /// The lines of log file `path`: its last 64 KiB (a line cut by that window skipped),
-/// then, with `follow`, lines as they are appended while `alive` holds — across a
-/// rename: when `path` names a new file (a log kept to a size renamed the full one and
-/// began anew), the new one is read from its start.
+/// then, with `follow`, lines as they are appended while `alive` holds. A log kept to a
+/// size is followed across its renames: its full file is renamed `<path>.1` and a new
+/// one takes the name (the vm console, `forkbox-vm`'s `console.rs`). A short log's
+/// window begins in its `.1`; when `path` names a new file, the old one is read to its
+/// end and the new one from its start; a reader that fell a whole file behind says so
+/// with [`LOG_LINES_LOST`]. Lines longer than [`MAX_LOG_LINE`] are cut.
 pub fn tail_lines(
     path: &std::path::Path,
     follow: bool,
     alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<BoxStream<'static, String>> {
     use futures_util::StreamExt as _;
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::MetadataExt as _;
-    use std::sync::atomic::Ordering;
+    use std::io::{Seek, SeekFrom};
+    const WINDOW: u64 = 64 * 1024;
     let path = path.to_path_buf();
     let mut f = std::fs::File::open(&path)?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(64 * 1024);
-    f.seek(SeekFrom::Start(start))?;
-    let state = (
+    let before = (len < WINDOW)
+        .then(|| std::fs::File::open(rotated_log(&path)).ok())
+        .flatten();
+    let start = match before {
+        Some(mut b) => {
+            let start = b
+                .metadata()
+                .map(|m| m.len())
+                .unwrap_or(0)
+                .saturating_sub(WINDOW - len);
+            b.seek(SeekFrom::Start(start))?;
+            f = b;
+            start
+        }
+        None => {
+            let start = len.saturating_sub(WINDOW);
+            f.seek(SeekFrom::Start(start))?;
+            start
+        }
+    };
+    let reader = LogReader {
+        path,
         f,
-        Vec::<u8>::new(),
-        std::collections::VecDeque::<String>::new(),
-        start > 0,
-    );
-    Ok(futures_util::stream::unfold(
-        state,
-        move |(mut f, mut partial, mut ready, mut skip_first)| {
-            let alive = alive.clone();
-            let path = path.clone();
-            async move {
-                loop {
-                    if let Some(l) = ready.pop_front() {
-                        return Some((l, (f, partial, ready, skip_first)));
-                    }
-                    if let Some(i) = partial.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = partial.drain(..=i).collect();
-                        if !std::mem::take(&mut skip_first) {
-                            // A console's lines end in CR LF.
-                            let line = line
-                                .strip_suffix(b"\r\n")
-                                .unwrap_or(&line[..line.len() - 1]);
-                            ready.push_back(String::from_utf8_lossy(line).into_owned());
-                        } // else cut in the middle by the 64 KiB window
-                        continue;
-                    }
-                    let mut buf = vec![0u8; 16 * 1024];
-                    let n = f.read(&mut buf).unwrap_or(0);
-                    if n > 0 {
-                        partial.extend_from_slice(&buf[..n]);
-                        continue;
-                    }
-                    if !follow || !alive.load(Ordering::SeqCst) {
-                        return None;
-                    }
-                    let renamed = match (std::fs::metadata(&path), f.metadata()) {
-                        (Ok(now), Ok(ours)) => (now.dev(), now.ino()) != (ours.dev(), ours.ino()),
-                        _ => false,
-                    };
-                    if let Some(new) = renamed.then(|| std::fs::File::open(&path).ok()).flatten() {
-                        // What reached the old file after the last read first; a line
-                        // begun there goes on in the new one.
-                        let _ = f.read_to_end(&mut partial);
-                        f = new;
-                        continue;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                }
-            }
-        },
-    )
+        partial: Vec::new(),
+        ready: Default::default(),
+        skip_first: start > 0,
+    };
+    Ok(futures_util::stream::unfold(reader, move |mut r| {
+        let alive = alive.clone();
+        async move { r.next_line(follow, &alive).await.map(|l| (l, r)) }
+    })
     .boxed())
+}
+
+/// Where a log kept to a size keeps its full file: `<path>.1`.
+pub fn rotated_log(path: &std::path::Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    name.into()
+}
+
+/// The state of one [`tail_lines`] reader.
+struct LogReader {
+    path: std::path::PathBuf,
+    f: std::fs::File,
+    /// Bytes read past the last whole line (at most [`MAX_LOG_LINE`] and a read).
+    partial: Vec<u8>,
+    ready: std::collections::VecDeque<String>,
+    /// The first line is cut by the window: not shown.
+    skip_first: bool,
+}
+
+impl LogReader {
+    async fn next_line(
+        &mut self,
+        follow: bool,
+        alive: &std::sync::atomic::AtomicBool,
+    ) -> Option<String> {
+        use std::io::Read as _;
+        loop {
+            if let Some(l) = self.ready.pop_front() {
+                return Some(l);
+            }
+            if self.split() {
+                continue;
+            }
+            let mut buf = vec![0u8; 16 * 1024];
+            let n = self.f.read(&mut buf).unwrap_or(0);
+            if n > 0 {
+                self.partial.extend_from_slice(&buf[..n]);
+                continue;
+            }
+            if self.switch() {
+                continue;
+            }
+            if !follow || !alive.load(std::sync::atomic::Ordering::SeqCst) {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Moves one line (or a cut piece of a long one) from `partial` to `ready`; false
+    /// when there is none yet.
+    fn split(&mut self) -> bool {
+        let line: Vec<u8> = match self.partial.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                let mut l: Vec<u8> = self.partial.drain(..=i).collect();
+                l.pop();
+                if l.last() == Some(&b'\r') {
+                    l.pop(); // a console's lines end in CR LF
+                }
+                if std::mem::take(&mut self.skip_first) {
+                    return true; // cut in the middle by the window
+                }
+                l
+            }
+            None if self.partial.len() >= MAX_LOG_LINE => {
+                let l: Vec<u8> = self.partial.drain(..MAX_LOG_LINE).collect();
+                if self.skip_first {
+                    return true; // still the line the window cut
+                }
+                l
+            }
+            None => return false,
+        };
+        self.ready
+            .push_back(String::from_utf8_lossy(&line).into_owned());
+        true
+    }
+
+    /// When `path` names another file than the one being read: the rest of the old
+    /// one, then the new one from its start. False when it is the same file.
+    fn switch(&mut self) -> bool {
+        use std::io::Read as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+        let (Ok(now), Ok(ours)) = (std::fs::metadata(&self.path), self.f.metadata()) else {
+            return false;
+        };
+        if id(now) == id(ours.clone()) {
+            return false;
+        }
+        let Ok(new) = std::fs::File::open(&self.path) else {
+            return false;
+        };
+        // What reached the old file after the last read (a rename just then).
+        let _ = (&mut self.f)
+            .take(4 * MAX_LOG_LINE as u64)
+            .read_to_end(&mut self.partial);
+        // The old file is the one before the new, or a whole file went by unread.
+        let next_to = std::fs::metadata(rotated_log(&self.path)).map(id).ok();
+        if next_to != Some(id(ours)) {
+            while self.split() {}
+            self.partial.clear();
+            self.ready.push_back(LOG_LINES_LOST.to_owned());
+        }
+        self.f = new;
+        true
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Reads the next line of `lines` or fails after 5 s.
+    async fn next_line(lines: &mut BoxStream<'static, String>) -> Option<String> {
+        use futures_util::StreamExt as _;
+        tokio::time::timeout(std::time::Duration::from_secs(5), lines.next())
+            .await
+            .expect("no line in 5 s")
+    }
+
     #[tokio::test]
     async fn a_followed_log_goes_on_in_the_file_that_replaced_it() {
-        use futures_util::StreamExt as _;
         use std::io::Write as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
         std::fs::write(&path, "one\r\n").unwrap();
         let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let mut lines = tail_lines(&path, true, alive.clone()).unwrap();
-        assert_eq!(lines.next().await.unwrap(), "one");
+        assert_eq!(next_line(&mut lines).await.unwrap(), "one");
         // Written to the old file, which is then renamed; the line goes on in the new.
         let mut old = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .unwrap();
         old.write_all(b"two\nthr").unwrap();
-        std::fs::rename(&path, dir.path().join("console.log.1")).unwrap();
+        std::fs::rename(&path, rotated_log(&path)).unwrap();
         std::fs::write(&path, "ee\nfour\n").unwrap();
-        let wait = std::time::Duration::from_secs(5);
         for want in ["two", "three", "four"] {
-            let got = tokio::time::timeout(wait, lines.next()).await.unwrap();
-            assert_eq!(got.as_deref(), Some(want));
+            assert_eq!(next_line(&mut lines).await.as_deref(), Some(want));
         }
+        // A reader a whole file behind says it lost lines, and goes on.
+        for text in ["five\n", "six\n"] {
+            std::fs::rename(&path, rotated_log(&path)).unwrap();
+            std::fs::write(&path, text).unwrap();
+        }
+        assert_eq!(next_line(&mut lines).await.as_deref(), Some(LOG_LINES_LOST));
+        assert_eq!(next_line(&mut lines).await.as_deref(), Some("six"));
         alive.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(next_line(&mut lines).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_short_log_begins_in_the_one_before() {
+        use futures_util::StreamExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        // The window (64 KiB) takes in the end of the one before, whose first line it
+        // cuts (not shown).
+        std::fs::write(rotated_log(&path), "a".repeat(70_000) + "\nolder\n").unwrap();
+        std::fs::write(&path, "newer\n").unwrap();
+        let lines: Vec<String> = tail_lines(&path, false, alive).unwrap().collect().await;
+        assert_eq!(lines, ["older", "newer"]);
+    }
+
+    #[tokio::test]
+    async fn a_line_longer_than_the_limit_is_cut() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "").unwrap();
+        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut lines = tail_lines(&path, true, alive).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        // No newline for longer than a line may be: it goes out in pieces.
+        f.write_all(&vec![b'x'; MAX_LOG_LINE + 100]).unwrap();
+        f.write_all(b"\nend\n").unwrap();
         assert_eq!(
-            tokio::time::timeout(wait, lines.next()).await.unwrap(),
-            None
+            next_line(&mut lines).await.unwrap(),
+            "x".repeat(MAX_LOG_LINE)
         );
+        assert_eq!(next_line(&mut lines).await.unwrap(), "x".repeat(100));
+        assert_eq!(next_line(&mut lines).await.unwrap(), "end");
     }
 
     #[test]

@@ -201,8 +201,11 @@ impl Inner {
             None => None,
         };
         let log = std::fs::File::create(&vm.qemu_log).map_err(fail("make QEMU log"))?;
-        // Its console: a socket QEMU serves, the server already connected (`console.rs`).
+        // Its console: a socket QEMU serves, the server already connected and reading
+        // (`console.rs`).
         let console = console::listen(&vm.console_sock).map_err(fail("make the console socket"))?;
+        let pump = console::Pump::start(console.ours, vm.console.clone(), &id)
+            .map_err(fail("read the console"))?;
         let log2 = log.try_clone().map_err(fail("make QEMU log"))?;
         // A VM booted to make a boot image is no sandbox: it ends with the server (an
         // unjailed QEMU at once; a jailed one loses the parent-death signal when it
@@ -340,9 +343,8 @@ impl Inner {
         }
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(fail("start QEMU"))?;
-        // QEMU has the listener now; the server reads the console from its start.
+        // QEMU has the listener now.
         drop(console.listener);
-        console::pump(console.ours, vm.console.clone());
         let waiter = child.id().map(|p| p as i32).unwrap_or(0);
         let pid = qemu_under(waiter, &mut child, &id).await;
         // Its pid, for a later server (adoption, clean-up), written by us: QEMU's own
@@ -385,6 +387,7 @@ impl Inner {
             egress: Default::default(),
             client: tokio::sync::OnceCell::new(),
             qmp: tokio::sync::Mutex::new(None),
+            console: std::sync::Mutex::new(Some(pump)),
             alive,
             exited,
             rt: self.clone(),

@@ -340,6 +340,34 @@ pub(crate) fn collect_layers(layers: &Path) {
     }
 }
 
+/// Removes what a server that stopped in the middle of a layer copy left (a partial
+/// `*.qcow2.tmp` under `layers`, a `*.qcow2.link` name in a VM's dir): run at start,
+/// before any copy of this server's begins.
+pub(crate) fn sweep_half_made(run_dir: &Path) {
+    let mut found = files_ending(&run_dir.join("layers"), ".qcow2.tmp");
+    for vm in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
+        if vm.file_type().is_ok_and(|t| t.is_dir()) {
+            found.extend(files_ending(&vm.path(), ".qcow2.link"));
+        }
+    }
+    for f in found {
+        tracing::info!(file = %f.display(), "removed a half-made layer copy");
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// The regular files directly in `dir` whose names end in `suffix`.
+fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| e.file_name().to_string_lossy().ends_with(suffix))
+        .map(|e| e.path())
+        .collect()
+}
+
 /// True while process `pid` is a QEMU of the VM in `dir` (its command line names it).
 pub(crate) fn qemu_of(pid: i32, dir: &Path) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -351,6 +379,31 @@ pub(crate) fn qemu_of(pid: i32, dir: &Path) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_half_made_layer_copy_is_swept_and_nothing_else() {
+        let t = tempfile::tempdir().unwrap();
+        let (layers, vm) = (t.path().join("layers"), t.path().join("sbx-1"));
+        std::fs::create_dir_all(&layers).unwrap();
+        std::fs::create_dir_all(&vm).unwrap();
+        let keep = [
+            layers.join("a.qcow2"),
+            layers.join("a.state"),
+            vm.join("disk-0.qcow2"),
+            vm.join("console.log"),
+        ];
+        let gone = [layers.join("b.qcow2.tmp"), vm.join("disk-0.qcow2.link")];
+        for f in keep.iter().chain(&gone) {
+            std::fs::write(f, b"x").unwrap();
+        }
+        sweep_half_made(t.path());
+        for f in &keep {
+            assert!(f.exists(), "{}", f.display());
+        }
+        for f in &gone {
+            assert!(!f.exists(), "{}", f.display());
+        }
+    }
 
     /// The overlay written here is the one `qemu-img create -u` makes (but for the
     /// feature name table, which is optional): `qemu-img check` finds nothing wrong,

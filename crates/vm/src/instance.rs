@@ -17,6 +17,8 @@ pub struct VmInstance {
     pub(crate) egress: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     pub(crate) client: tokio::sync::OnceCell<AgentClient>,
     pub(crate) qmp: tokio::sync::Mutex<Option<qmp::Qmp>>,
+    /// The thread reading its console into its log (`console.rs`), until it stops.
+    pub(crate) console: std::sync::Mutex<Option<console::Pump>>,
     pub(crate) alive: Arc<AtomicBool>,
     pub(crate) exited: tokio::sync::watch::Receiver<bool>,
     pub(crate) rt: Arc<Inner>,
@@ -188,17 +190,7 @@ impl VmInstance {
     /// The last lines the guest printed on its console.
     pub(crate) fn console_tail(&self) -> String {
         // Its last 64 KiB: the guest writes the console as much as it likes.
-        let text = (|| {
-            use std::io::{Read as _, Seek as _};
-            let mut f = std::fs::File::open(&self.vm.console).ok()?;
-            let len = f.metadata().ok()?.len();
-            f.seek(std::io::SeekFrom::Start(len.saturating_sub(64 << 10)))
-                .ok()?;
-            let mut buf = Vec::new();
-            f.take(64 << 10).read_to_end(&mut buf).ok()?;
-            Some(String::from_utf8_lossy(&buf).into_owned())
-        })()
-        .unwrap_or_default();
+        let text = String::from_utf8_lossy(&console::tail(&self.vm.console, 64 << 10)).into_owned();
         let lines: Vec<&str> = text.lines().rev().take(8).collect();
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
     }
@@ -328,6 +320,12 @@ impl VmInstance {
         let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
         self.alive.store(false, Ordering::SeqCst);
         *self.qmp.lock().await = None;
+        // Its console's reader is done before the VM's files go (it would make a new
+        // log in a directory being removed).
+        let pump = self.console.lock().ok().and_then(|mut p| p.take());
+        if let Some(pump) = pump {
+            let _ = tokio::task::spawn_blocking(move || drop(pump)).await;
+        }
         let _ = std::fs::remove_file(&self.ram);
         self.rt.release_cgroup(&self.id);
     }

@@ -203,6 +203,8 @@ impl VmRuntime {
             std::os::unix::fs::PermissionsExt::from_mode(0o700),
         )
         .map_err(VmError::RunDir)?;
+        // No copy of a layer is under way yet: what one cut short left goes.
+        disks::sweep_half_made(&cfg.run_dir);
         // The empty directory each jailed QEMU mounts its own root on.
         std::fs::create_dir_all(cfg.run_dir.join(jailer::ROOT)).map_err(VmError::RunDir)?;
         let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
@@ -503,6 +505,15 @@ impl Runtime for VmRuntime {
                 let _ = exited_tx.send(true);
             });
         }
+        // Its console again (QEMU dropped it while no server read it); a QEMU of an
+        // earlier version writes a console file itself.
+        let console = match console::Pump::attach(&vm.console_sock, vm.console.clone(), &spec.id) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(sandbox = %spec.id, error = %e, "console not attached");
+                None
+            }
+        };
         let instance = Arc::new(VmInstance {
             id: spec.id.clone(),
             pid: host_pid,
@@ -514,13 +525,12 @@ impl Runtime for VmRuntime {
             egress: Default::default(),
             client: tokio::sync::OnceCell::new(),
             qmp: tokio::sync::Mutex::new(None),
+            console: std::sync::Mutex::new(console),
             alive,
             exited,
             rt: rt.clone(),
             oom_kills: Default::default(),
         });
-        // Its console again (QEMU dropped it while no server read it).
-        console::attach(&instance.vm.console_sock, instance.vm.console.clone()).await;
         instance
             .connect(
                 Instant::now(),
