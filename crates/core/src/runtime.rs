@@ -602,7 +602,7 @@ pub fn tail_lines(
     let before = (len < WINDOW)
         .then(|| std::fs::File::open(rotated_log(&path)).ok())
         .flatten();
-    let start = match before {
+    let (start, successor) = match before {
         Some(mut b) => {
             let start = b
                 .metadata()
@@ -610,19 +610,22 @@ pub fn tail_lines(
                 .unwrap_or(0)
                 .saturating_sub(WINDOW - len);
             b.seek(SeekFrom::Start(start))?;
+            let next = f.metadata().ok().map(file_id);
             f = b;
-            start
+            (start, next)
         }
         None => {
             let start = len.saturating_sub(WINDOW);
             f.seek(SeekFrom::Start(start))?;
-            start
+            (start, None)
         }
     };
     let reader = LogReader {
         path,
         f,
+        successor,
         partial: Vec::new(),
+        taken: 0,
         ready: Default::default(),
         skip_first: start > 0,
     };
@@ -640,12 +643,24 @@ pub fn rotated_log(path: &std::path::Path) -> std::path::PathBuf {
     name.into()
 }
 
+/// A file's device and inode.
+fn file_id(m: std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (m.dev(), m.ino())
+}
+
 /// The state of one [`tail_lines`] reader.
 struct LogReader {
     path: std::path::PathBuf,
     f: std::fs::File,
-    /// Bytes read past the last whole line (at most [`MAX_LOG_LINE`] and a read).
+    /// The file that comes after `f` when `f` was opened as `<path>.1` (what `path`
+    /// named then); `None` when `f` was opened as `path` (its successor is whatever
+    /// takes `path` when it is renamed `.1`).
+    successor: Option<(u64, u64)>,
+    /// Bytes read past the last whole line, from `taken` on (at most
+    /// [`MAX_LOG_LINE`] and a read).
     partial: Vec<u8>,
+    taken: usize,
     ready: std::collections::VecDeque<String>,
     /// The first line is cut by the window: not shown.
     skip_first: bool,
@@ -665,8 +680,15 @@ impl LogReader {
             if self.split() {
                 continue;
             }
+            // Once per read, what was taken goes (not once per line).
+            self.partial.drain(..self.taken);
+            self.taken = 0;
             let mut buf = vec![0u8; 16 * 1024];
-            let n = self.f.read(&mut buf).unwrap_or(0);
+            let n = match self.f.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => 0,
+            };
             if n > 0 {
                 self.partial.extend_from_slice(&buf[..n]);
                 continue;
@@ -684,58 +706,73 @@ impl LogReader {
     /// Moves one line (or a cut piece of a long one) from `partial` to `ready`; false
     /// when there is none yet.
     fn split(&mut self) -> bool {
-        let line: Vec<u8> = match self.partial.iter().position(|b| *b == b'\n') {
-            Some(i) => {
-                let mut l: Vec<u8> = self.partial.drain(..=i).collect();
-                l.pop();
-                if l.last() == Some(&b'\r') {
-                    l.pop(); // a console's lines end in CR LF
-                }
-                if std::mem::take(&mut self.skip_first) {
-                    return true; // cut in the middle by the window
-                }
-                l
-            }
-            None if self.partial.len() >= MAX_LOG_LINE => {
-                let l: Vec<u8> = self.partial.drain(..MAX_LOG_LINE).collect();
-                if self.skip_first {
-                    return true; // still the line the window cut
-                }
-                l
-            }
+        let rest = &self.partial[self.taken..];
+        let (mut line, used) = match rest.iter().position(|b| *b == b'\n') {
+            Some(i) => (&rest[..i], i + 1),
+            None if rest.len() >= MAX_LOG_LINE => (&rest[..MAX_LOG_LINE], MAX_LOG_LINE),
             None => return false,
         };
-        self.ready
-            .push_back(String::from_utf8_lossy(&line).into_owned());
+        let whole = used == line.len() + 1;
+        if whole {
+            line = line.strip_suffix(b"\r").unwrap_or(line); // a console's lines end in CR LF
+        }
+        let text = String::from_utf8_lossy(line).into_owned();
+        self.taken += used;
+        if self.skip_first {
+            // Cut in the middle by the window (a cut piece: still that line).
+            self.skip_first = !whole;
+            return true;
+        }
+        self.ready.push_back(text);
         true
     }
 
     /// When `path` names another file than the one being read: the rest of the old
-    /// one, then the new one from its start. False when it is the same file.
+    /// one, then the file after it — `path`, or `<path>.1` when the reader began in
+    /// `.1` and the file that followed has been renamed there since. A reader a whole
+    /// file behind says it lost lines. False when there is nothing to switch to.
     fn switch(&mut self) -> bool {
         use std::io::Read as _;
-        use std::os::unix::fs::MetadataExt as _;
-        let id = |m: std::fs::Metadata| (m.dev(), m.ino());
         let (Ok(now), Ok(ours)) = (std::fs::metadata(&self.path), self.f.metadata()) else {
             return false;
         };
-        if id(now) == id(ours.clone()) {
+        let (now, ours) = (file_id(now), file_id(ours));
+        if now == ours {
             return false;
         }
-        let Ok(new) = std::fs::File::open(&self.path) else {
+        let before_path = rotated_log(&self.path);
+        let before = std::fs::metadata(&before_path).ok().map(file_id);
+        // (whether the next file is `.1`, whether a whole file went by unread)
+        let (in_before, lost) = match self.successor {
+            Some(next) if now == next => (false, false),
+            Some(next) if before == Some(next) => (true, false),
+            Some(_) => (false, true),
+            // `f` was `path`: renamed `.1` since, or `.1` just being replaced (missing,
+            // or the same file as `path`), `path` is what follows it.
+            None if before.is_none() || before == Some(ours) || before == Some(now) => {
+                (false, false)
+            }
+            None => (false, true),
+        };
+        let opened = if in_before {
+            std::fs::File::open(&before_path)
+        } else {
+            std::fs::File::open(&self.path)
+        };
+        let Ok(new) = opened else {
             return false;
         };
         // What reached the old file after the last read (a rename just then).
         let _ = (&mut self.f)
             .take(4 * MAX_LOG_LINE as u64)
             .read_to_end(&mut self.partial);
-        // The old file is the one before the new, or a whole file went by unread.
-        let next_to = std::fs::metadata(rotated_log(&self.path)).map(id).ok();
-        if next_to != Some(id(ours)) {
+        if lost {
             while self.split() {}
             self.partial.clear();
+            self.taken = 0;
             self.ready.push_back(LOG_LINES_LOST.to_owned());
         }
+        self.successor = in_before.then_some(now);
         self.f = new;
         true
     }
@@ -796,6 +833,24 @@ mod tests {
         std::fs::write(&path, "newer\n").unwrap();
         let lines: Vec<String> = tail_lines(&path, false, alive).unwrap().collect().await;
         assert_eq!(lines, ["older", "newer"]);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_began_in_the_one_before_reads_what_followed_it_renamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        std::fs::write(rotated_log(&path), "a\n").unwrap();
+        std::fs::write(&path, "b\n").unwrap();
+        let mut lines = tail_lines(&path, true, alive.clone()).unwrap();
+        // Before it read a line, "b"'s file became `.1` and "c"'s took the name.
+        std::fs::rename(&path, rotated_log(&path)).unwrap();
+        std::fs::write(&path, "c\n").unwrap();
+        for want in ["a", "b", "c"] {
+            assert_eq!(next_line(&mut lines).await.as_deref(), Some(want));
+        }
+        alive.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(next_line(&mut lines).await, None);
     }
 
     #[tokio::test]

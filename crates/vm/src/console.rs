@@ -111,8 +111,10 @@ fn copy(mut stream: UnixStream, mut log: CappedLog, stopped: &AtomicBool) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
         };
         if stopped.load(Ordering::SeqCst) {
             return;
