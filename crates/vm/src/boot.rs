@@ -2,7 +2,6 @@
 //! incoming migration (fork child, wake) or adoption, and the files of a VM's run dir.
 
 use super::*;
-use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::fs::PermissionsExt as _;
 
@@ -201,10 +200,9 @@ impl Inner {
             None => None,
         };
         let log = std::fs::File::create(&vm.qemu_log).map_err(fail("make QEMU log"))?;
-        // Its console: a socket QEMU serves, the server already connected and reading
-        // (`console.rs`).
-        let console = console::listen(&vm.console_sock).map_err(fail("make the console socket"))?;
-        let pump = console::Pump::start(console.ours, vm.console.clone(), &id)
+        // Its console: a FIFO QEMU writes, the server already reading (`console.rs`).
+        let fifo = console::make_fifo(&vm.console_fifo).map_err(fail("make the console FIFO"))?;
+        let pump = console::Pump::start(fifo, vm.console.clone(), &id)
             .map_err(fail("read the console"))?;
         let log2 = log.try_clone().map_err(fail("make QEMU log"))?;
         // A VM booted to make a boot image is no sandbox: it ends with the server (an
@@ -223,12 +221,8 @@ impl Inner {
             .args(accel.qemu_args())
             .args(["-m", &format!("{memory_mb}M"), "-smp", &smp.to_string()])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-no-reboot", "-chardev"])
-            .arg(format!(
-                "socket,id=con0,fd={},server=on,wait=on",
-                console.listener.as_raw_fd()
-            ))
-            .args(["-serial", "chardev:con0"])
+            .args(["-no-reboot", "-serial"])
+            .arg(format!("file:{}", vm.console_fifo.display()))
             .args([
                 "-sandbox",
                 // A jailed QEMU drops to its uid itself (set*id calls), after which it
@@ -300,21 +294,17 @@ impl Inner {
         // and UTS namespaces of its own: QEMU needs none of the host's (its sockets
         // are files), so a QEMU taken over by its guest reaches no host network.
         // The sealed RAM a copy maps, inherited (its descriptor stays open meanwhile).
-        // So is the console's listening socket.
-        let inherit = [
-            match source {
-                Source::Fork { ram, .. } => Some(ram.raw_fd()),
-                _ => None,
-            },
-            Some(console.listener.as_raw_fd()),
-        ];
+        let inherit = match source {
+            Source::Fork { ram, .. } => Some(ram.raw_fd()),
+            _ => None,
+        };
         let seccomp = self.seccomp.clone();
         // SAFETY: setsid, unshare, prctl, fcntl and seccomp are async-signal-safe and
         // touch no memory of ours (the filters were compiled before the fork).
         unsafe {
             cmd.pre_exec(move || {
-                for fd in inherit.iter().flatten() {
-                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                if let Some(fd) = inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -343,8 +333,6 @@ impl Inner {
         }
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(fail("start QEMU"))?;
-        // QEMU has the listener now.
-        drop(console.listener);
         let waiter = child.id().map(|p| p as i32).unwrap_or(0);
         let pid = qemu_under(waiter, &mut child, &id).await;
         // Its pid, for a later server (adoption, clean-up), written by us: QEMU's own
@@ -600,10 +588,10 @@ pub(crate) struct Vm {
     /// frozen `disk-<n>` (see [`Vm::active_disk`]).
     pub(crate) disk: PathBuf,
     pub(crate) initrd: PathBuf,
-    /// What the guest printed on its console (`console.rs`), and the socket QEMU
-    /// serves it on.
+    /// What the guest printed on its console (`console.rs`), and the FIFO QEMU
+    /// writes it to.
     pub(crate) console: PathBuf,
-    pub(crate) console_sock: PathBuf,
+    pub(crate) console_fifo: PathBuf,
     pub(crate) qemu_log: PathBuf,
     pub(crate) agent_sock: PathBuf,
     pub(crate) qmp_sock: PathBuf,
@@ -641,7 +629,7 @@ impl Vm {
             disk: dir.join("disk-0.qcow2"),
             initrd: dir.join("initrd.cpio"),
             console: dir.join("console.log"),
-            console_sock: dir.join("console.sock"),
+            console_fifo: dir.join("console.fifo"),
             qemu_log: dir.join("qemu.log"),
             agent_sock: dir.join("agent.sock"),
             qmp_sock: dir.join("qmp.sock"),

@@ -1,24 +1,24 @@
 //! The guest's console, kept to a bounded size and rate on the host.
 //!
 //! QEMU does not write the console to a file (a guest printing without end would fill
-//! the host's disk): its serial port is a socket chardev on a listening socket the
-//! server made (`console.sock` in the VM's directory, passed to QEMU as a descriptor,
-//! `server=on,wait=on`), which the server has already connected to, so QEMU takes the
-//! connection before the guest runs and no early line is lost.
+//! the host's disk): its serial port writes to a FIFO in the VM's directory
+//! (`console.fifo`, QEMU's `file` chardev, which QEMU makes non-blocking and which has
+//! no input side), whose read end the server opened before QEMU starts, so no early
+//! line is lost.
 //!
 //! A thread of the server's per VM ([`Pump`]) appends what arrives to `console.log`
 //! and, when that would pass [`CAP`], makes it `console.log.1` (replacing the previous
 //! one) and begins a new `console.log`: at most twice [`CAP`] on disk, and
 //! `console.log` always exists. It reads at most [`RATE`] bytes a second, at most
-//! every [`PERIOD`]: a guest printing more is slowed (QEMU's UART waits for the socket
-//! to take the byte, so the guest's writer waits), never the server.
+//! every [`PERIOD`]: a guest printing more is slowed (the FIFO fills, QEMU's UART waits
+//! for it to take the byte, so the guest's writer waits), never the server.
 //!
-//! While no server reads (between a server's end and the next one's adoption), QEMU
-//! drops what the guest prints.
+//! While no server reads (between a server's end and the next one's adoption), QEMU's
+//! writes fail (`EPIPE`; QEMU ignores `SIGPIPE`) and the UART drops what the guest
+//! prints. (A socket chardev was tried first: its UART made every restore of a copy
+//! ~40 ms slower under TCG, measured; a write-only file chardev costs nothing.)
 
 use std::io::{Read as _, Seek as _, Write as _};
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,63 +33,63 @@ pub(crate) const CAP: u64 = 1 << 20;
 pub(crate) const RATE: u64 = 512 << 10;
 /// What a quiet console may print at once before [`RATE`] holds.
 const BURST: u64 = 256 << 10;
-/// Least time between two reads: what arrives meanwhile is read at once, so a flood
-/// of one-byte writes costs the server at most 1000 wakeups a second per VM. (QEMU's
-/// UART sends each byte in a message of its own, charged to its socket as ~1 KiB: its
-/// ~200 KiB send buffer holds a few hundred bytes, so this also bounds such a guest's
-/// console to a few hundred KiB a second.)
+/// Least time between two reads: what arrives meanwhile is read at once (the FIFO
+/// holds 64 KiB), so a flood costs the server at most 1000 wakeups a second per VM.
 pub(crate) const PERIOD: Duration = Duration::from_millis(1);
 
-/// The listening socket QEMU serves the console on, and the server's end, connected.
-pub(crate) struct Listening {
-    pub(crate) listener: OwnedFd,
-    pub(crate) ours: UnixStream,
-}
-
-/// Makes `sock` (a stale one is replaced) and connects to it: the connection waits in
-/// the backlog until QEMU, given the listener, accepts it at its start.
-pub(crate) fn listen(sock: &Path) -> std::io::Result<Listening> {
-    match std::fs::remove_file(sock) {
+/// Makes the FIFO at `fifo` (a stale one is replaced) and opens its read end
+/// (non-blocking: no writer yet), for QEMU to open for writing at its start.
+pub(crate) fn make_fifo(fifo: &Path) -> std::io::Result<std::fs::File> {
+    match std::fs::remove_file(fifo) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let listener = std::os::unix::net::UnixListener::bind(sock)?;
-    let ours = UnixStream::connect(sock)?;
-    Ok(Listening {
-        listener: listener.into(),
-        ours,
-    })
+    nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(std::io::Error::from)?;
+    open_fifo(fifo)
+}
+
+fn open_fifo(fifo: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(fifo)?;
+    if !f.metadata()?.file_type().is_fifo() {
+        return Err(std::io::Error::other(format!(
+            "{} is no FIFO",
+            fifo.display()
+        )));
+    }
+    Ok(f)
 }
 
 /// The thread copying one QEMU's console into its log.
 pub(crate) struct Pump {
-    stream: UnixStream,
     stopped: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Pump {
-    /// Copies what QEMU sends on `stream` into the log at `log` until QEMU closes it
-    /// or the pump is stopped. The log exists from now on.
-    pub(crate) fn start(stream: UnixStream, log: PathBuf, id: &str) -> std::io::Result<Pump> {
-        let reader = stream.try_clone()?;
+    /// Copies what QEMU writes into `fifo` (its read end) into the log at `log` until
+    /// the pump is dropped. The log exists from now on.
+    pub(crate) fn start(fifo: std::fs::File, log: PathBuf, id: &str) -> std::io::Result<Pump> {
         open_log(&log)?;
         let stopped = Arc::new(AtomicBool::new(false));
         let stop = stopped.clone();
         let thread = std::thread::Builder::new()
             .name(format!("console {id}"))
-            .spawn(move || copy(reader, CappedLog::new(log, CAP), &stop))?;
+            .spawn(move || copy(fifo, CappedLog::new(log, CAP), &stop))?;
         Ok(Pump {
-            stream,
             stopped,
             thread: Some(thread),
         })
     }
 
-    /// Connects to the console of a QEMU an earlier server started (`sock`) and copies
-    /// it into `log`.
-    pub(crate) fn attach(sock: &Path, log: PathBuf, id: &str) -> std::io::Result<Pump> {
-        Pump::start(UnixStream::connect(sock)?, log, id)
+    /// Reads the console of a QEMU an earlier server started (its FIFO, `fifo`) into
+    /// `log`.
+    pub(crate) fn attach(fifo: &Path, log: PathBuf, id: &str) -> std::io::Result<Pump> {
+        Pump::start(open_fifo(fifo)?, log, id)
     }
 }
 
@@ -98,7 +98,6 @@ impl Drop for Pump {
     /// of the log is made after this, so the VM's directory can go.
     fn drop(&mut self) {
         self.stopped.store(true, Ordering::SeqCst);
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
             let _ = t.join();
@@ -106,25 +105,40 @@ impl Drop for Pump {
     }
 }
 
-fn copy(mut stream: UnixStream, mut log: CappedLog, stopped: &AtomicBool) {
+/// How long the thread waits while no QEMU holds the FIFO open (before QEMU opened
+/// it, after it ended): a read then finds the end at once.
+const NO_WRITER: Duration = Duration::from_millis(50);
+
+fn copy(mut fifo: std::fs::File, mut log: CappedLog, stopped: &AtomicBool) {
+    use std::os::fd::AsFd as _;
     let mut bucket = Bucket::new(RATE, BURST, Instant::now());
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+    while !stopped.load(Ordering::SeqCst) {
+        // Wait for bytes (or a writer's end) a while, then look at `stopped` again.
+        let mut fds = [nix::poll::PollFd::new(
+            fifo.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+        let wait = match fifo.read(&mut buf) {
+            // No writer: QEMU has not opened it yet, or it is gone.
+            Ok(0) => NO_WRITER,
+            Ok(n) => {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                // A log that cannot be written (a full disk) loses the text, not the
+                // guest's console: reading goes on.
+                log.append(&buf[..n]);
+                // The rate: no read before this (QEMU's UART waits meanwhile).
+                bucket.take(n as u64, Instant::now()).max(PERIOD)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Duration::ZERO,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Duration::ZERO,
             Err(_) => return,
         };
-        if stopped.load(Ordering::SeqCst) {
-            return;
-        }
-        // A log that cannot be written (a full disk) loses the text, not the guest's
-        // console: reading goes on.
-        log.append(&buf[..n]);
-        // The rate: no read before this (QEMU's UART waits meanwhile); a stop ends
-        // the wait.
-        let until = Instant::now() + bucket.take(n as u64, Instant::now()).max(PERIOD);
+        // A stop ends the wait.
+        let until = Instant::now() + wait;
         while let Some(left) = until.checked_duration_since(Instant::now()) {
             if stopped.load(Ordering::SeqCst) || left.is_zero() {
                 break;
@@ -327,18 +341,17 @@ mod tests {
     }
 
     #[test]
-    fn what_the_listener_side_sends_reaches_the_log_and_a_stopped_pump_makes_nothing() {
+    fn what_qemu_writes_reaches_the_log_and_a_stopped_pump_makes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("console.sock");
+        let fifo = dir.path().join("console.fifo");
         let path = dir.path().join("console.log");
-        let l = listen(&sock).unwrap();
-        let listener = std::os::unix::net::UnixListener::from(l.listener);
-        let pump = Pump::start(l.ours, path.clone(), "t").unwrap();
+        let pump = Pump::start(make_fifo(&fifo).unwrap(), path.clone(), "t").unwrap();
         // The log is there before anything was said.
         assert_eq!(std::fs::read(&path).unwrap(), b"");
-        // QEMU's side: accepts the connection that waits in the backlog.
-        let (mut qemu, _) = listener.accept().unwrap();
-        qemu.write_all(b"[    0.000000] Linux version\n").unwrap();
+        // QEMU's side: opens the FIFO for writing at its start.
+        let qemu = || std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        let mut q = qemu();
+        q.write_all(b"[    0.000000] Linux version\n").unwrap();
         let wait_for = |want: &str| {
             for _ in 0..200 {
                 if std::fs::read_to_string(&path).is_ok_and(|t| t.contains(want)) {
@@ -349,22 +362,27 @@ mod tests {
             panic!("{want:?} not in the log");
         };
         wait_for("Linux version");
-        // Stopped (the VM going away): the thread is gone, the log made no more.
+        // QEMU gone and back (a reader sees the end meanwhile, and goes on).
+        drop(q);
+        std::thread::sleep(Duration::from_millis(120));
+        let mut q = qemu();
+        q.write_all(b"back\n").unwrap();
+        wait_for("back");
+        // Stopped (the VM going away): the thread is gone at once, the log made no
+        // more.
+        let t = Instant::now();
         drop(pump);
+        assert!(t.elapsed() < Duration::from_millis(500));
         std::fs::remove_file(&path).unwrap();
-        let _ = qemu.write_all(b"after the stop\n");
+        let _ = q.write_all(b"after the stop\n");
         std::thread::sleep(Duration::from_millis(50));
         assert!(!path.exists());
-        drop(qemu);
-        // A later server attaches by the socket's name.
-        let pump = Pump::attach(&sock, path.clone(), "t").unwrap();
-        let (mut qemu, _) = listener.accept().unwrap();
-        qemu.write_all(b"again\n").unwrap();
+        // A later server attaches by the FIFO's name, while QEMU still has it open.
+        let _pump = Pump::attach(&fifo, path.clone(), "t").unwrap();
+        q.write_all(b"again\n").unwrap();
         wait_for("again");
-        // QEMU gone: the thread ends by itself.
-        drop(qemu);
-        let t = std::time::Instant::now();
-        drop(pump);
-        assert!(t.elapsed() < Duration::from_secs(1));
+        // Only a FIFO is taken.
+        std::fs::write(dir.path().join("plain"), b"").unwrap();
+        assert!(Pump::attach(&dir.path().join("plain"), path, "t").is_err());
     }
 }

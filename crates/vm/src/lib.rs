@@ -507,7 +507,7 @@ impl Runtime for VmRuntime {
         }
         // Its console again (QEMU dropped it while no server read it); a QEMU of an
         // earlier version writes a console file itself.
-        let console = match console::Pump::attach(&vm.console_sock, vm.console.clone(), &spec.id) {
+        let console = match console::Pump::attach(&vm.console_fifo, vm.console.clone(), &spec.id) {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::warn!(sandbox = %spec.id, error = %e, "console not attached");
