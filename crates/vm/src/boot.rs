@@ -202,8 +202,9 @@ impl Inner {
         let log = std::fs::File::create(&vm.qemu_log).map_err(fail("make QEMU log"))?;
         // Its console: a FIFO QEMU writes, the server already reading (`console.rs`).
         let fifo = console::make_fifo(&vm.console_fifo).map_err(fail("make the console FIFO"))?;
-        let pump = console::Pump::start(fifo, vm.console.clone(), &id)
+        let pump = console::Pump::start(fifo.read, vm.console.clone(), &id)
             .map_err(fail("read the console"))?;
+        let console_fd = fifo.write;
         let log2 = log.try_clone().map_err(fail("make QEMU log"))?;
         // A VM booted to make a boot image is no sandbox: it ends with the server (an
         // unjailed QEMU at once; a jailed one loses the parent-death signal when it
@@ -221,8 +222,18 @@ impl Inner {
             .args(accel.qemu_args())
             .args(["-m", &format!("{memory_mb}M"), "-smp", &smp.to_string()])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-no-reboot", "-serial"])
-            .arg(format!("file:{}", vm.console_fifo.display()))
+            .args(["-no-reboot", "-add-fd"])
+            .arg(format!(
+                "fd={},set={CONSOLE_FDSET}",
+                std::os::fd::AsRawFd::as_raw_fd(&console_fd)
+            ))
+            // (`append=on`: QEMU would truncate the file, which a FIFO refuses.)
+            .args([
+                "-chardev",
+                &format!("file,id=con0,path=/dev/fdset/{CONSOLE_FDSET},append=on"),
+                "-serial",
+                "chardev:con0",
+            ])
             .args([
                 "-sandbox",
                 // A jailed QEMU drops to its uid itself (set*id calls), after which it
@@ -294,16 +305,20 @@ impl Inner {
         // and UTS namespaces of its own: QEMU needs none of the host's (its sockets
         // are files), so a QEMU taken over by its guest reaches no host network.
         // The sealed RAM a copy maps, inherited (its descriptor stays open meanwhile).
-        let inherit = match source {
-            Source::Fork { ram, .. } => Some(ram.raw_fd()),
-            _ => None,
-        };
+        // So is the console FIFO's write end.
+        let inherit = [
+            match source {
+                Source::Fork { ram, .. } => Some(ram.raw_fd()),
+                _ => None,
+            },
+            Some(std::os::fd::AsRawFd::as_raw_fd(&console_fd)),
+        ];
         let seccomp = self.seccomp.clone();
         // SAFETY: setsid, unshare, prctl, fcntl and seccomp are async-signal-safe and
         // touch no memory of ours (the filters were compiled before the fork).
         unsafe {
             cmd.pre_exec(move || {
-                if let Some(fd) = inherit {
+                for fd in inherit.into_iter().flatten() {
                     if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -333,6 +348,8 @@ impl Inner {
         }
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(fail("start QEMU"))?;
+        // QEMU holds the console's write end now: the FIFO ends when QEMU does.
+        drop(console_fd);
         let waiter = child.id().map(|p| p as i32).unwrap_or(0);
         let pid = qemu_under(waiter, &mut child, &id).await;
         // Its pid, for a later server (adoption, clean-up), written by us: QEMU's own
@@ -576,6 +593,9 @@ impl Drop for Cleanup {
         }
     }
 }
+
+/// The QEMU fd set (`-add-fd`) holding the console FIFO's write end.
+const CONSOLE_FDSET: u32 = 1;
 
 /// How long a guest making a boot image outlives a server that went away.
 const IMAGE_VM_GRACE_S: u64 = 10;

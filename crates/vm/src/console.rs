@@ -2,9 +2,9 @@
 //!
 //! QEMU does not write the console to a file (a guest printing without end would fill
 //! the host's disk): its serial port writes to a FIFO in the VM's directory
-//! (`console.fifo`, QEMU's `file` chardev, which QEMU makes non-blocking and which has
-//! no input side), whose read end the server opened before QEMU starts, so no early
-//! line is lost.
+//! (`console.fifo`; QEMU's `file` chardev, which has no input side, on the FIFO's write
+//! end the server opened and hands QEMU with `-add-fd`), whose read end the server
+//! holds from before QEMU starts, so no early line is lost.
 //!
 //! A thread of the server's per VM ([`Pump`]) appends what arrives to `console.log`
 //! and, when that would pass [`CAP`], makes it `console.log.1` (replacing the previous
@@ -34,19 +34,34 @@ pub(crate) const RATE: u64 = 512 << 10;
 /// What a quiet console may print at once before [`RATE`] holds.
 const BURST: u64 = 256 << 10;
 /// Least time between two reads: what arrives meanwhile is read at once (the FIFO
-/// holds 64 KiB), so a flood costs the server at most 1000 wakeups a second per VM.
-pub(crate) const PERIOD: Duration = Duration::from_millis(1);
+/// holds 64 KiB, 6.4 MB a second at this pace, far over [`RATE`]), so a flood costs
+/// the server at most 100 wakeups a second per VM.
+pub(crate) const PERIOD: Duration = Duration::from_millis(10);
 
-/// Makes the FIFO at `fifo` (a stale one is replaced) and opens its read end
-/// (non-blocking: no writer yet), for QEMU to open for writing at its start.
-pub(crate) fn make_fifo(fifo: &Path) -> std::io::Result<std::fs::File> {
+/// A console FIFO: the server's read end, and the write end QEMU is given.
+pub(crate) struct Fifo {
+    pub(crate) read: std::fs::File,
+    pub(crate) write: std::os::fd::OwnedFd,
+}
+
+/// Makes the FIFO at `fifo` (a stale one is replaced) and opens both its ends (both
+/// non-blocking): QEMU gets the write end as a descriptor (`-add-fd`), so it opens no
+/// path and never waits for a reader.
+pub(crate) fn make_fifo(fifo: &Path) -> std::io::Result<Fifo> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     match std::fs::remove_file(fifo) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
     nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
         .map_err(std::io::Error::from)?;
-    open_fifo(fifo)
+    let read = open_fifo(fifo)?;
+    let write = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(fifo)?
+        .into();
+    Ok(Fifo { read, write })
 }
 
 fn open_fifo(fifo: &Path) -> std::io::Result<std::fs::File> {
@@ -67,21 +82,26 @@ fn open_fifo(fifo: &Path) -> std::io::Result<std::fs::File> {
 /// The thread copying one QEMU's console into its log.
 pub(crate) struct Pump {
     stopped: Arc<AtomicBool>,
+    /// Closed to wake the thread (its other end is in the thread's poll).
+    wake: Option<std::os::fd::OwnedFd>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Pump {
-    /// Copies what QEMU writes into `fifo` (its read end) into the log at `log` until
-    /// the pump is dropped. The log exists from now on.
+    /// Copies what is written into the FIFO whose read end is `fifo` into the log at
+    /// `log`, until every writer closed it (QEMU ended) or the pump is dropped. The
+    /// log exists from now on.
     pub(crate) fn start(fifo: std::fs::File, log: PathBuf, id: &str) -> std::io::Result<Pump> {
         open_log(&log)?;
+        let (woken, wake) = nix::unistd::pipe().map_err(std::io::Error::from)?;
         let stopped = Arc::new(AtomicBool::new(false));
         let stop = stopped.clone();
         let thread = std::thread::Builder::new()
             .name(format!("console {id}"))
-            .spawn(move || copy(fifo, CappedLog::new(log, CAP), &stop))?;
+            .spawn(move || copy(fifo, woken, CappedLog::new(log, CAP), &stop))?;
         Ok(Pump {
             stopped,
+            wake: Some(wake),
             thread: Some(thread),
         })
     }
@@ -91,13 +111,21 @@ impl Pump {
     pub(crate) fn attach(fifo: &Path, log: PathBuf, id: &str) -> std::io::Result<Pump> {
         Pump::start(open_fifo(fifo)?, log, id)
     }
+
+    /// Whether the thread has ended (its QEMU closed the FIFO).
+    #[cfg(test)]
+    fn ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
 }
 
 impl Drop for Pump {
-    /// Stops reading and waits for the thread (at most one write of the log): nothing
-    /// of the log is made after this, so the VM's directory can go.
+    /// Stops reading and waits for the thread (at most one write of the log, it is
+    /// woken at once): nothing of the log is made after this, so the VM's directory
+    /// can go.
     fn drop(&mut self) {
         self.stopped.store(true, Ordering::SeqCst);
+        drop(self.wake.take());
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
             let _ = t.join();
@@ -105,40 +133,46 @@ impl Drop for Pump {
     }
 }
 
-/// How long the thread waits while no QEMU holds the FIFO open (before QEMU opened
-/// it, after it ended): a read then finds the end at once.
-const NO_WRITER: Duration = Duration::from_millis(50);
-
-fn copy(mut fifo: std::fs::File, mut log: CappedLog, stopped: &AtomicBool) {
+fn copy(
+    mut fifo: std::fs::File,
+    woken: std::os::fd::OwnedFd,
+    mut log: CappedLog,
+    stopped: &AtomicBool,
+) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd as _;
     let mut bucket = Bucket::new(RATE, BURST, Instant::now());
     let mut buf = vec![0u8; 64 * 1024];
     while !stopped.load(Ordering::SeqCst) {
-        // Wait for bytes (or a writer's end) a while, then look at `stopped` again.
-        let mut fds = [nix::poll::PollFd::new(
-            fifo.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
-        let wait = match fifo.read(&mut buf) {
-            // No writer: QEMU has not opened it yet, or it is gone.
-            Ok(0) => NO_WRITER,
-            Ok(n) => {
-                if stopped.load(Ordering::SeqCst) {
-                    return;
-                }
-                // A log that cannot be written (a full disk) loses the text, not the
-                // guest's console: reading goes on.
-                log.append(&buf[..n]);
-                // The rate: no read before this (QEMU's UART waits meanwhile).
-                bucket.take(n as u64, Instant::now()).max(PERIOD)
+        // Bytes, QEMU's end or a stop (the wake pipe closed).
+        let mut fds = [
+            PollFd::new(fifo.as_fd(), PollFlags::POLLIN),
+            PollFd::new(woken.as_fd(), PollFlags::POLLIN),
+        ];
+        let _ = nix::poll::poll(&mut fds, PollTimeout::NONE);
+        if stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let n = match fifo.read(&mut buf) {
+            // Every writer gone: QEMU ended (a new QEMU gets a new FIFO).
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Duration::ZERO,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Duration::ZERO,
             Err(_) => return,
         };
-        // A stop ends the wait.
-        let until = Instant::now() + wait;
+        // A log that cannot be written (a full disk) loses the text, not the guest's
+        // console: reading goes on.
+        log.append(&buf[..n]);
+        // The rate: no read before this (the FIFO fills, QEMU's UART waits); a stop
+        // ends the wait.
+        let until = Instant::now() + bucket.take(n as u64, Instant::now()).max(PERIOD);
         while let Some(left) = until.checked_duration_since(Instant::now()) {
             if stopped.load(Ordering::SeqCst) || left.is_zero() {
                 break;
@@ -345,13 +379,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("console.fifo");
         let path = dir.path().join("console.log");
-        let pump = Pump::start(make_fifo(&fifo).unwrap(), path.clone(), "t").unwrap();
-        // The log is there before anything was said.
+        let ends = make_fifo(&fifo).unwrap();
+        let pump = Pump::start(ends.read, path.clone(), "t").unwrap();
+        // The log is there before anything was said; a quiet FIFO keeps the thread.
         assert_eq!(std::fs::read(&path).unwrap(), b"");
-        // QEMU's side: opens the FIFO for writing at its start.
-        let qemu = || std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
-        let mut q = qemu();
-        q.write_all(b"[    0.000000] Linux version\n").unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!pump.ended());
+        // QEMU's side: the write end it was given.
+        let mut qemu = std::fs::File::from(ends.write);
+        qemu.write_all(b"[    0.000000] Linux version\n").unwrap();
         let wait_for = |want: &str| {
             for _ in 0..200 {
                 if std::fs::read_to_string(&path).is_ok_and(|t| t.contains(want)) {
@@ -362,25 +398,28 @@ mod tests {
             panic!("{want:?} not in the log");
         };
         wait_for("Linux version");
-        // QEMU gone and back (a reader sees the end meanwhile, and goes on).
-        drop(q);
-        std::thread::sleep(Duration::from_millis(120));
-        let mut q = qemu();
-        q.write_all(b"back\n").unwrap();
-        wait_for("back");
-        // Stopped (the VM going away): the thread is gone at once, the log made no
-        // more.
+        // Stopped (the VM going away) while QEMU is quiet: at once, and the log is made
+        // no more.
         let t = Instant::now();
         drop(pump);
-        assert!(t.elapsed() < Duration::from_millis(500));
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
         std::fs::remove_file(&path).unwrap();
-        let _ = q.write_all(b"after the stop\n");
+        let _ = qemu.write_all(b"after the stop\n");
         std::thread::sleep(Duration::from_millis(50));
         assert!(!path.exists());
-        // A later server attaches by the FIFO's name, while QEMU still has it open.
-        let _pump = Pump::attach(&fifo, path.clone(), "t").unwrap();
-        q.write_all(b"again\n").unwrap();
+        // A later server opens the FIFO again while QEMU still has its end.
+        let pump = Pump::attach(&fifo, path.clone(), "t").unwrap();
+        qemu.write_all(b"again\n").unwrap();
         wait_for("again");
+        // QEMU gone: the thread ends by itself.
+        drop(qemu);
+        for _ in 0..100 {
+            if pump.ended() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(pump.ended());
         // Only a FIFO is taken.
         std::fs::write(dir.path().join("plain"), b"").unwrap();
         assert!(Pump::attach(&dir.path().join("plain"), path, "t").is_err());

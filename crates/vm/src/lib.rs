@@ -505,8 +505,8 @@ impl Runtime for VmRuntime {
                 let _ = exited_tx.send(true);
             });
         }
-        // Its console again (QEMU dropped it while no server read it); a QEMU of an
-        // earlier version writes a console file itself.
+        // Its console again (QEMU's writes failed while no server read it); a QEMU of
+        // an earlier version writes a console file or socket of its own.
         let console = match console::Pump::attach(&vm.console_fifo, vm.console.clone(), &spec.id) {
             Ok(p) => Some(p),
             Err(e) => {
