@@ -147,6 +147,33 @@ async fn create_vm(s: &Server) -> (String, f64) {
     )
 }
 
+/// `GET /logs` of sandbox `id` (it answers 200): the SSE text.
+async fn logs(s: &Server, id: &str) -> String {
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/logs")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap()
+}
+
+/// Waits up to `secs` for the host's copy of vm `id`'s console (`console.log`) to
+/// show `text`.
+async fn console_shows(s: &Server, id: &str, text: &str, secs: u64) {
+    let path = s.data.path().join(format!("vm-run/{id}/console.log"));
+    let mut seen = String::new();
+    for _ in 0..secs * 10 {
+        seen = std::fs::read_to_string(&path).unwrap_or_default();
+        if seen.contains(text) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{text:?} not on the console: {} bytes", seen.len());
+}
+
 /// Without `--runtimes`, a server whose vm assets are there serves both runtimes (the
 /// jail stays the default); healthz says which and on what accelerator; a vm sandbox
 /// runs a kernel that is not the host's.
@@ -207,14 +234,7 @@ async fn vm_is_on_by_default_when_its_assets_are_there() {
     .unwrap();
     assert_eq!(limit.trim().parse::<u64>().unwrap(), (512 + 256) << 20);
     // Its log is the guest's console: the kernel booting (quietly), then the agent.
-    let log = s
-        .http
-        .get(s.url(&format!("/v1/sandboxes/{id}/logs")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(log.status(), 200);
-    let log = log.text().await.unwrap();
+    let log = logs(&s, &id).await;
     assert!(log.contains("data: [    0."), "{log}");
     assert!(log.contains("ready (pid 1, protocol"), "{log}");
     assert!(
@@ -230,32 +250,16 @@ async fn vm_is_on_by_default_when_its_assets_are_there() {
     let (_, err, code) = s.sh(&id, flood).await;
     assert_eq!(code, 0, "{err}");
     let dir = s.data.path().join(format!("vm-run/{id}"));
-    let mut tail = String::new();
-    for _ in 0..600 {
-        tail = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
-        if tail.contains("the-flood-ended") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(tail.contains("the-flood-ended"), "{} bytes", tail.len());
+    console_shows(&s, &id, "the-flood-ended", 60).await;
     for name in ["console.log", "console.log.1"] {
         let len = std::fs::metadata(dir.join(name)).unwrap().len();
         assert!(len <= 1 << 20, "{name}: {len} bytes");
     }
-    let logs = s
-        .http
-        .get(s.url(&format!("/v1/sandboxes/{id}/logs")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = logs(&s, &id).await;
     assert!(
-        logs.contains("data: the-flood-ended"),
+        log.contains("data: the-flood-ended"),
         "{}",
-        &logs[logs.len().saturating_sub(500)..]
+        &log[log.len().saturating_sub(500)..]
     );
     assert_eq!(s.delete(&id).await, 204);
     // Its group goes with it.
@@ -865,16 +869,7 @@ async fn vm_sandboxes_survive_a_server_restart() {
         .sh(&id, "echo said-after-the-restart > /dev/console")
         .await;
     assert_eq!(code, 0);
-    let console = s.data.path().join(format!("vm-run/{id}/console.log"));
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = std::fs::read_to_string(&console).unwrap_or_default();
-        if text.contains("said-after-the-restart") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(text.contains("said-after-the-restart"), "{text}");
+    console_shows(&s, &id, "said-after-the-restart", 10).await;
     let (_, v) = get(&s, &format!("/v1/sandboxes/{paused}")).await;
     assert_eq!(v["status"], "paused", "{v}");
     let (st, _) = post(&s, &format!("/v1/sandboxes/{paused}/resume"), json!({})).await;

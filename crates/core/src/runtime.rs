@@ -782,6 +782,18 @@ impl LogReader {
 mod tests {
     use super::*;
 
+    /// A directory for a log, the log's name in it, and a live flag.
+    fn a_log() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        (dir, path, alive)
+    }
+
     /// Reads the next line of `lines` or fails after 5 s.
     async fn next_line(lines: &mut BoxStream<'static, String>) -> Option<String> {
         use futures_util::StreamExt as _;
@@ -793,10 +805,8 @@ mod tests {
     #[tokio::test]
     async fn a_followed_log_goes_on_in_the_file_that_replaced_it() {
         use std::io::Write as _;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("console.log");
+        let (_dir, path, alive) = a_log();
         std::fs::write(&path, "one\r\n").unwrap();
-        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let mut lines = tail_lines(&path, true, alive.clone()).unwrap();
         assert_eq!(next_line(&mut lines).await.unwrap(), "one");
         // Written to the old file, which is then renamed; the line goes on in the new.
@@ -824,9 +834,7 @@ mod tests {
     #[tokio::test]
     async fn a_short_log_begins_in_the_one_before() {
         use futures_util::StreamExt as _;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("console.log");
-        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (_dir, path, alive) = a_log();
         // The window (64 KiB) takes in the end of the one before, whose first line it
         // cuts (not shown).
         std::fs::write(rotated_log(&path), "a".repeat(70_000) + "\nolder\n").unwrap();
@@ -837,9 +845,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_that_began_in_the_one_before_reads_what_followed_it_renamed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("console.log");
-        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (_dir, path, alive) = a_log();
         std::fs::write(rotated_log(&path), "a\n").unwrap();
         std::fs::write(&path, "b\n").unwrap();
         let mut lines = tail_lines(&path, true, alive.clone()).unwrap();
@@ -856,10 +862,8 @@ mod tests {
     #[tokio::test]
     async fn a_line_longer_than_the_limit_is_cut() {
         use std::io::Write as _;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("console.log");
+        let (_dir, path, alive) = a_log();
         std::fs::write(&path, "").unwrap();
-        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let mut lines = tail_lines(&path, true, alive).unwrap();
         let mut f = std::fs::OpenOptions::new()
             .append(true)

@@ -71,19 +71,9 @@ pub fn shift_userns(
     };
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| err(std::io::Error::from(e)))?;
-    // SAFETY: raw clone without a new stack behaves like fork(2); the caller is
-    // single-threaded and the child only calls read(2) and _exit(2), both
-    // async-signal-safe.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    };
+    // SAFETY: the caller is single-threaded and the child only calls read(2) and
+    // _exit(2), both async-signal-safe.
+    let pid = unsafe { clone_newuser() };
     if pid < 0 {
         return Err(err(std::io::Error::last_os_error()));
     }
@@ -244,6 +234,25 @@ pub fn host_root_of(pid: i32) -> std::io::Result<u32> {
             }
         })
         .ok_or_else(|| std::io::Error::other(format!("no uid 0 in the uid_map of {pid}")))
+}
+
+/// `clone(2)` with `CLONE_NEWUSER | SIGCHLD` and no new stack: fork(2) into a user
+/// namespace of its own. The child's pid, 0 in the child, -1 on failure (`errno`).
+///
+/// # Safety
+/// As fork(2): the child may only call async-signal-safe functions.
+pub(crate) unsafe fn clone_newuser() -> libc::c_long {
+    // SAFETY: the caller keeps to fork(2)'s rules; no new stack is given.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    }
 }
 
 #[cfg(test)]

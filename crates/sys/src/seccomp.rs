@@ -175,14 +175,7 @@ mod tests {
     fn clone_newuser_is_eperm() -> bool {
         // SAFETY: a raw clone whose child, if any, `_exit`s at once.
         unsafe {
-            let r = libc::syscall(
-                libc::SYS_clone,
-                (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            );
+            let r = crate::idmap::clone_newuser();
             if r == 0 {
                 libc::_exit(0);
             }

@@ -429,15 +429,9 @@ impl Inner {
                 Ok(instance)
             }
             Err(e) => {
-                let console = instance.console_tail();
+                let e = instance.with_console(e).await;
                 instance.stop_qemu().await;
-                Err(match e {
-                    RuntimeError::Agent { id, source } => RuntimeError::Agent {
-                        id,
-                        source: format!("{source}; guest console: {console}").into(),
-                    },
-                    other => other,
-                })
+                Err(e)
             }
         }
     }

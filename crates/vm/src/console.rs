@@ -18,7 +18,7 @@
 //! prints. (A socket chardev was tried first: its UART made every restore of a copy
 //! ~40 ms slower under TCG, measured; a write-only file chardev costs nothing.)
 
-use std::io::{Read as _, Seek as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -283,29 +283,6 @@ impl CappedLog {
     }
 }
 
-/// The last `max` bytes of the log at `path`, the one before it included when the
-/// current one is shorter.
-pub(crate) fn tail(path: &Path, max: u64) -> Vec<u8> {
-    let last = |p: &Path, max: u64| -> Vec<u8> {
-        let read = || -> std::io::Result<Vec<u8>> {
-            let mut f = std::fs::File::open(p)?;
-            let len = f.metadata()?.len();
-            f.seek(std::io::SeekFrom::Start(len.saturating_sub(max)))?;
-            let mut buf = Vec::new();
-            f.take(max).read_to_end(&mut buf)?;
-            Ok(buf)
-        };
-        read().unwrap_or_default()
-    };
-    let now = last(path, max);
-    let mut text = match max.checked_sub(now.len() as u64) {
-        Some(room) if room > 0 => last(&rotated_log(path), room),
-        _ => Vec::new(),
-    };
-    text.extend_from_slice(&now);
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,13 +307,6 @@ mod tests {
         assert_eq!(all, want);
         // Only those two files.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
-        // The tail reads across both.
-        let t = String::from_utf8(tail(&path, 1500)).unwrap();
-        assert_eq!(t, both[both.len().saturating_sub(1500)..]);
-        assert_eq!(
-            String::from_utf8(tail(&path, 10)).unwrap(),
-            "line 00499\n"[1..]
-        );
     }
 
     #[test]

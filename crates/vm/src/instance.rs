@@ -187,12 +187,24 @@ impl VmInstance {
             .ok_or_else(|| self.agent_err("not connected"))
     }
 
-    /// The last lines the guest printed on its console.
-    pub(crate) fn console_tail(&self) -> String {
-        // Its last 64 KiB: the guest writes the console as much as it likes.
-        let text = String::from_utf8_lossy(&console::tail(&self.vm.console, 64 << 10)).into_owned();
-        let lines: Vec<&str> = text.lines().rev().take(8).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    /// `e` and, when it says the agent does not answer, the last lines the guest
+    /// printed on its console (read as `/logs` reads them: the last 64 KiB, across
+    /// `console.log.1`).
+    pub(crate) async fn with_console(&self, e: RuntimeError) -> RuntimeError {
+        use futures_util::StreamExt as _;
+        let RuntimeError::Agent { id, source } = e else {
+            return e;
+        };
+        let lines: Vec<String> =
+            match forkbox_core::runtime::tail_lines(&self.vm.console, false, self.alive.clone()) {
+                Ok(lines) => lines.collect().await,
+                Err(_) => Vec::new(),
+            };
+        let last = lines[lines.len().saturating_sub(8)..].join(" | ");
+        RuntimeError::Agent {
+            id,
+            source: format!("{source}; guest console: {last}").into(),
+        }
     }
 
     /// Runs `stop` (`pause`) or `cont` on the VM.

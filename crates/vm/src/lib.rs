@@ -531,20 +531,16 @@ impl Runtime for VmRuntime {
             rt: rt.clone(),
             oom_kills: Default::default(),
         });
-        instance
+        if let Err(e) = instance
             .connect(
                 Instant::now(),
                 Duration::from_secs(30),
                 Source::Adopt { paused },
             )
             .await
-            .map_err(|e| match e {
-                RuntimeError::Agent { id, source } => RuntimeError::Agent {
-                    id,
-                    source: format!("{source}; guest console: {}", instance.console_tail()).into(),
-                },
-                other => other,
-            })?;
+        {
+            return Err(instance.with_console(e).await);
+        }
         if let Some(hosts) = spec.egress.as_deref().filter(|h| !h.is_empty()) {
             // A paused guest cannot answer; its listener runs since before.
             instance.start_egress(hosts, !paused).await?;
